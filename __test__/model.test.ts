@@ -1,0 +1,145 @@
+import test from 'ava'
+import { mkdtemp, readdir, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { Beit, BeitConfig, PRESETS, resolveConfig } from '../src/index'
+
+const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
+  preset: 'tiny',
+  imageSize: [8, 12],
+  patchSize: 4,
+  numChannels: 1,
+  hiddenSize: 16,
+  numHiddenLayers: 2,
+  numAttentionHeads: 2,
+  intermediateSize: 32,
+  vocabSize: 10,
+  dropPathRate: 0,
+}
+const N = 6 // 2x3 patches
+
+function batch(b: number, seed = 1) {
+  let s = seed
+  const rand = () => ((s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32)
+  const pixels = new Float32Array(b * 96).map(() => rand() * 2 - 1)
+  const mask = new Uint8Array(b * N).map((_, i) => (i % 3 === 0 ? 1 : 0))
+  const targets = new Int32Array(b * N).map((_, i) => (i * 7) % 10)
+  return { pixels, mask, targets }
+}
+
+test('BEiT-B from the base preset with an 8192 head has 91,965,776 parameters', (t) => {
+  const model = Beit.create('base')
+  t.is(model.numParameters, 91_965_776)
+  t.deepEqual(model.config, PRESETS.base)
+  t.deepEqual(model.grid, [14, 14])
+})
+
+test('config and optimizer settings round-trip through the native model', (t) => {
+  const model = Beit.create(TINY, { optimizer: { weightDecay: 0.01, clipGradNorm: 1 } })
+  t.deepEqual(model.config, resolveConfig(TINY))
+  t.is(model.optimizer.weightDecay, 0.01)
+  t.is(model.optimizer.clipGradNorm, 1)
+  t.is(model.optimizer.beta2, 0.999)
+})
+
+test('trainStep runs off the JS thread and lowers the loss on a fixed batch', async (t) => {
+  const model = Beit.create(TINY, { seed: 3, optimizer: { weightDecay: 0 } })
+  const data = batch(4)
+  let ticks = 0
+  const timer = setInterval(() => ticks++, 0)
+  const pending = model.trainStep({ ...data, lr: 5e-3 })
+  t.true(pending instanceof Promise)
+  const first = await pending
+  clearInterval(timer)
+  t.true(ticks > 0, 'the event loop kept running during the step')
+  let last = first
+  for (let i = 1; i < 150; i++) last = await model.trainStep({ ...data, lr: 5e-3, seed: i })
+  t.true(first.loss > 1.5, `initial loss ${first.loss} near ln(10)`)
+  t.true(last.loss < 0.1 * first.loss, `loss fell from ${first.loss} only to ${last.loss}`)
+  t.is(last.numMasked, 8)
+  t.true(last.gradNorm > 0 && Number.isFinite(last.gradNorm))
+  t.is(model.step, 150)
+})
+
+test('forward gives logits and ids at masked patches only', async (t) => {
+  const model = Beit.create(TINY)
+  const { pixels, mask } = batch(2)
+  const out = await model.forward({ pixels, mask })
+  t.is(out.numMasked, 4)
+  t.is(out.logits.length, 4 * 10)
+  t.is(out.ids.length, 4)
+  for (let m = 0; m < 4; m++) {
+    const row = Array.from(out.logits.subarray(m * 10, m * 10 + 10))
+    t.is(out.ids[m], row.indexOf(Math.max(...row)))
+  }
+})
+
+test('save and load round-trip weights, optimizer state and behaviour; writes leave no temp file', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
+  try {
+    const a = Beit.create({ ...TINY, dropPathRate: 0.2 }, { seed: 5 })
+    const data = batch(3)
+    await a.trainStep({ ...data, lr: 1e-3, seed: 1 })
+    const path = join(dir, 'm.safetensors')
+    await a.save(path)
+    t.deepEqual(await readdir(dir), ['m.safetensors'])
+    const b = await Beit.load(path)
+    t.deepEqual(b.config, a.config)
+    t.is(b.step, 1)
+    const [fa, fb] = await Promise.all([a.forward(data), b.forward(data)])
+    t.deepEqual(fb.logits, fa.logits)
+    const [sa, sb] = [await a.trainStep({ ...data, lr: 1e-3, seed: 2 }), await b.trainStep({ ...data, lr: 1e-3, seed: 2 })]
+    t.is(sb.loss, sa.loss)
+    t.is(sb.gradNorm, sa.gradNorm)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test('loading a checkpoint of another config names the tensor and shapes', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
+  try {
+    const path = join(dir, 'm.safetensors')
+    await Beit.create(TINY).save(path)
+    await t.throwsAsync(Beit.load(path, { config: { ...TINY, hiddenSize: 24, numAttentionHeads: 2 } }), {
+      message: /beit\.embeddings\.cls_token.*\[1, 1, 16\].*\[1, 1, 24\]/,
+    })
+    await t.throwsAsync(Beit.load(join(dir, 'missing.safetensors')), { message: /cannot read .*missing\.safetensors/ })
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test('bad inputs are JS errors stating expected vs got', async (t) => {
+  const model = Beit.create(TINY)
+  const good = batch(2)
+  await t.throwsAsync(model.trainStep({ ...good, pixels: good.pixels.subarray(0, 100), lr: 1e-3 }), {
+    message: /pixels: expected a multiple of 96 values .* got 100/,
+  })
+  await t.throwsAsync(model.trainStep({ ...good, mask: new Uint8Array(11), lr: 1e-3 }), {
+    message: /mask: expected 12 values \(B\*N = 2\*6\), got 11/,
+  })
+  await t.throwsAsync(model.trainStep({ ...good, mask: new Uint8Array(12), lr: 1e-3 }), { message: /no patch of the batch is masked/ })
+  await t.throwsAsync(model.trainStep({ ...good, targets: new Int32Array(12).fill(10), lr: 1e-3 }), {
+    message: /token id 10 at index 0 is out of range \[0, 10\)/,
+  })
+  t.throws(() => model.trainStep({ ...good, pixels: [1, 2] as unknown as Float32Array, lr: 1e-3 }), {
+    message: 'pixels: expected a Float32Array, got Array',
+  })
+  t.throws(() => model.trainStep({ ...good, targets: new Float32Array(12) as unknown as Int32Array, lr: 1e-3 }), {
+    message: 'targets: expected a Int32Array, got Float32Array',
+  })
+  // The model is still usable after every rejected call.
+  const ok = await model.trainStep({ ...good, lr: 1e-3 })
+  t.true(Number.isFinite(ok.loss))
+})
+
+test('impossible configs are rejected with the reason', (t) => {
+  t.throws(() => Beit.create({ ...TINY, imageSize: [10, 12] }), { message: /imageSize height 10 must be a positive multiple of patchSize 4/ })
+  t.throws(() => Beit.create({ ...TINY, hiddenSize: 15 }), { message: /hiddenSize 15 must be divisible by numAttentionHeads 2/ })
+  t.throws(() => Beit.create('huge' as 'tiny'), { message: /unknown preset "huge": expected one of tiny, small, base, large/ })
+  t.throws(() => Beit.create({ hiddenSize: 8 }), { message: /model config is missing imageSize/ })
+  t.throws(() => Beit.create(TINY, { optimizer: { beta1: 1.5 } }), { message: /beta1 must be in \[0, 1\), got 1.5/ })
+  t.throws(() => Beit.create(TINY, { optimizer: { betta: 1 } as never }), { message: /unknown field `betta`/ })
+})

@@ -1,0 +1,81 @@
+//! safetensors files with JSON metadata, written atomically (temp file, fsync, rename) so an
+//! interrupted save never leaves a half-written checkpoint behind.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::Checkpoint(format!("cannot serialise {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("not a file path: {}", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", path.display()),
+        )));
+    }
+    Ok(())
+}
+
+pub struct Loaded {
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))
+    })?;
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::Checkpoint(format!("{} is not a valid safetensors file: {e}", path.display()))
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(&e))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(&e))?;
+    Ok(Loaded { tensors, metadata })
+}
+
+impl Loaded {
+    /// A required metadata entry.
+    pub fn meta(&self, key: &str, path: &Path) -> Result<&str> {
+        self.metadata.get(key).map(String::as_str).ok_or_else(|| {
+            Error::Checkpoint(format!("{} has no {key:?} entry in its metadata", path.display()))
+        })
+    }
+
+    /// Removes and returns the tensors whose names start with `prefix` (prefix stripped).
+    pub fn take_prefixed(&mut self, prefix: &str) -> HashMap<String, Tensor> {
+        let names: Vec<String> =
+            self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        names
+            .into_iter()
+            .map(|k| {
+                let t = self.tensors.remove(&k).expect("key listed above");
+                (k[prefix.len()..].to_string(), t)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,154 @@
+//! Model configuration. Field names follow Hugging Face's `BeitConfig` (in camelCase) so that
+//! configs map one to one onto transformers checkpoints.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BeitConfig {
+    /// Input size as [height, width] in pixels; each must be a multiple of `patch_size`.
+    pub image_size: [usize; 2],
+    pub patch_size: usize,
+    /// 1 for grayscale, 3 for RGB.
+    pub num_channels: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    /// Size of the visual-token vocabulary predicted by the MIM head.
+    pub vocab_size: usize,
+    /// LayerScale init value; 0 disables LayerScale (no lambda_1/lambda_2 parameters).
+    pub layer_scale_init_value: f64,
+    pub use_absolute_position_embeddings: bool,
+    /// One relative position bias table shared by all layers (pretraining).
+    pub use_shared_relative_position_bias: bool,
+    /// One table per layer (fine-tuning). At most one of the two may be on.
+    pub use_relative_position_bias: bool,
+    /// Maximum stochastic-depth rate; layer i drops with rate i/(L-1) * drop_path_rate.
+    pub drop_path_rate: f64,
+    pub layer_norm_eps: f64,
+    pub initializer_range: f64,
+}
+
+impl BeitConfig {
+    /// A named preset (tiny, small, base, large) at 224 px, patch 16, RGB, 8192 visual tokens,
+    /// with the pretraining choices of BEiT: shared relative bias, no absolute positions.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (hidden, layers, heads, layer_scale) = match name {
+            "tiny" => (192, 12, 3, 0.1),
+            "small" => (384, 12, 6, 0.1),
+            "base" => (768, 12, 12, 0.1),
+            "large" => (1024, 24, 16, 1e-5),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown preset {other:?}: expected one of tiny, small, base, large"
+                )))
+            }
+        };
+        Ok(Self {
+            image_size: [224, 224],
+            patch_size: 16,
+            num_channels: 3,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: 4 * hidden,
+            vocab_size: 8192,
+            layer_scale_init_value: layer_scale,
+            use_absolute_position_embeddings: false,
+            use_shared_relative_position_bias: true,
+            use_relative_position_bias: false,
+            drop_path_rate: 0.1,
+            layer_norm_eps: 1e-6,
+            initializer_range: 0.02,
+        })
+    }
+
+    pub fn grid(&self) -> (usize, usize) {
+        (self.image_size[0] / self.patch_size, self.image_size[1] / self.patch_size)
+    }
+
+    pub fn num_patches(&self) -> usize {
+        let (h, w) = self.grid();
+        h * w
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn has_relative_position_bias(&self) -> bool {
+        self.use_shared_relative_position_bias || self.use_relative_position_bias
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(Error::Config(msg));
+        let positive = [
+            ("patchSize", self.patch_size),
+            ("numChannels", self.num_channels),
+            ("hiddenSize", self.hidden_size),
+            ("numHiddenLayers", self.num_hidden_layers),
+            ("numAttentionHeads", self.num_attention_heads),
+            ("intermediateSize", self.intermediate_size),
+            ("vocabSize", self.vocab_size),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return fail(format!("{name} must be positive, got 0"));
+            }
+        }
+        for (axis, size) in ["height", "width"].iter().zip(self.image_size) {
+            if size == 0 || size % self.patch_size != 0 {
+                return fail(format!(
+                    "imageSize {axis} {size} must be a positive multiple of patchSize {}",
+                    self.patch_size
+                ));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return fail(format!(
+                "hiddenSize {} must be divisible by numAttentionHeads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.use_shared_relative_position_bias && self.use_relative_position_bias {
+            return fail(
+                "useSharedRelativePositionBias and useRelativePositionBias are exclusive: \
+                 expected at most one of them to be true"
+                    .into(),
+            );
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return fail(format!("dropPathRate must be in [0, 1), got {}", self.drop_path_rate));
+        }
+        if !(self.layer_norm_eps > 0.0) {
+            return fail(format!("layerNormEps must be positive, got {}", self.layer_norm_eps));
+        }
+        if !(self.initializer_range > 0.0) {
+            return fail(format!(
+                "initializerRange must be positive, got {}",
+                self.initializer_range
+            ));
+        }
+        if !(self.layer_scale_init_value >= 0.0) {
+            return fail(format!(
+                "layerScaleInitValue must be >= 0, got {}",
+                self.layer_scale_init_value
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(json)
+            .map_err(|e| Error::Config(format!("invalid model config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+}

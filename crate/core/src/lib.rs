@@ -1,0 +1,17 @@
+//! beit-core: BEiT models, differentiable fused ops, AdamW and checkpoints on candle.
+//! No Node dependency: everything here is tested with `cargo test`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod rng;
+pub mod trainer;
+
+pub use config::BeitConfig;
+pub use error::{Error, Result};
+pub use optim::{AdamW, AdamWConfig};
+pub use trainer::{MimBatch, MimTrainer, Predictions, StepMetrics};

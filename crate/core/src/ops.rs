@@ -1,0 +1,586 @@
+//! Differentiable fused ops for training on candle.
+//!
+//! candle's own fused softmax / layer-norm ops have no backward pass (gradients are cut
+//! silently), so every op the model trains through is defined here as a `CustomOp` with a
+//! `bwd`. Each backward is itself a fused no-backward op. CPU kernels are generic over f32/f64
+//! (f64 is what the finite-difference gradient checks use).
+
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// Float element types the CPU kernels run on.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+}
+
+macro_rules! impl_float {
+    ($t:ty, $erf:path) => {
+        impl Float for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+        }
+    };
+}
+impl_float!(f32, candle_core::cpu::erf::erf_f32);
+impl_float!(f64, candle_core::cpu::erf::erf_f64);
+
+/// The contiguous slice a storage/layout pair describes.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Rows of `n` elements processed in parallel, in chunks large enough to amortise rayon.
+fn rows_per_task(n: usize) -> usize {
+    (16384 / n.max(1)).max(1)
+}
+
+/// Dispatches a CPU kernel over the float dtypes the ops support.
+macro_rules! dispatch_float {
+    ($op:expr, $storage:expr, |$v:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32($v) => $body,
+            CpuStorage::F64($v) => $body,
+            other => bail!("{}: unsupported dtype {:?}, expected f32 or f64", $op, other.dtype()),
+        }
+    };
+}
+
+fn same_dtype_slices<'a, T: 'static>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let any: &dyn std::any::Any = match storage {
+        CpuStorage::F32(v) => v,
+        CpuStorage::F64(v) => v,
+        other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    };
+    match any.downcast_ref::<Vec<T>>() {
+        Some(v) => contiguous(v, layout, op),
+        None => bail!("{op}: all inputs must share one dtype, got {:?}", storage.dtype()),
+    }
+}
+
+fn into_storage<T: Float>(v: Vec<T>) -> CpuStorage {
+    let mut any: Box<dyn std::any::Any> = Box::new(v);
+    if let Some(v) = any.downcast_mut::<Vec<f32>>() {
+        return CpuStorage::F32(std::mem::take(v));
+    }
+    match any.downcast::<Vec<f64>>() {
+        Ok(v) => CpuStorage::F64(*v),
+        Err(_) => unreachable!("Float is only implemented for f32 and f64"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension: y = (x - mean) / sqrt(var + eps) * gamma + beta
+
+struct LayerNorm {
+    eps: f64,
+}
+
+fn layer_norm_fwd<T: Float>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    let eps = T::from_f64(eps);
+    let inv_d = T::from_f64(1.0 / d as f64);
+    y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(
+        |(ys, xs)| {
+            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                let mut mean = T::ZERO;
+                for &v in xr {
+                    mean += v;
+                }
+                mean = mean * inv_d;
+                let mut var = T::ZERO;
+                for &v in xr {
+                    var += (v - mean) * (v - mean);
+                }
+                let rstd = T::ONE / (var * inv_d + eps).sqrt();
+                for i in 0..d {
+                    yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+                }
+            }
+        },
+    );
+    y
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        if l2.shape().elem_count() != d || l3.shape().elem_count() != d {
+            bail!("layer-norm: weight and bias must have {d} elements");
+        }
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let x = contiguous(v, l1, self.name())?;
+            let g = same_dtype_slices(self.name(), s2, l2)?;
+            let b = same_dtype_slices(self.name(), s3, l3)?;
+            into_storage(layer_norm_fwd(x, g, b, d, self.eps))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = gamma.elem_count();
+        let rows = x.elem_count() / d;
+        let packed =
+            x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dgamma = packed.narrow(0, rows, 1)?.reshape(gamma.shape())?;
+        let dbeta = packed.narrow(0, rows + 1, 1)?.reshape(gamma.shape())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Backward of [`LayerNorm`]: returns [rows + 2, d] = dx rows, then dgamma, then dbeta.
+struct LayerNormBackward {
+    eps: f64,
+}
+
+fn layer_norm_bwd<T: Float>(x: &[T], gamma: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let rows = x.len() / d;
+    let mut out = vec![T::ZERO; (rows + 2) * d];
+    let (dx, dparams) = out.split_at_mut(rows * d);
+    let eps = T::from_f64(eps);
+    let inv_d = T::from_f64(1.0 / d as f64);
+    let chunk = d * rows_per_task(d);
+    // Each task returns its partial dgamma/dbeta; they are summed afterwards.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
+        .map(|((dxs, xs), gs)| {
+            let mut acc = vec![T::ZERO; 2 * d];
+            let mut xhat = vec![T::ZERO; d];
+            for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                let mut mean = T::ZERO;
+                for &v in xr {
+                    mean += v;
+                }
+                mean = mean * inv_d;
+                let mut var = T::ZERO;
+                for &v in xr {
+                    var += (v - mean) * (v - mean);
+                }
+                let rstd = T::ONE / (var * inv_d + eps).sqrt();
+                let mut mean_gh = T::ZERO;
+                let mut mean_gh_xhat = T::ZERO;
+                for i in 0..d {
+                    xhat[i] = (xr[i] - mean) * rstd;
+                    let gh = gr[i] * gamma[i];
+                    mean_gh += gh;
+                    mean_gh_xhat += gh * xhat[i];
+                    acc[i] += gr[i] * xhat[i];
+                    acc[d + i] += gr[i];
+                }
+                mean_gh = mean_gh * inv_d;
+                mean_gh_xhat = mean_gh_xhat * inv_d;
+                for i in 0..d {
+                    dxr[i] = rstd * (gr[i] * gamma[i] - mean_gh - xhat[i] * mean_gh_xhat);
+                }
+            }
+            acc
+        })
+        .collect();
+    for acc in partials {
+        for (p, a) in dparams.iter_mut().zip(acc) {
+            *p += a;
+        }
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / d;
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let x = contiguous(v, l1, self.name())?;
+            let gamma = same_dtype_slices(self.name(), s2, l2)?;
+            let g = same_dtype_slices(self.name(), s3, l3)?;
+            into_storage(layer_norm_bwd(x, gamma, g, d, self.eps))
+        });
+        Ok((out, Shape::from((rows + 2, d))))
+    }
+}
+
+/// LayerNorm over the last dimension with affine weight and bias, differentiable in all three.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(gamma, beta, LayerNorm { eps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+struct Softmax;
+
+fn softmax_fwd<T: Float>(x: &[T], d: usize) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    let chunk = d * rows_per_task(d);
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
+        for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+            let mut max = xr[0];
+            for &v in xr {
+                if v > max {
+                    max = v;
+                }
+            }
+            let mut sum = T::ZERO;
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = T::ONE / sum;
+            for o in yr.iter_mut() {
+                *o = *o * inv;
+            }
+        }
+    });
+    y
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l.dims().last().unwrap_or(&1);
+        let out = dispatch_float!(self.name(), s, |v| into_storage(softmax_fwd(
+            contiguous(v, l, self.name())?,
+            d
+        )));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?))
+    }
+}
+
+/// dx = y * (g - sum(g * y)) per row.
+struct SoftmaxBackward;
+
+fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
+    let mut dx = vec![T::ZERO; y.len()];
+    let chunk = d * rows_per_task(d);
+    dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk)).zip(g.par_chunks(chunk)).for_each(
+        |((dxs, ys), gs)| {
+            for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                let mut dot = T::ZERO;
+                for i in 0..d {
+                    dot += yr[i] * gr[i];
+                }
+                for i in 0..d {
+                    dxr[i] = yr[i] * (gr[i] - dot);
+                }
+            }
+        },
+    );
+    dx
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let y = contiguous(v, l1, self.name())?;
+            let g = same_dtype_slices(self.name(), s2, l2)?;
+            into_storage(softmax_bwd(y, g, d))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU, exact (erf) form: x * Phi(x).
+
+struct Gelu;
+
+const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+fn map_parallel<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(ys, xs)| {
+        for (o, &v) in ys.iter_mut().zip(xs) {
+            *o = f(v);
+        }
+    });
+    y
+}
+
+fn gelu<T: Float>(v: T) -> T {
+    T::from_f64(0.5) * v * (T::ONE + (v * T::from_f64(FRAC_1_SQRT_2)).erf())
+}
+
+fn gelu_grad<T: Float>(v: T) -> T {
+    let cdf = T::from_f64(0.5) * (T::ONE + (v * T::from_f64(FRAC_1_SQRT_2)).erf());
+    let pdf = T::from_f64(FRAC_1_SQRT_2PI) * (T::from_f64(-0.5) * v * v).exp();
+    cdf + v * pdf
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = dispatch_float!(self.name(), s, |v| into_storage(map_parallel(
+            contiguous(v, l, self.name())?,
+            gelu
+        )));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
+    }
+}
+
+struct GeluBackward;
+
+fn gelu_bwd<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut dx = vec![T::ZERO; x.len()];
+    dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(
+        |((ds, xs), gs)| {
+            for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(gs) {
+                *d = gelu_grad(xv) * gv;
+            }
+        },
+    );
+    dx
+}
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let x = contiguous(v, l1, self.name())?;
+            into_storage(gelu_bwd(x, same_dtype_slices(self.name(), s2, l2)?))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// GELU with the exact erf formulation (as BEiT uses), differentiable.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy per row: loss_i = logsumexp(z_i) - z_i[t_i]. Targets are u32 and get no gradient.
+
+struct CrossEntropy;
+
+fn targets_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(v) => contiguous(v, l, op),
+        other => bail!("{op}: targets must be u32, got {:?}", other.dtype()),
+    }
+}
+
+fn log_sum_exp<T: Float>(row: &[T]) -> T {
+    let mut max = row[0];
+    for &v in row {
+        if v > max {
+            max = v;
+        }
+    }
+    let mut sum = T::ZERO;
+    for &v in row {
+        sum += (v - max).exp();
+    }
+    max + sum.ln()
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, v) = l1.shape().dims2()?;
+        let targets = targets_slice(self.name(), s2, l2)?;
+        if targets.len() != rows {
+            bail!("cross-entropy: {} targets for {rows} rows", targets.len());
+        }
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+            bail!("cross-entropy: target {bad} out of range for a vocabulary of {v}");
+        }
+        let out = dispatch_float!(self.name(), s1, |z| {
+            let z = contiguous(z, l1, self.name())?;
+            let losses: Vec<_> = z
+                .par_chunks(v)
+                .zip(targets.par_iter())
+                .map(|(row, &t)| log_sum_exp(row) - row[t as usize])
+                .collect();
+            into_storage(losses)
+        });
+        Ok((out, Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dlogits =
+            logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// d loss_i / d z_i = (softmax(z_i) - onehot(t_i)) * g_i.
+struct CrossEntropyBackward;
+
+fn cross_entropy_bwd<T: Float>(z: &[T], targets: &[u32], g: &[T], v: usize) -> Vec<T> {
+    let mut dz = vec![T::ZERO; z.len()];
+    dz.par_chunks_mut(v).zip(z.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each(
+        |((dr, zr), (&t, &gi))| {
+            let lse = log_sum_exp(zr);
+            for (d, &zv) in dr.iter_mut().zip(zr) {
+                *d = (zv - lse).exp() * gi;
+            }
+            dr[t as usize] = dr[t as usize] - gi;
+        },
+    );
+    dz
+}
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let targets = targets_slice(self.name(), s2, l2)?;
+        let out = dispatch_float!(self.name(), s1, |z| {
+            let z = contiguous(z, l1, self.name())?;
+            into_storage(cross_entropy_bwd(z, targets, same_dtype_slices(self.name(), s3, l3)?, v))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Per-row cross-entropy of `logits` [rows, vocab] against u32 `targets` [rows].
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if targets.dtype() != DType::U32 {
+        bail!("cross-entropy: targets must be u32, got {:?}", targets.dtype());
+    }
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
+}

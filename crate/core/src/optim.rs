@@ -1,0 +1,218 @@
+//! AdamW with fp32 moments, decoupled weight decay by parameter group, global gradient-norm
+//! clipping and a per-step learning rate from the caller. Its state is plain tensors so it
+//! can be checkpointed with the model. Updates are fused in-place ops (no temporaries).
+
+use candle_core::{
+    backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub clip_grad_norm: f64,
+}
+
+impl Default for AdamWConfig {
+    /// BEiT pretraining: betas (0.9, 0.999), eps 1e-8, weight decay 0.05, clip 3.0.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, clip_grad_norm: 3.0 }
+    }
+}
+
+impl AdamWConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64| Err(Error::Config(format!("optimizer {what}, got {v}")));
+        if !(0.0..1.0).contains(&self.beta1) {
+            return bad("beta1 must be in [0, 1)", self.beta1);
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta2 must be in [0, 1)", self.beta2);
+        }
+        if !(self.eps > 0.0) {
+            return bad("eps must be positive", self.eps);
+        }
+        if !(self.weight_decay >= 0.0) {
+            return bad("weightDecay must be >= 0", self.weight_decay);
+        }
+        if !(self.clip_grad_norm >= 0.0) {
+            return bad("clipGradNorm must be >= 0 (0 disables clipping)", self.clip_grad_norm);
+        }
+        Ok(())
+    }
+}
+
+/// Parameters exempt from weight decay, as in unilm/timm BEiT: 1-D tensors (biases, norms,
+/// LayerScale), [CLS] and mask tokens, position embeddings and relative-position tables.
+pub fn is_decay_exempt(name: &str, rank: usize) -> bool {
+    const EXEMPT: [&str; 4] =
+        ["cls_token", "mask_token", "position_embeddings", "relative_position_bias_table"];
+    rank <= 1 || name.ends_with(".bias") || EXEMPT.iter().any(|e| name.ends_with(e))
+}
+
+pub struct ParamState {
+    pub name: String,
+    pub var: Var,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub decay: bool,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub params: Vec<ParamState>,
+    /// Number of updates taken (bias correction uses it).
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, vars: &[(String, Var)]) -> Result<Self> {
+        config.validate()?;
+        let params = vars
+            .iter()
+            .map(|(name, var)| {
+                Ok(ParamState {
+                    name: name.clone(),
+                    var: var.clone(),
+                    exp_avg: var.zeros_like()?.to_dtype(DType::F32)?,
+                    exp_avg_sq: var.zeros_like()?.to_dtype(DType::F32)?,
+                    decay: !is_decay_exempt(name, var.rank()),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { config, params, step: 0 })
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for p in &self.params {
+            if let Some(g) = grads.get(&p.var) {
+                sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One update at learning rate `lr`. Returns the gradient norm before clipping. A
+    /// non-finite norm leaves the parameters untouched and is an error.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        if !(lr >= 0.0 && lr.is_finite()) {
+            return Err(Error::Input(format!("lr must be a finite number >= 0, got {lr}")));
+        }
+        let norm = self.grad_norm(grads)?;
+        if !norm.is_finite() {
+            return Err(Error::Numeric(format!(
+                "gradient norm is {norm}: the update was skipped (parameters unchanged)"
+            )));
+        }
+        let clip = self.config.clip_grad_norm;
+        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        self.step += 1;
+        let c = &self.config;
+        let t = self.step as i32;
+        for p in &self.params {
+            // Parameters that took no part in this loss get no update, as in PyTorch.
+            let Some(g) = grads.get(&p.var) else { continue };
+            let g = g.contiguous()?;
+            p.exp_avg.inplace_op2(&g, &Moment { beta: c.beta1, grad_scale, squared: false })?;
+            p.exp_avg_sq.inplace_op2(&g, &Moment { beta: c.beta2, grad_scale, squared: true })?;
+            p.var.as_tensor().inplace_op3(
+                &p.exp_avg,
+                &p.exp_avg_sq,
+                &ParamUpdate {
+                    lr,
+                    weight_decay: if p.decay { c.weight_decay } else { 0.0 },
+                    eps: c.eps,
+                    bias_correction1: 1.0 - c.beta1.powi(t),
+                    bias_correction2: 1.0 - c.beta2.powi(t),
+                },
+            )?;
+        }
+        Ok(norm)
+    }
+}
+
+fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("{op}: expected a contiguous f32 tensor"),
+    }
+}
+
+fn f32_slice_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("{op}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// m = beta * m + (1 - beta) * (s g)    or, squared,    v = beta * v + (1 - beta) * (s g)^2
+struct Moment {
+    beta: f64,
+    grad_scale: f64,
+    squared: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let m = f32_slice_mut(self.name(), s1, l1)?;
+        let g = f32_slice(self.name(), s2, l2)?;
+        let (beta, one_minus, scale) = (self.beta as f32, (1.0 - self.beta) as f32, self.grad_scale as f32);
+        for (mi, &gi) in m.iter_mut().zip(g) {
+            let gs = gi * scale;
+            *mi = beta * *mi + one_minus * if self.squared { gs * gs } else { gs };
+        }
+        Ok(())
+    }
+}
+
+/// p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
+struct ParamUpdate {
+    lr: f64,
+    weight_decay: f64,
+    eps: f64,
+    bias_correction1: f64,
+    bias_correction2: f64,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let p = f32_slice_mut(self.name(), s1, l1)?;
+        let m = f32_slice(self.name(), s2, l2)?;
+        let v = f32_slice(self.name(), s3, l3)?;
+        let lr = self.lr as f32;
+        let decay = (self.lr * self.weight_decay) as f32;
+        let inv_bc1 = (1.0 / self.bias_correction1) as f32;
+        let inv_sqrt_bc2 = (1.0 / self.bias_correction2.sqrt()) as f32;
+        let eps = self.eps as f32;
+        for ((pi, &mi), &vi) in p.iter_mut().zip(m).zip(v) {
+            let update = (mi * inv_bc1) / (vi.sqrt() * inv_sqrt_bc2 + eps);
+            *pi -= lr * update + decay * *pi;
+        }
+        Ok(())
+    }
+}

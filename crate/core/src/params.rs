@@ -1,0 +1,126 @@
+//! Parameter storage behind the models' `VarBuilder`s.
+//!
+//! Models are written candle-style (`new(cfg, vb)`), and every `vb.get` lands here: either a
+//! fresh reference initialisation from a seeded generator, or a tensor taken from a checkpoint
+//! (with a shape check naming the tensor). Every parameter is recorded as a `Var` under its
+//! Hugging Face key, in creation order, so the optimizer and the checkpoint writer see them all.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
+
+use crate::rng::SplitMix64;
+
+enum Source {
+    /// Reference init: `Init::Randn { stdev }` means truncated normal at +-1 std (as unilm).
+    Init(SplitMix64),
+    Checkpoint(HashMap<String, Tensor>),
+}
+
+struct Store {
+    source: Source,
+    vars: Vec<(String, Var)>,
+}
+
+pub struct ParamStore {
+    inner: Mutex<Store>,
+}
+
+/// The parameters of a model, in creation order.
+pub type NamedVars = Vec<(String, Var)>;
+
+impl ParamStore {
+    pub fn initialise(seed: u64) -> Self {
+        Self::new(Source::Init(SplitMix64::new(seed)))
+    }
+
+    pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
+        Self::new(Source::Checkpoint(tensors))
+    }
+
+    fn new(source: Source) -> Self {
+        Self { inner: Mutex::new(Store { source, vars: Vec::new() }) }
+    }
+
+    /// Consumes the store. For a checkpoint store, tensors no model part asked for are an error.
+    pub fn finish(self) -> crate::Result<NamedVars> {
+        let store = self.inner.into_inner().expect("param store lock");
+        if let Source::Checkpoint(rest) = &store.source {
+            if !rest.is_empty() {
+                let mut names: Vec<_> = rest.keys().cloned().collect();
+                names.sort();
+                return Err(crate::Error::Checkpoint(format!(
+                    "checkpoint has tensors this model does not use: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        Ok(store.vars)
+    }
+
+    pub fn var_builder(self: &std::sync::Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(SharedStore(self.clone())), dtype, device.clone())
+    }
+}
+
+struct SharedStore(std::sync::Arc<ParamStore>);
+
+impl SimpleBackend for SharedStore {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut store = self.0.inner.lock().expect("param store lock");
+        let tensor = match &mut store.source {
+            Source::Init(rng) => initial_value(rng, &shape, init)?,
+            Source::Checkpoint(tensors) => {
+                let t = tensors.remove(name).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("checkpoint is missing tensor {name}"))
+                })?;
+                if t.shape() != &shape {
+                    candle_core::bail!(
+                        "tensor {name} has shape {:?} in the checkpoint, but this model expects {:?}",
+                        t.dims(),
+                        shape.dims()
+                    );
+                }
+                t
+            }
+        };
+        let var = Var::from_tensor(&tensor.to_dtype(dtype)?.to_device(device)?)?;
+        let out = var.as_tensor().clone();
+        store.vars.push((name.to_string(), var));
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("parameter {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        let store = self.0.inner.lock().expect("param store lock");
+        match &store.source {
+            Source::Init(_) => false,
+            Source::Checkpoint(t) => t.contains_key(name),
+        }
+    }
+}
+
+fn initial_value(rng: &mut SplitMix64, shape: &Shape, init: Init) -> candle_core::Result<Tensor> {
+    let n = shape.elem_count();
+    match init {
+        Init::Const(c) => Tensor::full(c as f32, shape, &Device::Cpu),
+        Init::Randn { mean, stdev } => {
+            let values: Vec<f32> =
+                (0..n).map(|_| (mean + stdev * rng.truncated_normal(1.0)) as f32).collect();
+            Tensor::from_vec(values, shape, &Device::Cpu)
+        }
+        other => candle_core::bail!("unsupported initialiser {other:?}"),
+    }
+}

@@ -1,0 +1,88 @@
+mod common;
+
+use beit_core::{AdamWConfig, BeitConfig, MimBatch, MimTrainer};
+use candle_core::DType;
+use common::*;
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("beit-core-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn data(cfg: &BeitConfig, seed: u64) -> (Vec<f32>, Vec<u8>, Vec<i32>) {
+    let pixels = random_tensor(&[2 * 24], seed, DType::F32).to_vec1::<f32>().unwrap();
+    let n = cfg.num_patches();
+    let mask = (0..2 * n).map(|i| (i % 2) as u8).collect();
+    let targets = (0..2 * n).map(|i| (i % cfg.vocab_size) as i32).collect();
+    (pixels, mask, targets)
+}
+
+fn step(t: &mut MimTrainer, seed: u64) -> f64 {
+    let (p, m, tg) = data(&t.config.clone(), seed);
+    t.train_step(&MimBatch { pixels: &p, mask: &m, targets: &tg }, 1e-3, seed).unwrap().loss
+}
+
+#[test]
+fn save_then_load_resumes_exactly() {
+    let dir = temp_dir("resume");
+    let cfg = BeitConfig { drop_path_rate: 0.2, ..tiny_config() };
+    let mut a = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 11).unwrap();
+    for s in 0..3 {
+        step(&mut a, s);
+    }
+    let path = dir.join("ckpt.safetensors");
+    a.save(&path).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("ckpt.safetensors")], "no temp file is left");
+
+    let mut b = MimTrainer::load(&path, None).unwrap();
+    assert_eq!(b.config, cfg);
+    assert_eq!(b.optimizer.step, 3);
+    for ((na, va), (nb, vb)) in a.vars.iter().zip(&b.vars) {
+        assert_eq!(na, nb);
+        let d = (va.as_tensor() - vb.as_tensor()).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{na} differs after load");
+    }
+    // The next steps (same data, same stochastic-depth seeds) give identical losses.
+    for s in 3..6 {
+        assert_eq!(step(&mut a, s), step(&mut b, s), "step {s}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn loading_into_another_config_names_the_tensor_and_shapes() {
+    let dir = temp_dir("mismatch");
+    let path = dir.join("m.safetensors");
+    MimTrainer::new(tiny_config(), AdamWConfig::default(), 1).unwrap().save(&path).unwrap();
+    let other = BeitConfig { hidden_size: 12, intermediate_size: 12, ..tiny_config() };
+    let err = MimTrainer::load(&path, Some(&other)).err().expect("must fail").to_string();
+    assert!(
+        err.contains("beit.embeddings.cls_token") && err.contains("[1, 1, 8]") && err.contains("[1, 1, 12]"),
+        "{err}"
+    );
+    let fewer_layers = BeitConfig { num_hidden_layers: 1, ..tiny_config() };
+    let err = MimTrainer::load(&path, Some(&fewer_layers)).err().expect("must fail").to_string();
+    assert!(err.contains("does not use") && err.contains("beit.encoder.layer.1."), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unreadable_or_foreign_files_are_clear_errors() {
+    let dir = temp_dir("bad");
+    let missing = MimTrainer::load(&dir.join("nope.safetensors"), None).err().unwrap().to_string();
+    assert!(missing.contains("cannot read") && missing.contains("nope.safetensors"), "{missing}");
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"definitely not safetensors").unwrap();
+    let err = MimTrainer::load(&junk, None).err().unwrap().to_string();
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+    let err = MimTrainer::new(tiny_config(), AdamWConfig::default(), 1)
+        .unwrap()
+        .save(&dir.join("no/such/dir/x.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot write"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,80 @@
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::sync::Arc;
+
+use beit_core::params::{NamedVars, ParamStore};
+use beit_core::rng::SplitMix64;
+use beit_core::BeitConfig;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+
+/// A model small enough for finite differences: 2x3 grid of 2x2 patches, 2 layers.
+pub fn tiny_config() -> BeitConfig {
+    BeitConfig {
+        image_size: [4, 6],
+        patch_size: 2,
+        num_channels: 1,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        vocab_size: 7,
+        layer_scale_init_value: 0.1,
+        use_absolute_position_embeddings: false,
+        use_shared_relative_position_bias: true,
+        use_relative_position_bias: false,
+        drop_path_rate: 0.0,
+        layer_norm_eps: 1e-6,
+        initializer_range: 0.02,
+    }
+}
+
+pub fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// Builds a module through a fresh parameter store and returns it with its variables.
+pub fn build<M>(seed: u64, dtype: DType, f: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> (M, NamedVars) {
+    let store = Arc::new(ParamStore::initialise(seed));
+    let module = f(store.var_builder(dtype, &Device::Cpu)).unwrap();
+    let store = Arc::try_unwrap(store).ok().expect("store not shared");
+    (module, store.finish().unwrap())
+}
+
+/// Re-initialises every variable with N(0, scale) values so that zero-initialised tensors
+/// (biases, bias tables) are checked at a generic point too.
+pub fn randomise(vars: &NamedVars, seed: u64, scale: f64) {
+    for (i, (_, v)) in vars.iter().enumerate() {
+        let r = random_tensor(v.dims(), seed + i as u64, v.dtype());
+        v.set(&(r * scale).unwrap()).unwrap();
+    }
+}
+
+/// Central finite differences of the scalar `f` with respect to every element of `var`
+/// (or `max_coords` evenly spread elements), compared with the analytic gradient.
+/// Returns the worst relative error max|a-n| / max(1e-6, max|n|) over the checked elements.
+pub fn grad_check(var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, max_coords: usize) -> f64 {
+    let h = 1e-6;
+    let base = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let analytic = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let n = base.len();
+    let stride = (n / max_coords.max(1)).max(1);
+    let mut worst_abs = 0.0f64;
+    let mut scale = 1e-6f64;
+    for i in (0..n).step_by(stride) {
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            f()
+        };
+        let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+        worst_abs = worst_abs.max((numeric - analytic[i]).abs());
+        scale = scale.max(numeric.abs()).max(analytic[i].abs());
+    }
+    var.set(&Tensor::from_vec(base, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    worst_abs / scale
+}

@@ -1,0 +1,103 @@
+//! Finite-difference gradient checks (f64, tiny shapes) for every custom op and for whole
+//! blocks and the whole MIM loss.
+
+mod common;
+
+use beit_core::config::BeitConfig;
+use beit_core::model::{self, BeitForMaskedImageModeling, Layer};
+use beit_core::ops;
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+
+const TOL: f64 = 1e-6;
+
+/// Checks d(sum(out(inputs) * r))/d(input) for each input against finite differences.
+fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
+    let vars: Vec<Var> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Var::from_tensor(&random_tensor(s, 10 + i as u64, DType::F64)).unwrap())
+        .collect();
+    let tensors = || vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+    let probe = random_tensor(op(&tensors()).dims(), 99, DType::F64);
+    let objective = || op(&tensors()).mul(&probe).unwrap().sum_all().unwrap();
+    let grads = objective().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
+        let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
+        assert!(err < TOL, "input {i}: relative gradient error {err:e}");
+    }
+}
+
+#[test]
+fn layer_norm_gradients() {
+    check_op(&[&[3, 4, 5], &[5], &[5]], |t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap());
+}
+
+#[test]
+fn softmax_gradients() {
+    check_op(&[&[2, 3, 6]], |t| ops::softmax_last_dim(&(&t[0] * 3.0).unwrap()).unwrap());
+}
+
+#[test]
+fn gelu_gradients() {
+    check_op(&[&[4, 9]], |t| ops::gelu_erf(&(&t[0] * 2.0).unwrap()).unwrap());
+}
+
+#[test]
+fn cross_entropy_gradients() {
+    let targets = Tensor::new(&[0u32, 4, 2, 2], &Device::Cpu).unwrap();
+    check_op(&[&[4, 5]], |t| ops::cross_entropy_rows(&t[0], &targets).unwrap());
+}
+
+/// Every parameter and the input of one transformer block (with its own relative bias table
+/// and LayerScale) against finite differences.
+#[test]
+fn transformer_block_gradients() {
+    let cfg = BeitConfig {
+        use_shared_relative_position_bias: false,
+        use_relative_position_bias: true,
+        ..tiny_config()
+    };
+    let (layer, vars) = build(1, DType::F64, |vb| Layer::new(&cfg, 0, 0.0, vb));
+    randomise(&vars, 50, 0.5);
+    let x = Var::from_tensor(&random_tensor(&[2, cfg.num_patches() + 1, cfg.hidden_size], 3, DType::F64)).unwrap();
+    let probe = random_tensor(x.dims(), 4, DType::F64);
+    let objective = || layer.forward(x.as_tensor(), None, None).unwrap().mul(&probe).unwrap().sum_all().unwrap();
+    let grads = objective().backward().unwrap();
+    let f = || objective().to_scalar::<f64>().unwrap();
+    let err = grad_check(&x, grads.get(&x).unwrap(), &f, 40);
+    assert!(err < TOL, "input: relative gradient error {err:e}");
+    for (name, var) in &vars {
+        let g = grads.get(var).unwrap_or_else(|| panic!("{name} got no gradient"));
+        let err = grad_check(var, g, &f, 24);
+        assert!(err < TOL, "{name}: relative gradient error {err:e}");
+    }
+}
+
+/// The whole MIM objective (patch embedding, mask token, [CLS], absolute and shared relative
+/// positions, blocks, final norm, head, masked cross-entropy) against finite differences.
+#[test]
+fn whole_mim_loss_gradients() {
+    let cfg = BeitConfig { use_absolute_position_embeddings: true, ..tiny_config() };
+    let (mim, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    randomise(&vars, 70, 0.5);
+    let n = cfg.num_patches();
+    let mask: Vec<u8> = (0..2 * n).map(|i| (i % 3 == 0) as u8).collect();
+    let (weights, positions) = model::mask_tensors(&mask, 2, n, &Device::Cpu).unwrap();
+    let targets: Vec<u32> = (0..positions.elem_count() as u32).map(|i| i % 7).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let pixels = random_tensor(&[2, 1, 4, 6], 5, DType::F64);
+    let objective = || {
+        let hidden = mim.hidden_states(&pixels, Some(&weights), None).unwrap();
+        let logits = mim.logits_at(&hidden, &positions).unwrap();
+        model::masked_loss(&logits, &targets).unwrap().0
+    };
+    let grads = objective().backward().unwrap();
+    let f = || objective().to_scalar::<f64>().unwrap();
+    for (name, var) in &vars {
+        let g = grads.get(var).unwrap_or_else(|| panic!("{name} got no gradient"));
+        let err = grad_check(var, g, &f, 6);
+        assert!(err < TOL, "{name}: relative gradient error {err:e}");
+    }
+}

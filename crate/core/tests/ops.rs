@@ -1,0 +1,56 @@
+//! Forward values of the fused ops against straightforward compositions.
+mod common;
+
+use beit_core::ops;
+use candle_core::{DType, Device, Tensor, D};
+use common::random_tensor;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn layer_norm_matches_the_definition() {
+    let x = random_tensor(&[5, 7, 33], 1, DType::F32);
+    let g = random_tensor(&[33], 2, DType::F32);
+    let b = random_tensor(&[33], 3, DType::F32);
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let expected = xc.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g).unwrap().broadcast_add(&b).unwrap();
+    assert!(max_diff(&ops::layer_norm(&x, &g, &b, 1e-6).unwrap(), &expected) < 1e-5);
+}
+
+#[test]
+fn softmax_matches_the_definition_and_is_stable() {
+    let x = (random_tensor(&[4, 3, 50], 4, DType::F32) * 30.0).unwrap();
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+    let expected = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    assert!(max_diff(&ops::softmax_last_dim(&x).unwrap(), &expected) < 1e-6);
+    let big = Tensor::new(&[[1000f32, 1000.0, -1000.0]], &Device::Cpu).unwrap();
+    let y = ops::softmax_last_dim(&big).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(y, vec![vec![0.5, 0.5, 0.0]]);
+}
+
+#[test]
+fn gelu_matches_erf_form() {
+    let x = Tensor::new(&[-3.0f64, -1.0, 0.0, 0.5, 2.0], &Device::Cpu).unwrap();
+    let y = ops::gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
+    // x * Phi(x), Phi from the standard normal table.
+    let expected = [-0.004049694, -0.158655254, 0.0, 0.345731388, 1.954499736];
+    for (a, b) in y.iter().zip(expected) {
+        assert!((a - b).abs() < 1e-8, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn cross_entropy_matches_log_softmax_and_checks_targets() {
+    let z = (random_tensor(&[6, 9], 5, DType::F32) * 5.0).unwrap();
+    let t = Tensor::new(&[0u32, 8, 3, 3, 1, 7], &Device::Cpu).unwrap();
+    let ls = candle_nn::ops::log_softmax(&z, D::Minus1).unwrap();
+    let expected = ls.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+    assert!(max_diff(&ops::cross_entropy_rows(&z, &t).unwrap(), &expected) < 1e-5);
+    let bad = Tensor::new(&[0u32, 9, 0, 0, 0, 0], &Device::Cpu).unwrap();
+    let err = ops::cross_entropy_rows(&z, &bad).unwrap_err().to_string();
+    assert!(err.contains("target 9 out of range for a vocabulary of 9"), "{err}");
+}

@@ -1,0 +1,92 @@
+/**
+ * Model and optimizer configuration. Field names mirror Hugging Face's BeitConfig (camelCase)
+ * so configs map one to one onto transformers checkpoints. Presets are data.
+ */
+
+export interface BeitConfig {
+  /** [height, width] in pixels, each a multiple of patchSize. */
+  imageSize: [number, number]
+  patchSize: number
+  /** 1 for grayscale, 3 for RGB. */
+  numChannels: number
+  hiddenSize: number
+  numHiddenLayers: number
+  numAttentionHeads: number
+  intermediateSize: number
+  /** Visual-token vocabulary predicted by the MIM head. */
+  vocabSize: number
+  /** LayerScale init; 0 disables LayerScale. */
+  layerScaleInitValue: number
+  useAbsolutePositionEmbeddings: boolean
+  /** One relative position bias table shared by all layers (pretraining). */
+  useSharedRelativePositionBias: boolean
+  /** One table per layer (fine-tuning). Exclusive with the shared table. */
+  useRelativePositionBias: boolean
+  /** Largest stochastic-depth rate (the last layer's); rates grow linearly with depth. */
+  dropPathRate: number
+  layerNormEps: number
+  initializerRange: number
+}
+
+export type PresetName = 'tiny' | 'small' | 'base' | 'large'
+
+const PRETRAINING_DEFAULTS = {
+  imageSize: [224, 224] as [number, number],
+  patchSize: 16,
+  numChannels: 3,
+  vocabSize: 8192,
+  useAbsolutePositionEmbeddings: false,
+  useSharedRelativePositionBias: true,
+  useRelativePositionBias: false,
+  dropPathRate: 0.1,
+  layerNormEps: 1e-6,
+  initializerRange: 0.02,
+}
+
+/** timm's beit_*_patch16_224 sizes with BEiT's pretraining choices. */
+export const PRESETS: Record<PresetName, BeitConfig> = {
+  tiny: { ...PRETRAINING_DEFAULTS, hiddenSize: 192, numHiddenLayers: 12, numAttentionHeads: 3, intermediateSize: 768, layerScaleInitValue: 0.1 },
+  small: { ...PRETRAINING_DEFAULTS, hiddenSize: 384, numHiddenLayers: 12, numAttentionHeads: 6, intermediateSize: 1536, layerScaleInitValue: 0.1 },
+  base: { ...PRETRAINING_DEFAULTS, hiddenSize: 768, numHiddenLayers: 12, numAttentionHeads: 12, intermediateSize: 3072, layerScaleInitValue: 0.1 },
+  large: { ...PRETRAINING_DEFAULTS, hiddenSize: 1024, numHiddenLayers: 24, numAttentionHeads: 16, intermediateSize: 4096, layerScaleInitValue: 1e-5 },
+}
+
+/** A preset name, or a preset plus overrides, or a full config. */
+export type ModelSpec = PresetName | (Partial<BeitConfig> & { preset?: PresetName })
+
+export function resolveConfig(spec: ModelSpec): BeitConfig {
+  if (typeof spec === 'string') return presetByName(spec)
+  const { preset, ...overrides } = spec
+  const base = preset === undefined ? undefined : presetByName(preset)
+  const config = { ...base, ...overrides } as Partial<BeitConfig>
+  const missing = (Object.keys(PRESETS.base) as (keyof BeitConfig)[]).filter((k) => config[k] === undefined)
+  if (missing.length > 0) {
+    throw new Error(`model config is missing ${missing.join(', ')}: give every field, or start from a preset ({ preset: 'tiny', ... })`)
+  }
+  return config as BeitConfig
+}
+
+function presetByName(name: string): BeitConfig {
+  const preset = PRESETS[name as PresetName]
+  if (preset === undefined) {
+    throw new Error(`unknown preset ${JSON.stringify(name)}: expected one of ${Object.keys(PRESETS).join(', ')}`)
+  }
+  return structuredClone(preset)
+}
+
+export function gridSize(config: BeitConfig): [number, number] {
+  return [config.imageSize[0] / config.patchSize, config.imageSize[1] / config.patchSize]
+}
+
+export interface AdamWOptions {
+  /** Default 0.9. */
+  beta1?: number
+  /** Default 0.999. */
+  beta2?: number
+  /** Default 1e-8. */
+  eps?: number
+  /** Decoupled weight decay; biases, norms, tokens and position tables are exempt. Default 0.05. */
+  weightDecay?: number
+  /** Global gradient-norm clip; 0 disables. Default 3.0. */
+  clipGradNorm?: number
+}

@@ -1,0 +1,114 @@
+import { AdamWOptions, BeitConfig, ModelSpec, gridSize, resolveConfig } from './config'
+import { native, NativeMimModel } from './native'
+
+export interface CreateOptions {
+  optimizer?: AdamWOptions
+  /** Initialisation seed. Default 0. */
+  seed?: number
+}
+
+export interface TrainStepInput {
+  /** [B, C, H, W], already normalised. */
+  pixels: Float32Array
+  /** [B, N] with 1 = masked; N = number of patches. */
+  mask: Uint8Array
+  /** [B, N] visual-token ids; only masked positions are read. */
+  targets: Int32Array
+  lr: number
+  /** Seeds stochastic depth for this step, so a step can be replayed. Default 0. */
+  seed?: number
+}
+
+export interface TrainStepResult {
+  /** Mean cross-entropy over all masked patches of the batch. */
+  loss: number
+  /** Fraction of masked patches whose argmax equals the target. */
+  mlmAcc: number
+  /** Global gradient norm before clipping. */
+  gradNorm: number
+  numMasked: number
+}
+
+export interface ForwardInput {
+  pixels: Float32Array
+  mask: Uint8Array
+}
+
+export interface ForwardResult {
+  /** [numMasked, vocabSize], masked patches in batch-major, row-major order. */
+  logits: Float32Array
+  /** [numMasked] predicted token ids. */
+  ids: Int32Array
+  numMasked: number
+}
+
+/** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
+export class Beit {
+  readonly config: BeitConfig
+  readonly optimizer: Required<AdamWOptions>
+  readonly numParameters: number
+  /** Patch grid [height, width]. */
+  readonly grid: [number, number]
+
+  private constructor(private readonly handle: NativeMimModel) {
+    this.config = JSON.parse(handle.configJson) as BeitConfig
+    this.optimizer = JSON.parse(handle.optimizerJson) as Required<AdamWOptions>
+    this.numParameters = handle.numParameters
+    this.grid = gridSize(this.config)
+  }
+
+  static create(spec: ModelSpec, opts: CreateOptions = {}): Beit {
+    const config = resolveConfig(spec)
+    const seed = opts.seed ?? 0
+    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
+      throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
+    }
+    return new Beit(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed))
+  }
+
+  /**
+   * Loads a checkpoint written by `save` (weights, config, optimizer state). With `config`,
+   * the file must fit it: a mismatch names the tensor and both shapes.
+   */
+  static async load(path: string, opts: { config?: ModelSpec } = {}): Promise<Beit> {
+    const expected = opts.config === undefined ? undefined : JSON.stringify(resolveConfig(opts.config))
+    return new Beit(await native.NativeMimModel.load(path, expected))
+  }
+
+  /** Writes weights, config and optimizer state atomically (temp file, then rename). */
+  save(path: string): Promise<void> {
+    return this.handle.save(path)
+  }
+
+  /** Optimizer updates taken so far. */
+  get step(): number {
+    return this.handle.optimizerStep
+  }
+
+  /** One AdamW step on the masked cross-entropy, off the JS thread. */
+  trainStep(input: TrainStepInput): Promise<TrainStepResult> {
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('mask', input.mask, Uint8Array)
+    checkType('targets', input.targets, Int32Array)
+    if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
+    const seed = input.seed ?? 0
+    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
+      throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
+    }
+    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, seed)
+  }
+
+  /** Evaluation forward pass (no stochastic depth): logits and ids at the masked patches. */
+  forward(input: ForwardInput): Promise<ForwardResult> {
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('mask', input.mask, Uint8Array)
+    return this.handle.predict(input.pixels, input.mask)
+  }
+}
+
+function checkType(name: string, value: unknown, type: Function): void {
+  if (!(value instanceof type)) {
+    const got = value === null ? 'null' : typeof value === 'object' ? value.constructor.name : typeof value
+    throw new TypeError(`${name}: expected a ${type.name}, got ${got}`)
+  }
+}

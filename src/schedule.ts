@@ -1,0 +1,28 @@
+/** Learning-rate schedules: pure functions of the step, so a resumed run gets the same values. */
+
+export interface WarmupCosineOptions {
+  /** Peak learning rate, reached at the end of warmup. */
+  lr: number
+  /** Final learning rate at totalSteps. Default 1e-5 * lr / 1.5e-3 (BEiT's ratio). */
+  minLr?: number
+  warmupSteps: number
+  totalSteps: number
+}
+
+/** Linear warmup from 0 to lr, then cosine decay to minLr at totalSteps (BEiT's schedule). */
+export function warmupCosine(opts: WarmupCosineOptions): (step: number) => number {
+  const { lr, warmupSteps, totalSteps } = opts
+  const minLr = opts.minLr ?? (lr * 1e-5) / 1.5e-3
+  if (!(lr > 0)) throw new Error(`lr must be > 0, got ${lr}`)
+  if (!(minLr >= 0 && minLr <= lr)) throw new Error(`minLr must be in [0, lr], got ${minLr}`)
+  if (!(Number.isInteger(totalSteps) && totalSteps > 0)) throw new Error(`totalSteps must be a positive integer, got ${totalSteps}`)
+  if (!(Number.isInteger(warmupSteps) && warmupSteps >= 0 && warmupSteps <= totalSteps)) {
+    throw new Error(`warmupSteps must be an integer in [0, totalSteps=${totalSteps}], got ${warmupSteps}`)
+  }
+  return (step: number) => {
+    if (step < warmupSteps) return (lr * (step + 1)) / warmupSteps
+    const decaySteps = totalSteps - warmupSteps
+    const progress = decaySteps <= 1 ? 1 : Math.min(1, (step - warmupSteps) / (decaySteps - 1))
+    return minLr + 0.5 * (lr - minLr) * (1 + Math.cos(Math.PI * progress))
+  }
+}
