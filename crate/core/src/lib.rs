@@ -15,3 +15,9 @@ pub use config::BeitConfig;
 pub use error::{Error, Result};
 pub use optim::{AdamW, AdamWConfig};
 pub use trainer::{MimBatch, MimTrainer, Predictions, StepMetrics};
+pub mod conv;
+pub mod dvae;
+pub mod tokenizer;
+
+pub use dvae::DvaeConfig;
+pub use tokenizer::{ImageBatch, ReconLoss, TokenizerStepMetrics, TokenizerTrainer, TokenizerTraining};

@@ -90,6 +90,45 @@ impl AdamW {
         Ok(Self { config, params, step: 0 })
     }
 
+    /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`) for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .flat_map(|p| {
+                [
+                    (format!("exp_avg.{}", p.name), p.exp_avg.clone()),
+                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores moments written by [`AdamW::state_tensors`]; every one must be present with
+    /// the parameter's shape, and no other may be.
+    pub fn restore(&mut self, mut moments: std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for p in &mut self.params {
+            for (kind, slot) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+                let key = format!("{kind}.{}", p.name);
+                let t = moments
+                    .remove(&key)
+                    .ok_or_else(|| Error::Checkpoint(format!("missing optimizer tensor {key}")))?;
+                if t.shape() != slot.shape() {
+                    return Err(Error::Checkpoint(format!(
+                        "optimizer tensor {key} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    )));
+                }
+                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+            }
+        }
+        if let Some(extra) = moments.keys().next() {
+            return Err(Error::Checkpoint(format!("unexpected optimizer tensor {extra}")));
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum = 0.0f64;

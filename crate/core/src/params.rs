@@ -60,7 +60,21 @@ impl ParamStore {
         Ok(store.vars)
     }
 
-    pub fn var_builder(self: &std::sync::Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    /// Builds a module through this store and returns it with every parameter it created.
+    pub fn build<M>(
+        self,
+        dtype: DType,
+        device: &Device,
+        new: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    ) -> crate::Result<(M, NamedVars)> {
+        let store = std::sync::Arc::new(self);
+        let module = new(store.var_builder(dtype, device)).map_err(|e| crate::Error::Checkpoint(e.to_string()))?;
+        let store = std::sync::Arc::try_unwrap(store)
+            .map_err(|_| crate::Error::Config("a VarBuilder outlived model construction".into()))?;
+        Ok((module, store.finish()?))
+    }
+
+    fn var_builder(self: &std::sync::Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(SharedStore(self.clone())), dtype, device.clone())
     }
 }
@@ -119,6 +133,12 @@ fn initial_value(rng: &mut SplitMix64, shape: &Shape, init: Init) -> candle_core
         Init::Randn { mean, stdev } => {
             let values: Vec<f32> =
                 (0..n).map(|_| (mean + stdev * rng.truncated_normal(1.0)) as f32).collect();
+            Tensor::from_vec(values, shape, &Device::Cpu)
+        }
+        // Kaiming normal (DALL-E's convs: std = gain / sqrt(fan_in)), untruncated.
+        Init::Kaiming { dist: candle_nn::init::NormalOrUniform::Normal, fan, non_linearity } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            let values: Vec<f32> = (0..n).map(|_| (std * rng.normal()) as f32).collect();
             Tensor::from_vec(values, shape, &Device::Cpu)
         }
         other => candle_core::bail!("unsupported initialiser {other:?}"),

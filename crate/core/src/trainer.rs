@@ -2,9 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint;
 use crate::config::BeitConfig;
@@ -68,11 +67,8 @@ impl MimTrainer {
 
     fn build(config: BeitConfig, optim: AdamWConfig, store: ParamStore) -> Result<Self> {
         let device = Device::Cpu;
-        let store = Arc::new(store);
-        let model = BeitForMaskedImageModeling::new(&config, store.var_builder(candle_core::DType::F32, &device))
-            .map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let store = Arc::try_unwrap(store).map_err(|_| Error::Config("param store still shared".into()))?;
-        let vars = store.finish()?;
+        let (model, vars) =
+            store.build(DType::F32, &device, |vb| BeitForMaskedImageModeling::new(&config, vb))?;
         let optimizer = AdamW::new(optim, &vars)?;
         Ok(Self { config, model, vars, optimizer, device })
     }
@@ -98,42 +94,19 @@ impl MimTrainer {
         };
         let optim: OptimizerMeta = serde_json::from_str(file.meta("optimizer", path)?)
             .map_err(|e| Error::Checkpoint(format!("{}: bad optimizer metadata: {e}", path.display())))?;
-        let mut moments = file.take_prefixed(OPTIM_PREFIX);
-        let mut trainer = Self::build(config, optim.config, ParamStore::from_tensors(file.tensors))
-            .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
-        trainer.optimizer.step = optim.step;
-        for p in &mut trainer.optimizer.params {
-            for (kind, slot) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
-                let key = format!("{kind}.{}", p.name);
-                let t = moments.remove(&key).ok_or_else(|| {
-                    Error::Checkpoint(format!("{}: missing optimizer tensor {OPTIM_PREFIX}{key}", path.display()))
-                })?;
-                if t.shape() != slot.shape() {
-                    return Err(Error::Checkpoint(format!(
-                        "{}: optimizer tensor {OPTIM_PREFIX}{key} has shape {:?}, expected {:?}",
-                        path.display(),
-                        t.dims(),
-                        slot.dims()
-                    )));
-                }
-                *slot = t.to_device(&trainer.device)?;
-            }
-        }
-        if let Some(extra) = moments.keys().next() {
-            return Err(Error::Checkpoint(format!(
-                "{}: unexpected optimizer tensor {OPTIM_PREFIX}{extra}",
-                path.display()
-            )));
-        }
+        let moments = file.take_prefixed(OPTIM_PREFIX);
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        let mut trainer =
+            Self::build(config, optim.config, ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
+        trainer.optimizer.restore(moments, optim.step).map_err(in_file)?;
         Ok(trainer)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> =
             self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        for p in &self.optimizer.params {
-            tensors.push((format!("{OPTIM_PREFIX}exp_avg.{}", p.name), p.exp_avg.clone()));
-            tensors.push((format!("{OPTIM_PREFIX}exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+        for (name, t) in self.optimizer.state_tensors() {
+            tensors.push((format!("{OPTIM_PREFIX}{name}"), t));
         }
         let optim = OptimizerMeta { config: self.optimizer.config.clone(), step: self.optimizer.step };
         let metadata = HashMap::from([

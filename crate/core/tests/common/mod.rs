@@ -1,7 +1,5 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::Arc;
-
 use beit_core::params::{NamedVars, ParamStore};
 use beit_core::rng::SplitMix64;
 use beit_core::BeitConfig;
@@ -38,10 +36,7 @@ pub fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 
 /// Builds a module through a fresh parameter store and returns it with its variables.
 pub fn build<M>(seed: u64, dtype: DType, f: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> (M, NamedVars) {
-    let store = Arc::new(ParamStore::initialise(seed));
-    let module = f(store.var_builder(dtype, &Device::Cpu)).unwrap();
-    let store = Arc::try_unwrap(store).ok().expect("store not shared");
-    (module, store.finish().unwrap())
+    ParamStore::initialise(seed).build(dtype, &Device::Cpu, f).unwrap()
 }
 
 /// Re-initialises every variable with N(0, scale) values so that zero-initialised tensors
@@ -72,6 +67,9 @@ pub fn grad_check(var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, max_coords:
             f()
         };
         let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+        if std::env::var("GRADCHECK_DEBUG").is_ok() {
+            eprintln!("coord {i}: numeric {numeric:e} analytic {:e}", analytic[i]);
+        }
         worst_abs = worst_abs.max((numeric - analytic[i]).abs());
         scale = scale.max(numeric.abs()).max(analytic[i].abs());
     }

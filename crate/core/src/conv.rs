@@ -1,0 +1,331 @@
+//! Convolution pieces for the dVAE, in NHWC layout: im2col (whose backward is col2im), 2x2
+//! max-pooling and 2x nearest upsampling, each a custom op with a backward pass. A k x k
+//! convolution is im2col followed by one matmul, so candle's threaded GEMM does the work
+//! both ways (candle's own CPU conv backward is a direct loop, far too slow for training).
+
+use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::ops::Float;
+
+fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
+    match layout.dims() {
+        &[b, h, w, c] => Ok((b, h, w, c)),
+        d => bail!("{op}: expected an NHWC tensor, got shape {d:?}"),
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+macro_rules! float_op {
+    ($op:expr, $s:expr, $l:expr, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $v = slice(v, $l, $op)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(v) => {
+                let $v = slice(v, $l, $op)?;
+                CpuStorage::F64($body)
+            }
+            other => bail!("{}: unsupported dtype {:?}, expected f32 or f64", $op, other.dtype()),
+        }
+    };
+}
+
+/// Patches of a k x k window with zero padding (k-1)/2 and stride 1:
+/// [B, H, W, C] -> [B, H, W, k*k*C], channel fastest, then window column, then window row.
+struct Im2Col {
+    k: usize,
+}
+
+fn im2col<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize), k: usize) -> Vec<T> {
+    let pad = (k - 1) / 2;
+    let row = k * k * c;
+    let mut cols = vec![T::ZERO; b * h * w * row];
+    cols.par_chunks_mut(w * row).enumerate().for_each(|(by, out)| {
+        let (bi, y) = (by / h, by % h);
+        for x_ in 0..w {
+            let dst = &mut out[x_ * row..(x_ + 1) * row];
+            for ky in 0..k {
+                let sy = y as isize + ky as isize - pad as isize;
+                if sy < 0 || sy >= h as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let sx = x_ as isize + kx as isize - pad as isize;
+                    if sx < 0 || sx >= w as isize {
+                        continue;
+                    }
+                    let src = ((bi * h + sy as usize) * w + sx as usize) * c;
+                    let o = (ky * k + kx) * c;
+                    dst[o..o + c].copy_from_slice(&x[src..src + c]);
+                }
+            }
+        }
+    });
+    cols
+}
+
+/// Adjoint of [`im2col`]: sums each window entry back onto the pixel it was copied from.
+fn col2im<T: Float>(cols: &[T], (b, h, w, c): (usize, usize, usize, usize), k: usize) -> Vec<T> {
+    let pad = (k - 1) / 2;
+    let row = k * k * c;
+    let mut x = vec![T::ZERO; b * h * w * c];
+    // Each task owns one output image row and gathers from the window rows that read it.
+    x.par_chunks_mut(w * c).enumerate().for_each(|(by, out)| {
+        let (bi, y) = (by / h, by % h);
+        for ky in 0..k {
+            let cy = y as isize - ky as isize + pad as isize;
+            if cy < 0 || cy >= h as isize {
+                continue;
+            }
+            for x_ in 0..w {
+                let dst = &mut out[x_ * c..(x_ + 1) * c];
+                for kx in 0..k {
+                    let cx = x_ as isize - kx as isize + pad as isize;
+                    if cx < 0 || cx >= w as isize {
+                        continue;
+                    }
+                    let src = ((bi * h + cy as usize) * w + cx as usize) * row + (ky * k + kx) * c;
+                    for (d, &s) in dst.iter_mut().zip(&cols[src..src + c]) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    });
+    x
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = nhwc(l, self.name())?;
+        let out = float_op!(self.name(), s, l, |v| im2col(v, dims, self.k));
+        let (b, h, w, c) = dims;
+        Ok((out, Shape::from((b, h, w, self.k * self.k * c))))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, h, w, c) = x.dims4()?;
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { k: self.k, dims: (b, h, w, c) })?))
+    }
+}
+
+struct Col2Im {
+    k: usize,
+    dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = self.dims;
+        let out = float_op!(self.name(), s, l, |v| col2im(v, self.dims, self.k));
+        Ok((out, Shape::from((b, h, w, c))))
+    }
+}
+
+/// k x k convolution, stride 1, zero padding (k-1)/2, on NHWC input. `weight` keeps the
+/// PyTorch layout [C_out, C_in, k, k] (as checkpoints store it).
+pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (c_out, c_in, k, k2) = weight.dims4()?;
+    if c_in != c || k != k2 || k % 2 == 0 {
+        bail!("conv2d: input has {c} channels, weight is [{c_out}, {c_in}, {k}, {k2}] (expected odd square kernels)");
+    }
+    let w2 = if k == 1 {
+        weight.reshape((c_out, c_in))?
+    } else {
+        weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c_out, k * k * c_in))?
+    };
+    let cols = if k == 1 { x.clone() } else { x.contiguous()?.apply_op1(Im2Col { k })? };
+    let y = cols.reshape((b * h * w, k * k * c))?.matmul(&w2.t()?)?.broadcast_add(bias)?;
+    y.reshape((b, h, w, c_out))
+}
+
+/// 2x2 max-pooling, stride 2, NHWC. The gradient goes to the first maximum of each window.
+struct MaxPool2;
+
+fn max_pool2_fwd<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut y = vec![T::ZERO; b * oh * ow * c];
+    y.par_chunks_mut(ow * c).enumerate().for_each(|(boy, out)| {
+        let (bi, oy) = (boy / oh, boy % oh);
+        for ox in 0..ow {
+            for ch in 0..c {
+                let at = |dy: usize, dx: usize| x[((bi * h + 2 * oy + dy) * w + 2 * ox + dx) * c + ch];
+                let mut m = at(0, 0);
+                for (dy, dx) in [(0, 1), (1, 0), (1, 1)] {
+                    if at(dy, dx) > m {
+                        m = at(dy, dx);
+                    }
+                }
+                out[ox * c + ch] = m;
+            }
+        }
+    });
+    y
+}
+
+fn max_pool2_bwd<T: Float>(x: &[T], y: &[T], g: &[T], (_, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut dx = vec![T::ZERO; x.len()];
+    // Each task owns the two input rows of one output row.
+    dx.par_chunks_mut(2 * w * c).enumerate().for_each(|(boy, out)| {
+        let (bi, oy) = (boy / oh, boy % oh);
+        for ox in 0..ow {
+            for ch in 0..c {
+                let o = ((bi * oh + oy) * ow + ox) * c + ch;
+                for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let i = ((bi * h + 2 * oy + dy) * w + 2 * ox + dx_) * c + ch;
+                    if x[i] == y[o] {
+                        out[(dy * w + 2 * ox + dx_) * c + ch] = g[o];
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = nhwc(l, self.name())?;
+        if h % 2 != 0 || w % 2 != 0 {
+            bail!("max-pool-2x2: height and width must be even, got {h}x{w}");
+        }
+        let out = float_op!(self.name(), s, l, |v| max_pool2_fwd(v, (b, h, w, c)));
+        Ok((out, Shape::from((b, h / 2, w / 2, c))))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(y, &grad.contiguous()?, &MaxPool2Backward)?))
+    }
+}
+
+struct MaxPool2Backward;
+
+impl candle_core::CustomOp3 for MaxPool2Backward {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = nhwc(l1, self.name())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(max_pool2_bwd(
+                slice(x, l1, self.name())?,
+                slice(y, l2, self.name())?,
+                slice(g, l3, self.name())?,
+                dims,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(max_pool2_bwd(
+                slice(x, l1, self.name())?,
+                slice(y, l2, self.name())?,
+                slice(g, l3, self.name())?,
+                dims,
+            )),
+            _ => bail!("{}: expected f32 or f64 inputs of one dtype", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPool2)
+}
+
+/// 2x nearest-neighbour upsampling, NHWC. Backward sums each 2x2 block.
+struct Upsample2;
+
+fn upsample2_fwd<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
+    let mut y = vec![T::ZERO; b * 4 * h * w * c];
+    y.par_chunks_mut(2 * w * c).enumerate().for_each(|(boy, out)| {
+        let (bi, iy) = (boy / (2 * h), boy % (2 * h) / 2);
+        for ix in 0..w {
+            let src = &x[((bi * h + iy) * w + ix) * c..][..c];
+            out[2 * ix * c..][..c].copy_from_slice(src);
+            out[(2 * ix + 1) * c..][..c].copy_from_slice(src);
+        }
+    });
+    y
+}
+
+fn upsample2_bwd<T: Float>(g: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
+    let mut dx = vec![T::ZERO; b * h * w * c];
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(biy, out)| {
+        let (bi, iy) = (biy / h, biy % h);
+        for ix in 0..w {
+            for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let src = &g[((bi * 2 * h + 2 * iy + dy) * 2 * w + 2 * ix + dx_) * c..][..c];
+                for (d, &s) in out[ix * c..][..c].iter_mut().zip(src) {
+                    *d += s;
+                }
+            }
+        }
+    });
+    dx
+}
+
+impl CustomOp1 for Upsample2 {
+    fn name(&self) -> &'static str {
+        "upsample-nearest-2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = nhwc(l, self.name())?;
+        let out = float_op!(self.name(), s, l, |v| upsample2_fwd(v, (b, h, w, c)));
+        Ok((out, Shape::from((b, 2 * h, 2 * w, c))))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, h, w, c) = x.dims4()?;
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Upsample2Backward { dims: (b, h, w, c) })?))
+    }
+}
+
+struct Upsample2Backward {
+    dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for Upsample2Backward {
+    fn name(&self) -> &'static str {
+        "upsample-nearest-2x-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = self.dims;
+        let out = float_op!(self.name(), s, l, |v| upsample2_bwd(v, self.dims));
+        Ok((out, Shape::from((b, h, w, c))))
+    }
+}
+
+pub fn upsample2(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Upsample2)
+}
