@@ -34,6 +34,27 @@ export declare class NativeMimModel {
   predict(pixels: Float32Array, mask: Uint8Array): Promise<MaskedPredictions>
 }
 
+/** The dVAE visual tokenizer with its AdamW (and EMA) state. */
+export declare class NativeTokenizer {
+  /**
+   * `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
+   * settings (missing fields take DALL-E's recipe).
+   */
+  static create(configJson: string, trainingJson: string, seed: number): NativeTokenizer
+  static load(path: string): Promise<NativeTokenizer>
+  get configJson(): string
+  get trainingJson(): string
+  get numParameters(): number
+  get optimizerStep(): number
+  save(path: string): Promise<void>
+  /** One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise. */
+  trainStep(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, lr: number, seed: number): Promise<TokenizerStepMetrics>
+  /** Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1]. */
+  encode(pixels: Float32Array, height: number, width: number): Promise<Int32Array>
+  /** Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth]. */
+  decode(ids: Int32Array, gridHeight: number, gridWidth: number): Promise<Float32Array>
+}
+
 export interface MaskedPredictions {
   /** [numMasked, vocabSize] row-major. */
   logits: Float32Array
@@ -48,4 +69,18 @@ export interface StepMetrics {
   /** Global gradient norm before clipping. */
   gradNorm: number
   numMasked: number
+}
+
+export interface TokenizerStepMetrics {
+  /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
+  loss: number
+  /** Reconstruction loss per pixel value. */
+  reconLoss: number
+  /** KL to the uniform prior per token, in nats. */
+  kl: number
+  /** exp(entropy) of the batch's code histogram. */
+  perplexity: number
+  /** Distinct codes in the batch. */
+  codesUsed: number
+  gradNorm: number
 }

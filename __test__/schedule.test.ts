@@ -1,6 +1,6 @@
 import test from 'ava'
 
-import { warmupCosine } from '../src/schedule'
+import { cosineRamp, warmupCosine } from '../src/schedule'
 
 test('warmup rises linearly to the peak, then cosine decays to minLr at the last step', (t) => {
   const lr = warmupCosine({ lr: 1e-3, minLr: 1e-5, warmupSteps: 10, totalSteps: 110 })
@@ -17,4 +17,17 @@ test('schedule options are validated', (t) => {
   t.throws(() => warmupCosine({ lr: 0, warmupSteps: 0, totalSteps: 10 }), { message: /lr must be > 0/ })
   t.throws(() => warmupCosine({ lr: 1, warmupSteps: 11, totalSteps: 10 }), { message: /warmupSteps must be an integer in \[0, totalSteps=10\], got 11/ })
   t.throws(() => warmupCosine({ lr: 1, minLr: 2, warmupSteps: 0, totalSteps: 10 }), { message: /minLr must be in \[0, lr\]/ })
+})
+
+test('cosineRamp moves from `from` to `to` over `steps` and stays there', (t) => {
+  const temp = cosineRamp({ from: 1, to: 1 / 16, steps: 100 })
+  t.is(temp(0), 1)
+  t.true(Math.abs(temp(50) - (1 + 1 / 16) / 2) < 1e-12)
+  t.is(temp(100), 1 / 16)
+  t.is(temp(500), 1 / 16)
+  for (let s = 1; s <= 100; s++) t.true(temp(s) < temp(s - 1))
+  const kl = cosineRamp({ from: 0, to: 6.6, steps: 10 })
+  t.is(kl(0), 0)
+  t.is(kl(10), 6.6)
+  t.throws(() => cosineRamp({ from: 0, to: 1, steps: -1 }), { message: /steps must be an integer >= 0/ })
 })

@@ -26,3 +26,24 @@ export function warmupCosine(opts: WarmupCosineOptions): (step: number) => numbe
     return minLr + 0.5 * (lr - minLr) * (1 + Math.cos(Math.PI * progress))
   }
 }
+
+export interface CosineRampOptions {
+  from: number
+  to: number
+  /** Steps over which the value moves; it stays at `to` afterwards. */
+  steps: number
+}
+
+/**
+ * Half-cosine interpolation from `from` (step 0) to `to` (step `steps`), constant after. DALL-E
+ * anneals the Gumbel temperature 1 -> 1/16 and raises the KL weight 0 -> 6.6 this way.
+ */
+export function cosineRamp(opts: CosineRampOptions): (step: number) => number {
+  const { from, to, steps } = opts
+  if (!Number.isFinite(from) || !Number.isFinite(to)) throw new Error(`cosineRamp: from and to must be finite, got ${from}, ${to}`)
+  if (!(Number.isInteger(steps) && steps >= 0)) throw new Error(`cosineRamp: steps must be an integer >= 0, got ${steps}`)
+  return (step: number) => {
+    if (step >= steps) return to
+    return to + 0.5 * (from - to) * (1 + Math.cos((Math.PI * step) / steps))
+  }
+}

@@ -5,9 +5,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use beit_core::{AdamWConfig, BeitConfig, MimBatch, MimTrainer};
+use beit_core::{
+    AdamWConfig, BeitConfig, DvaeConfig, ImageBatch, MimBatch, MimTrainer, TokenizerTrainer, TokenizerTraining,
+};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+
+// Training allocates and frees many large activation buffers each step; glibc malloc hands
+// those back to the kernel and page-faults them in again every time. mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runs `f`, turning core errors and panics into JS errors.
 fn guarded<T>(f: impl FnOnce() -> beit_core::Result<T>) -> Result<T> {
@@ -26,7 +33,7 @@ fn guarded<T>(f: impl FnOnce() -> beit_core::Result<T>) -> Result<T> {
 
 type Shared = Arc<Mutex<MimTrainer>>;
 
-fn lock(model: &Shared) -> beit_core::Result<MutexGuard<'_, MimTrainer>> {
+fn lock<T>(model: &Arc<Mutex<T>>) -> beit_core::Result<MutexGuard<'_, T>> {
     model.lock().map_err(|_| {
         beit_core::Error::Numeric(
             "this model is unusable: an earlier call failed inside native code while updating it".into(),
@@ -224,5 +231,217 @@ impl Task for PredictTask {
             ids: Int32Array::new(p.ids),
             num_masked: p.num_masked as u32,
         })
+    }
+}
+
+type SharedTokenizer = Arc<Mutex<TokenizerTrainer>>;
+
+/// The dVAE visual tokenizer with its AdamW (and EMA) state.
+#[napi]
+pub struct NativeTokenizer {
+    inner: SharedTokenizer,
+}
+
+#[napi]
+impl NativeTokenizer {
+    /// `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
+    /// settings (missing fields take DALL-E's recipe).
+    #[napi(factory)]
+    pub fn create(config_json: String, training_json: String, seed: u32) -> Result<Self> {
+        guarded(|| {
+            let config = DvaeConfig::from_json(&config_json)?;
+            let training: TokenizerTraining = serde_json::from_str(&training_json)
+                .map_err(|e| beit_core::Error::Config(format!("invalid tokenizer training options: {e}")))?;
+            training.optimizer.validate()?;
+            let trainer = TokenizerTrainer::new(config, training, seed as u64)?;
+            Ok(Self { inner: Arc::new(Mutex::new(trainer)) })
+        })
+    }
+
+    #[napi(ts_return_type = "Promise<NativeTokenizer>")]
+    pub fn load(path: String) -> AsyncTask<LoadTokenizerTask> {
+        AsyncTask::new(LoadTokenizerTask { path: PathBuf::from(path) })
+    }
+
+    #[napi(getter)]
+    pub fn config_json(&self) -> Result<String> {
+        guarded(|| Ok(lock(&self.inner)?.config.to_json()))
+    }
+
+    #[napi(getter)]
+    pub fn training_json(&self) -> Result<String> {
+        guarded(|| Ok(serde_json::to_string(&lock(&self.inner)?.training).expect("serialisable")))
+    }
+
+    #[napi(getter)]
+    pub fn num_parameters(&self) -> Result<f64> {
+        guarded(|| Ok(lock(&self.inner)?.num_parameters() as f64))
+    }
+
+    #[napi(getter)]
+    pub fn optimizer_step(&self) -> Result<f64> {
+        guarded(|| Ok(lock(&self.inner)?.optimizer.step as f64))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn save(&self, path: String) -> AsyncTask<SaveTokenizerTask> {
+        AsyncTask::new(SaveTokenizerTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    }
+
+    /// One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise.
+    #[napi(ts_return_type = "Promise<TokenizerStepMetrics>")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step(
+        &self,
+        pixels: Float32Array,
+        height: u32,
+        width: u32,
+        temperature: f64,
+        kl_weight: f64,
+        lr: f64,
+        seed: u32,
+    ) -> AsyncTask<TokenizerStepTask> {
+        AsyncTask::new(TokenizerStepTask {
+            model: self.inner.clone(),
+            pixels,
+            size: (height as usize, width as usize),
+            temperature,
+            kl_weight,
+            lr,
+            seed,
+        })
+    }
+
+    /// Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1].
+    #[napi(ts_return_type = "Promise<Int32Array>")]
+    pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<EncodeTask> {
+        AsyncTask::new(EncodeTask { model: self.inner.clone(), pixels, size: (height as usize, width as usize) })
+    }
+
+    /// Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth].
+    #[napi(ts_return_type = "Promise<Float32Array>")]
+    pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<DecodeTask> {
+        AsyncTask::new(DecodeTask { model: self.inner.clone(), ids, grid: (grid_height as usize, grid_width as usize) })
+    }
+}
+
+#[napi(object)]
+pub struct TokenizerStepMetrics {
+    /// The optimised objective: reconstruction + klWeight * KL, per pixel value.
+    pub loss: f64,
+    /// Reconstruction loss per pixel value.
+    pub recon_loss: f64,
+    /// KL to the uniform prior per token, in nats.
+    pub kl: f64,
+    /// exp(entropy) of the batch's code histogram.
+    pub perplexity: f64,
+    /// Distinct codes in the batch.
+    pub codes_used: u32,
+    pub grad_norm: f64,
+}
+
+pub struct LoadTokenizerTask {
+    path: PathBuf,
+}
+
+impl Task for LoadTokenizerTask {
+    type Output = TokenizerTrainer;
+    type JsValue = NativeTokenizer;
+
+    fn compute(&mut self) -> Result<TokenizerTrainer> {
+        guarded(|| TokenizerTrainer::load(&self.path))
+    }
+
+    fn resolve(&mut self, _: Env, t: TokenizerTrainer) -> Result<NativeTokenizer> {
+        Ok(NativeTokenizer { inner: Arc::new(Mutex::new(t)) })
+    }
+}
+
+pub struct SaveTokenizerTask {
+    model: SharedTokenizer,
+    path: PathBuf,
+}
+
+impl Task for SaveTokenizerTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        guarded(|| lock(&self.model)?.save(&self.path))
+    }
+
+    fn resolve(&mut self, _: Env, _: ()) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub struct TokenizerStepTask {
+    model: SharedTokenizer,
+    pixels: Float32Array,
+    size: (usize, usize),
+    temperature: f64,
+    kl_weight: f64,
+    lr: f64,
+    seed: u32,
+}
+
+impl Task for TokenizerStepTask {
+    type Output = beit_core::TokenizerStepMetrics;
+    type JsValue = TokenizerStepMetrics;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let batch = ImageBatch { pixels: &self.pixels, height: self.size.0, width: self.size.1 };
+            lock(&self.model)?.train_step(&batch, self.temperature, self.kl_weight, self.lr, self.seed as u64)
+        })
+    }
+
+    fn resolve(&mut self, _: Env, m: Self::Output) -> Result<TokenizerStepMetrics> {
+        Ok(TokenizerStepMetrics {
+            loss: m.loss,
+            recon_loss: m.recon_loss,
+            kl: m.kl,
+            perplexity: m.perplexity,
+            codes_used: m.codes_used as u32,
+            grad_norm: m.grad_norm,
+        })
+    }
+}
+
+pub struct EncodeTask {
+    model: SharedTokenizer,
+    pixels: Float32Array,
+    size: (usize, usize),
+}
+
+impl Task for EncodeTask {
+    type Output = Vec<i32>;
+    type JsValue = Int32Array;
+
+    fn compute(&mut self) -> Result<Vec<i32>> {
+        guarded(|| lock(&self.model)?.encode(&ImageBatch { pixels: &self.pixels, height: self.size.0, width: self.size.1 }))
+    }
+
+    fn resolve(&mut self, _: Env, ids: Vec<i32>) -> Result<Int32Array> {
+        Ok(Int32Array::new(ids))
+    }
+}
+
+pub struct DecodeTask {
+    model: SharedTokenizer,
+    ids: Int32Array,
+    grid: (usize, usize),
+}
+
+impl Task for DecodeTask {
+    type Output = Vec<f32>;
+    type JsValue = Float32Array;
+
+    fn compute(&mut self) -> Result<Vec<f32>> {
+        guarded(|| lock(&self.model)?.decode(&self.ids, self.grid.0, self.grid.1))
+    }
+
+    fn resolve(&mut self, _: Env, images: Vec<f32>) -> Result<Float32Array> {
+        Ok(Float32Array::new(images))
     }
 }

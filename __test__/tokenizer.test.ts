@@ -1,0 +1,135 @@
+import test from 'ava'
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { inflateSync } from 'node:zlib'
+
+import { imagesAsFloats } from '../src/data/batches'
+import { loadFashionMnist } from '../src/data/fashion-mnist'
+import { cosineRamp } from '../src/schedule'
+import { reconstructionSheet } from '../src/sheet'
+import { DVAE_PRESETS, Dvae } from '../src/tokenizer'
+import { trainTokenizer } from '../src/train-tokenizer'
+
+const SMALL = { numChannels: 1, hiddenSize: 16, numGroups: 3, blocksPerGroup: 1, vocabSize: 64, decoderInputSize: 16 }
+
+async function withDir<T>(f: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-tok-'))
+  try {
+    return await f(dir)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+test('presets build, and dall-e maps 112 px to 14x14 tokens of 8192', async (t) => {
+  const tok = Dvae.create('dall-e')
+  t.deepEqual(tok.config, DVAE_PRESETS['dall-e'])
+  t.is(tok.downsample, 8)
+  const ids = await tok.encode(new Float32Array(3 * 112 * 112).fill(0.5), 1)
+  t.is(ids.length, 14 * 14)
+  t.true(ids.every((i) => i >= 0 && i < 8192))
+})
+
+test('encode is deterministic and shape-correct; decode gives images in [0, 1]', async (t) => {
+  const tok = Dvae.create(SMALL, { seed: 1 })
+  const images = await loadFashionMnist({ split: 'test' })
+  const x = imagesAsFloats(images, 5)
+  const ids = await tok.encode(x, 5)
+  t.is(ids.length, 5 * 7 * 7)
+  t.deepEqual(await tok.encode(x, 5), ids)
+  const y = await tok.decode(ids, 5)
+  t.is(y.length, x.length)
+  t.true(y.every((v) => v >= 0 && v <= 1))
+  const nonSquare = await tok.encode(new Float32Array(2 * 8 * 12).fill(0.3), 2, { height: 8, width: 12 })
+  t.is(nonSquare.length, 2 * 2 * 3)
+  t.is((await tok.decode(nonSquare, 2, { height: 2, width: 3 })).length, 2 * 8 * 12)
+})
+
+test('trained briefly on real images, decode(encode(x)) beats the mean image; save/load round-trips exactly', async (t) => {
+  const images = await loadFashionMnist({ split: 'train' })
+  const x = imagesAsFloats(images, 8)
+  const tok = Dvae.create(SMALL, { seed: 2, emaDecay: 0, reconLoss: 'mse' })
+  const lr = cosineRamp({ from: 3e-3, to: 3e-4, steps: 120 })
+  const temperature = cosineRamp({ from: 1, to: 1 / 16, steps: 120 })
+  for (let s = 0; s < 120; s++) {
+    await tok.trainStep({ pixels: x, batchSize: 8, temperature: temperature(s), klWeight: 0, lr: lr(s), seed: s })
+  }
+  const y = await tok.decode(await tok.encode(x, 8), 8)
+  const per = 28 * 28
+  let err = 0
+  let baseline = 0
+  for (let i = 0; i < x.length; i++) {
+    let mean = 0
+    for (let b = 0; b < 8; b++) mean += x[b * per + (i % per)] / 8
+    err += (y[i] - x[i]) ** 2
+    baseline += (mean - x[i]) ** 2
+  }
+  t.true(err < 0.7 * baseline, `reconstruction ${err / x.length} vs mean image ${baseline / x.length}`)
+  await withDir(async (dir) => {
+    const path = join(dir, 'tok.safetensors')
+    await tok.save(path)
+    t.deepEqual(await readdir(dir), ['tok.safetensors'])
+    const again = await Dvae.load(path)
+    t.deepEqual(again.config, tok.config)
+    t.is(again.step, 120)
+    const ids = await tok.encode(x, 8)
+    t.deepEqual(await again.encode(x, 8), ids)
+    t.deepEqual(await again.decode(ids, 8), await tok.decode(ids, 8))
+  })
+})
+
+test('wrong shapes, channel counts, ranges and ids are clear errors', async (t) => {
+  const tok = Dvae.create(SMALL)
+  t.throws(() => tok.encode(new Float32Array(3 * 28 * 28), 1, { height: 28, width: 28 }), {
+    message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 2352',
+  })
+  t.throws(() => tok.decode(new Int32Array(10), 2, { height: 2, width: 3 }), { message: 'ids: expected 12 values (batchSize*h*w = 2*2*3), got 10' })
+  t.throws(() => tok.encode(new Float32Array(700), 1), { message: /700 values per item are not 1 square plane/ })
+  await t.throwsAsync(tok.encode(new Float32Array(30 * 30), 1), { message: /downsampling factor 4/ })
+  await t.throwsAsync(tok.encode(new Float32Array(28 * 28).fill(255), 1), { message: /must be in \[0, 1\], got 255/ })
+  await t.throwsAsync(tok.decode(new Int32Array(49).fill(64), 1), { message: /token id 64 at index 0 is out of range \[0, 64\)/ })
+  t.throws(() => tok.decode([1, 2] as unknown as Int32Array, 1), { message: /ids: expected an Int32Array, got Array/ })
+  await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(784), batchSize: 1, temperature: 0, klWeight: 0, lr: 1e-3 }), {
+    message: /temperature must be a finite number > 0, got 0/,
+  })
+  t.throws(() => Dvae.create('huge' as 'tiny'), { message: /unknown tokenizer preset "huge": expected one of dall-e, small, tiny/ })
+  t.throws(() => Dvae.create({ ...SMALL, hiddenSize: 10 }), { message: /hiddenSize must be a multiple of 4/ })
+  await t.throwsAsync(Dvae.load('/nonexistent/tok.safetensors'), { message: /cannot read \/nonexistent\/tok\.safetensors/ })
+})
+
+test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet and an evaluation', async (t) => {
+  const images = await loadFashionMnist({ split: 'test' })
+  await withDir(async (dir) => {
+    const tok = Dvae.create(SMALL, { seed: 3 })
+    const { history, evaluation } = await trainTokenizer({ tokenizer: tok, data: images, steps: 4, batchSize: 8, outDir: dir, checkpointEvery: 2, evalImages: 50 })
+    t.is(history.length, 4)
+    const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l))
+    t.is(lines.length, 4)
+    for (const key of ['step', 'loss', 'reconLoss', 'kl', 'temperature', 'klWeight', 'lr', 'perplexity', 'codesUsedFraction']) {
+      t.true(lines.every((l) => typeof l[key] === 'number' && Number.isFinite(l[key])), key)
+    }
+    t.is(lines[0].temperature, 1)
+    t.true(lines[3].temperature < lines[0].temperature)
+    t.deepEqual((await readdir(dir)).sort(), ['evaluation.json', 'metrics.jsonl', 'reconstructions.png', 'tokenizer.safetensors'])
+    t.true(evaluation.meanImageMse > 0 && evaluation.reconstructionMse > 0)
+    t.true(evaluation.codesUsedFraction > 0 && evaluation.codesUsedFraction <= 1)
+    t.is((await Dvae.load(join(dir, 'tokenizer.safetensors'))).step, 4)
+  })
+})
+
+test('the reconstruction sheet is a PNG with originals above reconstructions', (t) => {
+  const originals = new Float32Array(2 * 4 * 4).fill(1)
+  const reconstructions = new Float32Array(2 * 4 * 4).fill(0)
+  const png = reconstructionSheet({ originals, reconstructions, count: 2, channels: 1, height: 4, width: 4, scale: 1 })
+  t.deepEqual([...png.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
+  const width = png.readUInt32BE(16)
+  const height = png.readUInt32BE(20)
+  t.deepEqual([width, height], [2 * (4 + 2) + 2, 2 * (4 + 2) + 2])
+  const idatLength = png.readUInt32BE(33)
+  const raw = inflateSync(png.subarray(41, 41 + idatLength))
+  const at = (x: number, y: number) => raw[y * (width + 1) + 1 + x]
+  t.is(at(2, 2), 255, 'original (white) in the top row')
+  t.is(at(2, 2 + 6), 0, 'reconstruction (black) below it')
+  t.is(at(0, 0), 255, 'gap')
+})

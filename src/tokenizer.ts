@@ -1,0 +1,167 @@
+import { native, NativeTokenizer } from './native'
+
+/** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
+export interface DvaeConfig {
+  /** 1 for grayscale, 3 for RGB. */
+  numChannels: number
+  /** Base width n_hid; encoder group g has width 2^g * n_hid. */
+  hiddenSize: number
+  /** Groups of residual blocks; the token grid is the image downsampled by 2^(numGroups-1). */
+  numGroups: number
+  blocksPerGroup: number
+  vocabSize: number
+  /** Width of the decoder's first 1x1 conv (DALL-E: 128). */
+  decoderInputSize: number
+}
+
+export type DvaePresetName = 'dall-e' | 'small' | 'tiny'
+
+/**
+ * `dall-e`: OpenAI's layout (112 px -> 14x14 tokens of 8192). `small` and `tiny` suit 28-64 px
+ * images on a CPU: downsampling 4, so 28 px gives the 7x7 grid of a BEiT with 4 px patches.
+ */
+export const DVAE_PRESETS: Record<DvaePresetName, DvaeConfig> = {
+  'dall-e': { numChannels: 3, hiddenSize: 256, numGroups: 4, blocksPerGroup: 2, vocabSize: 8192, decoderInputSize: 128 },
+  small: { numChannels: 3, hiddenSize: 64, numGroups: 3, blocksPerGroup: 1, vocabSize: 1024, decoderInputSize: 64 },
+  tiny: { numChannels: 3, hiddenSize: 32, numGroups: 3, blocksPerGroup: 1, vocabSize: 512, decoderInputSize: 32 },
+}
+
+export type DvaeSpec = DvaePresetName | (Partial<DvaeConfig> & { preset?: DvaePresetName })
+
+export interface DvaeTrainingOptions {
+  optimizer?: { beta1?: number; beta2?: number; eps?: number; weightDecay?: number; clipGradNorm?: number }
+  /** EMA decay of the weights; encode/decode use the EMA weights. 0 disables. Default 0.999. */
+  emaDecay?: number
+  /** Default 'logitLaplace' (DALL-E); 'mse' is squared error of the mean. */
+  reconLoss?: 'logitLaplace' | 'mse'
+}
+
+export interface TokenizerStepInput {
+  /** [B, C, H, W] in [0, 1]. */
+  pixels: Float32Array
+  /** Gumbel-softmax temperature (DALL-E anneals 1 -> 1/16). */
+  temperature: number
+  /** Weight of the KL to the uniform prior. */
+  klWeight: number
+  lr: number
+  batchSize: number
+  /** Image size; default square, inferred from the length and batch size. */
+  size?: { height: number; width: number }
+  /** Seeds the Gumbel noise. Default 0. */
+  seed?: number
+}
+
+export interface TokenizerStepResult {
+  loss: number
+  reconLoss: number
+  kl: number
+  perplexity: number
+  codesUsed: number
+  gradNorm: number
+}
+
+export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
+  const { preset, ...overrides } = typeof spec === 'string' ? { preset: spec } : spec
+  let base: DvaeConfig | undefined
+  if (preset !== undefined) {
+    base = DVAE_PRESETS[preset]
+    if (base === undefined) {
+      throw new Error(`unknown tokenizer preset ${JSON.stringify(preset)}: expected one of ${Object.keys(DVAE_PRESETS).join(', ')}`)
+    }
+  }
+  const config = { ...base, ...overrides } as Partial<DvaeConfig>
+  const missing = (Object.keys(DVAE_PRESETS.tiny) as (keyof DvaeConfig)[]).filter((k) => config[k] === undefined)
+  if (missing.length > 0) throw new Error(`tokenizer config is missing ${missing.join(', ')}: give every field, or start from a preset`)
+  return config as DvaeConfig
+}
+
+/** A DALL-E style discrete VAE: images <-> grids of visual-token ids. */
+export class Dvae {
+  readonly config: DvaeConfig
+  readonly numParameters: number
+  /** Image size / token grid size. */
+  readonly downsample: number
+
+  private constructor(private readonly handle: NativeTokenizer) {
+    this.config = JSON.parse(handle.configJson) as DvaeConfig
+    this.numParameters = handle.numParameters
+    this.downsample = 2 ** (this.config.numGroups - 1)
+  }
+
+  static create(spec: DvaeSpec, opts: DvaeTrainingOptions & { seed?: number } = {}): Dvae {
+    const { seed = 0, ...training } = opts
+    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
+    return new Dvae(native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed))
+  }
+
+  static async load(path: string): Promise<Dvae> {
+    return new Dvae(await native.NativeTokenizer.load(path))
+  }
+
+  /** Weights, EMA weights, optimizer state and config, written atomically. */
+  save(path: string): Promise<void> {
+    return this.handle.save(path)
+  }
+
+  get step(): number {
+    return this.handle.optimizerStep
+  }
+
+  get training(): Required<DvaeTrainingOptions> {
+    return JSON.parse(this.handle.trainingJson) as Required<DvaeTrainingOptions>
+  }
+
+  /** Token ids [B, H/d, W/d] (argmax, deterministic) of images [B, C, H, W] in [0, 1]. */
+  encode(pixels: Float32Array, batchSize: number, size?: { height: number; width: number }): Promise<Int32Array> {
+    const { height, width } = this.imageSize(pixels, batchSize, size)
+    return this.handle.encode(pixels, height, width)
+  }
+
+  /** Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w] (square grid unless `grid` is given). */
+  decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
+    if (!(ids instanceof Int32Array)) throw new TypeError(`ids: expected an Int32Array, got ${describe(ids)}`)
+    checkBatchSize(batchSize)
+    const g = grid ?? squareSide('ids', ids.length / batchSize, 1)
+    if (ids.length !== batchSize * g.height * g.width) {
+      throw new Error(`ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`)
+    }
+    return this.handle.decode(ids, g.height, g.width)
+  }
+
+  trainStep(input: TokenizerStepInput): Promise<TokenizerStepResult> {
+    const { height, width } = this.imageSize(input.pixels, input.batchSize, input.size)
+    const seed = input.seed ?? 0
+    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
+    return this.handle.trainStep(input.pixels, height, width, input.temperature, input.klWeight, input.lr, seed)
+  }
+
+  private imageSize(pixels: Float32Array, batchSize: number, size?: { height: number; width: number }) {
+    if (!(pixels instanceof Float32Array)) throw new TypeError(`pixels: expected a Float32Array, got ${describe(pixels)}`)
+    checkBatchSize(batchSize)
+    const c = this.config.numChannels
+    if (size === undefined) return squareSide('pixels', pixels.length / batchSize, c)
+    if (pixels.length !== batchSize * c * size.height * size.width) {
+      throw new Error(
+        `pixels: expected ${batchSize * c * size.height * size.width} values (B*C*H*W = ${batchSize}*${c}*${size.height}*${size.width}), got ${pixels.length}`,
+      )
+    }
+    return size
+  }
+}
+
+function checkBatchSize(batchSize: number): void {
+  if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+}
+
+/** Side of the square image (or grid) holding `perItem` values of `channels` planes. */
+function squareSide(what: string, perItem: number, channels: number): { height: number; width: number } {
+  const side = Math.round(Math.sqrt(perItem / channels))
+  if (side * side * channels !== perItem) {
+    throw new Error(`${what}: ${perItem} values per item are not ${channels} square plane(s); give the size explicitly`)
+  }
+  return { height: side, width: side }
+}
+
+function describe(value: unknown): string {
+  return value === null ? 'null' : typeof value === 'object' ? (value as object).constructor.name : typeof value
+}
