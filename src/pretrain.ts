@@ -13,6 +13,8 @@ import { Dvae } from './tokenizer'
 export interface PretrainProgress extends TrainStepResult {
   step: number
   lr: number
+  /** Share of the batch's most frequent target among masked patches: the accuracy of always guessing it. */
+  majorityBaseline: number
   imagesPerSecond: number
 }
 
@@ -69,9 +71,20 @@ export async function pretrain(opts: PretrainOptions): Promise<PretrainProgress[
     const lr = opts.lr(step)
     const result = await model.trainStep({ pixels, mask, targets, lr, seed: rng.nextSeed() })
     if (!Number.isFinite(result.loss)) throw new Error(`non-finite loss ${result.loss} at step ${step}`)
-    const progress = { ...result, step, lr, imagesPerSecond: batchSize / ((performance.now() - started) / 1000) }
+    const progress = { ...result, step, lr, majorityBaseline: majorityShare(targets, mask), imagesPerSecond: batchSize / ((performance.now() - started) / 1000) }
     history.push(progress)
     opts.onProgress?.(progress)
   }
   return history
+}
+
+function majorityShare(targets: Int32Array, mask: Uint8Array): number {
+  const counts = new Map<number, number>()
+  let masked = 0
+  for (let i = 0; i < mask.length; i++) {
+    if (mask[i] === 0) continue
+    masked++
+    counts.set(targets[i], (counts.get(targets[i]) ?? 0) + 1)
+  }
+  return Math.max(...counts.values()) / masked
 }

@@ -1,7 +1,7 @@
-//! Convolution pieces for the dVAE, in NHWC layout: im2col (whose backward is col2im), 2x2
-//! max-pooling and 2x nearest upsampling, each a custom op with a backward pass. A k x k
-//! convolution is im2col followed by one matmul, so candle's threaded GEMM does the work
-//! both ways (candle's own CPU conv backward is a direct loop, far too slow for training).
+//! Convolution pieces for the dVAE, in NHWC layout: a "same" convolution, 2x2 max-pooling and
+//! 2x nearest upsampling, each a custom op with a backward pass. A k x k convolution is im2col
+//! and one matmul both ways (dX via col2im), so candle's threaded GEMM does the work (candle's
+//! own CPU conv backward is a direct loop, far too slow for training).
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -114,11 +114,6 @@ impl CustomOp1 for Im2Col {
         let (b, h, w, c) = dims;
         Ok((out, Shape::from((b, h, w, self.k * self.k * c))))
     }
-
-    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (b, h, w, c) = x.dims4()?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { k: self.k, dims: (b, h, w, c) })?))
-    }
 }
 
 struct Col2Im {
@@ -141,19 +136,97 @@ impl CustomOp1 for Col2Im {
 /// k x k convolution, stride 1, zero padding (k-1)/2, on NHWC input. `weight` keeps the
 /// PyTorch layout [C_out, C_in, k, k] (as checkpoints store it).
 pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
+    let c = x.dim(3)?;
     let (c_out, c_in, k, k2) = weight.dims4()?;
     if c_in != c || k != k2 || k % 2 == 0 {
         bail!("conv2d: input has {c} channels, weight is [{c_out}, {c_in}, {k}, {k2}] (expected odd square kernels)");
     }
-    let w2 = if k == 1 {
-        weight.reshape((c_out, c_in))?
+    let x = x.contiguous()?;
+    let output = conv_forward(&x.detach(), &weight.detach(), &bias.detach())?;
+    x.apply_op3(weight, bias, ConvSame { output })
+}
+
+/// [C_out, C_in, k, k] -> [C_out, k*k*C_in], matching the im2col column order.
+fn flat_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    if k == 1 {
+        weight.reshape((c_out, c_in))
     } else {
-        weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c_out, k * k * c_in))?
-    };
-    let cols = if k == 1 { x.clone() } else { x.contiguous()?.apply_op1(Im2Col { k })? };
-    let y = cols.reshape((b * h * w, k * k * c))?.matmul(&w2.t()?)?.broadcast_add(bias)?;
+        weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c_out, k * k * c_in))
+    }
+}
+
+/// im2col rows [B*H*W, k*k*C] of a contiguous NHWC input, outside autograd.
+fn columns(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let cols = if k == 1 { x.clone() } else { x.apply_op1_no_bwd(&Im2Col { k })? };
+    cols.reshape((b * h * w, k * k * c))
+}
+
+fn conv_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, w, _) = x.dims4()?;
+    let (c_out, _, k, _) = weight.dims4()?;
+    let y = columns(x, k)?.matmul(&flat_weight(weight)?.t()?)?.broadcast_add(bias)?;
     y.reshape((b, h, w, c_out))
+}
+
+/// The convolution as one autograd node. Its forward output is computed outside autograd, so
+/// the im2col buffer (k*k times the input) is freed at once; the backward recomputes it.
+/// Training then keeps only each conv's input alive, as PyTorch does.
+struct ConvSame {
+    output: Tensor,
+}
+
+impl candle_core::CustomOp3 for ConvSame {
+    fn name(&self) -> &'static str {
+        "conv2d-same"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let flat = self.output.flatten_all()?;
+        let storage = match self.output.dtype() {
+            candle_core::DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            candle_core::DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            other => bail!("conv2d: unsupported dtype {other:?}, expected f32 or f64"),
+        };
+        Ok((storage, self.output.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, weight) = (x.detach(), weight.detach());
+        let (b, h, w, c) = x.dims4()?;
+        let (c_out, _, k, _) = weight.dims4()?;
+        let g = grad.contiguous()?.reshape((b * h * w, c_out))?;
+        let dw_flat = g.t()?.matmul(&columns(&x, k)?)?;
+        let dweight = if k == 1 {
+            dw_flat.reshape(weight.shape())?
+        } else {
+            dw_flat.reshape((c_out, k, k, c))?.permute((0, 3, 1, 2))?.contiguous()?
+        };
+        let dbias = g.sum(0)?;
+        let dcols = g.matmul(&flat_weight(&weight)?)?;
+        let dx = if k == 1 {
+            dcols.reshape((b, h, w, c))?
+        } else {
+            dcols.reshape((b, h, w, k * k * c))?.apply_op1_no_bwd(&Col2Im { k, dims: (b, h, w, c) })?
+        };
+        Ok((Some(dx), Some(dweight), Some(dbias)))
+    }
 }
 
 /// 2x2 max-pooling, stride 2, NHWC. The gradient goes to the first maximum of each window.

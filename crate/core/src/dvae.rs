@@ -151,6 +151,28 @@ impl ResBlock {
     }
 }
 
+/// `group_{g+1}.block_{b+1}` residual blocks: group g has width `widths[g]`, its first block
+/// takes the previous group's width (`n_in` for the first group).
+fn res_groups(cfg: &DvaeConfig, n_in: usize, widths: &[usize], kernels: [usize; 4], vb: &VarBuilder) -> Result<Vec<Vec<ResBlock>>> {
+    let post_gain = 1.0 / (cfg.num_layers() as f64).powi(2);
+    let mut width_in = n_in;
+    widths
+        .iter()
+        .enumerate()
+        .map(|(g, &n_out)| {
+            let gvb = vb.pp(format!("group_{}", g + 1));
+            let blocks = (0..cfg.blocks_per_group)
+                .map(|b| {
+                    let block_in = if b == 0 { width_in } else { n_out };
+                    ResBlock::new(block_in, n_out, kernels, post_gain, gvb.pp(format!("block_{}", b + 1)))
+                })
+                .collect::<Result<Vec<_>>>();
+            width_in = n_out;
+            blocks
+        })
+        .collect()
+}
+
 pub struct Encoder {
     input: Conv,
     groups: Vec<Vec<ResBlock>>,
@@ -160,22 +182,10 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(cfg: &DvaeConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("blocks");
-        let post_gain = 1.0 / (cfg.num_layers() as f64).powi(2);
         let input = Conv::new(cfg.num_channels, cfg.hidden_size, 7, vb.pp("input"))?;
-        let mut groups = Vec::new();
-        let mut n_in = cfg.hidden_size;
-        for g in 0..cfg.num_groups {
-            let n_out = cfg.hidden_size << g;
-            let gvb = vb.pp(format!("group_{}", g + 1));
-            let blocks = (0..cfg.blocks_per_group)
-                .map(|b| {
-                    let width_in = if b == 0 { n_in } else { n_out };
-                    ResBlock::new(width_in, n_out, [3, 3, 3, 1], post_gain, gvb.pp(format!("block_{}", b + 1)))
-                })
-                .collect::<Result<_>>()?;
-            groups.push(blocks);
-            n_in = n_out;
-        }
+        let widths: Vec<usize> = (0..cfg.num_groups).map(|g| cfg.hidden_size << g).collect();
+        let groups = res_groups(cfg, cfg.hidden_size, &widths, [3, 3, 3, 1], &vb)?;
+        let n_in = *widths.last().expect("validated: at least one group");
         let output = Conv::new(n_in, cfg.vocab_size, 1, vb.pp("output").pp("conv"))?;
         Ok(Self { input, groups, output })
     }
@@ -205,23 +215,10 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(cfg: &DvaeConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("blocks");
-        let post_gain = 1.0 / (cfg.num_layers() as f64).powi(2);
         let input = Conv::new(cfg.vocab_size, cfg.decoder_input_size, 1, vb.pp("input"))?;
-        let mut groups = Vec::new();
-        let mut n_in = cfg.decoder_input_size;
-        for g in 0..cfg.num_groups {
-            let n_out = cfg.hidden_size << (cfg.num_groups - 1 - g);
-            let gvb = vb.pp(format!("group_{}", g + 1));
-            let blocks = (0..cfg.blocks_per_group)
-                .map(|b| {
-                    let width_in = if b == 0 { n_in } else { n_out };
-                    ResBlock::new(width_in, n_out, [1, 3, 3, 3], post_gain, gvb.pp(format!("block_{}", b + 1)))
-                })
-                .collect::<Result<_>>()?;
-            groups.push(blocks);
-            n_in = n_out;
-        }
-        let output = Conv::new(n_in, 2 * cfg.num_channels, 1, vb.pp("output").pp("conv"))?;
+        let widths: Vec<usize> = (0..cfg.num_groups).map(|g| cfg.hidden_size << (cfg.num_groups - 1 - g)).collect();
+        let groups = res_groups(cfg, cfg.decoder_input_size, &widths, [1, 3, 3, 3], &vb)?;
+        let output = Conv::new(cfg.hidden_size, 2 * cfg.num_channels, 1, vb.pp("output").pp("conv"))?;
         Ok(Self { input, groups, output })
     }
 

@@ -121,6 +121,20 @@ struct LayerNorm {
     eps: f64,
 }
 
+/// Mean and 1/sqrt(variance + eps) of one row (two passes, for accuracy).
+fn mean_rstd<T: Float>(row: &[T], inv_d: T, eps: T) -> (T, T) {
+    let mut mean = T::ZERO;
+    for &v in row {
+        mean += v;
+    }
+    mean = mean * inv_d;
+    let mut var = T::ZERO;
+    for &v in row {
+        var += (v - mean) * (v - mean);
+    }
+    (mean, T::ONE / (var * inv_d + eps).sqrt())
+}
+
 fn layer_norm_fwd<T: Float>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     let eps = T::from_f64(eps);
@@ -128,16 +142,7 @@ fn layer_norm_fwd<T: Float>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: f64
     y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(
         |(ys, xs)| {
             for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let mut mean = T::ZERO;
-                for &v in xr {
-                    mean += v;
-                }
-                mean = mean * inv_d;
-                let mut var = T::ZERO;
-                for &v in xr {
-                    var += (v - mean) * (v - mean);
-                }
-                let rstd = T::ONE / (var * inv_d + eps).sqrt();
+                let (mean, rstd) = mean_rstd(xr, inv_d, eps);
                 for i in 0..d {
                     yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
                 }
@@ -214,16 +219,7 @@ fn layer_norm_bwd<T: Float>(x: &[T], gamma: &[T], g: &[T], d: usize, eps: f64) -
             let mut acc = vec![T::ZERO; 2 * d];
             let mut xhat = vec![T::ZERO; d];
             for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                let mut mean = T::ZERO;
-                for &v in xr {
-                    mean += v;
-                }
-                mean = mean * inv_d;
-                let mut var = T::ZERO;
-                for &v in xr {
-                    var += (v - mean) * (v - mean);
-                }
-                let rstd = T::ONE / (var * inv_d + eps).sqrt();
+                let (mean, rstd) = mean_rstd(xr, inv_d, eps);
                 let mut mean_gh = T::ZERO;
                 let mut mean_gh_xhat = T::ZERO;
                 for i in 0..d {

@@ -97,7 +97,7 @@ impl NativeMimModel {
 
     /// Writes weights, config and optimizer state atomically.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
+    pub fn save(&self, path: String) -> AsyncTask<SaveTask<MimTrainer>> {
         AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
     }
 
@@ -163,17 +163,34 @@ impl Task for LoadTask {
     }
 }
 
-pub struct SaveTask {
-    model: Shared,
+/// Models that write an atomic checkpoint.
+pub trait Checkpoint: Send + 'static {
+    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()>;
+}
+
+impl Checkpoint for MimTrainer {
+    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
+        self.save(path)
+    }
+}
+
+impl Checkpoint for TokenizerTrainer {
+    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
+        self.save(path)
+    }
+}
+
+pub struct SaveTask<T> {
+    model: Arc<Mutex<T>>,
     path: PathBuf,
 }
 
-impl Task for SaveTask {
+impl<T: Checkpoint> Task for SaveTask<T> {
     type Output = ();
     type JsValue = ();
 
     fn compute(&mut self) -> Result<()> {
-        guarded(|| lock(&self.model)?.save(&self.path))
+        guarded(|| lock(&self.model)?.save_to(&self.path))
     }
 
     fn resolve(&mut self, _: Env, _: ()) -> Result<()> {
@@ -284,8 +301,8 @@ impl NativeTokenizer {
     }
 
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTokenizerTask> {
-        AsyncTask::new(SaveTokenizerTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<SaveTask<TokenizerTrainer>> {
+        AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
     }
 
     /// One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise.
@@ -354,24 +371,6 @@ impl Task for LoadTokenizerTask {
 
     fn resolve(&mut self, _: Env, t: TokenizerTrainer) -> Result<NativeTokenizer> {
         Ok(NativeTokenizer { inner: Arc::new(Mutex::new(t)) })
-    }
-}
-
-pub struct SaveTokenizerTask {
-    model: SharedTokenizer,
-    path: PathBuf,
-}
-
-impl Task for SaveTokenizerTask {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> Result<()> {
-        guarded(|| lock(&self.model)?.save(&self.path))
-    }
-
-    fn resolve(&mut self, _: Env, _: ()) -> Result<()> {
-        Ok(())
     }
 }
 
