@@ -6,7 +6,7 @@
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::Float;
+use crate::ops::{add_bias, sum_rows, Float};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
     match layout.dims() {
@@ -166,7 +166,7 @@ fn columns(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
 fn conv_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, w, _) = x.dims4()?;
     let (c_out, _, k, _) = weight.dims4()?;
-    let y = columns(x, k)?.matmul(&flat_weight(weight)?.t()?)?.broadcast_add(bias)?;
+    let y = add_bias(&columns(x, k)?.matmul(&flat_weight(weight)?.t()?)?, bias)?;
     y.reshape((b, h, w, c_out))
 }
 
@@ -218,7 +218,7 @@ impl candle_core::CustomOp3 for ConvSame {
         } else {
             dw_flat.reshape((c_out, k, k, c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
-        let dbias = g.sum(0)?;
+        let dbias = sum_rows(&g)?;
         let dcols = g.matmul(&flat_weight(&weight)?)?;
         let dx = if k == 1 {
             dcols.reshape((b, h, w, c))?

@@ -34,7 +34,7 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim;
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => ops::add_bias(&y, b)?,
             None => y,
         };
         out_dims.push(self.weight.dim(0)?);
@@ -103,9 +103,7 @@ impl Module for PatchEmbeddings {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.weight.dim(0)?;
-        let y = patches
-            .matmul(&self.weight.reshape((d, c * p * p))?.t()?)?
-            .broadcast_add(&self.bias)?;
+        let y = ops::add_bias(&patches.matmul(&self.weight.reshape((d, c * p * p))?.t()?)?, &self.bias)?;
         y.reshape((b, gh * gw, d))
     }
 }

@@ -580,3 +580,115 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> candle_core::Res
     }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bias add over rows: y[.., n] = x[.., n] + b[n]. candle's broadcast add and its backward
+// reduction over rows are generic strided loops; these are the hot path of every linear layer.
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l1.dims().last().unwrap_or(&1);
+        if l2.shape().elem_count() != n {
+            bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
+        }
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let x = contiguous(v, l1, self.name())?;
+            let b = same_dtype_slices(self.name(), s2, l2)?;
+            into_storage(add_rows(x, b))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(sum_rows(grad)?)))
+    }
+}
+
+fn add_rows<T: Float>(x: &[T], b: &[T]) -> Vec<T> {
+    let n = b.len();
+    let mut y = vec![T::ZERO; x.len()];
+    let chunk = n * rows_per_task(n);
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
+        for (yr, xr) in ys.chunks_mut(n).zip(xs.chunks(n)) {
+            for i in 0..n {
+                yr[i] = xr[i] + b[i];
+            }
+        }
+    });
+    y
+}
+
+/// `x + bias` over the last dimension, differentiable in both.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
+}
+
+struct SumRows;
+
+fn column_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
+    let chunk = n * rows_per_task(n).max(64);
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(chunk)
+        .map(|xs| {
+            let mut acc = vec![T::ZERO; n];
+            for row in xs.chunks(n) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::ZERO; n];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+impl CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "sum-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l.dims().last().unwrap_or(&1);
+        let out = dispatch_float!(self.name(), s, |v| into_storage(column_sums(contiguous(v, l, self.name())?, n)));
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// Sum over every dimension but the last (no backward: used inside backward passes).
+pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SumRows)
+}
+
+/// Sum of squares of all elements, accumulated in f64 (for gradient norms).
+pub fn sum_of_squares(x: &Tensor) -> candle_core::Result<f64> {
+    let x = x.flatten_all()?;
+    Ok(match x.dtype() {
+        DType::F32 => x.to_vec1::<f32>()?.par_iter().map(|&v| (v as f64) * (v as f64)).sum(),
+        DType::F64 => x.to_vec1::<f64>()?.par_iter().map(|&v| v * v).sum(),
+        other => bail!("sum-of-squares: unsupported dtype {other:?}"),
+    })
+}

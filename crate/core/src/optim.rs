@@ -134,7 +134,7 @@ impl AdamW {
         let mut sum = 0.0f64;
         for p in &self.params {
             if let Some(g) = grads.get(&p.var) {
-                sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                sum += crate::ops::sum_of_squares(g)?;
             }
         }
         Ok(sum.sqrt())

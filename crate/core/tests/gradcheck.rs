@@ -101,3 +101,8 @@ fn whole_mim_loss_gradients() {
         assert!(err < TOL, "{name}: relative gradient error {err:e}");
     }
 }
+
+#[test]
+fn add_bias_gradients() {
+    check_op(&[&[3, 4, 5], &[5]], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+}
