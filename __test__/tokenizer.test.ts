@@ -11,7 +11,7 @@ import { reconstructionSheet } from '../src/sheet'
 import { DVAE_PRESETS, Dvae } from '../src/tokenizer'
 import { trainTokenizer } from '../src/train-tokenizer'
 
-const SMALL = { numChannels: 1, hiddenSize: 16, numGroups: 3, blocksPerGroup: 1, vocabSize: 64, decoderInputSize: 16 }
+const SMALL = { imageSize: [28, 28] as [number, number], numChannels: 1, hiddenSize: 16, numGroups: 3, blocksPerGroup: 1, vocabSize: 64, decoderInputSize: 16 }
 
 async function withDir<T>(f: (dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), 'beit-tok-'))
@@ -53,7 +53,7 @@ test('trained briefly on real images, decode(encode(x)) beats the mean image; sa
   const lr = cosineRamp({ from: 3e-3, to: 3e-4, steps: 120 })
   const temperature = cosineRamp({ from: 1, to: 1 / 16, steps: 120 })
   for (let s = 0; s < 120; s++) {
-    await tok.trainStep({ pixels: x, batchSize: 8, temperature: temperature(s), klWeight: 0, lr: lr(s), seed: s })
+    await tok.trainStep({ pixels: x, temperature: temperature(s), klWeight: 0, lr: lr(s), seed: s })
   }
   const y = await tok.decode(await tok.encode(x, 8), 8)
   const per = 28 * 28
@@ -85,12 +85,16 @@ test('wrong shapes, channel counts, ranges and ids are clear errors', async (t) 
     message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 2352',
   })
   t.throws(() => tok.decode(new Int32Array(10), 2, { height: 2, width: 3 }), { message: 'ids: expected 12 values (batchSize*h*w = 2*2*3), got 10' })
-  t.throws(() => tok.encode(new Float32Array(700), 1), { message: /700 values per item are not 1 square plane/ })
-  await t.throwsAsync(tok.encode(new Float32Array(30 * 30), 1), { message: /downsampling factor 4/ })
+  t.throws(() => tok.encode(new Float32Array(700), 1), { message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 700' })
+  await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(700), temperature: 1, klWeight: 0, lr: 1e-3 }), {
+    message: /pixels: expected a positive multiple of 784 values \(C\*H\*W = 1\*28\*28\), got 700/,
+  })
+  await t.throwsAsync(tok.encode(new Float32Array(30 * 30), 1, { height: 30, width: 30 }), { message: /downsampling factor 4/ })
+  t.throws(() => Dvae.create({ ...SMALL, imageSize: [30, 30] }), { message: /imageSize \[30, 30\] must be positive multiples of the downsampling factor 4/ })
   await t.throwsAsync(tok.encode(new Float32Array(28 * 28).fill(255), 1), { message: /must be in \[0, 1\], got 255/ })
   await t.throwsAsync(tok.decode(new Int32Array(49).fill(64), 1), { message: /token id 64 at index 0 is out of range \[0, 64\)/ })
   t.throws(() => tok.decode([1, 2] as unknown as Int32Array, 1), { message: /ids: expected an Int32Array, got Array/ })
-  await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(784), batchSize: 1, temperature: 0, klWeight: 0, lr: 1e-3 }), {
+  await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(784), temperature: 0, klWeight: 0, lr: 1e-3 }), {
     message: /temperature must be a finite number > 0, got 0/,
   })
   t.throws(() => Dvae.create('huge' as 'tiny'), { message: /unknown tokenizer preset "huge": expected one of dall-e, small, tiny/ })

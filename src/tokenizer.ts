@@ -2,6 +2,8 @@ import { native, NativeTokenizer } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
 export interface DvaeConfig {
+  /** Input [height, width] it is trained for: the default image size of encode and trainStep. */
+  imageSize: [number, number]
   /** 1 for grayscale, 3 for RGB. */
   numChannels: number
   /** Base width n_hid; encoder group g has width 2^g * n_hid. */
@@ -21,9 +23,9 @@ export type DvaePresetName = 'dall-e' | 'small' | 'tiny'
  * images on a CPU: downsampling 4, so 28 px gives the 7x7 grid of a BEiT with 4 px patches.
  */
 export const DVAE_PRESETS: Record<DvaePresetName, DvaeConfig> = {
-  'dall-e': { numChannels: 3, hiddenSize: 256, numGroups: 4, blocksPerGroup: 2, vocabSize: 8192, decoderInputSize: 128 },
-  small: { numChannels: 3, hiddenSize: 64, numGroups: 3, blocksPerGroup: 1, vocabSize: 1024, decoderInputSize: 64 },
-  tiny: { numChannels: 3, hiddenSize: 32, numGroups: 3, blocksPerGroup: 1, vocabSize: 512, decoderInputSize: 32 },
+  'dall-e': { imageSize: [112, 112], numChannels: 3, hiddenSize: 256, numGroups: 4, blocksPerGroup: 2, vocabSize: 8192, decoderInputSize: 128 },
+  small: { imageSize: [28, 28], numChannels: 3, hiddenSize: 64, numGroups: 3, blocksPerGroup: 1, vocabSize: 1024, decoderInputSize: 64 },
+  tiny: { imageSize: [28, 28], numChannels: 3, hiddenSize: 32, numGroups: 3, blocksPerGroup: 1, vocabSize: 512, decoderInputSize: 32 },
 }
 
 export type DvaeSpec = DvaePresetName | (Partial<DvaeConfig> & { preset?: DvaePresetName })
@@ -44,8 +46,7 @@ export interface TokenizerStepInput {
   /** Weight of the KL to the uniform prior. */
   klWeight: number
   lr: number
-  batchSize: number
-  /** Image size; default square, inferred from the length and batch size. */
+  /** Image size; default: the config's imageSize. The batch size follows from the length. */
   size?: { height: number; width: number }
   /** Seeds the Gumbel noise. Default 0. */
   seed?: number
@@ -111,55 +112,51 @@ export class Dvae {
     return JSON.parse(this.handle.trainingJson) as Required<DvaeTrainingOptions>
   }
 
-  /** Token ids [B, H/d, W/d] (argmax, deterministic) of images [B, C, H, W] in [0, 1]. */
+  /**
+   * Token ids [B, H/d, W/d] (argmax, deterministic) of images [B, C, H, W] in [0, 1]; H x W is
+   * the config's imageSize unless `size` says otherwise.
+   */
   encode(pixels: Float32Array, batchSize: number, size?: { height: number; width: number }): Promise<Int32Array> {
-    const { height, width } = this.imageSize(pixels, batchSize, size)
+    const { height, width } = this.imageSize(pixels, size, batchSize)
     return this.handle.encode(pixels, height, width)
   }
 
-  /** Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w] (square grid unless `grid` is given). */
+  /** Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w]; the grid defaults to imageSize / d. */
   decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
     if (!(ids instanceof Int32Array)) throw new TypeError(`ids: expected an Int32Array, got ${describe(ids)}`)
     checkBatchSize(batchSize)
-    const g = grid ?? squareSide('ids', ids.length / batchSize, 1)
+    const g = grid ?? { height: this.config.imageSize[0] / this.downsample, width: this.config.imageSize[1] / this.downsample }
     if (ids.length !== batchSize * g.height * g.width) {
       throw new Error(`ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`)
     }
     return this.handle.decode(ids, g.height, g.width)
   }
 
+  /** One training step on images [B, C, H, W] in [0, 1]. */
   trainStep(input: TokenizerStepInput): Promise<TokenizerStepResult> {
-    const { height, width } = this.imageSize(input.pixels, input.batchSize, input.size)
+    const { height, width } = this.imageSize(input.pixels, input.size)
     const seed = input.seed ?? 0
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
     return this.handle.trainStep(input.pixels, height, width, input.temperature, input.klWeight, input.lr, seed)
   }
 
-  private imageSize(pixels: Float32Array, batchSize: number, size?: { height: number; width: number }) {
+  /** The image size, checked against the length when the batch size is known. */
+  private imageSize(pixels: Float32Array, size?: { height: number; width: number }, batchSize?: number) {
     if (!(pixels instanceof Float32Array)) throw new TypeError(`pixels: expected a Float32Array, got ${describe(pixels)}`)
-    checkBatchSize(batchSize)
-    const c = this.config.numChannels
-    if (size === undefined) return squareSide('pixels', pixels.length / batchSize, c)
-    if (pixels.length !== batchSize * c * size.height * size.width) {
-      throw new Error(
-        `pixels: expected ${batchSize * c * size.height * size.width} values (B*C*H*W = ${batchSize}*${c}*${size.height}*${size.width}), got ${pixels.length}`,
-      )
+    const { height, width } = size ?? { height: this.config.imageSize[0], width: this.config.imageSize[1] }
+    if (batchSize !== undefined) {
+      checkBatchSize(batchSize)
+      const c = this.config.numChannels
+      if (pixels.length !== batchSize * c * height * width) {
+        throw new Error(`pixels: expected ${batchSize * c * height * width} values (B*C*H*W = ${batchSize}*${c}*${height}*${width}), got ${pixels.length}`)
+      }
     }
-    return size
+    return { height, width }
   }
 }
 
 function checkBatchSize(batchSize: number): void {
   if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
-}
-
-/** Side of the square image (or grid) holding `perItem` values of `channels` planes. */
-function squareSide(what: string, perItem: number, channels: number): { height: number; width: number } {
-  const side = Math.round(Math.sqrt(perItem / channels))
-  if (side * side * channels !== perItem) {
-    throw new Error(`${what}: ${perItem} values per item are not ${channels} square plane(s); give the size explicitly`)
-  }
-  return { height: side, width: side }
 }
 
 function describe(value: unknown): string {

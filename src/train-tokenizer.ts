@@ -68,6 +68,7 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ his
   const every = opts.checkpointEvery ?? 500
   const rng = new Rng(opts.seed ?? 0)
   const batches = new ShuffledBatches(data, batchSize, rng)
+  const size = { height: data.height, width: data.width }
   const evalData = opts.evalData ?? data
   const vocab = tokenizer.config.vocabSize
   if (opts.outDir !== undefined) await mkdir(opts.outDir, { recursive: true })
@@ -79,7 +80,7 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ his
     const started = performance.now()
     const { pixels01 } = batches.next()
     const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-    const result = await tokenizer.trainStep({ pixels: pixels01, batchSize, ...schedule, seed: rng.nextSeed() })
+    const result = await tokenizer.trainStep({ pixels: pixels01, size, ...schedule, seed: rng.nextSeed() })
     if (!Number.isFinite(result.loss)) throw new Error(`tokenizer loss is ${result.loss} at step ${step}`)
     const progress: TokenizerProgress = {
       step,
@@ -104,9 +105,19 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ his
 export async function writeSheet(tokenizer: Dvae, images: LabeledImages, count: number, path: string): Promise<void> {
   const n = Math.min(count, images.count)
   const originals = imagesAsFloats(images, n)
-  const reconstructions = await tokenizer.decode(await tokenizer.encode(originals, n), n)
+  const reconstructions = await roundTrip(tokenizer, originals, n, images)
   const sheet = reconstructionSheet({ originals, reconstructions, count: n, channels: images.channels, height: images.height, width: images.width })
   await writeFile(path, sheet)
+}
+
+function tokenGrid(tokenizer: Dvae, images: LabeledImages): { height: number; width: number } {
+  return { height: images.height / tokenizer.downsample, width: images.width / tokenizer.downsample }
+}
+
+/** decode(encode(x)) of `count` images of the size of `images`. */
+async function roundTrip(tokenizer: Dvae, x: Float32Array, count: number, images: LabeledImages): Promise<Float32Array> {
+  const ids = await tokenizer.encode(x, count, { height: images.height, width: images.width })
+  return tokenizer.decode(ids, count, tokenGrid(tokenizer, images))
 }
 
 /** Reconstruction error against the mean-image baseline, and codebook usage. */
@@ -123,9 +134,9 @@ export async function evaluateTokenizer(tokenizer: Dvae, evalData: LabeledImages
     const b = Math.min(chunk, n - start)
     const x = new Float32Array(b * per)
     for (let i = 0; i < b * per; i++) x[i] = evalData.images[start * per + i] / 255
-    const ids = await tokenizer.encode(x, b)
+    const ids = await tokenizer.encode(x, b, { height: evalData.height, width: evalData.width })
     for (const id of ids) counts[id]++
-    const y = await tokenizer.decode(ids, b)
+    const y = await tokenizer.decode(ids, b, tokenGrid(tokenizer, evalData))
     for (let i = 0; i < x.length; i++) {
       sqErr += (y[i] - x[i]) ** 2
       sqErrMean += (mean[i % per] - x[i]) ** 2

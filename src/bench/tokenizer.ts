@@ -34,7 +34,7 @@ async function run(c: Case, steps: number): Promise<void> {
   const pixels = new Float32Array(c.batchSize * c.channels * c.size * c.size).map(() => rng.next())
   const encodeSeconds = await timeIt(steps, () => tok.encode(pixels, c.batchSize))
   const trainSeconds = await timeIt(steps, (s) =>
-    tok.trainStep({ pixels, batchSize: c.batchSize, temperature: 1, klWeight: 1, lr: 1e-4, seed: Math.max(0, s) }),
+    tok.trainStep({ pixels, temperature: 1, klWeight: 1, lr: 1e-4, seed: Math.max(0, s) }),
   )
   const rate = (seconds: number) => ((steps * c.batchSize) / seconds).toFixed(1).padStart(7)
   console.log(

@@ -32,13 +32,16 @@ async function run(c: Case, steps: number): Promise<void> {
   const mask = new Uint8Array(c.batchSize * n)
   for (let b = 0; b < c.batchSize; b++) mask.set(masking.generate(), b * n)
   await model.trainStep({ pixels, mask, targets, lr: 1e-4 }) // warm-up, not timed
+  const rssAfterWarmup = process.memoryUsage().rss / 2 ** 20
   const started = performance.now()
   for (let s = 0; s < steps; s++) await model.trainStep({ pixels, mask, targets, lr: 1e-4, seed: s })
   const seconds = (performance.now() - started) / 1000
   const rssMiB = process.resourceUsage().maxRSS / 1024
+  const rssNow = process.memoryUsage().rss / 2 ** 20
   console.log(
     `${c.name.padEnd(16)} batch ${String(c.batchSize).padStart(3)}  ${((steps * c.batchSize) / seconds).toFixed(1).padStart(7)} img/s  ` +
-      `${((seconds / steps) * 1000).toFixed(0).padStart(6)} ms/step  peak RSS ${rssMiB.toFixed(0)} MiB  (${model.numParameters.toLocaleString()} params)`,
+      `${((seconds / steps) * 1000).toFixed(0).padStart(6)} ms/step  peak RSS ${rssMiB.toFixed(0)} MiB, ` +
+      `RSS after warm-up ${rssAfterWarmup.toFixed(0)} -> after ${steps} steps ${rssNow.toFixed(0)} MiB  (${model.numParameters.toLocaleString()} params)`,
   )
 }
 

@@ -12,6 +12,9 @@ use crate::error::Error;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DvaeConfig {
+    /// The input size [height, width] it is trained for: the default of the TS API. Any size
+    /// divisible by the downsampling factor works when given explicitly.
+    pub image_size: [usize; 2],
     /// 1 for grayscale, 3 for RGB.
     pub num_channels: usize,
     /// Base width n_hid; group g (0-based) has width 2^g * n_hid in the encoder.
@@ -26,13 +29,13 @@ pub struct DvaeConfig {
 
 impl DvaeConfig {
     pub fn preset(name: &str) -> crate::Result<Self> {
-        let (channels, hidden, groups, blocks, vocab, init) = match name {
+        let (size, channels, hidden, groups, blocks, vocab, init) = match name {
             // OpenAI's DALL-E dVAE: 112 px -> 14x14 tokens of 8192.
-            "dall-e" => (3, 256, 4, 2, 8192, 128),
+            "dall-e" => (112, 3, 256, 4, 2, 8192, 128),
             // For 28-64 px images on a CPU: downsample 4 (28 px -> 7x7 tokens).
-            "small" => (3, 64, 3, 1, 1024, 64),
+            "small" => (28, 3, 64, 3, 1, 1024, 64),
             // The cheapest useful one, for tests and quick runs: downsample 4.
-            "tiny" => (3, 32, 3, 1, 512, 32),
+            "tiny" => (28, 3, 32, 3, 1, 512, 32),
             other => {
                 return Err(Error::Config(format!(
                     "unknown tokenizer preset {other:?}: expected one of dall-e, small, tiny"
@@ -40,6 +43,7 @@ impl DvaeConfig {
             }
         };
         Ok(Self {
+            image_size: [size, size],
             num_channels: channels,
             hidden_size: hidden,
             num_groups: groups,
@@ -67,14 +71,21 @@ impl DvaeConfig {
                 return Err(Error::Config(format!("tokenizer {name} must be positive, got 0")));
             }
         }
+        if self.num_groups > 8 {
+            return Err(Error::Config(format!("tokenizer numGroups must be at most 8, got {}", self.num_groups)));
+        }
+        let d = self.downsample();
+        if self.image_size.iter().any(|&s| s == 0 || s % d != 0) {
+            return Err(Error::Config(format!(
+                "tokenizer imageSize {:?} must be positive multiples of the downsampling factor {d} (2^(numGroups-1))",
+                self.image_size
+            )));
+        }
         if self.hidden_size % 4 != 0 {
             return Err(Error::Config(format!(
                 "tokenizer hiddenSize must be a multiple of 4 (blocks narrow to a quarter), got {}",
                 self.hidden_size
             )));
-        }
-        if self.num_groups > 8 {
-            return Err(Error::Config(format!("tokenizer numGroups must be at most 8, got {}", self.num_groups)));
         }
         Ok(())
     }

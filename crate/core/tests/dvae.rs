@@ -13,7 +13,7 @@ use common::*;
 const TOL: f64 = 1e-6;
 
 fn tiny_dvae() -> DvaeConfig {
-    DvaeConfig { num_channels: 2, hidden_size: 8, num_groups: 2, blocks_per_group: 1, vocab_size: 5, decoder_input_size: 4 }
+    DvaeConfig { image_size: [8, 8], num_channels: 2, hidden_size: 8, num_groups: 2, blocks_per_group: 1, vocab_size: 5, decoder_input_size: 4 }
 }
 
 fn check_vars(vars: &[(String, Var)], objective: &dyn Fn() -> Tensor, coords: usize) {
@@ -137,7 +137,7 @@ fn tiny_training() -> TokenizerTraining {
 
 #[test]
 fn training_learns_to_reconstruct_and_encode_is_deterministic() {
-    let cfg = DvaeConfig { num_channels: 1, hidden_size: 16, num_groups: 2, blocks_per_group: 1, vocab_size: 16, decoder_input_size: 16 };
+    let cfg = DvaeConfig { image_size: [8, 8], num_channels: 1, hidden_size: 16, num_groups: 2, blocks_per_group: 1, vocab_size: 16, decoder_input_size: 16 };
     let mut t = TokenizerTrainer::new(cfg, tiny_training(), 1).unwrap();
     let pixels = squares(8, 1, 8);
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
