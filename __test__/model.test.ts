@@ -143,3 +143,19 @@ test('impossible configs are rejected with the reason', (t) => {
   t.throws(() => Beit.create(TINY, { optimizer: { beta1: 1.5 } }), { message: /beta1 must be in \[0, 1\), got 1.5/ })
   t.throws(() => Beit.create(TINY, { optimizer: { betta: 1 } as never }), { message: /unknown field `betta`/ })
 })
+
+test('memory stays flat across training steps (no per-step leak)', async (t) => {
+  const model = Beit.create({ ...TINY, imageSize: [16, 16], hiddenSize: 32, vocabSize: 64 })
+  const n = 16
+  const pixels = new Float32Array(32 * 256).fill(0.1)
+  const mask = new Uint8Array(32 * n).map((_, i) => (i % 3 === 0 ? 1 : 0))
+  const targets = new Int32Array(32 * n).map((_, i) => i % 64)
+  const rss: number[] = []
+  for (let s = 1; s <= 120; s++) {
+    await model.trainStep({ pixels, mask, targets, lr: 1e-4, seed: s })
+    await model.forward({ pixels, mask })
+    if (s % 20 === 0) rss.push(process.memoryUsage().rss / 2 ** 20)
+  }
+  // Keeping one step's graph alive (activations and gradients, ~4 MiB here) would add ~400 MiB.
+  t.true(rss[rss.length - 1] - rss[0] < 40, `RSS in MiB every 20 steps: ${rss.map((r) => r.toFixed(0)).join(', ')}`)
+})
