@@ -239,12 +239,17 @@ fn layer_norm_bwd<T: Float>(x: &[T], gamma: &[T], g: &[T], d: usize, eps: f64) -
             acc
         })
         .collect();
-    for acc in partials {
-        for (p, a) in dparams.iter_mut().zip(acc) {
-            *p += a;
+    add_partials(dparams, partials);
+    out
+}
+
+/// Adds per-task partial sums into `total`, in task order (so results are deterministic).
+fn add_partials<T: Float>(total: &mut [T], partials: Vec<Vec<T>>) {
+    for partial in partials {
+        for (t, v) in total.iter_mut().zip(partial) {
+            *t += v;
         }
     }
-    out
 }
 
 impl CustomOp3 for LayerNormBackward {
@@ -658,11 +663,7 @@ fn column_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
         })
         .collect();
     let mut total = vec![T::ZERO; n];
-    for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
-        }
-    }
+    add_partials(&mut total, partials);
     total
 }
 
