@@ -6,36 +6,13 @@
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{add_bias, sum_rows, Float};
+use crate::ops::{add_bias, contiguous, dispatch_float, into_storage, same_dtype_slices, sum_rows, Float};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
     match layout.dims() {
         &[b, h, w, c] => Ok((b, h, w, c)),
         d => bail!("{op}: expected an NHWC tensor, got shape {d:?}"),
     }
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{op}: input must be contiguous"),
-    }
-}
-
-macro_rules! float_op {
-    ($op:expr, $s:expr, $l:expr, |$v:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(v) => {
-                let $v = slice(v, $l, $op)?;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(v) => {
-                let $v = slice(v, $l, $op)?;
-                CpuStorage::F64($body)
-            }
-            other => bail!("{}: unsupported dtype {:?}, expected f32 or f64", $op, other.dtype()),
-        }
-    };
 }
 
 /// Patches of a k x k window with zero padding (k-1)/2 and stride 1:
@@ -110,7 +87,7 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = nhwc(l, self.name())?;
-        let out = float_op!(self.name(), s, l, |v| im2col(v, dims, self.k));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(im2col(contiguous(v, l, self.name())?, dims, self.k)));
         let (b, h, w, c) = dims;
         Ok((out, Shape::from((b, h, w, self.k * self.k * c))))
     }
@@ -128,7 +105,7 @@ impl CustomOp1 for Col2Im {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = self.dims;
-        let out = float_op!(self.name(), s, l, |v| col2im(v, self.dims, self.k));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(col2im(contiguous(v, l, self.name())?, self.dims, self.k)));
         Ok((out, Shape::from((b, h, w, c))))
     }
 }
@@ -285,7 +262,7 @@ impl CustomOp1 for MaxPool2 {
         if h % 2 != 0 || w % 2 != 0 {
             bail!("max-pool-2x2: height and width must be even, got {h}x{w}");
         }
-        let out = float_op!(self.name(), s, l, |v| max_pool2_fwd(v, (b, h, w, c)));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(max_pool2_fwd(contiguous(v, l, self.name())?, (b, h, w, c))));
         Ok((out, Shape::from((b, h / 2, w / 2, c))))
     }
 
@@ -311,21 +288,12 @@ impl candle_core::CustomOp3 for MaxPool2Backward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = nhwc(l1, self.name())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(max_pool2_bwd(
-                slice(x, l1, self.name())?,
-                slice(y, l2, self.name())?,
-                slice(g, l3, self.name())?,
-                dims,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(max_pool2_bwd(
-                slice(x, l1, self.name())?,
-                slice(y, l2, self.name())?,
-                slice(g, l3, self.name())?,
-                dims,
-            )),
-            _ => bail!("{}: expected f32 or f64 inputs of one dtype", self.name()),
-        };
+        let out = dispatch_float!(self.name(), s1, |x| into_storage(max_pool2_bwd(
+            contiguous(x, l1, self.name())?,
+            same_dtype_slices(self.name(), s2, l2)?,
+            same_dtype_slices(self.name(), s3, l3)?,
+            dims
+        )));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -373,7 +341,7 @@ impl CustomOp1 for Upsample2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = nhwc(l, self.name())?;
-        let out = float_op!(self.name(), s, l, |v| upsample2_fwd(v, (b, h, w, c)));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_fwd(contiguous(v, l, self.name())?, (b, h, w, c))));
         Ok((out, Shape::from((b, 2 * h, 2 * w, c))))
     }
 
@@ -394,7 +362,7 @@ impl CustomOp1 for Upsample2Backward {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = self.dims;
-        let out = float_op!(self.name(), s, l, |v| upsample2_bwd(v, self.dims));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_bwd(contiguous(v, l, self.name())?, self.dims)));
         Ok((out, Shape::from((b, h, w, c))))
     }
 }

@@ -64,7 +64,7 @@ impl_float!(f32, candle_core::cpu::erf::erf_f32);
 impl_float!(f64, candle_core::cpu::erf::erf_f64);
 
 /// The contiguous slice a storage/layout pair describes.
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: input must be contiguous"),
@@ -86,8 +86,9 @@ macro_rules! dispatch_float {
         }
     };
 }
+pub(crate) use dispatch_float;
 
-fn same_dtype_slices<'a, T: 'static>(
+pub(crate) fn same_dtype_slices<'a, T: 'static>(
     op: &str,
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -103,7 +104,7 @@ fn same_dtype_slices<'a, T: 'static>(
     }
 }
 
-fn into_storage<T: Float>(v: Vec<T>) -> CpuStorage {
+pub(crate) fn into_storage<T: Float>(v: Vec<T>) -> CpuStorage {
     let mut any: Box<dyn std::any::Any> = Box::new(v);
     if let Some(v) = any.downcast_mut::<Vec<f32>>() {
         return CpuStorage::F32(std::mem::take(v));
