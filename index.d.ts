@@ -9,6 +9,26 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** Decodes, crops, resizes and normalises image batches on a thread pool of its own. */
+export declare class NativeImageLoader {
+  /**
+   * `threads`: pool size (default: the machine's available parallelism). `maxPixels`: decoded
+   * pixels allowed per image (default 64 Mi); larger JPEGs are downscaled while decoding.
+   */
+  constructor(threads?: number | undefined | null, maxPixels?: number | undefined | null)
+  get threads(): number
+  /**
+   * Reads and decodes image files. `augmentsJson`: one drawn augmentation per path;
+   * `viewsJson`: the view specs.
+   */
+  loadFiles(paths: Array<string>, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+  /**
+   * Views of decoded 8-bit images stored [count, height, width, channels] in `pixels`
+   * (an IDX dataset); `indices` picks the batch.
+   */
+  loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+}
+
 /** A BEiT model with its MIM head and AdamW state. */
 export declare class NativeMimModel {
   /**
@@ -55,12 +75,26 @@ export declare class NativeTokenizer {
   decode(ids: Int32Array, gridHeight: number, gridWidth: number): Promise<Float32Array>
 }
 
+export interface ImageFailure {
+  /** Position of the image in the request. */
+  index: number
+  reason: string
+}
+
 export interface MaskedPredictions {
   /** [numMasked, vocabSize] row-major. */
   logits: Float32Array
   /** [numMasked] argmax token ids. */
   ids: Int32Array
   numMasked: number
+}
+
+export interface NativeViewBatch {
+  /** One [kept, C, H, W] array per requested view. */
+  views: Array<Float32Array>
+  /** Request positions of the images that made it into `views`, ascending. */
+  kept: Uint32Array
+  failures: Array<ImageFailure>
 }
 
 export interface StepMetrics {

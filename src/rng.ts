@@ -50,3 +50,17 @@ function splitmix32(x: number): number {
   x = Math.imul(x ^ (x >>> 13), 0xc2b2ae35) >>> 0
   return (x ^ (x >>> 16)) >>> 0
 }
+
+/**
+ * A 32-bit seed derived from several integers (e.g. run seed, epoch, image index), so that a
+ * random draw can be made for one item without replaying the draws before it.
+ */
+export function deriveSeed(...parts: number[]): number {
+  let h = 0x811c9dc5
+  for (const part of parts) {
+    if (!Number.isInteger(part)) throw new Error(`deriveSeed: parts must be integers, got ${part}`)
+    h = splitmix32((h ^ (part >>> 0)) >>> 0)
+    h = Math.imul(h ^ Math.floor(part / 4294967296), 0x01000193) >>> 0
+  }
+  return splitmix32(h)
+}

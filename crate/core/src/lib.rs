@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod images;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -11,6 +11,8 @@ use beit_core::{
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+mod images;
+
 // Training allocates and frees many large activation buffers each step; glibc malloc hands
 // those back to the kernel and page-faults them in again every time. mimalloc reuses them.
 #[global_allocator]

@@ -1,0 +1,277 @@
+import test from 'ava'
+import { mkdtemp, mkdir, writeFile, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import sharp from 'sharp'
+
+import { beitViews, ImageLoader, imageFolder, manifest, openDataset, pixelDataset, Rng, loadFashionMnist } from '../src'
+import type { Batch, ImageDataset, ViewSpec } from '../src'
+
+const W = 29
+const H = 17
+
+async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-loader-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+/** Random RGB pixels drawn from a small palette (so GIF and palette PNG keep them exactly). */
+function paletteImage(seed: number, channels: 1 | 3 = 3): Buffer {
+  const rng = new Rng(seed)
+  const palette = Array.from({ length: 12 }, () => [rng.int(0, 255), rng.int(0, 255), rng.int(0, 255)])
+  const out = Buffer.alloc(W * H * channels)
+  for (let i = 0; i < W * H; i++) {
+    const colour = palette[rng.int(0, palette.length - 1)]
+    for (let c = 0; c < channels; c++) out[i * channels + c] = colour[c]
+  }
+  return out
+}
+
+/** A 24-bit BMP (sharp does not write BMP): bottom-up BGR rows padded to 4 bytes. */
+function encodeBmp(rgb: Buffer, width: number, height: number): Buffer {
+  const stride = Math.ceil((width * 3) / 4) * 4
+  const out = Buffer.alloc(54 + stride * height)
+  out.write('BM', 0)
+  out.writeUInt32LE(out.length, 2)
+  out.writeUInt32LE(54, 10)
+  out.writeUInt32LE(40, 14)
+  out.writeInt32LE(width, 18)
+  out.writeInt32LE(height, 22)
+  out.writeUInt16LE(1, 26)
+  out.writeUInt16LE(24, 28)
+  out.writeUInt32LE(stride * height, 34)
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const src = (y * width + x) * 3
+      const dst = 54 + (height - 1 - y) * stride + x * 3
+      out[dst] = rgb[src + 2]
+      out[dst + 1] = rgb[src + 1]
+      out[dst + 2] = rgb[src]
+    }
+  }
+  return out
+}
+
+/** The identity view: the whole image, nearest, at its own size, values x / 255. */
+function identityView(channels: 1 | 3, size: [number, number] = [H, W]): ViewSpec {
+  return { size, interpolation: 'nearest', channels, mean: new Array(channels).fill(0), std: new Array(channels).fill(1) }
+}
+
+async function loadAll(loader: ImageLoader, epoch = 0): Promise<Batch[]> {
+  const batches: Batch[] = []
+  for await (const batch of loader.epoch(epoch)) batches.push(batch)
+  return batches
+}
+
+/** Planar [C, H, W] floats back to interleaved 8-bit. */
+function toInterleaved(planar: Float32Array, channels: number, height = H, width = W): Buffer {
+  const out = Buffer.alloc(height * width * channels)
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < height * width; i++) out[i * channels + c] = Math.round(planar[c * height * width + i] * 255)
+  }
+  return out
+}
+
+function maxDiff(a: Buffer, b: Buffer): number {
+  let m = 0
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]))
+  return m
+}
+
+test('every format decodes to the pixels written (lossless exactly, JPEG close to libvips)', async (t) => {
+  const dir = await tempDir(t)
+  const rgb = paletteImage(1)
+  const gray = paletteImage(2, 1)
+  const raw = { raw: { width: W, height: H, channels: 3 as const } }
+  const files: [string, Buffer, 1 | 3, Buffer][] = [
+    ['rgb.png', await sharp(rgb, raw).png().toBuffer(), 3, rgb],
+    ['rgb16.png', await sharp(rgb, raw).toColourspace('rgb16').png().toBuffer(), 3, rgb],
+    ['palette.png', await sharp(rgb, raw).png({ palette: true, colours: 256, dither: 0 }).toBuffer(), 3, rgb],
+    ['rgba.png', await sharp(rgb, raw).ensureAlpha(0.5).png().toBuffer(), 3, rgb],
+    ['gray.png', await sharp(gray, { raw: { width: W, height: H, channels: 1 } }).png().toBuffer(), 1, gray],
+    ['lossless.webp', await sharp(rgb, raw).webp({ lossless: true }).toBuffer(), 3, rgb],
+    ['first-frame.gif', await sharp(rgb, raw).gif({ dither: 0 }).toBuffer(), 3, rgb],
+    ['image.bmp', encodeBmp(rgb, W, H), 3, rgb],
+  ]
+  for (const [name, bytes] of files) await writeFile(join(dir, name), bytes)
+  const dataset = await imageFolder(dir, { labels: 'none' })
+  t.is(dataset.size, files.length)
+  for (const [name, , channels, expected] of files) {
+    const index = dataset.source.kind === 'files' ? dataset.source.paths.findIndex((p) => p.endsWith(name)) : -1
+    const one: ImageDataset = { ...dataset, size: 1, source: { kind: 'files', paths: [join(dir, name)] }, labels: new Int32Array([-1]) }
+    const loader = new ImageLoader({ dataset: one, views: [identityView(channels)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+    const [batch] = await loadAll(loader)
+    t.true(index >= 0)
+    // libvips scales 8 -> 16 bits by 256, not 257, so a round trip may be one level off.
+    t.true(maxDiff(toInterleaved(batch.views[0], channels), expected) <= (name === 'rgb16.png' ? 1 : 0), name)
+  }
+
+  // JPEG: compare with libvips decoding the same file (both IDCTs round slightly differently).
+  const smooth = Buffer.alloc(W * H * 3)
+  for (let i = 0; i < W * H; i++) smooth.set([(i % W) * 8, Math.floor(i / W) * 15, 100], i * 3)
+  const jpeg = await sharp(smooth, raw).jpeg({ quality: 95 }).toBuffer()
+  const vips = await sharp(jpeg).raw().toBuffer()
+  await writeFile(join(dir, 'photo.jpg'), jpeg)
+  const one: ImageDataset = { ...dataset, size: 1, source: { kind: 'files', paths: [join(dir, 'photo.jpg')] }, labels: new Int32Array([-1]) }
+  const loader = new ImageLoader({ dataset: one, views: [identityView(3)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+  const [batch] = await loadAll(loader)
+  t.true(maxDiff(toInterleaved(batch.views[0], 3), vips) <= 3)
+})
+
+test('EXIF orientation is honoured like libvips autorotate', async (t) => {
+  const dir = await tempDir(t)
+  const smooth = Buffer.alloc(W * H * 3)
+  for (let i = 0; i < W * H; i++) smooth.set([(i % W) * 8, Math.floor(i / W) * 15, 60], i * 3)
+  const jpeg = await sharp(smooth, { raw: { width: W, height: H, channels: 3 } }).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer()
+  await writeFile(join(dir, 'rotated.jpg'), jpeg)
+  const upright = await sharp(jpeg).rotate().raw().toBuffer({ resolveWithObject: true })
+  t.deepEqual([upright.info.width, upright.info.height], [H, W])
+  const dataset = await imageFolder(dir)
+  const loader = new ImageLoader({ dataset, views: [identityView(3, [W, H])], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+  const [batch] = await loadAll(loader)
+  t.true(maxDiff(toInterleaved(batch.views[0], 3, W, H), upright.data) <= 3)
+})
+
+test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', async (t) => {
+  const dir = await tempDir(t)
+  const png = await sharp(paletteImage(3), { raw: { width: W, height: H, channels: 3 } }).png().toBuffer()
+  for (const [cls, n] of [['cat', 2], ['dog', 3]] as const) {
+    await mkdir(join(dir, cls, 'nested'), { recursive: true })
+    for (let i = 0; i < n; i++) await writeFile(join(dir, cls, i === 0 ? 'nested' : '', `${i}.PNG`), png)
+  }
+  await writeFile(join(dir, 'dog', 'README.txt'), 'not an image')
+  const folder = await imageFolder(dir)
+  t.deepEqual(folder.classNames, ['cat', 'dog'])
+  t.deepEqual([...folder.labels], [0, 0, 1, 1, 1])
+  t.is(folder.ignoredFiles, 1)
+
+  await writeFile(join(dir, 'list.csv'), 'path,label\ncat/1.PNG,cat\n"dog/1.PNG",dog\n')
+  const csv = await manifest(join(dir, 'list.csv'))
+  t.deepEqual(csv.classNames, ['cat', 'dog'])
+  t.deepEqual([...csv.labels], [0, 1])
+  await writeFile(join(dir, 'list.jsonl'), '{"path": "cat/1.PNG", "label": 1}\n{"path": "dog/2.PNG", "label": 0}\n')
+  const jsonl = await manifest(join(dir, 'list.jsonl'), { classes: ['dog', 'cat'] })
+  t.deepEqual([...jsonl.labels], [1, 0])
+  await writeFile(join(dir, 'bad.jsonl'), '{"path": "cat/1.PNG", "label": "cat"}\n{"path": "dog/2.PNG", "label": "horse"}\n')
+  await t.throwsAsync(manifest(join(dir, 'bad.jsonl'), { classes: ['cat', 'dog'] }), { message: /bad\.jsonl:2: unknown class "horse"; expected one of cat, dog/ })
+
+  const loader = new ImageLoader({ dataset: csv, views: [identityView(3)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 4, onError: 'fail' })
+  const [batch] = await loadAll(loader)
+  t.is(batch.size, 2)
+  t.deepEqual([...batch.labels].sort(), [0, 1])
+})
+
+test('broken files are skipped with their reasons and counted, or fatal with onError fail', async (t) => {
+  const dir = await tempDir(t)
+  const png = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } }).png().toBuffer()
+  const jpeg = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } }).jpeg().toBuffer()
+  await writeFile(join(dir, 'good.png'), png)
+  await writeFile(join(dir, 'zero.jpg'), Buffer.alloc(0))
+  await writeFile(join(dir, 'truncated.png'), png.subarray(0, png.length >> 1))
+  await writeFile(join(dir, 'truncated.jpg'), jpeg.subarray(0, jpeg.length >> 2))
+  await writeFile(join(dir, 'text.jpg'), 'this is a text file\n')
+  await writeFile(join(dir, 'garbage.webp'), Buffer.from(new Rng(5).nextSeed().toString(16).repeat(40)))
+  await mkdir(join(dir, 'folder.png'))
+  const lines = ['path', 'good.png', 'zero.jpg', 'truncated.png', 'truncated.jpg', 'text.jpg', 'garbage.webp', 'folder.png', 'missing.png']
+  await writeFile(join(dir, 'all.csv'), lines.join('\n'))
+  const dataset = await manifest(join(dir, 'all.csv'))
+  const skips: string[] = []
+  const loader = new ImageLoader({
+    dataset,
+    views: [identityView(3)],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 8,
+    shuffle: false,
+    onSkip: (s) => skips.push(`${s.image.split('/').pop()}: ${s.reason}`),
+  })
+  const batches = await loadAll(loader)
+  t.is(batches.length, 1)
+  t.is(batches[0].size, 1)
+  t.is(batches[0].views[0].length, 3 * H * W)
+  t.deepEqual(loader.stats.loaded, 1)
+  t.deepEqual(loader.stats.skipped, 7)
+  const reasonOf = (name: string) => skips.find((s) => s.startsWith(`${name}:`)) ?? ''
+  t.regex(reasonOf('zero.jpg'), /empty file/)
+  t.regex(reasonOf('truncated.png'), /corrupt or truncated PNG/)
+  t.regex(reasonOf('truncated.jpg'), /JPEG/)
+  t.regex(reasonOf('text.jpg'), /not a recognised image/)
+  t.regex(reasonOf('garbage.webp'), /not a recognised image/)
+  t.regex(reasonOf('folder.png'), /cannot read file/)
+  t.regex(reasonOf('missing.png'), /cannot read file.*No such file/)
+
+  const strict = new ImageLoader({ dataset, views: [identityView(3)], transform: { kind: 'eval' }, batchSize: 8, shuffle: false, onError: 'fail' })
+  await t.throwsAsync(loadAll(strict), { message: /cannot load .*zero\.jpg: empty file/ })
+})
+
+test('clear errors before any loading: missing or empty folder, bad options', async (t) => {
+  const dir = await tempDir(t)
+  await t.throwsAsync(imageFolder(join(dir, 'nope')), { message: /data folder not found: .*nope/ })
+  await writeFile(join(dir, 'notes.txt'), 'hi')
+  await t.throwsAsync(imageFolder(dir), { message: /no images found in .*\(looked for \.jpg/ })
+  await t.throwsAsync(openDataset(join(dir, 'missing'), 'train'), { message: /data not found/ })
+  const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
+  const base = { dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval' as const }, batchSize: 4 }
+  t.throws(() => new ImageLoader({ ...base, batchSize: 0 }), { message: /batchSize must be a positive integer/ })
+  t.throws(() => new ImageLoader({ ...base, rank: 2, worldSize: 2 }), { message: /rank must be an integer in \[0, 1\]/ })
+  t.throws(() => new ImageLoader({ ...base, views: [{ ...identityView(1), channels: 2 as 1 }] }), { message: /channels must be 1 or 3/ })
+  t.throws(() => new ImageLoader({ ...base, transform: { kind: 'train', scale: [0.5, 0.1] } }), { message: /transform\.scale/ })
+  t.throws(() => new ImageLoader({ ...base, threads: 0 }), { message: /threads must be at least 1/ })
+})
+
+test('the bundled Fashion-MNIST subset passes through unchanged with the identity view', async (t) => {
+  const images = await loadFashionMnist({ split: 'test' })
+  const dataset = pixelDataset(images, 'sample')
+  const loader = new ImageLoader({ dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 100, seed: 3 })
+  const [batch] = await loadAll(loader)
+  t.is(batch.size, 100)
+  for (let b = 0; b < batch.size; b++) {
+    const index = batch.indices[b]
+    t.is(batch.labels[b], images.labels[index])
+    const src = images.images.subarray(index * 784, (index + 1) * 784)
+    const got = batch.views[0].subarray(b * 784, (b + 1) * 784)
+    if (!src.every((v, i) => Math.round(got[i] * 255) === v)) t.fail(`image ${index} differs`)
+  }
+})
+
+test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume from a batch', async (t) => {
+  const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
+  const views = beitViews({ imageSize: 32, tokenizerSize: 16, channels: 1 })
+  const make = (seed: number) => new ImageLoader({ dataset, views, transform: { kind: 'train', scale: [0.4, 1] }, batchSize: 64, seed, prefetch: 3 })
+  const loader = make(7)
+  t.is(loader.batchesPerEpoch, Math.ceil(1000 / 64))
+  const first = await loadAll(loader)
+  t.is(first.length, 16)
+  t.is(first[15].size, 1000 - 15 * 64)
+  t.is(first[0].views[0].length, 64 * 32 * 32)
+  t.is(first[0].views[1].length, 64 * 16 * 16)
+  t.true(first[0].views[0].every((v) => v >= -1.0001 && v <= 1.0001))
+  t.true(first[0].views[1].every((v) => v >= 0 && v <= 1))
+  const again = await loadAll(make(7))
+  t.deepEqual(again.map((b) => b.views), first.map((b) => b.views))
+  const otherSeed = await loadAll(make(8))
+  t.notDeepEqual(otherSeed[0].indices, first[0].indices)
+  const nextEpoch = await loadAll(loader, 1)
+  t.notDeepEqual(nextEpoch[0].indices, first[0].indices)
+  // Same image in two epochs: different augmentation.
+  const index = first[0].indices[0]
+  const inEpoch1 = nextEpoch.flatMap((b) => [...b.indices].map((i, k) => ({ i, b, k }))).find((e) => e.i === index)!
+  t.notDeepEqual(inEpoch1.b.views[0].subarray(inEpoch1.k * 1024, (inEpoch1.k + 1) * 1024), first[0].views[0].subarray(0, 1024))
+  // Resuming at batch 10 yields exactly batches 10.. of the uninterrupted epoch.
+  const resumed: Batch[] = []
+  for await (const b of make(7).epoch(0, { fromBatch: 10 })) resumed.push(b)
+  t.deepEqual(resumed.map((b) => b.views), first.slice(10).map((b) => b.views))
+})
+
+test('sharding by rank covers the epoch exactly once; dropLast drops the partial batch', async (t) => {
+  const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
+  const seen = new Uint8Array(dataset.size)
+  for (let rank = 0; rank < 3; rank++) {
+    const loader = new ImageLoader({ dataset, views: [identityView(1, [8, 8])], transform: { kind: 'eval' }, batchSize: 50, seed: 1, rank, worldSize: 3 })
+    for (const batch of await loadAll(loader, 2)) for (const i of batch.indices) seen[i]++
+  }
+  t.true(seen.every((n) => n === 1))
+  const dropping = new ImageLoader({ dataset, views: [identityView(1, [8, 8])], transform: { kind: 'eval' }, batchSize: 300, dropLast: true })
+  const batches = await loadAll(dropping)
+  t.deepEqual(batches.map((b) => b.size), [300, 300, 300])
+})

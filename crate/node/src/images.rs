@@ -1,0 +1,142 @@
+//! The image loader: decodes and augments batches on its own thread pool.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use beit_core::images::{load_views, Augment, Sources, ViewBatch, ViewSpec, DEFAULT_MAX_PIXELS};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use rayon::ThreadPool;
+
+use crate::guarded;
+
+/// Decodes, crops, resizes and normalises image batches on a thread pool of its own.
+#[napi]
+pub struct NativeImageLoader {
+    pool: Arc<ThreadPool>,
+    max_pixels: u64,
+}
+
+#[napi(object)]
+pub struct ImageFailure {
+    /// Position of the image in the request.
+    pub index: u32,
+    pub reason: String,
+}
+
+#[napi(object)]
+pub struct NativeViewBatch {
+    /// One [kept, C, H, W] array per requested view.
+    pub views: Vec<Float32Array>,
+    /// Request positions of the images that made it into `views`, ascending.
+    pub kept: Uint32Array,
+    pub failures: Vec<ImageFailure>,
+}
+
+#[napi]
+impl NativeImageLoader {
+    /// `threads`: pool size (default: the machine's available parallelism). `maxPixels`: decoded
+    /// pixels allowed per image (default 64 Mi); larger JPEGs are downscaled while decoding.
+    #[napi(constructor)]
+    pub fn new(threads: Option<u32>, max_pixels: Option<f64>) -> Result<Self> {
+        let threads = match threads {
+            Some(0) => return Err(Error::new(Status::InvalidArg, "threads must be at least 1, got 0")),
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let max_pixels = match max_pixels {
+            Some(n) if !(n >= 1.0 && n.is_finite()) => {
+                return Err(Error::new(Status::InvalidArg, format!("maxPixels must be a positive number, got {n}")))
+            }
+            Some(n) => n as u64,
+            None => DEFAULT_MAX_PIXELS,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("beit-images-{i}"))
+            .build()
+            .map_err(|e| Error::new(Status::GenericFailure, format!("cannot start the image thread pool: {e}")))?;
+        Ok(Self { pool: Arc::new(pool), max_pixels })
+    }
+
+    #[napi(getter)]
+    pub fn threads(&self) -> u32 {
+        self.pool.current_num_threads() as u32
+    }
+
+    /// Reads and decodes image files. `augmentsJson`: one drawn augmentation per path;
+    /// `viewsJson`: the view specs.
+    #[napi(ts_return_type = "Promise<NativeViewBatch>")]
+    pub fn load_files(&self, paths: Vec<String>, augments_json: String, views_json: String) -> AsyncTask<LoadViewsTask> {
+        let source = Source::Files(paths.into_iter().map(PathBuf::from).collect());
+        AsyncTask::new(LoadViewsTask { loader: self.task_context(), source, augments_json, views_json })
+    }
+
+    /// Views of decoded 8-bit images stored [count, height, width, channels] in `pixels`
+    /// (an IDX dataset); `indices` picks the batch.
+    #[napi(ts_return_type = "Promise<NativeViewBatch>")]
+    pub fn load_pixels(
+        &self,
+        pixels: Uint8Array,
+        height: u32,
+        width: u32,
+        channels: u32,
+        indices: Uint32Array,
+        augments_json: String,
+        views_json: String,
+    ) -> Result<AsyncTask<LoadViewsTask>> {
+        let channels = u8::try_from(channels).map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
+        let source = Source::Pixels { pixels, height, width, channels, indices };
+        Ok(AsyncTask::new(LoadViewsTask { loader: self.task_context(), source, augments_json, views_json }))
+    }
+}
+
+impl NativeImageLoader {
+    fn task_context(&self) -> (Arc<ThreadPool>, u64) {
+        (self.pool.clone(), self.max_pixels)
+    }
+}
+
+pub enum Source {
+    Files(Vec<PathBuf>),
+    Pixels { pixels: Uint8Array, height: u32, width: u32, channels: u8, indices: Uint32Array },
+}
+
+pub struct LoadViewsTask {
+    loader: (Arc<ThreadPool>, u64),
+    source: Source,
+    augments_json: String,
+    views_json: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> beit_core::Result<T> {
+    serde_json::from_str(json).map_err(|e| beit_core::Error::Config(format!("invalid {what}: {e}")))
+}
+
+impl Task for LoadViewsTask {
+    type Output = ViewBatch;
+    type JsValue = NativeViewBatch;
+
+    fn compute(&mut self) -> Result<ViewBatch> {
+        guarded(|| {
+            let augments: Vec<Augment> = parse("augments", &self.augments_json)?;
+            let views: Vec<ViewSpec> = parse("views", &self.views_json)?;
+            let (pool, max_pixels) = &self.loader;
+            let sources = match &self.source {
+                Source::Files(paths) => Sources::Files(paths),
+                Source::Pixels { pixels, height, width, channels, indices } => {
+                    Sources::Pixels { data: pixels, height: *height, width: *width, channels: *channels, indices }
+                }
+            };
+            load_views(pool, &sources, &augments, &views, *max_pixels)
+        })
+    }
+
+    fn resolve(&mut self, _: Env, batch: ViewBatch) -> Result<NativeViewBatch> {
+        Ok(NativeViewBatch {
+            views: batch.views.into_iter().map(Float32Array::new).collect(),
+            kept: Uint32Array::new(batch.kept),
+            failures: batch.failures.into_iter().map(|f| ImageFailure { index: f.index, reason: f.reason }).collect(),
+        })
+    }
+}

@@ -1,0 +1,230 @@
+/**
+ * Datasets: what images exist and their labels. Decoding happens later, in the loader.
+ * Sources: an image folder (class-per-subfolder labels, ImageNet style), a CSV/JSONL manifest,
+ * or in-memory 8-bit pixels (IDX files such as Fashion-MNIST).
+ */
+import { readdir, readFile, stat } from 'node:fs/promises'
+import { dirname, extname, isAbsolute, join, relative, resolve } from 'node:path'
+import type { LabeledImages } from './idx'
+
+export type ImageSource =
+  | { kind: 'files'; paths: string[] }
+  /** [count, height, width, channels] 8-bit pixels. */
+  | { kind: 'pixels'; pixels: Uint8Array; height: number; width: number; channels: 1 | 3 }
+
+export interface ImageDataset {
+  /** Where it came from, for messages. */
+  readonly name: string
+  readonly size: number
+  readonly source: ImageSource
+  /** Label of each image; -1 where unlabelled. */
+  readonly labels: Int32Array
+  /** Class names indexed by label; empty when unlabelled. */
+  readonly classNames: string[]
+  /** Files seen but not taken as images (other extensions), for the record. */
+  readonly ignoredFiles: number
+}
+
+/** File extensions taken as images (case-insensitive). */
+export const IMAGE_EXTENSIONS = ['.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif']
+
+function isImageFile(name: string): boolean {
+  return IMAGE_EXTENSIONS.includes(extname(name).toLowerCase())
+}
+
+export function describeImage(dataset: ImageDataset, index: number): string {
+  return dataset.source.kind === 'files' ? dataset.source.paths[index] : `${dataset.name}[${index}]`
+}
+
+async function requireFolder(dir: string): Promise<void> {
+  let info
+  try {
+    info = await stat(dir)
+  } catch {
+    throw new Error(`data folder not found: ${dir}`)
+  }
+  if (!info.isDirectory()) throw new Error(`not a folder: ${dir}`)
+}
+
+/** Every file under `dir`, recursively, sorted; symlinked folders are not followed. */
+async function walk(dir: string): Promise<string[]> {
+  const out: string[] = []
+  const entries = await readdir(dir, { withFileTypes: true })
+  entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+  for (const entry of entries) {
+    const path = join(dir, entry.name)
+    if (entry.isDirectory()) out.push(...(await walk(path)))
+    else if (entry.isFile() || entry.isSymbolicLink()) out.push(path)
+  }
+  return out
+}
+
+export interface ImageFolderOptions {
+  /**
+   * 'folders': each subfolder of `dir` is a class (ImageNet layout; images may be nested deeper).
+   * 'none': unlabelled. 'auto' (default): 'folders' when `dir` holds subfolders and no images
+   * of its own.
+   */
+  labels?: 'auto' | 'folders' | 'none'
+}
+
+/** All images under `dir`, recursively. */
+export async function imageFolder(dir: string, opts: ImageFolderOptions = {}): Promise<ImageDataset> {
+  await requireFolder(dir)
+  const files = await walk(dir)
+  const images = files.filter(isImageFile)
+  if (images.length === 0) {
+    throw new Error(`no images found in ${dir} (looked for ${IMAGE_EXTENSIONS.join(', ')} in it and its subfolders)`)
+  }
+  const topLevel = (path: string) => relative(dir, path).split(/[\\/]/)
+  const mode = opts.labels ?? 'auto'
+  const byFolder = mode === 'folders' || (mode === 'auto' && images.every((p) => topLevel(p).length > 1))
+  let classNames: string[] = []
+  const labels = new Int32Array(images.length).fill(-1)
+  if (byFolder) {
+    const loose = images.find((p) => topLevel(p).length === 1)
+    if (loose) throw new Error(`labels 'folders' needs every image inside a class subfolder of ${dir}, but ${loose} is not`)
+    classNames = [...new Set(images.map((p) => topLevel(p)[0]))].sort()
+    const index = new Map(classNames.map((name, i) => [name, i]))
+    images.forEach((p, i) => (labels[i] = index.get(topLevel(p)[0])!))
+  }
+  return { name: dir, size: images.length, source: { kind: 'files', paths: images }, labels, classNames, ignoredFiles: files.length - images.length }
+}
+
+export interface ManifestOptions {
+  /** Folder that relative paths are resolved against. Default: the manifest's folder. */
+  root?: string
+  /**
+   * Class names by label. Given, every label must be one of them (or its index); otherwise
+   * the classes are the distinct labels, sorted (numeric labels are taken as indices).
+   */
+  classes?: string[]
+}
+
+/**
+ * A CSV (header row with `path` and optionally `label`) or JSONL (`{"path": ..., "label": ...}`
+ * per line) list of images.
+ */
+export async function manifest(path: string, opts: ManifestOptions = {}): Promise<ImageDataset> {
+  let text: string
+  try {
+    text = await readFile(path, 'utf8')
+  } catch (e) {
+    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`)
+  }
+  const root = opts.root ?? dirname(path)
+  const rows = extname(path).toLowerCase() === '.jsonl' ? parseJsonl(text, path) : parseCsv(text, path)
+  if (rows.length === 0) throw new Error(`manifest ${path} lists no images`)
+  const paths = rows.map((r) => (isAbsolute(r.path) ? r.path : resolve(root, r.path)))
+  const labelled = rows.filter((r) => r.label !== undefined).length
+  if (labelled !== 0 && labelled !== rows.length) {
+    const line = rows.find((r) => r.label === undefined)!.line
+    throw new Error(`${path}:${line}: missing label (some rows have labels, so every row needs one)`)
+  }
+  const labels = new Int32Array(rows.length).fill(-1)
+  let classNames: string[] = []
+  if (labelled) {
+    classNames = opts.classes ?? classesOf(rows.map((r) => r.label!))
+    const index = new Map(classNames.map((name, i) => [name, i]))
+    rows.forEach((r, i) => {
+      const label = r.label!
+      const id = index.get(label) ?? (opts.classes && /^\d+$/.test(label) && Number(label) < classNames.length ? Number(label) : undefined)
+      if (id === undefined) {
+        throw new Error(`${path}:${r.line}: unknown class ${JSON.stringify(label)}; expected one of ${classNames.slice(0, 20).join(', ')}${classNames.length > 20 ? ', ...' : ''}`)
+      }
+      labels[i] = id
+    })
+  }
+  return { name: path, size: rows.length, source: { kind: 'files', paths }, labels, classNames, ignoredFiles: 0 }
+}
+
+/** Sorted distinct labels; all-numeric labels 0..K-1 are kept as their own indices. */
+function classesOf(labels: string[]): string[] {
+  const distinct = [...new Set(labels)]
+  if (distinct.every((l) => /^\d+$/.test(l))) {
+    const max = Math.max(...distinct.map(Number))
+    return Array.from({ length: max + 1 }, (_, i) => String(i))
+  }
+  return distinct.sort()
+}
+
+interface ManifestRow {
+  path: string
+  label?: string
+  line: number
+}
+
+function parseJsonl(text: string, file: string): ManifestRow[] {
+  const rows: ManifestRow[] = []
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim()
+    if (!line) return
+    let value: unknown
+    try {
+      value = JSON.parse(line)
+    } catch (e) {
+      throw new Error(`${file}:${i + 1}: invalid JSON: ${(e as Error).message}`)
+    }
+    const { path, label } = (value ?? {}) as { path?: unknown; label?: unknown }
+    if (typeof path !== 'string' || !path) throw new Error(`${file}:${i + 1}: expected {"path": string, "label"?: string | number}`)
+    if (label !== undefined && typeof label !== 'string' && typeof label !== 'number') {
+      throw new Error(`${file}:${i + 1}: label must be a string or a number, got ${JSON.stringify(label)}`)
+    }
+    rows.push({ path, label: label === undefined ? undefined : String(label), line: i + 1 })
+  })
+  return rows
+}
+
+/** CSV with a header; fields may be double-quoted (with "" for a quote). */
+function parseCsv(text: string, file: string): ManifestRow[] {
+  const lines = text.split(/\r?\n/)
+  const header = splitCsvLine(lines[0] ?? '').map((h) => h.trim().toLowerCase())
+  const pathCol = header.indexOf('path')
+  const labelCol = header.indexOf('label')
+  if (pathCol < 0) throw new Error(`${file}:1: the CSV header needs a "path" column (and optionally "label"), got ${JSON.stringify(lines[0])}`)
+  const rows: ManifestRow[] = []
+  for (let i = 1; i < lines.length; i++) {
+    if (!lines[i].trim()) continue
+    const fields = splitCsvLine(lines[i])
+    const path = fields[pathCol]?.trim()
+    if (!path) throw new Error(`${file}:${i + 1}: empty path`)
+    const label = labelCol >= 0 ? fields[labelCol]?.trim() : undefined
+    rows.push({ path, label: label === '' ? undefined : label, line: i + 1 })
+  }
+  return rows
+}
+
+function splitCsvLine(line: string): string[] {
+  const fields: string[] = []
+  let field = ''
+  let quoted = false
+  for (let i = 0; i < line.length; i++) {
+    const ch = line[i]
+    if (quoted) {
+      if (ch === '"' && line[i + 1] === '"') {
+        field += '"'
+        i++
+      } else if (ch === '"') quoted = false
+      else field += ch
+    } else if (ch === '"') quoted = true
+    else if (ch === ',') {
+      fields.push(field)
+      field = ''
+    } else field += ch
+  }
+  fields.push(field)
+  return fields
+}
+
+/** An in-memory labelled image set (e.g. IDX files) as a dataset. */
+export function pixelDataset(images: LabeledImages, name: string): ImageDataset {
+  if (images.count === 0) throw new Error(`${name} holds no images`)
+  return {
+    name,
+    size: images.count,
+    source: { kind: 'pixels', pixels: images.images, height: images.height, width: images.width, channels: images.channels },
+    labels: Int32Array.from(images.labels),
+    classNames: images.classNames,
+    ignoredFiles: 0,
+  }
+}

@@ -1,0 +1,173 @@
+/**
+ * The image loader: TypeScript decides the order, the shards and every random augmentation
+ * parameter; the native pool decodes, crops, resizes and normalises whole batches into
+ * contiguous arrays, several batches ahead of the training step.
+ */
+import { native } from '../native'
+import type { NativeImageLoader } from '../native'
+import { deriveSeed, Rng } from '../rng'
+import { drawAugment, Transform, validateTransform, validateViews, ViewSpec } from './augment'
+import { describeImage, ImageDataset } from './dataset'
+import { permutation } from './batches'
+
+export interface LoaderOptions {
+  dataset: ImageDataset
+  views: ViewSpec[]
+  transform: Transform
+  batchSize: number
+  /** Seeds the shuffling and the augmentations. Default 0. */
+  seed?: number
+  /** Reshuffle every epoch. Default true. */
+  shuffle?: boolean
+  /** Drop the last partial batch of an epoch. Default false. */
+  dropLast?: boolean
+  /** Data-parallel shard: this process takes every worldSize-th image of the epoch's order. */
+  rank?: number
+  worldSize?: number
+  /** Batches decoded ahead of the consumer. Default 2. */
+  prefetch?: number
+  /** Native decode threads. Default: the machine's available parallelism. */
+  threads?: number
+  /** Decoded pixels allowed per image (larger JPEGs are downscaled while decoding). Default 64 Mi. */
+  maxPixels?: number
+  /** 'skip' (default): leave unreadable images out, warn and count them. 'fail': throw. */
+  onError?: 'skip' | 'fail'
+  /** Called for each skipped image. Default: one console.warn line. */
+  onSkip?: (skip: SkippedImage) => void
+}
+
+export interface SkippedImage {
+  index: number
+  image: string
+  reason: string
+}
+
+export interface Batch {
+  /** One [size, C, H, W] array per view spec, in the specs' order. */
+  views: Float32Array[]
+  /** Label per image (-1 when unlabelled). */
+  labels: Int32Array
+  /** Dataset index per image. */
+  indices: Uint32Array
+  /** Images in the batch: batchSize, less any skipped ones (and the last partial batch). */
+  size: number
+  epoch: number
+  /** Position of the batch in its epoch. */
+  batch: number
+}
+
+export interface LoaderStats {
+  loaded: number
+  skipped: number
+  /** The first 1000 skipped images. */
+  skips: SkippedImage[]
+}
+
+const KEPT_SKIPS = 1000
+
+export class ImageLoader {
+  readonly stats: LoaderStats = { loaded: 0, skipped: 0, skips: [] }
+  private readonly native: NativeImageLoader
+  private readonly viewsJson: string
+  private readonly opts: Required<Omit<LoaderOptions, 'threads' | 'maxPixels' | 'onSkip'>> & Pick<LoaderOptions, 'onSkip'>
+
+  constructor(options: LoaderOptions) {
+    const opts = { seed: 0, shuffle: true, dropLast: false, rank: 0, worldSize: 1, prefetch: 2, onError: 'skip' as const, ...options }
+    const { dataset, batchSize, rank, worldSize, prefetch } = opts
+    if (!dataset || !(dataset.size > 0)) throw new Error(`dataset ${dataset?.name ?? ''} is empty`)
+    if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+    if (!Number.isInteger(worldSize) || worldSize <= 0) throw new Error(`worldSize must be a positive integer, got ${worldSize}`)
+    if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) throw new Error(`rank must be an integer in [0, ${worldSize - 1}], got ${rank}`)
+    if (!Number.isInteger(prefetch) || prefetch < 0) throw new Error(`prefetch must be a non-negative integer, got ${prefetch}`)
+    if (opts.onError !== 'skip' && opts.onError !== 'fail') throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
+    validateViews(opts.views)
+    validateTransform(opts.transform)
+    if (this.shardSize(dataset.size, rank, worldSize) === 0) {
+      throw new Error(`shard ${rank} of ${worldSize} gets no images: the dataset has only ${dataset.size}`)
+    }
+    this.opts = opts
+    this.viewsJson = JSON.stringify(opts.views)
+    this.native = new native.NativeImageLoader(options.threads, options.maxPixels)
+  }
+
+  get dataset(): ImageDataset {
+    return this.opts.dataset
+  }
+
+  get threads(): number {
+    return this.native.threads
+  }
+
+  /** Batches this shard yields per epoch. */
+  get batchesPerEpoch(): number {
+    const { dataset, rank, worldSize, batchSize, dropLast } = this.opts
+    const n = this.shardSize(dataset.size, rank, worldSize)
+    return dropLast ? Math.floor(n / batchSize) : Math.ceil(n / batchSize)
+  }
+
+  /** This shard's dataset indices for `epoch`, in order. */
+  epochOrder(epoch: number): Uint32Array {
+    const { dataset, shuffle, seed, rank, worldSize } = this.opts
+    const order = shuffle ? permutation(dataset.size, new Rng(deriveSeed(seed, epoch))) : Uint32Array.from({ length: dataset.size }, (_, i) => i)
+    if (worldSize === 1) return order
+    return order.filter((_, i) => i % worldSize === rank)
+  }
+
+  /**
+   * The batches of one epoch, from batch `fromBatch` on (for resuming: the batches, their
+   * order and their augmentations depend only on seed, epoch and position).
+   */
+  async *epoch(epoch: number, opts: { fromBatch?: number } = {}): AsyncGenerator<Batch> {
+    if (!Number.isInteger(epoch) || epoch < 0) throw new Error(`epoch must be a non-negative integer, got ${epoch}`)
+    const order = this.epochOrder(epoch)
+    const total = this.batchesPerEpoch
+    let next = opts.fromBatch ?? 0
+    if (!Number.isInteger(next) || next < 0 || next > total) throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
+    const queue: Promise<Batch>[] = []
+    const launch = () => {
+      const pending = this.load(order, epoch, next++)
+      pending.catch(() => {}) // surfaced when awaited; avoids an unhandled rejection meanwhile
+      queue.push(pending)
+    }
+    while (next < total && queue.length <= this.opts.prefetch) launch()
+    while (queue.length > 0) {
+      const batch = await queue.shift()!
+      if (next < total) launch()
+      if (batch.size > 0) yield batch // every image of it was skipped (and counted)
+    }
+  }
+
+  private shardSize(n: number, rank: number, worldSize: number): number {
+    return Math.floor(n / worldSize) + (rank < n % worldSize ? 1 : 0)
+  }
+
+  private async load(order: Uint32Array, epoch: number, batch: number): Promise<Batch> {
+    const { dataset, batchSize, transform, seed } = this.opts
+    const indices = order.subarray(batch * batchSize, Math.min(order.length, (batch + 1) * batchSize))
+    const augments = Array.from(indices, (index) => drawAugment(transform, new Rng(deriveSeed(seed, epoch, index, 1))))
+    const augmentsJson = JSON.stringify(augments)
+    const source = dataset.source
+    const result =
+      source.kind === 'files'
+        ? await this.native.loadFiles(Array.from(indices, (i: number) => source.paths[i]), augmentsJson, this.viewsJson)
+        : await this.native.loadPixels(source.pixels, source.height, source.width, source.channels, indices, augmentsJson, this.viewsJson)
+    for (const failure of result.failures) {
+      const skip = { index: indices[failure.index], image: describeImage(dataset, indices[failure.index]), reason: failure.reason }
+      if (this.opts.onError === 'fail') throw new Error(`cannot load ${skip.image}: ${skip.reason}`)
+      this.stats.skipped++
+      if (this.stats.skips.length < KEPT_SKIPS) this.stats.skips.push(skip)
+      if (this.opts.onSkip) this.opts.onSkip(skip)
+      else console.warn(`beit: skipped ${skip.image}: ${skip.reason}`)
+    }
+    const kept = Uint32Array.from(result.kept, (k) => indices[k])
+    this.stats.loaded += kept.length
+    return {
+      views: result.views,
+      labels: Int32Array.from(kept, (i) => dataset.labels[i]),
+      indices: kept,
+      size: kept.length,
+      epoch,
+      batch,
+    }
+  }
+}

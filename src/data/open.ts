@@ -1,0 +1,40 @@
+/**
+ * Data sources by name, as the CLI and the demo take them:
+ *   sample         the Fashion-MNIST subset bundled in the package (5,000 train / 1,000 test)
+ *   fashion-mnist  the full Fashion-MNIST installed by Debian's `dataset-fashion-mnist`
+ *   DIR            a folder of IDX files, or of images (DIR/<split>/ when it exists)
+ *   FILE.csv|.jsonl  a manifest
+ */
+import { existsSync, statSync } from 'node:fs'
+import { extname, join } from 'node:path'
+import { imageFolder, ImageDataset, manifest, pixelDataset } from './dataset'
+import { DEBIAN_FASHION_MNIST_DIR, loadFashionMnist } from './fashion-mnist'
+
+export type Split = 'train' | 'test'
+
+/** Folder names tried for each split inside an image folder (ImageNet uses train/ and val/). */
+const SPLIT_FOLDERS: Record<Split, string[]> = { train: ['train'], test: ['test', 'val'] }
+
+function hasIdx(dir: string, split: Split): boolean {
+  const prefix = split === 'train' ? 'train' : 't10k'
+  return [`${prefix}-images-idx3-ubyte`, `${prefix}-images-idx3-ubyte.gz`].some((f) => existsSync(join(dir, f)))
+}
+
+export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
+  if (spec === 'sample') return pixelDataset(await loadFashionMnist({ split }), `fashion-mnist sample (${split})`)
+  if (spec === 'fashion-mnist') {
+    if (!existsSync(DEBIAN_FASHION_MNIST_DIR)) {
+      throw new Error(`the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`)
+    }
+    return pixelDataset(await loadFashionMnist({ split, dir: DEBIAN_FASHION_MNIST_DIR }), `fashion-mnist (${split})`)
+  }
+  if (!existsSync(spec)) throw new Error(`data not found: ${spec} (expected sample, fashion-mnist, a folder or a .csv/.jsonl manifest)`)
+  if (statSync(spec).isFile()) {
+    const ext = extname(spec).toLowerCase()
+    if (ext !== '.csv' && ext !== '.jsonl') throw new Error(`data file ${spec}: expected a .csv or .jsonl manifest`)
+    return manifest(spec)
+  }
+  if (hasIdx(spec, split)) return pixelDataset(await loadFashionMnist({ split, dir: spec }), `${spec} (${split})`)
+  const splitDir = SPLIT_FOLDERS[split].map((name) => join(spec, name)).find((d) => existsSync(d))
+  return imageFolder(splitDir ?? spec)
+}
