@@ -9,6 +9,31 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** A BEiT backbone with a classification head and its AdamW state. */
+export declare class NativeClassifier {
+  /**
+   * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `finetuneJson`:
+   * { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
+   */
+  static create(configJson: string, optimizerJson: string, finetuneJson: string, seed: number): NativeClassifier
+  /** Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`. */
+  static fromPretrained(path: string, configJson: string, optimizerJson: string, finetuneJson: string, seed: number): Promise<NativeClassifier>
+  /** Reads a checkpoint written by `save`. */
+  static load(path: string): Promise<NativeClassifier>
+  get configJson(): string
+  get finetuneJson(): string
+  get numParameters(): number
+  get optimizerStep(): number
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  save(path: string): Promise<void>
+  /** One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth. */
+  trainStep(pixels: Float32Array, labels: Int32Array, lr: number, seed: number): Promise<ClassifierMetrics>
+  /** Class logits [B, numLabels]. */
+  predict(pixels: Float32Array): Promise<Float32Array>
+}
+
 /** Decodes, crops, resizes and normalises image batches on a thread pool of its own. */
 export declare class NativeImageLoader {
   /**
@@ -27,6 +52,15 @@ export declare class NativeImageLoader {
    * (an IDX dataset); `indices` picks the batch.
    */
   loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+}
+
+/** A linear classifier on frozen, standardised features. */
+export declare class NativeLinearProbe {
+  /** `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature). */
+  constructor(numFeatures: number, numLabels: number, trainFeatures: Float32Array, optimizerJson: string, seed: number)
+  trainStep(features: Float32Array, labels: Int32Array, lr: number): Promise<ClassifierMetrics>
+  /** Class logits [N, numLabels]. */
+  predict(features: Float32Array): Promise<Float32Array>
 }
 
 /** A BEiT model with its MIM head and AdamW state. */
@@ -50,6 +84,14 @@ export declare class NativeMimModel {
   save(path: string): Promise<void>
   /** One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth. */
   trainStep(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: number, seed: number): Promise<StepMetrics>
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /**
+   * Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
+   * [B, 2 * hiddenSize].
+   */
+  probeFeatures(pixels: Float32Array, layer: number): Promise<Float32Array>
   /** Evaluation forward pass: logits and argmax ids at the masked patches. */
   predict(pixels: Float32Array, mask: Uint8Array): Promise<MaskedPredictions>
 }
@@ -73,6 +115,14 @@ export declare class NativeTokenizer {
   encode(pixels: Float32Array, height: number, width: number): Promise<Int32Array>
   /** Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth]. */
   decode(ids: Int32Array, gridHeight: number, gridWidth: number): Promise<Float32Array>
+}
+
+export interface ClassifierMetrics {
+  loss: number
+  /** Share of the batch classified right (argmax). */
+  accuracy: number
+  /** Global gradient norm before clipping. */
+  gradNorm: number
 }
 
 export interface ImageFailure {

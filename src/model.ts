@@ -85,6 +85,31 @@ export class Beit {
     return this.handle.optimizerStep
   }
 
+  /**
+   * The training loop's position (JSON-serialisable), written into and read back from the
+   * checkpoint with the weights, so one atomic file resumes a run.
+   */
+  get trainState(): unknown {
+    const json = this.handle.trainState
+    return json == null ? undefined : JSON.parse(json)
+  }
+
+  set trainState(state: unknown) {
+    this.handle.trainState = state === undefined ? null : JSON.stringify(state)
+  }
+
+  /**
+   * Linear-probe features of layer `layer` (1-based; 0 = the embeddings): [CLS] and the mean
+   * patch token concatenated, [B, 2 * hiddenSize]. No masking, no stochastic depth.
+   */
+  probeFeatures(pixels: Float32Array, layer: number): Promise<Float32Array> {
+    checkType('pixels', pixels, Float32Array)
+    if (!Number.isInteger(layer) || layer < 0 || layer > this.config.numHiddenLayers) {
+      throw new Error(`layer must be an integer in [0, ${this.config.numHiddenLayers}], got ${layer}`)
+    }
+    return this.handle.probeFeatures(pixels, layer)
+  }
+
   /** One AdamW step on the masked cross-entropy, off the JS thread. */
   trainStep(input: TrainStepInput): Promise<TrainStepResult> {
     checkType('pixels', input.pixels, Float32Array)
@@ -106,7 +131,7 @@ export class Beit {
   }
 }
 
-function checkType(name: string, value: unknown, type: Function): void {
+export function checkType(name: string, value: unknown, type: Function): void {
   if (!(value instanceof type)) {
     const got = value === null ? 'null' : typeof value === 'object' ? value.constructor.name : typeof value
     throw new TypeError(`${name}: expected a ${type.name}, got ${got}`)

@@ -3,4 +3,4 @@ import type * as Native from '../index'
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 export const native: typeof Native = require('../index.js')
-export type { NativeImageLoader, NativeMimModel, NativeTokenizer } from '../index'
+export type { NativeClassifier, NativeImageLoader, NativeLinearProbe, NativeMimModel, NativeTokenizer } from '../index'

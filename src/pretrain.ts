@@ -1,81 +1,210 @@
 /**
- * The masked-image-modeling pretraining loop (nanoGPT style: schedules, masking and logging
- * are helpers it calls). Data here is an in-memory image set; the streaming data pipeline
- * plugs in at the batch.
+ * The masked-image-modeling pretraining loop (nanoGPT style: the loader, masking, schedule,
+ * metrics and checkpoints are helpers it calls). Each step: two views of a batch, the
+ * tokenizer's ids of the tokenizer view (no gradient), a mask per image, one AdamW step.
+ * A checkpoint carries the loop's position, so a resumed run takes the very steps the
+ * uninterrupted one would have.
  */
-import { ShuffledBatches } from './data/batches'
-import { LabeledImages } from './data/idx'
+import { join } from 'node:path'
+
+import { beitViews, TrainTransform } from './data/augment'
+import { ImageDataset } from './data/dataset'
+import { ImageLoader } from './data/loader'
 import { MaskGenerator } from './masking'
 import { Beit, TrainStepResult } from './model'
-import { Rng } from './rng'
+import { deriveSeed } from './rng'
+import { MetricsLog } from './run'
+import { warmupCosine } from './schedule'
 import { Dvae } from './tokenizer'
 
 export interface PretrainProgress extends TrainStepResult {
   step: number
+  totalSteps: number
+  epoch: number
   lr: number
   /** Share of the batch's most frequent target among masked patches: the accuracy of always guessing it. */
   majorityBaseline: number
   imagesPerSecond: number
 }
 
+export interface ScheduleOptions {
+  /** Peak learning rate. */
+  lr: number
+  /** Final learning rate. Default lr / 150 (BEiT: 1.5e-3 -> 1e-5). */
+  minLr?: number
+  /** Linear warmup steps. Default 5% of the run. */
+  warmupSteps?: number
+}
+
 export interface PretrainOptions {
   model: Beit
-  images: LabeledImages
   tokenizer: Dvae
+  data: ImageDataset
   masking: MaskGenerator
-  steps: number
   batchSize: number
-  /** Learning rate at each step (0-based). */
-  lr: (step: number) => number
-  /** Shuffling and stochastic-depth seed. Default 0. */
-  seed?: number
-  /** Per-channel normalisation of the patch view. Default 0.5 / 0.5 (BEiT's). */
+  /** Length of the run: optimizer steps, or epochs over `data`. Exactly one. */
+  steps?: number
+  epochs?: number
+  schedule: ScheduleOptions
+  /** Augmentation of the shared crop. Default BEiT's (RandomResizedCrop 0.08-1, flip, jitter 0.4). */
+  transform?: TrainTransform
+  /** Patch view normalisation. Default 0.5 / 0.5. */
   mean?: number
   std?: number
+  /** Data order, augmentation and stochastic-depth seed. Default 0. */
+  seed?: number
+  /** Run folder: checkpoint.safetensors, metrics.jsonl, curves.svg. */
+  outDir: string
+  /** Checkpoint every N steps (and at the end, and when interrupted). Default 500. */
+  checkpointEvery?: number
+  /** Abort (e.g. on SIGINT): the loop checkpoints after the current step and returns. */
+  signal?: AbortSignal
+  /** Decode threads and batches prefetched. */
+  threads?: number
+  prefetch?: number
   onProgress?: (p: PretrainProgress) => void
 }
 
-export async function pretrain(opts: PretrainOptions): Promise<PretrainProgress[]> {
-  const { model, images, tokenizer, masking, steps, batchSize } = opts
+/** Where a pretraining run stands; stored in the checkpoint. */
+interface PretrainState {
+  kind: 'pretrain'
+  /** Steps completed. */
+  step: number
+  totalSteps: number
+  /** Loader position of the last batch used. */
+  epoch: number
+  batch: number
+  batchSize: number
+  seed: number
+  masking: number
+}
+
+export interface RunResult {
+  status: 'completed' | 'interrupted'
+  /** Steps completed so far (over all sessions of the run). */
+  step: number
+  checkpoint: string
+}
+
+export function resolveSteps(steps: number | undefined, epochs: number | undefined, batchesPerEpoch: number): number {
+  if ((steps === undefined) === (epochs === undefined)) throw new Error('give exactly one of steps and epochs')
+  const total = steps ?? Math.round(epochs! * batchesPerEpoch)
+  if (!Number.isInteger(total) || total <= 0) throw new Error(`the run must have a positive whole number of steps, got ${total}`)
+  return total
+}
+
+export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: number) => number {
+  return warmupCosine({
+    lr: opts.lr,
+    minLr: opts.minLr ?? opts.lr / 150,
+    warmupSteps: opts.warmupSteps ?? Math.round(0.05 * totalSteps),
+    totalSteps,
+  })
+}
+
+export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
+  const { model, tokenizer, data, masking, batchSize } = opts
+  const seed = opts.seed ?? 0
   const [height, width] = model.config.imageSize
-  if (images.height !== height || images.width !== width || images.channels !== model.config.numChannels) {
-    throw new Error(
-      `images are ${images.height}x${images.width} with ${images.channels} channel(s) but the model expects ${height}x${width} with ${model.config.numChannels}`,
-    )
-  }
-  const tokenGrid = [height / tokenizer.downsample, width / tokenizer.downsample]
+  const channels = model.config.numChannels as 1 | 3
+  const [tokHeight, tokWidth] = tokenizer.config.imageSize
+  if (tokHeight !== tokWidth || height !== width) throw new Error('pretrain takes square images and tokenizer inputs')
+  const tokenGrid = [tokHeight / tokenizer.downsample, tokWidth / tokenizer.downsample]
   if (tokenGrid[0] !== model.grid[0] || tokenGrid[1] !== model.grid[1]) {
     throw new Error(
-      `the tokenizer's token grid ${tokenGrid.join('x')} (image / ${tokenizer.downsample}) does not match the model's patch grid ${model.grid.join('x')}`,
+      `the tokenizer's token grid ${tokenGrid.join('x')} (${tokHeight} px / ${tokenizer.downsample}) does not match the model's patch grid ${model.grid.join('x')} (${height} px / ${model.config.patchSize})`,
     )
   }
   if (tokenizer.config.vocabSize > model.config.vocabSize) {
     throw new Error(`tokenizer vocabulary ${tokenizer.config.vocabSize} exceeds the model's vocabSize ${model.config.vocabSize}`)
   }
+  if (tokenizer.config.numChannels !== channels) {
+    throw new Error(`the tokenizer takes ${tokenizer.config.numChannels} channel(s) but the model ${channels}`)
+  }
   if (masking.height * masking.width !== model.grid[0] * model.grid[1]) {
     throw new Error(`mask grid ${masking.height}x${masking.width} does not match the model's patch grid ${model.grid.join('x')}`)
   }
-  const rng = new Rng(opts.seed ?? 0)
-  const mean = opts.mean ?? 0.5
-  const std = opts.std ?? 0.5
-  const batches = new ShuffledBatches(images, batchSize, rng)
-  const patches = model.grid[0] * model.grid[1]
-  const history: PretrainProgress[] = []
-  for (let step = 0; step < steps; step++) {
-    const started = performance.now()
-    const { pixels01 } = batches.next()
-    const mask = new Uint8Array(batchSize * patches)
-    for (let b = 0; b < batchSize; b++) mask.set(masking.generate(), b * patches)
-    const targets = await tokenizer.encode(pixels01, batchSize)
-    const pixels = pixels01.map((v) => (v - mean) / std)
-    const lr = opts.lr(step)
-    const result = await model.trainStep({ pixels, mask, targets, lr, seed: rng.nextSeed() })
-    if (!Number.isFinite(result.loss)) throw new Error(`non-finite loss ${result.loss} at step ${step}`)
-    const progress = { ...result, step, lr, majorityBaseline: majorityShare(targets, mask), imagesPerSecond: batchSize / ((performance.now() - started) / 1000) }
-    history.push(progress)
-    opts.onProgress?.(progress)
+
+  const loader = new ImageLoader({
+    dataset: data,
+    views: beitViews({ imageSize: height, tokenizerSize: tokHeight, channels, mean: opts.mean, std: opts.std }),
+    transform: opts.transform ?? { kind: 'train' },
+    batchSize,
+    seed,
+    dropLast: true,
+    threads: opts.threads,
+    prefetch: opts.prefetch,
+  })
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
+  const lr = scheduleFor(opts.schedule, totalSteps)
+
+  // Resume from the model's saved position, if it carries one.
+  const saved = model.trainState as PretrainState | undefined
+  let state: PretrainState = { kind: 'pretrain', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, masking: masking.getState() }
+  if (saved !== undefined) {
+    if (saved.kind !== 'pretrain') throw new Error(`the model's checkpoint is from a ${String(saved.kind)} run, not pretraining`)
+    for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
+      if (saved[key] !== state[key]) throw new Error(`cannot resume: the run had ${key} ${saved[key]}, now ${state[key]}`)
+    }
+    state = saved
+    masking.setState(state.masking)
   }
-  return history
+
+  const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
+  const metrics = await MetricsLog.open(opts.outDir, {
+    title: 'BEiT masked image modeling',
+    panels: [{ key: 'loss' }, { key: 'mlmAcc', title: 'MIM accuracy' }, { key: 'lr', log: true }, { key: 'gradNorm', title: 'gradient norm' }],
+    resumeFrom: state.step,
+  })
+  const save = async () => {
+    state.masking = masking.getState()
+    model.trainState = state
+    await model.save(checkpoint)
+  }
+  const patches = model.grid[0] * model.grid[1]
+  const everyCheckpoint = opts.checkpointEvery ?? 500
+
+  let epoch = state.epoch
+  let fromBatch = state.batch + 1
+  while (state.step < totalSteps) {
+    let started = performance.now()
+    for await (const batch of loader.epoch(epoch, { fromBatch })) {
+      if (state.step >= totalSteps) break
+      const [pixels, tokenizerView] = batch.views
+      const targets = await tokenizer.encode(tokenizerView, batch.size)
+      const mask = new Uint8Array(batch.size * patches)
+      for (let b = 0; b < batch.size; b++) mask.set(masking.generate(), b * patches)
+      const stepLr = lr(state.step)
+      let result: TrainStepResult
+      try {
+        result = await model.trainStep({ pixels, mask, targets, lr: stepLr, seed: deriveSeed(seed, state.step, 2) })
+      } catch (e) {
+        throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`)
+      }
+      const progress: PretrainProgress = {
+        ...result,
+        step: state.step,
+        totalSteps,
+        epoch,
+        lr: stepLr,
+        majorityBaseline: majorityShare(targets, mask),
+        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
+      }
+      state = { ...state, step: state.step + 1, epoch, batch: batch.batch }
+      await metrics.record({ step: progress.step, epoch, loss: result.loss, mlmAcc: result.mlmAcc, majorityBaseline: progress.majorityBaseline, lr: stepLr, gradNorm: result.gradNorm, imagesPerSecond: progress.imagesPerSecond })
+      opts.onProgress?.(progress)
+      if (state.step % everyCheckpoint === 0 || state.step === totalSteps || opts.signal?.aborted) await save()
+      if (opts.signal?.aborted) {
+        await metrics.writePlot()
+        return { status: 'interrupted', step: state.step, checkpoint }
+      }
+      started = performance.now()
+    }
+    epoch++
+    fromBatch = 0
+  }
+  await metrics.writePlot()
+  return { status: 'completed', step: state.step, checkpoint }
 }
 
 function majorityShare(targets: Int32Array, mask: Uint8Array): number {

@@ -72,7 +72,8 @@ export class ImageLoader {
   private readonly opts: Required<Omit<LoaderOptions, 'threads' | 'maxPixels' | 'onSkip'>> & Pick<LoaderOptions, 'onSkip'>
 
   constructor(options: LoaderOptions) {
-    const opts = { seed: 0, shuffle: true, dropLast: false, rank: 0, worldSize: 1, prefetch: 2, onError: 'skip' as const, ...options }
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as LoaderOptions
+    const opts = { seed: 0, shuffle: true, dropLast: false, rank: 0, worldSize: 1, prefetch: 2, onError: 'skip' as const, ...given }
     const { dataset, batchSize, rank, worldSize, prefetch } = opts
     if (!dataset || !(dataset.size > 0)) throw new Error(`dataset ${dataset?.name ?? ''} is empty`)
     if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)

@@ -66,6 +66,18 @@ impl Loaded {
         })
     }
 
+    /// Checks the "format" metadata entry; `what` names the expected kind of file.
+    pub fn expect_format(&self, path: &Path, format: &str, what: &str) -> Result<()> {
+        let found = self.meta("format", path)?;
+        if found != format {
+            return Err(Error::Checkpoint(format!(
+                "{} has format {found:?}, expected {format:?} ({what})",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Removes and returns the tensors whose names start with `prefix` (prefix stripped).
     pub fn take_prefixed(&mut self, prefix: &str) -> HashMap<String, Tensor> {
         let names: Vec<String> =

@@ -33,17 +33,18 @@ pub struct BeitConfig {
 }
 
 impl BeitConfig {
-    /// A named preset (tiny, small, base, large) at 224 px, patch 16, RGB, 8192 visual tokens,
+    /// A named preset (mini, tiny, small, base, large) at 224 px, patch 16, RGB, 8192 visual tokens,
     /// with the pretraining choices of BEiT: shared relative bias, no absolute positions.
     pub fn preset(name: &str) -> Result<Self> {
         let (hidden, layers, heads, layer_scale) = match name {
+            "mini" => (128, 6, 4, 0.1),
             "tiny" => (192, 12, 3, 0.1),
             "small" => (384, 12, 6, 0.1),
             "base" => (768, 12, 12, 0.1),
             "large" => (1024, 24, 16, 1e-5),
             other => {
                 return Err(Error::Config(format!(
-                    "unknown preset {other:?}: expected one of tiny, small, base, large"
+                    "unknown preset {other:?}: expected one of mini, tiny, small, base, large"
                 )))
             }
         };
@@ -144,6 +145,46 @@ impl BeitConfig {
     pub fn from_json(json: &str) -> Result<Self> {
         let cfg: Self = serde_json::from_str(json)
             .map_err(|e| Error::Config(format!("invalid model config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+}
+
+/// How the classifier pools the backbone's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean of the patch tokens, then LayerNorm (BEiT's fine-tuning default).
+    Mean,
+    /// The [CLS] token after the final LayerNorm.
+    Cls,
+}
+
+/// A BEiT backbone with a classification head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClassifierConfig {
+    pub model: BeitConfig,
+    pub num_labels: usize,
+    pub pooling: Pooling,
+}
+
+impl ClassifierConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        if self.num_labels < 2 {
+            return Err(Error::Config(format!("numLabels must be at least 2, got {}", self.num_labels)));
+        }
+        Ok(())
+    }
+
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self =
+            serde_json::from_str(json).map_err(|e| Error::Config(format!("invalid classifier config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }

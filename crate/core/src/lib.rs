@@ -2,6 +2,7 @@
 //! No Node dependency: everything here is tested with `cargo test`.
 
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
 pub mod error;
 pub mod images;
@@ -12,7 +13,8 @@ pub mod params;
 pub mod rng;
 pub mod trainer;
 
-pub use config::BeitConfig;
+pub use classify::{ClassifierStepMetrics, ClassifierTrainer, FinetuneOptions, LinearProbe};
+pub use config::{BeitConfig, ClassifierConfig, Pooling};
 pub use error::{Error, Result};
 pub use optim::{AdamW, AdamWConfig};
 pub use trainer::{MimBatch, MimTrainer, Predictions, StepMetrics};

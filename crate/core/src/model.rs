@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::config::BeitConfig;
+use crate::config::{BeitConfig, ClassifierConfig, Pooling};
 use crate::ops;
 use crate::rng::SplitMix64;
 
@@ -110,17 +110,19 @@ impl Module for PatchEmbeddings {
 
 pub struct Embeddings {
     cls_token: Tensor,
-    mask_token: Tensor,
+    /// Only models that mask (MIM) have one, as in Hugging Face's `use_mask_token`.
+    mask_token: Option<Tensor>,
     patch_embeddings: PatchEmbeddings,
     position_embeddings: Option<Tensor>,
 }
 
 impl Embeddings {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, use_mask_token: bool, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let std = cfg.initializer_range;
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", trunc_normal(std))?;
-        let mask_token = vb.get_with_hints((1, 1, d), "mask_token", trunc_normal(std))?;
+        let mask_token =
+            if use_mask_token { Some(vb.get_with_hints((1, 1, d), "mask_token", trunc_normal(std))?) } else { None };
         let patch_embeddings = PatchEmbeddings::new(cfg, vb.pp("patch_embeddings"))?;
         let position_embeddings = if cfg.use_absolute_position_embeddings {
             let n = cfg.num_patches() + 1;
@@ -135,13 +137,14 @@ impl Embeddings {
     pub fn forward(&self, pixels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = self.patch_embeddings.forward(pixels)?;
         let (b, _, d) = x.dims3()?;
-        let x = match mask {
-            Some(m) => {
+        let x = match (mask, &self.mask_token) {
+            (Some(m), Some(token)) => {
                 let w = m.unsqueeze(2)?.to_dtype(x.dtype())?;
                 let keep = w.affine(-1.0, 1.0)?;
-                x.broadcast_mul(&keep)?.add(&w.broadcast_mul(&self.mask_token)?)?
+                x.broadcast_mul(&keep)?.add(&w.broadcast_mul(token)?)?
             }
-            None => x,
+            (Some(_), None) => candle_core::bail!("this model has no mask token: it cannot take a mask"),
+            (None, _) => x,
         };
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
@@ -400,13 +403,18 @@ impl Encoder {
         Ok(Self { layers, relative_position_bias })
     }
 
-    pub fn forward(&self, x: &Tensor, mut rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+        self.forward_layers(x, self.layers.len(), rng)
+    }
+
+    /// The output of the first `count` layers.
+    pub fn forward_layers(&self, x: &Tensor, count: usize, mut rng: Option<&mut SplitMix64>) -> Result<Tensor> {
         let shared = match &self.relative_position_bias {
             Some(rpb) => Some(rpb.forward()?),
             None => None,
         };
         let mut x = x.clone();
-        for layer in &self.layers {
+        for layer in &self.layers[..count.min(self.layers.len())] {
             x = layer.forward(&x, shared.as_ref(), rng.as_deref_mut())?;
         }
         Ok(x)
@@ -420,15 +428,25 @@ pub struct BeitModel {
 }
 
 impl BeitModel {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, use_mask_token: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            embeddings: Embeddings::new(cfg, vb.pp("embeddings"))?,
+            embeddings: Embeddings::new(cfg, use_mask_token, vb.pp("embeddings"))?,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
         })
     }
 
     pub fn forward(&self, pixels: &Tensor, mask: Option<&Tensor>, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
         self.encoder.forward(&self.embeddings.forward(pixels, mask)?, rng)
+    }
+
+    /// Linear-probe features of layer `layer` (1-based; 0 = the embeddings): [CLS] and the mean
+    /// of the patch tokens, concatenated, [B, 2D]. No stochastic depth.
+    pub fn probe_features(&self, pixels: &Tensor, layer: usize) -> Result<Tensor> {
+        let h = self.encoder.forward_layers(&self.embeddings.forward(pixels, None)?, layer, None)?;
+        let t = h.dim(1)?;
+        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        let mean = h.narrow(1, 1, t - 1)?.mean(1)?;
+        Tensor::cat(&[&cls, &mean], 1)
     }
 }
 
@@ -443,7 +461,7 @@ impl BeitForMaskedImageModeling {
     pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            beit: BeitModel::new(cfg, vb.pp("beit"))?,
+            beit: BeitModel::new(cfg, true, vb.pp("beit"))?,
             layernorm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layernorm"))?,
             lm_head: Linear::new(d, cfg.vocab_size, true, cfg.initializer_range, vb.pp("lm_head"))?,
         })
@@ -454,6 +472,10 @@ impl BeitForMaskedImageModeling {
         self.layernorm.forward(&self.beit.forward(pixels, mask, rng)?)
     }
 
+    pub fn backbone(&self) -> &BeitModel {
+        &self.beit
+    }
+
     /// Vocabulary logits [M, V] of the patches at `positions` (flat indices b * N + n), so the
     /// head runs on masked patches only.
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
@@ -461,6 +483,56 @@ impl BeitForMaskedImageModeling {
         let patches = hidden.narrow(1, 1, t - 1)?.contiguous()?.reshape((b * (t - 1), d))?;
         self.lm_head.forward(&patches.index_select(positions, 0)?)
     }
+}
+
+/// BEiT with a classification head (HF's `BeitForImageClassification`): mean-pooled patch
+/// tokens through `beit.pooler.layernorm`, or [CLS] through `beit.layernorm`, then `classifier`.
+pub struct BeitForImageClassification {
+    beit: BeitModel,
+    norm: LayerNorm,
+    pooling: Pooling,
+    classifier: Linear,
+}
+
+impl BeitForImageClassification {
+    pub fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Self> {
+        let m = &cfg.model;
+        let d = m.hidden_size;
+        let norm_path = match cfg.pooling {
+            Pooling::Mean => vb.pp("beit").pp("pooler").pp("layernorm"),
+            Pooling::Cls => vb.pp("beit").pp("layernorm"),
+        };
+        Ok(Self {
+            beit: BeitModel::new(m, false, vb.pp("beit"))?,
+            norm: LayerNorm::new(d, m.layer_norm_eps, norm_path)?,
+            pooling: cfg.pooling,
+            classifier: Linear::new(d, cfg.num_labels, true, m.initializer_range, vb.pp("classifier"))?,
+        })
+    }
+
+    /// Class logits [B, K]. `rng` drives stochastic depth (training only).
+    pub fn forward(&self, pixels: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+        let h = self.beit.forward(pixels, None, rng)?;
+        let t = h.dim(1)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => h.narrow(1, 1, t - 1)?.mean(1)?,
+            Pooling::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        self.classifier.forward(&self.norm.forward(&pooled)?)
+    }
+}
+
+/// Mean label-smoothed cross-entropy of `logits` [M, K] against `labels` [M] (u32) and the
+/// accuracy: (1 - s) * CE(label) + s * CE(uniform) = CE(label) + s * (x_label - mean_k x_k).
+pub fn classification_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<(Tensor, f64)> {
+    let mut rows = ops::cross_entropy_rows(logits, labels)?;
+    if smoothing > 0.0 {
+        let picked = logits.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let spread = picked.sub(&logits.mean(1)?)?.affine(smoothing, 0.0)?;
+        rows = rows.add(&spread)?;
+    }
+    let hits = logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F64)?.mean_all()?;
+    Ok((rows.mean_all()?, hits.to_scalar::<f64>()?))
 }
 
 /// Mask [B, N] as 0/1 floats for the embeddings, and the flat masked positions.

@@ -7,6 +7,10 @@ use candle_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::checkpoint::Loaded;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,12 +61,35 @@ pub fn is_decay_exempt(name: &str, rank: usize) -> bool {
     rank <= 1 || name.ends_with(".bias") || EXEMPT.iter().any(|e| name.ends_with(e))
 }
 
+const CHECKPOINT_PREFIX: &str = "optimizer.";
+
+#[derive(Serialize, Deserialize)]
+struct OptimizerMeta {
+    config: AdamWConfig,
+    step: u64,
+}
+
+/// An optimizer as read from a checkpoint, to be restored once the model is built.
+pub struct SavedOptimizer {
+    pub config: AdamWConfig,
+    pub step: u64,
+    moments: HashMap<String, Tensor>,
+}
+
+impl SavedOptimizer {
+    pub fn restore_into(self, optimizer: &mut AdamW) -> Result<()> {
+        optimizer.restore(self.moments, self.step)
+    }
+}
+
 pub struct ParamState {
     pub name: String,
     pub var: Var,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
     pub decay: bool,
+    /// Multiplies the step's learning rate (layer-wise LR decay); 1 by default.
+    pub lr_scale: f64,
 }
 
 pub struct AdamW {
@@ -84,10 +111,36 @@ impl AdamW {
                     exp_avg: var.zeros_like()?.to_dtype(DType::F32)?,
                     exp_avg_sq: var.zeros_like()?.to_dtype(DType::F32)?,
                     decay: !is_decay_exempt(name, var.rank()),
+                    lr_scale: 1.0,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(Self { config, params, step: 0 })
+    }
+
+    /// Sets each parameter's learning-rate multiplier from its name.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
+        }
+    }
+
+    /// Adds the optimizer to a checkpoint: moments as `optimizer.*` tensors, settings and step
+    /// in the "optimizer" metadata entry.
+    pub fn write_checkpoint(&self, tensors: &mut Vec<(String, Tensor)>, metadata: &mut HashMap<String, String>) {
+        for (name, t) in self.state_tensors() {
+            tensors.push((format!("{CHECKPOINT_PREFIX}{name}"), t));
+        }
+        let meta = OptimizerMeta { config: self.config.clone(), step: self.step };
+        metadata.insert("optimizer".into(), serde_json::to_string(&meta).expect("serialisable"));
+    }
+
+    /// The optimizer part of a checkpoint written by [`AdamW::write_checkpoint`] (its tensors
+    /// are taken out of `file`).
+    pub fn read_checkpoint(file: &mut Loaded, path: &Path) -> Result<SavedOptimizer> {
+        let meta: OptimizerMeta = serde_json::from_str(file.meta("optimizer", path)?)
+            .map_err(|e| Error::Checkpoint(format!("{}: bad optimizer metadata: {e}", path.display())))?;
+        Ok(SavedOptimizer { config: meta.config, step: meta.step, moments: file.take_prefixed(CHECKPOINT_PREFIX) })
     }
 
     /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`) for checkpoints.
@@ -167,7 +220,7 @@ impl AdamW {
                 &p.exp_avg,
                 &p.exp_avg_sq,
                 &ParamUpdate {
-                    lr,
+                    lr: lr * p.lr_scale,
                     weight_decay: if p.decay { c.weight_decay } else { 0.0 },
                     eps: c.eps,
                     bias_correction1: 1.0 - c.beta1.powi(t),

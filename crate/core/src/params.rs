@@ -16,7 +16,9 @@ use crate::rng::SplitMix64;
 enum Source {
     /// Reference init: `Init::Randn { stdev }` means truncated normal at +-1 std (as unilm).
     Init(SplitMix64),
-    Checkpoint(HashMap<String, Tensor>),
+    /// Tensors from a checkpoint; those it lacks are initialised from `fallback` when given
+    /// (fine-tuning a pretrained backbone under a new head), else an error.
+    Checkpoint { tensors: HashMap<String, Tensor>, fallback: Option<SplitMix64> },
 }
 
 struct Store {
@@ -37,7 +39,12 @@ impl ParamStore {
     }
 
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
-        Self::new(Source::Checkpoint(tensors))
+        Self::new(Source::Checkpoint { tensors, fallback: None })
+    }
+
+    /// `tensors` where they exist, reference initialisation from `seed` for the rest.
+    pub fn from_tensors_or_init(tensors: HashMap<String, Tensor>, seed: u64) -> Self {
+        Self::new(Source::Checkpoint { tensors, fallback: Some(SplitMix64::new(seed)) })
     }
 
     fn new(source: Source) -> Self {
@@ -47,7 +54,7 @@ impl ParamStore {
     /// Consumes the store. For a checkpoint store, tensors no model part asked for are an error.
     pub fn finish(self) -> crate::Result<NamedVars> {
         let store = self.inner.into_inner().expect("param store lock");
-        if let Source::Checkpoint(rest) = &store.source {
+        if let Source::Checkpoint { tensors: rest, .. } = &store.source {
             if !rest.is_empty() {
                 let mut names: Vec<_> = rest.keys().cloned().collect();
                 names.sort();
@@ -93,10 +100,12 @@ impl SimpleBackend for SharedStore {
         let mut store = self.0.inner.lock().expect("param store lock");
         let tensor = match &mut store.source {
             Source::Init(rng) => initial_value(rng, &shape, init)?,
-            Source::Checkpoint(tensors) => {
-                let t = tensors.remove(name).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("checkpoint is missing tensor {name}"))
-                })?;
+            Source::Checkpoint { tensors, fallback } => {
+                let t = match (tensors.remove(name), fallback) {
+                    (Some(t), _) => t,
+                    (None, Some(rng)) => initial_value(rng, &shape, init)?,
+                    (None, None) => candle_core::bail!("checkpoint is missing tensor {name}"),
+                };
                 if t.shape() != &shape {
                     candle_core::bail!(
                         "tensor {name} has shape {:?} in the checkpoint, but this model expects {:?}",
@@ -121,7 +130,7 @@ impl SimpleBackend for SharedStore {
         let store = self.0.inner.lock().expect("param store lock");
         match &store.source {
             Source::Init(_) => false,
-            Source::Checkpoint(t) => t.contains_key(name),
+            Source::Checkpoint { tensors, .. } => tensors.contains_key(name),
         }
     }
 }

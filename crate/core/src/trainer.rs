@@ -14,13 +14,17 @@ use crate::params::{NamedVars, ParamStore};
 use crate::rng::SplitMix64;
 
 const FORMAT: &str = "beit-mim/1";
-const OPTIM_PREFIX: &str = "optimizer.";
+/// Metadata key of the caller's training state (schedule position, RNG states), saved with
+/// the weights so a checkpoint is one atomic file.
+const TRAIN_STATE_KEY: &str = "trainState";
 
 pub struct MimTrainer {
     pub config: BeitConfig,
     pub model: BeitForMaskedImageModeling,
     pub vars: NamedVars,
     pub optimizer: AdamW,
+    /// Opaque JSON from the caller, saved and loaded with the checkpoint.
+    pub train_state: Option<String>,
     device: Device,
 }
 
@@ -70,7 +74,7 @@ impl MimTrainer {
         let (model, vars) =
             store.build(DType::F32, &device, |vb| BeitForMaskedImageModeling::new(&config, vb))?;
         let optimizer = AdamW::new(optim, &vars)?;
-        Ok(Self { config, model, vars, optimizer, device })
+        Ok(Self { config, model, vars, optimizer, train_state: None, device })
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -81,58 +85,42 @@ impl MimTrainer {
     /// names the first tensor whose shape differs); otherwise the config stored in the file is used.
     pub fn load(path: &Path, expected: Option<&BeitConfig>) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
-        let format = file.meta("format", path)?;
-        if format != FORMAT {
-            return Err(Error::Checkpoint(format!(
-                "{} has format {format:?}, expected {FORMAT:?}",
-                path.display()
-            )));
-        }
+        file.expect_format(path, FORMAT, "a BEiT MIM checkpoint")?;
         let config = match expected {
             Some(c) => c.clone(),
             None => BeitConfig::from_json(file.meta("config", path)?)?,
         };
-        let optim: OptimizerMeta = serde_json::from_str(file.meta("optimizer", path)?)
-            .map_err(|e| Error::Checkpoint(format!("{}: bad optimizer metadata: {e}", path.display())))?;
-        let moments = file.take_prefixed(OPTIM_PREFIX);
+        let optimizer = AdamW::read_checkpoint(&mut file, path)?;
+        let train_state = take_train_state(&mut file);
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         let mut trainer =
-            Self::build(config, optim.config, ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
-        trainer.optimizer.restore(moments, optim.step).map_err(in_file)?;
+            Self::build(config, optimizer.config.clone(), ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
+        optimizer.restore_into(&mut trainer.optimizer).map_err(in_file)?;
+        trainer.train_state = train_state;
         Ok(trainer)
     }
 
+    /// Writes weights, config, optimizer state and `train_state` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> =
-            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        for (name, t) in self.optimizer.state_tensors() {
-            tensors.push((format!("{OPTIM_PREFIX}{name}"), t));
+        let metadata = [("format", FORMAT.to_string()), ("config", self.config.to_json())];
+        save_trainer(path, &metadata, &self.vars, &self.optimizer, self.train_state.as_deref())
+    }
+
+    /// Linear-probe features ([CLS] and mean patch token of layer `layer`), [B, 2D] row-major.
+    pub fn probe_features(&self, pixels: &[f32], layer: usize) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        if layer > cfg.num_hidden_layers {
+            return Err(Error::Input(format!("layer {layer} does not exist: the model has {} layers (0 = embeddings)", cfg.num_hidden_layers)));
         }
-        let optim = OptimizerMeta { config: self.optimizer.config.clone(), step: self.optimizer.step };
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("config".to_string(), self.config.to_json()),
-            ("optimizer".to_string(), serde_json::to_string(&optim).expect("serialisable")),
-        ]);
-        checkpoint::save(path, &tensors, metadata)
+        let pixels = image_tensor(cfg, pixels, &self.device)?;
+        Ok(self.model.backbone().probe_features(&pixels, layer)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn batch_tensors(&self, pixels: &[f32], mask: &[u8], targets: Option<&[i32]>) -> Result<BatchTensors> {
         let cfg = &self.config;
-        let [h, w] = cfg.image_size;
-        let per_image = cfg.num_channels * h * w;
         let n = cfg.num_patches();
-        if pixels.is_empty() || pixels.len() % per_image != 0 {
-            return Err(Error::Input(format!(
-                "pixels: expected a multiple of {per_image} values (C*H*W = {}*{h}*{w}) and at least one image, got {}",
-                cfg.num_channels,
-                pixels.len()
-            )));
-        }
-        let b = pixels.len() / per_image;
-        if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Input(format!("pixels: value {} at index {i} is not finite", pixels[i])));
-        }
+        let pixels = image_tensor(cfg, pixels, &self.device)?;
+        let b = pixels.dim(0)?;
         if mask.len() != b * n {
             return Err(Error::Input(format!(
                 "mask: expected {} values (B*N = {b}*{n}), got {}",
@@ -177,7 +165,7 @@ impl MimTrainer {
             }
         };
         Ok(BatchTensors {
-            pixels: Tensor::from_slice(pixels, (b, cfg.num_channels, h, w), &self.device)?,
+            pixels,
             mask: mask_weights,
             positions,
             targets,
@@ -216,8 +204,41 @@ impl MimTrainer {
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct OptimizerMeta {
-    config: AdamWConfig,
-    step: u64,
+/// Checkpoint of a model with its optimizer: weights, `optimizer.*` moments, and metadata
+/// (format, config, optimizer settings, optional training state), written atomically.
+pub(crate) fn save_trainer(
+    path: &Path,
+    metadata: &[(&str, String)],
+    vars: &NamedVars,
+    optimizer: &AdamW,
+    train_state: Option<&str>,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let mut metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    optimizer.write_checkpoint(&mut tensors, &mut metadata);
+    if let Some(state) = train_state {
+        metadata.insert(TRAIN_STATE_KEY.to_string(), state.to_string());
+    }
+    checkpoint::save(path, &tensors, metadata)
+}
+
+pub(crate) fn take_train_state(file: &mut checkpoint::Loaded) -> Option<String> {
+    file.metadata.remove(TRAIN_STATE_KEY)
+}
+
+/// [B, C, H, W] pixels for a model of `cfg`, checked for length and finiteness.
+pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device) -> Result<Tensor> {
+    let [h, w] = cfg.image_size;
+    let per_image = cfg.num_channels * h * w;
+    if pixels.is_empty() || pixels.len() % per_image != 0 {
+        return Err(Error::Input(format!(
+            "pixels: expected a multiple of {per_image} values (C*H*W = {}*{h}*{w}) and at least one image, got {}",
+            cfg.num_channels,
+            pixels.len()
+        )));
+    }
+    if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!("pixels: value {} at index {i} is not finite", pixels[i])));
+    }
+    Ok(Tensor::from_slice(pixels, (pixels.len() / per_image, cfg.num_channels, h, w), device)?)
 }

@@ -25,7 +25,7 @@ fn presets_differ_only_in_size() {
         c.validate().unwrap();
     }
     let err = BeitConfig::preset("huge").unwrap_err().to_string();
-    assert!(err.contains("huge") && err.contains("tiny, small, base, large"), "{err}");
+    assert!(err.contains("huge") && err.contains("mini, tiny, small, base, large"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use beit_core::{
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+mod classify;
 mod images;
 
 // Training allocates and frees many large activation buffers each step; glibc malloc hands
@@ -42,6 +43,34 @@ fn guarded<T>(f: impl FnOnce() -> beit_core::Result<T>) -> Result<T> {
             Err(Error::new(Status::GenericFailure, format!("internal error in beit native code: {msg}")))
         }
     }
+}
+
+/// Native work for a libuv worker thread; `finish` turns its result into a JS value on the JS
+/// thread.
+pub struct Job<O: Send + 'static, J> {
+    work: Option<Box<dyn FnOnce() -> beit_core::Result<O> + Send>>,
+    finish: fn(O) -> Result<J>,
+}
+
+impl<O: Send + 'static, J: ToNapiValue + TypeName> Task for Job<O, J> {
+    type Output = O;
+    type JsValue = J;
+
+    fn compute(&mut self) -> Result<O> {
+        let work = self.work.take().ok_or_else(|| Error::new(Status::GenericFailure, "a native job ran twice"))?;
+        guarded(work)
+    }
+
+    fn resolve(&mut self, _: Env, output: O) -> Result<J> {
+        (self.finish)(output)
+    }
+}
+
+pub(crate) fn job<O: Send + 'static, J: ToNapiValue + TypeName>(
+    work: impl FnOnce() -> beit_core::Result<O> + Send + 'static,
+    finish: fn(O) -> Result<J>,
+) -> AsyncTask<Job<O, J>> {
+    AsyncTask::new(Job { work: Some(Box::new(work)), finish })
 }
 
 type Shared = Arc<Mutex<MimTrainer>>;
@@ -127,6 +156,28 @@ impl NativeMimModel {
         AsyncTask::new(TrainStepTask { model: self.inner.clone(), pixels, mask, targets, lr, seed })
     }
 
+    /// The caller's training state (JSON), saved with and loaded from checkpoints.
+    #[napi(getter)]
+    pub fn train_state(&self) -> Result<Option<String>> {
+        guarded(|| Ok(lock(&self.inner)?.train_state.clone()))
+    }
+
+    #[napi(setter)]
+    pub fn set_train_state(&self, state: Option<String>) -> Result<()> {
+        guarded(|| {
+            lock(&self.inner)?.train_state = state;
+            Ok(())
+        })
+    }
+
+    /// Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
+    /// [B, 2 * hiddenSize].
+    #[napi(ts_return_type = "Promise<Float32Array>")]
+    pub fn probe_features(&self, pixels: Float32Array, layer: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.probe_features(&pixels, layer as usize), |v| Ok(Float32Array::new(v)))
+    }
+
     /// Evaluation forward pass: logits and argmax ids at the masked patches.
     #[napi(ts_return_type = "Promise<MaskedPredictions>")]
     pub fn predict(&self, pixels: Float32Array, mask: Uint8Array) -> AsyncTask<PredictTask> {
@@ -182,6 +233,12 @@ pub trait Checkpoint: Send + 'static {
 }
 
 impl Checkpoint for MimTrainer {
+    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
+        self.save(path)
+    }
+}
+
+impl Checkpoint for beit_core::ClassifierTrainer {
     fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
         self.save(path)
     }

@@ -1,0 +1,144 @@
+import test from 'ava'
+import { spawn } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { Beit } from '../src'
+
+const CLI = join(__dirname, '..', 'dist', 'cli.js')
+const TINY_MODEL = ['--layers', '1', '--hidden-size', '32', '--heads', '2', '--mlp-size', '64']
+
+interface Outcome {
+  code: number | null
+  stdout: string
+  stderr: string
+}
+
+function beit(args: string[], opts: { onStdout?: (text: string, kill: (signal: NodeJS.Signals) => void) => void } = {}): Promise<Outcome> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => {
+      stdout += d
+      opts.onStdout?.(stdout, (signal) => child.kill(signal))
+    })
+    child.stderr.on('data', (d) => (stderr += d))
+    child.on('error', reject)
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
+async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-cli-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finetune, probe, encode, reconstruct', async (t) => {
+  const dir = await tempDir(t)
+  const tok = await beit(['tokenizer', '--steps', '4', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
+  t.is(tok.code, 0, tok.stderr)
+  t.regex(tok.stdout, /reconstruction MSE/)
+  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+
+  await writeFile(join(dir, 'pretrain.json'), JSON.stringify({ steps: 3, 'batch-size': 16, lr: 1e-3 }))
+  const pre = await beit(['pretrain', '--tokenizer', tokenizer, '--config', join(dir, 'pretrain.json'), '--steps', '4', ...TINY_MODEL, '--out', join(dir, 'pre')])
+  t.is(pre.code, 0, pre.stderr)
+  for (const file of ['checkpoint.safetensors', 'metrics.jsonl', 'curves.svg', 'config.json']) t.true(existsSync(join(dir, 'pre', file)), file)
+  // Flags override the config file; the resolved values are saved.
+  const config = JSON.parse(await readFile(join(dir, 'pre', 'config.json'), 'utf8'))
+  t.like(config, { steps: 4, 'batch-size': 16, lr: 1e-3, tokenizer })
+  t.is((await readFile(join(dir, 'pre', 'metrics.jsonl'), 'utf8')).trim().split('\n').length, 4)
+  // Not a TTY: plain progress lines, no carriage returns.
+  t.notRegex(pre.stderr, /\r/)
+  t.regex(pre.stderr, /pretrain 4\/4 {2}loss/)
+
+  const checkpoint = join(dir, 'pre', 'checkpoint.safetensors')
+  const ft = await beit(['finetune', '--init', checkpoint, '--epochs', '0.02', '--batch-size', '32', '--out', join(dir, 'ft'), '--quiet'])
+  t.is(ft.code, 0, ft.stderr)
+  t.is(ft.stdout, '')
+  const evals = (await readFile(join(dir, 'ft', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l)).filter((r) => 'evalAccuracy' in r)
+  t.is(evals.length, 1)
+
+  const probe = await beit(['probe', '--init', checkpoint, '--epochs', '1', '--out', join(dir, 'probe.json')])
+  t.is(probe.code, 0, probe.stderr)
+  const result = JSON.parse(await readFile(join(dir, 'probe.json'), 'utf8'))
+  t.true(result.testAccuracy > 0 && result.layer === 1)
+
+  const enc = await beit(['encode', '--tokenizer', tokenizer, '--limit', '3', '--out', join(dir, 'tokens.jsonl')])
+  t.is(enc.code, 0, enc.stderr)
+  const lines = (await readFile(join(dir, 'tokens.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l))
+  t.is(lines.length, 3)
+  t.deepEqual(lines[0].grid, [7, 7])
+  t.is(lines[0].ids.length, 49)
+
+  const rec = await beit(['reconstruct', '--tokenizer', tokenizer, '--count', '4', '--out', join(dir, 'sheet.png')])
+  t.is(rec.code, 0, rec.stderr)
+  t.deepEqual([...(await readFile(join(dir, 'sheet.png'))).subarray(1, 4)], [0x50, 0x4e, 0x47])
+})
+
+test('user errors end with one clear line and exit code 1, no stack trace', async (t) => {
+  const dir = await tempDir(t)
+  const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
+  t.is(tok.code, 0, tok.stderr)
+  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+  const cases: [string[], RegExp][] = [
+    [['pretrain', '--data', join(dir, 'nope'), '--tokenizer', tokenizer], /data not found: .*nope/],
+    [['pretrain', '--tokenizer', tokenizer, '--batch-size', 'lots'], /--batch-size must be an integer > 0, got "lots"/],
+    [['pretrain', '--tokenizer', tokenizer, '--masking', 'sideways'], /--masking must be one of blockwise, random/],
+    [['pretrain', '--tokenizer', tokenizer, '--patch-size', '7', '--steps', '1', '--out', join(dir, 'grid')], /token grid 7x7 .* does not match the model's patch grid 4x4/],
+    [['finetune', '--init', tokenizer, '--out', join(dir, 'ft')], /format "beit-dvae\/1", expected "beit-mim\/1"/],
+    [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
+    [['pretrain', '--bogus'], /Unknown option '--bogus'/],
+    [['fly'], /unknown command "fly"/],
+  ]
+  for (const [args, message] of cases) {
+    const r = await beit(args)
+    t.is(r.code, 1, `${args.join(' ')}: ${r.stderr}`)
+    t.regex(r.stderr, message, args.join(' '))
+    t.notRegex(r.stderr, /\n\s+at /, `${args.join(' ')} printed a stack`)
+  }
+  const help = await beit(['pretrain', '--help'])
+  t.is(help.code, 0)
+  t.regex(help.stdout, /usage: beit pretrain[\s\S]*--mask-ratio N/)
+})
+
+test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run', async (t) => {
+  const dir = await tempDir(t)
+  const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
+  t.is(tok.code, 0, tok.stderr)
+  const args = ['pretrain', '--tokenizer', join(dir, 'tok', 'tokenizer.safetensors'), ...TINY_MODEL, '--steps', '400', '--batch-size', '16', '--checkpoint-every', '1000', '--out', join(dir, 'run'), '--quiet']
+  let sent = false
+  const metrics = join(dir, 'run', 'metrics.jsonl')
+  const interrupted = await new Promise<Outcome>((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    child.stderr.on('data', (d) => (stderr += d))
+    const poll = setInterval(async () => {
+      if (sent || !existsSync(metrics)) return
+      if ((await readFile(metrics, 'utf8')).split('\n').length > 5) {
+        sent = true
+        child.kill('SIGINT')
+      }
+    }, 100)
+    child.on('error', reject)
+    child.on('close', (code) => {
+      clearInterval(poll)
+      resolve({ code, stdout: '', stderr })
+    })
+  })
+  t.true(sent, 'the run ended before it could be interrupted')
+  t.is(interrupted.code, 130, interrupted.stderr)
+  t.regex(interrupted.stderr, /interrupted after step \d+; checkpoint .*--resume/)
+  const model = await Beit.load(join(dir, 'run', 'checkpoint.safetensors'))
+  const state = model.trainState as { step: number }
+  t.true(state.step >= 5 && state.step < 400, `saved at step ${state.step}`)
+  t.is(model.step, state.step)
+
+  const resumed = await beit([...args, '--resume'])
+  t.is(resumed.code, 0, resumed.stderr)
+  t.is(((await Beit.load(join(dir, 'run', 'checkpoint.safetensors'))).trainState as { step: number }).step, 400)
+})

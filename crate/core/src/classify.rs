@@ -1,0 +1,234 @@
+//! Classification on a BEiT backbone: fine-tuning (label smoothing, layer-wise learning-rate
+//! decay, stochastic depth) and linear probing of frozen features.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::config::{ClassifierConfig, Pooling};
+use crate::error::{Error, Result};
+use crate::model::{classification_loss, BeitForImageClassification, Linear};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::params::{NamedVars, ParamStore};
+use crate::rng::SplitMix64;
+use crate::trainer::{image_tensor, save_trainer, take_train_state};
+
+const FORMAT: &str = "beit-cls/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FinetuneOptions {
+    /// Label smoothing of the cross-entropy. BEiT: 0.1.
+    pub label_smoothing: f64,
+    /// Layer-wise LR decay: the learning rate of layer id i is scaled by decay^(L + 1 - i)
+    /// (embeddings 0, block j j + 1, head and shared relative bias L + 1). 1 disables.
+    pub layer_decay: f64,
+}
+
+impl Default for FinetuneOptions {
+    fn default() -> Self {
+        Self { label_smoothing: 0.1, layer_decay: 1.0 }
+    }
+}
+
+impl FinetuneOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(Error::Config(format!("labelSmoothing must be in [0, 1), got {}", self.label_smoothing)));
+        }
+        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            return Err(Error::Config(format!("layerDecay must be in (0, 1], got {}", self.layer_decay)));
+        }
+        Ok(())
+    }
+}
+
+/// unilm's layer id of a parameter, by its Hugging Face name.
+pub fn layer_id(name: &str, num_layers: usize) -> usize {
+    if name.starts_with("beit.embeddings.") {
+        return 0;
+    }
+    name.strip_prefix("beit.encoder.layer.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .map_or(num_layers + 1, |i| i + 1)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifierStepMetrics {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub grad_norm: f64,
+}
+
+pub struct ClassifierTrainer {
+    pub config: ClassifierConfig,
+    pub finetune: FinetuneOptions,
+    pub model: BeitForImageClassification,
+    pub vars: NamedVars,
+    pub optimizer: AdamW,
+    /// Opaque JSON from the caller, saved and loaded with the checkpoint.
+    pub train_state: Option<String>,
+    device: Device,
+}
+
+impl ClassifierTrainer {
+    pub fn new(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+        Self::build(config, optim, finetune, ParamStore::initialise(seed))
+    }
+
+    /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
+    /// the head is initialised from `seed`. With [CLS] pooling the MIM's final LayerNorm becomes
+    /// `beit.layernorm`. `config.model` must match the checkpoint's shapes (drop path may differ).
+    pub fn from_pretrained(path: &Path, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+        let mut file = checkpoint::load(path)?;
+        file.expect_format(path, "beit-mim/1", "a pretrained BEiT MIM checkpoint")?;
+        let mut final_norm = file.take_prefixed("layernorm.");
+        let mut tensors: HashMap<String, Tensor> =
+            file.tensors.into_iter().filter(|(name, _)| name.starts_with("beit.") && name != "beit.embeddings.mask_token").collect();
+        if config.pooling == Pooling::Cls {
+            for part in ["weight", "bias"] {
+                if let Some(t) = final_norm.remove(part) {
+                    tensors.insert(format!("beit.layernorm.{part}"), t);
+                }
+            }
+        }
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        Self::build(config, optim, finetune, ParamStore::from_tensors_or_init(tensors, seed)).map_err(in_file)
+    }
+
+    fn build(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, store: ParamStore) -> Result<Self> {
+        config.validate()?;
+        finetune.validate()?;
+        let device = Device::Cpu;
+        let (model, vars) = store.build(DType::F32, &device, |vb| BeitForImageClassification::new(&config, vb))?;
+        let mut optimizer = AdamW::new(optim, &vars)?;
+        let layers = config.model.num_hidden_layers;
+        let decay = finetune.layer_decay;
+        optimizer.set_lr_scales(|name| decay.powi((layers + 1 - layer_id(name, layers)) as i32));
+        Ok(Self { config, finetune, model, vars, optimizer, train_state: None, device })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut file = checkpoint::load(path)?;
+        file.expect_format(path, FORMAT, "a BEiT classifier checkpoint")?;
+        let config = ClassifierConfig::from_json(file.meta("config", path)?)?;
+        let finetune: FinetuneOptions = serde_json::from_str(file.meta("finetune", path)?)
+            .map_err(|e| Error::Checkpoint(format!("{}: bad finetune metadata: {e}", path.display())))?;
+        let optimizer = AdamW::read_checkpoint(&mut file, path)?;
+        let train_state = take_train_state(&mut file);
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        let mut trainer =
+            Self::build(config, optimizer.config.clone(), finetune, ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
+        optimizer.restore_into(&mut trainer.optimizer).map_err(in_file)?;
+        trainer.train_state = train_state;
+        Ok(trainer)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let metadata = [
+            ("format", FORMAT.to_string()),
+            ("config", self.config.to_json()),
+            ("finetune", serde_json::to_string(&self.finetune).expect("serialisable")),
+        ];
+        save_trainer(path, &metadata, &self.vars, &self.optimizer, self.train_state.as_deref())
+    }
+
+    fn labels(&self, labels: &[i32], batch: usize) -> Result<Tensor> {
+        label_tensor(labels, batch, self.config.num_labels, &self.device)
+    }
+
+    pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
+        let pixels = image_tensor(&self.config.model, pixels, &self.device)?;
+        let labels = self.labels(labels, pixels.dim(0)?)?;
+        let mut rng = SplitMix64::new(seed);
+        let logits = self.model.forward(&pixels, Some(&mut rng))?;
+        let (loss, accuracy) = classification_loss(&logits, &labels, self.finetune.label_smoothing)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(Error::Numeric(format!("loss is {loss_value}: the update was skipped")));
+        }
+        let grad_norm = self.optimizer.step(&loss.backward()?, lr)?;
+        Ok(ClassifierStepMetrics { loss: loss_value, accuracy, grad_norm })
+    }
+
+    /// Class logits [B, K] row-major (no stochastic depth).
+    pub fn predict(&self, pixels: &[f32]) -> Result<Vec<f32>> {
+        let pixels = image_tensor(&self.config.model, pixels, &self.device)?;
+        Ok(self.model.forward(&pixels, None)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+fn label_tensor(labels: &[i32], batch: usize, num_labels: usize, device: &Device) -> Result<Tensor> {
+    if labels.len() != batch {
+        return Err(Error::Input(format!("labels: expected {batch} values (one per image), got {}", labels.len())));
+    }
+    if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= num_labels) {
+        return Err(Error::Input(format!("labels: label {} at index {i} is out of range [0, {num_labels})", labels[i])));
+    }
+    Ok(Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), batch, device)?)
+}
+
+/// A linear classifier on frozen features, standardised with the training features' mean and
+/// standard deviation (a BatchNorm without affine parameters, as MAE's and BEiT's probes).
+pub struct LinearProbe {
+    pub num_features: usize,
+    pub num_labels: usize,
+    linear: Linear,
+    optimizer: AdamW,
+    mean: Tensor,
+    inv_std: Tensor,
+    device: Device,
+}
+
+impl LinearProbe {
+    pub fn new(num_features: usize, num_labels: usize, train_features: &[f32], optim: AdamWConfig, seed: u64) -> Result<Self> {
+        if num_features == 0 || num_labels < 2 {
+            return Err(Error::Config(format!("a probe needs features and at least 2 labels, got {num_features} features and {num_labels} labels")));
+        }
+        let device = Device::Cpu;
+        let train = features_tensor(train_features, num_features, &device)?;
+        let mean = train.mean(0)?;
+        let var = train.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+        let inv_std = var.affine(1.0, 1e-6)?.sqrt()?.recip()?;
+        let (linear, vars) =
+            ParamStore::initialise(seed).build(DType::F32, &device, |vb| Linear::new(num_features, num_labels, true, 0.01, vb))?;
+        let optimizer = AdamW::new(optim, &vars)?;
+        Ok(Self { num_features, num_labels, linear, optimizer, mean, inv_std, device })
+    }
+
+    fn logits(&self, features: &[f32]) -> Result<Tensor> {
+        let x = features_tensor(features, self.num_features, &self.device)?;
+        Ok(self.linear.forward(&x.broadcast_sub(&self.mean)?.broadcast_mul(&self.inv_std)?)?)
+    }
+
+    pub fn train_step(&mut self, features: &[f32], labels: &[i32], lr: f64) -> Result<ClassifierStepMetrics> {
+        let logits = self.logits(features)?;
+        let labels = label_tensor(labels, logits.dim(0)?, self.num_labels, &self.device)?;
+        let (loss, accuracy) = classification_loss(&logits, &labels, 0.0)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let grad_norm = self.optimizer.step(&loss.backward()?, lr)?;
+        Ok(ClassifierStepMetrics { loss: loss_value, accuracy, grad_norm })
+    }
+
+    pub fn predict(&self, features: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.logits(features)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+fn features_tensor(features: &[f32], num_features: usize, device: &Device) -> Result<Tensor> {
+    if features.is_empty() || features.len() % num_features != 0 {
+        return Err(Error::Input(format!("features: expected a non-empty multiple of {num_features} values, got {}", features.len())));
+    }
+    if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!("features: value {} at index {i} is not finite", features[i])));
+    }
+    Ok(Tensor::from_slice(features, (features.len() / num_features, num_features), device)?)
+}

@@ -1,0 +1,163 @@
+//! Classification bindings: a fine-tunable BEiT classifier and a linear probe.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use beit_core::{ClassifierConfig, ClassifierStepMetrics, ClassifierTrainer, FinetuneOptions, LinearProbe};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::{guarded, job, lock, parse_optimizer, Job, SaveTask};
+
+fn parse_finetune(json: &str) -> beit_core::Result<FinetuneOptions> {
+    let options: FinetuneOptions = serde_json::from_str(json)
+        .map_err(|e| beit_core::Error::Config(format!("invalid finetune options: {e}")))?;
+    options.validate()?;
+    Ok(options)
+}
+
+#[napi(object)]
+pub struct ClassifierMetrics {
+    pub loss: f64,
+    /// Share of the batch classified right (argmax).
+    pub accuracy: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+fn metrics(m: ClassifierStepMetrics) -> Result<ClassifierMetrics> {
+    Ok(ClassifierMetrics { loss: m.loss, accuracy: m.accuracy, grad_norm: m.grad_norm })
+}
+
+/// A BEiT backbone with a classification head and its AdamW state.
+#[napi]
+pub struct NativeClassifier {
+    inner: Arc<Mutex<ClassifierTrainer>>,
+}
+
+fn wrap(trainer: ClassifierTrainer) -> Result<NativeClassifier> {
+    Ok(NativeClassifier { inner: Arc::new(Mutex::new(trainer)) })
+}
+
+#[napi]
+impl NativeClassifier {
+    /// `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `finetuneJson`:
+    /// { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
+    #[napi(factory)]
+    pub fn create(config_json: String, optimizer_json: String, finetune_json: String, seed: u32) -> Result<Self> {
+        guarded(|| {
+            let config = ClassifierConfig::from_json(&config_json)?;
+            ClassifierTrainer::new(config, parse_optimizer(&optimizer_json)?, parse_finetune(&finetune_json)?, seed as u64)
+        })
+        .and_then(wrap)
+    }
+
+    /// Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`.
+    #[napi(ts_return_type = "Promise<NativeClassifier>")]
+    pub fn from_pretrained(
+        path: String,
+        config_json: String,
+        optimizer_json: String,
+        finetune_json: String,
+        seed: u32,
+    ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+        job(
+            move || {
+                let config = ClassifierConfig::from_json(&config_json)?;
+                let optimizer = parse_optimizer(&optimizer_json)?;
+                ClassifierTrainer::from_pretrained(&PathBuf::from(path), config, optimizer, parse_finetune(&finetune_json)?, seed as u64)
+            },
+            wrap,
+        )
+    }
+
+    /// Reads a checkpoint written by `save`.
+    #[napi(ts_return_type = "Promise<NativeClassifier>")]
+    pub fn load(path: String) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+        job(move || ClassifierTrainer::load(&PathBuf::from(path)), wrap)
+    }
+
+    #[napi(getter)]
+    pub fn config_json(&self) -> Result<String> {
+        guarded(|| Ok(lock(&self.inner)?.config.to_json()))
+    }
+
+    #[napi(getter)]
+    pub fn finetune_json(&self) -> Result<String> {
+        guarded(|| Ok(serde_json::to_string(&lock(&self.inner)?.finetune).expect("serialisable")))
+    }
+
+    #[napi(getter)]
+    pub fn num_parameters(&self) -> Result<f64> {
+        guarded(|| Ok(lock(&self.inner)?.num_parameters() as f64))
+    }
+
+    #[napi(getter)]
+    pub fn optimizer_step(&self) -> Result<f64> {
+        guarded(|| Ok(lock(&self.inner)?.optimizer.step as f64))
+    }
+
+    /// The caller's training state (JSON), saved with and loaded from checkpoints.
+    #[napi(getter)]
+    pub fn train_state(&self) -> Result<Option<String>> {
+        guarded(|| Ok(lock(&self.inner)?.train_state.clone()))
+    }
+
+    #[napi(setter)]
+    pub fn set_train_state(&self, state: Option<String>) -> Result<()> {
+        guarded(|| {
+            lock(&self.inner)?.train_state = state;
+            Ok(())
+        })
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn save(&self, path: String) -> AsyncTask<SaveTask<ClassifierTrainer>> {
+        AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    }
+
+    /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.
+    #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
+    pub fn train_step(&self, pixels: Float32Array, labels: Int32Array, lr: f64, seed: u32) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64), metrics)
+    }
+
+    /// Class logits [B, numLabels].
+    #[napi(ts_return_type = "Promise<Float32Array>")]
+    pub fn predict(&self, pixels: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.predict(&pixels), |v| Ok(Float32Array::new(v)))
+    }
+}
+
+/// A linear classifier on frozen, standardised features.
+#[napi]
+pub struct NativeLinearProbe {
+    inner: Arc<Mutex<LinearProbe>>,
+}
+
+#[napi]
+impl NativeLinearProbe {
+    /// `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature).
+    #[napi(constructor)]
+    pub fn new(num_features: u32, num_labels: u32, train_features: Float32Array, optimizer_json: String, seed: u32) -> Result<Self> {
+        guarded(|| {
+            let probe = LinearProbe::new(num_features as usize, num_labels as usize, &train_features, parse_optimizer(&optimizer_json)?, seed as u64)?;
+            Ok(Self { inner: Arc::new(Mutex::new(probe)) })
+        })
+    }
+
+    #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
+    pub fn train_step(&self, features: Float32Array, labels: Int32Array, lr: f64) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+        let probe = self.inner.clone();
+        job(move || lock(&probe)?.train_step(&features, &labels, lr), metrics)
+    }
+
+    /// Class logits [N, numLabels].
+    #[napi(ts_return_type = "Promise<Float32Array>")]
+    pub fn predict(&self, features: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
+        let probe = self.inner.clone();
+        job(move || lock(&probe)?.predict(&features), |v| Ok(Float32Array::new(v)))
+    }
+}

@@ -1,0 +1,134 @@
+/**
+ * Image classification on a BEiT backbone (Hugging Face's BeitForImageClassification layout):
+ * fine-tuned end to end with label smoothing, layer-wise LR decay and stochastic depth, or
+ * initialised from a pretrained MIM checkpoint.
+ */
+import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
+import { Beit, checkType } from './model'
+import { native, NativeClassifier } from './native'
+
+export type Pooling = 'mean' | 'cls'
+
+export interface ClassifierConfig {
+  model: BeitConfig
+  numLabels: number
+  pooling: Pooling
+}
+
+export interface FinetuneOptions {
+  /** Default 0.1. */
+  labelSmoothing?: number
+  /** Layer-wise LR decay (0.65 for BEiT-B); 1 disables. Default 1. */
+  layerDecay?: number
+}
+
+export interface ClassifierSpec {
+  /** Backbone: preset name, preset with overrides, or a full config. */
+  model: ModelSpec
+  numLabels: number
+  /** Default 'mean' (BEiT's fine-tuning head). */
+  pooling?: Pooling
+}
+
+export interface ClassifierCreateOptions {
+  optimizer?: AdamWOptions
+  finetune?: FinetuneOptions
+  /** Initialisation seed (of the head, when starting from a checkpoint). Default 0. */
+  seed?: number
+}
+
+export interface ClassifierStepResult {
+  loss: number
+  accuracy: number
+  gradNorm: number
+}
+
+function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
+  if (!Number.isInteger(spec.numLabels) || spec.numLabels < 2) throw new Error(`numLabels must be an integer >= 2, got ${spec.numLabels}`)
+  const pooling = spec.pooling ?? 'mean'
+  if (pooling !== 'mean' && pooling !== 'cls') throw new Error(`pooling must be 'mean' or 'cls', got ${String(pooling)}`)
+  return { model: resolveConfig(spec.model), numLabels: spec.numLabels, pooling }
+}
+
+function checkSeed(seed: number): number {
+  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
+  return seed
+}
+
+export class Classifier {
+  readonly config: ClassifierConfig
+  readonly finetune: Required<FinetuneOptions>
+  readonly numParameters: number
+
+  private constructor(private readonly handle: NativeClassifier) {
+    this.config = JSON.parse(handle.configJson) as ClassifierConfig
+    this.finetune = JSON.parse(handle.finetuneJson) as Required<FinetuneOptions>
+    this.numParameters = handle.numParameters
+  }
+
+  static create(spec: ClassifierSpec, opts: ClassifierCreateOptions = {}): Classifier {
+    const config = resolveSpec(spec)
+    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
+    return new Classifier(native.NativeClassifier.create(JSON.stringify(config), ...args))
+  }
+
+  /**
+   * The backbone of a MIM checkpoint (`Beit.save`) under a new head. `spec.model` may change
+   * what does not change shapes (e.g. dropPathRate); by default it is the checkpoint's config.
+   */
+  static async fromPretrained(path: string, spec: Omit<ClassifierSpec, 'model'> & { model?: ModelSpec }, opts: ClassifierCreateOptions = {}): Promise<Classifier> {
+    const model = spec.model ?? (await Beit.load(path)).config
+    const config = resolveSpec({ ...spec, model })
+    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
+    return new Classifier(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args))
+  }
+
+  /** Reads a checkpoint written by `save`. */
+  static async load(path: string): Promise<Classifier> {
+    return new Classifier(await native.NativeClassifier.load(path))
+  }
+
+  /** Writes weights, config, optimizer state and `trainState` atomically. */
+  save(path: string): Promise<void> {
+    return this.handle.save(path)
+  }
+
+  get step(): number {
+    return this.handle.optimizerStep
+  }
+
+  /** The training loop's position, saved in and loaded from the checkpoint. */
+  get trainState(): unknown {
+    const json = this.handle.trainState
+    return json == null ? undefined : JSON.parse(json)
+  }
+
+  set trainState(state: unknown) {
+    this.handle.trainState = state === undefined ? null : JSON.stringify(state)
+  }
+
+  /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */
+  trainStep(input: { pixels: Float32Array; labels: Int32Array; lr: number; seed?: number }): Promise<ClassifierStepResult> {
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('labels', input.labels, Int32Array)
+    return this.handle.trainStep(input.pixels, input.labels, input.lr, checkSeed(input.seed ?? 0))
+  }
+
+  /** Logits [B, numLabels]. */
+  predict(pixels: Float32Array): Promise<Float32Array> {
+    checkType('pixels', pixels, Float32Array)
+    return this.handle.predict(pixels)
+  }
+}
+
+/** Index of the largest logit of each row of [rows, classes]. */
+export function argmaxRows(logits: Float32Array, classes: number): Int32Array {
+  const rows = logits.length / classes
+  const out = new Int32Array(rows)
+  for (let r = 0; r < rows; r++) {
+    let best = 0
+    for (let c = 1; c < classes; c++) if (logits[r * classes + c] > logits[r * classes + best]) best = c
+    out[r] = best
+  }
+  return out
+}

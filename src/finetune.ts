@@ -1,0 +1,177 @@
+/**
+ * Fine-tuning a classifier end to end, with an evaluation on held-out data after every epoch,
+ * checkpoints that resume, and the same metrics and curves as pretraining.
+ */
+import { join } from 'node:path'
+
+import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
+import { EvalTransform, TrainTransform, ViewSpec } from './data/augment'
+import { ImageDataset } from './data/dataset'
+import { ImageLoader } from './data/loader'
+import { resolveSteps, RunResult, ScheduleOptions, scheduleFor } from './pretrain'
+import { deriveSeed } from './rng'
+import { MetricsLog } from './run'
+
+export interface FinetuneProgress extends ClassifierStepResult {
+  step: number
+  totalSteps: number
+  epoch: number
+  lr: number
+  imagesPerSecond: number
+}
+
+export interface EpochResult {
+  epoch: number
+  /** Steps completed when evaluated. */
+  step: number
+  evalAccuracy: number
+  /** Mean training loss and accuracy over the epoch. */
+  trainLoss: number
+  trainAccuracy: number
+}
+
+export interface FinetuneOptions {
+  classifier: Classifier
+  train: ImageDataset
+  /** Evaluated after every epoch (and at the end). */
+  test: ImageDataset
+  epochs: number
+  batchSize: number
+  schedule: ScheduleOptions
+  /** Default: RandomResizedCrop(0.08-1) + flip, no color jitter (BEiT fine-tuning uses RandAugment). */
+  transform?: TrainTransform
+  /** Default: the whole image (cropFraction 1). */
+  evalTransform?: EvalTransform
+  /** Per-channel normalisation, as in pretraining. Default 0.5 / 0.5. */
+  mean?: number
+  std?: number
+  seed?: number
+  outDir: string
+  /** Checkpoint every N steps, at every epoch end, at the end and when interrupted. Default 500. */
+  checkpointEvery?: number
+  signal?: AbortSignal
+  threads?: number
+  onProgress?: (p: FinetuneProgress) => void
+  onEpoch?: (e: EpochResult) => void
+}
+
+interface FinetuneState {
+  kind: 'finetune'
+  step: number
+  totalSteps: number
+  epoch: number
+  batch: number
+  batchSize: number
+  seed: number
+  /** Running sums of the current epoch's training metrics. */
+  epochLoss: number
+  epochAccuracy: number
+  epochSteps: number
+  evals: EpochResult[]
+}
+
+export function classifierView(classifier: Classifier, mean = 0.5, std = 0.5): ViewSpec {
+  const [height, width] = classifier.config.model.imageSize
+  const channels = classifier.config.model.numChannels as 1 | 3
+  return { size: [height, width], interpolation: 'bicubic', channels, mean: new Array(channels).fill(mean), std: new Array(channels).fill(std) }
+}
+
+/** Accuracy of `classifier` on `data` (labels required). */
+export async function evaluate(classifier: Classifier, data: ImageDataset, opts: { batchSize?: number; transform?: EvalTransform; mean?: number; std?: number; threads?: number } = {}): Promise<number> {
+  const loader = new ImageLoader({
+    dataset: data,
+    views: [classifierView(classifier, opts.mean, opts.std)],
+    transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
+    batchSize: opts.batchSize ?? 256,
+    shuffle: false,
+    threads: opts.threads,
+  })
+  let correct = 0
+  let seen = 0
+  for await (const batch of loader.epoch(0)) {
+    const predicted = argmaxRows(await classifier.predict(batch.views[0]), classifier.config.numLabels)
+    for (let i = 0; i < batch.size; i++) {
+      if (batch.labels[i] < 0) throw new Error(`evaluation needs labels, but ${data.name} image ${batch.indices[i]} has none`)
+      if (predicted[i] === batch.labels[i]) correct++
+    }
+    seen += batch.size
+  }
+  return correct / seen
+}
+
+export async function finetune(opts: FinetuneOptions): Promise<RunResult & { evals: EpochResult[] }> {
+  const { classifier, train, test, batchSize } = opts
+  const seed = opts.seed ?? 0
+  for (const [name, data] of [['train', train], ['test', test]] as const) {
+    if (data.classNames.length === 0) throw new Error(`fine-tuning needs labelled data, but the ${name} set ${data.name} has no labels`)
+    if (data.classNames.length > classifier.config.numLabels) {
+      throw new Error(`the ${name} set has ${data.classNames.length} classes but the classifier ${classifier.config.numLabels} labels`)
+    }
+  }
+  const loader = new ImageLoader({
+    dataset: train,
+    views: [classifierView(classifier, opts.mean, opts.std)],
+    transform: opts.transform ?? { kind: 'train', colorJitter: null },
+    batchSize,
+    seed,
+    dropLast: true,
+    threads: opts.threads,
+  })
+  const totalSteps = resolveSteps(undefined, opts.epochs, loader.batchesPerEpoch)
+  const lr = scheduleFor(opts.schedule, totalSteps)
+  const fresh: FinetuneState = { kind: 'finetune', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals: [] }
+  let state = fresh
+  const saved = classifier.trainState as FinetuneState | undefined
+  if (saved !== undefined) {
+    if (saved.kind !== 'finetune') throw new Error(`the classifier's checkpoint is from a ${String(saved.kind)} run, not fine-tuning`)
+    for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
+      if (saved[key] !== fresh[key]) throw new Error(`cannot resume: the run had ${key} ${saved[key]}, now ${fresh[key]}`)
+    }
+    state = saved
+  }
+  const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
+  const metrics = await MetricsLog.open(opts.outDir, {
+    title: 'BEiT fine-tuning',
+    panels: [{ key: 'loss' }, { key: 'accuracy', title: 'train batch accuracy' }, { key: 'evalAccuracy', title: 'test accuracy (per epoch)' }, { key: 'lr', log: true }],
+    resumeFrom: state.step,
+  })
+  const save = async () => {
+    classifier.trainState = state
+    await classifier.save(checkpoint)
+  }
+  const everyCheckpoint = opts.checkpointEvery ?? 500
+  const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
+
+  while (state.step < totalSteps) {
+    const epoch = state.epoch
+    let started = performance.now()
+    for await (const batch of loader.epoch(epoch, { fromBatch: state.batch + 1 })) {
+      if (state.step >= totalSteps) break
+      const stepLr = lr(state.step)
+      let result: ClassifierStepResult
+      try {
+        result = await classifier.trainStep({ pixels: batch.views[0], labels: batch.labels, lr: stepLr, seed: deriveSeed(seed, state.step, 3) })
+      } catch (e) {
+        throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`)
+      }
+      const progress = { ...result, step: state.step, totalSteps, epoch, lr: stepLr, imagesPerSecond: batch.size / ((performance.now() - started) / 1000) }
+      state = { ...state, step: state.step + 1, batch: batch.batch, epochLoss: state.epochLoss + result.loss, epochAccuracy: state.epochAccuracy + result.accuracy, epochSteps: state.epochSteps + 1 }
+      await metrics.record({ step: progress.step, epoch, loss: result.loss, accuracy: result.accuracy, lr: stepLr, gradNorm: result.gradNorm, imagesPerSecond: progress.imagesPerSecond })
+      opts.onProgress?.(progress)
+      if (opts.signal?.aborted || state.step % everyCheckpoint === 0) await save()
+      if (opts.signal?.aborted) {
+        await metrics.writePlot()
+        return { status: 'interrupted', step: state.step, checkpoint, evals: state.evals }
+      }
+      started = performance.now()
+    }
+    const evalAccuracy = await evaluate(classifier, test, evalOptions)
+    const result: EpochResult = { epoch, step: state.step, evalAccuracy, trainLoss: state.epochLoss / state.epochSteps, trainAccuracy: state.epochAccuracy / state.epochSteps }
+    state = { ...state, epoch: epoch + 1, batch: -1, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals: [...state.evals, result] }
+    await metrics.record({ step: state.step - 1, epoch, evalAccuracy, trainLoss: result.trainLoss, trainAccuracy: result.trainAccuracy })
+    opts.onEpoch?.(result)
+    await save()
+  }
+  await metrics.writePlot()
+  return { status: 'completed', step: state.step, checkpoint, evals: state.evals }
+}

@@ -1,0 +1,118 @@
+/**
+ * Linear probing: a frozen backbone's features of one layer ([CLS] and mean patch token), a
+ * standardisation, and a linear classifier trained on them with AdamW.
+ */
+import { argmaxRows } from './classifier'
+import { EvalTransform } from './data/augment'
+import { ImageDataset } from './data/dataset'
+import { ImageLoader } from './data/loader'
+import { permutation } from './data/batches'
+import { Beit } from './model'
+import { native } from './native'
+import { Rng } from './rng'
+import { cosineRamp } from './schedule'
+
+export interface LinearProbeOptions {
+  backbone: Beit
+  train: ImageDataset
+  test: ImageDataset
+  /** 1-based block whose output is probed (0 = embeddings). Default: the middle-to-late 3/4 depth (BEiT-B's best was 9 of 12). */
+  layer?: number
+  epochs?: number
+  batchSize?: number
+  /** Peak learning rate, cosine to 1/100. Default 1e-3. */
+  lr?: number
+  weightDecay?: number
+  seed?: number
+  /** Default: the whole image (cropFraction 1). */
+  transform?: EvalTransform
+  mean?: number
+  std?: number
+  threads?: number
+  onEpoch?: (e: { epoch: number; loss: number; trainAccuracy: number }) => void
+}
+
+export interface LinearProbeResult {
+  layer: number
+  trainAccuracy: number
+  testAccuracy: number
+  featureSeconds: number
+  trainSeconds: number
+}
+
+/** Features of every image of `data`, in dataset order, with their labels. */
+export async function probeFeatures(backbone: Beit, data: ImageDataset, layer: number, opts: Pick<LinearProbeOptions, 'transform' | 'mean' | 'std' | 'threads'> = {}) {
+  const [height, width] = backbone.config.imageSize
+  const channels = backbone.config.numChannels as 1 | 3
+  const loader = new ImageLoader({
+    dataset: data,
+    views: [{ size: [height, width], interpolation: 'bicubic', channels, mean: new Array(channels).fill(opts.mean ?? 0.5), std: new Array(channels).fill(opts.std ?? 0.5) }],
+    transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
+    batchSize: 256,
+    shuffle: false,
+    threads: opts.threads,
+  })
+  const dim = 2 * backbone.config.hiddenSize
+  const features = new Float32Array(data.size * dim)
+  const labels = new Int32Array(data.size)
+  let count = 0
+  for await (const batch of loader.epoch(0)) {
+    features.set(await backbone.probeFeatures(batch.views[0], layer), count * dim)
+    labels.set(batch.labels, count)
+    count += batch.size
+  }
+  if (labels.subarray(0, count).some((l) => l < 0)) throw new Error(`linear probing needs labels, but ${data.name} has unlabelled images`)
+  return { features: features.subarray(0, count * dim), labels: labels.subarray(0, count), dim }
+}
+
+export async function linearProbe(opts: LinearProbeOptions): Promise<LinearProbeResult> {
+  const { backbone } = opts
+  const layer = opts.layer ?? Math.round((backbone.config.numHiddenLayers * 3) / 4)
+  const epochs = opts.epochs ?? 10
+  const batchSize = opts.batchSize ?? 256
+  const numLabels = Math.max(opts.train.classNames.length, opts.test.classNames.length)
+  if (numLabels < 2) throw new Error(`linear probing needs labelled data with at least 2 classes, got ${numLabels}`)
+  const started = performance.now()
+  const train = await probeFeatures(backbone, opts.train, layer, opts)
+  const test = await probeFeatures(backbone, opts.test, layer, opts)
+  const featureSeconds = (performance.now() - started) / 1000
+
+  const optimizer = JSON.stringify({ weightDecay: opts.weightDecay ?? 1e-4, clipGradNorm: 0 })
+  const probe = new native.NativeLinearProbe(train.dim, numLabels, train.features, optimizer, opts.seed ?? 0)
+  const n = train.labels.length
+  const steps = epochs * Math.ceil(n / batchSize)
+  const lr = cosineRamp({ from: opts.lr ?? 1e-3, to: (opts.lr ?? 1e-3) / 100, steps })
+  const rng = new Rng(opts.seed ?? 0)
+  let step = 0
+  for (let epoch = 0; epoch < epochs; epoch++) {
+    const order = permutation(n, rng)
+    let lossSum = 0
+    let accSum = 0
+    let batches = 0
+    for (let start = 0; start < n; start += batchSize) {
+      const idx = order.subarray(start, Math.min(n, start + batchSize))
+      const features = new Float32Array(idx.length * train.dim)
+      const labels = new Int32Array(idx.length)
+      idx.forEach((i, k) => {
+        features.set(train.features.subarray(i * train.dim, (i + 1) * train.dim), k * train.dim)
+        labels[k] = train.labels[i]
+      })
+      const m = await probe.trainStep(features, labels, lr(step++))
+      lossSum += m.loss
+      accSum += m.accuracy
+      batches++
+    }
+    opts.onEpoch?.({ epoch, loss: lossSum / batches, trainAccuracy: accSum / batches })
+  }
+  const accuracy = async (f: Float32Array, labels: Int32Array) => {
+    const predicted = argmaxRows(await probe.predict(f), numLabels)
+    return predicted.reduce((hits, p, i) => hits + (p === labels[i] ? 1 : 0), 0) / labels.length
+  }
+  return {
+    layer,
+    trainAccuracy: await accuracy(train.features, train.labels),
+    testAccuracy: await accuracy(test.features, test.labels),
+    featureSeconds,
+    trainSeconds: (performance.now() - started) / 1000 - featureSeconds,
+  }
+}
