@@ -8,13 +8,15 @@ beit="node dist/cli.js"
 model="--preset mini --image-size 28 --patch-size 4 --channels 1"
 mkdir -p "$out"
 t() { /usr/bin/time -f "%e s  $*" -a -o "$out/times.txt" "$@"; }
-t $beit tokenizer --data fashion-mnist --preset tiny --steps 600 --batch-size 32 --out "$out/tokenizer" --quiet
-t $beit pretrain --data fashion-mnist --tokenizer "$out/tokenizer/tokenizer.safetensors" $model \
-  --epochs 2 --batch-size 64 --lr 1.5e-3 --drop-path 0.1 --out "$out/pretrain" --quiet
-t $beit probe --data fashion-mnist --init "$out/pretrain/checkpoint.safetensors" --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-pretrained.json" --quiet
-t $beit probe --data fashion-mnist --random-like "$out/pretrain/checkpoint.safetensors" --seed 1 --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-random.json" --quiet
-t $beit finetune --data fashion-mnist --init "$out/pretrain/checkpoint.safetensors" \
-  --epochs 2 --batch-size 64 --lr 1e-3 --layer-decay 0.75 --drop-path 0.1 --out "$out/finetune-pretrained" --quiet
-t $beit finetune --data fashion-mnist $model \
-  --epochs 2 --batch-size 64 --lr 1e-3 --layer-decay 0.75 --drop-path 0.1 --out "$out/finetune-scratch" --quiet
+# Each step is skipped when its result exists, so the script can be re-run after a stop.
+done_() { [ -e "$1" ] && echo "have $1"; }
+done_ "$out/tokenizer/evaluation.json" || t $beit tokenizer --data fashion-mnist --preset tiny --steps 600 --batch-size 32 --out "$out/tokenizer" --quiet
+done_ "$out/pretrain/curves.svg" || t $beit pretrain --data fashion-mnist --tokenizer "$out/tokenizer/tokenizer.safetensors" $model \
+  --epochs 1 --batch-size 64 --lr 1.5e-3 --drop-path 0.1 --out "$out/pretrain" --quiet
+done_ "$out/probe-pretrained.json" || t $beit probe --data fashion-mnist --init "$out/pretrain/checkpoint.safetensors" --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-pretrained.json" --quiet
+done_ "$out/probe-random.json" || t $beit probe --data fashion-mnist --random-like "$out/pretrain/checkpoint.safetensors" --seed 1 --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-random.json" --quiet
+done_ "$out/finetune-pretrained/curves.svg" || t $beit finetune --data fashion-mnist --init "$out/pretrain/checkpoint.safetensors" \
+  --epochs 1 --batch-size 64 --lr 1e-3 --layer-decay 0.75 --drop-path 0.1 --out "$out/finetune-pretrained" --quiet
+done_ "$out/finetune-scratch/curves.svg" || t $beit finetune --data fashion-mnist $model \
+  --epochs 1 --batch-size 64 --lr 1e-3 --layer-decay 0.75 --drop-path 0.1 --out "$out/finetune-scratch" --quiet
 cat "$out/times.txt"

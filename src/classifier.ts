@@ -4,6 +4,7 @@
  * initialised from a pretrained MIM checkpoint.
  */
 import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
+import { Checkpointed } from './checkpointed'
 import { Beit, checkType } from './model'
 import { native, NativeClassifier } from './native'
 
@@ -55,12 +56,13 @@ function checkSeed(seed: number): number {
   return seed
 }
 
-export class Classifier {
+export class Classifier extends Checkpointed<NativeClassifier> {
   readonly config: ClassifierConfig
   readonly finetune: Required<FinetuneOptions>
   readonly numParameters: number
 
-  private constructor(private readonly handle: NativeClassifier) {
+  private constructor(handle: NativeClassifier) {
+    super(handle)
     this.config = JSON.parse(handle.configJson) as ClassifierConfig
     this.finetune = JSON.parse(handle.finetuneJson) as Required<FinetuneOptions>
     this.numParameters = handle.numParameters
@@ -86,25 +88,6 @@ export class Classifier {
   /** Reads a checkpoint written by `save`. */
   static async load(path: string): Promise<Classifier> {
     return new Classifier(await native.NativeClassifier.load(path))
-  }
-
-  /** Writes weights, config, optimizer state and `trainState` atomically. */
-  save(path: string): Promise<void> {
-    return this.handle.save(path)
-  }
-
-  get step(): number {
-    return this.handle.optimizerStep
-  }
-
-  /** The training loop's position, saved in and loaded from the checkpoint. */
-  get trainState(): unknown {
-    const json = this.handle.trainState
-    return json == null ? undefined : JSON.parse(json)
-  }
-
-  set trainState(state: unknown) {
-    this.handle.trainState = state === undefined ? null : JSON.stringify(state)
   }
 
   /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */

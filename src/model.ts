@@ -1,4 +1,5 @@
 import { AdamWOptions, BeitConfig, ModelSpec, gridSize, resolveConfig } from './config'
+import { Checkpointed } from './checkpointed'
 import { native, NativeMimModel } from './native'
 
 export interface CreateOptions {
@@ -43,14 +44,15 @@ export interface ForwardResult {
 }
 
 /** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
-export class Beit {
+export class Beit extends Checkpointed<NativeMimModel> {
   readonly config: BeitConfig
   readonly optimizer: Required<AdamWOptions>
   readonly numParameters: number
   /** Patch grid [height, width]. */
   readonly grid: [number, number]
 
-  private constructor(private readonly handle: NativeMimModel) {
+  private constructor(handle: NativeMimModel) {
+    super(handle)
     this.config = JSON.parse(handle.configJson) as BeitConfig
     this.optimizer = JSON.parse(handle.optimizerJson) as Required<AdamWOptions>
     this.numParameters = handle.numParameters
@@ -73,29 +75,6 @@ export class Beit {
   static async load(path: string, opts: { config?: ModelSpec } = {}): Promise<Beit> {
     const expected = opts.config === undefined ? undefined : JSON.stringify(resolveConfig(opts.config))
     return new Beit(await native.NativeMimModel.load(path, expected))
-  }
-
-  /** Writes weights, config and optimizer state atomically (temp file, then rename). */
-  save(path: string): Promise<void> {
-    return this.handle.save(path)
-  }
-
-  /** Optimizer updates taken so far. */
-  get step(): number {
-    return this.handle.optimizerStep
-  }
-
-  /**
-   * The training loop's position (JSON-serialisable), written into and read back from the
-   * checkpoint with the weights, so one atomic file resumes a run.
-   */
-  get trainState(): unknown {
-    const json = this.handle.trainState
-    return json == null ? undefined : JSON.parse(json)
-  }
-
-  set trainState(state: unknown) {
-    this.handle.trainState = state === undefined ? null : JSON.stringify(state)
   }
 
   /**

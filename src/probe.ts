@@ -41,7 +41,12 @@ export interface LinearProbeResult {
 }
 
 /** Features of every image of `data`, in dataset order, with their labels. */
-export async function probeFeatures(backbone: Beit, data: ImageDataset, layer: number, opts: Pick<LinearProbeOptions, 'transform' | 'mean' | 'std' | 'threads'> = {}) {
+export async function probeFeatures(
+  backbone: Beit,
+  data: ImageDataset,
+  layer: number,
+  opts: Pick<LinearProbeOptions, 'transform' | 'mean' | 'std' | 'threads'> = {},
+): Promise<{ features: Float32Array; labels: Int32Array; dim: number }> {
   const [height, width] = backbone.config.imageSize
   const channels = backbone.config.numChannels as 1 | 3
   const loader = new ImageLoader({

@@ -74,6 +74,12 @@ export async function writeAtomic(path: string, text: string): Promise<void> {
   await rename(temp, path)
 }
 
+/** Where progress goes (process.stderr by default). */
+export interface ProgressStream {
+  isTTY?: boolean
+  write(text: string): unknown
+}
+
 /** A progress bar with ETA on a TTY, a plain line every `every` updates otherwise, or nothing. */
 export class Progress {
   private readonly started = performance.now()
@@ -83,7 +89,7 @@ export class Progress {
   constructor(
     private readonly label: string,
     private readonly total: number,
-    private readonly opts: { quiet?: boolean; every?: number; stream?: NodeJS.WriteStream; startAt?: number } = {},
+    private readonly opts: { quiet?: boolean; every?: number; stream?: ProgressStream; startAt?: number } = {},
   ) {
     this.tty = Boolean((opts.stream ?? process.stderr).isTTY)
   }

@@ -16,7 +16,7 @@ export interface SheetImages {
 }
 
 /** Rows of originals, each followed by the row of their reconstructions, 2 px gaps. */
-export function reconstructionSheet(s: SheetImages): Buffer {
+export function reconstructionSheet(s: SheetImages): Uint8Array {
   const perRow = s.perRow ?? Math.min(s.count, 8)
   const scale = s.scale ?? 2
   const gap = 2
