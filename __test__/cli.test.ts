@@ -47,7 +47,7 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   await writeFile(join(dir, 'pretrain.json'), JSON.stringify({ steps: 3, 'batch-size': 16, lr: 1e-3 }))
   const pre = await beit(['pretrain', '--tokenizer', tokenizer, '--config', join(dir, 'pretrain.json'), '--steps', '4', ...TINY_MODEL, '--out', join(dir, 'pre')])
   t.is(pre.code, 0, pre.stderr)
-  for (const file of ['checkpoint.safetensors', 'metrics.jsonl', 'curves.svg', 'config.json']) t.true(existsSync(join(dir, 'pre', file)), file)
+  for (const file of ['checkpoint.safetensors', 'metrics.jsonl', 'curves.svg', 'config.json', 'reconstructions.png']) t.true(existsSync(join(dir, 'pre', file)), file)
   // Flags override the config file; the resolved values are saved.
   const config = JSON.parse(await readFile(join(dir, 'pre', 'config.json'), 'utf8'))
   t.like(config, { steps: 4, 'batch-size': 16, lr: 1e-3, tokenizer })

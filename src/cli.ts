@@ -146,6 +146,7 @@ const pretrainCommand: Command = {
     const out = await prepareOut(pretrainCommand, v)
     const { train, pixels } = await openData(v.data as string)
     const tokenizer = await Dvae.load(v.tokenizer as string)
+    await writeReconstructions(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
       ? await Beit.load(join(out, 'checkpoint.safetensors'))
       : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), { seed: v.seed as number, optimizer: { weightDecay: v['weight-decay'] as number } })
@@ -433,25 +434,30 @@ const reconstructCommand: Command = {
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
     const tokenizer = await Dvae.load(v.tokenizer as string)
-    const data = limit(await openDataset(v.data as string, v.split as 'train' | 'test'), v.count as number)
-    const { value: batch } = await tokenizerLoader(tokenizer, data, v.count as number).epoch(0).next()
-    if (!batch) throw new Error(`no readable images in ${data.name}`)
-    const originals = batch.views[0]
-    const reconstructions = await tokenizer.decode(await tokenizer.encode(originals, batch.size), batch.size)
-    const [height, width] = tokenizer.config.imageSize
-    const sheet = reconstructionSheet({ originals, reconstructions, count: batch.size, channels: tokenizer.config.numChannels as 1 | 3, height, width })
+    const data = await openDataset(v.data as string, v.split as 'train' | 'test')
     await mkdir(join(v.out as string, '..'), { recursive: true })
-    await writeFile(v.out as string, sheet)
-    log(v, `${batch.size} originals above their reconstructions: ${v.out}`)
+    const count = await writeReconstructions(tokenizer, data, v.count as number, v.out as string)
+    log(v, `${count} originals above their reconstructions: ${v.out}`)
   },
+}
+
+/** The first `count` images of `data` above decode(encode(image)), as a PNG at `path`. */
+async function writeReconstructions(tokenizer: Dvae, data: ImageDataset, count: number, path: string): Promise<number> {
+  const { value: batch } = await tokenizerLoader(tokenizer, limit(data, count), count).epoch(0).next()
+  if (!batch) throw new Error(`no readable images in ${data.name}`)
+  const originals = batch.views[0]
+  const reconstructions = await tokenizer.decode(await tokenizer.encode(originals, batch.size), batch.size)
+  const [height, width] = tokenizer.config.imageSize
+  await writeFile(path, reconstructionSheet({ originals, reconstructions, count: batch.size, channels: tokenizer.config.numChannels as 1 | 3, height, width }))
+  return batch.size
 }
 
 const demoCommand: Command = {
   name: 'demo',
   summary: 'The embedded default on the bundled Fashion-MNIST sample: tokenizer -> pretrain -> linear probes (pretrained vs random) -> fine-tuning (pretrained vs from scratch), then a results table.',
   flags: {
-    'tokenizer-steps': { kind: 'int', help: 'tokenizer training steps (batch 32)', default: 300 },
-    'pretrain-epochs': { kind: 'number', help: 'pretraining epochs over the 5,000 sample images', default: 3 },
+    'tokenizer-steps': { kind: 'int', help: 'tokenizer training steps (batch 32)', default: 200 },
+    'pretrain-epochs': { kind: 'number', help: 'pretraining epochs over the 5,000 sample images', default: 2 },
     'finetune-epochs': { kind: 'number', help: 'fine-tuning epochs, for each of the two classifiers', default: 2 },
     seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
     out: { kind: 'string', help: 'run folder', default: join('runs', 'demo') },
