@@ -112,8 +112,14 @@ impl NativeMimModel {
     /// Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
     /// config (a mismatch names the tensor and both shapes).
     #[napi(ts_return_type = "Promise<NativeMimModel>")]
-    pub fn load(path: String, expected_config_json: Option<String>) -> AsyncTask<LoadTask> {
-        AsyncTask::new(LoadTask { path: PathBuf::from(path), expected_config_json })
+    pub fn load(path: String, expected_config_json: Option<String>) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
+        job(
+            move || {
+                let expected = expected_config_json.as_deref().map(BeitConfig::from_json).transpose()?;
+                MimTrainer::load(&PathBuf::from(path), expected.as_ref())
+            },
+            |trainer| Ok(NativeMimModel { inner: Arc::new(Mutex::new(trainer)) }),
+        )
     }
 
     #[napi(getter)]
@@ -152,8 +158,12 @@ impl NativeMimModel {
         targets: Int32Array,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<TrainStepTask> {
-        AsyncTask::new(TrainStepTask { model: self.inner.clone(), pixels, mask, targets, lr, seed })
+    ) -> AsyncTask<Job<beit_core::StepMetrics, StepMetrics>> {
+        let model = self.inner.clone();
+        job(
+            move || lock(&model)?.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64),
+            |m| Ok(StepMetrics { loss: m.loss, mlm_acc: m.mlm_acc, grad_norm: m.grad_norm, num_masked: m.num_masked as u32 }),
+        )
     }
 
     /// The caller's training state (JSON), saved with and loaded from checkpoints.
@@ -180,8 +190,12 @@ impl NativeMimModel {
 
     /// Evaluation forward pass: logits and argmax ids at the masked patches.
     #[napi(ts_return_type = "Promise<MaskedPredictions>")]
-    pub fn predict(&self, pixels: Float32Array, mask: Uint8Array) -> AsyncTask<PredictTask> {
-        AsyncTask::new(PredictTask { model: self.inner.clone(), pixels, mask })
+    pub fn predict(&self, pixels: Float32Array, mask: Uint8Array) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
+        let model = self.inner.clone();
+        job(
+            move || lock(&model)?.predict(&pixels, &mask),
+            |p| Ok(MaskedPredictions { logits: Float32Array::new(p.logits), ids: Int32Array::new(p.ids), num_masked: p.num_masked as u32 }),
+        )
     }
 }
 
@@ -201,30 +215,6 @@ pub struct MaskedPredictions {
     /// [numMasked] argmax token ids.
     pub ids: Int32Array,
     pub num_masked: u32,
-}
-
-pub struct LoadTask {
-    path: PathBuf,
-    expected_config_json: Option<String>,
-}
-
-impl Task for LoadTask {
-    type Output = MimTrainer;
-    type JsValue = NativeMimModel;
-
-    fn compute(&mut self) -> Result<MimTrainer> {
-        guarded(|| {
-            let expected = match &self.expected_config_json {
-                Some(json) => Some(BeitConfig::from_json(json)?),
-                None => None,
-            };
-            MimTrainer::load(&self.path, expected.as_ref())
-        })
-    }
-
-    fn resolve(&mut self, _: Env, trainer: MimTrainer) -> Result<NativeMimModel> {
-        Ok(NativeMimModel { inner: Arc::new(Mutex::new(trainer)) })
-    }
 }
 
 /// Models that write an atomic checkpoint.
@@ -268,59 +258,6 @@ impl<T: Checkpoint> Task for SaveTask<T> {
     }
 }
 
-pub struct TrainStepTask {
-    model: Shared,
-    pixels: Float32Array,
-    mask: Uint8Array,
-    targets: Int32Array,
-    lr: f64,
-    seed: u32,
-}
-
-impl Task for TrainStepTask {
-    type Output = beit_core::StepMetrics;
-    type JsValue = StepMetrics;
-
-    fn compute(&mut self) -> Result<Self::Output> {
-        guarded(|| {
-            let batch = MimBatch { pixels: &self.pixels, mask: &self.mask, targets: &self.targets };
-            lock(&self.model)?.train_step(&batch, self.lr, self.seed as u64)
-        })
-    }
-
-    fn resolve(&mut self, _: Env, m: Self::Output) -> Result<StepMetrics> {
-        Ok(StepMetrics {
-            loss: m.loss,
-            mlm_acc: m.mlm_acc,
-            grad_norm: m.grad_norm,
-            num_masked: m.num_masked as u32,
-        })
-    }
-}
-
-pub struct PredictTask {
-    model: Shared,
-    pixels: Float32Array,
-    mask: Uint8Array,
-}
-
-impl Task for PredictTask {
-    type Output = beit_core::Predictions;
-    type JsValue = MaskedPredictions;
-
-    fn compute(&mut self) -> Result<Self::Output> {
-        guarded(|| lock(&self.model)?.predict(&self.pixels, &self.mask))
-    }
-
-    fn resolve(&mut self, _: Env, p: Self::Output) -> Result<MaskedPredictions> {
-        Ok(MaskedPredictions {
-            logits: Float32Array::new(p.logits),
-            ids: Int32Array::new(p.ids),
-            num_masked: p.num_masked as u32,
-        })
-    }
-}
-
 type SharedTokenizer = Arc<Mutex<TokenizerTrainer>>;
 
 /// The dVAE visual tokenizer with its AdamW (and EMA) state.
@@ -346,8 +283,8 @@ impl NativeTokenizer {
     }
 
     #[napi(ts_return_type = "Promise<NativeTokenizer>")]
-    pub fn load(path: String) -> AsyncTask<LoadTokenizerTask> {
-        AsyncTask::new(LoadTokenizerTask { path: PathBuf::from(path) })
+    pub fn load(path: String) -> AsyncTask<Job<TokenizerTrainer, NativeTokenizer>> {
+        job(move || TokenizerTrainer::load(&PathBuf::from(path)), |t| Ok(NativeTokenizer { inner: Arc::new(Mutex::new(t)) }))
     }
 
     #[napi(getter)]
@@ -387,28 +324,41 @@ impl NativeTokenizer {
         kl_weight: f64,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<TokenizerStepTask> {
-        AsyncTask::new(TokenizerStepTask {
-            model: self.inner.clone(),
-            pixels,
-            size: (height as usize, width as usize),
-            temperature,
-            kl_weight,
-            lr,
-            seed,
-        })
+    ) -> AsyncTask<Job<beit_core::TokenizerStepMetrics, TokenizerStepMetrics>> {
+        let model = self.inner.clone();
+        job(
+            move || {
+                let batch = ImageBatch { pixels: &pixels, height: height as usize, width: width as usize };
+                lock(&model)?.train_step(&batch, temperature, kl_weight, lr, seed as u64)
+            },
+            |m| {
+                Ok(TokenizerStepMetrics {
+                    loss: m.loss,
+                    recon_loss: m.recon_loss,
+                    kl: m.kl,
+                    perplexity: m.perplexity,
+                    codes_used: m.codes_used as u32,
+                    grad_norm: m.grad_norm,
+                })
+            },
+        )
     }
 
     /// Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1].
     #[napi(ts_return_type = "Promise<Int32Array>")]
-    pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<EncodeTask> {
-        AsyncTask::new(EncodeTask { model: self.inner.clone(), pixels, size: (height as usize, width as usize) })
+    pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<Job<Vec<i32>, Int32Array>> {
+        let model = self.inner.clone();
+        job(
+            move || lock(&model)?.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize }),
+            |ids| Ok(Int32Array::new(ids)),
+        )
     }
 
     /// Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth].
     #[napi(ts_return_type = "Promise<Float32Array>")]
-    pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<DecodeTask> {
-        AsyncTask::new(DecodeTask { model: self.inner.clone(), ids, grid: (grid_height as usize, grid_width as usize) })
+    pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.decode(&ids, grid_height as usize, grid_width as usize), |images| Ok(Float32Array::new(images)))
     }
 }
 
@@ -427,90 +377,3 @@ pub struct TokenizerStepMetrics {
     pub grad_norm: f64,
 }
 
-pub struct LoadTokenizerTask {
-    path: PathBuf,
-}
-
-impl Task for LoadTokenizerTask {
-    type Output = TokenizerTrainer;
-    type JsValue = NativeTokenizer;
-
-    fn compute(&mut self) -> Result<TokenizerTrainer> {
-        guarded(|| TokenizerTrainer::load(&self.path))
-    }
-
-    fn resolve(&mut self, _: Env, t: TokenizerTrainer) -> Result<NativeTokenizer> {
-        Ok(NativeTokenizer { inner: Arc::new(Mutex::new(t)) })
-    }
-}
-
-pub struct TokenizerStepTask {
-    model: SharedTokenizer,
-    pixels: Float32Array,
-    size: (usize, usize),
-    temperature: f64,
-    kl_weight: f64,
-    lr: f64,
-    seed: u32,
-}
-
-impl Task for TokenizerStepTask {
-    type Output = beit_core::TokenizerStepMetrics;
-    type JsValue = TokenizerStepMetrics;
-
-    fn compute(&mut self) -> Result<Self::Output> {
-        guarded(|| {
-            let batch = ImageBatch { pixels: &self.pixels, height: self.size.0, width: self.size.1 };
-            lock(&self.model)?.train_step(&batch, self.temperature, self.kl_weight, self.lr, self.seed as u64)
-        })
-    }
-
-    fn resolve(&mut self, _: Env, m: Self::Output) -> Result<TokenizerStepMetrics> {
-        Ok(TokenizerStepMetrics {
-            loss: m.loss,
-            recon_loss: m.recon_loss,
-            kl: m.kl,
-            perplexity: m.perplexity,
-            codes_used: m.codes_used as u32,
-            grad_norm: m.grad_norm,
-        })
-    }
-}
-
-pub struct EncodeTask {
-    model: SharedTokenizer,
-    pixels: Float32Array,
-    size: (usize, usize),
-}
-
-impl Task for EncodeTask {
-    type Output = Vec<i32>;
-    type JsValue = Int32Array;
-
-    fn compute(&mut self) -> Result<Vec<i32>> {
-        guarded(|| lock(&self.model)?.encode(&ImageBatch { pixels: &self.pixels, height: self.size.0, width: self.size.1 }))
-    }
-
-    fn resolve(&mut self, _: Env, ids: Vec<i32>) -> Result<Int32Array> {
-        Ok(Int32Array::new(ids))
-    }
-}
-
-pub struct DecodeTask {
-    model: SharedTokenizer,
-    ids: Int32Array,
-    grid: (usize, usize),
-}
-
-impl Task for DecodeTask {
-    type Output = Vec<f32>;
-    type JsValue = Float32Array;
-
-    fn compute(&mut self) -> Result<Vec<f32>> {
-        guarded(|| lock(&self.model)?.decode(&self.ids, self.grid.0, self.grid.1))
-    }
-
-    fn resolve(&mut self, _: Env, images: Vec<f32>) -> Result<Float32Array> {
-        Ok(Float32Array::new(images))
-    }
-}
