@@ -11,11 +11,10 @@ import { join } from 'node:path'
 import { Classifier } from './classifier'
 import { Command, FlagTable, parseCommand, resolvedConfig, usage, UsageError, Values } from './cli-options'
 import { TrainTransform } from './data/augment'
-import { ImageDataset } from './data/dataset'
+import { ImageDataset, pixelDataset } from './data/dataset'
 import { LabeledImages } from './data/idx'
-import { loadFashionMnist, DEBIAN_FASHION_MNIST_DIR, embeddedSampleDir } from './data/fashion-mnist'
 import { ImageLoader } from './data/loader'
-import { openDataset } from './data/open'
+import { openDataset, openIdx } from './data/open'
 import { EpochResult, finetune, FinetuneProgress } from './finetune'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from './masking'
 import { Beit } from './model'
@@ -341,9 +340,7 @@ const tokenizerCommand: Command = {
 }
 
 async function idxData(spec: string): Promise<{ train: LabeledImages; test: LabeledImages }> {
-  const dir = spec === 'sample' ? embeddedSampleDir() : spec === 'fashion-mnist' ? DEBIAN_FASHION_MNIST_DIR : spec
-  if (!existsSync(dir)) throw new UsageError(`--data ${spec}: ${dir} not found${spec === 'fashion-mnist' ? ' (apt-get install dataset-fashion-mnist)' : ''}`)
-  return { train: await loadFashionMnist({ split: 'train', dir }), test: await loadFashionMnist({ split: 'test', dir }) }
+  return { train: await openIdx(spec, 'train'), test: await openIdx(spec, 'test') }
 }
 
 async function runTokenizer(v: Values, tokenizer: Dvae, train: LabeledImages, test: LabeledImages): Promise<TokenizerEvaluation & { seconds: number }> {
@@ -475,8 +472,9 @@ const demoCommand: Command = {
       return r
     }
     const { train: idxTrain, test: idxTest } = await idxData('sample')
-    const train = await openDataset('sample', 'train')
-    const test = await openDataset('sample', 'test')
+    // The same images the tokenizer trains on, as datasets for the loader (read once).
+    const train = pixelDataset(idxTrain, 'fashion-mnist sample (train)')
+    const test = pixelDataset(idxTest, 'fashion-mnist sample (test)')
 
     console.log(`1/4 tokenizer: dVAE tiny on ${idxTrain.count} images, ${v['tokenizer-steps']} steps x 32`)
     const tokenizer = Dvae.create({ preset: 'tiny', numChannels: 1 }, { seed, emaDecay: 0 })

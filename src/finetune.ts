@@ -10,7 +10,7 @@ import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import { resolveSteps, RunResult, ScheduleOptions, scheduleFor } from './pretrain'
 import { deriveSeed } from './rng'
-import { MetricsLog } from './run'
+import { LoopPosition, MetricsLog, resumePosition } from './run'
 
 export interface FinetuneProgress extends ClassifierStepResult {
   step: number
@@ -55,7 +55,7 @@ export interface FinetuneOptions {
   onEpoch?: (e: EpochResult) => void
 }
 
-interface FinetuneState {
+interface FinetuneState extends LoopPosition {
   kind: 'finetune'
   step: number
   totalSteps: number
@@ -120,15 +120,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   const totalSteps = resolveSteps(undefined, opts.epochs, loader.batchesPerEpoch)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const fresh: FinetuneState = { kind: 'finetune', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals: [] }
-  let state = fresh
-  const saved = classifier.trainState as FinetuneState | undefined
-  if (saved !== undefined) {
-    if (saved.kind !== 'finetune') throw new Error(`the classifier's checkpoint is from a ${String(saved.kind)} run, not fine-tuning`)
-    for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
-      if (saved[key] !== fresh[key]) throw new Error(`cannot resume: the run had ${key} ${saved[key]}, now ${fresh[key]}`)
-    }
-    state = saved
-  }
+  let state = resumePosition(classifier.trainState, fresh, 'classifier', 'fine-tuning')
   const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
   const metrics = await MetricsLog.open(opts.outDir, {
     title: 'BEiT fine-tuning',

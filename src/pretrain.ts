@@ -13,7 +13,7 @@ import { ImageLoader } from './data/loader'
 import { MaskGenerator } from './masking'
 import { Beit, TrainStepResult } from './model'
 import { deriveSeed } from './rng'
-import { MetricsLog } from './run'
+import { LoopPosition, MetricsLog, resumePosition } from './run'
 import { warmupCosine } from './schedule'
 import { Dvae } from './tokenizer'
 
@@ -66,7 +66,7 @@ export interface PretrainOptions {
 }
 
 /** Where a pretraining run stands; stored in the checkpoint. */
-interface PretrainState {
+interface PretrainState extends LoopPosition {
   kind: 'pretrain'
   /** Steps completed. */
   step: number
@@ -139,16 +139,9 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   const lr = scheduleFor(opts.schedule, totalSteps)
 
   // Resume from the model's saved position, if it carries one.
-  const saved = model.trainState as PretrainState | undefined
-  let state: PretrainState = { kind: 'pretrain', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, masking: masking.getState() }
-  if (saved !== undefined) {
-    if (saved.kind !== 'pretrain') throw new Error(`the model's checkpoint is from a ${String(saved.kind)} run, not pretraining`)
-    for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
-      if (saved[key] !== state[key]) throw new Error(`cannot resume: the run had ${key} ${saved[key]}, now ${state[key]}`)
-    }
-    state = saved
-    masking.setState(state.masking)
-  }
+  const fresh: PretrainState = { kind: 'pretrain', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, masking: masking.getState() }
+  let state = resumePosition(model.trainState, fresh, 'model', 'pretraining')
+  masking.setState(state.masking)
 
   const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
   const metrics = await MetricsLog.open(opts.outDir, {

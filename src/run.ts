@@ -10,6 +10,29 @@ import { curvesSvg, Series } from './plot'
 
 export type Metrics = Record<string, number | string>
 
+/** What every training loop's saved position holds, whatever else it adds. */
+export interface LoopPosition {
+  kind: string
+  totalSteps: number
+  batchSize: number
+  seed: number
+}
+
+/**
+ * The position to continue from: `saved` (a checkpoint's trainState) when there is one, else
+ * `fresh`. A position from another kind of run, or from a run with another length, batch size
+ * or seed, is refused: resuming it would not replay the same steps.
+ */
+export function resumePosition<S extends LoopPosition>(saved: unknown, fresh: S, owner: string, runName: string): S {
+  if (saved === undefined) return fresh
+  const position = saved as S
+  if (position.kind !== fresh.kind) throw new Error(`the ${owner}'s checkpoint is from a ${String(position.kind)} run, not ${runName}`)
+  for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
+    if (position[key] !== fresh[key]) throw new Error(`cannot resume: the run had ${key} ${position[key]}, now ${fresh[key]}`)
+  }
+  return position
+}
+
 export interface Panel {
   /** Metric key in the records. */
   key: string

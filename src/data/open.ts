@@ -8,7 +8,8 @@
 import { existsSync, statSync } from 'node:fs'
 import { extname, join } from 'node:path'
 import { imageFolder, ImageDataset, manifest, pixelDataset } from './dataset'
-import { DEBIAN_FASHION_MNIST_DIR, loadFashionMnist } from './fashion-mnist'
+import { DEBIAN_FASHION_MNIST_DIR, embeddedSampleDir, loadFashionMnist } from './fashion-mnist'
+import type { LabeledImages } from './idx'
 
 export type Split = 'train' | 'test'
 
@@ -20,14 +21,26 @@ function hasIdx(dir: string, split: Split): boolean {
   return [`${prefix}-images-idx3-ubyte`, `${prefix}-images-idx3-ubyte.gz`].some((f) => existsSync(join(dir, f)))
 }
 
-export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
-  if (spec === 'sample') return pixelDataset(await loadFashionMnist({ split }), `fashion-mnist sample (${split})`)
-  if (spec === 'fashion-mnist') {
-    if (!existsSync(DEBIAN_FASHION_MNIST_DIR)) {
-      throw new Error(`the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`)
-    }
-    return pixelDataset(await loadFashionMnist({ split, dir: DEBIAN_FASHION_MNIST_DIR }), `fashion-mnist (${split})`)
+/** The folder of IDX files that `sample` or `fashion-mnist` names; undefined for other specs. */
+function namedIdxDir(spec: string): string | undefined {
+  if (spec === 'sample') return embeddedSampleDir()
+  if (spec !== 'fashion-mnist') return undefined
+  if (!existsSync(DEBIAN_FASHION_MNIST_DIR)) {
+    throw new Error(`the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`)
   }
+  return DEBIAN_FASHION_MNIST_DIR
+}
+
+/** `sample`, `fashion-mnist` or a folder of IDX files, as in-memory images (tokenizer training). */
+export async function openIdx(spec: string, split: Split): Promise<LabeledImages> {
+  const dir = namedIdxDir(spec) ?? spec
+  if (!existsSync(dir)) throw new Error(`data not found: ${spec} (expected sample, fashion-mnist or a folder of IDX files)`)
+  return loadFashionMnist({ split, dir })
+}
+
+export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
+  const named = namedIdxDir(spec)
+  if (named) return pixelDataset(await loadFashionMnist({ split, dir: named }), `${spec === 'sample' ? 'fashion-mnist sample' : spec} (${split})`)
   if (!existsSync(spec)) throw new Error(`data not found: ${spec} (expected sample, fashion-mnist, a folder or a .csv/.jsonl manifest)`)
   if (statSync(spec).isFile()) {
     const ext = extname(spec).toLowerCase()
