@@ -18,6 +18,14 @@ export declare class NativeClassifier {
   static create(configJson: string, optimizerJson: string, finetuneJson: string, seed: number): NativeClassifier
   /** Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`. */
   static fromPretrained(path: string, configJson: string, optimizerJson: string, finetuneJson: string, seed: number): Promise<NativeClassifier>
+  /**
+   * Reads a transformers BEiT folder: a `BeitForImageClassification` keeps its head unless
+   * `numLabels` differs; a `BeitModel` or `BeitForMaskedImageModeling` gets a new head of
+   * `numLabels` classes, initialised from `seed`.
+   */
+  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, numLabels: number | undefined | null, optimizerJson: string, finetuneJson: string, seed: number): Promise<NativeClassifier>
+  /** Writes a transformers `BeitForImageClassification` folder. */
+  exportHuggingFace(dir: string): Promise<void>
   /** Reads a checkpoint written by `save`. */
   static load(path: string): Promise<NativeClassifier>
   get configJson(): string
@@ -75,6 +83,13 @@ export declare class NativeMimModel {
    * config (a mismatch names the tensor and both shapes).
    */
   static load(path: string, expectedConfigJson?: string | undefined | null): Promise<NativeMimModel>
+  /**
+   * Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
+   * model.safetensors); `imageSize` [height, width] resizes the position tables to it.
+   */
+  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeMimModel>
+  /** Writes a transformers `BeitForMaskedImageModeling` folder. */
+  exportHuggingFace(dir: string): Promise<void>
   get configJson(): string
   get optimizerJson(): string
   get numParameters(): number

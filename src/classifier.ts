@@ -5,7 +5,7 @@
  */
 import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
-import { Beit, checkType } from './model'
+import { Beit, checkType, ImageSize, imageSizePair } from './model'
 import { native, NativeClassifier } from './native'
 
 export type Pooling = 'mean' | 'cls'
@@ -83,6 +83,25 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const config = resolveSpec({ ...spec, model })
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
     return new Classifier(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args))
+  }
+
+  /**
+   * Imports a Hugging Face transformers BEiT folder (`config.json` + `model.safetensors`). A
+   * `BeitForImageClassification` keeps its head unless `numLabels` differs; a `BeitModel` or
+   * `BeitForMaskedImageModeling` backbone gets a new head of `numLabels` classes. Pooling
+   * follows the config's `use_mean_pooling`; `imageSize` resizes the position tables.
+   */
+  static async fromHuggingFace(dir: string, opts: ClassifierCreateOptions & { imageSize?: ImageSize; numLabels?: number } = {}): Promise<Classifier> {
+    if (opts.numLabels !== undefined && (!Number.isInteger(opts.numLabels) || opts.numLabels < 2)) {
+      throw new Error(`numLabels must be an integer >= 2, got ${opts.numLabels}`)
+    }
+    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
+    return new Classifier(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args))
+  }
+
+  /** Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i). */
+  exportHuggingFace(dir: string): Promise<void> {
+    return this.handle.exportHuggingFace(dir)
   }
 
   /** Reads a checkpoint written by `save`. */

@@ -1,5 +1,5 @@
 export { Beit } from './model'
-export type { CreateOptions, TrainStepInput, TrainStepResult, ForwardInput, ForwardResult } from './model'
+export type { CreateOptions, TrainStepInput, TrainStepResult, ForwardInput, ForwardResult, ImageSize } from './model'
 export { PRESETS, resolveConfig, gridSize } from './config'
 export type { BeitConfig, PresetName, ModelSpec, AdamWOptions } from './config'
 export { BlockwiseMaskGenerator, RandomMaskGenerator } from './masking'
@@ -33,3 +33,5 @@ export { imageFolder, manifest, pixelDataset, IMAGE_EXTENSIONS } from './data/da
 export type { ImageDataset, ImageSource, ImageFolderOptions, ManifestOptions } from './data/dataset'
 export { openDataset } from './data/open'
 export type { Split } from './data/open'
+export { checkpointFormat, exportHuggingFace, huggingFaceTask, importHuggingFace } from './huggingface'
+export type { HuggingFaceTask, ImportOptions } from './huggingface'

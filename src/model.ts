@@ -78,6 +78,20 @@ export class Beit extends Checkpointed<NativeMimModel> {
   }
 
   /**
+   * Imports a Hugging Face transformers `BeitForMaskedImageModeling` folder (`config.json` +
+   * `model.safetensors`), with a fresh optimizer. `imageSize` changes the resolution: the
+   * relative position tables and absolute position embeddings are resized to the new grid.
+   */
+  static async fromHuggingFace(dir: string, opts: { imageSize?: ImageSize; optimizer?: AdamWOptions } = {}): Promise<Beit> {
+    return new Beit(await native.NativeMimModel.fromHuggingFace(dir, imageSizePair(opts.imageSize), JSON.stringify(opts.optimizer ?? {})))
+  }
+
+  /** Writes a transformers `BeitForMaskedImageModeling` folder (`from_pretrained` loads it). */
+  exportHuggingFace(dir: string): Promise<void> {
+    return this.handle.exportHuggingFace(dir)
+  }
+
+  /**
    * Linear-probe features of layer `layer` (1-based; 0 = the embeddings): [CLS] and the mean
    * patch token concatenated, [B, 2 * hiddenSize]. No masking, no stochastic depth.
    */
@@ -108,6 +122,18 @@ export class Beit extends Checkpointed<NativeMimModel> {
     checkType('mask', input.mask, Uint8Array)
     return this.handle.predict(input.pixels, input.mask)
   }
+}
+
+/** Pixels: one number for a square image, or [height, width]. */
+export type ImageSize = number | [number, number]
+
+export function imageSizePair(size: ImageSize | undefined): [number, number] | undefined {
+  if (size === undefined) return undefined
+  const pair: [number, number] = typeof size === 'number' ? [size, size] : size
+  if (!Array.isArray(pair) || pair.length !== 2 || !pair.every((s) => Number.isInteger(s) && s > 0)) {
+    throw new Error(`imageSize must be a positive integer or [height, width], got ${JSON.stringify(size)}`)
+  }
+  return pair
 }
 
 export function checkType(name: string, value: unknown, type: Function): void {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::config::{ClassifierConfig, Pooling};
 use crate::error::{Error, Result};
+use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::model::{classification_loss, BeitForImageClassification, Linear};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{NamedVars, ParamStore};
@@ -86,18 +87,58 @@ impl ClassifierTrainer {
     pub fn from_pretrained(path: &Path, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
         file.expect_format(path, "beit-mim/1", "a pretrained BEiT MIM checkpoint")?;
-        let mut final_norm = file.take_prefixed("layernorm.");
-        let mut tensors: HashMap<String, Tensor> =
-            file.tensors.into_iter().filter(|(name, _)| name.starts_with("beit.") && name != "beit.embeddings.mask_token").collect();
-        if config.pooling == Pooling::Cls {
-            for part in ["weight", "bias"] {
-                if let Some(t) = final_norm.remove(part) {
+        // The model's tensors, not its optimizer state.
+        file.tensors.retain(|name, _| name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head."));
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        Self::from_backbone(file.tensors, config, optim, finetune, seed).map_err(in_file)
+    }
+
+    /// A classifier from a transformers checkpoint. A `BeitForImageClassification` keeps its
+    /// head unless `num_labels` asks for another number of classes; a `BeitModel` or
+    /// `BeitForMaskedImageModeling` gets a new head of `num_labels` classes (required then).
+    pub fn from_hf(ckpt: HfCheckpoint, num_labels: Option<usize>, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+        let HfCheckpoint { layout, config: model, pooling, labels, mut tensors } = ckpt;
+        let num_labels = match (layout, num_labels) {
+            (HfLayout::ImageClassification, None) => labels.len(),
+            (HfLayout::ImageClassification, Some(n)) => {
+                if n != labels.len() {
+                    tensors.retain(|name, _| !name.starts_with("classifier."));
+                }
+                n
+            }
+            (_, Some(n)) => n,
+            (_, None) => {
+                return Err(Error::Config(format!(
+                    "a {} checkpoint has no classification head: numLabels is required for the new one",
+                    layout.architecture()
+                )))
+            }
+        };
+        Self::from_backbone(tensors, ClassifierConfig { model, num_labels, pooling }, optim, finetune, seed)
+    }
+
+    /// `tensors`: a backbone under `beit.*`, with a MIM's `layernorm.*` and `lm_head.*` or a
+    /// classifier's head possibly alongside. Only the head and the pooling norm may be absent.
+    fn from_backbone(mut tensors: HashMap<String, Tensor>, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+        tensors.retain(|name, _| !name.starts_with("lm_head.") && name != "beit.embeddings.mask_token");
+        for part in ["weight", "bias"] {
+            if let Some(t) = tensors.remove(&format!("layernorm.{part}")) {
+                if config.pooling == Pooling::Cls {
                     tensors.insert(format!("beit.layernorm.{part}"), t);
                 }
             }
         }
-        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        Self::build(config, optim, finetune, ParamStore::from_tensors_or_init(tensors, seed)).map_err(in_file)
+        let is_head = |name: &str| {
+            name.starts_with("classifier.") || name.starts_with("beit.pooler.") || name.starts_with("beit.layernorm.")
+        };
+        Self::build(config, optim, finetune, ParamStore::from_tensors_or_init(tensors, seed, is_head))
+    }
+
+    /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
+    pub fn export_hf(&self, dir: &Path) -> Result<()> {
+        let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
+        let tensors: Vec<_> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        hf::write(dir, HfLayout::ImageClassification, &self.config.model, self.config.pooling, &labels, &tensors)
     }
 
     fn build(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, store: ParamStore) -> Result<Self> {

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod classify;
 pub mod config;
 pub mod error;
+pub mod hf;
 pub mod images;
 pub mod model;
 pub mod ops;

@@ -510,15 +510,25 @@ impl BeitForImageClassification {
         })
     }
 
-    /// Class logits [B, K]. `rng` drives stochastic depth (training only).
-    pub fn forward(&self, pixels: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+    pub fn backbone(&self) -> &BeitModel {
+        &self.beit
+    }
+
+    /// The normalised pooled features [B, D] the head reads (transformers' `pooler_output` for
+    /// mean pooling).
+    pub fn pooled(&self, pixels: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
         let h = self.beit.forward(pixels, None, rng)?;
         let t = h.dim(1)?;
         let pooled = match self.pooling {
             Pooling::Mean => h.narrow(1, 1, t - 1)?.mean(1)?,
             Pooling::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
         };
-        self.classifier.forward(&self.norm.forward(&pooled)?)
+        self.norm.forward(&pooled)
+    }
+
+    /// Class logits [B, K]. `rng` drives stochastic depth (training only).
+    pub fn forward(&self, pixels: &Tensor, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+        self.classifier.forward(&self.pooled(pixels, rng)?)
     }
 }
 

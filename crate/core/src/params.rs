@@ -16,14 +16,18 @@ use crate::rng::SplitMix64;
 enum Source {
     /// Reference init: `Init::Randn { stdev }` means truncated normal at +-1 std (as unilm).
     Init(SplitMix64),
-    /// Tensors from a checkpoint; those it lacks are initialised from `fallback` when given
-    /// (fine-tuning a pretrained backbone under a new head), else an error.
-    Checkpoint { tensors: HashMap<String, Tensor>, fallback: Option<SplitMix64> },
+    /// Tensors from a checkpoint. Those it lacks are an error, except the ones `fallback`
+    /// allows, which get the reference init (a new head over a pretrained backbone).
+    Checkpoint { tensors: HashMap<String, Tensor>, fallback: Option<(SplitMix64, fn(&str) -> bool)> },
 }
 
 struct Store {
     source: Source,
     vars: Vec<(String, Var)>,
+    /// Checkpoint tensors the model asked for and did not find, or found with another shape:
+    /// collected (the model gets zeros meanwhile) so one error can list them all.
+    missing: Vec<String>,
+    mismatched: Vec<String>,
 }
 
 pub struct ParamStore {
@@ -42,27 +46,39 @@ impl ParamStore {
         Self::new(Source::Checkpoint { tensors, fallback: None })
     }
 
-    /// `tensors` where they exist, reference initialisation from `seed` for the rest.
-    pub fn from_tensors_or_init(tensors: HashMap<String, Tensor>, seed: u64) -> Self {
-        Self::new(Source::Checkpoint { tensors, fallback: Some(SplitMix64::new(seed)) })
+    /// `tensors` where they exist; the parameters `may_init` accepts get the reference
+    /// initialisation from `seed` when absent, any other absent one is an error.
+    pub fn from_tensors_or_init(tensors: HashMap<String, Tensor>, seed: u64, may_init: fn(&str) -> bool) -> Self {
+        Self::new(Source::Checkpoint { tensors, fallback: Some((SplitMix64::new(seed), may_init)) })
     }
 
     fn new(source: Source) -> Self {
-        Self { inner: Mutex::new(Store { source, vars: Vec::new() }) }
+        Self { inner: Mutex::new(Store { source, vars: Vec::new(), missing: Vec::new(), mismatched: Vec::new() }) }
     }
 
-    /// Consumes the store. For a checkpoint store, tensors no model part asked for are an error.
+    /// Consumes the store. For a checkpoint store, every missing tensor, shape mismatch and
+    /// tensor no model part asked for is listed in one error.
     pub fn finish(self) -> crate::Result<NamedVars> {
         let store = self.inner.into_inner().expect("param store lock");
+        let mut problems = Vec::new();
+        if !store.missing.is_empty() {
+            problems.push(format!("missing tensors: {}", store.missing.join(", ")));
+        }
+        if !store.mismatched.is_empty() {
+            problems.push(format!("shape mismatches: {}", store.mismatched.join(", ")));
+        }
         if let Source::Checkpoint { tensors: rest, .. } = &store.source {
             if !rest.is_empty() {
                 let mut names: Vec<_> = rest.keys().cloned().collect();
                 names.sort();
-                return Err(crate::Error::Checkpoint(format!(
-                    "checkpoint has tensors this model does not use: {}",
-                    names.join(", ")
-                )));
+                problems.push(format!("tensors this model does not use: {}", names.join(", ")));
             }
+        }
+        if !problems.is_empty() {
+            return Err(crate::Error::Checkpoint(format!(
+                "checkpoint does not fit this model: {}",
+                problems.join("; ")
+            )));
         }
         Ok(store.vars)
     }
@@ -98,23 +114,21 @@ impl SimpleBackend for SharedStore {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut store = self.0.inner.lock().expect("param store lock");
+        let store = &mut *store;
         let tensor = match &mut store.source {
             Source::Init(rng) => initial_value(rng, &shape, init)?,
-            Source::Checkpoint { tensors, fallback } => {
-                let t = match (tensors.remove(name), fallback) {
-                    (Some(t), _) => t,
-                    (None, Some(rng)) => initial_value(rng, &shape, init)?,
-                    (None, None) => candle_core::bail!("checkpoint is missing tensor {name}"),
-                };
-                if t.shape() != &shape {
-                    candle_core::bail!(
-                        "tensor {name} has shape {:?} in the checkpoint, but this model expects {:?}",
-                        t.dims(),
-                        shape.dims()
-                    );
+            Source::Checkpoint { tensors, fallback } => match (tensors.remove(name), fallback) {
+                (Some(t), _) if t.shape() == &shape => t,
+                (Some(t), _) => {
+                    store.mismatched.push(format!("{name} is {:?}, expected {:?}", t.dims(), shape.dims()));
+                    Tensor::zeros(&shape, DType::F32, &Device::Cpu)?
                 }
-                t
-            }
+                (None, Some((rng, may_init))) if may_init(name) => initial_value(rng, &shape, init)?,
+                (None, _) => {
+                    store.missing.push(format!("{name} {:?}", shape.dims()));
+                    Tensor::zeros(&shape, DType::F32, &Device::Cpu)?
+                }
+            },
         };
         let var = Var::from_tensor(&tensor.to_dtype(dtype)?.to_device(device)?)?;
         let out = var.as_tensor().clone();

@@ -261,7 +261,10 @@ impl TokenizerTrainer {
             .map_err(in_file)?;
         let ema = if ema.is_empty() { None } else { Some(ema) };
         let mut trainer = Self::assemble(config, training, model, vars, ema, device).map_err(in_file)?;
-        trainer.optimizer.restore(moments, step).map_err(in_file)?;
+        // Weights converted from elsewhere (DALL-E's) come at step 0 without optimizer state.
+        if step > 0 || !moments.is_empty() {
+            trainer.optimizer.restore(moments, step).map_err(in_file)?;
+        }
         Ok(trainer)
     }
 }

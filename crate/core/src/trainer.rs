@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint;
-use crate::config::BeitConfig;
+use crate::config::{BeitConfig, Pooling};
+use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::error::{Error, Result};
 use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use crate::optim::{AdamW, AdamWConfig};
@@ -98,6 +99,25 @@ impl MimTrainer {
         optimizer.restore_into(&mut trainer.optimizer).map_err(in_file)?;
         trainer.train_state = train_state;
         Ok(trainer)
+    }
+
+    /// A MIM model from a transformers `BeitForMaskedImageModeling` checkpoint, with a fresh
+    /// optimizer.
+    pub fn from_hf(ckpt: HfCheckpoint, optim: AdamWConfig) -> Result<Self> {
+        if ckpt.layout != HfLayout::MaskedImageModeling {
+            return Err(Error::Checkpoint(format!(
+                "a {} checkpoint cannot be pretrained further: masked image modeling needs a \
+                 BeitForMaskedImageModeling checkpoint (mask token and lm_head)",
+                ckpt.layout.architecture()
+            )));
+        }
+        Self::build(ckpt.config, optim, ParamStore::from_tensors(ckpt.tensors))
+    }
+
+    /// Writes a transformers `BeitForMaskedImageModeling` folder.
+    pub fn export_hf(&self, dir: &Path) -> Result<()> {
+        let tensors: Vec<_> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        hf::write(dir, HfLayout::MaskedImageModeling, &self.config, Pooling::Mean, &[], &tensors)
     }
 
     /// Writes weights, config, optimizer state and `train_state` atomically.

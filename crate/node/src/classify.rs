@@ -7,7 +7,7 @@ use beit_core::{ClassifierConfig, ClassifierStepMetrics, ClassifierTrainer, Fine
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, job, lock, parse_optimizer, Job, SaveTask};
+use crate::{guarded, image_size_pair, job, lock, parse_optimizer, Job};
 
 fn parse_finetune(json: &str) -> beit_core::Result<FinetuneOptions> {
     let options: FinetuneOptions = serde_json::from_str(json)
@@ -71,6 +71,35 @@ impl NativeClassifier {
         )
     }
 
+    /// Reads a transformers BEiT folder: a `BeitForImageClassification` keeps its head unless
+    /// `numLabels` differs; a `BeitModel` or `BeitForMaskedImageModeling` gets a new head of
+    /// `numLabels` classes, initialised from `seed`.
+    #[napi(ts_return_type = "Promise<NativeClassifier>")]
+    pub fn from_hugging_face(
+        dir: String,
+        image_size: Option<Vec<u32>>,
+        num_labels: Option<u32>,
+        optimizer_json: String,
+        finetune_json: String,
+        seed: u32,
+    ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+        job(
+            move || {
+                let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
+                let (optimizer, finetune) = (parse_optimizer(&optimizer_json)?, parse_finetune(&finetune_json)?);
+                ClassifierTrainer::from_hf(ckpt, num_labels.map(|n| n as usize), optimizer, finetune, seed as u64)
+            },
+            wrap,
+        )
+    }
+
+    /// Writes a transformers `BeitForImageClassification` folder.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+    }
+
     /// Reads a checkpoint written by `save`.
     #[napi(ts_return_type = "Promise<NativeClassifier>")]
     pub fn load(path: String) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
@@ -112,8 +141,9 @@ impl NativeClassifier {
     }
 
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask<ClassifierTrainer>> {
-        AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<Job<(), ()>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.save(&PathBuf::from(path)), |()| Ok(()))
     }
 
     /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.

@@ -83,7 +83,15 @@ fn lock<T>(model: &Arc<Mutex<T>>) -> beit_core::Result<MutexGuard<'_, T>> {
     })
 }
 
-fn parse_optimizer(json: &str) -> beit_core::Result<AdamWConfig> {
+pub(crate) fn image_size_pair(size: Option<Vec<u32>>) -> beit_core::Result<Option<[usize; 2]>> {
+    match size.as_deref() {
+        None => Ok(None),
+        Some(&[h, w]) => Ok(Some([h as usize, w as usize])),
+        Some(other) => Err(beit_core::Error::Input(format!("imageSize: expected [height, width], got {other:?}"))),
+    }
+}
+
+pub(crate) fn parse_optimizer(json: &str) -> beit_core::Result<AdamWConfig> {
     let cfg: AdamWConfig = serde_json::from_str(json)
         .map_err(|e| beit_core::Error::Config(format!("invalid optimizer config: {e}")))?;
     cfg.validate()?;
@@ -122,6 +130,26 @@ impl NativeMimModel {
         )
     }
 
+    /// Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
+    /// model.safetensors); `imageSize` [height, width] resizes the position tables to it.
+    #[napi(ts_return_type = "Promise<NativeMimModel>")]
+    pub fn from_hugging_face(dir: String, image_size: Option<Vec<u32>>, optimizer_json: String) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
+        job(
+            move || {
+                let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
+                MimTrainer::from_hf(ckpt, parse_optimizer(&optimizer_json)?)
+            },
+            |trainer| Ok(NativeMimModel { inner: Arc::new(Mutex::new(trainer)) }),
+        )
+    }
+
+    /// Writes a transformers `BeitForMaskedImageModeling` folder.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+    }
+
     #[napi(getter)]
     pub fn config_json(&self) -> Result<String> {
         guarded(|| Ok(lock(&self.inner)?.config.to_json()))
@@ -145,8 +173,9 @@ impl NativeMimModel {
 
     /// Writes weights, config and optimizer state atomically.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask<MimTrainer>> {
-        AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<Job<(), ()>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.save(&PathBuf::from(path)), |()| Ok(()))
     }
 
     /// One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth.
@@ -217,47 +246,6 @@ pub struct MaskedPredictions {
     pub num_masked: u32,
 }
 
-/// Models that write an atomic checkpoint.
-pub trait Checkpoint: Send + 'static {
-    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()>;
-}
-
-impl Checkpoint for MimTrainer {
-    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
-        self.save(path)
-    }
-}
-
-impl Checkpoint for beit_core::ClassifierTrainer {
-    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
-        self.save(path)
-    }
-}
-
-impl Checkpoint for TokenizerTrainer {
-    fn save_to(&self, path: &std::path::Path) -> beit_core::Result<()> {
-        self.save(path)
-    }
-}
-
-pub struct SaveTask<T> {
-    model: Arc<Mutex<T>>,
-    path: PathBuf,
-}
-
-impl<T: Checkpoint> Task for SaveTask<T> {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> Result<()> {
-        guarded(|| lock(&self.model)?.save_to(&self.path))
-    }
-
-    fn resolve(&mut self, _: Env, _: ()) -> Result<()> {
-        Ok(())
-    }
-}
-
 type SharedTokenizer = Arc<Mutex<TokenizerTrainer>>;
 
 /// The dVAE visual tokenizer with its AdamW (and EMA) state.
@@ -308,8 +296,9 @@ impl NativeTokenizer {
     }
 
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask<TokenizerTrainer>> {
-        AsyncTask::new(SaveTask { model: self.inner.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<Job<(), ()>> {
+        let model = self.inner.clone();
+        job(move || lock(&model)?.save(&PathBuf::from(path)), |()| Ok(()))
     }
 
     /// One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise.

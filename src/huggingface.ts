@@ -1,0 +1,74 @@
+/**
+ * Moving checkpoints between beit and Hugging Face transformers: a transformers BEiT folder
+ * (`config.json` + `model.safetensors`) becomes a beit checkpoint and back. The tensor work
+ * is native (`Beit.fromHuggingFace`, `Classifier.fromHuggingFace`, `exportHuggingFace`); this
+ * module decides which model a file or folder holds.
+ */
+import { open, readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import { Classifier } from './classifier'
+import { AdamWOptions } from './config'
+import { Beit, ImageSize } from './model'
+
+export type HuggingFaceTask = 'mim' | 'classifier'
+
+/** The `format` entry of a safetensors file's metadata (beit-mim/1, beit-cls/1, beit-dvae/1). */
+export async function checkpointFormat(path: string): Promise<string | undefined> {
+  const file = await open(path, 'r')
+  try {
+    const size = Buffer.alloc(8)
+    await file.read(size, 0, 8, 0)
+    const length = Number(size.readBigUInt64LE())
+    const { size: fileSize } = await file.stat()
+    if (length <= 0 || length > fileSize - 8) throw new Error(`${path}: not a safetensors file (header length ${length})`)
+    const header = Buffer.alloc(length)
+    await file.read(header, 0, length, 8)
+    const json = JSON.parse(header.toString('utf8')) as { __metadata__?: Record<string, string> }
+    return json.__metadata__?.format
+  } finally {
+    await file.close()
+  }
+}
+
+/**
+ * Which beit model a transformers folder becomes: `mim` for `BeitForMaskedImageModeling`,
+ * `classifier` for everything else (`BeitForImageClassification`, `BeitModel`).
+ */
+export async function huggingFaceTask(dir: string): Promise<HuggingFaceTask> {
+  const path = join(dir, 'config.json')
+  const config = JSON.parse(await readFile(path, 'utf8')) as { architectures?: string[] }
+  return config.architectures?.includes('BeitForMaskedImageModeling') ? 'mim' : 'classifier'
+}
+
+export interface ImportOptions {
+  /** Default: from the folder's `architectures`. */
+  task?: HuggingFaceTask
+  imageSize?: ImageSize
+  /** Classes of the (new) head, for a classifier. */
+  numLabels?: number
+  optimizer?: AdamWOptions
+  seed?: number
+}
+
+/** Imports a transformers folder and saves it as a beit checkpoint at `out`. */
+export async function importHuggingFace(dir: string, out: string, opts: ImportOptions = {}): Promise<Beit | Classifier> {
+  const task = opts.task ?? (await huggingFaceTask(dir))
+  const model =
+    task === 'mim'
+      ? await Beit.fromHuggingFace(dir, { imageSize: opts.imageSize, optimizer: opts.optimizer })
+      : await Classifier.fromHuggingFace(dir, { imageSize: opts.imageSize, numLabels: opts.numLabels, optimizer: opts.optimizer, seed: opts.seed })
+  await model.save(out)
+  return model
+}
+
+/** Writes a beit MIM or classifier checkpoint as a transformers folder. */
+export async function exportHuggingFace(checkpoint: string, dir: string): Promise<Beit | Classifier> {
+  const format = await checkpointFormat(checkpoint)
+  let model: Beit | Classifier
+  if (format === 'beit-mim/1') model = await Beit.load(checkpoint)
+  else if (format === 'beit-cls/1') model = await Classifier.load(checkpoint)
+  else throw new Error(`${checkpoint}: format ${JSON.stringify(format)} cannot be exported; expected a MIM (beit-mim/1) or classifier (beit-cls/1) checkpoint`)
+  await model.exportHuggingFace(dir)
+  return model
+}
