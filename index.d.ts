@@ -28,6 +28,10 @@ export declare class NativeClassifier {
   exportHuggingFace(dir: string): Promise<void>
   /** Reads a checkpoint written by `save`. */
   static load(path: string): Promise<NativeClassifier>
+  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
   get configJson(): string
   get finetuneJson(): string
   get numParameters(): number
@@ -90,6 +94,10 @@ export declare class NativeMimModel {
   static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeMimModel>
   /** Writes a transformers `BeitForMaskedImageModeling` folder. */
   exportHuggingFace(dir: string): Promise<void>
+  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
   get configJson(): string
   get optimizerJson(): string
   get numParameters(): number
@@ -119,6 +127,10 @@ export declare class NativeTokenizer {
    */
   static create(configJson: string, trainingJson: string, seed: number): NativeTokenizer
   static load(path: string): Promise<NativeTokenizer>
+  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
   get configJson(): string
   get trainingJson(): string
   get numParameters(): number
@@ -139,6 +151,9 @@ export interface ClassifierMetrics {
   /** Global gradient norm before clipping. */
   gradNorm: number
 }
+
+/** NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none. */
+export declare function cudaDeviceCount(): number
 
 export interface ImageFailure {
   /** Position of the image in the request. */

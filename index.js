@@ -840,3 +840,4 @@ module.exports.NativeImageLoader = nativeBinding.NativeImageLoader
 module.exports.NativeLinearProbe = nativeBinding.NativeLinearProbe
 module.exports.NativeMimModel = nativeBinding.NativeMimModel
 module.exports.NativeTokenizer = nativeBinding.NativeTokenizer
+module.exports.cudaDeviceCount = nativeBinding.cudaDeviceCount

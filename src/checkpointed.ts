@@ -1,6 +1,9 @@
 /** What the model classes share: an atomic checkpoint with the optimizer and the loop's position. */
+import { DeviceSpec, place } from './device'
 
 interface NativeCheckpointed {
+  readonly device: string
+  toDevice(device: string): void
   save(path: string): Promise<void>
   readonly optimizerStep: number
   trainState: string | null
@@ -12,6 +15,16 @@ export abstract class Checkpointed<Handle extends NativeCheckpointed> {
   /** Writes weights, config, optimizer state and `trainState` atomically (temp file, then rename). */
   save(path: string): Promise<void> {
     return this.handle.save(path)
+  }
+
+  /** Where it runs: 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.handle.device
+  }
+
+  /** Moves weights and optimizer state; later steps run there. */
+  toDevice(device: DeviceSpec): void {
+    place(this.handle, device)
   }
 
   /** Optimizer updates taken so far. */

@@ -6,6 +6,7 @@
 import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
 import { Beit, checkType, ImageSize, imageSizePair } from './model'
+import { DeviceOptions, place } from './device'
 import { native, NativeClassifier } from './native'
 
 export type Pooling = 'mean' | 'cls'
@@ -31,7 +32,7 @@ export interface ClassifierSpec {
   pooling?: Pooling
 }
 
-export interface ClassifierCreateOptions {
+export interface ClassifierCreateOptions extends DeviceOptions {
   optimizer?: AdamWOptions
   finetune?: FinetuneOptions
   /** Initialisation seed (of the head, when starting from a checkpoint). Default 0. */
@@ -71,7 +72,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   static create(spec: ClassifierSpec, opts: ClassifierCreateOptions = {}): Classifier {
     const config = resolveSpec(spec)
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(native.NativeClassifier.create(JSON.stringify(config), ...args))
+    return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts.device))
   }
 
   /**
@@ -82,7 +83,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const model = spec.model ?? (await Beit.load(path)).config
     const config = resolveSpec({ ...spec, model })
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args))
+    return new Classifier(place(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args), opts.device))
   }
 
   /**
@@ -96,7 +97,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
       throw new Error(`numLabels must be an integer >= 2, got ${opts.numLabels}`)
     }
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args))
+    return new Classifier(place(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args), opts.device))
   }
 
   /** Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i). */
@@ -105,8 +106,8 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   }
 
   /** Reads a checkpoint written by `save`. */
-  static async load(path: string): Promise<Classifier> {
-    return new Classifier(await native.NativeClassifier.load(path))
+  static async load(path: string, opts: DeviceOptions = {}): Promise<Classifier> {
+    return new Classifier(place(await native.NativeClassifier.load(path), opts.device))
   }
 
   /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */

@@ -31,6 +31,7 @@ export interface Command {
 }
 
 const COMMON: FlagTable = {
+  device: { kind: 'string', help: "where models run: auto (a GPU when the CUDA build of the addon sees one), cpu, cuda or cuda:N", default: 'auto' },
   config: { kind: 'string', help: 'JSON file of option values (keys as the flags, e.g. "batch-size"); flags override it' },
   quiet: { kind: 'bool', help: 'no progress output', default: false },
   help: { kind: 'bool', help: 'this text', default: false },

@@ -1,8 +1,9 @@
 import { AdamWOptions, BeitConfig, ModelSpec, gridSize, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
+import { DeviceOptions, place } from './device'
 import { native, NativeMimModel } from './native'
 
-export interface CreateOptions {
+export interface CreateOptions extends DeviceOptions {
   optimizer?: AdamWOptions
   /** Initialisation seed. Default 0. */
   seed?: number
@@ -65,16 +66,16 @@ export class Beit extends Checkpointed<NativeMimModel> {
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
       throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
     }
-    return new Beit(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed))
+    return new Beit(place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts.device))
   }
 
   /**
    * Loads a checkpoint written by `save` (weights, config, optimizer state). With `config`,
    * the file must fit it: a mismatch names the tensor and both shapes.
    */
-  static async load(path: string, opts: { config?: ModelSpec } = {}): Promise<Beit> {
+  static async load(path: string, opts: DeviceOptions & { config?: ModelSpec } = {}): Promise<Beit> {
     const expected = opts.config === undefined ? undefined : JSON.stringify(resolveConfig(opts.config))
-    return new Beit(await native.NativeMimModel.load(path, expected))
+    return new Beit(place(await native.NativeMimModel.load(path, expected), opts.device))
   }
 
   /**
@@ -82,8 +83,9 @@ export class Beit extends Checkpointed<NativeMimModel> {
    * `model.safetensors`), with a fresh optimizer. `imageSize` changes the resolution: the
    * relative position tables and absolute position embeddings are resized to the new grid.
    */
-  static async fromHuggingFace(dir: string, opts: { imageSize?: ImageSize; optimizer?: AdamWOptions } = {}): Promise<Beit> {
-    return new Beit(await native.NativeMimModel.fromHuggingFace(dir, imageSizePair(opts.imageSize), JSON.stringify(opts.optimizer ?? {})))
+  static async fromHuggingFace(dir: string, opts: DeviceOptions & { imageSize?: ImageSize; optimizer?: AdamWOptions } = {}): Promise<Beit> {
+    const handle = await native.NativeMimModel.fromHuggingFace(dir, imageSizePair(opts.imageSize), JSON.stringify(opts.optimizer ?? {}))
+    return new Beit(place(handle, opts.device))
   }
 
   /** Writes a transformers `BeitForMaskedImageModeling` folder (`from_pretrained` loads it). */

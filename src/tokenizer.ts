@@ -1,3 +1,4 @@
+import { DeviceOptions, DeviceSpec, place } from './device'
 import { native, NativeTokenizer } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
@@ -89,14 +90,24 @@ export class Dvae {
     this.downsample = 2 ** (this.config.numGroups - 1)
   }
 
-  static create(spec: DvaeSpec, opts: DvaeTrainingOptions & { seed?: number } = {}): Dvae {
-    const { seed = 0, ...training } = opts
+  static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
+    const { seed = 0, device, ...training } = opts
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
-    return new Dvae(native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed))
+    return new Dvae(place(native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed), device))
   }
 
-  static async load(path: string): Promise<Dvae> {
-    return new Dvae(await native.NativeTokenizer.load(path))
+  static async load(path: string, opts: DeviceOptions = {}): Promise<Dvae> {
+    return new Dvae(place(await native.NativeTokenizer.load(path), opts.device))
+  }
+
+  /** Where it runs: 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.handle.device
+  }
+
+  /** Moves weights, EMA and optimizer state. */
+  toDevice(device: DeviceSpec): void {
+    place(this.handle, device)
   }
 
   /** Weights, EMA weights, optimizer state and config, written atomically. */

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::model::{classification_loss, BeitForImageClassification, Linear};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{NamedVars, ParamStore};
+use crate::params::{rebuild_on, NamedVars, ParamStore};
 use crate::rng::SplitMix64;
 use crate::trainer::{image_tensor, save_trainer, take_train_state};
 
@@ -155,6 +155,19 @@ impl ClassifierTrainer {
 
     pub fn num_parameters(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Moves the weights and the optimizer state to `device`; later steps run there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        let config = &self.config;
+        let (model, vars) = rebuild_on(&self.vars, device, |vb| BeitForImageClassification::new(config, vb))?;
+        self.optimizer.move_to(&vars, device)?;
+        (self.model, self.vars, self.device) = (model, vars, device.clone());
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self> {

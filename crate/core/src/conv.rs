@@ -1,7 +1,8 @@
 //! Convolution pieces for the dVAE, in NHWC layout: a "same" convolution, 2x2 max-pooling and
 //! 2x nearest upsampling, each a custom op with a backward pass. A k x k convolution is im2col
 //! and one matmul both ways (dX via col2im), so candle's threaded GEMM does the work (candle's
-//! own CPU conv backward is a direct loop, far too slow for training).
+//! own CPU conv backward is a direct loop, far too slow for training). On a GPU they are
+//! candle's own ops in NCHW, which have CUDA kernels and backward passes.
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -117,6 +118,11 @@ pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::R
     let (c_out, c_in, k, k2) = weight.dims4()?;
     if c_in != c || k != k2 || k % 2 == 0 {
         bail!("conv2d: input has {c} channels, weight is [{c_out}, {c_in}, {k}, {k2}] (expected odd square kernels)");
+    }
+    if !x.device().is_cpu() {
+        // On a GPU: candle's convolution (im2col + cuBLAS, with its backward), in NCHW.
+        let y = x.permute((0, 3, 1, 2))?.contiguous()?.conv2d(weight, (k - 1) / 2, 1, 1, 1)?;
+        return y.permute((0, 2, 3, 1))?.broadcast_add(bias);
     }
     let x = x.contiguous()?;
     let output = conv_forward(&x.detach(), &weight.detach(), &bias.detach())?;
@@ -299,6 +305,9 @@ impl candle_core::CustomOp3 for MaxPool2Backward {
 }
 
 pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.permute((0, 3, 1, 2))?.contiguous()?.max_pool2d(2)?.permute((0, 2, 3, 1))?.contiguous();
+    }
     x.contiguous()?.apply_op1(MaxPool2)
 }
 
@@ -368,5 +377,10 @@ impl CustomOp1 for Upsample2Backward {
 }
 
 pub fn upsample2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        let (_, h, w, _) = x.dims4()?;
+        let y = x.permute((0, 3, 1, 2))?.contiguous()?.upsample_nearest2d(2 * h, 2 * w)?;
+        return y.permute((0, 2, 3, 1))?.contiguous();
+    }
     x.contiguous()?.apply_op1(Upsample2)
 }

@@ -4,6 +4,9 @@
 pub mod checkpoint;
 pub mod classify;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device;
 pub mod error;
 pub mod hf;
 pub mod images;

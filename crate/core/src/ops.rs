@@ -11,6 +11,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
 /// Float element types the CPU kernels run on.
 pub trait Float:
     Copy
@@ -122,6 +125,15 @@ struct LayerNorm {
     eps: f64,
 }
 
+/// The normalised width: the last dimension of x, which weight and bias must match.
+fn affine_width(x: &Layout, weight: &Layout, bias: &Layout) -> candle_core::Result<usize> {
+    let d = *x.dims().last().unwrap_or(&1);
+    if weight.shape().elem_count() != d || bias.shape().elem_count() != d {
+        bail!("layer-norm: weight and bias must have {d} elements");
+    }
+    Ok(d)
+}
+
 /// Mean and 1/sqrt(variance + eps) of one row (two passes, for accuracy).
 fn mean_rstd<T: Float>(row: &[T], inv_d: T, eps: T) -> (T, T) {
     let mut mean = T::ZERO;
@@ -167,10 +179,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = *l1.dims().last().unwrap_or(&1);
-        if l2.shape().elem_count() != d || l3.shape().elem_count() != d {
-            bail!("layer-norm: weight and bias must have {d} elements");
-        }
+        let d = affine_width(l1, l2, l3)?;
         let out = dispatch_float!(self.name(), s1, |v| {
             let x = contiguous(v, l1, self.name())?;
             let g = same_dtype_slices(self.name(), s2, l2)?;
@@ -178,6 +187,26 @@ impl CustomOp3 for LayerNorm {
             into_storage(layer_norm_fwd(x, g, b, d, self.eps))
         });
         Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let d = affine_width(l1, l2, l3)?;
+        let rows = l1.shape().elem_count() / d;
+        let dev = s1.device();
+        let (x, gamma, beta) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
+        let y = output(dev, rows * d)?;
+        let (width, eps) = (d as i32, self.eps as f32);
+        launch!(dev, "layer_norm_fwd", per_row(rows, d), [&x, &gamma, &beta, &y, &width, &eps])?;
+        Ok((storage(y, dev), l1.shape().clone()))
     }
 
     fn bwd(
@@ -277,6 +306,29 @@ impl CustomOp3 for LayerNormBackward {
         });
         Ok((out, Shape::from((rows + 2, d))))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let d = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / d;
+        let dev = s1.device();
+        let (x, gamma, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
+        // dx rows, then dgamma and dbeta, which the second kernel accumulates from zero.
+        let packed = zeros(dev, (rows + 2) * d)?;
+        let stats = output(dev, 2 * rows)?;
+        let (width, height, chunk, eps) = (d as i32, rows as i32, ROWS_PER_CHUNK as i32, self.eps as f32);
+        launch!(dev, "layer_norm_bwd_rows", per_row(rows, d), [&x, &gamma, &g, &packed, &stats, &width, &eps])?;
+        launch!(dev, "layer_norm_bwd_params", per_column(rows, d), [&x, &g, &stats, &packed, &height, &width, &chunk])?;
+        Ok((storage(packed, dev), Shape::from((rows + 2, d))))
+    }
 }
 
 /// LayerNorm over the last dimension with affine weight and bias, differentiable in all three.
@@ -327,6 +379,18 @@ impl CustomOp1 for Softmax {
         )));
         Ok((out, l.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let d = *l.dims().last().unwrap_or(&1);
+        let rows = l.shape().elem_count() / d;
+        let dev = s.device();
+        let x = f32_in(self.name(), s, l)?;
+        let y = output(dev, rows * d)?;
+        let width = d as i32;
+        launch!(dev, "softmax_fwd", per_row(rows, d), [&x, &y, &width])?;
+        Ok((storage(y, dev), l.shape().clone()))
+    }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?))
@@ -375,6 +439,24 @@ impl CustomOp2 for SoftmaxBackward {
         });
         Ok((out, l1.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let d = *l1.dims().last().unwrap_or(&1);
+        let rows = l1.shape().elem_count() / d;
+        let dev = s1.device();
+        let (y, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
+        let dx = output(dev, rows * d)?;
+        let width = d as i32;
+        launch!(dev, "softmax_bwd", per_row(rows, d), [&y, &g, &dx, &width])?;
+        Ok((storage(dx, dev), l1.shape().clone()))
+    }
 }
 
 /// Softmax over the last dimension, differentiable.
@@ -422,6 +504,17 @@ impl CustomOp1 for Gelu {
         )));
         Ok((out, l.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let n = l.shape().elem_count();
+        let dev = s.device();
+        let x = f32_in(self.name(), s, l)?;
+        let y = output(dev, n)?;
+        let count = n as u64;
+        launch!(dev, "gelu_fwd", elementwise(n), [&x, &y, &count])?;
+        Ok((storage(y, dev), l.shape().clone()))
+    }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
@@ -459,6 +552,23 @@ impl CustomOp2 for GeluBackward {
             into_storage(gelu_bwd(x, same_dtype_slices(self.name(), s2, l2)?))
         });
         Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let n = l1.shape().elem_count();
+        let dev = s1.device();
+        let (x, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
+        let dx = output(dev, n)?;
+        let count = n as u64;
+        launch!(dev, "gelu_bwd", elementwise(n), [&x, &g, &dx, &count])?;
+        Ok((storage(dx, dev), l1.shape().clone()))
     }
 }
 
@@ -524,6 +634,28 @@ impl CustomOp2 for CrossEntropy {
         });
         Ok((out, Shape::from(rows)))
     }
+    #[cfg(feature = "cuda")]
+    /// Targets are not range-checked on the device: the callers validate them on the host
+    /// (batch and label tensors) before they are uploaded.
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let (rows, v) = l1.shape().dims2()?;
+        if l2.shape().elem_count() != rows {
+            bail!("cross-entropy: {} targets for {rows} rows", l2.shape().elem_count());
+        }
+        let dev = s1.device();
+        let (z, targets) = (f32_in(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?);
+        let loss = output(dev, rows)?;
+        let width = v as i32;
+        launch!(dev, "cross_entropy_fwd", per_row(rows, v), [&z, &targets, &loss, &width])?;
+        Ok((storage(loss, dev), Shape::from(rows)))
+    }
 
     fn bwd(
         &self,
@@ -577,6 +709,25 @@ impl CustomOp3 for CrossEntropyBackward {
         });
         Ok((out, l1.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let (rows, v) = l1.shape().dims2()?;
+        let dev = s1.device();
+        let (z, targets, g) = (f32_in(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
+        let dz = output(dev, rows * v)?;
+        let width = v as i32;
+        launch!(dev, "cross_entropy_bwd", per_row(rows, v), [&z, &targets, &g, &dz, &width])?;
+        Ok((storage(dz, dev), l1.shape().clone()))
+    }
 }
 
 /// Per-row cross-entropy of `logits` [rows, vocab] against u32 `targets` [rows].
@@ -615,6 +766,27 @@ impl CustomOp2 for AddBias {
             into_storage(add_rows(x, b))
         });
         Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let n = *l1.dims().last().unwrap_or(&1);
+        if l2.shape().elem_count() != n {
+            bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
+        }
+        let total = l1.shape().elem_count();
+        let dev = s1.device();
+        let (x, b) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
+        let y = output(dev, total)?;
+        let (count, width) = (total as u64, n as i32);
+        launch!(dev, "add_bias", elementwise(total), [&x, &b, &y, &count, &width])?;
+        Ok((storage(y, dev), l1.shape().clone()))
     }
 
     fn bwd(
@@ -678,6 +850,18 @@ impl CustomOp1 for SumRows {
         let out = dispatch_float!(self.name(), s, |v| into_storage(column_sums(contiguous(v, l, self.name())?, n)));
         Ok((out, Shape::from(n)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::cuda::*;
+        let n = *l.dims().last().unwrap_or(&1);
+        let rows = l.shape().elem_count() / n;
+        let dev = s.device();
+        let x = f32_in(self.name(), s, l)?;
+        let sums = zeros(dev, n)?;
+        let (height, width, chunk) = (rows as i32, n as i32, ROWS_PER_CHUNK as i32);
+        launch!(dev, "sum_rows", per_column(rows, n), [&x, &sums, &height, &width, &chunk])?;
+        Ok((storage(sums, dev), Shape::from(n)))
+    }
 }
 
 /// Sum over every dimension but the last (no backward: used inside backward passes).
@@ -685,8 +869,12 @@ pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SumRows)
 }
 
-/// Sum of squares of all elements, accumulated in f64 (for gradient norms).
+/// Sum of squares of all elements (for gradient norms): accumulated in f64 on the CPU, reduced
+/// on the device otherwise (one scalar comes back).
 pub fn sum_of_squares(x: &Tensor) -> candle_core::Result<f64> {
+    if !x.device().is_cpu() {
+        return x.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>();
+    }
     let x = x.flatten_all()?;
     Ok(match x.dtype() {
         DType::F32 => x.to_vec1::<f32>()?.par_iter().map(|&v| (v as f64) * (v as f64)).sum(),

@@ -7,6 +7,9 @@ use candle_core::{
 };
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -116,6 +119,23 @@ impl AdamW {
             })
             .collect::<Result<_>>()?;
         Ok(Self { config, params, step: 0 })
+    }
+
+    /// Points the optimizer at `vars` (the same parameters, rebuilt on `device` by
+    /// `params::rebuild_on`) and moves its moments there.
+    pub fn move_to(&mut self, vars: &[(String, Var)], device: &candle_core::Device) -> Result<()> {
+        if vars.len() != self.params.len() {
+            return Err(Error::Config(format!("optimizer has {} parameters, the model {}", self.params.len(), vars.len())));
+        }
+        for (p, (name, var)) in self.params.iter_mut().zip(vars) {
+            if &p.name != name {
+                return Err(Error::Config(format!("optimizer parameter {} does not match model parameter {name}", p.name)));
+            }
+            p.var = var.clone();
+            p.exp_avg = p.exp_avg.to_device(device)?;
+            p.exp_avg_sq = p.exp_avg_sq.to_device(device)?;
+        }
+        Ok(())
     }
 
     /// Sets each parameter's learning-rate multiplier from its name.
@@ -268,6 +288,16 @@ impl InplaceOp2 for Moment {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        use crate::cuda::*;
+        let dev = s2.device().clone();
+        let g = f32_in(self.name(), s2, l2)?;
+        let mut m = f32_in_out(self.name(), s1, l1)?;
+        let (count, beta, scale, squared) = (l1.shape().elem_count() as u64, self.beta as f32, self.grad_scale as f32, self.squared as i32);
+        launch!(dev, "adamw_moment", elementwise(count as usize), [&mut m, &g, &count, &beta, &scale, &squared])
+    }
 }
 
 /// p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
@@ -306,5 +336,25 @@ impl InplaceOp3 for ParamUpdate {
             *pi -= lr * update + decay * *pi;
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::cuda::*;
+        let dev = s2.device().clone();
+        let (m, v) = (f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
+        let mut p = f32_in_out(self.name(), s1, l1)?;
+        let count = l1.shape().elem_count() as u64;
+        let (lr, decay, eps) = (self.lr as f32, (self.lr * self.weight_decay) as f32, self.eps as f32);
+        let (inv_bc1, inv_sqrt_bc2) = ((1.0 / self.bias_correction1) as f32, (1.0 / self.bias_correction2.sqrt()) as f32);
+        launch!(dev, "adamw_update", elementwise(count as usize), [&mut p, &m, &v, &count, &lr, &decay, &inv_bc1, &inv_sqrt_bc2, &eps])
     }
 }

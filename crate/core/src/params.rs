@@ -167,3 +167,17 @@ fn initial_value(rng: &mut SplitMix64, shape: &Shape, init: Init) -> candle_core
         other => candle_core::bail!("unsupported initialiser {other:?}"),
     }
 }
+
+/// The same model rebuilt on `device` from the current values of `vars`: new variables there,
+/// in the same order.
+pub fn rebuild_on<M>(
+    vars: &NamedVars,
+    device: &Device,
+    new: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> crate::Result<(M, NamedVars)> {
+    let tensors = vars
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(device)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    ParamStore::from_tensors(tensors).build(DType::F32, device, new)
+}

@@ -12,7 +12,7 @@ use crate::dvae::{map_pixels, Dvae, DvaeConfig};
 use crate::error::{Error, Result};
 use crate::ops::softmax_last_dim;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{NamedVars, ParamStore};
+use crate::params::{rebuild_on, NamedVars, ParamStore};
 use crate::rng::SplitMix64;
 
 const FORMAT: &str = "beit-dvae/1";
@@ -122,6 +122,22 @@ impl TokenizerTrainer {
 
     pub fn num_parameters(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Moves the weights, their EMA and the optimizer state to `device`.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        let config = &self.config;
+        let (model, vars) = rebuild_on(&self.vars, device, |vb| Dvae::new(config, vb))?;
+        self.optimizer.move_to(&vars, device)?;
+        if let Some(ema) = &mut self.ema {
+            (ema.model, ema.vars) = rebuild_on(&ema.vars, device, |vb| Dvae::new(config, vb))?;
+        }
+        (self.model, self.vars, self.device) = (model, vars, device.clone());
+        Ok(())
     }
 
     fn eval_model(&self) -> &Dvae {
@@ -341,5 +357,16 @@ impl InplaceOp2 for EmaUpdate {
             *ei = d * *ei + one_minus * pi;
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        use crate::cuda::*;
+        use candle_core::backend::BackendStorage;
+        let dev = s2.device().clone();
+        let p = f32_in(self.name(), s2, l2)?;
+        let mut e = f32_in_out(self.name(), s1, l1)?;
+        let (count, decay) = (l1.shape().elem_count() as u64, self.decay as f32);
+        launch!(dev, "ema_update", elementwise(count as usize), [&mut e, &p, &count, &decay])
     }
 }

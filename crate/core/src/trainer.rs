@@ -11,7 +11,7 @@ use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::error::{Error, Result};
 use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{NamedVars, ParamStore};
+use crate::params::{rebuild_on, NamedVars, ParamStore};
 use crate::rng::SplitMix64;
 
 const FORMAT: &str = "beit-mim/1";
@@ -76,6 +76,19 @@ impl MimTrainer {
             store.build(DType::F32, &device, |vb| BeitForMaskedImageModeling::new(&config, vb))?;
         let optimizer = AdamW::new(optim, &vars)?;
         Ok(Self { config, model, vars, optimizer, train_state: None, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Moves the weights and the optimizer state to `device`; later steps run there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        let config = &self.config;
+        let (model, vars) = rebuild_on(&self.vars, device, |vb| BeitForMaskedImageModeling::new(config, vb))?;
+        self.optimizer.move_to(&vars, device)?;
+        (self.model, self.vars, self.device) = (model, vars, device.clone());
+        Ok(())
     }
 
     pub fn num_parameters(&self) -> usize {

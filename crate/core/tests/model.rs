@@ -71,27 +71,6 @@ fn trainer(cfg: BeitConfig, seed: u64) -> MimTrainer {
     MimTrainer::new(cfg, AdamWConfig::default(), seed).unwrap()
 }
 
-struct Batch {
-    pixels: Vec<f32>,
-    mask: Vec<u8>,
-    targets: Vec<i32>,
-}
-
-fn batch(cfg: &BeitConfig, b: usize, seed: u64) -> Batch {
-    let per = cfg.num_channels * cfg.image_size[0] * cfg.image_size[1];
-    let pixels = random_tensor(&[b * per], seed, DType::F32).to_vec1::<f32>().unwrap();
-    let n = cfg.num_patches();
-    let mask = (0..b * n).map(|i| ((i * 7 + seed as usize) % 5 < 2) as u8).collect();
-    let targets = (0..b * n).map(|i| ((i * 13 + 3) % cfg.vocab_size) as i32).collect();
-    Batch { pixels, mask, targets }
-}
-
-impl Batch {
-    fn view(&self) -> MimBatch<'_> {
-        MimBatch { pixels: &self.pixels, mask: &self.mask, targets: &self.targets }
-    }
-}
-
 #[test]
 fn every_trainable_tensor_receives_a_finite_nonzero_gradient() {
     for cfg in [

@@ -106,6 +106,18 @@ impl NativeClassifier {
         job(move || ClassifierTrainer::load(&PathBuf::from(path)), wrap)
     }
 
+    /// Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N".
+    #[napi]
+    pub fn to_device(&self, device: String) -> Result<()> {
+        guarded(|| lock(&self.inner)?.to_device(&beit_core::device::parse(&device)?))
+    }
+
+    /// Where the model runs: "cpu" or "cuda:N".
+    #[napi(getter)]
+    pub fn device(&self) -> Result<String> {
+        guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
+    }
+
     #[napi(getter)]
     pub fn config_json(&self) -> Result<String> {
         guarded(|| Ok(lock(&self.inner)?.config.to_json()))

@@ -98,6 +98,12 @@ pub(crate) fn parse_optimizer(json: &str) -> beit_core::Result<AdamWConfig> {
     Ok(cfg)
 }
 
+/// NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none.
+#[napi]
+pub fn cuda_device_count() -> u32 {
+    beit_core::device::cuda_device_count() as u32
+}
+
 /// A BEiT model with its MIM head and AdamW state.
 #[napi]
 pub struct NativeMimModel {
@@ -148,6 +154,18 @@ impl NativeMimModel {
     pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
         let model = self.inner.clone();
         job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+    }
+
+    /// Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N".
+    #[napi]
+    pub fn to_device(&self, device: String) -> Result<()> {
+        guarded(|| lock(&self.inner)?.to_device(&beit_core::device::parse(&device)?))
+    }
+
+    /// Where the model runs: "cpu" or "cuda:N".
+    #[napi(getter)]
+    pub fn device(&self) -> Result<String> {
+        guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
     }
 
     #[napi(getter)]
@@ -273,6 +291,18 @@ impl NativeTokenizer {
     #[napi(ts_return_type = "Promise<NativeTokenizer>")]
     pub fn load(path: String) -> AsyncTask<Job<TokenizerTrainer, NativeTokenizer>> {
         job(move || TokenizerTrainer::load(&PathBuf::from(path)), |t| Ok(NativeTokenizer { inner: Arc::new(Mutex::new(t)) }))
+    }
+
+    /// Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N".
+    #[napi]
+    pub fn to_device(&self, device: String) -> Result<()> {
+        guarded(|| lock(&self.inner)?.to_device(&beit_core::device::parse(&device)?))
+    }
+
+    /// Where the model runs: "cpu" or "cuda:N".
+    #[napi(getter)]
+    pub fn device(&self) -> Result<String> {
+        guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
     }
 
     #[napi(getter)]

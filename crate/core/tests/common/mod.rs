@@ -2,7 +2,7 @@
 
 use beit_core::params::{NamedVars, ParamStore};
 use beit_core::rng::SplitMix64;
-use beit_core::BeitConfig;
+use beit_core::{BeitConfig, MimBatch};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -75,4 +75,26 @@ pub fn grad_check(var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, max_coords:
     }
     var.set(&Tensor::from_vec(base, var.shape(), &Device::Cpu).unwrap()).unwrap();
     worst_abs / scale
+}
+
+/// A MIM batch of random pixels, a fixed 40% mask pattern and fixed targets.
+pub struct Batch {
+    pub pixels: Vec<f32>,
+    pub mask: Vec<u8>,
+    pub targets: Vec<i32>,
+}
+
+pub fn batch(cfg: &BeitConfig, b: usize, seed: u64) -> Batch {
+    let per = cfg.num_channels * cfg.image_size[0] * cfg.image_size[1];
+    let pixels = random_tensor(&[b * per], seed, DType::F32).to_vec1::<f32>().unwrap();
+    let n = cfg.num_patches();
+    let mask = (0..b * n).map(|i| ((i * 7 + seed as usize) % 5 < 2) as u8).collect();
+    let targets = (0..b * n).map(|i| ((i * 13 + 3) % cfg.vocab_size) as i32).collect();
+    Batch { pixels, mask, targets }
+}
+
+impl Batch {
+    pub fn view(&self) -> MimBatch<'_> {
+        MimBatch { pixels: &self.pixels, mask: &self.mask, targets: &self.targets }
+    }
 }

@@ -1,0 +1,46 @@
+import test from 'ava'
+
+import { Beit, BeitConfig, Classifier, cudaDeviceCount, Dvae, resolveDevice } from '../src/index'
+
+const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
+  preset: 'tiny',
+  imageSize: [8, 8],
+  patchSize: 4,
+  numChannels: 1,
+  hiddenSize: 16,
+  numHiddenLayers: 1,
+  numAttentionHeads: 2,
+  intermediateSize: 32,
+  vocabSize: 10,
+}
+
+test("'auto' is a GPU exactly when the loaded addon sees one", (t) => {
+  const gpus = cudaDeviceCount()
+  t.true(Number.isInteger(gpus) && gpus >= 0)
+  t.is(resolveDevice('auto'), gpus > 0 ? 'cuda:0' : 'cpu')
+  t.is(resolveDevice('cuda'), 'cuda:0')
+  t.is(Beit.create(TINY).device, resolveDevice('auto'))
+  t.is(Dvae.create({ preset: 'tiny', numChannels: 1 }, { device: 'cpu' }).device, 'cpu')
+})
+
+test('a device that cannot be had is a clear error', (t) => {
+  t.throws(() => Beit.create(TINY, { device: 'gpu' as 'cpu' }), { message: /device must be "cpu", "cuda" or "cuda:N", got "gpu"/ })
+  const gpus = cudaDeviceCount()
+  const unavailable = `cuda:${gpus}` as const
+  t.throws(() => Classifier.create({ model: TINY, numLabels: 2 }, { device: unavailable }), {
+    message: gpus === 0 ? /no CUDA support|0 CUDA device/ : /CUDA device/,
+  })
+})
+
+test('moving a model keeps what it computes', async (t) => {
+  const model = Beit.create(TINY, { device: 'cpu' })
+  const pixels = new Float32Array(2 * 64).map((_, i) => Math.sin(i))
+  const mask = new Uint8Array(2 * 4).map((_, i) => i % 2)
+  const before = await model.forward({ pixels, mask })
+  model.toDevice('cpu')
+  model.toDevice(resolveDevice('auto'))
+  const after = await model.forward({ pixels, mask })
+  const worst = before.logits.reduce((m, v, i) => Math.max(m, Math.abs(v - after.logits[i])), 0)
+  t.true(worst < 1e-4, `max difference ${worst}`)
+  t.is(model.device, resolveDevice('auto'))
+})

@@ -1,0 +1,232 @@
+// CUDA kernels of beit's fused ops (f32), compiled to PTX by build.rs with the `cuda` feature.
+// Each one mirrors a CPU kernel in src/ops.rs, src/optim.rs or src/tokenizer.rs; the Rust side
+// (src/cuda.rs) launches them. Row kernels run one block per row with block-wide reductions.
+
+#include <stdint.h>
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // shared may still be read by a previous reduction
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = threadIdx.x < warps ? shared[threadIdx.x] : 0.f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    return shared[0];
+}
+
+__device__ float block_max(float v, float* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = threadIdx.x < warps ? shared[threadIdx.x] : -INFINITY;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    return shared[0];
+}
+
+// ---- LayerNorm over rows of d: y = (x - mean) * rstd * gamma + beta ------------------------
+
+__device__ void row_mean_rstd(const float* x, int d, float eps, float* shared, float* mean, float* rstd) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += x[i];
+    const float m = block_sum(s, shared) / d;
+    float q = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float t = x[i] - m;
+        q += t * t;
+    }
+    *mean = m;
+    *rstd = rsqrtf(block_sum(q, shared) / d + eps);
+}
+
+extern "C" __global__ void layer_norm_fwd(const float* x, const float* gamma, const float* beta, float* y,
+                                          int d, float eps) {
+    __shared__ float shared[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* yr = y + (size_t)blockIdx.x * d;
+    float mean, rstd;
+    row_mean_rstd(xr, d, eps, shared, &mean, &rstd);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+}
+
+// dx of one row, and the row's mean and rstd for the parameter gradients.
+extern "C" __global__ void layer_norm_bwd_rows(const float* x, const float* gamma, const float* g, float* dx,
+                                               float* stats, int d, float eps) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float* xr = x + row * d;
+    const float* gr = g + row * d;
+    float mean, rstd;
+    row_mean_rstd(xr, d, eps, shared, &mean, &rstd);
+    float a = 0.f, b = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float gh = gr[i] * gamma[i];
+        a += gh;
+        b += gh * (xr[i] - mean) * rstd;
+    }
+    const float mean_gh = block_sum(a, shared) / d;
+    const float mean_gh_xhat = block_sum(b, shared) / d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float xhat = (xr[i] - mean) * rstd;
+        dx[row * d + i] = rstd * (gr[i] * gamma[i] - mean_gh - xhat * mean_gh_xhat);
+    }
+    if (threadIdx.x == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+// The parameter gradients, in the rows after dx of the packed output [rows + 2, d]:
+// dgamma[j] += sum_r g[r, j] * xhat[r, j], dbeta[j] += sum_r g[r, j] over this block's rows
+// (grid: columns / blockDim.x x row chunks; the two rows start at zero).
+extern "C" __global__ void layer_norm_bwd_params(const float* x, const float* g, const float* stats, float* packed,
+                                                 int rows, int d, int rows_per_chunk) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    const int start = blockIdx.y * rows_per_chunk;
+    const int end = min(rows, start + rows_per_chunk);
+    float a = 0.f, b = 0.f;
+    for (int r = start; r < end; r++) {
+        const float gv = g[(size_t)r * d + j];
+        a += gv * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
+        b += gv;
+    }
+    atomicAdd(packed + (size_t)rows * d + j, a);
+    atomicAdd(packed + (size_t)(rows + 1) * d + j, b);
+}
+
+// ---- Softmax over rows -------------------------------------------------------------------
+
+extern "C" __global__ void softmax_fwd(const float* x, float* y, int d) {
+    __shared__ float shared[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* yr = y + (size_t)blockIdx.x * d;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, shared);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float e = __expf(xr[i] - m);
+        yr[i] = e;
+        s += e;
+    }
+    const float inv = 1.f / block_sum(s, shared);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] *= inv;
+}
+
+extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx, int d) {
+    __shared__ float shared[32];
+    const size_t off = (size_t)blockIdx.x * d;
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += y[off + i] * g[off + i];
+    dot = block_sum(dot, shared);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[off + i] = y[off + i] * (g[off + i] - dot);
+}
+
+// ---- GELU (erf form) ---------------------------------------------------------------------
+
+extern "C" __global__ void gelu_fwd(const float* x, float* y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    }
+}
+
+extern "C" __global__ void gelu_bwd(const float* x, const float* g, float* dx, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+        const float pdf = 0.39894228040143268f * __expf(-0.5f * v * v);
+        dx[i] = (cdf + v * pdf) * g[i];
+    }
+}
+
+// ---- Cross-entropy per row: loss = logsumexp(z) - z[t]; dz = (softmax(z) - onehot(t)) g --
+
+__device__ float row_log_sum_exp(const float* z, int v, float* shared) {
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) m = fmaxf(m, z[i]);
+    m = block_max(m, shared);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) s += __expf(z[i] - m);
+    return m + __logf(block_sum(s, shared));
+}
+
+extern "C" __global__ void cross_entropy_fwd(const float* z, const uint32_t* targets, float* loss, int v) {
+    __shared__ float shared[32];
+    const float* zr = z + (size_t)blockIdx.x * v;
+    const float lse = row_log_sum_exp(zr, v, shared);
+    if (threadIdx.x == 0) loss[blockIdx.x] = lse - zr[targets[blockIdx.x]];
+}
+
+extern "C" __global__ void cross_entropy_bwd(const float* z, const uint32_t* targets, const float* g, float* dz, int v) {
+    __shared__ float shared[32];
+    const size_t off = (size_t)blockIdx.x * v;
+    const float lse = row_log_sum_exp(z + off, v, shared);
+    const float gi = g[blockIdx.x];
+    const uint32_t t = targets[blockIdx.x];
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        dz[off + i] = (__expf(z[off + i] - lse) - (i == (int)t ? 1.f : 0.f)) * gi;
+    }
+}
+
+// ---- Bias over rows ----------------------------------------------------------------------
+
+extern "C" __global__ void add_bias(const float* x, const float* b, float* y, size_t total, int n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        y[i] = x[i] + b[i % n];
+    }
+}
+
+// out[j] += sum of column j over this block's rows (out starts at zero).
+extern "C" __global__ void sum_rows(const float* x, float* out, int rows, int n, int rows_per_chunk) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    const int start = blockIdx.y * rows_per_chunk;
+    const int end = min(rows, start + rows_per_chunk);
+    float a = 0.f;
+    for (int r = start; r < end; r++) a += x[(size_t)r * n + j];
+    atomicAdd(out + j, a);
+}
+
+// ---- Optimizer and EMA, in place ----------------------------------------------------------
+
+// m = beta m + (1 - beta) (s g)   or, squared, v = beta v + (1 - beta) (s g)^2
+extern "C" __global__ void adamw_moment(float* m, const float* g, size_t n, float beta, float scale, int squared) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float gs = g[i] * scale;
+        m[i] = beta * m[i] + (1.f - beta) * (squared ? gs * gs : gs);
+    }
+}
+
+// p -= lr (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + lr wd p
+extern "C" __global__ void adamw_update(float* p, const float* m, const float* v, size_t n, float lr, float decay,
+                                        float inv_bc1, float inv_sqrt_bc2, float eps) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float update = (m[i] * inv_bc1) / (sqrtf(v[i]) * inv_sqrt_bc2 + eps);
+        p[i] -= lr * update + decay * p[i];
+    }
+}
+
+extern "C" __global__ void ema_update(float* e, const float* p, size_t n, float decay) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        e[i] = decay * e[i] + (1.f - decay) * p[i];
+    }
+}

@@ -1,0 +1,90 @@
+//! CUDA side of the fused ops: the kernels of `cuda/kernels.cu` (PTX built by build.rs with
+//! nvcc) and what the ops' `cuda_fwd` need to launch them. f32 only: the f64 of the gradient
+//! checks runs on the CPU.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+
+/// `launch!(device, "kernel", config, [&arg, ...])`: loads the kernel from beit's PTX module
+/// (once per device) and launches it. Scalars must be bound to locals first.
+macro_rules! launch {
+    ($dev:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let func = $dev.get_or_load_custom_func($name, "beit", $crate::cuda::PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )*
+        $crate::cuda::launch(&mut builder, $cfg)
+    }};
+}
+pub(crate) use launch;
+
+fn offsets(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> Result<(usize, usize)> {
+    if s.dtype() != dtype {
+        bail!("{op}: the CUDA kernel takes {dtype:?}, got {:?}", s.dtype());
+    }
+    match l.contiguous_offsets() {
+        Some(o) => Ok(o),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+pub(crate) fn f32_in<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    let (a, b) = offsets(op, s, l, DType::F32)?;
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+pub(crate) fn u32_in<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, u32>> {
+    let (a, b) = offsets(op, s, l, DType::U32)?;
+    Ok(s.as_cuda_slice::<u32>()?.slice(a..b))
+}
+
+pub(crate) fn f32_in_out<'a>(op: &str, s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, f32>> {
+    let (a, b) = offsets(op, s, l, DType::F32)?;
+    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
+}
+
+/// An output buffer every element of which the kernel writes.
+pub(crate) fn output(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: the launching op's kernel writes all n elements before anything reads them.
+    unsafe { dev.alloc::<f32>(n) }
+}
+
+pub(crate) fn zeros(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    dev.alloc_zeros::<f32>(n)
+}
+
+pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, dev.clone())
+}
+
+/// One block per row of `d`, sized to the row (32 to 1024 threads).
+pub(crate) fn per_row(rows: usize, d: usize) -> LaunchConfig {
+    let threads = d.next_power_of_two().clamp(32, 1024) as u32;
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Grid-stride loops over n elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Rows of a column reduction handled by one block (partial sums are added atomically).
+pub(crate) const ROWS_PER_CHUNK: usize = 64;
+
+/// One thread per column, one block row per `ROWS_PER_CHUNK` rows.
+pub(crate) fn per_column(rows: usize, n: usize) -> LaunchConfig {
+    let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1) as u32;
+    LaunchConfig { grid_dim: (n.div_ceil(256) as u32, chunks, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launches `builder` (its arguments pushed) with `cfg`.
+pub(crate) fn launch(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    // SAFETY: each caller pushes the arguments its kernel declares, in order, with buffers
+    // of the sizes the kernel indexes.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}

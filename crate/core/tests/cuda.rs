@@ -1,0 +1,113 @@
+//! CUDA against CPU (build with `--features cuda`, run where an NVIDIA GPU is): every fused op
+//! forward and backward, then whole training steps of the MIM model, the classifier and the
+//! tokenizer. The CPU results are the reference (they are gradient-checked in f64 elsewhere).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use beit_core::config::{ClassifierConfig, Pooling};
+use beit_core::{ops, AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// `f` on CPU and GPU inputs: outputs and the gradients of sum(output * weights) must agree.
+fn agree(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
+    let run = |dev: &Device| {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let w = random_tensor(y.dims(), 99, DType::F32).to_device(dev).unwrap();
+        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).expect("gradient").clone()).collect();
+        (y, g)
+    };
+    let (y_cpu, g_cpu) = run(&Device::Cpu);
+    let (y_gpu, g_gpu) = run(&gpu());
+    let d = max_rel_diff(&y_cpu, &y_gpu);
+    eprintln!("{name}: forward max relative difference {d:.2e}");
+    assert!(d < 1e-5, "{name} forward: {d:e}");
+    for (i, (a, b)) in g_cpu.iter().zip(&g_gpu).enumerate() {
+        let d = max_rel_diff(a, b);
+        eprintln!("{name}: gradient {i} max relative difference {d:.2e}");
+        assert!(d < 1e-4, "{name} gradient {i}: {d:e}");
+    }
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    random_tensor(shape, seed, DType::F32)
+}
+
+#[test]
+fn fused_ops_agree_with_the_cpu() {
+    // Row widths below, at and above a warp and a block, as in the models.
+    for (rows, d) in [(7, 5), (33, 197), (4, 768), (3, 8192)] {
+        agree(&format!("layer_norm {rows}x{d}"), &[randn(&[rows, d], 1), randn(&[d], 2), randn(&[d], 3)], |t| {
+            ops::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
+        });
+        agree(&format!("softmax {rows}x{d}"), &[randn(&[rows, d], 4)], |t| ops::softmax_last_dim(&t[0]).unwrap());
+        agree(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
+        agree(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+        let targets: Vec<u32> = (0..rows).map(|i| ((i * 31 + 7) % d) as u32).collect();
+        agree(&format!("cross_entropy {rows}x{d}"), &[randn(&[rows, d], 8)], |t| {
+            let targets = Tensor::from_vec(targets.clone(), rows, t[0].device()).unwrap();
+            ops::cross_entropy_rows(&t[0], &targets).unwrap()
+        });
+    }
+}
+
+fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
+    eprintln!("{what}: cpu {a:.6} cuda {b:.6}");
+    assert!((a - b).abs() <= tol * a.abs().max(1.0), "{what}: cpu {a} vs cuda {b}");
+}
+
+#[test]
+fn training_steps_agree_with_the_cpu() {
+    let cfg = tiny_config();
+    let batch = batch(&cfg, 4, 3);
+    let mut cpu = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    let mut cuda = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    cuda.to_device(&gpu()).unwrap();
+    for step in 0..5 {
+        let a = cpu.train_step(&batch.view(), 1e-3, step).unwrap();
+        let b = cuda.train_step(&batch.view(), 1e-3, step).unwrap();
+        assert_close(&format!("MIM loss, step {step}"), a.loss, b.loss, 1e-4);
+        assert_close(&format!("MIM grad norm, step {step}"), a.grad_norm, b.grad_norm, 1e-3);
+    }
+    let (p, q) = (cpu.predict(&batch.pixels, &batch.mask).unwrap(), cuda.predict(&batch.pixels, &batch.mask).unwrap());
+    let d = p.logits.iter().zip(&q.logits).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-3, "MIM logits after 5 steps differ by {d}");
+
+    let cls = ClassifierConfig { model: cfg, num_labels: 3, pooling: Pooling::Cls };
+    let mut cpu = ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), FinetuneOptions::default(), 2).unwrap();
+    let mut cuda = ClassifierTrainer::new(cls, AdamWConfig::default(), FinetuneOptions::default(), 2).unwrap();
+    cuda.to_device(&gpu()).unwrap();
+    for step in 0..3 {
+        let a = cpu.train_step(&batch.pixels, &[0, 1, 2, 1], 1e-3, step).unwrap();
+        let b = cuda.train_step(&batch.pixels, &[0, 1, 2, 1], 1e-3, step).unwrap();
+        assert_close(&format!("classifier loss, step {step}"), a.loss, b.loss, 1e-4);
+    }
+
+    let dvae = DvaeConfig { image_size: [16, 16], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
+    let pixels: Vec<f32> = randn(&[2 * 3 * 256], 4).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
+    let mut cpu = TokenizerTrainer::new(dvae.clone(), training.clone(), 3).unwrap();
+    let mut cuda = TokenizerTrainer::new(dvae, training, 3).unwrap();
+    cuda.to_device(&gpu()).unwrap();
+    for step in 0..3 {
+        let a = cpu.train_step(&images, 1.0, 0.01, 1e-3, step).unwrap();
+        let b = cuda.train_step(&images, 1.0, 0.01, 1e-3, step).unwrap();
+        assert_close(&format!("tokenizer loss, step {step}"), a.loss, b.loss, 1e-3);
+    }
+}

@@ -1,0 +1,94 @@
+/**
+ * beit's side of the pretraining benchmark (scripts/cuda/bench_pytorch.py is PyTorch's): per
+ * step, the `dall-e` tokenizer encodes 112 px views into 14x14 targets, then one MIM training
+ * step of BEiT-B/16 at 224 with 40% of the patches masked. Prints one JSON line per batch size
+ * (images/s, time split, MFU). Not a test.
+ *   node dist/bench/pretrain-step.js --device cuda --batch-sizes 64,128,256
+ *   node dist/bench/pretrain-step.js --device cpu --preset tiny --batch-sizes 2 --steps 2 --warmup 1
+ */
+import { parseArgs } from 'node:util'
+
+import { DeviceSpec } from '../device'
+import { Beit } from '../model'
+import { Rng } from '../rng'
+import { Dvae } from '../tokenizer'
+
+// 6 x 18.0 GMAC backbone + head (forward and backward) + 2 x 26.1 GMAC tokenizer, in GFLOP.
+const GFLOP_PER_IMAGE: Record<string, number> = { base: 6 * 18.0 + 2 * 26.1 }
+
+const PRESETS = {
+  base: { model: { preset: 'base' as const }, tokenizer: { preset: 'dall-e' as const }, image: 224, tokenImage: 112, grid: 14 },
+  tiny: {
+    model: { preset: 'tiny' as const, imageSize: [32, 32] as [number, number], patchSize: 8, vocabSize: 64, numHiddenLayers: 2 },
+    tokenizer: { preset: 'tiny' as const, imageSize: [32, 32] as [number, number], vocabSize: 64, numGroups: 3 },
+    image: 32,
+    tokenImage: 16,
+    grid: 4,
+  },
+}
+
+async function bench(preset: keyof typeof PRESETS, batch: number, steps: number, warmup: number, device: DeviceSpec, peakTflops: number): Promise<void> {
+  const p = PRESETS[preset]
+  const tokenizer = Dvae.create(p.tokenizer, { emaDecay: 0, device })
+  const model = Beit.create(p.model, { device })
+  const n = p.grid * p.grid
+  const rng = new Rng(0)
+  const pixels = new Float32Array(batch * 3 * p.image * p.image).map(() => rng.uniform(-1, 1))
+  const tokenPixels = new Float32Array(batch * 3 * p.tokenImage * p.tokenImage).map(() => rng.uniform(0, 1))
+  const mask = new Uint8Array(batch * n).map(() => (rng.uniform(0, 1) < 0.4 ? 1 : 0))
+  const split = { tokenizer: 0, trainStep: 0 }
+  let total = 0
+  let loss = 0
+  for (let step = 0; step < warmup + steps; step++) {
+    const t0 = performance.now()
+    const targets = await tokenizer.encode(tokenPixels, batch, { height: p.tokenImage, width: p.tokenImage })
+    const t1 = performance.now()
+    loss = (await model.trainStep({ pixels, mask, targets, lr: 1e-4, seed: step })).loss
+    const t2 = performance.now()
+    if (step >= warmup) {
+      split.tokenizer += t1 - t0
+      split.trainStep += t2 - t1
+      total += t2 - t0
+    }
+  }
+  const perStep = total / 1000 / steps
+  const out: Record<string, unknown> = {
+    impl: 'beit',
+    device: model.device,
+    preset,
+    dtype: 'f32',
+    batch,
+    images_per_s: batch / perStep,
+    step_ms: { tokenizer: split.tokenizer / steps, forward_backward_optimizer: split.trainStep / steps },
+    loss,
+  }
+  if (GFLOP_PER_IMAGE[preset]) out.mfu = (GFLOP_PER_IMAGE[preset] * 1e9 * batch) / perStep / (peakTflops * 1e12)
+  console.log(JSON.stringify(out))
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      device: { type: 'string', default: 'auto' },
+      preset: { type: 'string', default: 'base' },
+      'batch-sizes': { type: 'string', default: '64,128,256' },
+      steps: { type: 'string', default: '10' },
+      warmup: { type: 'string', default: '3' },
+      'peak-tflops': { type: 'string', default: '989' },
+    },
+  })
+  const preset = values.preset as keyof typeof PRESETS
+  if (!(preset in PRESETS)) throw new Error(`--preset must be one of ${Object.keys(PRESETS).join(', ')}`)
+  for (const b of values['batch-sizes']!.split(',').map(Number)) {
+    try {
+      await bench(preset, b, Number(values.steps), Number(values.warmup), values.device as DeviceSpec, Number(values['peak-tflops']))
+    } catch (e) {
+      console.log(JSON.stringify({ impl: 'beit', batch: b, error: String((e as Error).message).split('\n')[0] }))
+    }
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e)
+  process.exitCode = 1
+})
