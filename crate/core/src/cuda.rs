@@ -9,14 +9,17 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
 pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
+pub(crate) use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+
 /// `launch!(device, "kernel", config, [&arg, ...])`: loads the kernel from beit's PTX module
 /// (once per device) and launches it. Scalars must be bound to locals first.
 macro_rules! launch {
-    ($dev:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+    ($dev:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        use $crate::cuda::PushKernelArg as _;
         let func = $dev.get_or_load_custom_func($name, "beit", $crate::cuda::PTX)?;
         let mut builder = func.builder();
         $( builder.arg($arg); )*
-        $crate::cuda::launch(&mut builder, $cfg)
+        $crate::cuda::run(&mut builder, $cfg)
     }};
 }
 pub(crate) use launch;
@@ -82,9 +85,44 @@ pub(crate) fn per_column(rows: usize, n: usize) -> LaunchConfig {
 }
 
 /// Launches `builder` (its arguments pushed) with `cfg`.
-pub(crate) fn launch(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+pub(crate) fn run(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     // SAFETY: each caller pushes the arguments its kernel declares, in order, with buffers
     // of the sizes the kernel indexes.
     unsafe { builder.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// How a same-shape kernel walks its data: one block per row of the given width (its last
+/// argument is the width, i32), or a grid-stride loop (its last argument is the count, u64).
+pub(crate) enum Walk {
+    Rows(usize),
+    Elements,
+}
+
+/// Runs `name(inputs..., out, width | count)`, whose output has the first input's shape.
+pub(crate) fn same_shape(op: &str, name: &str, inputs: &[(&CudaStorage, &Layout)], walk: Walk) -> Result<(CudaStorage, candle_core::Shape)> {
+    let (first, layout) = inputs[0];
+    let dev = first.device();
+    let n = layout.shape().elem_count();
+    let views = inputs.iter().map(|(s, l)| f32_in(op, s, l)).collect::<Result<Vec<_>>>()?;
+    let out = output(dev, n)?;
+    let func = dev.get_or_load_custom_func(name, "beit", PTX)?;
+    let mut builder = func.builder();
+    for view in &views {
+        builder.arg(view);
+    }
+    builder.arg(&out);
+    match walk {
+        Walk::Rows(width) => {
+            let width_arg = width as i32;
+            builder.arg(&width_arg);
+            run(&mut builder, per_row(n / width.max(1), width))?;
+        }
+        Walk::Elements => {
+            let count = n as u64;
+            builder.arg(&count);
+            run(&mut builder, elementwise(n))?;
+        }
+    }
+    Ok((storage(out, dev), layout.shape().clone()))
 }

@@ -381,15 +381,8 @@ impl CustomOp1 for Softmax {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
         let d = *l.dims().last().unwrap_or(&1);
-        let rows = l.shape().elem_count() / d;
-        let dev = s.device();
-        let x = f32_in(self.name(), s, l)?;
-        let y = output(dev, rows * d)?;
-        let width = d as i32;
-        launch!(dev, "softmax_fwd", per_row(rows, d), [&x, &y, &width])?;
-        Ok((storage(y, dev), l.shape().clone()))
+        crate::cuda::same_shape(self.name(), "softmax_fwd", &[(s, l)], crate::cuda::Walk::Rows(d))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -447,15 +440,8 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
         let d = *l1.dims().last().unwrap_or(&1);
-        let rows = l1.shape().elem_count() / d;
-        let dev = s1.device();
-        let (y, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
-        let dx = output(dev, rows * d)?;
-        let width = d as i32;
-        launch!(dev, "softmax_bwd", per_row(rows, d), [&y, &g, &dx, &width])?;
-        Ok((storage(dx, dev), l1.shape().clone()))
+        crate::cuda::same_shape(self.name(), "softmax_bwd", &[(s1, l1), (s2, l2)], crate::cuda::Walk::Rows(d))
     }
 }
 
@@ -506,14 +492,7 @@ impl CustomOp1 for Gelu {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
-        let n = l.shape().elem_count();
-        let dev = s.device();
-        let x = f32_in(self.name(), s, l)?;
-        let y = output(dev, n)?;
-        let count = n as u64;
-        launch!(dev, "gelu_fwd", elementwise(n), [&x, &y, &count])?;
-        Ok((storage(y, dev), l.shape().clone()))
+        crate::cuda::same_shape(self.name(), "gelu_fwd", &[(s, l)], crate::cuda::Walk::Elements)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -561,14 +540,7 @@ impl CustomOp2 for GeluBackward {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
-        let n = l1.shape().elem_count();
-        let dev = s1.device();
-        let (x, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
-        let dx = output(dev, n)?;
-        let count = n as u64;
-        launch!(dev, "gelu_bwd", elementwise(n), [&x, &g, &dx, &count])?;
-        Ok((storage(dx, dev), l1.shape().clone()))
+        crate::cuda::same_shape(self.name(), "gelu_bwd", &[(s1, l1), (s2, l2)], crate::cuda::Walk::Elements)
     }
 }
 
