@@ -60,10 +60,9 @@ export async function loadFashionMnist(opts: { split: 'train' | 'test'; dir?: st
   const { split, dir = embeddedSampleDir() } = opts
   if (split !== 'train' && split !== 'test') throw new Error(`split must be 'train' or 'test', got ${String(split)}`)
   const prefix = split === 'train' ? 'train' : 't10k'
-  const [imagesPath, labelsPath] = await Promise.all([
-    findIdxFile(dir, `${prefix}-images-idx3-ubyte`),
-    findIdxFile(dir, `${prefix}-labels-idx1-ubyte`),
-  ])
+  // One after the other, so that when both are missing the error always names the images file.
+  const imagesPath = await findIdxFile(dir, `${prefix}-images-idx3-ubyte`)
+  const labelsPath = await findIdxFile(dir, `${prefix}-labels-idx1-ubyte`)
   const [imageArray, labelArray] = await Promise.all([readIdx(imagesPath), readIdx(labelsPath)])
 
   const imagesShape = `images [N, ${IMAGE_SIZE}, ${IMAGE_SIZE}]`
