@@ -112,18 +112,23 @@ extern "C" __global__ void layer_norm_bwd_params(const float* x, const float* g,
     atomicAdd(packed + (size_t)(rows + 1) * d + j, b);
 }
 
-// ---- Softmax over rows -------------------------------------------------------------------
+// ---- Softmax over rows of scale * x + bias (bias: bias_rows rows repeated; 0 = none) -------
 
-extern "C" __global__ void softmax_fwd(const float* x, float* y, int d) {
+extern "C" __global__ void softmax_fwd(const float* x, const float* bias, float* y, int d, int bias_rows, float scale) {
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * d;
+    const float* br = bias_rows > 0 ? bias + (size_t)(blockIdx.x % bias_rows) * d : nullptr;
     float* yr = y + (size_t)blockIdx.x * d;
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, xr[i]);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float z = xr[i] * scale + (br ? br[i] : 0.f);
+        yr[i] = z;
+        m = fmaxf(m, z);
+    }
     m = block_max(m, shared);
     float s = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float e = __expf(xr[i] - m);
+        const float e = __expf(yr[i] - m);
         yr[i] = e;
         s += e;
     }

@@ -92,15 +92,28 @@ pub(crate) fn run(builder: &mut candle_core::cuda_backend::cudarc::driver::Launc
     Ok(())
 }
 
-/// How a same-shape kernel walks its data: one block per row of the given width (its last
-/// argument is the width, i32), or a grid-stride loop (its last argument is the count, u64).
+/// How a same-shape kernel walks its data: one block per row of the given width (the width
+/// follows the output, i32), or a grid-stride loop (the count follows the output, u64).
 pub(crate) enum Walk {
     Rows(usize),
     Elements,
 }
 
-/// Runs `name(inputs..., out, width | count)`, whose output has the first input's shape.
-pub(crate) fn same_shape(op: &str, name: &str, inputs: &[(&CudaStorage, &Layout)], walk: Walk) -> Result<(CudaStorage, candle_core::Shape)> {
+/// A scalar kernel argument after the width or count.
+pub(crate) enum Scalar {
+    I32(i32),
+    F32(f32),
+}
+
+/// Runs `name(inputs..., out, width | count, scalars...)`, whose output has the first input's
+/// shape and dtype.
+pub(crate) fn same_shape(
+    op: &str,
+    name: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    walk: Walk,
+    scalars: &[Scalar],
+) -> Result<(CudaStorage, candle_core::Shape)> {
     let (first, layout) = inputs[0];
     let dev = first.device();
     let n = layout.shape().elem_count();
@@ -112,17 +125,23 @@ pub(crate) fn same_shape(op: &str, name: &str, inputs: &[(&CudaStorage, &Layout)
         builder.arg(view);
     }
     builder.arg(&out);
-    match walk {
-        Walk::Rows(width) => {
-            let width_arg = width as i32;
-            builder.arg(&width_arg);
-            run(&mut builder, per_row(n / width.max(1), width))?;
+    let (width, count) = (match walk { Walk::Rows(w) => w, Walk::Elements => 0 } as i32, n as u64);
+    let config = match walk {
+        Walk::Rows(w) => {
+            builder.arg(&width);
+            per_row(n / w.max(1), w)
         }
         Walk::Elements => {
-            let count = n as u64;
             builder.arg(&count);
-            run(&mut builder, elementwise(n))?;
+            elementwise(n)
         }
+    };
+    for scalar in scalars {
+        match scalar {
+            Scalar::I32(v) => builder.arg(v),
+            Scalar::F32(v) => builder.arg(v),
+        };
     }
+    run(&mut builder, config)?;
     Ok((storage(out, dev), layout.shape().clone()))
 }

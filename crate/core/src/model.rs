@@ -250,18 +250,17 @@ impl SelfAttention {
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, heads, d / heads))?.transpose(1, 2)?.contiguous()
         };
-        let q = split((self.query.forward(x)? * self.scale)?)?;
+        let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        let own_bias = match &self.relative_position_bias {
-            Some(rpb) => Some(rpb.forward()?),
-            None => None,
+        let scores = q.matmul(&k.t()?)?;
+        let bias = match (&self.relative_position_bias, shared_bias) {
+            (Some(own), Some(shared)) => Some((own.forward()? + shared)?),
+            (Some(own), None) => Some(own.forward()?),
+            (None, shared) => shared.cloned(),
         };
-        for bias in own_bias.as_ref().into_iter().chain(shared_bias) {
-            scores = scores.broadcast_add(&bias.unsqueeze(0)?)?;
-        }
-        let probs = ops::softmax_last_dim(&scores)?;
+        // The 1/sqrt(head_dim) scale and the bias are applied inside the softmax kernel.
+        let probs = ops::scaled_softmax(&scores, bias.as_ref(), self.scale)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     }
 }

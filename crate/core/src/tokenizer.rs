@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::dvae::{map_pixels, Dvae, DvaeConfig};
 use crate::error::{Error, Result};
-use crate::ops::softmax_last_dim;
+use crate::ops::{scaled_softmax, softmax_last_dim};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{rebuild_on, NamedVars, ParamStore};
 use crate::rng::SplitMix64;
@@ -181,7 +181,7 @@ impl TokenizerTrainer {
         let x = map_pixels(&self.images(batch)?)?;
         let logits = self.model.encoder.forward(&x)?;
         let (b, h, w, v) = logits.dims4()?;
-        let soft = softmax_last_dim(&((&logits + gumbel_noise(logits.dims(), seed, &self.device)?)? / temperature)?)?;
+        let soft = scaled_softmax(&(&logits + gumbel_noise(logits.dims(), seed, &self.device)?)?, None, 1.0 / temperature)?;
         let out = self.model.decoder.forward(&soft)?;
         let recon = reconstruction_loss(&out, &x, self.training.recon_loss)?;
         let kl = kl_to_uniform(&logits)?;

@@ -56,6 +56,9 @@ fn fused_ops_agree_with_the_cpu() {
             ops::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
         });
         agree(&format!("softmax {rows}x{d}"), &[randn(&[rows, d], 4)], |t| ops::softmax_last_dim(&t[0]).unwrap());
+        agree(&format!("scaled_softmax {rows}x{d}"), &[randn(&[2, rows, d], 9), randn(&[rows, d], 10)], |t| {
+            ops::scaled_softmax(&t[0], Some(&t[1]), 0.125).unwrap()
+        });
         agree(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
         agree(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
         let targets: Vec<u32> = (0..rows).map(|i| ((i * 31 + 7) % d) as u32).collect();

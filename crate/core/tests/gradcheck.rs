@@ -40,6 +40,12 @@ fn softmax_gradients() {
 }
 
 #[test]
+fn scaled_softmax_gradients() {
+    check_op(&[&[2, 3, 4, 5], &[3, 4, 5]], |t| ops::scaled_softmax(&t[0], Some(&t[1]), 2.5).unwrap());
+    check_op(&[&[3, 6]], |t| ops::scaled_softmax(&t[0], None, 0.4).unwrap());
+}
+
+#[test]
 fn gelu_gradients() {
     check_op(&[&[4, 9]], |t| ops::gelu_erf(&(&t[0] * 2.0).unwrap()).unwrap());
 }

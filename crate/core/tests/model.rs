@@ -1,7 +1,7 @@
 mod common;
 
 use beit_core::model::{relative_position_index, BeitForMaskedImageModeling};
-use beit_core::{AdamWConfig, BeitConfig, Error, MimBatch, MimTrainer};
+use beit_core::{AdamWConfig, BeitConfig, Error, MimTrainer};
 use candle_core::DType;
 use common::*;
 

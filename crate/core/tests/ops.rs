@@ -33,6 +33,25 @@ fn softmax_matches_the_definition_and_is_stable() {
 }
 
 #[test]
+fn scaled_softmax_applies_scale_and_repeated_bias() {
+    let x = random_tensor(&[2, 3, 5, 5], 5, DType::F32);
+    let bias = random_tensor(&[3, 5, 5], 6, DType::F32);
+    let z = (x.affine(0.35, 0.0).unwrap()).broadcast_add(&bias).unwrap();
+    let e = z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+    let expected = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    assert!(max_diff(&ops::scaled_softmax(&x, Some(&bias), 0.35).unwrap(), &expected) < 1e-6);
+    let no_bias = ops::softmax_last_dim(&x.affine(0.35, 0.0).unwrap()).unwrap();
+    assert!(max_diff(&ops::scaled_softmax(&x, None, 0.35).unwrap(), &no_bias) < 1e-6);
+}
+
+#[test]
+fn scaled_softmax_rejects_a_bias_of_the_wrong_shape() {
+    let x = random_tensor(&[2, 3, 5, 5], 5, DType::F32);
+    let err = ops::scaled_softmax(&x, Some(&random_tensor(&[3, 5, 4], 6, DType::F32)), 1.0).unwrap_err().to_string();
+    assert!(err.contains("bias of shape [3, 5, 4] must match the trailing dimensions of x [2, 3, 5, 5]"), "{err}");
+}
+
+#[test]
 fn gelu_matches_erf_form() {
     let x = Tensor::new(&[-3.0f64, -1.0, 0.0, 0.5, 2.0], &Device::Cpu).unwrap();
     let y = ops::gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
