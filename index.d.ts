@@ -32,6 +32,12 @@ export declare class NativeClassifier {
   toDevice(device: string): void
   /** Where the model runs: "cpu" or "cuda:N". */
   get device(): string
+  /**
+   * Activation precision of training and inference: "f32" or "bf16" (mixed precision:
+   * bf16 activations and matmuls, f32 weights, moments, reductions and loss).
+   */
+  get precision(): string
+  set precision(precision: string)
   get configJson(): string
   get finetuneJson(): string
   get numParameters(): number
@@ -98,6 +104,12 @@ export declare class NativeMimModel {
   toDevice(device: string): void
   /** Where the model runs: "cpu" or "cuda:N". */
   get device(): string
+  /**
+   * Activation precision of training and inference: "f32" or "bf16" (mixed precision:
+   * bf16 activations and matmuls, f32 weights, moments, reductions and loss).
+   */
+  get precision(): string
+  set precision(precision: string)
   get configJson(): string
   get optimizerJson(): string
   get numParameters(): number
@@ -131,6 +143,12 @@ export declare class NativeTokenizer {
   toDevice(device: string): void
   /** Where the model runs: "cpu" or "cuda:N". */
   get device(): string
+  /**
+   * Precision of `encode`: "f32" or "bf16" (MIM targets need only the argmax). The
+   * tokenizer's own training and decoding run in f32.
+   */
+  get precision(): string
+  set precision(precision: string)
   get configJson(): string
   get trainingJson(): string
   get numParameters(): number

@@ -92,6 +92,7 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['pretrain', '--tokenizer', tokenizer, '--patch-size', '7', '--steps', '1', '--out', join(dir, 'grid')], /token grid 7x7 .* does not match the model's patch grid 4x4/],
     [['finetune', '--init', tokenizer, '--out', join(dir, 'ft')], /format "beit-dvae\/1", expected "beit-mim\/1"/],
     [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
+    [['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')], /precision must be 'auto', 'f32' or 'bf16', got "fp16"/],
     [['pretrain', '--bogus'], /Unknown option '--bogus'/],
     [['fly'], /unknown command "fly"/],
   ]

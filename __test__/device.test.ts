@@ -1,6 +1,6 @@
 import test from 'ava'
 
-import { Beit, BeitConfig, Classifier, cudaDeviceCount, Dvae, resolveDevice } from '../src/index'
+import { Beit, BeitConfig, Classifier, cudaDeviceCount, Dvae, resolveDevice, resolvePrecision } from '../src/index'
 
 const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
   preset: 'tiny',
@@ -38,9 +38,34 @@ test('moving a model keeps what it computes', async (t) => {
   const mask = new Uint8Array(2 * 4).map((_, i) => i % 2)
   const before = await model.forward({ pixels, mask })
   model.toDevice('cpu')
-  model.toDevice(resolveDevice('auto'))
+  model.toDevice(resolveDevice('auto'), { precision: 'f32' })
   const after = await model.forward({ pixels, mask })
   const worst = before.logits.reduce((m, v, i) => Math.max(m, Math.abs(v - after.logits[i])), 0)
   t.true(worst < 1e-4, `max difference ${worst}`)
   t.is(model.device, resolveDevice('auto'))
+})
+
+test("precision 'auto' is bf16 on a GPU and f32 on the CPU; a bad one is a clear error", (t) => {
+  t.is(resolvePrecision('auto', 'cpu'), 'f32')
+  t.is(resolvePrecision('auto', 'cuda:0'), 'bf16')
+  t.is(Beit.create(TINY, { device: 'cpu' }).precision, 'f32')
+  t.is(Beit.create(TINY).precision, resolvePrecision('auto', resolveDevice('auto')))
+  t.is(Dvae.create({ preset: 'tiny', numChannels: 1 }, { device: 'cpu', precision: 'bf16' }).precision, 'bf16')
+  t.throws(() => Beit.create(TINY, { precision: 'fp16' as 'f32' }), { message: /precision must be 'auto', 'f32' or 'bf16', got "fp16"/ })
+})
+
+test('bf16 mixed precision trains and predicts close to f32', async (t) => {
+  const model = Beit.create(TINY, { device: 'cpu', seed: 3 })
+  const pixels = new Float32Array(2 * 64).map((_, i) => Math.sin(i))
+  const mask = new Uint8Array(2 * 4).map((_, i) => i % 2)
+  const targets = new Int32Array(2 * 4).map((_, i) => i % 10)
+  const full = await model.forward({ pixels, mask })
+  model.toDevice('cpu', { precision: 'bf16' })
+  t.is(model.precision, 'bf16')
+  const mixed = await model.forward({ pixels, mask })
+  const scale = full.logits.reduce((m, v) => Math.max(m, Math.abs(v)), 1e-3)
+  const worst = full.logits.reduce((m, v, i) => Math.max(m, Math.abs(v - mixed.logits[i])), 0)
+  t.true(worst < 0.05 * scale, `bf16 logits differ by ${worst} (scale ${scale})`)
+  const step = await model.trainStep({ pixels, mask, targets, lr: 1e-3 })
+  t.true(Number.isFinite(step.loss) && step.gradNorm > 0, JSON.stringify(step))
 })

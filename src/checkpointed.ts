@@ -1,9 +1,7 @@
 /** What the model classes share: an atomic checkpoint with the optimizer and the loop's position. */
-import { DeviceSpec, place } from './device'
+import { DeviceOptions, DeviceSpec, NativePlaced, place } from './device'
 
-interface NativeCheckpointed {
-  readonly device: string
-  toDevice(device: string): void
+interface NativeCheckpointed extends NativePlaced {
   save(path: string): Promise<void>
   readonly optimizerStep: number
   trainState: string | null
@@ -22,9 +20,14 @@ export abstract class Checkpointed<Handle extends NativeCheckpointed> {
     return this.handle.device
   }
 
-  /** Moves weights and optimizer state; later steps run there. */
-  toDevice(device: DeviceSpec): void {
-    place(this.handle, device)
+  /** Activation precision of later steps and predictions: 'f32' or 'bf16'. */
+  get precision(): string {
+    return this.handle.precision
+  }
+
+  /** Moves weights and optimizer state and sets the precision; later steps run there. */
+  toDevice(device: DeviceSpec, opts: Omit<DeviceOptions, 'device'> = {}): void {
+    place(this.handle, { ...opts, device })
   }
 
   /** Optimizer updates taken so far. */

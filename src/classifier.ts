@@ -72,7 +72,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   static create(spec: ClassifierSpec, opts: ClassifierCreateOptions = {}): Classifier {
     const config = resolveSpec(spec)
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts.device))
+    return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts))
   }
 
   /**
@@ -83,7 +83,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const model = spec.model ?? (await Beit.load(path)).config
     const config = resolveSpec({ ...spec, model })
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(place(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args), opts.device))
+    return new Classifier(place(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args), opts))
   }
 
   /**
@@ -97,7 +97,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
       throw new Error(`numLabels must be an integer >= 2, got ${opts.numLabels}`)
     }
     const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(place(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args), opts.device))
+    return new Classifier(place(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args), opts))
   }
 
   /** Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i). */
@@ -107,7 +107,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
 
   /** Reads a checkpoint written by `save`. */
   static async load(path: string, opts: DeviceOptions = {}): Promise<Classifier> {
-    return new Classifier(place(await native.NativeClassifier.load(path), opts.device))
+    return new Classifier(place(await native.NativeClassifier.load(path), opts))
   }
 
   /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */

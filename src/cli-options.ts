@@ -32,6 +32,7 @@ export interface Command {
 
 const COMMON: FlagTable = {
   device: { kind: 'string', help: "where models run: auto (a GPU when the CUDA build of the addon sees one), cpu, cuda or cuda:N", default: 'auto' },
+  precision: { kind: 'string', help: 'activations: auto (bf16 on a GPU, f32 on the CPU), f32, or bf16 (mixed precision, f32 weights)', default: 'auto' },
   config: { kind: 'string', help: 'JSON file of option values (keys as the flags, e.g. "batch-size"); flags override it' },
   quiet: { kind: 'bool', help: 'no progress output', default: false },
   help: { kind: 'bool', help: 'this text', default: false },

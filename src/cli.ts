@@ -13,7 +13,7 @@ import { Command, FlagTable, parseCommand, resolvedConfig, usage, UsageError, Va
 import { TrainTransform } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import { LabeledImages } from './data/idx'
-import { DeviceSpec } from './device'
+import { DeviceOptions, DeviceSpec, PrecisionSpec } from './device'
 import { exportHuggingFace, HuggingFaceTask, importHuggingFace } from './huggingface'
 import { ImageLoader } from './data/loader'
 import { openDataset, openIdx } from './data/open'
@@ -146,11 +146,11 @@ const pretrainCommand: Command = {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required: a checkpoint from `beit tokenizer`')
     const out = await prepareOut(pretrainCommand, v)
     const { train, pixels } = await openData(v.data as string)
-    const tokenizer = await Dvae.load(v.tokenizer as string, { device: device(v) })
+    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
     await writeReconstructions(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
-      ? await Beit.load(join(out, 'checkpoint.safetensors'), { device: device(v) })
-      : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), { seed: v.seed as number, optimizer: { weightDecay: v['weight-decay'] as number }, device: device(v) })
+      ? await Beit.load(join(out, 'checkpoint.safetensors'), placement(v))
+      : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), { seed: v.seed as number, optimizer: { weightDecay: v['weight-decay'] as number }, ...placement(v) })
     const [gh, gw] = model.grid
     const ratio = v['mask-ratio'] as number
     if (ratio >= 1) throw new UsageError(`--mask-ratio must be below 1, got ${ratio}`)
@@ -222,12 +222,12 @@ async function runFinetune(v: Values, train: ImageDataset, test: ImageDataset, o
     optimizer: { weightDecay: v['weight-decay'] as number },
     finetune: { labelSmoothing: v['label-smoothing'] as number, layerDecay: v['layer-decay'] as number },
     seed: v.seed as number,
-    device: device(v),
+    ...placement(v),
   }
   const numLabels = Math.max(train.classNames.length, test.classNames.length)
   const pooling = v.pooling as 'mean' | 'cls'
   let classifier: Classifier
-  if (v.resume) classifier = await Classifier.load(join(out, 'checkpoint.safetensors'), { device: device(v) })
+  if (v.resume) classifier = await Classifier.load(join(out, 'checkpoint.safetensors'), placement(v))
   else if (v.init !== undefined) {
     const pretrained = (await Beit.load(v.init as string, { device: 'cpu' })).config
     classifier = await Classifier.fromPretrained(v.init as string, { model: { ...pretrained, dropPathRate: v['drop-path'] as number }, numLabels, pooling }, options)
@@ -290,9 +290,9 @@ const probeCommand: Command = {
 }
 
 async function probeBackbone(v: Values, pixels: boolean): Promise<Beit> {
-  if (v.init !== undefined) return Beit.load(v.init as string, { device: device(v) })
+  if (v.init !== undefined) return Beit.load(v.init as string, placement(v))
   const like = v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'] as string, { device: 'cpu' })).config
-  return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed as number, device: device(v) })
+  return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed as number, ...placement(v) })
 }
 
 async function runProbe(v: Values, backbone: Beit, train: ImageDataset, test: ImageDataset): Promise<LinearProbeResult> {
@@ -333,7 +333,7 @@ const tokenizerCommand: Command = {
     const { train, test } = await idxData(v.data as string)
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
     if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const tokenizer = Dvae.create({ preset: v.preset as DvaePresetName, numChannels: 1, imageSize: [train.height, train.width], ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, device: device(v) })
+    const tokenizer = Dvae.create({ preset: v.preset as DvaePresetName, numChannels: 1, imageSize: [train.height, train.width], ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
     await mkdir(v.out as string, { recursive: true })
     await writeFile(join(v.out as string, 'config.json'), JSON.stringify(resolvedConfig(tokenizerCommand, v), null, 2) + '\n')
     const evaluation = await runTokenizer(v, tokenizer, train, test)
@@ -398,7 +398,7 @@ const encodeCommand: Command = {
   },
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
-    const tokenizer = await Dvae.load(v.tokenizer as string, { device: device(v) })
+    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
     const data = limit(await openDataset(v.data as string, v.split as 'train' | 'test'), v.limit as number | undefined)
     const [h, w] = tokenizer.config.imageSize.map((s) => s / tokenizer.downsample)
     const lines: string[] = []
@@ -472,7 +472,7 @@ const reconstructCommand: Command = {
   },
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
-    const tokenizer = await Dvae.load(v.tokenizer as string, { device: device(v) })
+    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
     const data = await openDataset(v.data as string, v.split as 'train' | 'test')
     await mkdir(join(v.out as string, '..'), { recursive: true })
     const count = await writeReconstructions(tokenizer, data, v.count as number, v.out as string)
@@ -519,11 +519,11 @@ const demoCommand: Command = {
     const test = pixelDataset(idxTest, 'fashion-mnist sample (test)')
 
     console.log(`1/4 tokenizer: dVAE tiny on ${idxTrain.count} images, ${v['tokenizer-steps']} steps x 32`)
-    const tokenizer = Dvae.create({ preset: 'tiny', numChannels: 1 }, { seed, emaDecay: 0, device: device(v) })
+    const tokenizer = Dvae.create({ preset: 'tiny', numChannels: 1 }, { seed, emaDecay: 0, ...placement(v) })
     const tokOut = join(out, 'tokenizer')
     const evaluation = await timed('tokenizer', () => runTokenizer({ ...v, steps: v['tokenizer-steps'], lr: 2e-3, 'batch-size': 32, 'kl-weight': 6.6, out: tokOut }, tokenizer, idxTrain, idxTest))
 
-    const model = Beit.create({ preset: 'mini', imageSize: [28, 28], patchSize: 4, numChannels: 1, numHiddenLayers: 4, vocabSize: tokenizer.config.vocabSize, dropPathRate: 0.05 }, { seed, device: device(v) })
+    const model = Beit.create({ preset: 'mini', imageSize: [28, 28], patchSize: 4, numChannels: 1, numHiddenLayers: 4, vocabSize: tokenizer.config.vocabSize, dropPathRate: 0.05 }, { seed, ...placement(v) })
     console.log(`2/4 pretraining: BEiT mini, 4 layers (${model.numParameters.toLocaleString()} parameters, 7x7 patches), ${v['pretrain-epochs']} epochs x ${train.size} images, blockwise masks of 20/49`)
     const masking = new BlockwiseMaskGenerator({ height: 7, width: 7, numMaskingPatches: 20, minNumPatches: 4, seed })
     const pretrainOut = join(out, 'pretrain')
@@ -550,7 +550,7 @@ const demoCommand: Command = {
     console.log('3/4 linear probes: pretrained vs randomly initialised backbone (layer 3 of 4)')
     const probeFlags = { ...v, layer: 3, epochs: 10, 'batch-size': 256, lr: 1e-2 }
     const pretrainedProbe = await timed('probe pretrained', () => runProbe(probeFlags, model, train, test))
-    const randomProbe = await timed('probe random', () => runProbe(probeFlags, Beit.create(model.config, { seed: seed + 1, device: device(v) }), train, test))
+    const randomProbe = await timed('probe random', () => runProbe(probeFlags, Beit.create(model.config, { seed: seed + 1, ...placement(v) }), train, test))
 
     console.log(`4/4 fine-tuning ${v['finetune-epochs']} epochs each: from the pretrained backbone vs from scratch`)
     const ft = { ...v, epochs: v['finetune-epochs'], 'batch-size': 64, lr: 1e-3, 'weight-decay': 0.05, 'label-smoothing': 0.1, 'layer-decay': 0.75, pooling: 'mean', 'drop-path': 0.05, 'scale-min': 0.35, 'checkpoint-every': 1000, resume: false }
@@ -583,8 +583,8 @@ function table(header: string[], rows: string[][]): void {
   for (const row of rows) console.log(`| ${row.join(' | ')} |`)
 }
 
-function device(v: Values): DeviceSpec {
-  return v.device as DeviceSpec
+function placement(v: Values): DeviceOptions {
+  return { device: v.device as DeviceSpec, precision: v.precision as PrecisionSpec }
 }
 
 function log(v: Values, line: string): void {

@@ -7,9 +7,19 @@ import { native } from './native'
 
 export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 
+/**
+ * Activation precision. 'bf16' is mixed precision: bf16 activations and matmuls (tensor
+ * cores), f32 master weights, optimizer moments, norm/softmax reductions and losses. 'auto'
+ * is 'bf16' on a GPU and 'f32' on the CPU (where bf16 has no speed benefit). For a tokenizer
+ * it is the precision of `encode`; its training and decoding run in f32.
+ */
+export type PrecisionSpec = 'auto' | 'f32' | 'bf16'
+
 export interface DeviceOptions {
   /** Default 'auto'. */
   device?: DeviceSpec
+  /** Default 'auto'. */
+  precision?: PrecisionSpec
 }
 
 /** GPUs the loaded addon can use (0 with the CPU build). */
@@ -25,14 +35,24 @@ export function resolveDevice(spec: DeviceSpec = 'auto'): string {
   return spec // anything else is checked natively, with the reason it cannot be used
 }
 
-interface NativePlaced {
-  readonly device: string
-  toDevice(device: string): void
+/** 'f32' or 'bf16' for a spec on a resolved device ('cpu' or 'cuda:N'). */
+export function resolvePrecision(spec: PrecisionSpec = 'auto', device: string): 'f32' | 'bf16' {
+  if (spec === 'auto') return device.startsWith('cuda') ? 'bf16' : 'f32'
+  if (spec !== 'f32' && spec !== 'bf16') throw new Error(`precision must be 'auto', 'f32' or 'bf16', got ${JSON.stringify(spec)}`)
+  return spec
 }
 
-/** Moves a native model to `spec` when it is not there already. */
-export function place<H extends NativePlaced>(handle: H, spec: DeviceSpec | undefined): H {
-  const target = resolveDevice(spec)
+export interface NativePlaced {
+  readonly device: string
+  toDevice(device: string): void
+  precision: string
+}
+
+/** Moves a native model to the options' device when it is not there already, and sets its precision. */
+export function place<H extends NativePlaced>(handle: H, opts: DeviceOptions = {}): H {
+  const target = resolveDevice(opts.device)
+  const precision = resolvePrecision(opts.precision, target)
   if (handle.device !== target) handle.toDevice(target)
+  handle.precision = precision
   return handle
 }

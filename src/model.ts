@@ -66,7 +66,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
       throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
     }
-    return new Beit(place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts.device))
+    return new Beit(place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts))
   }
 
   /**
@@ -75,7 +75,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
    */
   static async load(path: string, opts: DeviceOptions & { config?: ModelSpec } = {}): Promise<Beit> {
     const expected = opts.config === undefined ? undefined : JSON.stringify(resolveConfig(opts.config))
-    return new Beit(place(await native.NativeMimModel.load(path, expected), opts.device))
+    return new Beit(place(await native.NativeMimModel.load(path, expected), opts))
   }
 
   /**
@@ -85,7 +85,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
    */
   static async fromHuggingFace(dir: string, opts: DeviceOptions & { imageSize?: ImageSize; optimizer?: AdamWOptions } = {}): Promise<Beit> {
     const handle = await native.NativeMimModel.fromHuggingFace(dir, imageSizePair(opts.imageSize), JSON.stringify(opts.optimizer ?? {}))
-    return new Beit(place(handle, opts.device))
+    return new Beit(place(handle, opts))
   }
 
   /** Writes a transformers `BeitForMaskedImageModeling` folder (`from_pretrained` loads it). */

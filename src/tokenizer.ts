@@ -91,13 +91,14 @@ export class Dvae {
   }
 
   static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
-    const { seed = 0, device, ...training } = opts
+    const { seed = 0, device, precision, ...training } = opts
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
-    return new Dvae(place(native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed), device))
+    const handle = native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed)
+    return new Dvae(place(handle, { device, precision }))
   }
 
   static async load(path: string, opts: DeviceOptions = {}): Promise<Dvae> {
-    return new Dvae(place(await native.NativeTokenizer.load(path), opts.device))
+    return new Dvae(place(await native.NativeTokenizer.load(path), opts))
   }
 
   /** Where it runs: 'cpu' or 'cuda:N'. */
@@ -105,9 +106,14 @@ export class Dvae {
     return this.handle.device
   }
 
-  /** Moves weights, EMA and optimizer state. */
-  toDevice(device: DeviceSpec): void {
-    place(this.handle, device)
+  /** Precision of `encode`: 'f32' or 'bf16' (training and decoding run in f32). */
+  get precision(): string {
+    return this.handle.precision
+  }
+
+  /** Moves weights, EMA and optimizer state, and sets the precision of `encode`. */
+  toDevice(device: DeviceSpec, opts: Omit<DeviceOptions, 'device'> = {}): void {
+    place(this.handle, { ...opts, device })
   }
 
   /** Weights, EMA weights, optimizer state and config, written atomically. */

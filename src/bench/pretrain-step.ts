@@ -2,13 +2,13 @@
  * beit's side of the pretraining benchmark (scripts/cuda/bench_pytorch.py is PyTorch's): per
  * step, the `dall-e` tokenizer encodes 112 px views into 14x14 targets, then one MIM training
  * step of BEiT-B/16 at 224 with 40% of the patches masked. Prints one JSON line per batch size
- * (images/s, time split, MFU). Not a test.
- *   node dist/bench/pretrain-step.js --device cuda --batch-sizes 64,128,256
+ * (images/s, time split, MFU). Peak GPU memory is sampled outside (nvidia-smi). Not a test.
+ *   node dist/bench/pretrain-step.js --device cuda --batch-sizes 64,128,256   (bf16 by default on a GPU)
  *   node dist/bench/pretrain-step.js --device cpu --preset tiny --batch-sizes 2 --steps 2 --warmup 1
  */
 import { parseArgs } from 'node:util'
 
-import { DeviceSpec } from '../device'
+import { DeviceOptions, DeviceSpec, PrecisionSpec } from '../device'
 import { Beit } from '../model'
 import { Rng } from '../rng'
 import { Dvae } from '../tokenizer'
@@ -27,10 +27,10 @@ const PRESETS = {
   },
 }
 
-async function bench(preset: keyof typeof PRESETS, batch: number, steps: number, warmup: number, device: DeviceSpec, peakTflops: number): Promise<void> {
+async function bench(preset: keyof typeof PRESETS, batch: number, steps: number, warmup: number, placement: DeviceOptions, peakTflops: number): Promise<void> {
   const p = PRESETS[preset]
-  const tokenizer = Dvae.create(p.tokenizer, { emaDecay: 0, device })
-  const model = Beit.create(p.model, { device })
+  const tokenizer = Dvae.create(p.tokenizer, { emaDecay: 0, ...placement })
+  const model = Beit.create(p.model, placement)
   const n = p.grid * p.grid
   const rng = new Rng(0)
   const pixels = new Float32Array(batch * 3 * p.image * p.image).map(() => rng.uniform(-1, 1))
@@ -56,7 +56,7 @@ async function bench(preset: keyof typeof PRESETS, batch: number, steps: number,
     impl: 'beit',
     device: model.device,
     preset,
-    dtype: 'f32',
+    precision: model.precision,
     batch,
     images_per_s: batch / perStep,
     step_ms: { tokenizer: split.tokenizer / steps, forward_backward_optimizer: split.trainStep / steps },
@@ -70,6 +70,7 @@ async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
       device: { type: 'string', default: 'auto' },
+      precision: { type: 'string', default: 'auto' },
       preset: { type: 'string', default: 'base' },
       'batch-sizes': { type: 'string', default: '64,128,256' },
       steps: { type: 'string', default: '10' },
@@ -81,7 +82,8 @@ async function main(): Promise<void> {
   if (!(preset in PRESETS)) throw new Error(`--preset must be one of ${Object.keys(PRESETS).join(', ')}`)
   for (const b of values['batch-sizes']!.split(',').map(Number)) {
     try {
-      await bench(preset, b, Number(values.steps), Number(values.warmup), values.device as DeviceSpec, Number(values['peak-tflops']))
+      const placement = { device: values.device as DeviceSpec, precision: values.precision as PrecisionSpec }
+      await bench(preset, b, Number(values.steps), Number(values.warmup), placement, Number(values['peak-tflops']))
     } catch (e) {
       console.log(JSON.stringify({ impl: 'beit', batch: b, error: String((e as Error).message).split('\n')[0] }))
     }

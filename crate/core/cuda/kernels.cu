@@ -1,8 +1,27 @@
-// CUDA kernels of beit's fused ops (f32), compiled to PTX by build.rs with the `cuda` feature.
-// Each one mirrors a CPU kernel in src/ops.rs, src/optim.rs or src/tokenizer.rs; the Rust side
+// CUDA kernels of beit's fused ops, compiled to PTX by build.rs with the `cuda` feature. Each
+// one mirrors a CPU kernel in src/ops.rs, src/optim.rs or src/tokenizer.rs; the Rust side
 // (src/cuda.rs) launches them. Row kernels run one block per row with block-wide reductions.
+//
+// The activation kernels come in two element types, `<name>_f32` and `<name>_bf16` (mixed
+// precision): they load and store their type and compute in f32. Gradients of parameters are
+// accumulated and written in f32. Cross-entropy, AdamW and EMA are f32 only.
 
 #include <stdint.h>
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16(v); }
+
+// `<name>_f32` and `<name>_bf16` entry points of a template kernel `<name>`; PARAMS and ARGS
+// spell the parameter list (with T for the element type) and the argument names.
+#define BOTH_TYPES(name, PARAMS, ARGS)                                             \
+    extern "C" __global__ void name##_f32 PARAMS(float) { name<float> ARGS; }     \
+    extern "C" __global__ void name##_bf16 PARAMS(bf16) { name<bf16> ARGS; }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -43,125 +62,146 @@ __device__ float block_max(float v, float* shared) {
 
 // ---- LayerNorm over rows of d: y = (x - mean) * rstd * gamma + beta ------------------------
 
-__device__ void row_mean_rstd(const float* x, int d, float eps, float* shared, float* mean, float* rstd) {
+template <typename T>
+__device__ void row_mean_rstd(const T* x, int d, float eps, float* shared, float* mean, float* rstd) {
     float s = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += x[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += to_f32(x[i]);
     const float m = block_sum(s, shared) / d;
     float q = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float t = x[i] - m;
+        const float t = to_f32(x[i]) - m;
         q += t * t;
     }
     *mean = m;
     *rstd = rsqrtf(block_sum(q, shared) / d + eps);
 }
 
-extern "C" __global__ void layer_norm_fwd(const float* x, const float* gamma, const float* beta, float* y,
-                                          int d, float eps) {
+template <typename T>
+__device__ void layer_norm_fwd(const T* x, const T* gamma, const T* beta, T* y, int d, float eps) {
     __shared__ float shared[32];
-    const float* xr = x + (size_t)blockIdx.x * d;
-    float* yr = y + (size_t)blockIdx.x * d;
+    const T* xr = x + (size_t)blockIdx.x * d;
+    T* yr = y + (size_t)blockIdx.x * d;
     float mean, rstd;
     row_mean_rstd(xr, d, eps, shared, &mean, &rstd);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * to_f32(gamma[i]) + to_f32(beta[i]));
+    }
 }
+#define LAYER_NORM_FWD_PARAMS(T) (const T* x, const T* gamma, const T* beta, T* y, int d, float eps)
+BOTH_TYPES(layer_norm_fwd, LAYER_NORM_FWD_PARAMS, (x, gamma, beta, y, d, eps))
 
-// dx of one row, and the row's mean and rstd for the parameter gradients.
-extern "C" __global__ void layer_norm_bwd_rows(const float* x, const float* gamma, const float* g, float* dx,
-                                               float* stats, int d, float eps) {
+// dx of one row (f32, into the packed output), and the row's mean and rstd for the parameter
+// gradients.
+template <typename T>
+__device__ void layer_norm_bwd_rows(const T* x, const T* gamma, const T* g, float* dx, float* stats, int d, float eps) {
     __shared__ float shared[32];
     const size_t row = blockIdx.x;
-    const float* xr = x + row * d;
-    const float* gr = g + row * d;
+    const T* xr = x + row * d;
+    const T* gr = g + row * d;
     float mean, rstd;
     row_mean_rstd(xr, d, eps, shared, &mean, &rstd);
     float a = 0.f, b = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float gh = gr[i] * gamma[i];
+        const float gh = to_f32(gr[i]) * to_f32(gamma[i]);
         a += gh;
-        b += gh * (xr[i] - mean) * rstd;
+        b += gh * (to_f32(xr[i]) - mean) * rstd;
     }
     const float mean_gh = block_sum(a, shared) / d;
     const float mean_gh_xhat = block_sum(b, shared) / d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float xhat = (xr[i] - mean) * rstd;
-        dx[row * d + i] = rstd * (gr[i] * gamma[i] - mean_gh - xhat * mean_gh_xhat);
+        const float xhat = (to_f32(xr[i]) - mean) * rstd;
+        dx[row * d + i] = rstd * (to_f32(gr[i]) * to_f32(gamma[i]) - mean_gh - xhat * mean_gh_xhat);
     }
     if (threadIdx.x == 0) {
         stats[2 * row] = mean;
         stats[2 * row + 1] = rstd;
     }
 }
+#define LAYER_NORM_BWD_ROWS_PARAMS(T) (const T* x, const T* gamma, const T* g, float* dx, float* stats, int d, float eps)
+BOTH_TYPES(layer_norm_bwd_rows, LAYER_NORM_BWD_ROWS_PARAMS, (x, gamma, g, dx, stats, d, eps))
 
-// The parameter gradients, in the rows after dx of the packed output [rows + 2, d]:
+// The parameter gradients, in the rows after dx of the packed f32 output [rows + 2, d]:
 // dgamma[j] += sum_r g[r, j] * xhat[r, j], dbeta[j] += sum_r g[r, j] over this block's rows
 // (grid: columns / blockDim.x x row chunks; the two rows start at zero).
-extern "C" __global__ void layer_norm_bwd_params(const float* x, const float* g, const float* stats, float* packed,
-                                                 int rows, int d, int rows_per_chunk) {
+template <typename T>
+__device__ void layer_norm_bwd_params(const T* x, const T* g, const float* stats, float* packed, int rows, int d,
+                                      int rows_per_chunk) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     const int start = blockIdx.y * rows_per_chunk;
     const int end = min(rows, start + rows_per_chunk);
     float a = 0.f, b = 0.f;
     for (int r = start; r < end; r++) {
-        const float gv = g[(size_t)r * d + j];
-        a += gv * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
+        const float gv = to_f32(g[(size_t)r * d + j]);
+        a += gv * (to_f32(x[(size_t)r * d + j]) - stats[2 * r]) * stats[2 * r + 1];
         b += gv;
     }
     atomicAdd(packed + (size_t)rows * d + j, a);
     atomicAdd(packed + (size_t)(rows + 1) * d + j, b);
 }
+#define LAYER_NORM_BWD_PARAMS_PARAMS(T) \
+    (const T* x, const T* g, const float* stats, float* packed, int rows, int d, int rows_per_chunk)
+BOTH_TYPES(layer_norm_bwd_params, LAYER_NORM_BWD_PARAMS_PARAMS, (x, g, stats, packed, rows, d, rows_per_chunk))
 
 // ---- Softmax over rows of scale * x + bias (bias: bias_rows rows repeated; 0 = none) -------
+// The logits are recomputed in each pass rather than stored, so that a bf16 output never holds
+// intermediate values.
 
-extern "C" __global__ void softmax_fwd(const float* x, const float* bias, float* y, int d, int bias_rows, float scale) {
+template <typename T>
+__device__ void softmax_fwd(const T* x, const T* bias, T* y, int d, int bias_rows, float scale) {
     __shared__ float shared[32];
-    const float* xr = x + (size_t)blockIdx.x * d;
-    const float* br = bias_rows > 0 ? bias + (size_t)(blockIdx.x % bias_rows) * d : nullptr;
-    float* yr = y + (size_t)blockIdx.x * d;
+    const T* xr = x + (size_t)blockIdx.x * d;
+    const T* br = bias_rows > 0 ? bias + (size_t)(blockIdx.x % bias_rows) * d : nullptr;
+    T* yr = y + (size_t)blockIdx.x * d;
+    auto logit = [&](int i) { return to_f32(xr[i]) * scale + (br ? to_f32(br[i]) : 0.f); };
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float z = xr[i] * scale + (br ? br[i] : 0.f);
-        yr[i] = z;
-        m = fmaxf(m, z);
-    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, logit(i));
     m = block_max(m, shared);
     float s = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float e = __expf(yr[i] - m);
-        yr[i] = e;
-        s += e;
-    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += __expf(logit(i) - m);
     const float inv = 1.f / block_sum(s, shared);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] *= inv;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = from_f32<T>(__expf(logit(i) - m) * inv);
 }
+#define SOFTMAX_FWD_PARAMS(T) (const T* x, const T* bias, T* y, int d, int bias_rows, float scale)
+BOTH_TYPES(softmax_fwd, SOFTMAX_FWD_PARAMS, (x, bias, y, d, bias_rows, scale))
 
-extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx, int d) {
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* g, T* dx, int d) {
     __shared__ float shared[32];
     const size_t off = (size_t)blockIdx.x * d;
     float dot = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += y[off + i] * g[off + i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += to_f32(y[off + i]) * to_f32(g[off + i]);
     dot = block_sum(dot, shared);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[off + i] = y[off + i] * (g[off + i] - dot);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        dx[off + i] = from_f32<T>(to_f32(y[off + i]) * (to_f32(g[off + i]) - dot));
+    }
 }
+#define SOFTMAX_BWD_PARAMS(T) (const T* y, const T* g, T* dx, int d)
+BOTH_TYPES(softmax_bwd, SOFTMAX_BWD_PARAMS, (y, g, dx, d))
 
 // ---- GELU (erf form) ---------------------------------------------------------------------
 
-extern "C" __global__ void gelu_fwd(const float* x, float* y, size_t n) {
+template <typename T>
+__device__ void gelu_fwd(const T* x, T* y, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = x[i];
-        y[i] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+        const float v = to_f32(x[i]);
+        y[i] = from_f32<T>(0.5f * v * (1.f + erff(v * 0.70710678118654752f)));
     }
 }
+#define GELU_FWD_PARAMS(T) (const T* x, T* y, size_t n)
+BOTH_TYPES(gelu_fwd, GELU_FWD_PARAMS, (x, y, n))
 
-extern "C" __global__ void gelu_bwd(const float* x, const float* g, float* dx, size_t n) {
+template <typename T>
+__device__ void gelu_bwd(const T* x, const T* g, T* dx, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = x[i];
+        const float v = to_f32(x[i]);
         const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
         const float pdf = 0.39894228040143268f * __expf(-0.5f * v * v);
-        dx[i] = (cdf + v * pdf) * g[i];
+        dx[i] = from_f32<T>((cdf + v * pdf) * to_f32(g[i]));
     }
 }
+#define GELU_BWD_PARAMS(T) (const T* x, const T* g, T* dx, size_t n)
+BOTH_TYPES(gelu_bwd, GELU_BWD_PARAMS, (x, g, dx, n))
 
 // ---- Cross-entropy per row: loss = logsumexp(z) - z[t]; dz = (softmax(z) - onehot(t)) g --
 
@@ -194,22 +234,28 @@ extern "C" __global__ void cross_entropy_bwd(const float* z, const uint32_t* tar
 
 // ---- Bias over rows ----------------------------------------------------------------------
 
-extern "C" __global__ void add_bias(const float* x, const float* b, float* y, size_t total, int n) {
+template <typename T>
+__device__ void add_bias(const T* x, const T* b, T* y, size_t total, int n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        y[i] = x[i] + b[i % n];
+        y[i] = from_f32<T>(to_f32(x[i]) + to_f32(b[i % n]));
     }
 }
+#define ADD_BIAS_PARAMS(T) (const T* x, const T* b, T* y, size_t total, int n)
+BOTH_TYPES(add_bias, ADD_BIAS_PARAMS, (x, b, y, total, n))
 
-// out[j] += sum of column j over this block's rows (out starts at zero).
-extern "C" __global__ void sum_rows(const float* x, float* out, int rows, int n, int rows_per_chunk) {
+// out[j] += sum of column j over this block's rows (out: f32, starts at zero).
+template <typename T>
+__device__ void sum_rows(const T* x, float* out, int rows, int n, int rows_per_chunk) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     const int start = blockIdx.y * rows_per_chunk;
     const int end = min(rows, start + rows_per_chunk);
     float a = 0.f;
-    for (int r = start; r < end; r++) a += x[(size_t)r * n + j];
+    for (int r = start; r < end; r++) a += to_f32(x[(size_t)r * n + j]);
     atomicAdd(out + j, a);
 }
+#define SUM_ROWS_PARAMS(T) (const T* x, float* out, int rows, int n, int rows_per_chunk)
+BOTH_TYPES(sum_rows, SUM_ROWS_PARAMS, (x, out, rows, n, rows_per_chunk))
 
 // ---- Optimizer and EMA, in place ----------------------------------------------------------
 

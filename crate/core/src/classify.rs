@@ -15,7 +15,8 @@ use crate::model::{classification_loss, BeitForImageClassification, Linear};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{rebuild_on, NamedVars, ParamStore};
 use crate::rng::SplitMix64;
-use crate::trainer::{image_tensor, save_trainer, take_train_state};
+use crate::device::Precision;
+use crate::trainer::{f32_values, image_tensor, save_trainer, take_train_state};
 
 const FORMAT: &str = "beit-cls/1";
 
@@ -74,6 +75,7 @@ pub struct ClassifierTrainer {
     /// Opaque JSON from the caller, saved and loaded with the checkpoint.
     pub train_state: Option<String>,
     device: Device,
+    precision: Precision,
 }
 
 impl ClassifierTrainer {
@@ -150,7 +152,7 @@ impl ClassifierTrainer {
         let layers = config.model.num_hidden_layers;
         let decay = finetune.layer_decay;
         optimizer.set_lr_scales(|name| decay.powi((layers + 1 - layer_id(name, layers)) as i32));
-        Ok(Self { config, finetune, model, vars, optimizer, train_state: None, device })
+        Ok(Self { config, finetune, model, vars, optimizer, train_state: None, device, precision: Precision::F32 })
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -159,6 +161,15 @@ impl ClassifierTrainer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the activation precision of later steps and predictions (weights stay f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Moves the weights and the optimizer state to `device`; later steps run there.
@@ -200,7 +211,7 @@ impl ClassifierTrainer {
     }
 
     pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
-        let pixels = image_tensor(&self.config.model, pixels, &self.device)?;
+        let pixels = image_tensor(&self.config.model, pixels, &self.device, self.precision)?;
         let labels = self.labels(labels, pixels.dim(0)?)?;
         let mut rng = SplitMix64::new(seed);
         let logits = self.model.forward(&pixels, Some(&mut rng))?;
@@ -215,8 +226,8 @@ impl ClassifierTrainer {
 
     /// Class logits [B, K] row-major (no stochastic depth).
     pub fn predict(&self, pixels: &[f32]) -> Result<Vec<f32>> {
-        let pixels = image_tensor(&self.config.model, pixels, &self.device)?;
-        Ok(self.model.forward(&pixels, None)?.flatten_all()?.to_vec1::<f32>()?)
+        let pixels = image_tensor(&self.config.model, pixels, &self.device, self.precision)?;
+        Ok(f32_values(&self.model.forward(&pixels, None)?)?)
     }
 }
 

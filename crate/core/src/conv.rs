@@ -124,6 +124,9 @@ pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::R
         let y = x.permute((0, 3, 1, 2))?.contiguous()?.conv2d(weight, (k - 1) / 2, 1, 1, 1)?;
         return y.permute((0, 2, 3, 1))?.broadcast_add(bias);
     }
+    if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x, weight, bias], |t| conv2d_same(&t[0], &t[1], &t[2]))? {
+        return Ok(y);
+    }
     let x = x.contiguous()?;
     let output = conv_forward(&x.detach(), &weight.detach(), &bias.detach())?;
     x.apply_op3(weight, bias, ConvSame { output })
@@ -308,6 +311,9 @@ pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.permute((0, 3, 1, 2))?.contiguous()?.max_pool2d(2)?.permute((0, 2, 3, 1))?.contiguous();
     }
+    if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x], |t| max_pool2(&t[0]))? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op1(MaxPool2)
 }
 
@@ -381,6 +387,9 @@ pub fn upsample2(x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, h, w, _) = x.dims4()?;
         let y = x.permute((0, 3, 1, 2))?.contiguous()?.upsample_nearest2d(2 * h, 2 * w)?;
         return y.permute((0, 2, 3, 1))?.contiguous();
+    }
+    if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x], |t| upsample2(&t[0]))? {
+        return Ok(y);
     }
     x.contiguous()?.apply_op1(Upsample2)
 }

@@ -1,10 +1,10 @@
 //! CUDA side of the fused ops: the kernels of `cuda/kernels.cu` (PTX built by build.rs with
-//! nvcc) and what the ops' `cuda_fwd` need to launch them. f32 only: the f64 of the gradient
-//! checks runs on the CPU.
+//! nvcc) and what the ops' `cuda_fwd` need to launch them. Activation kernels take f32 or bf16
+//! ([`Element`]); the f64 of the gradient checks runs on the CPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
 pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -34,9 +34,42 @@ fn offsets(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> Result<(usize
     }
 }
 
-pub(crate) fn f32_in<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
-    let (a, b) = offsets(op, s, l, DType::F32)?;
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+/// Element types of the kernels that come as `<name>_f32` and `<name>_bf16`.
+pub(crate) trait Element: CudaDType + DeviceRepr + Copy + 'static {
+    const DTYPE: DType;
+    const SUFFIX: &'static str;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// The entry point of kernel `base` for element type T.
+pub(crate) fn kernel<T: Element>(base: &str) -> String {
+    format!("{base}_{}", T::SUFFIX)
+}
+
+/// `with_element!(op, dtype, f(args...))` calls the generic `f::<T>` for an f32 or bf16 dtype.
+macro_rules! with_element {
+    ($op:expr, $dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => candle_core::bail!("{}: no CUDA kernel for {other:?}, expected f32 or bf16", $op),
+        }
+    };
+}
+pub(crate) use with_element;
+
+pub(crate) fn input<'a, T: Element>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let (a, b) = offsets(op, s, l, T::DTYPE)?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
 pub(crate) fn u32_in<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, u32>> {
@@ -50,16 +83,16 @@ pub(crate) fn f32_in_out<'a>(op: &str, s: &'a mut CudaStorage, l: &Layout) -> Re
 }
 
 /// An output buffer every element of which the kernel writes.
-pub(crate) fn output(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+pub(crate) fn output<T: Element>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: the launching op's kernel writes all n elements before anything reads them.
-    unsafe { dev.alloc::<f32>(n) }
+    unsafe { dev.alloc::<T>(n) }
 }
 
 pub(crate) fn zeros(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
     dev.alloc_zeros::<f32>(n)
 }
 
-pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+pub(crate) fn storage<T: Element>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
@@ -105,11 +138,21 @@ pub(crate) enum Scalar {
     F32(f32),
 }
 
-/// Runs `name(inputs..., out, width | count, scalars...)`, whose output has the first input's
-/// shape and dtype.
+/// Runs kernel `base` for the inputs' element type: `(inputs..., out, width | count,
+/// scalars...)`, whose output has the first input's shape and dtype.
 pub(crate) fn same_shape(
     op: &str,
-    name: &str,
+    base: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    walk: Walk,
+    scalars: &[Scalar],
+) -> Result<(CudaStorage, candle_core::Shape)> {
+    with_element!(op, inputs[0].0.dtype(), same_shape_typed(op, base, inputs, walk, scalars))
+}
+
+fn same_shape_typed<T: Element>(
+    op: &str,
+    base: &str,
     inputs: &[(&CudaStorage, &Layout)],
     walk: Walk,
     scalars: &[Scalar],
@@ -117,9 +160,9 @@ pub(crate) fn same_shape(
     let (first, layout) = inputs[0];
     let dev = first.device();
     let n = layout.shape().elem_count();
-    let views = inputs.iter().map(|(s, l)| f32_in(op, s, l)).collect::<Result<Vec<_>>>()?;
-    let out = output(dev, n)?;
-    let func = dev.get_or_load_custom_func(name, "beit", PTX)?;
+    let views = inputs.iter().map(|(s, l)| input::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
+    let out = output::<T>(dev, n)?;
+    let func = dev.get_or_load_custom_func(&kernel::<T>(base), "beit", PTX)?;
     let mut builder = func.builder();
     for view in &views {
         builder.arg(view);

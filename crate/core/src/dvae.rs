@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conv::{conv2d_same, max_pool2, upsample2};
 use crate::error::Error;
+use crate::model::like;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -123,7 +124,7 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_same(x, &self.w, &self.b)
+        conv2d_same(x, &like(&self.w, x)?, &like(&self.b, x)?)
     }
 }
 

@@ -13,6 +13,13 @@ fn trunc_normal(std: f64) -> Init {
     Init::Randn { mean: 0.0, stdev: std }
 }
 
+/// A parameter in the dtype of the activations `x`. Parameters are f32 master weights; under
+/// mixed precision the activations are bf16 and each weight is cast where it is used (the
+/// cast's backward returns its gradient in f32). A no-op in f32.
+pub(crate) fn like(param: &Tensor, x: &Tensor) -> Result<Tensor> {
+    param.to_dtype(x.dtype())
+}
+
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -32,9 +39,9 @@ impl Module for Linear {
         let mut out_dims = x.dims().to_vec();
         let in_dim = out_dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = x.reshape((rows, in_dim))?.matmul(&like(&self.weight, x)?.t()?)?;
         let y = match &self.bias {
-            Some(b) => ops::add_bias(&y, b)?,
+            Some(b) => ops::add_bias(&y, &like(b, x)?)?,
             None => y,
         };
         out_dims.push(self.weight.dim(0)?);
@@ -58,7 +65,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        ops::layer_norm(x, &like(&self.weight, x)?, &like(&self.bias, x)?, self.eps)
     }
 }
 
@@ -103,7 +110,8 @@ impl Module for PatchEmbeddings {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let d = self.weight.dim(0)?;
-        let y = ops::add_bias(&patches.matmul(&self.weight.reshape((d, c * p * p))?.t()?)?, &self.bias)?;
+        let weight = like(&self.weight, pixels)?.reshape((d, c * p * p))?;
+        let y = ops::add_bias(&patches.matmul(&weight.t()?)?, &like(&self.bias, pixels)?)?;
         y.reshape((b, gh * gw, d))
     }
 }
@@ -141,15 +149,15 @@ impl Embeddings {
             (Some(m), Some(token)) => {
                 let w = m.unsqueeze(2)?.to_dtype(x.dtype())?;
                 let keep = w.affine(-1.0, 1.0)?;
-                x.broadcast_mul(&keep)?.add(&w.broadcast_mul(token)?)?
+                x.broadcast_mul(&keep)?.add(&w.broadcast_mul(&like(token, &x)?)?)?
             }
             (Some(_), None) => candle_core::bail!("this model has no mask token: it cannot take a mask"),
             (None, _) => x,
         };
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let cls = like(&self.cls_token, &x)?.broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
         match &self.position_embeddings {
-            Some(pos) => x.broadcast_add(pos),
+            Some(pos) => x.broadcast_add(&like(pos, &x)?),
             None => Ok(x),
         }
     }
@@ -243,7 +251,7 @@ impl SelfAttention {
         })
     }
 
-    /// x: [B, T, D]; shared_bias: [heads, T, T] from the encoder's shared table, if any.
+    /// x: [B, T, D]; shared_bias: [heads, T, T] from the encoder's shared table (in x's dtype), if any.
     pub fn forward(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let heads = self.num_heads;
@@ -255,8 +263,8 @@ impl SelfAttention {
         let v = split(self.value.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?;
         let bias = match (&self.relative_position_bias, shared_bias) {
-            (Some(own), Some(shared)) => Some((own.forward()? + shared)?),
-            (Some(own), None) => Some(own.forward()?),
+            (Some(own), Some(shared)) => Some((like(&own.forward()?, x)? + shared)?),
+            (Some(own), None) => Some(like(&own.forward()?, x)?),
             (None, shared) => shared.cloned(),
         };
         // The 1/sqrt(head_dim) scale and the bias are applied inside the softmax kernel.
@@ -365,7 +373,7 @@ impl Layer {
         rng: Option<&mut SplitMix64>,
     ) -> Result<Tensor> {
         let branch = match gamma {
-            Some(g) => branch.broadcast_mul(g)?,
+            Some(g) => branch.broadcast_mul(&like(g, x)?)?,
             None => branch,
         };
         let scale = match rng {
@@ -409,7 +417,7 @@ impl Encoder {
     /// The output of the first `count` layers.
     pub fn forward_layers(&self, x: &Tensor, count: usize, mut rng: Option<&mut SplitMix64>) -> Result<Tensor> {
         let shared = match &self.relative_position_bias {
-            Some(rpb) => Some(rpb.forward()?),
+            Some(rpb) => Some(like(&rpb.forward()?, x)?),
             None => None,
         };
         let mut x = x.clone();
@@ -531,9 +539,19 @@ impl BeitForImageClassification {
     }
 }
 
+/// Logits for a loss: bf16 ones (mixed precision) are cast to f32, so the loss and its
+/// log-sum-exp are f32; f32 and f64 (gradient checks) stay as they are.
+fn at_least_f32(logits: &Tensor) -> Result<Tensor> {
+    match logits.dtype() {
+        DType::F32 | DType::F64 => Ok(logits.clone()),
+        _ => logits.to_dtype(DType::F32),
+    }
+}
+
 /// Mean label-smoothed cross-entropy of `logits` [M, K] against `labels` [M] (u32) and the
 /// accuracy: (1 - s) * CE(label) + s * CE(uniform) = CE(label) + s * (x_label - mean_k x_k).
 pub fn classification_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<(Tensor, f64)> {
+    let logits = &at_least_f32(logits)?;
     let mut rows = ops::cross_entropy_rows(logits, labels)?;
     if smoothing > 0.0 {
         let picked = logits.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -558,6 +576,7 @@ pub fn mask_tensors(mask: &[u8], batch: usize, n: usize, dev: &Device) -> Result
 
 /// Mean cross-entropy and accuracy of `logits` [M, V] against `targets` [M] (u32).
 pub fn masked_loss(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, f64)> {
+    let logits = &at_least_f32(logits)?;
     let losses = ops::cross_entropy_rows(logits, targets)?;
     let loss = losses.mean_all()?;
     let hits = logits.argmax(D::Minus1)?.eq(targets)?.to_dtype(DType::F64)?.mean_all()?;

@@ -118,6 +118,21 @@ pub(crate) fn into_storage<T: Float>(v: Vec<T>) -> CpuStorage {
     }
 }
 
+/// The CPU kernels compute in f32 or f64. A bf16 op on the CPU (mixed precision off the GPU,
+/// as in the tests) runs in f32, what the CUDA bf16 kernels compute in, on its inputs cast up,
+/// and its output is cast back to bf16. The casts are differentiable. None: not that case.
+pub(crate) fn bf16_on_cpu_via_f32(
+    inputs: &[&Tensor],
+    op: impl FnOnce(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let first = inputs[0];
+    if first.dtype() != DType::BF16 || !first.device().is_cpu() {
+        return Ok(None);
+    }
+    let up = inputs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(op(&up)?.to_dtype(DType::BF16)?))
+}
+
 // ---------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension: y = (x - mean) / sqrt(var + eps) * gamma + beta
 
@@ -198,15 +213,23 @@ impl CustomOp3 for LayerNorm {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
-        let d = affine_width(l1, l2, l3)?;
-        let rows = l1.shape().elem_count() / d;
-        let dev = s1.device();
-        let (x, gamma, beta) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
-        let y = output(dev, rows * d)?;
-        let (width, eps) = (d as i32, self.eps as f32);
-        launch!(dev, "layer_norm_fwd", per_row(rows, d), [&x, &gamma, &beta, &y, &width, &eps])?;
-        Ok((storage(y, dev), l1.shape().clone()))
+        fn typed<T: crate::cuda::Element>(
+            op: &LayerNorm,
+            inputs: [(&CudaStorage, &Layout); 3],
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use crate::cuda::*;
+            let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
+            let d = affine_width(l1, l2, l3)?;
+            let rows = l1.shape().elem_count() / d;
+            let dev = s1.device();
+            let name = op.name();
+            let (x, gamma, beta) = (input::<T>(name, s1, l1)?, input::<T>(name, s2, l2)?, input::<T>(name, s3, l3)?);
+            let y = output::<T>(dev, rows * d)?;
+            let (width, eps) = (d as i32, op.eps as f32);
+            launch!(dev, &kernel::<T>("layer_norm_fwd"), per_row(rows, d), [&x, &gamma, &beta, &y, &width, &eps])?;
+            Ok((storage(y, dev), l1.shape().clone()))
+        }
+        crate::cuda::with_element!(self.name(), s1.dtype(), typed(self, [(s1, l1), (s2, l2), (s3, l3)]))
     }
 
     fn bwd(
@@ -221,14 +244,16 @@ impl CustomOp3 for LayerNorm {
         let rows = x.elem_count() / d;
         let packed =
             x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, rows, 1)?.reshape(gamma.shape())?;
-        let dbeta = packed.narrow(0, rows + 1, 1)?.reshape(gamma.shape())?;
+        // The packed gradients are f32 on CUDA whatever the input type (see LayerNormBackward).
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?.to_dtype(x.dtype())?;
+        let dgamma = packed.narrow(0, rows, 1)?.reshape(gamma.shape())?.to_dtype(gamma.dtype())?;
+        let dbeta = packed.narrow(0, rows + 1, 1)?.reshape(gamma.shape())?.to_dtype(gamma.dtype())?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
-/// Backward of [`LayerNorm`]: returns [rows + 2, d] = dx rows, then dgamma, then dbeta.
+/// Backward of [`LayerNorm`]: returns [rows + 2, d] = dx rows, then dgamma, then dbeta. On
+/// CUDA it is f32 for bf16 inputs too: the parameter rows are accumulated atomically in f32.
 struct LayerNormBackward {
     eps: f64,
 }
@@ -316,23 +341,34 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
-        let d = l2.shape().elem_count();
-        let rows = l1.shape().elem_count() / d;
-        let dev = s1.device();
-        let (x, gamma, g) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
-        // dx rows, then dgamma and dbeta, which the second kernel accumulates from zero.
-        let packed = zeros(dev, (rows + 2) * d)?;
-        let stats = output(dev, 2 * rows)?;
-        let (width, height, chunk, eps) = (d as i32, rows as i32, ROWS_PER_CHUNK as i32, self.eps as f32);
-        launch!(dev, "layer_norm_bwd_rows", per_row(rows, d), [&x, &gamma, &g, &packed, &stats, &width, &eps])?;
-        launch!(dev, "layer_norm_bwd_params", per_column(rows, d), [&x, &g, &stats, &packed, &height, &width, &chunk])?;
-        Ok((storage(packed, dev), Shape::from((rows + 2, d))))
+        fn typed<T: crate::cuda::Element>(
+            op: &LayerNormBackward,
+            inputs: [(&CudaStorage, &Layout); 3],
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use crate::cuda::*;
+            let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
+            let d = l2.shape().elem_count();
+            let rows = l1.shape().elem_count() / d;
+            let dev = s1.device();
+            let name = op.name();
+            let (x, gamma, g) = (input::<T>(name, s1, l1)?, input::<T>(name, s2, l2)?, input::<T>(name, s3, l3)?);
+            // dx rows, then dgamma and dbeta, which the second kernel accumulates from zero.
+            let packed = zeros(dev, (rows + 2) * d)?;
+            let stats = output::<f32>(dev, 2 * rows)?;
+            let (width, height, chunk, eps) = (d as i32, rows as i32, ROWS_PER_CHUNK as i32, op.eps as f32);
+            launch!(dev, &kernel::<T>("layer_norm_bwd_rows"), per_row(rows, d), [&x, &gamma, &g, &packed, &stats, &width, &eps])?;
+            launch!(dev, &kernel::<T>("layer_norm_bwd_params"), per_column(rows, d), [&x, &g, &stats, &packed, &height, &width, &chunk])?;
+            Ok((storage(packed, dev), Shape::from((rows + 2, d))))
+        }
+        crate::cuda::with_element!(self.name(), s1.dtype(), typed(self, [(s1, l1), (s2, l2), (s3, l3)]))
     }
 }
 
 /// LayerNorm over the last dimension with affine weight and bias, differentiable in all three.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if let Some(y) = bf16_on_cpu_via_f32(&[x, gamma, beta], |t| layer_norm(&t[0], &t[1], &t[2], eps))? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op3(gamma, beta, LayerNorm { eps })
 }
 
@@ -526,6 +562,10 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// has x's trailing dimensions (e.g. [heads, T, T] for scores [B, heads, T, T]) and is
 /// repeated over the leading ones.
 pub fn scaled_softmax(x: &Tensor, bias: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+    let inputs: Vec<&Tensor> = std::iter::once(x).chain(bias).collect();
+    if let Some(y) = bf16_on_cpu_via_f32(&inputs, |t| scaled_softmax(&t[0], t.get(1), scale))? {
+        return Ok(y);
+    }
     let op = ScaledSoftmax { scale };
     let x = x.contiguous()?;
     match bias {
@@ -636,6 +676,9 @@ impl CustomOp2 for GeluBackward {
 
 /// GELU with the exact erf formulation (as BEiT uses), differentiable.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = bf16_on_cpu_via_f32(&[x], |t| gelu_erf(&t[0]))? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op1(Gelu)
 }
 
@@ -712,8 +755,8 @@ impl CustomOp2 for CrossEntropy {
             bail!("cross-entropy: {} targets for {rows} rows", l2.shape().elem_count());
         }
         let dev = s1.device();
-        let (z, targets) = (f32_in(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?);
-        let loss = output(dev, rows)?;
+        let (z, targets) = (input::<f32>(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?);
+        let loss = output::<f32>(dev, rows)?;
         let width = v as i32;
         launch!(dev, "cross_entropy_fwd", per_row(rows, v), [&z, &targets, &loss, &width])?;
         Ok((storage(loss, dev), Shape::from(rows)))
@@ -784,8 +827,8 @@ impl CustomOp3 for CrossEntropyBackward {
         use crate::cuda::*;
         let (rows, v) = l1.shape().dims2()?;
         let dev = s1.device();
-        let (z, targets, g) = (f32_in(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
-        let dz = output(dev, rows * v)?;
+        let (z, targets, g) = (input::<f32>(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?, input::<f32>(self.name(), s3, l3)?);
+        let dz = output::<f32>(dev, rows * v)?;
         let width = v as i32;
         launch!(dev, "cross_entropy_bwd", per_row(rows, v), [&z, &targets, &g, &dz, &width])?;
         Ok((storage(dz, dev), l1.shape().clone()))
@@ -837,18 +880,12 @@ impl CustomOp2 for AddBias {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
         let n = *l1.dims().last().unwrap_or(&1);
         if l2.shape().elem_count() != n {
             bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
         }
-        let total = l1.shape().elem_count();
-        let dev = s1.device();
-        let (x, b) = (f32_in(self.name(), s1, l1)?, f32_in(self.name(), s2, l2)?);
-        let y = output(dev, total)?;
-        let (count, width) = (total as u64, n as i32);
-        launch!(dev, "add_bias", elementwise(total), [&x, &b, &y, &count, &width])?;
-        Ok((storage(y, dev), l1.shape().clone()))
+        // The kernel's last argument is the row width.
+        crate::cuda::same_shape(self.name(), "add_bias", &[(s1, l1), (s2, l2)], crate::cuda::Walk::Elements, &[crate::cuda::Scalar::I32(n as i32)])
     }
 
     fn bwd(
@@ -858,7 +895,7 @@ impl CustomOp2 for AddBias {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(sum_rows(grad)?)))
+        Ok((Some(grad.clone()), Some(sum_rows(grad)?.to_dtype(grad.dtype())?)))
     }
 }
 
@@ -878,6 +915,9 @@ fn add_rows<T: Float>(x: &[T], b: &[T]) -> Vec<T> {
 
 /// `x + bias` over the last dimension, differentiable in both.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = bf16_on_cpu_via_f32(&[x, bias], |t| add_bias(&t[0], &t[1]))? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
 }
 
@@ -914,19 +954,23 @@ impl CustomOp1 for SumRows {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        use crate::cuda::*;
-        let n = *l.dims().last().unwrap_or(&1);
-        let rows = l.shape().elem_count() / n;
-        let dev = s.device();
-        let x = f32_in(self.name(), s, l)?;
-        let sums = zeros(dev, n)?;
-        let (height, width, chunk) = (rows as i32, n as i32, ROWS_PER_CHUNK as i32);
-        launch!(dev, "sum_rows", per_column(rows, n), [&x, &sums, &height, &width, &chunk])?;
-        Ok((storage(sums, dev), Shape::from(n)))
+        fn typed<T: crate::cuda::Element>(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            use crate::cuda::*;
+            let n = *l.dims().last().unwrap_or(&1);
+            let rows = l.shape().elem_count() / n;
+            let dev = s.device();
+            let x = input::<T>("sum-rows", s, l)?;
+            let sums = zeros(dev, n)?;
+            let (height, width, chunk) = (rows as i32, n as i32, ROWS_PER_CHUNK as i32);
+            launch!(dev, &kernel::<T>("sum_rows"), per_column(rows, n), [&x, &sums, &height, &width, &chunk])?;
+            Ok((storage(sums, dev), Shape::from(n)))
+        }
+        crate::cuda::with_element!(self.name(), s.dtype(), typed(s, l))
     }
 }
 
-/// Sum over every dimension but the last (no backward: used inside backward passes).
+/// Sum over every dimension but the last (no backward: used inside backward passes). On CUDA
+/// the sums are f32 whatever the input type.
 pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SumRows)
 }

@@ -293,7 +293,7 @@ impl InplaceOp2 for Moment {
     fn cuda_fwd(&self, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
         use crate::cuda::*;
         let dev = s2.device().clone();
-        let g = f32_in(self.name(), s2, l2)?;
+        let g = input::<f32>(self.name(), s2, l2)?;
         let mut m = f32_in_out(self.name(), s1, l1)?;
         let (count, beta, scale, squared) = (l1.shape().elem_count() as u64, self.beta as f32, self.grad_scale as f32, self.squared as i32);
         launch!(dev, "adamw_moment", elementwise(count as usize), [&mut m, &g, &count, &beta, &scale, &squared])
@@ -350,7 +350,7 @@ impl InplaceOp3 for ParamUpdate {
     ) -> candle_core::Result<()> {
         use crate::cuda::*;
         let dev = s2.device().clone();
-        let (m, v) = (f32_in(self.name(), s2, l2)?, f32_in(self.name(), s3, l3)?);
+        let (m, v) = (input::<f32>(self.name(), s2, l2)?, input::<f32>(self.name(), s3, l3)?);
         let mut p = f32_in_out(self.name(), s1, l1)?;
         let count = l1.shape().elem_count() as u64;
         let (lr, decay, eps) = (self.lr as f32, (self.lr * self.weight_decay) as f32, self.eps as f32);

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, InplaceOp2, Layout, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+use crate::device::Precision;
 use crate::dvae::{map_pixels, Dvae, DvaeConfig};
 use crate::error::{Error, Result};
 use crate::ops::{scaled_softmax, softmax_last_dim};
@@ -78,6 +79,8 @@ pub struct TokenizerTrainer {
     pub optimizer: AdamW,
     ema: Option<Ema>,
     device: Device,
+    /// The precision of `encode` (training and decoding run in f32).
+    encode_precision: Precision,
 }
 
 /// Images of a batch: [B, C, H, W] in [0, 1].
@@ -117,7 +120,7 @@ impl TokenizerTrainer {
             _ => None,
         };
         let optimizer = AdamW::new(training.optimizer.clone(), &vars)?;
-        Ok(Self { config, training, model, vars, optimizer, ema, device })
+        Ok(Self { config, training, model, vars, optimizer, ema, device, encode_precision: Precision::F32 })
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -126,6 +129,16 @@ impl TokenizerTrainer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn encode_precision(&self) -> Precision {
+        self.encode_precision
+    }
+
+    /// Sets the precision of `encode`. bf16 suits MIM targets, which need only the argmax;
+    /// the tokenizer's own training and decoding stay f32.
+    pub fn set_encode_precision(&mut self, precision: Precision) {
+        self.encode_precision = precision;
     }
 
     /// Moves the weights, their EMA and the optimizer state to `device`.
@@ -212,7 +225,7 @@ impl TokenizerTrainer {
 
     /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic).
     pub fn encode(&self, batch: &ImageBatch) -> Result<Vec<i32>> {
-        let x = map_pixels(&self.images(batch)?)?;
+        let x = map_pixels(&self.images(batch)?)?.to_dtype(self.encode_precision.dtype())?;
         let ids = self.eval_model().encoder.forward(&x)?.argmax(D::Minus1)?;
         Ok(ids.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|i| i as i32).collect())
     }
@@ -364,7 +377,7 @@ impl InplaceOp2 for EmaUpdate {
         use crate::cuda::*;
         use candle_core::backend::BackendStorage;
         let dev = s2.device().clone();
-        let p = f32_in(self.name(), s2, l2)?;
+        let p = input::<f32>(self.name(), s2, l2)?;
         let mut e = f32_in_out(self.name(), s1, l1)?;
         let (count, decay) = (l1.shape().elem_count() as u64, self.decay as f32);
         launch!(dev, "ema_update", elementwise(count as usize), [&mut e, &p, &count, &decay])

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint;
 use crate::config::{BeitConfig, Pooling};
+use crate::device::Precision;
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::error::{Error, Result};
 use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
@@ -27,6 +28,7 @@ pub struct MimTrainer {
     /// Opaque JSON from the caller, saved and loaded with the checkpoint.
     pub train_state: Option<String>,
     device: Device,
+    precision: Precision,
 }
 
 /// One batch for the MIM objective, as flat row-major buffers.
@@ -75,7 +77,7 @@ impl MimTrainer {
         let (model, vars) =
             store.build(DType::F32, &device, |vb| BeitForMaskedImageModeling::new(&config, vb))?;
         let optimizer = AdamW::new(optim, &vars)?;
-        Ok(Self { config, model, vars, optimizer, train_state: None, device })
+        Ok(Self { config, model, vars, optimizer, train_state: None, device, precision: Precision::F32 })
     }
 
     pub fn device(&self) -> &Device {
@@ -89,6 +91,15 @@ impl MimTrainer {
         self.optimizer.move_to(&vars, device)?;
         (self.model, self.vars, self.device) = (model, vars, device.clone());
         Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the activation precision of later steps and predictions (weights stay f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -145,14 +156,14 @@ impl MimTrainer {
         if layer > cfg.num_hidden_layers {
             return Err(Error::Input(format!("layer {layer} does not exist: the model has {} layers (0 = embeddings)", cfg.num_hidden_layers)));
         }
-        let pixels = image_tensor(cfg, pixels, &self.device)?;
-        Ok(self.model.backbone().probe_features(&pixels, layer)?.flatten_all()?.to_vec1::<f32>()?)
+        let pixels = image_tensor(cfg, pixels, &self.device, self.precision)?;
+        Ok(f32_values(&self.model.backbone().probe_features(&pixels, layer)?)?)
     }
 
     fn batch_tensors(&self, pixels: &[f32], mask: &[u8], targets: Option<&[i32]>) -> Result<BatchTensors> {
         let cfg = &self.config;
         let n = cfg.num_patches();
-        let pixels = image_tensor(cfg, pixels, &self.device)?;
+        let pixels = image_tensor(cfg, pixels, &self.device, self.precision)?;
         let b = pixels.dim(0)?;
         if mask.len() != b * n {
             return Err(Error::Input(format!(
@@ -230,7 +241,7 @@ impl MimTrainer {
         let logits = self.model.logits_at(&hidden, &t.positions)?;
         let ids = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|i| i as i32).collect();
         Ok(Predictions {
-            logits: logits.flatten_all()?.to_vec1::<f32>()?,
+            logits: f32_values(&logits)?,
             ids,
             num_masked: t.num_masked,
         })
@@ -260,7 +271,13 @@ pub(crate) fn take_train_state(file: &mut checkpoint::Loaded) -> Option<String> 
 }
 
 /// [B, C, H, W] pixels for a model of `cfg`, checked for length and finiteness.
-pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device) -> Result<Tensor> {
+/// All values of `t`, flattened, as f32 (activations may be bf16).
+pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// Pixels [B, C, H, W] on `device` in the activation dtype of `precision`, checked.
+pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device, precision: Precision) -> Result<Tensor> {
     let [h, w] = cfg.image_size;
     let per_image = cfg.num_channels * h * w;
     if pixels.is_empty() || pixels.len() % per_image != 0 {
@@ -273,5 +290,6 @@ pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device) ->
     if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
         return Err(Error::Input(format!("pixels: value {} at index {i} is not finite", pixels[i])));
     }
-    Ok(Tensor::from_slice(pixels, (pixels.len() / per_image, cfg.num_channels, h, w), device)?)
+    let shape = (pixels.len() / per_image, cfg.num_channels, h, w);
+    Ok(Tensor::from_slice(pixels, shape, device)?.to_dtype(precision.dtype())?)
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use beit_core::config::{ClassifierConfig, Pooling};
+use beit_core::device::Precision;
 use beit_core::{ops, AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -15,20 +16,32 @@ fn gpu() -> Device {
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    let (a, b) = (host(a), host(b));
     let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
 
-/// `f` on CPU and GPU inputs: outputs and the gradients of sum(output * weights) must agree.
+/// `f` on CPU and GPU inputs: outputs and the gradients of sum(output * weights) must agree
+/// (f32: to 1e-5 and 1e-4 relative to the largest value).
 fn agree(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
+    agree_within(name, inputs, f, 1e-5, 1e-4)
+}
+
+/// As `agree`, in bf16: the CPU computes in f32 and rounds once (tests/precision.rs), the
+/// kernels do the same, so differences are a few bf16 ulps (2^-8 = 3.9e-3 each).
+fn agree_bf16(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
+    let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::BF16).unwrap()).collect();
+    agree_within(&format!("{name} (bf16)"), &inputs, f, 1.6e-2, 3e-2)
+}
+
+fn agree_within(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, forward_tol: f32, gradient_tol: f32) {
     let run = |dev: &Device| {
         let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap()).collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&ts);
         let w = random_tensor(y.dims(), 99, DType::F32).to_device(dev).unwrap();
-        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (y.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).expect("gradient").clone()).collect();
         (y, g)
     };
@@ -36,11 +49,11 @@ fn agree(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
     let (y_gpu, g_gpu) = run(&gpu());
     let d = max_rel_diff(&y_cpu, &y_gpu);
     eprintln!("{name}: forward max relative difference {d:.2e}");
-    assert!(d < 1e-5, "{name} forward: {d:e}");
+    assert!(d < forward_tol, "{name} forward: {d:e}");
     for (i, (a, b)) in g_cpu.iter().zip(&g_gpu).enumerate() {
         let d = max_rel_diff(a, b);
         eprintln!("{name}: gradient {i} max relative difference {d:.2e}");
-        assert!(d < 1e-4, "{name} gradient {i}: {d:e}");
+        assert!(d < gradient_tol, "{name} gradient {i}: {d:e}");
     }
 }
 
@@ -66,6 +79,38 @@ fn fused_ops_agree_with_the_cpu() {
             let targets = Tensor::from_vec(targets.clone(), rows, t[0].device()).unwrap();
             ops::cross_entropy_rows(&t[0], &targets).unwrap()
         });
+    }
+}
+
+#[test]
+fn bf16_kernels_agree_with_the_cpu() {
+    for (rows, d) in [(7, 5), (33, 197), (4, 768)] {
+        agree_bf16(&format!("layer_norm {rows}x{d}"), &[randn(&[rows, d], 1), randn(&[d], 2), randn(&[d], 3)], |t| {
+            ops::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap()
+        });
+        agree_bf16(&format!("scaled_softmax {rows}x{d}"), &[randn(&[2, rows, d], 9), randn(&[rows, d], 10)], |t| {
+            ops::scaled_softmax(&t[0], Some(&t[1]), 0.125).unwrap()
+        });
+        agree_bf16(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
+        agree_bf16(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+    }
+}
+
+#[test]
+fn bf16_training_steps_agree_with_the_cpu() {
+    let cfg = tiny_config();
+    let batch = batch(&cfg, 4, 3);
+    let mut cpu = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    let mut cuda = MimTrainer::new(cfg, AdamWConfig::default(), 1).unwrap();
+    cuda.to_device(&gpu()).unwrap();
+    for t in [&mut cpu, &mut cuda] {
+        t.set_precision(Precision::Bf16);
+    }
+    for step in 0..3 {
+        let a = cpu.train_step(&batch.view(), 1e-3, step).unwrap();
+        let b = cuda.train_step(&batch.view(), 1e-3, step).unwrap();
+        assert_close(&format!("bf16 MIM loss, step {step}"), a.loss, b.loss, 2e-2);
+        assert_close(&format!("bf16 MIM grad norm, step {step}"), a.grad_norm, b.grad_norm, 5e-2);
     }
 }
 

@@ -118,6 +118,21 @@ impl NativeClassifier {
         guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
     }
 
+    /// Activation precision of training and inference: "f32" or "bf16" (mixed precision:
+    /// bf16 activations and matmuls, f32 weights, moments, reductions and loss).
+    #[napi(getter)]
+    pub fn precision(&self) -> Result<String> {
+        guarded(|| Ok(lock(&self.inner)?.precision().name().to_string()))
+    }
+
+    #[napi(setter)]
+    pub fn set_precision(&self, precision: String) -> Result<()> {
+        guarded(|| {
+            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?);
+            Ok(())
+        })
+    }
+
     #[napi(getter)]
     pub fn config_json(&self) -> Result<String> {
         guarded(|| Ok(lock(&self.inner)?.config.to_json()))

@@ -168,6 +168,21 @@ impl NativeMimModel {
         guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
     }
 
+    /// Activation precision of training and inference: "f32" or "bf16" (mixed precision:
+    /// bf16 activations and matmuls, f32 weights, moments, reductions and loss).
+    #[napi(getter)]
+    pub fn precision(&self) -> Result<String> {
+        guarded(|| Ok(lock(&self.inner)?.precision().name().to_string()))
+    }
+
+    #[napi(setter)]
+    pub fn set_precision(&self, precision: String) -> Result<()> {
+        guarded(|| {
+            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?);
+            Ok(())
+        })
+    }
+
     #[napi(getter)]
     pub fn config_json(&self) -> Result<String> {
         guarded(|| Ok(lock(&self.inner)?.config.to_json()))
@@ -303,6 +318,21 @@ impl NativeTokenizer {
     #[napi(getter)]
     pub fn device(&self) -> Result<String> {
         guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
+    }
+
+    /// Precision of `encode`: "f32" or "bf16" (MIM targets need only the argmax). The
+    /// tokenizer's own training and decoding run in f32.
+    #[napi(getter)]
+    pub fn precision(&self) -> Result<String> {
+        guarded(|| Ok(lock(&self.inner)?.encode_precision().name().to_string()))
+    }
+
+    #[napi(setter)]
+    pub fn set_precision(&self, precision: String) -> Result<()> {
+        guarded(|| {
+            lock(&self.inner)?.set_encode_precision(beit_core::device::Precision::parse(&precision)?);
+            Ok(())
+        })
     }
 
     #[napi(getter)]
