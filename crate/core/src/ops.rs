@@ -493,7 +493,9 @@ impl CustomOp2 for ScaledSoftmax {
     fn bwd(&self, _x: &Tensor, bias: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dz = self.backward(y, grad)?;
         let repeats = dz.elem_count() / bias.elem_count();
-        let dbias = dz.reshape((repeats, bias.elem_count()))?.sum(0)?.reshape(bias.shape())?;
+        // sum_rows accumulates in f32 on CUDA for bf16 too (the batch is summed here).
+        let dbias = sum_rows(&dz.reshape((repeats, bias.elem_count()))?)?;
+        let dbias = dbias.to_dtype(bias.dtype())?.reshape(bias.shape())?;
         Ok((Some(self.scaled(&dz)?), Some(dbias)))
     }
 }
