@@ -1,5 +1,5 @@
 /** What the model classes share: an atomic checkpoint with the optimizer and the loop's position. */
-import { DeviceOptions, DeviceSpec, NativePlaced, place } from './device'
+import { NativePlaced, Placed } from './device'
 
 interface NativeCheckpointed extends NativePlaced {
   save(path: string): Promise<void>
@@ -7,27 +7,11 @@ interface NativeCheckpointed extends NativePlaced {
   trainState: string | null
 }
 
-export abstract class Checkpointed<Handle extends NativeCheckpointed> {
-  protected constructor(protected readonly handle: Handle) {}
+export abstract class Checkpointed<Handle extends NativeCheckpointed> extends Placed<Handle> {
 
   /** Writes weights, config, optimizer state and `trainState` atomically (temp file, then rename). */
   save(path: string): Promise<void> {
     return this.handle.save(path)
-  }
-
-  /** Where it runs: 'cpu' or 'cuda:N'. */
-  get device(): string {
-    return this.handle.device
-  }
-
-  /** Activation precision of later steps and predictions: 'f32' or 'bf16'. */
-  get precision(): string {
-    return this.handle.precision
-  }
-
-  /** Moves weights and optimizer state and sets the precision; later steps run there. */
-  toDevice(device: DeviceSpec, opts: Omit<DeviceOptions, 'device'> = {}): void {
-    place(this.handle, { ...opts, device })
   }
 
   /** Optimizer updates taken so far. */

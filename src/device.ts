@@ -56,3 +56,23 @@ export function place<H extends NativePlaced>(handle: H, opts: DeviceOptions = {
   handle.precision = precision
   return handle
 }
+
+/** What every model class shares: where its native handle runs, and in which precision. */
+export abstract class Placed<Handle extends NativePlaced> {
+  protected constructor(protected readonly handle: Handle) {}
+
+  /** Where it runs: 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.handle.device
+  }
+
+  /** 'f32' or 'bf16': of training steps and predictions (for a tokenizer, of `encode`). */
+  get precision(): string {
+    return this.handle.precision
+  }
+
+  /** Moves weights and optimizer state (and a tokenizer's EMA) and sets the precision; later calls run there. */
+  toDevice(device: DeviceSpec, opts: Omit<DeviceOptions, 'device'> = {}): void {
+    place(this.handle, { ...opts, device })
+  }
+}

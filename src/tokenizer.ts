@@ -1,4 +1,4 @@
-import { DeviceOptions, DeviceSpec, place } from './device'
+import { DeviceOptions, place, Placed } from './device'
 import { native, NativeTokenizer } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
@@ -78,13 +78,14 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
 }
 
 /** A DALL-E style discrete VAE: images <-> grids of visual-token ids. */
-export class Dvae {
+export class Dvae extends Placed<NativeTokenizer> {
   readonly config: DvaeConfig
   readonly numParameters: number
   /** Image size / token grid size. */
   readonly downsample: number
 
-  private constructor(private readonly handle: NativeTokenizer) {
+  private constructor(handle: NativeTokenizer) {
+    super(handle)
     this.config = JSON.parse(handle.configJson) as DvaeConfig
     this.numParameters = handle.numParameters
     this.downsample = 2 ** (this.config.numGroups - 1)
@@ -99,21 +100,6 @@ export class Dvae {
 
   static async load(path: string, opts: DeviceOptions = {}): Promise<Dvae> {
     return new Dvae(place(await native.NativeTokenizer.load(path), opts))
-  }
-
-  /** Where it runs: 'cpu' or 'cuda:N'. */
-  get device(): string {
-    return this.handle.device
-  }
-
-  /** Precision of `encode`: 'f32' or 'bf16' (training and decoding run in f32). */
-  get precision(): string {
-    return this.handle.precision
-  }
-
-  /** Moves weights, EMA and optimizer state, and sets the precision of `encode`. */
-  toDevice(device: DeviceSpec, opts: Omit<DeviceOptions, 'device'> = {}): void {
-    place(this.handle, { ...opts, device })
   }
 
   /** Weights, EMA weights, optimizer state and config, written atomically. */
