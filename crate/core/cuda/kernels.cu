@@ -40,7 +40,7 @@ __device__ float block_sum(float v, float* shared) {
     __syncthreads();  // shared may still be read by a previous reduction
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    v = threadIdx.x < warps ? shared[threadIdx.x] : 0.f;
+    v = (int)threadIdx.x < warps ? shared[threadIdx.x] : 0.f;
     if (warp == 0) v = warp_sum(v);
     if (threadIdx.x == 0) shared[0] = v;
     __syncthreads();
@@ -53,7 +53,7 @@ __device__ float block_max(float v, float* shared) {
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    v = threadIdx.x < warps ? shared[threadIdx.x] : -INFINITY;
+    v = (int)threadIdx.x < warps ? shared[threadIdx.x] : -INFINITY;
     if (warp == 0) v = warp_max(v);
     if (threadIdx.x == 0) shared[0] = v;
     __syncthreads();

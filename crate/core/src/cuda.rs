@@ -11,7 +11,7 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx
 
 pub(crate) use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 
-/// `launch!(device, "kernel", config, [&arg, ...])`: loads the kernel from beit's PTX module
+/// `launch!(device, "kernel", geometry, [&arg, ...])`: loads the kernel from beit's PTX module
 /// (once per device) and launches it. Scalars must be bound to locals first.
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
@@ -96,32 +96,19 @@ pub(crate) fn storage<T: Element>(slice: CudaSlice<T>, dev: &CudaDevice) -> Cuda
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
-/// One block per row of `d`, sized to the row (32 to 1024 threads).
-pub(crate) fn per_row(rows: usize, d: usize) -> LaunchConfig {
-    let threads = d.next_power_of_two().clamp(32, 1024) as u32;
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+pub(crate) use crate::launch::{elementwise, per_column, per_row, ROWS_PER_CHUNK};
+
+impl From<crate::launch::Geometry> for LaunchConfig {
+    fn from(g: crate::launch::Geometry) -> Self {
+        LaunchConfig { grid_dim: g.grid, block_dim: (g.threads, 1, 1), shared_mem_bytes: 0 }
+    }
 }
 
-/// Grid-stride loops over n elements.
-pub(crate) fn elementwise(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// Rows of a column reduction handled by one block (partial sums are added atomically).
-pub(crate) const ROWS_PER_CHUNK: usize = 64;
-
-/// One thread per column, one block row per `ROWS_PER_CHUNK` rows.
-pub(crate) fn per_column(rows: usize, n: usize) -> LaunchConfig {
-    let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1) as u32;
-    LaunchConfig { grid_dim: (n.div_ceil(256) as u32, chunks, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// Launches `builder` (its arguments pushed) with `cfg`.
-pub(crate) fn run(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+/// Launches `builder` (its arguments pushed) with `geometry`.
+pub(crate) fn run(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, geometry: crate::launch::Geometry) -> Result<()> {
     // SAFETY: each caller pushes the arguments its kernel declares, in order, with buffers
     // of the sizes the kernel indexes.
-    unsafe { builder.launch(cfg) }.w()?;
+    unsafe { builder.launch(LaunchConfig::from(geometry)) }.w()?;
     Ok(())
 }
 

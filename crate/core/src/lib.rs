@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod hf;
 pub mod images;
+pub mod launch;
 pub mod model;
 pub mod ops;
 pub mod optim;
