@@ -977,16 +977,30 @@ pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SumRows)
 }
 
-/// Sum of squares of all elements (for gradient norms): accumulated in f64 on the CPU, reduced
-/// on the device otherwise (one scalar comes back).
-pub fn sum_of_squares(x: &Tensor) -> candle_core::Result<f64> {
-    if !x.device().is_cpu() {
-        return x.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>();
+/// Sum of squares of all elements of all `tensors` (for gradient norms): accumulated in f64 on
+/// the CPU; on a GPU, summed there in f32 and read back once for all of them (each read is a
+/// synchronisation, and a model has hundreds of parameter tensors).
+pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<f64> {
+    let mut total = 0.0f64;
+    let mut on_device: Option<Tensor> = None;
+    for x in tensors {
+        if !x.device().is_cpu() {
+            let squares = x.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            on_device = Some(match on_device {
+                Some(sum) => (sum + squares)?,
+                None => squares,
+            });
+            continue;
+        }
+        let x = x.flatten_all()?;
+        total += match x.dtype() {
+            DType::F32 => x.to_vec1::<f32>()?.par_iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>(),
+            DType::F64 => x.to_vec1::<f64>()?.par_iter().map(|&v| v * v).sum::<f64>(),
+            other => bail!("sum-of-squares: unsupported dtype {other:?}"),
+        };
     }
-    let x = x.flatten_all()?;
-    Ok(match x.dtype() {
-        DType::F32 => x.to_vec1::<f32>()?.par_iter().map(|&v| (v as f64) * (v as f64)).sum(),
-        DType::F64 => x.to_vec1::<f64>()?.par_iter().map(|&v| v * v).sum(),
-        other => bail!("sum-of-squares: unsupported dtype {other:?}"),
-    })
+    if let Some(sum) = on_device {
+        total += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(total)
 }

@@ -204,13 +204,8 @@ impl AdamW {
 
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sum = 0.0f64;
-        for p in &self.params {
-            if let Some(g) = grads.get(&p.var) {
-                sum += crate::ops::sum_of_squares(g)?;
-            }
-        }
-        Ok(sum.sqrt())
+        let present: Vec<&Tensor> = self.params.iter().filter_map(|p| grads.get(&p.var)).collect();
+        Ok(crate::ops::sum_of_squares(&present)?.sqrt())
     }
 
     /// One update at learning rate `lr`. Returns the gradient norm before clipping. A

@@ -73,3 +73,14 @@ fn cross_entropy_matches_log_softmax_and_checks_targets() {
     let err = ops::cross_entropy_rows(&z, &bad).unwrap_err().to_string();
     assert!(err.contains("target 9 out of range for a vocabulary of 9"), "{err}");
 }
+
+#[test]
+fn sum_of_squares_adds_up_every_tensor() {
+    let a = Tensor::new(&[[1.0f32, -2.0], [3.0, 0.5]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[4.0f64, -0.25], &Device::Cpu).unwrap();
+    let total = ops::sum_of_squares(&[&a, &b]).unwrap();
+    assert_eq!(total, 1.0 + 4.0 + 9.0 + 0.25 + 16.0 + 0.0625);
+    assert_eq!(ops::sum_of_squares(&[]).unwrap(), 0.0);
+    let err = ops::sum_of_squares(&[&a.to_dtype(DType::U32).unwrap()]).unwrap_err().to_string();
+    assert!(err.contains("unsupported dtype"), "{err}");
+}
