@@ -1,10 +1,10 @@
 //! Finite-difference gradient checks (f64, tiny shapes) for every custom op and for whole
-//! blocks and the whole MIM loss.
+//! blocks, the whole MIM loss and the whole classification loss.
 
 mod common;
 
-use beit_core::config::BeitConfig;
-use beit_core::model::{self, BeitForMaskedImageModeling, Layer};
+use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
+use beit_core::model::{self, BeitForImageClassification, BeitForMaskedImageModeling, Layer};
 use beit_core::ops;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -105,6 +105,35 @@ fn whole_mim_loss_gradients() {
         let g = grads.get(var).unwrap_or_else(|| panic!("{name} got no gradient"));
         let err = grad_check(var, g, &f, 6);
         assert!(err < TOL, "{name}: relative gradient error {err:e}");
+    }
+}
+
+/// The whole fine-tuning objective (backbone with per-layer relative positions, mean pooling or
+/// [CLS], the pooled LayerNorm, head, label-smoothed cross-entropy) against finite differences.
+#[test]
+fn whole_classification_loss_gradients() {
+    for pooling in [Pooling::Mean, Pooling::Cls] {
+        let model_cfg = BeitConfig {
+            use_shared_relative_position_bias: false,
+            use_relative_position_bias: true,
+            ..tiny_config()
+        };
+        let cfg = ClassifierConfig { model: model_cfg, num_labels: 3, pooling };
+        let (classifier, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
+        randomise(&vars, 90, 0.5);
+        let pixels = random_tensor(&[2, 1, 4, 6], 6, DType::F64);
+        let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        let objective = || {
+            let logits = classifier.forward(&pixels, None).unwrap();
+            model::classification_loss(&logits, &labels, 0.1).unwrap().0
+        };
+        let grads = objective().backward().unwrap();
+        let f = || objective().to_scalar::<f64>().unwrap();
+        for (name, var) in &vars {
+            let g = grads.get(var).unwrap_or_else(|| panic!("{pooling:?}: {name} got no gradient"));
+            let err = grad_check(var, g, &f, 6);
+            assert!(err < TOL, "{pooling:?}: {name}: relative gradient error {err:e}");
+        }
     }
 }
 
