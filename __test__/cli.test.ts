@@ -93,6 +93,8 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['finetune', '--init', tokenizer, '--out', join(dir, 'ft')], /format "beit-dvae\/1", expected "beit-mim\/1"/],
     [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
     [['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')], /precision must be 'auto', 'f32' or 'bf16', got "fp16"/],
+    [['tokenizer', '--channels', '2', '--out', join(dir, 'tok2')], /--channels must be 1 or 3, got 2/],
+    [['tokenizer', '--data', join(dir, 'nope'), '--out', join(dir, 'tok3')], /data not found: .*nope/],
     [['pretrain', '--bogus'], /Unknown option '--bogus'/],
     [['fly'], /unknown command "fly"/],
   ]

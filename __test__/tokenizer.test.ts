@@ -1,12 +1,14 @@
 import test from 'ava'
-import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { inflateSync } from 'node:zlib'
 
 import { imagesAsFloats } from '../src/data/batches'
+import { imageFolder, pixelDataset } from '../src/data/dataset'
 import { loadFashionMnist } from '../src/data/fashion-mnist'
 import { cosineRamp } from '../src/schedule'
+import { encodePng } from '../src/png'
 import { reconstructionSheet } from '../src/sheet'
 import { DVAE_PRESETS, Dvae } from '../src/tokenizer'
 import { trainTokenizer } from '../src/train-tokenizer'
@@ -122,10 +124,46 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
   })
 })
 
+test('trainTokenizer takes any dataset: a folder of RGB images of another size is resized to the tokenizer input', async (t) => {
+  await withDir(async (dir) => {
+    // 12 images of 20x24 px: left half dark, right half bright, in two class folders.
+    for (let i = 0; i < 12; i++) {
+      const pixels = new Uint8Array(20 * 24 * 3)
+      for (let p = 0; p < 20 * 24; p++) pixels.fill(p % 24 < 12 ? 20 + i : 230 - i, 3 * p, 3 * p + 3)
+      await mkdir(join(dir, 'images', `class${i % 2}`), { recursive: true })
+      await writeFile(join(dir, 'images', `class${i % 2}`, `${i}.png`), encodePng(pixels, 24, 20, 3))
+    }
+    const data = await imageFolder(join(dir, 'images'))
+    const tok = Dvae.create({ ...SMALL, imageSize: [16, 16], numChannels: 3 }, { seed: 4 })
+    const steps: number[] = []
+    const { evaluation } = await trainTokenizer({ tokenizer: tok, data, steps: 5, batchSize: 4, outDir: join(dir, 'run'), evalImages: 6, onProgress: (p) => steps.push(p.step) })
+    // 3 full batches per epoch: the run goes on into a second epoch.
+    t.deepEqual(steps, [0, 1, 2, 3, 4])
+    t.true(Number.isFinite(evaluation.reconstructionMse) && evaluation.reconstructionMse > 0)
+    // The images are two flat halves: their mean image is close to every image.
+    t.true(evaluation.meanImageMse < 0.01, `mean-image MSE ${evaluation.meanImageMse}`)
+    const sheet = await readFile(join(dir, 'run', 'reconstructions.png'))
+    const blank = new Float32Array(12 * 3 * 16 * 16)
+    const expected = Buffer.from(reconstructionSheet({ originals: blank, reconstructions: blank, count: 12, channels: 3, height: 16, width: 16 }))
+    t.deepEqual([sheet.readUInt32BE(16), sheet.readUInt32BE(20)], [expected.readUInt32BE(16), expected.readUInt32BE(20)], 'all twelve images, at 16 px')
+    await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13 }), { message: /batchSize 13 is larger than the 12 images of/ })
+  })
+})
+
+test('trainTokenizer is reproducible: one seed gives the same losses from IDX images or the same images as a dataset', async (t) => {
+  const images = await loadFashionMnist({ split: 'test' })
+  const run = async (data: Parameters<typeof trainTokenizer>[0]['data']) => {
+    const tok = Dvae.create(SMALL, { seed: 5 })
+    const { history } = await trainTokenizer({ tokenizer: tok, data, steps: 2, batchSize: 8, evalImages: 16 })
+    return history.map((h) => h.loss)
+  }
+  t.deepEqual(await run(images), await run(pixelDataset(images, 'fashion-mnist test')))
+})
+
 test('the reconstruction sheet is a PNG with originals above reconstructions', (t) => {
   const originals = new Float32Array(2 * 4 * 4).fill(1)
   const reconstructions = new Float32Array(2 * 4 * 4).fill(0)
-  const png = reconstructionSheet({ originals, reconstructions, count: 2, channels: 1, height: 4, width: 4, scale: 1 })
+  const png = Buffer.from(reconstructionSheet({ originals, reconstructions, count: 2, channels: 1, height: 4, width: 4, scale: 1 }))
   t.deepEqual([...png.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
   const width = png.readUInt32BE(16)
   const height = png.readUInt32BE(20)

@@ -11,12 +11,11 @@ import { join } from 'node:path'
 import { Classifier } from './classifier'
 import { Command, FlagTable, parseCommand, resolvedConfig, usage, UsageError, Values } from './cli-options'
 import { TrainTransform } from './data/augment'
-import { ImageDataset, pixelDataset } from './data/dataset'
-import { LabeledImages } from './data/idx'
+import { ImageDataset } from './data/dataset'
 import { DeviceOptions, DeviceSpec, PrecisionSpec } from './device'
 import { exportHuggingFace, HuggingFaceTask, importHuggingFace } from './huggingface'
 import { ImageLoader } from './data/loader'
-import { openDataset, openIdx } from './data/open'
+import { openDataset } from './data/open'
 import { EpochResult, finetune, FinetuneProgress } from './finetune'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from './masking'
 import { Beit } from './model'
@@ -25,9 +24,8 @@ import { linearProbe, LinearProbeResult } from './probe'
 import { pretrain, PretrainProgress, RunResult } from './pretrain'
 import { formatSeconds, interruptSignal, Progress } from './run'
 import { cosineRamp } from './schedule'
-import { reconstructionSheet } from './sheet'
 import { DVAE_PRESETS, Dvae, DvaePresetName } from './tokenizer'
-import { TokenizerEvaluation, trainTokenizer } from './train-tokenizer'
+import { TokenizerEvaluation, tokenizerView, trainTokenizer, writeSheet } from './train-tokenizer'
 
 const DATA_HELP = 'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
 
@@ -147,7 +145,7 @@ const pretrainCommand: Command = {
     const out = await prepareOut(pretrainCommand, v)
     const { train, pixels } = await openData(v.data as string)
     const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
-    await writeReconstructions(tokenizer, train, 16, join(out, 'reconstructions.png'))
+    await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
       ? await Beit.load(join(out, 'checkpoint.safetensors'), placement(v))
       : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), { seed: v.seed as number, optimizer: { weightDecay: v['weight-decay'] as number }, ...placement(v) })
@@ -316,37 +314,44 @@ async function runProbe(v: Values, backbone: Beit, train: ImageDataset, test: Im
 
 const tokenizerCommand: Command = {
   name: 'tokenizer',
-  summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on IDX data (Fashion-MNIST).',
+  summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on any image data, resized to its input size.',
   flags: {
-    data: { kind: 'string', help: 'sample, fashion-mnist or a folder of IDX files', default: 'sample' },
+    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
     preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: Object.keys(DVAE_PRESETS) },
     'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
+    'image-size': { kind: 'int', help: "input size in pixels (default: the images' own for IDX data, else the preset's)" },
+    channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
     steps: { kind: 'int', help: 'training steps', default: 1000 },
     'batch-size': { kind: 'int', help: 'images per step', default: 32 },
     lr: { kind: 'number', help: 'peak learning rate, cosine to 1/100 of it', default: 2e-3 },
     'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
     ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
     seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+    threads: { kind: 'int', help: 'image decoding threads' },
     out: { kind: 'string', help: 'run folder', default: join('runs', 'tokenizer') },
   },
   run: async (v) => {
-    const { train, test } = await idxData(v.data as string)
+    const train = await openDataset(v.data as string, 'train')
+    const test = await openDataset(v.data as string, 'test')
+    const preset = v.preset as DvaePresetName
+    const source = train.source.kind === 'pixels' ? train.source : undefined
+    const channels = (v.channels as number | undefined) ?? source?.channels ?? 3
+    if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+    const given = v['image-size'] as number | undefined
+    const imageSize: [number, number] = given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
     if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const tokenizer = Dvae.create({ preset: v.preset as DvaePresetName, numChannels: 1, imageSize: [train.height, train.width], ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
+    const tokenizer = Dvae.create({ preset, numChannels: channels, imageSize, ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
     await mkdir(v.out as string, { recursive: true })
     await writeFile(join(v.out as string, 'config.json'), JSON.stringify(resolvedConfig(tokenizerCommand, v), null, 2) + '\n')
+    log(v, `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}`)
     const evaluation = await runTokenizer(v, tokenizer, train, test)
     printTokenizerEvaluation(evaluation, tokenizer)
     log(v, `run folder ${v.out}: tokenizer.safetensors, metrics.jsonl, reconstructions.png, evaluation.json`)
   },
 }
 
-async function idxData(spec: string): Promise<{ train: LabeledImages; test: LabeledImages }> {
-  return { train: await openIdx(spec, 'train'), test: await openIdx(spec, 'test') }
-}
-
-async function runTokenizer(v: Values, tokenizer: Dvae, train: LabeledImages, test: LabeledImages): Promise<TokenizerEvaluation & { seconds: number }> {
+async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDataset, test: ImageDataset): Promise<TokenizerEvaluation & { seconds: number }> {
   const steps = v.steps as number
   const lr = v.lr as number
   const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50 })
@@ -361,6 +366,7 @@ async function runTokenizer(v: Values, tokenizer: Dvae, train: LabeledImages, te
     lr: cosineRamp({ from: lr, to: lr / 100, steps }),
     klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
     outDir: v.out as string,
+    threads: v.threads as number | undefined,
     onProgress: (p) => bar.update(p.step + 1, { loss: p.loss.toFixed(4), recon: p.reconLoss.toFixed(4), perplexity: p.perplexity.toFixed(1), 'img/s': p.imagesPerSecond.toFixed(0) }),
   })
   bar.end()
@@ -377,13 +383,9 @@ function printTokenizerEvaluation(e: TokenizerEvaluation & { seconds: number }, 
   ])
 }
 
-/** Images at the tokenizer's input size in [0, 1], whole image, no augmentation. */
+/** Images at the tokenizer's input size in [0, 1], whole image, no augmentation, in dataset order. */
 function tokenizerLoader(tokenizer: Dvae, data: ImageDataset, batchSize: number): ImageLoader {
-  const [height, width] = tokenizer.config.imageSize
-  const channels = tokenizer.config.numChannels as 1 | 3
-  const zeros = new Array(channels).fill(0)
-  const ones = new Array(channels).fill(1)
-  return new ImageLoader({ dataset: data, views: [{ size: [height, width], interpolation: 'lanczos', channels, mean: zeros, std: ones }], transform: { kind: 'eval', cropFraction: 1 }, batchSize, shuffle: false })
+  return new ImageLoader({ dataset: data, views: [tokenizerView(tokenizer)], transform: { kind: 'eval', cropFraction: 1 }, batchSize, shuffle: false })
 }
 
 const encodeCommand: Command = {
@@ -475,20 +477,9 @@ const reconstructCommand: Command = {
     const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
     const data = await openDataset(v.data as string, v.split as 'train' | 'test')
     await mkdir(join(v.out as string, '..'), { recursive: true })
-    const count = await writeReconstructions(tokenizer, data, v.count as number, v.out as string)
+    const count = await writeSheet(tokenizer, data, v.count as number, v.out as string)
     log(v, `${count} originals above their reconstructions: ${v.out}`)
   },
-}
-
-/** The first `count` images of `data` above decode(encode(image)), as a PNG at `path`. */
-async function writeReconstructions(tokenizer: Dvae, data: ImageDataset, count: number, path: string): Promise<number> {
-  const { value: batch } = await tokenizerLoader(tokenizer, limit(data, count), count).epoch(0).next()
-  if (!batch) throw new Error(`no readable images in ${data.name}`)
-  const originals = batch.views[0]
-  const reconstructions = await tokenizer.decode(await tokenizer.encode(originals, batch.size), batch.size)
-  const [height, width] = tokenizer.config.imageSize
-  await writeFile(path, reconstructionSheet({ originals, reconstructions, count: batch.size, channels: tokenizer.config.numChannels as 1 | 3, height, width }))
-  return batch.size
 }
 
 const demoCommand: Command = {
@@ -513,15 +504,13 @@ const demoCommand: Command = {
       times[name] = (performance.now() - t) / 1000
       return r
     }
-    const { train: idxTrain, test: idxTest } = await idxData('sample')
-    // The same images the tokenizer trains on, as datasets for the loader (read once).
-    const train = pixelDataset(idxTrain, 'fashion-mnist sample (train)')
-    const test = pixelDataset(idxTest, 'fashion-mnist sample (test)')
+    const train = await openDataset('sample', 'train')
+    const test = await openDataset('sample', 'test')
 
-    console.log(`1/4 tokenizer: dVAE tiny on ${idxTrain.count} images, ${v['tokenizer-steps']} steps x 32`)
+    console.log(`1/4 tokenizer: dVAE tiny on ${train.size} images, ${v['tokenizer-steps']} steps x 32`)
     const tokenizer = Dvae.create({ preset: 'tiny', numChannels: 1 }, { seed, emaDecay: 0, ...placement(v) })
     const tokOut = join(out, 'tokenizer')
-    const evaluation = await timed('tokenizer', () => runTokenizer({ ...v, steps: v['tokenizer-steps'], lr: 2e-3, 'batch-size': 32, 'kl-weight': 6.6, out: tokOut }, tokenizer, idxTrain, idxTest))
+    const evaluation = await timed('tokenizer', () => runTokenizer({ ...v, steps: v['tokenizer-steps'], lr: 2e-3, 'batch-size': 32, 'kl-weight': 6.6, out: tokOut }, tokenizer, train, test))
 
     const model = Beit.create({ preset: 'mini', imageSize: [28, 28], patchSize: 4, numChannels: 1, numHiddenLayers: 4, vocabSize: tokenizer.config.vocabSize, dropPathRate: 0.05 }, { seed, ...placement(v) })
     console.log(`2/4 pretraining: BEiT mini, 4 layers (${model.numParameters.toLocaleString()} parameters, 7x7 patches), ${v['pretrain-epochs']} epochs x ${train.size} images, blockwise masks of 20/49`)

@@ -1,16 +1,42 @@
 /**
  * The tokenizer training loop: Gumbel temperature annealed 1 -> 1/16, KL weight raised to its
- * final value, cosine LR; metrics JSONL, periodic checkpoints and reconstruction sheets.
+ * final value, cosine LR; metrics JSONL, periodic checkpoints and reconstruction sheets. Images
+ * come through the image loader, so any dataset works: they are resized to the tokenizer's input.
  */
 import { appendFile, mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { ShuffledBatches, imagesAsFloats } from './data/batches'
-import { LabeledImages } from './data/idx'
+import { Transform, ViewSpec } from './data/augment'
+import { ImageDataset, pixelDataset } from './data/dataset'
+import type { LabeledImages } from './data/idx'
+import { ImageLoader } from './data/loader'
 import { Rng } from './rng'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
 import { Dvae, TokenizerStepResult } from './tokenizer'
+
+/** Images for a tokenizer: any dataset (image folder, manifest, in-memory pixels) or IDX images. */
+export type TokenizerData = ImageDataset | LabeledImages
+
+function asDataset(data: TokenizerData, name: string): ImageDataset {
+  return 'source' in data ? data : pixelDataset(data, name)
+}
+
+/**
+ * The tokenizer's input: its image size (whatever the images' own), Lanczos, its channels, in
+ * [0, 1] (`encode` applies the logit-Laplace pixel map itself).
+ */
+export function tokenizerView(tokenizer: Dvae): ViewSpec {
+  const [height, width] = tokenizer.config.imageSize
+  const channels = tokenizer.config.numChannels as 1 | 3
+  return { size: [height, width], interpolation: 'lanczos', channels, mean: new Array(channels).fill(0), std: new Array(channels).fill(1) }
+}
+
+/** The whole image, resized: no augmentation. */
+const WHOLE_IMAGE: Transform = { kind: 'eval', cropFraction: 1 }
+
+/** Seed of the image samples behind evaluations and sheets, so they are the same in every run. */
+const SAMPLE_SEED = 0x5eed
 
 export interface TokenizerProgress extends TokenizerStepResult {
   step: number
@@ -35,9 +61,12 @@ export interface TokenizerEvaluation {
 
 export interface TrainTokenizerOptions {
   tokenizer: Dvae
-  data: LabeledImages
+  /** Training images, resized to the tokenizer's input size and channels by the loader. */
+  data: TokenizerData
   steps: number
   batchSize: number
+  /** Augmentation of the training images. Default: none (the whole image, resized). */
+  transform?: Transform
   /** Default: cosine from 1e-3 to 1e-5 over the run. */
   lr?: (step: number) => number
   /** Default: cosine 1 -> 1/16 over the run (DALL-E). */
@@ -49,98 +78,113 @@ export interface TrainTokenizerOptions {
   outDir?: string
   /** Checkpoint and sheet every N steps (and at the end). Default 500. */
   checkpointEvery?: number
-  /** Images for the sheet and the evaluation (the first ones of `evalData`). Default 16 / 1000. */
+  /** Images on the sheet and in the evaluation (seeded random samples). Default 16 / 1000. */
   sheetImages?: number
   evalImages?: number
   /** Held-out images for evaluation. Default: `data`. */
-  evalData?: LabeledImages
+  evalData?: TokenizerData
+  /** Native image decoding threads. Default: all cores. */
+  threads?: number
   onProgress?: (p: TokenizerProgress) => void
 }
 
 export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ history: TokenizerProgress[]; evaluation: TokenizerEvaluation }> {
-  const { tokenizer, data, steps, batchSize } = opts
-  if (data.channels !== tokenizer.config.numChannels) {
-    throw new Error(`images have ${data.channels} channel(s) but the tokenizer expects ${tokenizer.config.numChannels}`)
-  }
+  const { tokenizer, steps, batchSize } = opts
+  const data = asDataset(opts.data, 'training images')
+  const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
   const lr = opts.lr ?? cosineRamp({ from: 1e-3, to: 1e-5, steps })
   const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps })
   const klWeight = opts.klWeight ?? cosineRamp({ from: 0, to: 6.6, steps: Math.ceil(steps / 2) })
   const every = opts.checkpointEvery ?? 500
   const rng = new Rng(opts.seed ?? 0)
-  const batches = new ShuffledBatches(data, batchSize, rng)
-  const size = { height: data.height, width: data.width }
-  const evalData = opts.evalData ?? data
+  const loader = new ImageLoader({ dataset: data, views: [tokenizerView(tokenizer)], transform: opts.transform ?? WHOLE_IMAGE, batchSize, seed: opts.seed, dropLast: true, threads: opts.threads })
+  if (loader.batchesPerEpoch === 0) throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
+  const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
   if (opts.outDir !== undefined) await mkdir(opts.outDir, { recursive: true })
   const metricsPath = opts.outDir && join(opts.outDir, 'metrics.jsonl')
   if (metricsPath) await writeFile(metricsPath, '')
 
   const history: TokenizerProgress[] = []
-  for (let step = 0; step < steps; step++) {
-    const started = performance.now()
-    const { pixels01 } = batches.next()
-    const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-    const result = await tokenizer.trainStep({ pixels: pixels01, size, ...schedule, seed: rng.nextSeed() })
-    if (!Number.isFinite(result.loss)) throw new Error(`tokenizer loss is ${result.loss} at step ${step}`)
-    const progress: TokenizerProgress = {
-      step,
-      ...schedule,
-      ...result,
-      codesUsedFraction: result.codesUsed / vocab,
-      imagesPerSecond: batchSize / ((performance.now() - started) / 1000),
+  let last = performance.now()
+  for (let epoch = 0, step = 0; step < steps; epoch++) {
+    const stepsBefore = step
+    for await (const batch of loader.epoch(epoch)) {
+      const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
+      const result = await tokenizer.trainStep({ pixels: batch.views[0], size: { height, width }, ...schedule, seed: rng.nextSeed() })
+      if (!Number.isFinite(result.loss)) throw new Error(`tokenizer loss is ${result.loss} at step ${step}`)
+      const now = performance.now()
+      const progress: TokenizerProgress = { step, ...schedule, ...result, codesUsedFraction: result.codesUsed / vocab, imagesPerSecond: batch.size / ((now - last) / 1000) }
+      last = now
+      history.push(progress)
+      opts.onProgress?.(progress)
+      if (metricsPath) await appendFile(metricsPath, JSON.stringify(progress) + '\n')
+      if (opts.outDir && ((step + 1) % every === 0 || step === steps - 1)) {
+        await tokenizer.save(join(opts.outDir, 'tokenizer.safetensors'))
+        await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, join(opts.outDir, 'reconstructions.png'), opts.threads)
+      }
+      if (++step === steps) break
     }
-    history.push(progress)
-    opts.onProgress?.(progress)
-    if (metricsPath) await appendFile(metricsPath, JSON.stringify(progress) + '\n')
-    if (opts.outDir && ((step + 1) % every === 0 || step === steps - 1)) {
-      await tokenizer.save(join(opts.outDir, 'tokenizer.safetensors'))
-      await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, join(opts.outDir, 'reconstructions.png'))
-    }
+    if (step === stepsBefore) throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
   }
-  const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000)
+  const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000, opts.threads)
   if (opts.outDir) await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
   return { history, evaluation }
 }
 
-export async function writeSheet(tokenizer: Dvae, images: LabeledImages, count: number, path: string): Promise<void> {
-  const n = Math.min(count, images.count)
-  const originals = imagesAsFloats(images, n)
-  const reconstructions = await roundTrip(tokenizer, originals, n, images)
-  const sheet = reconstructionSheet({ originals, reconstructions, count: n, channels: images.channels, height: images.height, width: images.width })
-  await writeFile(path, sheet)
+/**
+ * Up to `count` whole images of `data` at the tokenizer's input, in batches of up to `chunk`:
+ * a seeded random sample (the first images of a folder are often all of one class).
+ */
+async function* sampleImages(tokenizer: Dvae, data: TokenizerData, count: number, chunk: number, threads?: number): AsyncGenerator<{ pixels: Float32Array; size: number }> {
+  const dataset = asDataset(data, 'images')
+  const per = tokenizer.config.numChannels * tokenizer.config.imageSize[0] * tokenizer.config.imageSize[1]
+  const loader = new ImageLoader({ dataset, views: [tokenizerView(tokenizer)], transform: WHOLE_IMAGE, batchSize: Math.max(1, Math.min(chunk, count)), seed: SAMPLE_SEED, threads })
+  let left = count
+  for await (const batch of loader.epoch(0)) {
+    const size = Math.min(batch.size, left)
+    yield { pixels: batch.views[0].subarray(0, size * per), size }
+    left -= size
+    if (left === 0) return
+  }
 }
 
-function tokenGrid(tokenizer: Dvae, images: LabeledImages): { height: number; width: number } {
-  return { height: images.height / tokenizer.downsample, width: images.width / tokenizer.downsample }
+/** A sample of `count` images of `data` above decode(encode(image)), as a PNG at `path`; returns the number shown. */
+export async function writeSheet(tokenizer: Dvae, data: TokenizerData, count: number, path: string, threads?: number): Promise<number> {
+  const { value: batch } = await sampleImages(tokenizer, data, count, count, threads).next()
+  if (!batch) throw new Error(`no readable images in ${asDataset(data, 'images').name}`)
+  const reconstructions = await tokenizer.decode(await tokenizer.encode(batch.pixels, batch.size), batch.size)
+  const [height, width] = tokenizer.config.imageSize
+  await writeFile(path, reconstructionSheet({ originals: batch.pixels, reconstructions, count: batch.size, channels: tokenizer.config.numChannels as 1 | 3, height, width }))
+  return batch.size
 }
 
-/** decode(encode(x)) of `count` images of the size of `images`. */
-async function roundTrip(tokenizer: Dvae, x: Float32Array, count: number, images: LabeledImages): Promise<Float32Array> {
-  const ids = await tokenizer.encode(x, count, { height: images.height, width: images.width })
-  return tokenizer.decode(ids, count, tokenGrid(tokenizer, images))
-}
-
-/** Reconstruction error against the mean-image baseline, and codebook usage. */
-export async function evaluateTokenizer(tokenizer: Dvae, evalData: LabeledImages, trainData: LabeledImages, maxImages: number): Promise<TokenizerEvaluation> {
-  const n = Math.min(maxImages, evalData.count)
-  const per = evalData.height * evalData.width * evalData.channels
-  const mean = new Float64Array(per)
-  for (let i = 0; i < trainData.count * per; i++) mean[i % per] += trainData.images[i] / 255 / trainData.count
+/**
+ * Reconstruction error of up to `maxImages` evaluation images against the mean-image baseline
+ * (the mean of as many training images), and codebook usage; all at the tokenizer's input.
+ */
+export async function evaluateTokenizer(tokenizer: Dvae, evalData: TokenizerData, trainData: TokenizerData, maxImages: number, threads?: number): Promise<TokenizerEvaluation> {
+  const per = tokenizer.config.numChannels * tokenizer.config.imageSize[0] * tokenizer.config.imageSize[1]
+  const sum = new Float64Array(per)
+  let meanOf = 0
+  for await (const { pixels, size } of sampleImages(tokenizer, trainData, maxImages, 100, threads)) {
+    for (let i = 0; i < pixels.length; i++) sum[i % per] += pixels[i]
+    meanOf += size
+  }
+  const mean = sum.map((s) => s / meanOf)
   const counts = new Float64Array(tokenizer.config.vocabSize)
   let sqErr = 0
   let sqErrMean = 0
-  const chunk = 100
-  for (let start = 0; start < n; start += chunk) {
-    const b = Math.min(chunk, n - start)
-    const x = new Float32Array(b * per)
-    for (let i = 0; i < b * per; i++) x[i] = evalData.images[start * per + i] / 255
-    const ids = await tokenizer.encode(x, b, { height: evalData.height, width: evalData.width })
+  let n = 0
+  for await (const { pixels: x, size } of sampleImages(tokenizer, evalData, maxImages, 100, threads)) {
+    const ids = await tokenizer.encode(x, size)
     for (const id of ids) counts[id]++
-    const y = await tokenizer.decode(ids, b, tokenGrid(tokenizer, evalData))
+    const y = await tokenizer.decode(ids, size)
     for (let i = 0; i < x.length; i++) {
       sqErr += (y[i] - x[i]) ** 2
       sqErrMean += (mean[i % per] - x[i]) ** 2
     }
+    n += size
   }
   const total = counts.reduce((a, c) => a + c, 0)
   let entropy = 0

@@ -9,7 +9,6 @@ import { existsSync, statSync } from 'node:fs'
 import { extname, join } from 'node:path'
 import { imageFolder, ImageDataset, manifest, pixelDataset } from './dataset'
 import { DEBIAN_FASHION_MNIST_DIR, embeddedSampleDir, loadFashionMnist } from './fashion-mnist'
-import type { LabeledImages } from './idx'
 
 export type Split = 'train' | 'test'
 
@@ -29,13 +28,6 @@ function namedIdxDir(spec: string): string | undefined {
     throw new Error(`the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`)
   }
   return DEBIAN_FASHION_MNIST_DIR
-}
-
-/** `sample`, `fashion-mnist` or a folder of IDX files, as in-memory images (tokenizer training). */
-export async function openIdx(spec: string, split: Split): Promise<LabeledImages> {
-  const dir = namedIdxDir(spec) ?? spec
-  if (!existsSync(dir)) throw new Error(`data not found: ${spec} (expected sample, fashion-mnist or a folder of IDX files)`)
-  return loadFashionMnist({ split, dir })
 }
 
 export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
