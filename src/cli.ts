@@ -14,7 +14,6 @@ import { TrainTransform } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { DeviceOptions, DeviceSpec, PrecisionSpec } from './device'
 import { exportHuggingFace, HuggingFaceTask, importHuggingFace } from './huggingface'
-import { ImageLoader } from './data/loader'
 import { openDataset } from './data/open'
 import { EpochResult, finetune, FinetuneProgress } from './finetune'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from './masking'
@@ -25,7 +24,7 @@ import { pretrain, PretrainProgress, RunResult } from './pretrain'
 import { formatSeconds, interruptSignal, Progress } from './run'
 import { cosineRamp } from './schedule'
 import { DVAE_PRESETS, Dvae, DvaePresetName } from './tokenizer'
-import { TokenizerEvaluation, tokenizerView, trainTokenizer, writeSheet } from './train-tokenizer'
+import { TokenizerEvaluation, tokenizerLoader, trainTokenizer, writeSheet } from './train-tokenizer'
 
 const DATA_HELP = 'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
 
@@ -383,11 +382,6 @@ function printTokenizerEvaluation(e: TokenizerEvaluation & { seconds: number }, 
   ])
 }
 
-/** Images at the tokenizer's input size in [0, 1], whole image, no augmentation, in dataset order. */
-function tokenizerLoader(tokenizer: Dvae, data: ImageDataset, batchSize: number): ImageLoader {
-  return new ImageLoader({ dataset: data, views: [tokenizerView(tokenizer)], transform: { kind: 'eval', cropFraction: 1 }, batchSize, shuffle: false })
-}
-
 const encodeCommand: Command = {
   name: 'encode',
   summary: 'Images -> visual token ids, one JSON line per image ({"image", "ids"}).',
@@ -404,7 +398,7 @@ const encodeCommand: Command = {
     const data = limit(await openDataset(v.data as string, v.split as 'train' | 'test'), v.limit as number | undefined)
     const [h, w] = tokenizer.config.imageSize.map((s) => s / tokenizer.downsample)
     const lines: string[] = []
-    for await (const batch of tokenizerLoader(tokenizer, data, 64).epoch(0)) {
+    for await (const batch of tokenizerLoader(tokenizer, data, { batchSize: 64, shuffle: false }).epoch(0)) {
       const ids = await tokenizer.encode(batch.views[0], batch.size)
       for (let i = 0; i < batch.size; i++) {
         const image = data.source.kind === 'files' ? data.source.paths[batch.indices[i]] : `${data.name}[${batch.indices[i]}]`

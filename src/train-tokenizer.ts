@@ -9,7 +9,7 @@ import { join } from 'node:path'
 import { Transform, ViewSpec } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
-import { ImageLoader } from './data/loader'
+import { ImageLoader, LoaderOptions } from './data/loader'
 import { Rng } from './rng'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
@@ -26,14 +26,24 @@ function asDataset(data: TokenizerData, name: string): ImageDataset {
  * The tokenizer's input: its image size (whatever the images' own), Lanczos, its channels, in
  * [0, 1] (`encode` applies the logit-Laplace pixel map itself).
  */
-export function tokenizerView(tokenizer: Dvae): ViewSpec {
+function tokenizerView(tokenizer: Dvae): ViewSpec {
   const [height, width] = tokenizer.config.imageSize
   const channels = tokenizer.config.numChannels as 1 | 3
   return { size: [height, width], interpolation: 'lanczos', channels, mean: new Array(channels).fill(0), std: new Array(channels).fill(1) }
 }
 
-/** The whole image, resized: no augmentation. */
-const WHOLE_IMAGE: Transform = { kind: 'eval', cropFraction: 1 }
+/** Values of one image at the tokenizer's input. */
+function valuesPerImage(tokenizer: Dvae): number {
+  return tokenizer.config.numChannels * tokenizer.config.imageSize[0] * tokenizer.config.imageSize[1]
+}
+
+/**
+ * A loader of `data` at the tokenizer's input: whole images, resized (no augmentation), unless
+ * `transform` says otherwise.
+ */
+export function tokenizerLoader(tokenizer: Dvae, data: TokenizerData, opts: Omit<LoaderOptions, 'dataset' | 'views' | 'transform'> & { transform?: Transform }): ImageLoader {
+  return new ImageLoader({ ...opts, dataset: asDataset(data, 'images'), views: [tokenizerView(tokenizer)], transform: opts.transform ?? { kind: 'eval', cropFraction: 1 } })
+}
 
 /** Seed of the image samples behind evaluations and sheets, so they are the same in every run. */
 const SAMPLE_SEED = 0x5eed
@@ -97,7 +107,7 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ his
   const klWeight = opts.klWeight ?? cosineRamp({ from: 0, to: 6.6, steps: Math.ceil(steps / 2) })
   const every = opts.checkpointEvery ?? 500
   const rng = new Rng(opts.seed ?? 0)
-  const loader = new ImageLoader({ dataset: data, views: [tokenizerView(tokenizer)], transform: opts.transform ?? WHOLE_IMAGE, batchSize, seed: opts.seed, dropLast: true, threads: opts.threads })
+  const loader = tokenizerLoader(tokenizer, data, { transform: opts.transform, batchSize, seed: opts.seed, dropLast: true, threads: opts.threads })
   if (loader.batchesPerEpoch === 0) throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
@@ -137,9 +147,8 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ his
  * a seeded random sample (the first images of a folder are often all of one class).
  */
 async function* sampleImages(tokenizer: Dvae, data: TokenizerData, count: number, chunk: number, threads?: number): AsyncGenerator<{ pixels: Float32Array; size: number }> {
-  const dataset = asDataset(data, 'images')
-  const per = tokenizer.config.numChannels * tokenizer.config.imageSize[0] * tokenizer.config.imageSize[1]
-  const loader = new ImageLoader({ dataset, views: [tokenizerView(tokenizer)], transform: WHOLE_IMAGE, batchSize: Math.max(1, Math.min(chunk, count)), seed: SAMPLE_SEED, threads })
+  const per = valuesPerImage(tokenizer)
+  const loader = tokenizerLoader(tokenizer, data, { batchSize: Math.max(1, Math.min(chunk, count)), seed: SAMPLE_SEED, threads })
   let left = count
   for await (const batch of loader.epoch(0)) {
     const size = Math.min(batch.size, left)
@@ -164,7 +173,7 @@ export async function writeSheet(tokenizer: Dvae, data: TokenizerData, count: nu
  * (the mean of as many training images), and codebook usage; all at the tokenizer's input.
  */
 export async function evaluateTokenizer(tokenizer: Dvae, evalData: TokenizerData, trainData: TokenizerData, maxImages: number, threads?: number): Promise<TokenizerEvaluation> {
-  const per = tokenizer.config.numChannels * tokenizer.config.imageSize[0] * tokenizer.config.imageSize[1]
+  const per = valuesPerImage(tokenizer)
   const sum = new Float64Array(per)
   let meanOf = 0
   for await (const { pixels, size } of sampleImages(tokenizer, trainData, maxImages, 100, threads)) {
