@@ -6,6 +6,8 @@ mod common;
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
 use beit_core::model::{self, BeitForImageClassification, BeitForMaskedImageModeling, Layer};
 use beit_core::ops;
+use beit_core::params::NamedVars;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
@@ -26,6 +28,16 @@ fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
         let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
         let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
         assert!(err < TOL, "input {i}: relative gradient error {err:e}");
+    }
+}
+
+/// Every named variable's gradient against finite differences of `f` (up to `coords` entries
+/// each); `context` prefixes the messages.
+fn check_vars(context: &str, vars: &NamedVars, grads: &GradStore, f: &dyn Fn() -> f64, coords: usize) {
+    for (name, var) in vars {
+        let g = grads.get(var).unwrap_or_else(|| panic!("{context}{name} got no gradient"));
+        let err = grad_check(var, g, f, coords);
+        assert!(err < TOL, "{context}{name}: relative gradient error {err:e}");
     }
 }
 
@@ -74,11 +86,7 @@ fn transformer_block_gradients() {
     let f = || objective().to_scalar::<f64>().unwrap();
     let err = grad_check(&x, grads.get(&x).unwrap(), &f, 40);
     assert!(err < TOL, "input: relative gradient error {err:e}");
-    for (name, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name} got no gradient"));
-        let err = grad_check(var, g, &f, 24);
-        assert!(err < TOL, "{name}: relative gradient error {err:e}");
-    }
+    check_vars("", &vars, &grads, &f, 24);
 }
 
 /// The whole MIM objective (patch embedding, mask token, [CLS], absolute and shared relative
@@ -101,11 +109,7 @@ fn whole_mim_loss_gradients() {
     };
     let grads = objective().backward().unwrap();
     let f = || objective().to_scalar::<f64>().unwrap();
-    for (name, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name} got no gradient"));
-        let err = grad_check(var, g, &f, 6);
-        assert!(err < TOL, "{name}: relative gradient error {err:e}");
-    }
+    check_vars("", &vars, &grads, &f, 6);
 }
 
 /// The whole fine-tuning objective (backbone with per-layer relative positions, mean pooling or
@@ -129,11 +133,7 @@ fn whole_classification_loss_gradients() {
         };
         let grads = objective().backward().unwrap();
         let f = || objective().to_scalar::<f64>().unwrap();
-        for (name, var) in &vars {
-            let g = grads.get(var).unwrap_or_else(|| panic!("{pooling:?}: {name} got no gradient"));
-            let err = grad_check(var, g, &f, 6);
-            assert!(err < TOL, "{pooling:?}: {name}: relative gradient error {err:e}");
-        }
+        check_vars(&format!("{pooling:?}: "), &vars, &grads, &f, 6);
     }
 }
 
