@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""The PyTorch eager side of `npm run bench:torch`: one row of scripts/bench/rows.json, resolved
+by the orchestrator (src/bench/torch.ts) into full beit configs, run in its own process so its
+peak RSS is its own. Prints one JSON line: images/s over the timed steps and peak RSS.
+
+The work is beit's: transformers' BEiT with the same config, the MIM head on the masked patches
+only (as beit computes it), masked cross-entropy, AdamW with BEiT's decay exemptions, global
+norm clipping; the tokenizer is the DALL-E layout (dalle_layout.py) with the Gumbel-softmax
+relaxation, logit-Laplace reconstruction, KL to the uniform prior, AdamW and a weight EMA.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dalle_layout  # noqa: E402
+
+
+def hf_config(c, **extra):
+    from transformers import BeitConfig
+    return BeitConfig(
+        image_size=tuple(c["imageSize"]), patch_size=c["patchSize"], num_channels=c["numChannels"],
+        hidden_size=c["hiddenSize"], num_hidden_layers=c["numHiddenLayers"], num_attention_heads=c["numAttentionHeads"],
+        intermediate_size=c["intermediateSize"], vocab_size=c["vocabSize"], layer_scale_init_value=c["layerScaleInitValue"],
+        use_absolute_position_embeddings=c["useAbsolutePositionEmbeddings"],
+        use_shared_relative_position_bias=c["useSharedRelativePositionBias"],
+        use_relative_position_bias=c["useRelativePositionBias"], drop_path_rate=c["dropPathRate"],
+        layer_norm_eps=c["layerNormEps"], initializer_range=c["initializerRange"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, hidden_act="gelu", **extra)
+
+
+EXEMPT = ("cls_token", "mask_token", "position_embeddings", "relative_position_bias_table")
+
+
+def adamw(named, lr, weight_decay):
+    """AdamW with beit's groups: no decay for 1-D tensors, biases, tokens and position tables."""
+    decay, exempt = [], []
+    for name, p in named:
+        (exempt if p.ndim <= 1 or name.endswith(".bias") or name.endswith(EXEMPT) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def images(gen, batch, c, h, w, lo, hi):
+    return torch.rand(batch, c, h, w, generator=gen) * (hi - lo) + lo
+
+
+def mim(row, gen):
+    from transformers import BeitForMaskedImageModeling
+    c = row["config"]
+    model = BeitForMaskedImageModeling(hf_config(c, use_mask_token=True)).train()
+    opt = adamw(model.named_parameters(), 1e-4, 0.05)
+    b = row["batchSize"]
+    grid = [s // c["patchSize"] for s in c["imageSize"]]
+    n = grid[0] * grid[1]
+    pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(n, generator=gen)[: max(1, round(row["maskRatio"] * n))]] = True
+    targets = torch.randint(0, c["vocabSize"], (b, n), generator=gen)
+
+    def step():
+        hidden = model.beit(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
+        logits = model.lm_head(model.layernorm(hidden)[:, 1:][mask])
+        loss = F.cross_entropy(logits, targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        return loss.item()
+    return step
+
+
+def classifier(row, gen):
+    from transformers import BeitForImageClassification
+    c = row["config"]
+    model = BeitForImageClassification(hf_config(c, num_labels=row["numLabels"], use_mean_pooling=True)).train()
+    opt = adamw(model.named_parameters(), 1e-4, 0.05)
+    b = row["batchSize"]
+    pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
+    labels = torch.randint(0, row["numLabels"], (b,), generator=gen)
+
+    def step():
+        loss = F.cross_entropy(model(pixel_values=pixels).logits, labels, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        return loss.item()
+    return step
+
+
+EPS = 0.1  # DALL-E's logit-Laplace pixel map
+
+
+def tokenizer_inputs(row, gen):
+    cfg = row["tokenizerConfig"]
+    s = row["imageSize"]
+    x = images(gen, row["batchSize"], cfg["numChannels"], s, s, 0, 1) * (1 - 2 * EPS) + EPS
+    return cfg, x
+
+
+def tokenizer_train(row, gen):
+    cfg, x = tokenizer_inputs(row, gen)
+    encoder, decoder = dalle_layout.from_config(cfg)
+    named = [(f"encoder.{n}", p) for n, p in encoder.named_parameters()] + \
+            [(f"decoder.{n}", p) for n, p in decoder.named_parameters()]
+    params = [p for _, p in named]
+    opt = adamw(named, 1e-4, 1e-4)
+    ema = [p.detach().clone() for p in params]
+    c, v = cfg["numChannels"], cfg["vocabSize"]
+    d = 2 ** (cfg["numGroups"] - 1)
+    temperature, kl_weight = 1.0, 1.0
+
+    def step():
+        logits = encoder(x)
+        u = torch.rand(logits.shape, generator=gen).clamp_min(1e-20)
+        soft = torch.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=1)
+        out = decoder(soft)
+        mu, log_b = out[:, :c], out[:, c:]
+        logit_x = torch.log(x) - torch.log1p(-x)
+        nll = log_b + torch.log(x) + torch.log1p(-x) + (logit_x - mu).abs() * torch.exp(-log_b) + math.log(2)
+        log_q = torch.log_softmax(logits, dim=1)
+        kl = (log_q.exp() * log_q).sum(1).mean() + math.log(v)
+        loss = nll.mean() + kl * (kl_weight / (c * d * d))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - 0.999)
+            codes = logits.argmax(1)
+        return loss.item() + 0 * codes.numel()
+    return step
+
+
+def tokenizer_encode(row, gen):
+    cfg, x = tokenizer_inputs(row, gen)
+    encoder, _ = dalle_layout.from_config(cfg)
+    encoder.eval()
+
+    def step():
+        with torch.no_grad():
+            return encoder(x).argmax(1).sum().item()
+    return step
+
+
+KINDS = {"mim": mim, "classifier": classifier, "tokenizer-train": tokenizer_train, "tokenizer-encode": tokenizer_encode}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--row", required=True, help="the resolved row, as JSON")
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    row = json.loads(args.row)
+    step = KINDS[row["kind"]](row, torch.Generator().manual_seed(0))
+    for _ in range(args.warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - started
+    print(json.dumps({
+        "imagesPerSecond": args.steps * row["batchSize"] / seconds,
+        "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+/** The rows of `npm run bench:torch` (scripts/bench/rows.json), resolved into full configs. */
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+
+import { BeitConfig, ModelSpec, resolveConfig } from '../config'
+import { DvaeConfig, DvaeSpec, resolveDvaeConfig } from '../tokenizer'
+
+interface Common {
+  name: string
+  title: string
+  batchSize: number
+  steps: number
+}
+
+type RowSpec = Common &
+  (
+    | { kind: 'mim'; model: ModelSpec; maskRatio: number }
+    | { kind: 'classifier'; model: ModelSpec; numLabels: number }
+    | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizer: DvaeSpec; imageSize: number; numChannels: number }
+  )
+
+export type ResolvedRow = Common &
+  (
+    | { kind: 'mim'; config: BeitConfig; maskRatio: number }
+    | { kind: 'classifier'; config: BeitConfig; numLabels: number }
+    | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizerConfig: DvaeConfig; imageSize: number }
+  )
+
+export function benchRows(root: string): ResolvedRow[] {
+  const { rows } = JSON.parse(readFileSync(join(root, 'scripts', 'bench', 'rows.json'), 'utf8')) as { rows: RowSpec[] }
+  return rows.map((r): ResolvedRow => {
+    const common = { name: r.name, title: r.title, batchSize: r.batchSize, steps: r.steps }
+    switch (r.kind) {
+      case 'mim':
+        return { ...common, kind: r.kind, config: resolveConfig(r.model), maskRatio: r.maskRatio }
+      case 'classifier':
+        return { ...common, kind: r.kind, config: resolveConfig(r.model), numLabels: r.numLabels }
+      default: {
+        const spec = typeof r.tokenizer === 'string' ? { preset: r.tokenizer } : r.tokenizer
+        const tokenizerConfig = resolveDvaeConfig({ ...spec, numChannels: r.numChannels, imageSize: [r.imageSize, r.imageSize] })
+        return { ...common, kind: r.kind, tokenizerConfig, imageSize: r.imageSize }
+      }
+    }
+  })
+}

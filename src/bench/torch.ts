@@ -1,0 +1,97 @@
+/**
+ * beit against PyTorch eager on the CPU, side by side in one run: every row of
+ * scripts/bench/rows.json (training steps of the MIM model, the classifier and the tokenizer,
+ * and tokenizer encoding) runs as a beit process and a PyTorch process on the same work with
+ * the same number of threads, alternating, `--rounds` times each; the best images/s of each
+ * side and the larger peak RSS are reported with their ratio. Not a test.
+ *   npm run bench:torch [-- --threads 2 --rounds 2 --only mim-tiny-32,classifier-demo]
+ * scripts/bench/torch.sh makes the Python environment (torch + transformers from PyPI) first.
+ */
+import { spawnSync } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { mkdir, writeFile } from 'node:fs/promises'
+import { availableParallelism, homedir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { parseArgs } from 'node:util'
+
+import { benchRows, ResolvedRow } from './torch-rows'
+
+interface Measurement {
+  imagesPerSecond: number
+  peakRssMiB: number
+  version: string
+}
+
+const ROOT = join(__dirname, '..', '..')
+
+function measure(side: 'beit' | 'torch', row: ResolvedRow, threads: number, python: string): Measurement {
+  const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
+  const [command, script] =
+    side === 'beit' ? [process.execPath, join(__dirname, 'torch-row.js')] : [python, join(ROOT, 'scripts', 'bench', 'torch_row.py')]
+  const t = String(threads)
+  const env = { ...process.env, RAYON_NUM_THREADS: t, OMP_NUM_THREADS: t, MKL_NUM_THREADS: t }
+  const result = spawnSync(command, [script, ...args, ...(side === 'torch' ? ['--threads', t] : [])], { env, encoding: 'utf8' })
+  const last = result.stdout.trim().split('\n').pop() ?? ''
+  if (result.status !== 0 || !last.startsWith('{')) {
+    throw new Error(`${side} run of ${row.name} failed (exit ${result.status}):\n${result.stderr.slice(-2000)}`)
+  }
+  return JSON.parse(last) as Measurement
+}
+
+/** The CPU as /proc/cpuinfo names it, with its widest vector extension. */
+function cpuName(): string {
+  try {
+    const info = readFileSync('/proc/cpuinfo', 'utf8')
+    const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
+    const flags = field('flags')
+    const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
+    return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${simd}`
+  } catch {
+    return `${availableParallelism()} cores`
+  }
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      threads: { type: 'string', default: String(availableParallelism()) },
+      rounds: { type: 'string', default: '2' },
+      only: { type: 'string' },
+      python: { type: 'string', default: process.env.BEIT_BENCH_PYTHON ?? join(homedir(), '.cache', 'beit', 'bench-venv', 'bin', 'python') },
+      out: { type: 'string', default: join('runs', 'bench-torch.json') },
+    },
+  })
+  const threads = Number(values.threads)
+  const rounds = Number(values.rounds)
+  const only = values.only?.split(',')
+  const rows = benchRows(ROOT).filter((r) => only === undefined || only.includes(r.name))
+  if (rows.length === 0) throw new Error(`--only ${values.only} matches no row; rows: ${benchRows(ROOT).map((r) => r.name).join(', ')}`)
+  console.log(`beit vs PyTorch eager on ${cpuName()}, ${threads} threads each, f32, best of ${rounds} alternating rounds\n`)
+  const header = '| row | beit img/s | PyTorch img/s | ratio | beit peak RSS | PyTorch peak RSS |'
+  console.log(`${header}\n|---|---|---|---|---|---|`)
+  const results = []
+  let versions = ''
+  for (const row of rows) {
+    const sides = { beit: [] as Measurement[], torch: [] as Measurement[] }
+    for (let round = 0; round < rounds; round++) {
+      const order: ('beit' | 'torch')[] = round % 2 === 0 ? ['beit', 'torch'] : ['torch', 'beit']
+      for (const side of order) sides[side].push(measure(side, row, threads, values.python))
+    }
+    const best = (ms: Measurement[]) => Math.max(...ms.map((m) => m.imagesPerSecond))
+    const rss = (ms: Measurement[]) => Math.max(...ms.map((m) => m.peakRssMiB))
+    const [beit, torch] = [best(sides.beit), best(sides.torch)]
+    versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
+    const gib = (mib: number) => `${(mib / 1024).toFixed(2)} GiB`
+    console.log(`| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | **${(beit / torch).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} |`)
+    results.push({ row: row.name, title: row.title, beit: sides.beit, torch: sides.torch, ratio: beit / torch })
+  }
+  console.log(`\n${versions}`)
+  await mkdir(dirname(values.out), { recursive: true })
+  await writeFile(values.out, JSON.stringify({ cpu: cpuName(), threads, rounds, results }, null, 2) + '\n')
+  console.log(`all measurements: ${values.out}`)
+}
+
+main().catch((e: unknown) => {
+  console.error(e instanceof Error ? e.message : e)
+  process.exitCode = 1
+})
