@@ -7,16 +7,18 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, ModelSpec};
 use crate::checkpoint;
 use crate::config::{ClassifierConfig, Pooling};
+use crate::device::Precision;
+use crate::engine::Head;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::model::{classification_loss, BeitForImageClassification, Linear};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{rebuild_on, NamedVars, ParamStore};
+use crate::params::ParamStore;
 use crate::rng::SplitMix64;
-use crate::device::Precision;
-use crate::trainer::{f32_values, image_tensor, save_trainer, take_train_state};
+use crate::trainer::{check_pixels, f32_values, finite_loss, image_tensor, save_trainer, take_train_state};
 
 const FORMAT: &str = "beit-cls/1";
 
@@ -69,13 +71,12 @@ pub struct ClassifierStepMetrics {
 pub struct ClassifierTrainer {
     pub config: ClassifierConfig,
     pub finetune: FinetuneOptions,
-    pub model: BeitForImageClassification,
-    pub vars: NamedVars,
-    pub optimizer: AdamW,
     /// Opaque JSON from the caller, saved and loaded with the checkpoint.
     pub train_state: Option<String>,
-    device: Device,
+    optimizer: AdamWConfig,
+    backend: Backend<BeitForImageClassification>,
     precision: Precision,
+    cpu_engine: bool,
 }
 
 impl ClassifierTrainer {
@@ -139,28 +140,48 @@ impl ClassifierTrainer {
     /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
         let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
-        let tensors: Vec<_> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        hf::write(dir, HfLayout::ImageClassification, &self.config.model, self.config.pooling, &labels, &tensors)
+        hf::write(dir, HfLayout::ImageClassification, &self.config.model, self.config.pooling, &labels, &self.weights()?)
     }
 
-    fn build(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, store: ParamStore) -> Result<Self> {
-        config.validate()?;
-        finetune.validate()?;
-        let device = Device::Cpu;
-        let (model, vars) = store.build(DType::F32, &device, |vb| BeitForImageClassification::new(&config, vb))?;
-        let mut optimizer = AdamW::new(optim, &vars)?;
+    fn spec<'a>(config: &'a ClassifierConfig, optimizer: &AdamWConfig, finetune: &FinetuneOptions, cpu_engine: bool) -> ModelSpec<'a, BeitForImageClassification> {
         let layers = config.model.num_hidden_layers;
         let decay = finetune.layer_decay;
-        optimizer.set_lr_scales(|name| decay.powi((layers + 1 - layer_id(name, layers)) as i32));
-        Ok(Self { config, finetune, model, vars, optimizer, train_state: None, device, precision: Precision::F32 })
+        ModelSpec {
+            config: &config.model,
+            head: Head::Classification { num_labels: config.num_labels, pooling: config.pooling },
+            new: Box::new(move |vb| BeitForImageClassification::new(config, vb)),
+            lr_scale: Box::new(move |name| decay.powi((layers + 1 - layer_id(name, layers)) as i32)),
+            optimizer: optimizer.clone(),
+            cpu_engine,
+        }
+    }
+
+    fn build(config: ClassifierConfig, optimizer: AdamWConfig, finetune: FinetuneOptions, store: ParamStore) -> Result<Self> {
+        config.validate()?;
+        finetune.validate()?;
+        let backend = Backend::build(&Self::spec(&config, &optimizer, &finetune, true), store, &Device::Cpu, Precision::F32)?;
+        Ok(Self { config, finetune, train_state: None, optimizer, backend, precision: Precision::F32, cpu_engine: true })
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+        self.backend.num_parameters()
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    pub fn optimizer_step(&self) -> u64 {
+        self.backend.optimizer_step()
+    }
+
+    pub fn optimizer_config(&self) -> &AdamWConfig {
+        &self.optimizer
+    }
+
+    /// The parameters (Hugging Face names, creation order), wherever the model runs.
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.backend.weights()
+    }
+
+    pub fn device(&self) -> Device {
+        self.backend.device()
     }
 
     pub fn precision(&self) -> Precision {
@@ -168,16 +189,31 @@ impl ClassifierTrainer {
     }
 
     /// Sets the activation precision of later steps and predictions (weights stay f32).
-    pub fn set_precision(&mut self, precision: Precision) {
-        self.precision = precision;
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.place(&self.device(), precision)
     }
 
     /// Moves the weights and the optimizer state to `device`; later steps run there.
     pub fn to_device(&mut self, device: &Device) -> Result<()> {
-        let config = &self.config;
-        let (model, vars) = rebuild_on(&self.vars, device, |vb| BeitForImageClassification::new(config, vb))?;
-        self.optimizer.move_to(&vars, device)?;
-        (self.model, self.vars, self.device) = (model, vars, device.clone());
+        self.place(device, self.precision)
+    }
+
+    /// On by default. Off, the CPU runs candle's autograd, the path GPUs take: the reference
+    /// the engine is tested against.
+    pub fn set_cpu_engine(&mut self, on: bool) -> Result<()> {
+        self.backend.place(&Self::spec(&self.config, &self.optimizer, &self.finetune, on), &self.device(), self.precision)?;
+        self.cpu_engine = on;
+        Ok(())
+    }
+
+    /// Each parameter's learning-rate multiplier (layer-wise decay), by name.
+    pub fn lr_scales(&self) -> Vec<(String, f64)> {
+        self.backend.lr_scales()
+    }
+
+    fn place(&mut self, device: &Device, precision: Precision) -> Result<()> {
+        self.backend.place(&Self::spec(&self.config, &self.optimizer, &self.finetune, self.cpu_engine), device, precision)?;
+        self.precision = precision;
         Ok(())
     }
 
@@ -192,7 +228,7 @@ impl ClassifierTrainer {
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         let mut trainer =
             Self::build(config, optimizer.config.clone(), finetune, ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
-        optimizer.restore_into(&mut trainer.optimizer).map_err(in_file)?;
+        trainer.backend.restore_optimizer(optimizer.moments, optimizer.step).map_err(in_file)?;
         trainer.train_state = train_state;
         Ok(trainer)
     }
@@ -203,31 +239,54 @@ impl ClassifierTrainer {
             ("config", self.config.to_json()),
             ("finetune", serde_json::to_string(&self.finetune).expect("serialisable")),
         ];
-        save_trainer(path, &metadata, &self.vars, &self.optimizer, self.train_state.as_deref())
+        save_trainer(path, &metadata, &self.backend, self.train_state.as_deref())
     }
 
-    fn labels(&self, labels: &[i32], batch: usize) -> Result<Tensor> {
-        label_tensor(labels, batch, self.config.num_labels, &self.device)
+    /// Checks labels: one per image, each in [0, numLabels).
+    fn check_labels(&self, labels: &[i32], batch: usize) -> Result<Vec<u32>> {
+        let num_labels = self.config.num_labels;
+        if labels.len() != batch {
+            return Err(Error::Input(format!("labels: expected {batch} values (one per image), got {}", labels.len())));
+        }
+        if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= num_labels) {
+            return Err(Error::Input(format!("labels: label {} at index {i} is out of range [0, {num_labels})", labels[i])));
+        }
+        Ok(labels.iter().map(|&l| l as u32).collect())
     }
 
     pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
-        let pixels = image_tensor(&self.config.model, pixels, &self.device, self.precision)?;
-        let labels = self.labels(labels, pixels.dim(0)?)?;
-        let mut rng = SplitMix64::new(seed);
-        let logits = self.model.forward(&pixels, Some(&mut rng))?;
-        let (loss, accuracy) = classification_loss(&logits, &labels, self.finetune.label_smoothing)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(Error::Numeric(format!("loss is {loss_value}: the update was skipped")));
-        }
-        let grad_norm = self.optimizer.step(&loss.backward()?, lr)?;
-        Ok(ClassifierStepMetrics { loss: loss_value, accuracy, grad_norm })
+        let b = check_pixels(&self.config.model, pixels)?;
+        let labels = self.check_labels(labels, b)?;
+        let smoothing = self.finetune.label_smoothing;
+        let (loss, accuracy, grad_norm) = match &mut self.backend {
+            Backend::Engine(e) => {
+                let out = e.engine.loss_and_grads(pixels, None, &labels, smoothing, seed)?;
+                finite_loss(out.loss)?;
+                let norm = e.optimizer.update(&mut e.engine.params, &e.engine.grads, lr)?;
+                (out.loss, out.hits as f64 / out.rows as f64, norm)
+            }
+            Backend::Candle(c) => {
+                let pixels = image_tensor(&self.config.model, pixels, &c.device, self.precision)?;
+                let labels = Tensor::from_vec(labels, b, &c.device)?;
+                let logits = c.model.forward(&pixels, Some(&mut SplitMix64::new(seed)))?;
+                let (loss, accuracy) = classification_loss(&logits, &labels, smoothing)?;
+                let loss_value = finite_loss(loss.to_scalar::<f32>()? as f64)?;
+                (loss_value, accuracy, c.optimizer.step(&loss.backward()?, lr)?)
+            }
+        };
+        Ok(ClassifierStepMetrics { loss, accuracy, grad_norm })
     }
 
     /// Class logits [B, K] row-major (no stochastic depth).
-    pub fn predict(&self, pixels: &[f32]) -> Result<Vec<f32>> {
-        let pixels = image_tensor(&self.config.model, pixels, &self.device, self.precision)?;
-        Ok(f32_values(&self.model.forward(&pixels, None)?)?)
+    pub fn predict(&mut self, pixels: &[f32]) -> Result<Vec<f32>> {
+        check_pixels(&self.config.model, pixels)?;
+        match &mut self.backend {
+            Backend::Engine(e) => e.engine.logits(pixels, None),
+            Backend::Candle(c) => {
+                let pixels = image_tensor(&self.config.model, pixels, &c.device, self.precision)?;
+                f32_values(&c.model.forward(&pixels, None)?)
+            }
+        }
     }
 }
 

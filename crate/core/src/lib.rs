@@ -1,12 +1,14 @@
 //! beit-core: BEiT models, differentiable fused ops, AdamW and checkpoints on candle.
 //! No Node dependency: everything here is tested with `cargo test`.
 
+mod backend;
 pub mod checkpoint;
 pub mod classify;
 pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod hf;
 pub mod images;

@@ -76,13 +76,40 @@ struct OptimizerMeta {
 pub struct SavedOptimizer {
     pub config: AdamWConfig,
     pub step: u64,
-    moments: HashMap<String, Tensor>,
+    pub moments: HashMap<String, Tensor>,
 }
 
-impl SavedOptimizer {
-    pub fn restore_into(self, optimizer: &mut AdamW) -> Result<()> {
-        optimizer.restore(self.moments, self.step)
+/// The moment `kind` ("exp_avg" or "exp_avg_sq") of parameter `name`, taken out of
+/// `moments` (a checkpoint's `optimizer.*` tensors), as f32 of `shape`.
+pub fn take_moment(moments: &mut HashMap<String, Tensor>, kind: &str, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let key = format!("{kind}.{name}");
+    let t = moments.remove(&key).ok_or_else(|| Error::Checkpoint(format!("missing optimizer tensor {key}")))?;
+    if t.dims() != shape {
+        return Err(Error::Checkpoint(format!("optimizer tensor {key} has shape {:?}, expected {shape:?}", t.dims())));
     }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// An error naming a checkpoint moment no parameter took.
+pub fn reject_unused(moments: &HashMap<String, Tensor>) -> Result<()> {
+    match moments.keys().min() {
+        Some(extra) => Err(Error::Checkpoint(format!("unexpected optimizer tensor {extra}"))),
+        None => Ok(()),
+    }
+}
+
+/// Adds an optimizer to a checkpoint: its moments `state` (from `state_tensors`) as
+/// `optimizer.*` tensors, settings and step in the "optimizer" metadata entry.
+pub fn write_checkpoint(
+    config: &AdamWConfig,
+    step: u64,
+    state: Vec<(String, Tensor)>,
+    tensors: &mut Vec<(String, Tensor)>,
+    metadata: &mut HashMap<String, String>,
+) {
+    tensors.extend(state.into_iter().map(|(name, t)| (format!("{CHECKPOINT_PREFIX}{name}"), t)));
+    let meta = OptimizerMeta { config: config.clone(), step };
+    metadata.insert("optimizer".into(), serde_json::to_string(&meta).expect("serialisable"));
 }
 
 pub struct ParamState {
@@ -145,18 +172,8 @@ impl AdamW {
         }
     }
 
-    /// Adds the optimizer to a checkpoint: moments as `optimizer.*` tensors, settings and step
-    /// in the "optimizer" metadata entry.
-    pub fn write_checkpoint(&self, tensors: &mut Vec<(String, Tensor)>, metadata: &mut HashMap<String, String>) {
-        for (name, t) in self.state_tensors() {
-            tensors.push((format!("{CHECKPOINT_PREFIX}{name}"), t));
-        }
-        let meta = OptimizerMeta { config: self.config.clone(), step: self.step };
-        metadata.insert("optimizer".into(), serde_json::to_string(&meta).expect("serialisable"));
-    }
-
-    /// The optimizer part of a checkpoint written by [`AdamW::write_checkpoint`] (its tensors
-    /// are taken out of `file`).
+    /// The optimizer part of a checkpoint written by [`write_checkpoint`] (its tensors are
+    /// taken out of `file`).
     pub fn read_checkpoint(file: &mut Loaded, path: &Path) -> Result<SavedOptimizer> {
         let meta: OptimizerMeta = serde_json::from_str(file.meta("optimizer", path)?)
             .map_err(|e| Error::Checkpoint(format!("{}: bad optimizer metadata: {e}", path.display())))?;
@@ -178,26 +195,13 @@ impl AdamW {
 
     /// Restores moments written by [`AdamW::state_tensors`]; every one must be present with
     /// the parameter's shape, and no other may be.
-    pub fn restore(&mut self, mut moments: std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn restore(&mut self, mut moments: HashMap<String, Tensor>, step: u64) -> Result<()> {
         for p in &mut self.params {
             for (kind, slot) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
-                let key = format!("{kind}.{}", p.name);
-                let t = moments
-                    .remove(&key)
-                    .ok_or_else(|| Error::Checkpoint(format!("missing optimizer tensor {key}")))?;
-                if t.shape() != slot.shape() {
-                    return Err(Error::Checkpoint(format!(
-                        "optimizer tensor {key} has shape {:?}, expected {:?}",
-                        t.dims(),
-                        slot.dims()
-                    )));
-                }
-                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+                *slot = take_moment(&mut moments, kind, &p.name, slot.dims())?.to_device(slot.device())?;
             }
         }
-        if let Some(extra) = moments.keys().next() {
-            return Err(Error::Checkpoint(format!("unexpected optimizer tensor {extra}")));
-        }
+        reject_unused(&moments)?;
         self.step = step;
         Ok(())
     }

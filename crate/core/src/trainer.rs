@@ -5,14 +5,16 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backend::{Backend, ModelSpec};
 use crate::checkpoint;
 use crate::config::{BeitConfig, Pooling};
 use crate::device::Precision;
-use crate::hf::{self, HfCheckpoint, HfLayout};
+use crate::engine::Head;
 use crate::error::{Error, Result};
+use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{rebuild_on, NamedVars, ParamStore};
+use crate::optim::{self, AdamW, AdamWConfig};
+use crate::params::ParamStore;
 use crate::rng::SplitMix64;
 
 const FORMAT: &str = "beit-mim/1";
@@ -22,13 +24,12 @@ const TRAIN_STATE_KEY: &str = "trainState";
 
 pub struct MimTrainer {
     pub config: BeitConfig,
-    pub model: BeitForMaskedImageModeling,
-    pub vars: NamedVars,
-    pub optimizer: AdamW,
     /// Opaque JSON from the caller, saved and loaded with the checkpoint.
     pub train_state: Option<String>,
-    device: Device,
+    optimizer: AdamWConfig,
+    backend: Backend<BeitForMaskedImageModeling>,
     precision: Precision,
+    cpu_engine: bool,
 }
 
 /// One batch for the MIM objective, as flat row-major buffers.
@@ -57,40 +58,35 @@ pub struct Predictions {
     pub num_masked: usize,
 }
 
-/// Validated tensors of a batch.
-struct BatchTensors {
-    pixels: Tensor,
-    mask: Tensor,
-    positions: Tensor,
-    targets: Option<Tensor>,
-    num_masked: usize,
-}
-
 impl MimTrainer {
     pub fn new(config: BeitConfig, optim: AdamWConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         Self::build(config, optim, ParamStore::initialise(seed))
     }
 
-    fn build(config: BeitConfig, optim: AdamWConfig, store: ParamStore) -> Result<Self> {
-        let device = Device::Cpu;
-        let (model, vars) =
-            store.build(DType::F32, &device, |vb| BeitForMaskedImageModeling::new(&config, vb))?;
-        let optimizer = AdamW::new(optim, &vars)?;
-        Ok(Self { config, model, vars, optimizer, train_state: None, device, precision: Precision::F32 })
+    fn spec<'a>(config: &'a BeitConfig, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, BeitForMaskedImageModeling> {
+        ModelSpec {
+            config,
+            head: Head::MaskedImageModeling,
+            new: Box::new(move |vb| BeitForMaskedImageModeling::new(config, vb)),
+            lr_scale: Box::new(|_| 1.0),
+            optimizer: optimizer.clone(),
+            cpu_engine,
+        }
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    fn build(config: BeitConfig, optimizer: AdamWConfig, store: ParamStore) -> Result<Self> {
+        let backend = Backend::build(&Self::spec(&config, &optimizer, true), store, &Device::Cpu, Precision::F32)?;
+        Ok(Self { config, train_state: None, optimizer, backend, precision: Precision::F32, cpu_engine: true })
+    }
+
+    pub fn device(&self) -> Device {
+        self.backend.device()
     }
 
     /// Moves the weights and the optimizer state to `device`; later steps run there.
     pub fn to_device(&mut self, device: &Device) -> Result<()> {
-        let config = &self.config;
-        let (model, vars) = rebuild_on(&self.vars, device, |vb| BeitForMaskedImageModeling::new(config, vb))?;
-        self.optimizer.move_to(&vars, device)?;
-        (self.model, self.vars, self.device) = (model, vars, device.clone());
-        Ok(())
+        self.place(device, self.precision)
     }
 
     pub fn precision(&self) -> Precision {
@@ -98,12 +94,39 @@ impl MimTrainer {
     }
 
     /// Sets the activation precision of later steps and predictions (weights stay f32).
-    pub fn set_precision(&mut self, precision: Precision) {
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.place(&self.device(), precision)
+    }
+
+    /// On by default. Off, the CPU runs candle's autograd, the path GPUs take: the reference
+    /// the engine is tested against.
+    pub fn set_cpu_engine(&mut self, on: bool) -> Result<()> {
+        self.backend.place(&Self::spec(&self.config, &self.optimizer, on), &self.device(), self.precision)?;
+        self.cpu_engine = on;
+        Ok(())
+    }
+
+    fn place(&mut self, device: &Device, precision: Precision) -> Result<()> {
+        self.backend.place(&Self::spec(&self.config, &self.optimizer, self.cpu_engine), device, precision)?;
         self.precision = precision;
+        Ok(())
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+        self.backend.num_parameters()
+    }
+
+    pub fn optimizer_step(&self) -> u64 {
+        self.backend.optimizer_step()
+    }
+
+    pub fn optimizer_config(&self) -> &AdamWConfig {
+        &self.optimizer
+    }
+
+    /// The parameters (Hugging Face names, creation order), wherever the model runs.
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.backend.weights()
     }
 
     /// Loads a checkpoint. With `expected`, the file's tensors must fit that config (an error
@@ -118,9 +141,8 @@ impl MimTrainer {
         let optimizer = AdamW::read_checkpoint(&mut file, path)?;
         let train_state = take_train_state(&mut file);
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        let mut trainer =
-            Self::build(config, optimizer.config.clone(), ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
-        optimizer.restore_into(&mut trainer.optimizer).map_err(in_file)?;
+        let mut trainer = Self::build(config, optimizer.config.clone(), ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
+        trainer.backend.restore_optimizer(optimizer.moments, optimizer.step).map_err(in_file)?;
         trainer.train_state = train_state;
         Ok(trainer)
     }
@@ -140,31 +162,36 @@ impl MimTrainer {
 
     /// Writes a transformers `BeitForMaskedImageModeling` folder.
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
-        let tensors: Vec<_> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        hf::write(dir, HfLayout::MaskedImageModeling, &self.config, Pooling::Mean, &[], &tensors)
+        hf::write(dir, HfLayout::MaskedImageModeling, &self.config, Pooling::Mean, &[], &self.weights()?)
     }
 
     /// Writes weights, config, optimizer state and `train_state` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let metadata = [("format", FORMAT.to_string()), ("config", self.config.to_json())];
-        save_trainer(path, &metadata, &self.vars, &self.optimizer, self.train_state.as_deref())
+        save_trainer(path, &metadata, &self.backend, self.train_state.as_deref())
     }
 
     /// Linear-probe features ([CLS] and mean patch token of layer `layer`), [B, 2D] row-major.
-    pub fn probe_features(&self, pixels: &[f32], layer: usize) -> Result<Vec<f32>> {
+    pub fn probe_features(&mut self, pixels: &[f32], layer: usize) -> Result<Vec<f32>> {
         let cfg = &self.config;
         if layer > cfg.num_hidden_layers {
             return Err(Error::Input(format!("layer {layer} does not exist: the model has {} layers (0 = embeddings)", cfg.num_hidden_layers)));
         }
-        let pixels = image_tensor(cfg, pixels, &self.device, self.precision)?;
-        Ok(f32_values(&self.model.backbone().probe_features(&pixels, layer)?)?)
+        check_pixels(cfg, pixels)?;
+        match &mut self.backend {
+            Backend::Engine(e) => e.engine.probe_features(pixels, layer),
+            Backend::Candle(c) => {
+                let pixels = image_tensor(cfg, pixels, &c.device, self.precision)?;
+                f32_values(&c.model.backbone().probe_features(&pixels, layer)?)
+            }
+        }
     }
 
-    fn batch_tensors(&self, pixels: &[f32], mask: &[u8], targets: Option<&[i32]>) -> Result<BatchTensors> {
+    /// Checks a batch: returns its size and the target ids of the masked patches, in order.
+    fn check_batch(&self, pixels: &[f32], mask: &[u8], targets: Option<&[i32]>) -> Result<(usize, Vec<u32>)> {
         let cfg = &self.config;
         let n = cfg.num_patches();
-        let pixels = image_tensor(cfg, pixels, &self.device, self.precision)?;
-        let b = pixels.dim(0)?;
+        let b = check_pixels(cfg, pixels)?;
         if mask.len() != b * n {
             return Err(Error::Input(format!(
                 "mask: expected {} values (B*N = {b}*{n}), got {}",
@@ -175,91 +202,104 @@ impl MimTrainer {
         if let Some(i) = mask.iter().position(|&m| m > 1) {
             return Err(Error::Input(format!("mask: values must be 0 or 1, got {} at index {i}", mask[i])));
         }
-        let (mask_weights, positions) = mask_tensors(mask, b, n, &self.device)?;
-        let num_masked = positions.elem_count();
-        if num_masked == 0 {
+        if !mask.contains(&1) {
             return Err(Error::Input(
                 "mask: no patch of the batch is masked; the MIM loss needs at least one masked patch".into(),
             ));
         }
-        let targets = match targets {
-            None => None,
-            Some(t) => {
-                if t.len() != b * n {
-                    return Err(Error::Input(format!(
-                        "targets: expected {} values (B*N = {b}*{n}), got {}",
-                        b * n,
-                        t.len()
-                    )));
-                }
-                let v = cfg.vocab_size;
-                let mut ids = Vec::with_capacity(num_masked);
-                for (i, (&m, &id)) in mask.iter().zip(t).enumerate() {
-                    if m == 0 {
-                        continue;
-                    }
-                    if id < 0 || id as usize >= v {
-                        return Err(Error::Input(format!(
-                            "targets: token id {id} at index {i} is out of range [0, {v})"
-                        )));
-                    }
-                    ids.push(id as u32);
-                }
-                Some(Tensor::from_vec(ids, num_masked, &self.device)?)
+        let mut ids = Vec::new();
+        if let Some(t) = targets {
+            if t.len() != b * n {
+                return Err(Error::Input(format!(
+                    "targets: expected {} values (B*N = {b}*{n}), got {}",
+                    b * n,
+                    t.len()
+                )));
             }
-        };
-        Ok(BatchTensors {
-            pixels,
-            mask: mask_weights,
-            positions,
-            targets,
-            num_masked,
-        })
+            let v = cfg.vocab_size;
+            for (i, (&m, &id)) in mask.iter().zip(t).enumerate() {
+                if m == 0 {
+                    continue;
+                }
+                if id < 0 || id as usize >= v {
+                    return Err(Error::Input(format!("targets: token id {id} at index {i} is out of range [0, {v})")));
+                }
+                ids.push(id as u32);
+            }
+        }
+        Ok((b, ids))
     }
 
     /// One optimisation step; `seed` drives stochastic depth so a step can be replayed.
     pub fn train_step(&mut self, batch: &MimBatch, lr: f64, seed: u64) -> Result<StepMetrics> {
-        let t = self.batch_tensors(batch.pixels, batch.mask, Some(batch.targets))?;
-        let targets = t.targets.expect("targets were given");
-        let mut rng = SplitMix64::new(seed);
-        let hidden = self.model.hidden_states(&t.pixels, Some(&t.mask), Some(&mut rng))?;
-        let logits = self.model.logits_at(&hidden, &t.positions)?;
-        let (loss, mlm_acc) = masked_loss(&logits, &targets)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(Error::Numeric(format!("loss is {loss_value}: the update was skipped")));
-        }
-        let grads = loss.backward()?;
-        let grad_norm = self.optimizer.step(&grads, lr)?;
-        Ok(StepMetrics { loss: loss_value, mlm_acc, grad_norm, num_masked: t.num_masked })
+        let (b, ids) = self.check_batch(batch.pixels, batch.mask, Some(batch.targets))?;
+        let num_masked = ids.len();
+        let (loss, mlm_acc, grad_norm) = match &mut self.backend {
+            Backend::Engine(e) => {
+                let out = e.engine.loss_and_grads(batch.pixels, Some(batch.mask), &ids, 0.0, seed)?;
+                finite_loss(out.loss)?;
+                let norm = e.optimizer.update(&mut e.engine.params, &e.engine.grads, lr)?;
+                (out.loss, out.hits as f64 / out.rows as f64, norm)
+            }
+            Backend::Candle(c) => {
+                let n = self.config.num_patches();
+                let pixels = image_tensor(&self.config, batch.pixels, &c.device, self.precision)?;
+                let (mask, positions) = mask_tensors(batch.mask, b, n, &c.device)?;
+                let targets = Tensor::from_vec(ids, num_masked, &c.device)?;
+                let mut rng = SplitMix64::new(seed);
+                let hidden = c.model.hidden_states(&pixels, Some(&mask), Some(&mut rng))?;
+                let logits = c.model.logits_at(&hidden, &positions)?;
+                let (loss, mlm_acc) = masked_loss(&logits, &targets)?;
+                let loss_value = finite_loss(loss.to_scalar::<f32>()? as f64)?;
+                let grads = loss.backward()?;
+                (loss_value, mlm_acc, c.optimizer.step(&grads, lr)?)
+            }
+        };
+        Ok(StepMetrics { loss, mlm_acc, grad_norm, num_masked })
     }
 
     /// Evaluation forward pass (no stochastic depth): logits and argmax ids at masked patches.
-    pub fn predict(&self, pixels: &[f32], mask: &[u8]) -> Result<Predictions> {
-        let t = self.batch_tensors(pixels, mask, None)?;
-        let hidden = self.model.hidden_states(&t.pixels, Some(&t.mask), None)?;
-        let logits = self.model.logits_at(&hidden, &t.positions)?;
-        let ids = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|i| i as i32).collect();
-        Ok(Predictions {
-            logits: f32_values(&logits)?,
-            ids,
-            num_masked: t.num_masked,
-        })
+    pub fn predict(&mut self, pixels: &[f32], mask: &[u8]) -> Result<Predictions> {
+        let (b, _) = self.check_batch(pixels, mask, None)?;
+        let v = self.config.vocab_size;
+        let logits = match &mut self.backend {
+            Backend::Engine(e) => e.engine.logits(pixels, Some(mask))?,
+            Backend::Candle(c) => {
+                let px = image_tensor(&self.config, pixels, &c.device, self.precision)?;
+                let (mask, positions) = mask_tensors(mask, b, self.config.num_patches(), &c.device)?;
+                let hidden = c.model.hidden_states(&px, Some(&mask), None)?;
+                f32_values(&c.model.logits_at(&hidden, &positions)?)?
+            }
+        };
+        let ids = argmax_rows(&logits, v);
+        let num_masked = ids.len();
+        Ok(Predictions { logits, ids, num_masked })
     }
+}
+
+/// The loss, or the error of a non-finite one (the update is then skipped).
+pub(crate) fn finite_loss(loss: f64) -> Result<f64> {
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(Error::Numeric(format!("loss is {loss}: the update was skipped")))
+    }
+}
+
+/// Index of the first largest value of each row of `width`.
+pub(crate) fn argmax_rows(values: &[f32], width: usize) -> Vec<i32> {
+    values
+        .chunks_exact(width)
+        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as i32)
+        .collect()
 }
 
 /// Checkpoint of a model with its optimizer: weights, `optimizer.*` moments, and metadata
 /// (format, config, optimizer settings, optional training state), written atomically.
-pub(crate) fn save_trainer(
-    path: &Path,
-    metadata: &[(&str, String)],
-    vars: &NamedVars,
-    optimizer: &AdamW,
-    train_state: Option<&str>,
-) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+pub(crate) fn save_trainer<M>(path: &Path, metadata: &[(&str, String)], backend: &Backend<M>, train_state: Option<&str>) -> Result<()> {
+    let mut tensors = backend.weights()?;
     let mut metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    optimizer.write_checkpoint(&mut tensors, &mut metadata);
+    optim::write_checkpoint(backend.optimizer_config(), backend.optimizer_step(), backend.optimizer_state()?, &mut tensors, &mut metadata);
     if let Some(state) = train_state {
         metadata.insert(TRAIN_STATE_KEY.to_string(), state.to_string());
     }
@@ -270,14 +310,13 @@ pub(crate) fn take_train_state(file: &mut checkpoint::Loaded) -> Option<String> 
     file.metadata.remove(TRAIN_STATE_KEY)
 }
 
-/// [B, C, H, W] pixels for a model of `cfg`, checked for length and finiteness.
 /// All values of `t`, flattened, as f32 (activations may be bf16).
 pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// Pixels [B, C, H, W] on `device` in the activation dtype of `precision`, checked.
-pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device, precision: Precision) -> Result<Tensor> {
+/// Checks [B, C, H, W] pixels for a model of `cfg` (length, finiteness); returns B.
+pub(crate) fn check_pixels(cfg: &BeitConfig, pixels: &[f32]) -> Result<usize> {
     let [h, w] = cfg.image_size;
     let per_image = cfg.num_channels * h * w;
     if pixels.is_empty() || pixels.len() % per_image != 0 {
@@ -290,6 +329,12 @@ pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device, pr
     if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
         return Err(Error::Input(format!("pixels: value {} at index {i} is not finite", pixels[i])));
     }
-    let shape = (pixels.len() / per_image, cfg.num_channels, h, w);
-    Ok(Tensor::from_slice(pixels, shape, device)?.to_dtype(precision.dtype())?)
+    Ok(pixels.len() / per_image)
+}
+
+/// Pixels [B, C, H, W] on `device` in the activation dtype of `precision`, checked.
+pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device, precision: Precision) -> Result<Tensor> {
+    let b = check_pixels(cfg, pixels)?;
+    let [h, w] = cfg.image_size;
+    Ok(Tensor::from_slice(pixels, (b, cfg.num_channels, h, w), device)?.to_dtype(precision.dtype())?)
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use beit_core::config::Pooling;
 use beit_core::dvae::map_pixels;
 use beit_core::hf::{self, HfLayout};
+use beit_core::model::{BeitForImageClassification, BeitForMaskedImageModeling};
 use beit_core::optim::AdamWConfig;
+use beit_core::params::ParamStore;
 use beit_core::{ClassifierTrainer, FinetuneOptions, MimTrainer, TokenizerTrainer};
 use candle_core::{Device, Tensor};
 
@@ -50,19 +52,25 @@ fn masked_rows(logits: &Tensor, mask: &[u8]) -> Vec<f32> {
     out
 }
 
+/// The candle model (the GPU path) with a trainer's weights, for the hidden states.
+fn candle_model<M>(weights: Vec<(String, Tensor)>, new: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<M>) -> M {
+    ParamStore::from_tensors(weights.into_iter().collect()).build(candle_core::DType::F32, &Device::Cpu, new).unwrap().0
+}
+
 fn mim_parity(name: &str, image_size: Option<[usize; 2]>) -> MimTrainer {
     let dir = fixture(&format!("hf/{name}"));
     let io = read_io(&dir);
     let ckpt = hf::read(&dir, image_size).unwrap();
     assert_eq!(ckpt.layout, HfLayout::MaskedImageModeling);
-    let model = MimTrainer::from_hf(ckpt, AdamWConfig::default()).unwrap();
+    let mut model = MimTrainer::from_hf(ckpt, AdamWConfig::default()).unwrap();
     let pixels = &io["pixel_values"];
     let mask: Vec<u8> = io["bool_masked_pos"].flatten_all().unwrap().to_vec1().unwrap();
     let predictions = model.predict(&values(pixels), &mask).unwrap();
     assert_close(&format!("{name} logits"), &predictions.logits, &masked_rows(&io["logits"], &mask));
     let (b, n) = io["bool_masked_pos"].dims2().unwrap();
     let mask_t = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b, n), &Device::Cpu).unwrap();
-    let hidden = model.model.backbone().forward(pixels, Some(&mask_t), None).unwrap();
+    let reference = candle_model(model.weights().unwrap(), |vb| BeitForMaskedImageModeling::new(&model.config, vb));
+    let hidden = reference.backbone().forward(pixels, Some(&mask_t), None).unwrap();
     assert_close(&format!("{name} last hidden state"), &values(&hidden), &values(&io["last_hidden_state"]));
     model
 }
@@ -91,10 +99,11 @@ fn classifier_parity(name: &str) -> ClassifierTrainer {
     let io = read_io(&dir);
     let ckpt = hf::read(&dir, None).unwrap();
     assert_eq!(ckpt.layout, HfLayout::ImageClassification);
-    let model = ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+    let mut model = ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
     let pixels = &io["pixel_values"];
     assert_close(&format!("{name} logits"), &model.predict(&values(pixels)).unwrap(), &values(&io["logits"]));
-    let hidden = model.model.backbone().forward(pixels, None, None).unwrap();
+    let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
+    let hidden = reference.backbone().forward(pixels, None, None).unwrap();
     assert_close(&format!("{name} last hidden state"), &values(&hidden), &values(&io["last_hidden_state"]));
     model
 }
@@ -120,11 +129,12 @@ fn bare_beit_model_imports_under_a_new_head() {
     assert_eq!(ckpt.layout, HfLayout::Model);
     let no_labels = ClassifierTrainer::from_hf(hf::read(&dir, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 0);
     assert!(no_labels.err().unwrap().to_string().contains("numLabels is required"));
-    let model = ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+    let mut model = ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
     let pixels = &io["pixel_values"];
-    let pooled = model.model.pooled(pixels, None).unwrap();
+    let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
+    let pooled = reference.pooled(pixels, None).unwrap();
     assert_close("model-pooler pooler_output", &values(&pooled), &values(&io["pooler_output"]));
-    let hidden = model.model.backbone().forward(pixels, None, None).unwrap();
+    let hidden = reference.backbone().forward(pixels, None, None).unwrap();
     assert_close("model-pooler last hidden state", &values(&hidden), &values(&io["last_hidden_state"]));
     assert_eq!(model.predict(&values(pixels)).unwrap().len(), 2 * 4);
 }
@@ -141,7 +151,7 @@ fn export_then_import_round_trips_mim_and_classifier() {
     let io = read_io(&dir);
     let mask: Vec<u8> = io["bool_masked_pos"].flatten_all().unwrap().to_vec1().unwrap();
     let pixels = values(&io["pixel_values"]);
-    let model = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).unwrap();
+    let mut model = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).unwrap();
     let out = temp_dir("mim");
     model.export_hf(&out).unwrap();
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -149,7 +159,7 @@ fn export_then_import_round_trips_mim_and_classifier() {
     assert_eq!(config["use_mask_token"], true);
     assert_eq!(config["use_shared_relative_position_bias"], true);
     assert_eq!(config["layer_norm_eps"], 1e-6);
-    let again = MimTrainer::from_hf(hf::read(&out, None).unwrap(), AdamWConfig::default()).unwrap();
+    let mut again = MimTrainer::from_hf(hf::read(&out, None).unwrap(), AdamWConfig::default()).unwrap();
     assert_eq!(again.config, model.config);
     assert_eq!(again.predict(&pixels, &mask).unwrap().logits, model.predict(&pixels, &mask).unwrap().logits);
     std::fs::remove_dir_all(&out).unwrap();
@@ -157,10 +167,10 @@ fn export_then_import_round_trips_mim_and_classifier() {
     for name in ["cls-token-abs", "cls-mean-nonsquare"] {
         let dir = fixture(&format!("hf/{name}"));
         let pixels = values(&read_io(&dir)["pixel_values"]);
-        let model = ClassifierTrainer::from_hf(hf::read(&dir, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+        let mut model = ClassifierTrainer::from_hf(hf::read(&dir, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
         let out = temp_dir(name);
         model.export_hf(&out).unwrap();
-        let again = ClassifierTrainer::from_hf(hf::read(&out, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 1).unwrap();
+        let mut again = ClassifierTrainer::from_hf(hf::read(&out, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 1).unwrap();
         assert_eq!(again.config, model.config, "{name}");
         assert_eq!(again.predict(&pixels).unwrap(), model.predict(&pixels).unwrap(), "{name}");
         std::fs::remove_dir_all(&out).unwrap();

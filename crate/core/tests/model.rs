@@ -1,5 +1,6 @@
 mod common;
 
+use beit_core::engine::{BeitEngine, Head};
 use beit_core::model::{relative_position_index, BeitForMaskedImageModeling};
 use beit_core::{AdamWConfig, BeitConfig, Error, MimTrainer};
 use candle_core::DType;
@@ -71,27 +72,36 @@ fn trainer(cfg: BeitConfig, seed: u64) -> MimTrainer {
     MimTrainer::new(cfg, AdamWConfig::default(), seed).unwrap()
 }
 
+/// At the reference initialisation, through both training paths: candle's autograd (the GPU
+/// path) and the CPU engine.
 #[test]
 fn every_trainable_tensor_receives_a_finite_nonzero_gradient() {
     for cfg in [
         BeitConfig { use_absolute_position_embeddings: true, drop_path_rate: 0.1, ..tiny_config() },
         BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() },
     ] {
-        let t = trainer(cfg.clone(), 3);
+        let (model, vars) = build(3, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
         let b = batch(&cfg, 3, 1);
         let px = candle_core::Tensor::from_slice(&b.pixels, (3, 1, 4, 6), &candle_core::Device::Cpu).unwrap();
         let (w, pos) = beit_core::model::mask_tensors(&b.mask, 3, cfg.num_patches(), &candle_core::Device::Cpu).unwrap();
-        let targets: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
-        let targets = candle_core::Tensor::new(targets.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let ids: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
+        let targets = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap();
         let mut rng = beit_core::rng::SplitMix64::new(5);
-        let hidden = t.model.hidden_states(&px, Some(&w), Some(&mut rng)).unwrap();
-        let (loss, _) = beit_core::model::masked_loss(&t.model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
+        let hidden = model.hidden_states(&px, Some(&w), Some(&mut rng)).unwrap();
+        let (loss, _) = beit_core::model::masked_loss(&model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
         let grads = loss.backward().unwrap();
-        for (name, var) in &t.vars {
+        let tensors: Vec<_> =
+            vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+        let mut engine = BeitEngine::new(&cfg, Head::MaskedImageModeling, &tensors).unwrap();
+        engine.loss_and_grads(&b.pixels, Some(&b.mask), &ids, 0.0, 5).unwrap();
+        for (name, var) in &vars {
             let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
-            assert!(v.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
+            let candle = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours = engine.layout().get(name).unwrap().slot.of(&engine.grads);
+            for (path, v) in [("candle", &candle[..]), ("engine", ours)] {
+                assert!(v.iter().all(|x| x.is_finite()), "{path}: {name}: non-finite gradient");
+                assert!(v.iter().any(|&x| x != 0.0), "{path}: {name}: all-zero gradient");
+            }
         }
     }
 }

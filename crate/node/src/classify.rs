@@ -115,7 +115,7 @@ impl NativeClassifier {
     /// Where the model runs: "cpu" or "cuda:N".
     #[napi(getter)]
     pub fn device(&self) -> Result<String> {
-        guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
+        guarded(|| Ok(beit_core::device::name(&lock(&self.inner)?.device())))
     }
 
     /// Activation precision of training and inference: "f32" or "bf16" (mixed precision:
@@ -128,7 +128,7 @@ impl NativeClassifier {
     #[napi(setter)]
     pub fn set_precision(&self, precision: String) -> Result<()> {
         guarded(|| {
-            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?);
+            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?)?;
             Ok(())
         })
     }
@@ -150,7 +150,7 @@ impl NativeClassifier {
 
     #[napi(getter)]
     pub fn optimizer_step(&self) -> Result<f64> {
-        guarded(|| Ok(lock(&self.inner)?.optimizer.step as f64))
+        guarded(|| Ok(lock(&self.inner)?.optimizer_step() as f64))
     }
 
     /// The caller's training state (JSON), saved with and loaded from checkpoints.

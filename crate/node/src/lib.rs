@@ -165,7 +165,7 @@ impl NativeMimModel {
     /// Where the model runs: "cpu" or "cuda:N".
     #[napi(getter)]
     pub fn device(&self) -> Result<String> {
-        guarded(|| Ok(beit_core::device::name(lock(&self.inner)?.device())))
+        guarded(|| Ok(beit_core::device::name(&lock(&self.inner)?.device())))
     }
 
     /// Activation precision of training and inference: "f32" or "bf16" (mixed precision:
@@ -178,7 +178,7 @@ impl NativeMimModel {
     #[napi(setter)]
     pub fn set_precision(&self, precision: String) -> Result<()> {
         guarded(|| {
-            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?);
+            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?)?;
             Ok(())
         })
     }
@@ -190,7 +190,7 @@ impl NativeMimModel {
 
     #[napi(getter)]
     pub fn optimizer_json(&self) -> Result<String> {
-        guarded(|| Ok(serde_json::to_string(&lock(&self.inner)?.optimizer.config).expect("serialisable")))
+        guarded(|| Ok(serde_json::to_string(&lock(&self.inner)?.optimizer_config()).expect("serialisable")))
     }
 
     #[napi(getter)]
@@ -201,7 +201,7 @@ impl NativeMimModel {
     /// Optimizer updates taken so far.
     #[napi(getter)]
     pub fn optimizer_step(&self) -> Result<f64> {
-        guarded(|| Ok(lock(&self.inner)?.optimizer.step as f64))
+        guarded(|| Ok(lock(&self.inner)?.optimizer_step() as f64))
     }
 
     /// Writes weights, config and optimizer state atomically.

@@ -1,0 +1,119 @@
+//! AdamW over the engine's flat buffers: one global gradient norm, clipping and the update
+//! of every parameter group in one pass each. Same settings, state and arithmetic as
+//! `optim::AdamW` (the candle path), whose checkpoint format it shares.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::optim::{is_decay_exempt, reject_unused, take_moment, AdamWConfig};
+
+use super::kernels::{adamw, sum_of_squares, AdamStep};
+use super::layout::{Layout, Slot};
+use super::simd::Real;
+
+struct Group {
+    name: String,
+    shape: Vec<usize>,
+    slot: Slot,
+    decay: bool,
+    lr_scale: f64,
+}
+
+pub struct FlatAdamW<T> {
+    pub config: AdamWConfig,
+    /// Updates taken (bias correction uses it).
+    pub step: u64,
+    pub exp_avg: Vec<T>,
+    pub exp_avg_sq: Vec<T>,
+    groups: Vec<Group>,
+}
+
+impl<T: Real> FlatAdamW<T> {
+    pub fn new(config: AdamWConfig, layout: &Layout) -> Result<Self> {
+        config.validate()?;
+        let groups = layout
+            .entries
+            .iter()
+            .map(|e| Group {
+                name: e.name.clone(),
+                shape: e.shape.clone(),
+                slot: e.slot,
+                decay: !is_decay_exempt(&e.name, e.shape.len()),
+                lr_scale: 1.0,
+            })
+            .collect();
+        Ok(Self { config, step: 0, exp_avg: vec![T::ZERO; layout.len], exp_avg_sq: vec![T::ZERO; layout.len], groups })
+    }
+
+    /// Sets each parameter's learning-rate multiplier (layer-wise decay) from its name.
+    pub fn set_lr_scales(&mut self, scale: &dyn Fn(&str) -> f64) {
+        for g in &mut self.groups {
+            g.lr_scale = scale(&g.name);
+        }
+    }
+
+    pub fn lr_scales(&self) -> Vec<(String, f64)> {
+        self.groups.iter().map(|g| (g.name.clone(), g.lr_scale)).collect()
+    }
+
+    /// One update at learning rate `lr`; returns the gradient norm before clipping. A
+    /// non-finite norm leaves everything untouched and is an error.
+    pub fn update(&mut self, params: &mut [T], grads: &[T], lr: f64) -> Result<f64> {
+        if !(lr >= 0.0 && lr.is_finite()) {
+            return Err(Error::Input(format!("lr must be a finite number >= 0, got {lr}")));
+        }
+        let norm = sum_of_squares(grads).sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Numeric(format!("gradient norm is {norm}: the update was skipped (parameters unchanged)")));
+        }
+        let c = &self.config;
+        let clip = c.clip_grad_norm;
+        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        self.step += 1;
+        let t = self.step as i32;
+        for g in &self.groups {
+            let h = AdamStep {
+                grad_scale,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                lr: lr * g.lr_scale,
+                weight_decay: if g.decay { c.weight_decay } else { 0.0 },
+                eps: c.eps,
+                bias_correction1: 1.0 - c.beta1.powi(t),
+                bias_correction2: 1.0 - c.beta2.powi(t),
+            };
+            adamw(g.slot.of_mut(params), g.slot.of(grads), g.slot.of_mut(&mut self.exp_avg), g.slot.of_mut(&mut self.exp_avg_sq), h);
+        }
+        Ok(norm)
+    }
+}
+
+impl FlatAdamW<f32> {
+    /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`), the format of
+    /// `optim::AdamW::state_tensors`.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.groups.len());
+        for g in &self.groups {
+            for (kind, buf) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+                out.push((format!("{kind}.{}", g.name), Tensor::from_slice(g.slot.of(buf), g.shape.as_slice(), &Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores moments in that format; every one must be present with the parameter's
+    /// shape, and no other may be.
+    pub fn restore(&mut self, mut moments: HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for g in &self.groups {
+            for (kind, buf) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
+                let t = take_moment(&mut moments, kind, &g.name, &g.shape)?;
+                g.slot.of_mut(buf).copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        reject_unused(&moments)?;
+        self.step = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! The CPU training engine against the candle model it stands in for (same loss, same
+//! gradient for every tensor, same logits and probe features) and against finite
+//! differences of its own loss, in f64 on tiny shapes.
+
+mod common;
+
+use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
+use beit_core::engine::{BeitEngine, Head};
+use beit_core::model::{self, BeitForImageClassification, BeitForMaskedImageModeling};
+use beit_core::params::NamedVars;
+use beit_core::rng::SplitMix64;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn engine(cfg: &BeitConfig, head: Head, vars: &NamedVars) -> BeitEngine<f64> {
+    let tensors: Vec<_> = vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), values(v.as_tensor()))).collect();
+    BeitEngine::new(cfg, head, &tensors).unwrap()
+}
+
+/// max |a - b| / max(max |b|, 1e-12)
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Every tensor's engine gradient against candle's, and non-zero.
+fn compare_grads(context: &str, eng: &BeitEngine<f64>, vars: &NamedVars, grads: &GradStore) {
+    for (name, var) in vars {
+        let reference = values(grads.get(var).unwrap_or_else(|| panic!("{context}{name}: candle gave no gradient")));
+        let slot = eng.layout().get(name).unwrap_or_else(|| panic!("{context}{name} missing from the engine")).slot;
+        let ours = slot.of(&eng.grads);
+        assert!(ours.iter().any(|&g| g != 0.0), "{context}{name}: the engine's gradient is all zero");
+        let err = rel_err(ours, &reference);
+        assert!(err < 1e-9, "{context}{name}: engine vs candle gradient error {err:e}");
+    }
+}
+
+/// Central differences of the engine's own loss at a few coordinates of every tensor.
+fn finite_differences(context: &str, eng: &mut BeitEngine<f64>, loss: &mut dyn FnMut(&mut BeitEngine<f64>) -> f64) {
+    let analytic = eng.grads.clone();
+    let entries = eng.layout().entries.clone();
+    // 1e-5: small gradients (the key weights') stay above the round-off of the difference.
+    let h = 1e-5;
+    for e in entries {
+        let stride = (e.slot.len / 4).max(1);
+        let mut worst = 0.0f64;
+        let mut scale = 1e-6f64;
+        for i in (0..e.slot.len).step_by(stride) {
+            let at = e.slot.offset + i;
+            let base = eng.params[at];
+            eng.params[at] = base + h;
+            let plus = loss(eng);
+            eng.params[at] = base - h;
+            let minus = loss(eng);
+            eng.params[at] = base;
+            let numeric = (plus - minus) / (2.0 * h);
+            worst = worst.max((numeric - analytic[at]).abs());
+            scale = scale.max(numeric.abs()).max(analytic[at].abs());
+        }
+        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", e.name, worst / scale);
+    }
+}
+
+fn mim_case(cfg: &BeitConfig, batch: usize, seed: u64) {
+    let context = format!("{cfg:?}: ");
+    let (mim, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(cfg, vb));
+    randomise(&vars, 70, 0.5);
+    let n = cfg.num_patches();
+    let mask: Vec<u8> = (0..batch * n).map(|i| (i % 3 == 0) as u8).collect();
+    let (weights, positions) = model::mask_tensors(&mask, batch, n, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..positions.elem_count() as u32).map(|i| (i * 5 + 1) % cfg.vocab_size as u32).collect();
+    let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    let [h, w] = cfg.image_size;
+    let pixels = random_tensor(&[batch, cfg.num_channels, h, w], 5, DType::F64);
+    let hidden = mim.hidden_states(&pixels, Some(&weights), Some(&mut SplitMix64::new(seed))).unwrap();
+    let logits = mim.logits_at(&hidden, &positions).unwrap();
+    let (loss, acc) = model::masked_loss(&logits, &targets).unwrap();
+    let grads = loss.backward().unwrap();
+
+    let mut eng = engine(cfg, Head::MaskedImageModeling, &vars);
+    let px = values(&pixels);
+    let out = eng.loss_and_grads(&px, Some(&mask), &ids, 0.0, seed).unwrap();
+    let reference = loss.to_scalar::<f64>().unwrap();
+    assert!((out.loss - reference).abs() < 1e-12 * reference.abs(), "{context}loss {} vs candle {reference}", out.loss);
+    assert_eq!(out.rows, ids.len());
+    assert!((out.hits as f64 / out.rows as f64 - acc).abs() < 1e-12);
+    compare_grads(&context, &eng, &vars, &grads);
+
+    // Evaluation: logits at the masked patches without stochastic depth.
+    let eval = mim.logits_at(&mim.hidden_states(&pixels, Some(&weights), None).unwrap(), &positions).unwrap();
+    let err = rel_err(&eng.logits(&px, Some(&mask)).unwrap(), &values(&eval));
+    assert!(err < 1e-12, "{context}eval logits error {err:e}");
+    for layer in [0, 1, cfg.num_hidden_layers] {
+        let reference = values(&mim.backbone().probe_features(&pixels, layer).unwrap());
+        let err = rel_err(&eng.probe_features(&px, layer).unwrap(), &reference);
+        assert!(err < 1e-12, "{context}probe features of layer {layer}: error {err:e}");
+    }
+
+    finite_differences(&context, &mut eng, &mut |e| e.loss_and_grads(&px, Some(&mask), &ids, 0.0, seed).unwrap().loss);
+}
+
+/// The MIM objective with absolute and shared relative positions, LayerScale and stochastic
+/// depth (rate 0.5 in the second block), and without any of them.
+#[test]
+fn mim_matches_candle_and_finite_differences() {
+    let full = BeitConfig { use_absolute_position_embeddings: true, drop_path_rate: 0.5, ..tiny_config() };
+    mim_case(&full, 3, 11);
+    let bare = BeitConfig {
+        layer_scale_init_value: 0.0,
+        use_shared_relative_position_bias: false,
+        num_attention_heads: 1,
+        ..tiny_config()
+    };
+    mim_case(&bare, 2, 0);
+}
+
+/// Fine-tuning: per-layer relative tables, mean and [CLS] pooling, label smoothing, drop path.
+#[test]
+fn classification_matches_candle_and_finite_differences() {
+    for (pooling, absolute) in [(Pooling::Mean, false), (Pooling::Cls, true)] {
+        let model_cfg = BeitConfig {
+            use_shared_relative_position_bias: false,
+            use_relative_position_bias: true,
+            use_absolute_position_embeddings: absolute,
+            drop_path_rate: 0.5,
+            ..tiny_config()
+        };
+        let context = format!("{pooling:?}: ");
+        let cfg = ClassifierConfig { model: model_cfg.clone(), num_labels: 3, pooling };
+        let (classifier, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
+        randomise(&vars, 90, 0.5);
+        let pixels = random_tensor(&[3, 1, 4, 6], 6, DType::F64);
+        let labels = [2u32, 0, 1];
+        let seed = 5;
+        let logits = classifier.forward(&pixels, Some(&mut SplitMix64::new(seed))).unwrap();
+        let (loss, _) = model::classification_loss(&logits, &Tensor::new(&labels, &Device::Cpu).unwrap(), 0.1).unwrap();
+        let grads = loss.backward().unwrap();
+
+        let mut eng = engine(&model_cfg, Head::Classification { num_labels: 3, pooling }, &vars);
+        let px = values(&pixels);
+        let out = eng.loss_and_grads(&px, None, &labels, 0.1, seed).unwrap();
+        let reference = loss.to_scalar::<f64>().unwrap();
+        assert!((out.loss - reference).abs() < 1e-12 * reference.abs(), "{context}loss {} vs candle {reference}", out.loss);
+        compare_grads(&context, &eng, &vars, &grads);
+        let err = rel_err(&eng.logits(&px, None).unwrap(), &values(&classifier.forward(&pixels, None).unwrap()));
+        assert!(err < 1e-12, "{context}eval logits error {err:e}");
+        finite_differences(&context, &mut eng, &mut |e| e.loss_and_grads(&px, None, &labels, 0.1, seed).unwrap().loss);
+    }
+}
+
+/// Inputs that do not fit are errors naming what was expected, never panics.
+#[test]
+fn bad_inputs_are_errors() {
+    let cfg = tiny_config();
+    let (_, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    let mut eng = engine(&cfg, Head::MaskedImageModeling, &vars);
+    let per = 24;
+    let mask = vec![1u8; 12];
+    let err = eng.loss_and_grads(&vec![0.0; per * 2 - 1], Some(&mask), &[0; 12], 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("multiple of 24"), "{err}");
+    let err = eng.loss_and_grads(&vec![0.0; per * 2], Some(&mask[..5]), &[0; 5], 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("mask: expected 12"), "{err}");
+    let err = eng.loss_and_grads(&vec![0.0; per * 2], Some(&mask), &[0; 3], 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("targets: expected 12"), "{err}");
+    let err = eng.probe_features(&vec![0.0; per], 3).unwrap_err().to_string();
+    assert!(err.contains("layer 3 does not exist"), "{err}");
+}
+
+/// f32 training on the engine follows candle's autograd (the GPU path) step for step: the same
+/// losses, gradient norms and weights up to float rounding, for MIM and for fine-tuning.
+#[test]
+fn training_on_the_engine_tracks_candle_autograd() {
+    let cfg = BeitConfig {
+        image_size: [16, 16],
+        patch_size: 4,
+        hidden_size: 32,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        vocab_size: 16,
+        drop_path_rate: 0.2,
+        ..tiny_config()
+    };
+    let b = batch(&cfg, 4, 2);
+    let close = |what: &str, a: f64, c: f64| assert!((a - c).abs() <= 1e-4 * c.abs().max(1e-3), "{what}: engine {a} vs candle {c}");
+    let weights_close = |what: &str, a: Vec<(String, Tensor)>, c: Vec<(String, Tensor)>| {
+        for ((name, x), (_, y)) in a.iter().zip(&c) {
+            let err = rel_err(&values(x), &values(y));
+            assert!(err < 1e-3, "{what}: {name} differs by {err:e} after training");
+        }
+    };
+    let mut engine = beit_core::MimTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
+    let mut candle = beit_core::MimTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
+    candle.set_cpu_engine(false).unwrap();
+    for step in 0..20 {
+        let (e, c) = (engine.train_step(&b.view(), 2e-3, step).unwrap(), candle.train_step(&b.view(), 2e-3, step).unwrap());
+        close(&format!("MIM step {step} loss"), e.loss, c.loss);
+        close(&format!("MIM step {step} gradient norm"), e.grad_norm, c.grad_norm);
+        assert_eq!(e.num_masked, c.num_masked);
+    }
+    weights_close("MIM", engine.weights().unwrap(), candle.weights().unwrap());
+
+    let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean };
+    let finetune = beit_core::FinetuneOptions { label_smoothing: 0.1, layer_decay: 0.75 };
+    let mut engine = beit_core::ClassifierTrainer::new(cls.clone(), Default::default(), finetune.clone(), 3).unwrap();
+    let mut candle = beit_core::ClassifierTrainer::new(cls, Default::default(), finetune, 3).unwrap();
+    candle.set_cpu_engine(false).unwrap();
+    let labels = [0, 2, 1, 2];
+    for step in 0..20 {
+        let e = engine.train_step(&b.pixels, &labels, 2e-3, step).unwrap();
+        let c = candle.train_step(&b.pixels, &labels, 2e-3, step).unwrap();
+        close(&format!("classifier step {step} loss"), e.loss, c.loss);
+        close(&format!("classifier step {step} gradient norm"), e.grad_norm, c.grad_norm);
+    }
+    weights_close("classifier", engine.weights().unwrap(), candle.weights().unwrap());
+}

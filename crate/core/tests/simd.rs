@@ -1,0 +1,52 @@
+//! The engine's run-time SIMD dispatch: every level computes the same bits (it changes speed,
+//! never numbers), and the vectorisable f32 math is accurate. Its own binary: the level is
+//! process-wide.
+
+mod common;
+
+use beit_core::engine::simd::{self, Level, Real};
+use beit_core::engine::{BeitEngine, Head};
+use beit_core::model::BeitForMaskedImageModeling;
+use beit_core::config::BeitConfig;
+use candle_core::DType;
+use common::*;
+
+#[test]
+fn every_level_gives_the_same_bits() {
+    let cfg = BeitConfig { hidden_size: 40, intermediate_size: 72, num_attention_heads: 2, drop_path_rate: 0.3, ..tiny_config() };
+    let (_, vars) = build(4, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    randomise(&vars, 8, 0.3);
+    let tensors: Vec<_> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    let b = batch(&cfg, 5, 3);
+    let ids: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(&m, _)| m != 0).map(|(_, &t)| t as u32).collect();
+    let run = |level: Level| {
+        simd::set_level(level);
+        let mut eng = BeitEngine::new(&cfg, Head::MaskedImageModeling, &tensors).unwrap();
+        let loss = eng.loss_and_grads(&b.pixels, Some(&b.mask), &ids, 0.0, 9).unwrap().loss;
+        (loss.to_bits(), eng.grads.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+    };
+    let best = run(Level::Avx512);
+    for level in [Level::Avx2, Level::Baseline] {
+        assert!(run(level) == best, "{level:?} differs from the best level");
+    }
+}
+
+#[test]
+fn f32_exp_and_normal_cdf_are_accurate() {
+    let mut worst_exp = 0.0f64;
+    let mut worst_cdf = 0.0f64;
+    for i in 0..=400_000 {
+        let x = -87.0 + 175.0 * i as f64 / 400_000.0;
+        let e = (x as f32).exp_v() as f64;
+        let reference = (x as f32 as f64).exp();
+        worst_exp = worst_exp.max((e - reference).abs() / reference);
+        let z = -12.0 + 24.0 * i as f64 / 400_000.0;
+        let cdf = (z as f32).normal_cdf() as f64;
+        worst_cdf = worst_cdf.max((cdf - (z as f32 as f64).normal_cdf()).abs());
+    }
+    assert!(worst_exp < 2.5e-7, "exp: relative error {worst_exp:e}");
+    assert!(worst_cdf < 3e-7, "normal cdf: absolute error {worst_cdf:e}");
+}
