@@ -11,6 +11,31 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** A BEiT backbone with a classification head and its AdamW state. */
 export declare class NativeClassifier {
+  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
+  /**
+   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
+   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
+   * it and trains and decodes in f32).
+   */
+  get precision(): string
+  set precision(precision: string)
+  /** The model's config (camelCase JSON). */
+  get configJson(): string
+  /** The model kind's training options (JSON; null for the MIM model). */
+  get optionsJson(): string
+  /** AdamW settings (JSON). */
+  get optimizerJson(): string
+  get numParameters(): number
+  /** Optimizer updates taken so far. */
+  get optimizerStep(): number
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
+  save(path: string): Promise<void>
   /**
    * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `finetuneJson`:
    * { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
@@ -28,24 +53,6 @@ export declare class NativeClassifier {
   exportHuggingFace(dir: string): Promise<void>
   /** Reads a checkpoint written by `save`. */
   static load(path: string): Promise<NativeClassifier>
-  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
-  toDevice(device: string): void
-  /** Where the model runs: "cpu" or "cuda:N". */
-  get device(): string
-  /**
-   * Activation precision of training and inference: "f32" or "bf16" (mixed precision:
-   * bf16 activations and matmuls, f32 weights, moments, reductions and loss).
-   */
-  get precision(): string
-  set precision(precision: string)
-  get configJson(): string
-  get finetuneJson(): string
-  get numParameters(): number
-  get optimizerStep(): number
-  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
-  get trainState(): string | null
-  set trainState(state: string | undefined | null)
-  save(path: string): Promise<void>
   /** One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth. */
   trainStep(pixels: Float32Array, labels: Int32Array, lr: number, seed: number): Promise<ClassifierMetrics>
   /** Class logits [B, numLabels]. */
@@ -83,6 +90,31 @@ export declare class NativeLinearProbe {
 
 /** A BEiT model with its MIM head and AdamW state. */
 export declare class NativeMimModel {
+  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
+  /**
+   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
+   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
+   * it and trains and decodes in f32).
+   */
+  get precision(): string
+  set precision(precision: string)
+  /** The model's config (camelCase JSON). */
+  get configJson(): string
+  /** The model kind's training options (JSON; null for the MIM model). */
+  get optionsJson(): string
+  /** AdamW settings (JSON). */
+  get optimizerJson(): string
+  get numParameters(): number
+  /** Optimizer updates taken so far. */
+  get optimizerStep(): number
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
+  save(path: string): Promise<void>
   /**
    * `configJson`: a full model config (camelCase, as `BeitConfig`); `optimizerJson`: AdamW
    * settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
@@ -100,28 +132,14 @@ export declare class NativeMimModel {
   static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeMimModel>
   /** Writes a transformers `BeitForMaskedImageModeling` folder. */
   exportHuggingFace(dir: string): Promise<void>
-  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
-  toDevice(device: string): void
-  /** Where the model runs: "cpu" or "cuda:N". */
-  get device(): string
-  /**
-   * Activation precision of training and inference: "f32" or "bf16" (mixed precision:
-   * bf16 activations and matmuls, f32 weights, moments, reductions and loss).
-   */
-  get precision(): string
-  set precision(precision: string)
-  get configJson(): string
-  get optimizerJson(): string
-  get numParameters(): number
-  /** Optimizer updates taken so far. */
-  get optimizerStep(): number
-  /** Writes weights, config and optimizer state atomically. */
-  save(path: string): Promise<void>
   /** One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth. */
   trainStep(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: number, seed: number): Promise<StepMetrics>
-  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
-  get trainState(): string | null
-  set trainState(state: string | undefined | null)
+  /**
+   * One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
+   * tokenizerHeight, tokenizerWidth] in [0, 1], the same crops) into the targets, which never
+   * come back to JS (nor leave the GPU).
+   */
+  pretrainStep(tokenizer: NativeTokenizer, pixels: Float32Array, tokenizerPixels: Float32Array, tokenizerHeight: number, tokenizerWidth: number, mask: Uint8Array, lr: number, seed: number): Promise<StepMetrics>
   /**
    * Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
    * [B, 2 * hiddenSize].
@@ -133,27 +151,37 @@ export declare class NativeMimModel {
 
 /** The dVAE visual tokenizer with its AdamW (and EMA) state. */
 export declare class NativeTokenizer {
+  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
+  /**
+   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
+   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
+   * it and trains and decodes in f32).
+   */
+  get precision(): string
+  set precision(precision: string)
+  /** The model's config (camelCase JSON). */
+  get configJson(): string
+  /** The model kind's training options (JSON; null for the MIM model). */
+  get optionsJson(): string
+  /** AdamW settings (JSON). */
+  get optimizerJson(): string
+  get numParameters(): number
+  /** Optimizer updates taken so far. */
+  get optimizerStep(): number
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
+  save(path: string): Promise<void>
   /**
    * `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
    * settings (missing fields take DALL-E's recipe).
    */
   static create(configJson: string, trainingJson: string, seed: number): NativeTokenizer
   static load(path: string): Promise<NativeTokenizer>
-  /** Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N". */
-  toDevice(device: string): void
-  /** Where the model runs: "cpu" or "cuda:N". */
-  get device(): string
-  /**
-   * Precision of `encode`: "f32" or "bf16" (MIM targets need only the argmax). The
-   * tokenizer's own training and decoding run in f32.
-   */
-  get precision(): string
-  set precision(precision: string)
-  get configJson(): string
-  get trainingJson(): string
-  get numParameters(): number
-  get optimizerStep(): number
-  save(path: string): Promise<void>
   /** One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise. */
   trainStep(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, lr: number, seed: number): Promise<TokenizerStepMetrics>
   /** Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1]. */
@@ -201,6 +229,11 @@ export interface StepMetrics {
   /** Global gradient norm before clipping. */
   gradNorm: number
   numMasked: number
+  /**
+   * Share of the most frequent target among the masked patches: the accuracy of always
+   * guessing it.
+   */
+  majorityBaseline: number
 }
 
 export interface TokenizerStepMetrics {

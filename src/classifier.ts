@@ -65,7 +65,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   private constructor(handle: NativeClassifier) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as ClassifierConfig
-    this.finetune = JSON.parse(handle.finetuneJson) as Required<FinetuneOptions>
+    this.finetune = JSON.parse(handle.optionsJson) as Required<FinetuneOptions>
     this.numParameters = handle.numParameters
   }
 

@@ -61,6 +61,11 @@ export function place<H extends NativePlaced>(handle: H, opts: DeviceOptions = {
 export abstract class Placed<Handle extends NativePlaced> {
   protected constructor(protected readonly handle: Handle) {}
 
+  /** @internal The native handle, for native calls that take two models (a pretraining step). */
+  nativeHandle(): Handle {
+    return this.handle
+  }
+
   /** Where it runs: 'cpu' or 'cuda:N'. */
   get device(): string {
     return this.handle.device

@@ -2,6 +2,7 @@ import { AdamWOptions, BeitConfig, ModelSpec, gridSize, resolveConfig } from './
 import { Checkpointed } from './checkpointed'
 import { DeviceOptions, place } from './device'
 import { native, NativeMimModel } from './native'
+import { Dvae } from './tokenizer'
 
 export interface CreateOptions extends DeviceOptions {
   optimizer?: AdamWOptions
@@ -29,6 +30,22 @@ export interface TrainStepResult {
   /** Global gradient norm before clipping. */
   gradNorm: number
   numMasked: number
+  /** Share of the most frequent target among the masked patches: the accuracy of always guessing it. */
+  majorityBaseline: number
+}
+
+export interface PretrainStepInput {
+  /** Computes the targets from `tokenizerPixels`; its token grid must be the patch grid. */
+  tokenizer: Dvae
+  /** [B, C, H, W], already normalised: the model's view. */
+  pixels: Float32Array
+  /** [B, C, h, w] in [0, 1]: the tokenizer's view of the same crops (h, w: the tokenizer's imageSize). */
+  tokenizerPixels: Float32Array
+  /** [B, N] with 1 = masked. */
+  mask: Uint8Array
+  lr: number
+  /** Seeds stochastic depth for this step. Default 0. */
+  seed?: number
 }
 
 export interface ForwardInput {
@@ -111,11 +128,22 @@ export class Beit extends Checkpointed<NativeMimModel> {
     checkType('mask', input.mask, Uint8Array)
     checkType('targets', input.targets, Int32Array)
     if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
-    const seed = input.seed ?? 0
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
-      throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
-    }
-    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, seed)
+    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, checkStepSeed(input.seed ?? 0))
+  }
+
+  /**
+   * One pretraining step in one native call: the tokenizer encodes the tokenizer view into the
+   * targets, which stay native (on a GPU, on the GPU), then one AdamW step as `trainStep`.
+   */
+  pretrainStep(input: PretrainStepInput): Promise<TrainStepResult> {
+    checkType('tokenizer', input.tokenizer, Dvae)
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('tokenizerPixels', input.tokenizerPixels, Float32Array)
+    checkType('mask', input.mask, Uint8Array)
+    if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
+    const seed = checkStepSeed(input.seed ?? 0)
+    const [height, width] = input.tokenizer.config.imageSize
+    return this.handle.pretrainStep(input.tokenizer.nativeHandle(), input.pixels, input.tokenizerPixels, height, width, input.mask, input.lr, seed)
   }
 
   /** Evaluation forward pass (no stochastic depth): logits and ids at the masked patches. */
@@ -124,6 +152,11 @@ export class Beit extends Checkpointed<NativeMimModel> {
     checkType('mask', input.mask, Uint8Array)
     return this.handle.predict(input.pixels, input.mask)
   }
+}
+
+function checkStepSeed(seed: number): number {
+  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
+  return seed
 }
 
 /** Pixels: one number for a square image, or [height, width]. */

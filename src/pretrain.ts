@@ -1,7 +1,8 @@
 /**
  * The masked-image-modeling pretraining loop (nanoGPT style: the loader, masking, schedule,
- * metrics and checkpoints are helpers it calls). Each step: two views of a batch, the
- * tokenizer's ids of the tokenizer view (no gradient), a mask per image, one AdamW step.
+ * metrics and checkpoints are helpers it calls). Each step: two views of a batch, a mask per
+ * image, and one native call that encodes the tokenizer view into targets and takes one AdamW
+ * step.
  * A checkpoint carries the loop's position, so a resumed run takes the very steps the
  * uninterrupted one would have.
  */
@@ -22,8 +23,6 @@ export interface PretrainProgress extends TrainStepResult {
   totalSteps: number
   epoch: number
   lr: number
-  /** Share of the batch's most frequent target among masked patches: the accuracy of always guessing it. */
-  majorityBaseline: number
   imagesPerSecond: number
 }
 
@@ -163,14 +162,13 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
       if (state.step >= totalSteps) break
-      const [pixels, tokenizerView] = batch.views
-      const targets = await tokenizer.encode(tokenizerView, batch.size)
+      const [pixels, tokenizerPixels] = batch.views
       const mask = new Uint8Array(batch.size * patches)
       for (let b = 0; b < batch.size; b++) mask.set(masking.generate(), b * patches)
       const stepLr = lr(state.step)
       let result: TrainStepResult
       try {
-        result = await model.trainStep({ pixels, mask, targets, lr: stepLr, seed: deriveSeed(seed, state.step, 2) })
+        result = await model.pretrainStep({ tokenizer, pixels, tokenizerPixels, mask, lr: stepLr, seed: deriveSeed(seed, state.step, 2) })
       } catch (e) {
         throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`)
       }
@@ -180,7 +178,6 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         totalSteps,
         epoch,
         lr: stepLr,
-        majorityBaseline: majorityShare(targets, mask),
         imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
       }
       state = { ...state, step: state.step + 1, epoch, batch: batch.batch }
@@ -198,15 +195,4 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   }
   await metrics.writePlot()
   return { status: 'completed', step: state.step, checkpoint }
-}
-
-function majorityShare(targets: Int32Array, mask: Uint8Array): number {
-  const counts = new Map<number, number>()
-  let masked = 0
-  for (let i = 0; i < mask.length; i++) {
-    if (mask[i] === 0) continue
-    masked++
-    counts.set(targets[i], (counts.get(targets[i]) ?? 0) + 1)
-  }
-  return Math.max(...counts.values()) / masked
 }

@@ -1,4 +1,5 @@
-import { DeviceOptions, place, Placed } from './device'
+import { Checkpointed } from './checkpointed'
+import { DeviceOptions, place } from './device'
 import { native, NativeTokenizer } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
@@ -78,7 +79,7 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
 }
 
 /** A DALL-E style discrete VAE: images <-> grids of visual-token ids. */
-export class Dvae extends Placed<NativeTokenizer> {
+export class Dvae extends Checkpointed<NativeTokenizer> {
   readonly config: DvaeConfig
   readonly numParameters: number
   /** Image size / token grid size. */
@@ -102,17 +103,8 @@ export class Dvae extends Placed<NativeTokenizer> {
     return new Dvae(place(await native.NativeTokenizer.load(path), opts))
   }
 
-  /** Weights, EMA weights, optimizer state and config, written atomically. */
-  save(path: string): Promise<void> {
-    return this.handle.save(path)
-  }
-
-  get step(): number {
-    return this.handle.optimizerStep
-  }
-
   get training(): Required<DvaeTrainingOptions> {
-    return JSON.parse(this.handle.trainingJson) as Required<DvaeTrainingOptions>
+    return JSON.parse(this.handle.optionsJson) as Required<DvaeTrainingOptions>
   }
 
   /**

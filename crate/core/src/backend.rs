@@ -1,36 +1,61 @@
-//! Where a BEiT model's training steps run: the CPU engine (`engine`, f32 on the CPU) or
-//! candle's autograd over `model.rs` (CUDA, and bf16 on any device). Both hold the same named
-//! parameters and AdamW state, so a model moves between them (`place`) and writes the same
-//! checkpoints whichever it is on.
+//! Where a model's training steps run: a CPU engine (`engine`, f32 on the CPU) or candle's
+//! autograd over the candle model (CUDA, and bf16 on any device). Both hold the same named
+//! parameters, AdamW state and (when the model keeps one) EMA of the weights, so a model moves
+//! between them (`place`) and writes the same checkpoints whichever it is on.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::BeitConfig;
 use crate::device::Precision;
 use crate::engine::adamw::FlatAdamW;
-use crate::engine::{BeitEngine, Head};
+use crate::engine::FlatEngine;
 use crate::error::Result;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{NamedVars, ParamStore};
 
-/// How to build one kind of model: its engine shape and its candle constructor.
-pub(crate) struct ModelSpec<'a, M> {
-    pub config: &'a BeitConfig,
-    pub head: Head,
+/// Named tensors with their shapes and values, in a model's creation order.
+pub type FlatTensors = [(String, Vec<usize>, Vec<f32>)];
+
+/// How to build one kind of model: its candle constructor, its engine constructor and its
+/// optimizer settings.
+pub struct ModelSpec<'a, M, E> {
     pub new: Box<dyn Fn(VarBuilder) -> candle_core::Result<M> + 'a>,
+    pub engine: Box<dyn Fn(&FlatTensors) -> Result<E> + 'a>,
     /// Learning-rate multiplier of each parameter (layer-wise decay), by name.
     pub lr_scale: Box<dyn Fn(&str) -> f64 + 'a>,
     pub optimizer: AdamWConfig,
+    /// Whether an EMA of the weights is kept.
+    pub ema: bool,
     /// false: the CPU runs candle's autograd too (the reference the engine is tested against).
     pub cpu_engine: bool,
 }
 
-pub(crate) struct EngineModel {
-    pub engine: BeitEngine<f32>,
+impl<M, E> ModelSpec<'_, M, E> {
+    /// The engine runs f32 on the CPU; everything else goes through candle.
+    fn uses_engine(&self, device: &Device, precision: Precision) -> bool {
+        self.cpu_engine && device.is_cpu() && precision == Precision::F32
+    }
+
+    /// The candle model and its variables from `store` on `device`.
+    fn candle(&self, store: ParamStore, device: &Device) -> Result<(M, NamedVars)> {
+        store.build(DType::F32, device, |vb| (self.new)(vb))
+    }
+
+    /// The values `store` gives the model's parameters, in creation order (the candle model is
+    /// built once on the CPU for the names, shapes and initial values).
+    fn values(&self, store: ParamStore) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        let (_, vars) = self.candle(store, &Device::Cpu)?;
+        vars.iter().map(|(name, v)| Ok((name.clone(), v.dims().to_vec(), v.flatten_all()?.to_vec1::<f32>()?))).collect()
+    }
+}
+
+pub(crate) struct EngineModel<E> {
+    pub engine: E,
     pub optimizer: FlatAdamW<f32>,
+    /// The EMA of the weights, in the engine's layout.
+    pub ema: Option<Vec<f32>>,
 }
 
 pub(crate) struct CandleModel<M> {
@@ -38,47 +63,65 @@ pub(crate) struct CandleModel<M> {
     pub vars: NamedVars,
     pub optimizer: AdamW,
     pub device: Device,
+    /// The EMA of the weights, as a model of its own (encoding reads it).
+    pub ema: Option<(M, NamedVars)>,
 }
 
-pub(crate) enum Backend<M> {
-    Engine(Box<EngineModel>),
+pub(crate) enum Backend<M, E> {
+    Engine(Box<EngineModel<E>>),
     Candle(CandleModel<M>),
 }
 
-impl<M> ModelSpec<'_, M> {
-    /// The engine runs f32 on the CPU; everything else goes through candle.
-    fn uses_engine(&self, device: &Device, precision: Precision) -> bool {
-        self.cpu_engine && device.is_cpu() && precision == Precision::F32
-    }
+/// Named CPU tensors from a flat buffer in `engine`'s layout.
+fn engine_tensors<E: FlatEngine>(engine: &E, values: &[f32]) -> Result<Vec<(String, Tensor)>> {
+    engine
+        .layout()
+        .entries
+        .iter()
+        .map(|en| Ok((en.name.clone(), Tensor::from_slice(en.slot.of(values), en.shape.as_slice(), &Device::Cpu)?)))
+        .collect()
 }
 
-impl<M> Backend<M> {
+fn var_tensors(vars: &NamedVars) -> Vec<(String, Tensor)> {
+    vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+}
+
+impl<M, E: FlatEngine> Backend<M, E> {
     /// A model whose parameters come from `store` (an initialisation or checkpoint tensors),
-    /// with a fresh optimizer, on `device` in `precision`.
-    pub fn build(spec: &ModelSpec<M>, store: ParamStore, device: &Device, precision: Precision) -> Result<Self> {
+    /// with a fresh optimizer, on `device` in `precision`. The EMA (if the spec keeps one)
+    /// comes from `ema`, or starts as a copy of the weights.
+    pub fn build(spec: &ModelSpec<M, E>, store: ParamStore, ema: Option<ParamStore>, device: &Device, precision: Precision) -> Result<Self> {
+        let ema = if spec.ema { ema } else { None };
         if spec.uses_engine(device, precision) {
-            // The candle model is built once for the names, shapes and initial values.
-            let (_, vars) = store.build(DType::F32, &Device::Cpu, |vb| (spec.new)(vb))?;
-            let tensors = vars
-                .iter()
-                .map(|(name, v)| Ok((name.clone(), v.dims().to_vec(), v.flatten_all()?.to_vec1::<f32>()?)))
-                .collect::<Result<Vec<_>>>()?;
-            let engine = BeitEngine::new(spec.config, spec.head, &tensors)?;
+            let engine = (spec.engine)(&spec.values(store)?)?;
             let mut optimizer = FlatAdamW::new(spec.optimizer.clone(), engine.layout())?;
             optimizer.set_lr_scales(&spec.lr_scale);
-            Ok(Self::Engine(Box::new(EngineModel { engine, optimizer })))
+            let ema = match ema {
+                Some(store) => Some(engine.layout().flatten(&spec.values(store)?)?),
+                None if spec.ema => Some(engine.params().to_vec()),
+                None => None,
+            };
+            Ok(Self::Engine(Box::new(EngineModel { engine, optimizer, ema })))
         } else {
-            let (model, vars) = store.build(DType::F32, device, |vb| (spec.new)(vb))?;
+            let (model, vars) = spec.candle(store, device)?;
             let mut optimizer = AdamW::new(spec.optimizer.clone(), &vars)?;
             optimizer.set_lr_scales(&spec.lr_scale);
-            Ok(Self::Candle(CandleModel { model, vars, optimizer, device: device.clone() }))
+            let ema = match ema {
+                Some(store) => Some(spec.candle(store, device)?),
+                None if spec.ema => {
+                    let copies = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
+                    Some(spec.candle(ParamStore::from_tensors(copies), device)?)
+                }
+                None => None,
+            };
+            Ok(Self::Candle(CandleModel { model, vars, optimizer, device: device.clone(), ema }))
         }
     }
 
-    /// Rebuilds the model with the same weights and optimizer state on `device` in
+    /// Rebuilds the model with the same weights, optimizer state and EMA on `device` in
     /// `precision` (nothing to do when the backend and device stay the same). On an error the
     /// model stays as it was.
-    pub fn place(&mut self, spec: &ModelSpec<M>, device: &Device, precision: Precision) -> Result<()> {
+    pub fn place(&mut self, spec: &ModelSpec<M, E>, device: &Device, precision: Precision) -> Result<()> {
         let same = match &*self {
             Self::Engine(_) => spec.uses_engine(device, precision),
             Self::Candle(c) => !spec.uses_engine(device, precision) && c.device.same_device(device),
@@ -89,9 +132,10 @@ impl<M> Backend<M> {
         if let Self::Engine(e) = self {
             e.engine.release_buffers();
         }
-        let tensors: HashMap<String, Tensor> = self.weights()?.into_iter().collect();
+        let store = |t: Vec<(String, Tensor)>| ParamStore::from_tensors(t.into_iter().collect());
+        let ema = self.ema_weights()?.map(store);
         let moments = self.optimizer_state()?.into_iter().collect();
-        let mut placed = Self::build(spec, ParamStore::from_tensors(tensors), device, precision)?;
+        let mut placed = Self::build(spec, store(self.weights()?), ema, device, precision)?;
         placed.restore_optimizer(moments, self.optimizer_step())?;
         *self = placed;
         Ok(())
@@ -107,20 +151,22 @@ impl<M> Backend<M> {
     /// The parameters (name, tensor) in the model's creation order.
     pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
-            Self::Engine(e) => e
-                .engine
-                .layout()
-                .entries
-                .iter()
-                .map(|en| Ok((en.name.clone(), Tensor::from_slice(en.slot.of(&e.engine.params), en.shape.as_slice(), &Device::Cpu)?)))
-                .collect(),
-            Self::Candle(c) => Ok(c.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()),
+            Self::Engine(e) => engine_tensors(&e.engine, e.engine.params()),
+            Self::Candle(c) => Ok(var_tensors(&c.vars)),
+        }
+    }
+
+    /// The EMA of the weights, if the model keeps one.
+    pub fn ema_weights(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+        match self {
+            Self::Engine(e) => e.ema.as_ref().map(|ema| engine_tensors(&e.engine, ema)).transpose(),
+            Self::Candle(c) => Ok(c.ema.as_ref().map(|(_, vars)| var_tensors(vars))),
         }
     }
 
     pub fn num_parameters(&self) -> usize {
         match self {
-            Self::Engine(e) => e.engine.params.len(),
+            Self::Engine(e) => e.engine.params().len(),
             Self::Candle(c) => c.vars.iter().map(|(_, v)| v.elem_count()).sum(),
         }
     }
@@ -155,10 +201,27 @@ impl<M> Backend<M> {
         }
     }
 
-    pub fn optimizer_config(&self) -> &AdamWConfig {
+    /// One optimizer update from the gradients of the last engine step, or of `grads`
+    /// (candle); then the EMA moves towards the new weights. Returns the gradient norm.
+    pub fn update(&mut self, grads: Option<&candle_core::backprop::GradStore>, lr: f64, ema_decay: f64) -> Result<f64> {
         match self {
-            Self::Engine(e) => &e.optimizer.config,
-            Self::Candle(c) => &c.optimizer.config,
+            Self::Engine(e) => {
+                let (params, g) = e.engine.params_and_grads();
+                let norm = e.optimizer.update(params, g, lr)?;
+                if let Some(ema) = &mut e.ema {
+                    crate::engine::kernels::ema(ema, e.engine.params(), ema_decay);
+                }
+                Ok(norm)
+            }
+            Self::Candle(c) => {
+                let norm = c.optimizer.step(grads.expect("candle steps pass their gradients"), lr)?;
+                if let Some((_, ema)) = &c.ema {
+                    for ((_, e), (_, p)) in ema.iter().zip(&c.vars) {
+                        crate::optim::ema_update(e.as_tensor(), p.as_tensor(), ema_decay)?;
+                    }
+                }
+                Ok(norm)
+            }
         }
     }
 }

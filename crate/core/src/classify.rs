@@ -10,17 +10,15 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, ModelSpec};
 use crate::checkpoint;
 use crate::config::{ClassifierConfig, Pooling};
-use crate::device::Precision;
-use crate::engine::Head;
+use crate::engine::{BeitEngine, Head};
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
+use crate::mim::Mim;
 use crate::model::{classification_loss, BeitForImageClassification, Linear};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::ParamStore;
 use crate::rng::SplitMix64;
-use crate::trainer::{check_pixels, f32_values, finite_loss, image_tensor, save_trainer, take_train_state};
-
-const FORMAT: &str = "beit-cls/1";
+use crate::trainer::{check_pixels, f32_values, image_tensor, Kind, Trainer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -68,20 +66,51 @@ pub struct ClassifierStepMetrics {
     pub grad_norm: f64,
 }
 
-pub struct ClassifierTrainer {
-    pub config: ClassifierConfig,
-    pub finetune: FinetuneOptions,
-    /// Opaque JSON from the caller, saved and loaded with the checkpoint.
-    pub train_state: Option<String>,
-    optimizer: AdamWConfig,
-    backend: Backend<BeitForImageClassification>,
-    precision: Precision,
-    cpu_engine: bool,
+/// The classifier's kind: a BEiT with a classification head, fine-tuned with `FinetuneOptions`.
+pub struct Classification;
+
+pub type ClassifierTrainer = Trainer<Classification>;
+
+impl Kind for Classification {
+    type Config = ClassifierConfig;
+    type Options = FinetuneOptions;
+    type Model = BeitForImageClassification;
+    type Engine = BeitEngine<f32>;
+    const FORMAT: &'static str = "beit-cls/1";
+    const WHAT: &'static str = "a BEiT classifier checkpoint";
+    const OPTIONS_KEY: Option<&'static str> = Some("finetune");
+
+    fn config_json(config: &ClassifierConfig) -> String {
+        config.to_json()
+    }
+
+    fn parse_config(json: &str) -> Result<ClassifierConfig> {
+        ClassifierConfig::from_json(json)
+    }
+
+    fn validate(config: &ClassifierConfig, options: &FinetuneOptions) -> Result<()> {
+        config.validate()?;
+        options.validate()
+    }
+
+    fn spec<'a>(config: &'a ClassifierConfig, options: &'a FinetuneOptions, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Self::Model, Self::Engine> {
+        let layers = config.model.num_hidden_layers;
+        let decay = options.layer_decay;
+        let head = Head::Classification { num_labels: config.num_labels, pooling: config.pooling };
+        ModelSpec {
+            new: Box::new(move |vb| BeitForImageClassification::new(config, vb)),
+            engine: Box::new(move |tensors| BeitEngine::new(&config.model, head, tensors)),
+            lr_scale: Box::new(move |name| decay.powi((layers + 1 - layer_id(name, layers)) as i32)),
+            optimizer: optimizer.clone(),
+            ema: false,
+            cpu_engine,
+        }
+    }
 }
 
-impl ClassifierTrainer {
+impl Trainer<Classification> {
     pub fn new(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
-        Self::build(config, optim, finetune, ParamStore::initialise(seed))
+        Self::build(config, finetune, optim, ParamStore::initialise(seed), None)
     }
 
     /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
@@ -89,7 +118,7 @@ impl ClassifierTrainer {
     /// `beit.layernorm`. `config.model` must match the checkpoint's shapes (drop path may differ).
     pub fn from_pretrained(path: &Path, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
-        file.expect_format(path, "beit-mim/1", "a pretrained BEiT MIM checkpoint")?;
+        file.expect_format(path, Mim::FORMAT, "a pretrained BEiT MIM checkpoint")?;
         // The model's tensors, not its optimizer state.
         file.tensors.retain(|name, _| name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head."));
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
@@ -134,7 +163,7 @@ impl ClassifierTrainer {
         let is_head = |name: &str| {
             name.starts_with("classifier.") || name.starts_with("beit.pooler.") || name.starts_with("beit.layernorm.")
         };
-        Self::build(config, optim, finetune, ParamStore::from_tensors_or_init(tensors, seed, is_head))
+        Self::build(config, finetune, optim, ParamStore::from_tensors_or_init(tensors, seed, is_head), None)
     }
 
     /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
@@ -143,161 +172,58 @@ impl ClassifierTrainer {
         hf::write(dir, HfLayout::ImageClassification, &self.config.model, self.config.pooling, &labels, &self.weights()?)
     }
 
-    fn spec<'a>(config: &'a ClassifierConfig, optimizer: &AdamWConfig, finetune: &FinetuneOptions, cpu_engine: bool) -> ModelSpec<'a, BeitForImageClassification> {
-        let layers = config.model.num_hidden_layers;
-        let decay = finetune.layer_decay;
-        ModelSpec {
-            config: &config.model,
-            head: Head::Classification { num_labels: config.num_labels, pooling: config.pooling },
-            new: Box::new(move |vb| BeitForImageClassification::new(config, vb)),
-            lr_scale: Box::new(move |name| decay.powi((layers + 1 - layer_id(name, layers)) as i32)),
-            optimizer: optimizer.clone(),
-            cpu_engine,
-        }
-    }
-
-    fn build(config: ClassifierConfig, optimizer: AdamWConfig, finetune: FinetuneOptions, store: ParamStore) -> Result<Self> {
-        config.validate()?;
-        finetune.validate()?;
-        let backend = Backend::build(&Self::spec(&config, &optimizer, &finetune, true), store, &Device::Cpu, Precision::F32)?;
-        Ok(Self { config, finetune, train_state: None, optimizer, backend, precision: Precision::F32, cpu_engine: true })
-    }
-
-    pub fn num_parameters(&self) -> usize {
-        self.backend.num_parameters()
-    }
-
-    pub fn optimizer_step(&self) -> u64 {
-        self.backend.optimizer_step()
-    }
-
-    pub fn optimizer_config(&self) -> &AdamWConfig {
-        &self.optimizer
-    }
-
-    /// The parameters (Hugging Face names, creation order), wherever the model runs.
-    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
-        self.backend.weights()
-    }
-
-    pub fn device(&self) -> Device {
-        self.backend.device()
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
-    /// Sets the activation precision of later steps and predictions (weights stay f32).
-    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.place(&self.device(), precision)
-    }
-
-    /// Moves the weights and the optimizer state to `device`; later steps run there.
-    pub fn to_device(&mut self, device: &Device) -> Result<()> {
-        self.place(device, self.precision)
-    }
-
-    /// On by default. Off, the CPU runs candle's autograd, the path GPUs take: the reference
-    /// the engine is tested against.
-    pub fn set_cpu_engine(&mut self, on: bool) -> Result<()> {
-        self.backend.place(&Self::spec(&self.config, &self.optimizer, &self.finetune, on), &self.device(), self.precision)?;
-        self.cpu_engine = on;
-        Ok(())
-    }
-
-    /// Each parameter's learning-rate multiplier (layer-wise decay), by name.
-    pub fn lr_scales(&self) -> Vec<(String, f64)> {
-        self.backend.lr_scales()
-    }
-
-    fn place(&mut self, device: &Device, precision: Precision) -> Result<()> {
-        self.backend.place(&Self::spec(&self.config, &self.optimizer, &self.finetune, self.cpu_engine), device, precision)?;
-        self.precision = precision;
-        Ok(())
-    }
-
-    pub fn load(path: &Path) -> Result<Self> {
-        let mut file = checkpoint::load(path)?;
-        file.expect_format(path, FORMAT, "a BEiT classifier checkpoint")?;
-        let config = ClassifierConfig::from_json(file.meta("config", path)?)?;
-        let finetune: FinetuneOptions = serde_json::from_str(file.meta("finetune", path)?)
-            .map_err(|e| Error::Checkpoint(format!("{}: bad finetune metadata: {e}", path.display())))?;
-        let optimizer = AdamW::read_checkpoint(&mut file, path)?;
-        let train_state = take_train_state(&mut file);
-        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        let mut trainer =
-            Self::build(config, optimizer.config.clone(), finetune, ParamStore::from_tensors(file.tensors)).map_err(in_file)?;
-        trainer.backend.restore_optimizer(optimizer.moments, optimizer.step).map_err(in_file)?;
-        trainer.train_state = train_state;
-        Ok(trainer)
-    }
-
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let metadata = [
-            ("format", FORMAT.to_string()),
-            ("config", self.config.to_json()),
-            ("finetune", serde_json::to_string(&self.finetune).expect("serialisable")),
-        ];
-        save_trainer(path, &metadata, &self.backend, self.train_state.as_deref())
-    }
-
-    /// Checks labels: one per image, each in [0, numLabels).
-    fn check_labels(&self, labels: &[i32], batch: usize) -> Result<Vec<u32>> {
-        let num_labels = self.config.num_labels;
-        if labels.len() != batch {
-            return Err(Error::Input(format!("labels: expected {batch} values (one per image), got {}", labels.len())));
-        }
-        if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= num_labels) {
-            return Err(Error::Input(format!("labels: label {} at index {i} is out of range [0, {num_labels})", labels[i])));
-        }
-        Ok(labels.iter().map(|&l| l as u32).collect())
-    }
-
     pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
         let b = check_pixels(&self.config.model, pixels)?;
-        let labels = self.check_labels(labels, b)?;
-        let smoothing = self.finetune.label_smoothing;
-        let (loss, accuracy, grad_norm) = match &mut self.backend {
+        let labels = check_labels(labels, b, self.config.num_labels)?;
+        let smoothing = self.options.label_smoothing;
+        let precision = self.precision();
+        let (loss, accuracy, grads) = match &mut self.backend {
             Backend::Engine(e) => {
                 let out = e.engine.loss_and_grads(pixels, None, &labels, smoothing, seed)?;
-                finite_loss(out.loss)?;
-                let norm = e.optimizer.update(&mut e.engine.params, &e.engine.grads, lr)?;
-                (out.loss, out.hits as f64 / out.rows as f64, norm)
+                (out.loss, out.hits as f64 / out.rows as f64, None)
             }
             Backend::Candle(c) => {
-                let pixels = image_tensor(&self.config.model, pixels, &c.device, self.precision)?;
+                let pixels = image_tensor(&self.config.model, pixels, &c.device, precision)?;
                 let labels = Tensor::from_vec(labels, b, &c.device)?;
                 let logits = c.model.forward(&pixels, Some(&mut SplitMix64::new(seed)))?;
                 let (loss, accuracy) = classification_loss(&logits, &labels, smoothing)?;
-                let loss_value = finite_loss(loss.to_scalar::<f32>()? as f64)?;
-                (loss_value, accuracy, c.optimizer.step(&loss.backward()?, lr)?)
+                let value = loss.to_scalar::<f32>()? as f64;
+                // A non-finite loss is refused by `update`, before any gradient is applied.
+                let grads = if value.is_finite() { Some(loss.backward()?) } else { None };
+                (value, accuracy, grads)
             }
         };
+        let grad_norm = self.update(loss, grads.as_ref(), lr)?;
         Ok(ClassifierStepMetrics { loss, accuracy, grad_norm })
     }
 
     /// Class logits [B, K] row-major (no stochastic depth).
     pub fn predict(&mut self, pixels: &[f32]) -> Result<Vec<f32>> {
         check_pixels(&self.config.model, pixels)?;
+        let precision = self.precision();
         match &mut self.backend {
             Backend::Engine(e) => e.engine.logits(pixels, None),
             Backend::Candle(c) => {
-                let pixels = image_tensor(&self.config.model, pixels, &c.device, self.precision)?;
+                let pixels = image_tensor(&self.config.model, pixels, &c.device, precision)?;
                 f32_values(&c.model.forward(&pixels, None)?)
             }
         }
     }
 }
 
-fn label_tensor(labels: &[i32], batch: usize, num_labels: usize, device: &Device) -> Result<Tensor> {
+/// Labels checked: one per image, each in [0, num_labels).
+fn check_labels(labels: &[i32], batch: usize, num_labels: usize) -> Result<Vec<u32>> {
     if labels.len() != batch {
         return Err(Error::Input(format!("labels: expected {batch} values (one per image), got {}", labels.len())));
     }
     if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= num_labels) {
         return Err(Error::Input(format!("labels: label {} at index {i} is out of range [0, {num_labels})", labels[i])));
     }
-    Ok(Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), batch, device)?)
+    Ok(labels.iter().map(|&l| l as u32).collect())
+}
+
+fn label_tensor(labels: &[i32], batch: usize, num_labels: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(check_labels(labels, batch, num_labels)?, batch, device)?)
 }
 
 /// A linear classifier on frozen features, standardised with the training features' mean and

@@ -357,3 +357,42 @@ impl InplaceOp3 for ParamUpdate {
         launch!(dev, "adamw_update", elementwise(count as usize), [&mut p, &m, &v, &count, &lr, &decay, &inv_bc1, &inv_sqrt_bc2, &eps])
     }
 }
+
+/// ema = decay * ema + (1 - decay) * p
+struct EmaUpdate {
+    decay: f64,
+}
+
+impl InplaceOp2 for EmaUpdate {
+    fn name(&self) -> &'static str {
+        "ema-update"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(e), F32(p)) = (s1, s2) else { candle_core::bail!("ema-update: expected f32 tensors") };
+        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("ema-update: expected contiguous tensors")
+        };
+        let (d, one_minus) = (self.decay as f32, (1.0 - self.decay) as f32);
+        for (ei, &pi) in e[a1..b1].iter_mut().zip(&p[a2..b2]) {
+            *ei = d * *ei + one_minus * pi;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        use crate::cuda::*;
+        let dev = s2.device().clone();
+        let p = input::<f32>(self.name(), s2, l2)?;
+        let mut e = f32_in_out(self.name(), s1, l1)?;
+        let (count, decay) = (l1.shape().elem_count() as u64, self.decay as f32);
+        launch!(dev, "ema_update", elementwise(count as usize), [&mut e, &p, &count, &decay])
+    }
+}
+
+/// ema = decay * ema + (1 - decay) * p, in place (a weights' exponential moving average).
+pub fn ema_update(ema: &Tensor, p: &Tensor, decay: f64) -> candle_core::Result<()> {
+    ema.inplace_op2(p, &EmaUpdate { decay })
+}

@@ -18,6 +18,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// Jumps `n` draws ahead (the state is a counter), so that parts of one stream can be
+    /// generated in parallel.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+
     /// Uniform in [0, 1) with 53 random bits.
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

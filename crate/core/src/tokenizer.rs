@@ -1,24 +1,18 @@
 //! Training and inference of the dVAE tokenizer: Gumbel-softmax relaxation, logit-Laplace (or
 //! MSE) reconstruction, KL to a uniform prior, AdamW, optional EMA of the weights.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use candle_core::{DType, Device, InplaceOp2, Layout, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint;
-use crate::device::Precision;
+use crate::backend::{Backend, ModelSpec};
 use crate::dvae::{map_pixels, Dvae, DvaeConfig};
+use crate::engine::dvae::DvaeEngine;
 use crate::error::{Error, Result};
 use crate::ops::{scaled_softmax, softmax_last_dim};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::params::{rebuild_on, NamedVars, ParamStore};
+use crate::optim::AdamWConfig;
+use crate::params::ParamStore;
 use crate::rng::SplitMix64;
-
-const FORMAT: &str = "beit-dvae/1";
-const OPTIM_PREFIX: &str = "optimizer.";
-const EMA_PREFIX: &str = "ema.";
+use crate::trainer::{Kind, Trainer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -65,22 +59,70 @@ pub struct TokenizerStepMetrics {
     pub grad_norm: f64,
 }
 
-struct Ema {
-    decay: f64,
-    vars: NamedVars,
-    model: Dvae,
+/// The tokenizer's kind: DALL-E's dVAE, trained with `TokenizerTraining`.
+pub struct Tokenizer;
+
+pub type TokenizerTrainer = Trainer<Tokenizer>;
+
+impl Kind for Tokenizer {
+    type Config = DvaeConfig;
+    type Options = TokenizerTraining;
+    type Model = Dvae;
+    type Engine = DvaeEngine<f32>;
+    const FORMAT: &'static str = "beit-dvae/1";
+    const WHAT: &'static str = "a tokenizer checkpoint";
+    const OPTIONS_KEY: Option<&'static str> = Some("training");
+
+    fn config_json(config: &DvaeConfig) -> String {
+        config.to_json()
+    }
+
+    fn parse_config(json: &str) -> Result<DvaeConfig> {
+        DvaeConfig::from_json(json)
+    }
+
+    fn validate(config: &DvaeConfig, training: &TokenizerTraining) -> Result<()> {
+        config.validate()?;
+        training.optimizer.validate()?;
+        if !(0.0..1.0).contains(&training.ema_decay) {
+            return Err(Error::Config(format!("emaDecay must be in [0, 1), got {}", training.ema_decay)));
+        }
+        Ok(())
+    }
+
+    fn spec<'a>(config: &'a DvaeConfig, training: &'a TokenizerTraining, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
+        ModelSpec {
+            new: Box::new(move |vb| Dvae::new(config, vb)),
+            engine: Box::new(move |tensors| DvaeEngine::new(config, tensors)),
+            lr_scale: Box::new(|_| 1.0),
+            optimizer: optimizer.clone(),
+            ema: training.ema_decay > 0.0,
+            cpu_engine,
+        }
+    }
+
+    fn ema_decay(training: &TokenizerTraining) -> f64 {
+        training.ema_decay
+    }
+
+    fn legacy_optimizer(training: &TokenizerTraining) -> Option<AdamWConfig> {
+        Some(training.optimizer.clone())
+    }
 }
 
-pub struct TokenizerTrainer {
-    pub config: DvaeConfig,
-    pub training: TokenizerTraining,
-    pub model: Dvae,
-    pub vars: NamedVars,
-    pub optimizer: AdamW,
-    ema: Option<Ema>,
-    device: Device,
-    /// The precision of `encode` (training and decoding run in f32).
-    encode_precision: Precision,
+/// Token ids, flat u32: on the host, or a tensor on the device that computed them.
+pub(crate) enum TokenIds {
+    Host(Vec<u32>),
+    Device(Tensor),
+}
+
+impl TokenIds {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Host(v) => v.len(),
+            Self::Device(t) => t.elem_count(),
+        }
+    }
 }
 
 /// Images of a batch: [B, C, H, W] in [0, 1].
@@ -90,99 +132,18 @@ pub struct ImageBatch<'a> {
     pub width: usize,
 }
 
-impl TokenizerTrainer {
+impl Trainer<Tokenizer> {
+    /// A new tokenizer: weights from `seed`, the EMA (when on) starting as their copy.
     pub fn new(config: DvaeConfig, training: TokenizerTraining, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let device = Device::Cpu;
-        let (model, vars) = ParamStore::initialise(seed).build(DType::F32, &device, |vb| Dvae::new(&config, vb))?;
-        // The EMA starts as a copy of the initial weights.
-        let ema_init: HashMap<String, Tensor> =
-            vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
-        Self::assemble(config, training, model, vars, Some(ema_init), device)
+        let optimizer = training.optimizer.clone();
+        Self::build(config, training, optimizer, ParamStore::initialise(seed), None)
     }
 
-    fn assemble(
-        config: DvaeConfig,
-        training: TokenizerTraining,
-        model: Dvae,
-        vars: NamedVars,
-        ema_tensors: Option<HashMap<String, Tensor>>,
-        device: Device,
-    ) -> Result<Self> {
-        if !(0.0..1.0).contains(&training.ema_decay) {
-            return Err(Error::Config(format!("emaDecay must be in [0, 1), got {}", training.ema_decay)));
-        }
-        let ema = match ema_tensors {
-            Some(t) if training.ema_decay > 0.0 => {
-                let (model, vars) = ParamStore::from_tensors(t).build(DType::F32, &device, |vb| Dvae::new(&config, vb))?;
-                Some(Ema { decay: training.ema_decay, vars, model })
-            }
-            _ => None,
-        };
-        let optimizer = AdamW::new(training.optimizer.clone(), &vars)?;
-        Ok(Self { config, training, model, vars, optimizer, ema, device, encode_precision: Precision::F32 })
+    /// Checks [B, C, H, W] images in [0, 1] of a size the tokenizer can take; returns B.
+    fn check_images(&self, batch: &ImageBatch) -> Result<usize> {
+        check_images(&self.config, batch)
     }
 
-    pub fn num_parameters(&self) -> usize {
-        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    pub fn encode_precision(&self) -> Precision {
-        self.encode_precision
-    }
-
-    /// Sets the precision of `encode`. bf16 suits MIM targets, which need only the argmax;
-    /// the tokenizer's own training and decoding stay f32.
-    pub fn set_encode_precision(&mut self, precision: Precision) {
-        self.encode_precision = precision;
-    }
-
-    /// Moves the weights, their EMA and the optimizer state to `device`.
-    pub fn to_device(&mut self, device: &Device) -> Result<()> {
-        let config = &self.config;
-        let (model, vars) = rebuild_on(&self.vars, device, |vb| Dvae::new(config, vb))?;
-        self.optimizer.move_to(&vars, device)?;
-        if let Some(ema) = &mut self.ema {
-            (ema.model, ema.vars) = rebuild_on(&ema.vars, device, |vb| Dvae::new(config, vb))?;
-        }
-        (self.model, self.vars, self.device) = (model, vars, device.clone());
-        Ok(())
-    }
-
-    fn eval_model(&self) -> &Dvae {
-        self.ema.as_ref().map_or(&self.model, |e| &e.model)
-    }
-
-    /// [B, C, H, W] in [0, 1] -> [B, H, W, C] tensor, with the shape checks.
-    fn images(&self, batch: &ImageBatch) -> Result<Tensor> {
-        let c = self.config.num_channels;
-        let (h, w) = (batch.height, batch.width);
-        let d = self.config.downsample();
-        if h == 0 || w == 0 || h % d != 0 || w % d != 0 {
-            return Err(Error::Input(format!(
-                "image size {h}x{w}: height and width must be positive multiples of the tokenizer's downsampling factor {d}"
-            )));
-        }
-        let per = c * h * w;
-        if batch.pixels.is_empty() || batch.pixels.len() % per != 0 {
-            return Err(Error::Input(format!(
-                "pixels: expected a positive multiple of {per} values (C*H*W = {c}*{h}*{w}), got {}",
-                batch.pixels.len()
-            )));
-        }
-        if let Some(i) = batch.pixels.iter().position(|v| !(0.0..=1.0).contains(v)) {
-            return Err(Error::Input(format!(
-                "pixels: tokenizer inputs must be in [0, 1], got {} at index {i}",
-                batch.pixels[i]
-            )));
-        }
-        let b = batch.pixels.len() / per;
-        Ok(Tensor::from_slice(batch.pixels, (b, c, h, w), &self.device)?.permute((0, 2, 3, 1))?.contiguous()?)
-    }
 
     pub fn train_step(&mut self, batch: &ImageBatch, temperature: f64, kl_weight: f64, lr: f64, seed: u64) -> Result<TokenizerStepMetrics> {
         if !(temperature > 0.0 && temperature.is_finite()) {
@@ -191,47 +152,63 @@ impl TokenizerTrainer {
         if !(kl_weight >= 0.0 && kl_weight.is_finite()) {
             return Err(Error::Input(format!("klWeight must be a finite number >= 0, got {kl_weight}")));
         }
-        let x = map_pixels(&self.images(batch)?)?;
-        let logits = self.model.encoder.forward(&x)?;
-        let (b, h, w, v) = logits.dims4()?;
-        let soft = scaled_softmax(&(&logits + gumbel_noise(logits.dims(), seed, &self.device)?)?, None, 1.0 / temperature)?;
-        let out = self.model.decoder.forward(&soft)?;
-        let recon = reconstruction_loss(&out, &x, self.training.recon_loss)?;
-        let kl = kl_to_uniform(&logits)?;
-        let values_per_position = (x.elem_count() / (b * h * w)) as f64;
-        let loss = (&recon + (&kl * (kl_weight / values_per_position))?)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(Error::Numeric(format!("tokenizer loss is {loss_value}: the update was skipped")));
-        }
-        let grads = loss.backward()?;
-        let grad_norm = self.optimizer.step(&grads, lr)?;
-        if let Some(ema) = &self.ema {
-            for ((_, e), (_, p)) in ema.vars.iter().zip(&self.vars) {
-                e.as_tensor().inplace_op2(p.as_tensor(), &EmaUpdate { decay: ema.decay })?;
+        self.check_images(batch)?;
+        let recon = self.options.recon_loss;
+        let (loss, recon_loss, kl, codes, grads) = match &mut self.backend {
+            Backend::Engine(e) => {
+                let mut codes = Vec::new();
+                let out = e.engine.loss_and_grads(batch.pixels, batch.height, batch.width, temperature, kl_weight, recon, seed, &mut codes)?;
+                (out.loss, out.recon, out.kl, codes, None)
+            }
+            Backend::Candle(c) => {
+                let x = map_pixels(&images(&self.config, batch, &c.device)?)?;
+                let logits = c.model.encoder.forward(&x)?;
+                let (b, h, w, _) = logits.dims4()?;
+                let soft = scaled_softmax(&(&logits + gumbel_noise(logits.dims(), seed, &c.device)?)?, None, 1.0 / temperature)?;
+                let out = c.model.decoder.forward(&soft)?;
+                let recon_t = reconstruction_loss(&out, &x, recon)?;
+                let kl_t = kl_to_uniform(&logits)?;
+                let values_per_position = (x.elem_count() / (b * h * w)) as f64;
+                let loss = (&recon_t + (&kl_t * (kl_weight / values_per_position))?)?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                // A non-finite loss is refused by `update`, before any gradient is applied.
+                let grads = if value.is_finite() { Some(loss.backward()?) } else { None };
+                let codes = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+                (value, recon_t.to_scalar::<f32>()? as f64, kl_t.to_scalar::<f32>()? as f64, codes, grads)
+            }
+        };
+        let grad_norm = self.update(loss, grads.as_ref(), lr)?;
+        let (perplexity, codes_used) = code_usage(&codes, self.config.vocab_size);
+        Ok(TokenizerStepMetrics { loss, recon_loss, kl, perplexity, codes_used, grad_norm })
+    }
+
+    /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic), from the EMA
+    /// weights when the tokenizer keeps them. Runs in the tokenizer's precision (bf16 suits MIM
+    /// targets, which need only the argmax; training and decoding stay f32).
+    pub fn encode(&mut self, batch: &ImageBatch) -> Result<Vec<i32>> {
+        let ids = match self.encode_ids(batch)? {
+            TokenIds::Host(ids) => ids,
+            TokenIds::Device(ids) => ids.to_vec1::<u32>()?,
+        };
+        Ok(ids.into_iter().map(|i| i as i32).collect())
+    }
+
+    /// [`Self::encode`]'s ids where they are computed: on the host (engine) or the device.
+    pub(crate) fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
+        self.check_images(batch)?;
+        let precision = self.precision();
+        match &mut self.backend {
+            Backend::Engine(e) => Ok(TokenIds::Host(e.engine.encode(e.ema.as_deref(), batch.pixels, batch.height, batch.width)?)),
+            Backend::Candle(c) => {
+                let x = map_pixels(&images(&self.config, batch, &c.device)?)?.to_dtype(precision.dtype())?;
+                let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
+                Ok(TokenIds::Device(model.encoder.forward(&x)?.argmax(D::Minus1)?.flatten_all()?))
             }
         }
-        let ids = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
-        let (perplexity, codes_used) = code_usage(&ids, v);
-        Ok(TokenizerStepMetrics {
-            loss: loss_value,
-            recon_loss: recon.to_scalar::<f32>()? as f64,
-            kl: kl.to_scalar::<f32>()? as f64,
-            perplexity,
-            codes_used,
-            grad_norm,
-        })
     }
 
-    /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic).
-    pub fn encode(&self, batch: &ImageBatch) -> Result<Vec<i32>> {
-        let x = map_pixels(&self.images(batch)?)?.to_dtype(self.encode_precision.dtype())?;
-        let ids = self.eval_model().encoder.forward(&x)?.argmax(D::Minus1)?;
-        Ok(ids.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|i| i as i32).collect())
-    }
-
-    /// Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w].
-    pub fn decode(&self, ids: &[i32], height: usize, width: usize) -> Result<Vec<f32>> {
+    /// Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w], from the EMA weights when kept.
+    pub fn decode(&mut self, ids: &[i32], height: usize, width: usize) -> Result<Vec<f32>> {
         let v = self.config.vocab_size;
         if height == 0 || width == 0 || ids.is_empty() || ids.len() % (height * width) != 0 {
             return Err(Error::Input(format!(
@@ -243,59 +220,50 @@ impl TokenizerTrainer {
         if let Some(i) = ids.iter().position(|&id| id < 0 || id as usize >= v) {
             return Err(Error::Input(format!("ids: token id {} at index {i} is out of range [0, {v})", ids[i])));
         }
-        let b = ids.len() / (height * width);
         let flat: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        let one_hot = Tensor::eye(v, DType::F32, &self.device)?
-            .index_select(&Tensor::from_vec(flat, ids.len(), &self.device)?, 0)?
-            .reshape((b, height, width, v))?;
-        let model = self.eval_model();
-        let images = model.reconstruction(&model.decoder.forward(&one_hot)?)?;
-        Ok(images.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1::<f32>()?)
+        match &mut self.backend {
+            Backend::Engine(e) => e.engine.decode(e.ema.as_deref(), &flat, height, width),
+            Backend::Candle(c) => {
+                let b = ids.len() / (height * width);
+                let one_hot = Tensor::eye(v, DType::F32, &c.device)?
+                    .index_select(&Tensor::from_vec(flat, ids.len(), &c.device)?, 0)?
+                    .reshape((b, height, width, v))?;
+                let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
+                let images = model.reconstruction(&model.decoder.forward(&one_hot)?)?;
+                Ok(images.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
     }
+}
 
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> =
-            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        for (name, t) in self.optimizer.state_tensors() {
-            tensors.push((format!("{OPTIM_PREFIX}{name}"), t));
-        }
-        if let Some(ema) = &self.ema {
-            tensors.extend(ema.vars.iter().map(|(n, v)| (format!("{EMA_PREFIX}{n}"), v.as_tensor().clone())));
-        }
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("config".to_string(), self.config.to_json()),
-            ("training".to_string(), serde_json::to_string(&self.training).expect("serialisable")),
-            ("step".to_string(), self.optimizer.step.to_string()),
-        ]);
-        checkpoint::save(path, &tensors, metadata)
+/// Checks [B, C, H, W] images in [0, 1] of a size the tokenizer can take; returns B.
+fn check_images(config: &DvaeConfig, batch: &ImageBatch) -> Result<usize> {
+    let c = config.num_channels;
+    let (h, w) = (batch.height, batch.width);
+    let d = config.downsample();
+    if h == 0 || w == 0 || h % d != 0 || w % d != 0 {
+        return Err(Error::Input(format!(
+            "image size {h}x{w}: height and width must be positive multiples of the tokenizer's downsampling factor {d}"
+        )));
     }
+    let per = c * h * w;
+    if batch.pixels.is_empty() || batch.pixels.len() % per != 0 {
+        return Err(Error::Input(format!(
+            "pixels: expected a positive multiple of {per} values (C*H*W = {c}*{h}*{w}), got {}",
+            batch.pixels.len()
+        )));
+    }
+    if let Some(i) = batch.pixels.iter().position(|v| !(0.0..=1.0).contains(v)) {
+        return Err(Error::Input(format!("pixels: tokenizer inputs must be in [0, 1], got {} at index {i}", batch.pixels[i])));
+    }
+    Ok(batch.pixels.len() / per)
+}
 
-    pub fn load(path: &Path) -> Result<Self> {
-        let mut file = checkpoint::load(path)?;
-        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        let format = file.meta("format", path)?;
-        if format != FORMAT {
-            return Err(in_file(Error::Checkpoint(format!("format {format:?}, expected {FORMAT:?} (a tokenizer checkpoint)"))));
-        }
-        let config = DvaeConfig::from_json(file.meta("config", path)?)?;
-        let training: TokenizerTraining = serde_json::from_str(file.meta("training", path)?)
-            .map_err(|e| in_file(Error::Checkpoint(format!("bad training metadata: {e}"))))?;
-        let step: u64 = file.meta("step", path)?.parse().map_err(|e| in_file(Error::Checkpoint(format!("bad step: {e}"))))?;
-        let moments = file.take_prefixed(OPTIM_PREFIX);
-        let ema = file.take_prefixed(EMA_PREFIX);
-        let device = Device::Cpu;
-        let (model, vars) = ParamStore::from_tensors(file.tensors)
-            .build(DType::F32, &device, |vb| Dvae::new(&config, vb))
-            .map_err(in_file)?;
-        let ema = if ema.is_empty() { None } else { Some(ema) };
-        let mut trainer = Self::assemble(config, training, model, vars, ema, device).map_err(in_file)?;
-        // Weights converted from elsewhere (DALL-E's) come at step 0 without optimizer state.
-        if step > 0 || !moments.is_empty() {
-            trainer.optimizer.restore(moments, step).map_err(in_file)?;
-        }
-        Ok(trainer)
-    }
+/// [B, C, H, W] in [0, 1] -> [B, H, W, C] tensor on `device`, checked.
+fn images(config: &DvaeConfig, batch: &ImageBatch, device: &Device) -> Result<Tensor> {
+    let b = check_images(config, batch)?;
+    let shape = (b, config.num_channels, batch.height, batch.width);
+    Ok(Tensor::from_slice(batch.pixels, shape, device)?.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
 /// Gumbel(0, 1) noise from a seeded generator, so a step can be replayed.
@@ -349,37 +317,3 @@ fn code_usage(ids: &[u32], vocab: usize) -> (f64, usize) {
     (entropy.exp(), counts.iter().filter(|&&c| c > 0).count())
 }
 
-/// ema = decay * ema + (1 - decay) * p
-struct EmaUpdate {
-    decay: f64,
-}
-
-impl InplaceOp2 for EmaUpdate {
-    fn name(&self) -> &'static str {
-        "ema-update"
-    }
-
-    fn cpu_fwd(&self, s1: &mut candle_core::CpuStorage, l1: &Layout, s2: &candle_core::CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(e), F32(p)) = (s1, s2) else { candle_core::bail!("ema-update: expected f32 tensors") };
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("ema-update: expected contiguous tensors")
-        };
-        let (d, one_minus) = (self.decay as f32, (1.0 - self.decay) as f32);
-        for (ei, &pi) in e[a1..b1].iter_mut().zip(&p[a2..b2]) {
-            *ei = d * *ei + one_minus * pi;
-        }
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
-        use crate::cuda::*;
-        use candle_core::backend::BackendStorage;
-        let dev = s2.device().clone();
-        let p = input::<f32>(self.name(), s2, l2)?;
-        let mut e = f32_in_out(self.name(), s1, l1)?;
-        let (count, decay) = (l1.shape().elem_count() as u64, self.decay as f32);
-        launch!(dev, "ema_update", elementwise(count as usize), [&mut e, &p, &count, &decay])
-    }
-}

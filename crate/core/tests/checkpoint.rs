@@ -58,13 +58,13 @@ fn loading_into_another_config_names_the_tensor_and_shapes() {
     let path = dir.join("m.safetensors");
     MimTrainer::new(tiny_config(), AdamWConfig::default(), 1).unwrap().save(&path).unwrap();
     let other = BeitConfig { hidden_size: 12, intermediate_size: 12, ..tiny_config() };
-    let err = MimTrainer::load(&path, Some(&other)).err().expect("must fail").to_string();
+    let err = MimTrainer::load(&path, Some(other.clone())).err().expect("must fail").to_string();
     assert!(
         err.contains("beit.embeddings.cls_token") && err.contains("[1, 1, 8]") && err.contains("[1, 1, 12]"),
         "{err}"
     );
     let fewer_layers = BeitConfig { num_hidden_layers: 1, ..tiny_config() };
-    let err = MimTrainer::load(&path, Some(&fewer_layers)).err().expect("must fail").to_string();
+    let err = MimTrainer::load(&path, Some(fewer_layers.clone())).err().expect("must fail").to_string();
     assert!(err.contains("does not use") && err.contains("beit.encoder.layer.1."), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

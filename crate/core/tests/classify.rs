@@ -134,9 +134,9 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
     a.train_state = Some(r#"{"step":1}"#.into());
     let path = dir.join("cls.safetensors");
     a.save(&path).unwrap();
-    let mut b = ClassifierTrainer::load(&path).unwrap();
+    let mut b = ClassifierTrainer::load(&path, None).unwrap();
     assert_eq!(b.train_state.as_deref(), Some(r#"{"step":1}"#));
-    assert_eq!(b.finetune.layer_decay, 0.7);
+    assert_eq!(b.options.layer_decay, 0.7);
     assert_eq!(b.optimizer_step(), 1);
     let ma = a.train_step(&pixels, &[0, 1, 2, 0], 1e-3, 8).unwrap();
     let mb = b.train_step(&pixels, &[0, 1, 2, 0], 1e-3, 8).unwrap();

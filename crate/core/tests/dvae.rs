@@ -171,9 +171,9 @@ fn save_load_round_trips_exactly_with_ema() {
     }
     let path = dir.join("tok.safetensors");
     a.save(&path).unwrap();
-    let mut b = TokenizerTrainer::load(&path).unwrap();
+    let mut b = TokenizerTrainer::load(&path, None).unwrap();
     assert_eq!(b.config, cfg);
-    assert_eq!(b.optimizer.step, 3);
+    assert_eq!(b.optimizer_step(), 3);
     assert_eq!(a.encode(&batch).unwrap(), b.encode(&batch).unwrap());
     assert_eq!(a.decode(&[0, 1, 2, 3, 4, 0, 1, 2], 2, 2).unwrap(), b.decode(&[0, 1, 2, 3, 4, 0, 1, 2], 2, 2).unwrap());
     let (ma, mb) = (a.train_step(&batch, 0.5, 0.1, 1e-3, 9).unwrap(), b.train_step(&batch, 0.5, 0.1, 1e-3, 9).unwrap());
@@ -182,14 +182,14 @@ fn save_load_round_trips_exactly_with_ema() {
     // A BEiT checkpoint is not a tokenizer.
     let mim = dir.join("mim.safetensors");
     beit_core::MimTrainer::new(tiny_config(), Default::default(), 0).unwrap().save(&mim).unwrap();
-    let err = TokenizerTrainer::load(&mim).err().unwrap().to_string();
+    let err = TokenizerTrainer::load(&mim, None).err().unwrap().to_string();
     assert!(err.contains("beit-mim/1") && err.contains("tokenizer checkpoint"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn bad_tokenizer_inputs_are_clear_errors() {
-    let t = TokenizerTrainer::new(tiny_dvae(), tiny_training(), 0).unwrap();
+    let mut t = TokenizerTrainer::new(tiny_dvae(), tiny_training(), 0).unwrap();
     let px = squares(2, 2, 8);
     let cases: Vec<(Vec<f32>, usize, &str)> = vec![
         (px[..100].to_vec(), 8, "expected a positive multiple of 128 values (C*H*W = 2*8*8), got 100"),

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use beit_core::config::Pooling;
-use beit_core::dvae::map_pixels;
+use beit_core::dvae::{map_pixels, Dvae};
 use beit_core::hf::{self, HfLayout};
 use beit_core::model::{BeitForImageClassification, BeitForMaskedImageModeling};
 use beit_core::optim::AdamWConfig;
 use beit_core::params::ParamStore;
-use beit_core::{ClassifierTrainer, FinetuneOptions, MimTrainer, TokenizerTrainer};
+use beit_core::{ClassifierTrainer, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer};
 use candle_core::{Device, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
@@ -234,15 +234,22 @@ fn resizing_keeps_the_cls_entries_and_is_the_identity_at_the_same_size() {
 fn dall_e_weights_converted_from_the_package_match_its_encoder_and_decoder() {
     let dir = fixture("dalle");
     let io = read_io(&dir);
-    let tokenizer = TokenizerTrainer::load(&dir.join("dvae.safetensors")).unwrap();
+    let mut tokenizer = TokenizerTrainer::load(&dir.join("dvae.safetensors"), None).unwrap();
     assert_eq!((tokenizer.config.num_groups, tokenizer.config.vocab_size), (4, 32));
     let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let reference = candle_model(tokenizer.weights().unwrap(), |vb| Dvae::new(&tokenizer.config, vb));
     let pixels = nhwc(&io["pixels"]);
-    let logits = tokenizer.model.encoder.forward(&map_pixels(&pixels).unwrap()).unwrap();
+    let logits = reference.encoder.forward(&map_pixels(&pixels).unwrap()).unwrap();
     assert_close("DALL-E encoder logits", &values(&logits), &values(&nhwc(&io["logits"])));
     let ids: Vec<i32> = io["ids"].flatten_all().unwrap().to_vec1().unwrap();
     let one_hot: Vec<f32> = ids.iter().flat_map(|&i| (0..32).map(move |k| if k == i { 1.0 } else { 0.0 })).collect();
     let one_hot = Tensor::from_vec(one_hot, (2, 2, 2, 32), &Device::Cpu).unwrap();
-    let decoded = tokenizer.model.decoder.forward(&one_hot).unwrap();
+    let decoded = reference.decoder.forward(&one_hot).unwrap();
     assert_close("DALL-E decoder output", &values(&decoded), &values(&nhwc(&io["decoded"])));
+    // The CPU engine (what encode and decode run on) gives the package's ids and images.
+    let (_, _, h, w) = io["pixels"].dims4().unwrap();
+    let nchw = values(&io["pixels"]);
+    assert_eq!(tokenizer.encode(&ImageBatch { pixels: &nchw, height: h, width: w }).unwrap(), ids, "DALL-E ids");
+    let images = reference.reconstruction(&nhwc(&io["decoded"])).unwrap().permute((0, 3, 1, 2)).unwrap();
+    assert_close("DALL-E reconstructions", &tokenizer.decode(&ids, 2, 2).unwrap(), &values(&images));
 }

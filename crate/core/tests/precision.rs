@@ -141,7 +141,7 @@ fn bf16_tokenizer_encoding_agrees_with_f32() {
     let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 6, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let full = t.encode(&images).unwrap();
-    t.set_encode_precision(Precision::Bf16);
+    t.set_precision(Precision::Bf16).unwrap();
     let mixed = t.encode(&images).unwrap();
     let agree = full.iter().zip(&mixed).filter(|(a, b)| a == b).count();
     // Near-ties of the argmax may flip under bf16 rounding; most ids must not.

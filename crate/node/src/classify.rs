@@ -7,7 +7,7 @@ use beit_core::{ClassifierConfig, ClassifierStepMetrics, ClassifierTrainer, Fine
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, image_size_pair, job, lock, parse_optimizer, Job};
+use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
 
 fn parse_finetune(json: &str) -> beit_core::Result<FinetuneOptions> {
     let options: FinetuneOptions = serde_json::from_str(json)
@@ -38,6 +38,8 @@ pub struct NativeClassifier {
 fn wrap(trainer: ClassifierTrainer) -> Result<NativeClassifier> {
     Ok(NativeClassifier { inner: Arc::new(Mutex::new(trainer)) })
 }
+
+trainer_methods!(NativeClassifier);
 
 #[napi]
 impl NativeClassifier {
@@ -103,74 +105,7 @@ impl NativeClassifier {
     /// Reads a checkpoint written by `save`.
     #[napi(ts_return_type = "Promise<NativeClassifier>")]
     pub fn load(path: String) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
-        job(move || ClassifierTrainer::load(&PathBuf::from(path)), wrap)
-    }
-
-    /// Moves the model (weights and optimizer state) to "cpu", "cuda" or "cuda:N".
-    #[napi]
-    pub fn to_device(&self, device: String) -> Result<()> {
-        guarded(|| lock(&self.inner)?.to_device(&beit_core::device::parse(&device)?))
-    }
-
-    /// Where the model runs: "cpu" or "cuda:N".
-    #[napi(getter)]
-    pub fn device(&self) -> Result<String> {
-        guarded(|| Ok(beit_core::device::name(&lock(&self.inner)?.device())))
-    }
-
-    /// Activation precision of training and inference: "f32" or "bf16" (mixed precision:
-    /// bf16 activations and matmuls, f32 weights, moments, reductions and loss).
-    #[napi(getter)]
-    pub fn precision(&self) -> Result<String> {
-        guarded(|| Ok(lock(&self.inner)?.precision().name().to_string()))
-    }
-
-    #[napi(setter)]
-    pub fn set_precision(&self, precision: String) -> Result<()> {
-        guarded(|| {
-            lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?)?;
-            Ok(())
-        })
-    }
-
-    #[napi(getter)]
-    pub fn config_json(&self) -> Result<String> {
-        guarded(|| Ok(lock(&self.inner)?.config.to_json()))
-    }
-
-    #[napi(getter)]
-    pub fn finetune_json(&self) -> Result<String> {
-        guarded(|| Ok(serde_json::to_string(&lock(&self.inner)?.finetune).expect("serialisable")))
-    }
-
-    #[napi(getter)]
-    pub fn num_parameters(&self) -> Result<f64> {
-        guarded(|| Ok(lock(&self.inner)?.num_parameters() as f64))
-    }
-
-    #[napi(getter)]
-    pub fn optimizer_step(&self) -> Result<f64> {
-        guarded(|| Ok(lock(&self.inner)?.optimizer_step() as f64))
-    }
-
-    /// The caller's training state (JSON), saved with and loaded from checkpoints.
-    #[napi(getter)]
-    pub fn train_state(&self) -> Result<Option<String>> {
-        guarded(|| Ok(lock(&self.inner)?.train_state.clone()))
-    }
-
-    #[napi(setter)]
-    pub fn set_train_state(&self, state: Option<String>) -> Result<()> {
-        guarded(|| {
-            lock(&self.inner)?.train_state = state;
-            Ok(())
-        })
-    }
-
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<Job<(), ()>> {
-        let model = self.inner.clone();
-        job(move || lock(&model)?.save(&PathBuf::from(path)), |()| Ok(()))
+        job(move || ClassifierTrainer::load(&PathBuf::from(path), None), wrap)
     }
 
     /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.

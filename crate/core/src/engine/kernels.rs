@@ -442,6 +442,20 @@ pub fn adamw<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], h: AdamSte
 }
 
 multiversion! {
+    fn ema_rows<T>(ema: &mut [T], p: &[T], d: T, one_minus: T) {
+        for (e, &v) in ema.iter_mut().zip(p) {
+            *e = d * *e + one_minus * v;
+        }
+    }
+}
+
+/// ema = decay * ema + (1 - decay) * p, the operations of `optim::ema_update`.
+pub fn ema<T: Real>(ema: &mut [T], p: &[T], decay: f64) {
+    let (d, one_minus) = (T::from_f64(decay), T::from_f64(1.0 - decay));
+    ema.par_chunks_mut(16384).zip(p.par_chunks(16384)).for_each(|(e, p)| ema_rows(e, p, d, one_minus));
+}
+
+multiversion! {
     fn sum_of_squares_rows<T>(x: &[T]) -> f64 {
         let mut acc = [0.0f64; LANES];
         let full = x.len() / LANES * LANES;

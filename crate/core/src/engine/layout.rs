@@ -104,3 +104,17 @@ impl Layout {
         }
     }
 }
+
+impl Layout {
+    /// The values of `tensors` (name, shape, values; the layout's entry order) in one buffer.
+    pub fn flatten<T: Copy + Default>(&self, tensors: &[(String, Vec<usize>, Vec<T>)]) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); self.len];
+        for ((name, _, values), entry) in tensors.iter().zip(&self.entries) {
+            if values.len() != entry.slot.len {
+                return Err(Error::Config(format!("engine: {name} has {} values for shape {:?}", values.len(), entry.shape)));
+            }
+            entry.slot.of_mut(&mut out).copy_from_slice(values);
+        }
+        Ok(out)
+    }
+}

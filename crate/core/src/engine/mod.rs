@@ -15,6 +15,8 @@
 //! compare the two step for step, and check every gradient by finite differences in f64.
 
 pub mod adamw;
+pub mod conv;
+pub mod dvae;
 pub mod kernels;
 pub mod layout;
 pub mod matmul;
@@ -31,6 +33,46 @@ use kernels::{add_bias, add_column_sums, bias_gelu, layer_norm, layer_norm_backw
 use layout::{slots_mut, Layout, Slot};
 use matmul::{matmul, matmul_raw, Mat, Threads};
 pub use simd::Real;
+
+/// What the trainers need of an engine: its weights and gradients in flat buffers.
+pub trait FlatEngine {
+    fn layout(&self) -> &Layout;
+    fn params(&self) -> &[f32];
+    /// The weights to update and the gradient of the last backward pass.
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]);
+    /// Frees the activation buffers (rebuilt on the next call).
+    fn release_buffers(&mut self);
+}
+
+impl FlatEngine for BeitEngine<f32> {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    fn params(&self) -> &[f32] {
+        &self.params
+    }
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
+        (&mut self.params, &self.grads)
+    }
+    fn release_buffers(&mut self) {
+        (self.train, self.eval) = (None, None);
+    }
+}
+
+impl FlatEngine for dvae::DvaeEngine<f32> {
+    fn layout(&self) -> &Layout {
+        self.layout()
+    }
+    fn params(&self) -> &[f32] {
+        &self.params
+    }
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
+        (&mut self.params, &self.grads)
+    }
+    fn release_buffers(&mut self) {
+        self.release_buffers()
+    }
+}
 
 /// What sits on the backbone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,13 +365,7 @@ impl<T: Real> BeitEngine<T> {
         let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
         let layout = Layout::new(&shapes);
         let slots = Slots::new(cfg, head, &layout)?;
-        let mut params = vec![T::ZERO; layout.len];
-        for ((name, _, values), entry) in tensors.iter().zip(&layout.entries) {
-            if values.len() != entry.slot.len {
-                return Err(Error::Config(format!("engine: {name} has {} values for shape {:?}", values.len(), entry.shape)));
-            }
-            entry.slot.of_mut(&mut params).copy_from_slice(values);
-        }
+        let params = layout.flatten(tensors)?;
         let (gh, gw) = cfg.grid();
         let index = relative_position_index(gh, gw).into_iter().map(|i| i as usize).collect();
         let grads = vec![T::ZERO; layout.len];
@@ -379,11 +415,6 @@ impl<T: Real> BeitEngine<T> {
 
     fn put_back(&mut self, ws: Workspace<T>, training: bool) {
         *(if training { &mut self.train } else { &mut self.eval }) = Some(ws);
-    }
-
-    /// Frees the activation buffers (they are rebuilt on the next call).
-    pub fn release_buffers(&mut self) {
-        (self.train, self.eval) = (None, None);
     }
 
     // -----------------------------------------------------------------------------------------

@@ -1,0 +1,278 @@
+//! "Same" k x k convolutions (stride 1, zero padding (k-1)/2) on NHWC buffers for the dVAE
+//! engine, as GEMMs over im2col tiles: the columns of a few thousand output pixels at a time
+//! (a few MB, cache-resident) instead of the whole im2col matrix, which is k*k times the
+//! input (close to a GB for DALL-E's first 3x3 convolutions at batch 8). The data gradient is
+//! the convolution of the output gradient with the flipped, transposed kernel, tiled the same
+//! way, so no col2im scatter is needed.
+
+use rayon::prelude::*;
+
+use super::kernels::{add_bias, add_column_sums};
+use super::matmul::{matmul, Mat, Threads};
+use super::simd::{multiversion, Real};
+
+/// An NHWC activation's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nhwc {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Nhwc {
+    pub fn pixels(&self) -> usize {
+        self.b * self.h * self.w
+    }
+
+    pub fn len(&self) -> usize {
+        self.pixels() * self.c
+    }
+
+    pub fn with_channels(self, c: usize) -> Self {
+        Self { c, ..self }
+    }
+}
+
+/// Values of one im2col tile: 2M (8 MB of f32).
+const TILE_VALUES: usize = 1 << 21;
+
+/// Pixels per tile for rows of `row` values.
+fn tile_pixels(row: usize) -> usize {
+    (TILE_VALUES / row.max(1)).max(1)
+}
+
+/// The im2col rows of output pixels p0..p0+n: cols[i, (ky, kx, c)] = f(x[b, y+ky-pad, x+kx-pad, c])
+/// (0 outside the image), f = ReLU when `relu`.
+fn im2col_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, p0: usize, cols: &mut [T]) {
+    let row = k * k * s.c;
+    let pad = (k - 1) / 2;
+    cols.par_chunks_mut(row * 64).enumerate().for_each(|(chunk, out)| {
+        for (i, dst) in out.chunks_exact_mut(row).enumerate() {
+            let p = p0 + chunk * 64 + i;
+            let (bi, yx) = (p / (s.h * s.w), p % (s.h * s.w));
+            let (y, xx) = (yx / s.w, yx % s.w);
+            for ky in 0..k {
+                let sy = (y + ky).wrapping_sub(pad);
+                for kx in 0..k {
+                    let sx = (xx + kx).wrapping_sub(pad);
+                    let o = &mut dst[(ky * k + kx) * s.c..(ky * k + kx + 1) * s.c];
+                    if sy < s.h && sx < s.w {
+                        let src = &x[((bi * s.h + sy) * s.w + sx) * s.c..][..s.c];
+                        copy_maybe_relu(src, o, relu);
+                    } else {
+                        o.fill(T::ZERO);
+                    }
+                }
+            }
+        }
+    });
+}
+
+multiversion! {
+    fn copy_maybe_relu<T>(src: &[T], dst: &mut [T], relu: bool) {
+        if relu {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v.max_v(T::ZERO);
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// Calls `f(p0, cols)` for each tile of output pixels with its im2col rows of f(x) (the
+/// rows of x themselves, without a copy, for a 1x1 kernel without ReLU).
+fn for_each_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, cols: &mut Vec<T>, mut f: impl FnMut(usize, usize, &[T])) {
+    let row = k * k * s.c;
+    let p = s.pixels();
+    if k == 1 && !relu {
+        return f(0, p, x);
+    }
+    let tile = tile_pixels(row).min(p);
+    if cols.len() < tile * row {
+        cols.resize(tile * row, T::ZERO);
+    }
+    let mut p0 = 0;
+    while p0 < p {
+        let n = tile.min(p - p0);
+        im2col_tile(x, s, k, relu, p0, &mut cols[..n * row]);
+        f(p0, n, &cols[..n * row]);
+        p0 += n;
+    }
+}
+
+/// y[p, :] = bias + W . im2col(f(x))[p] for `weight` [c_out, k*k*c_in] (im2col column order;
+/// for k = 1 the checkpoint layout [c_out, c_in] itself).
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, weight: &[T], bias: &[T], y: &mut [T], cols: &mut Vec<T>) {
+    let (row, c_out) = (k * k * s.c, bias.len());
+    for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
+        let out = &mut y[p0 * c_out..(p0 + n) * c_out];
+        matmul(out, Mat::dense(n, c_out), tile, Mat::dense(n, row), weight, Mat::dense(c_out, row).t(), false, T::ONE, Threads::Pool);
+    });
+    add_bias(&mut y[..s.pixels() * c_out], bias);
+}
+
+/// The weight and bias gradients of [`forward`] from dy [P, c_out]: dweight [c_out, k*k*c_in]
+/// and dbias are added to.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_params<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    k: usize,
+    dy: &[T],
+    dweight: &mut [T],
+    dbias: &mut [T],
+    cols: &mut Vec<T>,
+    scratch: &mut Vec<T>,
+) {
+    let (row, c_out) = (k * k * s.c, dbias.len());
+    for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
+        let g = &dy[p0 * c_out..(p0 + n) * c_out];
+        matmul(dweight, Mat::dense(c_out, row), g, Mat::dense(n, c_out).t(), tile, Mat::dense(n, row), true, T::ONE, Threads::Pool);
+    });
+    add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
+}
+
+/// d loss / d x of [`forward`] from dy [P, c_out]: the convolution of dy with `flipped`
+/// [c_in, k*k*c_out] (see [`flip`]; for k = 1, the weight [c_out, c_in] itself), then the
+/// ReLU's mask (x >= 0, as candle's ReLU backward) when the forward applied one.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_input<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, flipped: &[T], c_out: usize, dy: &[T], dx: &mut [T], cols: &mut Vec<T>) {
+    let ds = s.with_channels(c_out);
+    let row = k * k * c_out;
+    if k == 1 {
+        let p = s.pixels();
+        matmul(&mut dx[..p * s.c], Mat::dense(p, s.c), dy, Mat::dense(p, c_out), flipped, Mat::dense(c_out, s.c), false, T::ONE, Threads::Pool);
+    } else {
+        for_each_tile(dy, ds, k, false, cols, |p0, n, tile| {
+            let out = &mut dx[p0 * s.c..(p0 + n) * s.c];
+            matmul(out, Mat::dense(n, s.c), tile, Mat::dense(n, row), flipped, Mat::dense(s.c, row).t(), false, T::ONE, Threads::Pool);
+        });
+    }
+    if relu {
+        relu_mask(&x[..s.len()], &mut dx[..s.len()]);
+    }
+}
+
+multiversion! {
+    fn relu_mask_rows<T>(x: &[T], dx: &mut [T]) {
+        for (d, &v) in dx.iter_mut().zip(x) {
+            *d = if v >= T::ZERO { *d } else { T::ZERO };
+        }
+    }
+}
+
+/// dx *= (x >= 0).
+pub fn relu_mask<T: Real>(x: &[T], dx: &mut [T]) {
+    dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, x)| relu_mask_rows(x, d));
+}
+
+/// [c_out, c_in, k, k] (checkpoint layout) -> [c_out, k*k*c_in] (im2col column order).
+pub fn pack<T: Real>(w: &[T], c_in: usize, k: usize, out: &mut [T]) {
+    out.par_chunks_mut(k * k * c_in).enumerate().for_each(|(o, row)| {
+        for i in 0..c_in {
+            for j in 0..k * k {
+                row[j * c_in + i] = w[(o * c_in + i) * k * k + j];
+            }
+        }
+    });
+}
+
+/// [c_out, c_in, k, k] -> [c_in, k*k*c_out] with the window reversed: the kernel whose "same"
+/// convolution of dy is d loss / d x.
+pub fn flip<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
+    let kk = k * k;
+    out.par_chunks_mut(kk * c_out).enumerate().for_each(|(i, row)| {
+        for o in 0..c_out {
+            for j in 0..kk {
+                row[(kk - 1 - j) * c_out + o] = w[(o * c_in + i) * kk + j];
+            }
+        }
+    });
+}
+
+/// The adjoint of [`pack`]: adds packed [c_out, k*k*c_in] gradients to a checkpoint-layout one.
+pub fn unpack_add<T: Real>(packed: &[T], c_in: usize, k: usize, out: &mut [T]) {
+    out.par_chunks_mut(c_in * k * k).enumerate().for_each(|(o, dst)| {
+        for i in 0..c_in {
+            for j in 0..k * k {
+                dst[i * k * k + j] += packed[o * k * k * c_in + j * c_in + i];
+            }
+        }
+    });
+}
+
+/// 2x2 max-pooling, stride 2.
+pub fn max_pool2<T: Real>(x: &[T], s: Nhwc, y: &mut [T]) {
+    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
+    y[..s.len() / 4].par_chunks_mut(ow * c).enumerate().for_each(|(boy, out)| {
+        let (bi, oy) = (boy / oh, boy % oh);
+        for ox in 0..ow {
+            let at = |dy: usize, dx: usize| ((bi * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * c;
+            let (a, b, cc, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+            for ch in 0..c {
+                let mut m = x[a + ch];
+                for v in [x[b + ch], x[cc + ch], x[d + ch]] {
+                    if v > m {
+                        m = v;
+                    }
+                }
+                out[ox * c + ch] = m;
+            }
+        }
+    });
+}
+
+/// Backward of [`max_pool2`]: each window's gradient goes to its first maximum (row-major).
+pub fn max_pool2_backward<T: Real>(x: &[T], s: Nhwc, y: &[T], dy: &[T], dx: &mut [T]) {
+    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
+    dx[..s.len()].par_chunks_mut(2 * s.w * c).enumerate().for_each(|(boy, out)| {
+        out.fill(T::ZERO);
+        let (bi, oy) = (boy / oh, boy % oh);
+        for ox in 0..ow {
+            for ch in 0..c {
+                let o = ((bi * oh + oy) * ow + ox) * c + ch;
+                for (ddy, ddx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    if x[((bi * s.h + 2 * oy + ddy) * s.w + 2 * ox + ddx) * c + ch] == y[o] {
+                        out[(ddy * s.w + 2 * ox + ddx) * c + ch] = dy[o];
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// 2x nearest-neighbour upsampling: [b, h, w, c] -> [b, 2h, 2w, c].
+pub fn upsample2<T: Real>(x: &[T], s: Nhwc, y: &mut [T]) {
+    let c = s.c;
+    y[..4 * s.len()].par_chunks_mut(2 * s.w * c).enumerate().for_each(|(boy, out)| {
+        let (bi, iy) = (boy / (2 * s.h), boy % (2 * s.h) / 2);
+        for ix in 0..s.w {
+            let src = &x[((bi * s.h + iy) * s.w + ix) * c..][..c];
+            out[2 * ix * c..][..c].copy_from_slice(src);
+            out[(2 * ix + 1) * c..][..c].copy_from_slice(src);
+        }
+    });
+}
+
+/// Backward of [`upsample2`] (`s`: the input's dimensions): the sum of each 2x2 block.
+pub fn upsample2_backward<T: Real>(dy: &[T], s: Nhwc, dx: &mut [T]) {
+    let c = s.c;
+    dx[..s.len()].par_chunks_mut(s.w * c).enumerate().for_each(|(biy, out)| {
+        let (bi, iy) = (biy / s.h, biy % s.h);
+        for ix in 0..s.w {
+            let o = &mut out[ix * c..][..c];
+            o.fill(T::ZERO);
+            for (ddy, ddx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let src = &dy[((bi * 2 * s.h + 2 * iy + ddy) * 2 * s.w + 2 * ix + ddx) * c..][..c];
+                for (d, &v) in o.iter_mut().zip(src) {
+                    *d += v;
+                }
+            }
+        }
+    });
+}

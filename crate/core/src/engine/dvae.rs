@@ -1,0 +1,753 @@
+//! The dVAE tokenizer on the CPU engine: DALL-E's encoder and decoder as explicit forward and
+//! backward passes over NHWC buffers allocated once per batch shape, convolutions as tiled
+//! im2col GEMMs (`conv`), and the training objective of `tokenizer.rs` (Gumbel-softmax
+//! relaxation, logit-Laplace or MSE reconstruction, KL to the uniform prior) with the same
+//! noise draws, so both paths compute the same numbers.
+
+use rayon::prelude::*;
+
+use crate::dvae::{DvaeConfig, LOGIT_LAPLACE_EPS};
+use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+use crate::tokenizer::ReconLoss;
+
+use super::conv::{self, Nhwc};
+use super::kernels;
+use super::layout::{slots_mut, Layout, Slot};
+use super::simd::{multiversion, Real};
+
+/// One convolution: its parameter slots and where its packed and flipped copies live.
+#[derive(Clone, Copy)]
+struct Conv {
+    w: Slot,
+    b: Slot,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    /// [c_out, k*k*c_in] in `packed` (k > 1 only).
+    packed: Slot,
+    /// [c_in, k*k*c_out] in `flipped` (k > 1 only).
+    flipped: Slot,
+}
+
+struct Block {
+    id_path: Option<Conv>,
+    res_path: [Conv; 4],
+}
+
+/// What sits between two groups of blocks.
+#[derive(Clone, Copy, PartialEq)]
+enum Resample {
+    MaxPool,
+    Upsample,
+}
+
+struct Net {
+    input: Conv,
+    groups: Vec<Vec<Block>>,
+    output: Conv,
+    resample: Resample,
+    post_gain: f64,
+}
+
+/// Parameter slots by name, and room in the packed/flipped buffers, handed out in order.
+struct Builder<'a> {
+    layout: &'a Layout,
+    packed: usize,
+}
+
+impl Builder<'_> {
+    fn conv(&mut self, path: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
+        let w = self.layout.slot(&format!("{path}.w"), &[c_out, c_in, k, k])?;
+        let b = self.layout.slot(&format!("{path}.b"), &[c_out])?;
+        let len = if k > 1 { w.len } else { 0 };
+        let packed = Slot { offset: self.packed, len };
+        self.packed += len;
+        Ok(Conv { w, b, c_in, c_out, k, packed, flipped: packed })
+    }
+
+    /// `prefix.blocks.*` of an encoder (`encoder`) or decoder, as dvae.rs builds them.
+    fn net(&mut self, cfg: &DvaeConfig, prefix: &str, encoder: bool) -> Result<Net> {
+        let p = format!("{prefix}.blocks");
+        let groups = cfg.num_groups;
+        let (input, n_in, kernels, widths): (Conv, usize, [usize; 4], Vec<usize>) = if encoder {
+            let widths = (0..groups).map(|g| cfg.hidden_size << g).collect();
+            (self.conv(&format!("{p}.input"), cfg.num_channels, cfg.hidden_size, 7)?, cfg.hidden_size, [3, 3, 3, 1], widths)
+        } else {
+            let widths = (0..groups).map(|g| cfg.hidden_size << (groups - 1 - g)).collect();
+            (self.conv(&format!("{p}.input"), cfg.vocab_size, cfg.decoder_input_size, 1)?, cfg.decoder_input_size, [1, 3, 3, 3], widths)
+        };
+        let mut width_in = n_in;
+        let mut out_groups = Vec::new();
+        for (g, &n_out) in widths.iter().enumerate() {
+            let mut blocks = Vec::new();
+            for b in 0..cfg.blocks_per_group {
+                let block_in = if b == 0 { width_in } else { n_out };
+                let path = format!("{p}.group_{}.block_{}", g + 1, b + 1);
+                let hid = n_out / 4;
+                let id_path = if block_in != n_out { Some(self.conv(&format!("{path}.id_path"), block_in, n_out, 1)?) } else { None };
+                let shapes = [(block_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
+                let mut res = Vec::new();
+                for (i, (&(a, c), &k)) in shapes.iter().zip(&kernels).enumerate() {
+                    res.push(self.conv(&format!("{path}.res_path.conv_{}", i + 1), a, c, k)?);
+                }
+                blocks.push(Block { id_path, res_path: [res[0], res[1], res[2], res[3]] });
+            }
+            width_in = n_out;
+            out_groups.push(blocks);
+        }
+        let (last, out_channels) = if encoder { (width_in, cfg.vocab_size) } else { (width_in, 2 * cfg.num_channels) };
+        let output = self.conv(&format!("{p}.output.conv"), last, out_channels, 1)?;
+        let layers = (groups * cfg.blocks_per_group) as f64;
+        let resample = if encoder { Resample::MaxPool } else { Resample::Upsample };
+        Ok(Net { input, groups: out_groups, output, resample, post_gain: 1.0 / (layers * layers) })
+    }
+}
+
+/// The activations of one block kept for the backward pass: its res path's pre-activations
+/// and its output (the next block's input).
+struct BlockActs<T> {
+    res: [Vec<T>; 3],
+    out: Vec<T>,
+}
+
+/// The activation shapes of a net for one input shape.
+struct Plan {
+    /// The shape at each group (channels: the group's input width).
+    groups: Vec<Nhwc>,
+    /// The largest activation, in values.
+    largest: usize,
+}
+
+impl Net {
+    fn plan(&self, input: Nhwc) -> Plan {
+        let mut s = input.with_channels(self.input.c_out);
+        let mut largest = input.len().max(s.len());
+        let mut groups = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            groups.push(s);
+            for b in group {
+                for c in &b.res_path {
+                    largest = largest.max(s.pixels() * c.c_out);
+                }
+            }
+            s = s.with_channels(group[0].res_path[3].c_out);
+            if g + 1 < self.groups.len() {
+                s = match self.resample {
+                    Resample::MaxPool => Nhwc { h: s.h / 2, w: s.w / 2, ..s },
+                    Resample::Upsample => Nhwc { h: s.h * 2, w: s.w * 2, ..s },
+                };
+                largest = largest.max(s.len());
+            }
+        }
+        largest = largest.max(s.pixels() * self.output.c_out);
+        Plan { groups, largest }
+    }
+
+    /// The output shape for an input shape.
+    fn output_shape(&self, input: Nhwc) -> Nhwc {
+        let last = *self.plan(input).groups.last().expect("a net has groups");
+        last.with_channels(self.output.c_out)
+    }
+}
+
+/// One net's activations for one batch shape.
+struct NetActs<T> {
+    /// The input conv's output: the first block's input.
+    first: Vec<T>,
+    blocks: Vec<Vec<BlockActs<T>>>,
+    /// Each group's resampled output but the last's: the next group's input.
+    resampled: Vec<Vec<T>>,
+    output: Vec<T>,
+    shapes: Vec<Nhwc>,
+}
+
+impl<T: Real> NetActs<T> {
+    fn new(net: &Net, input: Nhwc) -> Self {
+        let z = |n: usize| vec![T::ZERO; n];
+        let shapes = net.plan(input).groups;
+        let blocks = net
+            .groups
+            .iter()
+            .zip(&shapes)
+            .map(|(group, s)| {
+                group.iter().map(|b| BlockActs { res: [0, 1, 2].map(|i| z(s.pixels() * b.res_path[i].c_out)), out: z(s.pixels() * b.res_path[3].c_out) }).collect()
+            })
+            .collect();
+        let resampled = shapes[1..].iter().zip(&net.groups).map(|(s, prev)| z(s.pixels() * prev[0].res_path[3].c_out)).collect();
+        let last = shapes.last().expect("a net has groups");
+        Self { first: z(shapes[0].len()), blocks, resampled, output: z(last.pixels() * net.output.c_out), shapes }
+    }
+
+    /// The input of block `b` of group `g`.
+    fn block_input(&self, g: usize, b: usize) -> &[T] {
+        match (g, b) {
+            (0, 0) => &self.first,
+            (g, 0) => &self.resampled[g - 1],
+            (g, b) => &self.blocks[g][b - 1].out,
+        }
+    }
+
+    fn last(&self) -> &[T] {
+        &self.blocks.last().and_then(|g| g.last()).expect("a net has blocks").out
+    }
+}
+
+impl<T> Default for BlockActs<T> {
+    fn default() -> Self {
+        Self { res: [Vec::new(), Vec::new(), Vec::new()], out: Vec::new() }
+    }
+}
+
+/// Scratch shared by the passes: im2col tiles, partial sums, a block's res-path output and
+/// the gradient buffers of the backward pass.
+struct Scratch<T> {
+    cols: Vec<T>,
+    partial: Vec<T>,
+    branch: Vec<T>,
+    grads: [Vec<T>; 4],
+    dweight: Vec<T>,
+}
+
+/// What a workspace is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Train,
+    Encode,
+    Decode,
+}
+
+struct Workspace<T> {
+    input: Nhwc,
+    /// The mapped images (Train, Encode) or the one-hot codes (Decode).
+    x: Vec<T>,
+    encoder: Option<NetActs<T>>,
+    decoder: Option<NetActs<T>>,
+    /// Training only: the relaxed codes (the decoder's input), and the gradients at the two
+    /// ends of the decoder and at the logits.
+    soft: Vec<T>,
+    dout: Vec<T>,
+    dsoft: Vec<T>,
+    dlogits: Vec<T>,
+    scratch: Scratch<T>,
+}
+
+/// Metrics of one training step.
+#[derive(Debug, Clone, Copy)]
+pub struct DvaeLoss {
+    pub loss: f64,
+    pub recon: f64,
+    pub kl: f64,
+}
+
+/// The weights one pass reads: raw, packed for the GEMMs and flipped for the data gradients.
+struct Pass<'a, T> {
+    params: &'a [T],
+    packed: &'a [T],
+    flipped: &'a [T],
+}
+
+impl<T: Real> Pass<'_, T> {
+    fn weight(&self, c: &Conv) -> &[T] {
+        if c.k > 1 {
+            c.packed.of(self.packed)
+        } else {
+            c.w.of(self.params)
+        }
+    }
+
+    fn conv(&self, c: &Conv, x: &[T], s: Nhwc, relu: bool, y: &mut [T], cols: &mut Vec<T>) {
+        conv::forward(x, s.with_channels(c.c_in), relu, c.k, self.weight(c), c.b.of(self.params), y, cols);
+    }
+
+    /// Forward through `net` from `input` of shape `s`.
+    fn forward(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut NetActs<T>, scratch: &mut Scratch<T>) {
+        self.conv(&net.input, input, s, false, &mut acts.first, &mut scratch.cols);
+        let gain = T::from_f64(net.post_gain);
+        for g in 0..net.groups.len() {
+            let sg = acts.shapes[g];
+            for (b, block) in net.groups[g].iter().enumerate() {
+                // The block writes its own buffers; its input is an earlier one.
+                let mut current = std::mem::take(&mut acts.blocks[g][b]);
+                let x = acts.block_input(g, b);
+                let [r0, r1, r2, r3] = &block.res_path;
+                self.conv(r0, x, sg, true, &mut current.res[0], &mut scratch.cols);
+                let [a0, a1, a2] = &mut current.res;
+                self.conv(r1, a0, sg, true, a1, &mut scratch.cols);
+                self.conv(r2, a1, sg, true, a2, &mut scratch.cols);
+                let branch = &mut scratch.branch[..sg.pixels() * r3.c_out];
+                self.conv(r3, a2, sg, true, branch, &mut scratch.cols);
+                match &block.id_path {
+                    Some(id) => self.conv(id, x, sg, false, &mut current.out, &mut scratch.cols),
+                    None => current.out.copy_from_slice(x),
+                }
+                add_scaled(&mut current.out, branch, gain);
+                acts.blocks[g][b] = current;
+            }
+            if g + 1 < net.groups.len() {
+                let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
+                let last = &acts.blocks[g].last().expect("blocks").out;
+                match net.resample {
+                    Resample::MaxPool => conv::max_pool2(last, s_out, &mut acts.resampled[g]),
+                    Resample::Upsample => conv::upsample2(last, s_out, &mut acts.resampled[g]),
+                }
+            }
+        }
+        let s_last = *acts.shapes.last().expect("groups");
+        let mut output = std::mem::take(&mut acts.output);
+        self.conv(&net.output, acts.last(), s_last, true, &mut output, &mut scratch.cols);
+        acts.output = output;
+    }
+
+    /// Backward through `net` from d output `dout`: the parameter gradients are added to
+    /// `grads`, and d input written to `input_grad` when given (the encoder needs none).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&self, net: &Net, input: &[T], s: Nhwc, acts: &NetActs<T>, dout: &[T], grads: &mut [T], scratch: &mut Scratch<T>, input_grad: Option<&mut [T]>) {
+        let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, .. } = scratch;
+        let mut conv_bwd = |c: &Conv, x: &[T], s: Nhwc, relu: bool, dy: &[T], dx: Option<&mut [T]>| {
+            self.conv_backward(c, x, s, relu, dy, dx, grads, cols, partial, dweight)
+        };
+        let s_last = *acts.shapes.last().expect("groups");
+        // d output -> d (the last block's output), in g1.
+        conv_bwd(&net.output, acts.last(), s_last, true, dout, Some(g1));
+        let gain = T::from_f64(net.post_gain);
+        for g in (0..net.groups.len()).rev() {
+            let sg = acts.shapes[g];
+            if g + 1 < net.groups.len() {
+                // g1: d (group g + 1's input), back through the resampling into g0.
+                let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
+                let last = &acts.blocks[g].last().expect("blocks").out;
+                match net.resample {
+                    Resample::MaxPool => conv::max_pool2_backward(last, s_out, &acts.resampled[g], g1, g0),
+                    Resample::Upsample => conv::upsample2_backward(g1, s_out, g0),
+                }
+                std::mem::swap(g0, g1);
+            }
+            for (b, block) in net.groups[g].iter().enumerate().rev() {
+                // g1: d (block output). The res path from d r = gain * dy, conv by conv.
+                let x = acts.block_input(g, b);
+                let [a0, a1, a2] = &acts.blocks[g][b].res;
+                let [r0, r1, r2, r3] = &block.res_path;
+                let n_out = sg.pixels() * r3.c_out;
+                scale_into(&g1[..n_out], gain, &mut g2[..n_out]);
+                conv_bwd(r3, a2, sg, true, g2, Some(g3));
+                conv_bwd(r2, a1, sg, true, g3, Some(g2));
+                conv_bwd(r1, a0, sg, true, g2, Some(g3));
+                conv_bwd(r0, x, sg, true, g3, Some(g0));
+                // ... plus the id path's share: d input in g0.
+                let n_in = sg.pixels() * r0.c_in;
+                match &block.id_path {
+                    None => add_scaled(&mut g0[..n_in], &g1[..n_in], T::ONE),
+                    Some(id) => {
+                        conv_bwd(id, x, sg, false, g1, Some(g2));
+                        add_scaled(&mut g0[..n_in], &g2[..n_in], T::ONE);
+                    }
+                }
+                std::mem::swap(g0, g1);
+            }
+        }
+        // g1: d (the input conv's output).
+        conv_bwd(&net.input, input, s, false, g1, input_grad);
+    }
+
+    /// Parameter gradients of one convolution from dy, and d input when asked.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_backward(
+        &self,
+        c: &Conv,
+        x: &[T],
+        s: Nhwc,
+        relu: bool,
+        dy: &[T],
+        dx: Option<&mut [T]>,
+        grads: &mut [T],
+        cols: &mut Vec<T>,
+        partial: &mut Vec<T>,
+        dweight: &mut Vec<T>,
+    ) {
+        let s = s.with_channels(c.c_in);
+        let [gw, gb] = slots_mut(grads, [c.w, c.b]);
+        if c.k > 1 {
+            dweight.resize(dweight.len().max(c.w.len), T::ZERO);
+            let dw = &mut dweight[..c.w.len];
+            dw.fill(T::ZERO);
+            conv::backward_params(x, s, relu, c.k, dy, dw, gb, cols, partial);
+            conv::unpack_add(dw, c.c_in, c.k, gw);
+        } else {
+            conv::backward_params(x, s, relu, c.k, dy, gw, gb, cols, partial);
+        }
+        if let Some(dx) = dx {
+            let flipped = if c.k > 1 { c.flipped.of(self.flipped) } else { c.w.of(self.params) };
+            conv::backward_input(x, s, relu, c.k, flipped, c.c_out, dy, dx, cols);
+        }
+    }
+}
+
+pub struct DvaeEngine<T> {
+    cfg: DvaeConfig,
+    layout: Layout,
+    encoder: Net,
+    decoder: Net,
+    pub params: Vec<T>,
+    pub grads: Vec<T>,
+    packed: Vec<T>,
+    flipped: Vec<T>,
+    /// One workspace per kind, kept while the input shape stays.
+    workspaces: [Option<Workspace<T>>; 3],
+}
+
+/// Activation values an evaluation chunk may hold (encode/decode run over chunks of images).
+const EVAL_VALUES: usize = 1 << 25;
+
+impl<T: Real> DvaeEngine<T> {
+    /// An engine over `tensors` (name, shape, values) in the creation order of dvae.rs's `Dvae`.
+    pub fn new(cfg: &DvaeConfig, tensors: &[(String, Vec<usize>, Vec<T>)]) -> Result<Self> {
+        let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+        let layout = Layout::new(&shapes);
+        let mut builder = Builder { layout: &layout, packed: 0 };
+        let encoder = builder.net(cfg, "encoder", true)?;
+        let decoder = builder.net(cfg, "decoder", false)?;
+        let packed_len = builder.packed;
+        let params = layout.flatten(tensors)?;
+        let grads = vec![T::ZERO; layout.len];
+        Ok(Self {
+            cfg: cfg.clone(),
+            layout,
+            encoder,
+            decoder,
+            params,
+            grads,
+            packed: vec![T::ZERO; packed_len],
+            flipped: vec![T::ZERO; packed_len],
+            workspaces: [None, None, None],
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn release_buffers(&mut self) {
+        self.workspaces = [None, None, None];
+    }
+
+    fn workspace(&mut self, kind: Kind, input: Nhwc) -> Workspace<T> {
+        match self.workspaces[kind as usize].take() {
+            Some(ws) if ws.input == input => ws,
+            old => {
+                drop(old); // free the old buffers before allocating the new ones
+                let z = |n: usize| vec![T::ZERO; n];
+                let training = kind == Kind::Train;
+                let (encoder, decoder) = match kind {
+                    Kind::Train => (Some(input), Some(self.encoder.output_shape(input))),
+                    Kind::Encode => (Some(input), None),
+                    Kind::Decode => (None, Some(input)),
+                };
+                let largest = [encoder.map(|s| self.encoder.plan(s).largest), decoder.map(|s| self.decoder.plan(s).largest)]
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(0);
+                let t = if training { self.encoder.output_shape(input).len() } else { 0 };
+                Workspace {
+                    input,
+                    x: z(input.len()),
+                    encoder: encoder.map(|s| NetActs::new(&self.encoder, s)),
+                    decoder: decoder.map(|s| NetActs::new(&self.decoder, s)),
+                    soft: z(t),
+                    dout: z(if training { input.pixels() * 2 * input.c } else { 0 }),
+                    dsoft: z(t),
+                    dlogits: z(t),
+                    scratch: Scratch {
+                        cols: Vec::new(),
+                        partial: Vec::new(),
+                        branch: z(largest),
+                        grads: if training { [z(largest), z(largest), z(largest), z(largest)] } else { Default::default() },
+                        dweight: Vec::new(),
+                    },
+                }
+            }
+        }
+    }
+
+    fn put_back(&mut self, kind: Kind, ws: Workspace<T>) {
+        self.workspaces[kind as usize] = Some(ws);
+    }
+
+    /// Packs every k > 1 convolution of `weights` (default: the engine's) for the GEMMs,
+    /// and, for a backward pass, flips them for the data gradients.
+    fn pack(&mut self, weights: Option<&[T]>, flipped: bool) {
+        let params = weights.unwrap_or(&self.params);
+        for net in [&self.encoder, &self.decoder] {
+            for c in convs(net).iter().filter(|c| c.k > 1) {
+                conv::pack(c.w.of(params), c.c_in, c.k, c.packed.of_mut(&mut self.packed));
+                if flipped {
+                    conv::flip(c.w.of(params), c.c_out, c.c_in, c.k, c.flipped.of_mut(&mut self.flipped));
+                }
+            }
+        }
+    }
+
+    fn input_shape(&self, pixels: usize, height: usize, width: usize) -> Result<Nhwc> {
+        let c = self.cfg.num_channels;
+        let d = self.cfg.downsample();
+        let per = c * height * width;
+        if height == 0 || width == 0 || height % d != 0 || width % d != 0 || pixels == 0 || pixels % per != 0 {
+            return Err(Error::Input(format!("engine: {pixels} pixel values do not make [B, {c}, {height}, {width}] images divisible by {d}")));
+        }
+        Ok(Nhwc { b: pixels / per, h: height, w: width, c })
+    }
+
+    /// [B, C, H, W] in [0, 1] -> NHWC, mapped to [eps, 1 - eps] as DALL-E's map_pixels.
+    fn map_input(pixels: &[T], s: Nhwc, x: &mut [T]) {
+        let (mul, add) = (T::from_f64(1.0 - 2.0 * LOGIT_LAPLACE_EPS), T::from_f64(LOGIT_LAPLACE_EPS));
+        let hw = s.h * s.w;
+        x.par_chunks_mut(hw * s.c).zip(pixels.par_chunks(hw * s.c)).for_each(|(out, img)| {
+            for p in 0..hw {
+                for c in 0..s.c {
+                    out[p * s.c + c] = img[c * hw + p] * mul + add;
+                }
+            }
+        });
+    }
+
+    /// Forward and backward of the tokenizer objective on [B, C, H, W] images in [0, 1]: the
+    /// gradient is left in `self.grads`, the argmax code of every position in `codes`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads(&mut self, pixels: &[T], height: usize, width: usize, temperature: f64, kl_weight: f64, recon: ReconLoss, seed: u64, codes: &mut Vec<u32>) -> Result<DvaeLoss> {
+        let s = self.input_shape(pixels.len(), height, width)?;
+        let mut ws = self.workspace(Kind::Train, s);
+        self.pack(None, true);
+        Self::map_input(pixels, s, &mut ws.x);
+        let Workspace { x, encoder, decoder, soft, dout, dsoft, dlogits, scratch, .. } = &mut ws;
+        let (encoder, decoder) = (encoder.as_mut().expect("training"), decoder.as_mut().expect("training"));
+        let v = self.cfg.vocab_size;
+        let tokens = self.encoder.output_shape(s);
+        let pass = Pass { params: &self.params, packed: &self.packed, flipped: &self.flipped };
+        pass.forward(&self.encoder, x, s, encoder, scratch);
+        let logits = &encoder.output;
+        argmax_rows(logits, v, codes);
+        // Relaxed codes: softmax((logits + Gumbel noise) / T).
+        gumbel_noise(seed, soft);
+        add_scaled(soft, logits, T::ONE);
+        let inv_t = T::from_f64(1.0 / temperature);
+        soft.par_chunks_mut(v * 16).for_each(|z| kernels::softmax_rows(z, &[], v, inv_t));
+        let kl_scale = kl_weight / (s.len() / tokens.pixels()) as f64;
+        let kl = kl_to_uniform(logits, v, kl_scale / tokens.pixels() as f64, dlogits);
+        pass.forward(&self.decoder, soft, tokens, decoder, scratch);
+        let recon_loss = reconstruction(&decoder.output, x, s.c, recon, dout);
+        self.grads.par_chunks_mut(65536).for_each(|g| g.fill(T::ZERO));
+        pass.backward(&self.decoder, soft, tokens, decoder, dout, &mut self.grads, scratch, Some(dsoft));
+        // Back through the relaxation: d (logits + noise) = softmax'(dsoft) / T.
+        dlogits.par_chunks_mut(v * 16).zip(soft.par_chunks(v * 16)).zip(dsoft.par_chunks_mut(v * 16)).for_each(|((dl, p), ds)| {
+            kernels::softmax_backward_rows(p, ds, v);
+            add_scaled_rows(dl, ds, inv_t);
+        });
+        pass.backward(&self.encoder, x, s, encoder, dlogits, &mut self.grads, scratch, None);
+        self.put_back(Kind::Train, ws);
+        Ok(DvaeLoss { loss: recon_loss + kl * kl_scale, recon: recon_loss, kl })
+    }
+
+    /// Images per evaluation chunk: the largest that keeps ~`EVAL_VALUES` of activations.
+    fn eval_chunk(&self, net: &Net, s: Nhwc) -> usize {
+        let per_image = self.encoder.plan(Nhwc { b: 1, ..s }).largest.max(net.plan(Nhwc { b: 1, ..s }).largest) * 6;
+        (EVAL_VALUES / per_image.max(1)).clamp(1, s.b)
+    }
+
+    /// Argmax token ids [B, H/d, W/d] of [B, C, H, W] images in [0, 1], with `weights` (the
+    /// EMA's, say; default: the engine's).
+    pub fn encode(&mut self, weights: Option<&[T]>, pixels: &[T], height: usize, width: usize) -> Result<Vec<u32>> {
+        let s = self.input_shape(pixels.len(), height, width)?;
+        self.pack(weights, false);
+        let chunk = self.eval_chunk(&self.encoder, s);
+        let image = s.c * s.h * s.w;
+        let mut out = Vec::with_capacity(s.b * s.h * s.w);
+        let mut codes = Vec::new();
+        for start in (0..s.b).step_by(chunk) {
+            let sc = Nhwc { b: chunk.min(s.b - start), ..s };
+            let mut ws = self.workspace(Kind::Encode, sc);
+            Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
+            let Workspace { x, encoder, scratch, .. } = &mut ws;
+            let encoder = encoder.as_mut().expect("encoding");
+            let pass = Pass { params: weights.unwrap_or(&self.params), packed: &self.packed, flipped: &self.flipped };
+            pass.forward(&self.encoder, x, sc, encoder, scratch);
+            argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
+            out.extend_from_slice(&codes);
+            self.put_back(Kind::Encode, ws);
+        }
+        Ok(out)
+    }
+
+    /// Images [B, C, h*d, w*d] in [0, 1] (unmap(sigmoid(mu))) from token ids [B, h, w], with
+    /// `weights` (default: the engine's). Ids must be in range (the caller checks).
+    pub fn decode(&mut self, weights: Option<&[T]>, ids: &[u32], h: usize, w: usize) -> Result<Vec<T>> {
+        let v = self.cfg.vocab_size;
+        if h == 0 || w == 0 || ids.is_empty() || ids.len() % (h * w) != 0 {
+            return Err(Error::Input(format!("engine: {} ids do not make [B, {h}, {w}] grids", ids.len())));
+        }
+        let s = Nhwc { b: ids.len() / (h * w), h, w, c: v };
+        self.pack(weights, false);
+        let chunk = self.eval_chunk(&self.decoder, s);
+        let (c, d) = (self.cfg.num_channels, self.cfg.downsample());
+        let (oh, ow) = (h * d, w * d);
+        let mut out = vec![T::ZERO; s.b * c * oh * ow];
+        let (scale, shift) = (T::from_f64(1.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS)), T::from_f64(LOGIT_LAPLACE_EPS));
+        for start in (0..s.b).step_by(chunk) {
+            let sc = Nhwc { b: chunk.min(s.b - start), ..s };
+            let mut ws = self.workspace(Kind::Decode, sc);
+            let Workspace { x, decoder, scratch, .. } = &mut ws;
+            x.fill(T::ZERO);
+            for (row, &id) in x.chunks_exact_mut(v).zip(&ids[start * h * w..]) {
+                row[id as usize] = T::ONE;
+            }
+            let decoder = decoder.as_mut().expect("decoding");
+            let pass = Pass { params: weights.unwrap_or(&self.params), packed: &self.packed, flipped: &self.flipped };
+            pass.forward(&self.decoder, x, sc, decoder, scratch);
+            // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
+            let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];
+            images.par_chunks_mut(c * oh * ow).zip(decoder.output.par_chunks(oh * ow * 2 * c)).for_each(|(img, o)| {
+                for p in 0..oh * ow {
+                    for ch in 0..c {
+                        let mu = o[p * 2 * c + ch];
+                        let sig = T::ONE / (T::ONE + (T::ZERO - mu).exp());
+                        let v = (sig - shift) * scale;
+                        img[ch * oh * ow + p] = if v < T::ZERO { T::ZERO } else if v > T::ONE { T::ONE } else { v };
+                    }
+                }
+            });
+            self.put_back(Kind::Decode, ws);
+        }
+        Ok(out)
+    }
+}
+
+fn convs(net: &Net) -> Vec<Conv> {
+    let mut out = vec![net.input];
+    for block in net.groups.iter().flatten() {
+        out.extend(block.id_path);
+        out.extend(block.res_path);
+    }
+    out.push(net.output);
+    out
+}
+
+multiversion! {
+    fn add_scaled_rows<T>(y: &mut [T], x: &[T], s: T) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += v * s;
+        }
+    }
+}
+
+/// y += s * x.
+fn add_scaled<T: Real>(y: &mut [T], x: &[T], s: T) {
+    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| add_scaled_rows(y, x, s));
+}
+
+/// y = s * x.
+fn scale_into<T: Real>(x: &[T], s: T, y: &mut [T]) {
+    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * s;
+        }
+    });
+}
+
+/// Index of the first largest value of each row.
+fn argmax_rows<T: Real>(x: &[T], width: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.extend(x.chunks_exact(width).map(|row| {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }));
+}
+
+/// Gumbel(0, 1) noise, the draws of tokenizer.rs's `gumbel_noise` (one SplitMix64 stream in
+/// row-major order), generated in parallel chunks by jumping the stream ahead.
+fn gumbel_noise<T: Real>(seed: u64, out: &mut [T]) {
+    const CHUNK: usize = 16384;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+        let mut rng = SplitMix64::new(seed);
+        rng.skip((i * CHUNK) as u64);
+        for v in o.iter_mut() {
+            let u = rng.uniform().max(1e-20);
+            *v = T::from_f64(-(-u.ln()).ln() as f32 as f64);
+        }
+    });
+}
+
+/// Mean over rows of KL(softmax(z) || uniform) = sum q z - lse + ln V; writes its gradient
+/// times `grad_scale` (q (z - E_q z) per row) to `dlogits`.
+fn kl_to_uniform<T: Real>(logits: &[T], v: usize, grad_scale: f64, dlogits: &mut [T]) -> f64 {
+    let gs = T::from_f64(grad_scale);
+    let ln_v = (v as f64).ln();
+    let total: f64 = dlogits
+        .par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .map(|(d, z)| {
+            let m = super::simd::max(z);
+            let mut sum = T::ZERO;
+            for (o, &zi) in d.iter_mut().zip(z) {
+                *o = (zi - m).exp_v();
+                sum += *o;
+            }
+            let inv = T::ONE / sum;
+            let mut expected = T::ZERO;
+            for (o, &zi) in d.iter_mut().zip(z) {
+                *o = *o * inv;
+                expected += *o * zi;
+            }
+            let lse = m + sum.ln();
+            for (o, &zi) in d.iter_mut().zip(z) {
+                *o = *o * (zi - expected) * gs;
+            }
+            (expected - lse).to_f64() + ln_v
+        })
+        .sum();
+    total / (logits.len() / v) as f64
+}
+
+/// Mean reconstruction loss per pixel value of the decoder output `out` [P, 2C] (mu, then
+/// log b) against mapped pixels `x` [P, C]; its gradient goes to `dout`.
+fn reconstruction<T: Real>(out: &[T], x: &[T], c: usize, kind: ReconLoss, dout: &mut [T]) -> f64 {
+    let n = x.len();
+    let inv_n = T::from_f64(1.0 / n as f64);
+    let ln2 = T::from_f64(std::f64::consts::LN_2);
+    dout[..out.len()]
+        .par_chunks_mut(2 * c * 256)
+        .zip(out.par_chunks(2 * c * 256).zip(x.par_chunks(c * 256)))
+        .map(|(d, (o, x))| {
+            let mut total = 0.0;
+            for ((d, o), x) in d.chunks_exact_mut(2 * c).zip(o.chunks_exact(2 * c)).zip(x.chunks_exact(c)) {
+                for j in 0..c {
+                    let (mu, log_b, xv) = (o[j], o[c + j], x[j]);
+                    match kind {
+                        ReconLoss::LogitLaplace => {
+                            let logit_x = xv.ln() - (T::ONE - xv).ln();
+                            let u = logit_x - mu;
+                            let inv_b = (T::ZERO - log_b).exp();
+                            let abs = if u >= T::ZERO { u } else { T::ZERO - u };
+                            total += (log_b + (xv.ln() + (T::ONE - xv).ln()) + abs * inv_b + ln2).to_f64();
+                            let sign = if u >= T::ZERO { T::ONE } else { T::ZERO - T::ONE };
+                            d[j] = (T::ZERO - sign) * inv_b * inv_n;
+                            d[c + j] = (T::ONE - abs * inv_b) * inv_n;
+                        }
+                        ReconLoss::Mse => {
+                            let s = T::ONE / (T::ONE + (T::ZERO - mu).exp());
+                            total += ((s - xv) * (s - xv)).to_f64();
+                            d[j] = T::from_f64(2.0) * (s - xv) * s * (T::ONE - s) * inv_n;
+                            d[c + j] = T::ZERO;
+                        }
+                    }
+                }
+            }
+            total
+        })
+        .sum::<f64>()
+        / n as f64
+}

@@ -1,0 +1,210 @@
+//! The dVAE on the CPU engine against the candle model it stands in for (same loss, same
+//! gradient for every tensor, same codes and reconstructions) and against finite differences
+//! of its own loss, in f64 on tiny shapes; and its tiled convolutions at tile boundaries.
+
+mod common;
+
+use beit_core::dvae::{map_pixels, Dvae, DvaeConfig};
+use beit_core::engine::conv::{self, Nhwc};
+use beit_core::engine::dvae::DvaeEngine;
+use beit_core::ops::scaled_softmax;
+use beit_core::params::NamedVars;
+use beit_core::rng::SplitMix64;
+use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
+use beit_core::ReconLoss;
+use candle_core::{DType, Device, Tensor, D};
+use common::*;
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn engine(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<f64> {
+    let tensors: Vec<_> = vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), values(v.as_tensor()))).collect();
+    DvaeEngine::new(cfg, &tensors).unwrap()
+}
+
+/// tokenizer.rs's noise: one SplitMix64 stream over the logits in row-major order.
+fn gumbel(dims: &[usize], seed: u64) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let n: usize = dims.iter().product();
+    let g: Vec<f64> = (0..n).map(|_| -(-rng.uniform().max(1e-20).ln()).ln() as f32 as f64).collect();
+    Tensor::from_vec(g, dims, &Device::Cpu).unwrap()
+}
+
+fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
+    let context = format!("{recon:?} {cfg:?}: ");
+    let (model, vars) = build(4, DType::F64, |vb| Dvae::new(cfg, vb));
+    randomise(&vars, 30, 0.4);
+    let [h, w] = cfg.image_size;
+    let c = cfg.num_channels;
+    let pixels: Vec<f64> = random_tensor(&[batch * c * h * w], 7, DType::F64).to_vec1::<f64>().unwrap().iter().map(|v| (v.abs() * 0.4).min(1.0)).collect();
+    let (temperature, kl_weight, seed) = (0.7, 0.3, 21);
+    // The reference: tokenizer.rs's objective through candle's autograd.
+    let nhwc = Tensor::from_slice(&pixels, (batch, c, h, w), &Device::Cpu).unwrap().permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let x = map_pixels(&nhwc).unwrap();
+    let logits = model.encoder.forward(&x).unwrap();
+    let (b, gh, gw, _) = logits.dims4().unwrap();
+    let soft = scaled_softmax(&(&logits + gumbel(logits.dims(), seed)).unwrap(), None, 1.0 / temperature).unwrap();
+    let out = model.decoder.forward(&soft).unwrap();
+    let recon_t = reconstruction_loss(&out, &x, recon).unwrap();
+    let kl_t = kl_to_uniform(&logits).unwrap();
+    let per_position = (x.elem_count() / (b * gh * gw)) as f64;
+    let loss = (&recon_t + (&kl_t * (kl_weight / per_position)).unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+
+    let mut eng = engine(cfg, &vars);
+    let mut codes = Vec::new();
+    let ours = eng.loss_and_grads(&pixels, h, w, temperature, kl_weight, recon, seed, &mut codes).unwrap();
+    let reference = loss.to_scalar::<f64>().unwrap();
+    assert!((ours.loss - reference).abs() < 1e-10 * reference.abs(), "{context}loss {} vs candle {reference}", ours.loss);
+    assert!((ours.kl - kl_t.to_scalar::<f64>().unwrap()).abs() < 1e-10, "{context}kl");
+    let ids: Vec<u32> = logits.argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(codes, ids, "{context}codes");
+    for (name, var) in &vars {
+        let reference = values(grads.get(var).unwrap_or_else(|| panic!("{context}{name}: candle gave no gradient")));
+        let slot = eng.layout().get(name).unwrap().slot;
+        let g = slot.of(&eng.grads);
+        let err = rel_err(g, &reference);
+        assert!(err < 1e-9, "{context}{name}: engine vs candle gradient error {err:e}");
+        // MSE ignores log b, so its output rows get no gradient; every other tensor does.
+        if recon == ReconLoss::LogitLaplace {
+            assert!(g.iter().any(|&v| v != 0.0), "{context}{name}: all-zero gradient");
+        }
+    }
+    // Encode and decode with the engine's weights, and with other weights given (an EMA's).
+    assert_eq!(eng.encode(None, &pixels, h, w).unwrap(), ids, "{context}encode");
+    let zeros = vec![0.0; eng.params.len()];
+    assert!(eng.encode(Some(&zeros), &pixels, h, w).unwrap().iter().all(|&i| i == 0), "{context}encode with zero weights");
+    let one_hot = Tensor::eye(cfg.vocab_size, DType::F64, &Device::Cpu).unwrap().index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0).unwrap().reshape((b, gh, gw, cfg.vocab_size)).unwrap();
+    let images = model.reconstruction(&model.decoder.forward(&one_hot).unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+    let err = rel_err(&eng.decode(None, &ids, gh, gw).unwrap(), &values(&images));
+    assert!(err < 1e-12, "{context}decode error {err:e}");
+
+    // Finite differences of the engine's own loss at a few coordinates of every tensor.
+    let analytic = eng.grads.clone();
+    let hstep = 1e-5;
+    for e in eng.layout().entries.clone() {
+        let (mut worst, mut scale) = (0.0f64, 1e-6f64);
+        for i in (0..e.slot.len).step_by((e.slot.len / 3).max(1)) {
+            let at = e.slot.offset + i;
+            let base = eng.params[at];
+            let mut f = |v: f64| {
+                eng.params[at] = v;
+                eng.loss_and_grads(&pixels, h, w, temperature, kl_weight, recon, seed, &mut codes).unwrap().loss
+            };
+            let numeric = (f(base + hstep) - f(base - hstep)) / (2.0 * hstep);
+            eng.params[at] = base;
+            worst = worst.max((numeric - analytic[at]).abs());
+            scale = scale.max(numeric.abs()).max(analytic[at].abs());
+        }
+        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", e.name, worst / scale);
+    }
+}
+
+/// Two and three groups (max-pooling and upsampling between them), id-path convs and
+/// identity id paths, both reconstruction losses.
+#[test]
+fn dvae_matches_candle_and_finite_differences() {
+    let two = DvaeConfig { image_size: [8, 8], num_channels: 2, hidden_size: 16, num_groups: 2, blocks_per_group: 1, vocab_size: 5, decoder_input_size: 4 };
+    case(&two, ReconLoss::LogitLaplace, 2);
+    case(&two, ReconLoss::Mse, 2);
+    let three = DvaeConfig { image_size: [8, 12], num_channels: 1, hidden_size: 16, num_groups: 3, blocks_per_group: 2, vocab_size: 6, decoder_input_size: 8 };
+    case(&three, ReconLoss::LogitLaplace, 1);
+}
+
+/// Convolutions whose im2col is split into several tiles (tile boundaries inside an image row
+/// and across images) equal one direct evaluation, both passes.
+#[test]
+fn tiled_convolutions_match_the_direct_sum() {
+    let s = Nhwc { b: 3, h: 37, w: 41, c: 70 };
+    let (k, c_out) = (3, 5);
+    let x = values(&random_tensor(&[s.len()], 1, DType::F64));
+    let w = values(&random_tensor(&[c_out * s.c * k * k], 2, DType::F64));
+    let bias = values(&random_tensor(&[c_out], 3, DType::F64));
+    let dy = values(&random_tensor(&[s.pixels() * c_out], 4, DType::F64));
+    let at = |b: usize, y: isize, xx: isize, c: usize| {
+        if y < 0 || xx < 0 || y >= s.h as isize || xx >= s.w as isize {
+            0.0
+        } else {
+            x[((b * s.h + y as usize) * s.w + xx as usize) * s.c + c].max(0.0)
+        }
+    };
+    let mut packed = vec![0.0; w.len()];
+    conv::pack(&w, s.c, k, &mut packed);
+    let mut y = vec![0.0; s.pixels() * c_out];
+    let mut cols = Vec::new();
+    conv::forward(&x, s, true, k, &packed, &bias, &mut y, &mut cols);
+    assert!(cols.len() < s.pixels() * k * k * s.c, "the columns should be tiled");
+    let mut dw = vec![0.0; w.len()];
+    let mut db = vec![0.0; c_out];
+    conv::backward_params(&x, s, true, k, &dy, &mut dw, &mut db, &mut cols, &mut Vec::new());
+    let mut dw_ckpt = vec![0.0; w.len()];
+    conv::unpack_add(&dw, s.c, k, &mut dw_ckpt);
+    let mut flipped = vec![0.0; w.len()];
+    conv::flip(&w, c_out, s.c, k, &mut flipped);
+    let mut dx = vec![0.0; s.len()];
+    conv::backward_input(&x, s, true, k, &flipped, c_out, &dy, &mut dx, &mut cols);
+    let (mut dx_ref, mut dw_ref) = (vec![0.0; s.len()], vec![0.0; w.len()]);
+    let mut worst_y = 0.0f64;
+    for b in 0..s.b {
+        for yy in 0..s.h {
+            for xx in 0..s.w {
+                let p = (b * s.h + yy) * s.w + xx;
+                for o in 0..c_out {
+                    let mut acc = bias[o];
+                    for i in 0..s.c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (sy, sx) = (yy as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                let wi = ((o * s.c + i) * k + ky) * k + kx;
+                                acc += w[wi] * at(b, sy, sx, i);
+                                dw_ref[wi] += dy[p * c_out + o] * at(b, sy, sx, i);
+                                if sy >= 0 && sx >= 0 && sy < s.h as isize && sx < s.w as isize {
+                                    let q = ((b * s.h + sy as usize) * s.w + sx as usize) * s.c + i;
+                                    if x[q] >= 0.0 {
+                                        dx_ref[q] += dy[p * c_out + o] * w[wi];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    worst_y = worst_y.max((acc - y[p * c_out + o]).abs());
+                }
+            }
+        }
+    }
+    assert!(worst_y < 1e-10, "forward: {worst_y:e}");
+    assert!(rel_err(&dw_ckpt, &dw_ref) < 1e-12, "weight gradient");
+    assert!(rel_err(&dx, &dx_ref) < 1e-12, "input gradient");
+    let db_ref: Vec<f64> = (0..c_out).map(|o| (0..s.pixels()).map(|p| dy[p * c_out + o]).sum()).collect();
+    assert!(rel_err(&db, &db_ref) < 1e-12, "bias gradient");
+}
+
+/// f32 tokenizer training on the engine follows candle's autograd step for step (losses,
+/// gradient norms, and the codes of the EMA that encode reads).
+#[test]
+fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
+    use beit_core::{ImageBatch, TokenizerTrainer, TokenizerTraining};
+    let cfg = DvaeConfig { image_size: [16, 16], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
+    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 9, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let batch = ImageBatch { pixels: &pixels, height: 16, width: 16 };
+    let mut engine = TokenizerTrainer::new(cfg.clone(), training.clone(), 4).unwrap();
+    let mut candle = TokenizerTrainer::new(cfg, training, 4).unwrap();
+    candle.set_cpu_engine(false).unwrap();
+    for step in 0..10 {
+        let (e, c) = (engine.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap(), candle.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap());
+        assert!((e.loss - c.loss).abs() < 1e-4 * c.loss.abs(), "step {step}: loss {} vs candle {}", e.loss, c.loss);
+        assert!((e.grad_norm - c.grad_norm).abs() < 1e-3 * c.grad_norm, "step {step}: gradient norm {} vs {}", e.grad_norm, c.grad_norm);
+    }
+    let (ids_e, ids_c) = (engine.encode(&batch).unwrap(), candle.encode(&batch).unwrap());
+    let agree = ids_e.iter().zip(&ids_c).filter(|(a, b)| a == b).count();
+    assert!(agree * 10 >= ids_e.len() * 9, "EMA codes agree at {agree}/{}", ids_e.len());
+}
