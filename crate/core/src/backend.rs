@@ -10,19 +10,18 @@ use candle_nn::VarBuilder;
 
 use crate::device::Precision;
 use crate::engine::adamw::FlatAdamW;
+use crate::engine::layout::Layout;
 use crate::engine::FlatEngine;
 use crate::error::Result;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{NamedVars, ParamStore};
 
-/// Named tensors with their shapes and values, in a model's creation order.
-pub type FlatTensors = [(String, Vec<usize>, Vec<f32>)];
-
 /// How to build one kind of model: its candle constructor, its engine constructor and its
 /// optimizer settings.
 pub struct ModelSpec<'a, M, E> {
     pub new: Box<dyn Fn(VarBuilder) -> candle_core::Result<M> + 'a>,
-    pub engine: Box<dyn Fn(&FlatTensors) -> Result<E> + 'a>,
+    /// The engine over weights laid out by `Layout::new` of the model's tensors.
+    pub engine: Box<dyn Fn(Layout, Vec<f32>) -> Result<E> + 'a>,
     /// Learning-rate multiplier of each parameter (layer-wise decay), by name.
     pub lr_scale: Box<dyn Fn(&str) -> f64 + 'a>,
     pub optimizer: AdamWConfig,
@@ -43,11 +42,34 @@ impl<M, E> ModelSpec<'_, M, E> {
         store.build(DType::F32, device, |vb| (self.new)(vb))
     }
 
-    /// The values `store` gives the model's parameters, in creation order (the candle model is
-    /// built once on the CPU for the names, shapes and initial values).
-    fn values(&self, store: ParamStore) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    /// The engine layout of the model's parameters and the values `store` gives them (the
+    /// candle model is built on the CPU for the names, shapes and values, one copy at a time).
+    fn values(&self, store: ParamStore) -> Result<(Layout, Vec<f32>)> {
         let (_, vars) = self.candle(store, &Device::Cpu)?;
-        vars.iter().map(|(name, v)| Ok((name.clone(), v.dims().to_vec(), v.flatten_all()?.to_vec1::<f32>()?))).collect()
+        let layout = Layout::new(&vars.iter().map(|(name, v)| (name.clone(), v.dims().to_vec())).collect::<Vec<_>>());
+        let mut values = vec![0f32; layout.len];
+        for ((_, var), entry) in vars.iter().zip(&layout.entries) {
+            entry.slot.of_mut(&mut values).copy_from_slice(&var.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((layout, values))
+    }
+}
+
+/// The EMA of the weights on the engine.
+pub(crate) enum Ema {
+    Off,
+    /// Equal to the weights (no update yet): not stored until the first update.
+    Weights,
+    Own(Vec<f32>),
+}
+
+impl Ema {
+    /// The EMA's values, when they differ from the weights'.
+    pub fn own(&self) -> Option<&[f32]> {
+        match self {
+            Self::Own(v) => Some(v),
+            _ => None,
+        }
     }
 }
 
@@ -55,7 +77,7 @@ pub(crate) struct EngineModel<E> {
     pub engine: E,
     pub optimizer: FlatAdamW<f32>,
     /// The EMA of the weights, in the engine's layout.
-    pub ema: Option<Vec<f32>>,
+    pub ema: Ema,
 }
 
 pub(crate) struct CandleModel<M> {
@@ -93,13 +115,14 @@ impl<M, E: FlatEngine> Backend<M, E> {
     pub fn build(spec: &ModelSpec<M, E>, store: ParamStore, ema: Option<ParamStore>, device: &Device, precision: Precision) -> Result<Self> {
         let ema = if spec.ema { ema } else { None };
         if spec.uses_engine(device, precision) {
-            let engine = (spec.engine)(&spec.values(store)?)?;
+            let (layout, values) = spec.values(store)?;
+            let engine = (spec.engine)(layout, values)?;
             let mut optimizer = FlatAdamW::new(spec.optimizer.clone(), engine.layout())?;
             optimizer.set_lr_scales(&spec.lr_scale);
             let ema = match ema {
-                Some(store) => Some(engine.layout().flatten(&spec.values(store)?)?),
-                None if spec.ema => Some(engine.params().to_vec()),
-                None => None,
+                Some(store) => Ema::Own(spec.values(store)?.1),
+                None if spec.ema => Ema::Weights,
+                None => Ema::Off,
             };
             Ok(Self::Engine(Box::new(EngineModel { engine, optimizer, ema })))
         } else {
@@ -159,7 +182,11 @@ impl<M, E: FlatEngine> Backend<M, E> {
     /// The EMA of the weights, if the model keeps one.
     pub fn ema_weights(&self) -> Result<Option<Vec<(String, Tensor)>>> {
         match self {
-            Self::Engine(e) => e.ema.as_ref().map(|ema| engine_tensors(&e.engine, ema)).transpose(),
+            Self::Engine(e) => match &e.ema {
+                Ema::Off => Ok(None),
+                Ema::Weights => Some(engine_tensors(&e.engine, e.engine.params())).transpose(),
+                Ema::Own(ema) => Some(engine_tensors(&e.engine, ema)).transpose(),
+            },
             Self::Candle(c) => Ok(c.ema.as_ref().map(|(_, vars)| var_tensors(vars))),
         }
     }
@@ -206,9 +233,12 @@ impl<M, E: FlatEngine> Backend<M, E> {
     pub fn update(&mut self, grads: Option<&candle_core::backprop::GradStore>, lr: f64, ema_decay: f64) -> Result<f64> {
         match self {
             Self::Engine(e) => {
+                if let Ema::Weights = e.ema {
+                    e.ema = Ema::Own(e.engine.params().to_vec());
+                }
                 let (params, g) = e.engine.params_and_grads();
                 let norm = e.optimizer.update(params, g, lr)?;
-                if let Some(ema) = &mut e.ema {
+                if let Ema::Own(ema) = &mut e.ema {
                     crate::engine::kernels::ema(ema, e.engine.params(), ema_decay);
                 }
                 Ok(norm)

@@ -99,7 +99,7 @@ impl Kind for Classification {
         let head = Head::Classification { num_labels: config.num_labels, pooling: config.pooling };
         ModelSpec {
             new: Box::new(move |vb| BeitForImageClassification::new(config, vb)),
-            engine: Box::new(move |tensors| BeitEngine::new(&config.model, head, tensors)),
+            engine: Box::new(move |layout, params| BeitEngine::from_layout(&config.model, head, layout, params)),
             lr_scale: Box::new(move |name| decay.powi((layers + 1 - layer_id(name, layers)) as i32)),
             optimizer: optimizer.clone(),
             ema: false,

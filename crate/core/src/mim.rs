@@ -46,7 +46,7 @@ impl Kind for Mim {
     fn spec<'a>(config: &'a BeitConfig, _: &'a (), optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Self::Model, Self::Engine> {
         ModelSpec {
             new: Box::new(move |vb| BeitForMaskedImageModeling::new(config, vb)),
-            engine: Box::new(move |tensors| BeitEngine::new(config, Head::MaskedImageModeling, tensors)),
+            engine: Box::new(move |layout, params| BeitEngine::from_layout(config, Head::MaskedImageModeling, layout, params)),
             lr_scale: Box::new(|_| 1.0),
             optimizer: optimizer.clone(),
             ema: false,

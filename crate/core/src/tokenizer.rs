@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::ops::{scaled_softmax, softmax_last_dim};
 use crate::optim::AdamWConfig;
 use crate::params::ParamStore;
-use crate::rng::SplitMix64;
 use crate::trainer::{Kind, Trainer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -93,7 +92,7 @@ impl Kind for Tokenizer {
     fn spec<'a>(config: &'a DvaeConfig, training: &'a TokenizerTraining, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
         ModelSpec {
             new: Box::new(move |vb| Dvae::new(config, vb)),
-            engine: Box::new(move |tensors| DvaeEngine::new(config, tensors)),
+            engine: Box::new(move |layout, params| DvaeEngine::from_layout(config, layout, params)),
             lr_scale: Box::new(|_| 1.0),
             optimizer: optimizer.clone(),
             ema: training.ema_decay > 0.0,
@@ -198,7 +197,7 @@ impl Trainer<Tokenizer> {
         self.check_images(batch)?;
         let precision = self.precision();
         match &mut self.backend {
-            Backend::Engine(e) => Ok(TokenIds::Host(e.engine.encode(e.ema.as_deref(), batch.pixels, batch.height, batch.width)?)),
+            Backend::Engine(e) => Ok(TokenIds::Host(e.engine.encode(e.ema.own(), batch.pixels, batch.height, batch.width)?)),
             Backend::Candle(c) => {
                 let x = map_pixels(&images(&self.config, batch, &c.device)?)?.to_dtype(precision.dtype())?;
                 let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
@@ -222,7 +221,7 @@ impl Trainer<Tokenizer> {
         }
         let flat: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         match &mut self.backend {
-            Backend::Engine(e) => e.engine.decode(e.ema.as_deref(), &flat, height, width),
+            Backend::Engine(e) => e.engine.decode(e.ema.own(), &flat, height, width),
             Backend::Candle(c) => {
                 let b = ids.len() / (height * width);
                 let one_hot = Tensor::eye(v, DType::F32, &c.device)?
@@ -267,15 +266,9 @@ fn images(config: &DvaeConfig, batch: &ImageBatch, device: &Device) -> Result<Te
 }
 
 /// Gumbel(0, 1) noise from a seeded generator, so a step can be replayed.
-fn gumbel_noise(dims: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
-    let mut rng = SplitMix64::new(seed);
-    let n: usize = dims.iter().product();
-    let g: Vec<f32> = (0..n)
-        .map(|_| {
-            let u = rng.uniform().max(1e-20);
-            -(-u.ln()).ln() as f32
-        })
-        .collect();
+pub fn gumbel_noise(dims: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+    let mut g = vec![0f32; dims.iter().product()];
+    crate::engine::kernels::gumbel_noise(seed, &mut g);
     Ok(Tensor::from_vec(g, dims, device)?)
 }
 

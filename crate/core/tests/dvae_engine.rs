@@ -9,8 +9,7 @@ use beit_core::engine::conv::{self, Nhwc};
 use beit_core::engine::dvae::DvaeEngine;
 use beit_core::ops::scaled_softmax;
 use beit_core::params::NamedVars;
-use beit_core::rng::SplitMix64;
-use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
+use beit_core::tokenizer::{gumbel_noise, kl_to_uniform, reconstruction_loss};
 use beit_core::ReconLoss;
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
@@ -30,12 +29,9 @@ fn engine(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<f64> {
     DvaeEngine::new(cfg, &tensors).unwrap()
 }
 
-/// tokenizer.rs's noise: one SplitMix64 stream over the logits in row-major order.
+/// tokenizer.rs's noise (the candle path's), in f64.
 fn gumbel(dims: &[usize], seed: u64) -> Tensor {
-    let mut rng = SplitMix64::new(seed);
-    let n: usize = dims.iter().product();
-    let g: Vec<f64> = (0..n).map(|_| -(-rng.uniform().max(1e-20).ln()).ln() as f32 as f64).collect();
-    Tensor::from_vec(g, dims, &Device::Cpu).unwrap()
+    gumbel_noise(dims, seed, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
 }
 
 fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
@@ -137,7 +133,7 @@ fn tiled_convolutions_match_the_direct_sum() {
         }
     };
     let mut packed = vec![0.0; w.len()];
-    conv::pack(&w, s.c, k, &mut packed);
+    conv::pack(&w, c_out, s.c, k, &mut packed);
     let mut y = vec![0.0; s.pixels() * c_out];
     let mut cols = Vec::new();
     conv::forward(&x, s, true, k, &packed, &bias, &mut y, &mut cols);

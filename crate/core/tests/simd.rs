@@ -48,5 +48,30 @@ fn f32_exp_and_normal_cdf_are_accurate() {
         worst_cdf = worst_cdf.max((cdf - (z as f32 as f64).normal_cdf()).abs());
     }
     assert!(worst_exp < 2.5e-7, "exp: relative error {worst_exp:e}");
+    let mut worst_ln = 0.0f64;
+    for i in 0..=400_000 {
+        let x = (10f64).powf(-20.0 + 22.0 * i as f64 / 400_000.0) as f32;
+        let reference = (x as f64).ln();
+        worst_ln = worst_ln.max(((simd::ln_f32(x) as f64) - reference).abs() / reference.abs().max(1.0));
+    }
+    assert!(worst_ln < 2e-7, "ln: error {worst_ln:e}");
     assert!(worst_cdf < 3e-7, "normal cdf: absolute error {worst_cdf:e}");
+}
+
+/// The parallel Gumbel generator is one SplitMix64 stream (chunked by jumping ahead) and has
+/// Gumbel(0, 1)'s mean (Euler's gamma) and variance (pi^2 / 6).
+#[test]
+fn gumbel_noise_is_one_stream_with_the_right_moments() {
+    let mut noise = vec![0f32; 1 << 20];
+    beit_core::engine::kernels::gumbel_noise(7, &mut noise);
+    let mut rng = beit_core::rng::SplitMix64::new(7);
+    for (i, &g) in noise.iter().enumerate().take(40_000) {
+        let u = rng.uniform().max(1e-20) as f32;
+        assert_eq!(g, -simd::ln_f32(-simd::ln_f32(u)), "draw {i}");
+    }
+    let n = noise.len() as f64;
+    let mean = noise.iter().map(|&g| g as f64).sum::<f64>() / n;
+    let var = noise.iter().map(|&g| (g as f64 - mean).powi(2)).sum::<f64>() / n;
+    assert!((mean - 0.577_215_66).abs() < 5e-3, "mean {mean}");
+    assert!((var - std::f64::consts::PI.powi(2) / 6.0).abs() < 1e-2, "variance {var}");
 }

@@ -44,7 +44,9 @@ impl<T: Real> FlatAdamW<T> {
                 lr_scale: 1.0,
             })
             .collect();
-        Ok(Self { config, step: 0, exp_avg: vec![T::ZERO; layout.len], exp_avg_sq: vec![T::ZERO; layout.len], groups })
+        // The moments are allocated by the first update (or restore): a model that is only
+        // evaluated never holds them.
+        Ok(Self { config, step: 0, exp_avg: Vec::new(), exp_avg_sq: Vec::new(), groups })
     }
 
     /// Sets each parameter's learning-rate multiplier (layer-wise decay) from its name.
@@ -69,6 +71,12 @@ impl<T: Real> FlatAdamW<T> {
             return Err(Error::Numeric(format!("gradient norm is {norm}: the update was skipped (parameters unchanged)")));
         }
         let c = &self.config;
+        let len = grads.len();
+        for m in [&mut self.exp_avg, &mut self.exp_avg_sq] {
+            if m.len() != len {
+                *m = vec![T::ZERO; len];
+            }
+        }
         let clip = c.clip_grad_norm;
         let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.step += 1;
@@ -97,7 +105,12 @@ impl FlatAdamW<f32> {
         let mut out = Vec::with_capacity(2 * self.groups.len());
         for g in &self.groups {
             for (kind, buf) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
-                out.push((format!("{kind}.{}", g.name), Tensor::from_slice(g.slot.of(buf), g.shape.as_slice(), &Device::Cpu)?));
+                let t = if buf.is_empty() {
+                    Tensor::zeros(g.shape.as_slice(), candle_core::DType::F32, &Device::Cpu)?
+                } else {
+                    Tensor::from_slice(g.slot.of(buf), g.shape.as_slice(), &Device::Cpu)?
+                };
+                out.push((format!("{kind}.{}", g.name), t));
             }
         }
         Ok(out)
@@ -106,6 +119,12 @@ impl FlatAdamW<f32> {
     /// Restores moments in that format; every one must be present with the parameter's
     /// shape, and no other may be.
     pub fn restore(&mut self, mut moments: HashMap<String, Tensor>, step: u64) -> Result<()> {
+        let len = self.groups.iter().map(|g| g.slot.offset + g.slot.len).max().unwrap_or(0);
+        for m in [&mut self.exp_avg, &mut self.exp_avg_sq] {
+            if m.len() != len {
+                *m = vec![0.0; len];
+            }
+        }
         for g in &self.groups {
             for (kind, buf) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
                 let t = take_moment(&mut moments, kind, &g.name, &g.shape)?;

@@ -46,38 +46,55 @@ fn tile_pixels(row: usize) -> usize {
 /// (0 outside the image), f = ReLU when `relu`.
 fn im2col_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, p0: usize, cols: &mut [T]) {
     let row = k * k * s.c;
-    let pad = (k - 1) / 2;
-    cols.par_chunks_mut(row * 64).enumerate().for_each(|(chunk, out)| {
+    const ROWS: usize = 64;
+    cols.par_chunks_mut(row * ROWS).enumerate().for_each(|(chunk, out)| im2col_rows(x, s, k, relu, p0 + chunk * ROWS, out));
+}
+
+multiversion! {
+    /// [`im2col_tile`] for the rows of `out`, starting at output pixel `first`.
+    fn im2col_rows<T>(x: &[T], s: Nhwc, k: usize, relu: bool, first: usize, out: &mut [T]) {
+        let row = k * k * s.c;
+        let pad = (k - 1) / 2;
         for (i, dst) in out.chunks_exact_mut(row).enumerate() {
-            let p = p0 + chunk * 64 + i;
+            let p = first + i;
             let (bi, yx) = (p / (s.h * s.w), p % (s.h * s.w));
             let (y, xx) = (yx / s.w, yx % s.w);
+            // The k taps of a window row are k neighbouring pixels, contiguous in NHWC: one copy
+            // of k*c values unless the row crosses the image's left or right edge.
+            let inside = xx >= pad && xx + k - pad <= s.w;
             for ky in 0..k {
                 let sy = (y + ky).wrapping_sub(pad);
-                for kx in 0..k {
-                    let sx = (xx + kx).wrapping_sub(pad);
-                    let o = &mut dst[(ky * k + kx) * s.c..(ky * k + kx + 1) * s.c];
-                    if sy < s.h && sx < s.w {
-                        let src = &x[((bi * s.h + sy) * s.w + sx) * s.c..][..s.c];
-                        copy_maybe_relu(src, o, relu);
-                    } else {
-                        o.fill(T::ZERO);
+                let o = &mut dst[ky * k * s.c..(ky + 1) * k * s.c];
+                if sy >= s.h {
+                    o.fill(T::ZERO);
+                } else if inside {
+                    let src = &x[((bi * s.h + sy) * s.w + xx - pad) * s.c..][..k * s.c];
+                    copy_relu(src, o, relu);
+                } else {
+                    for kx in 0..k {
+                        let sx = (xx + kx).wrapping_sub(pad);
+                        let o = &mut o[kx * s.c..(kx + 1) * s.c];
+                        if sx < s.w {
+                            copy_relu(&x[((bi * s.h + sy) * s.w + sx) * s.c..][..s.c], o, relu);
+                        } else {
+                            o.fill(T::ZERO);
+                        }
                     }
                 }
             }
         }
-    });
+    }
 }
 
-multiversion! {
-    fn copy_maybe_relu<T>(src: &[T], dst: &mut [T], relu: bool) {
-        if relu {
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = v.max_v(T::ZERO);
-            }
-        } else {
-            dst.copy_from_slice(src);
+/// dst = f(src), f = ReLU when `relu`.
+#[inline(always)]
+fn copy_relu<T: Real>(src: &[T], dst: &mut [T], relu: bool) {
+    if relu {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v.max_v(T::ZERO);
         }
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -102,14 +119,13 @@ fn for_each_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, cols: &mut Vec
     }
 }
 
-/// y[p, :] = bias + W . im2col(f(x))[p] for `weight` [c_out, k*k*c_in] (im2col column order;
-/// for k = 1 the checkpoint layout [c_out, c_in] itself).
+/// y[p, :] = bias + im2col(f(x))[p] . W for `packed` [k*k*c_in, c_out] (see [`pack`]).
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, weight: &[T], bias: &[T], y: &mut [T], cols: &mut Vec<T>) {
+pub fn forward<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, packed: &[T], bias: &[T], y: &mut [T], cols: &mut Vec<T>) {
     let (row, c_out) = (k * k * s.c, bias.len());
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let out = &mut y[p0 * c_out..(p0 + n) * c_out];
-        matmul(out, Mat::dense(n, c_out), tile, Mat::dense(n, row), weight, Mat::dense(c_out, row).t(), false, T::ONE, Threads::Pool);
+        matmul(out, Mat::dense(n, c_out), tile, Mat::dense(n, row), packed, Mat::dense(row, c_out), false, T::ONE, Threads::Pool);
     });
     add_bias(&mut y[..s.pixels() * c_out], bias);
 }
@@ -137,7 +153,7 @@ pub fn backward_params<T: Real>(
 }
 
 /// d loss / d x of [`forward`] from dy [P, c_out]: the convolution of dy with `flipped`
-/// [c_in, k*k*c_out] (see [`flip`]; for k = 1, the weight [c_out, c_in] itself), then the
+/// [k*k*c_out, c_in] (see [`flip`]; for k = 1, the weight [c_out, c_in] itself), then the
 /// ReLU's mask (x >= 0, as candle's ReLU backward) when the forward applied one.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_input<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, flipped: &[T], c_out: usize, dy: &[T], dx: &mut [T], cols: &mut Vec<T>) {
@@ -149,7 +165,7 @@ pub fn backward_input<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, flipped: 
     } else {
         for_each_tile(dy, ds, k, false, cols, |p0, n, tile| {
             let out = &mut dx[p0 * s.c..(p0 + n) * s.c];
-            matmul(out, Mat::dense(n, s.c), tile, Mat::dense(n, row), flipped, Mat::dense(s.c, row).t(), false, T::ONE, Threads::Pool);
+            matmul(out, Mat::dense(n, s.c), tile, Mat::dense(n, row), flipped, Mat::dense(row, s.c), false, T::ONE, Threads::Pool);
         });
     }
     if relu {
@@ -170,25 +186,28 @@ pub fn relu_mask<T: Real>(x: &[T], dx: &mut [T]) {
     dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, x)| relu_mask_rows(x, d));
 }
 
-/// [c_out, c_in, k, k] (checkpoint layout) -> [c_out, k*k*c_in] (im2col column order).
-pub fn pack<T: Real>(w: &[T], c_in: usize, k: usize, out: &mut [T]) {
-    out.par_chunks_mut(k * k * c_in).enumerate().for_each(|(o, row)| {
+/// [c_out, c_in, k, k] (checkpoint layout) -> [k*k*c_in, c_out]: rows in im2col column order,
+/// output channels contiguous, the layout the GEMM reads without repacking it for every tile.
+pub fn pack<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
+    let kk = k * k;
+    out.par_chunks_mut(c_in * c_out).enumerate().for_each(|(j, block)| {
         for i in 0..c_in {
-            for j in 0..k * k {
-                row[j * c_in + i] = w[(o * c_in + i) * k * k + j];
+            for o in 0..c_out {
+                block[i * c_out + o] = w[(o * c_in + i) * kk + j];
             }
         }
     });
 }
 
-/// [c_out, c_in, k, k] -> [c_in, k*k*c_out] with the window reversed: the kernel whose "same"
-/// convolution of dy is d loss / d x.
+/// [c_out, c_in, k, k] -> [k*k*c_out, c_in] with the window reversed: the kernel whose "same"
+/// convolution of dy is d loss / d x, in [`pack`]'s layout.
 pub fn flip<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
     let kk = k * k;
-    out.par_chunks_mut(kk * c_out).enumerate().for_each(|(i, row)| {
+    out.par_chunks_mut(c_out * c_in).enumerate().for_each(|(jr, block)| {
+        let j = kk - 1 - jr;
         for o in 0..c_out {
-            for j in 0..kk {
-                row[(kk - 1 - j) * c_out + o] = w[(o * c_in + i) * kk + j];
+            for i in 0..c_in {
+                block[o * c_in + i] = w[(o * c_in + i) * kk + j];
             }
         }
     });

@@ -8,7 +8,6 @@ use rayon::prelude::*;
 
 use crate::dvae::{DvaeConfig, LOGIT_LAPLACE_EPS};
 use crate::error::{Error, Result};
-use crate::rng::SplitMix64;
 use crate::tokenizer::ReconLoss;
 
 use super::conv::{self, Nhwc};
@@ -24,9 +23,9 @@ struct Conv {
     c_in: usize,
     c_out: usize,
     k: usize,
-    /// [c_out, k*k*c_in] in `packed` (k > 1 only).
+    /// [k*k*c_in, c_out] in `packed` (conv::pack).
     packed: Slot,
-    /// [c_in, k*k*c_out] in `flipped` (k > 1 only).
+    /// [k*k*c_out, c_in] in `flipped` (conv::flip; k > 1 only: for k = 1 it is the weight).
     flipped: Slot,
 }
 
@@ -54,16 +53,18 @@ struct Net {
 struct Builder<'a> {
     layout: &'a Layout,
     packed: usize,
+    flipped: usize,
 }
 
 impl Builder<'_> {
     fn conv(&mut self, path: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
         let w = self.layout.slot(&format!("{path}.w"), &[c_out, c_in, k, k])?;
         let b = self.layout.slot(&format!("{path}.b"), &[c_out])?;
-        let len = if k > 1 { w.len } else { 0 };
-        let packed = Slot { offset: self.packed, len };
-        self.packed += len;
-        Ok(Conv { w, b, c_in, c_out, k, packed, flipped: packed })
+        let packed = Slot { offset: self.packed, len: w.len };
+        self.packed += w.len;
+        let flipped = Slot { offset: self.flipped, len: if k > 1 { w.len } else { 0 } };
+        self.flipped += flipped.len;
+        Ok(Conv { w, b, c_in, c_out, k, packed, flipped })
     }
 
     /// `prefix.blocks.*` of an encoder (`encoder`) or decoder, as dvae.rs builds them.
@@ -203,10 +204,17 @@ impl<T> Default for BlockActs<T> {
 /// the gradient buffers of the backward pass.
 struct Scratch<T> {
     cols: Vec<T>,
+    noise: Vec<f32>,
     partial: Vec<T>,
     branch: Vec<T>,
     grads: [Vec<T>; 4],
     dweight: Vec<T>,
+}
+
+/// The two nets.
+enum Part {
+    Encoder,
+    Decoder,
 }
 
 /// What a workspace is for.
@@ -248,16 +256,8 @@ struct Pass<'a, T> {
 }
 
 impl<T: Real> Pass<'_, T> {
-    fn weight(&self, c: &Conv) -> &[T] {
-        if c.k > 1 {
-            c.packed.of(self.packed)
-        } else {
-            c.w.of(self.params)
-        }
-    }
-
     fn conv(&self, c: &Conv, x: &[T], s: Nhwc, relu: bool, y: &mut [T], cols: &mut Vec<T>) {
-        conv::forward(x, s.with_channels(c.c_in), relu, c.k, self.weight(c), c.b.of(self.params), y, cols);
+        conv::forward(x, s.with_channels(c.c_in), relu, c.k, c.packed.of(self.packed), c.b.of(self.params), y, cols);
     }
 
     /// Forward through `net` from `input` of shape `s`.
@@ -402,23 +402,30 @@ const EVAL_VALUES: usize = 1 << 25;
 impl<T: Real> DvaeEngine<T> {
     /// An engine over `tensors` (name, shape, values) in the creation order of dvae.rs's `Dvae`.
     pub fn new(cfg: &DvaeConfig, tensors: &[(String, Vec<usize>, Vec<T>)]) -> Result<Self> {
-        let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-        let layout = Layout::new(&shapes);
-        let mut builder = Builder { layout: &layout, packed: 0 };
+        let layout = Layout::new(&tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect::<Vec<_>>());
+        let params = layout.flatten(tensors)?;
+        Self::from_layout(cfg, layout, params)
+    }
+
+    /// An engine over weights already in `layout` (`Layout::new` of the model's tensors).
+    pub fn from_layout(cfg: &DvaeConfig, layout: Layout, params: Vec<T>) -> Result<Self> {
+        if params.len() != layout.len {
+            return Err(Error::Config(format!("engine: {} weights for a layout of {}", params.len(), layout.len)));
+        }
+        let mut builder = Builder { layout: &layout, packed: 0, flipped: 0 };
         let encoder = builder.net(cfg, "encoder", true)?;
         let decoder = builder.net(cfg, "decoder", false)?;
-        let packed_len = builder.packed;
-        let params = layout.flatten(tensors)?;
-        let grads = vec![T::ZERO; layout.len];
+        // Gradients and packed weights are allocated by the passes that need them: encoding
+        // needs only the encoder's packed weights.
         Ok(Self {
             cfg: cfg.clone(),
             layout,
             encoder,
             decoder,
             params,
-            grads,
-            packed: vec![T::ZERO; packed_len],
-            flipped: vec![T::ZERO; packed_len],
+            grads: Vec::new(),
+            packed: Vec::new(),
+            flipped: Vec::new(),
             workspaces: [None, None, None],
         })
     }
@@ -460,6 +467,7 @@ impl<T: Real> DvaeEngine<T> {
                     dlogits: z(t),
                     scratch: Scratch {
                         cols: Vec::new(),
+                        noise: Vec::new(),
                         partial: Vec::new(),
                         branch: z(largest),
                         grads: if training { [z(largest), z(largest), z(largest), z(largest)] } else { Default::default() },
@@ -474,16 +482,29 @@ impl<T: Real> DvaeEngine<T> {
         self.workspaces[kind as usize] = Some(ws);
     }
 
-    /// Packs every k > 1 convolution of `weights` (default: the engine's) for the GEMMs,
-    /// and, for a backward pass, flips them for the data gradients.
-    fn pack(&mut self, weights: Option<&[T]>, flipped: bool) {
+    /// Packs the convolutions of `nets` from `weights` (default: the engine's) for the GEMMs,
+    /// and, for a backward pass, flips those with k > 1 for the data gradients.
+    fn pack(&mut self, weights: Option<&[T]>, nets: &[Part], flipped: bool) {
         let params = weights.unwrap_or(&self.params);
-        for net in [&self.encoder, &self.decoder] {
-            for c in convs(net).iter().filter(|c| c.k > 1) {
-                conv::pack(c.w.of(params), c.c_in, c.k, c.packed.of_mut(&mut self.packed));
-                if flipped {
-                    conv::flip(c.w.of(params), c.c_out, c.c_in, c.k, c.flipped.of_mut(&mut self.flipped));
-                }
+        let all: Vec<Conv> = nets
+            .iter()
+            .flat_map(|part| convs(match part {
+                Part::Encoder => &self.encoder,
+                Part::Decoder => &self.decoder,
+            }))
+            .collect();
+        let end = |slot: fn(&Conv) -> Slot| all.iter().map(|c| slot(c).offset + slot(c).len).max().unwrap_or(0);
+        let (packed_end, flipped_end) = (end(|c| c.packed), end(|c| c.flipped));
+        if self.packed.len() < packed_end {
+            self.packed.resize(packed_end, T::ZERO);
+        }
+        if flipped && self.flipped.len() < flipped_end {
+            self.flipped.resize(flipped_end, T::ZERO);
+        }
+        for c in all {
+            conv::pack(c.w.of(params), c.c_out, c.c_in, c.k, c.packed.of_mut(&mut self.packed));
+            if flipped && c.k > 1 {
+                conv::flip(c.w.of(params), c.c_out, c.c_in, c.k, c.flipped.of_mut(&mut self.flipped));
             }
         }
     }
@@ -517,7 +538,7 @@ impl<T: Real> DvaeEngine<T> {
     pub fn loss_and_grads(&mut self, pixels: &[T], height: usize, width: usize, temperature: f64, kl_weight: f64, recon: ReconLoss, seed: u64, codes: &mut Vec<u32>) -> Result<DvaeLoss> {
         let s = self.input_shape(pixels.len(), height, width)?;
         let mut ws = self.workspace(Kind::Train, s);
-        self.pack(None, true);
+        self.pack(None, &[Part::Encoder, Part::Decoder], true);
         Self::map_input(pixels, s, &mut ws.x);
         let Workspace { x, encoder, decoder, soft, dout, dsoft, dlogits, scratch, .. } = &mut ws;
         let (encoder, decoder) = (encoder.as_mut().expect("training"), decoder.as_mut().expect("training"));
@@ -526,17 +547,23 @@ impl<T: Real> DvaeEngine<T> {
         let pass = Pass { params: &self.params, packed: &self.packed, flipped: &self.flipped };
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
-        argmax_rows(logits, v, codes);
+        kernels::argmax_rows(logits, v, codes);
         // Relaxed codes: softmax((logits + Gumbel noise) / T).
-        gumbel_noise(seed, soft);
-        add_scaled(soft, logits, T::ONE);
+        let noise = &mut scratch.noise;
+        noise.resize(soft.len(), 0.0);
+        kernels::gumbel_noise(seed, noise);
+        soft.par_chunks_mut(16384).zip(noise.par_chunks(16384)).zip(logits.par_chunks(16384)).for_each(|((s, g), z)| {
+            for ((s, &g), &z) in s.iter_mut().zip(g).zip(z) {
+                *s = z + T::from_f64(g as f64);
+            }
+        });
         let inv_t = T::from_f64(1.0 / temperature);
         soft.par_chunks_mut(v * 16).for_each(|z| kernels::softmax_rows(z, &[], v, inv_t));
         let kl_scale = kl_weight / (s.len() / tokens.pixels()) as f64;
         let kl = kl_to_uniform(logits, v, kl_scale / tokens.pixels() as f64, dlogits);
         pass.forward(&self.decoder, soft, tokens, decoder, scratch);
         let recon_loss = reconstruction(&decoder.output, x, s.c, recon, dout);
-        self.grads.par_chunks_mut(65536).for_each(|g| g.fill(T::ZERO));
+        super::zeroed(&mut self.grads, self.layout.len);
         pass.backward(&self.decoder, soft, tokens, decoder, dout, &mut self.grads, scratch, Some(dsoft));
         // Back through the relaxation: d (logits + noise) = softmax'(dsoft) / T.
         dlogits.par_chunks_mut(v * 16).zip(soft.par_chunks(v * 16)).zip(dsoft.par_chunks_mut(v * 16)).for_each(|((dl, p), ds)| {
@@ -558,7 +585,7 @@ impl<T: Real> DvaeEngine<T> {
     /// EMA's, say; default: the engine's).
     pub fn encode(&mut self, weights: Option<&[T]>, pixels: &[T], height: usize, width: usize) -> Result<Vec<u32>> {
         let s = self.input_shape(pixels.len(), height, width)?;
-        self.pack(weights, false);
+        self.pack(weights, &[Part::Encoder], false);
         let chunk = self.eval_chunk(&self.encoder, s);
         let image = s.c * s.h * s.w;
         let mut out = Vec::with_capacity(s.b * s.h * s.w);
@@ -571,7 +598,7 @@ impl<T: Real> DvaeEngine<T> {
             let encoder = encoder.as_mut().expect("encoding");
             let pass = Pass { params: weights.unwrap_or(&self.params), packed: &self.packed, flipped: &self.flipped };
             pass.forward(&self.encoder, x, sc, encoder, scratch);
-            argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
+            kernels::argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
             self.put_back(Kind::Encode, ws);
         }
@@ -586,7 +613,7 @@ impl<T: Real> DvaeEngine<T> {
             return Err(Error::Input(format!("engine: {} ids do not make [B, {h}, {w}] grids", ids.len())));
         }
         let s = Nhwc { b: ids.len() / (h * w), h, w, c: v };
-        self.pack(weights, false);
+        self.pack(weights, &[Part::Decoder], false);
         let chunk = self.eval_chunk(&self.decoder, s);
         let (c, d) = (self.cfg.num_channels, self.cfg.downsample());
         let (oh, ow) = (h * d, w * d);
@@ -653,63 +680,36 @@ fn scale_into<T: Real>(x: &[T], s: T, y: &mut [T]) {
     });
 }
 
-/// Index of the first largest value of each row.
-fn argmax_rows<T: Real>(x: &[T], width: usize, out: &mut Vec<u32>) {
-    out.clear();
-    out.extend(x.chunks_exact(width).map(|row| {
-        let mut best = 0;
-        for (i, &v) in row.iter().enumerate() {
-            if v > row[best] {
-                best = i;
-            }
-        }
-        best as u32
-    }));
-}
-
-/// Gumbel(0, 1) noise, the draws of tokenizer.rs's `gumbel_noise` (one SplitMix64 stream in
-/// row-major order), generated in parallel chunks by jumping the stream ahead.
-fn gumbel_noise<T: Real>(seed: u64, out: &mut [T]) {
-    const CHUNK: usize = 16384;
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
-        let mut rng = SplitMix64::new(seed);
-        rng.skip((i * CHUNK) as u64);
-        for v in o.iter_mut() {
-            let u = rng.uniform().max(1e-20);
-            *v = T::from_f64(-(-u.ln()).ln() as f32 as f64);
-        }
-    });
-}
-
 /// Mean over rows of KL(softmax(z) || uniform) = sum q z - lse + ln V; writes its gradient
 /// times `grad_scale` (q (z - E_q z) per row) to `dlogits`.
 fn kl_to_uniform<T: Real>(logits: &[T], v: usize, grad_scale: f64, dlogits: &mut [T]) -> f64 {
     let gs = T::from_f64(grad_scale);
-    let ln_v = (v as f64).ln();
-    let total: f64 = dlogits
-        .par_chunks_mut(v)
-        .zip(logits.par_chunks(v))
-        .map(|(d, z)| {
+    let total: f64 = dlogits.par_chunks_mut(v * 16).zip(logits.par_chunks(v * 16)).map(|(d, z)| kl_rows(z, v, gs, d)).sum();
+    total / (logits.len() / v) as f64 + (v as f64).ln()
+}
+
+multiversion! {
+    /// [`kl_to_uniform`] for rows of `v` logits: the sum of their (sum q z - lse).
+    fn kl_rows<T>(logits: &[T], v: usize, gs: T, dlogits: &mut [T]) -> f64 {
+        let mut total = 0.0;
+        for (d, z) in dlogits.chunks_exact_mut(v).zip(logits.chunks_exact(v)) {
             let m = super::simd::max(z);
-            let mut sum = T::ZERO;
             for (o, &zi) in d.iter_mut().zip(z) {
                 *o = (zi - m).exp_v();
-                sum += *o;
             }
+            let sum = super::simd::sum(d);
             let inv = T::ONE / sum;
-            let mut expected = T::ZERO;
-            for (o, &zi) in d.iter_mut().zip(z) {
+            for o in d.iter_mut() {
                 *o = *o * inv;
-                expected += *o * zi;
             }
-            let lse = m + sum.ln();
+            let expected = super::simd::dot(d, z);
             for (o, &zi) in d.iter_mut().zip(z) {
                 *o = *o * (zi - expected) * gs;
             }
-            (expected - lse).to_f64() + ln_v
-        })
-        .sum();
-    total / (logits.len() / v) as f64
+            total += (expected - (m + sum.ln())).to_f64();
+        }
+        total
+    }
 }
 
 /// Mean reconstruction loss per pixel value of the decoder output `out` [P, 2C] (mu, then

@@ -395,6 +395,47 @@ pub fn cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], smoothing: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Noise and argmax
+
+multiversion! {
+    /// -ln(-ln u) of uniform draws u in (0, 1) (given as f32 in `v`), in place.
+    fn gumbel_rows(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            *x = -super::simd::ln_f32(-super::simd::ln_f32(*x));
+        }
+    }
+}
+
+/// Gumbel(0, 1) noise: one SplitMix64 stream from `seed`, draw i to element i, generated in
+/// parallel chunks by jumping the stream ahead (the same values whatever the threads).
+pub fn gumbel_noise(seed: u64, out: &mut [f32]) {
+    const CHUNK: usize = 16384;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        rng.skip((i * CHUNK) as u64);
+        for v in o.iter_mut() {
+            // Below 2^-64 the second log would see -ln u > 44 and still be finite; 1e-20 keeps
+            // u a normal f32.
+            *v = rng.uniform().max(1e-20) as f32;
+        }
+        gumbel_rows(o);
+    });
+}
+
+/// Index of the first largest value of each row of `width`.
+pub fn argmax_rows<T: Real>(x: &[T], width: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(x.len() / width, 0);
+    let g = grain(width);
+    out.par_chunks_mut(g).zip(x.par_chunks(g * width)).for_each(|(o, x)| {
+        for (o, row) in o.iter_mut().zip(x.chunks_exact(width)) {
+            let m = max(row);
+            *o = row.iter().position(|&v| v == m).unwrap_or(0) as u32;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Optimizer
 
 /// AdamW hyper-parameters of one update of one parameter group.

@@ -362,14 +362,21 @@ impl<T: Real> BeitEngine<T> {
     /// the parameters of `model.rs`'s `BeitForMaskedImageModeling` or
     /// `BeitForImageClassification` for `cfg`.
     pub fn new(cfg: &BeitConfig, head: Head, tensors: &[(String, Vec<usize>, Vec<T>)]) -> Result<Self> {
-        let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-        let layout = Layout::new(&shapes);
-        let slots = Slots::new(cfg, head, &layout)?;
+        let layout = Layout::new(&tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect::<Vec<_>>());
         let params = layout.flatten(tensors)?;
+        Self::from_layout(cfg, head, layout, params)
+    }
+
+    /// An engine over weights already in `layout` (`Layout::new` of the model's tensors).
+    pub fn from_layout(cfg: &BeitConfig, head: Head, layout: Layout, params: Vec<T>) -> Result<Self> {
+        if params.len() != layout.len {
+            return Err(Error::Config(format!("engine: {} weights for a layout of {}", params.len(), layout.len)));
+        }
+        let slots = Slots::new(cfg, head, &layout)?;
         let (gh, gw) = cfg.grid();
         let index = relative_position_index(gh, gw).into_iter().map(|i| i as usize).collect();
-        let grads = vec![T::ZERO; layout.len];
-        Ok(Self { cfg: cfg.clone(), head, layout, slots, params, grads, index, train: None, eval: None })
+        // The gradient buffer is allocated by the first backward pass (evaluation needs none).
+        Ok(Self { cfg: cfg.clone(), head, layout, slots, params, grads: Vec::new(), index, train: None, eval: None })
     }
 
     pub fn config(&self) -> &BeitConfig {
@@ -891,7 +898,7 @@ impl<T: Real> BeitEngine<T> {
         let m = rows.len();
         let k = self.slots.head_bias.len;
         let (loss_sum, hits) = kernels::cross_entropy(&mut ws.head.logits[..m * k], targets, smoothing, 1.0 / m as f64);
-        self.grads.par_chunks_mut(65536).for_each(|g| g.fill(T::ZERO));
+        zeroed(&mut self.grads, self.layout.len);
         self.head_backward(&mut ws, &rows, pool_mean);
         self.backward(&mut ws, mask);
         ws.head.rows = rows;
@@ -943,6 +950,15 @@ impl<T: Real> BeitEngine<T> {
         });
         self.put_back(ws, false);
         Ok(out)
+    }
+}
+
+/// `buf` as `len` zeros, allocated on first use and reused after.
+pub(crate) fn zeroed<T: Real>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() != len {
+        *buf = vec![T::ZERO; len];
+    } else {
+        buf.par_chunks_mut(65536).for_each(|g| g.fill(T::ZERO));
     }
 }
 

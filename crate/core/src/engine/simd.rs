@@ -76,10 +76,31 @@ pub fn set_level(wanted: Level) -> Level {
     chosen
 }
 
-/// Defines `fn name<T: Real>(args) -> ret` whose body is compiled for each [`Level`] and
-/// dispatched at run time. Helpers the body calls must be `#[inline(always)]` so that they
+/// Defines `fn name(args) -> ret` or `fn name<T: Real>(args) -> ret` whose body is compiled
+/// for each [`Level`] and dispatched at run time. Helpers the body calls must be `#[inline(always)]` so that they
 /// are compiled with the caller's features.
 macro_rules! multiversion {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match $crate::engine::simd::level() {
+                    // SAFETY: level() only reports features the CPU was detected to have.
+                    $crate::engine::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::engine::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::engine::simd::Level::Baseline => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
     ($(#[$attr:meta])* $vis:vis fn $name:ident<$T:ident>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
@@ -174,6 +195,31 @@ fn exp_f32(x: f32) -> f32 {
     // t's low mantissa bits hold n + 2^22 (as an integer): add the exponent bias there.
     let bits = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     er * f32::from_bits(bits as u32)
+}
+
+/// ln x for positive normal f32 (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+/// ln m by a degree-9 polynomial; ~1 ulp), branch-free so that loops over it vectorise.
+#[inline(always)]
+pub fn ln_f32(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000); // in [0.5, 1)
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    e -= small as i32;
+    m = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = m * m;
+    let mut y = 7.037_683_6e-2f32;
+    y = y * m - 1.151_461e-1;
+    y = y * m + 1.167_699_9e-1;
+    y = y * m - 1.242_014_1e-1;
+    y = y * m + 1.424_932_3e-1;
+    y = y * m - 1.666_805_8e-1;
+    y = y * m + 2.000_071_4e-1;
+    y = y * m - 2.499_999_4e-1;
+    y = y * m + 3.333_333_1e-1;
+    let ef = e as f32;
+    y = y * m * z + ef * -2.121_944_4e-4 - 0.5 * z;
+    m + y + ef * 0.693_359_4
 }
 
 /// erfc(z) for z >= 0 (Numerical Recipes' erfcc).
