@@ -145,3 +145,28 @@ test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run
   t.is(resumed.code, 0, resumed.stderr)
   t.is(((await Beit.load(join(dir, 'run', 'checkpoint.safetensors'))).trainState as { step: number }).step, 400)
 })
+
+test('on a terminal, beit pretrain draws one progress bar whose ETA comes from the run so far', async (t) => {
+  const dir = await tempDir(t)
+  const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
+  t.is(tok.code, 0, tok.stderr)
+  const args = [CLI, 'pretrain', '--tokenizer', join(dir, 'tok', 'tokenizer.safetensors'), '--layers', '2', '--steps', '40', '--batch-size', '256', '--out', join(dir, 'pre')]
+  const command = [process.execPath, ...args].map((a) => `'${a}'`).join(' ')
+  // script(1) runs the command on a pseudo-terminal and copies what it draws to stdout.
+  const run = await new Promise<Outcome>((resolve, reject) => {
+    const child = spawn('script', ['-qfec', command, '/dev/null'], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.on('error', reject)
+    child.on('close', (code) => resolve({ code, stdout, stderr: '' }))
+  })
+  t.is(run.code, 0, run.stdout)
+  const frames = run.stdout.split('\r\x1b[2K').filter((f) => f.startsWith('pretrain ['))
+  t.is(frames.length, 40, run.stdout)
+  frames.forEach((f, i) => t.regex(f, new RegExp(`^pretrain \\[[= ]{24}\\] ${i + 1}/40 `)))
+  // The bar starts with the first step's report; from the second on, its ETA is the time per
+  // step so far times the ~38 steps left. A bar rebuilt every step times each step from its
+  // own start: an ETA of 0s throughout.
+  const etas = frames.slice(1, 5).map((f) => Number(/ETA (\d+)s/.exec(f)?.[1]))
+  t.true(Math.max(...etas) >= 1, `ETAs ${etas.join(', ')} s after steps 2-5: the bar forgot the time already spent`)
+})

@@ -5,6 +5,8 @@
  */
 import { readdir, readFile, stat } from 'node:fs/promises'
 import { dirname, extname, isAbsolute, join, relative, resolve } from 'node:path'
+import { Rng } from '../rng'
+import { permutation } from './batches'
 import type { LabeledImages } from './idx'
 
 export type ImageSource =
@@ -227,4 +229,45 @@ export function pixelDataset(images: LabeledImages, name: string): ImageDataset 
     classNames: images.classNames,
     ignoredFiles: 0,
   }
+}
+
+/** The images of `dataset` at `indices` (in that order), as a dataset of their own. */
+export function subset(dataset: ImageDataset, indices: ArrayLike<number>, name: string): ImageDataset {
+  const picked = Array.from(indices)
+  for (const i of picked) {
+    if (!Number.isInteger(i) || i < 0 || i >= dataset.size) throw new Error(`subset of ${dataset.name}: index ${i} is outside [0, ${dataset.size})`)
+  }
+  const source = dataset.source
+  let sub: ImageSource
+  if (source.kind === 'files') sub = { kind: 'files', paths: picked.map((i) => source.paths[i]) }
+  else {
+    const per = source.height * source.width * source.channels
+    const pixels = new Uint8Array(picked.length * per)
+    picked.forEach((i, k) => pixels.set(source.pixels.subarray(i * per, (i + 1) * per), k * per))
+    sub = { ...source, pixels }
+  }
+  return { name, size: picked.length, source: sub, labels: Int32Array.from(picked, (i) => dataset.labels[i]), classNames: dataset.classNames, ignoredFiles: 0 }
+}
+
+/**
+ * A class-balanced labelled subset: `perClass` images of every class, drawn by a seeded
+ * shuffle (the few labels of a semi-supervised setting). Every class must have that many.
+ */
+export function labelledSubset(dataset: ImageDataset, perClass: number, seed: number): ImageDataset {
+  if (dataset.classNames.length === 0) throw new Error(`${dataset.name} has no labels to draw a labelled subset from`)
+  if (!Number.isInteger(perClass) || perClass <= 0) throw new Error(`perClass must be a positive integer, got ${perClass}`)
+  const order = permutation(dataset.size, new Rng(seed))
+  const taken = new Array<number>(dataset.classNames.length).fill(0)
+  const picked: number[] = []
+  for (const i of order) {
+    const label = dataset.labels[i]
+    if (label >= 0 && taken[label] < perClass) {
+      taken[label]++
+      picked.push(i)
+    }
+  }
+  const short = taken.findIndex((t) => t < perClass)
+  if (short >= 0) throw new Error(`${dataset.name} has only ${taken[short]} images of class ${dataset.classNames[short]}, fewer than ${perClass}`)
+  picked.sort((a, b) => a - b)
+  return subset(dataset, picked, `${dataset.name} (${picked.length} labelled: ${perClass} per class)`)
 }

@@ -1,0 +1,62 @@
+/** `beit probe`: a linear classifier on frozen features of a pretrained or random backbone. */
+import { mkdir, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import { Command, UsageError, Values } from '../cli-options'
+import { ImageDataset } from '../data/dataset'
+import { Beit } from '../model'
+import { linearProbe, LinearProbeResult } from '../probe'
+import { Progress } from '../run'
+import { DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from './common'
+
+export const probeCommand: Command = {
+  name: 'probe',
+  summary: 'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone.',
+  flags: {
+    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+    init: { kind: 'string', help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)' },
+    'random-like': { kind: 'string', help: 'a MIM checkpoint whose config (not weights) the random backbone copies' },
+    ...MODEL_FLAGS,
+    layer: { kind: 'int', help: 'block whose output is probed, 1-based (default 3/4 of the depth)' },
+    epochs: { kind: 'int', help: 'passes over the features', default: 10 },
+    'batch-size': { kind: 'int', help: 'features per step', default: 256 },
+    lr: { kind: 'number', help: 'peak learning rate (cosine to 1/100)', default: 1e-2 },
+    seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+    threads: { kind: 'int', help: 'image decoding threads' },
+    out: { kind: 'string', help: 'result file (JSON)', default: join('runs', 'probe.json') },
+  },
+  run: async (v) => {
+    const { train, test, pixels } = await openData(v.data as string)
+    if (!test) throw new UsageError(`--data ${v.data}: probing needs a test split`)
+    const backbone = await probeBackbone(v, pixels)
+    const result = await runProbe(v, backbone, train, test)
+    await mkdir(join(v.out as string, '..'), { recursive: true })
+    await writeFile(v.out as string, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
+    log(v, `linear probe of layer ${result.layer}: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`)
+  },
+}
+
+export async function probeBackbone(v: Values, pixels: boolean): Promise<Beit> {
+  if (v.init !== undefined) return Beit.load(v.init as string, placement(v))
+  const like = v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'] as string, { device: 'cpu' })).config
+  return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed as number, ...placement(v) })
+}
+
+export async function runProbe(v: Values, backbone: Beit, train: ImageDataset, test: ImageDataset): Promise<LinearProbeResult> {
+  const epochs = v.epochs as number
+  const bar = new Progress('probe', epochs, { quiet: v.quiet as boolean, every: 5 })
+  const result = await linearProbe({
+    backbone,
+    train,
+    test,
+    layer: v.layer as number | undefined,
+    epochs,
+    batchSize: v['batch-size'] as number,
+    lr: v.lr as number,
+    seed: v.seed as number,
+    threads: v.threads as number | undefined,
+    onEpoch: (e) => bar.update(e.epoch + 1, { loss: e.loss.toFixed(4), acc: e.trainAccuracy.toFixed(3) }),
+  })
+  bar.end()
+  return result
+}

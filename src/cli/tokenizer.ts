@@ -1,0 +1,83 @@
+/** `beit tokenizer`: trains a dVAE visual tokenizer. */
+import { mkdir, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import { Command, resolvedConfig, UsageError, Values } from '../cli-options'
+import { ImageDataset } from '../data/dataset'
+import { openDataset } from '../data/open'
+import { formatSeconds, Progress } from '../run'
+import { cosineRamp } from '../schedule'
+import { DVAE_PRESETS, Dvae, DvaePresetName } from '../tokenizer'
+import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
+import { DATA_HELP, log, placement, table } from './common'
+
+export const tokenizerCommand: Command = {
+  name: 'tokenizer',
+  summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on any image data, resized to its input size.',
+  flags: {
+    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+    preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: Object.keys(DVAE_PRESETS) },
+    'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
+    'image-size': { kind: 'int', help: "input size in pixels (default: the images' own for IDX data, else the preset's)" },
+    channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
+    steps: { kind: 'int', help: 'training steps', default: 1000 },
+    'batch-size': { kind: 'int', help: 'images per step', default: 32 },
+    lr: { kind: 'number', help: 'peak learning rate, cosine to 1/100 of it', default: 2e-3 },
+    'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
+    ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
+    seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+    threads: { kind: 'int', help: 'image decoding threads' },
+    out: { kind: 'string', help: 'run folder', default: join('runs', 'tokenizer') },
+  },
+  run: async (v) => {
+    const train = await openDataset(v.data as string, 'train')
+    const test = await openDataset(v.data as string, 'test')
+    const preset = v.preset as DvaePresetName
+    const source = train.source.kind === 'pixels' ? train.source : undefined
+    const channels = (v.channels as number | undefined) ?? source?.channels ?? 3
+    if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+    const given = v['image-size'] as number | undefined
+    const imageSize: [number, number] = given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
+    const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
+    if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
+    const tokenizer = Dvae.create({ preset, numChannels: channels, imageSize, ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
+    await mkdir(v.out as string, { recursive: true })
+    await writeFile(join(v.out as string, 'config.json'), JSON.stringify(resolvedConfig(tokenizerCommand, v), null, 2) + '\n')
+    log(v, `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}`)
+    const evaluation = await runTokenizer(v, tokenizer, train, test)
+    printTokenizerEvaluation(evaluation, tokenizer)
+    log(v, `run folder ${v.out}: tokenizer.safetensors, metrics.jsonl, reconstructions.png, evaluation.json`)
+  },
+}
+
+export async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDataset, test: ImageDataset): Promise<TokenizerEvaluation & { seconds: number }> {
+  const steps = v.steps as number
+  const lr = v.lr as number
+  const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50 })
+  const started = performance.now()
+  const { evaluation } = await trainTokenizer({
+    tokenizer,
+    data: train,
+    evalData: test,
+    steps,
+    batchSize: v['batch-size'] as number,
+    seed: v.seed as number,
+    lr: cosineRamp({ from: lr, to: lr / 100, steps }),
+    klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
+    outDir: v.out as string,
+    threads: v.threads as number | undefined,
+    onProgress: (p) => bar.update(p.step + 1, { loss: p.loss.toFixed(4), recon: p.reconLoss.toFixed(4), perplexity: p.perplexity.toFixed(1), 'img/s': p.imagesPerSecond.toFixed(0) }),
+  })
+  bar.end()
+  return { ...evaluation, seconds: (performance.now() - started) / 1000 }
+}
+
+export function printTokenizerEvaluation(e: TokenizerEvaluation & { seconds: number }, tokenizer: Dvae): void {
+  table(['tokenizer (held-out images)', 'value'], [
+    ['reconstruction MSE', e.reconstructionMse.toFixed(4)],
+    ['mean-image baseline MSE', e.meanImageMse.toFixed(4)],
+    ['codebook perplexity', e.perplexity.toFixed(1)],
+    ['codes used', `${(e.codesUsedFraction * 100).toFixed(1)}% of ${tokenizer.config.vocabSize}`],
+    ['wall time', formatSeconds(e.seconds)],
+  ])
+}
