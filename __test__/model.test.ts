@@ -128,7 +128,7 @@ test('bad inputs are JS errors stating expected vs got', async (t) => {
     message: 'pixels: expected a Float32Array, got Array',
   })
   t.throws(() => model.trainStep({ ...good, targets: new Float32Array(12) as unknown as Int32Array, lr: 1e-3 }), {
-    message: 'targets: expected a Int32Array, got Float32Array',
+    message: 'targets: expected an Int32Array, got Float32Array',
   })
   // The model is still usable after every rejected call.
   const ok = await model.trainStep({ ...good, lr: 1e-3 })
@@ -142,6 +142,12 @@ test('impossible configs are rejected with the reason', (t) => {
   t.throws(() => Beit.create({ hiddenSize: 8 }), { message: /model config is missing imageSize/ })
   t.throws(() => Beit.create(TINY, { optimizer: { beta1: 1.5 } }), { message: /beta1 must be in \[0, 1\), got 1.5/ })
   t.throws(() => Beit.create(TINY, { optimizer: { betta: 1 } as never }), { message: /unknown field `betta`/ })
+  // Config errors name the field and what it takes, not a JSON position.
+  const negative = t.throws(() => Beit.create({ ...TINY, numHiddenLayers: -1 }))
+  t.regex(negative!.message, /numHiddenLayers: invalid value: integer `-1`, expected a whole number >= 0/)
+  t.notRegex(negative!.message, /line \d+ column/)
+  // One number is a square image size.
+  t.deepEqual(Beit.create({ ...TINY, imageSize: 8 }).config.imageSize, [8, 8])
 })
 
 test('memory stays flat across training steps (no per-step leak)', async (t) => {

@@ -108,8 +108,11 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
   const images = await loadFashionMnist({ split: 'test' })
   await withDir(async (dir) => {
     const tok = Dvae.create(SMALL, { seed: 3 })
-    const { history, evaluation } = await trainTokenizer({ tokenizer: tok, data: images, steps: 4, batchSize: 8, outDir: dir, checkpointEvery: 2, evalImages: 50 })
-    t.is(history.length, 4)
+    const progress: number[] = []
+    const { evaluation } = await trainTokenizer({ tokenizer: tok, data: images, steps: 4, batchSize: 8, outDir: dir, checkpointEvery: 2, evalImages: 50, onProgress: (p) => progress.push(p.step) })
+    t.is(progress.length, 4)
+    t.truthy(evaluation)
+    if (!evaluation) return
     const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l))
     t.is(lines.length, 4)
     for (const key of ['step', 'loss', 'reconLoss', 'kl', 'temperature', 'klWeight', 'lr', 'perplexity', 'codesUsedFraction']) {
@@ -117,7 +120,7 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
     }
     t.is(lines[0].temperature, 1)
     t.true(lines[3].temperature < lines[0].temperature)
-    t.deepEqual((await readdir(dir)).sort(), ['evaluation.json', 'metrics.jsonl', 'reconstructions.png', 'tokenizer.safetensors'])
+    t.deepEqual((await readdir(dir)).sort(), ['curves.svg', 'evaluation.json', 'metrics.jsonl', 'reconstructions.png', 'tokenizer.safetensors'])
     t.true(evaluation.meanImageMse > 0 && evaluation.reconstructionMse > 0)
     t.true(evaluation.codesUsedFraction > 0 && evaluation.codesUsedFraction <= 1)
     t.is((await Dvae.load(join(dir, 'tokenizer.safetensors'))).step, 4)
@@ -139,6 +142,7 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
     const { evaluation } = await trainTokenizer({ tokenizer: tok, data, steps: 5, batchSize: 4, outDir: join(dir, 'run'), evalImages: 6, onProgress: (p) => steps.push(p.step) })
     // 3 full batches per epoch: the run goes on into a second epoch.
     t.deepEqual(steps, [0, 1, 2, 3, 4])
+    if (!evaluation) return t.fail('a completed run has an evaluation')
     t.true(Number.isFinite(evaluation.reconstructionMse) && evaluation.reconstructionMse > 0)
     // The images are two flat halves: their mean image is close to every image.
     t.true(evaluation.meanImageMse < 0.01, `mean-image MSE ${evaluation.meanImageMse}`)
@@ -154,10 +158,40 @@ test('trainTokenizer is reproducible: one seed gives the same losses from IDX im
   const images = await loadFashionMnist({ split: 'test' })
   const run = async (data: Parameters<typeof trainTokenizer>[0]['data']) => {
     const tok = Dvae.create(SMALL, { seed: 5 })
-    const { history } = await trainTokenizer({ tokenizer: tok, data, steps: 2, batchSize: 8, evalImages: 16 })
-    return history.map((h) => h.loss)
+    const losses: number[] = []
+    await trainTokenizer({ tokenizer: tok, data, steps: 2, batchSize: 8, evalImages: 16, onProgress: (p) => losses.push(p.loss) })
+    return losses
   }
   t.deepEqual(await run(images), await run(pixelDataset(images, 'fashion-mnist test')))
+})
+
+test('an interrupted and resumed tokenizer run ends with the weights of an uninterrupted one', async (t) => {
+  const images = await loadFashionMnist({ split: 'test' })
+  await withDir(async (dir) => {
+    const run = (tokenizer: Dvae, outDir: string, signal?: AbortSignal, onStep?: (step: number) => void) =>
+      trainTokenizer({ tokenizer, data: images, steps: 9, batchSize: 8, seed: 2, outDir, checkpointEvery: 100, evalImages: 16, signal, onProgress: (p) => onStep?.(p.step) })
+    const whole = await run(Dvae.create(SMALL, { seed: 6 }), join(dir, 'whole'))
+    t.is(whole.status, 'completed')
+    const controller = new AbortController()
+    const first = await run(Dvae.create(SMALL, { seed: 6 }), join(dir, 'split'), controller.signal, (step) => step === 3 && controller.abort())
+    t.is(first.status, 'interrupted')
+    t.is(first.step, 4)
+    t.is(first.evaluation, undefined)
+    const resumed = await Dvae.load(first.checkpoint)
+    t.like(resumed.trainState, { kind: 'tokenizer', step: 4 })
+    const second = await run(resumed, join(dir, 'split'))
+    t.is(second.status, 'completed')
+    // The same steps: the same weights, so the same codes and reconstructions.
+    const a = await Dvae.load(whole.checkpoint)
+    const b = await Dvae.load(second.checkpoint)
+    t.is(b.step, 9)
+    const x = new Float32Array(4 * 28 * 28).map((_, i) => (i % 97) / 97)
+    t.deepEqual(await a.encode(x, 4), await b.encode(x, 4))
+    const steps = (await readFile(join(dir, 'split', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l).step)
+    t.deepEqual(steps, [...Array(9).keys()])
+    // A position from another run is refused.
+    await t.throwsAsync(trainTokenizer({ tokenizer: b, data: images, steps: 5, batchSize: 8 }), { message: /cannot resume: the run had totalSteps 9, now 5/ })
+  })
 })
 
 test('the reconstruction sheet is a PNG with originals above reconstructions', (t) => {

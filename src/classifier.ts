@@ -5,7 +5,9 @@
  */
 import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
-import { Beit, checkType, ImageSize, imageSizePair } from './model'
+import { checkSeed, checkType } from './check'
+import { ImageSize, imageSizePair } from './config'
+import { Beit } from './model'
 import { DeviceOptions, place } from './device'
 import { native, NativeClassifier } from './native'
 
@@ -52,10 +54,6 @@ function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
   return { model: resolveConfig(spec.model), numLabels: spec.numLabels, pooling }
 }
 
-function checkSeed(seed: number): number {
-  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
-  return seed
-}
 
 export class Classifier extends Checkpointed<NativeClassifier> {
   readonly config: ClassifierConfig

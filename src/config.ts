@@ -53,14 +53,14 @@ export const PRESETS: Record<PresetName, BeitConfig> = {
   large: { ...PRETRAINING_DEFAULTS, hiddenSize: 1024, numHiddenLayers: 24, numAttentionHeads: 16, intermediateSize: 4096, layerScaleInitValue: 1e-5 },
 }
 
-/** A preset name, or a preset plus overrides, or a full config. */
-export type ModelSpec = PresetName | (Partial<BeitConfig> & { preset?: PresetName })
+/** A preset name, or a preset plus overrides, or a full config; imageSize may be one number. */
+export type ModelSpec = PresetName | (Partial<Omit<BeitConfig, 'imageSize'>> & { preset?: PresetName; imageSize?: ImageSize })
 
 export function resolveConfig(spec: ModelSpec): BeitConfig {
   if (typeof spec === 'string') return presetByName(spec)
-  const { preset, ...overrides } = spec
+  const { preset, imageSize, ...overrides } = spec
   const base = preset === undefined ? undefined : presetByName(preset)
-  const config = { ...base, ...overrides } as Partial<BeitConfig>
+  const config = { ...base, ...overrides, ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }) } as Partial<BeitConfig>
   const missing = (Object.keys(PRESETS.base) as (keyof BeitConfig)[]).filter((k) => config[k] === undefined)
   if (missing.length > 0) {
     throw new Error(`model config is missing ${missing.join(', ')}: give every field, or start from a preset ({ preset: 'tiny', ... })`)
@@ -78,6 +78,18 @@ function presetByName(name: string): BeitConfig {
 
 export function gridSize(config: BeitConfig): [number, number] {
   return [config.imageSize[0] / config.patchSize, config.imageSize[1] / config.patchSize]
+}
+
+/** Pixels: one number for a square image, or [height, width]. */
+export type ImageSize = number | [number, number]
+
+export function imageSizePair(size: ImageSize | undefined): [number, number] | undefined {
+  if (size === undefined) return undefined
+  const pair: [number, number] = typeof size === 'number' ? [size, size] : size
+  if (!Array.isArray(pair) || pair.length !== 2 || !pair.every((s) => Number.isInteger(s) && s > 0)) {
+    throw new Error(`imageSize must be a positive integer or [height, width], got ${JSON.stringify(size)}`)
+  }
+  return pair
 }
 
 export interface AdamWOptions {

@@ -8,9 +8,8 @@ import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
 import { EvalTransform, TrainTransform, ViewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
-import { resolveSteps, RunResult, ScheduleOptions, scheduleFor } from './pretrain'
+import { LoopPosition, MetricsLog, resolveSteps, resumePosition, RunResult, ScheduleOptions, scheduleFor } from './run'
 import { deriveSeed } from './rng'
-import { LoopPosition, MetricsLog, resumePosition } from './run'
 
 export interface FinetuneProgress extends ClassifierStepResult {
   step: number
@@ -33,9 +32,11 @@ export interface EpochResult {
 export interface FinetuneOptions {
   classifier: Classifier
   train: ImageDataset
-  /** Evaluated after every epoch (and at the end). */
+  /** Evaluated every `evalEvery` epochs and after the last. */
   test: ImageDataset
   epochs: number
+  /** Epochs between evaluations on `test`. Default 1. */
+  evalEvery?: number
   batchSize: number
   schedule: ScheduleOptions
   /** Default: RandomResizedCrop(0.08-1) + flip, no color jitter (BEiT fine-tuning uses RandAugment). */
@@ -52,6 +53,7 @@ export interface FinetuneOptions {
   signal?: AbortSignal
   threads?: number
   onProgress?: (p: FinetuneProgress) => void
+  /** After each evaluation. */
   onEpoch?: (e: EpochResult) => void
 }
 
@@ -132,6 +134,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     await classifier.save(checkpoint)
   }
   const everyCheckpoint = opts.checkpointEvery ?? 500
+  const evalEvery = opts.evalEvery ?? 1
+  if (!Number.isInteger(evalEvery) || evalEvery < 1) throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
   const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
 
   while (state.step < totalSteps) {
@@ -157,11 +161,16 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
       }
       started = performance.now()
     }
-    const evalAccuracy = await evaluate(classifier, test, evalOptions)
-    const result: EpochResult = { epoch, step: state.step, evalAccuracy, trainLoss: state.epochLoss / state.epochSteps, trainAccuracy: state.epochAccuracy / state.epochSteps }
-    state = { ...state, epoch: epoch + 1, batch: -1, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals: [...state.evals, result] }
-    await metrics.record({ step: state.step - 1, epoch, evalAccuracy, trainLoss: result.trainLoss, trainAccuracy: result.trainAccuracy })
-    opts.onEpoch?.(result)
+    const trainLoss = state.epochLoss / state.epochSteps
+    const trainAccuracy = state.epochAccuracy / state.epochSteps
+    let evals = state.evals
+    if ((epoch + 1) % evalEvery === 0 || state.step >= totalSteps) {
+      const result: EpochResult = { epoch, step: state.step, evalAccuracy: await evaluate(classifier, test, evalOptions), trainLoss, trainAccuracy }
+      evals = [...evals, result]
+      await metrics.record({ step: state.step - 1, epoch, evalAccuracy: result.evalAccuracy, trainLoss, trainAccuracy })
+      opts.onEpoch?.(result)
+    } else await metrics.record({ step: state.step - 1, epoch, trainLoss, trainAccuracy })
+    state = { ...state, epoch: epoch + 1, batch: -1, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals }
     await save()
   }
   await metrics.writePlot()

@@ -1,6 +1,9 @@
-import { AdamWOptions, BeitConfig, ModelSpec, gridSize, resolveConfig } from './config'
+import { AdamWOptions, BeitConfig, ImageSize, imageSizePair, ModelSpec, gridSize, resolveConfig } from './config'
+export { imageSizePair } from './config'
+export type { ImageSize } from './config'
 import { Checkpointed } from './checkpointed'
 import { DeviceOptions, place } from './device'
+import { checkSeed, checkType } from './check'
 import { native, NativeMimModel } from './native'
 import { Dvae } from './tokenizer'
 
@@ -79,10 +82,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
 
   static create(spec: ModelSpec, opts: CreateOptions = {}): Beit {
     const config = resolveConfig(spec)
-    const seed = opts.seed ?? 0
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
-      throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
-    }
+    const seed = checkSeed(opts.seed ?? 0)
     return new Beit(place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts))
   }
 
@@ -128,7 +128,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
     checkType('mask', input.mask, Uint8Array)
     checkType('targets', input.targets, Int32Array)
     if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
-    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, checkStepSeed(input.seed ?? 0))
+    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, checkSeed(input.seed ?? 0))
   }
 
   /**
@@ -141,7 +141,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
     checkType('tokenizerPixels', input.tokenizerPixels, Float32Array)
     checkType('mask', input.mask, Uint8Array)
     if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
-    const seed = checkStepSeed(input.seed ?? 0)
+    const seed = checkSeed(input.seed ?? 0)
     const [height, width] = input.tokenizer.config.imageSize
     return this.handle.pretrainStep(input.tokenizer.nativeHandle(), input.pixels, input.tokenizerPixels, height, width, input.mask, input.lr, seed)
   }
@@ -154,26 +154,3 @@ export class Beit extends Checkpointed<NativeMimModel> {
   }
 }
 
-function checkStepSeed(seed: number): number {
-  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
-  return seed
-}
-
-/** Pixels: one number for a square image, or [height, width]. */
-export type ImageSize = number | [number, number]
-
-export function imageSizePair(size: ImageSize | undefined): [number, number] | undefined {
-  if (size === undefined) return undefined
-  const pair: [number, number] = typeof size === 'number' ? [size, size] : size
-  if (!Array.isArray(pair) || pair.length !== 2 || !pair.every((s) => Number.isInteger(s) && s > 0)) {
-    throw new Error(`imageSize must be a positive integer or [height, width], got ${JSON.stringify(size)}`)
-  }
-  return pair
-}
-
-export function checkType(name: string, value: unknown, type: Function): void {
-  if (!(value instanceof type)) {
-    const got = value === null ? 'null' : typeof value === 'object' ? value.constructor.name : typeof value
-    throw new TypeError(`${name}: expected a ${type.name}, got ${got}`)
-  }
-}

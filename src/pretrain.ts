@@ -14,8 +14,7 @@ import { ImageLoader } from './data/loader'
 import { MaskGenerator } from './masking'
 import { Beit, TrainStepResult } from './model'
 import { deriveSeed } from './rng'
-import { LoopPosition, MetricsLog, resumePosition } from './run'
-import { warmupCosine } from './schedule'
+import { LoopPosition, MetricsLog, resolveSteps, resumePosition, RunResult, ScheduleOptions, scheduleFor } from './run'
 import { Dvae } from './tokenizer'
 
 export interface PretrainProgress extends TrainStepResult {
@@ -24,15 +23,6 @@ export interface PretrainProgress extends TrainStepResult {
   epoch: number
   lr: number
   imagesPerSecond: number
-}
-
-export interface ScheduleOptions {
-  /** Peak learning rate. */
-  lr: number
-  /** Final learning rate. Default lr / 150 (BEiT: 1.5e-3 -> 1e-5). */
-  minLr?: number
-  /** Linear warmup steps. Default 5% of the run. */
-  warmupSteps?: number
 }
 
 export interface PretrainOptions {
@@ -76,29 +66,6 @@ interface PretrainState extends LoopPosition {
   batchSize: number
   seed: number
   masking: number
-}
-
-export interface RunResult {
-  status: 'completed' | 'interrupted'
-  /** Steps completed so far (over all sessions of the run). */
-  step: number
-  checkpoint: string
-}
-
-export function resolveSteps(steps: number | undefined, epochs: number | undefined, batchesPerEpoch: number): number {
-  if ((steps === undefined) === (epochs === undefined)) throw new Error('give exactly one of steps and epochs')
-  const total = steps ?? Math.round(epochs! * batchesPerEpoch)
-  if (!Number.isInteger(total) || total <= 0) throw new Error(`the run must have a positive whole number of steps, got ${total}`)
-  return total
-}
-
-export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: number) => number {
-  return warmupCosine({
-    lr: opts.lr,
-    minLr: opts.minLr ?? opts.lr / 150,
-    warmupSteps: opts.warmupSteps ?? Math.round(0.05 * totalSteps),
-    totalSteps,
-  })
 }
 
 export async function pretrain(opts: PretrainOptions): Promise<RunResult> {

@@ -7,8 +7,42 @@ import { appendFile, mkdir, writeFile, rename } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { curvesSvg, Series } from './plot'
+import { warmupCosine } from './schedule'
 
 export type Metrics = Record<string, number | string>
+
+export interface ScheduleOptions {
+  /** Peak learning rate. */
+  lr: number
+  /** Final learning rate. Default lr / 150 (BEiT: 1.5e-3 -> 1e-5). */
+  minLr?: number
+  /** Linear warmup steps. Default 5% of the run. */
+  warmupSteps?: number
+}
+
+export interface RunResult {
+  status: 'completed' | 'interrupted'
+  /** Steps completed so far (over all sessions of the run). */
+  step: number
+  checkpoint: string
+}
+
+export function resolveSteps(steps: number | undefined, epochs: number | undefined, batchesPerEpoch: number): number {
+  if ((steps === undefined) === (epochs === undefined)) throw new Error('give exactly one of steps and epochs')
+  const total = steps ?? Math.round(epochs! * batchesPerEpoch)
+  if (!Number.isInteger(total) || total <= 0) throw new Error(`the run must have a positive whole number of steps, got ${total}`)
+  return total
+}
+
+export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: number) => number {
+  return warmupCosine({
+    lr: opts.lr,
+    minLr: opts.minLr ?? opts.lr / 150,
+    warmupSteps: opts.warmupSteps ?? Math.round(0.05 * totalSteps),
+    totalSteps,
+  })
+}
+
 
 /** What every training loop's saved position holds, whatever else it adds. */
 export interface LoopPosition {

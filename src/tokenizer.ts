@@ -1,4 +1,6 @@
+import { checkSeed, checkType } from './check'
 import { Checkpointed } from './checkpointed'
+import { ImageSize, imageSizePair } from './config'
 import { DeviceOptions, place } from './device'
 import { native, NativeTokenizer } from './native'
 
@@ -30,7 +32,7 @@ export const DVAE_PRESETS: Record<DvaePresetName, DvaeConfig> = {
   tiny: { imageSize: [28, 28], numChannels: 3, hiddenSize: 32, numGroups: 3, blocksPerGroup: 1, vocabSize: 512, decoderInputSize: 32 },
 }
 
-export type DvaeSpec = DvaePresetName | (Partial<DvaeConfig> & { preset?: DvaePresetName })
+export type DvaeSpec = DvaePresetName | (Partial<Omit<DvaeConfig, 'imageSize'>> & { preset?: DvaePresetName; imageSize?: ImageSize })
 
 export interface DvaeTrainingOptions {
   optimizer?: { beta1?: number; beta2?: number; eps?: number; weightDecay?: number; clipGradNorm?: number }
@@ -64,7 +66,7 @@ export interface TokenizerStepResult {
 }
 
 export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
-  const { preset, ...overrides } = typeof spec === 'string' ? { preset: spec } : spec
+  const { preset, imageSize, ...overrides } = typeof spec === 'string' ? { preset: spec, imageSize: undefined } : spec
   let base: DvaeConfig | undefined
   if (preset !== undefined) {
     base = DVAE_PRESETS[preset]
@@ -72,7 +74,7 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
       throw new Error(`unknown tokenizer preset ${JSON.stringify(preset)}: expected one of ${Object.keys(DVAE_PRESETS).join(', ')}`)
     }
   }
-  const config = { ...base, ...overrides } as Partial<DvaeConfig>
+  const config = { ...base, ...overrides, ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }) } as Partial<DvaeConfig>
   const missing = (Object.keys(DVAE_PRESETS.tiny) as (keyof DvaeConfig)[]).filter((k) => config[k] === undefined)
   if (missing.length > 0) throw new Error(`tokenizer config is missing ${missing.join(', ')}: give every field, or start from a preset`)
   return config as DvaeConfig
@@ -94,7 +96,7 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
 
   static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
     const { seed = 0, device, precision, ...training } = opts
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed must be an integer in [0, 2^32), got ${seed}`)
+    checkSeed(seed)
     const handle = native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed)
     return new Dvae(place(handle, { device, precision }))
   }
@@ -118,7 +120,7 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
 
   /** Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w]; the grid defaults to imageSize / d. */
   decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
-    if (!(ids instanceof Int32Array)) throw new TypeError(`ids: expected an Int32Array, got ${describe(ids)}`)
+    checkType('ids', ids, Int32Array)
     checkBatchSize(batchSize)
     const g = grid ?? { height: this.config.imageSize[0] / this.downsample, width: this.config.imageSize[1] / this.downsample }
     if (ids.length !== batchSize * g.height * g.width) {
@@ -130,14 +132,13 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
   /** One training step on images [B, C, H, W] in [0, 1]. */
   trainStep(input: TokenizerStepInput): Promise<TokenizerStepResult> {
     const { height, width } = this.imageSize(input.pixels, input.size)
-    const seed = input.seed ?? 0
-    if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`seed: expected an integer in [0, 2^32), got ${seed}`)
+    const seed = checkSeed(input.seed ?? 0)
     return this.handle.trainStep(input.pixels, height, width, input.temperature, input.klWeight, input.lr, seed)
   }
 
   /** The image size, checked against the length when the batch size is known. */
   private imageSize(pixels: Float32Array, size?: { height: number; width: number }, batchSize?: number) {
-    if (!(pixels instanceof Float32Array)) throw new TypeError(`pixels: expected a Float32Array, got ${describe(pixels)}`)
+    checkType('pixels', pixels, Float32Array)
     const { height, width } = size ?? { height: this.config.imageSize[0], width: this.config.imageSize[1] }
     if (batchSize !== undefined) {
       checkBatchSize(batchSize)
@@ -152,8 +153,4 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
 
 function checkBatchSize(batchSize: number): void {
   if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
-}
-
-function describe(value: unknown): string {
-  return value === null ? 'null' : typeof value === 'object' ? (value as object).constructor.name : typeof value
 }

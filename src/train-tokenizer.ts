@@ -3,14 +3,15 @@
  * final value, cosine LR; metrics JSONL, periodic checkpoints and reconstruction sheets. Images
  * come through the image loader, so any dataset works: they are resized to the tokenizer's input.
  */
-import { appendFile, mkdir, writeFile } from 'node:fs/promises'
+import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { Transform, ViewSpec } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
 import { ImageLoader, LoaderOptions } from './data/loader'
-import { Rng } from './rng'
+import { deriveSeed } from './rng'
+import { LoopPosition, MetricsLog, resumePosition, RunResult } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
 import { Dvae, TokenizerStepResult } from './tokenizer'
@@ -84,7 +85,7 @@ export interface TrainTokenizerOptions {
   /** Default: cosine 0 -> 6.6 over the first half of the run (DALL-E's final weight). */
   klWeight?: (step: number) => number
   seed?: number
-  /** Run folder: metrics.jsonl, tokenizer.safetensors, reconstructions.png. */
+  /** Run folder: tokenizer.safetensors (with the loop's position), metrics.jsonl, curves.svg, reconstructions.png, evaluation.json. */
   outDir?: string
   /** Checkpoint and sheet every N steps (and at the end). Default 500. */
   checkpointEvery?: number
@@ -95,51 +96,90 @@ export interface TrainTokenizerOptions {
   evalData?: TokenizerData
   /** Native image decoding threads. Default: all cores. */
   threads?: number
+  /** Abort (e.g. on SIGINT): the loop checkpoints after the current step and returns. */
+  signal?: AbortSignal
   onProgress?: (p: TokenizerProgress) => void
 }
 
-export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<{ history: TokenizerProgress[]; evaluation: TokenizerEvaluation }> {
+/** Where a tokenizer run stands; stored in the checkpoint. */
+interface TokenizerState extends LoopPosition {
+  kind: 'tokenizer'
+  step: number
+  totalSteps: number
+  epoch: number
+  batch: number
+  batchSize: number
+  seed: number
+}
+
+/**
+ * Trains `tokenizer` for `steps` steps. With `outDir`, a checkpoint carries the loop's position,
+ * so a tokenizer loaded from it (`Dvae.load`) resumes the very steps of an uninterrupted run.
+ * The evaluation runs when the run completes.
+ */
+export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunResult & { evaluation?: TokenizerEvaluation }> {
   const { tokenizer, steps, batchSize } = opts
+  const seed = opts.seed ?? 0
   const data = asDataset(opts.data, 'training images')
   const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
   const lr = opts.lr ?? cosineRamp({ from: 1e-3, to: 1e-5, steps })
   const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps })
   const klWeight = opts.klWeight ?? cosineRamp({ from: 0, to: 6.6, steps: Math.ceil(steps / 2) })
   const every = opts.checkpointEvery ?? 500
-  const rng = new Rng(opts.seed ?? 0)
-  const loader = tokenizerLoader(tokenizer, data, { transform: opts.transform, batchSize, seed: opts.seed, dropLast: true, threads: opts.threads })
+  const loader = tokenizerLoader(tokenizer, data, { transform: opts.transform, batchSize, seed, dropLast: true, threads: opts.threads })
   if (loader.batchesPerEpoch === 0) throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
-  if (opts.outDir !== undefined) await mkdir(opts.outDir, { recursive: true })
-  const metricsPath = opts.outDir && join(opts.outDir, 'metrics.jsonl')
-  if (metricsPath) await writeFile(metricsPath, '')
+  const fresh: TokenizerState = { kind: 'tokenizer', step: 0, totalSteps: steps, epoch: 0, batch: -1, batchSize, seed }
+  let state = resumePosition(tokenizer.trainState, fresh, 'tokenizer', 'tokenizer training')
+  const outDir = opts.outDir
+  const checkpoint = outDir === undefined ? '' : join(outDir, 'tokenizer.safetensors')
+  if (outDir !== undefined) await mkdir(outDir, { recursive: true })
+  const metrics =
+    outDir === undefined
+      ? undefined
+      : await MetricsLog.open(outDir, {
+          title: 'dVAE tokenizer',
+          panels: [{ key: 'loss' }, { key: 'reconLoss', title: 'reconstruction loss' }, { key: 'perplexity', title: 'batch codebook perplexity' }, { key: 'lr', log: true }],
+          resumeFrom: state.step,
+        })
+  const save = async () => {
+    if (outDir === undefined) return
+    tokenizer.trainState = state
+    await tokenizer.save(checkpoint)
+    await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, join(outDir, 'reconstructions.png'), opts.threads)
+  }
 
-  const history: TokenizerProgress[] = []
   let last = performance.now()
-  for (let epoch = 0, step = 0; step < steps; epoch++) {
-    const stepsBefore = step
-    for await (const batch of loader.epoch(epoch)) {
+  let epoch = state.epoch
+  let fromBatch = state.batch + 1
+  while (state.step < steps) {
+    const stepsBefore = state.step
+    for await (const batch of loader.epoch(epoch, { fromBatch })) {
+      const step = state.step
       const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-      const result = await tokenizer.trainStep({ pixels: batch.views[0], size: { height, width }, ...schedule, seed: rng.nextSeed() })
-      if (!Number.isFinite(result.loss)) throw new Error(`tokenizer loss is ${result.loss} at step ${step}`)
+      const result = await tokenizer.trainStep({ pixels: batch.views[0], size: { height, width }, ...schedule, seed: deriveSeed(seed, step, 1) })
       const now = performance.now()
       const progress: TokenizerProgress = { step, ...schedule, ...result, codesUsedFraction: result.codesUsed / vocab, imagesPerSecond: batch.size / ((now - last) / 1000) }
       last = now
-      history.push(progress)
+      state = { ...state, step: step + 1, epoch, batch: batch.batch }
       opts.onProgress?.(progress)
-      if (metricsPath) await appendFile(metricsPath, JSON.stringify(progress) + '\n')
-      if (opts.outDir && ((step + 1) % every === 0 || step === steps - 1)) {
-        await tokenizer.save(join(opts.outDir, 'tokenizer.safetensors'))
-        await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, join(opts.outDir, 'reconstructions.png'), opts.threads)
+      await metrics?.record({ ...progress })
+      if (state.step % every === 0 || state.step === steps || opts.signal?.aborted) await save()
+      if (opts.signal?.aborted) {
+        await metrics?.writePlot()
+        return { status: 'interrupted', step: state.step, checkpoint }
       }
-      if (++step === steps) break
+      if (state.step === steps) break
     }
-    if (step === stepsBefore) throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
+    if (state.step === stepsBefore) throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
+    epoch++
+    fromBatch = 0
   }
+  await metrics?.writePlot()
   const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000, opts.threads)
-  if (opts.outDir) await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
-  return { history, evaluation }
+  if (outDir !== undefined) await writeFile(join(outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
+  return { status: 'completed', step: state.step, checkpoint, evaluation }
 }
 
 /**

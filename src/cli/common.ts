@@ -9,7 +9,7 @@ import { TrainTransform } from '../data/augment'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { DeviceOptions, DeviceSpec, PrecisionSpec } from '../device'
-import { RunResult } from '../pretrain'
+import { RunResult } from '../run'
 import { interruptSignal } from '../run'
 
 export const DATA_HELP = 'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
@@ -75,10 +75,10 @@ export function trainTransform(v: Values, jitter: boolean): TrainTransform {
   return { kind: 'train', scale: [scaleMin, 1], colorJitter: jitter ? {} : null }
 }
 
-export async function prepareOut(command: Command, v: Values): Promise<string> {
+export async function prepareOut(command: Command, v: Values, checkpointName = 'checkpoint.safetensors'): Promise<string> {
   const out = v.out as string
-  const checkpoint = join(out, 'checkpoint.safetensors')
-  if (!v.resume && existsSync(checkpoint)) throw new UsageError(`${out} already holds a run (checkpoint.safetensors): pass --resume to continue it, or choose another --out`)
+  const checkpoint = join(out, checkpointName)
+  if (!v.resume && existsSync(checkpoint)) throw new UsageError(`${out} already holds a run (${checkpointName}): pass --resume to continue it, or choose another --out`)
   if (v.resume && !existsSync(checkpoint)) throw new UsageError(`--resume: no checkpoint at ${checkpoint}`)
   await mkdir(out, { recursive: true })
   await writeFile(join(out, 'config.json'), JSON.stringify(resolvedConfig(command, v), null, 2) + '\n')

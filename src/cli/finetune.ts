@@ -6,7 +6,7 @@ import { Command, UsageError, Values } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { EpochResult, finetune, FinetuneProgress } from '../finetune'
 import { Beit } from '../model'
-import { RunResult } from '../pretrain'
+import { RunResult } from '../run'
 import { Progress } from '../run'
 import { DATA_HELP, interruptible, log, MODEL_FLAGS, modelSpec, openData, pct, placement, prepareOut, RUN_FLAGS, trainTransform } from './common'
 
@@ -18,6 +18,7 @@ export const finetuneCommand: Command = {
     init: { kind: 'string', help: 'pretrained MIM checkpoint (beit pretrain); without it the model starts from random weights' },
     ...MODEL_FLAGS,
     epochs: { kind: 'number', help: 'passes over the training data', default: 5 },
+    'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last)', default: 1, min: 1 },
     ...RUN_FLAGS,
     lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
     'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.75 },
@@ -62,6 +63,7 @@ export async function runFinetune(v: Values, train: ImageDataset, test: ImageDat
       train,
       test,
       epochs: v.epochs as number,
+      evalEvery: v['eval-every'] as number,
       batchSize: v['batch-size'] as number,
       schedule: { lr: v.lr as number, minLr: v['min-lr'] as number | undefined, warmupSteps: v['warmup-steps'] as number | undefined },
       transform: trainTransform(v, false),

@@ -1,15 +1,14 @@
 /** `beit tokenizer`: trains a dVAE visual tokenizer. */
-import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Command, resolvedConfig, UsageError, Values } from '../cli-options'
+import { Command, UsageError, Values } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { formatSeconds, Progress } from '../run'
 import { cosineRamp } from '../schedule'
 import { DVAE_PRESETS, Dvae, DvaePresetName } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
-import { DATA_HELP, log, placement, table } from './common'
+import { DATA_HELP, interruptible, log, placement, prepareOut, table } from './common'
 
 export const tokenizerCommand: Command = {
   name: 'tokenizer',
@@ -26,6 +25,8 @@ export const tokenizerCommand: Command = {
     'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
     ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
     seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+    resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
+    'checkpoint-every': { kind: 'int', help: 'steps between checkpoints (and reconstruction sheets)', default: 500 },
     threads: { kind: 'int', help: 'image decoding threads' },
     out: { kind: 'string', help: 'run folder', default: join('runs', 'tokenizer') },
   },
@@ -40,22 +41,25 @@ export const tokenizerCommand: Command = {
     const imageSize: [number, number] = given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
     if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const tokenizer = Dvae.create({ preset, numChannels: channels, imageSize, ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
-    await mkdir(v.out as string, { recursive: true })
-    await writeFile(join(v.out as string, 'config.json'), JSON.stringify(resolvedConfig(tokenizerCommand, v), null, 2) + '\n')
-    log(v, `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}`)
+    const out = await prepareOut(tokenizerCommand, v, 'tokenizer.safetensors')
+    const tokenizer = v.resume
+      ? await Dvae.load(join(out, 'tokenizer.safetensors'), placement(v))
+      : Dvae.create({ preset, numChannels: channels, imageSize, ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
+    log(v, `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}${v.resume ? `, resuming at step ${tokenizer.step}` : ''}`)
     const evaluation = await runTokenizer(v, tokenizer, train, test)
+    if (evaluation === undefined) return
     printTokenizerEvaluation(evaluation, tokenizer)
-    log(v, `run folder ${v.out}: tokenizer.safetensors, metrics.jsonl, reconstructions.png, evaluation.json`)
+    log(v, `run folder ${out}: tokenizer.safetensors, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
   },
 }
 
-export async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDataset, test: ImageDataset): Promise<TokenizerEvaluation & { seconds: number }> {
+/** Trains `tokenizer` as the flags say; the evaluation, or undefined when interrupted. */
+export async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDataset, test: ImageDataset): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
   const steps = v.steps as number
   const lr = v.lr as number
-  const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50 })
+  const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50, startAt: tokenizer.step })
   const started = performance.now()
-  const { evaluation } = await trainTokenizer({
+  const { evaluation } = await interruptible((signal) => trainTokenizer({
     tokenizer,
     data: train,
     evalData: test,
@@ -65,11 +69,13 @@ export async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDatas
     lr: cosineRamp({ from: lr, to: lr / 100, steps }),
     klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
     outDir: v.out as string,
+    checkpointEvery: (v['checkpoint-every'] as number | undefined) ?? 500,
     threads: v.threads as number | undefined,
+    signal,
     onProgress: (p) => bar.update(p.step + 1, { loss: p.loss.toFixed(4), recon: p.reconLoss.toFixed(4), perplexity: p.perplexity.toFixed(1), 'img/s': p.imagesPerSecond.toFixed(0) }),
-  })
+  }))
   bar.end()
-  return { ...evaluation, seconds: (performance.now() - started) / 1000 }
+  return evaluation && { ...evaluation, seconds: (performance.now() - started) / 1000 }
 }
 
 export function printTokenizerEvaluation(e: TokenizerEvaluation & { seconds: number }, tokenizer: Dvae): void {

@@ -1,14 +1,44 @@
 //! Model configuration. Field names follow Hugging Face's `BeitConfig` (in camelCase) so that
 //! configs map one to one onto transformers checkpoints.
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Parses JSON into a config type; an error names the field and what it takes (never a JSON
+/// line and column): `invalid model config: imageSize: ...`.
+pub fn parse_json<T: DeserializeOwned>(what: &str, json: &str) -> Result<T> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json)).map_err(|e| {
+        let message = e.inner().to_string();
+        let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+        let message = message.replace("expected usize", "expected a whole number >= 0");
+        match e.path().to_string().as_str() {
+            "." => Error::Config(format!("invalid {what}: {message}")),
+            path => Error::Config(format!("invalid {what}: {path}: {message}")),
+        }
+    })
+}
+
+/// An image size: a number of pixels for a square image, or [height, width].
+pub(crate) fn square_or_pair<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<[usize; 2], D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Square(usize),
+        Pair([usize; 2]),
+    }
+    match Size::deserialize(d) {
+        Ok(Size::Square(n)) => Ok([n, n]),
+        Ok(Size::Pair(pair)) => Ok(pair),
+        Err(_) => Err(serde::de::Error::custom("expected a whole number of pixels or [height, width]")),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BeitConfig {
-    /// Input size as [height, width] in pixels; each must be a multiple of `patch_size`.
+    /// Input size as [height, width] in pixels (one number: square); each a multiple of `patch_size`.
+    #[serde(deserialize_with = "square_or_pair")]
     pub image_size: [usize; 2],
     pub patch_size: usize,
     /// 1 for grayscale, 3 for RGB.
@@ -80,10 +110,6 @@ impl BeitConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    pub fn has_relative_position_bias(&self) -> bool {
-        self.use_shared_relative_position_bias || self.use_relative_position_bias
-    }
-
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
         let positive = [
@@ -143,8 +169,7 @@ impl BeitConfig {
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(json)
-            .map_err(|e| Error::Config(format!("invalid model config: {e}")))?;
+        let cfg: Self = parse_json("model config", json)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -183,8 +208,7 @@ impl ClassifierConfig {
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
-        let cfg: Self =
-            serde_json::from_str(json).map_err(|e| Error::Config(format!("invalid classifier config: {e}")))?;
+        let cfg: Self = parse_json("classifier config", json)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -14,7 +14,8 @@ use crate::model::like;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DvaeConfig {
     /// The input size [height, width] it is trained for: the default of the TS API. Any size
-    /// divisible by the downsampling factor works when given explicitly.
+    /// divisible by the downsampling factor works when given explicitly. One number: square.
+    #[serde(deserialize_with = "crate::config::square_or_pair")]
     pub image_size: [usize; 2],
     /// 1 for grayscale, 3 for RGB.
     pub num_channels: usize,
@@ -92,8 +93,7 @@ impl DvaeConfig {
     }
 
     pub fn from_json(json: &str) -> crate::Result<Self> {
-        let cfg: Self = serde_json::from_str(json)
-            .map_err(|e| Error::Config(format!("invalid tokenizer config: {e}")))?;
+        let cfg: Self = crate::config::parse_json("tokenizer config", json)?;
         cfg.validate()?;
         Ok(cfg)
     }

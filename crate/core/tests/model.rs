@@ -48,6 +48,18 @@ fn impossible_configs_are_rejected_with_the_reason() {
     json["hidenSize"] = 3.into();
     let err = BeitConfig::from_json(&json.to_string()).unwrap_err().to_string();
     assert!(err.contains("unknown field") && err.contains("hidenSize"), "{err}");
+    // Errors name the field and what it takes, never a JSON line and column.
+    let with = |key: &str, value: serde_json::Value| {
+        let mut json: serde_json::Value = serde_json::from_str(&tiny_config().to_json()).unwrap();
+        json[key] = value;
+        BeitConfig::from_json(&json.to_string())
+    };
+    let err = with("numHiddenLayers", (-1).into()).unwrap_err().to_string();
+    assert!(err.contains("numHiddenLayers") && err.contains("whole number >= 0") && !err.contains("line"), "{err}");
+    let err = with("imageSize", "big".into()).unwrap_err().to_string();
+    assert!(err.contains("imageSize: expected a whole number of pixels or [height, width]") && !err.contains("column"), "{err}");
+    // A number is a square image size.
+    assert_eq!(with("imageSize", 8.into()).unwrap().image_size, [8, 8]);
 }
 
 #[test]

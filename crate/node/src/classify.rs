@@ -10,8 +10,7 @@ use napi_derive::napi;
 use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
 
 fn parse_finetune(json: &str) -> beit_core::Result<FinetuneOptions> {
-    let options: FinetuneOptions = serde_json::from_str(json)
-        .map_err(|e| beit_core::Error::Config(format!("invalid finetune options: {e}")))?;
+    let options: FinetuneOptions = beit_core::config::parse_json("finetune options", json)?;
     options.validate()?;
     Ok(options)
 }

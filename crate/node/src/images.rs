@@ -109,18 +109,14 @@ pub struct LoadViewsTask {
     views_json: String,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> beit_core::Result<T> {
-    serde_json::from_str(json).map_err(|e| beit_core::Error::Config(format!("invalid {what}: {e}")))
-}
-
 impl Task for LoadViewsTask {
     type Output = ViewBatch;
     type JsValue = NativeViewBatch;
 
     fn compute(&mut self) -> Result<ViewBatch> {
         guarded(|| {
-            let augments: Vec<Augment> = parse("augments", &self.augments_json)?;
-            let views: Vec<ViewSpec> = parse("views", &self.views_json)?;
+            let augments: Vec<Augment> = beit_core::config::parse_json("augments", &self.augments_json)?;
+            let views: Vec<ViewSpec> = beit_core::config::parse_json("views", &self.views_json)?;
             let (pool, max_pixels) = &self.loader;
             let sources = match &self.source {
                 Source::Files(paths) => Sources::Files(paths),

@@ -89,8 +89,7 @@ pub(crate) fn image_size_pair(size: Option<Vec<u32>>) -> beit_core::Result<Optio
 }
 
 pub(crate) fn parse_optimizer(json: &str) -> beit_core::Result<AdamWConfig> {
-    let cfg: AdamWConfig = serde_json::from_str(json)
-        .map_err(|e| beit_core::Error::Config(format!("invalid optimizer config: {e}")))?;
+    let cfg: AdamWConfig = beit_core::config::parse_json("optimizer config", json)?;
     cfg.validate()?;
     Ok(cfg)
 }

@@ -35,8 +35,7 @@ impl NativeTokenizer {
     pub fn create(config_json: String, training_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = DvaeConfig::from_json(&config_json)?;
-            let training: TokenizerTraining = serde_json::from_str(&training_json)
-                .map_err(|e| beit_core::Error::Config(format!("invalid tokenizer training options: {e}")))?;
+            let training: TokenizerTraining = beit_core::config::parse_json("tokenizer training options", &training_json)?;
             TokenizerTrainer::new(config, training, seed as u64)
         })
         .and_then(wrap)
