@@ -16,7 +16,10 @@ interface Outcome {
   stderr: string
 }
 
-function beit(args: string[], opts: { onStdout?: (text: string, kill: (signal: NodeJS.Signals) => void) => void } = {}): Promise<Outcome> {
+function beit(
+  args: string[],
+  opts: { onStdout?: (text: string, kill: (signal: NodeJS.Signals) => void) => void } = {},
+): Promise<Outcome> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
     let stdout = ''
@@ -45,9 +48,21 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
 
   await writeFile(join(dir, 'pretrain.json'), JSON.stringify({ steps: 3, 'batch-size': 16, lr: 1e-3 }))
-  const pre = await beit(['pretrain', '--tokenizer', tokenizer, '--config', join(dir, 'pretrain.json'), '--steps', '4', ...TINY_MODEL, '--out', join(dir, 'pre')])
+  const pre = await beit([
+    'pretrain',
+    '--tokenizer',
+    tokenizer,
+    '--config',
+    join(dir, 'pretrain.json'),
+    '--steps',
+    '4',
+    ...TINY_MODEL,
+    '--out',
+    join(dir, 'pre'),
+  ])
   t.is(pre.code, 0, pre.stderr)
-  for (const file of ['checkpoint.safetensors', 'metrics.jsonl', 'curves.svg', 'config.json', 'reconstructions.png']) t.true(existsSync(join(dir, 'pre', file)), file)
+  for (const file of ['checkpoint.safetensors', 'metrics.jsonl', 'curves.svg', 'config.json', 'reconstructions.png'])
+    t.true(existsSync(join(dir, 'pre', file)), file)
   // Flags override the config file; the resolved values are saved.
   const config = JSON.parse(await readFile(join(dir, 'pre', 'config.json'), 'utf8'))
   t.like(config, { steps: 4, 'batch-size': 16, lr: 1e-3, tokenizer })
@@ -57,10 +72,25 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   t.regex(pre.stderr, /pretrain 4\/4 {2}loss/)
 
   const checkpoint = join(dir, 'pre', 'checkpoint.safetensors')
-  const ft = await beit(['finetune', '--init', checkpoint, '--epochs', '0.02', '--batch-size', '32', '--out', join(dir, 'ft'), '--quiet'])
+  const ft = await beit([
+    'finetune',
+    '--init',
+    checkpoint,
+    '--epochs',
+    '0.02',
+    '--batch-size',
+    '32',
+    '--out',
+    join(dir, 'ft'),
+    '--quiet',
+  ])
   t.is(ft.code, 0, ft.stderr)
   t.is(ft.stdout, '')
-  const evals = (await readFile(join(dir, 'ft', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l)).filter((r) => 'evalAccuracy' in r)
+  const evals = (await readFile(join(dir, 'ft', 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((r) => 'evalAccuracy' in r)
   t.is(evals.length, 1)
 
   const probe = await beit(['probe', '--init', checkpoint, '--epochs', '1', '--out', join(dir, 'probe.json')])
@@ -70,7 +100,10 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
 
   const enc = await beit(['encode', '--tokenizer', tokenizer, '--limit', '3', '--out', join(dir, 'tokens.jsonl')])
   t.is(enc.code, 0, enc.stderr)
-  const lines = (await readFile(join(dir, 'tokens.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l))
+  const lines = (await readFile(join(dir, 'tokens.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
   t.is(lines.length, 3)
   t.deepEqual(lines[0].grid, [7, 7])
   t.is(lines[0].ids.length, 49)
@@ -89,10 +122,16 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['pretrain', '--data', join(dir, 'nope'), '--tokenizer', tokenizer], /data not found: .*nope/],
     [['pretrain', '--tokenizer', tokenizer, '--batch-size', 'lots'], /--batch-size must be an integer > 0, got "lots"/],
     [['pretrain', '--tokenizer', tokenizer, '--masking', 'sideways'], /--masking must be one of blockwise, random/],
-    [['pretrain', '--tokenizer', tokenizer, '--patch-size', '7', '--steps', '1', '--out', join(dir, 'grid')], /token grid 7x7 .* does not match the model's patch grid 4x4/],
+    [
+      ['pretrain', '--tokenizer', tokenizer, '--patch-size', '7', '--steps', '1', '--out', join(dir, 'grid')],
+      /token grid 7x7 .* does not match the model's patch grid 4x4/,
+    ],
     [['finetune', '--init', tokenizer, '--out', join(dir, 'ft')], /format "beit-dvae\/1", expected "beit-mim\/1"/],
     [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
-    [['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')], /precision must be 'auto', 'f32' or 'bf16', got "fp16"/],
+    [
+      ['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')],
+      /precision must be 'auto', 'f32' or 'bf16', got "fp16"/,
+    ],
     [['tokenizer', '--channels', '2', '--out', join(dir, 'tok2')], /--channels must be 1 or 3, got 2/],
     [['tokenizer', '--data', join(dir, 'nope'), '--out', join(dir, 'tok3')], /data not found: .*nope/],
     [['pretrain', '--bogus'], /Unknown option '--bogus'/],
@@ -113,7 +152,21 @@ test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
-  const args = ['pretrain', '--tokenizer', join(dir, 'tok', 'tokenizer.safetensors'), ...TINY_MODEL, '--steps', '400', '--batch-size', '16', '--checkpoint-every', '1000', '--out', join(dir, 'run'), '--quiet']
+  const args = [
+    'pretrain',
+    '--tokenizer',
+    join(dir, 'tok', 'tokenizer.safetensors'),
+    ...TINY_MODEL,
+    '--steps',
+    '400',
+    '--batch-size',
+    '16',
+    '--checkpoint-every',
+    '1000',
+    '--out',
+    join(dir, 'run'),
+    '--quiet',
+  ]
   let sent = false
   const metrics = join(dir, 'run', 'metrics.jsonl')
   const interrupted = await new Promise<Outcome>((resolve, reject) => {
@@ -150,7 +203,20 @@ test('on a terminal, beit pretrain draws one progress bar whose ETA comes from t
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
-  const args = [CLI, 'pretrain', '--tokenizer', join(dir, 'tok', 'tokenizer.safetensors'), '--layers', '2', '--steps', '40', '--batch-size', '256', '--out', join(dir, 'pre')]
+  const args = [
+    CLI,
+    'pretrain',
+    '--tokenizer',
+    join(dir, 'tok', 'tokenizer.safetensors'),
+    '--layers',
+    '2',
+    '--steps',
+    '40',
+    '--batch-size',
+    '256',
+    '--out',
+    join(dir, 'pre'),
+  ]
   const command = [process.execPath, ...args].map((a) => `'${a}'`).join(' ')
   // script(1) runs the command on a pseudo-terminal and copies what it draws to stdout.
   const run = await new Promise<Outcome>((resolve, reject) => {

@@ -24,7 +24,9 @@ test("'auto' is a GPU exactly when the loaded addon sees one", (t) => {
 })
 
 test('a device that cannot be had is a clear error', (t) => {
-  t.throws(() => Beit.create(TINY, { device: 'gpu' as 'cpu' }), { message: /device must be "cpu", "cuda" or "cuda:N", got "gpu"/ })
+  t.throws(() => Beit.create(TINY, { device: 'gpu' as 'cpu' }), {
+    message: /device must be "cpu", "cuda" or "cuda:N", got "gpu"/,
+  })
   const gpus = cudaDeviceCount()
   const unavailable = `cuda:${gpus}` as const
   t.throws(() => Classifier.create({ model: TINY, numLabels: 2 }, { device: unavailable }), {
@@ -51,7 +53,9 @@ test("precision 'auto' is bf16 on a GPU and f32 on the CPU; a bad one is a clear
   t.is(Beit.create(TINY, { device: 'cpu' }).precision, 'f32')
   t.is(Beit.create(TINY).precision, resolvePrecision('auto', resolveDevice('auto')))
   t.is(Dvae.create({ preset: 'tiny', numChannels: 1 }, { device: 'cpu', precision: 'bf16' }).precision, 'bf16')
-  t.throws(() => Beit.create(TINY, { precision: 'fp16' as 'f32' }), { message: /precision must be 'auto', 'f32' or 'bf16', got "fp16"/ })
+  t.throws(() => Beit.create(TINY, { precision: 'fp16' as 'f32' }), {
+    message: /precision must be 'auto', 'f32' or 'bf16', got "fp16"/,
+  })
 })
 
 test('bf16 mixed precision trains and predicts close to f32', async (t) => {

@@ -105,7 +105,11 @@ const CASES: { dtype: IdxArray['dtype']; shape: number[]; expected: IdxArray['da
   { dtype: 'int8', shape: [6], expected: Int8Array.of(-128, -1, 0, 1, 64, 127) },
   { dtype: 'int16', shape: [3, 2], expected: Int16Array.of(-32768, -1, 0, 1, 0x1234, 32767) },
   { dtype: 'int32', shape: [1, 2, 3], expected: Int32Array.of(-2147483648, -1, 0, 1, 0x12345678, 2147483647) },
-  { dtype: 'float32', shape: [2, 1, 3, 1], expected: Float32Array.of(-1.5, 0, Math.fround(0.1), 3.25e38, -Infinity, Math.fround(1e-40)) },
+  {
+    dtype: 'float32',
+    shape: [2, 1, 3, 1],
+    expected: Float32Array.of(-1.5, 0, Math.fround(0.1), 3.25e38, -Infinity, Math.fround(1e-40)),
+  },
   { dtype: 'float64', shape: [3, 2], expected: Float64Array.of(Math.PI, -0, 1e308, Number.MIN_VALUE, -Infinity, NaN) },
 ]
 
@@ -159,7 +163,9 @@ test('parseIdx rejects truncated data with expected and actual sizes', (t) => {
 test('parseIdx rejects a truncated header', (t) => {
   t.throws(() => parseIdx(Uint8Array.of(0, 0), 'x.idx'), { message: /header truncated.*at least 4 bytes, got 2/ })
   const bytes = writeIdx('uint8', [2, 3], [1, 2, 3, 4, 5, 6])
-  t.throws(() => parseIdx(bytes.subarray(0, 9), 'x.idx'), { message: /header truncated.*2 dimensions need 12 header bytes, got 9/ })
+  t.throws(() => parseIdx(bytes.subarray(0, 9), 'x.idx'), {
+    message: /header truncated.*2 dimensions need 12 header bytes, got 9/,
+  })
 })
 
 test('parseIdx rejects trailing bytes', (t) => {
@@ -215,13 +221,17 @@ test('loadFashionMnist rejects a label/image count mismatch', async (t) => {
 test('loadFashionMnist rejects labels outside 0..9', async (t) => {
   const dir = await tempDir(t)
   await writeSplit(dir, new Uint8Array(2 * 28 * 28), [2, 28, 28], [4, 10])
-  await t.throwsAsync(loadFashionMnist({ split: 'test', dir }), { message: /label 10 at index 1 is out of range, expected 0\.\.9/ })
+  await t.throwsAsync(loadFashionMnist({ split: 'test', dir }), {
+    message: /label 10 at index 1 is out of range, expected 0\.\.9/,
+  })
 })
 
 test('loadFashionMnist rejects images that are not 28x28', async (t) => {
   const dir = await tempDir(t)
   await writeSplit(dir, new Uint8Array(2 * 32 * 32), [2, 32, 32], [0, 1])
-  await t.throwsAsync(loadFashionMnist({ split: 'test', dir }), { message: /expected images \[N, 28, 28\], got shape \[2, 32, 32\]/ })
+  await t.throwsAsync(loadFashionMnist({ split: 'test', dir }), {
+    message: /expected images \[N, 28, 28\], got shape \[2, 32, 32\]/,
+  })
 })
 
 test('loadFashionMnist rejects non-uint8 images', async (t) => {
@@ -243,29 +253,40 @@ test('loadFashionMnist names both candidate files when one is missing', async (t
 const debianInstalled = existsSync(DEBIAN_FASHION_MNIST_DIR)
 const debianTest = debianInstalled ? test : test.skip
 
-debianTest(`Debian dataset (skipped when ${DEBIAN_FASHION_MNIST_DIR} is absent): 60000/10000 images, sample is its class-quota subset`, async (t) => {
-  for (const [split, fullCount, perClass] of [
-    ['train', 60000, 500],
-    ['test', 10000, 100],
-  ] as const) {
-    const full = await loadFashionMnist({ split, dir: DEBIAN_FASHION_MNIST_DIR })
-    t.is(full.count, fullCount)
-    t.deepEqual(countPerClass(full.labels), new Array(10).fill(fullCount / 10))
+debianTest(
+  `Debian dataset (skipped when ${DEBIAN_FASHION_MNIST_DIR} is absent): 60000/10000 images, sample is its class-quota subset`,
+  async (t) => {
+    for (const [split, fullCount, perClass] of [
+      ['train', 60000, 500],
+      ['test', 10000, 100],
+    ] as const) {
+      const full = await loadFashionMnist({ split, dir: DEBIAN_FASHION_MNIST_DIR })
+      t.is(full.count, fullCount)
+      t.deepEqual(countPerClass(full.labels), new Array(10).fill(fullCount / 10))
 
-    // Rebuild the sample by the documented rule and compare with the bundled files byte for byte.
-    const taken = new Array<number>(10).fill(0)
-    const keep: number[] = []
-    full.labels.forEach((label, i) => {
-      if (taken[label] < perClass) {
-        taken[label]++
-        keep.push(i)
-      }
-    })
-    const pixels = 28 * 28
-    const sample = await loadFashionMnist({ split })
-    t.deepEqual(sample.labels, Uint8Array.from(keep, (i) => full.labels[i]))
-    const expectedImages = new Uint8Array(keep.length * pixels)
-    keep.forEach((src, dst) => expectedImages.set(full.images.subarray(src * pixels, (src + 1) * pixels), dst * pixels))
-    t.true(Buffer.from(sample.images).equals(Buffer.from(expectedImages)), `${split} sample images differ from the rule`)
-  }
-})
+      // Rebuild the sample by the documented rule and compare with the bundled files byte for byte.
+      const taken = new Array<number>(10).fill(0)
+      const keep: number[] = []
+      full.labels.forEach((label, i) => {
+        if (taken[label] < perClass) {
+          taken[label]++
+          keep.push(i)
+        }
+      })
+      const pixels = 28 * 28
+      const sample = await loadFashionMnist({ split })
+      t.deepEqual(
+        sample.labels,
+        Uint8Array.from(keep, (i) => full.labels[i]),
+      )
+      const expectedImages = new Uint8Array(keep.length * pixels)
+      keep.forEach((src, dst) =>
+        expectedImages.set(full.images.subarray(src * pixels, (src + 1) * pixels), dst * pixels),
+      )
+      t.true(
+        Buffer.from(sample.images).equals(Buffer.from(expectedImages)),
+        `${split} sample images differ from the rule`,
+      )
+    }
+  },
+)

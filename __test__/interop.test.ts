@@ -20,13 +20,17 @@ const hf = (name: string) => join(FIXTURES, 'hf', name)
 function readTensors(path: string): Record<string, { shape: number[]; data: Float32Array | Int32Array | Uint8Array }> {
   const bytes = readFileSync(path)
   const length = Number(bytes.readBigUInt64LE(0))
-  const header = JSON.parse(bytes.subarray(8, 8 + length).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>
+  const header = JSON.parse(bytes.subarray(8, 8 + length).toString('utf8')) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >
   const out: Record<string, { shape: number[]; data: Float32Array | Int32Array | Uint8Array }> = {}
   for (const [name, t] of Object.entries(header)) {
     if (name === '__metadata__') continue
     const raw = bytes.subarray(8 + length + t.data_offsets[0], 8 + length + t.data_offsets[1])
     const copy = new Uint8Array(raw).buffer
-    const data = t.dtype === 'F32' ? new Float32Array(copy) : t.dtype === 'I32' ? new Int32Array(copy) : new Uint8Array(copy)
+    const data =
+      t.dtype === 'F32' ? new Float32Array(copy) : t.dtype === 'I32' ? new Int32Array(copy) : new Uint8Array(copy)
     out[name] = { shape: t.shape, data }
   }
   return out
@@ -66,7 +70,14 @@ test('a transformers MIM checkpoint imports with its logits, exports, and import
   const dir = await tempDir(t)
   await model.exportHuggingFace(join(dir, 'hf'))
   const config = JSON.parse(await readFile(join(dir, 'hf', 'config.json'), 'utf8'))
-  t.like(config, { model_type: 'beit', architectures: ['BeitForMaskedImageModeling'], use_mask_token: true, image_size: 16, patch_size: 4, vocab_size: 64 })
+  t.like(config, {
+    model_type: 'beit',
+    architectures: ['BeitForMaskedImageModeling'],
+    use_mask_token: true,
+    image_size: 16,
+    patch_size: 4,
+    vocab_size: 64,
+  })
   const again = await Beit.fromHuggingFace(join(dir, 'hf'))
   t.deepEqual((await again.forward({ pixels, mask })).logits, logits)
 })
@@ -79,7 +90,9 @@ test('a resolution change on import resizes the position tables as transformers 
   const { logits } = await model.forward({ pixels: io.pixel_values.data as Float32Array, mask })
   t.true(maxAbsDiff(logits, maskedRows(io.logits.data as Float32Array, mask, 64)) < 1e-4)
   await t.throwsAsync(Beit.fromHuggingFace(hf('mim-resize'), { imageSize: 18 }), { message: /multiple of patchSize 4/ })
-  await t.throwsAsync(Beit.fromHuggingFace(hf('mim-resize'), { imageSize: [20] as unknown as number }), { message: /imageSize must be/ })
+  await t.throwsAsync(Beit.fromHuggingFace(hf('mim-resize'), { imageSize: [20] as unknown as number }), {
+    message: /imageSize must be/,
+  })
 })
 
 test('classification checkpoints keep their head; a bare BeitModel gets a new one', async (t) => {
@@ -107,7 +120,12 @@ test('importHuggingFace and exportHuggingFace pick the model from the folder and
   t.is(await checkpointFormat(join(dir, 'cls.safetensors')), 'beit-cls/1')
   await exportHuggingFace(join(dir, 'cls.safetensors'), join(dir, 'cls-hf'))
   const config = JSON.parse(await readFile(join(dir, 'cls-hf', 'config.json'), 'utf8'))
-  t.like(config, { architectures: ['BeitForImageClassification'], image_size: [8, 16], use_mean_pooling: true, id2label: { 0: 'LABEL_0', 2: 'LABEL_2' } })
+  t.like(config, {
+    architectures: ['BeitForImageClassification'],
+    image_size: [8, 16],
+    use_mean_pooling: true,
+    id2label: { 0: 'LABEL_0', 2: 'LABEL_2' },
+  })
   const tokenizer = join(FIXTURES, 'dalle', 'dvae.safetensors')
   await t.throwsAsync(exportHuggingFace(tokenizer, join(dir, 'x')), { message: /beit-dvae\/1.*cannot be exported/ })
 })
@@ -116,14 +134,30 @@ test('the CLI imports and exports, and names what is wrong with a folder that do
   const dir = await tempDir(t)
   const run = promisify(execFile)
   const ckpt = join(dir, 'cls.safetensors')
-  const imported = await run(process.execPath, [CLI, 'import', '--from', hf('model-pooler'), '--num-labels', '4', '--out', ckpt])
+  const imported = await run(process.execPath, [
+    CLI,
+    'import',
+    '--from',
+    hf('model-pooler'),
+    '--num-labels',
+    '4',
+    '--out',
+    ckpt,
+  ])
   t.regex(imported.stdout, /classifier of 4 classes/)
   const exported = await run(process.execPath, [CLI, 'export', '--from', ckpt, '--out', join(dir, 'hf')])
   t.regex(exported.stdout, /BeitForImageClassification/)
   const again = await Classifier.fromHuggingFace(join(dir, 'hf'))
   t.is(again.config.numLabels, 4)
 
-  const failed = await run(process.execPath, [CLI, 'import', '--from', join(dir, 'nowhere'), '--out', join(dir, 'x.safetensors')]).catch((e: { code: number; stderr: string }) => e)
+  const failed = await run(process.execPath, [
+    CLI,
+    'import',
+    '--from',
+    join(dir, 'nowhere'),
+    '--out',
+    join(dir, 'x.safetensors'),
+  ]).catch((e: { code: number; stderr: string }) => e)
   t.is((failed as { code: number }).code, 1)
   t.regex((failed as { stderr: string }).stderr, /nowhere.*config\.json/)
 })

@@ -55,7 +55,13 @@ function encodeBmp(rgb: Buffer, width: number, height: number): Buffer {
 
 /** The identity view: the whole image, nearest, at its own size, values x / 255. */
 function identityView(channels: 1 | 3, size: [number, number] = [H, W]): ViewSpec {
-  return { size, interpolation: 'nearest', channels, mean: new Array(channels).fill(0), std: new Array(channels).fill(1) }
+  return {
+    size,
+    interpolation: 'nearest',
+    channels,
+    mean: new Array(channels).fill(0),
+    std: new Array(channels).fill(1),
+  }
 }
 
 async function loadAll(loader: ImageLoader, epoch = 0): Promise<Batch[]> {
@@ -89,7 +95,14 @@ test('every format decodes to the pixels written (lossless exactly, JPEG close t
     ['rgb16.png', await sharp(rgb, raw).toColourspace('rgb16').png().toBuffer(), 3, rgb],
     ['palette.png', await sharp(rgb, raw).png({ palette: true, colours: 256, dither: 0 }).toBuffer(), 3, rgb],
     ['rgba.png', await sharp(rgb, raw).ensureAlpha(0.5).png().toBuffer(), 3, rgb],
-    ['gray.png', await sharp(gray, { raw: { width: W, height: H, channels: 1 } }).png().toBuffer(), 1, gray],
+    [
+      'gray.png',
+      await sharp(gray, { raw: { width: W, height: H, channels: 1 } })
+        .png()
+        .toBuffer(),
+      1,
+      gray,
+    ],
     ['lossless.webp', await sharp(rgb, raw).webp({ lossless: true }).toBuffer(), 3, rgb],
     ['first-frame.gif', await sharp(rgb, raw).gif({ dither: 0 }).toBuffer(), 3, rgb],
     ['image.bmp', encodeBmp(rgb, W, H), 3, rgb],
@@ -99,8 +112,19 @@ test('every format decodes to the pixels written (lossless exactly, JPEG close t
   t.is(dataset.size, files.length)
   for (const [name, , channels, expected] of files) {
     const index = dataset.source.kind === 'files' ? dataset.source.paths.findIndex((p) => p.endsWith(name)) : -1
-    const one: ImageDataset = { ...dataset, size: 1, source: { kind: 'files', paths: [join(dir, name)] }, labels: new Int32Array([-1]) }
-    const loader = new ImageLoader({ dataset: one, views: [identityView(channels)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+    const one: ImageDataset = {
+      ...dataset,
+      size: 1,
+      source: { kind: 'files', paths: [join(dir, name)] },
+      labels: new Int32Array([-1]),
+    }
+    const loader = new ImageLoader({
+      dataset: one,
+      views: [identityView(channels)],
+      transform: { kind: 'eval', cropFraction: 1 },
+      batchSize: 1,
+      onError: 'fail',
+    })
     const [batch] = await loadAll(loader)
     t.true(index >= 0)
     // libvips scales 8 -> 16 bits by 256, not 257, so a round trip may be one level off.
@@ -113,8 +137,19 @@ test('every format decodes to the pixels written (lossless exactly, JPEG close t
   const jpeg = await sharp(smooth, raw).jpeg({ quality: 95 }).toBuffer()
   const vips = await sharp(jpeg).raw().toBuffer()
   await writeFile(join(dir, 'photo.jpg'), jpeg)
-  const one: ImageDataset = { ...dataset, size: 1, source: { kind: 'files', paths: [join(dir, 'photo.jpg')] }, labels: new Int32Array([-1]) }
-  const loader = new ImageLoader({ dataset: one, views: [identityView(3)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+  const one: ImageDataset = {
+    ...dataset,
+    size: 1,
+    source: { kind: 'files', paths: [join(dir, 'photo.jpg')] },
+    labels: new Int32Array([-1]),
+  }
+  const loader = new ImageLoader({
+    dataset: one,
+    views: [identityView(3)],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 1,
+    onError: 'fail',
+  })
   const [batch] = await loadAll(loader)
   t.true(maxDiff(toInterleaved(batch.views[0], 3), vips) <= 3)
 })
@@ -123,20 +158,34 @@ test('EXIF orientation is honoured like libvips autorotate', async (t) => {
   const dir = await tempDir(t)
   const smooth = Buffer.alloc(W * H * 3)
   for (let i = 0; i < W * H; i++) smooth.set([(i % W) * 8, Math.floor(i / W) * 15, 60], i * 3)
-  const jpeg = await sharp(smooth, { raw: { width: W, height: H, channels: 3 } }).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer()
+  const jpeg = await sharp(smooth, { raw: { width: W, height: H, channels: 3 } })
+    .jpeg({ quality: 95 })
+    .withMetadata({ orientation: 6 })
+    .toBuffer()
   await writeFile(join(dir, 'rotated.jpg'), jpeg)
   const upright = await sharp(jpeg).rotate().raw().toBuffer({ resolveWithObject: true })
   t.deepEqual([upright.info.width, upright.info.height], [H, W])
   const dataset = await imageFolder(dir)
-  const loader = new ImageLoader({ dataset, views: [identityView(3, [W, H])], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 1, onError: 'fail' })
+  const loader = new ImageLoader({
+    dataset,
+    views: [identityView(3, [W, H])],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 1,
+    onError: 'fail',
+  })
   const [batch] = await loadAll(loader)
   t.true(maxDiff(toInterleaved(batch.views[0], 3, W, H), upright.data) <= 3)
 })
 
 test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', async (t) => {
   const dir = await tempDir(t)
-  const png = await sharp(paletteImage(3), { raw: { width: W, height: H, channels: 3 } }).png().toBuffer()
-  for (const [cls, n] of [['cat', 2], ['dog', 3]] as const) {
+  const png = await sharp(paletteImage(3), { raw: { width: W, height: H, channels: 3 } })
+    .png()
+    .toBuffer()
+  for (const [cls, n] of [
+    ['cat', 2],
+    ['dog', 3],
+  ] as const) {
     await mkdir(join(dir, cls, 'nested'), { recursive: true })
     for (let i = 0; i < n; i++) await writeFile(join(dir, cls, i === 0 ? 'nested' : '', `${i}.PNG`), png)
   }
@@ -153,10 +202,21 @@ test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', asy
   await writeFile(join(dir, 'list.jsonl'), '{"path": "cat/1.PNG", "label": 1}\n{"path": "dog/2.PNG", "label": 0}\n')
   const jsonl = await manifest(join(dir, 'list.jsonl'), { classes: ['dog', 'cat'] })
   t.deepEqual([...jsonl.labels], [1, 0])
-  await writeFile(join(dir, 'bad.jsonl'), '{"path": "cat/1.PNG", "label": "cat"}\n{"path": "dog/2.PNG", "label": "horse"}\n')
-  await t.throwsAsync(manifest(join(dir, 'bad.jsonl'), { classes: ['cat', 'dog'] }), { message: /bad\.jsonl:2: unknown class "horse"; expected one of cat, dog/ })
+  await writeFile(
+    join(dir, 'bad.jsonl'),
+    '{"path": "cat/1.PNG", "label": "cat"}\n{"path": "dog/2.PNG", "label": "horse"}\n',
+  )
+  await t.throwsAsync(manifest(join(dir, 'bad.jsonl'), { classes: ['cat', 'dog'] }), {
+    message: /bad\.jsonl:2: unknown class "horse"; expected one of cat, dog/,
+  })
 
-  const loader = new ImageLoader({ dataset: csv, views: [identityView(3)], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 4, onError: 'fail' })
+  const loader = new ImageLoader({
+    dataset: csv,
+    views: [identityView(3)],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 4,
+    onError: 'fail',
+  })
   const [batch] = await loadAll(loader)
   t.is(batch.size, 2)
   t.deepEqual([...batch.labels].sort(), [0, 1])
@@ -164,8 +224,12 @@ test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', asy
 
 test('broken files are skipped with their reasons and counted, or fatal with onError fail', async (t) => {
   const dir = await tempDir(t)
-  const png = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } }).png().toBuffer()
-  const jpeg = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } }).jpeg().toBuffer()
+  const png = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } })
+    .png()
+    .toBuffer()
+  const jpeg = await sharp(paletteImage(4), { raw: { width: W, height: H, channels: 3 } })
+    .jpeg()
+    .toBuffer()
   await writeFile(join(dir, 'good.png'), png)
   await writeFile(join(dir, 'zero.jpg'), Buffer.alloc(0))
   await writeFile(join(dir, 'truncated.png'), png.subarray(0, png.length >> 1))
@@ -173,7 +237,17 @@ test('broken files are skipped with their reasons and counted, or fatal with onE
   await writeFile(join(dir, 'text.jpg'), 'this is a text file\n')
   await writeFile(join(dir, 'garbage.webp'), Buffer.from(new Rng(5).nextSeed().toString(16).repeat(40)))
   await mkdir(join(dir, 'folder.png'))
-  const lines = ['path', 'good.png', 'zero.jpg', 'truncated.png', 'truncated.jpg', 'text.jpg', 'garbage.webp', 'folder.png', 'missing.png']
+  const lines = [
+    'path',
+    'good.png',
+    'zero.jpg',
+    'truncated.png',
+    'truncated.jpg',
+    'text.jpg',
+    'garbage.webp',
+    'folder.png',
+    'missing.png',
+  ]
   await writeFile(join(dir, 'all.csv'), lines.join('\n'))
   const dataset = await manifest(join(dir, 'all.csv'))
   const skips: string[] = []
@@ -200,7 +274,14 @@ test('broken files are skipped with their reasons and counted, or fatal with onE
   t.regex(reasonOf('folder.png'), /cannot read file/)
   t.regex(reasonOf('missing.png'), /cannot read file.*No such file/)
 
-  const strict = new ImageLoader({ dataset, views: [identityView(3)], transform: { kind: 'eval' }, batchSize: 8, shuffle: false, onError: 'fail' })
+  const strict = new ImageLoader({
+    dataset,
+    views: [identityView(3)],
+    transform: { kind: 'eval' },
+    batchSize: 8,
+    shuffle: false,
+    onError: 'fail',
+  })
   await t.throwsAsync(loadAll(strict), { message: /cannot load .*zero\.jpg: empty file/ })
 })
 
@@ -213,16 +294,28 @@ test('clear errors before any loading: missing or empty folder, bad options', as
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const base = { dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval' as const }, batchSize: 4 }
   t.throws(() => new ImageLoader({ ...base, batchSize: 0 }), { message: /batchSize must be a positive integer/ })
-  t.throws(() => new ImageLoader({ ...base, rank: 2, worldSize: 2 }), { message: /rank must be an integer in \[0, 1\]/ })
-  t.throws(() => new ImageLoader({ ...base, views: [{ ...identityView(1), channels: 2 as 1 }] }), { message: /channels must be 1 or 3/ })
-  t.throws(() => new ImageLoader({ ...base, transform: { kind: 'train', scale: [0.5, 0.1] } }), { message: /transform\.scale/ })
+  t.throws(() => new ImageLoader({ ...base, rank: 2, worldSize: 2 }), {
+    message: /rank must be an integer in \[0, 1\]/,
+  })
+  t.throws(() => new ImageLoader({ ...base, views: [{ ...identityView(1), channels: 2 as 1 }] }), {
+    message: /channels must be 1 or 3/,
+  })
+  t.throws(() => new ImageLoader({ ...base, transform: { kind: 'train', scale: [0.5, 0.1] } }), {
+    message: /transform\.scale/,
+  })
   t.throws(() => new ImageLoader({ ...base, threads: 0 }), { message: /threads must be at least 1/ })
 })
 
 test('the bundled Fashion-MNIST subset passes through unchanged with the identity view', async (t) => {
   const images = await loadFashionMnist({ split: 'test' })
   const dataset = pixelDataset(images, 'sample')
-  const loader = new ImageLoader({ dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval', cropFraction: 1 }, batchSize: 100, seed: 3 })
+  const loader = new ImageLoader({
+    dataset,
+    views: [identityView(1, [28, 28])],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 100,
+    seed: 3,
+  })
   const [batch] = await loadAll(loader)
   t.is(batch.size, 100)
   for (let b = 0; b < batch.size; b++) {
@@ -237,7 +330,8 @@ test('the bundled Fashion-MNIST subset passes through unchanged with the identit
 test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume from a batch', async (t) => {
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const views = beitViews({ imageSize: 32, tokenizerSize: 16, channels: 1 })
-  const make = (seed: number) => new ImageLoader({ dataset, views, transform: { kind: 'train', scale: [0.4, 1] }, batchSize: 64, seed, prefetch: 3 })
+  const make = (seed: number) =>
+    new ImageLoader({ dataset, views, transform: { kind: 'train', scale: [0.4, 1] }, batchSize: 64, seed, prefetch: 3 })
   const loader = make(7)
   t.is(loader.batchesPerEpoch, Math.ceil(1000 / 64))
   const first = await loadAll(loader)
@@ -248,7 +342,10 @@ test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume 
   t.true(first[0].views[0].every((v) => v >= -1.0001 && v <= 1.0001))
   t.true(first[0].views[1].every((v) => v >= 0 && v <= 1))
   const again = await loadAll(make(7))
-  t.deepEqual(again.map((b) => b.views), first.map((b) => b.views))
+  t.deepEqual(
+    again.map((b) => b.views),
+    first.map((b) => b.views),
+  )
   const otherSeed = await loadAll(make(8))
   t.notDeepEqual(otherSeed[0].indices, first[0].indices)
   const nextEpoch = await loadAll(loader, 1)
@@ -256,22 +353,45 @@ test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume 
   // Same image in two epochs: different augmentation.
   const index = first[0].indices[0]
   const inEpoch1 = nextEpoch.flatMap((b) => [...b.indices].map((i, k) => ({ i, b, k }))).find((e) => e.i === index)!
-  t.notDeepEqual(inEpoch1.b.views[0].subarray(inEpoch1.k * 1024, (inEpoch1.k + 1) * 1024), first[0].views[0].subarray(0, 1024))
+  t.notDeepEqual(
+    inEpoch1.b.views[0].subarray(inEpoch1.k * 1024, (inEpoch1.k + 1) * 1024),
+    first[0].views[0].subarray(0, 1024),
+  )
   // Resuming at batch 10 yields exactly batches 10.. of the uninterrupted epoch.
   const resumed: Batch[] = []
   for await (const b of make(7).epoch(0, { fromBatch: 10 })) resumed.push(b)
-  t.deepEqual(resumed.map((b) => b.views), first.slice(10).map((b) => b.views))
+  t.deepEqual(
+    resumed.map((b) => b.views),
+    first.slice(10).map((b) => b.views),
+  )
 })
 
 test('sharding by rank covers the epoch exactly once; dropLast drops the partial batch', async (t) => {
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const seen = new Uint8Array(dataset.size)
   for (let rank = 0; rank < 3; rank++) {
-    const loader = new ImageLoader({ dataset, views: [identityView(1, [8, 8])], transform: { kind: 'eval' }, batchSize: 50, seed: 1, rank, worldSize: 3 })
+    const loader = new ImageLoader({
+      dataset,
+      views: [identityView(1, [8, 8])],
+      transform: { kind: 'eval' },
+      batchSize: 50,
+      seed: 1,
+      rank,
+      worldSize: 3,
+    })
     for (const batch of await loadAll(loader, 2)) for (const i of batch.indices) seen[i]++
   }
   t.true(seen.every((n) => n === 1))
-  const dropping = new ImageLoader({ dataset, views: [identityView(1, [8, 8])], transform: { kind: 'eval' }, batchSize: 300, dropLast: true })
+  const dropping = new ImageLoader({
+    dataset,
+    views: [identityView(1, [8, 8])],
+    transform: { kind: 'eval' },
+    batchSize: 300,
+    dropLast: true,
+  })
   const batches = await loadAll(dropping)
-  t.deepEqual(batches.map((b) => b.size), [300, 300, 300])
+  t.deepEqual(
+    batches.map((b) => b.size),
+    [300, 300, 300],
+  )
 })

@@ -51,7 +51,12 @@ function countComponents(mask: Uint8Array, height: number, width: number): numbe
       const k = stack.pop()!
       const r = Math.floor(k / width)
       const c = k % width
-      const neighbours = [r > 0 ? k - width : -1, r < height - 1 ? k + width : -1, c > 0 ? k - 1 : -1, c < width - 1 ? k + 1 : -1]
+      const neighbours = [
+        r > 0 ? k - width : -1,
+        r < height - 1 ? k + width : -1,
+        c > 0 ? k - 1 : -1,
+        c < width - 1 ? k + 1 : -1,
+      ]
       for (const n of neighbours) {
         if (n >= 0 && mask[n] && !seen[n]) {
           seen[n] = 1
@@ -182,7 +187,14 @@ test('blockwise retries generations that the reference would leave empty', (t) =
   // Only 1x1 blocks fit a 2x2 grid; with aspect 1 they need area < 2.25, drawn from
   // [2.2, 4] with odds 0.028 per attempt, so a single reference generation ends empty
   // with odds 0.972^10 = 0.75. Ours must still mask something every time.
-  const gen = new BlockwiseMaskGenerator({ height: 2, width: 2, numMaskingPatches: 4, minNumPatches: 2.2, minAspect: 1, maxAspect: 1 })
+  const gen = new BlockwiseMaskGenerator({
+    height: 2,
+    width: 2,
+    numMaskingPatches: 4,
+    minNumPatches: 2.2,
+    minAspect: 1,
+    maxAspect: 1,
+  })
   for (const mask of take(gen, 500)) t.true(countMasked(mask) >= 1)
 })
 
@@ -223,7 +235,10 @@ test('minNumPatches above numMaskingPatches still masks between 1 and numMasking
   const gen = new BlockwiseMaskGenerator({ height: 14, width: 14, numMaskingPatches: 10, minNumPatches: 16, seed: 3 })
   const counts = take(gen, 500).map(countMasked)
   t.true(counts.every((c) => c >= 1 && c <= 10))
-  t.true(counts.some((c) => c === 10), 'the target is reachable')
+  t.true(
+    counts.some((c) => c === 10),
+    'the target is reachable',
+  )
 })
 
 // --- Reproducibility --------------------------------------------------------------------
@@ -338,7 +353,17 @@ test('blockwise rejects options where no block can ever fit', (t) => {
   t.notThrows(() => new BlockwiseMaskGenerator({ height: 2, width: 10, numMaskingPatches: 4, minNumPatches: 1 }))
   t.notThrows(() => new BlockwiseMaskGenerator({ height: 2, width: 2, numMaskingPatches: 4, minNumPatches: 2 }))
   // A 2x1 block takes area in (1, 1.5625) at aspect 4, reachable once areas start at 1.
-  t.notThrows(() => new BlockwiseMaskGenerator({ height: 14, width: 14, numMaskingPatches: 2, minNumPatches: 1, minAspect: 4, maxAspect: 4 }))
+  t.notThrows(
+    () =>
+      new BlockwiseMaskGenerator({
+        height: 14,
+        width: 14,
+        numMaskingPatches: 2,
+        minNumPatches: 1,
+        minAspect: 4,
+        maxAspect: 4,
+      }),
+  )
 })
 
 test('random rejects invalid options with messages naming option, range and value', (t) => {

@@ -21,7 +21,7 @@ const N = 6 // 2x3 patches
 
 function batch(b: number, seed = 1) {
   let s = seed
-  const rand = () => ((s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32)
+  const rand = () => (s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32
   const pixels = new Float32Array(b * 96).map(() => rand() * 2 - 1)
   const mask = new Uint8Array(b * N).map((_, i) => (i % 3 === 0 ? 1 : 0))
   const targets = new Int32Array(b * N).map((_, i) => (i * 7) % 10)
@@ -89,7 +89,10 @@ test('save and load round-trip weights, optimizer state and behaviour; writes le
     t.is(b.step, 1)
     const [fa, fb] = await Promise.all([a.forward(data), b.forward(data)])
     t.deepEqual(fb.logits, fa.logits)
-    const [sa, sb] = [await a.trainStep({ ...data, lr: 1e-3, seed: 2 }), await b.trainStep({ ...data, lr: 1e-3, seed: 2 })]
+    const [sa, sb] = [
+      await a.trainStep({ ...data, lr: 1e-3, seed: 2 }),
+      await b.trainStep({ ...data, lr: 1e-3, seed: 2 }),
+    ]
     t.is(sb.loss, sa.loss)
     t.is(sb.gradNorm, sa.gradNorm)
   } finally {
@@ -120,7 +123,9 @@ test('bad inputs are JS errors stating expected vs got', async (t) => {
   await t.throwsAsync(model.trainStep({ ...good, mask: new Uint8Array(11), lr: 1e-3 }), {
     message: /mask: expected 12 values \(B\*N = 2\*6\), got 11/,
   })
-  await t.throwsAsync(model.trainStep({ ...good, mask: new Uint8Array(12), lr: 1e-3 }), { message: /no patch of the batch is masked/ })
+  await t.throwsAsync(model.trainStep({ ...good, mask: new Uint8Array(12), lr: 1e-3 }), {
+    message: /no patch of the batch is masked/,
+  })
   await t.throwsAsync(model.trainStep({ ...good, targets: new Int32Array(12).fill(10), lr: 1e-3 }), {
     message: /token id 10 at index 0 is out of range \[0, 10\)/,
   })
@@ -136,9 +141,15 @@ test('bad inputs are JS errors stating expected vs got', async (t) => {
 })
 
 test('impossible configs are rejected with the reason', (t) => {
-  t.throws(() => Beit.create({ ...TINY, imageSize: [10, 12] }), { message: /imageSize height 10 must be a positive multiple of patchSize 4/ })
-  t.throws(() => Beit.create({ ...TINY, hiddenSize: 15 }), { message: /hiddenSize 15 must be divisible by numAttentionHeads 2/ })
-  t.throws(() => Beit.create('huge' as 'tiny'), { message: /unknown preset "huge": expected one of mini, tiny, small, base, large/ })
+  t.throws(() => Beit.create({ ...TINY, imageSize: [10, 12] }), {
+    message: /imageSize height 10 must be a positive multiple of patchSize 4/,
+  })
+  t.throws(() => Beit.create({ ...TINY, hiddenSize: 15 }), {
+    message: /hiddenSize 15 must be divisible by numAttentionHeads 2/,
+  })
+  t.throws(() => Beit.create('huge' as 'tiny'), {
+    message: /unknown preset "huge": expected one of mini, tiny, small, base, large/,
+  })
   t.throws(() => Beit.create({ hiddenSize: 8 }), { message: /model config is missing imageSize/ })
   t.throws(() => Beit.create(TINY, { optimizer: { beta1: 1.5 } }), { message: /beta1 must be in \[0, 1\), got 1.5/ })
   t.throws(() => Beit.create(TINY, { optimizer: { betta: 1 } as never }), { message: /unknown field `betta`/ })

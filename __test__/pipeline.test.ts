@@ -7,7 +7,18 @@ import { Beit, BlockwiseMaskGenerator, Classifier, Dvae, finetune, linearProbe, 
 import type { ImageDataset, ModelSpec } from '../src'
 
 /** 1 layer of width 32 on 28 px Fashion-MNIST, 7x7 patches: seconds per run. */
-const MODEL: ModelSpec = { preset: 'mini', imageSize: [28, 28], patchSize: 4, numChannels: 1, hiddenSize: 32, numHiddenLayers: 2, numAttentionHeads: 2, intermediateSize: 64, vocabSize: 512, dropPathRate: 0.1 }
+const MODEL: ModelSpec = {
+  preset: 'mini',
+  imageSize: [28, 28],
+  patchSize: 4,
+  numChannels: 1,
+  hiddenSize: 32,
+  numHiddenLayers: 2,
+  numAttentionHeads: 2,
+  intermediateSize: 64,
+  vocabSize: 512,
+  dropPathRate: 0.1,
+}
 
 async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'beit-pipeline-'))
@@ -60,7 +71,12 @@ test('an interrupted and resumed pretraining run ends with the weights of an uni
   t.is(whole.step, 14)
 
   const controller = new AbortController()
-  const first = await run(Beit.create(MODEL, { seed: 1 }), join(dir, 'split'), controller.signal, (step) => step === 5 && controller.abort())
+  const first = await run(
+    Beit.create(MODEL, { seed: 1 }),
+    join(dir, 'split'),
+    controller.signal,
+    (step) => step === 5 && controller.abort(),
+  )
   t.is(first.status, 'interrupted')
   t.is(first.step, 6)
   const resumedModel = await Beit.load(first.checkpoint)
@@ -71,7 +87,10 @@ test('an interrupted and resumed pretraining run ends with the weights of an uni
   const a = await fingerprint(await Beit.load(whole.checkpoint), data)
   const b = await fingerprint(await Beit.load(second.checkpoint), data)
   t.true(maxDiff(a, b) < 1e-5, `max logit difference ${maxDiff(a, b)}`)
-  const steps = (await readFile(join(dir, 'split', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l).step)
+  const steps = (await readFile(join(dir, 'split', 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l).step)
   t.deepEqual(steps, [...Array(14).keys()])
   const svg = await readFile(join(dir, 'split', 'curves.svg'), 'utf8')
   t.regex(svg, /^<svg[\s\S]*MIM accuracy[\s\S]*<path d="M/)
@@ -79,7 +98,17 @@ test('an interrupted and resumed pretraining run ends with the weights of an uni
   // A run configured differently refuses to resume from this checkpoint.
   const other = await Beit.load(whole.checkpoint)
   await t.throwsAsync(
-    pretrain({ model: other, tokenizer, data, masking: new BlockwiseMaskGenerator({ height: 7, width: 7, numMaskingPatches: 20, seed: 5 }), batchSize: 16, steps: 14, schedule: { lr: 1e-3 }, seed: 7, outDir: join(dir, 'other') }),
+    pretrain({
+      model: other,
+      tokenizer,
+      data,
+      masking: new BlockwiseMaskGenerator({ height: 7, width: 7, numMaskingPatches: 20, seed: 5 }),
+      batchSize: 16,
+      steps: 14,
+      schedule: { lr: 1e-3 },
+      seed: 7,
+      outDir: join(dir, 'other'),
+    }),
     { message: /cannot resume: the run had batchSize 32, now 16/ },
   )
 })
@@ -90,7 +119,16 @@ test('pretraining refuses a tokenizer whose grid does not match the patch grid',
   const model = Beit.create({ ...(MODEL as object), patchSize: 7 } as ModelSpec)
   const tokenizer = Dvae.create({ preset: 'tiny', numChannels: 1 })
   await t.throwsAsync(
-    pretrain({ model, tokenizer, data, masking: new BlockwiseMaskGenerator({ height: 4, width: 4, numMaskingPatches: 6, seed: 1 }), batchSize: 8, steps: 1, schedule: { lr: 1e-3 }, outDir: dir }),
+    pretrain({
+      model,
+      tokenizer,
+      data,
+      masking: new BlockwiseMaskGenerator({ height: 4, width: 4, numMaskingPatches: 6, seed: 1 }),
+      batchSize: 8,
+      steps: 1,
+      schedule: { lr: 1e-3 },
+      outDir: dir,
+    }),
     { message: /token grid 7x7 \(28 px \/ 4\) does not match the model's patch grid 4x4 \(28 px \/ 7\)/ },
   )
 })
@@ -105,7 +143,18 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
   const options = { finetune: { labelSmoothing: 0.1, layerDecay: 0.75 }, seed: 4 }
   const make = () => Classifier.fromPretrained(mimPath, { numLabels: 10 }, options)
   const run = (classifier: Classifier, outDir: string, signal?: AbortSignal, onStep?: (s: number) => void) =>
-    finetune({ classifier, train, test, epochs: 3, batchSize: 32, schedule: { lr: 2e-3, warmupSteps: 5 }, seed: 9, outDir, signal, onProgress: (p) => onStep?.(p.step) })
+    finetune({
+      classifier,
+      train,
+      test,
+      epochs: 3,
+      batchSize: 32,
+      schedule: { lr: 2e-3, warmupSteps: 5 },
+      seed: 9,
+      outDir,
+      signal,
+      onProgress: (p) => onStep?.(p.step),
+    })
 
   const whole = await run(await make(), join(dir, 'whole'))
   t.is(whole.evals.length, 3)
@@ -117,7 +166,10 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
   const first = await run(await make(), join(dir, 'split'), controller.signal, (s) => s === 40 && controller.abort())
   t.is(first.status, 'interrupted')
   const second = await run(await Classifier.load(first.checkpoint), join(dir, 'split'))
-  t.deepEqual(second.evals.map((e) => e.evalAccuracy), whole.evals.map((e) => e.evalAccuracy))
+  t.deepEqual(
+    second.evals.map((e) => e.evalAccuracy),
+    whole.evals.map((e) => e.evalAccuracy),
+  )
   const [a, b] = await Promise.all([Classifier.load(whole.checkpoint), Classifier.load(second.checkpoint)])
   const pixels = new Float32Array(2 * 784).fill(0.25)
   t.true(maxDiff(await a.predict(pixels), await b.predict(pixels)) < 1e-5)
@@ -130,5 +182,7 @@ test('a linear probe on random features beats chance (10%), and its layer is che
   const result = await linearProbe({ backbone, train, test, layer: 1, epochs: 10, lr: 1e-2 })
   t.is(result.layer, 1)
   t.true(result.testAccuracy > 0.2, `probe accuracy ${result.testAccuracy}`)
-  await t.throwsAsync(linearProbe({ backbone, train, test, layer: 3 }), { message: /layer must be an integer in \[0, 2\], got 3/ })
+  await t.throwsAsync(linearProbe({ backbone, train, test, layer: 3 }), {
+    message: /layer must be an integer in \[0, 2\], got 3/,
+  })
 })

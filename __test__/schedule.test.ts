@@ -15,8 +15,12 @@ test('warmup rises linearly to the peak, then cosine decays to minLr at the last
 
 test('schedule options are validated', (t) => {
   t.throws(() => warmupCosine({ lr: 0, warmupSteps: 0, totalSteps: 10 }), { message: /lr must be > 0/ })
-  t.throws(() => warmupCosine({ lr: 1, warmupSteps: 11, totalSteps: 10 }), { message: /warmupSteps must be an integer in \[0, totalSteps=10\], got 11/ })
-  t.throws(() => warmupCosine({ lr: 1, minLr: 2, warmupSteps: 0, totalSteps: 10 }), { message: /minLr must be in \[0, lr\]/ })
+  t.throws(() => warmupCosine({ lr: 1, warmupSteps: 11, totalSteps: 10 }), {
+    message: /warmupSteps must be an integer in \[0, totalSteps=10\], got 11/,
+  })
+  t.throws(() => warmupCosine({ lr: 1, minLr: 2, warmupSteps: 0, totalSteps: 10 }), {
+    message: /minLr must be in \[0, lr\]/,
+  })
 })
 
 test('cosineRamp moves from `from` to `to` over `steps` and stays there', (t) => {

@@ -13,7 +13,15 @@ import { reconstructionSheet } from '../src/sheet'
 import { DVAE_PRESETS, Dvae } from '../src/tokenizer'
 import { trainTokenizer } from '../src/train-tokenizer'
 
-const SMALL = { imageSize: [28, 28] as [number, number], numChannels: 1, hiddenSize: 16, numGroups: 3, blocksPerGroup: 1, vocabSize: 64, decoderInputSize: 16 }
+const SMALL = {
+  imageSize: [28, 28] as [number, number],
+  numChannels: 1,
+  hiddenSize: 16,
+  numGroups: 3,
+  blocksPerGroup: 1,
+  vocabSize: 64,
+  decoderInputSize: 16,
+}
 
 async function withDir<T>(f: (dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), 'beit-tok-'))
@@ -86,22 +94,36 @@ test('wrong shapes, channel counts, ranges and ids are clear errors', async (t) 
   t.throws(() => tok.encode(new Float32Array(3 * 28 * 28), 1, { height: 28, width: 28 }), {
     message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 2352',
   })
-  t.throws(() => tok.decode(new Int32Array(10), 2, { height: 2, width: 3 }), { message: 'ids: expected 12 values (batchSize*h*w = 2*2*3), got 10' })
-  t.throws(() => tok.encode(new Float32Array(700), 1), { message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 700' })
+  t.throws(() => tok.decode(new Int32Array(10), 2, { height: 2, width: 3 }), {
+    message: 'ids: expected 12 values (batchSize*h*w = 2*2*3), got 10',
+  })
+  t.throws(() => tok.encode(new Float32Array(700), 1), {
+    message: 'pixels: expected 784 values (B*C*H*W = 1*1*28*28), got 700',
+  })
   await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(700), temperature: 1, klWeight: 0, lr: 1e-3 }), {
     message: /pixels: expected a positive multiple of 784 values \(C\*H\*W = 1\*28\*28\), got 700/,
   })
-  await t.throwsAsync(tok.encode(new Float32Array(30 * 30), 1, { height: 30, width: 30 }), { message: /downsampling factor 4/ })
-  t.throws(() => Dvae.create({ ...SMALL, imageSize: [30, 30] }), { message: /imageSize \[30, 30\] must be positive multiples of the downsampling factor 4/ })
+  await t.throwsAsync(tok.encode(new Float32Array(30 * 30), 1, { height: 30, width: 30 }), {
+    message: /downsampling factor 4/,
+  })
+  t.throws(() => Dvae.create({ ...SMALL, imageSize: [30, 30] }), {
+    message: /imageSize \[30, 30\] must be positive multiples of the downsampling factor 4/,
+  })
   await t.throwsAsync(tok.encode(new Float32Array(28 * 28).fill(255), 1), { message: /must be in \[0, 1\], got 255/ })
-  await t.throwsAsync(tok.decode(new Int32Array(49).fill(64), 1), { message: /token id 64 at index 0 is out of range \[0, 64\)/ })
+  await t.throwsAsync(tok.decode(new Int32Array(49).fill(64), 1), {
+    message: /token id 64 at index 0 is out of range \[0, 64\)/,
+  })
   t.throws(() => tok.decode([1, 2] as unknown as Int32Array, 1), { message: /ids: expected an Int32Array, got Array/ })
   await t.throwsAsync(tok.trainStep({ pixels: new Float32Array(784), temperature: 0, klWeight: 0, lr: 1e-3 }), {
     message: /temperature must be a finite number > 0, got 0/,
   })
-  t.throws(() => Dvae.create('huge' as 'tiny'), { message: /unknown tokenizer preset "huge": expected one of dall-e, small, tiny/ })
+  t.throws(() => Dvae.create('huge' as 'tiny'), {
+    message: /unknown tokenizer preset "huge": expected one of dall-e, small, tiny/,
+  })
   t.throws(() => Dvae.create({ ...SMALL, hiddenSize: 10 }), { message: /hiddenSize must be a multiple of 4/ })
-  await t.throwsAsync(Dvae.load('/nonexistent/tok.safetensors'), { message: /cannot read \/nonexistent\/tok\.safetensors/ })
+  await t.throwsAsync(Dvae.load('/nonexistent/tok.safetensors'), {
+    message: /cannot read \/nonexistent\/tok\.safetensors/,
+  })
 })
 
 test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet and an evaluation', async (t) => {
@@ -109,18 +131,49 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
   await withDir(async (dir) => {
     const tok = Dvae.create(SMALL, { seed: 3 })
     const progress: number[] = []
-    const { evaluation } = await trainTokenizer({ tokenizer: tok, data: images, steps: 4, batchSize: 8, outDir: dir, checkpointEvery: 2, evalImages: 50, onProgress: (p) => progress.push(p.step) })
+    const { evaluation } = await trainTokenizer({
+      tokenizer: tok,
+      data: images,
+      steps: 4,
+      batchSize: 8,
+      outDir: dir,
+      checkpointEvery: 2,
+      evalImages: 50,
+      onProgress: (p) => progress.push(p.step),
+    })
     t.is(progress.length, 4)
     t.truthy(evaluation)
     if (!evaluation) return
-    const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l))
+    const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8'))
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
     t.is(lines.length, 4)
-    for (const key of ['step', 'loss', 'reconLoss', 'kl', 'temperature', 'klWeight', 'lr', 'perplexity', 'codesUsedFraction']) {
-      t.true(lines.every((l) => typeof l[key] === 'number' && Number.isFinite(l[key])), key)
+    for (const key of [
+      'step',
+      'loss',
+      'reconLoss',
+      'kl',
+      'temperature',
+      'klWeight',
+      'lr',
+      'perplexity',
+      'codesUsedFraction',
+    ]) {
+      t.true(
+        lines.every((l) => typeof l[key] === 'number' && Number.isFinite(l[key])),
+        key,
+      )
     }
     t.is(lines[0].temperature, 1)
     t.true(lines[3].temperature < lines[0].temperature)
-    t.deepEqual((await readdir(dir)).sort(), ['curves.svg', 'evaluation.json', 'metrics.jsonl', 'reconstructions.png', 'tokenizer.safetensors'])
+    t.deepEqual((await readdir(dir)).sort(), [
+      'curves.svg',
+      'evaluation.json',
+      'metrics.jsonl',
+      'reconstructions.png',
+      'tokenizer.safetensors',
+    ])
     t.true(evaluation.meanImageMse > 0 && evaluation.reconstructionMse > 0)
     t.true(evaluation.codesUsedFraction > 0 && evaluation.codesUsedFraction <= 1)
     t.is((await Dvae.load(join(dir, 'tokenizer.safetensors'))).step, 4)
@@ -139,7 +192,15 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
     const data = await imageFolder(join(dir, 'images'))
     const tok = Dvae.create({ ...SMALL, imageSize: [16, 16], numChannels: 3 }, { seed: 4 })
     const steps: number[] = []
-    const { evaluation } = await trainTokenizer({ tokenizer: tok, data, steps: 5, batchSize: 4, outDir: join(dir, 'run'), evalImages: 6, onProgress: (p) => steps.push(p.step) })
+    const { evaluation } = await trainTokenizer({
+      tokenizer: tok,
+      data,
+      steps: 5,
+      batchSize: 4,
+      outDir: join(dir, 'run'),
+      evalImages: 6,
+      onProgress: (p) => steps.push(p.step),
+    })
     // 3 full batches per epoch: the run goes on into a second epoch.
     t.deepEqual(steps, [0, 1, 2, 3, 4])
     if (!evaluation) return t.fail('a completed run has an evaluation')
@@ -148,9 +209,17 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
     t.true(evaluation.meanImageMse < 0.01, `mean-image MSE ${evaluation.meanImageMse}`)
     const sheet = await readFile(join(dir, 'run', 'reconstructions.png'))
     const blank = new Float32Array(12 * 3 * 16 * 16)
-    const expected = Buffer.from(reconstructionSheet({ originals: blank, reconstructions: blank, count: 12, channels: 3, height: 16, width: 16 }))
-    t.deepEqual([sheet.readUInt32BE(16), sheet.readUInt32BE(20)], [expected.readUInt32BE(16), expected.readUInt32BE(20)], 'all twelve images, at 16 px')
-    await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13 }), { message: /batchSize 13 is larger than the 12 images of/ })
+    const expected = Buffer.from(
+      reconstructionSheet({ originals: blank, reconstructions: blank, count: 12, channels: 3, height: 16, width: 16 }),
+    )
+    t.deepEqual(
+      [sheet.readUInt32BE(16), sheet.readUInt32BE(20)],
+      [expected.readUInt32BE(16), expected.readUInt32BE(20)],
+      'all twelve images, at 16 px',
+    )
+    await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13 }), {
+      message: /batchSize 13 is larger than the 12 images of/,
+    })
   })
 })
 
@@ -159,7 +228,14 @@ test('trainTokenizer is reproducible: one seed gives the same losses from IDX im
   const run = async (data: Parameters<typeof trainTokenizer>[0]['data']) => {
     const tok = Dvae.create(SMALL, { seed: 5 })
     const losses: number[] = []
-    await trainTokenizer({ tokenizer: tok, data, steps: 2, batchSize: 8, evalImages: 16, onProgress: (p) => losses.push(p.loss) })
+    await trainTokenizer({
+      tokenizer: tok,
+      data,
+      steps: 2,
+      batchSize: 8,
+      evalImages: 16,
+      onProgress: (p) => losses.push(p.loss),
+    })
     return losses
   }
   t.deepEqual(await run(images), await run(pixelDataset(images, 'fashion-mnist test')))
@@ -169,11 +245,27 @@ test('an interrupted and resumed tokenizer run ends with the weights of an unint
   const images = await loadFashionMnist({ split: 'test' })
   await withDir(async (dir) => {
     const run = (tokenizer: Dvae, outDir: string, signal?: AbortSignal, onStep?: (step: number) => void) =>
-      trainTokenizer({ tokenizer, data: images, steps: 9, batchSize: 8, seed: 2, outDir, checkpointEvery: 100, evalImages: 16, signal, onProgress: (p) => onStep?.(p.step) })
+      trainTokenizer({
+        tokenizer,
+        data: images,
+        steps: 9,
+        batchSize: 8,
+        seed: 2,
+        outDir,
+        checkpointEvery: 100,
+        evalImages: 16,
+        signal,
+        onProgress: (p) => onStep?.(p.step),
+      })
     const whole = await run(Dvae.create(SMALL, { seed: 6 }), join(dir, 'whole'))
     t.is(whole.status, 'completed')
     const controller = new AbortController()
-    const first = await run(Dvae.create(SMALL, { seed: 6 }), join(dir, 'split'), controller.signal, (step) => step === 3 && controller.abort())
+    const first = await run(
+      Dvae.create(SMALL, { seed: 6 }),
+      join(dir, 'split'),
+      controller.signal,
+      (step) => step === 3 && controller.abort(),
+    )
     t.is(first.status, 'interrupted')
     t.is(first.step, 4)
     t.is(first.evaluation, undefined)
@@ -187,17 +279,24 @@ test('an interrupted and resumed tokenizer run ends with the weights of an unint
     t.is(b.step, 9)
     const x = new Float32Array(4 * 28 * 28).map((_, i) => (i % 97) / 97)
     t.deepEqual(await a.encode(x, 4), await b.encode(x, 4))
-    const steps = (await readFile(join(dir, 'split', 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l).step)
+    const steps = (await readFile(join(dir, 'split', 'metrics.jsonl'), 'utf8'))
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l).step)
     t.deepEqual(steps, [...Array(9).keys()])
     // A position from another run is refused.
-    await t.throwsAsync(trainTokenizer({ tokenizer: b, data: images, steps: 5, batchSize: 8 }), { message: /cannot resume: the run had totalSteps 9, now 5/ })
+    await t.throwsAsync(trainTokenizer({ tokenizer: b, data: images, steps: 5, batchSize: 8 }), {
+      message: /cannot resume: the run had totalSteps 9, now 5/,
+    })
   })
 })
 
 test('the reconstruction sheet is a PNG with originals above reconstructions', (t) => {
   const originals = new Float32Array(2 * 4 * 4).fill(1)
   const reconstructions = new Float32Array(2 * 4 * 4).fill(0)
-  const png = Buffer.from(reconstructionSheet({ originals, reconstructions, count: 2, channels: 1, height: 4, width: 4, scale: 1 }))
+  const png = Buffer.from(
+    reconstructionSheet({ originals, reconstructions, count: 2, channels: 1, height: 4, width: 4, scale: 1 }),
+  )
   t.deepEqual([...png.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
   const width = png.readUInt32BE(16)
   const height = png.readUInt32BE(20)

@@ -20,7 +20,9 @@ function prebuiltLoads() {
 if (process.env.BEIT_BUILD_FROM_SOURCE !== '1' && prebuiltLoads()) process.exit(0)
 
 if (!existsSync(join(root, 'crate', 'node', 'Cargo.toml'))) {
-  console.error('beit: no prebuilt native binary loads on this platform and the Rust sources are not present to build one')
+  console.error(
+    'beit: no prebuilt native binary loads on this platform and the Rust sources are not present to build one',
+  )
   process.exit(1)
 }
 console.log('beit: building the native addon from source (cargo, release profile)...')

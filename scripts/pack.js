@@ -33,7 +33,10 @@ const scratch = mkdtempSync(join(tmpdir(), 'beit-pack-'))
 try {
   const config = join(scratch, 'napi.json')
   writeFileSync(config, JSON.stringify({ binaryName, targets: builtTargets }))
-  execFileSync(napi, ['artifacts', '-c', config, '--output-dir', '.', '--npm-dir', 'npm'], { cwd: root, stdio: 'inherit' })
+  execFileSync(napi, ['artifacts', '-c', config, '--output-dir', '.', '--npm-dir', 'npm'], {
+    cwd: root,
+    stdio: 'inherit',
+  })
 
   const stage = join(scratch, 'beit')
   for (const entry of ['dist', 'index.js', 'index.d.ts', 'README.md', 'data/fashion-mnist-sample']) {
@@ -48,7 +51,8 @@ try {
   )
   writeFileSync(join(stage, 'package.json'), JSON.stringify(published, null, 2) + '\n')
   execFileSync('npm', ['pack', '--pack-destination', dest], { cwd: stage, stdio: 'inherit' })
-  for (const dir of built) execFileSync('npm', ['pack', '--pack-destination', dest], { cwd: join(root, 'npm', dir), stdio: 'inherit' })
+  for (const dir of built)
+    execFileSync('npm', ['pack', '--pack-destination', dest], { cwd: join(root, 'npm', dir), stdio: 'inherit' })
 } finally {
   rmSync(scratch, { recursive: true, force: true })
 }

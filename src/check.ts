@@ -11,6 +11,7 @@ export function checkType(name: string, value: unknown, type: Function): void {
 
 /** `seed` when it is a valid native seed (a 32-bit unsigned integer), else an error naming `name`. */
 export function checkSeed(seed: number, name = 'seed'): number {
-  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error(`${name} must be an integer in [0, 2^32), got ${seed}`)
+  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff)
+    throw new Error(`${name} must be an integer in [0, 2^32), got ${seed}`)
   return seed
 }

@@ -8,7 +8,6 @@ interface NativeCheckpointed extends NativePlaced {
 }
 
 export abstract class Checkpointed<Handle extends NativeCheckpointed> extends Placed<Handle> {
-
   /** Writes weights, config, optimizer state and `trainState` atomically (temp file, then rename). */
   save(path: string): Promise<void> {
     return this.handle.save(path)

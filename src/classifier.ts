@@ -48,12 +48,13 @@ export interface ClassifierStepResult {
 }
 
 function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
-  if (!Number.isInteger(spec.numLabels) || spec.numLabels < 2) throw new Error(`numLabels must be an integer >= 2, got ${spec.numLabels}`)
+  if (!Number.isInteger(spec.numLabels) || spec.numLabels < 2)
+    throw new Error(`numLabels must be an integer >= 2, got ${spec.numLabels}`)
   const pooling = spec.pooling ?? 'mean'
-  if (pooling !== 'mean' && pooling !== 'cls') throw new Error(`pooling must be 'mean' or 'cls', got ${String(pooling)}`)
+  if (pooling !== 'mean' && pooling !== 'cls')
+    throw new Error(`pooling must be 'mean' or 'cls', got ${String(pooling)}`)
   return { model: resolveConfig(spec.model), numLabels: spec.numLabels, pooling }
 }
-
 
 export class Classifier extends Checkpointed<NativeClassifier> {
   readonly config: ClassifierConfig
@@ -69,7 +70,11 @@ export class Classifier extends Checkpointed<NativeClassifier> {
 
   static create(spec: ClassifierSpec, opts: ClassifierCreateOptions = {}): Classifier {
     const config = resolveSpec(spec)
-    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
+    const args = [
+      JSON.stringify(opts.optimizer ?? {}),
+      JSON.stringify(opts.finetune ?? {}),
+      checkSeed(opts.seed ?? 0),
+    ] as const
     return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts))
   }
 
@@ -77,11 +82,21 @@ export class Classifier extends Checkpointed<NativeClassifier> {
    * The backbone of a MIM checkpoint (`Beit.save`) under a new head. `spec.model` may change
    * what does not change shapes (e.g. dropPathRate); by default it is the checkpoint's config.
    */
-  static async fromPretrained(path: string, spec: Omit<ClassifierSpec, 'model'> & { model?: ModelSpec }, opts: ClassifierCreateOptions = {}): Promise<Classifier> {
+  static async fromPretrained(
+    path: string,
+    spec: Omit<ClassifierSpec, 'model'> & { model?: ModelSpec },
+    opts: ClassifierCreateOptions = {},
+  ): Promise<Classifier> {
     const model = spec.model ?? (await Beit.load(path)).config
     const config = resolveSpec({ ...spec, model })
-    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(place(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args), opts))
+    const args = [
+      JSON.stringify(opts.optimizer ?? {}),
+      JSON.stringify(opts.finetune ?? {}),
+      checkSeed(opts.seed ?? 0),
+    ] as const
+    return new Classifier(
+      place(await native.NativeClassifier.fromPretrained(path, JSON.stringify(config), ...args), opts),
+    )
   }
 
   /**
@@ -90,12 +105,24 @@ export class Classifier extends Checkpointed<NativeClassifier> {
    * `BeitForMaskedImageModeling` backbone gets a new head of `numLabels` classes. Pooling
    * follows the config's `use_mean_pooling`; `imageSize` resizes the position tables.
    */
-  static async fromHuggingFace(dir: string, opts: ClassifierCreateOptions & { imageSize?: ImageSize; numLabels?: number } = {}): Promise<Classifier> {
+  static async fromHuggingFace(
+    dir: string,
+    opts: ClassifierCreateOptions & { imageSize?: ImageSize; numLabels?: number } = {},
+  ): Promise<Classifier> {
     if (opts.numLabels !== undefined && (!Number.isInteger(opts.numLabels) || opts.numLabels < 2)) {
       throw new Error(`numLabels must be an integer >= 2, got ${opts.numLabels}`)
     }
-    const args = [JSON.stringify(opts.optimizer ?? {}), JSON.stringify(opts.finetune ?? {}), checkSeed(opts.seed ?? 0)] as const
-    return new Classifier(place(await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args), opts))
+    const args = [
+      JSON.stringify(opts.optimizer ?? {}),
+      JSON.stringify(opts.finetune ?? {}),
+      checkSeed(opts.seed ?? 0),
+    ] as const
+    return new Classifier(
+      place(
+        await native.NativeClassifier.fromHuggingFace(dir, imageSizePair(opts.imageSize), opts.numLabels, ...args),
+        opts,
+      ),
+    )
   }
 
   /** Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i). */
@@ -109,7 +136,12 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   }
 
   /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */
-  trainStep(input: { pixels: Float32Array; labels: Int32Array; lr: number; seed?: number }): Promise<ClassifierStepResult> {
+  trainStep(input: {
+    pixels: Float32Array
+    labels: Int32Array
+    lr: number
+    seed?: number
+  }): Promise<ClassifierStepResult> {
     checkType('pixels', input.pixels, Float32Array)
     checkType('labels', input.labels, Int32Array)
     return this.handle.trainStep(input.pixels, input.labels, input.lr, checkSeed(input.seed ?? 0))

@@ -31,9 +31,20 @@ export interface Command {
 }
 
 const COMMON: FlagTable = {
-  device: { kind: 'string', help: "where models run: auto (a GPU when the CUDA build of the addon sees one), cpu, cuda or cuda:N", default: 'auto' },
-  precision: { kind: 'string', help: 'activations: auto (bf16 on a GPU, f32 on the CPU), f32, or bf16 (mixed precision, f32 weights)', default: 'auto' },
-  config: { kind: 'string', help: 'JSON file of option values (keys as the flags, e.g. "batch-size"); flags override it' },
+  device: {
+    kind: 'string',
+    help: 'where models run: auto (a GPU when the CUDA build of the addon sees one), cpu, cuda or cuda:N',
+    default: 'auto',
+  },
+  precision: {
+    kind: 'string',
+    help: 'activations: auto (bf16 on a GPU, f32 on the CPU), f32, or bf16 (mixed precision, f32 weights)',
+    default: 'auto',
+  },
+  config: {
+    kind: 'string',
+    help: 'JSON file of option values (keys as the flags, e.g. "batch-size"); flags override it',
+  },
   quiet: { kind: 'bool', help: 'no progress output', default: false },
   help: { kind: 'bool', help: 'this text', default: false },
 }
@@ -41,7 +52,8 @@ const COMMON: FlagTable = {
 export function usage(command: Command): string {
   const flags = { ...command.flags, ...COMMON }
   const lines = Object.entries(flags).map(([name, f]) => {
-    const arg = f.kind === 'bool' ? '' : f.choices ? ` ${f.choices.join('|')}` : ` ${f.kind === 'string' ? 'VALUE' : 'N'}`
+    const arg =
+      f.kind === 'bool' ? '' : f.choices ? ` ${f.choices.join('|')}` : ` ${f.kind === 'string' ? 'VALUE' : 'N'}`
     const left = `  --${name}${arg}`
     const def = f.default === undefined || f.kind === 'bool' ? '' : ` (default ${f.default})`
     return `${left.padEnd(30)} ${f.help}${def}`
@@ -57,7 +69,8 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): number |
   }
   if (flag.kind === 'string') {
     const value = String(raw)
-    if (flag.choices && !flag.choices.includes(value)) throw new UsageError(`${where} must be one of ${flag.choices.join(', ')}, got ${JSON.stringify(value)}`)
+    if (flag.choices && !flag.choices.includes(value))
+      throw new UsageError(`${where} must be one of ${flag.choices.join(', ')}, got ${JSON.stringify(value)}`)
     return value
   }
   const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN
@@ -65,7 +78,9 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): number |
   const okMin = flag.min === undefined ? n > 0 : n >= min
   if (!Number.isFinite(n) || !okMin || (flag.kind === 'int' && !Number.isInteger(n))) {
     const what = flag.kind === 'int' ? 'an integer' : 'a number'
-    throw new UsageError(`${where} must be ${what} ${flag.min === undefined ? '> 0' : `>= ${min}`}, got ${JSON.stringify(raw)}`)
+    throw new UsageError(
+      `${where} must be ${what} ${flag.min === undefined ? '> 0' : `>= ${min}`}, got ${JSON.stringify(raw)}`,
+    )
   }
   return n
 }
@@ -73,7 +88,15 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): number |
 /** Parses `argv` for `command`: defaults < config file < flags. */
 export function parseCommand(command: Command, argv: string[]): Values {
   const flags = { ...command.flags, ...COMMON }
-  const options = Object.fromEntries(Object.entries(flags).map(([name, f]) => [name, { type: f.kind === 'bool' ? ('boolean' as const) : ('string' as const), ...(name === 'help' ? { short: 'h' } : {}) }]))
+  const options = Object.fromEntries(
+    Object.entries(flags).map(([name, f]) => [
+      name,
+      {
+        type: f.kind === 'bool' ? ('boolean' as const) : ('string' as const),
+        ...(name === 'help' ? { short: 'h' } : {}),
+      },
+    ]),
+  )
   let parsed
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false })
@@ -90,7 +113,8 @@ export function parseCommand(command: Command, argv: string[]): Values {
     } catch (e) {
       throw new UsageError(`--config ${configPath}: ${(e as Error).message}`)
     }
-    if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
+    if (typeof config !== 'object' || config === null || Array.isArray(config))
+      throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
     for (const [key, raw] of Object.entries(config)) {
       const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
       const flag = command.flags[name]
@@ -107,5 +131,9 @@ export function parseCommand(command: Command, argv: string[]): Values {
 
 /** The values a run used, for its folder's config.json. */
 export function resolvedConfig(command: Command, values: Values): Record<string, unknown> {
-  return Object.fromEntries(Object.keys(command.flags).filter((k) => values[k] !== undefined).map((k) => [k, values[k]]))
+  return Object.fromEntries(
+    Object.keys(command.flags)
+      .filter((k) => values[k] !== undefined)
+      .map((k) => [k, values[k]]),
+  )
 }

@@ -14,7 +14,17 @@ import { pretrainCommand } from './cli/pretrain'
 import { probeCommand } from './cli/probe'
 import { tokenizerCommand } from './cli/tokenizer'
 
-const COMMANDS: Command[] = [demoCommand, tokenizerCommand, pretrainCommand, finetuneCommand, probeCommand, encodeCommand, reconstructCommand, importCommand, exportCommand]
+const COMMANDS: Command[] = [
+  demoCommand,
+  tokenizerCommand,
+  pretrainCommand,
+  finetuneCommand,
+  probeCommand,
+  encodeCommand,
+  reconstructCommand,
+  importCommand,
+  exportCommand,
+]
 
 const USAGE = `usage: beit <command> [options]   (beit <command> --help for its options)
 
@@ -29,7 +39,10 @@ async function main(argv: string[]): Promise<void> {
     return
   }
   const command = COMMANDS.find((c) => c.name === name)
-  if (!command) throw new UsageError(`unknown command ${JSON.stringify(name)}; expected one of ${COMMANDS.map((c) => c.name).join(', ')}`)
+  if (!command)
+    throw new UsageError(
+      `unknown command ${JSON.stringify(name)}; expected one of ${COMMANDS.map((c) => c.name).join(', ')}`,
+    )
   const values = parseCommand(command, rest)
   if (values.help) {
     process.stdout.write(usage(command))
@@ -41,7 +54,8 @@ async function main(argv: string[]): Promise<void> {
 main(process.argv.slice(2)).catch((err: unknown) => {
   const message = err instanceof Error ? err.message : String(err)
   process.stderr.write(`beit: error: ${message}\n`)
-  if (err instanceof UsageError) process.stderr.write(`run 'beit ${process.argv[2] ?? ''} --help' for usage\n`.replace('  ', ' '))
+  if (err instanceof UsageError)
+    process.stderr.write(`run 'beit ${process.argv[2] ?? ''} --help' for usage\n`.replace('  ', ' '))
   if (process.env.BEIT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`)
   process.exitCode = process.exitCode === 130 ? 130 : 1
 })

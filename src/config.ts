@@ -46,24 +46,66 @@ const PRETRAINING_DEFAULTS = {
 /** timm's beit_*_patch16_224 sizes with BEiT's pretraining choices. */
 export const PRESETS: Record<PresetName, BeitConfig> = {
   /** Not a timm size: a 6 x 128 model that trains at CPU speed on small images (Fashion-MNIST). */
-  mini: { ...PRETRAINING_DEFAULTS, hiddenSize: 128, numHiddenLayers: 6, numAttentionHeads: 4, intermediateSize: 512, layerScaleInitValue: 0.1 },
-  tiny: { ...PRETRAINING_DEFAULTS, hiddenSize: 192, numHiddenLayers: 12, numAttentionHeads: 3, intermediateSize: 768, layerScaleInitValue: 0.1 },
-  small: { ...PRETRAINING_DEFAULTS, hiddenSize: 384, numHiddenLayers: 12, numAttentionHeads: 6, intermediateSize: 1536, layerScaleInitValue: 0.1 },
-  base: { ...PRETRAINING_DEFAULTS, hiddenSize: 768, numHiddenLayers: 12, numAttentionHeads: 12, intermediateSize: 3072, layerScaleInitValue: 0.1 },
-  large: { ...PRETRAINING_DEFAULTS, hiddenSize: 1024, numHiddenLayers: 24, numAttentionHeads: 16, intermediateSize: 4096, layerScaleInitValue: 1e-5 },
+  mini: {
+    ...PRETRAINING_DEFAULTS,
+    hiddenSize: 128,
+    numHiddenLayers: 6,
+    numAttentionHeads: 4,
+    intermediateSize: 512,
+    layerScaleInitValue: 0.1,
+  },
+  tiny: {
+    ...PRETRAINING_DEFAULTS,
+    hiddenSize: 192,
+    numHiddenLayers: 12,
+    numAttentionHeads: 3,
+    intermediateSize: 768,
+    layerScaleInitValue: 0.1,
+  },
+  small: {
+    ...PRETRAINING_DEFAULTS,
+    hiddenSize: 384,
+    numHiddenLayers: 12,
+    numAttentionHeads: 6,
+    intermediateSize: 1536,
+    layerScaleInitValue: 0.1,
+  },
+  base: {
+    ...PRETRAINING_DEFAULTS,
+    hiddenSize: 768,
+    numHiddenLayers: 12,
+    numAttentionHeads: 12,
+    intermediateSize: 3072,
+    layerScaleInitValue: 0.1,
+  },
+  large: {
+    ...PRETRAINING_DEFAULTS,
+    hiddenSize: 1024,
+    numHiddenLayers: 24,
+    numAttentionHeads: 16,
+    intermediateSize: 4096,
+    layerScaleInitValue: 1e-5,
+  },
 }
 
 /** A preset name, or a preset plus overrides, or a full config; imageSize may be one number. */
-export type ModelSpec = PresetName | (Partial<Omit<BeitConfig, 'imageSize'>> & { preset?: PresetName; imageSize?: ImageSize })
+export type ModelSpec =
+  PresetName | (Partial<Omit<BeitConfig, 'imageSize'>> & { preset?: PresetName; imageSize?: ImageSize })
 
 export function resolveConfig(spec: ModelSpec): BeitConfig {
   if (typeof spec === 'string') return presetByName(spec)
   const { preset, imageSize, ...overrides } = spec
   const base = preset === undefined ? undefined : presetByName(preset)
-  const config = { ...base, ...overrides, ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }) } as Partial<BeitConfig>
+  const config = {
+    ...base,
+    ...overrides,
+    ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }),
+  } as Partial<BeitConfig>
   const missing = (Object.keys(PRESETS.base) as (keyof BeitConfig)[]).filter((k) => config[k] === undefined)
   if (missing.length > 0) {
-    throw new Error(`model config is missing ${missing.join(', ')}: give every field, or start from a preset ({ preset: 'tiny', ... })`)
+    throw new Error(
+      `model config is missing ${missing.join(', ')}: give every field, or start from a preset ({ preset: 'tiny', ... })`,
+    )
   }
   return config as BeitConfig
 }

@@ -31,14 +31,16 @@ export function cudaDeviceCount(): number {
 export function resolveDevice(spec: DeviceSpec = 'auto'): string {
   if (spec === 'auto') return cudaDeviceCount() > 0 ? 'cuda:0' : 'cpu'
   if (spec === 'cuda') return 'cuda:0'
-  if (typeof spec !== 'string') throw new TypeError(`device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got ${typeof spec}`)
+  if (typeof spec !== 'string')
+    throw new TypeError(`device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got ${typeof spec}`)
   return spec // anything else is checked natively, with the reason it cannot be used
 }
 
 /** 'f32' or 'bf16' for a spec on a resolved device ('cpu' or 'cuda:N'). */
 export function resolvePrecision(spec: PrecisionSpec = 'auto', device: string): 'f32' | 'bf16' {
   if (spec === 'auto') return device.startsWith('cuda') ? 'bf16' : 'f32'
-  if (spec !== 'f32' && spec !== 'bf16') throw new Error(`precision must be 'auto', 'f32' or 'bf16', got ${JSON.stringify(spec)}`)
+  if (spec !== 'f32' && spec !== 'bf16')
+    throw new Error(`precision must be 'auto', 'f32' or 'bf16', got ${JSON.stringify(spec)}`)
   return spec
 }
 

@@ -75,11 +75,21 @@ interface FinetuneState extends LoopPosition {
 export function classifierView(classifier: Classifier, mean = 0.5, std = 0.5): ViewSpec {
   const [height, width] = classifier.config.model.imageSize
   const channels = classifier.config.model.numChannels as 1 | 3
-  return { size: [height, width], interpolation: 'bicubic', channels, mean: new Array(channels).fill(mean), std: new Array(channels).fill(std) }
+  return {
+    size: [height, width],
+    interpolation: 'bicubic',
+    channels,
+    mean: new Array(channels).fill(mean),
+    std: new Array(channels).fill(std),
+  }
 }
 
 /** Accuracy of `classifier` on `data` (labels required). */
-export async function evaluate(classifier: Classifier, data: ImageDataset, opts: { batchSize?: number; transform?: EvalTransform; mean?: number; std?: number; threads?: number } = {}): Promise<number> {
+export async function evaluate(
+  classifier: Classifier,
+  data: ImageDataset,
+  opts: { batchSize?: number; transform?: EvalTransform; mean?: number; std?: number; threads?: number } = {},
+): Promise<number> {
   const loader = new ImageLoader({
     dataset: data,
     views: [classifierView(classifier, opts.mean, opts.std)],
@@ -93,7 +103,8 @@ export async function evaluate(classifier: Classifier, data: ImageDataset, opts:
   for await (const batch of loader.epoch(0)) {
     const predicted = argmaxRows(await classifier.predict(batch.views[0]), classifier.config.numLabels)
     for (let i = 0; i < batch.size; i++) {
-      if (batch.labels[i] < 0) throw new Error(`evaluation needs labels, but ${data.name} image ${batch.indices[i]} has none`)
+      if (batch.labels[i] < 0)
+        throw new Error(`evaluation needs labels, but ${data.name} image ${batch.indices[i]} has none`)
       if (predicted[i] === batch.labels[i]) correct++
     }
     seen += batch.size
@@ -104,10 +115,16 @@ export async function evaluate(classifier: Classifier, data: ImageDataset, opts:
 export async function finetune(opts: FinetuneOptions): Promise<RunResult & { evals: EpochResult[] }> {
   const { classifier, train, test, batchSize } = opts
   const seed = opts.seed ?? 0
-  for (const [name, data] of [['train', train], ['test', test]] as const) {
-    if (data.classNames.length === 0) throw new Error(`fine-tuning needs labelled data, but the ${name} set ${data.name} has no labels`)
+  for (const [name, data] of [
+    ['train', train],
+    ['test', test],
+  ] as const) {
+    if (data.classNames.length === 0)
+      throw new Error(`fine-tuning needs labelled data, but the ${name} set ${data.name} has no labels`)
     if (data.classNames.length > classifier.config.numLabels) {
-      throw new Error(`the ${name} set has ${data.classNames.length} classes but the classifier ${classifier.config.numLabels} labels`)
+      throw new Error(
+        `the ${name} set has ${data.classNames.length} classes but the classifier ${classifier.config.numLabels} labels`,
+      )
     }
   }
   const loader = new ImageLoader({
@@ -121,12 +138,29 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   })
   const totalSteps = resolveSteps(undefined, opts.epochs, loader.batchesPerEpoch)
   const lr = scheduleFor(opts.schedule, totalSteps)
-  const fresh: FinetuneState = { kind: 'finetune', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals: [] }
+  const fresh: FinetuneState = {
+    kind: 'finetune',
+    step: 0,
+    totalSteps,
+    epoch: 0,
+    batch: -1,
+    batchSize,
+    seed,
+    epochLoss: 0,
+    epochAccuracy: 0,
+    epochSteps: 0,
+    evals: [],
+  }
   let state = resumePosition(classifier.trainState, fresh, 'classifier', 'fine-tuning')
   const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
   const metrics = await MetricsLog.open(opts.outDir, {
     title: 'BEiT fine-tuning',
-    panels: [{ key: 'loss' }, { key: 'accuracy', title: 'train batch accuracy' }, { key: 'evalAccuracy', title: 'test accuracy (per epoch)' }, { key: 'lr', log: true }],
+    panels: [
+      { key: 'loss' },
+      { key: 'accuracy', title: 'train batch accuracy' },
+      { key: 'evalAccuracy', title: 'test accuracy (per epoch)' },
+      { key: 'lr', log: true },
+    ],
     resumeFrom: state.step,
   })
   const save = async () => {
@@ -135,7 +169,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   }
   const everyCheckpoint = opts.checkpointEvery ?? 500
   const evalEvery = opts.evalEvery ?? 1
-  if (!Number.isInteger(evalEvery) || evalEvery < 1) throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
+  if (!Number.isInteger(evalEvery) || evalEvery < 1)
+    throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
   const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
 
   while (state.step < totalSteps) {
@@ -146,13 +181,40 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
       const stepLr = lr(state.step)
       let result: ClassifierStepResult
       try {
-        result = await classifier.trainStep({ pixels: batch.views[0], labels: batch.labels, lr: stepLr, seed: deriveSeed(seed, state.step, 3) })
+        result = await classifier.trainStep({
+          pixels: batch.views[0],
+          labels: batch.labels,
+          lr: stepLr,
+          seed: deriveSeed(seed, state.step, 3),
+        })
       } catch (e) {
         throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`)
       }
-      const progress = { ...result, step: state.step, totalSteps, epoch, lr: stepLr, imagesPerSecond: batch.size / ((performance.now() - started) / 1000) }
-      state = { ...state, step: state.step + 1, batch: batch.batch, epochLoss: state.epochLoss + result.loss, epochAccuracy: state.epochAccuracy + result.accuracy, epochSteps: state.epochSteps + 1 }
-      await metrics.record({ step: progress.step, epoch, loss: result.loss, accuracy: result.accuracy, lr: stepLr, gradNorm: result.gradNorm, imagesPerSecond: progress.imagesPerSecond })
+      const progress = {
+        ...result,
+        step: state.step,
+        totalSteps,
+        epoch,
+        lr: stepLr,
+        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
+      }
+      state = {
+        ...state,
+        step: state.step + 1,
+        batch: batch.batch,
+        epochLoss: state.epochLoss + result.loss,
+        epochAccuracy: state.epochAccuracy + result.accuracy,
+        epochSteps: state.epochSteps + 1,
+      }
+      await metrics.record({
+        step: progress.step,
+        epoch,
+        loss: result.loss,
+        accuracy: result.accuracy,
+        lr: stepLr,
+        gradNorm: result.gradNorm,
+        imagesPerSecond: progress.imagesPerSecond,
+      })
       opts.onProgress?.(progress)
       if (opts.signal?.aborted || state.step % everyCheckpoint === 0) await save()
       if (opts.signal?.aborted) {
@@ -165,7 +227,13 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     const trainAccuracy = state.epochAccuracy / state.epochSteps
     let evals = state.evals
     if ((epoch + 1) % evalEvery === 0 || state.step >= totalSteps) {
-      const result: EpochResult = { epoch, step: state.step, evalAccuracy: await evaluate(classifier, test, evalOptions), trainLoss, trainAccuracy }
+      const result: EpochResult = {
+        epoch,
+        step: state.step,
+        evalAccuracy: await evaluate(classifier, test, evalOptions),
+        trainLoss,
+        trainAccuracy,
+      }
       evals = [...evals, result]
       await metrics.record({ step: state.step - 1, epoch, evalAccuracy: result.evalAccuracy, trainLoss, trainAccuracy })
       opts.onEpoch?.(result)

@@ -21,7 +21,8 @@ export async function checkpointFormat(path: string): Promise<string | undefined
     await file.read(size, 0, 8, 0)
     const length = Number(size.readBigUInt64LE())
     const { size: fileSize } = await file.stat()
-    if (length <= 0 || length > fileSize - 8) throw new Error(`${path}: not a safetensors file (header length ${length})`)
+    if (length <= 0 || length > fileSize - 8)
+      throw new Error(`${path}: not a safetensors file (header length ${length})`)
     const header = Buffer.alloc(length)
     await file.read(header, 0, length, 8)
     const json = JSON.parse(header.toString('utf8')) as { __metadata__?: Record<string, string> }
@@ -52,12 +53,21 @@ export interface ImportOptions {
 }
 
 /** Imports a transformers folder and saves it as a beit checkpoint at `out`. */
-export async function importHuggingFace(dir: string, out: string, opts: ImportOptions = {}): Promise<Beit | Classifier> {
+export async function importHuggingFace(
+  dir: string,
+  out: string,
+  opts: ImportOptions = {},
+): Promise<Beit | Classifier> {
   const task = opts.task ?? (await huggingFaceTask(dir))
   const model =
     task === 'mim'
       ? await Beit.fromHuggingFace(dir, { imageSize: opts.imageSize, optimizer: opts.optimizer })
-      : await Classifier.fromHuggingFace(dir, { imageSize: opts.imageSize, numLabels: opts.numLabels, optimizer: opts.optimizer, seed: opts.seed })
+      : await Classifier.fromHuggingFace(dir, {
+          imageSize: opts.imageSize,
+          numLabels: opts.numLabels,
+          optimizer: opts.optimizer,
+          seed: opts.seed,
+        })
   await model.save(out)
   return model
 }
@@ -68,7 +78,10 @@ export async function exportHuggingFace(checkpoint: string, dir: string): Promis
   let model: Beit | Classifier
   if (format === 'beit-mim/1') model = await Beit.load(checkpoint)
   else if (format === 'beit-cls/1') model = await Classifier.load(checkpoint)
-  else throw new Error(`${checkpoint}: format ${JSON.stringify(format)} cannot be exported; expected a MIM (beit-mim/1) or classifier (beit-cls/1) checkpoint`)
+  else
+    throw new Error(
+      `${checkpoint}: format ${JSON.stringify(format)} cannot be exported; expected a MIM (beit-mim/1) or classifier (beit-cls/1) checkpoint`,
+    )
   await model.exportHuggingFace(dir)
   return model
 }

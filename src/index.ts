@@ -10,18 +10,37 @@ export { pretrain } from './pretrain'
 export type { PretrainOptions, PretrainProgress } from './pretrain'
 export type { ScheduleOptions, RunResult } from './run'
 export { Classifier, argmaxRows } from './classifier'
-export type { ClassifierConfig, ClassifierSpec, ClassifierCreateOptions, ClassifierStepResult, FinetuneOptions as ClassifierFinetuneOptions, Pooling } from './classifier'
+export type {
+  ClassifierConfig,
+  ClassifierSpec,
+  ClassifierCreateOptions,
+  ClassifierStepResult,
+  FinetuneOptions as ClassifierFinetuneOptions,
+  Pooling,
+} from './classifier'
 export { finetune, evaluate } from './finetune'
 export type { FinetuneOptions, FinetuneProgress, EpochResult } from './finetune'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
 export type { LinearProbeOptions, LinearProbeResult, PixelProbeOptions } from './probe'
 export { MetricsLog, Progress, interruptSignal } from './run'
-export { loadFashionMnist, embeddedSampleDir, FASHION_MNIST_CLASSES, DEBIAN_FASHION_MNIST_DIR } from './data/fashion-mnist'
+export {
+  loadFashionMnist,
+  embeddedSampleDir,
+  FASHION_MNIST_CLASSES,
+  DEBIAN_FASHION_MNIST_DIR,
+} from './data/fashion-mnist'
 export { parseIdx, readIdx } from './data/idx'
 export type { IdxArray, LabeledImages } from './data/idx'
 export { Rng, deriveSeed } from './rng'
 export { Dvae, DVAE_PRESETS, resolveDvaeConfig } from './tokenizer'
-export type { DvaeConfig, DvaePresetName, DvaeSpec, DvaeTrainingOptions, TokenizerStepInput, TokenizerStepResult } from './tokenizer'
+export type {
+  DvaeConfig,
+  DvaePresetName,
+  DvaeSpec,
+  DvaeTrainingOptions,
+  TokenizerStepInput,
+  TokenizerStepResult,
+} from './tokenizer'
 export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader } from './train-tokenizer'
 export type { TrainTokenizerOptions, TokenizerProgress, TokenizerEvaluation, TokenizerData } from './train-tokenizer'
 export { reconstructionSheet } from './sheet'
@@ -29,7 +48,16 @@ export { imagesAsFloats } from './data/batches'
 export { ImageLoader } from './data/loader'
 export type { LoaderOptions, Batch, LoaderStats, SkippedImage } from './data/loader'
 export { beitViews, drawAugment } from './data/augment'
-export type { ViewSpec, Interpolation, BeitViewOptions, Transform, TrainTransform, EvalTransform, ColorJitterOptions, Augment } from './data/augment'
+export type {
+  ViewSpec,
+  Interpolation,
+  BeitViewOptions,
+  Transform,
+  TrainTransform,
+  EvalTransform,
+  ColorJitterOptions,
+  Augment,
+} from './data/augment'
 export { imageFolder, labelledSubset, manifest, pixelDataset, subset, IMAGE_EXTENSIONS } from './data/dataset'
 export type { ImageDataset, ImageSource, ImageFolderOptions, ManifestOptions } from './data/dataset'
 export { openDataset } from './data/open'

@@ -244,7 +244,8 @@ function meets(a0: number, a1: number, b0: number, b1: number): boolean {
 }
 
 function requirePositiveInteger(who: string, name: string, value: number): number {
-  if (!(Number.isInteger(value) && value > 0)) throw new Error(`${who}: ${name} must be a positive integer, got ${value}`)
+  if (!(Number.isInteger(value) && value > 0))
+    throw new Error(`${who}: ${name} must be a positive integer, got ${value}`)
   return value
 }
 
@@ -256,6 +257,7 @@ function requireIntegerIn(who: string, name: string, value: number, lo: number, 
 }
 
 function requireAtLeast(who: string, name: string, value: number, lo: number): number {
-  if (!(Number.isFinite(value) && value >= lo)) throw new Error(`${who}: ${name} must be a finite number >= ${lo}, got ${value}`)
+  if (!(Number.isFinite(value) && value >= lo))
+    throw new Error(`${who}: ${name} must be a finite number >= ${lo}, got ${value}`)
   return value
 }

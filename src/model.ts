@@ -83,7 +83,9 @@ export class Beit extends Checkpointed<NativeMimModel> {
   static create(spec: ModelSpec, opts: CreateOptions = {}): Beit {
     const config = resolveConfig(spec)
     const seed = checkSeed(opts.seed ?? 0)
-    return new Beit(place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts))
+    return new Beit(
+      place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts),
+    )
   }
 
   /**
@@ -100,8 +102,15 @@ export class Beit extends Checkpointed<NativeMimModel> {
    * `model.safetensors`), with a fresh optimizer. `imageSize` changes the resolution: the
    * relative position tables and absolute position embeddings are resized to the new grid.
    */
-  static async fromHuggingFace(dir: string, opts: DeviceOptions & { imageSize?: ImageSize; optimizer?: AdamWOptions } = {}): Promise<Beit> {
-    const handle = await native.NativeMimModel.fromHuggingFace(dir, imageSizePair(opts.imageSize), JSON.stringify(opts.optimizer ?? {}))
+  static async fromHuggingFace(
+    dir: string,
+    opts: DeviceOptions & { imageSize?: ImageSize; optimizer?: AdamWOptions } = {},
+  ): Promise<Beit> {
+    const handle = await native.NativeMimModel.fromHuggingFace(
+      dir,
+      imageSizePair(opts.imageSize),
+      JSON.stringify(opts.optimizer ?? {}),
+    )
     return new Beit(place(handle, opts))
   }
 
@@ -143,7 +152,16 @@ export class Beit extends Checkpointed<NativeMimModel> {
     if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
     const seed = checkSeed(input.seed ?? 0)
     const [height, width] = input.tokenizer.config.imageSize
-    return this.handle.pretrainStep(input.tokenizer.nativeHandle(), input.pixels, input.tokenizerPixels, height, width, input.mask, input.lr, seed)
+    return this.handle.pretrainStep(
+      input.tokenizer.nativeHandle(),
+      input.pixels,
+      input.tokenizerPixels,
+      height,
+      width,
+      input.mask,
+      input.lr,
+      seed,
+    )
   }
 
   /** Evaluation forward pass (no stochastic depth): logits and ids at the masked patches. */
@@ -153,4 +171,3 @@ export class Beit extends Checkpointed<NativeMimModel> {
     return this.handle.predict(input.pixels, input.mask)
   }
 }
-

@@ -19,14 +19,18 @@ function loadCuda(): typeof Native | undefined {
     return undefined // not installed: the CPU build, silently
   }
   if (!existsSync(NVIDIA_DRIVER)) {
-    console.warn(`beit: ${CUDA_PACKAGE} is installed but no NVIDIA driver was found (${NVIDIA_DRIVER}); using the CPU build`)
+    console.warn(
+      `beit: ${CUDA_PACKAGE} is installed but no NVIDIA driver was found (${NVIDIA_DRIVER}); using the CPU build`,
+    )
     return undefined
   }
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     return require(path) as typeof Native
   } catch (e) {
-    console.warn(`beit: ${CUDA_PACKAGE} failed to load (${String((e as Error).message).split('\n')[0]}); using the CPU build`)
+    console.warn(
+      `beit: ${CUDA_PACKAGE} failed to load (${String((e as Error).message).split('\n')[0]}); using the CPU build`,
+    )
     return undefined
   }
 }

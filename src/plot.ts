@@ -36,10 +36,14 @@ function escape(s: string): string {
 
 function panel(series: Series, x0: number, y0: number): string {
   const pts = series.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y) && (!series.log || y > 0))
-  const parts = [`<text x="${x0 + PAD.left}" y="${y0 + 16}" font-size="13" font-weight="bold">${escape(series.title)}</text>`]
+  const parts = [
+    `<text x="${x0 + PAD.left}" y="${y0 + 16}" font-size="13" font-weight="bold">${escape(series.title)}</text>`,
+  ]
   const plotW = PANEL_W - PAD.left - PAD.right
   const plotH = PANEL_H - PAD.top - PAD.bottom
-  parts.push(`<rect x="${x0 + PAD.left}" y="${y0 + PAD.top}" width="${plotW}" height="${plotH}" fill="none" stroke="#999"/>`)
+  parts.push(
+    `<rect x="${x0 + PAD.left}" y="${y0 + PAD.top}" width="${plotW}" height="${plotH}" fill="none" stroke="#999"/>`,
+  )
   if (pts.length === 0) return parts.join('')
   const f = (y: number) => (series.log ? Math.log10(y) : y)
   const xs = pts.map((p) => p[0])
@@ -52,14 +56,17 @@ function panel(series: Series, x0: number, y0: number): string {
   const sy = (y: number) => y0 + PAD.top + plotH - ((y - yMin) / (yMax - yMin)) * plotH
   for (const t of niceTicks(yMin, yMax)) {
     parts.push(`<line x1="${x0 + PAD.left}" x2="${x0 + PAD.left + plotW}" y1="${sy(t)}" y2="${sy(t)}" stroke="#eee"/>`)
-    parts.push(`<text x="${x0 + PAD.left - 4}" y="${sy(t) + 4}" font-size="10" text-anchor="end">${label(series.log ? Math.pow(10, t) : t)}</text>`)
+    parts.push(
+      `<text x="${x0 + PAD.left - 4}" y="${sy(t) + 4}" font-size="10" text-anchor="end">${label(series.log ? Math.pow(10, t) : t)}</text>`,
+    )
   }
   for (const t of niceTicks(xMin, xMax)) {
     parts.push(`<text x="${sx(t)}" y="${y0 + PANEL_H - 12}" font-size="10" text-anchor="middle">${label(t)}</text>`)
   }
   const d = pts.map(([x, y], i) => `${i ? 'L' : 'M'}${sx(x).toFixed(1)},${sy(f(y)).toFixed(1)}`).join('')
   parts.push(`<path d="${d}" fill="none" stroke="#1f6fb4" stroke-width="1.5"/>`)
-  if (pts.length < 40) for (const [x, y] of pts) parts.push(`<circle cx="${sx(x)}" cy="${sy(f(y))}" r="2.5" fill="#1f6fb4"/>`)
+  if (pts.length < 40)
+    for (const [x, y] of pts) parts.push(`<circle cx="${sx(x)}" cy="${sy(f(y))}" r="2.5" fill="#1f6fb4"/>`)
   return parts.join('')
 }
 

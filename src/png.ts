@@ -29,7 +29,9 @@ function chunk(type: string, data: Uint8Array): Buffer {
 /** `pixels`: row-major, interleaved channels (1 = gray, 3 = RGB), 0..255. */
 export function encodePng(pixels: Uint8Array, width: number, height: number, channels: 1 | 3): Uint8Array {
   if (pixels.length !== width * height * channels) {
-    throw new Error(`encodePng: expected ${width * height * channels} bytes for ${width}x${height}x${channels}, got ${pixels.length}`)
+    throw new Error(
+      `encodePng: expected ${width * height * channels} bytes for ${width}x${height}x${channels}, got ${pixels.length}`,
+    )
   }
   const stride = width * channels
   const raw = Buffer.alloc((stride + 1) * height)

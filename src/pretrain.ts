@@ -82,13 +82,17 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     )
   }
   if (tokenizer.config.vocabSize > model.config.vocabSize) {
-    throw new Error(`tokenizer vocabulary ${tokenizer.config.vocabSize} exceeds the model's vocabSize ${model.config.vocabSize}`)
+    throw new Error(
+      `tokenizer vocabulary ${tokenizer.config.vocabSize} exceeds the model's vocabSize ${model.config.vocabSize}`,
+    )
   }
   if (tokenizer.config.numChannels !== channels) {
     throw new Error(`the tokenizer takes ${tokenizer.config.numChannels} channel(s) but the model ${channels}`)
   }
   if (masking.height * masking.width !== model.grid[0] * model.grid[1]) {
-    throw new Error(`mask grid ${masking.height}x${masking.width} does not match the model's patch grid ${model.grid.join('x')}`)
+    throw new Error(
+      `mask grid ${masking.height}x${masking.width} does not match the model's patch grid ${model.grid.join('x')}`,
+    )
   }
 
   const loader = new ImageLoader({
@@ -105,14 +109,28 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   const lr = scheduleFor(opts.schedule, totalSteps)
 
   // Resume from the model's saved position, if it carries one.
-  const fresh: PretrainState = { kind: 'pretrain', step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed, masking: masking.getState() }
+  const fresh: PretrainState = {
+    kind: 'pretrain',
+    step: 0,
+    totalSteps,
+    epoch: 0,
+    batch: -1,
+    batchSize,
+    seed,
+    masking: masking.getState(),
+  }
   let state = resumePosition(model.trainState, fresh, 'model', 'pretraining')
   masking.setState(state.masking)
 
   const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
   const metrics = await MetricsLog.open(opts.outDir, {
     title: 'BEiT masked image modeling',
-    panels: [{ key: 'loss' }, { key: 'mlmAcc', title: 'MIM accuracy' }, { key: 'lr', log: true }, { key: 'gradNorm', title: 'gradient norm' }],
+    panels: [
+      { key: 'loss' },
+      { key: 'mlmAcc', title: 'MIM accuracy' },
+      { key: 'lr', log: true },
+      { key: 'gradNorm', title: 'gradient norm' },
+    ],
     resumeFrom: state.step,
   })
   const save = async () => {
@@ -135,7 +153,14 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
       const stepLr = lr(state.step)
       let result: TrainStepResult
       try {
-        result = await model.pretrainStep({ tokenizer, pixels, tokenizerPixels, mask, lr: stepLr, seed: deriveSeed(seed, state.step, 2) })
+        result = await model.pretrainStep({
+          tokenizer,
+          pixels,
+          tokenizerPixels,
+          mask,
+          lr: stepLr,
+          seed: deriveSeed(seed, state.step, 2),
+        })
       } catch (e) {
         throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`)
       }
@@ -148,7 +173,16 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
       }
       state = { ...state, step: state.step + 1, epoch, batch: batch.batch }
-      await metrics.record({ step: progress.step, epoch, loss: result.loss, mlmAcc: result.mlmAcc, majorityBaseline: progress.majorityBaseline, lr: stepLr, gradNorm: result.gradNorm, imagesPerSecond: progress.imagesPerSecond })
+      await metrics.record({
+        step: progress.step,
+        epoch,
+        loss: result.loss,
+        mlmAcc: result.mlmAcc,
+        majorityBaseline: progress.majorityBaseline,
+        lr: stepLr,
+        gradNorm: result.gradNorm,
+        imagesPerSecond: progress.imagesPerSecond,
+      })
       opts.onProgress?.(progress)
       if (state.step % everyCheckpoint === 0 || state.step === totalSteps || opts.signal?.aborted) await save()
       if (opts.signal?.aborted) {

@@ -51,7 +51,15 @@ export async function probeFeatures(
   const channels = backbone.config.numChannels as 1 | 3
   const loader = new ImageLoader({
     dataset: data,
-    views: [{ size: [height, width], interpolation: 'bicubic', channels, mean: new Array(channels).fill(opts.mean ?? 0.5), std: new Array(channels).fill(opts.std ?? 0.5) }],
+    views: [
+      {
+        size: [height, width],
+        interpolation: 'bicubic',
+        channels,
+        mean: new Array(channels).fill(opts.mean ?? 0.5),
+        std: new Array(channels).fill(opts.std ?? 0.5),
+      },
+    ],
     transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
     batchSize: 256,
     shuffle: false,
@@ -66,7 +74,8 @@ export async function probeFeatures(
     labels.set(batch.labels, count)
     count += batch.size
   }
-  if (labels.subarray(0, count).some((l) => l < 0)) throw new Error(`linear probing needs labels, but ${data.name} has unlabelled images`)
+  if (labels.subarray(0, count).some((l) => l < 0))
+    throw new Error(`linear probing needs labels, but ${data.name} has unlabelled images`)
   return { features: features.subarray(0, count * dim), labels: labels.subarray(0, count), dim }
 }
 
@@ -96,7 +105,15 @@ export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearPr
   const pixels = async (data: ImageDataset) => {
     const loader = new ImageLoader({
       dataset: data,
-      views: [{ size: opts.imageSize, interpolation: 'bicubic', channels: opts.channels, mean: new Array(opts.channels).fill(0), std: new Array(opts.channels).fill(1) }],
+      views: [
+        {
+          size: opts.imageSize,
+          interpolation: 'bicubic',
+          channels: opts.channels,
+          mean: new Array(opts.channels).fill(0),
+          std: new Array(opts.channels).fill(1),
+        },
+      ],
       transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
       batchSize: 256,
       shuffle: false,
@@ -132,7 +149,12 @@ interface Features {
 }
 
 /** A standardised linear classifier on `train`'s features (AdamW, cosine LR), scored on both sets. */
-async function fitLinear(train: Features, test: Features, numLabels: number, opts: Pick<LinearProbeOptions, 'epochs' | 'batchSize' | 'lr' | 'weightDecay' | 'seed' | 'onEpoch'>): Promise<{ trainAccuracy: number; testAccuracy: number; trainSeconds: number }> {
+async function fitLinear(
+  train: Features,
+  test: Features,
+  numLabels: number,
+  opts: Pick<LinearProbeOptions, 'epochs' | 'batchSize' | 'lr' | 'weightDecay' | 'seed' | 'onEpoch'>,
+): Promise<{ trainAccuracy: number; testAccuracy: number; trainSeconds: number }> {
   const started = performance.now()
   const epochs = opts.epochs ?? 10
   const batchSize = opts.batchSize ?? 256

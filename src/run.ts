@@ -30,7 +30,8 @@ export interface RunResult {
 export function resolveSteps(steps: number | undefined, epochs: number | undefined, batchesPerEpoch: number): number {
   if ((steps === undefined) === (epochs === undefined)) throw new Error('give exactly one of steps and epochs')
   const total = steps ?? Math.round(epochs! * batchesPerEpoch)
-  if (!Number.isInteger(total) || total <= 0) throw new Error(`the run must have a positive whole number of steps, got ${total}`)
+  if (!Number.isInteger(total) || total <= 0)
+    throw new Error(`the run must have a positive whole number of steps, got ${total}`)
   return total
 }
 
@@ -42,7 +43,6 @@ export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: n
     totalSteps,
   })
 }
-
 
 /** What every training loop's saved position holds, whatever else it adds. */
 export interface LoopPosition {
@@ -60,9 +60,11 @@ export interface LoopPosition {
 export function resumePosition<S extends LoopPosition>(saved: unknown, fresh: S, owner: string, runName: string): S {
   if (saved === undefined) return fresh
   const position = saved as S
-  if (position.kind !== fresh.kind) throw new Error(`the ${owner}'s checkpoint is from a ${String(position.kind)} run, not ${runName}`)
+  if (position.kind !== fresh.kind)
+    throw new Error(`the ${owner}'s checkpoint is from a ${String(position.kind)} run, not ${runName}`)
   for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
-    if (position[key] !== fresh[key]) throw new Error(`cannot resume: the run had ${key} ${position[key]}, now ${fresh[key]}`)
+    if (position[key] !== fresh[key])
+      throw new Error(`cannot resume: the run had ${key} ${position[key]}, now ${fresh[key]}`)
   }
   return position
 }
@@ -91,7 +93,10 @@ export class MetricsLog {
     private readonly refreshEvery: number,
   ) {}
 
-  static async open(dir: string, opts: { title: string; panels: Panel[]; refreshEvery?: number; resumeFrom?: number }): Promise<MetricsLog> {
+  static async open(
+    dir: string,
+    opts: { title: string; panels: Panel[]; refreshEvery?: number; resumeFrom?: number },
+  ): Promise<MetricsLog> {
     await mkdir(dir, { recursive: true })
     const log = new MetricsLog(dir, opts.title, opts.panels, opts.refreshEvery ?? 25)
     const path = join(dir, 'metrics.jsonl')
@@ -157,7 +162,9 @@ export class Progress {
     const elapsed = (performance.now() - this.started) / 1000
     const doneHere = done - (this.opts.startAt ?? 0)
     const eta = doneHere > 0 ? (elapsed / doneHere) * (this.total - done) : NaN
-    const text = Object.entries(fields).map(([k, v]) => `${k} ${v}`).join('  ')
+    const text = Object.entries(fields)
+      .map(([k, v]) => `${k} ${v}`)
+      .join('  ')
     if (this.tty) {
       const width = 24
       const filled = Math.round((width * done) / this.total)

@@ -15,7 +15,8 @@ export function warmupCosine(opts: WarmupCosineOptions): (step: number) => numbe
   const minLr = opts.minLr ?? (lr * 1e-5) / 1.5e-3
   if (!(lr > 0)) throw new Error(`lr must be > 0, got ${lr}`)
   if (!(minLr >= 0 && minLr <= lr)) throw new Error(`minLr must be in [0, lr], got ${minLr}`)
-  if (!(Number.isInteger(totalSteps) && totalSteps > 0)) throw new Error(`totalSteps must be a positive integer, got ${totalSteps}`)
+  if (!(Number.isInteger(totalSteps) && totalSteps > 0))
+    throw new Error(`totalSteps must be a positive integer, got ${totalSteps}`)
   if (!(Number.isInteger(warmupSteps) && warmupSteps >= 0 && warmupSteps <= totalSteps)) {
     throw new Error(`warmupSteps must be an integer in [0, totalSteps=${totalSteps}], got ${warmupSteps}`)
   }
@@ -40,8 +41,10 @@ export interface CosineRampOptions {
  */
 export function cosineRamp(opts: CosineRampOptions): (step: number) => number {
   const { from, to, steps } = opts
-  if (!Number.isFinite(from) || !Number.isFinite(to)) throw new Error(`cosineRamp: from and to must be finite, got ${from}, ${to}`)
-  if (!(Number.isInteger(steps) && steps >= 0)) throw new Error(`cosineRamp: steps must be an integer >= 0, got ${steps}`)
+  if (!Number.isFinite(from) || !Number.isFinite(to))
+    throw new Error(`cosineRamp: from and to must be finite, got ${from}, ${to}`)
+  if (!(Number.isInteger(steps) && steps >= 0))
+    throw new Error(`cosineRamp: steps must be an integer >= 0, got ${steps}`)
   return (step: number) => {
     if (step >= steps) return to
     return to + 0.5 * (from - to) * (1 + Math.cos((Math.PI * step) / steps))

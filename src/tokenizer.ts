@@ -27,12 +27,37 @@ export type DvaePresetName = 'dall-e' | 'small' | 'tiny'
  * images on a CPU: downsampling 4, so 28 px gives the 7x7 grid of a BEiT with 4 px patches.
  */
 export const DVAE_PRESETS: Record<DvaePresetName, DvaeConfig> = {
-  'dall-e': { imageSize: [112, 112], numChannels: 3, hiddenSize: 256, numGroups: 4, blocksPerGroup: 2, vocabSize: 8192, decoderInputSize: 128 },
-  small: { imageSize: [28, 28], numChannels: 3, hiddenSize: 64, numGroups: 3, blocksPerGroup: 1, vocabSize: 1024, decoderInputSize: 64 },
-  tiny: { imageSize: [28, 28], numChannels: 3, hiddenSize: 32, numGroups: 3, blocksPerGroup: 1, vocabSize: 512, decoderInputSize: 32 },
+  'dall-e': {
+    imageSize: [112, 112],
+    numChannels: 3,
+    hiddenSize: 256,
+    numGroups: 4,
+    blocksPerGroup: 2,
+    vocabSize: 8192,
+    decoderInputSize: 128,
+  },
+  small: {
+    imageSize: [28, 28],
+    numChannels: 3,
+    hiddenSize: 64,
+    numGroups: 3,
+    blocksPerGroup: 1,
+    vocabSize: 1024,
+    decoderInputSize: 64,
+  },
+  tiny: {
+    imageSize: [28, 28],
+    numChannels: 3,
+    hiddenSize: 32,
+    numGroups: 3,
+    blocksPerGroup: 1,
+    vocabSize: 512,
+    decoderInputSize: 32,
+  },
 }
 
-export type DvaeSpec = DvaePresetName | (Partial<Omit<DvaeConfig, 'imageSize'>> & { preset?: DvaePresetName; imageSize?: ImageSize })
+export type DvaeSpec =
+  DvaePresetName | (Partial<Omit<DvaeConfig, 'imageSize'>> & { preset?: DvaePresetName; imageSize?: ImageSize })
 
 export interface DvaeTrainingOptions {
   optimizer?: { beta1?: number; beta2?: number; eps?: number; weightDecay?: number; clipGradNorm?: number }
@@ -71,12 +96,19 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
   if (preset !== undefined) {
     base = DVAE_PRESETS[preset]
     if (base === undefined) {
-      throw new Error(`unknown tokenizer preset ${JSON.stringify(preset)}: expected one of ${Object.keys(DVAE_PRESETS).join(', ')}`)
+      throw new Error(
+        `unknown tokenizer preset ${JSON.stringify(preset)}: expected one of ${Object.keys(DVAE_PRESETS).join(', ')}`,
+      )
     }
   }
-  const config = { ...base, ...overrides, ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }) } as Partial<DvaeConfig>
+  const config = {
+    ...base,
+    ...overrides,
+    ...(imageSize === undefined ? {} : { imageSize: imageSizePair(imageSize) }),
+  } as Partial<DvaeConfig>
   const missing = (Object.keys(DVAE_PRESETS.tiny) as (keyof DvaeConfig)[]).filter((k) => config[k] === undefined)
-  if (missing.length > 0) throw new Error(`tokenizer config is missing ${missing.join(', ')}: give every field, or start from a preset`)
+  if (missing.length > 0)
+    throw new Error(`tokenizer config is missing ${missing.join(', ')}: give every field, or start from a preset`)
   return config as DvaeConfig
 }
 
@@ -97,7 +129,11 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
   static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
     const { seed = 0, device, precision, ...training } = opts
     checkSeed(seed)
-    const handle = native.NativeTokenizer.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed)
+    const handle = native.NativeTokenizer.create(
+      JSON.stringify(resolveDvaeConfig(spec)),
+      JSON.stringify(training),
+      seed,
+    )
     return new Dvae(place(handle, { device, precision }))
   }
 
@@ -122,9 +158,14 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
   decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
     checkType('ids', ids, Int32Array)
     checkBatchSize(batchSize)
-    const g = grid ?? { height: this.config.imageSize[0] / this.downsample, width: this.config.imageSize[1] / this.downsample }
+    const g = grid ?? {
+      height: this.config.imageSize[0] / this.downsample,
+      width: this.config.imageSize[1] / this.downsample,
+    }
     if (ids.length !== batchSize * g.height * g.width) {
-      throw new Error(`ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`)
+      throw new Error(
+        `ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`,
+      )
     }
     return this.handle.decode(ids, g.height, g.width)
   }
@@ -144,7 +185,9 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
       checkBatchSize(batchSize)
       const c = this.config.numChannels
       if (pixels.length !== batchSize * c * height * width) {
-        throw new Error(`pixels: expected ${batchSize * c * height * width} values (B*C*H*W = ${batchSize}*${c}*${height}*${width}), got ${pixels.length}`)
+        throw new Error(
+          `pixels: expected ${batchSize * c * height * width} values (B*C*H*W = ${batchSize}*${c}*${height}*${width}), got ${pixels.length}`,
+        )
       }
     }
     return { height, width }
@@ -152,5 +195,6 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
 }
 
 function checkBatchSize(batchSize: number): void {
-  if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+  if (!Number.isInteger(batchSize) || batchSize <= 0)
+    throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
 }

@@ -30,7 +30,13 @@ function asDataset(data: TokenizerData, name: string): ImageDataset {
 function tokenizerView(tokenizer: Dvae): ViewSpec {
   const [height, width] = tokenizer.config.imageSize
   const channels = tokenizer.config.numChannels as 1 | 3
-  return { size: [height, width], interpolation: 'lanczos', channels, mean: new Array(channels).fill(0), std: new Array(channels).fill(1) }
+  return {
+    size: [height, width],
+    interpolation: 'lanczos',
+    channels,
+    mean: new Array(channels).fill(0),
+    std: new Array(channels).fill(1),
+  }
 }
 
 /** Values of one image at the tokenizer's input. */
@@ -42,8 +48,17 @@ function valuesPerImage(tokenizer: Dvae): number {
  * A loader of `data` at the tokenizer's input: whole images, resized (no augmentation), unless
  * `transform` says otherwise.
  */
-export function tokenizerLoader(tokenizer: Dvae, data: TokenizerData, opts: Omit<LoaderOptions, 'dataset' | 'views' | 'transform'> & { transform?: Transform }): ImageLoader {
-  return new ImageLoader({ ...opts, dataset: asDataset(data, 'images'), views: [tokenizerView(tokenizer)], transform: opts.transform ?? { kind: 'eval', cropFraction: 1 } })
+export function tokenizerLoader(
+  tokenizer: Dvae,
+  data: TokenizerData,
+  opts: Omit<LoaderOptions, 'dataset' | 'views' | 'transform'> & { transform?: Transform },
+): ImageLoader {
+  return new ImageLoader({
+    ...opts,
+    dataset: asDataset(data, 'images'),
+    views: [tokenizerView(tokenizer)],
+    transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
+  })
 }
 
 /** Seed of the image samples behind evaluations and sheets, so they are the same in every run. */
@@ -117,7 +132,9 @@ interface TokenizerState extends LoopPosition {
  * so a tokenizer loaded from it (`Dvae.load`) resumes the very steps of an uninterrupted run.
  * The evaluation runs when the run completes.
  */
-export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunResult & { evaluation?: TokenizerEvaluation }> {
+export async function trainTokenizer(
+  opts: TrainTokenizerOptions,
+): Promise<RunResult & { evaluation?: TokenizerEvaluation }> {
   const { tokenizer, steps, batchSize } = opts
   const seed = opts.seed ?? 0
   const data = asDataset(opts.data, 'training images')
@@ -126,8 +143,15 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunRe
   const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps })
   const klWeight = opts.klWeight ?? cosineRamp({ from: 0, to: 6.6, steps: Math.ceil(steps / 2) })
   const every = opts.checkpointEvery ?? 500
-  const loader = tokenizerLoader(tokenizer, data, { transform: opts.transform, batchSize, seed, dropLast: true, threads: opts.threads })
-  if (loader.batchesPerEpoch === 0) throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
+  const loader = tokenizerLoader(tokenizer, data, {
+    transform: opts.transform,
+    batchSize,
+    seed,
+    dropLast: true,
+    threads: opts.threads,
+  })
+  if (loader.batchesPerEpoch === 0)
+    throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
   const fresh: TokenizerState = { kind: 'tokenizer', step: 0, totalSteps: steps, epoch: 0, batch: -1, batchSize, seed }
@@ -140,7 +164,12 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunRe
       ? undefined
       : await MetricsLog.open(outDir, {
           title: 'dVAE tokenizer',
-          panels: [{ key: 'loss' }, { key: 'reconLoss', title: 'reconstruction loss' }, { key: 'perplexity', title: 'batch codebook perplexity' }, { key: 'lr', log: true }],
+          panels: [
+            { key: 'loss' },
+            { key: 'reconLoss', title: 'reconstruction loss' },
+            { key: 'perplexity', title: 'batch codebook perplexity' },
+            { key: 'lr', log: true },
+          ],
           resumeFrom: state.step,
         })
   const save = async () => {
@@ -158,9 +187,20 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunRe
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
       const step = state.step
       const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-      const result = await tokenizer.trainStep({ pixels: batch.views[0], size: { height, width }, ...schedule, seed: deriveSeed(seed, step, 1) })
+      const result = await tokenizer.trainStep({
+        pixels: batch.views[0],
+        size: { height, width },
+        ...schedule,
+        seed: deriveSeed(seed, step, 1),
+      })
       const now = performance.now()
-      const progress: TokenizerProgress = { step, ...schedule, ...result, codesUsedFraction: result.codesUsed / vocab, imagesPerSecond: batch.size / ((now - last) / 1000) }
+      const progress: TokenizerProgress = {
+        step,
+        ...schedule,
+        ...result,
+        codesUsedFraction: result.codesUsed / vocab,
+        imagesPerSecond: batch.size / ((now - last) / 1000),
+      }
       last = now
       state = { ...state, step: step + 1, epoch, batch: batch.batch }
       opts.onProgress?.(progress)
@@ -172,7 +212,8 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunRe
       }
       if (state.step === steps) break
     }
-    if (state.step === stepsBefore) throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
+    if (state.step === stepsBefore)
+      throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
     epoch++
     fromBatch = 0
   }
@@ -186,9 +227,19 @@ export async function trainTokenizer(opts: TrainTokenizerOptions): Promise<RunRe
  * Up to `count` whole images of `data` at the tokenizer's input, in batches of up to `chunk`:
  * a seeded random sample (the first images of a folder are often all of one class).
  */
-async function* sampleImages(tokenizer: Dvae, data: TokenizerData, count: number, chunk: number, threads?: number): AsyncGenerator<{ pixels: Float32Array; size: number }> {
+async function* sampleImages(
+  tokenizer: Dvae,
+  data: TokenizerData,
+  count: number,
+  chunk: number,
+  threads?: number,
+): AsyncGenerator<{ pixels: Float32Array; size: number }> {
   const per = valuesPerImage(tokenizer)
-  const loader = tokenizerLoader(tokenizer, data, { batchSize: Math.max(1, Math.min(chunk, count)), seed: SAMPLE_SEED, threads })
+  const loader = tokenizerLoader(tokenizer, data, {
+    batchSize: Math.max(1, Math.min(chunk, count)),
+    seed: SAMPLE_SEED,
+    threads,
+  })
   let left = count
   for await (const batch of loader.epoch(0)) {
     const size = Math.min(batch.size, left)
@@ -199,12 +250,28 @@ async function* sampleImages(tokenizer: Dvae, data: TokenizerData, count: number
 }
 
 /** A sample of `count` images of `data` above decode(encode(image)), as a PNG at `path`; returns the number shown. */
-export async function writeSheet(tokenizer: Dvae, data: TokenizerData, count: number, path: string, threads?: number): Promise<number> {
+export async function writeSheet(
+  tokenizer: Dvae,
+  data: TokenizerData,
+  count: number,
+  path: string,
+  threads?: number,
+): Promise<number> {
   const { value: batch } = await sampleImages(tokenizer, data, count, count, threads).next()
   if (!batch) throw new Error(`no readable images in ${asDataset(data, 'images').name}`)
   const reconstructions = await tokenizer.decode(await tokenizer.encode(batch.pixels, batch.size), batch.size)
   const [height, width] = tokenizer.config.imageSize
-  await writeFile(path, reconstructionSheet({ originals: batch.pixels, reconstructions, count: batch.size, channels: tokenizer.config.numChannels as 1 | 3, height, width }))
+  await writeFile(
+    path,
+    reconstructionSheet({
+      originals: batch.pixels,
+      reconstructions,
+      count: batch.size,
+      channels: tokenizer.config.numChannels as 1 | 3,
+      height,
+      width,
+    }),
+  )
   return batch.size
 }
 
@@ -212,7 +279,13 @@ export async function writeSheet(tokenizer: Dvae, data: TokenizerData, count: nu
  * Reconstruction error of up to `maxImages` evaluation images against the mean-image baseline
  * (the mean of as many training images), and codebook usage; all at the tokenizer's input.
  */
-export async function evaluateTokenizer(tokenizer: Dvae, evalData: TokenizerData, trainData: TokenizerData, maxImages: number, threads?: number): Promise<TokenizerEvaluation> {
+export async function evaluateTokenizer(
+  tokenizer: Dvae,
+  evalData: TokenizerData,
+  trainData: TokenizerData,
+  maxImages: number,
+  threads?: number,
+): Promise<TokenizerEvaluation> {
   const per = valuesPerImage(tokenizer)
   const sum = new Float64Array(per)
   let meanOf = 0

@@ -2,7 +2,9 @@
 //! runtime (see emulation/cuda_emulation.h).
 
 fn main() {
-    for path in ["emulation/kernels.cpp", "emulation/cuda_emulation.h", "emulation/cuda_bf16.h", "../core/cuda/kernels.cu"] {
+    for path in
+        ["emulation/kernels.cpp", "emulation/cuda_emulation.h", "emulation/cuda_bf16.h", "../core/cuda/kernels.cu"]
+    {
         println!("cargo::rerun-if-changed={path}");
     }
     cc::Build::new()

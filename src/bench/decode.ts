@@ -18,11 +18,16 @@ import type { ImageDataset } from '../data/dataset'
 import { ImageLoader } from '../data/loader'
 import { Rng } from '../rng'
 
-const { values } = parseArgs({ options: { photos: { type: 'string', default: '.cache/photos' }, rounds: { type: 'string', default: '3' } } })
+const { values } = parseArgs({
+  options: { photos: { type: 'string', default: '.cache/photos' }, rounds: { type: 'string', default: '3' } },
+})
 const rounds = Number(values.rounds)
 
 async function main(): Promise<void> {
-  const paths = (await readdir(values.photos!)).filter((f) => /\.jpe?g$/i.test(f)).sort().map((f) => join(values.photos!, f))
+  const paths = (await readdir(values.photos!))
+    .filter((f) => /\.jpe?g$/i.test(f))
+    .sort()
+    .map((f) => join(values.photos!, f))
   if (paths.length === 0) throw new Error(`no JPEG photos in ${values.photos}; run scripts/fetch-bench-photos.sh first`)
   await compare(paths)
   const small = await mkdtemp(join(tmpdir(), 'beit-bench-'))
@@ -41,15 +46,33 @@ async function main(): Promise<void> {
 }
 
 async function compare(paths: string[]): Promise<void> {
-  const sizes = await Promise.all(paths.map(async (p) => (await sharp(p).metadata()) as { width: number; height: number }))
+  const sizes = await Promise.all(
+    paths.map(async (p) => (await sharp(p).metadata()) as { width: number; height: number }),
+  )
   const megapixels = sizes.reduce((s, m) => s + m.width * m.height, 0) / sizes.length / 1e6
-  console.log(`\n${paths.length} JPEG photos, mean ${megapixels.toFixed(2)} MP; ${rounds} rounds each; ${availableParallelism()} cores`)
+  console.log(
+    `\n${paths.length} JPEG photos, mean ${megapixels.toFixed(2)} MP; ${rounds} rounds each; ${availableParallelism()} cores`,
+  )
   const buffers = await Promise.all(paths.map((p) => readFile(p)))
 
-  const dataset: ImageDataset = { name: 'photos', size: paths.length, source: { kind: 'files', paths }, labels: new Int32Array(paths.length).fill(-1), classNames: [], ignoredFiles: 0 }
+  const dataset: ImageDataset = {
+    name: 'photos',
+    size: paths.length,
+    source: { kind: 'files', paths },
+    labels: new Int32Array(paths.length).fill(-1),
+    classNames: [],
+    ignoredFiles: 0,
+  }
   const views = beitViews()
   const ours = async (threads: number) => {
-    const loader = new ImageLoader({ dataset, views, transform: { kind: 'train' }, batchSize: paths.length, threads, onError: 'fail' })
+    const loader = new ImageLoader({
+      dataset,
+      views,
+      transform: { kind: 'train' },
+      batchSize: paths.length,
+      threads,
+      onError: 'fail',
+    })
     await loader.epoch(0).next() // warm-up
     const started = performance.now()
     for (let r = 0; r < rounds; r++) for await (const batch of loader.epoch(r + 1)) void batch
@@ -66,7 +89,9 @@ async function compare(paths: string[]): Promise<void> {
     const w = Math.min(width, Math.round(Math.sqrt(area * ratio)))
     const h = Math.min(height, Math.round(Math.sqrt(area / ratio)))
     const box = { left: rng.int(0, width - w), top: rng.int(0, height - h), width: w, height: h }
-    const base = sharp(buffers[i]).extract(box).modulate({ brightness: rng.uniform(0.6, 1.4), saturation: rng.uniform(0.6, 1.4) })
+    const base = sharp(buffers[i])
+      .extract(box)
+      .modulate({ brightness: rng.uniform(0.6, 1.4), saturation: rng.uniform(0.6, 1.4) })
     const c = rng.uniform(0.6, 1.4)
     const jittered = base.linear(c, 128 * (1 - c))
     const flipped = rng.next() < 0.5 ? jittered.flop() : jittered
@@ -92,7 +117,10 @@ async function compare(paths: string[]): Promise<void> {
   const rows: [string, number, number][] = []
   for (const threads of [1, cores]) rows.push([`${threads} thread(s)`, await ours(threads), await viaSharp(threads)])
   console.log('                 beit img/s   sharp img/s   ratio')
-  for (const [name, a, b] of rows) console.log(`${name.padEnd(16)} ${a.toFixed(1).padStart(10)} ${b.toFixed(1).padStart(13)} ${(a / b).toFixed(2).padStart(7)}`)
+  for (const [name, a, b] of rows)
+    console.log(
+      `${name.padEnd(16)} ${a.toFixed(1).padStart(10)} ${b.toFixed(1).padStart(13)} ${(a / b).toFixed(2).padStart(7)}`,
+    )
 }
 
 main().catch((e) => {

@@ -17,9 +17,21 @@ import { Dvae } from '../tokenizer'
 const GFLOP_PER_IMAGE: Record<string, number> = { base: 6 * 18.0 + 2 * 26.1 }
 
 const PRESETS = {
-  base: { model: { preset: 'base' as const }, tokenizer: { preset: 'dall-e' as const }, image: 224, tokenImage: 112, grid: 14 },
+  base: {
+    model: { preset: 'base' as const },
+    tokenizer: { preset: 'dall-e' as const },
+    image: 224,
+    tokenImage: 112,
+    grid: 14,
+  },
   tiny: {
-    model: { preset: 'tiny' as const, imageSize: [32, 32] as [number, number], patchSize: 8, vocabSize: 64, numHiddenLayers: 2 },
+    model: {
+      preset: 'tiny' as const,
+      imageSize: [32, 32] as [number, number],
+      patchSize: 8,
+      vocabSize: 64,
+      numHiddenLayers: 2,
+    },
     tokenizer: { preset: 'tiny' as const, imageSize: [32, 32] as [number, number], vocabSize: 64, numGroups: 3 },
     image: 32,
     tokenImage: 16,
@@ -27,7 +39,14 @@ const PRESETS = {
   },
 }
 
-async function bench(preset: keyof typeof PRESETS, batch: number, steps: number, warmup: number, placement: DeviceOptions, peakTflops: number): Promise<void> {
+async function bench(
+  preset: keyof typeof PRESETS,
+  batch: number,
+  steps: number,
+  warmup: number,
+  placement: DeviceOptions,
+  peakTflops: number,
+): Promise<void> {
   const p = PRESETS[preset]
   const tokenizer = Dvae.create(p.tokenizer, { emaDecay: 0, ...placement })
   const model = Beit.create(p.model, placement)

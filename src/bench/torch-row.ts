@@ -57,7 +57,9 @@ function build(row: ResolvedRow, rng: Rng): Step {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { row: { type: 'string' }, steps: { type: 'string' }, warmup: { type: 'string', default: '2' } } })
+  const { values } = parseArgs({
+    options: { row: { type: 'string' }, steps: { type: 'string' }, warmup: { type: 'string', default: '2' } },
+  })
   const row = JSON.parse(values.row ?? '') as ResolvedRow
   const step = build(row, new Rng(0))
   for (let i = 0; i < Number(values.warmup); i++) await step()
@@ -65,11 +67,13 @@ async function main(): Promise<void> {
   const started = performance.now()
   for (let i = 0; i < steps; i++) await step()
   const seconds = (performance.now() - started) / 1000
-  console.log(JSON.stringify({
-    imagesPerSecond: (steps * row.batchSize) / seconds,
-    peakRssMiB: process.resourceUsage().maxRSS / 1024,
-    version: `beit ${process.env.RAYON_NUM_THREADS ?? 'all'} threads`,
-  }))
+  console.log(
+    JSON.stringify({
+      imagesPerSecond: (steps * row.batchSize) / seconds,
+      peakRssMiB: process.resourceUsage().maxRSS / 1024,
+      version: `beit ${process.env.RAYON_NUM_THREADS ?? 'all'} threads`,
+    }),
+  )
 }
 
 main().catch((e: unknown) => {

@@ -37,7 +37,11 @@ export function benchRows(root: string): ResolvedRow[] {
         return { ...common, kind: r.kind, config: resolveConfig(r.model), numLabels: r.numLabels }
       default: {
         const spec = typeof r.tokenizer === 'string' ? { preset: r.tokenizer } : r.tokenizer
-        const tokenizerConfig = resolveDvaeConfig({ ...spec, numChannels: r.numChannels, imageSize: [r.imageSize, r.imageSize] })
+        const tokenizerConfig = resolveDvaeConfig({
+          ...spec,
+          numChannels: r.numChannels,
+          imageSize: [r.imageSize, r.imageSize],
+        })
         return { ...common, kind: r.kind, tokenizerConfig, imageSize: r.imageSize }
       }
     }

@@ -27,10 +27,15 @@ const ROOT = join(__dirname, '..', '..')
 function measure(side: 'beit' | 'torch', row: ResolvedRow, threads: number, python: string): Measurement {
   const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
   const [command, script] =
-    side === 'beit' ? [process.execPath, join(__dirname, 'torch-row.js')] : [python, join(ROOT, 'scripts', 'bench', 'torch_row.py')]
+    side === 'beit'
+      ? [process.execPath, join(__dirname, 'torch-row.js')]
+      : [python, join(ROOT, 'scripts', 'bench', 'torch_row.py')]
   const t = String(threads)
   const env = { ...process.env, RAYON_NUM_THREADS: t, OMP_NUM_THREADS: t, MKL_NUM_THREADS: t }
-  const result = spawnSync(command, [script, ...args, ...(side === 'torch' ? ['--threads', t] : [])], { env, encoding: 'utf8' })
+  const result = spawnSync(command, [script, ...args, ...(side === 'torch' ? ['--threads', t] : [])], {
+    env,
+    encoding: 'utf8',
+  })
   const last = result.stdout.trim().split('\n').pop() ?? ''
   if (result.status !== 0 || !last.startsWith('{')) {
     throw new Error(`${side} run of ${row.name} failed (exit ${result.status}):\n${result.stderr.slice(-2000)}`)
@@ -57,7 +62,10 @@ async function main(): Promise<void> {
       threads: { type: 'string', default: String(availableParallelism()) },
       rounds: { type: 'string', default: '2' },
       only: { type: 'string' },
-      python: { type: 'string', default: process.env.BEIT_BENCH_PYTHON ?? join(homedir(), '.cache', 'beit', 'bench-venv', 'bin', 'python') },
+      python: {
+        type: 'string',
+        default: process.env.BEIT_BENCH_PYTHON ?? join(homedir(), '.cache', 'beit', 'bench-venv', 'bin', 'python'),
+      },
       out: { type: 'string', default: join('runs', 'bench-torch.json') },
     },
   })
@@ -65,8 +73,15 @@ async function main(): Promise<void> {
   const rounds = Number(values.rounds)
   const only = values.only?.split(',')
   const rows = benchRows(ROOT).filter((r) => only === undefined || only.includes(r.name))
-  if (rows.length === 0) throw new Error(`--only ${values.only} matches no row; rows: ${benchRows(ROOT).map((r) => r.name).join(', ')}`)
-  console.log(`beit vs PyTorch eager on ${cpuName()}, ${threads} threads each, f32, best of ${rounds} alternating rounds\n`)
+  if (rows.length === 0)
+    throw new Error(
+      `--only ${values.only} matches no row; rows: ${benchRows(ROOT)
+        .map((r) => r.name)
+        .join(', ')}`,
+    )
+  console.log(
+    `beit vs PyTorch eager on ${cpuName()}, ${threads} threads each, f32, best of ${rounds} alternating rounds\n`,
+  )
   const header = '| row | beit img/s | PyTorch img/s | ratio | beit peak RSS | PyTorch peak RSS |'
   console.log(`${header}\n|---|---|---|---|---|---|`)
   const results = []
@@ -82,7 +97,9 @@ async function main(): Promise<void> {
     const [beit, torch] = [best(sides.beit), best(sides.torch)]
     versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
     const gib = (mib: number) => `${(mib / 1024).toFixed(2)} GiB`
-    console.log(`| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | **${(beit / torch).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} |`)
+    console.log(
+      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | **${(beit / torch).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} |`,
+    )
     results.push({ row: row.name, title: row.title, beit: sides.beit, torch: sides.torch, ratio: beit / torch })
   }
   console.log(`\n${versions}`)

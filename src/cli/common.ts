@@ -12,7 +12,8 @@ import { DeviceOptions, DeviceSpec, PrecisionSpec } from '../device'
 import { RunResult } from '../run'
 import { interruptSignal } from '../run'
 
-export const DATA_HELP = 'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
+export const DATA_HELP =
+  'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
 
 export const MODEL_FLAGS: FlagTable = {
   preset: { kind: 'string', help: 'backbone size', default: 'mini', choices: Object.keys(PRESETS) },
@@ -40,7 +41,9 @@ export const RUN_FLAGS: FlagTable = {
 }
 
 /** A dataset and its test split where one exists. */
-export async function openData(spec: string): Promise<{ train: ImageDataset; test: ImageDataset | undefined; pixels: boolean }> {
+export async function openData(
+  spec: string,
+): Promise<{ train: ImageDataset; test: ImageDataset | undefined; pixels: boolean }> {
   const train = await openDataset(spec, 'train')
   let test: ImageDataset | undefined
   try {
@@ -57,7 +60,8 @@ export function modelSpec(v: Values, pixels: boolean, vocabSize?: number): Model
   const channels = (v.channels as number | undefined) ?? (pixels ? 1 : 3)
   if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
   const patchSize = (v['patch-size'] as number | undefined) ?? (imageSize === 28 ? 4 : 16)
-  if (imageSize % patchSize !== 0) throw new UsageError(`--image-size ${imageSize} must be a multiple of --patch-size ${patchSize}`)
+  if (imageSize % patchSize !== 0)
+    throw new UsageError(`--image-size ${imageSize} must be a multiple of --patch-size ${patchSize}`)
   const overrides: Partial<Record<string, number>> = {
     hiddenSize: v['hidden-size'] as number | undefined,
     numHiddenLayers: v.layers as number | undefined,
@@ -66,7 +70,14 @@ export function modelSpec(v: Values, pixels: boolean, vocabSize?: number): Model
     vocabSize,
   }
   const defined = Object.fromEntries(Object.entries(overrides).filter(([, x]) => x !== undefined))
-  return { preset: v.preset as PresetName, imageSize: [imageSize, imageSize], patchSize, numChannels: channels, dropPathRate: v['drop-path'] as number, ...defined }
+  return {
+    preset: v.preset as PresetName,
+    imageSize: [imageSize, imageSize],
+    patchSize,
+    numChannels: channels,
+    dropPathRate: v['drop-path'] as number,
+    ...defined,
+  }
 }
 
 export function trainTransform(v: Values, jitter: boolean): TrainTransform {
@@ -75,10 +86,17 @@ export function trainTransform(v: Values, jitter: boolean): TrainTransform {
   return { kind: 'train', scale: [scaleMin, 1], colorJitter: jitter ? {} : null }
 }
 
-export async function prepareOut(command: Command, v: Values, checkpointName = 'checkpoint.safetensors'): Promise<string> {
+export async function prepareOut(
+  command: Command,
+  v: Values,
+  checkpointName = 'checkpoint.safetensors',
+): Promise<string> {
   const out = v.out as string
   const checkpoint = join(out, checkpointName)
-  if (!v.resume && existsSync(checkpoint)) throw new UsageError(`${out} already holds a run (${checkpointName}): pass --resume to continue it, or choose another --out`)
+  if (!v.resume && existsSync(checkpoint))
+    throw new UsageError(
+      `${out} already holds a run (${checkpointName}): pass --resume to continue it, or choose another --out`,
+    )
   if (v.resume && !existsSync(checkpoint)) throw new UsageError(`--resume: no checkpoint at ${checkpoint}`)
   await mkdir(out, { recursive: true })
   await writeFile(join(out, 'config.json'), JSON.stringify(resolvedConfig(command, v), null, 2) + '\n')
@@ -91,7 +109,9 @@ export async function interruptible<R extends RunResult>(body: (signal: AbortSig
   try {
     const result = await body(signal)
     if (result.status === 'interrupted') {
-      process.stderr.write(`beit: interrupted after step ${result.step}; checkpoint ${result.checkpoint} (continue with --resume)\n`)
+      process.stderr.write(
+        `beit: interrupted after step ${result.step}; checkpoint ${result.checkpoint} (continue with --resume)\n`,
+      )
       process.exitCode = 130
     }
     return result

@@ -28,7 +28,8 @@ export const encodeCommand: Command = {
     for await (const batch of tokenizerLoader(tokenizer, data, { batchSize: 64, shuffle: false }).epoch(0)) {
       const ids = await tokenizer.encode(batch.views[0], batch.size)
       for (let i = 0; i < batch.size; i++) {
-        const image = data.source.kind === 'files' ? data.source.paths[batch.indices[i]] : `${data.name}[${batch.indices[i]}]`
+        const image =
+          data.source.kind === 'files' ? data.source.paths[batch.indices[i]] : `${data.name}[${batch.indices[i]}]`
         lines.push(JSON.stringify({ image, grid: [h, w], ids: Array.from(ids.subarray(i * h * w, (i + 1) * h * w)) }))
       }
     }
@@ -41,7 +42,11 @@ export const encodeCommand: Command = {
 /** The first `n` images of `data` (all of them without `n`). */
 function limit(data: ImageDataset, n: number | undefined): ImageDataset {
   if (n === undefined || n >= data.size) return data
-  return subset(data, Array.from({ length: n }, (_, i) => i), `${data.name} (first ${n})`)
+  return subset(
+    data,
+    Array.from({ length: n }, (_, i) => i),
+    `${data.name} (first ${n})`,
+  )
 }
 
 export const reconstructCommand: Command = {

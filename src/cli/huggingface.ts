@@ -11,10 +11,21 @@ export const importCommand: Command = {
   name: 'import',
   summary: 'A Hugging Face transformers BEiT folder (config.json + model.safetensors) -> a beit checkpoint.',
   flags: {
-    from: { kind: 'string', help: 'transformers folder (BeitForMaskedImageModeling, BeitForImageClassification or BeitModel)' },
-    task: { kind: 'string', help: 'what it becomes: mim or classifier (default: from its architectures)', choices: ['mim', 'classifier'] },
+    from: {
+      kind: 'string',
+      help: 'transformers folder (BeitForMaskedImageModeling, BeitForImageClassification or BeitModel)',
+    },
+    task: {
+      kind: 'string',
+      help: 'what it becomes: mim or classifier (default: from its architectures)',
+      choices: ['mim', 'classifier'],
+    },
     'image-size': { kind: 'int', help: 'new input size in pixels: position tables are resized to its grid' },
-    'num-labels': { kind: 'int', help: 'classes of the head (a new head when the checkpoint has none or another number)', min: 2 },
+    'num-labels': {
+      kind: 'int',
+      help: 'classes of the head (a new head when the checkpoint has none or another number)',
+      min: 2,
+    },
     seed: { kind: 'int', help: 'seed of a new head', default: 0, min: 0 },
     out: { kind: 'string', help: 'beit checkpoint to write', default: join('runs', 'imported.safetensors') },
   },
@@ -37,11 +48,18 @@ export const exportCommand: Command = {
   summary: 'A beit MIM or classifier checkpoint -> a Hugging Face transformers folder (from_pretrained loads it).',
   flags: {
     from: { kind: 'string', help: 'beit checkpoint (pretrain or finetune output)' },
-    out: { kind: 'string', help: 'folder to write config.json and model.safetensors into', default: join('runs', 'hf') },
+    out: {
+      kind: 'string',
+      help: 'folder to write config.json and model.safetensors into',
+      default: join('runs', 'hf'),
+    },
   },
   run: async (v) => {
     if (v.from === undefined) throw new UsageError('--from is required')
     const model = await exportHuggingFace(v.from as string, v.out as string)
-    log(v, `${v.from} -> ${v.out}: ${model instanceof Beit ? 'BeitForMaskedImageModeling' : 'BeitForImageClassification'}`)
+    log(
+      v,
+      `${v.from} -> ${v.out}: ${model instanceof Beit ? 'BeitForMaskedImageModeling' : 'BeitForImageClassification'}`,
+    )
   },
 }

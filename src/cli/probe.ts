@@ -11,12 +11,20 @@ import { DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from
 
 export const probeCommand: Command = {
   name: 'probe',
-  summary: 'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone, or on the raw pixels (--pixels).',
+  summary:
+    'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone, or on the raw pixels (--pixels).',
   flags: {
     data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-    init: { kind: 'string', help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)' },
+    init: {
+      kind: 'string',
+      help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)',
+    },
     'random-like': { kind: 'string', help: 'a MIM checkpoint whose config (not weights) the random backbone copies' },
-    pixels: { kind: 'bool', help: 'no backbone: the linear classifier on the raw pixels (at --image-size, --channels), the baseline', default: false },
+    pixels: {
+      kind: 'bool',
+      help: 'no backbone: the linear classifier on the raw pixels (at --image-size, --channels), the baseline',
+      default: false,
+    },
     ...MODEL_FLAGS,
     layer: { kind: 'int', help: 'block whose output is probed, 1-based (default 3/4 of the depth)' },
     epochs: { kind: 'int', help: 'passes over the features', default: 10 },
@@ -33,26 +41,44 @@ export const probeCommand: Command = {
     if (v.pixels) {
       const size = (v['image-size'] as number | undefined) ?? (pixels ? 28 : 224)
       const channels = ((v.channels as number | undefined) ?? (pixels ? 1 : 3)) as 1 | 3
-      const opts = { epochs: v.epochs as number, batchSize: v['batch-size'] as number, lr: v.lr as number, seed: v.seed as number, threads: v.threads as number | undefined }
+      const opts = {
+        epochs: v.epochs as number,
+        batchSize: v['batch-size'] as number,
+        lr: v.lr as number,
+        seed: v.seed as number,
+        threads: v.threads as number | undefined,
+      }
       const result = await pixelProbe({ train, test, imageSize: [size, size], channels, ...opts })
       await writeFile(v.out as string, JSON.stringify({ init: 'pixels', ...result }, null, 2) + '\n')
-      log(v, `linear classifier on the raw pixels: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`)
+      log(
+        v,
+        `linear classifier on the raw pixels: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,
+      )
       return
     }
     const backbone = await probeBackbone(v, pixels)
     const result = await runProbe(v, backbone, train, test)
     await writeFile(v.out as string, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
-    log(v, `linear probe of layer ${result.layer}: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`)
+    log(
+      v,
+      `linear probe of layer ${result.layer}: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,
+    )
   },
 }
 
 export async function probeBackbone(v: Values, pixels: boolean): Promise<Beit> {
   if (v.init !== undefined) return Beit.load(v.init as string, placement(v))
-  const like = v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'] as string, { device: 'cpu' })).config
+  const like =
+    v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'] as string, { device: 'cpu' })).config
   return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed as number, ...placement(v) })
 }
 
-export async function runProbe(v: Values, backbone: Beit, train: ImageDataset, test: ImageDataset): Promise<LinearProbeResult> {
+export async function runProbe(
+  v: Values,
+  backbone: Beit,
+  train: ImageDataset,
+  test: ImageDataset,
+): Promise<LinearProbeResult> {
   const epochs = v.epochs as number
   const bar = new Progress('probe', epochs, { quiet: v.quiet as boolean, every: 5 })
   const result = await linearProbe({

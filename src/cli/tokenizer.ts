@@ -17,7 +17,10 @@ export const tokenizerCommand: Command = {
     data: { kind: 'string', help: DATA_HELP, default: 'sample' },
     preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: Object.keys(DVAE_PRESETS) },
     'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
-    'image-size': { kind: 'int', help: "input size in pixels (default: the images' own for IDX data, else the preset's)" },
+    'image-size': {
+      kind: 'int',
+      help: "input size in pixels (default: the images' own for IDX data, else the preset's)",
+    },
     channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
     steps: { kind: 'int', help: 'training steps', default: 1000 },
     'batch-size': { kind: 'int', help: 'images per step', default: 32 },
@@ -38,14 +41,21 @@ export const tokenizerCommand: Command = {
     const channels = (v.channels as number | undefined) ?? source?.channels ?? 3
     if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
     const given = v['image-size'] as number | undefined
-    const imageSize: [number, number] = given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
+    const imageSize: [number, number] =
+      given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
     if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
     const out = await prepareOut(tokenizerCommand, v, 'tokenizer.safetensors')
     const tokenizer = v.resume
       ? await Dvae.load(join(out, 'tokenizer.safetensors'), placement(v))
-      : Dvae.create({ preset, numChannels: channels, imageSize, ...vocab }, { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) })
-    log(v, `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}${v.resume ? `, resuming at step ${tokenizer.step}` : ''}`)
+      : Dvae.create(
+          { preset, numChannels: channels, imageSize, ...vocab },
+          { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) },
+        )
+    log(
+      v,
+      `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}${v.resume ? `, resuming at step ${tokenizer.step}` : ''}`,
+    )
     const evaluation = await runTokenizer(v, tokenizer, train, test)
     if (evaluation === undefined) return
     printTokenizerEvaluation(evaluation, tokenizer)
@@ -54,36 +64,52 @@ export const tokenizerCommand: Command = {
 }
 
 /** Trains `tokenizer` as the flags say; the evaluation, or undefined when interrupted. */
-export async function runTokenizer(v: Values, tokenizer: Dvae, train: ImageDataset, test: ImageDataset): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
+export async function runTokenizer(
+  v: Values,
+  tokenizer: Dvae,
+  train: ImageDataset,
+  test: ImageDataset,
+): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
   const steps = v.steps as number
   const lr = v.lr as number
   const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50, startAt: tokenizer.step })
   const started = performance.now()
-  const { evaluation } = await interruptible((signal) => trainTokenizer({
-    tokenizer,
-    data: train,
-    evalData: test,
-    steps,
-    batchSize: v['batch-size'] as number,
-    seed: v.seed as number,
-    lr: cosineRamp({ from: lr, to: lr / 100, steps }),
-    klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
-    outDir: v.out as string,
-    checkpointEvery: (v['checkpoint-every'] as number | undefined) ?? 500,
-    threads: v.threads as number | undefined,
-    signal,
-    onProgress: (p) => bar.update(p.step + 1, { loss: p.loss.toFixed(4), recon: p.reconLoss.toFixed(4), perplexity: p.perplexity.toFixed(1), 'img/s': p.imagesPerSecond.toFixed(0) }),
-  }))
+  const { evaluation } = await interruptible((signal) =>
+    trainTokenizer({
+      tokenizer,
+      data: train,
+      evalData: test,
+      steps,
+      batchSize: v['batch-size'] as number,
+      seed: v.seed as number,
+      lr: cosineRamp({ from: lr, to: lr / 100, steps }),
+      klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
+      outDir: v.out as string,
+      checkpointEvery: (v['checkpoint-every'] as number | undefined) ?? 500,
+      threads: v.threads as number | undefined,
+      signal,
+      onProgress: (p) =>
+        bar.update(p.step + 1, {
+          loss: p.loss.toFixed(4),
+          recon: p.reconLoss.toFixed(4),
+          perplexity: p.perplexity.toFixed(1),
+          'img/s': p.imagesPerSecond.toFixed(0),
+        }),
+    }),
+  )
   bar.end()
   return evaluation && { ...evaluation, seconds: (performance.now() - started) / 1000 }
 }
 
 export function printTokenizerEvaluation(e: TokenizerEvaluation & { seconds: number }, tokenizer: Dvae): void {
-  table(['tokenizer (held-out images)', 'value'], [
-    ['reconstruction MSE', e.reconstructionMse.toFixed(4)],
-    ['mean-image baseline MSE', e.meanImageMse.toFixed(4)],
-    ['codebook perplexity', e.perplexity.toFixed(1)],
-    ['codes used', `${(e.codesUsedFraction * 100).toFixed(1)}% of ${tokenizer.config.vocabSize}`],
-    ['wall time', formatSeconds(e.seconds)],
-  ])
+  table(
+    ['tokenizer (held-out images)', 'value'],
+    [
+      ['reconstruction MSE', e.reconstructionMse.toFixed(4)],
+      ['mean-image baseline MSE', e.meanImageMse.toFixed(4)],
+      ['codebook perplexity', e.perplexity.toFixed(1)],
+      ['codes used', `${(e.codesUsedFraction * 100).toFixed(1)}% of ${tokenizer.config.vocabSize}`],
+      ['wall time', formatSeconds(e.seconds)],
+    ],
+  )
 }

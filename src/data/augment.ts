@@ -90,15 +90,19 @@ export function validateTransform(t: Transform): void {
     if (!(f > 0 && f <= 1)) throw new Error(`transform.cropFraction must be in (0, 1], got ${f}`)
     return
   }
-  if (t.kind !== 'train') throw new Error(`transform.kind must be 'train' or 'eval', got ${String((t as { kind: unknown }).kind)}`)
+  if (t.kind !== 'train')
+    throw new Error(`transform.kind must be 'train' or 'eval', got ${String((t as { kind: unknown }).kind)}`)
   const [s0, s1] = t.scale ?? [0.08, 1]
-  if (!(s0 > 0 && s0 <= s1 && s1 <= 1)) throw new Error(`transform.scale must satisfy 0 < min <= max <= 1, got [${s0}, ${s1}]`)
+  if (!(s0 > 0 && s0 <= s1 && s1 <= 1))
+    throw new Error(`transform.scale must satisfy 0 < min <= max <= 1, got [${s0}, ${s1}]`)
   const [r0, r1] = t.ratio ?? [3 / 4, 4 / 3]
-  if (!(r0 > 0 && r0 <= r1 && Number.isFinite(r1))) throw new Error(`transform.ratio must satisfy 0 < min <= max, got [${r0}, ${r1}]`)
+  if (!(r0 > 0 && r0 <= r1 && Number.isFinite(r1)))
+    throw new Error(`transform.ratio must satisfy 0 < min <= max, got [${r0}, ${r1}]`)
   const flip = t.flip ?? 0.5
   if (!(flip >= 0 && flip <= 1)) throw new Error(`transform.flip is a probability in [0, 1], got ${flip}`)
   for (const [name, v] of Object.entries(t.colorJitter ?? {})) {
-    if (!(Number.isFinite(v) && v >= 0)) throw new Error(`transform.colorJitter.${name} must be a non-negative number, got ${v}`)
+    if (!(Number.isFinite(v) && v >= 0))
+      throw new Error(`transform.colorJitter.${name} must be a non-negative number, got ${v}`)
   }
 }
 
@@ -112,7 +116,11 @@ export function drawAugment(t: Transform, rng: Rng): Augment {
   for (let i = 0; i < CROP_ATTEMPTS; i++) attempts.push([rng.uniform(s0, s1), Math.exp(rng.uniform(logR0, logR1))])
   const position: [number, number] = [rng.next(), rng.next()]
   const flip = rng.next() < (t.flip ?? 0.5)
-  const { brightness = 0.4, contrast = 0.4, saturation = 0.4 } = t.colorJitter === null ? { brightness: 0, contrast: 0, saturation: 0 } : (t.colorJitter ?? {})
+  const {
+    brightness = 0.4,
+    contrast = 0.4,
+    saturation = 0.4,
+  } = t.colorJitter === null ? { brightness: 0, contrast: 0, saturation: 0 } : (t.colorJitter ?? {})
   const jitter: Augment['jitter'] = []
   const ops = [
     ['brightness', brightness],
@@ -139,11 +147,16 @@ export function validateViews(views: ViewSpec[]): void {
     }
     if (v.channels !== 1 && v.channels !== 3) throw new Error(`views[${i}].channels must be 1 or 3, got ${v.channels}`)
     if (!['nearest', 'bilinear', 'bicubic', 'lanczos'].includes(v.interpolation)) {
-      throw new Error(`views[${i}].interpolation must be nearest, bilinear, bicubic or lanczos, got ${String(v.interpolation)}`)
+      throw new Error(
+        `views[${i}].interpolation must be nearest, bilinear, bicubic or lanczos, got ${String(v.interpolation)}`,
+      )
     }
     if (v.mean?.length !== v.channels || v.std?.length !== v.channels) {
-      throw new Error(`views[${i}]: mean and std need ${v.channels} value(s), got ${JSON.stringify(v.mean)} and ${JSON.stringify(v.std)}`)
+      throw new Error(
+        `views[${i}]: mean and std need ${v.channels} value(s), got ${JSON.stringify(v.mean)} and ${JSON.stringify(v.std)}`,
+      )
     }
-    if (v.std.some((s) => !(s > 0))) throw new Error(`views[${i}].std values must be positive, got ${JSON.stringify(v.std)}`)
+    if (v.std.some((s) => !(s > 0)))
+      throw new Error(`views[${i}].std values must be positive, got ${JSON.stringify(v.std)}`)
   })
 }

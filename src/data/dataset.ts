@@ -85,12 +85,20 @@ export async function imageFolder(dir: string, opts: ImageFolderOptions = {}): P
   const labels = new Int32Array(images.length).fill(-1)
   if (byFolder) {
     const loose = images.find((p) => topLevel(p).length === 1)
-    if (loose) throw new Error(`labels 'folders' needs every image inside a class subfolder of ${dir}, but ${loose} is not`)
+    if (loose)
+      throw new Error(`labels 'folders' needs every image inside a class subfolder of ${dir}, but ${loose} is not`)
     classNames = [...new Set(images.map((p) => topLevel(p)[0]))].sort()
     const index = new Map(classNames.map((name, i) => [name, i]))
     images.forEach((p, i) => (labels[i] = index.get(topLevel(p)[0])!))
   }
-  return { name: dir, size: images.length, source: { kind: 'files', paths: images }, labels, classNames, ignoredFiles: files.length - images.length }
+  return {
+    name: dir,
+    size: images.length,
+    source: { kind: 'files', paths: images },
+    labels,
+    classNames,
+    ignoredFiles: files.length - images.length,
+  }
 }
 
 export interface ManifestOptions {
@@ -130,9 +138,13 @@ export async function manifest(path: string, opts: ManifestOptions = {}): Promis
     const index = new Map(classNames.map((name, i) => [name, i]))
     rows.forEach((r, i) => {
       const label = r.label!
-      const id = index.get(label) ?? (opts.classes && /^\d+$/.test(label) && Number(label) < classNames.length ? Number(label) : undefined)
+      const id =
+        index.get(label) ??
+        (opts.classes && /^\d+$/.test(label) && Number(label) < classNames.length ? Number(label) : undefined)
       if (id === undefined) {
-        throw new Error(`${path}:${r.line}: unknown class ${JSON.stringify(label)}; expected one of ${classNames.slice(0, 20).join(', ')}${classNames.length > 20 ? ', ...' : ''}`)
+        throw new Error(
+          `${path}:${r.line}: unknown class ${JSON.stringify(label)}; expected one of ${classNames.slice(0, 20).join(', ')}${classNames.length > 20 ? ', ...' : ''}`,
+        )
       }
       labels[i] = id
     })
@@ -168,7 +180,8 @@ function parseJsonl(text: string, file: string): ManifestRow[] {
       throw new Error(`${file}:${i + 1}: invalid JSON: ${(e as Error).message}`)
     }
     const { path, label } = (value ?? {}) as { path?: unknown; label?: unknown }
-    if (typeof path !== 'string' || !path) throw new Error(`${file}:${i + 1}: expected {"path": string, "label"?: string | number}`)
+    if (typeof path !== 'string' || !path)
+      throw new Error(`${file}:${i + 1}: expected {"path": string, "label"?: string | number}`)
     if (label !== undefined && typeof label !== 'string' && typeof label !== 'number') {
       throw new Error(`${file}:${i + 1}: label must be a string or a number, got ${JSON.stringify(label)}`)
     }
@@ -183,7 +196,10 @@ function parseCsv(text: string, file: string): ManifestRow[] {
   const header = splitCsvLine(lines[0] ?? '').map((h) => h.trim().toLowerCase())
   const pathCol = header.indexOf('path')
   const labelCol = header.indexOf('label')
-  if (pathCol < 0) throw new Error(`${file}:1: the CSV header needs a "path" column (and optionally "label"), got ${JSON.stringify(lines[0])}`)
+  if (pathCol < 0)
+    throw new Error(
+      `${file}:1: the CSV header needs a "path" column (and optionally "label"), got ${JSON.stringify(lines[0])}`,
+    )
   const rows: ManifestRow[] = []
   for (let i = 1; i < lines.length; i++) {
     if (!lines[i].trim()) continue
@@ -224,7 +240,13 @@ export function pixelDataset(images: LabeledImages, name: string): ImageDataset 
   return {
     name,
     size: images.count,
-    source: { kind: 'pixels', pixels: images.images, height: images.height, width: images.width, channels: images.channels },
+    source: {
+      kind: 'pixels',
+      pixels: images.images,
+      height: images.height,
+      width: images.width,
+      channels: images.channels,
+    },
     labels: Int32Array.from(images.labels),
     classNames: images.classNames,
     ignoredFiles: 0,
@@ -235,7 +257,8 @@ export function pixelDataset(images: LabeledImages, name: string): ImageDataset 
 export function subset(dataset: ImageDataset, indices: ArrayLike<number>, name: string): ImageDataset {
   const picked = Array.from(indices)
   for (const i of picked) {
-    if (!Number.isInteger(i) || i < 0 || i >= dataset.size) throw new Error(`subset of ${dataset.name}: index ${i} is outside [0, ${dataset.size})`)
+    if (!Number.isInteger(i) || i < 0 || i >= dataset.size)
+      throw new Error(`subset of ${dataset.name}: index ${i} is outside [0, ${dataset.size})`)
   }
   const source = dataset.source
   let sub: ImageSource
@@ -246,7 +269,14 @@ export function subset(dataset: ImageDataset, indices: ArrayLike<number>, name: 
     picked.forEach((i, k) => pixels.set(source.pixels.subarray(i * per, (i + 1) * per), k * per))
     sub = { ...source, pixels }
   }
-  return { name, size: picked.length, source: sub, labels: Int32Array.from(picked, (i) => dataset.labels[i]), classNames: dataset.classNames, ignoredFiles: 0 }
+  return {
+    name,
+    size: picked.length,
+    source: sub,
+    labels: Int32Array.from(picked, (i) => dataset.labels[i]),
+    classNames: dataset.classNames,
+    ignoredFiles: 0,
+  }
 }
 
 /**
@@ -255,7 +285,8 @@ export function subset(dataset: ImageDataset, indices: ArrayLike<number>, name: 
  */
 export function labelledSubset(dataset: ImageDataset, perClass: number, seed: number): ImageDataset {
   if (dataset.classNames.length === 0) throw new Error(`${dataset.name} has no labels to draw a labelled subset from`)
-  if (!Number.isInteger(perClass) || perClass <= 0) throw new Error(`perClass must be a positive integer, got ${perClass}`)
+  if (!Number.isInteger(perClass) || perClass <= 0)
+    throw new Error(`perClass must be a positive integer, got ${perClass}`)
   const order = permutation(dataset.size, new Rng(seed))
   const taken = new Array<number>(dataset.classNames.length).fill(0)
   const picked: number[] = []
@@ -267,7 +298,10 @@ export function labelledSubset(dataset: ImageDataset, perClass: number, seed: nu
     }
   }
   const short = taken.findIndex((t) => t < perClass)
-  if (short >= 0) throw new Error(`${dataset.name} has only ${taken[short]} images of class ${dataset.classNames[short]}, fewer than ${perClass}`)
+  if (short >= 0)
+    throw new Error(
+      `${dataset.name} has only ${taken[short]} images of class ${dataset.classNames[short]}, fewer than ${perClass}`,
+    )
   picked.sort((a, b) => a - b)
   return subset(dataset, picked, `${dataset.name} (${picked.length} labelled: ${perClass} per class)`)
 }

@@ -77,11 +77,15 @@ export async function loadFashionMnist(opts: { split: 'train' | 'test'; dir?: st
     throw new Error(`${labelsPath}: expected labels [N], got shape [${labelArray.shape.join(', ')}]`)
   }
   if (labelArray.shape[0] !== count) {
-    throw new Error(`label/image count mismatch: ${imagesPath} has ${count} images, ${labelsPath} has ${labelArray.shape[0]} labels`)
+    throw new Error(
+      `label/image count mismatch: ${imagesPath} has ${count} images, ${labelsPath} has ${labelArray.shape[0]} labels`,
+    )
   }
   const bad = labels.findIndex((label) => label >= FASHION_MNIST_CLASSES.length)
   if (bad >= 0) {
-    throw new Error(`${labelsPath}: label ${labels[bad]} at index ${bad} is out of range, expected 0..${FASHION_MNIST_CLASSES.length - 1}`)
+    throw new Error(
+      `${labelsPath}: label ${labels[bad]} at index ${bad} is out of range, expected 0..${FASHION_MNIST_CLASSES.length - 1}`,
+    )
   }
 
   return { images, labels, count, height, width, channels: 1, classNames: [...FASHION_MNIST_CLASSES] }

@@ -50,12 +50,59 @@ function decodeWith<T extends Int16Array | Int32Array | Float32Array | Float64Ar
 
 // Single-byte types are copied rather than viewed so the result never aliases the caller's buffer.
 const DTYPES: ReadonlyMap<number, DtypeSpec> = new Map([
-  [0x08, { dtype: 'uint8', bytes: 1, decode: (v, n) => new Uint8Array(v.buffer.slice(v.byteOffset, v.byteOffset + n)) }],
+  [
+    0x08,
+    { dtype: 'uint8', bytes: 1, decode: (v, n) => new Uint8Array(v.buffer.slice(v.byteOffset, v.byteOffset + n)) },
+  ],
   [0x09, { dtype: 'int8', bytes: 1, decode: (v, n) => new Int8Array(v.buffer.slice(v.byteOffset, v.byteOffset + n)) }],
-  [0x0b, { dtype: 'int16', bytes: 2, decode: decodeWith((n) => new Int16Array(n), 2, (v, o) => v.getInt16(o, false)) }],
-  [0x0c, { dtype: 'int32', bytes: 4, decode: decodeWith((n) => new Int32Array(n), 4, (v, o) => v.getInt32(o, false)) }],
-  [0x0d, { dtype: 'float32', bytes: 4, decode: decodeWith((n) => new Float32Array(n), 4, (v, o) => v.getFloat32(o, false)) }],
-  [0x0e, { dtype: 'float64', bytes: 8, decode: decodeWith((n) => new Float64Array(n), 8, (v, o) => v.getFloat64(o, false)) }],
+  [
+    0x0b,
+    {
+      dtype: 'int16',
+      bytes: 2,
+      decode: decodeWith(
+        (n) => new Int16Array(n),
+        2,
+        (v, o) => v.getInt16(o, false),
+      ),
+    },
+  ],
+  [
+    0x0c,
+    {
+      dtype: 'int32',
+      bytes: 4,
+      decode: decodeWith(
+        (n) => new Int32Array(n),
+        4,
+        (v, o) => v.getInt32(o, false),
+      ),
+    },
+  ],
+  [
+    0x0d,
+    {
+      dtype: 'float32',
+      bytes: 4,
+      decode: decodeWith(
+        (n) => new Float32Array(n),
+        4,
+        (v, o) => v.getFloat32(o, false),
+      ),
+    },
+  ],
+  [
+    0x0e,
+    {
+      dtype: 'float64',
+      bytes: 8,
+      decode: decodeWith(
+        (n) => new Float64Array(n),
+        8,
+        (v, o) => v.getFloat64(o, false),
+      ),
+    },
+  ],
 ] satisfies [number, DtypeSpec][])
 
 const hex = (b: number): string => b.toString(16).padStart(2, '0')

@@ -69,18 +69,33 @@ export class ImageLoader {
   readonly stats: LoaderStats = { loaded: 0, skipped: 0, skips: [] }
   private readonly native: NativeImageLoader
   private readonly viewsJson: string
-  private readonly opts: Required<Omit<LoaderOptions, 'threads' | 'maxPixels' | 'onSkip'>> & Pick<LoaderOptions, 'onSkip'>
+  private readonly opts: Required<Omit<LoaderOptions, 'threads' | 'maxPixels' | 'onSkip'>> &
+    Pick<LoaderOptions, 'onSkip'>
 
   constructor(options: LoaderOptions) {
     const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as LoaderOptions
-    const opts = { seed: 0, shuffle: true, dropLast: false, rank: 0, worldSize: 1, prefetch: 2, onError: 'skip' as const, ...given }
+    const opts = {
+      seed: 0,
+      shuffle: true,
+      dropLast: false,
+      rank: 0,
+      worldSize: 1,
+      prefetch: 2,
+      onError: 'skip' as const,
+      ...given,
+    }
     const { dataset, batchSize, rank, worldSize, prefetch } = opts
     if (!dataset || !(dataset.size > 0)) throw new Error(`dataset ${dataset?.name ?? ''} is empty`)
-    if (!Number.isInteger(batchSize) || batchSize <= 0) throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
-    if (!Number.isInteger(worldSize) || worldSize <= 0) throw new Error(`worldSize must be a positive integer, got ${worldSize}`)
-    if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) throw new Error(`rank must be an integer in [0, ${worldSize - 1}], got ${rank}`)
-    if (!Number.isInteger(prefetch) || prefetch < 0) throw new Error(`prefetch must be a non-negative integer, got ${prefetch}`)
-    if (opts.onError !== 'skip' && opts.onError !== 'fail') throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
+    if (!Number.isInteger(batchSize) || batchSize <= 0)
+      throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+    if (!Number.isInteger(worldSize) || worldSize <= 0)
+      throw new Error(`worldSize must be a positive integer, got ${worldSize}`)
+    if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize)
+      throw new Error(`rank must be an integer in [0, ${worldSize - 1}], got ${rank}`)
+    if (!Number.isInteger(prefetch) || prefetch < 0)
+      throw new Error(`prefetch must be a non-negative integer, got ${prefetch}`)
+    if (opts.onError !== 'skip' && opts.onError !== 'fail')
+      throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
     validateViews(opts.views)
     validateTransform(opts.transform)
     if (this.shardSize(dataset.size, rank, worldSize) === 0) {
@@ -109,7 +124,9 @@ export class ImageLoader {
   /** This shard's dataset indices for `epoch`, in order. */
   epochOrder(epoch: number): Uint32Array {
     const { dataset, shuffle, seed, rank, worldSize } = this.opts
-    const order = shuffle ? permutation(dataset.size, new Rng(deriveSeed(seed, epoch))) : Uint32Array.from({ length: dataset.size }, (_, i) => i)
+    const order = shuffle
+      ? permutation(dataset.size, new Rng(deriveSeed(seed, epoch)))
+      : Uint32Array.from({ length: dataset.size }, (_, i) => i)
     if (worldSize === 1) return order
     return order.filter((_, i) => i % worldSize === rank)
   }
@@ -123,7 +140,8 @@ export class ImageLoader {
     const order = this.epochOrder(epoch)
     const total = this.batchesPerEpoch
     let next = opts.fromBatch ?? 0
-    if (!Number.isInteger(next) || next < 0 || next > total) throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
+    if (!Number.isInteger(next) || next < 0 || next > total)
+      throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
     const queue: Promise<Batch>[] = []
     const launch = () => {
       const pending = this.load(order, epoch, next++)
@@ -150,10 +168,26 @@ export class ImageLoader {
     const source = dataset.source
     const result =
       source.kind === 'files'
-        ? await this.native.loadFiles(Array.from(indices, (i: number) => source.paths[i]), augmentsJson, this.viewsJson)
-        : await this.native.loadPixels(source.pixels, source.height, source.width, source.channels, indices, augmentsJson, this.viewsJson)
+        ? await this.native.loadFiles(
+            Array.from(indices, (i: number) => source.paths[i]),
+            augmentsJson,
+            this.viewsJson,
+          )
+        : await this.native.loadPixels(
+            source.pixels,
+            source.height,
+            source.width,
+            source.channels,
+            indices,
+            augmentsJson,
+            this.viewsJson,
+          )
     for (const failure of result.failures) {
-      const skip = { index: indices[failure.index], image: describeImage(dataset, indices[failure.index]), reason: failure.reason }
+      const skip = {
+        index: indices[failure.index],
+        image: describeImage(dataset, indices[failure.index]),
+        reason: failure.reason,
+      }
       if (this.opts.onError === 'fail') throw new Error(`cannot load ${skip.image}: ${skip.reason}`)
       this.stats.skipped++
       if (this.stats.skips.length < KEPT_SKIPS) this.stats.skips.push(skip)

@@ -25,15 +25,22 @@ function namedIdxDir(spec: string): string | undefined {
   if (spec === 'sample') return embeddedSampleDir()
   if (spec !== 'fashion-mnist') return undefined
   if (!existsSync(DEBIAN_FASHION_MNIST_DIR)) {
-    throw new Error(`the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`)
+    throw new Error(
+      `the full Fashion-MNIST is not installed: expected it in ${DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist), or use --data sample`,
+    )
   }
   return DEBIAN_FASHION_MNIST_DIR
 }
 
 export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
   const named = namedIdxDir(spec)
-  if (named) return pixelDataset(await loadFashionMnist({ split, dir: named }), `${spec === 'sample' ? 'fashion-mnist sample' : spec} (${split})`)
-  if (!existsSync(spec)) throw new Error(`data not found: ${spec} (expected sample, fashion-mnist, a folder or a .csv/.jsonl manifest)`)
+  if (named)
+    return pixelDataset(
+      await loadFashionMnist({ split, dir: named }),
+      `${spec === 'sample' ? 'fashion-mnist sample' : spec} (${split})`,
+    )
+  if (!existsSync(spec))
+    throw new Error(`data not found: ${spec} (expected sample, fashion-mnist, a folder or a .csv/.jsonl manifest)`)
   if (statSync(spec).isFile()) {
     const ext = extname(spec).toLowerCase()
     if (ext !== '.csv' && ext !== '.jsonl') throw new Error(`data file ${spec}: expected a .csv or .jsonl manifest`)

@@ -112,7 +112,13 @@ impl<M, E: FlatEngine> Backend<M, E> {
     /// A model whose parameters come from `store` (an initialisation or checkpoint tensors),
     /// with a fresh optimizer, on `device` in `precision`. The EMA (if the spec keeps one)
     /// comes from `ema`, or starts as a copy of the weights.
-    pub fn build(spec: &ModelSpec<M, E>, store: ParamStore, ema: Option<ParamStore>, device: &Device, precision: Precision) -> Result<Self> {
+    pub fn build(
+        spec: &ModelSpec<M, E>,
+        store: ParamStore,
+        ema: Option<ParamStore>,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         let ema = if spec.ema { ema } else { None };
         if spec.uses_engine(device, precision) {
             let (layout, values) = spec.values(store)?;
@@ -132,7 +138,10 @@ impl<M, E: FlatEngine> Backend<M, E> {
             let ema = match ema {
                 Some(store) => Some(spec.candle(store, device)?),
                 None if spec.ema => {
-                    let copies = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
+                    let copies = vars
+                        .iter()
+                        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                        .collect::<Result<HashMap<_, _>>>()?;
                     Some(spec.candle(ParamStore::from_tensors(copies), device)?)
                 }
                 None => None,

@@ -20,9 +20,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("not a file path: {}", path.display())))?;
+    let file_name = path.file_name().ok_or_else(|| Error::Input(format!("not a file path: {}", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -32,10 +30,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot write {}: {e}", path.display()),
-        )));
+        return Err(Error::Io(std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))));
     }
     Ok(())
 }
@@ -46,9 +41,8 @@ pub struct Loaded {
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))
-    })?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))))?;
     let bad = |e: &dyn std::fmt::Display| {
         Error::Checkpoint(format!("{} is not a valid safetensors file: {e}", path.display()))
     };
@@ -61,9 +55,10 @@ pub fn load(path: &Path) -> Result<Loaded> {
 impl Loaded {
     /// A required metadata entry.
     pub fn meta(&self, key: &str, path: &Path) -> Result<&str> {
-        self.metadata.get(key).map(String::as_str).ok_or_else(|| {
-            Error::Checkpoint(format!("{} has no {key:?} entry in its metadata", path.display()))
-        })
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| Error::Checkpoint(format!("{} has no {key:?} entry in its metadata", path.display())))
     }
 
     /// Checks the "format" metadata entry; `what` names the expected kind of file.
@@ -80,8 +75,7 @@ impl Loaded {
 
     /// Removes and returns the tensors whose names start with `prefix` (prefix stripped).
     pub fn take_prefixed(&mut self, prefix: &str) -> HashMap<String, Tensor> {
-        let names: Vec<String> =
-            self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        let names: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
         names
             .into_iter()
             .map(|k| {

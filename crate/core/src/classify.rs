@@ -93,7 +93,12 @@ impl Kind for Classification {
         options.validate()
     }
 
-    fn spec<'a>(config: &'a ClassifierConfig, options: &'a FinetuneOptions, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Self::Model, Self::Engine> {
+    fn spec<'a>(
+        config: &'a ClassifierConfig,
+        options: &'a FinetuneOptions,
+        optimizer: &AdamWConfig,
+        cpu_engine: bool,
+    ) -> ModelSpec<'a, Self::Model, Self::Engine> {
         let layers = config.model.num_hidden_layers;
         let decay = options.layer_decay;
         let head = Head::Classification { num_labels: config.num_labels, pooling: config.pooling };
@@ -116,11 +121,19 @@ impl Trainer<Classification> {
     /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
     /// the head is initialised from `seed`. With [CLS] pooling the MIM's final LayerNorm becomes
     /// `beit.layernorm`. `config.model` must match the checkpoint's shapes (drop path may differ).
-    pub fn from_pretrained(path: &Path, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+    pub fn from_pretrained(
+        path: &Path,
+        config: ClassifierConfig,
+        optim: AdamWConfig,
+        finetune: FinetuneOptions,
+        seed: u64,
+    ) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
         file.expect_format(path, Mim::FORMAT, "a pretrained BEiT MIM checkpoint")?;
         // The model's tensors, not its optimizer state.
-        file.tensors.retain(|name, _| name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head."));
+        file.tensors.retain(|name, _| {
+            name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head.")
+        });
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         Self::from_backbone(file.tensors, config, optim, finetune, seed).map_err(in_file)
     }
@@ -128,7 +141,13 @@ impl Trainer<Classification> {
     /// A classifier from a transformers checkpoint. A `BeitForImageClassification` keeps its
     /// head unless `num_labels` asks for another number of classes; a `BeitModel` or
     /// `BeitForMaskedImageModeling` gets a new head of `num_labels` classes (required then).
-    pub fn from_hf(ckpt: HfCheckpoint, num_labels: Option<usize>, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+    pub fn from_hf(
+        ckpt: HfCheckpoint,
+        num_labels: Option<usize>,
+        optim: AdamWConfig,
+        finetune: FinetuneOptions,
+        seed: u64,
+    ) -> Result<Self> {
         let HfCheckpoint { layout, config: model, pooling, labels, mut tensors } = ckpt;
         let num_labels = match (layout, num_labels) {
             (HfLayout::ImageClassification, None) => labels.len(),
@@ -151,7 +170,13 @@ impl Trainer<Classification> {
 
     /// `tensors`: a backbone under `beit.*`, with a MIM's `layernorm.*` and `lm_head.*` or a
     /// classifier's head possibly alongside. Only the head and the pooling norm may be absent.
-    fn from_backbone(mut tensors: HashMap<String, Tensor>, config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
+    fn from_backbone(
+        mut tensors: HashMap<String, Tensor>,
+        config: ClassifierConfig,
+        optim: AdamWConfig,
+        finetune: FinetuneOptions,
+        seed: u64,
+    ) -> Result<Self> {
         tensors.retain(|name, _| !name.starts_with("lm_head.") && name != "beit.embeddings.mask_token");
         for part in ["weight", "bias"] {
             if let Some(t) = tensors.remove(&format!("layernorm.{part}")) {
@@ -169,7 +194,14 @@ impl Trainer<Classification> {
     /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
         let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
-        hf::write(dir, HfLayout::ImageClassification, &self.config.model, self.config.pooling, &labels, &self.weights()?)
+        hf::write(
+            dir,
+            HfLayout::ImageClassification,
+            &self.config.model,
+            self.config.pooling,
+            &labels,
+            &self.weights()?,
+        )
     }
 
     pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
@@ -217,7 +249,10 @@ fn check_labels(labels: &[i32], batch: usize, num_labels: usize) -> Result<Vec<u
         return Err(Error::Input(format!("labels: expected {batch} values (one per image), got {}", labels.len())));
     }
     if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= num_labels) {
-        return Err(Error::Input(format!("labels: label {} at index {i} is out of range [0, {num_labels})", labels[i])));
+        return Err(Error::Input(format!(
+            "labels: label {} at index {i} is out of range [0, {num_labels})",
+            labels[i]
+        )));
     }
     Ok(labels.iter().map(|&l| l as u32).collect())
 }
@@ -239,17 +274,25 @@ pub struct LinearProbe {
 }
 
 impl LinearProbe {
-    pub fn new(num_features: usize, num_labels: usize, train_features: &[f32], optim: AdamWConfig, seed: u64) -> Result<Self> {
+    pub fn new(
+        num_features: usize,
+        num_labels: usize,
+        train_features: &[f32],
+        optim: AdamWConfig,
+        seed: u64,
+    ) -> Result<Self> {
         if num_features == 0 || num_labels < 2 {
-            return Err(Error::Config(format!("a probe needs features and at least 2 labels, got {num_features} features and {num_labels} labels")));
+            return Err(Error::Config(format!(
+                "a probe needs features and at least 2 labels, got {num_features} features and {num_labels} labels"
+            )));
         }
         let device = Device::Cpu;
         let train = features_tensor(train_features, num_features, &device)?;
         let mean = train.mean(0)?;
         let var = train.broadcast_sub(&mean)?.sqr()?.mean(0)?;
         let inv_std = var.affine(1.0, 1e-6)?.sqrt()?.recip()?;
-        let (linear, vars) =
-            ParamStore::initialise(seed).build(DType::F32, &device, |vb| Linear::new(num_features, num_labels, true, 0.01, vb))?;
+        let (linear, vars) = ParamStore::initialise(seed)
+            .build(DType::F32, &device, |vb| Linear::new(num_features, num_labels, true, 0.01, vb))?;
         let optimizer = AdamW::new(optim, &vars)?;
         Ok(Self { num_features, num_labels, linear, optimizer, mean, inv_std, device })
     }
@@ -275,7 +318,10 @@ impl LinearProbe {
 
 fn features_tensor(features: &[f32], num_features: usize, device: &Device) -> Result<Tensor> {
     if features.is_empty() || features.len() % num_features != 0 {
-        return Err(Error::Input(format!("features: expected a non-empty multiple of {num_features} values, got {}", features.len())));
+        return Err(Error::Input(format!(
+            "features: expected a non-empty multiple of {num_features} values, got {}",
+            features.len()
+        )));
     }
     if let Some(i) = features.iter().position(|v| !v.is_finite()) {
         return Err(Error::Input(format!("features: value {} at index {i} is not finite", features[i])));

@@ -154,16 +154,10 @@ impl BeitConfig {
             return fail(format!("layerNormEps must be positive, got {}", self.layer_norm_eps));
         }
         if !(self.initializer_range > 0.0) {
-            return fail(format!(
-                "initializerRange must be positive, got {}",
-                self.initializer_range
-            ));
+            return fail(format!("initializerRange must be positive, got {}", self.initializer_range));
         }
         if !(self.layer_scale_init_value >= 0.0) {
-            return fail(format!(
-                "layerScaleInitValue must be >= 0, got {}",
-                self.layer_scale_init_value
-            ));
+            return fail(format!("layerScaleInitValue must be >= 0, got {}", self.layer_scale_init_value));
         }
         Ok(())
     }

@@ -88,7 +88,8 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = nhwc(l, self.name())?;
-        let out = dispatch_float!(self.name(), s, |v| into_storage(im2col(contiguous(v, l, self.name())?, dims, self.k)));
+        let out =
+            dispatch_float!(self.name(), s, |v| into_storage(im2col(contiguous(v, l, self.name())?, dims, self.k)));
         let (b, h, w, c) = dims;
         Ok((out, Shape::from((b, h, w, self.k * self.k * c))))
     }
@@ -106,7 +107,11 @@ impl CustomOp1 for Col2Im {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = self.dims;
-        let out = dispatch_float!(self.name(), s, |v| into_storage(col2im(contiguous(v, l, self.name())?, self.dims, self.k)));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(col2im(
+            contiguous(v, l, self.name())?,
+            self.dims,
+            self.k
+        )));
         Ok((out, Shape::from((b, h, w, c))))
     }
 }
@@ -271,7 +276,10 @@ impl CustomOp1 for MaxPool2 {
         if h % 2 != 0 || w % 2 != 0 {
             bail!("max-pool-2x2: height and width must be even, got {h}x{w}");
         }
-        let out = dispatch_float!(self.name(), s, |v| into_storage(max_pool2_fwd(contiguous(v, l, self.name())?, (b, h, w, c))));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(max_pool2_fwd(
+            contiguous(v, l, self.name())?,
+            (b, h, w, c)
+        )));
         Ok((out, Shape::from((b, h / 2, w / 2, c))))
     }
 
@@ -356,7 +364,10 @@ impl CustomOp1 for Upsample2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = nhwc(l, self.name())?;
-        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_fwd(contiguous(v, l, self.name())?, (b, h, w, c))));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_fwd(
+            contiguous(v, l, self.name())?,
+            (b, h, w, c)
+        )));
         Ok((out, Shape::from((b, 2 * h, 2 * w, c))))
     }
 
@@ -377,7 +388,8 @@ impl CustomOp1 for Upsample2Backward {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = self.dims;
-        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_bwd(contiguous(v, l, self.name())?, self.dims)));
+        let out =
+            dispatch_float!(self.name(), s, |v| into_storage(upsample2_bwd(contiguous(v, l, self.name())?, self.dims)));
         Ok((out, Shape::from((b, h, w, c))))
     }
 }

@@ -105,7 +105,10 @@ impl From<crate::launch::Geometry> for LaunchConfig {
 }
 
 /// Launches `builder` (its arguments pushed) with `geometry`.
-pub(crate) fn run(builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>, geometry: crate::launch::Geometry) -> Result<()> {
+pub(crate) fn run(
+    builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>,
+    geometry: crate::launch::Geometry,
+) -> Result<()> {
     // SAFETY: each caller pushes the arguments its kernel declares, in order, with buffers
     // of the sizes the kernel indexes.
     unsafe { builder.launch(LaunchConfig::from(geometry)) }.w()?;
@@ -155,7 +158,13 @@ fn same_shape_typed<T: Element>(
         builder.arg(view);
     }
     builder.arg(&out);
-    let (width, count) = (match walk { Walk::Rows(w) => w, Walk::Elements => 0 } as i32, n as u64);
+    let (width, count) = (
+        match walk {
+            Walk::Rows(w) => w,
+            Walk::Elements => 0,
+        } as i32,
+        n as u64,
+    );
     let config = match walk {
         Walk::Rows(w) => {
             builder.arg(&width);

@@ -40,9 +40,7 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
     let count = cuda_device_count();
     if ordinal >= count {
-        return Err(Error::Config(format!(
-            "device {spec:?}: this machine has {count} CUDA device(s) visible to beit"
-        )));
+        return Err(Error::Config(format!("device {spec:?}: this machine has {count} CUDA device(s) visible to beit")));
     }
     // f32 matmuls on tensor cores (TF32), as PyTorch's allow_tf32; reductions stay f32.
     candle_core::cuda::set_gemm_reduced_precision_f32(true);

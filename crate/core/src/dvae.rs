@@ -115,12 +115,12 @@ pub struct Conv {
 
 impl Conv {
     pub fn new(n_in: usize, n_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
-        let init = Init::Kaiming {
-            dist: NormalOrUniform::Normal,
-            fan: FanInOut::FanIn,
-            non_linearity: NonLinearity::Linear,
-        };
-        Ok(Self { w: vb.get_with_hints((n_out, n_in, k, k), "w", init)?, b: vb.get_with_hints(n_out, "b", Init::Const(0.0))? })
+        let init =
+            Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanIn, non_linearity: NonLinearity::Linear };
+        Ok(Self {
+            w: vb.get_with_hints((n_out, n_in, k, k), "w", init)?,
+            b: vb.get_with_hints(n_out, "b", Init::Const(0.0))?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -165,7 +165,13 @@ impl ResBlock {
 
 /// `group_{g+1}.block_{b+1}` residual blocks: group g has width `widths[g]`, its first block
 /// takes the previous group's width (`n_in` for the first group).
-fn res_groups(cfg: &DvaeConfig, n_in: usize, widths: &[usize], kernels: [usize; 4], vb: &VarBuilder) -> Result<Vec<Vec<ResBlock>>> {
+fn res_groups(
+    cfg: &DvaeConfig,
+    n_in: usize,
+    widths: &[usize],
+    kernels: [usize; 4],
+    vb: &VarBuilder,
+) -> Result<Vec<Vec<ResBlock>>> {
     let post_gain = 1.0 / (cfg.num_layers() as f64).powi(2);
     let mut width_in = n_in;
     widths

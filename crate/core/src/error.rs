@@ -21,9 +21,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(m) | Error::Input(m) | Error::Checkpoint(m) | Error::Numeric(m) => {
-                f.write_str(m)
-            }
+            Error::Config(m) | Error::Input(m) | Error::Checkpoint(m) | Error::Numeric(m) => f.write_str(m),
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Candle(e) => write!(f, "tensor error: {e}"),
         }

@@ -66,7 +66,9 @@ impl Size {
         match self {
             Size::Square(s) => Ok([*s, *s]),
             Size::Pair(v) if v.len() == 2 => Ok([v[0], v[1]]),
-            Size::Pair(v) => Err(Error::Config(format!("config.json: {field} must be a number or [height, width], got {v:?}"))),
+            Size::Pair(v) => {
+                Err(Error::Config(format!("config.json: {field} must be a number or [height, width], got {v:?}")))
+            }
         }
     }
 }
@@ -165,14 +167,18 @@ fn parse_config(text: &str, path: &Path) -> Result<(BeitConfig, Pooling, Vec<Str
     if let Some(map) = hf.id2label {
         let mut pairs = Vec::with_capacity(map.len());
         for (id, name) in map {
-            let id: usize = id.parse().map_err(|_| {
-                Error::Config(format!("{}: id2label key {id:?} is not a class index", path.display()))
-            })?;
+            let id: usize = id
+                .parse()
+                .map_err(|_| Error::Config(format!("{}: id2label key {id:?} is not a class index", path.display())))?;
             pairs.push((id, name));
         }
         pairs.sort();
         if pairs.iter().enumerate().any(|(i, (id, _))| *id != i) {
-            return Err(Error::Config(format!("{}: id2label must number the classes 0..{}", path.display(), pairs.len())));
+            return Err(Error::Config(format!(
+                "{}: id2label must number the classes 0..{}",
+                path.display(),
+                pairs.len()
+            )));
         }
         labels = pairs.into_iter().map(|(_, name)| name).collect();
     }
@@ -184,9 +190,8 @@ fn parse_config(text: &str, path: &Path) -> Result<(BeitConfig, Pooling, Vec<Str
 /// transformers' `interpolate_pos_encoding`), and the returned config has that size.
 pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> {
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| {
-        Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", config_path.display())))
-    })?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", config_path.display()))))?;
     let (mut config, pooling, labels) = parse_config(&text, &config_path)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let file = checkpoint::load(&weights_path)?;
@@ -236,7 +241,11 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
     Ok(HfCheckpoint { layout, config, pooling, labels, tensors })
 }
 
-fn resize_position_tables(tensors: &mut HashMap<String, Tensor>, old: (usize, usize), new: (usize, usize)) -> Result<()> {
+fn resize_position_tables(
+    tensors: &mut HashMap<String, Tensor>,
+    old: (usize, usize),
+    new: (usize, usize),
+) -> Result<()> {
     for (name, t) in tensors.iter_mut() {
         if name.ends_with("relative_position_bias_table") {
             *t = resize_relative_position_table(t, old, new)
@@ -369,14 +378,15 @@ fn resize_grid(values: &[f32], (h, w): (usize, usize), c: usize, (h2, w2): (usiz
 
 /// A relative position bias table [(2h-1)(2w-1)+3, heads] for an h x w grid, resized to an
 /// h2 x w2 grid: the offset grid is resampled bilinearly, the three [CLS] entries are kept.
-pub fn resize_relative_position_table(table: &Tensor, (h, w): (usize, usize), (h2, w2): (usize, usize)) -> Result<Tensor> {
+pub fn resize_relative_position_table(
+    table: &Tensor,
+    (h, w): (usize, usize),
+    (h2, w2): (usize, usize),
+) -> Result<Tensor> {
     let (rows, heads) = table.dims2()?;
     let (oh, ow) = (2 * h - 1, 2 * w - 1);
     if rows != oh * ow + 3 {
-        return Err(Error::Checkpoint(format!(
-            "table has {rows} rows, expected {} for a {h}x{w} grid",
-            oh * ow + 3
-        )));
+        return Err(Error::Checkpoint(format!("table has {rows} rows, expected {} for a {h}x{w} grid", oh * ow + 3)));
     }
     let values = table.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let (nh, nw) = (2 * h2 - 1, 2 * w2 - 1);

@@ -43,10 +43,17 @@ impl Kind for Mim {
         config.validate()
     }
 
-    fn spec<'a>(config: &'a BeitConfig, _: &'a (), optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Self::Model, Self::Engine> {
+    fn spec<'a>(
+        config: &'a BeitConfig,
+        _: &'a (),
+        optimizer: &AdamWConfig,
+        cpu_engine: bool,
+    ) -> ModelSpec<'a, Self::Model, Self::Engine> {
         ModelSpec {
             new: Box::new(move |vb| BeitForMaskedImageModeling::new(config, vb)),
-            engine: Box::new(move |layout, params| BeitEngine::from_layout(config, Head::MaskedImageModeling, layout, params)),
+            engine: Box::new(move |layout, params| {
+                BeitEngine::from_layout(config, Head::MaskedImageModeling, layout, params)
+            }),
             lr_scale: Box::new(|_| 1.0),
             optimizer: optimizer.clone(),
             ema: false,
@@ -141,7 +148,10 @@ impl Trainer<Mim> {
     pub fn probe_features(&mut self, pixels: &[f32], layer: usize) -> Result<Vec<f32>> {
         let cfg = &self.config;
         if layer > cfg.num_hidden_layers {
-            return Err(Error::Input(format!("layer {layer} does not exist: the model has {} layers (0 = embeddings)", cfg.num_hidden_layers)));
+            return Err(Error::Input(format!(
+                "layer {layer} does not exist: the model has {} layers (0 = embeddings)",
+                cfg.num_hidden_layers
+            )));
         }
         check_pixels(cfg, pixels)?;
         let precision = self.precision();
@@ -166,12 +176,18 @@ impl Trainer<Mim> {
             return Err(Error::Input(format!("mask: values must be 0 or 1, got {} at index {i}", mask[i])));
         }
         if !mask.contains(&1) {
-            return Err(Error::Input("mask: no patch of the batch is masked; the MIM loss needs at least one masked patch".into()));
+            return Err(Error::Input(
+                "mask: no patch of the batch is masked; the MIM loss needs at least one masked patch".into(),
+            ));
         }
         let mut ids = Vec::new();
         if let Some(t) = targets {
             if t.len() != b * n {
-                return Err(Error::Input(format!("targets: expected {} values (B*N = {b}*{n}), got {}", b * n, t.len())));
+                return Err(Error::Input(format!(
+                    "targets: expected {} values (B*N = {b}*{n}), got {}",
+                    b * n,
+                    t.len()
+                )));
             }
             let v = cfg.vocab_size;
             for (i, (&m, &id)) in mask.iter().zip(t).enumerate() {
@@ -195,24 +211,36 @@ impl Trainer<Mim> {
 
     /// One pretraining step in one call: the tokenizer's ids of `tokenizer_pixels` (the same
     /// crops at the tokenizer's resolution) are the targets. On a GPU they stay there.
-    pub fn pretrain_step(&mut self, tokenizer: &mut TokenizerTrainer, batch: &PretrainBatch, lr: f64, seed: u64) -> Result<StepMetrics> {
+    pub fn pretrain_step(
+        &mut self,
+        tokenizer: &mut TokenizerTrainer,
+        batch: &PretrainBatch,
+        lr: f64,
+        seed: u64,
+    ) -> Result<StepMetrics> {
         let (b, _) = self.check_batch(batch.pixels, batch.mask, None)?;
         let d = tokenizer.config.downsample();
         let (th, tw) = (batch.tokenizer_images.height, batch.tokenizer_images.width);
         if (th / d, tw / d) != self.config.grid() {
             let (gh, gw) = self.config.grid();
             return Err(Error::Input(format!(
-                "tokenizer view {th}x{tw} gives a {}x{} token grid, but the model has a {gh}x{gw} patch grid", th / d, tw / d
+                "tokenizer view {th}x{tw} gives a {}x{} token grid, but the model has a {gh}x{gw} patch grid",
+                th / d,
+                tw / d
             )));
         }
         if tokenizer.config.vocab_size > self.config.vocab_size {
             return Err(Error::Config(format!(
-                "the tokenizer's vocabulary of {} exceeds the model's vocabSize {}", tokenizer.config.vocab_size, self.config.vocab_size
+                "the tokenizer's vocabulary of {} exceeds the model's vocabSize {}",
+                tokenizer.config.vocab_size, self.config.vocab_size
             )));
         }
         let ids = tokenizer.encode_ids(&batch.tokenizer_images)?;
         if ids.len() != b * self.config.num_patches() {
-            return Err(Error::Input(format!("tokenizer view: {} images for a batch of {b}", ids.len() / self.config.num_patches())));
+            return Err(Error::Input(format!(
+                "tokenizer view: {} images for a batch of {b}",
+                ids.len() / self.config.num_patches()
+            )));
         }
         let targets = match ids {
             TokenIds::Host(all) => Targets::Masked(masked(&all, batch.mask)),
@@ -222,7 +250,15 @@ impl Trainer<Mim> {
     }
 
     /// The step of a checked batch.
-    fn step(&mut self, pixels: &[f32], mask: &[u8], b: usize, targets: Targets, lr: f64, seed: u64) -> Result<StepMetrics> {
+    fn step(
+        &mut self,
+        pixels: &[f32],
+        mask: &[u8],
+        b: usize,
+        targets: Targets,
+        lr: f64,
+        seed: u64,
+    ) -> Result<StepMetrics> {
         let precision = self.precision();
         let n = self.config.num_patches();
         let (loss, mlm_acc, num_masked, majority_baseline, grads) = match &mut self.backend {

@@ -177,11 +177,7 @@ impl RelativePositionBias {
         let (h, w) = cfg.grid();
         let num_distances = (2 * h - 1) * (2 * w - 1) + 3;
         let heads = cfg.num_attention_heads;
-        let table = vb.get_with_hints(
-            (num_distances, heads),
-            "relative_position_bias_table",
-            Init::Const(0.0),
-        )?;
+        let table = vb.get_with_hints((num_distances, heads), "relative_position_bias_table", Init::Const(0.0))?;
         let index = relative_position_index(h, w);
         let tokens = h * w + 1;
         let index = Tensor::from_vec(index, tokens * tokens, vb.device())?;
@@ -255,9 +251,8 @@ impl SelfAttention {
     pub fn forward(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let heads = self.num_heads;
-        let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((b, t, heads, d / heads))?.transpose(1, 2)?.contiguous()
-        };
+        let split =
+            |y: Tensor| -> Result<Tensor> { y.reshape((b, t, heads, d / heads))?.transpose(1, 2)?.contiguous() };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
@@ -307,8 +302,7 @@ fn drop_path_scale(
         return Ok(None);
     }
     let keep = 1.0 - rate;
-    let scale: Vec<f64> =
-        (0..batch).map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 }).collect();
+    let scale: Vec<f64> = (0..batch).map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 }).collect();
     Ok(Some(Tensor::from_vec(scale, (batch, 1, 1), dev)?.to_dtype(dtype)?))
 }
 
@@ -338,13 +332,7 @@ impl Layer {
             attention: Attention::new(cfg, layer, vb.pp("attention"))?,
             layernorm_after: LayerNorm::new(d, eps, vb.pp("layernorm_after"))?,
             intermediate: Linear::new(d, ff, true, std, vb.pp("intermediate").pp("dense"))?,
-            output: Linear::new(
-                ff,
-                d,
-                true,
-                std / (2.0 * (layer + 1) as f64).sqrt(),
-                vb.pp("output").pp("dense"),
-            )?,
+            output: Linear::new(ff, d, true, std / (2.0 * (layer + 1) as f64).sqrt(), vb.pp("output").pp("dense"))?,
             lambda_1,
             lambda_2,
             drop_path,
@@ -475,7 +463,12 @@ impl BeitForMaskedImageModeling {
     }
 
     /// Final hidden states [B, N+1, D] (after the final LayerNorm).
-    pub fn hidden_states(&self, pixels: &Tensor, mask: Option<&Tensor>, rng: Option<&mut SplitMix64>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        pixels: &Tensor,
+        mask: Option<&Tensor>,
+        rng: Option<&mut SplitMix64>,
+    ) -> Result<Tensor> {
         self.layernorm.forward(&self.beit.forward(pixels, mask, rng)?)
     }
 
@@ -565,13 +558,9 @@ pub fn classification_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> 
 /// Mask [B, N] as 0/1 floats for the embeddings, and the flat masked positions.
 pub fn mask_tensors(mask: &[u8], batch: usize, n: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
     let weights: Vec<f32> = mask.iter().map(|&m| m as f32).collect();
-    let positions: Vec<u32> =
-        mask.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| i as u32).collect();
+    let positions: Vec<u32> = mask.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| i as u32).collect();
     let count = positions.len();
-    Ok((
-        Tensor::from_vec(weights, (batch, n), dev)?,
-        Tensor::from_vec(positions, count, dev)?,
-    ))
+    Ok((Tensor::from_vec(weights, (batch, n), dev)?, Tensor::from_vec(positions, count, dev)?))
 }
 
 /// Mean cross-entropy and accuracy of `logits` [M, V] against `targets` [M] (u32).

@@ -6,8 +6,7 @@
 //! (f64 is what the finite-difference gradient checks use).
 
 use candle_core::{
-    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
-    Shape, Tensor,
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -167,16 +166,14 @@ fn layer_norm_fwd<T: Float>(x: &[T], gamma: &[T], beta: &[T], d: usize, eps: f64
     let mut y = vec![T::ZERO; x.len()];
     let eps = T::from_f64(eps);
     let inv_d = T::from_f64(1.0 / d as f64);
-    y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(
-        |(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let (mean, rstd) = mean_rstd(xr, inv_d, eps);
-                for i in 0..d {
-                    yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
-                }
+    y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(|(ys, xs)| {
+        for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+            let (mean, rstd) = mean_rstd(xr, inv_d, eps);
+            for i in 0..d {
+                yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
             }
-        },
-    );
+        }
+    });
     y
 }
 
@@ -242,8 +239,7 @@ impl CustomOp3 for LayerNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = gamma.elem_count();
         let rows = x.elem_count() / d;
-        let packed =
-            x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
         // The packed gradients are f32 on CUDA whatever the input type (see LayerNormBackward).
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?.to_dtype(x.dtype())?;
         let dgamma = packed.narrow(0, rows, 1)?.reshape(gamma.shape())?.to_dtype(gamma.dtype())?;
@@ -356,8 +352,18 @@ impl CustomOp3 for LayerNormBackward {
             let packed = zeros(dev, (rows + 2) * d)?;
             let stats = output::<f32>(dev, 2 * rows)?;
             let (width, height, chunk, eps) = (d as i32, rows as i32, ROWS_PER_CHUNK as i32, op.eps as f32);
-            launch!(dev, &kernel::<T>("layer_norm_bwd_rows"), per_row(rows, d), [&x, &gamma, &g, &packed, &stats, &width, &eps])?;
-            launch!(dev, &kernel::<T>("layer_norm_bwd_params"), per_column(rows, d), [&x, &g, &stats, &packed, &height, &width, &chunk])?;
+            launch!(
+                dev,
+                &kernel::<T>("layer_norm_bwd_rows"),
+                per_row(rows, d),
+                [&x, &gamma, &g, &packed, &stats, &width, &eps]
+            )?;
+            launch!(
+                dev,
+                &kernel::<T>("layer_norm_bwd_params"),
+                per_column(rows, d),
+                [&x, &g, &stats, &packed, &height, &width, &chunk]
+            )?;
             Ok((storage(packed, dev), Shape::from((rows + 2, d))))
         }
         crate::cuda::with_element!(self.name(), s1.dtype(), typed(self, [(s1, l1), (s2, l2), (s3, l3)]))
@@ -418,7 +424,12 @@ fn softmax_fwd<T: Float>(x: &[T], bias: Option<&[T]>, d: usize, scale: T) -> Vec
 }
 
 impl ScaledSoftmax {
-    fn cpu(&self, x: &CpuStorage, xl: &Layout, bias: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *xl.dims().last().unwrap_or(&1);
         let out = dispatch_float!(SCALED_SOFTMAX, x, |v| {
             let bias = match bias {
@@ -431,7 +442,12 @@ impl ScaledSoftmax {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self, x: &CudaStorage, xl: &Layout, bias: Option<(&CudaStorage, &Layout)>) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let d = *xl.dims().last().unwrap_or(&1);
         let bias_rows = bias.map_or(0, |(_, l)| l.shape().elem_count() / d.max(1));
         // Without a bias the kernel never reads its bias argument; x stands in for it.
@@ -482,15 +498,33 @@ impl CustomOp2 for ScaledSoftmax {
         SCALED_SOFTMAX
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.cpu(s1, l1, Some((s2, l2)))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         self.cuda(s1, l1, Some((s2, l2)))
     }
 
-    fn bwd(&self, _x: &Tensor, bias: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dz = self.backward(y, grad)?;
         let repeats = dz.elem_count() / bias.elem_count();
         // sum_rows accumulates in f32 on CUDA for bf16 too (the batch is summed here).
@@ -506,19 +540,17 @@ struct SoftmaxBackward;
 fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
     let chunk = d * rows_per_task(d);
-    dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk)).zip(g.par_chunks(chunk)).for_each(
-        |((dxs, ys), gs)| {
-            for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
-                let mut dot = T::ZERO;
-                for i in 0..d {
-                    dot += yr[i] * gr[i];
-                }
-                for i in 0..d {
-                    dxr[i] = yr[i] * (gr[i] - dot);
-                }
+    dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk)).zip(g.par_chunks(chunk)).for_each(|((dxs, ys), gs)| {
+        for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+            let mut dot = T::ZERO;
+            for i in 0..d {
+                dot += yr[i] * gr[i];
             }
-        },
-    );
+            for i in 0..d {
+                dxr[i] = yr[i] * (gr[i] - dot);
+            }
+        }
+    });
     dx
 }
 
@@ -574,7 +606,10 @@ pub fn scaled_softmax(x: &Tensor, bias: Option<&Tensor>, scale: f64) -> candle_c
         None => x.apply_op1(op),
         Some(bias) => {
             let (dims, bias_dims) = (x.dims(), bias.dims());
-            if bias_dims.is_empty() || bias_dims.len() > dims.len() || dims[dims.len() - bias_dims.len()..] != *bias_dims {
+            if bias_dims.is_empty()
+                || bias_dims.len() > dims.len()
+                || dims[dims.len() - bias_dims.len()..] != *bias_dims
+            {
                 bail!("scaled-softmax: bias of shape {bias_dims:?} must match the trailing dimensions of x {dims:?}");
             }
             x.apply_op2(&bias.contiguous()?, op)
@@ -616,10 +651,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = dispatch_float!(self.name(), s, |v| into_storage(map_parallel(
-            contiguous(v, l, self.name())?,
-            gelu
-        )));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(map_parallel(contiguous(v, l, self.name())?, gelu)));
         Ok((out, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -636,13 +668,11 @@ struct GeluBackward;
 
 fn gelu_bwd<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
     let mut dx = vec![T::ZERO; x.len()];
-    dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(
-        |((ds, xs), gs)| {
-            for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(gs) {
-                *d = gelu_grad(xv) * gv;
-            }
-        },
-    );
+    dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((ds, xs), gs)| {
+        for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(gs) {
+            *d = gelu_grad(xv) * gv;
+        }
+    });
     dx
 }
 
@@ -732,11 +762,8 @@ impl CustomOp2 for CrossEntropy {
         }
         let out = dispatch_float!(self.name(), s1, |z| {
             let z = contiguous(z, l1, self.name())?;
-            let losses: Vec<_> = z
-                .par_chunks(v)
-                .zip(targets.par_iter())
-                .map(|(row, &t)| log_sum_exp(row) - row[t as usize])
-                .collect();
+            let losses: Vec<_> =
+                z.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| log_sum_exp(row) - row[t as usize]).collect();
             into_storage(losses)
         });
         Ok((out, Shape::from(rows)))
@@ -771,8 +798,7 @@ impl CustomOp2 for CrossEntropy {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dlogits =
-            logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
+        let dlogits = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
         Ok((Some(dlogits), None))
     }
 }
@@ -829,7 +855,8 @@ impl CustomOp3 for CrossEntropyBackward {
         use crate::cuda::*;
         let (rows, v) = l1.shape().dims2()?;
         let dev = s1.device();
-        let (z, targets, g) = (input::<f32>(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?, input::<f32>(self.name(), s3, l3)?);
+        let (z, targets, g) =
+            (input::<f32>(self.name(), s1, l1)?, u32_in(self.name(), s2, l2)?, input::<f32>(self.name(), s3, l3)?);
         let dz = output::<f32>(dev, rows * v)?;
         let width = v as i32;
         launch!(dev, "cross_entropy_bwd", per_row(rows, v), [&z, &targets, &g, &dz, &width])?;
@@ -887,7 +914,13 @@ impl CustomOp2 for AddBias {
             bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
         }
         // The kernel's last argument is the row width.
-        crate::cuda::same_shape(self.name(), "add_bias", &[(s1, l1), (s2, l2)], crate::cuda::Walk::Elements, &[crate::cuda::Scalar::I32(n as i32)])
+        crate::cuda::same_shape(
+            self.name(),
+            "add_bias",
+            &[(s1, l1), (s2, l2)],
+            crate::cuda::Walk::Elements,
+            &[crate::cuda::Scalar::I32(n as i32)],
+        )
     }
 
     fn bwd(

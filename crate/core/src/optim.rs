@@ -2,9 +2,7 @@
 //! clipping and a per-step learning rate from the caller. Its state is plain tensors so it
 //! can be checkpointed with the model. Updates are fused in-place ops (no temporaries).
 
-use candle_core::{
-    backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
-};
+use candle_core::{backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "cuda")]
@@ -59,8 +57,7 @@ impl AdamWConfig {
 /// Parameters exempt from weight decay, as in unilm/timm BEiT: 1-D tensors (biases, norms,
 /// LayerScale), [CLS] and mask tokens, position embeddings and relative-position tables.
 pub fn is_decay_exempt(name: &str, rank: usize) -> bool {
-    const EXEMPT: [&str; 4] =
-        ["cls_token", "mask_token", "position_embeddings", "relative_position_bias_table"];
+    const EXEMPT: [&str; 4] = ["cls_token", "mask_token", "position_embeddings", "relative_position_bias_table"];
     rank <= 1 || name.ends_with(".bias") || EXEMPT.iter().any(|e| name.ends_with(e))
 }
 
@@ -152,11 +149,18 @@ impl AdamW {
     /// `params::rebuild_on`) and moves its moments there.
     pub fn move_to(&mut self, vars: &[(String, Var)], device: &candle_core::Device) -> Result<()> {
         if vars.len() != self.params.len() {
-            return Err(Error::Config(format!("optimizer has {} parameters, the model {}", self.params.len(), vars.len())));
+            return Err(Error::Config(format!(
+                "optimizer has {} parameters, the model {}",
+                self.params.len(),
+                vars.len()
+            )));
         }
         for (p, (name, var)) in self.params.iter_mut().zip(vars) {
             if &p.name != name {
-                return Err(Error::Config(format!("optimizer parameter {} does not match model parameter {name}", p.name)));
+                return Err(Error::Config(format!(
+                    "optimizer parameter {} does not match model parameter {name}",
+                    p.name
+                )));
             }
             p.var = var.clone();
             p.exp_avg = p.exp_avg.to_device(device)?;
@@ -294,7 +298,8 @@ impl InplaceOp2 for Moment {
         let dev = s2.device().clone();
         let g = input::<f32>(self.name(), s2, l2)?;
         let mut m = f32_in_out(self.name(), s1, l1)?;
-        let (count, beta, scale, squared) = (l1.shape().elem_count() as u64, self.beta as f32, self.grad_scale as f32, self.squared as i32);
+        let (count, beta, scale, squared) =
+            (l1.shape().elem_count() as u64, self.beta as f32, self.grad_scale as f32, self.squared as i32);
         launch!(dev, "adamw_moment", elementwise(count as usize), [&mut m, &g, &count, &beta, &scale, &squared])
     }
 }
@@ -353,8 +358,14 @@ impl InplaceOp3 for ParamUpdate {
         let mut p = f32_in_out(self.name(), s1, l1)?;
         let count = l1.shape().elem_count() as u64;
         let (lr, decay, eps) = (self.lr as f32, (self.lr * self.weight_decay) as f32, self.eps as f32);
-        let (inv_bc1, inv_sqrt_bc2) = ((1.0 / self.bias_correction1) as f32, (1.0 / self.bias_correction2.sqrt()) as f32);
-        launch!(dev, "adamw_update", elementwise(count as usize), [&mut p, &m, &v, &count, &lr, &decay, &inv_bc1, &inv_sqrt_bc2, &eps])
+        let (inv_bc1, inv_sqrt_bc2) =
+            ((1.0 / self.bias_correction1) as f32, (1.0 / self.bias_correction2.sqrt()) as f32);
+        launch!(
+            dev,
+            "adamw_update",
+            elementwise(count as usize),
+            [&mut p, &m, &v, &count, &lr, &decay, &inv_bc1, &inv_sqrt_bc2, &eps]
+        )
     }
 }
 

@@ -105,14 +105,7 @@ impl ParamStore {
 struct SharedStore(std::sync::Arc<ParamStore>);
 
 impl SimpleBackend for SharedStore {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        init: Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let mut store = self.0.inner.lock().expect("param store lock");
         let store = &mut *store;
         let tensor = match &mut store.source {
@@ -154,8 +147,7 @@ fn initial_value(rng: &mut SplitMix64, shape: &Shape, init: Init) -> candle_core
     match init {
         Init::Const(c) => Tensor::full(c as f32, shape, &Device::Cpu),
         Init::Randn { mean, stdev } => {
-            let values: Vec<f32> =
-                (0..n).map(|_| (mean + stdev * rng.truncated_normal(1.0)) as f32).collect();
+            let values: Vec<f32> = (0..n).map(|_| (mean + stdev * rng.truncated_normal(1.0)) as f32).collect();
             Tensor::from_vec(values, shape, &Device::Cpu)
         }
         // Kaiming normal (DALL-E's convs: std = gain / sqrt(fan_in)), untruncated.

@@ -89,7 +89,12 @@ impl Kind for Tokenizer {
         Ok(())
     }
 
-    fn spec<'a>(config: &'a DvaeConfig, training: &'a TokenizerTraining, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
+    fn spec<'a>(
+        config: &'a DvaeConfig,
+        training: &'a TokenizerTraining,
+        optimizer: &AdamWConfig,
+        cpu_engine: bool,
+    ) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
         ModelSpec {
             new: Box::new(move |vb| Dvae::new(config, vb)),
             engine: Box::new(move |layout, params| DvaeEngine::from_layout(config, layout, params)),
@@ -143,8 +148,14 @@ impl Trainer<Tokenizer> {
         check_images(&self.config, batch)
     }
 
-
-    pub fn train_step(&mut self, batch: &ImageBatch, temperature: f64, kl_weight: f64, lr: f64, seed: u64) -> Result<TokenizerStepMetrics> {
+    pub fn train_step(
+        &mut self,
+        batch: &ImageBatch,
+        temperature: f64,
+        kl_weight: f64,
+        lr: f64,
+        seed: u64,
+    ) -> Result<TokenizerStepMetrics> {
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(Error::Input(format!("temperature must be a finite number > 0, got {temperature}")));
         }
@@ -156,14 +167,27 @@ impl Trainer<Tokenizer> {
         let (loss, recon_loss, kl, codes, grads) = match &mut self.backend {
             Backend::Engine(e) => {
                 let mut codes = Vec::new();
-                let out = e.engine.loss_and_grads(batch.pixels, batch.height, batch.width, temperature, kl_weight, recon, seed, &mut codes)?;
+                let out = e.engine.loss_and_grads(
+                    batch.pixels,
+                    batch.height,
+                    batch.width,
+                    temperature,
+                    kl_weight,
+                    recon,
+                    seed,
+                    &mut codes,
+                )?;
                 (out.loss, out.recon, out.kl, codes, None)
             }
             Backend::Candle(c) => {
                 let x = map_pixels(&images(&self.config, batch, &c.device)?)?;
                 let logits = c.model.encoder.forward(&x)?;
                 let (b, h, w, _) = logits.dims4()?;
-                let soft = scaled_softmax(&(&logits + gumbel_noise(logits.dims(), seed, &c.device)?)?, None, 1.0 / temperature)?;
+                let soft = scaled_softmax(
+                    &(&logits + gumbel_noise(logits.dims(), seed, &c.device)?)?,
+                    None,
+                    1.0 / temperature,
+                )?;
                 let out = c.model.decoder.forward(&soft)?;
                 let recon_t = reconstruction_loss(&out, &x, recon)?;
                 let kl_t = kl_to_uniform(&logits)?;
@@ -197,7 +221,9 @@ impl Trainer<Tokenizer> {
         self.check_images(batch)?;
         let precision = self.precision();
         match &mut self.backend {
-            Backend::Engine(e) => Ok(TokenIds::Host(e.engine.encode(e.ema.own(), batch.pixels, batch.height, batch.width)?)),
+            Backend::Engine(e) => {
+                Ok(TokenIds::Host(e.engine.encode(e.ema.own(), batch.pixels, batch.height, batch.width)?))
+            }
             Backend::Candle(c) => {
                 let x = map_pixels(&images(&self.config, batch, &c.device)?)?.to_dtype(precision.dtype())?;
                 let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
@@ -253,7 +279,10 @@ fn check_images(config: &DvaeConfig, batch: &ImageBatch) -> Result<usize> {
         )));
     }
     if let Some(i) = batch.pixels.iter().position(|v| !(0.0..=1.0).contains(v)) {
-        return Err(Error::Input(format!("pixels: tokenizer inputs must be in [0, 1], got {} at index {i}", batch.pixels[i])));
+        return Err(Error::Input(format!(
+            "pixels: tokenizer inputs must be in [0, 1], got {} at index {i}",
+            batch.pixels[i]
+        )));
     }
     Ok(batch.pixels.len() / per)
 }
@@ -309,4 +338,3 @@ fn code_usage(ids: &[u32], vocab: usize) -> (f64, usize) {
     let entropy: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum();
     (entropy.exp(), counts.iter().filter(|&&c| c > 0).count())
 }
-

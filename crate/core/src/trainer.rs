@@ -44,7 +44,12 @@ pub trait Kind: Sized {
     /// Parses and validates a config.
     fn parse_config(json: &str) -> Result<Self::Config>;
     fn validate(config: &Self::Config, options: &Self::Options) -> Result<()>;
-    fn spec<'a>(config: &'a Self::Config, options: &'a Self::Options, optimizer: &AdamWConfig, cpu_engine: bool) -> ModelSpec<'a, Self::Model, Self::Engine>;
+    fn spec<'a>(
+        config: &'a Self::Config,
+        options: &'a Self::Options,
+        optimizer: &AdamWConfig,
+        cpu_engine: bool,
+    ) -> ModelSpec<'a, Self::Model, Self::Engine>;
     /// The decay of the weights' EMA, 0 when the model keeps none.
     fn ema_decay(_options: &Self::Options) -> f64 {
         0.0
@@ -69,9 +74,16 @@ pub struct Trainer<K: Kind> {
 
 impl<K: Kind> Trainer<K> {
     /// A model from `store` (an initialisation or checkpoint tensors) on the CPU, in f32.
-    pub(crate) fn build(config: K::Config, options: K::Options, optimizer: AdamWConfig, store: ParamStore, ema: Option<ParamStore>) -> Result<Self> {
+    pub(crate) fn build(
+        config: K::Config,
+        options: K::Options,
+        optimizer: AdamWConfig,
+        store: ParamStore,
+        ema: Option<ParamStore>,
+    ) -> Result<Self> {
         K::validate(&config, &options)?;
-        let backend = Backend::build(&K::spec(&config, &options, &optimizer, true), store, ema, &Device::Cpu, Precision::F32)?;
+        let backend =
+            Backend::build(&K::spec(&config, &options, &optimizer, true), store, ema, &Device::Cpu, Precision::F32)?;
         Ok(Self { config, options, train_state: None, optimizer, backend, precision: Precision::F32, cpu_engine: true })
     }
 
@@ -87,14 +99,16 @@ impl<K: Kind> Trainer<K> {
             None => K::parse_config(file.meta("config", path)?)?,
         };
         let options: K::Options = match K::OPTIONS_KEY {
-            Some(key) => serde_json::from_str(file.meta(key, path)?).map_err(|e| in_file(Error::Checkpoint(format!("bad {key} metadata: {e}"))))?,
+            Some(key) => serde_json::from_str(file.meta(key, path)?)
+                .map_err(|e| in_file(Error::Checkpoint(format!("bad {key} metadata: {e}"))))?,
             None => serde_json::from_str("null").map_err(|e| in_file(Error::Checkpoint(e.to_string())))?,
         };
         let (optimizer, step, moments) = saved_optimizer::<K>(&mut file, path, &options)?;
         let train_state = file.metadata.remove(TRAIN_STATE_KEY);
         let ema = file.take_prefixed(EMA_PREFIX);
         let ema = (!ema.is_empty()).then(|| ParamStore::from_tensors(ema));
-        let mut trainer = Self::build(config, options, optimizer, ParamStore::from_tensors(file.tensors), ema).map_err(in_file)?;
+        let mut trainer =
+            Self::build(config, options, optimizer, ParamStore::from_tensors(file.tensors), ema).map_err(in_file)?;
         // Weights converted from elsewhere (DALL-E's) come at step 0 without optimizer state.
         if step > 0 || !moments.is_empty() {
             trainer.backend.restore_optimizer(moments, step).map_err(in_file)?;
@@ -110,11 +124,20 @@ impl<K: Kind> Trainer<K> {
         if let Some(ema) = self.backend.ema_weights()? {
             tensors.extend(ema.into_iter().map(|(n, t)| (format!("{EMA_PREFIX}{n}"), t)));
         }
-        let mut metadata = HashMap::from([("format".to_string(), K::FORMAT.to_string()), ("config".to_string(), K::config_json(&self.config))]);
+        let mut metadata = HashMap::from([
+            ("format".to_string(), K::FORMAT.to_string()),
+            ("config".to_string(), K::config_json(&self.config)),
+        ]);
         if let Some(key) = K::OPTIONS_KEY {
             metadata.insert(key.to_string(), serde_json::to_string(&self.options).expect("serialisable"));
         }
-        optim::write_checkpoint(&self.optimizer, self.backend.optimizer_step(), self.backend.optimizer_state()?, &mut tensors, &mut metadata);
+        optim::write_checkpoint(
+            &self.optimizer,
+            self.backend.optimizer_step(),
+            self.backend.optimizer_state()?,
+            &mut tensors,
+            &mut metadata,
+        );
         if let Some(state) = &self.train_state {
             metadata.insert(TRAIN_STATE_KEY.to_string(), state.clone());
         }
@@ -149,7 +172,11 @@ impl<K: Kind> Trainer<K> {
     }
 
     fn place(&mut self, device: &Device, precision: Precision) -> Result<()> {
-        self.backend.place(&K::spec(&self.config, &self.options, &self.optimizer, self.cpu_engine), device, precision)?;
+        self.backend.place(
+            &K::spec(&self.config, &self.options, &self.optimizer, self.cpu_engine),
+            device,
+            precision,
+        )?;
         self.precision = precision;
         Ok(())
     }
@@ -187,14 +214,23 @@ impl<K: Kind> Trainer<K> {
 
     /// The optimizer update after a step's backward pass (`grads`: candle's), the EMA's
     /// move, and the loss check: a non-finite loss skips the update and is an error.
-    pub(crate) fn update(&mut self, loss: f64, grads: Option<&candle_core::backprop::GradStore>, lr: f64) -> Result<f64> {
+    pub(crate) fn update(
+        &mut self,
+        loss: f64,
+        grads: Option<&candle_core::backprop::GradStore>,
+        lr: f64,
+    ) -> Result<f64> {
         finite_loss(loss)?;
         self.backend.update(grads, lr, K::ema_decay(&self.options))
     }
 }
 
 /// The optimizer settings, step and moments of a checkpoint.
-fn saved_optimizer<K: Kind>(file: &mut Loaded, path: &Path, options: &K::Options) -> Result<(AdamWConfig, u64, HashMap<String, Tensor>)> {
+fn saved_optimizer<K: Kind>(
+    file: &mut Loaded,
+    path: &Path,
+    options: &K::Options,
+) -> Result<(AdamWConfig, u64, HashMap<String, Tensor>)> {
     if file.metadata.contains_key("optimizer") {
         let saved = AdamW::read_checkpoint(file, path)?;
         return Ok((saved.config, saved.step, saved.moments));
@@ -222,7 +258,12 @@ pub(crate) fn finite_loss(loss: f64) -> Result<f64> {
 pub(crate) fn argmax_rows(values: &[f32], width: usize) -> Vec<i32> {
     values
         .chunks_exact(width)
-        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as i32)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                .0 as i32
+        })
         .collect()
 }
 

@@ -24,7 +24,10 @@ fn no_decay_adamw() -> AdamWConfig {
 #[test]
 fn whole_classification_loss_gradients_with_label_smoothing() {
     for pooling in [Pooling::Mean, Pooling::Cls] {
-        let cfg = ClassifierConfig { model: BeitConfig { use_absolute_position_embeddings: true, ..tiny_config() }, ..classifier_config(pooling) };
+        let cfg = ClassifierConfig {
+            model: BeitConfig { use_absolute_position_embeddings: true, ..tiny_config() },
+            ..classifier_config(pooling)
+        };
         let (model, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
         randomise(&vars, 40, 0.5);
         let pixels = random_tensor(&[3, 1, 4, 6], 8, DType::F64);
@@ -34,7 +37,10 @@ fn whole_classification_loss_gradients_with_label_smoothing() {
         let f = || objective().to_scalar::<f64>().unwrap();
         for (name, var) in &vars {
             let g = grads.get(var).unwrap_or_else(|| panic!("{pooling:?} {name} got no gradient"));
-            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 0.0, "{pooling:?} {name}: zero gradient");
+            assert!(
+                g.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 0.0,
+                "{pooling:?} {name}: zero gradient"
+            );
             let err = grad_check(var, g, &f, 6);
             assert!(err < 1e-6, "{pooling:?} {name}: relative gradient error {err:e}");
         }
@@ -65,8 +71,17 @@ fn layer_ids_and_decayed_learning_rates_follow_unilm() {
     assert_eq!(layer_id("beit.encoder.layer.1.output.dense.bias", 2), 2);
     assert_eq!(layer_id("beit.encoder.relative_position_bias.relative_position_bias_table", 2), 3);
     assert_eq!(layer_id("classifier.weight", 2), 3);
-    let cfg = ClassifierConfig { model: BeitConfig { use_shared_relative_position_bias: true, ..tiny_config() }, ..classifier_config(Pooling::Mean) };
-    let trainer = ClassifierTrainer::new(cfg, AdamWConfig::default(), FinetuneOptions { layer_decay: 0.5, label_smoothing: 0.0 }, 1).unwrap();
+    let cfg = ClassifierConfig {
+        model: BeitConfig { use_shared_relative_position_bias: true, ..tiny_config() },
+        ..classifier_config(Pooling::Mean)
+    };
+    let trainer = ClassifierTrainer::new(
+        cfg,
+        AdamWConfig::default(),
+        FinetuneOptions { layer_decay: 0.5, label_smoothing: 0.0 },
+        1,
+    )
+    .unwrap();
     let scales = trainer.lr_scales();
     let scale = |name: &str| scales.iter().find(|(n, _)| n == name).unwrap().1;
     assert_eq!(scale("beit.embeddings.cls_token"), 0.125);
@@ -96,7 +111,14 @@ fn finetuning_starts_from_the_pretrained_backbone() {
     mim.save(&mim_path).unwrap();
     let mim_weights = mim.weights().unwrap();
     for pooling in [Pooling::Mean, Pooling::Cls] {
-        let cls = ClassifierTrainer::from_pretrained(&mim_path, classifier_config(pooling), AdamWConfig::default(), FinetuneOptions::default(), 2).unwrap();
+        let cls = ClassifierTrainer::from_pretrained(
+            &mim_path,
+            classifier_config(pooling),
+            AdamWConfig::default(),
+            FinetuneOptions::default(),
+            2,
+        )
+        .unwrap();
         let mim_var = |name: &str| mim_weights.iter().find(|(n, _)| n == name).unwrap().1.clone();
         let mut from_mim = 0;
         for (name, var) in &cls.weights().unwrap() {
@@ -108,17 +130,24 @@ fn finetuning_starts_from_the_pretrained_backbone() {
                 _ => None,
             };
             if let Some(source) = source {
-                let diff = var.sub(&mim_var(&source)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff =
+                    var.sub(&mim_var(&source)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert_eq!(diff, 0.0, "{pooling:?}: {name} differs from the pretrained {source}");
                 from_mim += 1;
             }
         }
-        let backbone = mim_weights.iter().filter(|(n, _)| n.starts_with("beit.") && n != "beit.embeddings.mask_token").count();
+        let backbone =
+            mim_weights.iter().filter(|(n, _)| n.starts_with("beit.") && n != "beit.embeddings.mask_token").count();
         assert_eq!(from_mim, backbone + if pooling == Pooling::Cls { 2 } else { 0 });
     }
     // A checkpoint of another shape is refused naming the tensor.
-    let wider = ClassifierConfig { model: BeitConfig { hidden_size: 12, ..tiny_config() }, ..classifier_config(Pooling::Mean) };
-    let err = ClassifierTrainer::from_pretrained(&mim_path, wider, AdamWConfig::default(), FinetuneOptions::default(), 2).err().unwrap().to_string();
+    let wider =
+        ClassifierConfig { model: BeitConfig { hidden_size: 12, ..tiny_config() }, ..classifier_config(Pooling::Mean) };
+    let err =
+        ClassifierTrainer::from_pretrained(&mim_path, wider, AdamWConfig::default(), FinetuneOptions::default(), 2)
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("shape"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -128,7 +157,13 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
     let dir = std::env::temp_dir().join(format!("beit-classify-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = classifier_config(Pooling::Cls);
-    let mut a = ClassifierTrainer::new(cfg.clone(), AdamWConfig::default(), FinetuneOptions { label_smoothing: 0.1, layer_decay: 0.7 }, 4).unwrap();
+    let mut a = ClassifierTrainer::new(
+        cfg.clone(),
+        AdamWConfig::default(),
+        FinetuneOptions { label_smoothing: 0.1, layer_decay: 0.7 },
+        4,
+    )
+    .unwrap();
     let pixels = images(&cfg.model, 4, 1);
     a.train_step(&pixels, &[0, 1, 2, 0], 1e-3, 7).unwrap();
     a.train_state = Some(r#"{"step":1}"#.into());
@@ -150,7 +185,13 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
 #[test]
 fn a_tiny_classifier_learns_and_bad_labels_are_errors() {
     let cfg = classifier_config(Pooling::Mean);
-    let mut t = ClassifierTrainer::new(cfg.clone(), no_decay_adamw(), FinetuneOptions { label_smoothing: 0.0, layer_decay: 1.0 }, 3).unwrap();
+    let mut t = ClassifierTrainer::new(
+        cfg.clone(),
+        no_decay_adamw(),
+        FinetuneOptions { label_smoothing: 0.0, layer_decay: 1.0 },
+        3,
+    )
+    .unwrap();
     let pixels = images(&cfg.model, 6, 2);
     let labels = [0, 1, 2, 2, 1, 0];
     let first = t.train_step(&pixels, &labels, 3e-3, 0).unwrap().loss;
@@ -181,7 +222,8 @@ fn the_linear_probe_separates_separable_features() {
         }
         labels.push(label);
     }
-    let mut probe = LinearProbe::new(d, 2, &features, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }, 1).unwrap();
+    let mut probe =
+        LinearProbe::new(d, 2, &features, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }, 1).unwrap();
     for _ in 0..100 {
         probe.train_step(&features, &labels, 0.05).unwrap();
     }

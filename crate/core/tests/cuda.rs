@@ -7,7 +7,10 @@ mod common;
 
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::Precision;
-use beit_core::{ops, AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
+use beit_core::{
+    ops, AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer,
+    TokenizerTraining,
+};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
@@ -16,7 +19,16 @@ fn gpu() -> Device {
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     let (a, b) = (host(a), host(b));
     let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
@@ -73,7 +85,9 @@ fn fused_ops_agree_with_the_cpu() {
             ops::scaled_softmax(&t[0], Some(&t[1]), 0.125).unwrap()
         });
         agree(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
-        agree(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+        agree(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
+            ops::add_bias(&t[0], &t[1]).unwrap()
+        });
         let targets: Vec<u32> = (0..rows).map(|i| ((i * 31 + 7) % d) as u32).collect();
         agree(&format!("cross_entropy {rows}x{d}"), &[randn(&[rows, d], 8)], |t| {
             let targets = Tensor::from_vec(targets.clone(), rows, t[0].device()).unwrap();
@@ -92,7 +106,9 @@ fn bf16_kernels_agree_with_the_cpu() {
             ops::scaled_softmax(&t[0], Some(&t[1]), 0.125).unwrap()
         });
         agree_bf16(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
-        agree_bf16(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+        agree_bf16(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
+            ops::add_bias(&t[0], &t[1]).unwrap()
+        });
     }
 }
 
@@ -146,9 +162,18 @@ fn training_steps_agree_with_the_cpu() {
         assert_close(&format!("classifier loss, step {step}"), a.loss, b.loss, 1e-4);
     }
 
-    let dvae = DvaeConfig { image_size: [16, 16], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let dvae = DvaeConfig {
+        image_size: [16, 16],
+        num_channels: 3,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 1,
+        vocab_size: 32,
+        decoder_input_size: 16,
+    };
     let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
-    let pixels: Vec<f32> = randn(&[2 * 3 * 256], 4).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> =
+        randn(&[2 * 3 * 256], 4).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let mut cpu = TokenizerTrainer::new(dvae.clone(), training.clone(), 3).unwrap();
     let mut cuda = TokenizerTrainer::new(dvae, training, 3).unwrap();

@@ -5,7 +5,10 @@ mod common;
 
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::{self, CUDA_BUILD};
-use beit_core::{AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
+use beit_core::{
+    AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer,
+    TokenizerTraining,
+};
 use candle_core::Device;
 use common::*;
 
@@ -67,9 +70,22 @@ fn moving_a_model_mid_training_keeps_weights_moments_and_step() {
 
 #[test]
 fn moving_a_tokenizer_keeps_its_ema() {
-    let cfg = DvaeConfig { image_size: [8, 8], num_channels: 1, hidden_size: 8, num_groups: 2, blocks_per_group: 1, vocab_size: 8, decoder_input_size: 8 };
+    let cfg = DvaeConfig {
+        image_size: [8, 8],
+        num_channels: 1,
+        hidden_size: 8,
+        num_groups: 2,
+        blocks_per_group: 1,
+        vocab_size: 8,
+        decoder_input_size: 8,
+    };
     let training = TokenizerTraining { ema_decay: 0.5, ..TokenizerTraining::default() };
-    let pixels: Vec<f32> = random_tensor(&[2 * 64], 3, candle_core::DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> = random_tensor(&[2 * 64], 3, candle_core::DType::F32)
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.abs().min(1.0))
+        .collect();
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
     let mut still = TokenizerTrainer::new(cfg.clone(), training.clone(), 5).unwrap();
     let mut moved = TokenizerTrainer::new(cfg, training, 5).unwrap();

@@ -13,7 +13,15 @@ use common::*;
 const TOL: f64 = 1e-6;
 
 fn tiny_dvae() -> DvaeConfig {
-    DvaeConfig { image_size: [8, 8], num_channels: 2, hidden_size: 8, num_groups: 2, blocks_per_group: 1, vocab_size: 5, decoder_input_size: 4 }
+    DvaeConfig {
+        image_size: [8, 8],
+        num_channels: 2,
+        hidden_size: 8,
+        num_groups: 2,
+        blocks_per_group: 1,
+        vocab_size: 5,
+        decoder_input_size: 4,
+    }
 }
 
 fn check_vars(vars: &[(String, Var)], objective: &dyn Fn() -> Tensor, coords: usize) {
@@ -34,10 +42,14 @@ fn conv2d_same_matches_candle_conv2d() {
         let b = random_tensor(&[4], 3, DType::F64);
         let ours = conv2d_same(&x, &w, &b).unwrap();
         let reference = x
-            .permute((0, 3, 1, 2)).unwrap()
-            .conv2d(&w, (k - 1) / 2, 1, 1, 1).unwrap()
-            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap()
-            .permute((0, 2, 3, 1)).unwrap();
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .conv2d(&w, (k - 1) / 2, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
         let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(d < 1e-12, "k={k}: max difference {d}");
     }
@@ -48,7 +60,8 @@ fn pooling_and_upsampling_values() {
     let x = Tensor::arange(0f64, 16.0, &Device::Cpu).unwrap().reshape((1, 4, 4, 1)).unwrap();
     let p = max_pool2(&x).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     assert_eq!(p, vec![5.0, 7.0, 13.0, 15.0]);
-    let u = upsample2(&Tensor::new(&[1f64, 2.0, 3.0, 4.0], &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap()).unwrap();
+    let u =
+        upsample2(&Tensor::new(&[1f64, 2.0, 3.0, 4.0], &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap()).unwrap();
     assert_eq!(
         u.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
         vec![1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0]
@@ -112,7 +125,10 @@ fn dall_e_preset_has_the_dall_e_layout() {
     assert_eq!(shape("decoder.blocks.input.w"), vec![128, 8192, 1, 1]);
     assert_eq!(shape("decoder.blocks.group_1.block_1.res_path.conv_4.w"), vec![2048, 512, 3, 3]);
     assert_eq!(shape("decoder.blocks.output.conv.w"), vec![6, 256, 1, 1]);
-    assert!(vars.iter().all(|(n, _)| !n.starts_with("encoder.blocks.group_1.block_1.id_path")), "no id path where widths agree");
+    assert!(
+        vars.iter().all(|(n, _)| !n.starts_with("encoder.blocks.group_1.block_1.id_path")),
+        "no id path where widths agree"
+    );
 }
 
 /// Simple structured images: a bright square at one of four places on a dark background.
@@ -137,7 +153,15 @@ fn tiny_training() -> TokenizerTraining {
 
 #[test]
 fn training_learns_to_reconstruct_and_encode_is_deterministic() {
-    let cfg = DvaeConfig { image_size: [8, 8], num_channels: 1, hidden_size: 16, num_groups: 2, blocks_per_group: 1, vocab_size: 16, decoder_input_size: 16 };
+    let cfg = DvaeConfig {
+        image_size: [8, 8],
+        num_channels: 1,
+        hidden_size: 16,
+        num_groups: 2,
+        blocks_per_group: 1,
+        vocab_size: 16,
+        decoder_input_size: 16,
+    };
     let mut t = TokenizerTrainer::new(cfg, tiny_training(), 1).unwrap();
     let pixels = squares(8, 1, 8);
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
@@ -163,7 +187,9 @@ fn save_load_round_trips_exactly_with_ema() {
     let dir = std::env::temp_dir().join(format!("beit-dvae-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = tiny_dvae();
-    let mut a = TokenizerTrainer::new(cfg.clone(), TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() }, 2).unwrap();
+    let mut a =
+        TokenizerTrainer::new(cfg.clone(), TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() }, 2)
+            .unwrap();
     let pixels = squares(4, 2, 8);
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
     for s in 0..3 {

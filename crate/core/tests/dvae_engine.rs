@@ -40,10 +40,20 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     randomise(&vars, 30, 0.4);
     let [h, w] = cfg.image_size;
     let c = cfg.num_channels;
-    let pixels: Vec<f64> = random_tensor(&[batch * c * h * w], 7, DType::F64).to_vec1::<f64>().unwrap().iter().map(|v| (v.abs() * 0.4).min(1.0)).collect();
+    let pixels: Vec<f64> = random_tensor(&[batch * c * h * w], 7, DType::F64)
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .map(|v| (v.abs() * 0.4).min(1.0))
+        .collect();
     let (temperature, kl_weight, seed) = (0.7, 0.3, 21);
     // The reference: tokenizer.rs's objective through candle's autograd.
-    let nhwc = Tensor::from_slice(&pixels, (batch, c, h, w), &Device::Cpu).unwrap().permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let nhwc = Tensor::from_slice(&pixels, (batch, c, h, w), &Device::Cpu)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .contiguous()
+        .unwrap();
     let x = map_pixels(&nhwc).unwrap();
     let logits = model.encoder.forward(&x).unwrap();
     let (b, gh, gw, _) = logits.dims4().unwrap();
@@ -59,7 +69,11 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     let mut codes = Vec::new();
     let ours = eng.loss_and_grads(&pixels, h, w, temperature, kl_weight, recon, seed, &mut codes).unwrap();
     let reference = loss.to_scalar::<f64>().unwrap();
-    assert!((ours.loss - reference).abs() < 1e-10 * reference.abs(), "{context}loss {} vs candle {reference}", ours.loss);
+    assert!(
+        (ours.loss - reference).abs() < 1e-10 * reference.abs(),
+        "{context}loss {} vs candle {reference}",
+        ours.loss
+    );
     assert!((ours.kl - kl_t.to_scalar::<f64>().unwrap()).abs() < 1e-10, "{context}kl");
     let ids: Vec<u32> = logits.argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
     assert_eq!(codes, ids, "{context}codes");
@@ -77,9 +91,18 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     // Encode and decode with the engine's weights, and with other weights given (an EMA's).
     assert_eq!(eng.encode(None, &pixels, h, w).unwrap(), ids, "{context}encode");
     let zeros = vec![0.0; eng.params.len()];
-    assert!(eng.encode(Some(&zeros), &pixels, h, w).unwrap().iter().all(|&i| i == 0), "{context}encode with zero weights");
-    let one_hot = Tensor::eye(cfg.vocab_size, DType::F64, &Device::Cpu).unwrap().index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0).unwrap().reshape((b, gh, gw, cfg.vocab_size)).unwrap();
-    let images = model.reconstruction(&model.decoder.forward(&one_hot).unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+    assert!(
+        eng.encode(Some(&zeros), &pixels, h, w).unwrap().iter().all(|&i| i == 0),
+        "{context}encode with zero weights"
+    );
+    let one_hot = Tensor::eye(cfg.vocab_size, DType::F64, &Device::Cpu)
+        .unwrap()
+        .index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap()
+        .reshape((b, gh, gw, cfg.vocab_size))
+        .unwrap();
+    let images =
+        model.reconstruction(&model.decoder.forward(&one_hot).unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
     let err = rel_err(&eng.decode(None, &ids, gh, gw).unwrap(), &values(&images));
     assert!(err < 1e-12, "{context}decode error {err:e}");
 
@@ -108,10 +131,26 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
 /// identity id paths, both reconstruction losses.
 #[test]
 fn dvae_matches_candle_and_finite_differences() {
-    let two = DvaeConfig { image_size: [8, 8], num_channels: 2, hidden_size: 16, num_groups: 2, blocks_per_group: 1, vocab_size: 5, decoder_input_size: 4 };
+    let two = DvaeConfig {
+        image_size: [8, 8],
+        num_channels: 2,
+        hidden_size: 16,
+        num_groups: 2,
+        blocks_per_group: 1,
+        vocab_size: 5,
+        decoder_input_size: 4,
+    };
     case(&two, ReconLoss::LogitLaplace, 2);
     case(&two, ReconLoss::Mse, 2);
-    let three = DvaeConfig { image_size: [8, 12], num_channels: 1, hidden_size: 16, num_groups: 3, blocks_per_group: 2, vocab_size: 6, decoder_input_size: 8 };
+    let three = DvaeConfig {
+        image_size: [8, 12],
+        num_channels: 1,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 2,
+        vocab_size: 6,
+        decoder_input_size: 8,
+    };
     case(&three, ReconLoss::LogitLaplace, 1);
 }
 
@@ -188,17 +227,38 @@ fn tiled_convolutions_match_the_direct_sum() {
 #[test]
 fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
     use beit_core::{ImageBatch, TokenizerTrainer, TokenizerTraining};
-    let cfg = DvaeConfig { image_size: [16, 16], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let cfg = DvaeConfig {
+        image_size: [16, 16],
+        num_channels: 3,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 1,
+        vocab_size: 32,
+        decoder_input_size: 16,
+    };
     let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
-    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 9, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 9, DType::F32)
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.abs().min(1.0))
+        .collect();
     let batch = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let mut engine = TokenizerTrainer::new(cfg.clone(), training.clone(), 4).unwrap();
     let mut candle = TokenizerTrainer::new(cfg, training, 4).unwrap();
     candle.set_cpu_engine(false).unwrap();
     for step in 0..10 {
-        let (e, c) = (engine.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap(), candle.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap());
+        let (e, c) = (
+            engine.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap(),
+            candle.train_step(&batch, 0.8, 0.5, 3e-3, step).unwrap(),
+        );
         assert!((e.loss - c.loss).abs() < 1e-4 * c.loss.abs(), "step {step}: loss {} vs candle {}", e.loss, c.loss);
-        assert!((e.grad_norm - c.grad_norm).abs() < 1e-3 * c.grad_norm, "step {step}: gradient norm {} vs {}", e.grad_norm, c.grad_norm);
+        assert!(
+            (e.grad_norm - c.grad_norm).abs() < 1e-3 * c.grad_norm,
+            "step {step}: gradient norm {} vs {}",
+            e.grad_norm,
+            c.grad_norm
+        );
     }
     let (ids_e, ids_c) = (engine.encode(&batch).unwrap(), candle.encode(&batch).unwrap());
     let agree = ids_e.iter().zip(&ids_c).filter(|(a, b)| a == b).count();

@@ -146,7 +146,11 @@ fn classification_matches_candle_and_finite_differences() {
         let px = values(&pixels);
         let out = eng.loss_and_grads(&px, None, &labels, 0.1, seed).unwrap();
         let reference = loss.to_scalar::<f64>().unwrap();
-        assert!((out.loss - reference).abs() < 1e-12 * reference.abs(), "{context}loss {} vs candle {reference}", out.loss);
+        assert!(
+            (out.loss - reference).abs() < 1e-12 * reference.abs(),
+            "{context}loss {} vs candle {reference}",
+            out.loss
+        );
         compare_grads(&context, &eng, &vars, &grads);
         let err = rel_err(&eng.logits(&px, None).unwrap(), &values(&classifier.forward(&pixels, None).unwrap()));
         assert!(err < 1e-12, "{context}eval logits error {err:e}");
@@ -187,7 +191,9 @@ fn training_on_the_engine_tracks_candle_autograd() {
         ..tiny_config()
     };
     let b = batch(&cfg, 4, 2);
-    let close = |what: &str, a: f64, c: f64| assert!((a - c).abs() <= 1e-4 * c.abs().max(1e-3), "{what}: engine {a} vs candle {c}");
+    let close = |what: &str, a: f64, c: f64| {
+        assert!((a - c).abs() <= 1e-4 * c.abs().max(1e-3), "{what}: engine {a} vs candle {c}")
+    };
     let weights_close = |what: &str, a: Vec<(String, Tensor)>, c: Vec<(String, Tensor)>| {
         for ((name, x), (_, y)) in a.iter().zip(&c) {
             let err = rel_err(&values(x), &values(y));
@@ -198,7 +204,8 @@ fn training_on_the_engine_tracks_candle_autograd() {
     let mut candle = beit_core::MimTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
     candle.set_cpu_engine(false).unwrap();
     for step in 0..20 {
-        let (e, c) = (engine.train_step(&b.view(), 2e-3, step).unwrap(), candle.train_step(&b.view(), 2e-3, step).unwrap());
+        let (e, c) =
+            (engine.train_step(&b.view(), 2e-3, step).unwrap(), candle.train_step(&b.view(), 2e-3, step).unwrap());
         close(&format!("MIM step {step} loss"), e.loss, c.loss);
         close(&format!("MIM step {step} gradient norm"), e.grad_norm, c.grad_norm);
         assert_eq!(e.num_masked, c.num_masked);

@@ -72,11 +72,8 @@ fn cross_entropy_gradients() {
 /// and LayerScale) against finite differences.
 #[test]
 fn transformer_block_gradients() {
-    let cfg = BeitConfig {
-        use_shared_relative_position_bias: false,
-        use_relative_position_bias: true,
-        ..tiny_config()
-    };
+    let cfg =
+        BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
     let (layer, vars) = build(1, DType::F64, |vb| Layer::new(&cfg, 0, 0.0, vb));
     randomise(&vars, 50, 0.5);
     let x = Var::from_tensor(&random_tensor(&[2, cfg.num_patches() + 1, cfg.hidden_size], 3, DType::F64)).unwrap();
@@ -117,11 +114,8 @@ fn whole_mim_loss_gradients() {
 #[test]
 fn whole_classification_loss_gradients() {
     for pooling in [Pooling::Mean, Pooling::Cls] {
-        let model_cfg = BeitConfig {
-            use_shared_relative_position_bias: false,
-            use_relative_position_bias: true,
-            ..tiny_config()
-        };
+        let model_cfg =
+            BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
         let cfg = ClassifierConfig { model: model_cfg, num_labels: 3, pooling };
         let (classifier, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
         randomise(&vars, 90, 0.5);

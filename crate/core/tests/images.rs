@@ -4,7 +4,9 @@
 use std::io::Cursor;
 use std::path::PathBuf;
 
-use beit_core::images::{crop_box, decode, load_views, Augment, Crop, CropBox, Interpolation, Jitter, Sources, ViewSpec};
+use beit_core::images::{
+    crop_box, decode, load_views, Augment, Crop, CropBox, Interpolation, Jitter, Sources, ViewSpec,
+};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
 
 const W: u32 = 37;
@@ -114,7 +116,9 @@ fn gif_decodes_its_first_frame() {
     use image::{Delay, Frame};
     // Few colours, so the GIF palette holds them exactly.
     let colour = |x: u32, y: u32, frame: u32| Rgba([((x / 4) * 40 + frame * 7) as u8, ((y / 4) * 40) as u8, 90, 255]);
-    let frames = (0..2).map(|f| Frame::from_parts(ImageBuffer::from_fn(W, H, |x, y| colour(x, y, f)), 0, 0, Delay::from_numer_denom_ms(100, 1)));
+    let frames = (0..2).map(|f| {
+        Frame::from_parts(ImageBuffer::from_fn(W, H, |x, y| colour(x, y, f)), 0, 0, Delay::from_numer_denom_ms(100, 1))
+    });
     let mut bytes = Vec::new();
     GifEncoder::new(&mut bytes).encode_frames(frames).unwrap();
     let p = decode_full(&bytes);
@@ -178,7 +182,11 @@ fn jpeg_rgb_gray_and_cmyk_decode_close_to_the_source() {
         let p = decode_full(&jpeg(&cmyk, w, h, jpeg_encoder::ColorType::Cmyk, None));
         assert_eq!(p.channels, 3);
         let centre = (((h / 2) * w + w / 2) * 3) as usize;
-        assert!(max_abs_diff(&p.data[centre..centre + 3], &want) <= 3, "ink {ink:?}: got {:?}, want {want:?}", &p.data[centre..centre + 3]);
+        assert!(
+            max_abs_diff(&p.data[centre..centre + 3], &want) <= 3,
+            "ink {ink:?}: got {:?}, want {want:?}",
+            &p.data[centre..centre + 3]
+        );
     }
 }
 
@@ -297,13 +305,16 @@ fn nearest_crop_flip_and_normalisation_are_exact() {
     // An 8x4 box at (10, 5), resized 1:1 with nearest: columns 10..18.
     let crop = random_resized(vec![[32.0 / 1200.0, 2.0]], [10.0 / 33.0 + 1e-9, 5.0 / 27.0 + 1e-9]);
     let spec = view([4, 8], Interpolation::Nearest, 1);
-    let run = |augment: Augment, spec: ViewSpec| load_views(&pool(), &sources, &[augment], &[spec], 1 << 30).unwrap().views.remove(0);
+    let run = |augment: Augment, spec: ViewSpec| {
+        load_views(&pool(), &sources, &[augment], &[spec], 1 << 30).unwrap().views.remove(0)
+    };
     let out = run(plain(crop.clone()), spec.clone());
     assert_eq!(&out[..8], &(10..18).map(|v| v as f32 / 255.0).collect::<Vec<_>>()[..]);
     let flipped = run(Augment { flip: true, ..plain(crop.clone()) }, spec.clone());
     assert_eq!(&flipped[..8], &(10..18).rev().map(|v| v as f32 / 255.0).collect::<Vec<_>>()[..]);
     // Three channels from gray, normalised per channel.
-    let spec3 = ViewSpec { mean: vec![0.5, 0.0, 0.1], std: vec![0.5, 2.0, 1.0], ..view([4, 8], Interpolation::Nearest, 3) };
+    let spec3 =
+        ViewSpec { mean: vec![0.5, 0.0, 0.1], std: vec![0.5, 2.0, 1.0], ..view([4, 8], Interpolation::Nearest, 3) };
     let out3 = run(plain(crop), spec3);
     assert_eq!(out3.len(), 3 * 32);
     let x = 10.0 / 255.0;
@@ -355,7 +366,14 @@ fn color_jitter_matches_its_definitions() {
     // Brightness first moves the contrast pivot with it.
     assert!(close(pixel(vec![Jitter::Brightness { factor: 0.5 }, Jitter::Contrast { factor: 0.0 }]), [gray * 0.5; 3]));
     // RGB to one channel is luma.
-    let out = load_views(&pool(), &sources, &[plain(Crop::Center { fraction: 1.0 })], &[view([2, 2], Interpolation::Bilinear, 1)], 1 << 30).unwrap();
+    let out = load_views(
+        &pool(),
+        &sources,
+        &[plain(Crop::Center { fraction: 1.0 })],
+        &[view([2, 2], Interpolation::Bilinear, 1)],
+        1 << 30,
+    )
+    .unwrap();
     assert!((out.views[0][0] - gray).abs() < 2e-3);
 }
 
@@ -372,7 +390,9 @@ fn unreadable_and_corrupt_files_are_reported_and_left_out() {
     let missing = dir.join("missing.jpg");
     let paths: Vec<PathBuf> = vec![empty, good.clone(), missing, text, good];
     let augments = vec![plain(Crop::Center { fraction: 1.0 }); paths.len()];
-    let batch = load_views(&pool(), &Sources::Files(&paths), &augments, &[view([8, 8], Interpolation::Bicubic, 3)], 1 << 30).unwrap();
+    let batch =
+        load_views(&pool(), &Sources::Files(&paths), &augments, &[view([8, 8], Interpolation::Bicubic, 3)], 1 << 30)
+            .unwrap();
     assert_eq!(batch.kept, vec![1, 4]);
     assert_eq!(batch.views[0].len(), 2 * 3 * 64);
     let reasons: Vec<(u32, &str)> = batch.failures.iter().map(|f| (f.index, f.reason.as_str())).collect();
@@ -394,8 +414,10 @@ fn invalid_requests_are_errors_before_any_work() {
     let centre = plain(Crop::Center { fraction: 1.0 });
     assert!(run(&[5], &[centre.clone()], &[ok_view.clone()]).contains("index 5 is out of range"));
     assert!(run(&[0, 1], &[centre.clone()], &[ok_view.clone()]).contains("1 augment entries for 2 images"));
-    assert!(run(&[0], &[centre.clone()], &[ViewSpec { channels: 2, ..ok_view.clone() }]).contains("channels must be 1 or 3"));
-    assert!(run(&[0], &[centre.clone()], &[ViewSpec { std: vec![0.0], ..ok_view.clone() }]).contains("std values must be positive"));
+    assert!(run(&[0], &[centre.clone()], &[ViewSpec { channels: 2, ..ok_view.clone() }])
+        .contains("channels must be 1 or 3"));
+    assert!(run(&[0], &[centre.clone()], &[ViewSpec { std: vec![0.0], ..ok_view.clone() }])
+        .contains("std values must be positive"));
     assert!(run(&[0], &[plain(Crop::Center { fraction: 1.5 })], &[ok_view.clone()]).contains("fraction"));
     let bad_jitter = Augment { jitter: vec![Jitter::Brightness { factor: -1.0 }], ..centre };
     assert!(run(&[0], &[bad_jitter], &[ok_view]).contains("jitter factor"));

@@ -53,7 +53,10 @@ fn masked_rows(logits: &Tensor, mask: &[u8]) -> Vec<f32> {
 }
 
 /// The candle model (the GPU path) with a trainer's weights, for the hidden states.
-fn candle_model<M>(weights: Vec<(String, Tensor)>, new: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<M>) -> M {
+fn candle_model<M>(
+    weights: Vec<(String, Tensor)>,
+    new: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<M>,
+) -> M {
     ParamStore::from_tensors(weights.into_iter().collect()).build(candle_core::DType::F32, &Device::Cpu, new).unwrap().0
 }
 
@@ -99,7 +102,8 @@ fn classifier_parity(name: &str) -> ClassifierTrainer {
     let io = read_io(&dir);
     let ckpt = hf::read(&dir, None).unwrap();
     assert_eq!(ckpt.layout, HfLayout::ImageClassification);
-    let mut model = ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+    let mut model =
+        ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
     let pixels = &io["pixel_values"];
     assert_close(&format!("{name} logits"), &model.predict(&values(pixels)).unwrap(), &values(&io["logits"]));
     let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
@@ -127,9 +131,16 @@ fn bare_beit_model_imports_under_a_new_head() {
     let io = read_io(&dir);
     let ckpt = hf::read(&dir, None).unwrap();
     assert_eq!(ckpt.layout, HfLayout::Model);
-    let no_labels = ClassifierTrainer::from_hf(hf::read(&dir, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 0);
+    let no_labels = ClassifierTrainer::from_hf(
+        hf::read(&dir, None).unwrap(),
+        None,
+        AdamWConfig::default(),
+        FinetuneOptions::default(),
+        0,
+    );
     assert!(no_labels.err().unwrap().to_string().contains("numLabels is required"));
-    let mut model = ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+    let mut model =
+        ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
     let pixels = &io["pixel_values"];
     let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
     let pooled = reference.pooled(pixels, None).unwrap();
@@ -154,7 +165,8 @@ fn export_then_import_round_trips_mim_and_classifier() {
     let mut model = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).unwrap();
     let out = temp_dir("mim");
     model.export_hf(&out).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BeitForMaskedImageModeling");
     assert_eq!(config["use_mask_token"], true);
     assert_eq!(config["use_shared_relative_position_bias"], true);
@@ -167,10 +179,24 @@ fn export_then_import_round_trips_mim_and_classifier() {
     for name in ["cls-token-abs", "cls-mean-nonsquare"] {
         let dir = fixture(&format!("hf/{name}"));
         let pixels = values(&read_io(&dir)["pixel_values"]);
-        let mut model = ClassifierTrainer::from_hf(hf::read(&dir, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+        let mut model = ClassifierTrainer::from_hf(
+            hf::read(&dir, None).unwrap(),
+            None,
+            AdamWConfig::default(),
+            FinetuneOptions::default(),
+            0,
+        )
+        .unwrap();
         let out = temp_dir(name);
         model.export_hf(&out).unwrap();
-        let mut again = ClassifierTrainer::from_hf(hf::read(&out, None).unwrap(), None, AdamWConfig::default(), FinetuneOptions::default(), 1).unwrap();
+        let mut again = ClassifierTrainer::from_hf(
+            hf::read(&out, None).unwrap(),
+            None,
+            AdamWConfig::default(),
+            FinetuneOptions::default(),
+            1,
+        )
+        .unwrap();
         assert_eq!(again.config, model.config, "{name}");
         assert_eq!(again.predict(&pixels).unwrap(), model.predict(&pixels).unwrap(), "{name}");
         std::fs::remove_dir_all(&out).unwrap();
@@ -186,7 +212,10 @@ fn checkpoints_that_do_not_fit_list_every_problem() {
     let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     tensors.remove("beit.encoder.layer.0.attention.attention.key.weight").unwrap();
     tensors.remove("lm_head.bias").unwrap();
-    tensors.insert("beit.encoder.layer.1.intermediate.dense.bias".into(), Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "beit.encoder.layer.1.intermediate.dense.bias".into(),
+        Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     tensors.insert("beit.extra.weight".into(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap());
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let err = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).err().unwrap().to_string();
@@ -204,7 +233,8 @@ fn checkpoints_that_do_not_fit_list_every_problem() {
     let err = MimTrainer::from_hf(cls, AdamWConfig::default()).err().unwrap().to_string();
     assert!(err.contains("BeitForImageClassification") && err.contains("BeitForMaskedImageModeling"), "{err}");
     let text = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), text.replace("\"model_type\": \"beit\"", "\"model_type\": \"vit\"")).unwrap();
+    std::fs::write(dir.join("config.json"), text.replace("\"model_type\": \"beit\"", "\"model_type\": \"vit\""))
+        .unwrap();
     let err = hf::read(&dir, None).err().unwrap().to_string();
     assert!(err.contains("model_type is \"vit\", expected \"beit\""), "{err}");
     std::fs::write(dir.join("config.json"), text).unwrap();
@@ -215,7 +245,10 @@ fn checkpoints_that_do_not_fit_list_every_problem() {
 
 #[test]
 fn resizing_keeps_the_cls_entries_and_is_the_identity_at_the_same_size() {
-    let table = Tensor::arange(0f32, ((2 * 3 - 1) * (2 * 4 - 1) + 3) as f32 * 2.0, &Device::Cpu).unwrap().reshape((38, 2)).unwrap();
+    let table = Tensor::arange(0f32, ((2 * 3 - 1) * (2 * 4 - 1) + 3) as f32 * 2.0, &Device::Cpu)
+        .unwrap()
+        .reshape((38, 2))
+        .unwrap();
     let same = hf::resize_relative_position_table(&table, (3, 4), (3, 4)).unwrap();
     assert_eq!(values(&same), values(&table));
     let bigger = hf::resize_relative_position_table(&table, (3, 4), (5, 6)).unwrap();

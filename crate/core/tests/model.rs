@@ -57,7 +57,10 @@ fn impossible_configs_are_rejected_with_the_reason() {
     let err = with("numHiddenLayers", (-1).into()).unwrap_err().to_string();
     assert!(err.contains("numHiddenLayers") && err.contains("whole number >= 0") && !err.contains("line"), "{err}");
     let err = with("imageSize", "big".into()).unwrap_err().to_string();
-    assert!(err.contains("imageSize: expected a whole number of pixels or [height, width]") && !err.contains("column"), "{err}");
+    assert!(
+        err.contains("imageSize: expected a whole number of pixels or [height, width]") && !err.contains("column"),
+        "{err}"
+    );
     // A number is a square image size.
     assert_eq!(with("imageSize", 8.into()).unwrap().image_size, [8, 8]);
 }
@@ -95,15 +98,18 @@ fn every_trainable_tensor_receives_a_finite_nonzero_gradient() {
         let (model, vars) = build(3, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
         let b = batch(&cfg, 3, 1);
         let px = candle_core::Tensor::from_slice(&b.pixels, (3, 1, 4, 6), &candle_core::Device::Cpu).unwrap();
-        let (w, pos) = beit_core::model::mask_tensors(&b.mask, 3, cfg.num_patches(), &candle_core::Device::Cpu).unwrap();
+        let (w, pos) =
+            beit_core::model::mask_tensors(&b.mask, 3, cfg.num_patches(), &candle_core::Device::Cpu).unwrap();
         let ids: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
         let targets = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap();
         let mut rng = beit_core::rng::SplitMix64::new(5);
         let hidden = model.hidden_states(&px, Some(&w), Some(&mut rng)).unwrap();
         let (loss, _) = beit_core::model::masked_loss(&model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
         let grads = loss.backward().unwrap();
-        let tensors: Vec<_> =
-            vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+        let tensors: Vec<_> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
         let mut engine = BeitEngine::new(&cfg, Head::MaskedImageModeling, &tensors).unwrap();
         engine.loss_and_grads(&b.pixels, Some(&b.mask), &ids, 0.0, 5).unwrap();
         for (name, var) in &vars {

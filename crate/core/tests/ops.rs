@@ -17,7 +17,13 @@ fn layer_norm_matches_the_definition() {
     let mean = x.mean_keepdim(D::Minus1).unwrap();
     let xc = x.broadcast_sub(&mean).unwrap();
     let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let expected = xc.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g).unwrap().broadcast_add(&b).unwrap();
+    let expected = xc
+        .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&g)
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
     assert!(max_diff(&ops::layer_norm(&x, &g, &b, 1e-6).unwrap(), &expected) < 1e-5);
 }
 

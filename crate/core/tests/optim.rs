@@ -30,7 +30,8 @@ fn matches_reference_adamw_with_groups_and_clipping() {
     for t in 1..=5 {
         let loss = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let gw: Vec<f64> = grads.get(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let gw: Vec<f64> =
+            grads.get(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let gb: Vec<f64> = grads.get(&b).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
         let norm = (gw.iter().chain(&gb).map(|g| g * g).sum::<f64>()).sqrt();
         let scale = if norm > cfg.clip_grad_norm { cfg.clip_grad_norm / (norm + 1e-6) } else { 1.0 };
@@ -40,7 +41,8 @@ fn matches_reference_adamw_with_groups_and_clipping() {
             let g: Vec<f64> = g.iter().map(|v| v * scale).collect();
             reference(&mut rp[i], &mut rm[i], &mut rv[i], &g, t, 0.01, &cfg, i == 0);
         }
-        let ours: Vec<f32> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().chain(b.to_vec1::<f32>().unwrap()).collect();
+        let ours: Vec<f32> =
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().chain(b.to_vec1::<f32>().unwrap()).collect();
         for (o, r) in ours.iter().zip(rp[0].iter().chain(&rp[1])) {
             assert!((*o as f64 - r).abs() < 1e-5, "step {t}: {o} vs {r}");
         }

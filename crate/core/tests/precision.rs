@@ -9,7 +9,10 @@ use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::Precision;
 use beit_core::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use beit_core::rng::SplitMix64;
-use beit_core::{ops, AdamWConfig, BeitConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
+use beit_core::{
+    ops, AdamWConfig, BeitConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer,
+    TokenizerTrainer, TokenizerTraining,
+};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
@@ -31,7 +34,12 @@ fn check_bf16_op(name: &str, inputs: &[Tensor], op: impl Fn(&[Tensor]) -> Tensor
     let up: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
     let expected = op(&up).to_dtype(DType::BF16).unwrap();
     assert_eq!(values(&y), values(&expected), "{name}: not the f32 result rounded once");
-    let grads = (y.to_dtype(DType::F32).unwrap() * random_tensor(y.dims(), 9, DType::F32)).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (y.to_dtype(DType::F32).unwrap() * random_tensor(y.dims(), 9, DType::F32))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (i, v) in vars.iter().enumerate() {
         let g = grads.get(v).unwrap_or_else(|| panic!("{name}: input {i} got no gradient"));
         assert_eq!(g.dtype(), DType::BF16, "{name}: gradient {i} dtype");
@@ -69,7 +77,8 @@ fn every_parameter_gets_an_f32_gradient_through_bf16_activations() {
         let b = batch(&cfg, 3, 1);
         let px = Tensor::from_slice(&b.pixels, (3, 1, 4, 6), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
         let (w, pos) = mask_tensors(&b.mask, 3, cfg.num_patches(), &Device::Cpu).unwrap();
-        let targets: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
+        let targets: Vec<u32> =
+            b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
         let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
         let hidden = model.hidden_states(&px, Some(&w), Some(&mut SplitMix64::new(5))).unwrap();
         assert_eq!(hidden.dtype(), DType::BF16, "activations should be bf16");
@@ -88,7 +97,15 @@ fn every_parameter_gets_an_f32_gradient_through_bf16_activations() {
 
 #[test]
 fn bf16_training_tracks_f32_training() {
-    let cfg = BeitConfig { image_size: [16, 16], patch_size: 4, hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, vocab_size: 16, ..tiny_config() };
+    let cfg = BeitConfig {
+        image_size: [16, 16],
+        patch_size: 4,
+        hidden_size: 32,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        vocab_size: 16,
+        ..tiny_config()
+    };
     let b = batch(&cfg, 4, 2);
     let optim = AdamWConfig { weight_decay: 0.0, ..Default::default() };
     let mut full = MimTrainer::new(cfg.clone(), optim.clone(), 7).unwrap();
@@ -136,9 +153,22 @@ fn bf16_classifier_logits_are_close_to_f32() {
 
 #[test]
 fn bf16_tokenizer_encoding_agrees_with_f32() {
-    let config = DvaeConfig { image_size: [16, 16], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let config = DvaeConfig {
+        image_size: [16, 16],
+        num_channels: 3,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 1,
+        vocab_size: 32,
+        decoder_input_size: 16,
+    };
     let mut t = TokenizerTrainer::new(config, TokenizerTraining::default(), 5).unwrap();
-    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 6, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 6, DType::F32)
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.abs().min(1.0))
+        .collect();
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let full = t.encode(&images).unwrap();
     t.set_precision(Precision::Bf16).unwrap();

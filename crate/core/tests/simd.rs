@@ -4,16 +4,22 @@
 
 mod common;
 
+use beit_core::config::BeitConfig;
 use beit_core::engine::simd::{self, Level, Real};
 use beit_core::engine::{BeitEngine, Head};
 use beit_core::model::BeitForMaskedImageModeling;
-use beit_core::config::BeitConfig;
 use candle_core::DType;
 use common::*;
 
 #[test]
 fn every_level_gives_the_same_bits() {
-    let cfg = BeitConfig { hidden_size: 40, intermediate_size: 72, num_attention_heads: 2, drop_path_rate: 0.3, ..tiny_config() };
+    let cfg = BeitConfig {
+        hidden_size: 40,
+        intermediate_size: 72,
+        num_attention_heads: 2,
+        drop_path_rate: 0.3,
+        ..tiny_config()
+    };
     let (_, vars) = build(4, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
     randomise(&vars, 8, 0.3);
     let tensors: Vec<_> = vars

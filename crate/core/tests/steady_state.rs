@@ -46,7 +46,16 @@ fn allocated(f: impl FnOnce()) -> usize {
 
 #[test]
 fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
-    let cfg = BeitConfig { image_size: [16, 16], patch_size: 4, hidden_size: 64, num_attention_heads: 4, intermediate_size: 128, vocab_size: 64, drop_path_rate: 0.1, ..tiny_config() };
+    let cfg = BeitConfig {
+        image_size: [16, 16],
+        patch_size: 4,
+        hidden_size: 64,
+        num_attention_heads: 4,
+        intermediate_size: 128,
+        vocab_size: 64,
+        drop_path_rate: 0.1,
+        ..tiny_config()
+    };
     let b = batch(&cfg, 16, 1);
     let mut mim = MimTrainer::new(cfg, AdamWConfig::default(), 3).unwrap();
     let first = allocated(|| drop(mim.train_step(&b.view(), 1e-3, 0).unwrap()));
@@ -55,9 +64,22 @@ fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
     eprintln!("MIM step: first {first} bytes, steady {steady} bytes");
     assert!(steady * 5 < first, "a steady MIM step allocated {steady} bytes, the first {first}");
 
-    let dvae = DvaeConfig { image_size: [32, 32], num_channels: 3, hidden_size: 16, num_groups: 3, blocks_per_group: 1, vocab_size: 32, decoder_input_size: 16 };
+    let dvae = DvaeConfig {
+        image_size: [32, 32],
+        num_channels: 3,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 1,
+        vocab_size: 32,
+        decoder_input_size: 16,
+    };
     let mut tok = TokenizerTrainer::new(dvae, TokenizerTraining::default(), 4).unwrap();
-    let pixels: Vec<f32> = random_tensor(&[8 * 3 * 1024], 9, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> = random_tensor(&[8 * 3 * 1024], 9, DType::F32)
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.abs().min(1.0))
+        .collect();
     let images = ImageBatch { pixels: &pixels, height: 32, width: 32 };
     let first = allocated(|| drop(tok.train_step(&images, 1.0, 0.1, 1e-3, 0).unwrap()));
     tok.train_step(&images, 1.0, 0.1, 1e-3, 1).unwrap();

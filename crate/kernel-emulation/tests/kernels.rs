@@ -86,7 +86,13 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
         }
     }
     let i = worst.1;
-    assert!(worst.0 <= tolerance, "{what}[{i}]: kernel {} vs CPU {} (relative error {:e} > {tolerance:e})", got[i], want[i], worst.0);
+    assert!(
+        worst.0 <= tolerance,
+        "{what}[{i}]: kernel {} vs CPU {} (relative error {:e} > {tolerance:e})",
+        got[i],
+        want[i],
+        worst.0
+    );
 }
 
 #[track_caller]
@@ -164,7 +170,12 @@ fn layer_norm_backward<T: Element>(rows: usize, d: usize) {
     // All three are f32 outputs computed in f32 from the same values, whatever T.
     let tolerance = 2e-4;
     assert_close(&format!("{what} dx"), &packed[..rows * d], &f32s(grads.get(&xv).unwrap()), tolerance);
-    assert_close(&format!("{what} dgamma"), &packed[rows * d..(rows + 1) * d], &f32s(grads.get(&gv).unwrap()), tolerance);
+    assert_close(
+        &format!("{what} dgamma"),
+        &packed[rows * d..(rows + 1) * d],
+        &f32s(grads.get(&gv).unwrap()),
+        tolerance,
+    );
     assert_close(&format!("{what} dbeta"), &packed[(rows + 1) * d..], &f32s(grads.get(&bv).unwrap()), tolerance);
 }
 
@@ -354,7 +365,12 @@ fn cross_entropy_agrees_with_the_cpu() {
             let row = r * vocab..(r + 1) * vocab;
             let top = want_dz[row.clone()].iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for i in row {
-                assert!((dz[i] - want_dz[i]).abs() <= 2e-5 * top, "cross_entropy_bwd[{i}]: {} vs {}", dz[i], want_dz[i]);
+                assert!(
+                    (dz[i] - want_dz[i]).abs() <= 2e-5 * top,
+                    "cross_entropy_bwd[{i}]: {} vs {}",
+                    dz[i],
+                    want_dz[i]
+                );
             }
         }
     }
@@ -365,9 +381,11 @@ fn cross_entropy_agrees_with_the_cpu() {
 #[test]
 fn adamw_kernels_follow_their_definitions() {
     let n = 1000;
-    let (beta1, beta2, grad_scale, lr, weight_decay, eps, step) = (0.9f32, 0.999f32, 0.5f32, 1e-3f32, 0.05f32, 1e-8f32, 3);
+    let (beta1, beta2, grad_scale, lr, weight_decay, eps, step) =
+        (0.9f32, 0.999f32, 0.5f32, 1e-3f32, 0.05f32, 1e-8f32, 3);
     let mut g = values(n, 18, 1.0);
-    let (m0, v0, p0) = (values(n, 19, 0.1), values(n, 20, 0.01).iter().map(|v| v.abs()).collect::<Vec<_>>(), values(n, 21, 1.0));
+    let (m0, v0, p0) =
+        (values(n, 19, 0.1), values(n, 20, 0.01).iter().map(|v| v.abs()).collect::<Vec<_>>(), values(n, 21, 1.0));
     let (mut m, mut v, mut p) = (m0.clone(), v0.clone(), p0.clone());
     Launch::new()
         .buffer(&mut m)
@@ -419,7 +437,13 @@ fn ema_kernel_follows_its_definition() {
     let e0 = values(n, 22, 1.0);
     let mut p = values(n, 23, 1.0);
     let mut e = e0.clone();
-    Launch::new().buffer(&mut e).buffer(&mut p).scalar(n as u64).scalar(decay).run("ema_update", elementwise(n)).unwrap();
+    Launch::new()
+        .buffer(&mut e)
+        .buffer(&mut p)
+        .scalar(n as u64)
+        .scalar(decay)
+        .run("ema_update", elementwise(n))
+        .unwrap();
     for i in 0..n {
         let want = decay as f64 * e0[i] as f64 + (1.0 - decay as f64) * p[i] as f64;
         assert!((e[i] as f64 - want).abs() <= 1e-6, "e[{i}]: {} vs {want}", e[i]);

@@ -48,7 +48,12 @@ impl NativeClassifier {
     pub fn create(config_json: String, optimizer_json: String, finetune_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = ClassifierConfig::from_json(&config_json)?;
-            ClassifierTrainer::new(config, parse_optimizer(&optimizer_json)?, parse_finetune(&finetune_json)?, seed as u64)
+            ClassifierTrainer::new(
+                config,
+                parse_optimizer(&optimizer_json)?,
+                parse_finetune(&finetune_json)?,
+                seed as u64,
+            )
         })
         .and_then(wrap)
     }
@@ -66,7 +71,13 @@ impl NativeClassifier {
             move || {
                 let config = ClassifierConfig::from_json(&config_json)?;
                 let optimizer = parse_optimizer(&optimizer_json)?;
-                ClassifierTrainer::from_pretrained(&PathBuf::from(path), config, optimizer, parse_finetune(&finetune_json)?, seed as u64)
+                ClassifierTrainer::from_pretrained(
+                    &PathBuf::from(path),
+                    config,
+                    optimizer,
+                    parse_finetune(&finetune_json)?,
+                    seed as u64,
+                )
             },
             wrap,
         )
@@ -109,7 +120,13 @@ impl NativeClassifier {
 
     /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.
     #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
-    pub fn train_step(&self, pixels: Float32Array, labels: Int32Array, lr: f64, seed: u32) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+    pub fn train_step(
+        &self,
+        pixels: Float32Array,
+        labels: Int32Array,
+        lr: f64,
+        seed: u32,
+    ) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
         let model = self.inner.clone();
         job(move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64), metrics)
     }
@@ -132,15 +149,32 @@ pub struct NativeLinearProbe {
 impl NativeLinearProbe {
     /// `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature).
     #[napi(constructor)]
-    pub fn new(num_features: u32, num_labels: u32, train_features: Float32Array, optimizer_json: String, seed: u32) -> Result<Self> {
+    pub fn new(
+        num_features: u32,
+        num_labels: u32,
+        train_features: Float32Array,
+        optimizer_json: String,
+        seed: u32,
+    ) -> Result<Self> {
         guarded(|| {
-            let probe = LinearProbe::new(num_features as usize, num_labels as usize, &train_features, parse_optimizer(&optimizer_json)?, seed as u64)?;
+            let probe = LinearProbe::new(
+                num_features as usize,
+                num_labels as usize,
+                &train_features,
+                parse_optimizer(&optimizer_json)?,
+                seed as u64,
+            )?;
             Ok(Self { inner: Arc::new(Mutex::new(probe)) })
         })
     }
 
     #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
-    pub fn train_step(&self, features: Float32Array, labels: Int32Array, lr: f64) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+    pub fn train_step(
+        &self,
+        features: Float32Array,
+        labels: Int32Array,
+        lr: f64,
+    ) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
         let probe = self.inner.clone();
         job(move || lock(&probe)?.train_step(&features, &labels, lr), metrics)
     }

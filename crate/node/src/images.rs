@@ -67,7 +67,12 @@ impl NativeImageLoader {
     /// Reads and decodes image files. `augmentsJson`: one drawn augmentation per path;
     /// `viewsJson`: the view specs.
     #[napi(ts_return_type = "Promise<NativeViewBatch>")]
-    pub fn load_files(&self, paths: Vec<String>, augments_json: String, views_json: String) -> AsyncTask<LoadViewsTask> {
+    pub fn load_files(
+        &self,
+        paths: Vec<String>,
+        augments_json: String,
+        views_json: String,
+    ) -> AsyncTask<LoadViewsTask> {
         let source = Source::Files(paths.into_iter().map(PathBuf::from).collect());
         AsyncTask::new(LoadViewsTask { loader: self.task_context(), source, augments_json, views_json })
     }
@@ -85,7 +90,8 @@ impl NativeImageLoader {
         augments_json: String,
         views_json: String,
     ) -> Result<AsyncTask<LoadViewsTask>> {
-        let channels = u8::try_from(channels).map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
+        let channels = u8::try_from(channels)
+            .map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
         let source = Source::Pixels { pixels, height, width, channels, indices };
         Ok(AsyncTask::new(LoadViewsTask { loader: self.task_context(), source, augments_json, views_json }))
     }

@@ -28,7 +28,10 @@ impl NativeMimModel {
     /// settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
     #[napi(factory)]
     pub fn create(config_json: String, optimizer_json: String, seed: u32) -> Result<Self> {
-        guarded(|| MimTrainer::new(BeitConfig::from_json(&config_json)?, parse_optimizer(&optimizer_json)?, seed as u64)).and_then(wrap)
+        guarded(|| {
+            MimTrainer::new(BeitConfig::from_json(&config_json)?, parse_optimizer(&optimizer_json)?, seed as u64)
+        })
+        .and_then(wrap)
     }
 
     /// Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
@@ -47,7 +50,11 @@ impl NativeMimModel {
     /// Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
     /// model.safetensors); `imageSize` [height, width] resizes the position tables to it.
     #[napi(ts_return_type = "Promise<NativeMimModel>")]
-    pub fn from_hugging_face(dir: String, image_size: Option<Vec<u32>>, optimizer_json: String) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
+    pub fn from_hugging_face(
+        dir: String,
+        image_size: Option<Vec<u32>>,
+        optimizer_json: String,
+    ) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
@@ -66,9 +73,21 @@ impl NativeMimModel {
 
     /// One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth.
     #[napi(ts_return_type = "Promise<StepMetrics>")]
-    pub fn train_step(&self, pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: f64, seed: u32) -> AsyncTask<Job<beit_core::StepMetrics, StepMetrics>> {
+    pub fn train_step(
+        &self,
+        pixels: Float32Array,
+        mask: Uint8Array,
+        targets: Int32Array,
+        lr: f64,
+        seed: u32,
+    ) -> AsyncTask<Job<beit_core::StepMetrics, StepMetrics>> {
         let model = self.inner.clone();
-        job(move || lock(&model)?.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64), metrics)
+        job(
+            move || {
+                lock(&model)?.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64)
+            },
+            metrics,
+        )
     }
 
     /// One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
@@ -93,8 +112,17 @@ impl NativeMimModel {
                 // Always the model first, then the tokenizer: no other call holds both.
                 let mut model = lock(&model)?;
                 let mut tokenizer = lock(&tokenizer)?;
-                let images = ImageBatch { pixels: &tokenizer_pixels, height: tokenizer_height as usize, width: tokenizer_width as usize };
-                model.pretrain_step(&mut tokenizer, &PretrainBatch { pixels: &pixels, mask: &mask, tokenizer_images: images }, lr, seed as u64)
+                let images = ImageBatch {
+                    pixels: &tokenizer_pixels,
+                    height: tokenizer_height as usize,
+                    width: tokenizer_width as usize,
+                };
+                model.pretrain_step(
+                    &mut tokenizer,
+                    &PretrainBatch { pixels: &pixels, mask: &mask, tokenizer_images: images },
+                    lr,
+                    seed as u64,
+                )
             },
             metrics,
         )
@@ -110,17 +138,33 @@ impl NativeMimModel {
 
     /// Evaluation forward pass: logits and argmax ids at the masked patches.
     #[napi(ts_return_type = "Promise<MaskedPredictions>")]
-    pub fn predict(&self, pixels: Float32Array, mask: Uint8Array) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
+    pub fn predict(
+        &self,
+        pixels: Float32Array,
+        mask: Uint8Array,
+    ) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
         let model = self.inner.clone();
         job(
             move || lock(&model)?.predict(&pixels, &mask),
-            |p| Ok(MaskedPredictions { logits: Float32Array::new(p.logits), ids: Int32Array::new(p.ids), num_masked: p.num_masked as u32 }),
+            |p| {
+                Ok(MaskedPredictions {
+                    logits: Float32Array::new(p.logits),
+                    ids: Int32Array::new(p.ids),
+                    num_masked: p.num_masked as u32,
+                })
+            },
         )
     }
 }
 
 fn metrics(m: beit_core::StepMetrics) -> Result<StepMetrics> {
-    Ok(StepMetrics { loss: m.loss, mlm_acc: m.mlm_acc, grad_norm: m.grad_norm, num_masked: m.num_masked as u32, majority_baseline: m.majority_baseline })
+    Ok(StepMetrics {
+        loss: m.loss,
+        mlm_acc: m.mlm_acc,
+        grad_norm: m.grad_norm,
+        num_masked: m.num_masked as u32,
+        majority_baseline: m.majority_baseline,
+    })
 }
 
 #[napi(object)]

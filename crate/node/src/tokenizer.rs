@@ -35,7 +35,8 @@ impl NativeTokenizer {
     pub fn create(config_json: String, training_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = DvaeConfig::from_json(&config_json)?;
-            let training: TokenizerTraining = beit_core::config::parse_json("tokenizer training options", &training_json)?;
+            let training: TokenizerTraining =
+                beit_core::config::parse_json("tokenizer training options", &training_json)?;
             TokenizerTrainer::new(config, training, seed as u64)
         })
         .and_then(wrap)
@@ -83,7 +84,9 @@ impl NativeTokenizer {
     pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<Job<Vec<i32>, Int32Array>> {
         let model = self.inner.clone();
         job(
-            move || lock(&model)?.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize }),
+            move || {
+                lock(&model)?.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize })
+            },
             |ids| Ok(Int32Array::new(ids)),
         )
     }
@@ -92,7 +95,10 @@ impl NativeTokenizer {
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
         let model = self.inner.clone();
-        job(move || lock(&model)?.decode(&ids, grid_height as usize, grid_width as usize), |images| Ok(Float32Array::new(images)))
+        job(
+            move || lock(&model)?.decode(&ids, grid_height as usize, grid_width as usize),
+            |images| Ok(Float32Array::new(images)),
+        )
     }
 }
 

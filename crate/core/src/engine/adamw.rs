@@ -68,7 +68,9 @@ impl<T: Real> FlatAdamW<T> {
         }
         let norm = sum_of_squares(grads).sqrt();
         if !norm.is_finite() {
-            return Err(Error::Numeric(format!("gradient norm is {norm}: the update was skipped (parameters unchanged)")));
+            return Err(Error::Numeric(format!(
+                "gradient norm is {norm}: the update was skipped (parameters unchanged)"
+            )));
         }
         let c = &self.config;
         let len = grads.len();
@@ -92,7 +94,13 @@ impl<T: Real> FlatAdamW<T> {
                 bias_correction1: 1.0 - c.beta1.powi(t),
                 bias_correction2: 1.0 - c.beta2.powi(t),
             };
-            adamw(g.slot.of_mut(params), g.slot.of(grads), g.slot.of_mut(&mut self.exp_avg), g.slot.of_mut(&mut self.exp_avg_sq), h);
+            adamw(
+                g.slot.of_mut(params),
+                g.slot.of(grads),
+                g.slot.of_mut(&mut self.exp_avg),
+                g.slot.of_mut(&mut self.exp_avg_sq),
+                h,
+            );
         }
         Ok(norm)
     }

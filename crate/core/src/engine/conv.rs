@@ -47,7 +47,9 @@ fn tile_pixels(row: usize) -> usize {
 fn im2col_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, p0: usize, cols: &mut [T]) {
     let row = k * k * s.c;
     const ROWS: usize = 64;
-    cols.par_chunks_mut(row * ROWS).enumerate().for_each(|(chunk, out)| im2col_rows(x, s, k, relu, p0 + chunk * ROWS, out));
+    cols.par_chunks_mut(row * ROWS)
+        .enumerate()
+        .for_each(|(chunk, out)| im2col_rows(x, s, k, relu, p0 + chunk * ROWS, out));
 }
 
 multiversion! {
@@ -100,7 +102,14 @@ fn copy_relu<T: Real>(src: &[T], dst: &mut [T], relu: bool) {
 
 /// Calls `f(p0, cols)` for each tile of output pixels with its im2col rows of f(x) (the
 /// rows of x themselves, without a copy, for a 1x1 kernel without ReLU).
-fn for_each_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, cols: &mut Vec<T>, mut f: impl FnMut(usize, usize, &[T])) {
+fn for_each_tile<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    k: usize,
+    relu: bool,
+    cols: &mut Vec<T>,
+    mut f: impl FnMut(usize, usize, &[T]),
+) {
     let row = k * k * s.c;
     let p = s.pixels();
     if k == 1 && !relu {
@@ -121,11 +130,30 @@ fn for_each_tile<T: Real>(x: &[T], s: Nhwc, k: usize, relu: bool, cols: &mut Vec
 
 /// y[p, :] = bias + im2col(f(x))[p] . W for `packed` [k*k*c_in, c_out] (see [`pack`]).
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, packed: &[T], bias: &[T], y: &mut [T], cols: &mut Vec<T>) {
+pub fn forward<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    k: usize,
+    packed: &[T],
+    bias: &[T],
+    y: &mut [T],
+    cols: &mut Vec<T>,
+) {
     let (row, c_out) = (k * k * s.c, bias.len());
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let out = &mut y[p0 * c_out..(p0 + n) * c_out];
-        matmul(out, Mat::dense(n, c_out), tile, Mat::dense(n, row), packed, Mat::dense(row, c_out), false, T::ONE, Threads::Pool);
+        matmul(
+            out,
+            Mat::dense(n, c_out),
+            tile,
+            Mat::dense(n, row),
+            packed,
+            Mat::dense(row, c_out),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
     });
     add_bias(&mut y[..s.pixels() * c_out], bias);
 }
@@ -147,7 +175,17 @@ pub fn backward_params<T: Real>(
     let (row, c_out) = (k * k * s.c, dbias.len());
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let g = &dy[p0 * c_out..(p0 + n) * c_out];
-        matmul(dweight, Mat::dense(c_out, row), g, Mat::dense(n, c_out).t(), tile, Mat::dense(n, row), true, T::ONE, Threads::Pool);
+        matmul(
+            dweight,
+            Mat::dense(c_out, row),
+            g,
+            Mat::dense(n, c_out).t(),
+            tile,
+            Mat::dense(n, row),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
     });
     add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
 }
@@ -156,16 +194,46 @@ pub fn backward_params<T: Real>(
 /// [k*k*c_out, c_in] (see [`flip`]; for k = 1, the weight [c_out, c_in] itself), then the
 /// ReLU's mask (x >= 0, as candle's ReLU backward) when the forward applied one.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_input<T: Real>(x: &[T], s: Nhwc, relu: bool, k: usize, flipped: &[T], c_out: usize, dy: &[T], dx: &mut [T], cols: &mut Vec<T>) {
+pub fn backward_input<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    k: usize,
+    flipped: &[T],
+    c_out: usize,
+    dy: &[T],
+    dx: &mut [T],
+    cols: &mut Vec<T>,
+) {
     let ds = s.with_channels(c_out);
     let row = k * k * c_out;
     if k == 1 {
         let p = s.pixels();
-        matmul(&mut dx[..p * s.c], Mat::dense(p, s.c), dy, Mat::dense(p, c_out), flipped, Mat::dense(c_out, s.c), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut dx[..p * s.c],
+            Mat::dense(p, s.c),
+            dy,
+            Mat::dense(p, c_out),
+            flipped,
+            Mat::dense(c_out, s.c),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
     } else {
         for_each_tile(dy, ds, k, false, cols, |p0, n, tile| {
             let out = &mut dx[p0 * s.c..(p0 + n) * s.c];
-            matmul(out, Mat::dense(n, s.c), tile, Mat::dense(n, row), flipped, Mat::dense(row, s.c), false, T::ONE, Threads::Pool);
+            matmul(
+                out,
+                Mat::dense(n, s.c),
+                tile,
+                Mat::dense(n, row),
+                flipped,
+                Mat::dense(row, s.c),
+                false,
+                T::ONE,
+                Threads::Pool,
+            );
         });
     }
     if relu {

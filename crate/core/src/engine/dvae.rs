@@ -73,10 +73,20 @@ impl Builder<'_> {
         let groups = cfg.num_groups;
         let (input, n_in, kernels, widths): (Conv, usize, [usize; 4], Vec<usize>) = if encoder {
             let widths = (0..groups).map(|g| cfg.hidden_size << g).collect();
-            (self.conv(&format!("{p}.input"), cfg.num_channels, cfg.hidden_size, 7)?, cfg.hidden_size, [3, 3, 3, 1], widths)
+            (
+                self.conv(&format!("{p}.input"), cfg.num_channels, cfg.hidden_size, 7)?,
+                cfg.hidden_size,
+                [3, 3, 3, 1],
+                widths,
+            )
         } else {
             let widths = (0..groups).map(|g| cfg.hidden_size << (groups - 1 - g)).collect();
-            (self.conv(&format!("{p}.input"), cfg.vocab_size, cfg.decoder_input_size, 1)?, cfg.decoder_input_size, [1, 3, 3, 3], widths)
+            (
+                self.conv(&format!("{p}.input"), cfg.vocab_size, cfg.decoder_input_size, 1)?,
+                cfg.decoder_input_size,
+                [1, 3, 3, 3],
+                widths,
+            )
         };
         let mut width_in = n_in;
         let mut out_groups = Vec::new();
@@ -86,7 +96,11 @@ impl Builder<'_> {
                 let block_in = if b == 0 { width_in } else { n_out };
                 let path = format!("{p}.group_{}.block_{}", g + 1, b + 1);
                 let hid = n_out / 4;
-                let id_path = if block_in != n_out { Some(self.conv(&format!("{path}.id_path"), block_in, n_out, 1)?) } else { None };
+                let id_path = if block_in != n_out {
+                    Some(self.conv(&format!("{path}.id_path"), block_in, n_out, 1)?)
+                } else {
+                    None
+                };
                 let shapes = [(block_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
                 let mut res = Vec::new();
                 for (i, (&(a, c), &k)) in shapes.iter().zip(&kernels).enumerate() {
@@ -172,10 +186,17 @@ impl<T: Real> NetActs<T> {
             .iter()
             .zip(&shapes)
             .map(|(group, s)| {
-                group.iter().map(|b| BlockActs { res: [0, 1, 2].map(|i| z(s.pixels() * b.res_path[i].c_out)), out: z(s.pixels() * b.res_path[3].c_out) }).collect()
+                group
+                    .iter()
+                    .map(|b| BlockActs {
+                        res: [0, 1, 2].map(|i| z(s.pixels() * b.res_path[i].c_out)),
+                        out: z(s.pixels() * b.res_path[3].c_out),
+                    })
+                    .collect()
             })
             .collect();
-        let resampled = shapes[1..].iter().zip(&net.groups).map(|(s, prev)| z(s.pixels() * prev[0].res_path[3].c_out)).collect();
+        let resampled =
+            shapes[1..].iter().zip(&net.groups).map(|(s, prev)| z(s.pixels() * prev[0].res_path[3].c_out)).collect();
         let last = shapes.last().expect("a net has groups");
         Self { first: z(shapes[0].len()), blocks, resampled, output: z(last.pixels() * net.output.c_out), shapes }
     }
@@ -302,7 +323,17 @@ impl<T: Real> Pass<'_, T> {
     /// Backward through `net` from d output `dout`: the parameter gradients are added to
     /// `grads`, and d input written to `input_grad` when given (the encoder needs none).
     #[allow(clippy::too_many_arguments)]
-    fn backward(&self, net: &Net, input: &[T], s: Nhwc, acts: &NetActs<T>, dout: &[T], grads: &mut [T], scratch: &mut Scratch<T>, input_grad: Option<&mut [T]>) {
+    fn backward(
+        &self,
+        net: &Net,
+        input: &[T],
+        s: Nhwc,
+        acts: &NetActs<T>,
+        dout: &[T],
+        grads: &mut [T],
+        scratch: &mut Scratch<T>,
+        input_grad: Option<&mut [T]>,
+    ) {
         let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, .. } = scratch;
         let mut conv_bwd = |c: &Conv, x: &[T], s: Nhwc, relu: bool, dy: &[T], dx: Option<&mut [T]>| {
             self.conv_backward(c, x, s, relu, dy, dx, grads, cols, partial, dweight)
@@ -450,11 +481,12 @@ impl<T: Real> DvaeEngine<T> {
                     Kind::Encode => (Some(input), None),
                     Kind::Decode => (None, Some(input)),
                 };
-                let largest = [encoder.map(|s| self.encoder.plan(s).largest), decoder.map(|s| self.decoder.plan(s).largest)]
-                    .into_iter()
-                    .flatten()
-                    .max()
-                    .unwrap_or(0);
+                let largest =
+                    [encoder.map(|s| self.encoder.plan(s).largest), decoder.map(|s| self.decoder.plan(s).largest)]
+                        .into_iter()
+                        .flatten()
+                        .max()
+                        .unwrap_or(0);
                 let t = if training { self.encoder.output_shape(input).len() } else { 0 };
                 Workspace {
                     input,
@@ -470,7 +502,11 @@ impl<T: Real> DvaeEngine<T> {
                         noise: Vec::new(),
                         partial: Vec::new(),
                         branch: z(largest),
-                        grads: if training { [z(largest), z(largest), z(largest), z(largest)] } else { Default::default() },
+                        grads: if training {
+                            [z(largest), z(largest), z(largest), z(largest)]
+                        } else {
+                            Default::default()
+                        },
                         dweight: Vec::new(),
                     },
                 }
@@ -488,10 +524,12 @@ impl<T: Real> DvaeEngine<T> {
         let params = weights.unwrap_or(&self.params);
         let all: Vec<Conv> = nets
             .iter()
-            .flat_map(|part| convs(match part {
-                Part::Encoder => &self.encoder,
-                Part::Decoder => &self.decoder,
-            }))
+            .flat_map(|part| {
+                convs(match part {
+                    Part::Encoder => &self.encoder,
+                    Part::Decoder => &self.decoder,
+                })
+            })
             .collect();
         let end = |slot: fn(&Conv) -> Slot| all.iter().map(|c| slot(c).offset + slot(c).len).max().unwrap_or(0);
         let (packed_end, flipped_end) = (end(|c| c.packed), end(|c| c.flipped));
@@ -514,7 +552,9 @@ impl<T: Real> DvaeEngine<T> {
         let d = self.cfg.downsample();
         let per = c * height * width;
         if height == 0 || width == 0 || height % d != 0 || width % d != 0 || pixels == 0 || pixels % per != 0 {
-            return Err(Error::Input(format!("engine: {pixels} pixel values do not make [B, {c}, {height}, {width}] images divisible by {d}")));
+            return Err(Error::Input(format!(
+                "engine: {pixels} pixel values do not make [B, {c}, {height}, {width}] images divisible by {d}"
+            )));
         }
         Ok(Nhwc { b: pixels / per, h: height, w: width, c })
     }
@@ -535,7 +575,17 @@ impl<T: Real> DvaeEngine<T> {
     /// Forward and backward of the tokenizer objective on [B, C, H, W] images in [0, 1]: the
     /// gradient is left in `self.grads`, the argmax code of every position in `codes`.
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_and_grads(&mut self, pixels: &[T], height: usize, width: usize, temperature: f64, kl_weight: f64, recon: ReconLoss, seed: u64, codes: &mut Vec<u32>) -> Result<DvaeLoss> {
+    pub fn loss_and_grads(
+        &mut self,
+        pixels: &[T],
+        height: usize,
+        width: usize,
+        temperature: f64,
+        kl_weight: f64,
+        recon: ReconLoss,
+        seed: u64,
+        codes: &mut Vec<u32>,
+    ) -> Result<DvaeLoss> {
         let s = self.input_shape(pixels.len(), height, width)?;
         let mut ws = self.workspace(Kind::Train, s);
         self.pack(None, &[Part::Encoder, Part::Decoder], true);
@@ -552,11 +602,13 @@ impl<T: Real> DvaeEngine<T> {
         let noise = &mut scratch.noise;
         noise.resize(soft.len(), 0.0);
         kernels::gumbel_noise(seed, noise);
-        soft.par_chunks_mut(16384).zip(noise.par_chunks(16384)).zip(logits.par_chunks(16384)).for_each(|((s, g), z)| {
-            for ((s, &g), &z) in s.iter_mut().zip(g).zip(z) {
-                *s = z + T::from_f64(g as f64);
-            }
-        });
+        soft.par_chunks_mut(16384).zip(noise.par_chunks(16384)).zip(logits.par_chunks(16384)).for_each(
+            |((s, g), z)| {
+                for ((s, &g), &z) in s.iter_mut().zip(g).zip(z) {
+                    *s = z + T::from_f64(g as f64);
+                }
+            },
+        );
         let inv_t = T::from_f64(1.0 / temperature);
         soft.par_chunks_mut(v * 16).for_each(|z| kernels::softmax_rows(z, &[], v, inv_t));
         let kl_scale = kl_weight / (s.len() / tokens.pixels()) as f64;
@@ -566,10 +618,12 @@ impl<T: Real> DvaeEngine<T> {
         super::zeroed(&mut self.grads, self.layout.len);
         pass.backward(&self.decoder, soft, tokens, decoder, dout, &mut self.grads, scratch, Some(dsoft));
         // Back through the relaxation: d (logits + noise) = softmax'(dsoft) / T.
-        dlogits.par_chunks_mut(v * 16).zip(soft.par_chunks(v * 16)).zip(dsoft.par_chunks_mut(v * 16)).for_each(|((dl, p), ds)| {
-            kernels::softmax_backward_rows(p, ds, v);
-            add_scaled_rows(dl, ds, inv_t);
-        });
+        dlogits.par_chunks_mut(v * 16).zip(soft.par_chunks(v * 16)).zip(dsoft.par_chunks_mut(v * 16)).for_each(
+            |((dl, p), ds)| {
+                kernels::softmax_backward_rows(p, ds, v);
+                add_scaled_rows(dl, ds, inv_t);
+            },
+        );
         pass.backward(&self.encoder, x, s, encoder, dlogits, &mut self.grads, scratch, None);
         self.put_back(Kind::Train, ws);
         Ok(DvaeLoss { loss: recon_loss + kl * kl_scale, recon: recon_loss, kl })
@@ -638,7 +692,13 @@ impl<T: Real> DvaeEngine<T> {
                         let mu = o[p * 2 * c + ch];
                         let sig = T::ONE / (T::ONE + (T::ZERO - mu).exp());
                         let v = (sig - shift) * scale;
-                        img[ch * oh * ow + p] = if v < T::ZERO { T::ZERO } else if v > T::ONE { T::ONE } else { v };
+                        img[ch * oh * ow + p] = if v < T::ZERO {
+                            T::ZERO
+                        } else if v > T::ONE {
+                            T::ONE
+                        } else {
+                            v
+                        };
                     }
                 }
             });
@@ -684,7 +744,8 @@ fn scale_into<T: Real>(x: &[T], s: T, y: &mut [T]) {
 /// times `grad_scale` (q (z - E_q z) per row) to `dlogits`.
 fn kl_to_uniform<T: Real>(logits: &[T], v: usize, grad_scale: f64, dlogits: &mut [T]) -> f64 {
     let gs = T::from_f64(grad_scale);
-    let total: f64 = dlogits.par_chunks_mut(v * 16).zip(logits.par_chunks(v * 16)).map(|(d, z)| kl_rows(z, v, gs, d)).sum();
+    let total: f64 =
+        dlogits.par_chunks_mut(v * 16).zip(logits.par_chunks(v * 16)).map(|(d, z)| kl_rows(z, v, gs, d)).sum();
     total / (logits.len() / v) as f64 + (v as f64).ln()
 }
 

@@ -264,14 +264,13 @@ multiversion! {
 /// stochastic-depth factors, 1 when off).
 pub fn residual<T: Real>(x: &[T], branch: &[T], gamma: &[T], scales: &[T], d: usize, out: &mut [T]) {
     let per = x.len() / scales.len();
-    out.par_chunks_mut(per)
-        .zip(x.par_chunks(per).zip(branch.par_chunks(per)))
-        .zip(scales.par_iter())
-        .for_each(|((o, (x, b)), &s)| {
+    out.par_chunks_mut(per).zip(x.par_chunks(per).zip(branch.par_chunks(per))).zip(scales.par_iter()).for_each(
+        |((o, (x, b)), &s)| {
             for ((o, x), b) in o.chunks_mut(grain(d) * d).zip(x.chunks(grain(d) * d)).zip(b.chunks(grain(d) * d)) {
                 residual_rows(x, b, gamma, s, o)
             }
-        });
+        },
+    );
 }
 
 multiversion! {
@@ -337,9 +336,7 @@ pub fn add_column_sums<T: Real>(x: &[T], stride: usize, offset: usize, out: &mut
     let rows = x.len() / stride;
     let chunks = rows.div_ceil(g);
     let partial = partials(scratch, chunks, w);
-    x.par_chunks(g * stride)
-        .zip(partial.par_chunks_mut(w))
-        .for_each(|(x, p)| column_sums_rows(x, stride, offset, p));
+    x.par_chunks(g * stride).zip(partial.par_chunks_mut(w)).for_each(|(x, p)| column_sums_rows(x, stride, offset, p));
     add_partials(partial, w, &mut [out]);
 }
 

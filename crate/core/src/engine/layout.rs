@@ -30,7 +30,10 @@ pub fn slots_mut<'a, T, const N: usize>(buf: &'a mut [T], slots: [Slot; N]) -> [
     for (i, a) in slots.iter().enumerate() {
         assert!(a.end() <= buf.len(), "slot {a:?} outside a buffer of {}", buf.len());
         for b in &slots[i + 1..] {
-            assert!(a.end() <= b.offset || b.end() <= a.offset || a.len == 0 || b.len == 0, "slots {a:?} and {b:?} overlap");
+            assert!(
+                a.end() <= b.offset || b.end() <= a.offset || a.len == 0 || b.len == 0,
+                "slots {a:?} and {b:?} overlap"
+            );
         }
     }
     let ptr = buf.as_mut_ptr();
@@ -111,7 +114,11 @@ impl Layout {
         let mut out = vec![T::default(); self.len];
         for ((name, _, values), entry) in tensors.iter().zip(&self.entries) {
             if values.len() != entry.slot.len {
-                return Err(Error::Config(format!("engine: {name} has {} values for shape {:?}", values.len(), entry.shape)));
+                return Err(Error::Config(format!(
+                    "engine: {name} has {} values for shape {:?}",
+                    values.len(),
+                    entry.shape
+                )));
             }
             entry.slot.of_mut(&mut out).copy_from_slice(values);
         }

@@ -62,7 +62,17 @@ fn check_shapes(d: &Mat, a: &Mat, b: &Mat) {
 
 /// dst = scale * a b, or dst += scale * a b with `accumulate`. Views are bounds-checked.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul<T: Real>(dst: &mut [T], d: Mat, a: &[T], am: Mat, b: &[T], bm: Mat, accumulate: bool, scale: T, threads: Threads) {
+pub fn matmul<T: Real>(
+    dst: &mut [T],
+    d: Mat,
+    a: &[T],
+    am: Mat,
+    b: &[T],
+    bm: Mat,
+    accumulate: bool,
+    scale: T,
+    threads: Threads,
+) {
     check_shapes(&d, &am, &bm);
     assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
     // SAFETY: bounds checked above; `dst` is a unique borrow, so it aliases neither input.

@@ -154,13 +154,15 @@ impl Slots {
                     return Err(Error::Config(format!("engine: {a} query, key and value weights are not contiguous")));
                 }
                 let scale = cfg.layer_scale_init_value > 0.0;
-                let lambda = |name: &str| if scale { layout.slot(&format!("{p}.{name}"), &[d]).map(Some) } else { Ok(None) };
+                let lambda =
+                    |name: &str| if scale { layout.slot(&format!("{p}.{name}"), &[d]).map(Some) } else { Ok(None) };
                 Ok(LayerSlots {
                     ln1: norm_slot(layout, &format!("{p}.layernorm_before"), d)?,
                     qkv_weight: Slot { offset: q.offset, len: 3 * d * d },
                     query_bias: layout.slot(&format!("{a}.query.bias"), &[d])?,
                     value_bias: layout.slot(&format!("{a}.value.bias"), &[d])?,
-                    table: layout.optional(&format!("{a}.relative_position_bias.relative_position_bias_table"), &table_shape)?,
+                    table: layout
+                        .optional(&format!("{a}.relative_position_bias.relative_position_bias_table"), &table_shape)?,
                     proj_weight: layout.slot(&format!("{p}.attention.output.dense.weight"), &[d, d])?,
                     proj_bias: layout.slot(&format!("{p}.attention.output.dense.bias"), &[d])?,
                     lambda_1: lambda("lambda_1")?,
@@ -177,8 +179,12 @@ impl Slots {
             .collect::<Result<Vec<_>>>()?;
         let (head_norm, head_name) = match head {
             Head::MaskedImageModeling => (norm_slot(layout, "layernorm", d)?, "lm_head"),
-            Head::Classification { pooling: Pooling::Mean, .. } => (norm_slot(layout, "beit.pooler.layernorm", d)?, "classifier"),
-            Head::Classification { pooling: Pooling::Cls, .. } => (norm_slot(layout, "beit.layernorm", d)?, "classifier"),
+            Head::Classification { pooling: Pooling::Mean, .. } => {
+                (norm_slot(layout, "beit.pooler.layernorm", d)?, "classifier")
+            }
+            Head::Classification { pooling: Pooling::Cls, .. } => {
+                (norm_slot(layout, "beit.layernorm", d)?, "classifier")
+            }
         };
         let outputs = match head {
             Head::MaskedImageModeling => cfg.vocab_size,
@@ -194,7 +200,8 @@ impl Slots {
             patch_weight: layout.slot(&format!("{e}.patch_embeddings.projection.weight"), &[d, c, p, p])?,
             patch_bias: layout.slot(&format!("{e}.patch_embeddings.projection.bias"), &[d])?,
             position_embeddings: layout.optional(&format!("{e}.position_embeddings"), &[1, t, d])?,
-            shared_table: layout.optional("beit.encoder.relative_position_bias.relative_position_bias_table", &table_shape)?,
+            shared_table: layout
+                .optional("beit.encoder.relative_position_bias.relative_position_bias_table", &table_shape)?,
             layers,
             head_norm,
             head_weight: layout.slot(&format!("{head_name}.weight"), &[outputs, d])?,
@@ -392,7 +399,9 @@ impl<T: Real> BeitEngine<T> {
         let [h, w] = c.image_size;
         let per_image = c.num_channels * h * w;
         if pixels == 0 || pixels % per_image != 0 {
-            return Err(Error::Input(format!("pixels: expected a positive multiple of {per_image} values, got {pixels}")));
+            return Err(Error::Input(format!(
+                "pixels: expected a positive multiple of {per_image} values, got {pixels}"
+            )));
         }
         let batch = pixels / per_image;
         let n = c.num_patches();
@@ -452,7 +461,17 @@ impl<T: Real> BeitEngine<T> {
         let sl = &self.slots;
         let bn = s.batch * s.patches;
         let weight = Mat::strided(sl.patch_weight.offset, s.d, pv, pv).t();
-        matmul(&mut ws.embed, Mat::dense(bn, s.d), &ws.patches, Mat::dense(bn, pv), &self.params, weight, false, T::ONE, Threads::Pool);
+        matmul(
+            &mut ws.embed,
+            Mat::dense(bn, s.d),
+            &ws.patches,
+            Mat::dense(bn, pv),
+            &self.params,
+            weight,
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         add_bias(&mut ws.embed, sl.patch_bias.of(&self.params));
         let cls = sl.cls_token.of(&self.params);
         let token = sl.mask_token.map(|m| m.of(&self.params));
@@ -511,7 +530,14 @@ impl<T: Real> BeitEngine<T> {
     }
 
     /// Runs the first `layers` blocks; returns the index in `ws.xs` of their output.
-    fn forward(&self, ws: &mut Workspace<T>, pixels: &[T], mask: Option<&[u8]>, seed: Option<u64>, layers: usize) -> usize {
+    fn forward(
+        &self,
+        ws: &mut Workspace<T>,
+        pixels: &[T],
+        mask: Option<&[u8]>,
+        seed: Option<u64>,
+        layers: usize,
+    ) -> usize {
         let training = ws.backward.is_some();
         self.embed(ws, pixels, mask);
         self.draw_drop_path(ws, seed);
@@ -554,7 +580,17 @@ impl<T: Real> BeitEngine<T> {
         let eps = self.cfg.layer_norm_eps;
         let (w1, b1) = ls.ln1.of(p).split_at(d);
         layer_norm(x_in, w1, b1, eps, &mut a.xn1, &mut a.mean1, &mut a.rstd1);
-        matmul(&mut a.qkv, Mat::dense(r, 3 * d), &a.xn1, Mat::dense(r, d), p, weight_t(ls.qkv_weight, 3 * d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut a.qkv,
+            Mat::dense(r, 3 * d),
+            &a.xn1,
+            Mat::dense(r, d),
+            p,
+            weight_t(ls.qkv_weight, 3 * d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         // q and v have biases, k has none (BEiT's q/v-only bias).
         qkv_bias[..d].copy_from_slice(ls.query_bias.of(p));
         qkv_bias[2 * d..].copy_from_slice(ls.value_bias.of(p));
@@ -564,15 +600,45 @@ impl<T: Real> BeitEngine<T> {
         }
         let has_bias = ls.table.is_some() || self.slots.shared_table.is_some();
         self.attention_forward(&a.qkv, &mut a.probs, &mut a.ctx, if has_bias { bias } else { &[] }, s);
-        matmul(&mut a.attn, Mat::dense(r, d), &a.ctx, Mat::dense(r, d), p, weight_t(ls.proj_weight, d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut a.attn,
+            Mat::dense(r, d),
+            &a.ctx,
+            Mat::dense(r, d),
+            p,
+            weight_t(ls.proj_weight, d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         add_bias(&mut a.attn, ls.proj_bias.of(p));
         let lambda = |slot: Option<Slot>| slot.map_or(&[][..], |s| s.of(p));
         residual(x_in, &a.attn, lambda(ls.lambda_1), &scales[..s.batch], d, &mut a.x_mid);
         let (w2, b2) = ls.ln2.of(p).split_at(d);
         layer_norm(&a.x_mid, w2, b2, eps, &mut a.xn2, &mut a.mean2, &mut a.rstd2);
-        matmul(&mut a.hidden, Mat::dense(r, f), &a.xn2, Mat::dense(r, d), p, weight_t(ls.fc1_weight, f, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut a.hidden,
+            Mat::dense(r, f),
+            &a.xn2,
+            Mat::dense(r, d),
+            p,
+            weight_t(ls.fc1_weight, f, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         bias_gelu(&mut a.hidden, ls.fc1_bias.of(p), &mut a.gelu);
-        matmul(&mut a.mlp, Mat::dense(r, d), &a.gelu, Mat::dense(r, f), p, weight_t(ls.fc2_weight, d, f), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut a.mlp,
+            Mat::dense(r, d),
+            &a.gelu,
+            Mat::dense(r, f),
+            p,
+            weight_t(ls.fc2_weight, d, f),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         add_bias(&mut a.mlp, ls.fc2_bias.of(p));
         residual(&a.x_mid, &a.mlp, lambda(ls.lambda_2), &scales[s.batch..], d, x_out);
     }
@@ -598,7 +664,9 @@ impl<T: Real> BeitEngine<T> {
             let c = ctx;
             // SAFETY: task (b, head) writes rows b*t..(b+1)*t, columns head*e..(head+1)*e of ctx
             // only (in bounds, checked above): the tasks' regions are disjoint.
-            unsafe { matmul_raw(c.0, out, p.as_ptr(), Mat::dense(t, t), qkv.as_ptr(), v, false, T::ONE, Threads::Caller) };
+            unsafe {
+                matmul_raw(c.0, out, p.as_ptr(), Mat::dense(t, t), qkv.as_ptr(), v, false, T::ONE, Threads::Caller)
+            };
         });
     }
 
@@ -657,24 +725,94 @@ impl<T: Real> BeitEngine<T> {
         let [dl2] = slots_mut(grads, [ls.lambda_2.unwrap_or(none)]);
         residual_backward(&bw.dx, &a.mlp, lambda(ls.lambda_2), &scales[b..], d, &mut bw.dbranch, dl2, scratch);
         let [dw2, db2] = slots_mut(grads, [ls.fc2_weight, ls.fc2_bias]);
-        matmul(dw2, Mat::dense(d, f), &bw.dbranch, Mat::dense(r, d).t(), &a.gelu, Mat::dense(r, f), true, T::ONE, Threads::Pool);
+        matmul(
+            dw2,
+            Mat::dense(d, f),
+            &bw.dbranch,
+            Mat::dense(r, d).t(),
+            &a.gelu,
+            Mat::dense(r, f),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(&bw.dbranch, d, 0, db2, scratch);
-        matmul(&mut bw.dwide, Mat::dense(r, f), &bw.dbranch, Mat::dense(r, d), p, Mat::strided(ls.fc2_weight.offset, d, f, f), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut bw.dwide,
+            Mat::dense(r, f),
+            &bw.dbranch,
+            Mat::dense(r, d),
+            p,
+            Mat::strided(ls.fc2_weight.offset, d, f, f),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         kernels::gelu_backward(&a.hidden, &mut bw.dwide);
         let [dw1, db1] = slots_mut(grads, [ls.fc1_weight, ls.fc1_bias]);
-        matmul(dw1, Mat::dense(f, d), &bw.dwide, Mat::dense(r, f).t(), &a.xn2, Mat::dense(r, d), true, T::ONE, Threads::Pool);
+        matmul(
+            dw1,
+            Mat::dense(f, d),
+            &bw.dwide,
+            Mat::dense(r, f).t(),
+            &a.xn2,
+            Mat::dense(r, d),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(&bw.dwide, f, 0, db1, scratch);
-        matmul(&mut bw.dnarrow, Mat::dense(r, d), &bw.dwide, Mat::dense(r, f), p, Mat::strided(ls.fc1_weight.offset, f, d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut bw.dnarrow,
+            Mat::dense(r, d),
+            &bw.dwide,
+            Mat::dense(r, f),
+            p,
+            Mat::strided(ls.fc1_weight.offset, f, d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         let [dln2] = slots_mut(grads, [ls.ln2]);
         let (dg2, dbeta2) = dln2.split_at_mut(d);
-        layer_norm_backward(&a.x_mid, &ls.ln2.of(p)[..d], &a.mean2, &a.rstd2, &bw.dnarrow, &mut bw.dx, dg2, dbeta2, scratch);
+        layer_norm_backward(
+            &a.x_mid,
+            &ls.ln2.of(p)[..d],
+            &a.mean2,
+            &a.rstd2,
+            &bw.dnarrow,
+            &mut bw.dx,
+            dg2,
+            dbeta2,
+            scratch,
+        );
         // Attention branch: x_mid = x_in + (attn * lambda_1) * scale.
         let [dl1] = slots_mut(grads, [ls.lambda_1.unwrap_or(none)]);
         residual_backward(&bw.dx, &a.attn, lambda(ls.lambda_1), &scales[..b], d, &mut bw.dbranch, dl1, scratch);
         let [dwo, dbo] = slots_mut(grads, [ls.proj_weight, ls.proj_bias]);
-        matmul(dwo, Mat::dense(d, d), &bw.dbranch, Mat::dense(r, d).t(), &a.ctx, Mat::dense(r, d), true, T::ONE, Threads::Pool);
+        matmul(
+            dwo,
+            Mat::dense(d, d),
+            &bw.dbranch,
+            Mat::dense(r, d).t(),
+            &a.ctx,
+            Mat::dense(r, d),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(&bw.dbranch, d, 0, dbo, scratch);
-        matmul(&mut bw.dnarrow, Mat::dense(r, d), &bw.dbranch, Mat::dense(r, d), p, Mat::strided(ls.proj_weight.offset, d, d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut bw.dnarrow,
+            Mat::dense(r, d),
+            &bw.dbranch,
+            Mat::dense(r, d),
+            p,
+            Mat::strided(ls.proj_weight.offset, d, d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         self.attention_backward(&a.qkv, &a.probs, &bw.dnarrow, &mut bw.dqkv, &mut bw.dprobs, s);
         if ls.table.is_some() || self.slots.shared_table.is_some() {
             // Sum the batch: dbias[h] += sum_b dscores[b, h]; a per-layer table takes it now.
@@ -696,13 +834,43 @@ impl<T: Real> BeitEngine<T> {
             }
         }
         let [dqkv_w, dbq, dbv] = slots_mut(grads, [ls.qkv_weight, ls.query_bias, ls.value_bias]);
-        matmul(dqkv_w, Mat::dense(3 * d, d), &bw.dqkv, Mat::dense(r, 3 * d).t(), &a.xn1, Mat::dense(r, d), true, T::ONE, Threads::Pool);
+        matmul(
+            dqkv_w,
+            Mat::dense(3 * d, d),
+            &bw.dqkv,
+            Mat::dense(r, 3 * d).t(),
+            &a.xn1,
+            Mat::dense(r, d),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(&bw.dqkv, 3 * d, 0, dbq, scratch);
         add_column_sums(&bw.dqkv, 3 * d, 2 * d, dbv, scratch);
-        matmul(&mut bw.dnarrow, Mat::dense(r, d), &bw.dqkv, Mat::dense(r, 3 * d), p, Mat::strided(ls.qkv_weight.offset, 3 * d, d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            &mut bw.dnarrow,
+            Mat::dense(r, d),
+            &bw.dqkv,
+            Mat::dense(r, 3 * d),
+            p,
+            Mat::strided(ls.qkv_weight.offset, 3 * d, d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         let [dln1] = slots_mut(grads, [ls.ln1]);
         let (dg1, dbeta1) = dln1.split_at_mut(d);
-        layer_norm_backward(x_in, &ls.ln1.of(p)[..d], &a.mean1, &a.rstd1, &bw.dnarrow, &mut bw.dx, dg1, dbeta1, scratch);
+        layer_norm_backward(
+            x_in,
+            &ls.ln1.of(p)[..d],
+            &a.mean1,
+            &a.rstd1,
+            &bw.dnarrow,
+            &mut bw.dx,
+            dg1,
+            dbeta1,
+            scratch,
+        );
     }
 
     /// Per (sample, head), from dctx: dv = p^T dctx, dp = dctx v^T, dscores = softmax'(dp)
@@ -726,12 +894,42 @@ impl<T: Real> BeitEngine<T> {
             // SAFETY: task (b, head) writes only rows b*t..(b+1)*t and the q, k, v columns of
             // `head` in dqkv (in bounds, checked above): disjoint from every other task's.
             unsafe {
-                matmul_raw(o.0, view(v), p.as_ptr(), Mat::dense(t, t).t(), dctx.as_ptr(), dout, false, T::ONE, Threads::Caller);
+                matmul_raw(
+                    o.0,
+                    view(v),
+                    p.as_ptr(),
+                    Mat::dense(t, t).t(),
+                    dctx.as_ptr(),
+                    dout,
+                    false,
+                    T::ONE,
+                    Threads::Caller,
+                );
             }
             kernels::softmax_backward_rows(p, dp, t);
             unsafe {
-                matmul_raw(o.0, view(q), dp.as_ptr(), Mat::dense(t, t), qkv.as_ptr(), view(k), false, scale, Threads::Caller);
-                matmul_raw(o.0, view(k), dp.as_ptr(), Mat::dense(t, t).t(), qkv.as_ptr(), view(q), false, scale, Threads::Caller);
+                matmul_raw(
+                    o.0,
+                    view(q),
+                    dp.as_ptr(),
+                    Mat::dense(t, t),
+                    qkv.as_ptr(),
+                    view(k),
+                    false,
+                    scale,
+                    Threads::Caller,
+                );
+                matmul_raw(
+                    o.0,
+                    view(k),
+                    dp.as_ptr(),
+                    Mat::dense(t, t).t(),
+                    qkv.as_ptr(),
+                    view(q),
+                    false,
+                    scale,
+                    Threads::Caller,
+                );
             }
         });
     }
@@ -767,7 +965,17 @@ impl<T: Real> BeitEngine<T> {
         });
         let (bn, pv) = (s.batch * n, s.patch_values);
         let [dw, db] = slots_mut(grads, [sl.patch_weight, sl.patch_bias]);
-        matmul(dw, Mat::dense(d, pv), &ws.embed, Mat::dense(bn, d).t(), &ws.patches, Mat::dense(bn, pv), true, T::ONE, Threads::Pool);
+        matmul(
+            dw,
+            Mat::dense(d, pv),
+            &ws.embed,
+            Mat::dense(bn, d).t(),
+            &ws.patches,
+            Mat::dense(bn, pv),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(&ws.embed, d, 0, db, &mut ws.scratch);
     }
 
@@ -797,14 +1005,35 @@ impl<T: Real> BeitEngine<T> {
                 }
             });
         } else {
-            input.par_chunks_mut(d).zip(rows.par_iter()).for_each(|(o, &r)| o.copy_from_slice(&src[r * d..(r + 1) * d]));
+            input
+                .par_chunks_mut(d)
+                .zip(rows.par_iter())
+                .for_each(|(o, &r)| o.copy_from_slice(&src[r * d..(r + 1) * d]));
         }
         let p = &self.params;
         let (w, b) = self.slots.head_norm.of(p).split_at(d);
-        layer_norm(&hb.input[..m * d], w, b, self.cfg.layer_norm_eps, sized(&mut hb.normed, m * d), sized(&mut hb.mean, m), sized(&mut hb.rstd, m));
+        layer_norm(
+            &hb.input[..m * d],
+            w,
+            b,
+            self.cfg.layer_norm_eps,
+            sized(&mut hb.normed, m * d),
+            sized(&mut hb.mean, m),
+            sized(&mut hb.rstd, m),
+        );
         let k = self.slots.head_bias.len;
         let logits = sized(&mut hb.logits, m * k);
-        matmul(logits, Mat::dense(m, k), &hb.normed, Mat::dense(m, d), p, weight_t(self.slots.head_weight, k, d), false, T::ONE, Threads::Pool);
+        matmul(
+            logits,
+            Mat::dense(m, k),
+            &hb.normed,
+            Mat::dense(m, d),
+            p,
+            weight_t(self.slots.head_weight, k, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         add_bias(logits, self.slots.head_bias.of(p));
     }
 
@@ -818,16 +1047,46 @@ impl<T: Real> BeitEngine<T> {
         let hb = &mut ws.head;
         let [dw, db] = slots_mut(&mut grads, [self.slots.head_weight, self.slots.head_bias]);
         let dlogits = &hb.logits[..m * k];
-        matmul(dw, Mat::dense(k, d), dlogits, Mat::dense(m, k).t(), &hb.normed, Mat::dense(m, d), true, T::ONE, Threads::Pool);
+        matmul(
+            dw,
+            Mat::dense(k, d),
+            dlogits,
+            Mat::dense(m, k).t(),
+            &hb.normed,
+            Mat::dense(m, d),
+            true,
+            T::ONE,
+            Threads::Pool,
+        );
         add_column_sums(dlogits, k, 0, db, &mut ws.scratch);
         let dnormed = sized(&mut hb.dnormed, m * d);
-        matmul(dnormed, Mat::dense(m, d), dlogits, Mat::dense(m, k), p, Mat::strided(self.slots.head_weight.offset, k, d, d), false, T::ONE, Threads::Pool);
+        matmul(
+            dnormed,
+            Mat::dense(m, d),
+            dlogits,
+            Mat::dense(m, k),
+            p,
+            Mat::strided(self.slots.head_weight.offset, k, d, d),
+            false,
+            T::ONE,
+            Threads::Pool,
+        );
         let dinput = sized(&mut hb.dinput, m * d);
         dinput.fill(T::ZERO);
         let [dnorm] = slots_mut(&mut grads, [self.slots.head_norm]);
         let (dg, dbeta) = dnorm.split_at_mut(d);
         let gamma = &self.slots.head_norm.of(p)[..d];
-        layer_norm_backward(&hb.input[..m * d], gamma, &hb.mean[..m], &hb.rstd[..m], &hb.dnormed[..m * d], dinput, dg, dbeta, &mut ws.scratch);
+        layer_norm_backward(
+            &hb.input[..m * d],
+            gamma,
+            &hb.mean[..m],
+            &hb.rstd[..m],
+            &hb.dnormed[..m * d],
+            dinput,
+            dg,
+            dbeta,
+            &mut ws.scratch,
+        );
         let bw = ws.backward.as_mut().expect("a training workspace");
         bw.dx.fill(T::ZERO);
         let inv = T::from_f64(1.0 / s.patches as f64);
@@ -854,9 +1113,12 @@ impl<T: Real> BeitEngine<T> {
         let mut rows = std::mem::take(&mut ws.head.rows);
         rows.clear();
         match (self.head, mask) {
-            (Head::MaskedImageModeling, Some(mask)) => {
-                rows.extend(mask.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| (i / s.patches) * s.tokens + 1 + i % s.patches))
-            }
+            (Head::MaskedImageModeling, Some(mask)) => rows.extend(
+                mask.iter()
+                    .enumerate()
+                    .filter(|(_, &m)| m != 0)
+                    .map(|(i, _)| (i / s.patches) * s.tokens + 1 + i % s.patches),
+            ),
             _ => rows.extend((0..s.batch).map(|b| b * s.tokens)),
         }
         rows
@@ -868,7 +1130,11 @@ impl<T: Real> BeitEngine<T> {
 
     fn check_mask(&self, mask: &[u8], s: Shapes) -> Result<()> {
         if mask.len() != s.batch * s.patches {
-            return Err(Error::Input(format!("mask: expected {} values (B*N), got {}", s.batch * s.patches, mask.len())));
+            return Err(Error::Input(format!(
+                "mask: expected {} values (B*N), got {}",
+                s.batch * s.patches,
+                mask.len()
+            )));
         }
         Ok(())
     }
@@ -877,7 +1143,14 @@ impl<T: Real> BeitEngine<T> {
     /// given; `targets` the ids of the masked patches in order) or the classification loss
     /// (`targets` one label per image, label smoothing `smoothing`). Leaves the gradient in
     /// `self.grads`. `seed` drives stochastic depth.
-    pub fn loss_and_grads(&mut self, pixels: &[T], mask: Option<&[u8]>, targets: &[u32], smoothing: f64, seed: u64) -> Result<Loss> {
+    pub fn loss_and_grads(
+        &mut self,
+        pixels: &[T],
+        mask: Option<&[u8]>,
+        targets: &[u32],
+        smoothing: f64,
+        seed: u64,
+    ) -> Result<Loss> {
         let s = self.shapes(pixels.len())?;
         let mim = self.head == Head::MaskedImageModeling;
         if mim != mask.is_some() {
@@ -928,7 +1201,10 @@ impl<T: Real> BeitEngine<T> {
     pub fn probe_features(&mut self, pixels: &[T], layer: usize) -> Result<Vec<T>> {
         let s = self.shapes(pixels.len())?;
         if layer > self.cfg.num_hidden_layers {
-            return Err(Error::Input(format!("layer {layer} does not exist: the model has {} layers", self.cfg.num_hidden_layers)));
+            return Err(Error::Input(format!(
+                "layer {layer} does not exist: the model has {} layers",
+                self.cfg.num_hidden_layers
+            )));
         }
         let mut ws = self.workspace(s, false);
         let last = self.forward(&mut ws, pixels, None, None, layer);

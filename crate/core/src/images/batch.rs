@@ -60,7 +60,11 @@ pub fn load_views(
         view.validate()?;
     }
     if augments.len() != sources.len() {
-        return Err(Error::Config(format!("{} augment entries for {} images; expected one per image", augments.len(), sources.len())));
+        return Err(Error::Config(format!(
+            "{} augment entries for {} images; expected one per image",
+            augments.len(),
+            sources.len()
+        )));
     }
     for augment in augments {
         augment.validate()?;
@@ -75,7 +79,9 @@ pub fn load_views(
         }
         let count = data.len() / per;
         if let Some(bad) = indices.iter().find(|&&i| i as usize >= count) {
-            return Err(Error::Config(format!("image index {bad} is out of range: the pixel source holds {count} images")));
+            return Err(Error::Config(format!(
+                "image index {bad} is out of range: the pixel source holds {count} images"
+            )));
         }
     }
 
@@ -92,7 +98,11 @@ pub fn load_views(
             .collect()
     });
 
-    let mut batch = ViewBatch { views: sizes.iter().map(|&n| Vec::with_capacity(n * sources.len())).collect(), kept: vec![], failures: vec![] };
+    let mut batch = ViewBatch {
+        views: sizes.iter().map(|&n| Vec::with_capacity(n * sources.len())).collect(),
+        kept: vec![],
+        failures: vec![],
+    };
     for (i, result) in per_image.into_iter().enumerate() {
         match result {
             Ok(outs) => {
@@ -125,7 +135,12 @@ fn load_one(
             let Decoded { pixels, full_width, full_height } = decode(&bytes, max_pixels, &request)?;
             let full_box = full_box(full_width, full_height);
             let (sx, sy) = (pixels.width as f64 / full_width as f64, pixels.height as f64 / full_height as f64);
-            let b = CropBox { left: full_box.left * sx, top: full_box.top * sy, width: full_box.width * sx, height: full_box.height * sy };
+            let b = CropBox {
+                left: full_box.left * sx,
+                top: full_box.top * sy,
+                width: full_box.width * sx,
+                height: full_box.height * sy,
+            };
             (pixels, b)
         }
         Sources::Pixels { data, height, width, channels, indices } => {

@@ -46,12 +46,9 @@ pub fn decode(bytes: &[u8], max_pixels: u64, request: SizeRequest) -> Result<Dec
 }
 
 fn decode_other(bytes: &[u8], max_pixels: u64) -> Result<Decoded, String> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let format = reader.format().ok_or_else(|| {
-        "not a recognised image (expected JPEG, PNG, WebP, BMP or GIF)".to_string()
-    })?;
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
+    let format =
+        reader.format().ok_or_else(|| "not a recognised image (expected JPEG, PNG, WebP, BMP or GIF)".to_string())?;
     let mut reader = reader;
     let mut limits = Limits::default();
     // 16-bit RGBA is the widest layout decoded here: 8 bytes per pixel, plus the 8-bit copy.
@@ -90,10 +87,7 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, request: SizeRequest) -> Result<De
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     decoder.read_info().map_err(|e| format!("invalid JPEG: {e}"))?;
     let info = decoder.info().expect("read_info succeeded");
-    let orientation = decoder
-        .exif_data()
-        .and_then(Orientation::from_exif_chunk)
-        .unwrap_or(Orientation::NoTransforms);
+    let orientation = decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
     let (stored_w, stored_h) = (info.width as u32, info.height as u32);
     let swaps = matches!(
         orientation,
@@ -115,7 +109,10 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, request: SizeRequest) -> Result<De
         .find(|&d| covers(d) && fits(d))
         .or_else(|| [1, 2, 4, 8].into_iter().find(|&d| fits(d)))
         .ok_or_else(|| {
-            format!("JPEG {stored_w}x{stored_h} exceeds the decode budget of {} even at 1/8 scale", describe_pixels(max_pixels))
+            format!(
+                "JPEG {stored_w}x{stored_h} exceeds the decode budget of {} even at 1/8 scale",
+                describe_pixels(max_pixels)
+            )
         })?;
     let (req_w, req_h) = size_at(reduction);
     let (out_w, out_h) = decoder.scale(req_w as u16, req_h as u16).map_err(|e| format!("invalid JPEG: {e}"))?;

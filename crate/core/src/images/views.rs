@@ -113,8 +113,13 @@ impl Augment {
         let bad = |msg: String| Err(Error::Config(format!("augment: {msg}")));
         match &self.crop {
             Crop::RandomResized { attempts, position, ratio_range } => {
-                if let Some(a) = attempts.iter().find(|a| !(a[0] > 0.0 && a[0] <= 1.0 && a[1] > 0.0 && a[1].is_finite())) {
-                    return bad(format!("crop attempt [area {}, ratio {}] needs area in (0, 1] and a positive ratio", a[0], a[1]));
+                if let Some(a) =
+                    attempts.iter().find(|a| !(a[0] > 0.0 && a[0] <= 1.0 && a[1] > 0.0 && a[1].is_finite()))
+                {
+                    return bad(format!(
+                        "crop attempt [area {}, ratio {}] needs area in (0, 1] and a positive ratio",
+                        a[0], a[1]
+                    ));
                 }
                 if position.iter().any(|p| !(0.0..1.0).contains(p)) {
                     return bad(format!("crop position {position:?} must lie in [0, 1)"));
@@ -233,7 +238,8 @@ pub fn render_views(
     for (view, out) in views.iter().zip(outputs.iter_mut()) {
         let [h, w] = view.size;
         let mut dst = Image::new(w, h, pixel_type);
-        let options = ResizeOptions::new().resize_alg(view.interpolation.algorithm()).crop(b.left, b.top, b.width, b.height);
+        let options =
+            ResizeOptions::new().resize_alg(view.interpolation.algorithm()).crop(b.left, b.top, b.width, b.height);
         resizer.resize(&src, &mut dst, &options).map_err(|e| format!("resize failed: {e}"))?;
         write_view(dst.buffer(), pixels.channels as usize, w as usize, h as usize, augment, gray_mean, view, out);
     }
@@ -242,7 +248,16 @@ pub fn render_views(
 
 /// u8 interleaved -> jitter -> flip -> channel conversion -> normalise, into planar floats.
 #[allow(clippy::too_many_arguments)]
-fn write_view(src: &[u8], src_c: usize, w: usize, h: usize, augment: &Augment, gray_mean: f32, view: &ViewSpec, out: &mut [f32]) {
+fn write_view(
+    src: &[u8],
+    src_c: usize,
+    w: usize,
+    h: usize,
+    augment: &Augment,
+    gray_mean: f32,
+    view: &ViewSpec,
+    out: &mut [f32],
+) {
     let plane = w * h;
     let out_c = view.channels as usize;
     for y in 0..h {
