@@ -9,87 +9,8 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** A BEiT backbone with a classification head and its AdamW state. */
-export declare class NativeClassifier {
-  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
-  toDevice(device: string): void
-  /** Where the model runs: "cpu" or "cuda:N". */
-  get device(): string
-  /**
-   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-   * it and trains and decodes in f32).
-   */
-  get precision(): string
-  set precision(precision: string)
-  /** The model's config (camelCase JSON). */
-  get configJson(): string
-  /** The model kind's training options (JSON; null for the MIM model). */
-  get optionsJson(): string
-  /** AdamW settings (JSON). */
-  get optimizerJson(): string
-  get numParameters(): number
-  /** Optimizer updates taken so far. */
-  get optimizerStep(): number
-  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
-  get trainState(): string | null
-  set trainState(state: string | undefined | null)
-  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
-  save(path: string): Promise<void>
-  /**
-   * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `finetuneJson`:
-   * { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
-   */
-  static create(configJson: string, optimizerJson: string, finetuneJson: string, seed: number): NativeClassifier
-  /** Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`. */
-  static fromPretrained(path: string, configJson: string, optimizerJson: string, finetuneJson: string, seed: number): Promise<NativeClassifier>
-  /**
-   * Reads a transformers BEiT folder: a `BeitForImageClassification` keeps its head unless
-   * `numLabels` differs; a `BeitModel` or `BeitForMaskedImageModeling` gets a new head of
-   * `numLabels` classes, initialised from `seed`.
-   */
-  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, numLabels: number | undefined | null, optimizerJson: string, finetuneJson: string, seed: number): Promise<NativeClassifier>
-  /** Writes a transformers `BeitForImageClassification` folder. */
-  exportHuggingFace(dir: string): Promise<void>
-  /** Reads a checkpoint written by `save`. */
-  static load(path: string): Promise<NativeClassifier>
-  /** One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth. */
-  trainStep(pixels: Float32Array, labels: Int32Array, lr: number, seed: number): Promise<ClassifierMetrics>
-  /** Class logits [B, numLabels]. */
-  predict(pixels: Float32Array): Promise<Float32Array>
-}
-
-/** Decodes, crops, resizes and normalises image batches on a thread pool of its own. */
-export declare class NativeImageLoader {
-  /**
-   * `threads`: pool size (default: the machine's available parallelism). `maxPixels`: decoded
-   * pixels allowed per image (default 64 Mi); larger JPEGs are downscaled while decoding.
-   */
-  constructor(threads?: number | undefined | null, maxPixels?: number | undefined | null)
-  get threads(): number
-  /**
-   * Reads and decodes image files. `augmentsJson`: one drawn augmentation per path;
-   * `viewsJson`: the view specs.
-   */
-  loadFiles(paths: Array<string>, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
-  /**
-   * Views of decoded 8-bit images stored [count, height, width, channels] in `pixels`
-   * (an IDX dataset); `indices` picks the batch.
-   */
-  loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
-}
-
-/** A linear classifier on frozen, standardised features. */
-export declare class NativeLinearProbe {
-  /** `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature). */
-  constructor(numFeatures: number, numLabels: number, trainFeatures: Float32Array, optimizerJson: string, seed: number)
-  trainStep(features: Float32Array, labels: Int32Array, lr: number): Promise<ClassifierMetrics>
-  /** Class logits [N, numLabels]. */
-  predict(features: Float32Array): Promise<Float32Array>
-}
-
 /** A BEiT model with its MIM head and AdamW state. */
-export declare class NativeMimModel {
+export declare class NativeBeit {
   /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
   toDevice(device: string): void
   /** Where the model runs: "cpu" or "cuda:N". */
@@ -119,38 +40,88 @@ export declare class NativeMimModel {
    * `configJson`: a full model config (camelCase, as `BeitConfig`); `optimizerJson`: AdamW
    * settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
    */
-  static create(configJson: string, optimizerJson: string, seed: number): NativeMimModel
+  static create(configJson: string, optimizerJson: string, seed: number): NativeBeit
   /**
    * Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
    * config (a mismatch names the tensor and both shapes).
    */
-  static load(path: string, expectedConfigJson?: string | undefined | null): Promise<NativeMimModel>
+  static load(path: string, expectedConfigJson?: string | undefined | null): Promise<NativeBeit>
   /**
    * Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
    * model.safetensors); `imageSize` [height, width] resizes the position tables to it.
    */
-  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeMimModel>
+  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeBeit>
   /** Writes a transformers `BeitForMaskedImageModeling` folder. */
   exportHuggingFace(dir: string): Promise<void>
   /** One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth. */
-  trainStep(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: number, seed: number): Promise<StepMetrics>
+  trainStep(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: number, seed: number): Promise<BeitStepMetrics>
   /**
    * One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
    * tokenizerHeight, tokenizerWidth] in [0, 1], the same crops) into the targets, which never
    * come back to JS (nor leave the GPU).
    */
-  pretrainStep(tokenizer: NativeTokenizer, pixels: Float32Array, tokenizerPixels: Float32Array, tokenizerHeight: number, tokenizerWidth: number, mask: Uint8Array, lr: number, seed: number): Promise<StepMetrics>
+  pretrainStep(tokenizer: NativeDvae, pixels: Float32Array, tokenizerPixels: Float32Array, tokenizerHeight: number, tokenizerWidth: number, mask: Uint8Array, lr: number, seed: number): Promise<BeitStepMetrics>
   /**
    * Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
    * [B, 2 * hiddenSize].
    */
   probeFeatures(pixels: Float32Array, layer: number): Promise<Float32Array>
   /** Evaluation forward pass: logits and argmax ids at the masked patches. */
-  predict(pixels: Float32Array, mask: Uint8Array): Promise<MaskedPredictions>
+  forward(pixels: Float32Array, mask: Uint8Array): Promise<MaskedPredictions>
+}
+
+/** A BEiT backbone with a classification head and its AdamW state. */
+export declare class NativeClassifier {
+  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
+  /**
+   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
+   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
+   * it and trains and decodes in f32).
+   */
+  get precision(): string
+  set precision(precision: string)
+  /** The model's config (camelCase JSON). */
+  get configJson(): string
+  /** The model kind's training options (JSON; null for the MIM model). */
+  get optionsJson(): string
+  /** AdamW settings (JSON). */
+  get optimizerJson(): string
+  get numParameters(): number
+  /** Optimizer updates taken so far. */
+  get optimizerStep(): number
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
+  save(path: string): Promise<void>
+  /**
+   * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `trainingJson`:
+   * { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
+   */
+  static create(configJson: string, optimizerJson: string, trainingJson: string, seed: number): NativeClassifier
+  /** Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`. */
+  static fromPretrained(path: string, configJson: string, optimizerJson: string, trainingJson: string, seed: number): Promise<NativeClassifier>
+  /**
+   * Reads a transformers BEiT folder: a `BeitForImageClassification` keeps its head unless
+   * `numLabels` differs; a `BeitModel` or `BeitForMaskedImageModeling` gets a new head of
+   * `numLabels` classes, initialised from `seed`.
+   */
+  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, numLabels: number | undefined | null, optimizerJson: string, trainingJson: string, seed: number): Promise<NativeClassifier>
+  /** Writes a transformers `BeitForImageClassification` folder. */
+  exportHuggingFace(dir: string): Promise<void>
+  /** Reads a checkpoint written by `save`. */
+  static load(path: string): Promise<NativeClassifier>
+  /** One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth. */
+  trainStep(pixels: Float32Array, labels: Int32Array, lr: number, seed: number): Promise<ClassifierStepMetrics>
+  /** Class logits [B, numLabels]. */
+  predict(pixels: Float32Array): Promise<Float32Array>
 }
 
 /** The dVAE visual tokenizer with its AdamW (and EMA) state. */
-export declare class NativeTokenizer {
+export declare class NativeDvae {
   /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
   toDevice(device: string): void
   /** Where the model runs: "cpu" or "cuda:N". */
@@ -180,17 +151,59 @@ export declare class NativeTokenizer {
    * `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
    * settings (missing fields take DALL-E's recipe).
    */
-  static create(configJson: string, trainingJson: string, seed: number): NativeTokenizer
-  static load(path: string): Promise<NativeTokenizer>
+  static create(configJson: string, trainingJson: string, seed: number): NativeDvae
+  static load(path: string): Promise<NativeDvae>
   /** One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise. */
-  trainStep(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, lr: number, seed: number): Promise<TokenizerStepMetrics>
+  trainStep(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, lr: number, seed: number): Promise<DvaeStepMetrics>
   /** Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1]. */
   encode(pixels: Float32Array, height: number, width: number): Promise<Int32Array>
   /** Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth]. */
   decode(ids: Int32Array, gridHeight: number, gridWidth: number): Promise<Float32Array>
 }
 
-export interface ClassifierMetrics {
+/** Decodes, crops, resizes and normalises image batches on a thread pool of its own. */
+export declare class NativeImageLoader {
+  /**
+   * `threads`: pool size (default: the machine's available parallelism). `maxPixels`: decoded
+   * pixels allowed per image (default 64 Mi); larger JPEGs are downscaled while decoding.
+   */
+  constructor(threads?: number | undefined | null, maxPixels?: number | undefined | null)
+  get threads(): number
+  /**
+   * Reads and decodes image files. `augmentsJson`: one drawn augmentation per path;
+   * `viewsJson`: the view specs.
+   */
+  loadFiles(paths: Array<string>, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+  /**
+   * Views of decoded 8-bit images stored [count, height, width, channels] in `pixels`
+   * (an IDX dataset); `indices` picks the batch.
+   */
+  loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+}
+
+/** A linear classifier on frozen, standardised features. */
+export declare class NativeLinearProbe {
+  /** `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature). */
+  constructor(numFeatures: number, numLabels: number, trainFeatures: Float32Array, optimizerJson: string, seed: number)
+  trainStep(features: Float32Array, labels: Int32Array, lr: number): Promise<ClassifierStepMetrics>
+  /** Class logits [N, numLabels]. */
+  predict(features: Float32Array): Promise<Float32Array>
+}
+
+export interface BeitStepMetrics {
+  loss: number
+  mlmAcc: number
+  /** Global gradient norm before clipping. */
+  gradNorm: number
+  numMasked: number
+  /**
+   * Share of the most frequent target among the masked patches: the accuracy of always
+   * guessing it.
+   */
+  majorityBaseline: number
+}
+
+export interface ClassifierStepMetrics {
   loss: number
   /** Share of the batch classified right (argmax). */
   accuracy: number
@@ -200,6 +213,20 @@ export interface ClassifierMetrics {
 
 /** NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none. */
 export declare function cudaDeviceCount(): number
+
+export interface DvaeStepMetrics {
+  /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
+  loss: number
+  /** Reconstruction loss per pixel value. */
+  reconLoss: number
+  /** KL to the uniform prior per token, in nats. */
+  kl: number
+  /** exp(entropy) of the batch's code histogram. */
+  perplexity: number
+  /** Distinct codes in the batch. */
+  codesUsed: number
+  gradNorm: number
+}
 
 export interface ImageFailure {
   /** Position of the image in the request. */
@@ -221,31 +248,4 @@ export interface NativeViewBatch {
   /** Request positions of the images that made it into `views`, ascending. */
   kept: Uint32Array
   failures: Array<ImageFailure>
-}
-
-export interface StepMetrics {
-  loss: number
-  mlmAcc: number
-  /** Global gradient norm before clipping. */
-  gradNorm: number
-  numMasked: number
-  /**
-   * Share of the most frequent target among the masked patches: the accuracy of always
-   * guessing it.
-   */
-  majorityBaseline: number
-}
-
-export interface TokenizerStepMetrics {
-  /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
-  loss: number
-  /** Reconstruction loss per pixel value. */
-  reconLoss: number
-  /** KL to the uniform prior per token, in nats. */
-  kl: number
-  /** exp(entropy) of the batch's code histogram. */
-  perplexity: number
-  /** Distinct codes in the batch. */
-  codesUsed: number
-  gradNorm: number
 }

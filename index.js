@@ -835,9 +835,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.NativeBeit = nativeBinding.NativeBeit
 module.exports.NativeClassifier = nativeBinding.NativeClassifier
+module.exports.NativeDvae = nativeBinding.NativeDvae
 module.exports.NativeImageLoader = nativeBinding.NativeImageLoader
 module.exports.NativeLinearProbe = nativeBinding.NativeLinearProbe
-module.exports.NativeMimModel = nativeBinding.NativeMimModel
-module.exports.NativeTokenizer = nativeBinding.NativeTokenizer
 module.exports.cudaDeviceCount = nativeBinding.cudaDeviceCount

@@ -140,7 +140,7 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
   const mim = Beit.create(MODEL, { seed: 2 })
   const mimPath = join(dir, 'mim.safetensors')
   await mim.save(mimPath)
-  const options = { finetune: { labelSmoothing: 0.1, layerDecay: 0.75 }, seed: 4 }
+  const options = { training: { labelSmoothing: 0.1, layerDecay: 0.75 }, seed: 4 }
   const make = () => Classifier.fromPretrained(mimPath, { numLabels: 10 }, options)
   const run = (classifier: Classifier, outDir: string, signal?: AbortSignal, onStep?: (s: number) => void) =>
     finetune({

@@ -19,7 +19,7 @@ export interface ClassifierConfig {
   pooling: Pooling
 }
 
-export interface FinetuneOptions {
+export interface ClassifierTrainingOptions {
   /** Default 0.1. */
   labelSmoothing?: number
   /** Layer-wise LR decay (0.65 for BEiT-B); 1 disables. Default 1. */
@@ -36,7 +36,7 @@ export interface ClassifierSpec {
 
 export interface ClassifierCreateOptions extends DeviceOptions {
   optimizer?: AdamWOptions
-  finetune?: FinetuneOptions
+  training?: ClassifierTrainingOptions
   /** Initialisation seed (of the head, when starting from a checkpoint). Default 0. */
   seed?: number
 }
@@ -58,13 +58,13 @@ function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
 
 export class Classifier extends Checkpointed<NativeClassifier> {
   readonly config: ClassifierConfig
-  readonly finetune: Required<FinetuneOptions>
+  readonly training: Required<ClassifierTrainingOptions>
   readonly numParameters: number
 
   private constructor(handle: NativeClassifier) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as ClassifierConfig
-    this.finetune = JSON.parse(handle.optionsJson) as Required<FinetuneOptions>
+    this.training = JSON.parse(handle.optionsJson) as Required<ClassifierTrainingOptions>
     this.numParameters = handle.numParameters
   }
 
@@ -72,7 +72,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const config = resolveSpec(spec)
     const args = [
       JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.finetune ?? {}),
+      JSON.stringify(opts.training ?? {}),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts))
@@ -91,7 +91,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const config = resolveSpec({ ...spec, model })
     const args = [
       JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.finetune ?? {}),
+      JSON.stringify(opts.training ?? {}),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(
@@ -114,7 +114,7 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     }
     const args = [
       JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.finetune ?? {}),
+      JSON.stringify(opts.training ?? {}),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(

@@ -15,7 +15,7 @@ export type {
   ClassifierSpec,
   ClassifierCreateOptions,
   ClassifierStepResult,
-  FinetuneOptions as ClassifierFinetuneOptions,
+  ClassifierTrainingOptions,
   Pooling,
 } from './classifier'
 export { finetune, evaluate } from './finetune'

@@ -4,7 +4,7 @@ export type { ImageSize } from './config'
 import { Checkpointed } from './checkpointed'
 import { DeviceOptions, place } from './device'
 import { checkSeed, checkType } from './check'
-import { native, NativeMimModel } from './native'
+import { native, NativeBeit } from './native'
 import { Dvae } from './tokenizer'
 
 export interface CreateOptions extends DeviceOptions {
@@ -65,14 +65,14 @@ export interface ForwardResult {
 }
 
 /** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
-export class Beit extends Checkpointed<NativeMimModel> {
+export class Beit extends Checkpointed<NativeBeit> {
   readonly config: BeitConfig
   readonly optimizer: Required<AdamWOptions>
   readonly numParameters: number
   /** Patch grid [height, width]. */
   readonly grid: [number, number]
 
-  private constructor(handle: NativeMimModel) {
+  private constructor(handle: NativeBeit) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as BeitConfig
     this.optimizer = JSON.parse(handle.optimizerJson) as Required<AdamWOptions>
@@ -84,7 +84,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
     const config = resolveConfig(spec)
     const seed = checkSeed(opts.seed ?? 0)
     return new Beit(
-      place(native.NativeMimModel.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts),
+      place(native.NativeBeit.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts),
     )
   }
 
@@ -94,7 +94,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
    */
   static async load(path: string, opts: DeviceOptions & { config?: ModelSpec } = {}): Promise<Beit> {
     const expected = opts.config === undefined ? undefined : JSON.stringify(resolveConfig(opts.config))
-    return new Beit(place(await native.NativeMimModel.load(path, expected), opts))
+    return new Beit(place(await native.NativeBeit.load(path, expected), opts))
   }
 
   /**
@@ -106,7 +106,7 @@ export class Beit extends Checkpointed<NativeMimModel> {
     dir: string,
     opts: DeviceOptions & { imageSize?: ImageSize; optimizer?: AdamWOptions } = {},
   ): Promise<Beit> {
-    const handle = await native.NativeMimModel.fromHuggingFace(
+    const handle = await native.NativeBeit.fromHuggingFace(
       dir,
       imageSizePair(opts.imageSize),
       JSON.stringify(opts.optimizer ?? {}),
@@ -168,6 +168,6 @@ export class Beit extends Checkpointed<NativeMimModel> {
   forward(input: ForwardInput): Promise<ForwardResult> {
     checkType('pixels', input.pixels, Float32Array)
     checkType('mask', input.mask, Uint8Array)
-    return this.handle.predict(input.pixels, input.mask)
+    return this.handle.forward(input.pixels, input.mask)
   }
 }

@@ -37,4 +37,4 @@ function loadCuda(): typeof Native | undefined {
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 export const native: typeof Native = loadCuda() ?? require('../index.js')
-export type { NativeClassifier, NativeImageLoader, NativeLinearProbe, NativeMimModel, NativeTokenizer } from '../index'
+export type { NativeClassifier, NativeImageLoader, NativeLinearProbe, NativeBeit, NativeDvae } from '../index'

@@ -2,7 +2,7 @@ import { checkSeed, checkType } from './check'
 import { Checkpointed } from './checkpointed'
 import { ImageSize, imageSizePair } from './config'
 import { DeviceOptions, place } from './device'
-import { native, NativeTokenizer } from './native'
+import { native, NativeDvae } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
 export interface DvaeConfig {
@@ -113,13 +113,13 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
 }
 
 /** A DALL-E style discrete VAE: images <-> grids of visual-token ids. */
-export class Dvae extends Checkpointed<NativeTokenizer> {
+export class Dvae extends Checkpointed<NativeDvae> {
   readonly config: DvaeConfig
   readonly numParameters: number
   /** Image size / token grid size. */
   readonly downsample: number
 
-  private constructor(handle: NativeTokenizer) {
+  private constructor(handle: NativeDvae) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as DvaeConfig
     this.numParameters = handle.numParameters
@@ -129,16 +129,12 @@ export class Dvae extends Checkpointed<NativeTokenizer> {
   static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
     const { seed = 0, device, precision, ...training } = opts
     checkSeed(seed)
-    const handle = native.NativeTokenizer.create(
-      JSON.stringify(resolveDvaeConfig(spec)),
-      JSON.stringify(training),
-      seed,
-    )
+    const handle = native.NativeDvae.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed)
     return new Dvae(place(handle, { device, precision }))
   }
 
   static async load(path: string, opts: DeviceOptions = {}): Promise<Dvae> {
-    return new Dvae(place(await native.NativeTokenizer.load(path), opts))
+    return new Dvae(place(await native.NativeDvae.load(path), opts))
   }
 
   get training(): Required<DvaeTrainingOptions> {

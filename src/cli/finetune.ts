@@ -69,7 +69,7 @@ export async function runFinetune(
   const pixels = train.source.kind === 'pixels'
   const options = {
     optimizer: { weightDecay: v['weight-decay'] as number },
-    finetune: { labelSmoothing: v['label-smoothing'] as number, layerDecay: v['layer-decay'] as number },
+    training: { labelSmoothing: v['label-smoothing'] as number, layerDecay: v['layer-decay'] as number },
     seed: v.seed as number,
     ...placement(v),
   }

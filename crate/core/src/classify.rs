@@ -22,7 +22,7 @@ use crate::trainer::{check_pixels, f32_values, image_tensor, Kind, Trainer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct FinetuneOptions {
+pub struct ClassifierTrainingOptions {
     /// Label smoothing of the cross-entropy. BEiT: 0.1.
     pub label_smoothing: f64,
     /// Layer-wise LR decay: the learning rate of layer id i is scaled by decay^(L + 1 - i)
@@ -30,13 +30,13 @@ pub struct FinetuneOptions {
     pub layer_decay: f64,
 }
 
-impl Default for FinetuneOptions {
+impl Default for ClassifierTrainingOptions {
     fn default() -> Self {
         Self { label_smoothing: 0.1, layer_decay: 1.0 }
     }
 }
 
-impl FinetuneOptions {
+impl ClassifierTrainingOptions {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::Config(format!("labelSmoothing must be in [0, 1), got {}", self.label_smoothing)));
@@ -66,14 +66,14 @@ pub struct ClassifierStepMetrics {
     pub grad_norm: f64,
 }
 
-/// The classifier's kind: a BEiT with a classification head, fine-tuned with `FinetuneOptions`.
+/// The classifier's kind: a BEiT with a classification head, fine-tuned with `ClassifierTrainingOptions`.
 pub struct Classification;
 
 pub type ClassifierTrainer = Trainer<Classification>;
 
 impl Kind for Classification {
     type Config = ClassifierConfig;
-    type Options = FinetuneOptions;
+    type Options = ClassifierTrainingOptions;
     type Model = BeitForImageClassification;
     type Engine = BeitEngine<f32>;
     const FORMAT: &'static str = "beit-cls/1";
@@ -88,14 +88,14 @@ impl Kind for Classification {
         ClassifierConfig::from_json(json)
     }
 
-    fn validate(config: &ClassifierConfig, options: &FinetuneOptions) -> Result<()> {
+    fn validate(config: &ClassifierConfig, options: &ClassifierTrainingOptions) -> Result<()> {
         config.validate()?;
         options.validate()
     }
 
     fn spec<'a>(
         config: &'a ClassifierConfig,
-        options: &'a FinetuneOptions,
+        options: &'a ClassifierTrainingOptions,
         optimizer: &AdamWConfig,
         cpu_engine: bool,
     ) -> ModelSpec<'a, Self::Model, Self::Engine> {
@@ -114,8 +114,13 @@ impl Kind for Classification {
 }
 
 impl Trainer<Classification> {
-    pub fn new(config: ClassifierConfig, optim: AdamWConfig, finetune: FinetuneOptions, seed: u64) -> Result<Self> {
-        Self::build(config, finetune, optim, ParamStore::initialise(seed), None)
+    pub fn new(
+        config: ClassifierConfig,
+        optim: AdamWConfig,
+        training: ClassifierTrainingOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(config, training, optim, ParamStore::initialise(seed), None)
     }
 
     /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
@@ -125,7 +130,7 @@ impl Trainer<Classification> {
         path: &Path,
         config: ClassifierConfig,
         optim: AdamWConfig,
-        finetune: FinetuneOptions,
+        training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
@@ -135,7 +140,7 @@ impl Trainer<Classification> {
             name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head.")
         });
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        Self::from_backbone(file.tensors, config, optim, finetune, seed).map_err(in_file)
+        Self::from_backbone(file.tensors, config, optim, training, seed).map_err(in_file)
     }
 
     /// A classifier from a transformers checkpoint. A `BeitForImageClassification` keeps its
@@ -145,7 +150,7 @@ impl Trainer<Classification> {
         ckpt: HfCheckpoint,
         num_labels: Option<usize>,
         optim: AdamWConfig,
-        finetune: FinetuneOptions,
+        training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
         let HfCheckpoint { layout, config: model, pooling, labels, mut tensors } = ckpt;
@@ -165,7 +170,7 @@ impl Trainer<Classification> {
                 )))
             }
         };
-        Self::from_backbone(tensors, ClassifierConfig { model, num_labels, pooling }, optim, finetune, seed)
+        Self::from_backbone(tensors, ClassifierConfig { model, num_labels, pooling }, optim, training, seed)
     }
 
     /// `tensors`: a backbone under `beit.*`, with a MIM's `layernorm.*` and `lm_head.*` or a
@@ -174,7 +179,7 @@ impl Trainer<Classification> {
         mut tensors: HashMap<String, Tensor>,
         config: ClassifierConfig,
         optim: AdamWConfig,
-        finetune: FinetuneOptions,
+        training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
         tensors.retain(|name, _| !name.starts_with("lm_head.") && name != "beit.embeddings.mask_token");
@@ -188,7 +193,7 @@ impl Trainer<Classification> {
         let is_head = |name: &str| {
             name.starts_with("classifier.") || name.starts_with("beit.pooler.") || name.starts_with("beit.layernorm.")
         };
-        Self::build(config, finetune, optim, ParamStore::from_tensors_or_init(tensors, seed, is_head), None)
+        Self::build(config, training, optim, ParamStore::from_tensors_or_init(tensors, seed, is_head), None)
     }
 
     /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).

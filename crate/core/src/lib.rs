@@ -24,11 +24,11 @@ pub mod rng;
 pub mod tokenizer;
 pub mod trainer;
 
-pub use classify::{ClassifierStepMetrics, ClassifierTrainer, FinetuneOptions, LinearProbe};
+pub use classify::{ClassifierStepMetrics, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
 pub use config::{BeitConfig, ClassifierConfig, Pooling};
 pub use dvae::DvaeConfig;
 pub use error::{Error, Result};
-pub use mim::{MimBatch, MimTrainer, Predictions, PretrainBatch, StepMetrics};
+pub use mim::{BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
 pub use optim::{AdamW, AdamWConfig};
-pub use tokenizer::{ImageBatch, ReconLoss, TokenizerStepMetrics, TokenizerTrainer, TokenizerTraining};
+pub use tokenizer::{DvaeStepMetrics, DvaeTrainer, DvaeTrainingOptions, ImageBatch, ReconLoss};
 pub use trainer::Trainer;

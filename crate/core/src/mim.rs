@@ -14,13 +14,13 @@ use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use crate::optim::AdamWConfig;
 use crate::params::ParamStore;
 use crate::rng::SplitMix64;
-use crate::tokenizer::{ImageBatch, TokenIds, TokenizerTrainer};
+use crate::tokenizer::{DvaeTrainer, ImageBatch, TokenIds};
 use crate::trainer::{argmax_rows, check_pixels, f32_values, image_tensor, Kind, Trainer};
 
 /// The MIM model's kind (no options of its own).
 pub struct Mim;
 
-pub type MimTrainer = Trainer<Mim>;
+pub type BeitTrainer = Trainer<Mim>;
 
 impl Kind for Mim {
     type Config = BeitConfig;
@@ -103,7 +103,7 @@ pub struct MimBatch<'a> {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct StepMetrics {
+pub struct BeitStepMetrics {
     pub loss: f64,
     pub mlm_acc: f64,
     pub grad_norm: f64,
@@ -204,7 +204,7 @@ impl Trainer<Mim> {
     }
 
     /// One optimisation step; `seed` drives stochastic depth so a step can be replayed.
-    pub fn train_step(&mut self, batch: &MimBatch, lr: f64, seed: u64) -> Result<StepMetrics> {
+    pub fn train_step(&mut self, batch: &MimBatch, lr: f64, seed: u64) -> Result<BeitStepMetrics> {
         let (b, ids) = self.check_batch(batch.pixels, batch.mask, Some(batch.targets))?;
         self.step(batch.pixels, batch.mask, b, Targets::Masked(ids), lr, seed)
     }
@@ -213,11 +213,11 @@ impl Trainer<Mim> {
     /// crops at the tokenizer's resolution) are the targets. On a GPU they stay there.
     pub fn pretrain_step(
         &mut self,
-        tokenizer: &mut TokenizerTrainer,
+        tokenizer: &mut DvaeTrainer,
         batch: &PretrainBatch,
         lr: f64,
         seed: u64,
-    ) -> Result<StepMetrics> {
+    ) -> Result<BeitStepMetrics> {
         let (b, _) = self.check_batch(batch.pixels, batch.mask, None)?;
         let d = tokenizer.config.downsample();
         let (th, tw) = (batch.tokenizer_images.height, batch.tokenizer_images.width);
@@ -258,7 +258,7 @@ impl Trainer<Mim> {
         targets: Targets,
         lr: f64,
         seed: u64,
-    ) -> Result<StepMetrics> {
+    ) -> Result<BeitStepMetrics> {
         let precision = self.precision();
         let n = self.config.num_patches();
         let (loss, mlm_acc, num_masked, majority_baseline, grads) = match &mut self.backend {
@@ -287,11 +287,11 @@ impl Trainer<Mim> {
             }
         };
         let grad_norm = self.update(loss, grads.as_ref(), lr)?;
-        Ok(StepMetrics { loss, mlm_acc, grad_norm, num_masked, majority_baseline })
+        Ok(BeitStepMetrics { loss, mlm_acc, grad_norm, num_masked, majority_baseline })
     }
 
     /// Evaluation forward pass (no stochastic depth): logits and argmax ids at masked patches.
-    pub fn predict(&mut self, pixels: &[f32], mask: &[u8]) -> Result<Predictions> {
+    pub fn forward(&mut self, pixels: &[f32], mask: &[u8]) -> Result<Predictions> {
         let (b, _) = self.check_batch(pixels, mask, None)?;
         let precision = self.precision();
         let logits = match &mut self.backend {

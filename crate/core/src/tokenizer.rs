@@ -24,7 +24,7 @@ pub enum ReconLoss {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct TokenizerTraining {
+pub struct DvaeTrainingOptions {
     pub optimizer: AdamWConfig,
     /// EMA decay of the weights (DALL-E: 0.999); 0 turns EMA off. Encode/decode use the EMA
     /// weights when it is on.
@@ -32,7 +32,7 @@ pub struct TokenizerTraining {
     pub recon_loss: ReconLoss,
 }
 
-impl Default for TokenizerTraining {
+impl Default for DvaeTrainingOptions {
     /// DALL-E's dVAE recipe: AdamW (0.9, 0.999, 1e-8), wd 1e-4, EMA 0.999, logit-Laplace.
     fn default() -> Self {
         Self {
@@ -44,7 +44,7 @@ impl Default for TokenizerTraining {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct TokenizerStepMetrics {
+pub struct DvaeStepMetrics {
     /// The optimised objective: recon + klWeight * KL, both per pixel value.
     pub loss: f64,
     /// Reconstruction loss per pixel value.
@@ -58,14 +58,14 @@ pub struct TokenizerStepMetrics {
     pub grad_norm: f64,
 }
 
-/// The tokenizer's kind: DALL-E's dVAE, trained with `TokenizerTraining`.
+/// The tokenizer's kind: DALL-E's dVAE, trained with `DvaeTrainingOptions`.
 pub struct Tokenizer;
 
-pub type TokenizerTrainer = Trainer<Tokenizer>;
+pub type DvaeTrainer = Trainer<Tokenizer>;
 
 impl Kind for Tokenizer {
     type Config = DvaeConfig;
-    type Options = TokenizerTraining;
+    type Options = DvaeTrainingOptions;
     type Model = Dvae;
     type Engine = DvaeEngine<f32>;
     const FORMAT: &'static str = "beit-dvae/1";
@@ -80,7 +80,7 @@ impl Kind for Tokenizer {
         DvaeConfig::from_json(json)
     }
 
-    fn validate(config: &DvaeConfig, training: &TokenizerTraining) -> Result<()> {
+    fn validate(config: &DvaeConfig, training: &DvaeTrainingOptions) -> Result<()> {
         config.validate()?;
         training.optimizer.validate()?;
         if !(0.0..1.0).contains(&training.ema_decay) {
@@ -91,7 +91,7 @@ impl Kind for Tokenizer {
 
     fn spec<'a>(
         config: &'a DvaeConfig,
-        training: &'a TokenizerTraining,
+        training: &'a DvaeTrainingOptions,
         optimizer: &AdamWConfig,
         cpu_engine: bool,
     ) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
@@ -105,11 +105,11 @@ impl Kind for Tokenizer {
         }
     }
 
-    fn ema_decay(training: &TokenizerTraining) -> f64 {
+    fn ema_decay(training: &DvaeTrainingOptions) -> f64 {
         training.ema_decay
     }
 
-    fn legacy_optimizer(training: &TokenizerTraining) -> Option<AdamWConfig> {
+    fn legacy_optimizer(training: &DvaeTrainingOptions) -> Option<AdamWConfig> {
         Some(training.optimizer.clone())
     }
 }
@@ -138,7 +138,7 @@ pub struct ImageBatch<'a> {
 
 impl Trainer<Tokenizer> {
     /// A new tokenizer: weights from `seed`, the EMA (when on) starting as their copy.
-    pub fn new(config: DvaeConfig, training: TokenizerTraining, seed: u64) -> Result<Self> {
+    pub fn new(config: DvaeConfig, training: DvaeTrainingOptions, seed: u64) -> Result<Self> {
         let optimizer = training.optimizer.clone();
         Self::build(config, training, optimizer, ParamStore::initialise(seed), None)
     }
@@ -155,7 +155,7 @@ impl Trainer<Tokenizer> {
         kl_weight: f64,
         lr: f64,
         seed: u64,
-    ) -> Result<TokenizerStepMetrics> {
+    ) -> Result<DvaeStepMetrics> {
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(Error::Input(format!("temperature must be a finite number > 0, got {temperature}")));
         }
@@ -202,7 +202,7 @@ impl Trainer<Tokenizer> {
         };
         let grad_norm = self.update(loss, grads.as_ref(), lr)?;
         let (perplexity, codes_used) = code_usage(&codes, self.config.vocab_size);
-        Ok(TokenizerStepMetrics { loss, recon_loss, kl, perplexity, codes_used, grad_norm })
+        Ok(DvaeStepMetrics { loss, recon_loss, kl, perplexity, codes_used, grad_norm })
     }
 
     /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic), from the EMA

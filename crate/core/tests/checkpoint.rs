@@ -1,6 +1,6 @@
 mod common;
 
-use beit_core::{AdamWConfig, BeitConfig, MimBatch, MimTrainer};
+use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, MimBatch};
 use candle_core::DType;
 use common::*;
 
@@ -19,7 +19,7 @@ fn data(cfg: &BeitConfig, seed: u64) -> (Vec<f32>, Vec<u8>, Vec<i32>) {
     (pixels, mask, targets)
 }
 
-fn step(t: &mut MimTrainer, seed: u64) -> f64 {
+fn step(t: &mut BeitTrainer, seed: u64) -> f64 {
     let (p, m, tg) = data(&t.config.clone(), seed);
     t.train_step(&MimBatch { pixels: &p, mask: &m, targets: &tg }, 1e-3, seed).unwrap().loss
 }
@@ -28,7 +28,7 @@ fn step(t: &mut MimTrainer, seed: u64) -> f64 {
 fn save_then_load_resumes_exactly() {
     let dir = temp_dir("resume");
     let cfg = BeitConfig { drop_path_rate: 0.2, ..tiny_config() };
-    let mut a = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 11).unwrap();
+    let mut a = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 11).unwrap();
     for s in 0..3 {
         step(&mut a, s);
     }
@@ -37,7 +37,7 @@ fn save_then_load_resumes_exactly() {
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("ckpt.safetensors")], "no temp file is left");
 
-    let mut b = MimTrainer::load(&path, None).unwrap();
+    let mut b = BeitTrainer::load(&path, None).unwrap();
     assert_eq!(b.config, cfg);
     assert_eq!(b.optimizer_step(), 3);
     for ((na, va), (nb, vb)) in a.weights().unwrap().iter().zip(&b.weights().unwrap()) {
@@ -56,15 +56,15 @@ fn save_then_load_resumes_exactly() {
 fn loading_into_another_config_names_the_tensor_and_shapes() {
     let dir = temp_dir("mismatch");
     let path = dir.join("m.safetensors");
-    MimTrainer::new(tiny_config(), AdamWConfig::default(), 1).unwrap().save(&path).unwrap();
+    BeitTrainer::new(tiny_config(), AdamWConfig::default(), 1).unwrap().save(&path).unwrap();
     let other = BeitConfig { hidden_size: 12, intermediate_size: 12, ..tiny_config() };
-    let err = MimTrainer::load(&path, Some(other.clone())).err().expect("must fail").to_string();
+    let err = BeitTrainer::load(&path, Some(other.clone())).err().expect("must fail").to_string();
     assert!(
         err.contains("beit.embeddings.cls_token") && err.contains("[1, 1, 8]") && err.contains("[1, 1, 12]"),
         "{err}"
     );
     let fewer_layers = BeitConfig { num_hidden_layers: 1, ..tiny_config() };
-    let err = MimTrainer::load(&path, Some(fewer_layers.clone())).err().expect("must fail").to_string();
+    let err = BeitTrainer::load(&path, Some(fewer_layers.clone())).err().expect("must fail").to_string();
     assert!(err.contains("does not use") && err.contains("beit.encoder.layer.1."), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -72,13 +72,13 @@ fn loading_into_another_config_names_the_tensor_and_shapes() {
 #[test]
 fn unreadable_or_foreign_files_are_clear_errors() {
     let dir = temp_dir("bad");
-    let missing = MimTrainer::load(&dir.join("nope.safetensors"), None).err().unwrap().to_string();
+    let missing = BeitTrainer::load(&dir.join("nope.safetensors"), None).err().unwrap().to_string();
     assert!(missing.contains("cannot read") && missing.contains("nope.safetensors"), "{missing}");
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"definitely not safetensors").unwrap();
-    let err = MimTrainer::load(&junk, None).err().unwrap().to_string();
+    let err = BeitTrainer::load(&junk, None).err().unwrap().to_string();
     assert!(err.contains("not a valid safetensors file"), "{err}");
-    let err = MimTrainer::new(tiny_config(), AdamWConfig::default(), 1)
+    let err = BeitTrainer::new(tiny_config(), AdamWConfig::default(), 1)
         .unwrap()
         .save(&dir.join("no/such/dir/x.safetensors"))
         .unwrap_err()

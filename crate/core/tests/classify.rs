@@ -9,7 +9,7 @@ use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
 use beit_core::model::{classification_loss, BeitForImageClassification};
 use beit_core::optim::AdamWConfig;
 use beit_core::rng::SplitMix64;
-use beit_core::{ClassifierTrainer, FinetuneOptions, LinearProbe, MimTrainer};
+use beit_core::{BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -78,7 +78,7 @@ fn layer_ids_and_decayed_learning_rates_follow_unilm() {
     let trainer = ClassifierTrainer::new(
         cfg,
         AdamWConfig::default(),
-        FinetuneOptions { layer_decay: 0.5, label_smoothing: 0.0 },
+        ClassifierTrainingOptions { layer_decay: 0.5, label_smoothing: 0.0 },
         1,
     )
     .unwrap();
@@ -102,7 +102,7 @@ fn finetuning_starts_from_the_pretrained_backbone() {
     let dir = std::env::temp_dir().join(format!("beit-classify-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mim_path = dir.join("mim.safetensors");
-    let mut mim = MimTrainer::new(tiny_config(), AdamWConfig::default(), 11).unwrap();
+    let mut mim = BeitTrainer::new(tiny_config(), AdamWConfig::default(), 11).unwrap();
     // Away from the initialisation, so that a freshly initialised tensor cannot pass as copied.
     let b = batch(&tiny_config(), 2, 3);
     for step in 0..3 {
@@ -115,7 +115,7 @@ fn finetuning_starts_from_the_pretrained_backbone() {
             &mim_path,
             classifier_config(pooling),
             AdamWConfig::default(),
-            FinetuneOptions::default(),
+            ClassifierTrainingOptions::default(),
             2,
         )
         .unwrap();
@@ -143,11 +143,16 @@ fn finetuning_starts_from_the_pretrained_backbone() {
     // A checkpoint of another shape is refused naming the tensor.
     let wider =
         ClassifierConfig { model: BeitConfig { hidden_size: 12, ..tiny_config() }, ..classifier_config(Pooling::Mean) };
-    let err =
-        ClassifierTrainer::from_pretrained(&mim_path, wider, AdamWConfig::default(), FinetuneOptions::default(), 2)
-            .err()
-            .unwrap()
-            .to_string();
+    let err = ClassifierTrainer::from_pretrained(
+        &mim_path,
+        wider,
+        AdamWConfig::default(),
+        ClassifierTrainingOptions::default(),
+        2,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("shape"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -160,7 +165,7 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
     let mut a = ClassifierTrainer::new(
         cfg.clone(),
         AdamWConfig::default(),
-        FinetuneOptions { label_smoothing: 0.1, layer_decay: 0.7 },
+        ClassifierTrainingOptions { label_smoothing: 0.1, layer_decay: 0.7 },
         4,
     )
     .unwrap();
@@ -177,7 +182,7 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
     let mb = b.train_step(&pixels, &[0, 1, 2, 0], 1e-3, 8).unwrap();
     assert_eq!(ma.loss, mb.loss);
     assert_eq!(a.predict(&pixels).unwrap(), b.predict(&pixels).unwrap());
-    let err = MimTrainer::load(&path, None).err().unwrap().to_string();
+    let err = BeitTrainer::load(&path, None).err().unwrap().to_string();
     assert!(err.contains("expected \"beit-mim/1\""), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -188,7 +193,7 @@ fn a_tiny_classifier_learns_and_bad_labels_are_errors() {
     let mut t = ClassifierTrainer::new(
         cfg.clone(),
         no_decay_adamw(),
-        FinetuneOptions { label_smoothing: 0.0, layer_decay: 1.0 },
+        ClassifierTrainingOptions { label_smoothing: 0.0, layer_decay: 1.0 },
         3,
     )
     .unwrap();
@@ -235,7 +240,7 @@ fn the_linear_probe_separates_separable_features() {
 #[test]
 fn probe_features_are_cls_and_mean_patch_of_the_chosen_layer() {
     let cfg = tiny_config();
-    let mut mim = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 5).unwrap();
+    let mut mim = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 5).unwrap();
     let pixels = images(&cfg, 2, 3);
     let f0 = mim.probe_features(&pixels, 0).unwrap();
     let f2 = mim.probe_features(&pixels, 2).unwrap();

@@ -8,8 +8,8 @@ mod common;
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::Precision;
 use beit_core::{
-    ops, AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer,
-    TokenizerTraining,
+    ops, AdamWConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeConfig, DvaeTrainer,
+    DvaeTrainingOptions, ImageBatch,
 };
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -116,8 +116,8 @@ fn bf16_kernels_agree_with_the_cpu() {
 fn bf16_training_steps_agree_with_the_cpu() {
     let cfg = tiny_config();
     let batch = batch(&cfg, 4, 3);
-    let mut cpu = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
-    let mut cuda = MimTrainer::new(cfg, AdamWConfig::default(), 1).unwrap();
+    let mut cpu = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    let mut cuda = BeitTrainer::new(cfg, AdamWConfig::default(), 1).unwrap();
     cuda.to_device(&gpu()).unwrap();
     for t in [&mut cpu, &mut cuda] {
         t.set_precision(Precision::Bf16).unwrap();
@@ -139,8 +139,8 @@ fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
 fn training_steps_agree_with_the_cpu() {
     let cfg = tiny_config();
     let batch = batch(&cfg, 4, 3);
-    let mut cpu = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
-    let mut cuda = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    let mut cpu = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
+    let mut cuda = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 1).unwrap();
     cuda.to_device(&gpu()).unwrap();
     for step in 0..5 {
         let a = cpu.train_step(&batch.view(), 1e-3, step).unwrap();
@@ -148,13 +148,15 @@ fn training_steps_agree_with_the_cpu() {
         assert_close(&format!("MIM loss, step {step}"), a.loss, b.loss, 1e-4);
         assert_close(&format!("MIM grad norm, step {step}"), a.grad_norm, b.grad_norm, 1e-3);
     }
-    let (p, q) = (cpu.predict(&batch.pixels, &batch.mask).unwrap(), cuda.predict(&batch.pixels, &batch.mask).unwrap());
+    let (p, q) = (cpu.forward(&batch.pixels, &batch.mask).unwrap(), cuda.forward(&batch.pixels, &batch.mask).unwrap());
     let d = p.logits.iter().zip(&q.logits).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(d < 1e-3, "MIM logits after 5 steps differ by {d}");
 
     let cls = ClassifierConfig { model: cfg, num_labels: 3, pooling: Pooling::Cls };
-    let mut cpu = ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), FinetuneOptions::default(), 2).unwrap();
-    let mut cuda = ClassifierTrainer::new(cls, AdamWConfig::default(), FinetuneOptions::default(), 2).unwrap();
+    let mut cpu =
+        ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), ClassifierTrainingOptions::default(), 2).unwrap();
+    let mut cuda =
+        ClassifierTrainer::new(cls, AdamWConfig::default(), ClassifierTrainingOptions::default(), 2).unwrap();
     cuda.to_device(&gpu()).unwrap();
     for step in 0..3 {
         let a = cpu.train_step(&batch.pixels, &[0, 1, 2, 1], 1e-3, step).unwrap();
@@ -171,12 +173,12 @@ fn training_steps_agree_with_the_cpu() {
         vocab_size: 32,
         decoder_input_size: 16,
     };
-    let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
+    let training = DvaeTrainingOptions { ema_decay: 0.9, ..DvaeTrainingOptions::default() };
     let pixels: Vec<f32> =
         randn(&[2 * 3 * 256], 4).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
-    let mut cpu = TokenizerTrainer::new(dvae.clone(), training.clone(), 3).unwrap();
-    let mut cuda = TokenizerTrainer::new(dvae, training, 3).unwrap();
+    let mut cpu = DvaeTrainer::new(dvae.clone(), training.clone(), 3).unwrap();
+    let mut cuda = DvaeTrainer::new(dvae, training, 3).unwrap();
     cuda.to_device(&gpu()).unwrap();
     for step in 0..3 {
         let a = cpu.train_step(&images, 1.0, 0.01, 1e-3, step).unwrap();

@@ -6,8 +6,8 @@ mod common;
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::{self, CUDA_BUILD};
 use beit_core::{
-    AdamWConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer,
-    TokenizerTraining,
+    AdamWConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeConfig, DvaeTrainer,
+    DvaeTrainingOptions, ImageBatch,
 };
 use candle_core::Device;
 use common::*;
@@ -37,8 +37,8 @@ fn moving_a_model_mid_training_keeps_weights_moments_and_step() {
     // back (the conversions a GPU move makes), and two more: the same weights.
     let cfg = tiny_config();
     let batch = batch(&cfg, 3, 4);
-    let mut still = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 9).unwrap();
-    let mut moved = MimTrainer::new(cfg.clone(), AdamWConfig::default(), 9).unwrap();
+    let mut still = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 9).unwrap();
+    let mut moved = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 9).unwrap();
     for step in 0..4 {
         if step == 2 {
             moved.set_cpu_engine(false).unwrap();
@@ -53,8 +53,10 @@ fn moving_a_model_mid_training_keeps_weights_moments_and_step() {
     assert_eq!(values(still.weights().unwrap()), values(moved.weights().unwrap()));
 
     let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean };
-    let mut still = ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), FinetuneOptions::default(), 1).unwrap();
-    let mut moved = ClassifierTrainer::new(cls, AdamWConfig::default(), FinetuneOptions::default(), 1).unwrap();
+    let mut still =
+        ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), ClassifierTrainingOptions::default(), 1).unwrap();
+    let mut moved =
+        ClassifierTrainer::new(cls, AdamWConfig::default(), ClassifierTrainingOptions::default(), 1).unwrap();
     let labels = [0, 2, 1];
     for step in 0..4 {
         if step == 2 {
@@ -79,7 +81,7 @@ fn moving_a_tokenizer_keeps_its_ema() {
         vocab_size: 8,
         decoder_input_size: 8,
     };
-    let training = TokenizerTraining { ema_decay: 0.5, ..TokenizerTraining::default() };
+    let training = DvaeTrainingOptions { ema_decay: 0.5, ..DvaeTrainingOptions::default() };
     let pixels: Vec<f32> = random_tensor(&[2 * 64], 3, candle_core::DType::F32)
         .to_vec1::<f32>()
         .unwrap()
@@ -87,8 +89,8 @@ fn moving_a_tokenizer_keeps_its_ema() {
         .map(|v| v.abs().min(1.0))
         .collect();
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
-    let mut still = TokenizerTrainer::new(cfg.clone(), training.clone(), 5).unwrap();
-    let mut moved = TokenizerTrainer::new(cfg, training, 5).unwrap();
+    let mut still = DvaeTrainer::new(cfg.clone(), training.clone(), 5).unwrap();
+    let mut moved = DvaeTrainer::new(cfg, training, 5).unwrap();
     for step in 0..3 {
         if step == 1 {
             moved.set_cpu_engine(false).unwrap();

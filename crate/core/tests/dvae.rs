@@ -6,7 +6,7 @@ use beit_core::conv::{conv2d_same, max_pool2, upsample2};
 use beit_core::dvae::{map_pixels, Dvae, DvaeConfig};
 use beit_core::ops::softmax_last_dim;
 use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
-use beit_core::{ImageBatch, ReconLoss, TokenizerTrainer, TokenizerTraining};
+use beit_core::{DvaeTrainer, DvaeTrainingOptions, ImageBatch, ReconLoss};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
@@ -147,8 +147,8 @@ fn squares(batch: usize, channels: usize, size: usize) -> Vec<f32> {
     v
 }
 
-fn tiny_training() -> TokenizerTraining {
-    TokenizerTraining { ema_decay: 0.0, ..TokenizerTraining::default() }
+fn tiny_training() -> DvaeTrainingOptions {
+    DvaeTrainingOptions { ema_decay: 0.0, ..DvaeTrainingOptions::default() }
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn training_learns_to_reconstruct_and_encode_is_deterministic() {
         vocab_size: 16,
         decoder_input_size: 16,
     };
-    let mut t = TokenizerTrainer::new(cfg, tiny_training(), 1).unwrap();
+    let mut t = DvaeTrainer::new(cfg, tiny_training(), 1).unwrap();
     let pixels = squares(8, 1, 8);
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
     let first = t.train_step(&batch, 1.0, 0.0, 3e-3, 0).unwrap();
@@ -188,7 +188,7 @@ fn save_load_round_trips_exactly_with_ema() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = tiny_dvae();
     let mut a =
-        TokenizerTrainer::new(cfg.clone(), TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() }, 2)
+        DvaeTrainer::new(cfg.clone(), DvaeTrainingOptions { ema_decay: 0.9, ..DvaeTrainingOptions::default() }, 2)
             .unwrap();
     let pixels = squares(4, 2, 8);
     let batch = ImageBatch { pixels: &pixels, height: 8, width: 8 };
@@ -197,7 +197,7 @@ fn save_load_round_trips_exactly_with_ema() {
     }
     let path = dir.join("tok.safetensors");
     a.save(&path).unwrap();
-    let mut b = TokenizerTrainer::load(&path, None).unwrap();
+    let mut b = DvaeTrainer::load(&path, None).unwrap();
     assert_eq!(b.config, cfg);
     assert_eq!(b.optimizer_step(), 3);
     assert_eq!(a.encode(&batch).unwrap(), b.encode(&batch).unwrap());
@@ -207,15 +207,15 @@ fn save_load_round_trips_exactly_with_ema() {
     assert_eq!(a.encode(&batch).unwrap(), b.encode(&batch).unwrap(), "EMA weights resumed too");
     // A BEiT checkpoint is not a tokenizer.
     let mim = dir.join("mim.safetensors");
-    beit_core::MimTrainer::new(tiny_config(), Default::default(), 0).unwrap().save(&mim).unwrap();
-    let err = TokenizerTrainer::load(&mim, None).err().unwrap().to_string();
+    beit_core::BeitTrainer::new(tiny_config(), Default::default(), 0).unwrap().save(&mim).unwrap();
+    let err = DvaeTrainer::load(&mim, None).err().unwrap().to_string();
     assert!(err.contains("beit-mim/1") && err.contains("tokenizer checkpoint"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn bad_tokenizer_inputs_are_clear_errors() {
-    let mut t = TokenizerTrainer::new(tiny_dvae(), tiny_training(), 0).unwrap();
+    let mut t = DvaeTrainer::new(tiny_dvae(), tiny_training(), 0).unwrap();
     let px = squares(2, 2, 8);
     let cases: Vec<(Vec<f32>, usize, &str)> = vec![
         (px[..100].to_vec(), 8, "expected a positive multiple of 128 values (C*H*W = 2*8*8), got 100"),

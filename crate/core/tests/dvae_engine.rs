@@ -226,7 +226,7 @@ fn tiled_convolutions_match_the_direct_sum() {
 /// gradient norms, and the codes of the EMA that encode reads).
 #[test]
 fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
-    use beit_core::{ImageBatch, TokenizerTrainer, TokenizerTraining};
+    use beit_core::{DvaeTrainer, DvaeTrainingOptions, ImageBatch};
     let cfg = DvaeConfig {
         image_size: [16, 16],
         num_channels: 3,
@@ -236,7 +236,7 @@ fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
         vocab_size: 32,
         decoder_input_size: 16,
     };
-    let training = TokenizerTraining { ema_decay: 0.9, ..TokenizerTraining::default() };
+    let training = DvaeTrainingOptions { ema_decay: 0.9, ..DvaeTrainingOptions::default() };
     let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 9, DType::F32)
         .to_vec1::<f32>()
         .unwrap()
@@ -244,8 +244,8 @@ fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
         .map(|v| v.abs().min(1.0))
         .collect();
     let batch = ImageBatch { pixels: &pixels, height: 16, width: 16 };
-    let mut engine = TokenizerTrainer::new(cfg.clone(), training.clone(), 4).unwrap();
-    let mut candle = TokenizerTrainer::new(cfg, training, 4).unwrap();
+    let mut engine = DvaeTrainer::new(cfg.clone(), training.clone(), 4).unwrap();
+    let mut candle = DvaeTrainer::new(cfg, training, 4).unwrap();
     candle.set_cpu_engine(false).unwrap();
     for step in 0..10 {
         let (e, c) = (

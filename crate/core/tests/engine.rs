@@ -200,8 +200,8 @@ fn training_on_the_engine_tracks_candle_autograd() {
             assert!(err < 1e-3, "{what}: {name} differs by {err:e} after training");
         }
     };
-    let mut engine = beit_core::MimTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
-    let mut candle = beit_core::MimTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
+    let mut engine = beit_core::BeitTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
+    let mut candle = beit_core::BeitTrainer::new(cfg.clone(), Default::default(), 7).unwrap();
     candle.set_cpu_engine(false).unwrap();
     for step in 0..20 {
         let (e, c) =
@@ -213,7 +213,7 @@ fn training_on_the_engine_tracks_candle_autograd() {
     weights_close("MIM", engine.weights().unwrap(), candle.weights().unwrap());
 
     let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean };
-    let finetune = beit_core::FinetuneOptions { label_smoothing: 0.1, layer_decay: 0.75 };
+    let finetune = beit_core::ClassifierTrainingOptions { label_smoothing: 0.1, layer_decay: 0.75 };
     let mut engine = beit_core::ClassifierTrainer::new(cls.clone(), Default::default(), finetune.clone(), 3).unwrap();
     let mut candle = beit_core::ClassifierTrainer::new(cls, Default::default(), finetune, 3).unwrap();
     candle.set_cpu_engine(false).unwrap();

@@ -13,7 +13,7 @@ use beit_core::hf::{self, HfLayout};
 use beit_core::model::{BeitForImageClassification, BeitForMaskedImageModeling};
 use beit_core::optim::AdamWConfig;
 use beit_core::params::ParamStore;
-use beit_core::{ClassifierTrainer, FinetuneOptions, ImageBatch, MimTrainer, TokenizerTrainer};
+use beit_core::{BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer, ImageBatch};
 use candle_core::{Device, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
@@ -60,15 +60,15 @@ fn candle_model<M>(
     ParamStore::from_tensors(weights.into_iter().collect()).build(candle_core::DType::F32, &Device::Cpu, new).unwrap().0
 }
 
-fn mim_parity(name: &str, image_size: Option<[usize; 2]>) -> MimTrainer {
+fn mim_parity(name: &str, image_size: Option<[usize; 2]>) -> BeitTrainer {
     let dir = fixture(&format!("hf/{name}"));
     let io = read_io(&dir);
     let ckpt = hf::read(&dir, image_size).unwrap();
     assert_eq!(ckpt.layout, HfLayout::MaskedImageModeling);
-    let mut model = MimTrainer::from_hf(ckpt, AdamWConfig::default()).unwrap();
+    let mut model = BeitTrainer::from_hf(ckpt, AdamWConfig::default()).unwrap();
     let pixels = &io["pixel_values"];
     let mask: Vec<u8> = io["bool_masked_pos"].flatten_all().unwrap().to_vec1().unwrap();
-    let predictions = model.predict(&values(pixels), &mask).unwrap();
+    let predictions = model.forward(&values(pixels), &mask).unwrap();
     assert_close(&format!("{name} logits"), &predictions.logits, &masked_rows(&io["logits"], &mask));
     let (b, n) = io["bool_masked_pos"].dims2().unwrap();
     let mask_t = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b, n), &Device::Cpu).unwrap();
@@ -103,7 +103,8 @@ fn classifier_parity(name: &str) -> ClassifierTrainer {
     let ckpt = hf::read(&dir, None).unwrap();
     assert_eq!(ckpt.layout, HfLayout::ImageClassification);
     let mut model =
-        ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+        ClassifierTrainer::from_hf(ckpt, None, AdamWConfig::default(), ClassifierTrainingOptions::default(), 0)
+            .unwrap();
     let pixels = &io["pixel_values"];
     assert_close(&format!("{name} logits"), &model.predict(&values(pixels)).unwrap(), &values(&io["logits"]));
     let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
@@ -135,12 +136,13 @@ fn bare_beit_model_imports_under_a_new_head() {
         hf::read(&dir, None).unwrap(),
         None,
         AdamWConfig::default(),
-        FinetuneOptions::default(),
+        ClassifierTrainingOptions::default(),
         0,
     );
     assert!(no_labels.err().unwrap().to_string().contains("numLabels is required"));
     let mut model =
-        ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), FinetuneOptions::default(), 0).unwrap();
+        ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), ClassifierTrainingOptions::default(), 0)
+            .unwrap();
     let pixels = &io["pixel_values"];
     let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
     let pooled = reference.pooled(pixels, None).unwrap();
@@ -162,7 +164,7 @@ fn export_then_import_round_trips_mim_and_classifier() {
     let io = read_io(&dir);
     let mask: Vec<u8> = io["bool_masked_pos"].flatten_all().unwrap().to_vec1().unwrap();
     let pixels = values(&io["pixel_values"]);
-    let mut model = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).unwrap();
+    let mut model = BeitTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).unwrap();
     let out = temp_dir("mim");
     model.export_hf(&out).unwrap();
     let config: serde_json::Value =
@@ -171,9 +173,9 @@ fn export_then_import_round_trips_mim_and_classifier() {
     assert_eq!(config["use_mask_token"], true);
     assert_eq!(config["use_shared_relative_position_bias"], true);
     assert_eq!(config["layer_norm_eps"], 1e-6);
-    let mut again = MimTrainer::from_hf(hf::read(&out, None).unwrap(), AdamWConfig::default()).unwrap();
+    let mut again = BeitTrainer::from_hf(hf::read(&out, None).unwrap(), AdamWConfig::default()).unwrap();
     assert_eq!(again.config, model.config);
-    assert_eq!(again.predict(&pixels, &mask).unwrap().logits, model.predict(&pixels, &mask).unwrap().logits);
+    assert_eq!(again.forward(&pixels, &mask).unwrap().logits, model.forward(&pixels, &mask).unwrap().logits);
     std::fs::remove_dir_all(&out).unwrap();
 
     for name in ["cls-token-abs", "cls-mean-nonsquare"] {
@@ -183,7 +185,7 @@ fn export_then_import_round_trips_mim_and_classifier() {
             hf::read(&dir, None).unwrap(),
             None,
             AdamWConfig::default(),
-            FinetuneOptions::default(),
+            ClassifierTrainingOptions::default(),
             0,
         )
         .unwrap();
@@ -193,7 +195,7 @@ fn export_then_import_round_trips_mim_and_classifier() {
             hf::read(&out, None).unwrap(),
             None,
             AdamWConfig::default(),
-            FinetuneOptions::default(),
+            ClassifierTrainingOptions::default(),
             1,
         )
         .unwrap();
@@ -218,7 +220,7 @@ fn checkpoints_that_do_not_fit_list_every_problem() {
     );
     tensors.insert("beit.extra.weight".into(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap());
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let err = MimTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).err().unwrap().to_string();
+    let err = BeitTrainer::from_hf(hf::read(&dir, None).unwrap(), AdamWConfig::default()).err().unwrap().to_string();
     for expected in [
         "beit.encoder.layer.0.attention.attention.key.weight [32, 32]",
         "lm_head.bias [64]",
@@ -230,7 +232,7 @@ fn checkpoints_that_do_not_fit_list_every_problem() {
 
     // A classification checkpoint cannot be pretrained; a config of another model is refused.
     let cls = hf::read(&fixture("hf/cls-token-abs"), None).unwrap();
-    let err = MimTrainer::from_hf(cls, AdamWConfig::default()).err().unwrap().to_string();
+    let err = BeitTrainer::from_hf(cls, AdamWConfig::default()).err().unwrap().to_string();
     assert!(err.contains("BeitForImageClassification") && err.contains("BeitForMaskedImageModeling"), "{err}");
     let text = std::fs::read_to_string(src.join("config.json")).unwrap();
     std::fs::write(dir.join("config.json"), text.replace("\"model_type\": \"beit\"", "\"model_type\": \"vit\""))
@@ -267,7 +269,7 @@ fn resizing_keeps_the_cls_entries_and_is_the_identity_at_the_same_size() {
 fn dall_e_weights_converted_from_the_package_match_its_encoder_and_decoder() {
     let dir = fixture("dalle");
     let io = read_io(&dir);
-    let mut tokenizer = TokenizerTrainer::load(&dir.join("dvae.safetensors"), None).unwrap();
+    let mut tokenizer = DvaeTrainer::load(&dir.join("dvae.safetensors"), None).unwrap();
     assert_eq!((tokenizer.config.num_groups, tokenizer.config.vocab_size), (4, 32));
     let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
     let reference = candle_model(tokenizer.weights().unwrap(), |vb| Dvae::new(&tokenizer.config, vb));

@@ -2,7 +2,7 @@ mod common;
 
 use beit_core::engine::{BeitEngine, Head};
 use beit_core::model::{relative_position_index, BeitForMaskedImageModeling};
-use beit_core::{AdamWConfig, BeitConfig, Error, MimTrainer};
+use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, Error};
 use candle_core::DType;
 use common::*;
 
@@ -83,8 +83,8 @@ fn relative_position_index_follows_the_reference_layout() {
     assert_eq!(*idx.iter().max().unwrap(), 17);
 }
 
-fn trainer(cfg: BeitConfig, seed: u64) -> MimTrainer {
-    MimTrainer::new(cfg, AdamWConfig::default(), seed).unwrap()
+fn trainer(cfg: BeitConfig, seed: u64) -> BeitTrainer {
+    BeitTrainer::new(cfg, AdamWConfig::default(), seed).unwrap()
 }
 
 /// At the reference initialisation, through both training paths: candle's autograd (the GPU
@@ -138,7 +138,7 @@ fn a_tiny_model_overfits_one_batch() {
         drop_path_rate: 0.0,
         ..tiny_config()
     };
-    let mut t = MimTrainer::new(cfg.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() }, 7).unwrap();
+    let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() }, 7).unwrap();
     let b = batch(&cfg, 4, 2);
     let first = t.train_step(&b.view(), 5e-3, 0).unwrap();
     let mut last = first;
@@ -189,7 +189,7 @@ fn non_square_grayscale_and_rgb_inputs_train() {
         let mut t = trainer(cfg.clone(), 2);
         let m = t.train_step(&batch(&cfg, 2, 4).view(), 1e-3, 0).unwrap();
         assert!(m.loss.is_finite() && m.grad_norm > 0.0);
-        let p = t.predict(&batch(&cfg, 2, 4).pixels, &batch(&cfg, 2, 4).mask).unwrap();
+        let p = t.forward(&batch(&cfg, 2, 4).pixels, &batch(&cfg, 2, 4).mask).unwrap();
         assert_eq!(p.logits.len(), p.num_masked * cfg.vocab_size);
         assert!(p.ids.iter().all(|&i| (0..7).contains(&i)));
     }

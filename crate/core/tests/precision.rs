@@ -10,8 +10,8 @@ use beit_core::device::Precision;
 use beit_core::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use beit_core::rng::SplitMix64;
 use beit_core::{
-    ops, AdamWConfig, BeitConfig, ClassifierTrainer, DvaeConfig, FinetuneOptions, ImageBatch, MimTrainer,
-    TokenizerTrainer, TokenizerTraining,
+    ops, AdamWConfig, BeitConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeConfig, DvaeTrainer,
+    DvaeTrainingOptions, ImageBatch,
 };
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -108,8 +108,8 @@ fn bf16_training_tracks_f32_training() {
     };
     let b = batch(&cfg, 4, 2);
     let optim = AdamWConfig { weight_decay: 0.0, ..Default::default() };
-    let mut full = MimTrainer::new(cfg.clone(), optim.clone(), 7).unwrap();
-    let mut mixed = MimTrainer::new(cfg.clone(), optim, 7).unwrap();
+    let mut full = BeitTrainer::new(cfg.clone(), optim.clone(), 7).unwrap();
+    let mut mixed = BeitTrainer::new(cfg.clone(), optim, 7).unwrap();
     mixed.set_precision(Precision::Bf16).unwrap();
     let (mut first, mut last) = (None, None);
     for step in 0..60 {
@@ -128,14 +128,14 @@ fn bf16_training_tracks_f32_training() {
     for (name, weight) in mixed.weights().unwrap() {
         assert_eq!(weight.dtype(), DType::F32, "{name}: master weights must stay f32");
     }
-    let predictions = mixed.predict(&b.pixels, &b.mask).unwrap();
+    let predictions = mixed.forward(&b.pixels, &b.mask).unwrap();
     assert!(predictions.logits.iter().all(|v| v.is_finite()), "bf16 predictions must be finite");
 }
 
 #[test]
 fn bf16_classifier_logits_are_close_to_f32() {
     let cfg = ClassifierConfig { model: tiny_config(), num_labels: 5, pooling: Pooling::Mean };
-    let mut t = ClassifierTrainer::new(cfg, AdamWConfig::default(), FinetuneOptions::default(), 4).unwrap();
+    let mut t = ClassifierTrainer::new(cfg, AdamWConfig::default(), ClassifierTrainingOptions::default(), 4).unwrap();
     let b = batch(&tiny_config(), 3, 2);
     // Away from the initialisation first (f32, on the CPU engine), then onto candle in bf16.
     for step in 0..5 {
@@ -162,7 +162,7 @@ fn bf16_tokenizer_encoding_agrees_with_f32() {
         vocab_size: 32,
         decoder_input_size: 16,
     };
-    let mut t = TokenizerTrainer::new(config, TokenizerTraining::default(), 5).unwrap();
+    let mut t = DvaeTrainer::new(config, DvaeTrainingOptions::default(), 5).unwrap();
     let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 6, DType::F32)
         .to_vec1::<f32>()
         .unwrap()

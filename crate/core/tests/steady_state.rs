@@ -8,7 +8,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use beit_core::{AdamWConfig, BeitConfig, DvaeConfig, ImageBatch, MimTrainer, TokenizerTrainer, TokenizerTraining};
+use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, DvaeConfig, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
 use candle_core::DType;
 use common::*;
 
@@ -57,10 +57,14 @@ fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
         ..tiny_config()
     };
     let b = batch(&cfg, 16, 1);
-    let mut mim = MimTrainer::new(cfg, AdamWConfig::default(), 3).unwrap();
-    let first = allocated(|| drop(mim.train_step(&b.view(), 1e-3, 0).unwrap()));
+    let mut mim = BeitTrainer::new(cfg, AdamWConfig::default(), 3).unwrap();
+    let first = allocated(|| {
+        mim.train_step(&b.view(), 1e-3, 0).unwrap();
+    });
     mim.train_step(&b.view(), 1e-3, 1).unwrap();
-    let steady = allocated(|| drop(mim.train_step(&b.view(), 1e-3, 2).unwrap()));
+    let steady = allocated(|| {
+        mim.train_step(&b.view(), 1e-3, 2).unwrap();
+    });
     eprintln!("MIM step: first {first} bytes, steady {steady} bytes");
     assert!(steady * 5 < first, "a steady MIM step allocated {steady} bytes, the first {first}");
 
@@ -73,7 +77,7 @@ fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
         vocab_size: 32,
         decoder_input_size: 16,
     };
-    let mut tok = TokenizerTrainer::new(dvae, TokenizerTraining::default(), 4).unwrap();
+    let mut tok = DvaeTrainer::new(dvae, DvaeTrainingOptions::default(), 4).unwrap();
     let pixels: Vec<f32> = random_tensor(&[8 * 3 * 1024], 9, DType::F32)
         .to_vec1::<f32>()
         .unwrap()
@@ -81,9 +85,13 @@ fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
         .map(|v| v.abs().min(1.0))
         .collect();
     let images = ImageBatch { pixels: &pixels, height: 32, width: 32 };
-    let first = allocated(|| drop(tok.train_step(&images, 1.0, 0.1, 1e-3, 0).unwrap()));
+    let first = allocated(|| {
+        tok.train_step(&images, 1.0, 0.1, 1e-3, 0).unwrap();
+    });
     tok.train_step(&images, 1.0, 0.1, 1e-3, 1).unwrap();
-    let steady = allocated(|| drop(tok.train_step(&images, 1.0, 0.1, 1e-3, 2).unwrap()));
+    let steady = allocated(|| {
+        tok.train_step(&images, 1.0, 0.1, 1e-3, 2).unwrap();
+    });
     eprintln!("tokenizer step: first {first} bytes, steady {steady} bytes");
     assert!(steady * 5 < first, "a steady tokenizer step allocated {steady} bytes, the first {first}");
 }

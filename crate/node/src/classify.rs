@@ -3,20 +3,20 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use beit_core::{ClassifierConfig, ClassifierStepMetrics, ClassifierTrainer, FinetuneOptions, LinearProbe};
+use beit_core::{ClassifierConfig, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
 
-fn parse_finetune(json: &str) -> beit_core::Result<FinetuneOptions> {
-    let options: FinetuneOptions = beit_core::config::parse_json("finetune options", json)?;
+fn parse_training_options(json: &str) -> beit_core::Result<ClassifierTrainingOptions> {
+    let options: ClassifierTrainingOptions = beit_core::config::parse_json("classifier training options", json)?;
     options.validate()?;
     Ok(options)
 }
 
 #[napi(object)]
-pub struct ClassifierMetrics {
+pub struct ClassifierStepMetrics {
     pub loss: f64,
     /// Share of the batch classified right (argmax).
     pub accuracy: f64,
@@ -24,8 +24,8 @@ pub struct ClassifierMetrics {
     pub grad_norm: f64,
 }
 
-fn metrics(m: ClassifierStepMetrics) -> Result<ClassifierMetrics> {
-    Ok(ClassifierMetrics { loss: m.loss, accuracy: m.accuracy, grad_norm: m.grad_norm })
+fn metrics(m: beit_core::ClassifierStepMetrics) -> Result<ClassifierStepMetrics> {
+    Ok(ClassifierStepMetrics { loss: m.loss, accuracy: m.accuracy, grad_norm: m.grad_norm })
 }
 
 /// A BEiT backbone with a classification head and its AdamW state.
@@ -42,16 +42,16 @@ trainer_methods!(NativeClassifier);
 
 #[napi]
 impl NativeClassifier {
-    /// `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `finetuneJson`:
+    /// `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `trainingJson`:
     /// { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
     #[napi(factory)]
-    pub fn create(config_json: String, optimizer_json: String, finetune_json: String, seed: u32) -> Result<Self> {
+    pub fn create(config_json: String, optimizer_json: String, training_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = ClassifierConfig::from_json(&config_json)?;
             ClassifierTrainer::new(
                 config,
                 parse_optimizer(&optimizer_json)?,
-                parse_finetune(&finetune_json)?,
+                parse_training_options(&training_json)?,
                 seed as u64,
             )
         })
@@ -64,7 +64,7 @@ impl NativeClassifier {
         path: String,
         config_json: String,
         optimizer_json: String,
-        finetune_json: String,
+        training_json: String,
         seed: u32,
     ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
         job(
@@ -75,7 +75,7 @@ impl NativeClassifier {
                     &PathBuf::from(path),
                     config,
                     optimizer,
-                    parse_finetune(&finetune_json)?,
+                    parse_training_options(&training_json)?,
                     seed as u64,
                 )
             },
@@ -92,14 +92,15 @@ impl NativeClassifier {
         image_size: Option<Vec<u32>>,
         num_labels: Option<u32>,
         optimizer_json: String,
-        finetune_json: String,
+        training_json: String,
         seed: u32,
     ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
-                let (optimizer, finetune) = (parse_optimizer(&optimizer_json)?, parse_finetune(&finetune_json)?);
-                ClassifierTrainer::from_hf(ckpt, num_labels.map(|n| n as usize), optimizer, finetune, seed as u64)
+                let (optimizer, training) =
+                    (parse_optimizer(&optimizer_json)?, parse_training_options(&training_json)?);
+                ClassifierTrainer::from_hf(ckpt, num_labels.map(|n| n as usize), optimizer, training, seed as u64)
             },
             wrap,
         )
@@ -119,14 +120,14 @@ impl NativeClassifier {
     }
 
     /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.
-    #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
+    #[napi(ts_return_type = "Promise<ClassifierStepMetrics>")]
     pub fn train_step(
         &self,
         pixels: Float32Array,
         labels: Int32Array,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+    ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
         let model = self.inner.clone();
         job(move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64), metrics)
     }
@@ -168,13 +169,13 @@ impl NativeLinearProbe {
         })
     }
 
-    #[napi(ts_return_type = "Promise<ClassifierMetrics>")]
+    #[napi(ts_return_type = "Promise<ClassifierStepMetrics>")]
     pub fn train_step(
         &self,
         features: Float32Array,
         labels: Int32Array,
         lr: f64,
-    ) -> AsyncTask<Job<ClassifierStepMetrics, ClassifierMetrics>> {
+    ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
         let probe = self.inner.clone();
         job(move || lock(&probe)?.train_step(&features, &labels, lr), metrics)
     }

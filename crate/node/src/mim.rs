@@ -3,45 +3,45 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use beit_core::{BeitConfig, ImageBatch, MimBatch, MimTrainer, PretrainBatch};
+use beit_core::{BeitConfig, BeitTrainer, ImageBatch, MimBatch, PretrainBatch};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::tokenizer::NativeTokenizer;
+use crate::tokenizer::NativeDvae;
 use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
 
 /// A BEiT model with its MIM head and AdamW state.
 #[napi]
-pub struct NativeMimModel {
-    inner: Arc<Mutex<MimTrainer>>,
+pub struct NativeBeit {
+    inner: Arc<Mutex<BeitTrainer>>,
 }
 
-fn wrap(trainer: MimTrainer) -> Result<NativeMimModel> {
-    Ok(NativeMimModel { inner: Arc::new(Mutex::new(trainer)) })
+fn wrap(trainer: BeitTrainer) -> Result<NativeBeit> {
+    Ok(NativeBeit { inner: Arc::new(Mutex::new(trainer)) })
 }
 
-trainer_methods!(NativeMimModel);
+trainer_methods!(NativeBeit);
 
 #[napi]
-impl NativeMimModel {
+impl NativeBeit {
     /// `configJson`: a full model config (camelCase, as `BeitConfig`); `optimizerJson`: AdamW
     /// settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
     #[napi(factory)]
     pub fn create(config_json: String, optimizer_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
-            MimTrainer::new(BeitConfig::from_json(&config_json)?, parse_optimizer(&optimizer_json)?, seed as u64)
+            BeitTrainer::new(BeitConfig::from_json(&config_json)?, parse_optimizer(&optimizer_json)?, seed as u64)
         })
         .and_then(wrap)
     }
 
     /// Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
     /// config (a mismatch names the tensor and both shapes).
-    #[napi(ts_return_type = "Promise<NativeMimModel>")]
-    pub fn load(path: String, expected_config_json: Option<String>) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
+    #[napi(ts_return_type = "Promise<NativeBeit>")]
+    pub fn load(path: String, expected_config_json: Option<String>) -> AsyncTask<Job<BeitTrainer, NativeBeit>> {
         job(
             move || {
                 let expected = expected_config_json.as_deref().map(BeitConfig::from_json).transpose()?;
-                MimTrainer::load(&PathBuf::from(path), expected)
+                BeitTrainer::load(&PathBuf::from(path), expected)
             },
             wrap,
         )
@@ -49,16 +49,16 @@ impl NativeMimModel {
 
     /// Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
     /// model.safetensors); `imageSize` [height, width] resizes the position tables to it.
-    #[napi(ts_return_type = "Promise<NativeMimModel>")]
+    #[napi(ts_return_type = "Promise<NativeBeit>")]
     pub fn from_hugging_face(
         dir: String,
         image_size: Option<Vec<u32>>,
         optimizer_json: String,
-    ) -> AsyncTask<Job<MimTrainer, NativeMimModel>> {
+    ) -> AsyncTask<Job<BeitTrainer, NativeBeit>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
-                MimTrainer::from_hf(ckpt, parse_optimizer(&optimizer_json)?)
+                BeitTrainer::from_hf(ckpt, parse_optimizer(&optimizer_json)?)
             },
             wrap,
         )
@@ -72,7 +72,7 @@ impl NativeMimModel {
     }
 
     /// One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth.
-    #[napi(ts_return_type = "Promise<StepMetrics>")]
+    #[napi(ts_return_type = "Promise<BeitStepMetrics>")]
     pub fn train_step(
         &self,
         pixels: Float32Array,
@@ -80,7 +80,7 @@ impl NativeMimModel {
         targets: Int32Array,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<Job<beit_core::StepMetrics, StepMetrics>> {
+    ) -> AsyncTask<Job<beit_core::BeitStepMetrics, BeitStepMetrics>> {
         let model = self.inner.clone();
         job(
             move || {
@@ -93,11 +93,11 @@ impl NativeMimModel {
     /// One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
     /// tokenizerHeight, tokenizerWidth] in [0, 1], the same crops) into the targets, which never
     /// come back to JS (nor leave the GPU).
-    #[napi(ts_return_type = "Promise<StepMetrics>")]
+    #[napi(ts_return_type = "Promise<BeitStepMetrics>")]
     #[allow(clippy::too_many_arguments)]
     pub fn pretrain_step(
         &self,
-        tokenizer: &NativeTokenizer,
+        tokenizer: &NativeDvae,
         pixels: Float32Array,
         tokenizer_pixels: Float32Array,
         tokenizer_height: u32,
@@ -105,7 +105,7 @@ impl NativeMimModel {
         mask: Uint8Array,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<Job<beit_core::StepMetrics, StepMetrics>> {
+    ) -> AsyncTask<Job<beit_core::BeitStepMetrics, BeitStepMetrics>> {
         let (model, tokenizer) = (self.inner.clone(), tokenizer.shared());
         job(
             move || {
@@ -138,14 +138,14 @@ impl NativeMimModel {
 
     /// Evaluation forward pass: logits and argmax ids at the masked patches.
     #[napi(ts_return_type = "Promise<MaskedPredictions>")]
-    pub fn predict(
+    pub fn forward(
         &self,
         pixels: Float32Array,
         mask: Uint8Array,
     ) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
         let model = self.inner.clone();
         job(
-            move || lock(&model)?.predict(&pixels, &mask),
+            move || lock(&model)?.forward(&pixels, &mask),
             |p| {
                 Ok(MaskedPredictions {
                     logits: Float32Array::new(p.logits),
@@ -157,8 +157,8 @@ impl NativeMimModel {
     }
 }
 
-fn metrics(m: beit_core::StepMetrics) -> Result<StepMetrics> {
-    Ok(StepMetrics {
+fn metrics(m: beit_core::BeitStepMetrics) -> Result<BeitStepMetrics> {
+    Ok(BeitStepMetrics {
         loss: m.loss,
         mlm_acc: m.mlm_acc,
         grad_norm: m.grad_norm,
@@ -168,7 +168,7 @@ fn metrics(m: beit_core::StepMetrics) -> Result<StepMetrics> {
 }
 
 #[napi(object)]
-pub struct StepMetrics {
+pub struct BeitStepMetrics {
     pub loss: f64,
     pub mlm_acc: f64,
     /// Global gradient norm before clipping.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use beit_core::{DvaeConfig, ImageBatch, TokenizerTrainer, TokenizerTraining};
+use beit_core::{DvaeConfig, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
@@ -11,44 +11,44 @@ use crate::{guarded, job, lock, trainer_methods, Job};
 
 /// The dVAE visual tokenizer with its AdamW (and EMA) state.
 #[napi]
-pub struct NativeTokenizer {
-    inner: Arc<Mutex<TokenizerTrainer>>,
+pub struct NativeDvae {
+    inner: Arc<Mutex<DvaeTrainer>>,
 }
 
-impl NativeTokenizer {
-    pub(crate) fn shared(&self) -> Arc<Mutex<TokenizerTrainer>> {
+impl NativeDvae {
+    pub(crate) fn shared(&self) -> Arc<Mutex<DvaeTrainer>> {
         self.inner.clone()
     }
 }
 
-fn wrap(trainer: TokenizerTrainer) -> Result<NativeTokenizer> {
-    Ok(NativeTokenizer { inner: Arc::new(Mutex::new(trainer)) })
+fn wrap(trainer: DvaeTrainer) -> Result<NativeDvae> {
+    Ok(NativeDvae { inner: Arc::new(Mutex::new(trainer)) })
 }
 
-trainer_methods!(NativeTokenizer);
+trainer_methods!(NativeDvae);
 
 #[napi]
-impl NativeTokenizer {
+impl NativeDvae {
     /// `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
     /// settings (missing fields take DALL-E's recipe).
     #[napi(factory)]
     pub fn create(config_json: String, training_json: String, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = DvaeConfig::from_json(&config_json)?;
-            let training: TokenizerTraining =
+            let training: DvaeTrainingOptions =
                 beit_core::config::parse_json("tokenizer training options", &training_json)?;
-            TokenizerTrainer::new(config, training, seed as u64)
+            DvaeTrainer::new(config, training, seed as u64)
         })
         .and_then(wrap)
     }
 
-    #[napi(ts_return_type = "Promise<NativeTokenizer>")]
-    pub fn load(path: String) -> AsyncTask<Job<TokenizerTrainer, NativeTokenizer>> {
-        job(move || TokenizerTrainer::load(&PathBuf::from(path), None), wrap)
+    #[napi(ts_return_type = "Promise<NativeDvae>")]
+    pub fn load(path: String) -> AsyncTask<Job<DvaeTrainer, NativeDvae>> {
+        job(move || DvaeTrainer::load(&PathBuf::from(path), None), wrap)
     }
 
     /// One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise.
-    #[napi(ts_return_type = "Promise<TokenizerStepMetrics>")]
+    #[napi(ts_return_type = "Promise<DvaeStepMetrics>")]
     #[allow(clippy::too_many_arguments)]
     pub fn train_step(
         &self,
@@ -59,7 +59,7 @@ impl NativeTokenizer {
         kl_weight: f64,
         lr: f64,
         seed: u32,
-    ) -> AsyncTask<Job<beit_core::TokenizerStepMetrics, TokenizerStepMetrics>> {
+    ) -> AsyncTask<Job<beit_core::DvaeStepMetrics, DvaeStepMetrics>> {
         let model = self.inner.clone();
         job(
             move || {
@@ -67,7 +67,7 @@ impl NativeTokenizer {
                 lock(&model)?.train_step(&batch, temperature, kl_weight, lr, seed as u64)
             },
             |m| {
-                Ok(TokenizerStepMetrics {
+                Ok(DvaeStepMetrics {
                     loss: m.loss,
                     recon_loss: m.recon_loss,
                     kl: m.kl,
@@ -103,7 +103,7 @@ impl NativeTokenizer {
 }
 
 #[napi(object)]
-pub struct TokenizerStepMetrics {
+pub struct DvaeStepMetrics {
     /// The optimised objective: reconstruction + klWeight * KL, per pixel value.
     pub loss: f64,
     /// Reconstruction loss per pixel value.
