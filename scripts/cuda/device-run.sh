@@ -1,52 +1,95 @@
 #!/usr/bin/env bash
-# Runs on a lent H100/H200 machine, in the repository root, after scripts/cuda/device-pack.sh
-# here (carry .device and dist). In one go: CPU-vs-CUDA agreement tests, then the pretraining
-# benchmark of beit (bf16, batch sizes 64/128/256, and f32 at 128) and of PyTorch eager
-# (scripts/cuda/bench_pytorch.py), each batch size in its own process with nvidia-smi sampling
-# the GPU memory in use, so that both sides' peaks are measured the same way. Results go to
-# $OUT (the device tool's output folder).
+# Runs on a lent GPU machine (no cargo, no internet), in the repository root, after
+# scripts/cuda/device-pack.sh here; carry [".device", "dist"]. One prepared run of at most
+# about 8 minutes, so that a second try fits in a 15-minute window:
+#   preflight (JSON: driver, missing libraries, GLIBC needed vs present, size sent, torch) ->
+#   CUDA-vs-CPU tests -> pretraining steps (BEiT-B/16 at 224 + the `dall-e` tokenizer at 112
+#   online, 40% masked): beit bf16 and PyTorch eager bf16 at each batch size, torch.compile at
+#   128, both in f32 at 128.
+# Each phase runs under its own timeout (cut to what is left of the deadline), in a process of
+# its own while nvidia-smi samples the GPU memory in use, and appends one JSON line to
+# $OUT/phases.jsonl; a failed phase is recorded and the run goes on. Logs: $OUT/<phase>.log.
 #
-#   bash scripts/cuda/device-run.sh [batch sizes, default "64 128 256"] [timed steps, default 10]
+#   bash scripts/cuda/device-run.sh                 # on the GPU machine
+#   BEIT_DEVICE_FAKE=1 bash scripts/cuda/device-run.sh   # here: the same flow on the CPU
+#                                                        # (tiny presets, no GPU, no nvidia-smi)
+# Knobs: BATCHES ("64 128 256"), STEPS (10), DEADLINE_S (450).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/beit-device-out}
 mkdir -p "$OUT"
-BATCHES=${1:-64 128 256}
-STEPS=${2:-10}
+: > "$OUT/phases.jsonl"
+FAKE=${BEIT_DEVICE_FAKE:-0}
+BATCHES=${BATCHES:-64 128 256}
+STEPS=${STEPS:-10}
+DEADLINE=$(($(date +%s) + ${DEADLINE_S:-450}))
 
-xz -d -k -f .device/*.xz
-chmod +x .device/cuda-tests .device/node
-# The CUDA 13 runtime libraries of the host's Python environment (the build has no RPATH).
-LIBS=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib")) + glob.glob(os.path.join(p, "*", "*", "lib"))))')
-export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export NAPI_RS_NATIVE_LIBRARY_PATH="$PWD/.device/beit.node"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+SENT=$(ls .device/*.xz 2>/dev/null)
+for f in $SENT; do xz -d -k -f "$f"; done
+chmod +x .device/cuda-tests .device/node 2>/dev/null
+NODE=.device/node
+[ -x "$NODE" ] || NODE=node
+# candle's kernels are PTX, JIT-compiled by the driver at first use: keep them for the next
+# process (and the next call while the machine stays warm).
+export CUDA_CACHE_PATH="$PWD/.device/jit-cache" CUDA_CACHE_MAXSIZE=4294967296
+if [ "$FAKE" = 1 ]; then
+  DEVICE=cpu PRESET=tiny BATCHES=${FAKE_BATCHES:-2} STEPS=2 WARMUP=1
+  PYTHON=${PYTHON:-$HOME/.cache/beit/bench-venv/bin/python}
+else
+  DEVICE=cuda PRESET=base WARMUP=3 PYTHON=python3
+  # The CUDA 13 runtime libraries of the host's Python environment (the build has no RPATH).
+  LIBS=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib")) + glob.glob(os.path.join(p, "*", "*", "lib"))))' 2>/dev/null)
+  export LD_LIBRARY_PATH="${LIBS:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export NAPI_RS_NATIVE_LIBRARY_PATH="$PWD/.device/beit.node"
+fi
 
-echo "== CUDA vs CPU agreement tests"
-.device/cuda-tests --test-threads=1 --nocapture > "$OUT/cuda-tests.txt" 2>&1
-echo "exit $?" >> "$OUT/cuda-tests.txt"
-grep -E "test result|panicked|FAILED|^exit" "$OUT/cuda-tests.txt"
-
-# Runs "$@" while sampling the GPU's used memory; appends {"peak_gpu_mib": N} to its JSON line.
-sampled() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.txt" &
-  local sampler=$!
-  local line
-  line=$("$@" 2>>"$OUT/stderr.txt" | tail -n 1)
-  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-  local peak
-  peak=$(sort -n "$OUT/mem.txt" | tail -n 1)
-  case "$line" in
-    \{*\}) ;;
-    *) line="{\"command\":\"$*\",\"error\":\"no JSON result; see stderr.txt\"}" ;;
-  esac
-  echo "${line%\}},\"peak_gpu_mib\":${peak:-null}}" | tee -a "$OUT/bench.jsonl"
+# phase NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left), sampling GPU
+# memory, and appends {"phase", "rc", "timed_out", "seconds", "peak_gpu_mib", "result"} where
+# result is the last JSON line the command printed (or null).
+phase() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 15 ]; then
+    echo "{\"phase\":\"$name\",\"skipped\":\"deadline\"}" | tee -a "$OUT/phases.jsonl"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local sampler=""
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" 2>/dev/null &
+    sampler=$!
+  fi
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  [ -n "$sampler" ] && { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; }
+  local peak result
+  peak=$(sort -n "$OUT/$name.mem" 2>/dev/null | tail -n 1)
+  result=$(grep '^{' "$OUT/$name.log" | tail -n 1)
+  local timed_out=false
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && timed_out=true
+  echo "{\"phase\":\"$name\",\"rc\":$rc,\"timed_out\":$timed_out,\"seconds\":$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }"),\"peak_gpu_mib\":${peak:-null},\"result\":${result:-null}}" \
+    | tee -a "$OUT/phases.jsonl"
 }
 
-echo "== pretraining benchmark (BEiT-B/16 at 224 + dall-e tokenizer at 112)"
-for b in $BATCHES; do
-  sampled .device/node dist/bench/pretrain-step.js --device cuda --precision bf16 --batch-sizes "$b" --steps "$STEPS" --warmup 3
-  sampled python3 scripts/cuda/bench_pytorch.py --batch-sizes "$b" --steps "$STEPS" --warmup 3
+phase preflight 30 python3 scripts/cuda/preflight.py .device/beit.node .device/cuda-tests "$NODE" --sent $SENT dist
+phase cuda-tests 150 .device/cuda-tests --test-threads=1 --nocapture
+grep -E "^test |test result|panicked" "$OUT/cuda-tests.log" | head -n 40
+
+beit=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
+torch_=("$PYTHON" scripts/cuda/bench_pytorch.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
+# Most important first: whatever the deadline cuts is at the end.
+MAIN=128
+[ "$FAKE" = 1 ] && MAIN=$BATCHES
+ordered="$MAIN $(for b in $BATCHES; do [ "$b" != "$MAIN" ] && printf '%s ' "$b"; done)"
+for b in $ordered; do
+  phase "beit-bf16-b$b" 75 "${beit[@]}" --precision bf16 --batch-sizes "$b"
+  phase "pytorch-bf16-b$b" 75 "${torch_[@]}" --dtype bf16 --batch-sizes "$b"
 done
-sampled .device/node dist/bench/pretrain-step.js --device cuda --precision f32 --batch-sizes 128 --steps "$STEPS" --warmup 3
-sampled python3 scripts/cuda/bench_pytorch.py --dtype f32 --batch-sizes 128 --steps "$STEPS" --warmup 3
+phase "pytorch-compile-bf16-b$MAIN" 150 "${torch_[@]}" --dtype bf16 --compile --batch-sizes "$MAIN"
+phase "beit-f32-b$MAIN" 75 "${beit[@]}" --precision f32 --batch-sizes "$MAIN"
+phase "pytorch-f32-b$MAIN" 75 "${torch_[@]}" --dtype f32 --batch-sizes "$MAIN"
+echo "phases: $OUT/phases.jsonl"

@@ -240,8 +240,16 @@ __device__ void add_bias(const T* x, const T* b, T* y, size_t total, int n) {
         y[i] = from_f32<T>(to_f32(x[i]) + to_f32(b[i % n]));
     }
 }
-#define ADD_BIAS_PARAMS(T) (const T* x, const T* b, T* y, size_t total, int n)
-BOTH_TYPES(add_bias, ADD_BIAS_PARAMS, (x, b, y, total, n))
+#define ROW_VECTOR_PARAMS(T) (const T* x, const T* b, T* y, size_t total, int n)
+BOTH_TYPES(add_bias, ROW_VECTOR_PARAMS, (x, b, y, total, n))
+
+template <typename T>
+__device__ void scale_columns(const T* x, const T* g, T* y, size_t total, int n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        y[i] = from_f32<T>(to_f32(x[i]) * to_f32(g[i % n]));
+    }
+}
+BOTH_TYPES(scale_columns, ROW_VECTOR_PARAMS, (x, b, y, total, n))
 
 // out[j] += sum of column j over this block's rows (out: f32, starts at zero).
 template <typename T>

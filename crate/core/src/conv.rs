@@ -116,6 +116,30 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// Most im2col elements one candle CUDA convolution may produce. Its im2col kernel indexes the
+/// column buffer with a 32-bit thread index and its launch size is the element count cast to
+/// u32, so past 2^32 elements most of the buffer is silently never written (the `dall-e`
+/// encoder's 3x3 convolutions at 112 px pass that from batch 149 on). Half of that, to be safe.
+pub const GPU_IM2COL_LIMIT: usize = 1 << 31;
+
+/// `f` over consecutive slices of at most `per_chunk` images of `x` (dim 0), concatenated;
+/// differentiable (each chunk's backward is again a chunk-sized convolution).
+pub fn in_batch_chunks(
+    x: &Tensor,
+    per_chunk: usize,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let b = x.dim(0)?;
+    if b <= per_chunk {
+        return f(x);
+    }
+    let parts = (0..b)
+        .step_by(per_chunk)
+        .map(|start| f(&x.narrow(0, start, per_chunk.min(b - start))?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
 /// k x k convolution, stride 1, zero padding (k-1)/2, on NHWC input. `weight` keeps the
 /// PyTorch layout [C_out, C_in, k, k] (as checkpoints store it).
 pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
@@ -125,9 +149,13 @@ pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::R
         bail!("conv2d: input has {c} channels, weight is [{c_out}, {c_in}, {k}, {k2}] (expected odd square kernels)");
     }
     if !x.device().is_cpu() {
-        // On a GPU: candle's convolution (im2col + cuBLAS, with its backward), in NCHW.
-        let y = x.permute((0, 3, 1, 2))?.contiguous()?.conv2d(weight, (k - 1) / 2, 1, 1, 1)?;
-        return y.permute((0, 2, 3, 1))?.broadcast_add(bias);
+        let (_, h, w, _) = x.dims4()?;
+        let per_chunk = (GPU_IM2COL_LIMIT / (c_in * k * k * h * w)).max(1);
+        return in_batch_chunks(x, per_chunk, |x| {
+            // On a GPU: candle's convolution (im2col + cuBLAS, with its backward), in NCHW.
+            let y = x.permute((0, 3, 1, 2))?.contiguous()?.conv2d(weight, (k - 1) / 2, 1, 1, 1)?;
+            y.permute((0, 2, 3, 1))?.broadcast_add(bias)
+        });
     }
     if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x, weight, bias], |t| conv2d_same(&t[0], &t[1], &t[2]))? {
         return Ok(y);

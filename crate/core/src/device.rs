@@ -44,7 +44,31 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
     // f32 matmuls on tensor cores (TF32), as PyTorch's allow_tf32; reductions stay f32.
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
-    Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("device {spec:?} cannot be opened: {e}")))
+    cuda_device(ordinal).map_err(|e| Error::Config(format!("device {spec:?} cannot be opened: {e}")))
+}
+
+/// One device per ordinal for the whole process: one CUDA context, one cuBLAS handle and one
+/// stream of its own. candle's `new_cuda` would build a context and handle on every call, on
+/// the *per-thread* default stream, so that work issued from the JS thread (`toDevice`,
+/// uploads) and from whichever libuv worker runs a step would go to different, unordered
+/// streams; on one stream everything runs in the order it was issued. Tensors of two models on
+/// the same GPU also share a device id, as candle requires of the operands of one op (the
+/// tokenizer's ids feed the MIM step).
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
+    static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+    let mut devices = DEVICES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, device)) = devices.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(device.clone());
+    }
+    let device = Device::new_cuda_with_stream(ordinal)?;
+    devices.push((ordinal, device.clone()));
+    Ok(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> candle_core::Result<Device> {
+    candle_core::bail!("this build of beit has no CUDA support")
 }
 
 /// The spelling `parse` takes for `device`.

@@ -145,19 +145,25 @@ impl Embeddings {
     pub fn forward(&self, pixels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = self.patch_embeddings.forward(pixels)?;
         let (b, _, d) = x.dims3()?;
+        // The parameters' gradients are sums over the batch (and patches): scale_columns,
+        // add_bias and an f32 broadcast keep those sums in f32 when the activations are bf16.
         let x = match (mask, &self.mask_token) {
             (Some(m), Some(token)) => {
                 let w = m.unsqueeze(2)?.to_dtype(x.dtype())?;
                 let keep = w.affine(-1.0, 1.0)?;
-                x.broadcast_mul(&keep)?.add(&w.broadcast_mul(&like(token, &x)?)?)?
+                let masked = ops::scale_columns(&w.broadcast_as(x.shape())?, &like(token, &x)?.flatten_all()?)?;
+                x.broadcast_mul(&keep)?.add(&masked)?
             }
             (Some(_), None) => candle_core::bail!("this model has no mask token: it cannot take a mask"),
             (None, _) => x,
         };
-        let cls = like(&self.cls_token, &x)?.broadcast_as((b, 1, d))?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?.to_dtype(x.dtype())?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
         match &self.position_embeddings {
-            Some(pos) => x.broadcast_add(&like(pos, &x)?),
+            Some(pos) => {
+                let (b, n, d) = x.dims3()?;
+                ops::add_bias(&x.reshape((b, n * d))?, &like(pos, &x)?.flatten_all()?)?.reshape((b, n, d))
+            }
             None => Ok(x),
         }
     }
@@ -361,7 +367,7 @@ impl Layer {
         rng: Option<&mut SplitMix64>,
     ) -> Result<Tensor> {
         let branch = match gamma {
-            Some(g) => branch.broadcast_mul(&like(g, x)?)?,
+            Some(g) => ops::scale_columns(&branch, &like(g, x)?)?,
             None => branch,
         };
         let scale = match rng {

@@ -897,7 +897,7 @@ impl CustomOp2 for AddBias {
         let out = dispatch_float!(self.name(), s1, |v| {
             let x = contiguous(v, l1, self.name())?;
             let b = same_dtype_slices(self.name(), s2, l2)?;
-            into_storage(add_rows(x, b))
+            into_storage(with_row_vector(x, b, |x, b| x + b))
         });
         Ok((out, l1.shape().clone()))
     }
@@ -934,14 +934,15 @@ impl CustomOp2 for AddBias {
     }
 }
 
-fn add_rows<T: Float>(x: &[T], b: &[T]) -> Vec<T> {
+/// y[.., i] = op(x[.., i], b[i]) over rows of b's width, in parallel.
+fn with_row_vector<T: Float>(x: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let n = b.len();
     let mut y = vec![T::ZERO; x.len()];
     let chunk = n * rows_per_task(n);
     y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
         for (yr, xr) in ys.chunks_mut(n).zip(xs.chunks(n)) {
             for i in 0..n {
-                yr[i] = xr[i] + b[i];
+                yr[i] = op(xr[i], b[i]);
             }
         }
     });
@@ -954,6 +955,78 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
         return Ok(y);
     }
     x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-column scale: y[.., n] = x[.., n] * g[n] (LayerScale; the mask token's blend). The backward
+// sums dy * x over rows with sum_rows, which accumulates in f32 on CUDA for bf16 too, where
+// candle's broadcast-multiply backward would sum the ~50k rows of a batch in bf16.
+
+struct ScaleColumns;
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l1.dims().last().unwrap_or(&1);
+        if l2.shape().elem_count() != n {
+            bail!("scale-columns: the scale has {} elements, rows have {n}", l2.shape().elem_count());
+        }
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let x = contiguous(v, l1, self.name())?;
+            let g = same_dtype_slices(self.name(), s2, l2)?;
+            into_storage(with_row_vector(x, g, |x, g| x * g))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = *l1.dims().last().unwrap_or(&1);
+        if l2.shape().elem_count() != n {
+            bail!("scale-columns: the scale has {} elements, rows have {n}", l2.shape().elem_count());
+        }
+        crate::cuda::same_shape(
+            self.name(),
+            "scale_columns",
+            &[(s1, l1), (s2, l2)],
+            crate::cuda::Walk::Elements,
+            &[crate::cuda::Scalar::I32(n as i32)],
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = scale_columns(grad, g)?;
+        let dg = sum_rows(&grad.mul(x)?)?.to_dtype(g.dtype())?.reshape(g.shape())?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+/// `x * scale` with `scale` over the last dimension, differentiable in both.
+pub fn scale_columns(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = bf16_on_cpu_via_f32(&[x, scale], |t| scale_columns(&t[0], &t[1]))? {
+        return Ok(y);
+    }
+    x.contiguous()?.apply_op2(&scale.contiguous()?, ScaleColumns)
 }
 
 struct SumRows;

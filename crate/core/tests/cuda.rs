@@ -15,7 +15,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA device")
+    beit_core::device::parse("cuda:0").expect("these tests need a CUDA device")
+}
+
+/// Every model on a GPU shares one device (one context, cuBLAS handle and stream), so work
+/// issued from any thread is ordered and tensors of two models may meet in one op.
+#[test]
+fn one_device_per_gpu() {
+    assert!(gpu().same_device(&gpu()));
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -88,6 +95,9 @@ fn fused_ops_agree_with_the_cpu() {
         agree(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
             ops::add_bias(&t[0], &t[1]).unwrap()
         });
+        agree(&format!("scale_columns {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
+            ops::scale_columns(&t[0], &t[1]).unwrap()
+        });
         let targets: Vec<u32> = (0..rows).map(|i| ((i * 31 + 7) % d) as u32).collect();
         agree(&format!("cross_entropy {rows}x{d}"), &[randn(&[rows, d], 8)], |t| {
             let targets = Tensor::from_vec(targets.clone(), rows, t[0].device()).unwrap();
@@ -108,6 +118,9 @@ fn bf16_kernels_agree_with_the_cpu() {
         agree_bf16(&format!("gelu {rows}x{d}"), &[randn(&[rows, d], 5)], |t| ops::gelu_erf(&t[0]).unwrap());
         agree_bf16(&format!("add_bias {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
             ops::add_bias(&t[0], &t[1]).unwrap()
+        });
+        agree_bf16(&format!("scale_columns {rows}x{d}"), &[randn(&[rows, d], 6), randn(&[d], 7)], |t| {
+            ops::scale_columns(&t[0], &t[1]).unwrap()
         });
     }
 }
@@ -185,4 +198,39 @@ fn training_steps_agree_with_the_cpu() {
         let b = cuda.train_step(&images, 1.0, 0.01, 1e-3, step).unwrap();
         assert_close(&format!("tokenizer loss, step {step}"), a.loss, b.loss, 1e-3);
     }
+}
+
+/// At 112 px the `dall-e` encoder's 3x3 convolutions produce 28.9M im2col elements per image, so
+/// from batch 149 on one candle convolution would pass 2^32 and silently leave most of its
+/// column buffer unwritten. Encoded in chunks, 160 images give the ids of two batches of 80.
+#[test]
+fn dall_e_encodes_a_large_batch_like_two_halves() {
+    let dalle = DvaeConfig {
+        image_size: [112, 112],
+        num_channels: 3,
+        hidden_size: 256,
+        num_groups: 4,
+        blocks_per_group: 2,
+        vocab_size: 8192,
+        decoder_input_size: 128,
+    };
+    let mut tokenizer = DvaeTrainer::new(dalle, DvaeTrainingOptions::default(), 5).unwrap();
+    tokenizer.to_device(&gpu()).unwrap();
+    let per_image = 3 * 112 * 112;
+    let pixels: Vec<f32> =
+        randn(&[160 * per_image], 6).to_vec1::<f32>().unwrap().iter().map(|v| (v.abs() * 0.3).min(1.0)).collect();
+    let whole = tokenizer.encode(&tokenizer_batch(&pixels)).unwrap();
+    let mut halves = tokenizer.encode(&tokenizer_batch(&pixels[..80 * per_image])).unwrap();
+    halves.extend(tokenizer.encode(&tokenizer_batch(&pixels[80 * per_image..])).unwrap());
+    assert_eq!(whole.len(), 160 * 14 * 14);
+    // cuBLAS may pick other algorithms for other sizes: allow rare argmax flips of near ties.
+    let same = whole.iter().zip(&halves).filter(|(a, b)| a == b).count();
+    assert!(same * 1000 >= whole.len() * 999, "{same} of {} ids agree", whole.len());
+    let tail = 149 * 14 * 14;
+    let same_tail = whole[tail..].iter().zip(&halves[tail..]).filter(|(a, b)| a == b).count();
+    assert!(same_tail * 100 >= (whole.len() - tail) * 99, "images 149..160: {same_tail} ids agree");
+}
+
+fn tokenizer_batch(pixels: &[f32]) -> ImageBatch<'_> {
+    ImageBatch { pixels, height: 112, width: 112 }
 }

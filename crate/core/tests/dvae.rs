@@ -2,7 +2,7 @@
 //! training / encode / decode / checkpoint behaviour.
 mod common;
 
-use beit_core::conv::{conv2d_same, max_pool2, upsample2};
+use beit_core::conv::{conv2d_same, in_batch_chunks, max_pool2, upsample2};
 use beit_core::dvae::{map_pixels, Dvae, DvaeConfig};
 use beit_core::ops::softmax_last_dim;
 use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
@@ -52,6 +52,36 @@ fn conv2d_same_matches_candle_conv2d() {
             .unwrap();
         let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(d < 1e-12, "k={k}: max difference {d}");
+    }
+}
+
+/// The GPU path splits large batches (candle's CUDA im2col overflows past 2^32 elements): chunked
+/// and whole convolutions agree, values and gradients, with an uneven last chunk.
+#[test]
+fn convolution_in_batch_chunks_equals_the_whole_batch() {
+    let x = Var::from_tensor(&random_tensor(&[5, 6, 6, 3], 21, DType::F64)).unwrap();
+    let w = Var::from_tensor(&random_tensor(&[4, 3, 3, 3], 22, DType::F64)).unwrap();
+    let b = Var::from_tensor(&random_tensor(&[4], 23, DType::F64)).unwrap();
+    let probe = random_tensor(&[5, 6, 6, 4], 24, DType::F64);
+    let run = |per_chunk: usize| {
+        let y = in_batch_chunks(x.as_tensor(), per_chunk, |x| conv2d_same(x, w.as_tensor(), b.as_tensor())).unwrap();
+        let grads = y.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let grad = |v: &Var| values(grads.get(v).unwrap());
+        (values(&y), grad(&x), grad(&w), grad(&b))
+    };
+    let whole = run(5);
+    for per_chunk in [1, 2, 4] {
+        let chunked = run(per_chunk);
+        for (name, a, b) in [
+            ("output", &chunked.0, &whole.0),
+            ("dx", &chunked.1, &whole.1),
+            ("dw", &chunked.2, &whole.2),
+            ("db", &chunked.3, &whole.3),
+        ] {
+            let d = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-12, "chunks of {per_chunk}: {name} differs by {d}");
+        }
     }
 }
 

@@ -135,3 +135,8 @@ fn whole_classification_loss_gradients() {
 fn add_bias_gradients() {
     check_op(&[&[3, 4, 5], &[5]], |t| ops::add_bias(&t[0], &t[1]).unwrap());
 }
+
+#[test]
+fn scale_columns_gradients() {
+    check_op(&[&[3, 4, 5], &[5]], |t| ops::scale_columns(&t[0], &t[1]).unwrap());
+}

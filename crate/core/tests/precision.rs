@@ -57,6 +57,7 @@ fn bf16_ops_compute_in_f32_and_round_once() {
     });
     check_bf16_op("gelu", &[bf16(&[4, 9], 6)], |t| ops::gelu_erf(&t[0]).unwrap());
     check_bf16_op("add_bias", &[bf16(&[6, 10], 7), bf16(&[10], 8)], |t| ops::add_bias(&t[0], &t[1]).unwrap());
+    check_bf16_op("scale_columns", &[bf16(&[6, 10], 7), bf16(&[10], 8)], |t| ops::scale_columns(&t[0], &t[1]).unwrap());
 }
 
 #[test]

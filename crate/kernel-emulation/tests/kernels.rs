@@ -291,7 +291,7 @@ fn gelu_agrees_with_the_cpu() {
     }
 }
 
-fn bias_add_and_row_sums<T: Element>(rows: usize, n: usize) {
+fn bias_add_scale_and_row_sums<T: Element>(rows: usize, n: usize) {
     let (mut x, xf) = typed::<T>(&values(rows * n, 14, 3.0));
     let (mut b, bf) = typed::<T>(&values(n, 15, 1.0));
     let mut y = vec![T::from_f32(f32::NAN); rows * n];
@@ -307,6 +307,18 @@ fn bias_add_and_row_sums<T: Element>(rows: usize, n: usize) {
     let want = ops::add_bias(&x_t, &tensor(&bf, &[n])).unwrap();
     assert_close_t(&format!("add_bias {rows}x{n}"), &y, &f32s(&want));
 
+    let mut scaled = vec![T::from_f32(f32::NAN); rows * n];
+    Launch::new()
+        .buffer(&mut x)
+        .buffer(&mut b)
+        .buffer(&mut scaled)
+        .scalar((rows * n) as u64)
+        .scalar(n as i32)
+        .run(&name::<T>("scale_columns"), elementwise(rows * n))
+        .unwrap();
+    let want = ops::scale_columns(&x_t, &tensor(&bf, &[n])).unwrap();
+    assert_close_t(&format!("scale_columns {rows}x{n}"), &scaled, &f32s(&want));
+
     let mut sums = vec![0.0f32; n];
     Launch::new()
         .buffer(&mut x)
@@ -320,10 +332,10 @@ fn bias_add_and_row_sums<T: Element>(rows: usize, n: usize) {
 }
 
 #[test]
-fn bias_add_and_row_sums_agree_with_the_cpu() {
+fn bias_add_column_scale_and_row_sums_agree_with_the_cpu() {
     for (rows, n) in [(1, 3), (5, 40), (150, 300)] {
-        bias_add_and_row_sums::<f32>(rows, n);
-        bias_add_and_row_sums::<bf16>(rows, n);
+        bias_add_scale_and_row_sums::<f32>(rows, n);
+        bias_add_scale_and_row_sums::<bf16>(rows, n);
     }
 }
 
