@@ -8,7 +8,16 @@ import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
 import { EvalTransform, TrainTransform, ViewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
-import { LoopPosition, MetricsLog, resolveSteps, resumePosition, RunResult, ScheduleOptions, scheduleFor } from './run'
+import {
+  LoopPosition,
+  MetricsLog,
+  resolveSteps,
+  resumePosition,
+  RunResult,
+  ScheduleOptions,
+  scheduleFor,
+  startPosition,
+} from './run'
 import { deriveSeed } from './rng'
 
 export interface FinetuneProgress extends ClassifierStepResult {
@@ -59,12 +68,6 @@ export interface FinetuneOptions {
 
 interface FinetuneState extends LoopPosition {
   kind: 'finetune'
-  step: number
-  totalSteps: number
-  epoch: number
-  batch: number
-  batchSize: number
-  seed: number
   /** Running sums of the current epoch's training metrics. */
   epochLoss: number
   epochAccuracy: number
@@ -139,13 +142,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   const totalSteps = resolveSteps(undefined, opts.epochs, loader.batchesPerEpoch)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const fresh: FinetuneState = {
-    kind: 'finetune',
-    step: 0,
-    totalSteps,
-    epoch: 0,
-    batch: -1,
-    batchSize,
-    seed,
+    ...startPosition('finetune', totalSteps, batchSize, seed),
     epochLoss: 0,
     epochAccuracy: 0,
     epochSteps: 0,

@@ -14,7 +14,16 @@ import { ImageLoader } from './data/loader'
 import { MaskGenerator } from './masking'
 import { Beit, TrainStepResult } from './model'
 import { deriveSeed } from './rng'
-import { LoopPosition, MetricsLog, resolveSteps, resumePosition, RunResult, ScheduleOptions, scheduleFor } from './run'
+import {
+  LoopPosition,
+  MetricsLog,
+  resolveSteps,
+  resumePosition,
+  RunResult,
+  ScheduleOptions,
+  scheduleFor,
+  startPosition,
+} from './run'
 import { Dvae } from './tokenizer'
 
 export interface PretrainProgress extends TrainStepResult {
@@ -57,14 +66,6 @@ export interface PretrainOptions {
 /** Where a pretraining run stands; stored in the checkpoint. */
 interface PretrainState extends LoopPosition {
   kind: 'pretrain'
-  /** Steps completed. */
-  step: number
-  totalSteps: number
-  /** Loader position of the last batch used. */
-  epoch: number
-  batch: number
-  batchSize: number
-  seed: number
   masking: number
 }
 
@@ -110,13 +111,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
 
   // Resume from the model's saved position, if it carries one.
   const fresh: PretrainState = {
-    kind: 'pretrain',
-    step: 0,
-    totalSteps,
-    epoch: 0,
-    batch: -1,
-    batchSize,
-    seed,
+    ...startPosition('pretrain', totalSteps, batchSize, seed),
     masking: masking.getState(),
   }
   let state = resumePosition(model.trainState, fresh, 'model', 'pretraining')

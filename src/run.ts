@@ -47,9 +47,19 @@ export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: n
 /** What every training loop's saved position holds, whatever else it adds. */
 export interface LoopPosition {
   kind: string
+  /** Steps completed. */
+  step: number
   totalSteps: number
+  /** Loader position of the last batch used. */
+  epoch: number
+  batch: number
   batchSize: number
   seed: number
+}
+
+/** The position of a run that has not taken a step. */
+export function startPosition<K extends string>(kind: K, totalSteps: number, batchSize: number, seed: number) {
+  return { kind, step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed }
 }
 
 /**

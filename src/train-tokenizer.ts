@@ -11,7 +11,7 @@ import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
 import { ImageLoader, LoaderOptions } from './data/loader'
 import { deriveSeed } from './rng'
-import { LoopPosition, MetricsLog, resumePosition, RunResult } from './run'
+import { LoopPosition, MetricsLog, resumePosition, RunResult, startPosition } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
 import { Dvae, TokenizerStepResult } from './tokenizer'
@@ -119,12 +119,6 @@ export interface TrainTokenizerOptions {
 /** Where a tokenizer run stands; stored in the checkpoint. */
 interface TokenizerState extends LoopPosition {
   kind: 'tokenizer'
-  step: number
-  totalSteps: number
-  epoch: number
-  batch: number
-  batchSize: number
-  seed: number
 }
 
 /**
@@ -154,7 +148,7 @@ export async function trainTokenizer(
     throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
-  const fresh: TokenizerState = { kind: 'tokenizer', step: 0, totalSteps: steps, epoch: 0, batch: -1, batchSize, seed }
+  const fresh: TokenizerState = startPosition('tokenizer', steps, batchSize, seed)
   let state = resumePosition(tokenizer.trainState, fresh, 'tokenizer', 'tokenizer training')
   const outDir = opts.outDir
   const checkpoint = outDir === undefined ? '' : join(outDir, 'tokenizer.safetensors')

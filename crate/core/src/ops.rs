@@ -873,14 +873,42 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> candle_core::Res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bias add over rows: y[.., n] = x[.., n] + b[n]. candle's broadcast add and its backward
-// reduction over rows are generic strided loops; these are the hot path of every linear layer.
+// A row vector over the last dimension: y[.., n] = x[.., n] + b[n] (the bias of every linear
+// layer) or x[.., n] * b[n] (LayerScale; the mask token's blend). candle's broadcast ops and
+// their backward reductions are generic strided loops, and on bf16 that reduction would sum the
+// ~50k rows of a batch in bf16; here the vector's gradient is a sum_rows, f32 on CUDA.
 
-struct AddBias;
+#[derive(Clone, Copy)]
+enum RowVector {
+    AddBias,
+    ScaleColumns,
+}
 
-impl CustomOp2 for AddBias {
+impl RowVector {
+    /// The CUDA kernel's base name (`kernels.cu`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn kernel(self) -> &'static str {
+        match self {
+            RowVector::AddBias => "add_bias",
+            RowVector::ScaleColumns => "scale_columns",
+        }
+    }
+
+    fn check_width(self, x: &Layout, v: &Layout) -> candle_core::Result<usize> {
+        let n = *x.dims().last().unwrap_or(&1);
+        if v.shape().elem_count() != n {
+            bail!("{}: the vector has {} elements, rows have {n}", self.name(), v.shape().elem_count());
+        }
+        Ok(n)
+    }
+}
+
+impl CustomOp2 for RowVector {
     fn name(&self) -> &'static str {
-        "add-bias"
+        match self {
+            RowVector::AddBias => "add-bias",
+            RowVector::ScaleColumns => "scale-columns",
+        }
     }
 
     fn cpu_fwd(
@@ -890,14 +918,14 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = *l1.dims().last().unwrap_or(&1);
-        if l2.shape().elem_count() != n {
-            bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
-        }
+        self.check_width(l1, l2)?;
         let out = dispatch_float!(self.name(), s1, |v| {
             let x = contiguous(v, l1, self.name())?;
             let b = same_dtype_slices(self.name(), s2, l2)?;
-            into_storage(with_row_vector(x, b, |x, b| x + b))
+            into_storage(match self {
+                RowVector::AddBias => with_row_vector(x, b, |x, b| x + b),
+                RowVector::ScaleColumns => with_row_vector(x, b, |x, b| x * b),
+            })
         });
         Ok((out, l1.shape().clone()))
     }
@@ -909,14 +937,11 @@ impl CustomOp2 for AddBias {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let n = *l1.dims().last().unwrap_or(&1);
-        if l2.shape().elem_count() != n {
-            bail!("add-bias: bias has {} elements, rows have {n}", l2.shape().elem_count());
-        }
+        let n = self.check_width(l1, l2)?;
         // The kernel's last argument is the row width.
         crate::cuda::same_shape(
             self.name(),
-            "add_bias",
+            self.kernel(),
             &[(s1, l1), (s2, l2)],
             crate::cuda::Walk::Elements,
             &[crate::cuda::Scalar::I32(n as i32)],
@@ -925,12 +950,16 @@ impl CustomOp2 for AddBias {
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _b: &Tensor,
+        x: &Tensor,
+        v: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(sum_rows(grad)?.to_dtype(grad.dtype())?)))
+        let (dx, dv) = match self {
+            RowVector::AddBias => (grad.clone(), sum_rows(grad)?),
+            RowVector::ScaleColumns => (scale_columns(grad, v)?, sum_rows(&grad.mul(x)?)?),
+        };
+        Ok((Some(dx), Some(dv.to_dtype(v.dtype())?.reshape(v.shape())?)))
     }
 }
 
@@ -949,76 +978,16 @@ fn with_row_vector<T: Float>(x: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) ->
     y
 }
 
+fn row_vector(x: &Tensor, v: &Tensor, op: RowVector) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&v.contiguous()?, op)
+}
+
 /// `x + bias` over the last dimension, differentiable in both.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if let Some(y) = bf16_on_cpu_via_f32(&[x, bias], |t| add_bias(&t[0], &t[1]))? {
         return Ok(y);
     }
-    x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Per-column scale: y[.., n] = x[.., n] * g[n] (LayerScale; the mask token's blend). The backward
-// sums dy * x over rows with sum_rows, which accumulates in f32 on CUDA for bf16 too, where
-// candle's broadcast-multiply backward would sum the ~50k rows of a batch in bf16.
-
-struct ScaleColumns;
-
-impl CustomOp2 for ScaleColumns {
-    fn name(&self) -> &'static str {
-        "scale-columns"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = *l1.dims().last().unwrap_or(&1);
-        if l2.shape().elem_count() != n {
-            bail!("scale-columns: the scale has {} elements, rows have {n}", l2.shape().elem_count());
-        }
-        let out = dispatch_float!(self.name(), s1, |v| {
-            let x = contiguous(v, l1, self.name())?;
-            let g = same_dtype_slices(self.name(), s2, l2)?;
-            into_storage(with_row_vector(x, g, |x, g| x * g))
-        });
-        Ok((out, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let n = *l1.dims().last().unwrap_or(&1);
-        if l2.shape().elem_count() != n {
-            bail!("scale-columns: the scale has {} elements, rows have {n}", l2.shape().elem_count());
-        }
-        crate::cuda::same_shape(
-            self.name(),
-            "scale_columns",
-            &[(s1, l1), (s2, l2)],
-            crate::cuda::Walk::Elements,
-            &[crate::cuda::Scalar::I32(n as i32)],
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        g: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = scale_columns(grad, g)?;
-        let dg = sum_rows(&grad.mul(x)?)?.to_dtype(g.dtype())?.reshape(g.shape())?;
-        Ok((Some(dx), Some(dg)))
-    }
+    row_vector(x, bias, RowVector::AddBias)
 }
 
 /// `x * scale` with `scale` over the last dimension, differentiable in both.
@@ -1026,7 +995,7 @@ pub fn scale_columns(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> 
     if let Some(y) = bf16_on_cpu_via_f32(&[x, scale], |t| scale_columns(&t[0], &t[1]))? {
         return Ok(y);
     }
-    x.contiguous()?.apply_op2(&scale.contiguous()?, ScaleColumns)
+    row_vector(x, scale, RowVector::ScaleColumns)
 }
 
 struct SumRows;

@@ -177,18 +177,9 @@ fn training_steps_agree_with_the_cpu() {
         assert_close(&format!("classifier loss, step {step}"), a.loss, b.loss, 1e-4);
     }
 
-    let dvae = DvaeConfig {
-        image_size: [16, 16],
-        num_channels: 3,
-        hidden_size: 16,
-        num_groups: 3,
-        blocks_per_group: 1,
-        vocab_size: 32,
-        decoder_input_size: 16,
-    };
+    let dvae = small_dvae_config(16);
     let training = DvaeTrainingOptions { ema_decay: 0.9, ..DvaeTrainingOptions::default() };
-    let pixels: Vec<f32> =
-        randn(&[2 * 3 * 256], 4).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect();
+    let pixels: Vec<f32> = unit_pixels(2 * 3 * 256, 4);
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let mut cpu = DvaeTrainer::new(dvae.clone(), training.clone(), 3).unwrap();
     let mut cuda = DvaeTrainer::new(dvae, training, 3).unwrap();

@@ -227,22 +227,9 @@ fn tiled_convolutions_match_the_direct_sum() {
 #[test]
 fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
     use beit_core::{DvaeTrainer, DvaeTrainingOptions, ImageBatch};
-    let cfg = DvaeConfig {
-        image_size: [16, 16],
-        num_channels: 3,
-        hidden_size: 16,
-        num_groups: 3,
-        blocks_per_group: 1,
-        vocab_size: 32,
-        decoder_input_size: 16,
-    };
+    let cfg = small_dvae_config(16);
     let training = DvaeTrainingOptions { ema_decay: 0.9, ..DvaeTrainingOptions::default() };
-    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 9, DType::F32)
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.abs().min(1.0))
-        .collect();
+    let pixels: Vec<f32> = unit_pixels(4 * 3 * 256, 9);
     let batch = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let mut engine = DvaeTrainer::new(cfg.clone(), training.clone(), 4).unwrap();
     let mut candle = DvaeTrainer::new(cfg, training, 4).unwrap();

@@ -10,7 +10,7 @@ use beit_core::device::Precision;
 use beit_core::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
 use beit_core::rng::SplitMix64;
 use beit_core::{
-    ops, AdamWConfig, BeitConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeConfig, DvaeTrainer,
+    ops, AdamWConfig, BeitConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer,
     DvaeTrainingOptions, ImageBatch,
 };
 use candle_core::{DType, Device, Tensor, Var};
@@ -154,22 +154,9 @@ fn bf16_classifier_logits_are_close_to_f32() {
 
 #[test]
 fn bf16_tokenizer_encoding_agrees_with_f32() {
-    let config = DvaeConfig {
-        image_size: [16, 16],
-        num_channels: 3,
-        hidden_size: 16,
-        num_groups: 3,
-        blocks_per_group: 1,
-        vocab_size: 32,
-        decoder_input_size: 16,
-    };
+    let config = small_dvae_config(16);
     let mut t = DvaeTrainer::new(config, DvaeTrainingOptions::default(), 5).unwrap();
-    let pixels: Vec<f32> = random_tensor(&[4 * 3 * 256], 6, DType::F32)
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.abs().min(1.0))
-        .collect();
+    let pixels: Vec<f32> = unit_pixels(4 * 3 * 256, 6);
     let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
     let full = t.encode(&images).unwrap();
     t.set_precision(Precision::Bf16).unwrap();

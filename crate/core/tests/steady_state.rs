@@ -8,8 +8,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, DvaeConfig, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
-use candle_core::DType;
+use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
 use common::*;
 
 struct Counting;
@@ -68,22 +67,9 @@ fn steady_state_steps_allocate_a_fifth_of_the_first_at_most() {
     eprintln!("MIM step: first {first} bytes, steady {steady} bytes");
     assert!(steady * 5 < first, "a steady MIM step allocated {steady} bytes, the first {first}");
 
-    let dvae = DvaeConfig {
-        image_size: [32, 32],
-        num_channels: 3,
-        hidden_size: 16,
-        num_groups: 3,
-        blocks_per_group: 1,
-        vocab_size: 32,
-        decoder_input_size: 16,
-    };
+    let dvae = small_dvae_config(32);
     let mut tok = DvaeTrainer::new(dvae, DvaeTrainingOptions::default(), 4).unwrap();
-    let pixels: Vec<f32> = random_tensor(&[8 * 3 * 1024], 9, DType::F32)
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.abs().min(1.0))
-        .collect();
+    let pixels: Vec<f32> = unit_pixels(8 * 3 * 1024, 9);
     let images = ImageBatch { pixels: &pixels, height: 32, width: 32 };
     let first = allocated(|| {
         tok.train_step(&images, 1.0, 0.1, 1e-3, 0).unwrap();

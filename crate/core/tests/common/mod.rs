@@ -2,7 +2,7 @@
 
 use beit_core::params::{NamedVars, ParamStore};
 use beit_core::rng::SplitMix64;
-use beit_core::{BeitConfig, MimBatch};
+use beit_core::{BeitConfig, DvaeConfig, MimBatch};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -25,6 +25,24 @@ pub fn tiny_config() -> BeitConfig {
         layer_norm_eps: 1e-6,
         initializer_range: 0.02,
     }
+}
+
+/// A 3-group RGB tokenizer of `size` px (downsampling 4), 32 codes: small enough for every step.
+pub fn small_dvae_config(size: usize) -> DvaeConfig {
+    DvaeConfig {
+        image_size: [size, size],
+        num_channels: 3,
+        hidden_size: 16,
+        num_groups: 3,
+        blocks_per_group: 1,
+        vocab_size: 32,
+        decoder_input_size: 16,
+    }
+}
+
+/// `len` pixel values in [0, 1]: |N(0, 1)| clipped, from `seed`.
+pub fn unit_pixels(len: usize, seed: u64) -> Vec<f32> {
+    random_tensor(&[len], seed, DType::F32).to_vec1::<f32>().unwrap().iter().map(|v| v.abs().min(1.0)).collect()
 }
 
 pub fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
