@@ -2,7 +2,7 @@
 # The README's results on the full Fashion-MNIST (Debian package dataset-fashion-mnist: 60,000
 # training and 10,000 test images): tokenizer -> MIM pretraining -> linear probes (pretrained vs
 # random backbone vs raw pixels) -> fine-tuning (pretrained vs from scratch, equal budgets).
-# Run from the repository root after `npm install`; about 75 minutes on 2 cores.
+# Run from the repository root after `npm install`; about 75 minutes on 2 idle cores.
 set -eu
 out="${1:-runs/proof}"
 beit="node dist/cli.js"
