@@ -7,18 +7,22 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, ModelSpec};
+use crate::arch::classification::ClassifierParams;
 use crate::checkpoint;
 use crate::config::{ClassifierConfig, Pooling};
-use crate::engine::{BeitEngine, Head};
+use crate::engine::heads::classification::ClassifierEngine;
+use crate::engine::Flat;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::mim::Mim;
-use crate::model::{classification_loss, BeitForImageClassification, Linear};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::params::ParamStore;
-use crate::rng::SplitMix64;
-use crate::trainer::{check_pixels, f32_values, image_tensor, Kind, Trainer};
+use crate::model::classification::{classification_loss, BeitForImageClassification};
+use crate::model::{Linear, Vars};
+use crate::optim::{flatten_grads, AdamW};
+use crate::optimizer::{check_lr, AdamWConfig};
+use crate::params::{Init, ParamTable, Source};
+use crate::rng::Draws;
+use crate::runner::{flat_values, CandleRunner, EngineRunner, Runner, RunnerSpec};
+use crate::trainer::{check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -48,22 +52,27 @@ impl ClassifierTrainingOptions {
     }
 }
 
-/// unilm's layer id of a parameter, by its Hugging Face name.
-pub fn layer_id(name: &str, num_layers: usize) -> usize {
-    if name.starts_with("beit.embeddings.") {
-        return 0;
-    }
-    name.strip_prefix("beit.encoder.layer.")
-        .and_then(|rest| rest.split('.').next())
-        .and_then(|i| i.parse::<usize>().ok())
-        .map_or(num_layers + 1, |i| i + 1)
+/// What `loss_and_grads` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifierLossMetrics {
+    /// Mean label-smoothed cross-entropy over the images.
+    pub loss: f64,
+    /// Share of the images classified right (argmax).
+    pub accuracy: f64,
 }
 
+/// What a whole step reports.
 #[derive(Debug, Clone, Copy)]
 pub struct ClassifierStepMetrics {
     pub loss: f64,
     pub accuracy: f64,
     pub grad_norm: f64,
+}
+
+impl ClassifierStepMetrics {
+    fn of(l: ClassifierLossMetrics, u: UpdateMetrics) -> Self {
+        Self { loss: l.loss, accuracy: l.accuracy, grad_norm: u.grad_norm }
+    }
 }
 
 /// The classifier's kind: a BEiT with a classification head, fine-tuned with `ClassifierTrainingOptions`.
@@ -74,11 +83,10 @@ pub type ClassifierTrainer = Trainer<Classification>;
 impl Kind for Classification {
     type Config = ClassifierConfig;
     type Options = ClassifierTrainingOptions;
-    type Model = BeitForImageClassification;
-    type Engine = BeitEngine<f32>;
+    type Runner = dyn ClassifierRunner;
     const FORMAT: &'static str = "beit-cls/1";
     const WHAT: &'static str = "a BEiT classifier checkpoint";
-    const OPTIONS_KEY: Option<&'static str> = Some("finetune");
+    const LEGACY_OPTIONS_KEY: Option<&'static str> = Some("finetune");
 
     fn config_json(config: &ClassifierConfig) -> String {
         config.to_json()
@@ -93,23 +101,86 @@ impl Kind for Classification {
         options.validate()
     }
 
-    fn spec<'a>(
-        config: &'a ClassifierConfig,
-        options: &'a ClassifierTrainingOptions,
-        optimizer: &AdamWConfig,
-        cpu_engine: bool,
-    ) -> ModelSpec<'a, Self::Model, Self::Engine> {
-        let layers = config.model.num_hidden_layers;
-        let decay = options.layer_decay;
-        let head = Head::Classification { num_labels: config.num_labels, pooling: config.pooling };
-        ModelSpec {
-            new: Box::new(move |vb| BeitForImageClassification::new(config, vb)),
-            engine: Box::new(move |layout, params| BeitEngine::from_layout(&config.model, head, layout, params)),
-            lr_scale: Box::new(move |name| decay.powi((layers + 1 - layer_id(name, layers)) as i32)),
-            optimizer: optimizer.clone(),
-            ema: false,
-            cpu_engine,
+    fn table(config: &ClassifierConfig) -> ParamTable {
+        ClassifierParams::new(config).0
+    }
+
+    /// unilm's layer-wise decay: decay^(L + 1 - layer id).
+    fn lr_scales(config: &ClassifierConfig, options: &ClassifierTrainingOptions, table: &ParamTable) -> Vec<f64> {
+        let top = config.model.num_hidden_layers + 1;
+        table.params().iter().map(|p| options.layer_decay.powi((top - p.layer) as i32)).collect()
+    }
+
+    fn runner(
+        config: &ClassifierConfig,
+        _: &ClassifierTrainingOptions,
+        spec: &RunnerSpec,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<dyn ClassifierRunner>> {
+        let (table, params) = ClassifierParams::new(config);
+        if spec.placement.uses_engine() {
+            let engine = ClassifierEngine::new(config, &params, Flat::new(table, flat_values(&values)?)?)?;
+            Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
+        } else {
+            let new = |vars: &_, device: &_| BeitForImageClassification::new(config, &params, vars, device);
+            Ok(Box::new(CandleRunner::new(spec, values, ema, new)?))
         }
+    }
+}
+
+/// The classifier's operations on a runner.
+pub trait ClassifierRunner: Runner {
+    /// Adds the gradient of the summed label-smoothed cross-entropy over the images.
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: Vec<u32>,
+        smoothing: f64,
+        draws: Draws,
+    ) -> Result<ClassifierLossMetrics>;
+    /// Class logits [B, K] (no stochastic depth).
+    fn logits(&mut self, images: Images) -> Result<Vec<f32>>;
+}
+
+impl ClassifierRunner for EngineRunner<ClassifierEngine<f32>> {
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: Vec<u32>,
+        smoothing: f64,
+        draws: Draws,
+    ) -> Result<ClassifierLossMetrics> {
+        let rows = labels.len();
+        let out = self.model.loss_and_grads(images.values, &labels, smoothing, draws, rows as f64)?;
+        self.added(rows);
+        Ok(ClassifierLossMetrics { loss: out.loss, accuracy: out.hits as f64 / rows as f64 })
+    }
+
+    fn logits(&mut self, images: Images) -> Result<Vec<f32>> {
+        self.model.logits(images.values)
+    }
+}
+
+impl ClassifierRunner for CandleRunner<BeitForImageClassification> {
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: Vec<u32>,
+        smoothing: f64,
+        draws: Draws,
+    ) -> Result<ClassifierLossMetrics> {
+        let pixels = images.tensor(&self.device, self.precision)?;
+        let rows = labels.len();
+        let labels = Tensor::from_vec(labels, rows, &self.device)?;
+        let logits = self.model.forward(&pixels, Some(draws))?;
+        let (loss, accuracy) = classification_loss(&logits, &labels, smoothing)?;
+        let loss = self.backward(&loss, rows)?;
+        Ok(ClassifierLossMetrics { loss, accuracy })
+    }
+
+    fn logits(&mut self, images: Images) -> Result<Vec<f32>> {
+        f32_values(&self.model.forward(&images.tensor(&self.device, self.precision)?, None)?)
     }
 }
 
@@ -120,7 +191,7 @@ impl Trainer<Classification> {
         training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
-        Self::build(config, training, optim, ParamStore::initialise(seed), None)
+        Self::build(config, training, optim, Source::Init(seed), None)
     }
 
     /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
@@ -190,10 +261,9 @@ impl Trainer<Classification> {
                 }
             }
         }
-        let is_head = |name: &str| {
-            name.starts_with("classifier.") || name.starts_with("beit.pooler.") || name.starts_with("beit.layernorm.")
-        };
-        Self::build(config, training, optim, ParamStore::from_tensors_or_init(tensors, seed, is_head), None)
+        // The head may be absent (a new one is initialised from `seed`), nothing else.
+        let head = ClassifierParams::new(&config).1.head.ids().into_iter().collect();
+        Self::build(config, training, optim, Source::Tensors { tensors, init: Some((seed, head)) }, None)
     }
 
     /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
@@ -209,42 +279,27 @@ impl Trainer<Classification> {
         )
     }
 
-    pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
-        let b = check_pixels(&self.config.model, pixels)?;
-        let labels = check_labels(labels, b, self.config.num_labels)?;
+    /// Adds the gradient of the batch's summed label-smoothed cross-entropy to the gradient
+    /// buffer (`draws`: the step's seed and the batch's first sample in the step).
+    pub fn loss_and_grads(&mut self, pixels: &[f32], labels: &[i32], draws: Draws) -> Result<ClassifierLossMetrics> {
+        let images = check_pixels(&self.config.model, pixels)?;
+        let labels = check_labels(labels, images.batch(), self.config.num_labels)?;
         let smoothing = self.options.label_smoothing;
-        let precision = self.precision();
-        let (loss, accuracy, grads) = match &mut self.backend {
-            Backend::Engine(e) => {
-                let out = e.engine.loss_and_grads(pixels, None, &labels, smoothing, seed)?;
-                (out.loss, out.hits as f64 / out.rows as f64, None)
-            }
-            Backend::Candle(c) => {
-                let pixels = image_tensor(&self.config.model, pixels, &c.device, precision)?;
-                let labels = Tensor::from_vec(labels, b, &c.device)?;
-                let logits = c.model.forward(&pixels, Some(&mut SplitMix64::new(seed)))?;
-                let (loss, accuracy) = classification_loss(&logits, &labels, smoothing)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                // A non-finite loss is refused by `update`, before any gradient is applied.
-                let grads = if value.is_finite() { Some(loss.backward()?) } else { None };
-                (value, accuracy, grads)
-            }
-        };
-        let grad_norm = self.update(loss, grads.as_ref(), lr)?;
-        Ok(ClassifierStepMetrics { loss, accuracy, grad_norm })
+        self.runner.loss_and_grads(images, labels, smoothing, draws)
+    }
+
+    /// One optimisation step: [`Self::loss_and_grads`] then [`Trainer::apply_update`]; `seed`
+    /// drives stochastic depth.
+    pub fn train_step(&mut self, pixels: &[f32], labels: &[i32], lr: f64, seed: u64) -> Result<ClassifierStepMetrics> {
+        check_lr(lr)?;
+        let loss = self.loss_and_grads(pixels, labels, Draws { seed, first_sample: 0 })?;
+        Ok(ClassifierStepMetrics::of(loss, self.apply_update(lr)?))
     }
 
     /// Class logits [B, K] row-major (no stochastic depth).
     pub fn predict(&mut self, pixels: &[f32]) -> Result<Vec<f32>> {
-        check_pixels(&self.config.model, pixels)?;
-        let precision = self.precision();
-        match &mut self.backend {
-            Backend::Engine(e) => e.engine.logits(pixels, None),
-            Backend::Candle(c) => {
-                let pixels = image_tensor(&self.config.model, pixels, &c.device, precision)?;
-                f32_values(&c.model.forward(&pixels, None)?)
-            }
-        }
+        let images = check_pixels(&self.config.model, pixels)?;
+        self.runner.logits(images)
     }
 }
 
@@ -272,6 +327,7 @@ pub struct LinearProbe {
     pub num_features: usize,
     pub num_labels: usize,
     linear: Linear,
+    vars: Vars,
     optimizer: AdamW,
     mean: Tensor,
     inv_std: Tensor,
@@ -296,10 +352,20 @@ impl LinearProbe {
         let mean = train.mean(0)?;
         let var = train.broadcast_sub(&mean)?.sqr()?.mean(0)?;
         let inv_std = var.affine(1.0, 1e-6)?.sqrt()?.recip()?;
-        let (linear, vars) = ParamStore::initialise(seed)
-            .build(DType::F32, &device, |vb| Linear::new(num_features, num_labels, true, 0.01, vb))?;
-        let optimizer = AdamW::new(optim, &vars)?;
-        Ok(Self { num_features, num_labels, linear, optimizer, mean, inv_std, device })
+        let mut table = ParamTable::new();
+        let params = table.scope("", 0).linear(num_features, num_labels, true, Init::TruncatedNormal(0.01));
+        let vars = Vars::from_source(&table, Source::Init(seed), DType::F32, &device)?;
+        let optimizer = AdamW::new(optim, &table, vars.vars(), &vec![1.0; table.len()])?;
+        Ok(Self {
+            num_features,
+            num_labels,
+            linear: Linear::new(&params, &vars),
+            vars,
+            optimizer,
+            mean,
+            inv_std,
+            device,
+        })
     }
 
     fn logits(&self, features: &[f32]) -> Result<Tensor> {
@@ -312,7 +378,8 @@ impl LinearProbe {
         let labels = label_tensor(labels, logits.dim(0)?, self.num_labels, &self.device)?;
         let (loss, accuracy) = classification_loss(&logits, &labels, 0.0)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
-        let grad_norm = self.optimizer.step(&loss.backward()?, lr)?;
+        let grads = flatten_grads(self.vars.vars(), &loss.backward()?)?;
+        let grad_norm = self.optimizer.step(&grads, 1.0, lr)?;
         Ok(ClassifierStepMetrics { loss: loss_value, accuracy, grad_norm })
     }
 

@@ -63,40 +63,6 @@ pub struct BeitConfig {
 }
 
 impl BeitConfig {
-    /// A named preset (mini, tiny, small, base, large) at 224 px, patch 16, RGB, 8192 visual tokens,
-    /// with the pretraining choices of BEiT: shared relative bias, no absolute positions.
-    pub fn preset(name: &str) -> Result<Self> {
-        let (hidden, layers, heads, layer_scale) = match name {
-            "mini" => (128, 6, 4, 0.1),
-            "tiny" => (192, 12, 3, 0.1),
-            "small" => (384, 12, 6, 0.1),
-            "base" => (768, 12, 12, 0.1),
-            "large" => (1024, 24, 16, 1e-5),
-            other => {
-                return Err(Error::Config(format!(
-                    "unknown preset {other:?}: expected one of mini, tiny, small, base, large"
-                )))
-            }
-        };
-        Ok(Self {
-            image_size: [224, 224],
-            patch_size: 16,
-            num_channels: 3,
-            hidden_size: hidden,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            intermediate_size: 4 * hidden,
-            vocab_size: 8192,
-            layer_scale_init_value: layer_scale,
-            use_absolute_position_embeddings: false,
-            use_shared_relative_position_bias: true,
-            use_relative_position_bias: false,
-            drop_path_rate: 0.1,
-            layer_norm_eps: 1e-6,
-            initializer_range: 0.02,
-        })
-    }
-
     pub fn grid(&self) -> (usize, usize) {
         (self.image_size[0] / self.patch_size, self.image_size[1] / self.patch_size)
     }
@@ -211,3 +177,89 @@ impl ClassifierConfig {
         serde_json::to_string(self).expect("config serialises")
     }
 }
+
+/// The DALL-E style dVAE tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DvaeConfig {
+    /// The input size [height, width] it is trained for: the default of the TS API. Any size
+    /// divisible by the downsampling factor works when given explicitly. One number: square.
+    #[serde(deserialize_with = "square_or_pair")]
+    pub image_size: [usize; 2],
+    /// 1 for grayscale, 3 for RGB.
+    pub num_channels: usize,
+    /// Base width n_hid; group g (0-based) has width 2^g * n_hid in the encoder.
+    pub hidden_size: usize,
+    /// Groups of residual blocks; the token grid is the image downsampled by 2^(groups-1).
+    pub num_groups: usize,
+    pub blocks_per_group: usize,
+    pub vocab_size: usize,
+    /// Width of the decoder's first 1x1 conv (DALL-E: 128).
+    pub decoder_input_size: usize,
+}
+
+impl DvaeConfig {
+    pub fn downsample(&self) -> usize {
+        1 << (self.num_groups - 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let fields = [
+            ("numChannels", self.num_channels),
+            ("hiddenSize", self.hidden_size),
+            ("numGroups", self.num_groups),
+            ("blocksPerGroup", self.blocks_per_group),
+            ("vocabSize", self.vocab_size),
+            ("decoderInputSize", self.decoder_input_size),
+        ];
+        for (name, v) in fields {
+            if v == 0 {
+                return Err(Error::Config(format!("tokenizer {name} must be positive, got 0")));
+            }
+        }
+        if self.num_groups > 8 {
+            return Err(Error::Config(format!("tokenizer numGroups must be at most 8, got {}", self.num_groups)));
+        }
+        let d = self.downsample();
+        if self.image_size.iter().any(|&s| s == 0 || s % d != 0) {
+            return Err(Error::Config(format!(
+                "tokenizer imageSize {:?} must be positive multiples of the downsampling factor {d} (2^(numGroups-1))",
+                self.image_size
+            )));
+        }
+        if self.hidden_size % 4 != 0 {
+            return Err(Error::Config(format!(
+                "tokenizer hiddenSize must be a multiple of 4 (blocks narrow to a quarter), got {}",
+                self.hidden_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self = parse_json("tokenizer config", json)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_groups * self.blocks_per_group
+    }
+}
+
+/// The dVAE's reconstruction loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReconLoss {
+    /// DALL-E's logit-Laplace likelihood on mapped pixels.
+    LogitLaplace,
+    /// Squared error of sigmoid(mu) against the mapped pixels.
+    Mse,
+}
+
+/// DALL-E's pixel map: [0, 1] -> [eps, 1 - eps], so the logit-Laplace support is never hit.
+pub const LOGIT_LAPLACE_EPS: f64 = 0.1;

@@ -7,7 +7,8 @@
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{add_bias, contiguous, dispatch_float, into_storage, same_dtype_slices, sum_rows, Float};
+use crate::float::Float;
+use crate::ops::{add_bias, contiguous, dispatch_float, into_storage, same_dtype_slices, sum_rows};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
     match layout.dims() {

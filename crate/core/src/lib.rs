@@ -1,7 +1,13 @@
 //! beit-core: BEiT models, differentiable fused ops, AdamW and checkpoints on candle, and a
 //! CPU training engine. No Node dependency: everything here is tested with `cargo test`.
+//!
+//! Leaf modules (no other module of the crate but `error`): `config`, `presets`, `float`,
+//! `rng`, `params`, `arch` (the parameter tables), `optimizer` (AdamW's settings), `launch`.
+//! The CPU engine (`engine`) and the candle models (`model`, `ops`, `conv`, `optim`) each
+//! build on those alone; `runner` holds either; the model kinds (`mim`, `classify`,
+//! `tokenizer`) and their `trainer` sit on top.
 
-pub mod backend;
+pub mod arch;
 pub mod checkpoint;
 pub mod classify;
 pub mod config;
@@ -9,9 +15,9 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
-pub mod dvae;
 pub mod engine;
 pub mod error;
+pub mod float;
 pub mod hf;
 pub mod images;
 pub mod launch;
@@ -19,16 +25,21 @@ pub mod mim;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod optimizer;
 pub mod params;
+pub mod presets;
 pub mod rng;
+pub mod runner;
 pub mod tokenizer;
 pub mod trainer;
 
-pub use classify::{ClassifierStepMetrics, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
-pub use config::{BeitConfig, ClassifierConfig, Pooling};
-pub use dvae::DvaeConfig;
+pub use classify::{
+    ClassifierLossMetrics, ClassifierStepMetrics, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe,
+};
+pub use config::{BeitConfig, ClassifierConfig, DvaeConfig, Pooling, ReconLoss};
 pub use error::{Error, Result};
-pub use mim::{BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
-pub use optim::{AdamW, AdamWConfig};
-pub use tokenizer::{DvaeStepMetrics, DvaeTrainer, DvaeTrainingOptions, ImageBatch, ReconLoss};
-pub use trainer::Trainer;
+pub use mim::{BeitLossMetrics, BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
+pub use optimizer::AdamWConfig;
+pub use rng::Draws;
+pub use tokenizer::{DvaeLossMetrics, DvaeStepMetrics, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
+pub use trainer::{Trainer, UpdateMetrics};

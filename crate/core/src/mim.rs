@@ -1,21 +1,23 @@
 //! Masked image modeling: the BEiT model with its MIM head as a [`Trainer`] kind, its steps
-//! on the CPU engine or candle, evaluation and probe features.
+//! on either runner, evaluation and probe features.
 
 use std::path::Path;
 
 use candle_core::Tensor;
 
-use crate::backend::{Backend, ModelSpec};
+use crate::arch::mim::MimParams;
 use crate::config::{BeitConfig, Pooling};
-use crate::engine::{BeitEngine, Head};
+use crate::engine::heads::mim::MimEngine;
+use crate::engine::Flat;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
-use crate::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
-use crate::optim::AdamWConfig;
-use crate::params::ParamStore;
-use crate::rng::SplitMix64;
+use crate::model::mim::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
+use crate::optimizer::{check_lr, AdamWConfig};
+use crate::params::{ParamTable, Source};
+use crate::rng::Draws;
+use crate::runner::{flat_values, CandleRunner, EngineRunner, Runner, RunnerSpec};
 use crate::tokenizer::{DvaeTrainer, ImageBatch, TokenIds};
-use crate::trainer::{argmax_rows, check_pixels, f32_values, image_tensor, Kind, Trainer};
+use crate::trainer::{check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
 
 /// The MIM model's kind (no options of its own).
 pub struct Mim;
@@ -25,11 +27,9 @@ pub type BeitTrainer = Trainer<Mim>;
 impl Kind for Mim {
     type Config = BeitConfig;
     type Options = ();
-    type Model = BeitForMaskedImageModeling;
-    type Engine = BeitEngine<f32>;
+    type Runner = dyn MimRunner;
     const FORMAT: &'static str = "beit-mim/1";
     const WHAT: &'static str = "a BEiT MIM checkpoint";
-    const OPTIONS_KEY: Option<&'static str> = None;
 
     fn config_json(config: &BeitConfig) -> String {
         config.to_json()
@@ -43,22 +43,112 @@ impl Kind for Mim {
         config.validate()
     }
 
-    fn spec<'a>(
-        config: &'a BeitConfig,
-        _: &'a (),
-        optimizer: &AdamWConfig,
-        cpu_engine: bool,
-    ) -> ModelSpec<'a, Self::Model, Self::Engine> {
-        ModelSpec {
-            new: Box::new(move |vb| BeitForMaskedImageModeling::new(config, vb)),
-            engine: Box::new(move |layout, params| {
-                BeitEngine::from_layout(config, Head::MaskedImageModeling, layout, params)
-            }),
-            lr_scale: Box::new(|_| 1.0),
-            optimizer: optimizer.clone(),
-            ema: false,
-            cpu_engine,
+    fn table(config: &BeitConfig) -> ParamTable {
+        MimParams::new(config).0
+    }
+
+    fn runner(
+        config: &BeitConfig,
+        _: &(),
+        spec: &RunnerSpec,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<dyn MimRunner>> {
+        let (table, params) = MimParams::new(config);
+        if spec.placement.uses_engine() {
+            let engine = MimEngine::new(config, &params, Flat::new(table, flat_values(&values)?)?)?;
+            Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
+        } else {
+            let new = |vars: &_, device: &_| BeitForMaskedImageModeling::new(config, &params, vars, device);
+            Ok(Box::new(CandleRunner::new(spec, values, ema, new)?))
         }
+    }
+}
+
+/// A step's targets: the masked patches' ids on the host, or every patch's ids as the
+/// tokenizer computed them on its device.
+pub enum Targets {
+    Masked(Vec<u32>),
+    All(Tensor),
+}
+
+/// The MIM model's operations on a runner.
+pub trait MimRunner: Runner {
+    /// Adds the gradient of the summed cross-entropy over the masked patches.
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        mask: &[u8],
+        targets: Targets,
+        draws: Draws,
+    ) -> Result<BeitLossMetrics>;
+    /// Logits [masked patches, vocab] (no stochastic depth).
+    fn logits(&mut self, images: Images, mask: &[u8]) -> Result<Vec<f32>>;
+    /// [CLS] and mean patch token of layer `layer`, [B, 2D].
+    fn probe_features(&mut self, images: Images, layer: usize) -> Result<Vec<f32>>;
+}
+
+impl MimRunner for EngineRunner<MimEngine<f32>> {
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        mask: &[u8],
+        targets: Targets,
+        draws: Draws,
+    ) -> Result<BeitLossMetrics> {
+        let ids = match targets {
+            Targets::Masked(ids) => ids,
+            Targets::All(all) => masked(&all.to_vec1::<u32>()?, mask),
+        };
+        let rows = ids.len();
+        let out = self.model.loss_and_grads(images.values, mask, &ids, draws, rows as f64)?;
+        self.added(rows);
+        let mlm_acc = out.hits as f64 / rows as f64;
+        Ok(BeitLossMetrics { loss: out.loss, mlm_acc, num_masked: rows, majority_baseline: majority_share(&ids) })
+    }
+
+    fn logits(&mut self, images: Images, mask: &[u8]) -> Result<Vec<f32>> {
+        self.model.logits(images.values, mask)
+    }
+
+    fn probe_features(&mut self, images: Images, layer: usize) -> Result<Vec<f32>> {
+        self.model.probe_features(images.values, layer)
+    }
+}
+
+impl MimRunner for CandleRunner<BeitForMaskedImageModeling> {
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        mask: &[u8],
+        targets: Targets,
+        draws: Draws,
+    ) -> Result<BeitLossMetrics> {
+        let px = images.tensor(&self.device, self.precision)?;
+        let n = mask.len() / images.batch();
+        let (weights, positions) = mask_tensors(mask, images.batch(), n, &self.device)?;
+        let targets = match targets {
+            Targets::Masked(ids) => Tensor::from_vec(ids, positions.elem_count(), &self.device)?,
+            Targets::All(all) => all.to_device(&self.device)?.index_select(&positions, 0)?,
+        };
+        let hidden = self.model.hidden_states(&px, Some(&weights), Some(draws))?;
+        let (loss, mlm_acc) = masked_loss(&self.model.logits_at(&hidden, &positions)?, &targets)?;
+        let rows = positions.elem_count();
+        let loss = self.backward(&loss, rows)?;
+        // The baseline's targets come to the host; the step itself did not need them.
+        let majority_baseline = majority_share(&targets.to_vec1::<u32>()?);
+        Ok(BeitLossMetrics { loss, mlm_acc, num_masked: rows, majority_baseline })
+    }
+
+    fn logits(&mut self, images: Images, mask: &[u8]) -> Result<Vec<f32>> {
+        let px = images.tensor(&self.device, self.precision)?;
+        let (weights, positions) = mask_tensors(mask, images.batch(), mask.len() / images.batch(), &self.device)?;
+        let hidden = self.model.hidden_states(&px, Some(&weights), None)?;
+        f32_values(&self.model.logits_at(&hidden, &positions)?)
+    }
+
+    fn probe_features(&mut self, images: Images, layer: usize) -> Result<Vec<f32>> {
+        f32_values(&self.model.backbone().probe_features(&images.tensor(&self.device, self.precision)?, layer)?)
     }
 }
 
@@ -70,13 +160,6 @@ pub struct PretrainBatch<'a> {
     pub mask: &'a [u8],
     /// [B, C', h, w] in [0, 1], whose token grid is the patch grid.
     pub tokenizer_images: ImageBatch<'a>,
-}
-
-/// A step's targets: the masked patches' ids on the host, or every patch's ids as the
-/// tokenizer computed them on its device.
-enum Targets {
-    Masked(Vec<u32>),
-    All(Tensor),
 }
 
 /// The share of the most frequent id.
@@ -102,15 +185,33 @@ pub struct MimBatch<'a> {
     pub targets: &'a [i32],
 }
 
+/// What `loss_and_grads` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct BeitLossMetrics {
+    /// Mean cross-entropy over the batch's masked patches.
+    pub loss: f64,
+    pub mlm_acc: f64,
+    pub num_masked: usize,
+    /// The share of the most frequent target among the masked patches: the accuracy of
+    /// always guessing it, the floor MIM accuracy has to beat.
+    pub majority_baseline: f64,
+}
+
+/// What a whole step (`train_step`, `pretrain_step`) reports.
 #[derive(Debug, Clone, Copy)]
 pub struct BeitStepMetrics {
     pub loss: f64,
     pub mlm_acc: f64,
     pub grad_norm: f64,
     pub num_masked: usize,
-    /// The share of the most frequent target among the masked patches: the accuracy of
-    /// always guessing it, the floor MIM accuracy has to beat.
     pub majority_baseline: f64,
+}
+
+impl BeitStepMetrics {
+    fn of(l: BeitLossMetrics, u: UpdateMetrics) -> Self {
+        let BeitLossMetrics { loss, mlm_acc, num_masked, majority_baseline } = l;
+        Self { loss, mlm_acc, grad_norm: u.grad_norm, num_masked, majority_baseline }
+    }
 }
 
 pub struct Predictions {
@@ -123,7 +224,7 @@ pub struct Predictions {
 
 impl Trainer<Mim> {
     pub fn new(config: BeitConfig, optim: AdamWConfig, seed: u64) -> Result<Self> {
-        Self::build(config, (), optim, ParamStore::initialise(seed), None)
+        Self::build(config, (), optim, Source::Init(seed), None)
     }
 
     /// A MIM model from a transformers `BeitForMaskedImageModeling` checkpoint, with a fresh
@@ -136,7 +237,7 @@ impl Trainer<Mim> {
                 ckpt.layout.architecture()
             )));
         }
-        Self::build(ckpt.config, (), optim, ParamStore::from_tensors(ckpt.tensors), None)
+        Self::build(ckpt.config, (), optim, Source::tensors(ckpt.tensors), None)
     }
 
     /// Writes a transformers `BeitForMaskedImageModeling` folder.
@@ -153,22 +254,21 @@ impl Trainer<Mim> {
                 cfg.num_hidden_layers
             )));
         }
-        check_pixels(cfg, pixels)?;
-        let precision = self.precision();
-        match &mut self.backend {
-            Backend::Engine(e) => e.engine.probe_features(pixels, layer),
-            Backend::Candle(c) => {
-                let pixels = image_tensor(cfg, pixels, &c.device, precision)?;
-                f32_values(&c.model.backbone().probe_features(&pixels, layer)?)
-            }
-        }
+        let images = check_pixels(cfg, pixels)?;
+        self.runner.probe_features(images, layer)
     }
 
-    /// Checks a batch: returns its size and the target ids of the masked patches, in order.
-    fn check_batch(&self, pixels: &[f32], mask: &[u8], targets: Option<&[i32]>) -> Result<(usize, Vec<u32>)> {
+    /// Checks a batch: returns its images and the target ids of the masked patches, in order.
+    fn check_batch<'a>(
+        &self,
+        pixels: &'a [f32],
+        mask: &[u8],
+        targets: Option<&[i32]>,
+    ) -> Result<(Images<'a>, Vec<u32>)> {
         let cfg = &self.config;
         let n = cfg.num_patches();
-        let b = check_pixels(cfg, pixels)?;
+        let images = check_pixels(cfg, pixels)?;
+        let b = images.batch();
         if mask.len() != b * n {
             return Err(Error::Input(format!("mask: expected {} values (B*N = {b}*{n}), got {}", b * n, mask.len())));
         }
@@ -200,25 +300,25 @@ impl Trainer<Mim> {
                 ids.push(id as u32);
             }
         }
-        Ok((b, ids))
+        Ok((images, ids))
     }
 
-    /// One optimisation step; `seed` drives stochastic depth so a step can be replayed.
-    pub fn train_step(&mut self, batch: &MimBatch, lr: f64, seed: u64) -> Result<BeitStepMetrics> {
-        let (b, ids) = self.check_batch(batch.pixels, batch.mask, Some(batch.targets))?;
-        self.step(batch.pixels, batch.mask, b, Targets::Masked(ids), lr, seed)
+    /// Adds the gradient of the batch's summed masked cross-entropy to the gradient buffer
+    /// (`draws`: the step's seed and the batch's first sample in the step).
+    pub fn loss_and_grads(&mut self, batch: &MimBatch, draws: Draws) -> Result<BeitLossMetrics> {
+        let (images, ids) = self.check_batch(batch.pixels, batch.mask, Some(batch.targets))?;
+        self.runner.loss_and_grads(images, batch.mask, Targets::Masked(ids), draws)
     }
 
-    /// One pretraining step in one call: the tokenizer's ids of `tokenizer_pixels` (the same
-    /// crops at the tokenizer's resolution) are the targets. On a GPU they stay there.
-    pub fn pretrain_step(
+    /// [`Self::loss_and_grads`] with the tokenizer's ids of `batch.tokenizer_images` (the same
+    /// crops at the tokenizer's resolution) as the targets. On a GPU they stay there.
+    pub fn pretrain_loss_and_grads(
         &mut self,
         tokenizer: &mut DvaeTrainer,
         batch: &PretrainBatch,
-        lr: f64,
-        seed: u64,
-    ) -> Result<BeitStepMetrics> {
-        let (b, _) = self.check_batch(batch.pixels, batch.mask, None)?;
+        draws: Draws,
+    ) -> Result<BeitLossMetrics> {
+        let (images, _) = self.check_batch(batch.pixels, batch.mask, None)?;
         let d = tokenizer.config.downsample();
         let (th, tw) = (batch.tokenizer_images.height, batch.tokenizer_images.width);
         if (th / d, tw / d) != self.config.grid() {
@@ -236,75 +336,48 @@ impl Trainer<Mim> {
             )));
         }
         let ids = tokenizer.encode_ids(&batch.tokenizer_images)?;
-        if ids.len() != b * self.config.num_patches() {
+        if ids.len() != images.batch() * self.config.num_patches() {
             return Err(Error::Input(format!(
-                "tokenizer view: {} images for a batch of {b}",
-                ids.len() / self.config.num_patches()
+                "tokenizer view: {} images for a batch of {}",
+                ids.len() / self.config.num_patches(),
+                images.batch()
             )));
         }
         let targets = match ids {
             TokenIds::Host(all) => Targets::Masked(masked(&all, batch.mask)),
             TokenIds::Device(all) => Targets::All(all),
         };
-        self.step(batch.pixels, batch.mask, b, targets, lr, seed)
+        self.runner.loss_and_grads(images, batch.mask, targets, draws)
     }
 
-    /// The step of a checked batch.
-    fn step(
+    /// One optimisation step: [`Self::loss_and_grads`] then [`Trainer::apply_update`]; `seed`
+    /// drives stochastic depth so a step can be replayed.
+    pub fn train_step(&mut self, batch: &MimBatch, lr: f64, seed: u64) -> Result<BeitStepMetrics> {
+        check_lr(lr)?;
+        let loss = self.loss_and_grads(batch, Draws { seed, first_sample: 0 })?;
+        Ok(BeitStepMetrics::of(loss, self.apply_update(lr)?))
+    }
+
+    /// One pretraining step in one call: [`Self::pretrain_loss_and_grads`] then the update.
+    pub fn pretrain_step(
         &mut self,
-        pixels: &[f32],
-        mask: &[u8],
-        b: usize,
-        targets: Targets,
+        tokenizer: &mut DvaeTrainer,
+        batch: &PretrainBatch,
         lr: f64,
         seed: u64,
     ) -> Result<BeitStepMetrics> {
-        let precision = self.precision();
-        let n = self.config.num_patches();
-        let (loss, mlm_acc, num_masked, majority_baseline, grads) = match &mut self.backend {
-            Backend::Engine(e) => {
-                let ids = match targets {
-                    Targets::Masked(ids) => ids,
-                    Targets::All(all) => masked(&all.to_vec1::<u32>()?, mask),
-                };
-                let out = e.engine.loss_and_grads(pixels, Some(mask), &ids, 0.0, seed)?;
-                (out.loss, out.hits as f64 / out.rows as f64, out.rows, majority_share(&ids), None)
-            }
-            Backend::Candle(c) => {
-                let px = image_tensor(&self.config, pixels, &c.device, precision)?;
-                let (weights, positions) = mask_tensors(mask, b, n, &c.device)?;
-                let targets = match targets {
-                    Targets::Masked(ids) => Tensor::from_vec(ids, positions.elem_count(), &c.device)?,
-                    Targets::All(all) => all.to_device(&c.device)?.index_select(&positions, 0)?,
-                };
-                let hidden = c.model.hidden_states(&px, Some(&weights), Some(&mut SplitMix64::new(seed)))?;
-                let (loss, mlm_acc) = masked_loss(&c.model.logits_at(&hidden, &positions)?, &targets)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                // A non-finite loss is refused by `update`, before any gradient is applied.
-                let grads = if value.is_finite() { Some(loss.backward()?) } else { None };
-                // The baseline's targets come to the host; the step itself did not need them.
-                (value, mlm_acc, positions.elem_count(), majority_share(&targets.to_vec1::<u32>()?), grads)
-            }
-        };
-        let grad_norm = self.update(loss, grads.as_ref(), lr)?;
-        Ok(BeitStepMetrics { loss, mlm_acc, grad_norm, num_masked, majority_baseline })
+        check_lr(lr)?;
+        let loss = self.pretrain_loss_and_grads(tokenizer, batch, Draws { seed, first_sample: 0 })?;
+        Ok(BeitStepMetrics::of(loss, self.apply_update(lr)?))
     }
 
     /// Evaluation forward pass (no stochastic depth): logits and argmax ids at masked patches.
     pub fn forward(&mut self, pixels: &[f32], mask: &[u8]) -> Result<Predictions> {
-        let (b, _) = self.check_batch(pixels, mask, None)?;
-        let precision = self.precision();
-        let logits = match &mut self.backend {
-            Backend::Engine(e) => e.engine.logits(pixels, Some(mask))?,
-            Backend::Candle(c) => {
-                let px = image_tensor(&self.config, pixels, &c.device, precision)?;
-                let (mask, positions) = mask_tensors(mask, b, self.config.num_patches(), &c.device)?;
-                let hidden = c.model.hidden_states(&px, Some(&mask), None)?;
-                f32_values(&c.model.logits_at(&hidden, &positions)?)?
-            }
-        };
-        let ids = argmax_rows(&logits, self.config.vocab_size);
+        let (images, _) = self.check_batch(pixels, mask, None)?;
+        let logits = self.runner.logits(images, mask)?;
+        let mut ids = Vec::new();
+        crate::engine::kernels::argmax_rows(&logits, self.config.vocab_size, &mut ids);
         let num_masked = ids.len();
-        Ok(Predictions { logits, ids, num_masked })
+        Ok(Predictions { logits, ids: ids.into_iter().map(|i| i as i32).collect(), num_masked })
     }
 }

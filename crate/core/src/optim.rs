@@ -1,187 +1,69 @@
-//! AdamW with fp32 moments, decoupled weight decay by parameter group, global gradient-norm
-//! clipping and a per-step learning rate from the caller. Its state is plain tensors so it
+//! AdamW on candle (the candle runner and the linear probe): fp32 moments, decoupled weight
+//! decay by parameter group, global gradient-norm clipping and a per-step learning rate from
+//! the caller, over one flat gradient tensor in table order. Its state is plain tensors so it
 //! can be checkpointed with the model. Updates are fused in-place ops (no temporaries).
 
+use std::collections::HashMap;
+
 use candle_core::{backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "cuda")]
 use candle_core::{backend::BackendStorage, CudaStorage};
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use crate::checkpoint::Loaded;
 use crate::error::{Error, Result};
+use crate::optimizer::{check_lr, reject_unused, take_moment, AdamWConfig};
+use crate::params::ParamTable;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; 0 disables clipping.
-    pub clip_grad_norm: f64,
-}
-
-impl Default for AdamWConfig {
-    /// BEiT pretraining: betas (0.9, 0.999), eps 1e-8, weight decay 0.05, clip 3.0.
-    fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, clip_grad_norm: 3.0 }
-    }
-}
-
-impl AdamWConfig {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| Err(Error::Config(format!("optimizer {what}, got {v}")));
-        if !(0.0..1.0).contains(&self.beta1) {
-            return bad("beta1 must be in [0, 1)", self.beta1);
-        }
-        if !(0.0..1.0).contains(&self.beta2) {
-            return bad("beta2 must be in [0, 1)", self.beta2);
-        }
-        if !(self.eps > 0.0) {
-            return bad("eps must be positive", self.eps);
-        }
-        if !(self.weight_decay >= 0.0) {
-            return bad("weightDecay must be >= 0", self.weight_decay);
-        }
-        if !(self.clip_grad_norm >= 0.0) {
-            return bad("clipGradNorm must be >= 0 (0 disables clipping)", self.clip_grad_norm);
-        }
-        Ok(())
-    }
-}
-
-/// Parameters exempt from weight decay, as in unilm/timm BEiT: 1-D tensors (biases, norms,
-/// LayerScale), [CLS] and mask tokens, position embeddings and relative-position tables.
-pub fn is_decay_exempt(name: &str, rank: usize) -> bool {
-    const EXEMPT: [&str; 4] = ["cls_token", "mask_token", "position_embeddings", "relative_position_bias_table"];
-    rank <= 1 || name.ends_with(".bias") || EXEMPT.iter().any(|e| name.ends_with(e))
-}
-
-const CHECKPOINT_PREFIX: &str = "optimizer.";
-
-#[derive(Serialize, Deserialize)]
-struct OptimizerMeta {
-    config: AdamWConfig,
-    step: u64,
-}
-
-/// An optimizer as read from a checkpoint, to be restored once the model is built.
-pub struct SavedOptimizer {
-    pub config: AdamWConfig,
-    pub step: u64,
-    pub moments: HashMap<String, Tensor>,
-}
-
-/// The moment `kind` ("exp_avg" or "exp_avg_sq") of parameter `name`, taken out of
-/// `moments` (a checkpoint's `optimizer.*` tensors), as f32 of `shape`.
-pub fn take_moment(moments: &mut HashMap<String, Tensor>, kind: &str, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let key = format!("{kind}.{name}");
-    let t = moments.remove(&key).ok_or_else(|| Error::Checkpoint(format!("missing optimizer tensor {key}")))?;
-    if t.dims() != shape {
-        return Err(Error::Checkpoint(format!("optimizer tensor {key} has shape {:?}, expected {shape:?}", t.dims())));
-    }
-    Ok(t.to_dtype(DType::F32)?)
-}
-
-/// An error naming a checkpoint moment no parameter took.
-pub fn reject_unused(moments: &HashMap<String, Tensor>) -> Result<()> {
-    match moments.keys().min() {
-        Some(extra) => Err(Error::Checkpoint(format!("unexpected optimizer tensor {extra}"))),
-        None => Ok(()),
-    }
-}
-
-/// Adds an optimizer to a checkpoint: its moments `state` (from `state_tensors`) as
-/// `optimizer.*` tensors, settings and step in the "optimizer" metadata entry.
-pub fn write_checkpoint(
-    config: &AdamWConfig,
-    step: u64,
-    state: Vec<(String, Tensor)>,
-    tensors: &mut Vec<(String, Tensor)>,
-    metadata: &mut HashMap<String, String>,
-) {
-    tensors.extend(state.into_iter().map(|(name, t)| (format!("{CHECKPOINT_PREFIX}{name}"), t)));
-    let meta = OptimizerMeta { config: config.clone(), step };
-    metadata.insert("optimizer".into(), serde_json::to_string(&meta).expect("serialisable"));
-}
-
-pub struct ParamState {
-    pub name: String,
-    pub var: Var,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
-    pub decay: bool,
-    /// Multiplies the step's learning rate (layer-wise LR decay); 1 by default.
-    pub lr_scale: f64,
+struct ParamState {
+    name: String,
+    var: Var,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: bool,
+    /// Multiplies the step's learning rate (layer-wise LR decay).
+    lr_scale: f64,
+    /// Where its gradient lies in the flat gradient tensor.
+    offset: usize,
 }
 
 pub struct AdamW {
     pub config: AdamWConfig,
-    pub params: Vec<ParamState>,
+    params: Vec<ParamState>,
     /// Number of updates taken (bias correction uses it).
     pub step: u64,
 }
 
 impl AdamW {
-    pub fn new(config: AdamWConfig, vars: &[(String, Var)]) -> Result<Self> {
+    /// AdamW over `vars`, the parameters of `table` in its order, with each one's
+    /// learning-rate multiplier.
+    pub fn new(config: AdamWConfig, table: &ParamTable, vars: &[Var], lr_scales: &[f64]) -> Result<Self> {
         config.validate()?;
-        let params = vars
+        let mut offset = 0;
+        let params = table
+            .params()
             .iter()
-            .map(|(name, var)| {
-                Ok(ParamState {
-                    name: name.clone(),
+            .zip(vars)
+            .zip(lr_scales)
+            .map(|((p, var), &lr_scale)| {
+                let state = ParamState {
+                    name: p.name.clone(),
                     var: var.clone(),
                     exp_avg: var.zeros_like()?.to_dtype(DType::F32)?,
                     exp_avg_sq: var.zeros_like()?.to_dtype(DType::F32)?,
-                    decay: !is_decay_exempt(name, var.rank()),
-                    lr_scale: 1.0,
-                })
+                    decay: p.decay,
+                    lr_scale,
+                    offset,
+                };
+                offset += p.len();
+                Ok(state)
             })
             .collect::<Result<_>>()?;
         Ok(Self { config, params, step: 0 })
     }
 
-    /// Points the optimizer at `vars` (the same parameters, rebuilt on `device` by
-    /// `params::rebuild_on`) and moves its moments there.
-    pub fn move_to(&mut self, vars: &[(String, Var)], device: &candle_core::Device) -> Result<()> {
-        if vars.len() != self.params.len() {
-            return Err(Error::Config(format!(
-                "optimizer has {} parameters, the model {}",
-                self.params.len(),
-                vars.len()
-            )));
-        }
-        for (p, (name, var)) in self.params.iter_mut().zip(vars) {
-            if &p.name != name {
-                return Err(Error::Config(format!(
-                    "optimizer parameter {} does not match model parameter {name}",
-                    p.name
-                )));
-            }
-            p.var = var.clone();
-            p.exp_avg = p.exp_avg.to_device(device)?;
-            p.exp_avg_sq = p.exp_avg_sq.to_device(device)?;
-        }
-        Ok(())
-    }
-
-    /// Sets each parameter's learning-rate multiplier from its name.
-    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
-        for p in &mut self.params {
-            p.lr_scale = scale(&p.name);
-        }
-    }
-
-    /// The optimizer part of a checkpoint written by [`write_checkpoint`] (its tensors are
-    /// taken out of `file`).
-    pub fn read_checkpoint(file: &mut Loaded, path: &Path) -> Result<SavedOptimizer> {
-        let meta: OptimizerMeta = serde_json::from_str(file.meta("optimizer", path)?)
-            .map_err(|e| Error::Checkpoint(format!("{}: bad optimizer metadata: {e}", path.display())))?;
-        Ok(SavedOptimizer { config: meta.config, step: meta.step, moments: file.take_prefixed(CHECKPOINT_PREFIX) })
+    /// Each parameter's learning-rate multiplier, by name.
+    pub fn lr_scales(&self) -> Vec<(String, f64)> {
+        self.params.iter().map(|p| (p.name.clone(), p.lr_scale)).collect()
     }
 
     /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`) for checkpoints.
@@ -210,33 +92,25 @@ impl AdamW {
         Ok(())
     }
 
-    /// Global L2 norm of all gradients.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let present: Vec<&Tensor> = self.params.iter().filter_map(|p| grads.get(&p.var)).collect();
-        Ok(crate::ops::sum_of_squares(&present)?.sqrt())
-    }
-
-    /// One update at learning rate `lr`. Returns the gradient norm before clipping. A
+    /// One update at learning rate `lr` from `grads`, every parameter's gradient flattened in
+    /// table order into one f32 tensor on their device, times `grad_scale` (1 / the number of
+    /// loss terms it sums). Returns the norm of the scaled gradient before clipping. A
     /// non-finite norm leaves the parameters untouched and is an error.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
-        if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(Error::Input(format!("lr must be a finite number >= 0, got {lr}")));
-        }
-        let norm = self.grad_norm(grads)?;
+    pub fn step(&mut self, grads: &Tensor, grad_scale: f64, lr: f64) -> Result<f64> {
+        check_lr(lr)?;
+        let norm = crate::ops::sum_of_squares(&[grads])?.sqrt() * grad_scale;
         if !norm.is_finite() {
             return Err(Error::Numeric(format!(
                 "gradient norm is {norm}: the update was skipped (parameters unchanged)"
             )));
         }
         let clip = self.config.clip_grad_norm;
-        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        let grad_scale = grad_scale * if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.step += 1;
         let c = &self.config;
         let t = self.step as i32;
         for p in &self.params {
-            // Parameters that took no part in this loss get no update, as in PyTorch.
-            let Some(g) = grads.get(&p.var) else { continue };
-            let g = g.contiguous()?;
+            let g = grads.narrow(0, p.offset, p.var.elem_count())?;
             p.exp_avg.inplace_op2(&g, &Moment { beta: c.beta1, grad_scale, squared: false })?;
             p.exp_avg_sq.inplace_op2(&g, &Moment { beta: c.beta2, grad_scale, squared: true })?;
             p.var.as_tensor().inplace_op3(
@@ -253,6 +127,19 @@ impl AdamW {
         }
         Ok(norm)
     }
+}
+
+/// The gradients of `vars` in `grads` as one flat f32 tensor (zeros for a variable the loss
+/// did not reach).
+pub fn flatten_grads(vars: &[Var], grads: &GradStore) -> Result<Tensor> {
+    let parts = vars
+        .iter()
+        .map(|v| match grads.get(v) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+            None => Tensor::zeros(v.elem_count(), DType::F32, v.device()),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {

@@ -46,3 +46,30 @@ impl SplitMix64 {
         }
     }
 }
+
+/// A step's random draws for one micro-batch: the step's seed, and the position of the
+/// micro-batch's first sample in the step's batch. Draws are keyed by sample (not by position
+/// in the micro-batch), so a batch split into micro-batches draws what it draws whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draws {
+    pub seed: u64,
+    pub first_sample: usize,
+}
+
+impl Draws {
+    /// The stochastic-depth factor of sample `i` of the micro-batch in branch `branch` of
+    /// `branches` (a block's attention is 2l, its MLP 2l + 1): 0 (dropped) or 1 / (1 - rate).
+    pub fn drop_path(&self, i: usize, branch: usize, branches: usize, rate: f64) -> f64 {
+        if rate <= 0.0 {
+            return 1.0;
+        }
+        let mut rng = SplitMix64::new(self.seed);
+        rng.skip(((self.first_sample + i) * branches + branch) as u64);
+        let keep = 1.0 - rate;
+        if rng.uniform() < keep {
+            1.0 / keep
+        } else {
+            0.0
+        }
+    }
+}

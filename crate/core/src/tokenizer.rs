@@ -4,23 +4,17 @@
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, ModelSpec};
-use crate::dvae::{map_pixels, Dvae, DvaeConfig};
-use crate::engine::dvae::DvaeEngine;
+use crate::arch::dvae::DvaeParams;
+pub use crate::config::{DvaeConfig, ReconLoss};
+use crate::engine::dvae::{DvaeEngine, Objective};
 use crate::error::{Error, Result};
+use crate::model::dvae::{map_pixels, Dvae};
 use crate::ops::{scaled_softmax, softmax_last_dim};
-use crate::optim::AdamWConfig;
-use crate::params::ParamStore;
-use crate::trainer::{Kind, Trainer};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum ReconLoss {
-    /// DALL-E's logit-Laplace likelihood on mapped pixels.
-    LogitLaplace,
-    /// Squared error of sigmoid(mu) against the mapped pixels.
-    Mse,
-}
+use crate::optimizer::{check_lr, AdamWConfig};
+use crate::params::{ParamTable, Source};
+use crate::rng::Draws;
+use crate::runner::{flat_values, CandleRunner, EngineRunner, Runner, RunnerSpec};
+use crate::trainer::{Kind, Trainer, UpdateMetrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -43,6 +37,22 @@ impl Default for DvaeTrainingOptions {
     }
 }
 
+/// What `loss_and_grads` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct DvaeLossMetrics {
+    /// The optimised objective: recon + klWeight * KL, both per pixel value.
+    pub loss: f64,
+    /// Reconstruction loss per pixel value.
+    pub recon_loss: f64,
+    /// KL(q || uniform) per token position, in nats.
+    pub kl: f64,
+    /// exp(entropy) of the batch's argmax-code histogram.
+    pub perplexity: f64,
+    /// Distinct argmax codes in the batch.
+    pub codes_used: usize,
+}
+
+/// What a whole step reports.
 #[derive(Debug, Clone, Copy)]
 pub struct DvaeStepMetrics {
     /// The optimised objective: recon + klWeight * KL, both per pixel value.
@@ -58,6 +68,13 @@ pub struct DvaeStepMetrics {
     pub grad_norm: f64,
 }
 
+impl DvaeStepMetrics {
+    fn of(l: DvaeLossMetrics, u: UpdateMetrics) -> Self {
+        let DvaeLossMetrics { loss, recon_loss, kl, perplexity, codes_used } = l;
+        Self { loss, recon_loss, kl, perplexity, codes_used, grad_norm: u.grad_norm }
+    }
+}
+
 /// The tokenizer's kind: DALL-E's dVAE, trained with `DvaeTrainingOptions`.
 pub struct Tokenizer;
 
@@ -66,11 +83,9 @@ pub type DvaeTrainer = Trainer<Tokenizer>;
 impl Kind for Tokenizer {
     type Config = DvaeConfig;
     type Options = DvaeTrainingOptions;
-    type Model = Dvae;
-    type Engine = DvaeEngine<f32>;
+    type Runner = dyn DvaeRunner;
     const FORMAT: &'static str = "beit-dvae/1";
     const WHAT: &'static str = "a tokenizer checkpoint";
-    const OPTIONS_KEY: Option<&'static str> = Some("training");
 
     fn config_json(config: &DvaeConfig) -> String {
         config.to_json()
@@ -89,20 +104,8 @@ impl Kind for Tokenizer {
         Ok(())
     }
 
-    fn spec<'a>(
-        config: &'a DvaeConfig,
-        training: &'a DvaeTrainingOptions,
-        optimizer: &AdamWConfig,
-        cpu_engine: bool,
-    ) -> ModelSpec<'a, Dvae, DvaeEngine<f32>> {
-        ModelSpec {
-            new: Box::new(move |vb| Dvae::new(config, vb)),
-            engine: Box::new(move |layout, params| DvaeEngine::from_layout(config, layout, params)),
-            lr_scale: Box::new(|_| 1.0),
-            optimizer: optimizer.clone(),
-            ema: training.ema_decay > 0.0,
-            cpu_engine,
-        }
+    fn table(config: &DvaeConfig) -> ParamTable {
+        DvaeParams::new(config).0
     }
 
     fn ema_decay(training: &DvaeTrainingOptions) -> f64 {
@@ -112,10 +115,118 @@ impl Kind for Tokenizer {
     fn legacy_optimizer(training: &DvaeTrainingOptions) -> Option<AdamWConfig> {
         Some(training.optimizer.clone())
     }
+
+    fn runner(
+        config: &DvaeConfig,
+        _: &DvaeTrainingOptions,
+        spec: &RunnerSpec,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<dyn DvaeRunner>> {
+        let (table, params) = DvaeParams::new(config);
+        if spec.placement.uses_engine() {
+            let engine = DvaeEngine::new(config, &params, table, flat_values(&values)?)?;
+            Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
+        } else {
+            let new = |vars: &_, _: &_| Ok(Dvae::new(config, &params, vars));
+            Ok(Box::new(CandleRunner::new(spec, values, ema, new)?))
+        }
+    }
+}
+
+/// The tokenizer's operations on a runner.
+pub trait DvaeRunner: Runner {
+    /// Adds the gradient of the objective summed over the `images` of the batch; returns the
+    /// loss and every position's argmax code.
+    fn loss_and_grads(
+        &mut self,
+        batch: &ImageBatch,
+        images: usize,
+        objective: &Objective,
+        draws: Draws,
+    ) -> Result<(DvaeLoss, Vec<u32>)>;
+    /// Argmax token ids, from the EMA weights when kept.
+    fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds>;
+    /// Images [B, C, h*d, w*d] in [0, 1] from in-range ids [B, h, w], from the EMA weights when kept.
+    fn decode(&mut self, ids: &[u32], height: usize, width: usize) -> Result<Vec<f32>>;
+}
+
+/// A step's loss parts.
+pub struct DvaeLoss {
+    pub loss: f64,
+    pub recon: f64,
+    pub kl: f64,
+}
+
+impl DvaeRunner for EngineRunner<DvaeEngine<f32>> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &ImageBatch,
+        images: usize,
+        objective: &Objective,
+        draws: Draws,
+    ) -> Result<(DvaeLoss, Vec<u32>)> {
+        let mut codes = Vec::new();
+        let (pixels, h, w) = (batch.pixels, batch.height, batch.width);
+        let out = self.model.loss_and_grads(pixels, h, w, objective, draws, images as f64, &mut codes)?;
+        self.added(images);
+        Ok((DvaeLoss { loss: out.loss, recon: out.recon, kl: out.kl }, codes))
+    }
+
+    fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
+        let ema = self.ema.own();
+        Ok(TokenIds::Host(self.model.encode(ema, batch.pixels, batch.height, batch.width)?))
+    }
+
+    fn decode(&mut self, ids: &[u32], height: usize, width: usize) -> Result<Vec<f32>> {
+        let ema = self.ema.own();
+        self.model.decode(ema, ids, height, width)
+    }
+}
+
+impl DvaeRunner for CandleRunner<Dvae> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &ImageBatch,
+        _: usize,
+        objective: &Objective,
+        draws: Draws,
+    ) -> Result<(DvaeLoss, Vec<u32>)> {
+        let x = map_pixels(&images(&self.model.config, batch, &self.device)?)?;
+        let logits = self.model.encoder.forward(&x)?;
+        let (b, h, w, v) = logits.dims4()?;
+        let noise = gumbel_noise(logits.dims(), draws.seed, draws.first_sample * h * w * v, &self.device)?;
+        let soft = scaled_softmax(&(&logits + noise)?, None, 1.0 / objective.temperature)?;
+        let out = self.model.decoder.forward(&soft)?;
+        let recon = reconstruction_loss(&out, &x, objective.recon)?;
+        let kl = kl_to_uniform(&logits)?;
+        let values_per_position = (x.elem_count() / (b * h * w)) as f64;
+        let loss = (&recon + (&kl * (objective.kl_weight / values_per_position))?)?;
+        let loss = self.backward(&loss, b)?;
+        let codes = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+        let (recon, kl) = (recon.to_scalar::<f32>()? as f64, kl.to_scalar::<f32>()? as f64);
+        Ok((DvaeLoss { loss, recon, kl }, codes))
+    }
+
+    fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
+        let x = map_pixels(&images(&self.model.config, batch, &self.device)?)?.to_dtype(self.precision.dtype())?;
+        Ok(TokenIds::Device(self.eval_model().encoder.forward(&x)?.argmax(D::Minus1)?.flatten_all()?))
+    }
+
+    fn decode(&mut self, ids: &[u32], height: usize, width: usize) -> Result<Vec<f32>> {
+        let v = self.model.config.vocab_size;
+        let b = ids.len() / (height * width);
+        let one_hot = Tensor::eye(v, DType::F32, &self.device)?
+            .index_select(&Tensor::from_slice(ids, ids.len(), &self.device)?, 0)?
+            .reshape((b, height, width, v))?;
+        let model = self.eval_model();
+        let images = model.reconstruction(&model.decoder.forward(&one_hot)?)?;
+        Ok(images.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1::<f32>()?)
+    }
 }
 
 /// Token ids, flat u32: on the host, or a tensor on the device that computed them.
-pub(crate) enum TokenIds {
+pub enum TokenIds {
     Host(Vec<u32>),
     Device(Tensor),
 }
@@ -140,14 +251,33 @@ impl Trainer<Tokenizer> {
     /// A new tokenizer: weights from `seed`, the EMA (when on) starting as their copy.
     pub fn new(config: DvaeConfig, training: DvaeTrainingOptions, seed: u64) -> Result<Self> {
         let optimizer = training.optimizer.clone();
-        Self::build(config, training, optimizer, ParamStore::initialise(seed), None)
+        Self::build(config, training, optimizer, Source::Init(seed), None)
     }
 
-    /// Checks [B, C, H, W] images in [0, 1] of a size the tokenizer can take; returns B.
-    fn check_images(&self, batch: &ImageBatch) -> Result<usize> {
-        check_images(&self.config, batch)
+    /// Adds the gradient of the batch's objective, summed over its images, to the gradient
+    /// buffer (`draws`: the step's seed and the batch's first image in the step).
+    pub fn loss_and_grads(
+        &mut self,
+        batch: &ImageBatch,
+        temperature: f64,
+        kl_weight: f64,
+        draws: Draws,
+    ) -> Result<DvaeLossMetrics> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::Input(format!("temperature must be a finite number > 0, got {temperature}")));
+        }
+        if !(kl_weight >= 0.0 && kl_weight.is_finite()) {
+            return Err(Error::Input(format!("klWeight must be a finite number >= 0, got {kl_weight}")));
+        }
+        let images = check_images(&self.config, batch)?;
+        let objective = Objective { temperature, kl_weight, recon: self.options.recon_loss };
+        let (loss, codes) = self.runner.loss_and_grads(batch, images, &objective, draws)?;
+        let (perplexity, codes_used) = codebook_usage(&codes, self.config.vocab_size);
+        Ok(DvaeLossMetrics { loss: loss.loss, recon_loss: loss.recon, kl: loss.kl, perplexity, codes_used })
     }
 
+    /// One step: [`Self::loss_and_grads`] then [`Trainer::apply_update`]; `seed` drives the
+    /// Gumbel noise.
     pub fn train_step(
         &mut self,
         batch: &ImageBatch,
@@ -156,53 +286,9 @@ impl Trainer<Tokenizer> {
         lr: f64,
         seed: u64,
     ) -> Result<DvaeStepMetrics> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::Input(format!("temperature must be a finite number > 0, got {temperature}")));
-        }
-        if !(kl_weight >= 0.0 && kl_weight.is_finite()) {
-            return Err(Error::Input(format!("klWeight must be a finite number >= 0, got {kl_weight}")));
-        }
-        self.check_images(batch)?;
-        let recon = self.options.recon_loss;
-        let (loss, recon_loss, kl, codes, grads) = match &mut self.backend {
-            Backend::Engine(e) => {
-                let mut codes = Vec::new();
-                let out = e.engine.loss_and_grads(
-                    batch.pixels,
-                    batch.height,
-                    batch.width,
-                    temperature,
-                    kl_weight,
-                    recon,
-                    seed,
-                    &mut codes,
-                )?;
-                (out.loss, out.recon, out.kl, codes, None)
-            }
-            Backend::Candle(c) => {
-                let x = map_pixels(&images(&self.config, batch, &c.device)?)?;
-                let logits = c.model.encoder.forward(&x)?;
-                let (b, h, w, _) = logits.dims4()?;
-                let soft = scaled_softmax(
-                    &(&logits + gumbel_noise(logits.dims(), seed, &c.device)?)?,
-                    None,
-                    1.0 / temperature,
-                )?;
-                let out = c.model.decoder.forward(&soft)?;
-                let recon_t = reconstruction_loss(&out, &x, recon)?;
-                let kl_t = kl_to_uniform(&logits)?;
-                let values_per_position = (x.elem_count() / (b * h * w)) as f64;
-                let loss = (&recon_t + (&kl_t * (kl_weight / values_per_position))?)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                // A non-finite loss is refused by `update`, before any gradient is applied.
-                let grads = if value.is_finite() { Some(loss.backward()?) } else { None };
-                let codes = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
-                (value, recon_t.to_scalar::<f32>()? as f64, kl_t.to_scalar::<f32>()? as f64, codes, grads)
-            }
-        };
-        let grad_norm = self.update(loss, grads.as_ref(), lr)?;
-        let (perplexity, codes_used) = code_usage(&codes, self.config.vocab_size);
-        Ok(DvaeStepMetrics { loss, recon_loss, kl, perplexity, codes_used, grad_norm })
+        check_lr(lr)?;
+        let loss = self.loss_and_grads(batch, temperature, kl_weight, Draws { seed, first_sample: 0 })?;
+        Ok(DvaeStepMetrics::of(loss, self.apply_update(lr)?))
     }
 
     /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic), from the EMA
@@ -218,18 +304,8 @@ impl Trainer<Tokenizer> {
 
     /// [`Self::encode`]'s ids where they are computed: on the host (engine) or the device.
     pub(crate) fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
-        self.check_images(batch)?;
-        let precision = self.precision();
-        match &mut self.backend {
-            Backend::Engine(e) => {
-                Ok(TokenIds::Host(e.engine.encode(e.ema.own(), batch.pixels, batch.height, batch.width)?))
-            }
-            Backend::Candle(c) => {
-                let x = map_pixels(&images(&self.config, batch, &c.device)?)?.to_dtype(precision.dtype())?;
-                let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
-                Ok(TokenIds::Device(model.encoder.forward(&x)?.argmax(D::Minus1)?.flatten_all()?))
-            }
-        }
+        check_images(&self.config, batch)?;
+        self.runner.encode_ids(batch)
     }
 
     /// Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w], from the EMA weights when kept.
@@ -246,18 +322,7 @@ impl Trainer<Tokenizer> {
             return Err(Error::Input(format!("ids: token id {} at index {i} is out of range [0, {v})", ids[i])));
         }
         let flat: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        match &mut self.backend {
-            Backend::Engine(e) => e.engine.decode(e.ema.own(), &flat, height, width),
-            Backend::Candle(c) => {
-                let b = ids.len() / (height * width);
-                let one_hot = Tensor::eye(v, DType::F32, &c.device)?
-                    .index_select(&Tensor::from_vec(flat, ids.len(), &c.device)?, 0)?
-                    .reshape((b, height, width, v))?;
-                let model = c.ema.as_ref().map_or(&c.model, |(m, _)| m);
-                let images = model.reconstruction(&model.decoder.forward(&one_hot)?)?;
-                Ok(images.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1::<f32>()?)
-            }
-        }
+        self.runner.decode(&flat, height, width)
     }
 }
 
@@ -294,10 +359,11 @@ fn images(config: &DvaeConfig, batch: &ImageBatch, device: &Device) -> Result<Te
     Ok(Tensor::from_slice(batch.pixels, shape, device)?.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
-/// Gumbel(0, 1) noise from a seeded generator, so a step can be replayed.
-pub fn gumbel_noise(dims: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+/// Gumbel(0, 1) noise from a seeded generator, so a step can be replayed: draws `offset..` of
+/// the step's stream (`engine::kernels::gumbel_noise`).
+pub fn gumbel_noise(dims: &[usize], seed: u64, offset: usize, device: &Device) -> Result<Tensor> {
     let mut g = vec![0f32; dims.iter().product()];
-    crate::engine::kernels::gumbel_noise(seed, &mut g);
+    crate::engine::kernels::gumbel_noise(seed, offset, &mut g);
     Ok(Tensor::from_vec(g, dims, device)?)
 }
 
@@ -329,7 +395,9 @@ pub fn kl_to_uniform(logits: &Tensor) -> candle_core::Result<Tensor> {
     ((expected_logit - lse)? + (v as f64).ln())?.mean_all()
 }
 
-fn code_usage(ids: &[u32], vocab: usize) -> (f64, usize) {
+/// The codebook perplexity (exp of the entropy of the code histogram) and the number of
+/// distinct codes of `ids`.
+pub fn codebook_usage(ids: &[u32], vocab: usize) -> (f64, usize) {
     let mut counts = vec![0usize; vocab];
     for &i in ids {
         counts[i as usize] += 1;

@@ -1,8 +1,12 @@
 //! One trainer shape for every model (the BEiT MIM model, the classifier, the dVAE
-//! tokenizer): a config and options, the weights with their AdamW state (and EMA) on a
-//! backend, the caller's opaque training state, and the same creation, checkpoint and
-//! placement code. What differs between the models is a [`Kind`]; the model-specific steps
-//! live with each kind (mim.rs, classify.rs, tokenizer.rs).
+//! tokenizer): a config and options, a parameter table, the weights with their AdamW state
+//! (and EMA) on a runner, the caller's opaque training state, and the same creation,
+//! checkpoint, placement and update code. What differs between the models is a [`Kind`]; the
+//! model-specific steps live with each kind (mim.rs, classify.rs, tokenizer.rs).
+//!
+//! A step is three parts: the kind's `loss_and_grads` adds a batch's gradient to the runner's
+//! buffer, [`Trainer::gradients`] exposes that buffer (all-reduce, accumulation), and
+//! [`Trainer::apply_update`] clips, steps AdamW (and the EMA) and empties it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,46 +14,46 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::backend::{Backend, ModelSpec};
 use crate::checkpoint::{self, Loaded};
 use crate::config::BeitConfig;
 use crate::device::Precision;
-use crate::engine::FlatEngine;
 use crate::error::{Error, Result};
-use crate::optim::{self, AdamW, AdamWConfig};
-use crate::params::ParamStore;
+use crate::optimizer::{self, AdamWConfig};
+use crate::params::{values, ParamTable, Source};
+use crate::runner::{Gradients, Placement, Runner, RunnerSpec};
 
 /// Metadata key of the caller's training state (schedule position, RNG states), saved with
 /// the weights so a checkpoint is one atomic file.
 const TRAIN_STATE_KEY: &str = "trainState";
+/// Metadata key of a kind's training options.
+const OPTIONS_KEY: &str = "training";
 /// Checkpoint tensors of the weights' EMA.
 const EMA_PREFIX: &str = "ema.";
 
 /// What differs between the models a [`Trainer`] trains.
-pub trait Kind: Sized {
+pub trait Kind: Sized + 'static {
     /// The model's shape, saved under "config".
     type Config: Clone;
-    /// Training options saved with the model (under `OPTIONS_KEY`).
+    /// Training options saved with the model (under "training").
     type Options: Clone + Serialize + DeserializeOwned;
-    /// The candle model (GPU path and reference).
-    type Model;
-    /// The CPU engine.
-    type Engine: FlatEngine;
+    /// The kind's runner: its operations on either path (`dyn MimRunner`, ...).
+    type Runner: ?Sized + Runner;
     /// The checkpoint's "format" entry, and what to call such a file in errors.
     const FORMAT: &'static str;
     const WHAT: &'static str;
-    const OPTIONS_KEY: Option<&'static str>;
+    /// Where files written before the options key was "training" keep the options.
+    const LEGACY_OPTIONS_KEY: Option<&'static str> = None;
 
     fn config_json(config: &Self::Config) -> String;
     /// Parses and validates a config.
     fn parse_config(json: &str) -> Result<Self::Config>;
     fn validate(config: &Self::Config, options: &Self::Options) -> Result<()>;
-    fn spec<'a>(
-        config: &'a Self::Config,
-        options: &'a Self::Options,
-        optimizer: &AdamWConfig,
-        cpu_engine: bool,
-    ) -> ModelSpec<'a, Self::Model, Self::Engine>;
+    /// The model's parameter table.
+    fn table(config: &Self::Config) -> ParamTable;
+    /// Each parameter's learning-rate multiplier (table order).
+    fn lr_scales(_config: &Self::Config, _options: &Self::Options, table: &ParamTable) -> Vec<f64> {
+        vec![1.0; table.len()]
+    }
     /// The decay of the weights' EMA, 0 when the model keeps none.
     fn ema_decay(_options: &Self::Options) -> f64 {
         0.0
@@ -59,6 +63,22 @@ pub trait Kind: Sized {
     fn legacy_optimizer(_options: &Self::Options) -> Option<AdamWConfig> {
         None
     }
+    /// The runner of the model over `values` (table order) where `spec` places it: the CPU
+    /// engine or candle.
+    fn runner(
+        config: &Self::Config,
+        options: &Self::Options,
+        spec: &RunnerSpec,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<Self::Runner>>;
+}
+
+/// What an update reports.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateMetrics {
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
 }
 
 pub struct Trainer<K: Kind> {
@@ -67,24 +87,47 @@ pub struct Trainer<K: Kind> {
     /// Opaque JSON from the caller, saved and loaded with the checkpoint.
     pub train_state: Option<String>,
     optimizer: AdamWConfig,
-    pub(crate) backend: Backend<K::Model, K::Engine>,
-    precision: Precision,
-    cpu_engine: bool,
+    table: ParamTable,
+    pub(crate) runner: Box<K::Runner>,
+    placement: Placement,
 }
 
 impl<K: Kind> Trainer<K> {
-    /// A model from `store` (an initialisation or checkpoint tensors) on the CPU, in f32.
+    /// A model with the values `source` gives (an initialisation or checkpoint tensors) on the
+    /// CPU, in f32; the EMA (when the kind keeps one) from `ema` or a copy of the weights.
     pub(crate) fn build(
         config: K::Config,
         options: K::Options,
         optimizer: AdamWConfig,
-        store: ParamStore,
-        ema: Option<ParamStore>,
+        source: Source,
+        ema: Option<Source>,
     ) -> Result<Self> {
         K::validate(&config, &options)?;
-        let backend =
-            Backend::build(&K::spec(&config, &options, &optimizer, true), store, ema, &Device::Cpu, Precision::F32)?;
-        Ok(Self { config, options, train_state: None, optimizer, backend, precision: Precision::F32, cpu_engine: true })
+        let table = K::table(&config);
+        let values = source.values(&table)?;
+        let ema = ema.map(|s| s.values(&table)).transpose()?;
+        let placement = Placement::cpu();
+        let runner = Self::runner(&config, &options, &optimizer, &table, &placement, values, ema)?;
+        Ok(Self { config, options, train_state: None, optimizer, table, runner, placement })
+    }
+
+    fn runner(
+        config: &K::Config,
+        options: &K::Options,
+        optimizer: &AdamWConfig,
+        table: &ParamTable,
+        placement: &Placement,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<K::Runner>> {
+        let spec = RunnerSpec {
+            table,
+            optimizer,
+            lr_scales: K::lr_scales(config, options, table),
+            ema_decay: K::ema_decay(options),
+            placement,
+        };
+        K::runner(config, options, &spec, values, ema)
     }
 
     /// Reads a checkpoint written by [`Trainer::save`]: its config (unless `config` is given,
@@ -98,20 +141,16 @@ impl<K: Kind> Trainer<K> {
             Some(c) => c,
             None => K::parse_config(file.meta("config", path)?)?,
         };
-        let options: K::Options = match K::OPTIONS_KEY {
-            Some(key) => serde_json::from_str(file.meta(key, path)?)
-                .map_err(|e| in_file(Error::Checkpoint(format!("bad {key} metadata: {e}"))))?,
-            None => serde_json::from_str("null").map_err(|e| in_file(Error::Checkpoint(e.to_string())))?,
-        };
+        let options = saved_options::<K>(&file, path)?;
         let (optimizer, step, moments) = saved_optimizer::<K>(&mut file, path, &options)?;
         let train_state = file.metadata.remove(TRAIN_STATE_KEY);
         let ema = file.take_prefixed(EMA_PREFIX);
-        let ema = (!ema.is_empty()).then(|| ParamStore::from_tensors(ema));
+        let ema = (!ema.is_empty()).then(|| Source::tensors(ema));
         let mut trainer =
-            Self::build(config, options, optimizer, ParamStore::from_tensors(file.tensors), ema).map_err(in_file)?;
+            Self::build(config, options, optimizer, Source::tensors(file.tensors), ema).map_err(in_file)?;
         // Weights converted from elsewhere (DALL-E's) come at step 0 without optimizer state.
         if step > 0 || !moments.is_empty() {
-            trainer.backend.restore_optimizer(moments, step).map_err(in_file)?;
+            trainer.runner.restore_optimizer(moments, step).map_err(in_file)?;
         }
         trainer.train_state = train_state;
         Ok(trainer)
@@ -120,21 +159,20 @@ impl<K: Kind> Trainer<K> {
     /// Writes the weights, optimizer state, EMA, config, options and training state
     /// atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors = self.backend.weights()?;
-        if let Some(ema) = self.backend.ema_weights()? {
-            tensors.extend(ema.into_iter().map(|(n, t)| (format!("{EMA_PREFIX}{n}"), t)));
+        let mut tensors = self.weights()?;
+        if let Some(ema) = self.runner.ema_weights()? {
+            let named = values::named(&self.table, ema);
+            tensors.extend(named.into_iter().map(|(n, t)| (format!("{EMA_PREFIX}{n}"), t)));
         }
         let mut metadata = HashMap::from([
             ("format".to_string(), K::FORMAT.to_string()),
             ("config".to_string(), K::config_json(&self.config)),
+            (OPTIONS_KEY.to_string(), self.options_json()),
         ]);
-        if let Some(key) = K::OPTIONS_KEY {
-            metadata.insert(key.to_string(), serde_json::to_string(&self.options).expect("serialisable"));
-        }
-        optim::write_checkpoint(
+        optimizer::write_checkpoint(
             &self.optimizer,
-            self.backend.optimizer_step(),
-            self.backend.optimizer_state()?,
+            self.runner.optimizer_step(),
+            self.runner.optimizer_state()?,
             &mut tensors,
             &mut metadata,
         );
@@ -145,49 +183,68 @@ impl<K: Kind> Trainer<K> {
     }
 
     pub fn device(&self) -> Device {
-        self.backend.device()
+        self.runner.device()
     }
 
     /// Moves the weights, optimizer state and EMA to `device`; later steps run there.
     pub fn to_device(&mut self, device: &Device) -> Result<()> {
-        self.place(device, self.precision)
+        self.place(Placement { device: device.clone(), ..self.placement.clone() })
     }
 
     pub fn precision(&self) -> Precision {
-        self.precision
+        self.placement.precision
     }
 
     /// Sets the activation precision of later steps (weights, moments, losses stay f32).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.place(&self.device(), precision)
+        self.place(Placement { precision, ..self.placement.clone() })
     }
 
     /// On by default. Off, the CPU runs candle's autograd, the path GPUs take: the reference
     /// the engine is tested against.
     pub fn set_cpu_engine(&mut self, on: bool) -> Result<()> {
-        let device = self.device();
-        self.backend.place(&K::spec(&self.config, &self.options, &self.optimizer, on), &device, self.precision)?;
-        self.cpu_engine = on;
-        Ok(())
+        self.place(Placement { cpu_engine: on, ..self.placement.clone() })
     }
 
-    fn place(&mut self, device: &Device, precision: Precision) -> Result<()> {
-        self.backend.place(
-            &K::spec(&self.config, &self.options, &self.optimizer, self.cpu_engine),
-            device,
-            precision,
-        )?;
-        self.precision = precision;
+    /// Rebuilds the runner with the same weights, optimizer state and EMA where `placement`
+    /// says (nothing to do when the path, device and precision stay the same). On an error the
+    /// model stays as it was.
+    fn place(&mut self, placement: Placement) -> Result<()> {
+        let (old, new) = (&self.placement, &placement);
+        if new.uses_engine() == old.uses_engine()
+            && new.precision == old.precision
+            && new.device.same_device(&old.device)
+        {
+            self.placement = placement;
+            return Ok(());
+        }
+        if *self.runner.gradients().count > 0 {
+            return Err(Error::Input(
+                "the model holds gradients not yet applied: call applyUpdate before moving it".into(),
+            ));
+        }
+        self.runner.release_buffers();
+        let moments = self.runner.optimizer_state()?.into_iter().collect();
+        let (values, ema) = (self.runner.weights()?, self.runner.ema_weights()?);
+        let mut runner =
+            Self::runner(&self.config, &self.options, &self.optimizer, &self.table, &placement, values, ema)?;
+        runner.restore_optimizer(moments, self.runner.optimizer_step())?;
+        self.runner = runner;
+        self.placement = placement;
         Ok(())
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.backend.num_parameters()
+        self.table.num_values()
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        &self.table
     }
 
     /// Optimizer updates taken so far.
     pub fn optimizer_step(&self) -> u64 {
-        self.backend.optimizer_step()
+        self.runner.optimizer_step()
     }
 
     pub fn config_json(&self) -> String {
@@ -202,27 +259,39 @@ impl<K: Kind> Trainer<K> {
         &self.optimizer
     }
 
-    /// The parameters (checkpoint names, creation order), wherever the model runs.
+    /// The parameters (checkpoint names, table order), wherever the model runs.
     pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
-        self.backend.weights()
+        Ok(values::named(&self.table, self.runner.weights()?))
     }
 
     /// Each parameter's learning-rate multiplier (layer-wise decay), by name.
     pub fn lr_scales(&self) -> Vec<(String, f64)> {
-        self.backend.lr_scales()
+        self.runner.lr_scales()
     }
 
-    /// The optimizer update after a step's backward pass (`grads`: candle's), the EMA's
-    /// move, and the loss check: a non-finite loss skips the update and is an error.
-    pub(crate) fn update(
-        &mut self,
-        loss: f64,
-        grads: Option<&candle_core::backprop::GradStore>,
-        lr: f64,
-    ) -> Result<f64> {
-        finite_loss(loss)?;
-        self.backend.update(grads, lr, K::ema_decay(&self.options))
+    /// The gradient buffer the kind's `loss_and_grads` calls add to and [`Self::apply_update`]
+    /// consumes: the gradient of the summed losses, in table order, and its count of terms.
+    pub fn gradients(&mut self) -> Gradients<'_> {
+        self.runner.gradients()
     }
+
+    /// Clip, AdamW and the EMA's move from the gradients added since the last update (their
+    /// mean over the loss terms they sum); empties the buffer.
+    pub fn apply_update(&mut self, lr: f64) -> Result<UpdateMetrics> {
+        Ok(UpdateMetrics { grad_norm: self.runner.apply_update(lr)? })
+    }
+}
+
+/// A checkpoint's training options (under "training", or the kind's legacy key).
+fn saved_options<K: Kind>(file: &Loaded, path: &Path) -> Result<K::Options> {
+    let key = [Some(OPTIONS_KEY), K::LEGACY_OPTIONS_KEY].into_iter().flatten().find(|k| file.metadata.contains_key(*k));
+    let json = match key {
+        Some(key) => file.meta(key, path)?,
+        // Kinds without options (the MIM model's are `()`) wrote no entry.
+        None => "null",
+    };
+    serde_json::from_str(json)
+        .map_err(|e| Error::Checkpoint(format!("{}: bad {} metadata: {e}", path.display(), key.unwrap_or(OPTIONS_KEY))))
 }
 
 /// The optimizer settings, step and moments of a checkpoint.
@@ -232,7 +301,7 @@ fn saved_optimizer<K: Kind>(
     options: &K::Options,
 ) -> Result<(AdamWConfig, u64, HashMap<String, Tensor>)> {
     if file.metadata.contains_key("optimizer") {
-        let saved = AdamW::read_checkpoint(file, path)?;
+        let saved = optimizer::read_checkpoint(file, path)?;
         return Ok((saved.config, saved.step, saved.moments));
     }
     let Some(config) = K::legacy_optimizer(options) else {
@@ -245,35 +314,26 @@ fn saved_optimizer<K: Kind>(
     Ok((config, step, file.take_prefixed("optimizer.")))
 }
 
-/// The loss, or the error of a non-finite one (the update is then skipped).
-pub(crate) fn finite_loss(loss: f64) -> Result<f64> {
-    if loss.is_finite() {
-        Ok(loss)
-    } else {
-        Err(Error::Numeric(format!("loss is {loss}: the update was skipped")))
+/// Checked images [B, C, H, W], row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct Images<'a> {
+    pub values: &'a [f32],
+    pub shape: [usize; 4],
+}
+
+impl Images<'_> {
+    pub fn batch(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// On `device` in the activation dtype of `precision`.
+    pub fn tensor(&self, device: &Device, precision: Precision) -> Result<Tensor> {
+        Ok(Tensor::from_slice(self.values, self.shape.as_slice(), device)?.to_dtype(precision.dtype())?)
     }
 }
 
-/// Index of the first largest value of each row of `width`.
-pub(crate) fn argmax_rows(values: &[f32], width: usize) -> Vec<i32> {
-    values
-        .chunks_exact(width)
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
-                .0 as i32
-        })
-        .collect()
-}
-
-/// All values of `t`, flattened, as f32 (activations may be bf16).
-pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-}
-
-/// Checks [B, C, H, W] pixels for a BEiT of `cfg` (length, finiteness); returns B.
-pub(crate) fn check_pixels(cfg: &BeitConfig, pixels: &[f32]) -> Result<usize> {
+/// Checks [B, C, H, W] pixels for a BEiT of `cfg` (length, finiteness).
+pub(crate) fn check_pixels<'a>(cfg: &BeitConfig, pixels: &'a [f32]) -> Result<Images<'a>> {
     let [h, w] = cfg.image_size;
     let per_image = cfg.num_channels * h * w;
     if pixels.is_empty() || pixels.len() % per_image != 0 {
@@ -286,12 +346,10 @@ pub(crate) fn check_pixels(cfg: &BeitConfig, pixels: &[f32]) -> Result<usize> {
     if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
         return Err(Error::Input(format!("pixels: value {} at index {i} is not finite", pixels[i])));
     }
-    Ok(pixels.len() / per_image)
+    Ok(Images { values: pixels, shape: [pixels.len() / per_image, cfg.num_channels, h, w] })
 }
 
-/// Pixels [B, C, H, W] on `device` in the activation dtype of `precision`, checked.
-pub(crate) fn image_tensor(cfg: &BeitConfig, pixels: &[f32], device: &Device, precision: Precision) -> Result<Tensor> {
-    let b = check_pixels(cfg, pixels)?;
-    let [h, w] = cfg.image_size;
-    Ok(Tensor::from_slice(pixels, (b, cfg.num_channels, h, w), device)?.to_dtype(precision.dtype())?)
+/// All values of `t`, flattened, as f32 (activations may be bf16).
+pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }

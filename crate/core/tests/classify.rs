@@ -4,11 +4,12 @@
 
 mod common;
 
-use beit_core::classify::layer_id;
+use beit_core::arch::classification::ClassifierParams;
+use beit_core::arch::mim::MimParams;
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
-use beit_core::model::{classification_loss, BeitForImageClassification};
-use beit_core::optim::AdamWConfig;
+use beit_core::model::classification::classification_loss;
 use beit_core::rng::SplitMix64;
+use beit_core::AdamWConfig;
 use beit_core::{BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -28,7 +29,7 @@ fn whole_classification_loss_gradients_with_label_smoothing() {
             model: BeitConfig { use_absolute_position_embeddings: true, ..tiny_config() },
             ..classifier_config(pooling)
         };
-        let (model, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
+        let (model, vars) = classifier_model(&cfg, 3, DType::F64);
         randomise(&vars, 40, 0.5);
         let pixels = random_tensor(&[3, 1, 4, 6], 8, DType::F64);
         let labels = Tensor::new(&[2u32, 0, 1], &Device::Cpu).unwrap();
@@ -65,12 +66,17 @@ fn label_smoothing_matches_its_definition() {
 
 #[test]
 fn layer_ids_and_decayed_learning_rates_follow_unilm() {
-    assert_eq!(layer_id("beit.embeddings.cls_token", 2), 0);
-    assert_eq!(layer_id("beit.embeddings.patch_embeddings.projection.weight", 2), 0);
-    assert_eq!(layer_id("beit.encoder.layer.0.attention.attention.query.weight", 2), 1);
-    assert_eq!(layer_id("beit.encoder.layer.1.output.dense.bias", 2), 2);
-    assert_eq!(layer_id("beit.encoder.relative_position_bias.relative_position_bias_table", 2), 3);
-    assert_eq!(layer_id("classifier.weight", 2), 3);
+    let (mim, _) = MimParams::new(&tiny_config());
+    let layer_id = |name: &str| mim.get(mim.find(name).unwrap()).layer;
+    assert_eq!(layer_id("beit.embeddings.cls_token"), 0);
+    assert_eq!(layer_id("beit.embeddings.patch_embeddings.projection.weight"), 0);
+    assert_eq!(layer_id("beit.encoder.layer.0.attention.attention.query.weight"), 1);
+    assert_eq!(layer_id("beit.encoder.layer.1.output.dense.bias"), 2);
+    assert_eq!(layer_id("beit.encoder.relative_position_bias.relative_position_bias_table"), 3);
+    assert_eq!(layer_id("lm_head.weight"), 3);
+    let (cls, _) = ClassifierParams::new(&classifier_config(Pooling::Cls));
+    assert_eq!(cls.get(cls.find("classifier.weight").unwrap()).layer, 3);
+    assert_eq!(cls.get(cls.find("beit.layernorm.bias").unwrap()).layer, 3);
     let cfg = ClassifierConfig {
         model: BeitConfig { use_shared_relative_position_bias: true, ..tiny_config() },
         ..classifier_config(Pooling::Mean)

@@ -2,10 +2,12 @@
 //! training / encode / decode / checkpoint behaviour.
 mod common;
 
+use beit_core::arch::dvae::DvaeParams;
 use beit_core::conv::{conv2d_same, in_batch_chunks, max_pool2, upsample2};
-use beit_core::dvae::{map_pixels, Dvae, DvaeConfig};
+use beit_core::model::dvae::map_pixels;
 use beit_core::ops::softmax_last_dim;
 use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
+use beit_core::DvaeConfig;
 use beit_core::{DvaeTrainer, DvaeTrainingOptions, ImageBatch, ReconLoss};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -118,7 +120,7 @@ fn conv_pool_upsample_gradients() {
 fn whole_dvae_objective_gradients() {
     for kind in [ReconLoss::LogitLaplace, ReconLoss::Mse] {
         let cfg = tiny_dvae();
-        let (dvae, vars) = build(3, DType::F64, |vb| Dvae::new(&cfg, vb));
+        let (dvae, vars) = dvae_model(&cfg, 3, DType::F64);
         randomise(&vars, 80, 0.5);
         let x = map_pixels(&random_tensor(&[2, 4, 4, 2], 8, DType::F64).affine(0.2, 0.5).unwrap()).unwrap();
         let noise = random_tensor(&[2, 2, 2, 5], 9, DType::F64);
@@ -144,10 +146,10 @@ fn kl_to_uniform_is_zero_for_flat_logits_and_log_v_for_one_hot() {
 
 #[test]
 fn dall_e_preset_has_the_dall_e_layout() {
-    let cfg = DvaeConfig::preset("dall-e").unwrap();
+    let cfg = beit_core::presets::dvae("dall-e").unwrap();
     assert_eq!(cfg.downsample(), 8, "112 px -> 14x14 tokens");
-    let (_, vars) = build(0, DType::F32, |vb| Dvae::new(&cfg, vb));
-    let shape = |name: &str| vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name}")).1.dims().to_vec();
+    let (table, _) = DvaeParams::new(&cfg);
+    let shape = |name: &str| table.get(table.find(name).unwrap_or_else(|| panic!("{name}"))).shape.clone();
     assert_eq!(shape("encoder.blocks.input.w"), vec![256, 3, 7, 7]);
     assert_eq!(shape("encoder.blocks.group_4.block_1.id_path.w"), vec![2048, 1024, 1, 1]);
     assert_eq!(shape("encoder.blocks.group_4.block_2.res_path.conv_4.w"), vec![2048, 512, 1, 1]);
@@ -156,7 +158,7 @@ fn dall_e_preset_has_the_dall_e_layout() {
     assert_eq!(shape("decoder.blocks.group_1.block_1.res_path.conv_4.w"), vec![2048, 512, 3, 3]);
     assert_eq!(shape("decoder.blocks.output.conv.w"), vec![6, 256, 1, 1]);
     assert!(
-        vars.iter().all(|(n, _)| !n.starts_with("encoder.blocks.group_1.block_1.id_path")),
+        table.params().iter().all(|p| !p.name.starts_with("encoder.blocks.group_1.block_1.id_path")),
         "no id path where widths agree"
     );
 }
@@ -260,6 +262,6 @@ fn bad_tokenizer_inputs_are_clear_errors() {
     assert!(err.contains("token id 5 at index 2 is out of range [0, 5)"), "{err}");
     let err = t.decode(&[0, 1, 2], 2, 2).unwrap_err().to_string();
     assert!(err.contains("expected a positive multiple of 4 values"), "{err}");
-    let err = DvaeConfig::preset("dalle").unwrap_err().to_string();
+    let err = beit_core::presets::dvae("dalle").unwrap_err().to_string();
     assert!(err.contains("dall-e, small, tiny"), "{err}");
 }

@@ -4,13 +4,13 @@
 
 mod common;
 
-use beit_core::dvae::{map_pixels, Dvae, DvaeConfig};
 use beit_core::engine::conv::{self, Nhwc};
-use beit_core::engine::dvae::DvaeEngine;
+use beit_core::engine::dvae::Objective;
+use beit_core::model::dvae::map_pixels;
 use beit_core::ops::scaled_softmax;
-use beit_core::params::NamedVars;
+use beit_core::rng::Draws;
 use beit_core::tokenizer::{gumbel_noise, kl_to_uniform, reconstruction_loss};
-use beit_core::ReconLoss;
+use beit_core::{DvaeConfig, ReconLoss};
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 
@@ -24,19 +24,14 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-fn engine(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<f64> {
-    let tensors: Vec<_> = vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), values(v.as_tensor()))).collect();
-    DvaeEngine::new(cfg, &tensors).unwrap()
-}
-
 /// tokenizer.rs's noise (the candle path's), in f64.
 fn gumbel(dims: &[usize], seed: u64) -> Tensor {
-    gumbel_noise(dims, seed, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
+    gumbel_noise(dims, seed, 0, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()
 }
 
 fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     let context = format!("{recon:?} {cfg:?}: ");
-    let (model, vars) = build(4, DType::F64, |vb| Dvae::new(cfg, vb));
+    let (model, vars) = dvae_model(cfg, 4, DType::F64);
     randomise(&vars, 30, 0.4);
     let [h, w] = cfg.image_size;
     let c = cfg.num_channels;
@@ -65,9 +60,11 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     let loss = (&recon_t + (&kl_t * (kl_weight / per_position)).unwrap()).unwrap();
     let grads = loss.backward().unwrap();
 
-    let mut eng = engine(cfg, &vars);
+    let mut eng = dvae_engine::<f64>(cfg, &vars);
     let mut codes = Vec::new();
-    let ours = eng.loss_and_grads(&pixels, h, w, temperature, kl_weight, recon, seed, &mut codes).unwrap();
+    let objective = Objective { temperature, kl_weight, recon };
+    let draws = Draws { seed, first_sample: 0 };
+    let ours = eng.loss_and_grads(&pixels, h, w, &objective, draws, 1.0, &mut codes).unwrap();
     let reference = loss.to_scalar::<f64>().unwrap();
     assert!(
         (ours.loss - reference).abs() < 1e-10 * reference.abs(),
@@ -79,8 +76,7 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     assert_eq!(codes, ids, "{context}codes");
     for (name, var) in &vars {
         let reference = values(grads.get(var).unwrap_or_else(|| panic!("{context}{name}: candle gave no gradient")));
-        let slot = eng.layout().get(name).unwrap().slot;
-        let g = slot.of(&eng.grads);
+        let g = slot(&eng.flat, name).of(&eng.flat.grads);
         let err = rel_err(g, &reference);
         assert!(err < 1e-9, "{context}{name}: engine vs candle gradient error {err:e}");
         // MSE ignores log b, so its output rows get no gradient; every other tensor does.
@@ -90,7 +86,7 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     }
     // Encode and decode with the engine's weights, and with other weights given (an EMA's).
     assert_eq!(eng.encode(None, &pixels, h, w).unwrap(), ids, "{context}encode");
-    let zeros = vec![0.0; eng.params.len()];
+    let zeros = vec![0.0; eng.flat.params.len()];
     assert!(
         eng.encode(Some(&zeros), &pixels, h, w).unwrap().iter().all(|&i| i == 0),
         "{context}encode with zero weights"
@@ -107,23 +103,24 @@ fn case(cfg: &DvaeConfig, recon: ReconLoss, batch: usize) {
     assert!(err < 1e-12, "{context}decode error {err:e}");
 
     // Finite differences of the engine's own loss at a few coordinates of every tensor.
-    let analytic = eng.grads.clone();
+    let analytic = eng.flat.grads.clone();
     let hstep = 1e-5;
-    for e in eng.layout().entries.clone() {
+    let (table, layout) = (eng.flat.table.clone(), eng.flat.layout.clone());
+    for (p, e) in table.params().iter().zip(layout.slots()) {
         let (mut worst, mut scale) = (0.0f64, 1e-6f64);
-        for i in (0..e.slot.len).step_by((e.slot.len / 3).max(1)) {
-            let at = e.slot.offset + i;
-            let base = eng.params[at];
+        for i in (0..e.len).step_by((e.len / 3).max(1)) {
+            let at = e.offset + i;
+            let base = eng.flat.params[at];
             let mut f = |v: f64| {
-                eng.params[at] = v;
-                eng.loss_and_grads(&pixels, h, w, temperature, kl_weight, recon, seed, &mut codes).unwrap().loss
+                eng.flat.params[at] = v;
+                eng.loss_and_grads(&pixels, h, w, &objective, draws, 1.0, &mut codes).unwrap().loss
             };
             let numeric = (f(base + hstep) - f(base - hstep)) / (2.0 * hstep);
-            eng.params[at] = base;
+            eng.flat.params[at] = base;
             worst = worst.max((numeric - analytic[at]).abs());
             scale = scale.max(numeric.abs()).max(analytic[at].abs());
         }
-        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", e.name, worst / scale);
+        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", p.name, worst / scale);
     }
 }
 

@@ -5,10 +5,12 @@
 mod common;
 
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
-use beit_core::engine::{BeitEngine, Head};
-use beit_core::model::{self, BeitForImageClassification, BeitForMaskedImageModeling};
-use beit_core::params::NamedVars;
-use beit_core::rng::SplitMix64;
+use beit_core::engine::heads::classification::ClassifierEngine;
+use beit_core::engine::heads::mim::MimEngine;
+use beit_core::engine::Flat;
+use beit_core::model::classification::classification_loss;
+use beit_core::model::mim::{mask_tensors, masked_loss};
+use beit_core::rng::Draws;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -17,9 +19,8 @@ fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }
 
-fn engine(cfg: &BeitConfig, head: Head, vars: &NamedVars) -> BeitEngine<f64> {
-    let tensors: Vec<_> = vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec(), values(v.as_tensor()))).collect();
-    BeitEngine::new(cfg, head, &tensors).unwrap()
+fn draws(seed: u64) -> Draws {
+    Draws { seed, first_sample: 0 }
 }
 
 /// max |a - b| / max(max |b|, 1e-12)
@@ -30,71 +31,75 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Every tensor's engine gradient against candle's, and non-zero.
-fn compare_grads(context: &str, eng: &BeitEngine<f64>, vars: &NamedVars, grads: &GradStore) {
+fn compare_grads(context: &str, flat: &Flat<f64>, vars: &NamedVars, grads: &GradStore) {
     for (name, var) in vars {
         let reference = values(grads.get(var).unwrap_or_else(|| panic!("{context}{name}: candle gave no gradient")));
-        let slot = eng.layout().get(name).unwrap_or_else(|| panic!("{context}{name} missing from the engine")).slot;
-        let ours = slot.of(&eng.grads);
+        let ours = slot(flat, name).of(&flat.grads);
         assert!(ours.iter().any(|&g| g != 0.0), "{context}{name}: the engine's gradient is all zero");
         let err = rel_err(ours, &reference);
         assert!(err < 1e-9, "{context}{name}: engine vs candle gradient error {err:e}");
     }
 }
 
-/// Central differences of the engine's own loss at a few coordinates of every tensor.
-fn finite_differences(context: &str, eng: &mut BeitEngine<f64>, loss: &mut dyn FnMut(&mut BeitEngine<f64>) -> f64) {
-    let analytic = eng.grads.clone();
-    let entries = eng.layout().entries.clone();
+/// Central differences of an engine model's own loss at a few coordinates of every tensor.
+fn finite_differences<E>(
+    context: &str,
+    eng: &mut E,
+    flat: fn(&mut E) -> &mut Flat<f64>,
+    loss: &mut dyn FnMut(&mut E) -> f64,
+) {
+    let analytic = flat(eng).grads.clone();
+    let (table, layout) = (flat(eng).table.clone(), flat(eng).layout.clone());
     // 1e-5: small gradients (the key weights') stay above the round-off of the difference.
     let h = 1e-5;
-    for e in entries {
-        let stride = (e.slot.len / 4).max(1);
+    for (p, s) in table.params().iter().zip(layout.slots()) {
+        let stride = (s.len / 4).max(1);
         let mut worst = 0.0f64;
         let mut scale = 1e-6f64;
-        for i in (0..e.slot.len).step_by(stride) {
-            let at = e.slot.offset + i;
-            let base = eng.params[at];
-            eng.params[at] = base + h;
+        for i in (0..s.len).step_by(stride) {
+            let at = s.offset + i;
+            let base = flat(eng).params[at];
+            flat(eng).params[at] = base + h;
             let plus = loss(eng);
-            eng.params[at] = base - h;
+            flat(eng).params[at] = base - h;
             let minus = loss(eng);
-            eng.params[at] = base;
+            flat(eng).params[at] = base;
             let numeric = (plus - minus) / (2.0 * h);
             worst = worst.max((numeric - analytic[at]).abs());
             scale = scale.max(numeric.abs()).max(analytic[at].abs());
         }
-        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", e.name, worst / scale);
+        assert!(worst / scale < 1e-6, "{context}{}: finite-difference error {:e}", p.name, worst / scale);
     }
 }
 
 fn mim_case(cfg: &BeitConfig, batch: usize, seed: u64) {
     let context = format!("{cfg:?}: ");
-    let (mim, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(cfg, vb));
+    let (mim, vars) = mim_model(cfg, 2, DType::F64);
     randomise(&vars, 70, 0.5);
     let n = cfg.num_patches();
     let mask: Vec<u8> = (0..batch * n).map(|i| (i % 3 == 0) as u8).collect();
-    let (weights, positions) = model::mask_tensors(&mask, batch, n, &Device::Cpu).unwrap();
+    let (weights, positions) = mask_tensors(&mask, batch, n, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..positions.elem_count() as u32).map(|i| (i * 5 + 1) % cfg.vocab_size as u32).collect();
     let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
     let [h, w] = cfg.image_size;
     let pixels = random_tensor(&[batch, cfg.num_channels, h, w], 5, DType::F64);
-    let hidden = mim.hidden_states(&pixels, Some(&weights), Some(&mut SplitMix64::new(seed))).unwrap();
+    let hidden = mim.hidden_states(&pixels, Some(&weights), Some(draws(seed))).unwrap();
     let logits = mim.logits_at(&hidden, &positions).unwrap();
-    let (loss, acc) = model::masked_loss(&logits, &targets).unwrap();
+    let (loss, acc) = masked_loss(&logits, &targets).unwrap();
     let grads = loss.backward().unwrap();
 
-    let mut eng = engine(cfg, Head::MaskedImageModeling, &vars);
+    let mut eng = mim_engine::<f64>(cfg, &vars);
     let px = values(&pixels);
-    let out = eng.loss_and_grads(&px, Some(&mask), &ids, 0.0, seed).unwrap();
+    let out = eng.loss_and_grads(&px, &mask, &ids, draws(seed), 1.0).unwrap();
     let reference = loss.to_scalar::<f64>().unwrap();
     assert!((out.loss - reference).abs() < 1e-12 * reference.abs(), "{context}loss {} vs candle {reference}", out.loss);
     assert_eq!(out.rows, ids.len());
     assert!((out.hits as f64 / out.rows as f64 - acc).abs() < 1e-12);
-    compare_grads(&context, &eng, &vars, &grads);
+    compare_grads(&context, &eng.flat, &vars, &grads);
 
     // Evaluation: logits at the masked patches without stochastic depth.
     let eval = mim.logits_at(&mim.hidden_states(&pixels, Some(&weights), None).unwrap(), &positions).unwrap();
-    let err = rel_err(&eng.logits(&px, Some(&mask)).unwrap(), &values(&eval));
+    let err = rel_err(&eng.logits(&px, &mask).unwrap(), &values(&eval));
     assert!(err < 1e-12, "{context}eval logits error {err:e}");
     for layer in [0, 1, cfg.num_hidden_layers] {
         let reference = values(&mim.backbone().probe_features(&pixels, layer).unwrap());
@@ -102,7 +107,8 @@ fn mim_case(cfg: &BeitConfig, batch: usize, seed: u64) {
         assert!(err < 1e-12, "{context}probe features of layer {layer}: error {err:e}");
     }
 
-    finite_differences(&context, &mut eng, &mut |e| e.loss_and_grads(&px, Some(&mask), &ids, 0.0, seed).unwrap().loss);
+    let loss = &mut |e: &mut MimEngine<f64>| e.loss_and_grads(&px, &mask, &ids, draws(seed), 1.0).unwrap().loss;
+    finite_differences(&context, &mut eng, |e| &mut e.flat, loss);
 }
 
 /// The MIM objective with absolute and shared relative positions, LayerScale and stochastic
@@ -133,28 +139,30 @@ fn classification_matches_candle_and_finite_differences() {
         };
         let context = format!("{pooling:?}: ");
         let cfg = ClassifierConfig { model: model_cfg.clone(), num_labels: 3, pooling };
-        let (classifier, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
+        let (classifier, vars) = classifier_model(&cfg, 3, DType::F64);
         randomise(&vars, 90, 0.5);
         let pixels = random_tensor(&[3, 1, 4, 6], 6, DType::F64);
         let labels = [2u32, 0, 1];
         let seed = 5;
-        let logits = classifier.forward(&pixels, Some(&mut SplitMix64::new(seed))).unwrap();
-        let (loss, _) = model::classification_loss(&logits, &Tensor::new(&labels, &Device::Cpu).unwrap(), 0.1).unwrap();
+        let logits = classifier.forward(&pixels, Some(draws(seed))).unwrap();
+        let (loss, _) = classification_loss(&logits, &Tensor::new(&labels, &Device::Cpu).unwrap(), 0.1).unwrap();
         let grads = loss.backward().unwrap();
 
-        let mut eng = engine(&model_cfg, Head::Classification { num_labels: 3, pooling }, &vars);
+        let mut eng = classifier_engine::<f64>(&cfg, &vars);
         let px = values(&pixels);
-        let out = eng.loss_and_grads(&px, None, &labels, 0.1, seed).unwrap();
+        let out = eng.loss_and_grads(&px, &labels, 0.1, draws(seed), 1.0).unwrap();
         let reference = loss.to_scalar::<f64>().unwrap();
         assert!(
             (out.loss - reference).abs() < 1e-12 * reference.abs(),
             "{context}loss {} vs candle {reference}",
             out.loss
         );
-        compare_grads(&context, &eng, &vars, &grads);
-        let err = rel_err(&eng.logits(&px, None).unwrap(), &values(&classifier.forward(&pixels, None).unwrap()));
+        compare_grads(&context, &eng.flat, &vars, &grads);
+        let err = rel_err(&eng.logits(&px).unwrap(), &values(&classifier.forward(&pixels, None).unwrap()));
         assert!(err < 1e-12, "{context}eval logits error {err:e}");
-        finite_differences(&context, &mut eng, &mut |e| e.loss_and_grads(&px, None, &labels, 0.1, seed).unwrap().loss);
+        let loss =
+            &mut |e: &mut ClassifierEngine<f64>| e.loss_and_grads(&px, &labels, 0.1, draws(seed), 1.0).unwrap().loss;
+        finite_differences(&context, &mut eng, |e| &mut e.flat, loss);
     }
 }
 
@@ -162,15 +170,15 @@ fn classification_matches_candle_and_finite_differences() {
 #[test]
 fn bad_inputs_are_errors() {
     let cfg = tiny_config();
-    let (_, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
-    let mut eng = engine(&cfg, Head::MaskedImageModeling, &vars);
+    let (_, vars) = mim_model(&cfg, 2, DType::F64);
+    let mut eng = mim_engine::<f64>(&cfg, &vars);
     let per = 24;
     let mask = vec![1u8; 12];
-    let err = eng.loss_and_grads(&vec![0.0; per * 2 - 1], Some(&mask), &[0; 12], 0.0, 0).unwrap_err().to_string();
+    let err = eng.loss_and_grads(&vec![0.0; per * 2 - 1], &mask, &[0; 12], draws(0), 1.0).unwrap_err().to_string();
     assert!(err.contains("multiple of 24"), "{err}");
-    let err = eng.loss_and_grads(&vec![0.0; per * 2], Some(&mask[..5]), &[0; 5], 0.0, 0).unwrap_err().to_string();
+    let err = eng.loss_and_grads(&vec![0.0; per * 2], &mask[..5], &[0; 5], draws(0), 1.0).unwrap_err().to_string();
     assert!(err.contains("mask: expected 12"), "{err}");
-    let err = eng.loss_and_grads(&vec![0.0; per * 2], Some(&mask), &[0; 3], 0.0, 0).unwrap_err().to_string();
+    let err = eng.loss_and_grads(&vec![0.0; per * 2], &mask, &[0; 3], draws(0), 1.0).unwrap_err().to_string();
     assert!(err.contains("targets: expected 12"), "{err}");
     let err = eng.probe_features(&vec![0.0; per], 3).unwrap_err().to_string();
     assert!(err.contains("layer 3 does not exist"), "{err}");

@@ -3,10 +3,13 @@
 
 mod common;
 
+use beit_core::arch::backbone::BackboneParams;
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
-use beit_core::model::{self, BeitForImageClassification, BeitForMaskedImageModeling, Layer};
+use beit_core::model::backbone::Layer;
+use beit_core::model::classification::classification_loss;
+use beit_core::model::mim::{mask_tensors, masked_loss};
 use beit_core::ops;
-use beit_core::params::NamedVars;
+use beit_core::params::ParamTable;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -74,7 +77,12 @@ fn cross_entropy_gradients() {
 fn transformer_block_gradients() {
     let cfg =
         BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
-    let (layer, vars) = build(1, DType::F64, |vb| Layer::new(&cfg, 0, 0.0, vb));
+    let mut table = ParamTable::new();
+    let backbone = BackboneParams::new(&cfg, false, &mut table);
+    let (layer, vars) = build(&table, 1, DType::F64, |v| Layer::new(&cfg, &backbone.layers[0], v, &Device::Cpu));
+    // The block's own tensors (the table holds the whole backbone).
+    let vars: NamedVars = vars.into_iter().filter(|(n, _)| n.starts_with("beit.encoder.layer.0.")).collect();
+    assert_eq!(vars.len(), 18, "the block's tensors: {:?}", vars.iter().map(|(n, _)| n).collect::<Vec<_>>());
     randomise(&vars, 50, 0.5);
     let x = Var::from_tensor(&random_tensor(&[2, cfg.num_patches() + 1, cfg.hidden_size], 3, DType::F64)).unwrap();
     let probe = random_tensor(x.dims(), 4, DType::F64);
@@ -91,18 +99,18 @@ fn transformer_block_gradients() {
 #[test]
 fn whole_mim_loss_gradients() {
     let cfg = BeitConfig { use_absolute_position_embeddings: true, ..tiny_config() };
-    let (mim, vars) = build(2, DType::F64, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    let (mim, vars) = mim_model(&cfg, 2, DType::F64);
     randomise(&vars, 70, 0.5);
     let n = cfg.num_patches();
     let mask: Vec<u8> = (0..2 * n).map(|i| (i % 3 == 0) as u8).collect();
-    let (weights, positions) = model::mask_tensors(&mask, 2, n, &Device::Cpu).unwrap();
+    let (weights, positions) = mask_tensors(&mask, 2, n, &Device::Cpu).unwrap();
     let targets: Vec<u32> = (0..positions.elem_count() as u32).map(|i| i % 7).collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
     let pixels = random_tensor(&[2, 1, 4, 6], 5, DType::F64);
     let objective = || {
         let hidden = mim.hidden_states(&pixels, Some(&weights), None).unwrap();
         let logits = mim.logits_at(&hidden, &positions).unwrap();
-        model::masked_loss(&logits, &targets).unwrap().0
+        masked_loss(&logits, &targets).unwrap().0
     };
     let grads = objective().backward().unwrap();
     let f = || objective().to_scalar::<f64>().unwrap();
@@ -117,13 +125,13 @@ fn whole_classification_loss_gradients() {
         let model_cfg =
             BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
         let cfg = ClassifierConfig { model: model_cfg, num_labels: 3, pooling };
-        let (classifier, vars) = build(3, DType::F64, |vb| BeitForImageClassification::new(&cfg, vb));
+        let (classifier, vars) = classifier_model(&cfg, 3, DType::F64);
         randomise(&vars, 90, 0.5);
         let pixels = random_tensor(&[2, 1, 4, 6], 6, DType::F64);
         let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
         let objective = || {
             let logits = classifier.forward(&pixels, None).unwrap();
-            model::classification_loss(&logits, &labels, 0.1).unwrap().0
+            classification_loss(&logits, &labels, 0.1).unwrap().0
         };
         let grads = objective().backward().unwrap();
         let f = || objective().to_scalar::<f64>().unwrap();

@@ -7,13 +7,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use beit_core::arch::classification::ClassifierParams;
+use beit_core::arch::dvae::DvaeParams;
+use beit_core::arch::mim::MimParams;
 use beit_core::config::Pooling;
-use beit_core::dvae::{map_pixels, Dvae};
 use beit_core::hf::{self, HfLayout};
-use beit_core::model::{BeitForImageClassification, BeitForMaskedImageModeling};
-use beit_core::optim::AdamWConfig;
-use beit_core::params::ParamStore;
-use beit_core::{BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer, ImageBatch};
+use beit_core::model::classification::BeitForImageClassification;
+use beit_core::model::dvae::{map_pixels, Dvae};
+use beit_core::model::mim::BeitForMaskedImageModeling;
+use beit_core::model::Vars;
+use beit_core::params::{ParamTable, Source};
+use beit_core::{AdamWConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer, ImageBatch};
 use candle_core::{Device, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
@@ -52,12 +56,27 @@ fn masked_rows(logits: &Tensor, mask: &[u8]) -> Vec<f32> {
     out
 }
 
-/// The candle model (the GPU path) with a trainer's weights, for the hidden states.
+/// The candle model (the GPU path) of `table` with a trainer's weights, for the hidden states.
 fn candle_model<M>(
+    table: &ParamTable,
     weights: Vec<(String, Tensor)>,
-    new: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<M>,
+    new: impl FnOnce(&Vars) -> candle_core::Result<M>,
 ) -> M {
-    ParamStore::from_tensors(weights.into_iter().collect()).build(candle_core::DType::F32, &Device::Cpu, new).unwrap().0
+    let source = Source::tensors(weights.into_iter().collect());
+    new(&Vars::from_source(table, source, candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn mim_model(model: &BeitTrainer) -> BeitForMaskedImageModeling {
+    let (table, p) = MimParams::new(&model.config);
+    candle_model(&table, model.weights().unwrap(), |v| {
+        BeitForMaskedImageModeling::new(&model.config, &p, v, &Device::Cpu)
+    })
+}
+
+fn classifier_model(model: &ClassifierTrainer) -> BeitForImageClassification {
+    let (table, p) = ClassifierParams::new(&model.config);
+    let new = |v: &Vars| BeitForImageClassification::new(&model.config, &p, v, &Device::Cpu);
+    candle_model(&table, model.weights().unwrap(), new)
 }
 
 fn mim_parity(name: &str, image_size: Option<[usize; 2]>) -> BeitTrainer {
@@ -72,8 +91,9 @@ fn mim_parity(name: &str, image_size: Option<[usize; 2]>) -> BeitTrainer {
     assert_close(&format!("{name} logits"), &predictions.logits, &masked_rows(&io["logits"], &mask));
     let (b, n) = io["bool_masked_pos"].dims2().unwrap();
     let mask_t = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b, n), &Device::Cpu).unwrap();
-    let reference = candle_model(model.weights().unwrap(), |vb| BeitForMaskedImageModeling::new(&model.config, vb));
-    let hidden = reference.backbone().forward(pixels, Some(&mask_t), None).unwrap();
+    let reference = mim_model(&model);
+    let backbone = reference.backbone();
+    let hidden = backbone.forward(pixels, Some(&mask_t), None, backbone.num_layers()).unwrap();
     assert_close(&format!("{name} last hidden state"), &values(&hidden), &values(&io["last_hidden_state"]));
     model
 }
@@ -107,8 +127,9 @@ fn classifier_parity(name: &str) -> ClassifierTrainer {
             .unwrap();
     let pixels = &io["pixel_values"];
     assert_close(&format!("{name} logits"), &model.predict(&values(pixels)).unwrap(), &values(&io["logits"]));
-    let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
-    let hidden = reference.backbone().forward(pixels, None, None).unwrap();
+    let reference = classifier_model(&model);
+    let backbone = reference.backbone();
+    let hidden = backbone.forward(pixels, None, None, backbone.num_layers()).unwrap();
     assert_close(&format!("{name} last hidden state"), &values(&hidden), &values(&io["last_hidden_state"]));
     model
 }
@@ -144,10 +165,11 @@ fn bare_beit_model_imports_under_a_new_head() {
         ClassifierTrainer::from_hf(ckpt, Some(4), AdamWConfig::default(), ClassifierTrainingOptions::default(), 0)
             .unwrap();
     let pixels = &io["pixel_values"];
-    let reference = candle_model(model.weights().unwrap(), |vb| BeitForImageClassification::new(&model.config, vb));
+    let reference = classifier_model(&model);
     let pooled = reference.pooled(pixels, None).unwrap();
     assert_close("model-pooler pooler_output", &values(&pooled), &values(&io["pooler_output"]));
-    let hidden = reference.backbone().forward(pixels, None, None).unwrap();
+    let backbone = reference.backbone();
+    let hidden = backbone.forward(pixels, None, None, backbone.num_layers()).unwrap();
     assert_close("model-pooler last hidden state", &values(&hidden), &values(&io["last_hidden_state"]));
     assert_eq!(model.predict(&values(pixels)).unwrap().len(), 2 * 4);
 }
@@ -272,7 +294,8 @@ fn dall_e_weights_converted_from_the_package_match_its_encoder_and_decoder() {
     let mut tokenizer = DvaeTrainer::load(&dir.join("dvae.safetensors"), None).unwrap();
     assert_eq!((tokenizer.config.num_groups, tokenizer.config.vocab_size), (4, 32));
     let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-    let reference = candle_model(tokenizer.weights().unwrap(), |vb| Dvae::new(&tokenizer.config, vb));
+    let (table, p) = DvaeParams::new(&tokenizer.config);
+    let reference = candle_model(&table, tokenizer.weights().unwrap(), |v| Ok(Dvae::new(&tokenizer.config, &p, v)));
     let pixels = nhwc(&io["pixels"]);
     let logits = reference.encoder.forward(&map_pixels(&pixels).unwrap()).unwrap();
     assert_close("DALL-E encoder logits", &values(&logits), &values(&nhwc(&io["logits"])));

@@ -1,15 +1,16 @@
 mod common;
 
-use beit_core::engine::{BeitEngine, Head};
-use beit_core::model::{relative_position_index, BeitForMaskedImageModeling};
+use beit_core::arch::backbone::relative_position_index;
+use beit_core::model::mim::{mask_tensors, masked_loss};
+use beit_core::rng::Draws;
 use beit_core::{AdamWConfig, BeitConfig, BeitTrainer, Error};
 use candle_core::DType;
 use common::*;
 
 #[test]
 fn beit_base_has_the_reference_parameter_count() {
-    let cfg = BeitConfig::preset("base").unwrap();
-    let (_, vars) = build(0, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    let cfg = beit_core::presets::beit("base").unwrap();
+    let (_, vars) = mim_model(&cfg, 0, DType::F32);
     let count: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     assert_eq!(count, 91_965_776);
     assert!(vars.iter().any(|(n, _)| n == "beit.encoder.relative_position_bias.relative_position_bias_table"));
@@ -20,12 +21,12 @@ fn beit_base_has_the_reference_parameter_count() {
 #[test]
 fn presets_differ_only_in_size() {
     for (name, d, layers, heads) in [("tiny", 192, 12, 3), ("small", 384, 12, 6), ("large", 1024, 24, 16)] {
-        let c = BeitConfig::preset(name).unwrap();
+        let c = beit_core::presets::beit(name).unwrap();
         assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads), (d, layers, heads));
         assert_eq!(c.intermediate_size, 4 * d);
         c.validate().unwrap();
     }
-    let err = BeitConfig::preset("huge").unwrap_err().to_string();
+    let err = beit_core::presets::beit("huge").unwrap_err().to_string();
     assert!(err.contains("huge") && err.contains("mini, tiny, small, base, large"), "{err}");
 }
 
@@ -95,27 +96,22 @@ fn every_trainable_tensor_receives_a_finite_nonzero_gradient() {
         BeitConfig { use_absolute_position_embeddings: true, drop_path_rate: 0.1, ..tiny_config() },
         BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() },
     ] {
-        let (model, vars) = build(3, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+        let (model, vars) = mim_model(&cfg, 3, DType::F32);
         let b = batch(&cfg, 3, 1);
         let px = candle_core::Tensor::from_slice(&b.pixels, (3, 1, 4, 6), &candle_core::Device::Cpu).unwrap();
-        let (w, pos) =
-            beit_core::model::mask_tensors(&b.mask, 3, cfg.num_patches(), &candle_core::Device::Cpu).unwrap();
+        let (w, pos) = mask_tensors(&b.mask, 3, cfg.num_patches(), &candle_core::Device::Cpu).unwrap();
         let ids: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
         let targets = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap();
-        let mut rng = beit_core::rng::SplitMix64::new(5);
-        let hidden = model.hidden_states(&px, Some(&w), Some(&mut rng)).unwrap();
-        let (loss, _) = beit_core::model::masked_loss(&model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
+        let draws = Draws { seed: 5, first_sample: 0 };
+        let hidden = model.hidden_states(&px, Some(&w), Some(draws)).unwrap();
+        let (loss, _) = masked_loss(&model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
         let grads = loss.backward().unwrap();
-        let tensors: Vec<_> = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect();
-        let mut engine = BeitEngine::new(&cfg, Head::MaskedImageModeling, &tensors).unwrap();
-        engine.loss_and_grads(&b.pixels, Some(&b.mask), &ids, 0.0, 5).unwrap();
+        let mut engine = mim_engine::<f32>(&cfg, &vars);
+        engine.loss_and_grads(&b.pixels, &b.mask, &ids, draws, 1.0).unwrap();
         for (name, var) in &vars {
             let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
             let candle = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let ours = engine.layout().get(name).unwrap().slot.of(&engine.grads);
+            let ours = slot(&engine.flat, name).of(&engine.flat.grads);
             for (path, v) in [("candle", &candle[..]), ("engine", ours)] {
                 assert!(v.iter().all(|x| x.is_finite()), "{path}: {name}: non-finite gradient");
                 assert!(v.iter().any(|&x| x != 0.0), "{path}: {name}: all-zero gradient");

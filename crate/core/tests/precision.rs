@@ -7,8 +7,8 @@ mod common;
 
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::Precision;
-use beit_core::model::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
-use beit_core::rng::SplitMix64;
+use beit_core::model::mim::{mask_tensors, masked_loss};
+use beit_core::rng::Draws;
 use beit_core::{
     ops, AdamWConfig, BeitConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer,
     DvaeTrainingOptions, ImageBatch,
@@ -74,14 +74,14 @@ fn every_parameter_gets_an_f32_gradient_through_bf16_activations() {
         BeitConfig { use_absolute_position_embeddings: true, drop_path_rate: 0.1, ..tiny_config() },
         BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() },
     ] {
-        let (model, vars) = build(3, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+        let (model, vars) = mim_model(&cfg, 3, DType::F32);
         let b = batch(&cfg, 3, 1);
         let px = Tensor::from_slice(&b.pixels, (3, 1, 4, 6), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
         let (w, pos) = mask_tensors(&b.mask, 3, cfg.num_patches(), &Device::Cpu).unwrap();
         let targets: Vec<u32> =
             b.mask.iter().zip(&b.targets).filter(|(m, _)| **m == 1).map(|(_, &t)| t as u32).collect();
         let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
-        let hidden = model.hidden_states(&px, Some(&w), Some(&mut SplitMix64::new(5))).unwrap();
+        let hidden = model.hidden_states(&px, Some(&w), Some(Draws { seed: 5, first_sample: 0 })).unwrap();
         assert_eq!(hidden.dtype(), DType::BF16, "activations should be bf16");
         let (loss, _) = masked_loss(&model.logits_at(&hidden, &pos).unwrap(), &targets).unwrap();
         assert_eq!(loss.dtype(), DType::F32, "the loss should be f32");

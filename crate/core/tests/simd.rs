@@ -6,8 +6,7 @@ mod common;
 
 use beit_core::config::BeitConfig;
 use beit_core::engine::simd::{self, Level, Real};
-use beit_core::engine::{BeitEngine, Head};
-use beit_core::model::BeitForMaskedImageModeling;
+use beit_core::rng::Draws;
 use candle_core::DType;
 use common::*;
 
@@ -20,19 +19,15 @@ fn every_level_gives_the_same_bits() {
         drop_path_rate: 0.3,
         ..tiny_config()
     };
-    let (_, vars) = build(4, DType::F32, |vb| BeitForMaskedImageModeling::new(&cfg, vb));
+    let (_, vars) = mim_model(&cfg, 4, DType::F32);
     randomise(&vars, 8, 0.3);
-    let tensors: Vec<_> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
     let b = batch(&cfg, 5, 3);
     let ids: Vec<u32> = b.mask.iter().zip(&b.targets).filter(|(&m, _)| m != 0).map(|(_, &t)| t as u32).collect();
     let run = |level: Level| {
         simd::set_level(level);
-        let mut eng = BeitEngine::new(&cfg, Head::MaskedImageModeling, &tensors).unwrap();
-        let loss = eng.loss_and_grads(&b.pixels, Some(&b.mask), &ids, 0.0, 9).unwrap().loss;
-        (loss.to_bits(), eng.grads.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+        let mut eng = mim_engine::<f32>(&cfg, &vars);
+        let loss = eng.loss_and_grads(&b.pixels, &b.mask, &ids, Draws { seed: 9, first_sample: 0 }, 1.0).unwrap().loss;
+        (loss.to_bits(), eng.flat.grads.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
     };
     let best = run(Level::Avx512);
     for level in [Level::Avx2, Level::Baseline] {
@@ -69,12 +64,16 @@ fn f32_exp_and_normal_cdf_are_accurate() {
 #[test]
 fn gumbel_noise_is_one_stream_with_the_right_moments() {
     let mut noise = vec![0f32; 1 << 20];
-    beit_core::engine::kernels::gumbel_noise(7, &mut noise);
+    beit_core::engine::kernels::gumbel_noise(7, 0, &mut noise);
     let mut rng = beit_core::rng::SplitMix64::new(7);
     for (i, &g) in noise.iter().enumerate().take(40_000) {
         let u = rng.uniform().max(1e-20) as f32;
         assert_eq!(g, -simd::ln_f32(-simd::ln_f32(u)), "draw {i}");
     }
+    // A micro-batch starting further on draws the same stream from there.
+    let mut later = vec![0f32; 30_000];
+    beit_core::engine::kernels::gumbel_noise(7, 20_001, &mut later);
+    assert_eq!(later[..], noise[20_001..50_001]);
     let n = noise.len() as f64;
     let mean = noise.iter().map(|&g| g as f64).sum::<f64>() / n;
     let var = noise.iter().map(|&g| (g as f64 - mean).powi(2)).sum::<f64>() / n;

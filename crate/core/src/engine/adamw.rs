@@ -6,12 +6,11 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
-use crate::optim::{is_decay_exempt, reject_unused, take_moment, AdamWConfig};
-
 use super::kernels::{adamw, sum_of_squares, AdamStep};
-use super::layout::{Layout, Slot};
 use super::simd::Real;
+use crate::error::{Error, Result};
+use crate::optimizer::{check_lr, reject_unused, take_moment, AdamWConfig};
+use crate::params::{Layout, ParamTable, Slot};
 
 struct Group {
     name: String,
@@ -31,17 +30,21 @@ pub struct FlatAdamW<T> {
 }
 
 impl<T: Real> FlatAdamW<T> {
-    pub fn new(config: AdamWConfig, layout: &Layout) -> Result<Self> {
+    /// AdamW over the parameters of `table` (in `layout`), with each one's learning-rate
+    /// multiplier.
+    pub fn new(config: AdamWConfig, table: &ParamTable, layout: &Layout, lr_scales: &[f64]) -> Result<Self> {
         config.validate()?;
-        let groups = layout
-            .entries
+        let groups = table
+            .params()
             .iter()
-            .map(|e| Group {
-                name: e.name.clone(),
-                shape: e.shape.clone(),
-                slot: e.slot,
-                decay: !is_decay_exempt(&e.name, e.shape.len()),
-                lr_scale: 1.0,
+            .zip(layout.slots())
+            .zip(lr_scales)
+            .map(|((p, &slot), &lr_scale)| Group {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                slot,
+                decay: p.decay,
+                lr_scale,
             })
             .collect();
         // The moments are allocated by the first update (or restore): a model that is only
@@ -49,24 +52,16 @@ impl<T: Real> FlatAdamW<T> {
         Ok(Self { config, step: 0, exp_avg: Vec::new(), exp_avg_sq: Vec::new(), groups })
     }
 
-    /// Sets each parameter's learning-rate multiplier (layer-wise decay) from its name.
-    pub fn set_lr_scales(&mut self, scale: &dyn Fn(&str) -> f64) {
-        for g in &mut self.groups {
-            g.lr_scale = scale(&g.name);
-        }
-    }
-
     pub fn lr_scales(&self) -> Vec<(String, f64)> {
         self.groups.iter().map(|g| (g.name.clone(), g.lr_scale)).collect()
     }
 
-    /// One update at learning rate `lr`; returns the gradient norm before clipping. A
+    /// One update at learning rate `lr` from `grads` times `grad_scale` (1 / the number of
+    /// loss terms the buffer sums); returns the norm of the scaled gradient before clipping. A
     /// non-finite norm leaves everything untouched and is an error.
-    pub fn update(&mut self, params: &mut [T], grads: &[T], lr: f64) -> Result<f64> {
-        if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(Error::Input(format!("lr must be a finite number >= 0, got {lr}")));
-        }
-        let norm = sum_of_squares(grads).sqrt();
+    pub fn update(&mut self, params: &mut [T], grads: &[T], grad_scale: f64, lr: f64) -> Result<f64> {
+        check_lr(lr)?;
+        let norm = sum_of_squares(grads).sqrt() * grad_scale;
         if !norm.is_finite() {
             return Err(Error::Numeric(format!(
                 "gradient norm is {norm}: the update was skipped (parameters unchanged)"
@@ -80,7 +75,7 @@ impl<T: Real> FlatAdamW<T> {
             }
         }
         let clip = c.clip_grad_norm;
-        let grad_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        let grad_scale = grad_scale * if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.step += 1;
         let t = self.step as i32;
         for g in &self.groups {

@@ -6,14 +6,14 @@
 
 use rayon::prelude::*;
 
-use crate::dvae::{DvaeConfig, LOGIT_LAPLACE_EPS};
-use crate::error::{Error, Result};
-use crate::tokenizer::ReconLoss;
-
 use super::conv::{self, Nhwc};
-use super::kernels;
-use super::layout::{slots_mut, Layout, Slot};
 use super::simd::{multiversion, Real};
+use super::{finite, kernels, EngineModel, Flat};
+use crate::arch::dvae::{ConvParams, DvaeParams, NetParams, Resample};
+use crate::config::{DvaeConfig, ReconLoss, LOGIT_LAPLACE_EPS};
+use crate::error::{Error, Result};
+use crate::params::{slots_mut, Layout, ParamTable, Slot};
+use crate::rng::Draws;
 
 /// One convolution: its parameter slots and where its packed and flipped copies live.
 #[derive(Clone, Copy)]
@@ -34,13 +34,6 @@ struct Block {
     res_path: [Conv; 4],
 }
 
-/// What sits between two groups of blocks.
-#[derive(Clone, Copy, PartialEq)]
-enum Resample {
-    MaxPool,
-    Upsample,
-}
-
 struct Net {
     input: Conv,
     groups: Vec<Vec<Block>>,
@@ -49,73 +42,40 @@ struct Net {
     post_gain: f64,
 }
 
-/// Parameter slots by name, and room in the packed/flipped buffers, handed out in order.
-struct Builder<'a> {
+/// Slots of a net's convolutions, with room in the packed and flipped buffers handed out in
+/// order.
+struct Slots<'a> {
     layout: &'a Layout,
     packed: usize,
     flipped: usize,
 }
 
-impl Builder<'_> {
-    fn conv(&mut self, path: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
-        let w = self.layout.slot(&format!("{path}.w"), &[c_out, c_in, k, k])?;
-        let b = self.layout.slot(&format!("{path}.b"), &[c_out])?;
+impl Slots<'_> {
+    fn conv(&mut self, c: &ConvParams) -> Conv {
+        let (w, b) = (self.layout.slot(c.w), self.layout.slot(c.b));
         let packed = Slot { offset: self.packed, len: w.len };
         self.packed += w.len;
-        let flipped = Slot { offset: self.flipped, len: if k > 1 { w.len } else { 0 } };
+        let flipped = Slot { offset: self.flipped, len: if c.k > 1 { w.len } else { 0 } };
         self.flipped += flipped.len;
-        Ok(Conv { w, b, c_in, c_out, k, packed, flipped })
+        Conv { w, b, c_in: c.c_in, c_out: c.c_out, k: c.k, packed, flipped }
     }
 
-    /// `prefix.blocks.*` of an encoder (`encoder`) or decoder, as dvae.rs builds them.
-    fn net(&mut self, cfg: &DvaeConfig, prefix: &str, encoder: bool) -> Result<Net> {
-        let p = format!("{prefix}.blocks");
-        let groups = cfg.num_groups;
-        let (input, n_in, kernels, widths): (Conv, usize, [usize; 4], Vec<usize>) = if encoder {
-            let widths = (0..groups).map(|g| cfg.hidden_size << g).collect();
-            (
-                self.conv(&format!("{p}.input"), cfg.num_channels, cfg.hidden_size, 7)?,
-                cfg.hidden_size,
-                [3, 3, 3, 1],
-                widths,
-            )
-        } else {
-            let widths = (0..groups).map(|g| cfg.hidden_size << (groups - 1 - g)).collect();
-            (
-                self.conv(&format!("{p}.input"), cfg.vocab_size, cfg.decoder_input_size, 1)?,
-                cfg.decoder_input_size,
-                [1, 3, 3, 3],
-                widths,
-            )
-        };
-        let mut width_in = n_in;
-        let mut out_groups = Vec::new();
-        for (g, &n_out) in widths.iter().enumerate() {
-            let mut blocks = Vec::new();
-            for b in 0..cfg.blocks_per_group {
-                let block_in = if b == 0 { width_in } else { n_out };
-                let path = format!("{p}.group_{}.block_{}", g + 1, b + 1);
-                let hid = n_out / 4;
-                let id_path = if block_in != n_out {
-                    Some(self.conv(&format!("{path}.id_path"), block_in, n_out, 1)?)
-                } else {
-                    None
-                };
-                let shapes = [(block_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
-                let mut res = Vec::new();
-                for (i, (&(a, c), &k)) in shapes.iter().zip(&kernels).enumerate() {
-                    res.push(self.conv(&format!("{path}.res_path.conv_{}", i + 1), a, c, k)?);
-                }
-                blocks.push(Block { id_path, res_path: [res[0], res[1], res[2], res[3]] });
-            }
-            width_in = n_out;
-            out_groups.push(blocks);
-        }
-        let (last, out_channels) = if encoder { (width_in, cfg.vocab_size) } else { (width_in, 2 * cfg.num_channels) };
-        let output = self.conv(&format!("{p}.output.conv"), last, out_channels, 1)?;
-        let layers = (groups * cfg.blocks_per_group) as f64;
-        let resample = if encoder { Resample::MaxPool } else { Resample::Upsample };
-        Ok(Net { input, groups: out_groups, output, resample, post_gain: 1.0 / (layers * layers) })
+    fn net(&mut self, p: &NetParams) -> Net {
+        let input = self.conv(&p.input);
+        let groups = p
+            .groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|b| Block {
+                        id_path: b.id_path.as_ref().map(|c| self.conv(c)),
+                        res_path: b.res_path.each_ref().map(|c| self.conv(c)),
+                    })
+                    .collect()
+            })
+            .collect();
+        let output = self.conv(&p.output);
+        Net { input, groups, output, resample: p.resample, post_gain: p.post_gain }
     }
 }
 
@@ -416,11 +376,9 @@ impl<T: Real> Pass<'_, T> {
 
 pub struct DvaeEngine<T> {
     cfg: DvaeConfig,
-    layout: Layout,
+    pub flat: Flat<T>,
     encoder: Net,
     decoder: Net,
-    pub params: Vec<T>,
-    pub grads: Vec<T>,
     packed: Vec<T>,
     flipped: Vec<T>,
     /// One workspace per kind, kept while the input shape stays.
@@ -431,42 +389,22 @@ pub struct DvaeEngine<T> {
 const EVAL_VALUES: usize = 1 << 25;
 
 impl<T: Real> DvaeEngine<T> {
-    /// An engine over `tensors` (name, shape, values) in the creation order of dvae.rs's `Dvae`.
-    pub fn new(cfg: &DvaeConfig, tensors: &[(String, Vec<usize>, Vec<T>)]) -> Result<Self> {
-        let layout = Layout::new(&tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect::<Vec<_>>());
-        let params = layout.flatten(tensors)?;
-        Self::from_layout(cfg, layout, params)
-    }
-
-    /// An engine over weights already in `layout` (`Layout::new` of the model's tensors).
-    pub fn from_layout(cfg: &DvaeConfig, layout: Layout, params: Vec<T>) -> Result<Self> {
-        if params.len() != layout.len {
-            return Err(Error::Config(format!("engine: {} weights for a layout of {}", params.len(), layout.len)));
-        }
-        let mut builder = Builder { layout: &layout, packed: 0, flipped: 0 };
-        let encoder = builder.net(cfg, "encoder", true)?;
-        let decoder = builder.net(cfg, "decoder", false)?;
+    /// An engine over `params` (values in the layout of `table`, the table of `p`).
+    pub fn new(cfg: &DvaeConfig, p: &DvaeParams, table: ParamTable, params: Vec<T>) -> Result<Self> {
+        let flat = Flat::new(table, params)?;
+        let mut slots = Slots { layout: &flat.layout, packed: 0, flipped: 0 };
+        let (encoder, decoder) = (slots.net(&p.encoder), slots.net(&p.decoder));
         // Gradients and packed weights are allocated by the passes that need them: encoding
         // needs only the encoder's packed weights.
         Ok(Self {
             cfg: cfg.clone(),
-            layout,
+            flat,
             encoder,
             decoder,
-            params,
-            grads: Vec::new(),
             packed: Vec::new(),
             flipped: Vec::new(),
             workspaces: [None, None, None],
         })
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    pub fn release_buffers(&mut self) {
-        self.workspaces = [None, None, None];
     }
 
     fn workspace(&mut self, kind: Kind, input: Nhwc) -> Workspace<T> {
@@ -521,7 +459,7 @@ impl<T: Real> DvaeEngine<T> {
     /// Packs the convolutions of `nets` from `weights` (default: the engine's) for the GEMMs,
     /// and, for a backward pass, flips those with k > 1 for the data gradients.
     fn pack(&mut self, weights: Option<&[T]>, nets: &[Part], flipped: bool) {
-        let params = weights.unwrap_or(&self.params);
+        let params = weights.unwrap_or(&self.flat.params);
         let all: Vec<Conv> = nets
             .iter()
             .flat_map(|part| {
@@ -572,36 +510,38 @@ impl<T: Real> DvaeEngine<T> {
         });
     }
 
-    /// Forward and backward of the tokenizer objective on [B, C, H, W] images in [0, 1]: the
-    /// gradient is left in `self.grads`, the argmax code of every position in `codes`.
+    /// Forward and backward of the tokenizer objective on [B, C, H, W] images in [0, 1]: adds
+    /// the gradient of `loss_weight` x the loss to the gradient buffer, and writes the argmax
+    /// code of every position to `codes`. The Gumbel noise is keyed by sample (`draws`).
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(
         &mut self,
         pixels: &[T],
         height: usize,
         width: usize,
-        temperature: f64,
-        kl_weight: f64,
-        recon: ReconLoss,
-        seed: u64,
+        objective: &Objective,
+        draws: Draws,
+        loss_weight: f64,
         codes: &mut Vec<u32>,
     ) -> Result<DvaeLoss> {
+        let Objective { temperature, kl_weight, recon } = *objective;
         let s = self.input_shape(pixels.len(), height, width)?;
         let mut ws = self.workspace(Kind::Train, s);
         self.pack(None, &[Part::Encoder, Part::Decoder], true);
+        self.flat.grads_mut();
         Self::map_input(pixels, s, &mut ws.x);
         let Workspace { x, encoder, decoder, soft, dout, dsoft, dlogits, scratch, .. } = &mut ws;
         let (encoder, decoder) = (encoder.as_mut().expect("training"), decoder.as_mut().expect("training"));
         let v = self.cfg.vocab_size;
         let tokens = self.encoder.output_shape(s);
-        let pass = Pass { params: &self.params, packed: &self.packed, flipped: &self.flipped };
+        let pass = Pass { params: &self.flat.params, packed: &self.packed, flipped: &self.flipped };
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
         kernels::argmax_rows(logits, v, codes);
         // Relaxed codes: softmax((logits + Gumbel noise) / T).
         let noise = &mut scratch.noise;
         noise.resize(soft.len(), 0.0);
-        kernels::gumbel_noise(seed, noise);
+        kernels::gumbel_noise(draws.seed, draws.first_sample * (tokens.pixels() / s.b) * v, noise);
         soft.par_chunks_mut(16384).zip(noise.par_chunks(16384)).zip(logits.par_chunks(16384)).for_each(
             |((s, g), z)| {
                 for ((s, &g), &z) in s.iter_mut().zip(g).zip(z) {
@@ -612,11 +552,16 @@ impl<T: Real> DvaeEngine<T> {
         let inv_t = T::from_f64(1.0 / temperature);
         soft.par_chunks_mut(v * 16).for_each(|z| kernels::softmax_rows(z, &[], v, inv_t));
         let kl_scale = kl_weight / (s.len() / tokens.pixels()) as f64;
-        let kl = kl_to_uniform(logits, v, kl_scale / tokens.pixels() as f64, dlogits);
+        let kl = kl_to_uniform(logits, v, loss_weight * kl_scale / tokens.pixels() as f64, dlogits);
         pass.forward(&self.decoder, soft, tokens, decoder, scratch);
-        let recon_loss = reconstruction(&decoder.output, x, s.c, recon, dout);
-        super::zeroed(&mut self.grads, self.layout.len);
-        pass.backward(&self.decoder, soft, tokens, decoder, dout, &mut self.grads, scratch, Some(dsoft));
+        let recon_loss = reconstruction(&decoder.output, x, s.c, recon, loss_weight, dout);
+        let loss = recon_loss + kl * kl_scale;
+        if let Err(e) = finite(loss) {
+            self.put_back(Kind::Train, ws);
+            return Err(e);
+        }
+        let grads = &mut self.flat.grads;
+        pass.backward(&self.decoder, soft, tokens, decoder, dout, grads, scratch, Some(dsoft));
         // Back through the relaxation: d (logits + noise) = softmax'(dsoft) / T.
         dlogits.par_chunks_mut(v * 16).zip(soft.par_chunks(v * 16)).zip(dsoft.par_chunks_mut(v * 16)).for_each(
             |((dl, p), ds)| {
@@ -624,9 +569,9 @@ impl<T: Real> DvaeEngine<T> {
                 add_scaled_rows(dl, ds, inv_t);
             },
         );
-        pass.backward(&self.encoder, x, s, encoder, dlogits, &mut self.grads, scratch, None);
+        pass.backward(&self.encoder, x, s, encoder, dlogits, grads, scratch, None);
         self.put_back(Kind::Train, ws);
-        Ok(DvaeLoss { loss: recon_loss + kl * kl_scale, recon: recon_loss, kl })
+        Ok(DvaeLoss { loss, recon: recon_loss, kl })
     }
 
     /// Images per evaluation chunk: the largest that keeps ~`EVAL_VALUES` of activations.
@@ -650,7 +595,8 @@ impl<T: Real> DvaeEngine<T> {
             Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
             let Workspace { x, encoder, scratch, .. } = &mut ws;
             let encoder = encoder.as_mut().expect("encoding");
-            let pass = Pass { params: weights.unwrap_or(&self.params), packed: &self.packed, flipped: &self.flipped };
+            let pass =
+                Pass { params: weights.unwrap_or(&self.flat.params), packed: &self.packed, flipped: &self.flipped };
             pass.forward(&self.encoder, x, sc, encoder, scratch);
             kernels::argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
@@ -682,7 +628,8 @@ impl<T: Real> DvaeEngine<T> {
                 row[id as usize] = T::ONE;
             }
             let decoder = decoder.as_mut().expect("decoding");
-            let pass = Pass { params: weights.unwrap_or(&self.params), packed: &self.packed, flipped: &self.flipped };
+            let pass =
+                Pass { params: weights.unwrap_or(&self.flat.params), packed: &self.packed, flipped: &self.flipped };
             pass.forward(&self.decoder, x, sc, decoder, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
             let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];
@@ -705,6 +652,28 @@ impl<T: Real> DvaeEngine<T> {
             self.put_back(Kind::Decode, ws);
         }
         Ok(out)
+    }
+}
+
+/// The tokenizer objective's settings for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct Objective {
+    /// Gumbel-softmax temperature.
+    pub temperature: f64,
+    /// Weight of the KL to the uniform prior.
+    pub kl_weight: f64,
+    pub recon: ReconLoss,
+}
+
+impl EngineModel for DvaeEngine<f32> {
+    fn flat(&self) -> &Flat<f32> {
+        &self.flat
+    }
+    fn flat_mut(&mut self) -> &mut Flat<f32> {
+        &mut self.flat
+    }
+    fn release_buffers(&mut self) {
+        self.workspaces = [None, None, None];
     }
 }
 
@@ -774,10 +743,10 @@ multiversion! {
 }
 
 /// Mean reconstruction loss per pixel value of the decoder output `out` [P, 2C] (mu, then
-/// log b) against mapped pixels `x` [P, C]; its gradient goes to `dout`.
-fn reconstruction<T: Real>(out: &[T], x: &[T], c: usize, kind: ReconLoss, dout: &mut [T]) -> f64 {
+/// log b) against mapped pixels `x` [P, C]; its gradient times `grad_scale` goes to `dout`.
+fn reconstruction<T: Real>(out: &[T], x: &[T], c: usize, kind: ReconLoss, grad_scale: f64, dout: &mut [T]) -> f64 {
     let n = x.len();
-    let inv_n = T::from_f64(1.0 / n as f64);
+    let inv_n = T::from_f64(grad_scale / n as f64);
     let ln2 = T::from_f64(std::f64::consts::LN_2);
     dout[..out.len()]
         .par_chunks_mut(2 * c * 256)

@@ -403,13 +403,14 @@ multiversion! {
     }
 }
 
-/// Gumbel(0, 1) noise: one SplitMix64 stream from `seed`, draw i to element i, generated in
-/// parallel chunks by jumping the stream ahead (the same values whatever the threads).
-pub fn gumbel_noise(seed: u64, out: &mut [f32]) {
+/// Gumbel(0, 1) noise: one SplitMix64 stream from `seed`, draw `offset + i` to element i,
+/// generated in parallel chunks by jumping the stream ahead (the same values whatever the
+/// threads, and whatever part of the stream a micro-batch starts at).
+pub fn gumbel_noise(seed: u64, offset: usize, out: &mut [f32]) {
     const CHUNK: usize = 16384;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
         let mut rng = crate::rng::SplitMix64::new(seed);
-        rng.skip((i * CHUNK) as u64);
+        rng.skip((offset + i * CHUNK) as u64);
         for v in o.iter_mut() {
             // Below 2^-64 the second log would see -ln u > 44 and still be finite; 1e-20 keeps
             // u a normal f32.

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::ops::Float;
+use crate::float::Float;
 
 /// Independent accumulators of a reduction: one AVX-512 register of f32.
 pub const LANES: usize = 16;

@@ -1,10 +1,23 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
-use beit_core::params::{NamedVars, ParamStore};
+use beit_core::arch::classification::ClassifierParams;
+use beit_core::arch::dvae::DvaeParams;
+use beit_core::arch::mim::MimParams;
+use beit_core::engine::dvae::DvaeEngine;
+use beit_core::engine::heads::classification::ClassifierEngine;
+use beit_core::engine::heads::mim::MimEngine;
+use beit_core::engine::{Flat, Real};
+use beit_core::model::classification::BeitForImageClassification;
+use beit_core::model::dvae::Dvae;
+use beit_core::model::mim::BeitForMaskedImageModeling;
+use beit_core::model::Vars;
+use beit_core::params::{ParamTable, Slot, Source};
 use beit_core::rng::SplitMix64;
-use beit_core::{BeitConfig, DvaeConfig, MimBatch};
+use beit_core::{BeitConfig, ClassifierConfig, DvaeConfig, MimBatch};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
+
+/// A model's variables with their checkpoint names, in table order.
+pub type NamedVars = Vec<(String, Var)>;
 
 /// A model small enough for finite differences: 2x3 grid of 2x2 patches, 2 layers.
 pub fn tiny_config() -> BeitConfig {
@@ -52,9 +65,63 @@ pub fn random_tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
-/// Builds a module through a fresh parameter store and returns it with its variables.
-pub fn build<M>(seed: u64, dtype: DType, f: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> (M, NamedVars) {
-    ParamStore::initialise(seed).build(dtype, &Device::Cpu, f).unwrap()
+/// A candle model over `table`'s parameters initialised from `seed`, in `dtype`, with its
+/// named variables.
+pub fn build<M>(
+    table: &ParamTable,
+    seed: u64,
+    dtype: DType,
+    new: impl FnOnce(&Vars) -> candle_core::Result<M>,
+) -> (M, NamedVars) {
+    let vars = Vars::from_source(table, Source::Init(seed), dtype, &Device::Cpu).unwrap();
+    let model = new(&vars).unwrap();
+    (model, table.params().iter().map(|p| p.name.clone()).zip(vars.vars().iter().cloned()).collect())
+}
+
+pub fn mim_model(cfg: &BeitConfig, seed: u64, dtype: DType) -> (BeitForMaskedImageModeling, NamedVars) {
+    let (table, p) = MimParams::new(cfg);
+    build(&table, seed, dtype, |v| BeitForMaskedImageModeling::new(cfg, &p, v, &Device::Cpu))
+}
+
+pub fn classifier_model(cfg: &ClassifierConfig, seed: u64, dtype: DType) -> (BeitForImageClassification, NamedVars) {
+    let (table, p) = ClassifierParams::new(cfg);
+    build(&table, seed, dtype, |v| BeitForImageClassification::new(cfg, &p, v, &Device::Cpu))
+}
+
+pub fn dvae_model(cfg: &DvaeConfig, seed: u64, dtype: DType) -> (Dvae, NamedVars) {
+    let (table, p) = DvaeParams::new(cfg);
+    build(&table, seed, dtype, |v| Ok(Dvae::new(cfg, &p, v)))
+}
+
+/// The current values of `vars` in one flat buffer (table order), as T.
+pub fn flat_values<T: Real>(vars: &NamedVars) -> Vec<T> {
+    let mut out = Vec::new();
+    for (_, v) in vars {
+        let values = v.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        out.extend(values.into_iter().map(T::from_f64));
+    }
+    out
+}
+
+/// The engine model over the current values of a candle model's variables.
+pub fn mim_engine<T: Real>(cfg: &BeitConfig, vars: &NamedVars) -> MimEngine<T> {
+    let (table, p) = MimParams::new(cfg);
+    MimEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap()).unwrap()
+}
+
+pub fn classifier_engine<T: Real>(cfg: &ClassifierConfig, vars: &NamedVars) -> ClassifierEngine<T> {
+    let (table, p) = ClassifierParams::new(cfg);
+    ClassifierEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap()).unwrap()
+}
+
+pub fn dvae_engine<T: Real>(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<T> {
+    let (table, p) = DvaeParams::new(cfg);
+    DvaeEngine::new(cfg, &p, table, flat_values(vars)).unwrap()
+}
+
+/// The slot of parameter `name` in a flat buffer.
+pub fn slot<T>(flat: &Flat<T>, name: &str) -> Slot {
+    flat.layout.slot(flat.table.find(name).unwrap_or_else(|| panic!("{name} missing from the table")))
 }
 
 /// Re-initialises every variable with N(0, scale) values so that zero-initialised tensors
