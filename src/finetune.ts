@@ -5,7 +5,7 @@
 import { join } from 'node:path'
 
 import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
-import { EvalTransform, TrainTransform, ViewSpec } from './data/augment'
+import { EvalTransform, TrainTransform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import {
@@ -76,15 +76,8 @@ interface FinetuneState extends LoopPosition {
 }
 
 export function classifierView(classifier: Classifier, mean = 0.5, std = 0.5): ViewSpec {
-  const [height, width] = classifier.config.model.imageSize
-  const channels = classifier.config.model.numChannels as 1 | 3
-  return {
-    size: [height, width],
-    interpolation: 'bicubic',
-    channels,
-    mean: new Array(channels).fill(mean),
-    std: new Array(channels).fill(std),
-  }
+  const { imageSize, numChannels } = classifier.config.model
+  return viewSpec({ size: imageSize, interpolation: 'bicubic', channels: numChannels, mean, std })
 }
 
 /** Accuracy of `classifier` on `data` (labels required). */

@@ -47,9 +47,10 @@ export { reconstructionSheet } from './sheet'
 export { imagesAsFloats } from './data/batches'
 export { ImageLoader } from './data/loader'
 export type { LoaderOptions, Batch, LoaderStats, SkippedImage } from './data/loader'
-export { beitViews, drawAugment } from './data/augment'
+export { beitViews, drawAugment, viewSpec } from './data/augment'
 export type {
   ViewSpec,
+  ViewSpecOptions,
   Interpolation,
   BeitViewOptions,
   Transform,

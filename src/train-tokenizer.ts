@@ -6,7 +6,7 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Transform, ViewSpec } from './data/augment'
+import { Transform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
 import { ImageLoader, LoaderOptions } from './data/loader'
@@ -28,15 +28,8 @@ function asDataset(data: TokenizerData, name: string): ImageDataset {
  * [0, 1] (`encode` applies the logit-Laplace pixel map itself).
  */
 function tokenizerView(tokenizer: Dvae): ViewSpec {
-  const [height, width] = tokenizer.config.imageSize
-  const channels = tokenizer.config.numChannels as 1 | 3
-  return {
-    size: [height, width],
-    interpolation: 'lanczos',
-    channels,
-    mean: new Array(channels).fill(0),
-    std: new Array(channels).fill(1),
-  }
+  const { imageSize, numChannels } = tokenizer.config
+  return viewSpec({ size: imageSize, interpolation: 'lanczos', channels: numChannels })
 }
 
 /** Values of one image at the tokenizer's input. */
