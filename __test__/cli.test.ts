@@ -45,7 +45,7 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   const tok = await beit(['tokenizer', '--steps', '4', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
   t.regex(tok.stdout, /reconstruction MSE/)
-  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+  const tokenizer = join(dir, 'tok', 'checkpoint.safetensors')
 
   await writeFile(join(dir, 'pretrain.json'), JSON.stringify({ steps: 3, 'batch-size': 16, lr: 1e-3 }))
   const pre = await beit([
@@ -117,7 +117,7 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
-  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+  const tokenizer = join(dir, 'tok', 'checkpoint.safetensors')
   const cases: [string[], RegExp][] = [
     [['pretrain', '--data', join(dir, 'nope'), '--tokenizer', tokenizer], /data not found: .*nope/],
     [['pretrain', '--tokenizer', tokenizer, '--batch-size', 'lots'], /--batch-size must be an integer > 0, got "lots"/],
@@ -155,7 +155,7 @@ test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run
   const args = [
     'pretrain',
     '--tokenizer',
-    join(dir, 'tok', 'tokenizer.safetensors'),
+    join(dir, 'tok', 'checkpoint.safetensors'),
     ...TINY_MODEL,
     '--steps',
     '400',
@@ -207,7 +207,7 @@ test('on a terminal, beit pretrain draws one progress bar whose ETA comes from t
     CLI,
     'pretrain',
     '--tokenizer',
-    join(dir, 'tok', 'tokenizer.safetensors'),
+    join(dir, 'tok', 'checkpoint.safetensors'),
     '--layers',
     '2',
     '--steps',

@@ -162,15 +162,25 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
   t.true(whole.evals[2].evalAccuracy > 0.18, `accuracy after 3 epochs ${whole.evals[2].evalAccuracy}`)
   t.true(whole.evals[2].trainLoss < whole.evals[0].trainLoss)
 
+  t.like(whole, { status: 'completed', step: 90 }) // 30 batches of 32 per epoch
+
   const controller = new AbortController()
   const first = await run(await make(), join(dir, 'split'), controller.signal, (s) => s === 40 && controller.abort())
-  t.is(first.status, 'interrupted')
-  const second = await run(await Classifier.load(first.checkpoint), join(dir, 'split'))
+  t.like(first, { status: 'interrupted', step: 41 })
+  // Stopped right after the last step, before that epoch's evaluation: resuming runs the evaluation.
+  const atLast = new AbortController()
+  const second = await run(await Classifier.load(first.checkpoint), join(dir, 'split'), atLast.signal, (s) => {
+    if (s === 89) atLast.abort()
+  })
+  t.like(second, { status: 'interrupted', step: 90 })
+  t.is(second.evals.length, 2)
+  const third = await run(await Classifier.load(second.checkpoint), join(dir, 'split'))
+  t.like(third, { status: 'completed', step: 90 })
   t.deepEqual(
-    second.evals.map((e) => e.evalAccuracy),
+    third.evals.map((e) => e.evalAccuracy),
     whole.evals.map((e) => e.evalAccuracy),
   )
-  const [a, b] = await Promise.all([Classifier.load(whole.checkpoint), Classifier.load(second.checkpoint)])
+  const [a, b] = await Promise.all([Classifier.load(whole.checkpoint), Classifier.load(third.checkpoint)])
   const pixels = new Float32Array(2 * 784).fill(0.25)
   t.true(maxDiff(await a.predict(pixels), await b.predict(pixels)) < 1e-5)
 })

@@ -4,8 +4,7 @@ import { join } from 'node:path'
 import { Command, UsageError, Values } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
-import { formatSeconds, Progress } from '../run'
-import { cosineRamp } from '../schedule'
+import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
 import { DVAE_PRESETS, Dvae, DvaePresetName } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
 import { DATA_HELP, interruptible, log, placement, prepareOut, table } from './common'
@@ -24,7 +23,9 @@ export const tokenizerCommand: Command = {
     channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
     steps: { kind: 'int', help: 'training steps', default: 1000 },
     'batch-size': { kind: 'int', help: 'images per step', default: 32 },
-    lr: { kind: 'number', help: 'peak learning rate, cosine to 1/100 of it', default: 2e-3 },
+    lr: { kind: 'number', help: 'peak learning rate (cosine after the warmup)', default: 2e-3 },
+    'min-lr': { kind: 'number', help: 'final learning rate (default lr / 100)', min: 0 },
+    'warmup-steps': { kind: 'int', help: 'linear warmup steps', default: 0, min: 0 },
     'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
     ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
     seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
@@ -45,9 +46,9 @@ export const tokenizerCommand: Command = {
       given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
     if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const out = await prepareOut(tokenizerCommand, v, 'tokenizer.safetensors')
+    const out = await prepareOut(tokenizerCommand, v)
     const tokenizer = v.resume
-      ? await Dvae.load(join(out, 'tokenizer.safetensors'), placement(v))
+      ? await Dvae.load(join(out, CHECKPOINT_FILE), placement(v))
       : Dvae.create(
           { preset, numChannels: channels, imageSize, ...vocab },
           { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) },
@@ -59,7 +60,7 @@ export const tokenizerCommand: Command = {
     const evaluation = await runTokenizer(v, tokenizer, train, test)
     if (evaluation === undefined) return
     printTokenizerEvaluation(evaluation, tokenizer)
-    log(v, `run folder ${out}: tokenizer.safetensors, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
+    log(v, `run folder ${out}: ${CHECKPOINT_FILE}, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
   },
 }
 
@@ -72,7 +73,7 @@ export async function runTokenizer(
 ): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
   const steps = v.steps as number
   const lr = v.lr as number
-  const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50, startAt: tokenizer.step })
+  let bar: Progress | undefined
   const started = performance.now()
   const { evaluation } = await interruptible((signal) =>
     trainTokenizer({
@@ -82,22 +83,28 @@ export async function runTokenizer(
       steps,
       batchSize: v['batch-size'] as number,
       seed: v.seed as number,
-      lr: cosineRamp({ from: lr, to: lr / 100, steps }),
-      klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
+      schedule: {
+        lr,
+        minLr: (v['min-lr'] as number | undefined) ?? lr / 100,
+        warmupSteps: (v['warmup-steps'] as number | undefined) ?? 0,
+      },
+      klWeight: v['kl-weight'] as number,
       outDir: v.out as string,
       checkpointEvery: (v['checkpoint-every'] as number | undefined) ?? 500,
       threads: v.threads as number | undefined,
       signal,
-      onProgress: (p) =>
+      onProgress: (p) => {
+        bar ??= new Progress('tokenizer', p.totalSteps, { quiet: v.quiet as boolean, every: 50, startAt: p.step })
         bar.update(p.step + 1, {
           loss: p.loss.toFixed(4),
           recon: p.reconLoss.toFixed(4),
           perplexity: p.perplexity.toFixed(1),
           'img/s': p.imagesPerSecond.toFixed(0),
-        }),
+        })
+      },
     }),
   )
-  bar.end()
+  bar?.end()
   return evaluation && { ...evaluation, seconds: (performance.now() - started) / 1000 }
 }
 
