@@ -136,7 +136,7 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['tokenizer', '--channels', '2', '--out', join(dir, 'tok2')], /--channels must be 1 or 3, got 2/],
     [['tokenizer', '--data', join(dir, 'nope'), '--out', join(dir, 'tok3')], /data not found: .*nope/],
     [['pretrain', '--bogus'], /Unknown option '--bogus'[\s\S]*run 'beit pretrain --help' for usage/],
-    [['fly'], /unknown command "fly"/],
+    [['fly'], /unknown command "fly"; expected one of demo, .* \(or --help, --version\)\nrun 'beit --help' for usage/],
     [
       ['pretrain', '--tokenizer', tokenizer, '--device', 'gpu', '--out', join(dir, 'gpu')],
       /--device must be auto, cpu, cuda or cuda:N, got "gpu"/,
@@ -167,6 +167,24 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
   const help = await beit(['pretrain', '--help'])
   t.is(help.code, 0)
   t.regex(help.stdout, /usage: beit pretrain[\s\S]*--mask-ratio N/)
+})
+
+test('beit --version and -v print the package version; -h, --help and no command print the command list', async (t) => {
+  const { version } = JSON.parse(await readFile(join(__dirname, '..', 'package.json'), 'utf8'))
+  t.regex(version, /^\d+\.\d+\.\d+/)
+  for (const flag of ['--version', '-v']) {
+    const r = await beit([flag])
+    t.is(r.code, 0, r.stderr)
+    t.is(r.stdout, `${version}\n`, flag)
+    t.is(r.stderr, '')
+  }
+  const commands = ['demo', 'tokenizer', 'pretrain', 'finetune', 'probe', 'encode', 'reconstruct', 'import', 'export']
+  for (const args of [['-h'], ['--help'], []]) {
+    const r = await beit(args)
+    t.is(r.code, 0, r.stderr)
+    t.regex(r.stdout, /^usage: beit <command> \[options\][\s\S]*beit --version \| -v\n\ncommands:\n/)
+    for (const name of commands) t.regex(r.stdout, new RegExp(`\n  ${name} +\\S`), `${args.join(' ')}: ${name}`)
+  }
 })
 
 test('a flag overrides the config file, --steps its --epochs too; the run folder records what ran', async (t) => {
