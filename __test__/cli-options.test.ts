@@ -3,7 +3,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { command, flagTable, parseCommand, resolvedConfig, UsageError } from '../src/cli-options'
+import { defineCommand, flagTable, parseCommand, resolvedConfig, UsageError } from '../src/cli-options'
 
 const FLAGS = flagTable({
   size: { kind: 'int', help: 'a size', default: 3 },
@@ -15,7 +15,7 @@ const FLAGS = flagTable({
   steps: { kind: 'int', help: 'steps', conflicts: 'epochs' },
   epochs: { kind: 'number', help: 'epochs' },
 })
-const TOY = command({ name: 'toy', summary: 'a toy command', flags: FLAGS, run: async () => {} })
+const TOY = defineCommand({ name: 'toy', summary: 'a toy command', flags: FLAGS, run: async () => {} })
 
 test('parsing returns each flag typed: numbers, booleans, choices, undefined only without a default', (t) => {
   const v = parseCommand(TOY, ['--rate', '0', '--mode', 'slow', '--dry'])

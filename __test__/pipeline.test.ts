@@ -136,7 +136,7 @@ test('pretraining refuses a tokenizer whose grid does not match the patch grid',
 test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and resumes exactly', async (t) => {
   const dir = await tempDir(t)
   const train = subset(await openDataset('sample', 'train'), 960)
-  const test = subset(await openDataset('sample', 'test'), 200)
+  const testSet = subset(await openDataset('sample', 'test'), 200)
   const mim = Beit.create(MODEL, { seed: 2 })
   const mimPath = join(dir, 'mim.safetensors')
   await mim.save(mimPath)
@@ -146,7 +146,7 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
     finetune({
       classifier,
       train,
-      test,
+      test: testSet,
       epochs: 3,
       batchSize: 32,
       schedule: { lr: 2e-3, warmupSteps: 5 },
@@ -187,12 +187,12 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
 
 test('a linear probe on random features beats chance (10%), and its layer is checked', async (t) => {
   const train = subset(await openDataset('sample', 'train'), 1000)
-  const test = subset(await openDataset('sample', 'test'), 300)
+  const testSet = subset(await openDataset('sample', 'test'), 300)
   const backbone = Beit.create(MODEL, { seed: 3 })
-  const result = await linearProbe({ backbone, train, test, layer: 1, epochs: 10, lr: 1e-2 })
+  const result = await linearProbe({ backbone, train, test: testSet, layer: 1, epochs: 10, lr: 1e-2 })
   t.is(result.layer, 1)
   t.true(result.testAccuracy > 0.2, `probe accuracy ${result.testAccuracy}`)
-  await t.throwsAsync(linearProbe({ backbone, train, test, layer: 3 }), {
+  await t.throwsAsync(linearProbe({ backbone, train, test: testSet, layer: 3 }), {
     message: /layer must be an integer in \[0, 2\], got 3/,
   })
 })

@@ -111,7 +111,7 @@ export interface Command<T extends FlagTable = FlagTable> {
 }
 
 /** A command whose `run` gets the values of its flag table, typed. */
-export function command<const T extends FlagTable>(spec: Command<T>): Command<T> {
+export function defineCommand<const T extends FlagTable>(spec: Command<T>): Command<T> {
   flagTable(spec.flags)
   return spec
 }

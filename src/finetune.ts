@@ -170,7 +170,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
           seed: deriveSeed(seed, state.step, 3),
         })
       } catch (e) {
-        throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`)
+        throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
       const progress: FinetuneProgress = {
         ...step,

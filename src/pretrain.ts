@@ -137,7 +137,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
           seed: deriveSeed(seed, state.step, 2),
         })
       } catch (e) {
-        throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`)
+        throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
       const progress: PretrainProgress = {
         ...result,

@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path'
 
-import { command } from '../cli-options'
+import { defineCommand } from '../cli-options'
 import { labelledSubset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { EpochResult } from '../finetune'
@@ -30,7 +30,7 @@ function meanOf(values: number[], n: number, last: boolean): number {
   return part.reduce((a, b) => a + b, 0) / part.length
 }
 
-export const demoCommand = command({
+export const demoCommand = defineCommand({
   name: 'demo',
   summary:
     'The embedded default on the bundled Fashion-MNIST sample: tokenizer and BEiT pretraining on 5,000 unlabelled images, then linear probes (pretrained vs random vs raw pixels) and fine-tuning (pretrained vs from scratch) on 500 labelled ones, then a results table.',

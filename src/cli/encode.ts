@@ -2,14 +2,14 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { command, UsageError } from '../cli-options'
+import { defineCommand, UsageError } from '../cli-options'
 import { ImageDataset, subset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { Dvae } from '../tokenizer'
 import { tokenizerLoader, writeSheet } from '../train-tokenizer'
 import { DATA_HELP, log, placement } from './common'
 
-export const encodeCommand = command({
+export const encodeCommand = defineCommand({
   name: 'encode',
   summary: 'Images -> visual token ids, one JSON line per image ({"image", "ids"}).',
   flags: {
@@ -49,7 +49,7 @@ function limit(data: ImageDataset, n: number | undefined): ImageDataset {
   )
 }
 
-export const reconstructCommand = command({
+export const reconstructCommand = defineCommand({
   name: 'reconstruct',
   summary: 'Images -> tokens -> images: a PNG sheet of originals above their reconstructions.',
   flags: {

@@ -2,7 +2,7 @@
 import { join } from 'node:path'
 
 import { Classifier } from '../classifier'
-import { command, CommandValues, flagTable, UsageError } from '../cli-options'
+import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { EpochResult, finetune, FinetuneProgress } from '../finetune'
 import { Beit } from '../model'
@@ -31,7 +31,10 @@ const FLAGS = flagTable({
     help: 'pretrained MIM checkpoint (beit pretrain); without it the model starts from random weights',
   },
   ...MODEL_FLAGS,
-  ...lengthFlags('optimizer steps (or --epochs)', 'passes over the training data (default 5 when --steps is not given)'),
+  ...lengthFlags(
+    'optimizer steps (or --epochs)',
+    'passes over the training data (default 5 when --steps is not given)',
+  ),
   'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last step)', default: 1, min: 1 },
   ...RUN_FLAGS,
   lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
@@ -44,7 +47,7 @@ const FLAGS = flagTable({
 /** What a fine-tuning run reads of the flags (the demo passes its own). */
 export type FinetuneValues = Omit<CommandValues<typeof FLAGS>, 'data' | 'out' | 'config' | 'help'>
 
-export const finetuneCommand = command({
+export const finetuneCommand = defineCommand({
   name: 'finetune',
   summary:
     'Fine-tunes a classifier (mean-pooled patches -> LayerNorm -> Linear, or [CLS]) from a pretrained checkpoint or from scratch, evaluating after every epoch.',

@@ -2,12 +2,12 @@
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { command, UsageError } from '../cli-options'
+import { defineCommand, UsageError } from '../cli-options'
 import { exportHuggingFace, importHuggingFace } from '../huggingface'
 import { Beit } from '../model'
 import { log } from './common'
 
-export const importCommand = command({
+export const importCommand = defineCommand({
   name: 'import',
   summary: 'A Hugging Face transformers BEiT folder (config.json + model.safetensors) -> a beit checkpoint.',
   flags: {
@@ -43,7 +43,7 @@ export const importCommand = command({
   },
 })
 
-export const exportCommand = command({
+export const exportCommand = defineCommand({
   name: 'export',
   summary: 'A beit MIM or classifier checkpoint -> a Hugging Face transformers folder (from_pretrained loads it).',
   flags: {

@@ -1,7 +1,7 @@
 /** `beit pretrain`: masked image modeling on a trained tokenizer's visual tokens. */
 import { join } from 'node:path'
 
-import { command, flagTable, UsageError } from '../cli-options'
+import { defineCommand, flagTable, UsageError } from '../cli-options'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from '../masking'
 import { Beit } from '../model'
 import { pretrain, PretrainProgress } from '../pretrain'
@@ -54,7 +54,7 @@ const FLAGS = flagTable({
   out: { kind: 'string', help: 'run folder', default: join('runs', 'pretrain') },
 })
 
-export const pretrainCommand = command({
+export const pretrainCommand = defineCommand({
   name: 'pretrain',
   summary: "Masked image modeling: a BEiT learns to predict a trained tokenizer's visual tokens of masked patches.",
   flags: FLAGS,

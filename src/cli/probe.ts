@@ -2,7 +2,7 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { command, CommandValues, flagTable, UsageError } from '../cli-options'
+import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { Beit } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
@@ -34,7 +34,7 @@ const FLAGS = flagTable({
 /** What a probe reads of the flags (the demo passes its own). */
 export type ProbeValues = CommandValues<typeof FLAGS>
 
-export const probeCommand = command({
+export const probeCommand = defineCommand({
   name: 'probe',
   summary:
     'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone, or on the raw pixels (--pixels).',

@@ -1,7 +1,7 @@
 /** `beit tokenizer`: trains a dVAE visual tokenizer. */
 import { join } from 'node:path'
 
-import { choicesOf, command, CommandValues, flagTable, UsageError } from '../cli-options'
+import { choicesOf, CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
@@ -49,7 +49,7 @@ export type TokenizerValues = Pick<
   | 'quiet'
 >
 
-export const tokenizerCommand = command({
+export const tokenizerCommand = defineCommand({
   name: 'tokenizer',
   summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on any image data, resized to its input size.',
   flags: FLAGS,

@@ -34,7 +34,7 @@ export function viewSpec(opts: ViewSpecOptions): ViewSpec {
   const { size, interpolation, channels } = opts
   if (channels !== 1 && channels !== 3) throw new Error(`a view has 1 or 3 channels, got ${channels}`)
   const perChannel = (name: 'mean' | 'std', value: number | number[]) => {
-    if (typeof value === 'number') return new Array<number>(channels).fill(value)
+    if (typeof value === 'number') return Array.from({ length: channels }, () => value)
     if (!Array.isArray(value) || value.length !== channels)
       throw new Error(
         `view ${name}: expected one number or ${channels} (one per channel), got ${JSON.stringify(value)}`,
