@@ -41,7 +41,7 @@ export type {
   TokenizerStepInput,
   TokenizerStepResult,
 } from './tokenizer'
-export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader } from './train-tokenizer'
+export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader, TOKENIZER_SCHEDULE } from './train-tokenizer'
 export type { TrainTokenizerOptions, TokenizerProgress, TokenizerEvaluation, TokenizerData } from './train-tokenizer'
 export { reconstructionSheet } from './sheet'
 export { imagesAsFloats } from './data/batches'
