@@ -149,9 +149,10 @@ export interface OpenRunOptions<S extends LoopPosition> {
 }
 
 /**
- * The skeleton every training loop shares, as helpers it calls: `openRun` makes the run folder,
- * opens its metrics log and finds the position to start from; `afterStep` decides when to
- * checkpoint and when to stop; `end` writes the curves and the result.
+ * The skeleton every training loop shares, as helpers it calls (the step itself stays in the
+ * loop): `Run.open` makes the run folder, opens its metrics log and finds the position to start
+ * from; `afterStep` decides when to checkpoint and when to stop; `end` writes the curves and
+ * the result.
  */
 export class Run<S extends LoopPosition> {
   private constructor(
