@@ -1,11 +1,12 @@
 import test from 'ava'
 import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { Beit } from '../src'
+import { encodePng } from '../src/png'
 
 const CLI = join(__dirname, '..', 'dist', 'cli.js')
 const TINY_MODEL = ['--layers', '1', '--hidden-size', '32', '--heads', '2', '--mlp-size', '64']
@@ -45,7 +46,7 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   const tok = await beit(['tokenizer', '--steps', '4', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
   t.regex(tok.stdout, /reconstruction MSE/)
-  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+  const tokenizer = join(dir, 'tok', 'checkpoint.safetensors')
 
   await writeFile(join(dir, 'pretrain.json'), JSON.stringify({ steps: 3, 'batch-size': 16, lr: 1e-3 }))
   const pre = await beit([
@@ -117,7 +118,7 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
   t.is(tok.code, 0, tok.stderr)
-  const tokenizer = join(dir, 'tok', 'tokenizer.safetensors')
+  const tokenizer = join(dir, 'tok', 'checkpoint.safetensors')
   const cases: [string[], RegExp][] = [
     [['pretrain', '--data', join(dir, 'nope'), '--tokenizer', tokenizer], /data not found: .*nope/],
     [['pretrain', '--tokenizer', tokenizer, '--batch-size', 'lots'], /--batch-size must be an integer > 0, got "lots"/],
@@ -130,13 +131,33 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
     [
       ['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')],
-      /precision must be 'auto', 'f32' or 'bf16', got "fp16"/,
+      /--precision must be one of auto, f32, bf16, got "fp16"/,
     ],
     [['tokenizer', '--channels', '2', '--out', join(dir, 'tok2')], /--channels must be 1 or 3, got 2/],
     [['tokenizer', '--data', join(dir, 'nope'), '--out', join(dir, 'tok3')], /data not found: .*nope/],
-    [['pretrain', '--bogus'], /Unknown option '--bogus'/],
-    [['fly'], /unknown command "fly"/],
+    [['pretrain', '--bogus'], /Unknown option '--bogus'[\s\S]*run 'beit pretrain --help' for usage/],
+    [['fly'], /unknown command "fly"; expected one of demo, .* \(or --help, --version\)\nrun 'beit --help' for usage/],
+    [
+      ['pretrain', '--tokenizer', tokenizer, '--device', 'gpu', '--out', join(dir, 'gpu')],
+      /--device must be auto, cpu, cuda or cuda:N, got "gpu"/,
+    ],
+    [
+      ['tokenizer', '--steps', '3', '--epochs', '1'],
+      /--steps and --epochs exclude each other, both given on the command line/,
+    ],
+    [
+      ['finetune', '--config', join(dir, 'both.json')],
+      /--steps and --epochs exclude each other, both given on .*both\.json/,
+    ],
+    [
+      ['finetune', '--config', join(dir, 'typo.json')],
+      /typo\.json: unknown option "epoch" for beit finetune; expected one of .*epochs/,
+    ],
+    [['probe', '--config', join(dir, 'wrong.json')], /wrong\.json: "out" must be a string, got 3/],
   ]
+  await writeFile(join(dir, 'both.json'), JSON.stringify({ steps: 3, epochs: 1 }))
+  await writeFile(join(dir, 'typo.json'), JSON.stringify({ epoch: 1 }))
+  await writeFile(join(dir, 'wrong.json'), JSON.stringify({ out: 3 }))
   for (const [args, message] of cases) {
     const r = await beit(args)
     t.is(r.code, 1, `${args.join(' ')}: ${r.stderr}`)
@@ -148,6 +169,91 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
   t.regex(help.stdout, /usage: beit pretrain[\s\S]*--mask-ratio N/)
 })
 
+test('beit --version and -v print the package version; -h, --help and no command print the command list', async (t) => {
+  const { version } = JSON.parse(await readFile(join(__dirname, '..', 'package.json'), 'utf8'))
+  t.regex(version, /^\d+\.\d+\.\d+/)
+  for (const flag of ['--version', '-v']) {
+    const r = await beit([flag])
+    t.is(r.code, 0, r.stderr)
+    t.is(r.stdout, `${version}\n`, flag)
+    t.is(r.stderr, '')
+  }
+  const commands = ['demo', 'tokenizer', 'pretrain', 'finetune', 'probe', 'encode', 'reconstruct', 'import', 'export']
+  for (const args of [['-h'], ['--help'], []]) {
+    const r = await beit(args)
+    t.is(r.code, 0, r.stderr)
+    t.regex(r.stdout, /^usage: beit <command> \[options\][\s\S]*beit --version \| -v\n\ncommands:\n/)
+    for (const name of commands) t.regex(r.stdout, new RegExp(`\n  ${name} +\\S`), `${args.join(' ')}: ${name}`)
+  }
+})
+
+test('a flag overrides the config file, --steps its --epochs too; the run folder records what ran', async (t) => {
+  const dir = await tempDir(t)
+  const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '8', '--out', join(dir, 'tok'), '--quiet'])
+  t.is(tok.code, 0, tok.stderr)
+  t.deepEqual(JSON.parse(await readFile(join(dir, 'tok', 'config.json'), 'utf8')), {
+    data: 'sample',
+    preset: 'tiny',
+    steps: 2,
+    'batch-size': 8,
+    lr: 2e-3,
+    'warmup-steps': 0,
+    'kl-weight': 6.6,
+    ema: 0,
+    seed: 0,
+    resume: false,
+    'checkpoint-every': 500,
+    out: join(dir, 'tok'),
+  })
+  // The config file asks for epochs; --steps on the command line replaces them.
+  await writeFile(join(dir, 'ft.json'), JSON.stringify({ epochs: 5, 'batch-size': 32, layers: 1, hiddenSize: 32 }))
+  const args = ['finetune', '--config', join(dir, 'ft.json'), '--heads', '2', '--mlp-size', '64', '--quiet']
+  const ft = await beit([...args, '--steps', '3', '--out', join(dir, 'ft')])
+  t.is(ft.code, 0, ft.stderr)
+  const config = JSON.parse(await readFile(join(dir, 'ft', 'config.json'), 'utf8'))
+  t.like(config, { steps: 3, 'batch-size': 32, layers: 1, 'hidden-size': 32, heads: 2 })
+  t.false('epochs' in config)
+  const steps = (await readFile(join(dir, 'ft', 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((r) => 'loss' in r)
+  t.is(steps.length, 3)
+  // Neither given: the command's fallback (finetune: 5 epochs) runs, and the folder records it.
+  for (const split of ['train', 'test'])
+    for (const label of ['dark', 'light']) {
+      await mkdir(join(dir, 'tiny', split, label), { recursive: true })
+      for (let i = 0; i < 4; i++) {
+        const gray = new Uint8Array(28 * 28).fill(label === 'dark' ? 10 + i : 240 - i)
+        await writeFile(join(dir, 'tiny', split, label, `${i}.png`), encodePng(gray, 28, 28, 1))
+      }
+    }
+  const small = ['--image-size', '28', '--patch-size', '4', '--channels', '1', '--layers', '1', '--hidden-size', '32']
+  const fallback = await beit([
+    'finetune',
+    '--data',
+    join(dir, 'tiny'),
+    ...small,
+    '--heads',
+    '2',
+    '--mlp-size',
+    '64',
+    '--batch-size',
+    '4',
+    '--out',
+    join(dir, 'ft5'),
+    '--quiet',
+  ])
+  t.is(fallback.code, 0, fallback.stderr)
+  t.like(JSON.parse(await readFile(join(dir, 'ft5', 'config.json'), 'utf8')), { epochs: 5 })
+  const records = (await readFile(join(dir, 'ft5', 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+  t.is(records.filter((r) => 'loss' in r).length, 10, '8 images in batches of 4, 5 epochs')
+  t.is(records.filter((r) => 'evalAccuracy' in r).length, 5)
+})
+
 test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run', async (t) => {
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])
@@ -155,7 +261,7 @@ test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run
   const args = [
     'pretrain',
     '--tokenizer',
-    join(dir, 'tok', 'tokenizer.safetensors'),
+    join(dir, 'tok', 'checkpoint.safetensors'),
     ...TINY_MODEL,
     '--steps',
     '400',
@@ -207,7 +313,7 @@ test('on a terminal, beit pretrain draws one progress bar whose ETA comes from t
     CLI,
     'pretrain',
     '--tokenizer',
-    join(dir, 'tok', 'tokenizer.safetensors'),
+    join(dir, 'tok', 'checkpoint.safetensors'),
     '--layers',
     '2',
     '--steps',

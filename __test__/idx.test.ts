@@ -43,7 +43,7 @@ async function tempDir(t: ExecutionContext): Promise<string> {
 }
 
 function countPerClass(labels: Uint8Array): number[] {
-  const counts = new Array<number>(FASHION_MNIST_CLASSES.length).fill(0)
+  const counts = Array.from({ length: FASHION_MNIST_CLASSES.length }, () => 0)
   for (const label of labels) counts[label]++
   return counts
 }
@@ -72,7 +72,10 @@ for (const [split, count, perClass] of [
     t.is(set.channels, 1)
     t.is(set.images.length, count * 28 * 28)
     t.is(set.labels.length, count)
-    t.deepEqual(countPerClass(set.labels), new Array(10).fill(perClass))
+    t.deepEqual(
+      countPerClass(set.labels),
+      Array.from({ length: 10 }, () => perClass),
+    )
     t.true(set.labels.every((label) => label <= 9))
     t.deepEqual(pixelRange(set.images), [0, 255])
     t.deepEqual(set.classNames, FASHION_MNIST_CLASSES)
@@ -262,10 +265,13 @@ debianTest(
     ] as const) {
       const full = await loadFashionMnist({ split, dir: DEBIAN_FASHION_MNIST_DIR })
       t.is(full.count, fullCount)
-      t.deepEqual(countPerClass(full.labels), new Array(10).fill(fullCount / 10))
+      t.deepEqual(
+        countPerClass(full.labels),
+        Array.from({ length: 10 }, () => fullCount / 10),
+      )
 
       // Rebuild the sample by the documented rule and compare with the bundled files byte for byte.
-      const taken = new Array<number>(10).fill(0)
+      const taken = Array.from({ length: 10 }, () => 0)
       const keep: number[] = []
       full.labels.forEach((label, i) => {
         if (taken[label] < perClass) {

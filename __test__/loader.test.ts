@@ -4,7 +4,17 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import sharp from 'sharp'
 
-import { beitViews, ImageLoader, imageFolder, manifest, openDataset, pixelDataset, Rng, loadFashionMnist } from '../src'
+import {
+  beitViews,
+  ImageLoader,
+  imageFolder,
+  manifest,
+  openDataset,
+  pixelDataset,
+  Rng,
+  loadFashionMnist,
+  viewSpec,
+} from '../src'
 import type { Batch, ImageDataset, ViewSpec } from '../src'
 
 const W = 29
@@ -55,13 +65,7 @@ function encodeBmp(rgb: Buffer, width: number, height: number): Buffer {
 
 /** The identity view: the whole image, nearest, at its own size, values x / 255. */
 function identityView(channels: 1 | 3, size: [number, number] = [H, W]): ViewSpec {
-  return {
-    size,
-    interpolation: 'nearest',
-    channels,
-    mean: new Array(channels).fill(0),
-    std: new Array(channels).fill(1),
-  }
+  return viewSpec({ size, interpolation: 'nearest', channels })
 }
 
 async function loadAll(loader: ImageLoader, epoch = 0): Promise<Batch[]> {
@@ -325,6 +329,34 @@ test('the bundled Fashion-MNIST subset passes through unchanged with the identit
     const got = batch.views[0].subarray(b * 784, (b + 1) * 784)
     if (!src.every((v, i) => Math.round(got[i] * 255) === v)) t.fail(`image ${index} differs`)
   }
+})
+
+test('viewSpec builds every view: square or [h, w], one value or one per channel, defaults 0 / 1', (t) => {
+  t.deepEqual(viewSpec({ size: 28, interpolation: 'bicubic', channels: 1, mean: 0.5, std: 0.5 }), {
+    size: [28, 28],
+    interpolation: 'bicubic',
+    channels: 1,
+    mean: [0.5],
+    std: [0.5],
+  })
+  t.deepEqual(viewSpec({ size: [16, 24], interpolation: 'lanczos', channels: 3 }), {
+    size: [16, 24],
+    interpolation: 'lanczos',
+    channels: 3,
+    mean: [0, 0, 0],
+    std: [1, 1, 1],
+  })
+  t.deepEqual(viewSpec({ size: 8, interpolation: 'nearest', channels: 3, mean: [0.1, 0.2, 0.3] }).mean, [0.1, 0.2, 0.3])
+  t.deepEqual(beitViews({ imageSize: 28, tokenizerSize: 14, channels: 1 }), [
+    viewSpec({ size: 28, interpolation: 'bicubic', channels: 1, mean: 0.5, std: 0.5 }),
+    viewSpec({ size: 14, interpolation: 'lanczos', channels: 1 }),
+  ])
+  t.throws(() => viewSpec({ size: 8, interpolation: 'nearest', channels: 2 }), {
+    message: 'a view has 1 or 3 channels, got 2',
+  })
+  t.throws(() => viewSpec({ size: 8, interpolation: 'nearest', channels: 3, std: [1, 2] }), {
+    message: 'view std: expected one number or 3 (one per channel), got [1,2]',
+  })
 })
 
 test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume from a batch', async (t) => {

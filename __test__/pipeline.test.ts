@@ -136,7 +136,7 @@ test('pretraining refuses a tokenizer whose grid does not match the patch grid',
 test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and resumes exactly', async (t) => {
   const dir = await tempDir(t)
   const train = subset(await openDataset('sample', 'train'), 960)
-  const test = subset(await openDataset('sample', 'test'), 200)
+  const testSet = subset(await openDataset('sample', 'test'), 200)
   const mim = Beit.create(MODEL, { seed: 2 })
   const mimPath = join(dir, 'mim.safetensors')
   await mim.save(mimPath)
@@ -146,7 +146,7 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
     finetune({
       classifier,
       train,
-      test,
+      test: testSet,
       epochs: 3,
       batchSize: 32,
       schedule: { lr: 2e-3, warmupSteps: 5 },
@@ -162,27 +162,37 @@ test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and
   t.true(whole.evals[2].evalAccuracy > 0.18, `accuracy after 3 epochs ${whole.evals[2].evalAccuracy}`)
   t.true(whole.evals[2].trainLoss < whole.evals[0].trainLoss)
 
+  t.like(whole, { status: 'completed', step: 90 }) // 30 batches of 32 per epoch
+
   const controller = new AbortController()
   const first = await run(await make(), join(dir, 'split'), controller.signal, (s) => s === 40 && controller.abort())
-  t.is(first.status, 'interrupted')
-  const second = await run(await Classifier.load(first.checkpoint), join(dir, 'split'))
+  t.like(first, { status: 'interrupted', step: 41 })
+  // Stopped right after the last step, before that epoch's evaluation: resuming runs the evaluation.
+  const atLast = new AbortController()
+  const second = await run(await Classifier.load(first.checkpoint), join(dir, 'split'), atLast.signal, (s) => {
+    if (s === 89) atLast.abort()
+  })
+  t.like(second, { status: 'interrupted', step: 90 })
+  t.is(second.evals.length, 2)
+  const third = await run(await Classifier.load(second.checkpoint), join(dir, 'split'))
+  t.like(third, { status: 'completed', step: 90 })
   t.deepEqual(
-    second.evals.map((e) => e.evalAccuracy),
+    third.evals.map((e) => e.evalAccuracy),
     whole.evals.map((e) => e.evalAccuracy),
   )
-  const [a, b] = await Promise.all([Classifier.load(whole.checkpoint), Classifier.load(second.checkpoint)])
+  const [a, b] = await Promise.all([Classifier.load(whole.checkpoint), Classifier.load(third.checkpoint)])
   const pixels = new Float32Array(2 * 784).fill(0.25)
   t.true(maxDiff(await a.predict(pixels), await b.predict(pixels)) < 1e-5)
 })
 
 test('a linear probe on random features beats chance (10%), and its layer is checked', async (t) => {
   const train = subset(await openDataset('sample', 'train'), 1000)
-  const test = subset(await openDataset('sample', 'test'), 300)
+  const testSet = subset(await openDataset('sample', 'test'), 300)
   const backbone = Beit.create(MODEL, { seed: 3 })
-  const result = await linearProbe({ backbone, train, test, layer: 1, epochs: 10, lr: 1e-2 })
+  const result = await linearProbe({ backbone, train, test: testSet, layer: 1, epochs: 10, lr: 1e-2 })
   t.is(result.layer, 1)
   t.true(result.testAccuracy > 0.2, `probe accuracy ${result.testAccuracy}`)
-  await t.throwsAsync(linearProbe({ backbone, train, test, layer: 3 }), {
+  await t.throwsAsync(linearProbe({ backbone, train, test: testSet, layer: 3 }), {
     message: /layer must be an integer in \[0, 2\], got 3/,
   })
 })

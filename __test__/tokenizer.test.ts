@@ -167,16 +167,79 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
     }
     t.is(lines[0].temperature, 1)
     t.true(lines[3].temperature < lines[0].temperature)
-    t.deepEqual((await readdir(dir)).sort(), [
-      'curves.svg',
-      'evaluation.json',
-      'metrics.jsonl',
-      'reconstructions.png',
-      'tokenizer.safetensors',
-    ])
+    t.deepEqual(
+      (await readdir(dir)).sort(),
+      ['checkpoint.safetensors', 'curves.svg', 'evaluation.json', 'metrics.jsonl', 'reconstructions.png'].sort(),
+    )
     t.true(evaluation.meanImageMse > 0 && evaluation.reconstructionMse > 0)
     t.true(evaluation.codesUsedFraction > 0 && evaluation.codesUsedFraction <= 1)
-    t.is((await Dvae.load(join(dir, 'tokenizer.safetensors'))).step, 4)
+    t.is((await Dvae.load(join(dir, 'checkpoint.safetensors'))).step, 4)
+  })
+})
+
+test('trainTokenizer follows the loop contract: epochs or steps, a schedule as options or a function, outDir required', async (t) => {
+  const images = await loadFashionMnist({ split: 'test' })
+  await withDir(async (dir) => {
+    const lrsOf = async (outDir: string) =>
+      (await readFile(join(dir, outDir, 'metrics.jsonl'), 'utf8'))
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l).lr as number)
+    // 1,000 images in batches of 8: 125 batches per epoch, so 0.024 epochs are 3 steps.
+    const byEpochs = await trainTokenizer({
+      tokenizer: Dvae.create(SMALL, { seed: 1 }),
+      data: images,
+      epochs: 0.024,
+      batchSize: 8,
+      schedule: (step) => 1e-3 * (step + 1),
+      evalImages: 8,
+      outDir: join(dir, 'fn'),
+    })
+    t.like(byEpochs, { status: 'completed', step: 3, checkpoint: join(dir, 'fn', 'checkpoint.safetensors') })
+    t.deepEqual(
+      await lrsOf('fn'),
+      [0, 1, 2].map((step) => 1e-3 * (step + 1)),
+    )
+    // The default: cosine from 1e-3 to 1e-5 over the run, no warmup.
+    await trainTokenizer({
+      tokenizer: Dvae.create(SMALL, { seed: 1 }),
+      data: images,
+      steps: 3,
+      batchSize: 8,
+      evalImages: 8,
+      outDir: join(dir, 'default'),
+    })
+    const close = (a: number[], b: number[]) => a.length === b.length && a.every((x, i) => Math.abs(x - b[i]) < 1e-12)
+    const lrs = await lrsOf('default')
+    t.true(close(lrs, [1e-3, (1e-3 + 1e-5) / 2, 1e-5]), `lrs ${lrs}`)
+    // Options: the same warmup + cosine as pretraining and fine-tuning.
+    await trainTokenizer({
+      tokenizer: Dvae.create(SMALL, { seed: 1 }),
+      data: images,
+      steps: 4,
+      batchSize: 8,
+      schedule: { lr: 2e-3, minLr: 1e-4, warmupSteps: 2 },
+      evalImages: 8,
+      outDir: join(dir, 'options'),
+    })
+    const warm = await lrsOf('options')
+    t.true(close(warm, [1e-3, 2e-3, 2e-3, 1e-4]), `lrs ${warm}`)
+
+    const tokenizer = Dvae.create(SMALL)
+    const base = { tokenizer, data: images, batchSize: 8, outDir: join(dir, 'bad') }
+    await t.throwsAsync(trainTokenizer({ ...base, steps: 2, epochs: 1 }), {
+      message: /give exactly one of steps and epochs \(the run's length\), got steps 2 and epochs 1/,
+    })
+    await t.throwsAsync(trainTokenizer({ ...base }), { message: /give exactly one of steps and epochs.*got neither/ })
+    await t.throwsAsync(trainTokenizer({ ...base, outDir: undefined as unknown as string, steps: 1 }), {
+      message: /outDir is required: the run folder for checkpoint\.safetensors/,
+    })
+    await t.throwsAsync(trainTokenizer({ ...base, steps: 1, schedule: { minLr: 1 } as unknown as { lr: number } }), {
+      message: /schedule must be \{ lr, minLr\?, warmupSteps\? \} or a function of the step, got \{"minLr":1\}/,
+    })
+    await t.throwsAsync(trainTokenizer({ ...base, steps: 1, checkpointEvery: 0 }), {
+      message: 'checkpointEvery must be a positive integer (steps), got 0',
+    })
   })
 })
 
@@ -217,7 +280,7 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
       [expected.readUInt32BE(16), expected.readUInt32BE(20)],
       'all twelve images, at 16 px',
     )
-    await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13 }), {
+    await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13, outDir: join(dir, 'big') }), {
       message: /batchSize 13 is larger than the 12 images of/,
     })
   })
@@ -225,20 +288,23 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
 
 test('trainTokenizer is reproducible: one seed gives the same losses from IDX images or the same images as a dataset', async (t) => {
   const images = await loadFashionMnist({ split: 'test' })
-  const run = async (data: Parameters<typeof trainTokenizer>[0]['data']) => {
-    const tok = Dvae.create(SMALL, { seed: 5 })
-    const losses: number[] = []
-    await trainTokenizer({
-      tokenizer: tok,
-      data,
-      steps: 2,
-      batchSize: 8,
-      evalImages: 16,
-      onProgress: (p) => losses.push(p.loss),
-    })
-    return losses
-  }
-  t.deepEqual(await run(images), await run(pixelDataset(images, 'fashion-mnist test')))
+  await withDir(async (dir) => {
+    const run = async (data: Parameters<typeof trainTokenizer>[0]['data'], outDir: string) => {
+      const tok = Dvae.create(SMALL, { seed: 5 })
+      const losses: number[] = []
+      await trainTokenizer({
+        tokenizer: tok,
+        data,
+        steps: 2,
+        batchSize: 8,
+        evalImages: 16,
+        outDir: join(dir, outDir),
+        onProgress: (p) => losses.push(p.loss),
+      })
+      return losses
+    }
+    t.deepEqual(await run(images, 'idx'), await run(pixelDataset(images, 'fashion-mnist test'), 'dataset'))
+  })
 })
 
 test('an interrupted and resumed tokenizer run ends with the weights of an uninterrupted one', async (t) => {
@@ -285,9 +351,12 @@ test('an interrupted and resumed tokenizer run ends with the weights of an unint
       .map((l) => JSON.parse(l).step)
     t.deepEqual(steps, [...Array(9).keys()])
     // A position from another run is refused.
-    await t.throwsAsync(trainTokenizer({ tokenizer: b, data: images, steps: 5, batchSize: 8 }), {
-      message: /cannot resume: the run had totalSteps 9, now 5/,
-    })
+    await t.throwsAsync(
+      trainTokenizer({ tokenizer: b, data: images, steps: 5, batchSize: 8, outDir: join(dir, 'other') }),
+      {
+        message: /cannot resume: the run had totalSteps 9, now 5/,
+      },
+    )
   })
 })
 

@@ -19,7 +19,7 @@ step() {
   touch "$out/$name.done"
 }
 step tokenizer $beit tokenizer --data fashion-mnist --preset tiny --steps 600 --batch-size 32 --out "$out/tokenizer" --quiet
-step pretrain $beit pretrain --data fashion-mnist --tokenizer "$out/tokenizer/tokenizer.safetensors" $model \
+step pretrain $beit pretrain --data fashion-mnist --tokenizer "$out/tokenizer/checkpoint.safetensors" $model \
   --epochs 8 --batch-size 64 --lr 1.5e-3 --drop-path 0.1 --out "$out/pretrain" --quiet
 step probe-pretrained $beit probe --data fashion-mnist --init "$out/pretrain/checkpoint.safetensors" --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-pretrained.json" --quiet
 step probe-random $beit probe --data fashion-mnist --random-like "$out/pretrain/checkpoint.safetensors" --seed 1 --layer 4 --epochs 10 --lr 1e-2 --out "$out/probe-random.json" --quiet

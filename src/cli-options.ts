@@ -1,36 +1,84 @@
 /**
  * Command-line options as data: each command lists its flags with type, default and help, so
  * parsing, `--help` text, `--config file.json` (flags override it) and the run folder's
- * config.json all come from one table.
+ * config.json all come from one table. The table is typed: `parseCommand` returns each flag's
+ * value with its type (number, boolean, string or the union of its choices), defined whenever
+ * the flag has a default.
  */
 import { readFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
 
 export class UsageError extends Error {}
 
-type Kind = 'int' | 'number' | 'string' | 'bool'
-
-export interface Flag {
-  kind: Kind
+interface FlagBase {
   help: string
-  default?: number | string | boolean
-  /** Allowed values for strings. */
-  choices?: string[]
-  /** For numbers: the smallest allowed value and whether it is included. Default: > 0. */
+  /** A flag that cannot be given with this one (e.g. steps and epochs). On the command line it overrides the config file's. */
+  conflicts?: string
+}
+
+export interface NumberFlag extends FlagBase {
+  /** 'int': a whole number. */
+  kind: 'int' | 'number'
+  default?: number
+  /** The smallest allowed value, included. Default: > 0. */
   min?: number
 }
 
-export type FlagTable = Record<string, Flag>
-export type Values = Record<string, number | string | boolean | undefined>
-
-export interface Command {
-  name: string
-  summary: string
-  flags: FlagTable
-  run: (values: Values) => Promise<void>
+export interface StringFlag extends FlagBase {
+  kind: 'string'
+  default?: string
+  /** Allowed values; the parsed value's type is their union. */
+  choices?: readonly string[]
 }
 
-const COMMON: FlagTable = {
+export interface BoolFlag extends FlagBase {
+  kind: 'bool'
+  /** Default false. */
+  default?: boolean
+}
+
+export type Flag = NumberFlag | StringFlag | BoolFlag
+export type FlagTable = Record<string, Flag>
+
+/** The type of one flag's value. */
+export type FlagValue<F extends Flag> = F extends { kind: 'int' | 'number' }
+  ? number
+  : F extends { kind: 'bool' }
+    ? boolean
+    : F extends { choices: readonly (infer C extends string)[] }
+      ? C
+      : string
+
+/** Flags that always have a value: those with a default, and booleans (false unless given). */
+type Defined<T extends FlagTable> = {
+  [K in keyof T]: T[K] extends { default: unknown } | { kind: 'bool' } ? K : never
+}[keyof T]
+
+/** What parsing a table gives: a typed value per flag, optional where the flag has no default. */
+export type Values<T extends FlagTable> = { [K in Defined<T>]: FlagValue<T[K]> } & {
+  [K in Exclude<keyof T, Defined<T>>]?: FlagValue<T[K]>
+}
+
+/**
+ * A flag table with its literal types kept (kinds, choices, which flags have defaults), so that
+ * `Values<typeof table>` types what parsing it returns.
+ */
+export function flagTable<const T extends FlagTable>(table: T): T {
+  for (const [name, f] of Object.entries(table)) {
+    // A default would always conflict; the command falls back when neither is given.
+    if (f.conflicts !== undefined && f.default !== undefined)
+      throw new Error(`flag --${name} conflicts with --${f.conflicts} and so cannot have a default`)
+  }
+  return table
+}
+
+/** The keys of a record, typed as the record's keys (for `choices`). */
+export function choicesOf<K extends string>(record: Record<K, unknown>): K[] {
+  return Object.keys(record) as K[]
+}
+
+/** The flags every command has. */
+export const COMMON = flagTable({
   device: {
     kind: 'string',
     help: 'where models run: auto (a GPU when the CUDA build of the addon sees one), cpu, cuda or cuda:N',
@@ -40,6 +88,7 @@ const COMMON: FlagTable = {
     kind: 'string',
     help: 'activations: auto (bf16 on a GPU, f32 on the CPU), f32, or bf16 (mixed precision, f32 weights)',
     default: 'auto',
+    choices: ['auto', 'f32', 'bf16'],
   },
   config: {
     kind: 'string',
@@ -47,13 +96,35 @@ const COMMON: FlagTable = {
   },
   quiet: { kind: 'bool', help: 'no progress output', default: false },
   help: { kind: 'bool', help: 'this text', default: false },
+})
+
+export type CommonValues = Values<typeof COMMON>
+
+/** What a command's `run` gets: its own flags' values and the common ones. */
+export type CommandValues<T extends FlagTable> = Values<T> & CommonValues
+
+export interface Command<T extends FlagTable = FlagTable> {
+  name: string
+  summary: string
+  flags: T
+  run(values: CommandValues<T>): Promise<void>
+}
+
+/** A command whose `run` gets the values of its flag table, typed. */
+export function defineCommand<const T extends FlagTable>(spec: Command<T>): Command<T> {
+  flagTable(spec.flags)
+  return spec
 }
 
 export function usage(command: Command): string {
-  const flags = { ...command.flags, ...COMMON }
+  const flags: FlagTable = { ...command.flags, ...COMMON }
   const lines = Object.entries(flags).map(([name, f]) => {
     const arg =
-      f.kind === 'bool' ? '' : f.choices ? ` ${f.choices.join('|')}` : ` ${f.kind === 'string' ? 'VALUE' : 'N'}`
+      f.kind === 'bool'
+        ? ''
+        : f.kind === 'string' && f.choices
+          ? ` ${f.choices.join('|')}`
+          : ` ${f.kind === 'string' ? 'VALUE' : 'N'}`
     const left = `  --${name}${arg}`
     const def = f.default === undefined || f.kind === 'bool' ? '' : ` (default ${f.default})`
     return `${left.padEnd(30)} ${f.help}${def}`
@@ -61,17 +132,19 @@ export function usage(command: Command): string {
   return `usage: beit ${command.name} [options]\n\n${command.summary}\n\noptions:\n${lines.join('\n')}\n`
 }
 
-function convert(name: string, flag: Flag, raw: unknown, from: string): number | string | boolean {
+type Value = number | string | boolean
+
+function convert(name: string, flag: Flag, raw: unknown, from: string): Value {
   const where = from === 'flag' ? `--${name}` : `${from}: "${name}"`
   if (flag.kind === 'bool') {
     if (typeof raw === 'boolean') return raw
     throw new UsageError(`${where} must be true or false, got ${JSON.stringify(raw)}`)
   }
   if (flag.kind === 'string') {
-    const value = String(raw)
-    if (flag.choices && !flag.choices.includes(value))
-      throw new UsageError(`${where} must be one of ${flag.choices.join(', ')}, got ${JSON.stringify(value)}`)
-    return value
+    if (typeof raw !== 'string') throw new UsageError(`${where} must be a string, got ${JSON.stringify(raw)}`)
+    if (flag.choices && !flag.choices.includes(raw))
+      throw new UsageError(`${where} must be one of ${flag.choices.join(', ')}, got ${JSON.stringify(raw)}`)
+    return raw
   }
   const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN
   const min = flag.min ?? 0
@@ -86,8 +159,8 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): number |
 }
 
 /** Parses `argv` for `command`: defaults < config file < flags. */
-export function parseCommand(command: Command, argv: string[]): Values {
-  const flags = { ...command.flags, ...COMMON }
+export function parseCommand<T extends FlagTable>(command: Command<T>, argv: string[]): CommandValues<T> {
+  const flags: FlagTable = { ...command.flags, ...COMMON }
   const options = Object.fromEntries(
     Object.entries(flags).map(([name, f]) => [
       name,
@@ -103,10 +176,14 @@ export function parseCommand(command: Command, argv: string[]): Values {
   } catch (e) {
     throw new UsageError((e as Error).message)
   }
-  const values: Values = {}
-  for (const [name, f] of Object.entries(flags)) if (f.default !== undefined) values[name] = f.default
-  const configPath = parsed.values.config as string | undefined
-  if (configPath !== undefined) {
+  const values: Record<string, Value> = {}
+  for (const [name, f] of Object.entries(flags)) {
+    if (f.default !== undefined) values[name] = f.default
+    else if (f.kind === 'bool') values[name] = false
+  }
+  const fromConfig = new Set<string>()
+  const configPath = parsed.values.config
+  if (typeof configPath === 'string') {
     let config: unknown
     try {
       config = JSON.parse(readFileSync(configPath, 'utf8'))
@@ -117,23 +194,42 @@ export function parseCommand(command: Command, argv: string[]): Values {
       throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
     for (const [key, raw] of Object.entries(config)) {
       const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
-      const flag = command.flags[name]
-      if (!flag) throw new UsageError(`${configPath}: unknown option "${key}" for beit ${command.name}`)
+      const flag = Object.hasOwn(command.flags, name) ? command.flags[name] : undefined
+      if (!flag)
+        throw new UsageError(
+          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${Object.keys(command.flags).join(', ')}`,
+        )
       values[name] = convert(name, flag, raw, configPath)
+      fromConfig.add(name)
     }
   }
+  const fromFlags = new Set<string>()
   for (const [name, raw] of Object.entries(parsed.values)) {
     if (name === 'config' || raw === undefined) continue
     values[name] = convert(name, flags[name], raw, 'flag')
+    fromFlags.add(name)
   }
-  return values
+  for (const [name, f] of Object.entries(flags)) {
+    const other = f.conflicts
+    if (other === undefined || values[name] === undefined || values[other] === undefined) continue
+    // A flag overrides the config file, its conflicting option included.
+    if (fromFlags.has(name) && !fromFlags.has(other)) delete values[other]
+    else if (fromFlags.has(other) && !fromFlags.has(name)) delete values[name]
+    else {
+      const where = fromFlags.has(name) ? 'the command line' : String(configPath)
+      throw new UsageError(`--${name} and --${other} exclude each other, both given on ${where}: give one`)
+    }
+  }
+  // The one place the parsed record meets its type: every value was converted by its flag above.
+  return values as CommandValues<T>
 }
 
-/** The values a run used, for its folder's config.json. */
-export function resolvedConfig(command: Command, values: Values): Record<string, unknown> {
+/** The values a run used (its command's own flags), for its folder's config.json. */
+export function resolvedConfig(flags: FlagTable, values: object): Record<string, unknown> {
+  const given = new Map(Object.entries(values))
   return Object.fromEntries(
-    Object.keys(command.flags)
-      .filter((k) => values[k] !== undefined)
-      .map((k) => [k, values[k]]),
+    Object.keys(flags)
+      .filter((k) => given.get(k) !== undefined)
+      .map((k) => [k, given.get(k)]),
   )
 }

@@ -5,6 +5,9 @@
  * flags are data (cli-options.ts); every run folder gets the resolved config.json,
  * metrics.jsonl, curves.svg and a resumable checkpoint.
  */
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+
 import { Command, parseCommand, usage, UsageError } from './cli-options'
 import { demoCommand } from './cli/demo'
 import { encodeCommand, reconstructCommand } from './cli/encode'
@@ -27,10 +30,20 @@ const COMMANDS: Command[] = [
 ]
 
 const USAGE = `usage: beit <command> [options]   (beit <command> --help for its options)
+       beit --version | -v
 
 commands:
 ${COMMANDS.map((c) => `  ${c.name.padEnd(12)} ${c.summary}`).join('\n')}
 `
+
+/** The version in the package's package.json (next to dist/). */
+function packageVersion(): string {
+  const path = join(__dirname, '..', 'package.json')
+  const pkg: unknown = JSON.parse(readFileSync(path, 'utf8'))
+  const version = typeof pkg === 'object' && pkg !== null && 'version' in pkg ? pkg.version : undefined
+  if (typeof version !== 'string') throw new Error(`${path} has no version`)
+  return version
+}
 
 async function main(argv: string[]): Promise<void> {
   const [name, ...rest] = argv
@@ -38,10 +51,14 @@ async function main(argv: string[]): Promise<void> {
     process.stdout.write(USAGE)
     return
   }
+  if (name === '-v' || name === '--version') {
+    process.stdout.write(`${packageVersion()}\n`)
+    return
+  }
   const command = COMMANDS.find((c) => c.name === name)
   if (!command)
     throw new UsageError(
-      `unknown command ${JSON.stringify(name)}; expected one of ${COMMANDS.map((c) => c.name).join(', ')}`,
+      `unknown command ${JSON.stringify(name)}; expected one of ${COMMANDS.map((c) => c.name).join(', ')} (or --help, --version)`,
     )
   const values = parseCommand(command, rest)
   if (values.help) {
@@ -54,8 +71,11 @@ async function main(argv: string[]): Promise<void> {
 main(process.argv.slice(2)).catch((err: unknown) => {
   const message = err instanceof Error ? err.message : String(err)
   process.stderr.write(`beit: error: ${message}\n`)
-  if (err instanceof UsageError)
-    process.stderr.write(`run 'beit ${process.argv[2] ?? ''} --help' for usage\n`.replace('  ', ' '))
+  if (err instanceof UsageError) {
+    const name = process.argv[2]
+    const known = COMMANDS.some((c) => c.name === name)
+    process.stderr.write(`run 'beit ${known ? `${name} ` : ''}--help' for usage\n`)
+  }
   if (process.env.BEIT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`)
   process.exitCode = process.exitCode === 130 ? 130 : 1
 })

@@ -27,8 +27,8 @@ export function cudaDeviceCount(): number {
   return native.cudaDeviceCount()
 }
 
-/** 'cpu' or 'cuda:N' for a spec. */
-export function resolveDevice(spec: DeviceSpec = 'auto'): string {
+/** 'cpu' or 'cuda:N' for a spec (itself a spec: a model can be moved there). */
+export function resolveDevice(spec: DeviceSpec = 'auto'): 'cpu' | `cuda:${number}` {
   if (spec === 'auto') return cudaDeviceCount() > 0 ? 'cuda:0' : 'cpu'
   if (spec === 'cuda') return 'cuda:0'
   if (typeof spec !== 'string')

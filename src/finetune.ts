@@ -2,31 +2,23 @@
  * Fine-tuning a classifier end to end, with an evaluation on held-out data after every epoch,
  * checkpoints that resume, and the same metrics and curves as pretraining.
  */
-import { join } from 'node:path'
-
 import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
-import { EvalTransform, TrainTransform, ViewSpec } from './data/augment'
+import { EvalTransform, TrainTransform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import {
+  LoopOptions,
   LoopPosition,
-  MetricsLog,
+  LoopProgress,
   resolveSteps,
-  resumePosition,
+  Run,
   RunResult,
-  ScheduleOptions,
   scheduleFor,
   startPosition,
 } from './run'
 import { deriveSeed } from './rng'
 
-export interface FinetuneProgress extends ClassifierStepResult {
-  step: number
-  totalSteps: number
-  epoch: number
-  lr: number
-  imagesPerSecond: number
-}
+export interface FinetuneProgress extends ClassifierStepResult, LoopProgress {}
 
 export interface EpochResult {
   epoch: number
@@ -38,16 +30,13 @@ export interface EpochResult {
   trainAccuracy: number
 }
 
-export interface FinetuneOptions {
+export interface FinetuneOptions extends LoopOptions {
   classifier: Classifier
   train: ImageDataset
-  /** Evaluated every `evalEvery` epochs and after the last. */
+  /** Evaluated every `evalEvery` epochs and after the last step. */
   test: ImageDataset
-  epochs: number
   /** Epochs between evaluations on `test`. Default 1. */
   evalEvery?: number
-  batchSize: number
-  schedule: ScheduleOptions
   /** Default: RandomResizedCrop(0.08-1) + flip, no color jitter (BEiT fine-tuning uses RandAugment). */
   transform?: TrainTransform
   /** Default: the whole image (cropFraction 1). */
@@ -55,12 +44,6 @@ export interface FinetuneOptions {
   /** Per-channel normalisation, as in pretraining. Default 0.5 / 0.5. */
   mean?: number
   std?: number
-  seed?: number
-  outDir: string
-  /** Checkpoint every N steps, at every epoch end, at the end and when interrupted. Default 500. */
-  checkpointEvery?: number
-  signal?: AbortSignal
-  threads?: number
   onProgress?: (p: FinetuneProgress) => void
   /** After each evaluation. */
   onEpoch?: (e: EpochResult) => void
@@ -76,15 +59,8 @@ interface FinetuneState extends LoopPosition {
 }
 
 export function classifierView(classifier: Classifier, mean = 0.5, std = 0.5): ViewSpec {
-  const [height, width] = classifier.config.model.imageSize
-  const channels = classifier.config.model.numChannels as 1 | 3
-  return {
-    size: [height, width],
-    interpolation: 'bicubic',
-    channels,
-    mean: new Array(channels).fill(mean),
-    std: new Array(channels).fill(std),
-  }
+  const { imageSize, numChannels } = classifier.config.model
+  return viewSpec({ size: imageSize, interpolation: 'bicubic', channels: numChannels, mean, std })
 }
 
 /** Accuracy of `classifier` on `data` (labels required). */
@@ -139,8 +115,12 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     dropLast: true,
     threads: opts.threads,
   })
-  const totalSteps = resolveSteps(undefined, opts.epochs, loader.batchesPerEpoch)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
   const lr = scheduleFor(opts.schedule, totalSteps)
+  const evalEvery = opts.evalEvery ?? 1
+  if (!Number.isInteger(evalEvery) || evalEvery < 1)
+    throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
+  const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
   const fresh: FinetuneState = {
     ...startPosition('finetune', totalSteps, batchSize, seed),
     epochLoss: 0,
@@ -148,9 +128,13 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     epochSteps: 0,
     evals: [],
   }
-  let state = resumePosition(classifier.trainState, fresh, 'classifier', 'fine-tuning')
-  const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
-  const metrics = await MetricsLog.open(opts.outDir, {
+  // The run folder, its metrics log, and the position to continue from when the classifier carries one.
+  const run = await Run.open({
+    outDir: opts.outDir,
+    saved: classifier.trainState,
+    fresh,
+    owner: 'classifier',
+    runName: 'fine-tuning',
     title: 'BEiT fine-tuning',
     panels: [
       { key: 'loss' },
@@ -158,37 +142,38 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
       { key: 'evalAccuracy', title: 'test accuracy (per epoch)' },
       { key: 'lr', log: true },
     ],
-    resumeFrom: state.step,
+    checkpointEvery: opts.checkpointEvery,
+    signal: opts.signal,
   })
+  let state = run.start
   const save = async () => {
     classifier.trainState = state
-    await classifier.save(checkpoint)
+    await classifier.save(run.checkpoint)
   }
-  const everyCheckpoint = opts.checkpointEvery ?? 500
-  const evalEvery = opts.evalEvery ?? 1
-  if (!Number.isInteger(evalEvery) || evalEvery < 1)
-    throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
-  const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
+  const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
-  while (state.step < totalSteps) {
+  // Until the last step is taken and its epoch closed (evaluated, saved): a run saved after its
+  // last step but before that evaluation resumes into it.
+  while (state.step < totalSteps || state.batch >= 0) {
     const epoch = state.epoch
     let started = performance.now()
-    for await (const batch of loader.epoch(epoch, { fromBatch: state.batch + 1 })) {
+    const batches = state.step < totalSteps ? loader.epoch(epoch, { fromBatch: state.batch + 1 }) : []
+    for await (const batch of batches) {
       if (state.step >= totalSteps) break
       const stepLr = lr(state.step)
-      let result: ClassifierStepResult
+      let step: ClassifierStepResult
       try {
-        result = await classifier.trainStep({
+        step = await classifier.trainStep({
           pixels: batch.views[0],
           labels: batch.labels,
           lr: stepLr,
           seed: deriveSeed(seed, state.step, 3),
         })
       } catch (e) {
-        throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`)
+        throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
-      const progress = {
-        ...result,
+      const progress: FinetuneProgress = {
+        ...step,
         step: state.step,
         totalSteps,
         epoch,
@@ -199,45 +184,48 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
         ...state,
         step: state.step + 1,
         batch: batch.batch,
-        epochLoss: state.epochLoss + result.loss,
-        epochAccuracy: state.epochAccuracy + result.accuracy,
+        epochLoss: state.epochLoss + step.loss,
+        epochAccuracy: state.epochAccuracy + step.accuracy,
         epochSteps: state.epochSteps + 1,
       }
-      await metrics.record({
+      await run.metrics.record({
         step: progress.step,
         epoch,
-        loss: result.loss,
-        accuracy: result.accuracy,
+        loss: step.loss,
+        accuracy: step.accuracy,
         lr: stepLr,
-        gradNorm: result.gradNorm,
+        gradNorm: step.gradNorm,
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)
-      if (opts.signal?.aborted || state.step % everyCheckpoint === 0) await save()
-      if (opts.signal?.aborted) {
-        await metrics.writePlot()
-        return { status: 'interrupted', step: state.step, checkpoint, evals: state.evals }
-      }
+      if (await run.afterStep(state.step, save)) return result('interrupted')
       started = performance.now()
     }
+    // The epoch's end: training means, an evaluation every evalEvery epochs and after the last
+    // step, and a checkpoint that holds it.
     const trainLoss = state.epochLoss / state.epochSteps
     const trainAccuracy = state.epochAccuracy / state.epochSteps
     let evals = state.evals
     if ((epoch + 1) % evalEvery === 0 || state.step >= totalSteps) {
-      const result: EpochResult = {
+      const evaluation: EpochResult = {
         epoch,
         step: state.step,
         evalAccuracy: await evaluate(classifier, test, evalOptions),
         trainLoss,
         trainAccuracy,
       }
-      evals = [...evals, result]
-      await metrics.record({ step: state.step - 1, epoch, evalAccuracy: result.evalAccuracy, trainLoss, trainAccuracy })
-      opts.onEpoch?.(result)
-    } else await metrics.record({ step: state.step - 1, epoch, trainLoss, trainAccuracy })
+      evals = [...evals, evaluation]
+      await run.metrics.record({
+        step: state.step - 1,
+        epoch,
+        evalAccuracy: evaluation.evalAccuracy,
+        trainLoss,
+        trainAccuracy,
+      })
+      opts.onEpoch?.(evaluation)
+    } else await run.metrics.record({ step: state.step - 1, epoch, trainLoss, trainAccuracy })
     state = { ...state, epoch: epoch + 1, batch: -1, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals }
     await save()
   }
-  await metrics.writePlot()
-  return { status: 'completed', step: state.step, checkpoint, evals: state.evals }
+  return result('completed')
 }

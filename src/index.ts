@@ -8,7 +8,7 @@ export { warmupCosine, cosineRamp } from './schedule'
 export type { WarmupCosineOptions, CosineRampOptions } from './schedule'
 export { pretrain } from './pretrain'
 export type { PretrainOptions, PretrainProgress } from './pretrain'
-export type { ScheduleOptions, RunResult } from './run'
+export type { ScheduleOptions, Schedule, LoopOptions, LoopProgress, RunResult } from './run'
 export { Classifier, argmaxRows } from './classifier'
 export type {
   ClassifierConfig,
@@ -22,7 +22,7 @@ export { finetune, evaluate } from './finetune'
 export type { FinetuneOptions, FinetuneProgress, EpochResult } from './finetune'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
 export type { LinearProbeOptions, LinearProbeResult, PixelProbeOptions } from './probe'
-export { MetricsLog, Progress, interruptSignal } from './run'
+export { CHECKPOINT_FILE, MetricsLog, Progress, interruptSignal } from './run'
 export {
   loadFashionMnist,
   embeddedSampleDir,
@@ -41,15 +41,16 @@ export type {
   TokenizerStepInput,
   TokenizerStepResult,
 } from './tokenizer'
-export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader } from './train-tokenizer'
+export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader, TOKENIZER_SCHEDULE } from './train-tokenizer'
 export type { TrainTokenizerOptions, TokenizerProgress, TokenizerEvaluation, TokenizerData } from './train-tokenizer'
 export { reconstructionSheet } from './sheet'
 export { imagesAsFloats } from './data/batches'
 export { ImageLoader } from './data/loader'
 export type { LoaderOptions, Batch, LoaderStats, SkippedImage } from './data/loader'
-export { beitViews, drawAugment } from './data/augment'
+export { beitViews, drawAugment, viewSpec } from './data/augment'
 export type {
   ViewSpec,
+  ViewSpecOptions,
   Interpolation,
   BeitViewOptions,
   Transform,

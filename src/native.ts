@@ -25,7 +25,6 @@ function loadCuda(): typeof Native | undefined {
     return undefined
   }
   try {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
     return require(path) as typeof Native
   } catch (e) {
     console.warn(
@@ -35,6 +34,5 @@ function loadCuda(): typeof Native | undefined {
   }
 }
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
 export const native: typeof Native = loadCuda() ?? require('../index.js')
 export type { NativeClassifier, NativeImageLoader, NativeLinearProbe, NativeBeit, NativeDvae } from '../index'

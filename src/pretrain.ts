@@ -6,8 +6,6 @@
  * A checkpoint carries the loop's position, so a resumed run takes the very steps the
  * uninterrupted one would have.
  */
-import { join } from 'node:path'
-
 import { beitViews, TrainTransform } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
@@ -15,50 +13,30 @@ import { MaskGenerator } from './masking'
 import { Beit, TrainStepResult } from './model'
 import { deriveSeed } from './rng'
 import {
+  LoopOptions,
   LoopPosition,
-  MetricsLog,
+  LoopProgress,
   resolveSteps,
-  resumePosition,
+  Run,
   RunResult,
-  ScheduleOptions,
   scheduleFor,
   startPosition,
 } from './run'
 import { Dvae } from './tokenizer'
 
-export interface PretrainProgress extends TrainStepResult {
-  step: number
-  totalSteps: number
-  epoch: number
-  lr: number
-  imagesPerSecond: number
-}
+export interface PretrainProgress extends TrainStepResult, LoopProgress {}
 
-export interface PretrainOptions {
+export interface PretrainOptions extends LoopOptions {
   model: Beit
   tokenizer: Dvae
   data: ImageDataset
   masking: MaskGenerator
-  batchSize: number
-  /** Length of the run: optimizer steps, or epochs over `data`. Exactly one. */
-  steps?: number
-  epochs?: number
-  schedule: ScheduleOptions
   /** Augmentation of the shared crop. Default BEiT's (RandomResizedCrop 0.08-1, flip, jitter 0.4). */
   transform?: TrainTransform
   /** Patch view normalisation. Default 0.5 / 0.5. */
   mean?: number
   std?: number
-  /** Data order, augmentation and stochastic-depth seed. Default 0. */
-  seed?: number
-  /** Run folder: checkpoint.safetensors, metrics.jsonl, curves.svg. */
-  outDir: string
-  /** Checkpoint every N steps (and at the end, and when interrupted). Default 500. */
-  checkpointEvery?: number
-  /** Abort (e.g. on SIGINT): the loop checkpoints after the current step and returns. */
-  signal?: AbortSignal
-  /** Decode threads and batches prefetched. */
-  threads?: number
+  /** Batches prefetched. */
   prefetch?: number
   onProgress?: (p: PretrainProgress) => void
 }
@@ -108,17 +86,17 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   })
   const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
   const lr = scheduleFor(opts.schedule, totalSteps)
-
-  // Resume from the model's saved position, if it carries one.
   const fresh: PretrainState = {
     ...startPosition('pretrain', totalSteps, batchSize, seed),
     masking: masking.getState(),
   }
-  let state = resumePosition(model.trainState, fresh, 'model', 'pretraining')
-  masking.setState(state.masking)
-
-  const checkpoint = join(opts.outDir, 'checkpoint.safetensors')
-  const metrics = await MetricsLog.open(opts.outDir, {
+  // The run folder, its metrics log, and the position to continue from when the model carries one.
+  const run = await Run.open({
+    outDir: opts.outDir,
+    saved: model.trainState,
+    fresh,
+    owner: 'model',
+    runName: 'pretraining',
     title: 'BEiT masked image modeling',
     panels: [
       { key: 'loss' },
@@ -126,15 +104,17 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
       { key: 'lr', log: true },
       { key: 'gradNorm', title: 'gradient norm' },
     ],
-    resumeFrom: state.step,
+    checkpointEvery: opts.checkpointEvery,
+    signal: opts.signal,
   })
+  let state = run.start
+  masking.setState(state.masking)
   const save = async () => {
     state.masking = masking.getState()
     model.trainState = state
-    await model.save(checkpoint)
+    await model.save(run.checkpoint)
   }
   const patches = model.grid[0] * model.grid[1]
-  const everyCheckpoint = opts.checkpointEvery ?? 500
 
   let epoch = state.epoch
   let fromBatch = state.batch + 1
@@ -157,7 +137,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
           seed: deriveSeed(seed, state.step, 2),
         })
       } catch (e) {
-        throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`)
+        throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
       const progress: PretrainProgress = {
         ...result,
@@ -168,27 +148,22 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
       }
       state = { ...state, step: state.step + 1, epoch, batch: batch.batch }
-      await metrics.record({
+      await run.metrics.record({
         step: progress.step,
         epoch,
         loss: result.loss,
         mlmAcc: result.mlmAcc,
-        majorityBaseline: progress.majorityBaseline,
+        majorityBaseline: result.majorityBaseline,
         lr: stepLr,
         gradNorm: result.gradNorm,
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)
-      if (state.step % everyCheckpoint === 0 || state.step === totalSteps || opts.signal?.aborted) await save()
-      if (opts.signal?.aborted) {
-        await metrics.writePlot()
-        return { status: 'interrupted', step: state.step, checkpoint }
-      }
+      if (await run.afterStep(state.step, save)) return run.end('interrupted', state.step)
       started = performance.now()
     }
     epoch++
     fromBatch = 0
   }
-  await metrics.writePlot()
-  return { status: 'completed', step: state.step, checkpoint }
+  return run.end('completed', state.step)
 }

@@ -3,7 +3,7 @@
  * standardisation, and a linear classifier trained on them with AdamW.
  */
 import { argmaxRows } from './classifier'
-import { EvalTransform } from './data/augment'
+import { EvalTransform, viewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import { permutation } from './data/batches'
@@ -47,18 +47,17 @@ export async function probeFeatures(
   layer: number,
   opts: Pick<LinearProbeOptions, 'transform' | 'mean' | 'std' | 'threads'> = {},
 ): Promise<{ features: Float32Array; labels: Int32Array; dim: number }> {
-  const [height, width] = backbone.config.imageSize
-  const channels = backbone.config.numChannels as 1 | 3
+  const { imageSize, numChannels } = backbone.config
   const loader = new ImageLoader({
     dataset: data,
     views: [
-      {
-        size: [height, width],
+      viewSpec({
+        size: imageSize,
         interpolation: 'bicubic',
-        channels,
-        mean: new Array(channels).fill(opts.mean ?? 0.5),
-        std: new Array(channels).fill(opts.std ?? 0.5),
-      },
+        channels: numChannels,
+        mean: opts.mean ?? 0.5,
+        std: opts.std ?? 0.5,
+      }),
     ],
     transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
     batchSize: 256,
@@ -105,15 +104,7 @@ export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearPr
   const pixels = async (data: ImageDataset) => {
     const loader = new ImageLoader({
       dataset: data,
-      views: [
-        {
-          size: opts.imageSize,
-          interpolation: 'bicubic',
-          channels: opts.channels,
-          mean: new Array(opts.channels).fill(0),
-          std: new Array(opts.channels).fill(1),
-        },
-      ],
+      views: [viewSpec({ size: opts.imageSize, interpolation: 'bicubic', channels: opts.channels })],
       transform: opts.transform ?? { kind: 'eval', cropFraction: 1 },
       batchSize: 256,
       shuffle: false,

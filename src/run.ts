@@ -20,26 +20,79 @@ export interface ScheduleOptions {
   warmupSteps?: number
 }
 
+/** The learning rate of each step: linear warmup then cosine (options), or any function of the step. */
+export type Schedule = ScheduleOptions | ((step: number) => number)
+
+/**
+ * What every training loop (pretrain, finetune, trainTokenizer) takes besides its models and
+ * data: one contract for the run's length, schedule, folder, checkpoints and interruption.
+ */
+export interface LoopOptions {
+  batchSize: number
+  /** Length of the run: optimizer steps, or epochs over the training data (may be fractional). Exactly one. */
+  steps?: number
+  epochs?: number
+  /** Learning rate per step. */
+  schedule: Schedule
+  /** Data order, augmentation and every other random draw of the loop. Default 0. */
+  seed?: number
+  /** Run folder: checkpoint.safetensors (weights, optimizer state, the loop's position), metrics.jsonl, curves.svg. */
+  outDir: string
+  /** Checkpoint every N steps, after the last step, and when `signal` aborts. Default 500. */
+  checkpointEvery?: number
+  /** Abort (e.g. on SIGINT): the loop checkpoints after the current step and returns 'interrupted'. */
+  signal?: AbortSignal
+  /** Native image decoding threads. Default: all cores. */
+  threads?: number
+}
+
+/** What every loop reports after each step. */
+export interface LoopProgress {
+  /** The step just taken, 0-based. */
+  step: number
+  totalSteps: number
+  epoch: number
+  lr: number
+  imagesPerSecond: number
+}
+
 export interface RunResult {
   status: 'completed' | 'interrupted'
   /** Steps completed so far (over all sessions of the run). */
   step: number
+  /** The run folder's checkpoint.safetensors. */
   checkpoint: string
 }
 
+/** The checkpoint's name in every run folder. */
+export const CHECKPOINT_FILE = 'checkpoint.safetensors'
+
 export function resolveSteps(steps: number | undefined, epochs: number | undefined, batchesPerEpoch: number): number {
-  if ((steps === undefined) === (epochs === undefined)) throw new Error('give exactly one of steps and epochs')
+  if ((steps === undefined) === (epochs === undefined))
+    throw new Error(
+      `give exactly one of steps and epochs (the run's length), got ${steps === undefined ? 'neither' : `steps ${steps} and epochs ${epochs}`}`,
+    )
+  if (epochs !== undefined && !(Number.isFinite(epochs) && epochs > 0))
+    throw new Error(`epochs must be a positive number, got ${epochs}`)
   const total = steps ?? Math.round(epochs! * batchesPerEpoch)
   if (!Number.isInteger(total) || total <= 0)
-    throw new Error(`the run must have a positive whole number of steps, got ${total}`)
+    throw new Error(
+      `the run must have a positive whole number of steps, got ${total}${epochs === undefined ? '' : ` (${epochs} epochs of ${batchesPerEpoch} batches)`}`,
+    )
   return total
 }
 
-export function scheduleFor(opts: ScheduleOptions, totalSteps: number): (step: number) => number {
+/** The learning rate of each step of a run of `totalSteps`: a function as given, options as warmup + cosine. */
+export function scheduleFor(schedule: Schedule, totalSteps: number): (step: number) => number {
+  if (typeof schedule === 'function') return schedule
+  if (typeof schedule !== 'object' || schedule === null || typeof schedule.lr !== 'number')
+    throw new Error(
+      `schedule must be { lr, minLr?, warmupSteps? } or a function of the step, got ${JSON.stringify(schedule)}`,
+    )
   return warmupCosine({
-    lr: opts.lr,
-    minLr: opts.minLr ?? opts.lr / 150,
-    warmupSteps: opts.warmupSteps ?? Math.round(0.05 * totalSteps),
+    lr: schedule.lr,
+    minLr: schedule.minLr ?? schedule.lr / 150,
+    warmupSteps: schedule.warmupSteps ?? Math.round(0.05 * totalSteps),
     totalSteps,
   })
 }
@@ -77,6 +130,77 @@ export function resumePosition<S extends LoopPosition>(saved: unknown, fresh: S,
       throw new Error(`cannot resume: the run had ${key} ${position[key]}, now ${fresh[key]}`)
   }
   return position
+}
+
+export interface OpenRunOptions<S extends LoopPosition> {
+  outDir: string
+  /** The model's `trainState`: the position saved with its checkpoint, or undefined. */
+  saved: unknown
+  /** The position of this run before its first step. */
+  fresh: S
+  /** For errors: whose checkpoint ("model") and what run ("pretraining"). */
+  owner: string
+  runName: string
+  /** curves.svg */
+  title: string
+  panels: Panel[]
+  checkpointEvery?: number
+  signal?: AbortSignal
+}
+
+/**
+ * The skeleton every training loop shares, as helpers it calls (the step itself stays in the
+ * loop): `Run.open` makes the run folder, opens its metrics log and finds the position to start
+ * from; `afterStep` decides when to checkpoint and when to stop; `end` writes the curves and
+ * the result.
+ */
+export class Run<S extends LoopPosition> {
+  private constructor(
+    /** Where the loop starts: the saved position when resuming, else the fresh one. */
+    readonly start: S,
+    readonly checkpoint: string,
+    readonly metrics: MetricsLog,
+    private readonly totalSteps: number,
+    private readonly every: number,
+    private readonly signal: AbortSignal | undefined,
+  ) {}
+
+  static async open<S extends LoopPosition>(opts: OpenRunOptions<S>): Promise<Run<S>> {
+    if (typeof opts.outDir !== 'string' || opts.outDir === '')
+      throw new Error(
+        `outDir is required: the run folder for ${CHECKPOINT_FILE}, metrics.jsonl and curves.svg, got ${JSON.stringify(opts.outDir)}`,
+      )
+    const every = opts.checkpointEvery ?? 500
+    if (!Number.isInteger(every) || every < 1)
+      throw new Error(`checkpointEvery must be a positive integer (steps), got ${every}`)
+    const start = resumePosition(opts.saved, opts.fresh, opts.owner, opts.runName)
+    const metrics = await MetricsLog.open(opts.outDir, {
+      title: opts.title,
+      panels: opts.panels,
+      resumeFrom: start.step,
+    })
+    return new Run(start, join(opts.outDir, CHECKPOINT_FILE), metrics, opts.fresh.totalSteps, every, opts.signal)
+  }
+
+  /** Whether the loop was told to stop. */
+  get aborted(): boolean {
+    return this.signal?.aborted ?? false
+  }
+
+  /**
+   * Call after every step with the steps completed: runs `save` every `checkpointEvery` steps,
+   * after the last step and when aborted; true when the loop must stop (aborted).
+   */
+  async afterStep(step: number, save: () => Promise<void>): Promise<boolean> {
+    if (step % this.every === 0 || step === this.totalSteps || this.aborted) await save()
+    return this.aborted
+  }
+
+  /** The run's result, with its curves written. */
+  async end(status: RunResult['status'], step: number): Promise<RunResult> {
+    await this.metrics.writePlot()
+    return { status, step, checkpoint: this.checkpoint }
+  }
 }
 
 export interface Panel {

@@ -3,15 +3,25 @@
  * final value, cosine LR; metrics JSONL, periodic checkpoints and reconstruction sheets. Images
  * come through the image loader, so any dataset works: they are resized to the tokenizer's input.
  */
-import { mkdir, writeFile } from 'node:fs/promises'
+import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Transform, ViewSpec } from './data/augment'
+import { Transform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
 import { ImageLoader, LoaderOptions } from './data/loader'
 import { deriveSeed } from './rng'
-import { LoopPosition, MetricsLog, resumePosition, RunResult, startPosition } from './run'
+import {
+  LoopOptions,
+  LoopPosition,
+  LoopProgress,
+  resolveSteps,
+  Run,
+  RunResult,
+  Schedule,
+  scheduleFor,
+  startPosition,
+} from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
 import { Dvae, TokenizerStepResult } from './tokenizer'
@@ -28,15 +38,8 @@ function asDataset(data: TokenizerData, name: string): ImageDataset {
  * [0, 1] (`encode` applies the logit-Laplace pixel map itself).
  */
 function tokenizerView(tokenizer: Dvae): ViewSpec {
-  const [height, width] = tokenizer.config.imageSize
-  const channels = tokenizer.config.numChannels as 1 | 3
-  return {
-    size: [height, width],
-    interpolation: 'lanczos',
-    channels,
-    mean: new Array(channels).fill(0),
-    std: new Array(channels).fill(1),
-  }
+  const { imageSize, numChannels } = tokenizer.config
+  return viewSpec({ size: imageSize, interpolation: 'lanczos', channels: numChannels })
 }
 
 /** Values of one image at the tokenizer's input. */
@@ -64,14 +67,11 @@ export function tokenizerLoader(
 /** Seed of the image samples behind evaluations and sheets, so they are the same in every run. */
 const SAMPLE_SEED = 0x5eed
 
-export interface TokenizerProgress extends TokenizerStepResult {
-  step: number
-  lr: number
+export interface TokenizerProgress extends TokenizerStepResult, LoopProgress {
   temperature: number
   klWeight: number
   /** Distinct codes of the batch / vocabulary size. */
   codesUsedFraction: number
-  imagesPerSecond: number
 }
 
 export interface TokenizerEvaluation {
@@ -85,34 +85,29 @@ export interface TokenizerEvaluation {
   codesUsedFraction: number
 }
 
-export interface TrainTokenizerOptions {
+/** The tokenizer's default learning rate: cosine from 1e-3 to 1e-5 over the run, no warmup. */
+export const TOKENIZER_SCHEDULE: Schedule = { lr: 1e-3, minLr: 1e-5, warmupSteps: 0 }
+
+export interface TrainTokenizerOptions extends Omit<LoopOptions, 'schedule'> {
   tokenizer: Dvae
   /** Training images, resized to the tokenizer's input size and channels by the loader. */
   data: TokenizerData
-  steps: number
-  batchSize: number
   /** Augmentation of the training images. Default: none (the whole image, resized). */
   transform?: Transform
-  /** Default: cosine from 1e-3 to 1e-5 over the run. */
-  lr?: (step: number) => number
+  /** Learning rate per step. Default TOKENIZER_SCHEDULE: cosine from 1e-3 to 1e-5, no warmup. */
+  schedule?: Schedule
   /** Default: cosine 1 -> 1/16 over the run (DALL-E). */
   temperature?: (step: number) => number
-  /** Default: cosine 0 -> 6.6 over the first half of the run (DALL-E's final weight). */
-  klWeight?: (step: number) => number
-  seed?: number
-  /** Run folder: tokenizer.safetensors (with the loop's position), metrics.jsonl, curves.svg, reconstructions.png, evaluation.json. */
-  outDir?: string
-  /** Checkpoint and sheet every N steps (and at the end). Default 500. */
-  checkpointEvery?: number
-  /** Images on the sheet and in the evaluation (seeded random samples). Default 16 / 1000. */
+  /**
+   * KL weight per step. A number is the final weight of the default ramp: cosine from 0 to it
+   * over the first half of the run. Default 6.6 (DALL-E's).
+   */
+  klWeight?: number | ((step: number) => number)
+  /** Images on the reconstruction sheet (written with each checkpoint) and in the evaluation (seeded random samples). Default 16 / 1000. */
   sheetImages?: number
   evalImages?: number
   /** Held-out images for evaluation. Default: `data`. */
   evalData?: TokenizerData
-  /** Native image decoding threads. Default: all cores. */
-  threads?: number
-  /** Abort (e.g. on SIGINT): the loop checkpoints after the current step and returns. */
-  signal?: AbortSignal
   onProgress?: (p: TokenizerProgress) => void
 }
 
@@ -122,21 +117,18 @@ interface TokenizerState extends LoopPosition {
 }
 
 /**
- * Trains `tokenizer` for `steps` steps. With `outDir`, a checkpoint carries the loop's position,
- * so a tokenizer loaded from it (`Dvae.load`) resumes the very steps of an uninterrupted run.
- * The evaluation runs when the run completes.
+ * Trains `tokenizer`; the run folder `outDir` gets checkpoint.safetensors (with the loop's
+ * position, so a tokenizer loaded from it with `Dvae.load` resumes the very steps of an
+ * uninterrupted run), metrics.jsonl, curves.svg, reconstructions.png (with each checkpoint) and,
+ * when the run completes, its evaluation in evaluation.json.
  */
 export async function trainTokenizer(
   opts: TrainTokenizerOptions,
 ): Promise<RunResult & { evaluation?: TokenizerEvaluation }> {
-  const { tokenizer, steps, batchSize } = opts
+  const { tokenizer, batchSize } = opts
   const seed = opts.seed ?? 0
   const data = asDataset(opts.data, 'training images')
   const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
-  const lr = opts.lr ?? cosineRamp({ from: 1e-3, to: 1e-5, steps })
-  const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps })
-  const klWeight = opts.klWeight ?? cosineRamp({ from: 0, to: 6.6, steps: Math.ceil(steps / 2) })
-  const every = opts.checkpointEvery ?? 500
   const loader = tokenizerLoader(tokenizer, data, {
     transform: opts.transform,
     batchSize,
@@ -146,39 +138,48 @@ export async function trainTokenizer(
   })
   if (loader.batchesPerEpoch === 0)
     throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
+  const lr = scheduleFor(opts.schedule ?? TOKENIZER_SCHEDULE, totalSteps)
+  const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps: totalSteps })
+  const klWeight =
+    typeof opts.klWeight === 'function'
+      ? opts.klWeight
+      : cosineRamp({ from: 0, to: opts.klWeight ?? 6.6, steps: Math.ceil(totalSteps / 2) })
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
-  const fresh: TokenizerState = startPosition('tokenizer', steps, batchSize, seed)
-  let state = resumePosition(tokenizer.trainState, fresh, 'tokenizer', 'tokenizer training')
-  const outDir = opts.outDir
-  const checkpoint = outDir === undefined ? '' : join(outDir, 'tokenizer.safetensors')
-  if (outDir !== undefined) await mkdir(outDir, { recursive: true })
-  const metrics =
-    outDir === undefined
-      ? undefined
-      : await MetricsLog.open(outDir, {
-          title: 'dVAE tokenizer',
-          panels: [
-            { key: 'loss' },
-            { key: 'reconLoss', title: 'reconstruction loss' },
-            { key: 'perplexity', title: 'batch codebook perplexity' },
-            { key: 'lr', log: true },
-          ],
-          resumeFrom: state.step,
-        })
+  const fresh: TokenizerState = startPosition('tokenizer', totalSteps, batchSize, seed)
+  // The run folder, its metrics log, and the position to continue from when the tokenizer carries one.
+  const run = await Run.open({
+    outDir: opts.outDir,
+    saved: tokenizer.trainState,
+    fresh,
+    owner: 'tokenizer',
+    runName: 'tokenizer training',
+    title: 'dVAE tokenizer',
+    panels: [
+      { key: 'loss' },
+      { key: 'reconLoss', title: 'reconstruction loss' },
+      { key: 'perplexity', title: 'batch codebook perplexity' },
+      { key: 'lr', log: true },
+    ],
+    checkpointEvery: opts.checkpointEvery,
+    signal: opts.signal,
+  })
+  let state = run.start
   const save = async () => {
-    if (outDir === undefined) return
     tokenizer.trainState = state
-    await tokenizer.save(checkpoint)
-    await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, join(outDir, 'reconstructions.png'), opts.threads)
+    await tokenizer.save(run.checkpoint)
+    const sheet = join(opts.outDir, 'reconstructions.png')
+    await writeSheet(tokenizer, evalData, opts.sheetImages ?? 16, sheet, opts.threads)
   }
 
-  let last = performance.now()
   let epoch = state.epoch
   let fromBatch = state.batch + 1
-  while (state.step < steps) {
+  while (state.step < totalSteps) {
     const stepsBefore = state.step
+    let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
+      if (state.step >= totalSteps) break
       const step = state.step
       const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
       const result = await tokenizer.trainStep({
@@ -187,34 +188,36 @@ export async function trainTokenizer(
         ...schedule,
         seed: deriveSeed(seed, step, 1),
       })
-      const now = performance.now()
       const progress: TokenizerProgress = {
-        step,
-        ...schedule,
         ...result,
+        ...schedule,
+        step,
+        totalSteps,
+        epoch,
         codesUsedFraction: result.codesUsed / vocab,
-        imagesPerSecond: batch.size / ((now - last) / 1000),
+        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
       }
-      last = now
       state = { ...state, step: step + 1, epoch, batch: batch.batch }
+      await run.metrics.record({
+        step,
+        epoch,
+        ...result,
+        ...schedule,
+        codesUsedFraction: progress.codesUsedFraction,
+        imagesPerSecond: progress.imagesPerSecond,
+      })
       opts.onProgress?.(progress)
-      await metrics?.record({ ...progress })
-      if (state.step % every === 0 || state.step === steps || opts.signal?.aborted) await save()
-      if (opts.signal?.aborted) {
-        await metrics?.writePlot()
-        return { status: 'interrupted', step: state.step, checkpoint }
-      }
-      if (state.step === steps) break
+      if (await run.afterStep(state.step, save)) return run.end('interrupted', state.step)
+      started = performance.now()
     }
     if (state.step === stepsBefore)
       throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
     epoch++
     fromBatch = 0
   }
-  await metrics?.writePlot()
   const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000, opts.threads)
-  if (outDir !== undefined) await writeFile(join(outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
-  return { status: 'completed', step: state.step, checkpoint, evaluation }
+  await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
+  return { ...(await run.end('completed', state.step)), evaluation }
 }
 
 /**

@@ -3,20 +3,19 @@ import { existsSync } from 'node:fs'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Command, FlagTable, resolvedConfig, UsageError, Values } from '../cli-options'
-import { ModelSpec, PresetName, PRESETS } from '../config'
+import { choicesOf, CommonValues, FlagTable, flagTable, resolvedConfig, UsageError, Values } from '../cli-options'
+import { ModelSpec, PRESETS } from '../config'
 import { TrainTransform } from '../data/augment'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
-import { DeviceOptions, DeviceSpec, PrecisionSpec } from '../device'
-import { RunResult } from '../run'
-import { interruptSignal } from '../run'
+import { DeviceOptions, DeviceSpec } from '../device'
+import { CHECKPOINT_FILE, interruptSignal, RunResult, ScheduleOptions } from '../run'
 
 export const DATA_HELP =
   'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
 
-export const MODEL_FLAGS: FlagTable = {
-  preset: { kind: 'string', help: 'backbone size', default: 'mini', choices: Object.keys(PRESETS) },
+export const MODEL_FLAGS = flagTable({
+  preset: { kind: 'string', help: 'backbone size', default: 'mini', choices: choicesOf(PRESETS) },
   'image-size': { kind: 'int', help: 'input size in pixels (default: 28 for IDX data, 224 for image files)' },
   'patch-size': { kind: 'int', help: 'patch size (default: image size / 7 for 28 px, else 16)' },
   channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
@@ -25,9 +24,9 @@ export const MODEL_FLAGS: FlagTable = {
   heads: { kind: 'int', help: "override the preset's attention heads" },
   'mlp-size': { kind: 'int', help: "override the preset's MLP width" },
   'drop-path': { kind: 'number', help: 'maximum stochastic-depth rate', default: 0.1, min: 0 },
-}
+})
 
-export const RUN_FLAGS: FlagTable = {
+export const RUN_FLAGS = flagTable({
   'batch-size': { kind: 'int', help: 'images per step', default: 64 },
   lr: { kind: 'number', help: 'peak learning rate (linear warmup, then cosine)' },
   'min-lr': { kind: 'number', help: 'final learning rate (default lr / 150)', min: 0 },
@@ -38,6 +37,29 @@ export const RUN_FLAGS: FlagTable = {
   resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
   'checkpoint-every': { kind: 'int', help: 'steps between checkpoints', default: 500 },
   threads: { kind: 'int', help: 'image decoding threads (default: all cores)' },
+})
+
+/** --steps or --epochs: one flag pair for every training command; `help` says the fallback. */
+export function lengthFlags(stepsHelp: string, epochsHelp: string) {
+  return flagTable({
+    steps: { kind: 'int', help: stepsHelp, conflicts: 'epochs' },
+    epochs: { kind: 'number', help: epochsHelp },
+  })
+}
+
+/** The run's length: --steps or --epochs as given (the parser lets only one through), else `fallback`. */
+export function runLength(
+  v: { steps?: number; epochs?: number },
+  fallback: { steps: number } | { epochs: number },
+): { steps?: number; epochs?: number } {
+  if (v.steps !== undefined) return { steps: v.steps }
+  if (v.epochs !== undefined) return { epochs: v.epochs }
+  return fallback
+}
+
+/** --lr, --min-lr and --warmup-steps as schedule options. */
+export function scheduleOptions(v: { lr: number; 'min-lr'?: number; 'warmup-steps'?: number }): ScheduleOptions {
+  return { lr: v.lr, minLr: v['min-lr'], warmupSteps: v['warmup-steps'] }
 }
 
 /** A dataset and its test split where one exists. */
@@ -55,51 +77,53 @@ export async function openData(
   return { train, test, pixels: train.source.kind === 'pixels' }
 }
 
-export function modelSpec(v: Values, pixels: boolean, vocabSize?: number): ModelSpec {
-  const imageSize = (v['image-size'] as number | undefined) ?? (pixels ? 28 : 224)
-  const channels = (v.channels as number | undefined) ?? (pixels ? 1 : 3)
+export type ModelValues = Values<typeof MODEL_FLAGS>
+
+export function modelSpec(v: ModelValues, pixels: boolean, vocabSize?: number): ModelSpec {
+  const imageSize = v['image-size'] ?? (pixels ? 28 : 224)
+  const channels = v.channels ?? (pixels ? 1 : 3)
   if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
-  const patchSize = (v['patch-size'] as number | undefined) ?? (imageSize === 28 ? 4 : 16)
+  const patchSize = v['patch-size'] ?? (imageSize === 28 ? 4 : 16)
   if (imageSize % patchSize !== 0)
     throw new UsageError(`--image-size ${imageSize} must be a multiple of --patch-size ${patchSize}`)
   const overrides: Partial<Record<string, number>> = {
-    hiddenSize: v['hidden-size'] as number | undefined,
-    numHiddenLayers: v.layers as number | undefined,
-    numAttentionHeads: v.heads as number | undefined,
-    intermediateSize: v['mlp-size'] as number | undefined,
+    hiddenSize: v['hidden-size'],
+    numHiddenLayers: v.layers,
+    numAttentionHeads: v.heads,
+    intermediateSize: v['mlp-size'],
     vocabSize,
   }
   const defined = Object.fromEntries(Object.entries(overrides).filter(([, x]) => x !== undefined))
   return {
-    preset: v.preset as PresetName,
+    preset: v.preset,
     imageSize: [imageSize, imageSize],
     patchSize,
     numChannels: channels,
-    dropPathRate: v['drop-path'] as number,
+    dropPathRate: v['drop-path'],
     ...defined,
   }
 }
 
-export function trainTransform(v: Values, jitter: boolean): TrainTransform {
-  const scaleMin = v['scale-min'] as number
+export function trainTransform(v: { 'scale-min': number }, jitter: boolean): TrainTransform {
+  const scaleMin = v['scale-min']
   if (scaleMin > 1) throw new UsageError(`--scale-min must be at most 1, got ${scaleMin}`)
   return { kind: 'train', scale: [scaleMin, 1], colorJitter: jitter ? {} : null }
 }
 
-export async function prepareOut(
-  command: Command,
-  v: Values,
-  checkpointName = 'checkpoint.safetensors',
-): Promise<string> {
-  const out = v.out as string
-  const checkpoint = join(out, checkpointName)
+/**
+ * The run folder --out: refused when it holds a run and --resume is not given (or holds none
+ * and it is); gets the resolved config.json of `flags`.
+ */
+export async function prepareOut(flags: FlagTable, v: { out: string; resume: boolean }): Promise<string> {
+  const { out } = v
+  const checkpoint = join(out, CHECKPOINT_FILE)
   if (!v.resume && existsSync(checkpoint))
     throw new UsageError(
-      `${out} already holds a run (${checkpointName}): pass --resume to continue it, or choose another --out`,
+      `${out} already holds a run (${CHECKPOINT_FILE}): pass --resume to continue it, or choose another --out`,
     )
   if (v.resume && !existsSync(checkpoint)) throw new UsageError(`--resume: no checkpoint at ${checkpoint}`)
   await mkdir(out, { recursive: true })
-  await writeFile(join(out, 'config.json'), JSON.stringify(resolvedConfig(command, v), null, 2) + '\n')
+  await writeFile(join(out, 'config.json'), JSON.stringify(resolvedConfig(flags, v), null, 2) + '\n')
   return out
 }
 
@@ -130,10 +154,17 @@ export function table(header: string[], rows: string[][]): void {
   for (const row of rows) console.log(`| ${row.join(' | ')} |`)
 }
 
-export function placement(v: Values): DeviceOptions {
-  return { device: v.device as DeviceSpec, precision: v.precision as PrecisionSpec }
+function isDeviceSpec(spec: string): spec is DeviceSpec {
+  return /^(auto|cpu|cuda|cuda:\d+)$/.test(spec)
 }
 
-export function log(v: Values, line: string): void {
+/** --device and --precision as model placement options. */
+export function placement(v: Pick<CommonValues, 'device' | 'precision'>): DeviceOptions {
+  if (!isDeviceSpec(v.device))
+    throw new UsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(v.device)}`)
+  return { device: v.device, precision: v.precision }
+}
+
+export function log(v: Pick<CommonValues, 'quiet'>, line: string): void {
   if (!v.quiet) console.log(line)
 }

@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path'
 
-import { Command } from '../cli-options'
+import { defineCommand } from '../cli-options'
 import { labelledSubset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { EpochResult } from '../finetune'
@@ -19,7 +19,7 @@ import { pretrain } from '../pretrain'
 import { formatSeconds } from '../run'
 import { Dvae } from '../tokenizer'
 import { interruptible, pct, placement, table } from './common'
-import { runFinetune } from './finetune'
+import { FinetuneValues, runFinetune } from './finetune'
 import { pretrainProgress } from './pretrain'
 import { runProbe } from './probe'
 import { printTokenizerEvaluation, runTokenizer } from './tokenizer'
@@ -30,7 +30,7 @@ function meanOf(values: number[], n: number, last: boolean): number {
   return part.reduce((a, b) => a + b, 0) / part.length
 }
 
-export const demoCommand: Command = {
+export const demoCommand = defineCommand({
   name: 'demo',
   summary:
     'The embedded default on the bundled Fashion-MNIST sample: tokenizer and BEiT pretraining on 5,000 unlabelled images, then linear probes (pretrained vs random vs raw pixels) and fine-tuning (pretrained vs from scratch) on 500 labelled ones, then a results table.',
@@ -52,9 +52,9 @@ export const demoCommand: Command = {
     out: { kind: 'string', help: 'run folder', default: join('runs', 'demo') },
   },
   run: async (v) => {
-    const out = v.out as string
-    const seed = v.seed as number
-    const quiet = v.quiet as boolean
+    const out = v.out
+    const seed = v.seed
+    const quiet = v.quiet
     const started = performance.now()
     const times: Record<string, number> = {}
     const timed = async <T>(name: string, f: () => Promise<T>): Promise<T> => {
@@ -77,7 +77,9 @@ export const demoCommand: Command = {
           steps: v['tokenizer-steps'],
           lr: 2e-3,
           'batch-size': 32,
+          'warmup-steps': 0,
           'kl-weight': 6.6,
+          'checkpoint-every': 500,
           out: join(out, 'tokenizer'),
         },
         tokenizer,
@@ -116,7 +118,7 @@ export const demoCommand: Command = {
           data: train,
           masking,
           batchSize: 64,
-          epochs: v['pretrain-epochs'] as number,
+          epochs: v['pretrain-epochs'],
           schedule: { lr: 1.5e-3 },
           transform: { kind: 'train', scale: [0.35, 1] },
           seed,
@@ -133,7 +135,7 @@ export const demoCommand: Command = {
     )
     if (process.exitCode === 130) return
 
-    const perClass = v['labelled-per-class'] as number
+    const perClass = v['labelled-per-class']
     const labelled = labelledSubset(train, perClass, seed)
     console.log(
       `3/5 labels: ${labelled.size} of the training images keep theirs (${perClass} per class, drawn with the seed); the ${test.size.toLocaleString()} test images score everything`,
@@ -159,12 +161,13 @@ export const demoCommand: Command = {
       }),
     )
 
-    const ftEpochs = v['finetune-epochs'] as number
+    const ftEpochs = v['finetune-epochs']
     console.log(
       `5/5 fine-tuning on the labelled images, ${ftEpochs} epochs each: from the pretrained backbone vs from scratch`,
     )
     const ft = {
       ...v,
+      preset: 'mini',
       epochs: ftEpochs,
       'eval-every': Math.max(1, Math.ceil(ftEpochs)),
       'batch-size': 64,
@@ -177,7 +180,7 @@ export const demoCommand: Command = {
       'scale-min': 0.8,
       'checkpoint-every': 1_000_000,
       resume: false,
-    }
+    } satisfies FinetuneValues
     const fromPretrained = await timed('finetune pretrained', () =>
       runFinetune(
         { ...ft, init: join(pretrainOut, 'checkpoint.safetensors') },
@@ -186,7 +189,7 @@ export const demoCommand: Command = {
         join(out, 'finetune-pretrained'),
       ),
     )
-    const scratchSpec = { ...ft, preset: 'mini', 'image-size': 28, 'patch-size': 4, channels: 1, layers: 4 }
+    const scratchSpec = { ...ft, 'image-size': 28, 'patch-size': 4, channels: 1, layers: 4 }
     const fromScratch = await timed('finetune scratch', () =>
       runFinetune(scratchSpec, labelled, test, join(out, 'finetune-scratch')),
     )
@@ -239,4 +242,4 @@ export const demoCommand: Command = {
       `\ntotal ${formatSeconds((performance.now() - started) / 1000)}; run folder ${out}: tokenizer/ (with reconstructions.png), pretrain/, finetune-pretrained/, finetune-scratch/ (metrics.jsonl, curves.svg, checkpoints)`,
     )
   },
-}
+})

@@ -2,14 +2,14 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Command, UsageError } from '../cli-options'
+import { defineCommand, UsageError } from '../cli-options'
 import { ImageDataset, subset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { Dvae } from '../tokenizer'
 import { tokenizerLoader, writeSheet } from '../train-tokenizer'
 import { DATA_HELP, log, placement } from './common'
 
-export const encodeCommand: Command = {
+export const encodeCommand = defineCommand({
   name: 'encode',
   summary: 'Images -> visual token ids, one JSON line per image ({"image", "ids"}).',
   flags: {
@@ -21,8 +21,8 @@ export const encodeCommand: Command = {
   },
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
-    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
-    const data = limit(await openDataset(v.data as string, v.split as 'train' | 'test'), v.limit as number | undefined)
+    const tokenizer = await Dvae.load(v.tokenizer, placement(v))
+    const data = limit(await openDataset(v.data, v.split), v.limit)
     const [h, w] = tokenizer.config.imageSize.map((s) => s / tokenizer.downsample)
     const lines: string[] = []
     for await (const batch of tokenizerLoader(tokenizer, data, { batchSize: 64, shuffle: false }).epoch(0)) {
@@ -33,11 +33,11 @@ export const encodeCommand: Command = {
         lines.push(JSON.stringify({ image, grid: [h, w], ids: Array.from(ids.subarray(i * h * w, (i + 1) * h * w)) }))
       }
     }
-    await mkdir(join(v.out as string, '..'), { recursive: true })
-    await writeFile(v.out as string, lines.join('\n') + '\n')
+    await mkdir(join(v.out, '..'), { recursive: true })
+    await writeFile(v.out, lines.join('\n') + '\n')
     log(v, `${lines.length} images -> ${h}x${w} token ids of ${tokenizer.config.vocabSize}: ${v.out}`)
   },
-}
+})
 
 /** The first `n` images of `data` (all of them without `n`). */
 function limit(data: ImageDataset, n: number | undefined): ImageDataset {
@@ -49,7 +49,7 @@ function limit(data: ImageDataset, n: number | undefined): ImageDataset {
   )
 }
 
-export const reconstructCommand: Command = {
+export const reconstructCommand = defineCommand({
   name: 'reconstruct',
   summary: 'Images -> tokens -> images: a PNG sheet of originals above their reconstructions.',
   flags: {
@@ -61,10 +61,10 @@ export const reconstructCommand: Command = {
   },
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
-    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
-    const data = await openDataset(v.data as string, v.split as 'train' | 'test')
-    await mkdir(join(v.out as string, '..'), { recursive: true })
-    const count = await writeSheet(tokenizer, data, v.count as number, v.out as string)
+    const tokenizer = await Dvae.load(v.tokenizer, placement(v))
+    const data = await openDataset(v.data, v.split)
+    await mkdir(join(v.out, '..'), { recursive: true })
+    const count = await writeSheet(tokenizer, data, v.count, v.out)
     log(v, `${count} originals above their reconstructions: ${v.out}`)
   },
-}
+})

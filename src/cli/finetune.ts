@@ -2,15 +2,15 @@
 import { join } from 'node:path'
 
 import { Classifier } from '../classifier'
-import { Command, UsageError, Values } from '../cli-options'
+import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { EpochResult, finetune, FinetuneProgress } from '../finetune'
 import { Beit } from '../model'
-import { RunResult } from '../run'
-import { Progress } from '../run'
+import { CHECKPOINT_FILE, Progress, RunResult } from '../run'
 import {
   DATA_HELP,
   interruptible,
+  lengthFlags,
   log,
   MODEL_FLAGS,
   modelSpec,
@@ -19,32 +19,42 @@ import {
   placement,
   prepareOut,
   RUN_FLAGS,
+  runLength,
+  scheduleOptions,
   trainTransform,
 } from './common'
 
-export const finetuneCommand: Command = {
+const FLAGS = flagTable({
+  data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+  init: {
+    kind: 'string',
+    help: 'pretrained MIM checkpoint (beit pretrain); without it the model starts from random weights',
+  },
+  ...MODEL_FLAGS,
+  ...lengthFlags(
+    'optimizer steps (or --epochs)',
+    'passes over the training data (default 5 when --steps is not given)',
+  ),
+  'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last step)', default: 1, min: 1 },
+  ...RUN_FLAGS,
+  lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
+  'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.75 },
+  'label-smoothing': { kind: 'number', help: 'label smoothing', default: 0.1, min: 0 },
+  pooling: { kind: 'string', help: 'classifier input', default: 'mean', choices: ['mean', 'cls'] },
+  out: { kind: 'string', help: 'run folder', default: join('runs', 'finetune') },
+})
+
+/** What a fine-tuning run reads of the flags (the demo passes its own). */
+export type FinetuneValues = Omit<CommandValues<typeof FLAGS>, 'data' | 'out' | 'config' | 'help'>
+
+export const finetuneCommand = defineCommand({
   name: 'finetune',
   summary:
     'Fine-tunes a classifier (mean-pooled patches -> LayerNorm -> Linear, or [CLS]) from a pretrained checkpoint or from scratch, evaluating after every epoch.',
-  flags: {
-    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-    init: {
-      kind: 'string',
-      help: 'pretrained MIM checkpoint (beit pretrain); without it the model starts from random weights',
-    },
-    ...MODEL_FLAGS,
-    epochs: { kind: 'number', help: 'passes over the training data', default: 5 },
-    'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last)', default: 1, min: 1 },
-    ...RUN_FLAGS,
-    lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
-    'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.75 },
-    'label-smoothing': { kind: 'number', help: 'label smoothing', default: 0.1, min: 0 },
-    pooling: { kind: 'string', help: 'classifier input', default: 'mean', choices: ['mean', 'cls'] },
-    out: { kind: 'string', help: 'run folder', default: join('runs', 'finetune') },
-  },
+  flags: FLAGS,
   run: async (v) => {
-    const out = await prepareOut(finetuneCommand, v)
-    const { train, test } = await openData(v.data as string)
+    const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { epochs: 5 }) })
+    const { train, test } = await openData(v.data)
     if (!test)
       throw new UsageError(
         `--data ${v.data}: fine-tuning needs a test split (IDX t10k files, or a test/ or val/ folder)`,
@@ -58,30 +68,30 @@ export const finetuneCommand: Command = {
       )
     }
   },
-}
+})
 
 export async function runFinetune(
-  v: Values,
+  v: FinetuneValues,
   train: ImageDataset,
   test: ImageDataset,
   out: string,
 ): Promise<RunResult & { evals: EpochResult[] }> {
   const pixels = train.source.kind === 'pixels'
   const options = {
-    optimizer: { weightDecay: v['weight-decay'] as number },
-    training: { labelSmoothing: v['label-smoothing'] as number, layerDecay: v['layer-decay'] as number },
-    seed: v.seed as number,
+    optimizer: { weightDecay: v['weight-decay'] },
+    training: { labelSmoothing: v['label-smoothing'], layerDecay: v['layer-decay'] },
+    seed: v.seed,
     ...placement(v),
   }
   const numLabels = Math.max(train.classNames.length, test.classNames.length)
-  const pooling = v.pooling as 'mean' | 'cls'
+  const pooling = v.pooling
   let classifier: Classifier
-  if (v.resume) classifier = await Classifier.load(join(out, 'checkpoint.safetensors'), placement(v))
+  if (v.resume) classifier = await Classifier.load(join(out, CHECKPOINT_FILE), placement(v))
   else if (v.init !== undefined) {
-    const pretrained = (await Beit.load(v.init as string, { device: 'cpu' })).config
+    const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
     classifier = await Classifier.fromPretrained(
-      v.init as string,
-      { model: { ...pretrained, dropPathRate: v['drop-path'] as number }, numLabels, pooling },
+      v.init,
+      { model: { ...pretrained, dropPathRate: v['drop-path'] }, numLabels, pooling },
       options,
     )
   } else classifier = Classifier.create({ model: modelSpec(v, pixels), numLabels, pooling }, options)
@@ -96,22 +106,18 @@ export async function runFinetune(
       classifier,
       train,
       test,
-      epochs: v.epochs as number,
-      evalEvery: v['eval-every'] as number,
-      batchSize: v['batch-size'] as number,
-      schedule: {
-        lr: v.lr as number,
-        minLr: v['min-lr'] as number | undefined,
-        warmupSteps: v['warmup-steps'] as number | undefined,
-      },
+      ...runLength(v, { epochs: 5 }),
+      evalEvery: v['eval-every'],
+      batchSize: v['batch-size'],
+      schedule: scheduleOptions(v),
       transform: trainTransform(v, false),
-      seed: v.seed as number,
+      seed: v.seed,
       outDir: out,
-      checkpointEvery: v['checkpoint-every'] as number,
-      threads: v.threads as number | undefined,
+      checkpointEvery: v['checkpoint-every'],
+      threads: v.threads,
       signal,
       onProgress: (p: FinetuneProgress) => {
-        bar ??= new Progress('finetune', p.totalSteps, { quiet: v.quiet as boolean, every: 50, startAt: start })
+        bar ??= new Progress('finetune', p.totalSteps, { quiet: v.quiet, every: 50, startAt: start })
         bar.update(p.step + 1, {
           loss: p.loss.toFixed(3),
           acc: p.accuracy.toFixed(3),

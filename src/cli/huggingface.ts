@@ -2,12 +2,12 @@
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Command, UsageError } from '../cli-options'
-import { exportHuggingFace, HuggingFaceTask, importHuggingFace } from '../huggingface'
+import { defineCommand, UsageError } from '../cli-options'
+import { exportHuggingFace, importHuggingFace } from '../huggingface'
 import { Beit } from '../model'
 import { log } from './common'
 
-export const importCommand: Command = {
+export const importCommand = defineCommand({
   name: 'import',
   summary: 'A Hugging Face transformers BEiT folder (config.json + model.safetensors) -> a beit checkpoint.',
   flags: {
@@ -31,19 +31,19 @@ export const importCommand: Command = {
   },
   run: async (v) => {
     if (v.from === undefined) throw new UsageError('--from is required')
-    await mkdir(join(v.out as string, '..'), { recursive: true })
-    const model = await importHuggingFace(v.from as string, v.out as string, {
-      task: v.task as HuggingFaceTask | undefined,
-      imageSize: v['image-size'] as number | undefined,
-      numLabels: v['num-labels'] as number | undefined,
-      seed: v.seed as number,
+    await mkdir(join(v.out, '..'), { recursive: true })
+    const model = await importHuggingFace(v.from, v.out, {
+      task: v.task,
+      imageSize: v['image-size'],
+      numLabels: v['num-labels'],
+      seed: v.seed,
     })
     const what = model instanceof Beit ? 'MIM model' : `classifier of ${model.config.numLabels} classes`
     log(v, `${v.from} -> ${v.out}: ${what}, ${model.numParameters.toLocaleString()} parameters`)
   },
-}
+})
 
-export const exportCommand: Command = {
+export const exportCommand = defineCommand({
   name: 'export',
   summary: 'A beit MIM or classifier checkpoint -> a Hugging Face transformers folder (from_pretrained loads it).',
   flags: {
@@ -56,10 +56,10 @@ export const exportCommand: Command = {
   },
   run: async (v) => {
     if (v.from === undefined) throw new UsageError('--from is required')
-    const model = await exportHuggingFace(v.from as string, v.out as string)
+    const model = await exportHuggingFace(v.from, v.out)
     log(
       v,
       `${v.from} -> ${v.out}: ${model instanceof Beit ? 'BeitForMaskedImageModeling' : 'BeitForImageClassification'}`,
     )
   },
-}
+})

@@ -1,16 +1,17 @@
 /** `beit pretrain`: masked image modeling on a trained tokenizer's visual tokens. */
 import { join } from 'node:path'
 
-import { Command, UsageError } from '../cli-options'
+import { defineCommand, flagTable, UsageError } from '../cli-options'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from '../masking'
 import { Beit } from '../model'
 import { pretrain, PretrainProgress } from '../pretrain'
-import { Progress } from '../run'
+import { CHECKPOINT_FILE, Progress } from '../run'
 import { Dvae } from '../tokenizer'
 import { writeSheet } from '../train-tokenizer'
 import {
   DATA_HELP,
   interruptible,
+  lengthFlags,
   log,
   MODEL_FLAGS,
   modelSpec,
@@ -18,6 +19,8 @@ import {
   placement,
   prepareOut,
   RUN_FLAGS,
+  runLength,
+  scheduleOptions,
   trainTransform,
 } from './common'
 
@@ -35,53 +38,54 @@ export function pretrainProgress(quiet: boolean, totalSteps: () => number, start
   }
 }
 
-export const pretrainCommand: Command = {
+const FLAGS = flagTable({
+  data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+  tokenizer: {
+    kind: 'string',
+    help: 'tokenizer checkpoint (beit tokenizer); its token grid must equal the patch grid',
+  },
+  ...MODEL_FLAGS,
+  ...lengthFlags('optimizer steps (or --epochs)', 'passes over the data (default 1 when --steps is not given)'),
+  ...RUN_FLAGS,
+  lr: { kind: 'number', help: 'peak learning rate', default: 1.5e-3 },
+  masking: { kind: 'string', help: 'mask generator', default: 'blockwise', choices: ['blockwise', 'random'] },
+  'mask-ratio': { kind: 'number', help: 'share of patches masked', default: 0.4 },
+  jitter: { kind: 'bool', help: 'ColorJitter(0.4, 0.4, 0.4) before cropping', default: true },
+  out: { kind: 'string', help: 'run folder', default: join('runs', 'pretrain') },
+})
+
+export const pretrainCommand = defineCommand({
   name: 'pretrain',
   summary: "Masked image modeling: a BEiT learns to predict a trained tokenizer's visual tokens of masked patches.",
-  flags: {
-    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-    tokenizer: {
-      kind: 'string',
-      help: 'tokenizer checkpoint (beit tokenizer); its token grid must equal the patch grid',
-    },
-    ...MODEL_FLAGS,
-    steps: { kind: 'int', help: 'optimizer steps (or --epochs)' },
-    epochs: { kind: 'number', help: 'passes over the data (default 1 when --steps is not given)' },
-    ...RUN_FLAGS,
-    lr: { kind: 'number', help: 'peak learning rate', default: 1.5e-3 },
-    masking: { kind: 'string', help: 'mask generator', default: 'blockwise', choices: ['blockwise', 'random'] },
-    'mask-ratio': { kind: 'number', help: 'share of patches masked', default: 0.4 },
-    jitter: { kind: 'bool', help: 'ColorJitter(0.4, 0.4, 0.4) before cropping', default: true },
-    out: { kind: 'string', help: 'run folder', default: join('runs', 'pretrain') },
-  },
+  flags: FLAGS,
   run: async (v) => {
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required: a checkpoint from `beit tokenizer`')
-    const out = await prepareOut(pretrainCommand, v)
-    const { train, pixels } = await openData(v.data as string)
-    const tokenizer = await Dvae.load(v.tokenizer as string, placement(v))
+    const length = runLength(v, { epochs: 1 })
+    const out = await prepareOut(FLAGS, { ...v, ...length })
+    const { train, pixels } = await openData(v.data)
+    const tokenizer = await Dvae.load(v.tokenizer, placement(v))
     await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
-      ? await Beit.load(join(out, 'checkpoint.safetensors'), placement(v))
+      ? await Beit.load(join(out, CHECKPOINT_FILE), placement(v))
       : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), {
-          seed: v.seed as number,
-          optimizer: { weightDecay: v['weight-decay'] as number },
+          seed: v.seed,
+          optimizer: { weightDecay: v['weight-decay'] },
           ...placement(v),
         })
     const [gh, gw] = model.grid
-    const ratio = v['mask-ratio'] as number
+    const ratio = v['mask-ratio']
     if (ratio >= 1) throw new UsageError(`--mask-ratio must be below 1, got ${ratio}`)
     const count = Math.max(1, Math.round(ratio * gh * gw))
     const masking: MaskGenerator =
       v.masking === 'random'
-        ? new RandomMaskGenerator({ height: gh, width: gw, maskRatio: ratio, seed: v.seed as number })
+        ? new RandomMaskGenerator({ height: gh, width: gw, maskRatio: ratio, seed: v.seed })
         : new BlockwiseMaskGenerator({
             height: gh,
             width: gw,
             numMaskingPatches: count,
             minNumPatches: Math.min(16, Math.max(2, Math.round(count / 5))),
-            seed: v.seed as number,
+            seed: v.seed,
           })
-    const epochs = v.steps === undefined ? ((v.epochs as number | undefined) ?? 1) : undefined
     const start = model.step
     log(
       v,
@@ -89,26 +93,21 @@ export const pretrainCommand: Command = {
     )
     let total = 0
     // One bar for the whole run, so its ETA clock runs from the first step.
-    const show = pretrainProgress(v.quiet as boolean, () => total, start)
+    const show = pretrainProgress(v.quiet, () => total, start)
     const result = await interruptible((signal) =>
       pretrain({
         model,
         tokenizer,
         data: train,
         masking,
-        batchSize: v['batch-size'] as number,
-        steps: v.steps as number | undefined,
-        epochs,
-        schedule: {
-          lr: v.lr as number,
-          minLr: v['min-lr'] as number | undefined,
-          warmupSteps: v['warmup-steps'] as number | undefined,
-        },
-        transform: trainTransform(v, v.jitter as boolean),
-        seed: v.seed as number,
+        batchSize: v['batch-size'],
+        ...length,
+        schedule: scheduleOptions(v),
+        transform: trainTransform(v, v.jitter),
+        seed: v.seed,
         outDir: out,
-        checkpointEvery: v['checkpoint-every'] as number,
-        threads: v.threads as number | undefined,
+        checkpointEvery: v['checkpoint-every'],
+        threads: v.threads,
         signal,
         onProgress: (p) => {
           total = p.totalSteps
@@ -119,4 +118,4 @@ export const pretrainCommand: Command = {
     if (result.status === 'completed')
       log(v, `done: ${result.step} steps; checkpoint ${result.checkpoint}, metrics.jsonl and curves.svg in ${out}`)
   },
-}
+})

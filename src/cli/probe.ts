@@ -2,54 +2,60 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { Command, UsageError, Values } from '../cli-options'
+import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { Beit } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
 import { Progress } from '../run'
 import { DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from './common'
 
-export const probeCommand: Command = {
+const FLAGS = flagTable({
+  data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+  init: {
+    kind: 'string',
+    help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)',
+  },
+  'random-like': { kind: 'string', help: 'a MIM checkpoint whose config (not weights) the random backbone copies' },
+  pixels: {
+    kind: 'bool',
+    help: 'no backbone: the linear classifier on the raw pixels (at --image-size, --channels), the baseline',
+    default: false,
+  },
+  ...MODEL_FLAGS,
+  layer: { kind: 'int', help: 'block whose output is probed, 1-based (default 3/4 of the depth)' },
+  epochs: { kind: 'int', help: 'passes over the features', default: 10 },
+  'batch-size': { kind: 'int', help: 'features per step', default: 256 },
+  lr: { kind: 'number', help: 'peak learning rate (cosine to 1/100)', default: 1e-2 },
+  seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+  threads: { kind: 'int', help: 'image decoding threads' },
+  out: { kind: 'string', help: 'result file (JSON)', default: join('runs', 'probe.json') },
+})
+
+/** What a probe reads of the flags (the demo passes its own). */
+export type ProbeValues = CommandValues<typeof FLAGS>
+
+export const probeCommand = defineCommand({
   name: 'probe',
   summary:
     'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone, or on the raw pixels (--pixels).',
-  flags: {
-    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-    init: {
-      kind: 'string',
-      help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)',
-    },
-    'random-like': { kind: 'string', help: 'a MIM checkpoint whose config (not weights) the random backbone copies' },
-    pixels: {
-      kind: 'bool',
-      help: 'no backbone: the linear classifier on the raw pixels (at --image-size, --channels), the baseline',
-      default: false,
-    },
-    ...MODEL_FLAGS,
-    layer: { kind: 'int', help: 'block whose output is probed, 1-based (default 3/4 of the depth)' },
-    epochs: { kind: 'int', help: 'passes over the features', default: 10 },
-    'batch-size': { kind: 'int', help: 'features per step', default: 256 },
-    lr: { kind: 'number', help: 'peak learning rate (cosine to 1/100)', default: 1e-2 },
-    seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
-    threads: { kind: 'int', help: 'image decoding threads' },
-    out: { kind: 'string', help: 'result file (JSON)', default: join('runs', 'probe.json') },
-  },
+  flags: FLAGS,
   run: async (v) => {
-    const { train, test, pixels } = await openData(v.data as string)
+    const { train, test, pixels } = await openData(v.data)
     if (!test) throw new UsageError(`--data ${v.data}: probing needs a test split`)
-    await mkdir(join(v.out as string, '..'), { recursive: true })
+    await mkdir(join(v.out, '..'), { recursive: true })
     if (v.pixels) {
-      const size = (v['image-size'] as number | undefined) ?? (pixels ? 28 : 224)
-      const channels = ((v.channels as number | undefined) ?? (pixels ? 1 : 3)) as 1 | 3
+      const size = v['image-size'] ?? (pixels ? 28 : 224)
+      const channels = v.channels ?? (pixels ? 1 : 3)
+      if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
       const opts = {
-        epochs: v.epochs as number,
-        batchSize: v['batch-size'] as number,
-        lr: v.lr as number,
-        seed: v.seed as number,
-        threads: v.threads as number | undefined,
+        epochs: v.epochs,
+        batchSize: v['batch-size'],
+        lr: v.lr,
+        seed: v.seed,
+        threads: v.threads,
       }
       const result = await pixelProbe({ train, test, imageSize: [size, size], channels, ...opts })
-      await writeFile(v.out as string, JSON.stringify({ init: 'pixels', ...result }, null, 2) + '\n')
+      await writeFile(v.out, JSON.stringify({ init: 'pixels', ...result }, null, 2) + '\n')
       log(
         v,
         `linear classifier on the raw pixels: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,
@@ -58,39 +64,39 @@ export const probeCommand: Command = {
     }
     const backbone = await probeBackbone(v, pixels)
     const result = await runProbe(v, backbone, train, test)
-    await writeFile(v.out as string, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
+    await writeFile(v.out, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
     log(
       v,
       `linear probe of layer ${result.layer}: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,
     )
   },
-}
+})
 
-export async function probeBackbone(v: Values, pixels: boolean): Promise<Beit> {
-  if (v.init !== undefined) return Beit.load(v.init as string, placement(v))
+export async function probeBackbone(v: ProbeValues, pixels: boolean): Promise<Beit> {
+  if (v.init !== undefined) return Beit.load(v.init, placement(v))
   const like =
-    v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'] as string, { device: 'cpu' })).config
-  return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed as number, ...placement(v) })
+    v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'], { device: 'cpu' })).config
+  return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed, ...placement(v) })
 }
 
 export async function runProbe(
-  v: Values,
+  v: Pick<ProbeValues, 'epochs' | 'quiet' | 'layer' | 'batch-size' | 'lr' | 'seed' | 'threads'>,
   backbone: Beit,
   train: ImageDataset,
   test: ImageDataset,
 ): Promise<LinearProbeResult> {
-  const epochs = v.epochs as number
-  const bar = new Progress('probe', epochs, { quiet: v.quiet as boolean, every: 5 })
+  const epochs = v.epochs
+  const bar = new Progress('probe', epochs, { quiet: v.quiet, every: 5 })
   const result = await linearProbe({
     backbone,
     train,
     test,
-    layer: v.layer as number | undefined,
+    layer: v.layer,
     epochs,
-    batchSize: v['batch-size'] as number,
-    lr: v.lr as number,
-    seed: v.seed as number,
-    threads: v.threads as number | undefined,
+    batchSize: v['batch-size'],
+    lr: v.lr,
+    seed: v.seed,
+    threads: v.threads,
     onEpoch: (e) => bar.update(e.epoch + 1, { loss: e.loss.toFixed(4), acc: e.trainAccuracy.toFixed(3) }),
   })
   bar.end()

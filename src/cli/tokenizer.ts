@@ -1,56 +1,76 @@
 /** `beit tokenizer`: trains a dVAE visual tokenizer. */
 import { join } from 'node:path'
 
-import { Command, UsageError, Values } from '../cli-options'
+import { choicesOf, CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
-import { formatSeconds, Progress } from '../run'
-import { cosineRamp } from '../schedule'
-import { DVAE_PRESETS, Dvae, DvaePresetName } from '../tokenizer'
+import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
+import { DVAE_PRESETS, Dvae } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
-import { DATA_HELP, interruptible, log, placement, prepareOut, table } from './common'
+import { DATA_HELP, interruptible, lengthFlags, log, placement, prepareOut, runLength, table } from './common'
 
-export const tokenizerCommand: Command = {
+const FLAGS = flagTable({
+  data: { kind: 'string', help: DATA_HELP, default: 'sample' },
+  preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: choicesOf(DVAE_PRESETS) },
+  'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
+  'image-size': {
+    kind: 'int',
+    help: "input size in pixels (default: the images' own for IDX data, else the preset's)",
+  },
+  channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
+  ...lengthFlags('training steps (default 1000 when --epochs is not given)', 'passes over the data (or --steps)'),
+  'batch-size': { kind: 'int', help: 'images per step', default: 32 },
+  lr: { kind: 'number', help: 'peak learning rate (cosine after the warmup)', default: 2e-3 },
+  'min-lr': { kind: 'number', help: 'final learning rate (default lr / 100)', min: 0 },
+  'warmup-steps': { kind: 'int', help: 'linear warmup steps', default: 0, min: 0 },
+  'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
+  ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
+  seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
+  resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
+  'checkpoint-every': { kind: 'int', help: 'steps between checkpoints (and reconstruction sheets)', default: 500 },
+  threads: { kind: 'int', help: 'image decoding threads' },
+  out: { kind: 'string', help: 'run folder', default: join('runs', 'tokenizer') },
+})
+
+/** What a tokenizer run reads of the flags (the demo passes its own). */
+export type TokenizerValues = Pick<
+  CommandValues<typeof FLAGS>,
+  | 'steps'
+  | 'epochs'
+  | 'batch-size'
+  | 'lr'
+  | 'min-lr'
+  | 'warmup-steps'
+  | 'kl-weight'
+  | 'seed'
+  | 'checkpoint-every'
+  | 'threads'
+  | 'out'
+  | 'quiet'
+>
+
+export const tokenizerCommand = defineCommand({
   name: 'tokenizer',
   summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on any image data, resized to its input size.',
-  flags: {
-    data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-    preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: Object.keys(DVAE_PRESETS) },
-    'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
-    'image-size': {
-      kind: 'int',
-      help: "input size in pixels (default: the images' own for IDX data, else the preset's)",
-    },
-    channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
-    steps: { kind: 'int', help: 'training steps', default: 1000 },
-    'batch-size': { kind: 'int', help: 'images per step', default: 32 },
-    lr: { kind: 'number', help: 'peak learning rate, cosine to 1/100 of it', default: 2e-3 },
-    'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
-    ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
-    seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
-    resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
-    'checkpoint-every': { kind: 'int', help: 'steps between checkpoints (and reconstruction sheets)', default: 500 },
-    threads: { kind: 'int', help: 'image decoding threads' },
-    out: { kind: 'string', help: 'run folder', default: join('runs', 'tokenizer') },
-  },
+  flags: FLAGS,
   run: async (v) => {
-    const train = await openDataset(v.data as string, 'train')
-    const test = await openDataset(v.data as string, 'test')
-    const preset = v.preset as DvaePresetName
+    const train = await openDataset(v.data, 'train')
+    const test = await openDataset(v.data, 'test')
+    const preset = v.preset
     const source = train.source.kind === 'pixels' ? train.source : undefined
-    const channels = (v.channels as number | undefined) ?? source?.channels ?? 3
+    const channels = v.channels ?? source?.channels ?? 3
     if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
-    const given = v['image-size'] as number | undefined
+    const given = v['image-size']
     const imageSize: [number, number] =
       given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
-    const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] as number }
-    if ((v.ema as number) >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const out = await prepareOut(tokenizerCommand, v, 'tokenizer.safetensors')
+    const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] }
+    if (v.ema >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
+    const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { steps: 1000 }) })
     const tokenizer = v.resume
-      ? await Dvae.load(join(out, 'tokenizer.safetensors'), placement(v))
+      ? await Dvae.load(join(out, CHECKPOINT_FILE), placement(v))
       : Dvae.create(
           { preset, numChannels: channels, imageSize, ...vocab },
-          { seed: v.seed as number, emaDecay: v.ema as number, ...placement(v) },
+          { seed: v.seed, emaDecay: v.ema, ...placement(v) },
         )
     log(
       v,
@@ -59,45 +79,45 @@ export const tokenizerCommand: Command = {
     const evaluation = await runTokenizer(v, tokenizer, train, test)
     if (evaluation === undefined) return
     printTokenizerEvaluation(evaluation, tokenizer)
-    log(v, `run folder ${out}: tokenizer.safetensors, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
+    log(v, `run folder ${out}: ${CHECKPOINT_FILE}, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
   },
-}
+})
 
 /** Trains `tokenizer` as the flags say; the evaluation, or undefined when interrupted. */
 export async function runTokenizer(
-  v: Values,
+  v: TokenizerValues,
   tokenizer: Dvae,
   train: ImageDataset,
   test: ImageDataset,
 ): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
-  const steps = v.steps as number
-  const lr = v.lr as number
-  const bar = new Progress('tokenizer', steps, { quiet: v.quiet as boolean, every: 50, startAt: tokenizer.step })
+  let bar: Progress | undefined
   const started = performance.now()
   const { evaluation } = await interruptible((signal) =>
     trainTokenizer({
       tokenizer,
       data: train,
       evalData: test,
-      steps,
-      batchSize: v['batch-size'] as number,
-      seed: v.seed as number,
-      lr: cosineRamp({ from: lr, to: lr / 100, steps }),
-      klWeight: cosineRamp({ from: 0, to: v['kl-weight'] as number, steps: Math.ceil(steps / 2) }),
-      outDir: v.out as string,
-      checkpointEvery: (v['checkpoint-every'] as number | undefined) ?? 500,
-      threads: v.threads as number | undefined,
+      ...runLength(v, { steps: 1000 }),
+      batchSize: v['batch-size'],
+      seed: v.seed,
+      schedule: { lr: v.lr, minLr: v['min-lr'] ?? v.lr / 100, warmupSteps: v['warmup-steps'] },
+      klWeight: v['kl-weight'],
+      outDir: v.out,
+      checkpointEvery: v['checkpoint-every'],
+      threads: v.threads,
       signal,
-      onProgress: (p) =>
+      onProgress: (p) => {
+        bar ??= new Progress('tokenizer', p.totalSteps, { quiet: v.quiet, every: 50, startAt: p.step })
         bar.update(p.step + 1, {
           loss: p.loss.toFixed(4),
           recon: p.reconLoss.toFixed(4),
           perplexity: p.perplexity.toFixed(1),
           'img/s': p.imagesPerSecond.toFixed(0),
-        }),
+        })
+      },
     }),
   )
-  bar.end()
+  bar?.end()
   return evaluation && { ...evaluation, seconds: (performance.now() - started) / 1000 }
 }
 

@@ -18,6 +18,38 @@ export interface ViewSpec {
   std: number[]
 }
 
+export interface ViewSpecOptions {
+  /** Square side in pixels, or [height, width]. */
+  size: number | [number, number]
+  interpolation: Interpolation
+  /** 1 or 3 (a model or tokenizer config's numChannels). */
+  channels: number
+  /** Normalisation: one value for every channel, or one per channel. Default 0 / 1: pixels in [0, 1]. */
+  mean?: number | number[]
+  std?: number | number[]
+}
+
+/** The one way to make a ViewSpec: a size, a filter, the channels and (optionally) a normalisation. */
+export function viewSpec(opts: ViewSpecOptions): ViewSpec {
+  const { size, interpolation, channels } = opts
+  if (channels !== 1 && channels !== 3) throw new Error(`a view has 1 or 3 channels, got ${channels}`)
+  const perChannel = (name: 'mean' | 'std', value: number | number[]) => {
+    if (typeof value === 'number') return Array.from({ length: channels }, () => value)
+    if (!Array.isArray(value) || value.length !== channels)
+      throw new Error(
+        `view ${name}: expected one number or ${channels} (one per channel), got ${JSON.stringify(value)}`,
+      )
+    return [...value]
+  }
+  return {
+    size: typeof size === 'number' ? [size, size] : [size[0], size[1]],
+    interpolation,
+    channels,
+    mean: perChannel('mean', opts.mean ?? 0),
+    std: perChannel('std', opts.std ?? 1),
+  }
+}
+
 export interface BeitViewOptions {
   /** Patch view size in pixels (square). Default 224. */
   imageSize?: number
@@ -36,10 +68,9 @@ export interface BeitViewOptions {
  */
 export function beitViews(opts: BeitViewOptions = {}): [ViewSpec, ViewSpec] {
   const { imageSize = 224, tokenizerSize = 112, channels = 3, mean = 0.5, std = 0.5 } = opts
-  const fill = (v: number) => new Array<number>(channels).fill(v)
   return [
-    { size: [imageSize, imageSize], interpolation: 'bicubic', channels, mean: fill(mean), std: fill(std) },
-    { size: [tokenizerSize, tokenizerSize], interpolation: 'lanczos', channels, mean: fill(0), std: fill(1) },
+    viewSpec({ size: imageSize, interpolation: 'bicubic', channels, mean, std }),
+    viewSpec({ size: tokenizerSize, interpolation: 'lanczos', channels }),
   ]
 }
 

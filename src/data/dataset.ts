@@ -120,7 +120,7 @@ export async function manifest(path: string, opts: ManifestOptions = {}): Promis
   try {
     text = await readFile(path, 'utf8')
   } catch (e) {
-    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`)
+    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`, { cause: e })
   }
   const root = opts.root ?? dirname(path)
   const rows = extname(path).toLowerCase() === '.jsonl' ? parseJsonl(text, path) : parseCsv(text, path)
@@ -177,7 +177,7 @@ function parseJsonl(text: string, file: string): ManifestRow[] {
     try {
       value = JSON.parse(line)
     } catch (e) {
-      throw new Error(`${file}:${i + 1}: invalid JSON: ${(e as Error).message}`)
+      throw new Error(`${file}:${i + 1}: invalid JSON: ${(e as Error).message}`, { cause: e })
     }
     const { path, label } = (value ?? {}) as { path?: unknown; label?: unknown }
     if (typeof path !== 'string' || !path)
@@ -288,7 +288,7 @@ export function labelledSubset(dataset: ImageDataset, perClass: number, seed: nu
   if (!Number.isInteger(perClass) || perClass <= 0)
     throw new Error(`perClass must be a positive integer, got ${perClass}`)
   const order = permutation(dataset.size, new Rng(seed))
-  const taken = new Array<number>(dataset.classNames.length).fill(0)
+  const taken = Array.from({ length: dataset.classNames.length }, () => 0)
   const picked: number[] = []
   for (const i of order) {
     const label = dataset.labels[i]

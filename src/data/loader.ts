@@ -143,15 +143,15 @@ export class ImageLoader {
     if (!Number.isInteger(next) || next < 0 || next > total)
       throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
     const queue: Promise<Batch>[] = []
-    const launch = () => {
-      const pending = this.load(order, epoch, next++)
+    const launch = (batch: number) => {
+      const pending = this.load(order, epoch, batch)
       pending.catch(() => {}) // surfaced when awaited; avoids an unhandled rejection meanwhile
       queue.push(pending)
     }
-    while (next < total && queue.length <= this.opts.prefetch) launch()
+    while (next < total && queue.length <= this.opts.prefetch) launch(next++)
     while (queue.length > 0) {
       const batch = await queue.shift()!
-      if (next < total) launch()
+      if (next < total) launch(next++)
       if (batch.size > 0) yield batch // every image of it was skipped (and counted)
     }
   }

@@ -1,0 +1,98 @@
+import test from 'ava'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { defineCommand, flagTable, parseCommand, resolvedConfig, UsageError } from '../src/cli-options'
+
+const FLAGS = flagTable({
+  size: { kind: 'int', help: 'a size', default: 3 },
+  rate: { kind: 'number', help: 'a rate', min: 0 },
+  mode: { kind: 'string', help: 'a mode', default: 'fast', choices: ['fast', 'slow'] },
+  name: { kind: 'string', help: 'a name' },
+  dry: { kind: 'bool', help: 'a switch' },
+  'batch-size': { kind: 'int', help: 'a batch', default: 8 },
+  steps: { kind: 'int', help: 'steps', conflicts: 'epochs' },
+  epochs: { kind: 'number', help: 'epochs' },
+})
+const TOY = defineCommand({ name: 'toy', summary: 'a toy command', flags: FLAGS, run: async () => {} })
+
+test('parsing returns each flag typed: numbers, booleans, choices, undefined only without a default', (t) => {
+  const v = parseCommand(TOY, ['--rate', '0', '--mode', 'slow', '--dry'])
+  // Each annotation compiles only if parsing is typed this way (`npm run typecheck` checks tests).
+  const size: number = v.size
+  const batch: number = v['batch-size']
+  const rate: number | undefined = v.rate
+  const mode: 'fast' | 'slow' = v.mode
+  const name: string | undefined = v.name
+  const dry: boolean = v.dry
+  const quiet: boolean = v.quiet
+  const precision: 'auto' | 'f32' | 'bf16' = v.precision
+  // @ts-expect-error a flag without a default may be undefined
+  const rateNumber: number = v.rate
+  // @ts-expect-error a string with choices is their union, not any string
+  const other: 'medium' = v.mode
+  t.deepEqual(
+    { size, batch, rate, mode, name, dry, quiet, precision, rateNumber, other },
+    {
+      size: 3,
+      batch: 8,
+      rate: 0,
+      mode: 'slow',
+      name: undefined,
+      dry: true,
+      quiet: false,
+      precision: 'auto',
+      rateNumber: 0,
+      other: 'slow',
+    },
+  )
+  t.is(typeof v.size, 'number')
+})
+
+test('bad values name the flag and what was expected', (t) => {
+  const cases: [string[], string][] = [
+    [['--size', '2.5'], '--size must be an integer > 0, got "2.5"'],
+    [['--rate=-1'], '--rate must be a number >= 0, got "-1"'],
+    [['--mode', 'medium'], '--mode must be one of fast, slow, got "medium"'],
+    [
+      ['--steps', '2', '--epochs', '1'],
+      '--steps and --epochs exclude each other, both given on the command line: give one',
+    ],
+  ]
+  for (const [argv, message] of cases) t.throws(() => parseCommand(TOY, argv), { instanceOf: UsageError, message })
+})
+
+test('defaults < config file < flags; a flag replaces the config file conflicting one; config.json keeps the run', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-options-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const config = join(dir, 'config.json')
+  await writeFile(config, JSON.stringify({ size: 5, mode: 'slow', epochs: 2 }))
+  const fromFile = parseCommand(TOY, ['--config', config])
+  t.like(fromFile, { size: 5, mode: 'slow', epochs: 2, steps: undefined })
+  const overridden = parseCommand(TOY, ['--config', config, '--size', '7', '--steps', '10'])
+  t.like(overridden, { size: 7, mode: 'slow', steps: 10, epochs: undefined })
+  t.deepEqual(resolvedConfig(FLAGS, overridden), { size: 7, mode: 'slow', dry: false, 'batch-size': 8, steps: 10 })
+  await writeFile(config, JSON.stringify({ size: 'big' }))
+  t.throws(() => parseCommand(TOY, ['--config', config]), {
+    message: `${config}: "size" must be an integer > 0, got "big"`,
+  })
+  await writeFile(config, JSON.stringify({ dryRun: true }))
+  t.throws(() => parseCommand(TOY, ['--config', config]), {
+    message: `${config}: unknown option "dryRun" for beit toy; expected one of size, rate, mode, name, dry, batch-size, steps, epochs`,
+  })
+  // camelCase keys are the flags' names.
+  await writeFile(config, JSON.stringify({ batchSize: 4, dry: true }))
+  t.like(parseCommand(TOY, ['--config', config]), { 'batch-size': 4, dry: true })
+})
+
+test('a flag that conflicts with another cannot have a default', (t) => {
+  t.throws(
+    () =>
+      flagTable({
+        steps: { kind: 'int', help: '', default: 1, conflicts: 'epochs' },
+        epochs: { kind: 'int', help: '' },
+      }),
+    { message: 'flag --steps conflicts with --epochs and so cannot have a default' },
+  )
+})

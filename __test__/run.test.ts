@@ -1,0 +1,93 @@
+import test from 'ava'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
+import { warmupCosine } from '../src/schedule'
+
+async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-run-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+const PANELS = [{ key: 'loss' }]
+
+test('the run length is exactly one of steps and epochs', (t) => {
+  t.is(resolveSteps(7, undefined, 10), 7)
+  t.is(resolveSteps(undefined, 2.5, 10), 25)
+  t.throws(() => resolveSteps(undefined, undefined, 10), { message: /give exactly one of steps and epochs.*neither/ })
+  t.throws(() => resolveSteps(3, 1, 10), { message: /got steps 3 and epochs 1/ })
+  t.throws(() => resolveSteps(undefined, 0.01, 10), {
+    message: 'the run must have a positive whole number of steps, got 0 (0.01 epochs of 10 batches)',
+  })
+  t.throws(() => resolveSteps(undefined, -1, 10), { message: 'epochs must be a positive number, got -1' })
+  t.throws(() => resolveSteps(2.5, undefined, 10), { message: /positive whole number of steps, got 2.5$/ })
+})
+
+test('a schedule is warmup + cosine options or a function used as is', (t) => {
+  const f = (step: number) => step / 10
+  t.is(scheduleFor(f, 100), f)
+  const lr = scheduleFor({ lr: 1e-3 }, 100)
+  const reference = warmupCosine({ lr: 1e-3, minLr: 1e-3 / 150, warmupSteps: 5, totalSteps: 100 })
+  t.deepEqual([0, 4, 5, 50, 99].map(lr), [0, 4, 5, 50, 99].map(reference))
+  t.throws(() => scheduleFor(1e-3 as unknown as { lr: number }, 10), {
+    message: 'schedule must be { lr, minLr?, warmupSteps? } or a function of the step, got 0.001',
+  })
+})
+
+test('a run checkpoints every N steps, after the last and when aborted, and stops only when aborted', async (t) => {
+  const dir = await tempDir(t)
+  const controller = new AbortController()
+  const fresh = startPosition('test', 7, 4, 0)
+  const run = await Run.open({
+    outDir: join(dir, 'run'),
+    saved: undefined,
+    fresh,
+    owner: 'model',
+    runName: 'a test run',
+    title: 'test',
+    panels: PANELS,
+    checkpointEvery: 3,
+    signal: controller.signal,
+  })
+  t.is(run.start, fresh)
+  t.is(run.checkpoint, join(dir, 'run', 'checkpoint.safetensors'))
+  const saved: number[] = []
+  const stops: boolean[] = []
+  for (let step = 1; step <= 7; step++) {
+    if (step === 5) controller.abort()
+    stops.push(await run.afterStep(step, async () => void saved.push(step)))
+  }
+  t.deepEqual(saved, [3, 5, 6, 7])
+  t.deepEqual(stops, [false, false, false, false, true, true, true])
+  await run.metrics.record({ step: 0, loss: 1 })
+  t.deepEqual(await run.end('interrupted', 5), {
+    status: 'interrupted',
+    step: 5,
+    checkpoint: join(dir, 'run', 'checkpoint.safetensors'),
+  })
+  t.regex(await readFile(join(dir, 'run', 'curves.svg'), 'utf8'), /^<svg/)
+})
+
+test('a resumed run starts at the saved position and keeps the metrics before it', async (t) => {
+  const dir = await tempDir(t)
+  await writeFile(join(dir, 'metrics.jsonl'), [0, 1, 2, 3].map((step) => JSON.stringify({ step, loss: 1 })).join('\n'))
+  const saved = { ...startPosition('test', 7, 4, 0), step: 2, batch: 1 }
+  const open = (fresh: ReturnType<typeof startPosition>) =>
+    Run.open({ outDir: dir, saved, fresh, owner: 'model', runName: 'fine-tuning', title: 'test', panels: PANELS })
+  const run = await open(startPosition('test', 7, 4, 0))
+  t.deepEqual(run.start, saved)
+  const steps = (await readFile(join(dir, 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l).step)
+  t.deepEqual(steps, [0, 1])
+  await t.throwsAsync(open(startPosition('test', 8, 4, 0)), {
+    message: 'cannot resume: the run had totalSteps 7, now 8',
+  })
+  await t.throwsAsync(open(startPosition('other', 7, 4, 0)), {
+    message: "the model's checkpoint is from a test run, not fine-tuning",
+  })
+})
