@@ -24,23 +24,31 @@ export declare class NativeBeit {
   set precision(precision: string)
   /** The model's config (camelCase JSON). */
   get configJson(): string
-  /** The model kind's training options (JSON; null for the MIM model). */
-  get optionsJson(): string
-  /** AdamW settings (JSON). */
-  get optimizerJson(): string
+  /** AdamW settings. */
+  get optimizer(): AdamWOptions
   get numParameters(): number
   /** Optimizer updates taken so far. */
   get optimizerStep(): number
+  /**
+   * Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
+   * `applyUpdate` has not yet applied.
+   */
+  get pendingLossTerms(): number
+  /**
+   * Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
+   * update (their mean over the loss terms); empties them.
+   */
+  applyUpdate(lr: number): Promise<UpdateMetrics>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
   /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
   save(path: string): Promise<void>
   /**
-   * `configJson`: a full model config (camelCase, as `BeitConfig`); `optimizerJson`: AdamW
-   * settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
+   * `configJson`: a full model config (camelCase, as `BeitConfig`; JSON, so that a wrong
+   * field is named in the error); `seed` drives the initialisation.
    */
-  static create(configJson: string, optimizerJson: string, seed: number): NativeBeit
+  static create(configJson: string, optimizer: AdamWOptions | undefined | null, seed: number): NativeBeit
   /**
    * Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
    * config (a mismatch names the tensor and both shapes).
@@ -50,17 +58,29 @@ export declare class NativeBeit {
    * Reads a transformers `BeitForMaskedImageModeling` folder (config.json +
    * model.safetensors); `imageSize` [height, width] resizes the position tables to it.
    */
-  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, optimizerJson: string): Promise<NativeBeit>
+  static fromHuggingFace(dir: string, imageSize?: Array<number> | undefined | null, optimizer?: AdamWOptions | undefined | null): Promise<NativeBeit>
   /** Writes a transformers `BeitForMaskedImageModeling` folder. */
   exportHuggingFace(dir: string): Promise<void>
-  /** One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth. */
+  /**
+   * Adds the gradient of the batch's masked cross-entropy (summed over its masked patches)
+   * to the model's gradients, for `applyUpdate`.
+   */
+  lossAndGrads(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, draws: StepDraws): Promise<BeitLossMetrics>
+  /**
+   * `lossAndGrads` with the tokenizer's ids of the tokenizer view as the targets (they stay
+   * native, and on a GPU on the GPU).
+   */
+  pretrainLossAndGrads(tokenizer: NativeDvae, batch: PretrainInput, draws: StepDraws): Promise<BeitLossMetrics>
+  /**
+   * One AdamW step on the masked-image-modeling loss: `lossAndGrads` then `applyUpdate`.
+   * `seed` drives stochastic depth.
+   */
   trainStep(pixels: Float32Array, mask: Uint8Array, targets: Int32Array, lr: number, seed: number): Promise<BeitStepMetrics>
   /**
-   * One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
-   * tokenizerHeight, tokenizerWidth] in [0, 1], the same crops) into the targets, which never
-   * come back to JS (nor leave the GPU).
+   * One pretraining step in one native call: the tokenizer encodes the tokenizer view into
+   * the targets, which never come back to JS (nor leave the GPU), then `applyUpdate`.
    */
-  pretrainStep(tokenizer: NativeDvae, pixels: Float32Array, tokenizerPixels: Float32Array, tokenizerHeight: number, tokenizerWidth: number, mask: Uint8Array, lr: number, seed: number): Promise<BeitStepMetrics>
+  pretrainStep(tokenizer: NativeDvae, batch: PretrainInput, lr: number, seed: number): Promise<BeitStepMetrics>
   /**
    * Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
    * [B, 2 * hiddenSize].
@@ -85,36 +105,54 @@ export declare class NativeClassifier {
   set precision(precision: string)
   /** The model's config (camelCase JSON). */
   get configJson(): string
-  /** The model kind's training options (JSON; null for the MIM model). */
-  get optionsJson(): string
-  /** AdamW settings (JSON). */
-  get optimizerJson(): string
+  /** AdamW settings. */
+  get optimizer(): AdamWOptions
   get numParameters(): number
   /** Optimizer updates taken so far. */
   get optimizerStep(): number
+  /**
+   * Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
+   * `applyUpdate` has not yet applied.
+   */
+  get pendingLossTerms(): number
+  /**
+   * Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
+   * update (their mean over the loss terms); empties them.
+   */
+  applyUpdate(lr: number): Promise<UpdateMetrics>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
   /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
   save(path: string): Promise<void>
   /**
-   * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `trainingJson`:
-   * { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
+   * `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }). Weights are
+   * initialised from `seed`.
    */
-  static create(configJson: string, optimizerJson: string, trainingJson: string, seed: number): NativeClassifier
+  static create(configJson: string, optimizer: AdamWOptions | undefined | null, training: ClassifierTrainingOptions | undefined | null, seed: number): NativeClassifier
+  /** The fine-tuning options. */
+  get training(): ClassifierTrainingOptions
   /** Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`. */
-  static fromPretrained(path: string, configJson: string, optimizerJson: string, trainingJson: string, seed: number): Promise<NativeClassifier>
+  static fromPretrained(path: string, configJson: string, optimizer: AdamWOptions | undefined | null, training: ClassifierTrainingOptions | undefined | null, seed: number): Promise<NativeClassifier>
   /**
    * Reads a transformers BEiT folder: a `BeitForImageClassification` keeps its head unless
    * `numLabels` differs; a `BeitModel` or `BeitForMaskedImageModeling` gets a new head of
    * `numLabels` classes, initialised from `seed`.
    */
-  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, numLabels: number | undefined | null, optimizerJson: string, trainingJson: string, seed: number): Promise<NativeClassifier>
+  static fromHuggingFace(dir: string, imageSize: Array<number> | undefined | null, numLabels: number | undefined | null, optimizer: AdamWOptions | undefined | null, training: ClassifierTrainingOptions | undefined | null, seed: number): Promise<NativeClassifier>
   /** Writes a transformers `BeitForImageClassification` folder. */
   exportHuggingFace(dir: string): Promise<void>
   /** Reads a checkpoint written by `save`. */
   static load(path: string): Promise<NativeClassifier>
-  /** One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth. */
+  /**
+   * Adds the gradient of the batch's label-smoothed cross-entropy (summed over its images)
+   * to the model's gradients, for `applyUpdate`.
+   */
+  lossAndGrads(pixels: Float32Array, labels: Int32Array, draws: StepDraws): Promise<ClassifierLossMetrics>
+  /**
+   * One AdamW step on the label-smoothed cross-entropy (`lossAndGrads` then
+   * `applyUpdate`); `seed` drives stochastic depth.
+   */
   trainStep(pixels: Float32Array, labels: Int32Array, lr: number, seed: number): Promise<ClassifierStepMetrics>
   /** Class logits [B, numLabels]. */
   predict(pixels: Float32Array): Promise<Float32Array>
@@ -135,25 +173,40 @@ export declare class NativeDvae {
   set precision(precision: string)
   /** The model's config (camelCase JSON). */
   get configJson(): string
-  /** The model kind's training options (JSON; null for the MIM model). */
-  get optionsJson(): string
-  /** AdamW settings (JSON). */
-  get optimizerJson(): string
+  /** AdamW settings. */
+  get optimizer(): AdamWOptions
   get numParameters(): number
   /** Optimizer updates taken so far. */
   get optimizerStep(): number
+  /**
+   * Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
+   * `applyUpdate` has not yet applied.
+   */
+  get pendingLossTerms(): number
+  /**
+   * Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
+   * update (their mean over the loss terms); empties them.
+   */
+  applyUpdate(lr: number): Promise<UpdateMetrics>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
   /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
   save(path: string): Promise<void>
-  /**
-   * `configJson`: a full `DvaeConfig`; `trainingJson`: optimizer, EMA and reconstruction-loss
-   * settings (missing fields take DALL-E's recipe).
-   */
-  static create(configJson: string, trainingJson: string, seed: number): NativeDvae
+  /** `configJson`: a full `DvaeConfig`. */
+  static create(configJson: string, training: DvaeTrainingOptions | undefined | null, seed: number): NativeDvae
+  /** The training options. */
+  get training(): DvaeTrainingOptions
   static load(path: string): Promise<NativeDvae>
-  /** One step on [B, C, height, width] images in [0, 1]; `seed` drives the Gumbel noise. */
+  /**
+   * Adds the gradient of the tokenizer objective on [B, C, height, width] images in [0, 1]
+   * (summed over the images) to the model's gradients, for `applyUpdate`.
+   */
+  lossAndGrads(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, draws: StepDraws): Promise<DvaeLossMetrics>
+  /**
+   * One step (`lossAndGrads` then `applyUpdate`) on [B, C, height, width] images in [0, 1];
+   * `seed` drives the Gumbel noise.
+   */
   trainStep(pixels: Float32Array, height: number, width: number, temperature: number, klWeight: number, lr: number, seed: number): Promise<DvaeStepMetrics>
   /** Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1]. */
   encode(pixels: Float32Array, height: number, width: number): Promise<Int32Array>
@@ -184,10 +237,39 @@ export declare class NativeImageLoader {
 /** A linear classifier on frozen, standardised features. */
 export declare class NativeLinearProbe {
   /** `trainFeatures` [N, numFeatures] sets the standardisation (mean and std per feature). */
-  constructor(numFeatures: number, numLabels: number, trainFeatures: Float32Array, optimizerJson: string, seed: number)
+  constructor(numFeatures: number, numLabels: number, trainFeatures: Float32Array, optimizer: AdamWOptions | undefined | null, seed: number)
   trainStep(features: Float32Array, labels: Int32Array, lr: number): Promise<ClassifierStepMetrics>
   /** Class logits [N, numLabels]. */
   predict(features: Float32Array): Promise<Float32Array>
+}
+
+/** AdamW settings; a missing field takes the model kind's default. */
+export interface AdamWOptions {
+  /** Default 0.9. */
+  beta1?: number
+  /** Default 0.999. */
+  beta2?: number
+  /** Default 1e-8. */
+  eps?: number
+  /**
+   * Decoupled weight decay; biases, norms, tokens and position tables are exempt. Default
+   * 0.05 (BEiT), 1e-4 for the tokenizer (DALL-E).
+   */
+  weightDecay?: number
+  /** Global gradient-norm clip; 0 disables. Default 3.0, 0 for the tokenizer. */
+  clipGradNorm?: number
+}
+
+export interface BeitLossMetrics {
+  /** Mean cross-entropy over the batch's masked patches. */
+  loss: number
+  mlmAcc: number
+  numMasked: number
+  /**
+   * Share of the most frequent target among the masked patches: the accuracy of always
+   * guessing it.
+   */
+  majorityBaseline: number
 }
 
 export interface BeitStepMetrics {
@@ -203,6 +285,14 @@ export interface BeitStepMetrics {
   majorityBaseline: number
 }
 
+/** What `lossAndGrads` reports. */
+export interface ClassifierLossMetrics {
+  /** Mean label-smoothed cross-entropy over the images. */
+  loss: number
+  /** Share of the batch classified right (argmax). */
+  accuracy: number
+}
+
 export interface ClassifierStepMetrics {
   loss: number
   /** Share of the batch classified right (argmax). */
@@ -211,8 +301,45 @@ export interface ClassifierStepMetrics {
   gradNorm: number
 }
 
+/** Fine-tuning options saved with the classifier. */
+export interface ClassifierTrainingOptions {
+  /** Label smoothing. Default 0.1. */
+  labelSmoothing?: number
+  /** Layer-wise LR decay (0.65 for BEiT-B); 1 disables. Default 1. */
+  layerDecay?: number
+}
+
+/**
+ * The perplexity and distinct codes of `ids` (each in [0, vocabSize)), as the training steps
+ * report them for a batch.
+ */
+export declare function codebookUsage(ids: Int32Array, vocabSize: number): CodebookUsage
+
+/**
+ * The codebook usage of token ids: perplexity (exp of the entropy of their histogram) and the
+ * number of distinct codes.
+ */
+export interface CodebookUsage {
+  perplexity: number
+  codesUsed: number
+}
+
 /** NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none. */
 export declare function cudaDeviceCount(): number
+
+/** What `lossAndGrads` reports. */
+export interface DvaeLossMetrics {
+  /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
+  loss: number
+  /** Reconstruction loss per pixel value. */
+  reconLoss: number
+  /** KL to the uniform prior per token, in nats. */
+  kl: number
+  /** exp(entropy) of the batch's code histogram. */
+  perplexity: number
+  /** Distinct codes in the batch. */
+  codesUsed: number
+}
 
 export interface DvaeStepMetrics {
   /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
@@ -226,6 +353,16 @@ export interface DvaeStepMetrics {
   /** Distinct codes in the batch. */
   codesUsed: number
   gradNorm: number
+}
+
+/** The tokenizer's training options, saved with it; missing fields take DALL-E's recipe. */
+export interface DvaeTrainingOptions {
+  /** Default: AdamW (0.9, 0.999, 1e-8), weight decay 1e-4, no clipping. */
+  optimizer?: AdamWOptions
+  /** EMA decay of the weights; encode and decode use the EMA weights. 0 disables. Default 0.999. */
+  emaDecay?: number
+  /** Default 'logitLaplace' (DALL-E); 'mse' is the squared error of the mean. */
+  reconLoss?: 'logitLaplace' | 'mse'
 }
 
 export interface ImageFailure {
@@ -248,4 +385,42 @@ export interface NativeViewBatch {
   /** Request positions of the images that made it into `views`, ascending. */
   kept: Uint32Array
   failures: Array<ImageFailure>
+}
+
+/**
+ * The model presets as JSON, `{"beit": {name: config}, "tokenizer": {name: config}}`: the one
+ * table behind the TypeScript API's PRESETS and DVAE_PRESETS.
+ */
+export declare function presetsJson(): string
+
+/** One pretraining batch: the model's view and the tokenizer's view of the same crops. */
+export interface PretrainInput {
+  /** [B, C, H, W], normalised: the model's view. */
+  pixels: Float32Array
+  /**
+   * [B, C, tokenizerHeight, tokenizerWidth] in [0, 1]: the tokenizer's view, whose token grid
+   * is the model's patch grid.
+   */
+  tokenizerPixels: Float32Array
+  tokenizerHeight: number
+  tokenizerWidth: number
+  /** [B, N], 1 = masked. */
+  mask: Uint8Array
+}
+
+/** A step's random draws (stochastic depth, Gumbel noise) for one batch. */
+export interface StepDraws {
+  /** Seeds the step's draws, so a step can be replayed. */
+  seed: number
+  /**
+   * The batch's first sample in the step, when a step is split into batches whose
+   * gradients accumulate (draws are keyed by sample, so the halves of a batch draw what the
+   * whole batch draws). Default 0.
+   */
+  firstSample?: number
+}
+
+export interface UpdateMetrics {
+  /** Global gradient norm (of the mean gradient) before clipping. */
+  gradNorm: number
 }

@@ -840,4 +840,6 @@ module.exports.NativeClassifier = nativeBinding.NativeClassifier
 module.exports.NativeDvae = nativeBinding.NativeDvae
 module.exports.NativeImageLoader = nativeBinding.NativeImageLoader
 module.exports.NativeLinearProbe = nativeBinding.NativeLinearProbe
+module.exports.codebookUsage = nativeBinding.codebookUsage
 module.exports.cudaDeviceCount = nativeBinding.cudaDeviceCount
+module.exports.presetsJson = nativeBinding.presetsJson

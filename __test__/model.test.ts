@@ -3,7 +3,7 @@ import { mkdtemp, readdir, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { Beit, BeitConfig, PRESETS, resolveConfig } from '../src/index'
+import { Beit, BeitConfig, Classifier, PRESETS, resolveConfig } from '../src/index'
 
 const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
   preset: 'tiny',
@@ -175,4 +175,71 @@ test('memory stays flat across training steps (no per-step leak)', async (t) => 
   }
   // Keeping one step's graph alive (activations and gradients, ~4 MiB here) would add ~400 MiB.
   t.true(rss[rss.length - 1] - rss[0] < 40, `RSS in MiB every 20 steps: ${rss.map((r) => r.toFixed(0)).join(', ')}`)
+})
+
+test('a step in three parts: lossAndGrads + applyUpdate equal trainStep, and two halves accumulate into the whole batch', async (t) => {
+  const config = { ...TINY, dropPathRate: 0.3 }
+  const [whole, split, halves] = [0, 1, 2].map(() => Beit.create(config, { seed: 5 }))
+  const data = batch(4, 9)
+  // The halves mask different numbers of patches: the loss is a mean over all of them.
+  data.mask.set([1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 0)
+  data.mask.set([1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1], 12)
+  const part = (p: number) => ({
+    pixels: data.pixels.subarray(p * 192, (p + 1) * 192),
+    mask: data.mask.subarray(p * 12, (p + 1) * 12),
+    targets: data.targets.subarray(p * 12, (p + 1) * 12),
+  })
+  await t.throwsAsync(split.applyUpdate(1e-3), { message: /no gradients to apply/ })
+  for (let step = 0; step < 3; step++) {
+    const w = await whole.trainStep({ ...data, lr: 2e-3, seed: step })
+    const l = await split.lossAndGrads({ ...data, seed: step })
+    t.is(split.pendingLossTerms, l.numMasked)
+    const u = await split.applyUpdate(2e-3)
+    t.is(split.pendingLossTerms, 0)
+    t.is(l.loss, w.loss)
+    t.is(u.gradNorm, w.gradNorm)
+    const a = await halves.lossAndGrads({ ...part(0), seed: step, firstSample: 0 })
+    const b = await halves.lossAndGrads({ ...part(1), seed: step, firstSample: 2 })
+    t.is(a.numMasked + b.numMasked, w.numMasked)
+    t.is(halves.pendingLossTerms, w.numMasked)
+    const v = await halves.applyUpdate(2e-3)
+    const weighted = (a.loss * a.numMasked + b.loss * b.numMasked) / w.numMasked
+    t.true(Math.abs(weighted - w.loss) < 1e-6 * w.loss, `${weighted} vs ${w.loss}`)
+    t.true(Math.abs(v.gradNorm - w.gradNorm) < 1e-5 * w.gradNorm, `${v.gradNorm} vs ${w.gradNorm}`)
+  }
+  const probe = batch(2, 4)
+  const [p, q, r] = await Promise.all([whole, split, halves].map((m) => m.forward(probe)))
+  t.deepEqual(q.logits, p.logits, 'bit for bit')
+  const worst = r.logits.reduce((m, v, i) => Math.max(m, Math.abs(v - p.logits[i])), 0)
+  t.true(worst < 1e-4, `accumulated halves' logits differ by ${worst}`)
+  t.throws(() => split.lossAndGrads({ ...data, firstSample: -1 }), { message: /firstSample must be an integer/ })
+})
+
+test('the presets are the native table', (t) => {
+  t.is(PRESETS.base.hiddenSize, 768)
+  t.is(PRESETS.mini.numHiddenLayers, 6)
+  t.deepEqual(Object.keys(PRESETS), ['mini', 'tiny', 'small', 'base', 'large'])
+})
+
+test('the classifier step in parts: lossAndGrads + applyUpdate equal trainStep, and the training options are typed', async (t) => {
+  const spec = { model: { ...TINY, dropPathRate: 0.2 }, numLabels: 3 }
+  const options = { seed: 2, training: { labelSmoothing: 0.2, layerDecay: 0.8 } }
+  const [whole, split] = [0, 1].map(() => Classifier.create(spec, options))
+  t.deepEqual(split.training, { labelSmoothing: 0.2, layerDecay: 0.8 })
+  const { pixels } = batch(4, 3)
+  const labels = new Int32Array([0, 2, 1, 2])
+  for (let step = 0; step < 3; step++) {
+    const w = await whole.trainStep({ pixels, labels, lr: 3e-3, seed: step })
+    const l = await split.lossAndGrads({ pixels, labels, seed: step })
+    t.is(split.pendingLossTerms, 4)
+    const u = await split.applyUpdate(3e-3)
+    t.deepEqual([l.loss, l.accuracy, u.gradNorm], [w.loss, w.accuracy, w.gradNorm])
+  }
+  t.deepEqual(await split.predict(pixels), await whole.predict(pixels))
+  t.throws(() => Classifier.create(spec, { training: { layerDecay: 2 } }), {
+    message: /layerDecay must be in \(0, 1\]/,
+  })
+  t.throws(() => Classifier.create(spec, { training: { layerDecy: 0.5 } as never }), {
+    message: /training: unknown field `layerDecy`, expected one of labelSmoothing, layerDecay/,
+  })
 })

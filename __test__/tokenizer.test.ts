@@ -377,3 +377,24 @@ test('the reconstruction sheet is a PNG with originals above reconstructions', (
   t.is(at(2, 2 + 6), 0, 'reconstruction (black) below it')
   t.is(at(0, 0), 255, 'gap')
 })
+
+test('the tokenizer step in parts: lossAndGrads + applyUpdate equal trainStep; halves accumulate into the whole', async (t) => {
+  const images = await loadFashionMnist({ split: 'train' })
+  const x = imagesAsFloats(images, 4)
+  const [whole, split, halves] = [0, 1, 2].map(() => Dvae.create(SMALL, { seed: 6 }))
+  const input = { temperature: 0.9, klWeight: 0.5 }
+  for (let step = 0; step < 2; step++) {
+    const w = await whole.trainStep({ pixels: x, ...input, lr: 1e-3, seed: step })
+    const l = await split.lossAndGrads({ pixels: x, ...input, seed: step })
+    t.is(split.pendingLossTerms, 4)
+    const u = await split.applyUpdate(1e-3)
+    t.deepEqual([l.loss, l.perplexity, u.gradNorm], [w.loss, w.perplexity, w.gradNorm])
+    const per = x.length / 4
+    const a = await halves.lossAndGrads({ pixels: x.subarray(0, 2 * per), ...input, seed: step, firstSample: 0 })
+    const b = await halves.lossAndGrads({ pixels: x.subarray(2 * per), ...input, seed: step, firstSample: 2 })
+    const v = await halves.applyUpdate(1e-3)
+    t.true(Math.abs((a.loss + b.loss) / 2 - w.loss) < 1e-6 * Math.abs(w.loss), `${(a.loss + b.loss) / 2} vs ${w.loss}`)
+    t.true(Math.abs(v.gradNorm - w.gradNorm) < 1e-5 * w.gradNorm, `${v.gradNorm} vs ${w.gradNorm}`)
+  }
+  t.deepEqual(await split.encode(x, 4), await whole.encode(x, 4))
+})

@@ -15,3 +15,46 @@ export function checkSeed(seed: number, name = 'seed'): number {
     throw new Error(`${name} must be an integer in [0, 2^32), got ${seed}`)
   return seed
 }
+
+/** `lr` when it is a number (its range is checked natively), else a TypeError. */
+export function checkLr(lr: unknown): number {
+  if (typeof lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof lr}`)
+  return lr
+}
+
+/** The random draws of a step's batch. */
+export interface Draws {
+  /** Seeds stochastic depth for this step, so a step can be replayed. Default 0. */
+  seed?: number
+  /**
+   * The batch's first image in the step, when a step's batch is split into parts whose
+   * gradients accumulate: draws are keyed by image, so the parts draw what the whole would.
+   * Default 0.
+   */
+  firstSample?: number
+}
+
+/** The native form of a batch's draws, checked. */
+export function stepDraws(draws: Draws): { seed: number; firstSample: number } {
+  return { seed: checkSeed(draws.seed ?? 0), firstSample: checkSeed(draws.firstSample ?? 0, 'firstSample') }
+}
+
+/**
+ * `options` when it is undefined or an object with no keys beyond `allowed` (the native layer
+ * would ignore an unknown one silently: a misspelt option must not fall back to its default).
+ */
+export function checkOptions<T extends object>(
+  name: string,
+  options: T | undefined,
+  allowed: readonly string[],
+): T | undefined {
+  if (options === undefined) return undefined
+  if (typeof options !== 'object' || options === null)
+    throw new TypeError(`${name}: expected an object, got ${options === null ? 'null' : typeof options}`)
+  const unknown = Object.keys(options).find((k) => !allowed.includes(k))
+  if (unknown !== undefined)
+    throw new Error(`${name}: unknown field \`${unknown}\`, expected one of ${allowed.join(', ')}`)
+  return options
+}
+
+export const ADAMW_FIELDS = ['beta1', 'beta2', 'eps', 'weightDecay', 'clipGradNorm'] as const

@@ -1,9 +1,13 @@
 /** What the model classes share: an atomic checkpoint with the optimizer and the loop's position. */
+import { checkLr } from './check'
 import { NativePlaced, Placed } from './device'
+import type { UpdateMetrics } from './native'
 
 interface NativeCheckpointed extends NativePlaced {
   save(path: string): Promise<void>
+  applyUpdate(lr: number): Promise<UpdateMetrics>
   readonly optimizerStep: number
+  readonly pendingLossTerms: number
   trainState: string | null
 }
 
@@ -11,6 +15,21 @@ export abstract class Checkpointed<Handle extends NativeCheckpointed> extends Pl
   /** Writes weights, config, optimizer state and `trainState` atomically (temp file, then rename). */
   save(path: string): Promise<void> {
     return this.handle.save(path)
+  }
+
+  /**
+   * Clip, AdamW (and the tokenizer's EMA) from the gradients `lossAndGrads` added since the
+   * last update: their mean over the loss terms they sum, so batches accumulate into the
+   * gradient of one big batch. Empties them (also when a non-finite gradient norm skips the
+   * update); a bad `lr` is refused first and keeps them.
+   */
+  applyUpdate(lr: number): Promise<UpdateMetrics> {
+    return this.handle.applyUpdate(checkLr(lr))
+  }
+
+  /** Loss terms (masked patches, images) whose gradients wait for `applyUpdate`. */
+  get pendingLossTerms(): number {
+    return this.handle.pendingLossTerms
   }
 
   /** Optimizer updates taken so far. */

@@ -5,11 +5,18 @@
  */
 import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
-import { checkSeed, checkType } from './check'
+import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
 import { ImageSize, imageSizePair } from './config'
 import { Beit } from './model'
 import { DeviceOptions, place } from './device'
-import { native, NativeClassifier } from './native'
+import {
+  ClassifierLossMetrics,
+  ClassifierStepMetrics,
+  ClassifierTrainingOptions,
+  native,
+  NativeClassifier,
+} from './native'
+export type { ClassifierLossMetrics, ClassifierStepMetrics, ClassifierTrainingOptions } from './native'
 
 export type Pooling = 'mean' | 'cls'
 
@@ -17,13 +24,6 @@ export interface ClassifierConfig {
   model: BeitConfig
   numLabels: number
   pooling: Pooling
-}
-
-export interface ClassifierTrainingOptions {
-  /** Default 0.1. */
-  labelSmoothing?: number
-  /** Layer-wise LR decay (0.65 for BEiT-B); 1 disables. Default 1. */
-  layerDecay?: number
 }
 
 export interface ClassifierSpec {
@@ -41,10 +41,11 @@ export interface ClassifierCreateOptions extends DeviceOptions {
   seed?: number
 }
 
-export interface ClassifierStepResult {
-  loss: number
-  accuracy: number
-  gradNorm: number
+export interface LabelledInput extends Draws {
+  /** [B, C, H, W], normalised. */
+  pixels: Float32Array
+  /** [B] class indices. */
+  labels: Int32Array
 }
 
 function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
@@ -64,15 +65,15 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   private constructor(handle: NativeClassifier) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as ClassifierConfig
-    this.training = JSON.parse(handle.optionsJson) as Required<ClassifierTrainingOptions>
+    this.training = handle.training as Required<ClassifierTrainingOptions>
     this.numParameters = handle.numParameters
   }
 
   static create(spec: ClassifierSpec, opts: ClassifierCreateOptions = {}): Classifier {
     const config = resolveSpec(spec)
     const args = [
-      JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.training ?? {}),
+      checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS),
+      checkOptions('training', opts.training, ['labelSmoothing', 'layerDecay']),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(place(native.NativeClassifier.create(JSON.stringify(config), ...args), opts))
@@ -90,8 +91,8 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     const model = spec.model ?? (await Beit.load(path)).config
     const config = resolveSpec({ ...spec, model })
     const args = [
-      JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.training ?? {}),
+      checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS),
+      checkOptions('training', opts.training, ['labelSmoothing', 'layerDecay']),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(
@@ -113,8 +114,8 @@ export class Classifier extends Checkpointed<NativeClassifier> {
       throw new Error(`numLabels must be an integer >= 2, got ${opts.numLabels}`)
     }
     const args = [
-      JSON.stringify(opts.optimizer ?? {}),
-      JSON.stringify(opts.training ?? {}),
+      checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS),
+      checkOptions('training', opts.training, ['labelSmoothing', 'layerDecay']),
       checkSeed(opts.seed ?? 0),
     ] as const
     return new Classifier(
@@ -135,16 +136,21 @@ export class Classifier extends Checkpointed<NativeClassifier> {
     return new Classifier(place(await native.NativeClassifier.load(path), opts))
   }
 
-  /** One AdamW step; `pixels` [B, C, H, W] normalised, `labels` [B]; `seed` drives drop path. */
-  trainStep(input: {
-    pixels: Float32Array
-    labels: Int32Array
-    lr: number
-    seed?: number
-  }): Promise<ClassifierStepResult> {
+  /**
+   * Adds the gradient of the batch's label-smoothed cross-entropy (summed over its images) to
+   * the model's gradients; `applyUpdate` applies their mean.
+   */
+  lossAndGrads(input: LabelledInput): Promise<ClassifierLossMetrics> {
     checkType('pixels', input.pixels, Float32Array)
     checkType('labels', input.labels, Int32Array)
-    return this.handle.trainStep(input.pixels, input.labels, input.lr, checkSeed(input.seed ?? 0))
+    return this.handle.lossAndGrads(input.pixels, input.labels, stepDraws(input))
+  }
+
+  /** One AdamW step (lossAndGrads + applyUpdate in one native call); `seed` drives drop path. */
+  trainStep(input: LabelledInput & { lr: number }): Promise<ClassifierStepMetrics> {
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('labels', input.labels, Int32Array)
+    return this.handle.trainStep(input.pixels, input.labels, checkLr(input.lr), checkSeed(input.seed ?? 0))
   }
 
   /** Logits [B, numLabels]. */

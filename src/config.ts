@@ -2,6 +2,7 @@
  * Model and optimizer configuration. Field names mirror Hugging Face's BeitConfig (camelCase)
  * so configs map one to one onto transformers checkpoints. Presets are data.
  */
+import { native } from './native'
 
 export interface BeitConfig {
   /** [height, width] in pixels, each a multiple of patchSize. */
@@ -30,63 +31,12 @@ export interface BeitConfig {
 
 export type PresetName = 'mini' | 'tiny' | 'small' | 'base' | 'large'
 
-const PRETRAINING_DEFAULTS = {
-  imageSize: [224, 224] as [number, number],
-  patchSize: 16,
-  numChannels: 3,
-  vocabSize: 8192,
-  useAbsolutePositionEmbeddings: false,
-  useSharedRelativePositionBias: true,
-  useRelativePositionBias: false,
-  dropPathRate: 0.1,
-  layerNormEps: 1e-6,
-  initializerRange: 0.02,
-}
-
-/** timm's beit_*_patch16_224 sizes with BEiT's pretraining choices. */
-export const PRESETS: Record<PresetName, BeitConfig> = {
-  /** Not a timm size: a 6 x 128 model that trains at CPU speed on small images (Fashion-MNIST). */
-  mini: {
-    ...PRETRAINING_DEFAULTS,
-    hiddenSize: 128,
-    numHiddenLayers: 6,
-    numAttentionHeads: 4,
-    intermediateSize: 512,
-    layerScaleInitValue: 0.1,
-  },
-  tiny: {
-    ...PRETRAINING_DEFAULTS,
-    hiddenSize: 192,
-    numHiddenLayers: 12,
-    numAttentionHeads: 3,
-    intermediateSize: 768,
-    layerScaleInitValue: 0.1,
-  },
-  small: {
-    ...PRETRAINING_DEFAULTS,
-    hiddenSize: 384,
-    numHiddenLayers: 12,
-    numAttentionHeads: 6,
-    intermediateSize: 1536,
-    layerScaleInitValue: 0.1,
-  },
-  base: {
-    ...PRETRAINING_DEFAULTS,
-    hiddenSize: 768,
-    numHiddenLayers: 12,
-    numAttentionHeads: 12,
-    intermediateSize: 3072,
-    layerScaleInitValue: 0.1,
-  },
-  large: {
-    ...PRETRAINING_DEFAULTS,
-    hiddenSize: 1024,
-    numHiddenLayers: 24,
-    numAttentionHeads: 16,
-    intermediateSize: 4096,
-    layerScaleInitValue: 1e-5,
-  },
-}
+/**
+ * timm's beit_*_patch16_224 sizes with BEiT's pretraining choices (224 px, patch 16, RGB, 8192
+ * visual tokens, shared relative position bias), and `mini`, a 6 x 128 model that trains at CPU
+ * speed on small images. The one preset table is Rust's (crate/core/src/presets.rs).
+ */
+export const PRESETS: Readonly<Record<PresetName, BeitConfig>> = JSON.parse(native.presetsJson()).beit
 
 /** A preset name, or a preset plus overrides, or a full config; imageSize may be one number. */
 export type ModelSpec =
@@ -134,15 +84,5 @@ export function imageSizePair(size: ImageSize | undefined): [number, number] | u
   return pair
 }
 
-export interface AdamWOptions {
-  /** Default 0.9. */
-  beta1?: number
-  /** Default 0.999. */
-  beta2?: number
-  /** Default 1e-8. */
-  eps?: number
-  /** Decoupled weight decay; biases, norms, tokens and position tables are exempt. Default 0.05. */
-  weightDecay?: number
-  /** Global gradient-norm clip; 0 disables. Default 3.0. */
-  clipGradNorm?: number
-}
+/** AdamW settings; each missing field takes the model kind's default (see the README). */
+export type { AdamWOptions } from './native'

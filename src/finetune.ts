@@ -2,7 +2,7 @@
  * Fine-tuning a classifier end to end, with an evaluation on held-out data after every epoch,
  * checkpoints that resume, and the same metrics and curves as pretraining.
  */
-import { argmaxRows, Classifier, ClassifierStepResult } from './classifier'
+import { argmaxRows, Classifier, ClassifierStepMetrics } from './classifier'
 import { EvalTransform, TrainTransform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
@@ -18,7 +18,7 @@ import {
 } from './run'
 import { deriveSeed } from './rng'
 
-export interface FinetuneProgress extends ClassifierStepResult, LoopProgress {}
+export interface FinetuneProgress extends ClassifierStepMetrics, LoopProgress {}
 
 export interface EpochResult {
   epoch: number
@@ -161,7 +161,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     for await (const batch of batches) {
       if (state.step >= totalSteps) break
       const stepLr = lr(state.step)
-      let step: ClassifierStepResult
+      let step: ClassifierStepMetrics
       try {
         step = await classifier.trainStep({
           pixels: batch.views[0],

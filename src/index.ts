@@ -1,5 +1,18 @@
 export { Beit } from './model'
-export type { CreateOptions, TrainStepInput, TrainStepResult, ForwardInput, ForwardResult, ImageSize } from './model'
+export type {
+  CreateOptions,
+  MimInput,
+  PretrainInput,
+  TrainStepInput,
+  PretrainStepInput,
+  BeitLossMetrics,
+  BeitStepMetrics,
+  ForwardInput,
+  ForwardResult,
+  ImageSize,
+} from './model'
+export type { Draws } from './check'
+export type { UpdateMetrics } from './native'
 export { PRESETS, resolveConfig, gridSize } from './config'
 export type { BeitConfig, PresetName, ModelSpec, AdamWOptions } from './config'
 export { BlockwiseMaskGenerator, RandomMaskGenerator } from './masking'
@@ -14,8 +27,10 @@ export type {
   ClassifierConfig,
   ClassifierSpec,
   ClassifierCreateOptions,
-  ClassifierStepResult,
+  ClassifierLossMetrics,
+  ClassifierStepMetrics,
   ClassifierTrainingOptions,
+  LabelledInput,
   Pooling,
 } from './classifier'
 export { finetune, evaluate } from './finetune'
@@ -38,8 +53,10 @@ export type {
   DvaePresetName,
   DvaeSpec,
   DvaeTrainingOptions,
+  DvaeLossMetrics,
+  DvaeStepMetrics,
+  TokenizerInput,
   TokenizerStepInput,
-  TokenizerStepResult,
 } from './tokenizer'
 export { trainTokenizer, evaluateTokenizer, writeSheet, tokenizerLoader, TOKENIZER_SCHEDULE } from './train-tokenizer'
 export type { TrainTokenizerOptions, TokenizerProgress, TokenizerEvaluation, TokenizerData } from './train-tokenizer'

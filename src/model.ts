@@ -3,9 +3,10 @@ export { imageSizePair } from './config'
 export type { ImageSize } from './config'
 import { Checkpointed } from './checkpointed'
 import { DeviceOptions, place } from './device'
-import { checkSeed, checkType } from './check'
-import { native, NativeBeit } from './native'
+import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
+import { BeitLossMetrics, BeitStepMetrics, native, NativeBeit, PretrainInput as NativePretrainInput } from './native'
 import { Dvae } from './tokenizer'
+export type { BeitLossMetrics, BeitStepMetrics } from './native'
 
 export interface CreateOptions extends DeviceOptions {
   optimizer?: AdamWOptions
@@ -13,31 +14,16 @@ export interface CreateOptions extends DeviceOptions {
   seed?: number
 }
 
-export interface TrainStepInput {
+export interface MimInput extends Draws {
   /** [B, C, H, W], already normalised. */
   pixels: Float32Array
   /** [B, N] with 1 = masked; N = number of patches. */
   mask: Uint8Array
   /** [B, N] visual-token ids; only masked positions are read. */
   targets: Int32Array
-  lr: number
-  /** Seeds stochastic depth for this step, so a step can be replayed. Default 0. */
-  seed?: number
 }
 
-export interface TrainStepResult {
-  /** Mean cross-entropy over all masked patches of the batch. */
-  loss: number
-  /** Fraction of masked patches whose argmax equals the target. */
-  mlmAcc: number
-  /** Global gradient norm before clipping. */
-  gradNorm: number
-  numMasked: number
-  /** Share of the most frequent target among the masked patches: the accuracy of always guessing it. */
-  majorityBaseline: number
-}
-
-export interface PretrainStepInput {
+export interface PretrainInput extends Draws {
   /** Computes the targets from `tokenizerPixels`; its token grid must be the patch grid. */
   tokenizer: Dvae
   /** [B, C, H, W], already normalised: the model's view. */
@@ -46,9 +32,14 @@ export interface PretrainStepInput {
   tokenizerPixels: Float32Array
   /** [B, N] with 1 = masked. */
   mask: Uint8Array
+}
+
+export interface TrainStepInput extends MimInput {
   lr: number
-  /** Seeds stochastic depth for this step. Default 0. */
-  seed?: number
+}
+
+export interface PretrainStepInput extends PretrainInput {
+  lr: number
 }
 
 export interface ForwardInput {
@@ -75,7 +66,7 @@ export class Beit extends Checkpointed<NativeBeit> {
   private constructor(handle: NativeBeit) {
     super(handle)
     this.config = JSON.parse(handle.configJson) as BeitConfig
-    this.optimizer = JSON.parse(handle.optimizerJson) as Required<AdamWOptions>
+    this.optimizer = handle.optimizer as Required<AdamWOptions>
     this.numParameters = handle.numParameters
     this.grid = gridSize(this.config)
   }
@@ -84,7 +75,10 @@ export class Beit extends Checkpointed<NativeBeit> {
     const config = resolveConfig(spec)
     const seed = checkSeed(opts.seed ?? 0)
     return new Beit(
-      place(native.NativeBeit.create(JSON.stringify(config), JSON.stringify(opts.optimizer ?? {}), seed), opts),
+      place(
+        native.NativeBeit.create(JSON.stringify(config), checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS), seed),
+        opts,
+      ),
     )
   }
 
@@ -109,7 +103,7 @@ export class Beit extends Checkpointed<NativeBeit> {
     const handle = await native.NativeBeit.fromHuggingFace(
       dir,
       imageSizePair(opts.imageSize),
-      JSON.stringify(opts.optimizer ?? {}),
+      checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS),
     )
     return new Beit(place(handle, opts))
   }
@@ -131,37 +125,39 @@ export class Beit extends Checkpointed<NativeBeit> {
     return this.handle.probeFeatures(pixels, layer)
   }
 
-  /** One AdamW step on the masked cross-entropy, off the JS thread. */
-  trainStep(input: TrainStepInput): Promise<TrainStepResult> {
+  /**
+   * Adds the gradient of the batch's masked cross-entropy (summed over its masked patches) to
+   * the model's gradients, off the JS thread; `applyUpdate` applies the mean over every masked
+   * patch since the last update. With a tokenizer and its view the targets are its ids, which
+   * stay native (on a GPU, on the GPU).
+   */
+  lossAndGrads(input: MimInput | PretrainInput): Promise<BeitLossMetrics> {
+    checkType('pixels', input.pixels, Float32Array)
+    checkType('mask', input.mask, Uint8Array)
+    const draws = stepDraws(input)
+    if (!('tokenizer' in input)) {
+      checkType('targets', input.targets, Int32Array)
+      return this.handle.lossAndGrads(input.pixels, input.mask, input.targets, draws)
+    }
+    return this.handle.pretrainLossAndGrads(input.tokenizer.nativeHandle(), pretrainBatch(input), draws)
+  }
+
+  /** One AdamW step on the masked cross-entropy (lossAndGrads + applyUpdate in one native call). */
+  trainStep(input: TrainStepInput): Promise<BeitStepMetrics> {
     checkType('pixels', input.pixels, Float32Array)
     checkType('mask', input.mask, Uint8Array)
     checkType('targets', input.targets, Int32Array)
-    if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
-    return this.handle.trainStep(input.pixels, input.mask, input.targets, input.lr, checkSeed(input.seed ?? 0))
+    return this.handle.trainStep(input.pixels, input.mask, input.targets, checkLr(input.lr), checkSeed(input.seed ?? 0))
   }
 
   /**
    * One pretraining step in one native call: the tokenizer encodes the tokenizer view into the
    * targets, which stay native (on a GPU, on the GPU), then one AdamW step as `trainStep`.
    */
-  pretrainStep(input: PretrainStepInput): Promise<TrainStepResult> {
-    checkType('tokenizer', input.tokenizer, Dvae)
-    checkType('pixels', input.pixels, Float32Array)
-    checkType('tokenizerPixels', input.tokenizerPixels, Float32Array)
-    checkType('mask', input.mask, Uint8Array)
-    if (typeof input.lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof input.lr}`)
+  pretrainStep(input: PretrainStepInput): Promise<BeitStepMetrics> {
+    const batch = pretrainBatch(input)
     const seed = checkSeed(input.seed ?? 0)
-    const [height, width] = input.tokenizer.config.imageSize
-    return this.handle.pretrainStep(
-      input.tokenizer.nativeHandle(),
-      input.pixels,
-      input.tokenizerPixels,
-      height,
-      width,
-      input.mask,
-      input.lr,
-      seed,
-    )
+    return this.handle.pretrainStep(input.tokenizer.nativeHandle(), batch, checkLr(input.lr), seed)
   }
 
   /** Evaluation forward pass (no stochastic depth): logits and ids at the masked patches. */
@@ -170,4 +166,15 @@ export class Beit extends Checkpointed<NativeBeit> {
     checkType('mask', input.mask, Uint8Array)
     return this.handle.forward(input.pixels, input.mask)
   }
+}
+
+/** The native pretraining batch of `input`, checked; the tokenizer view is at its imageSize. */
+function pretrainBatch(input: PretrainInput): NativePretrainInput {
+  checkType('tokenizer', input.tokenizer, Dvae)
+  checkType('pixels', input.pixels, Float32Array)
+  checkType('tokenizerPixels', input.tokenizerPixels, Float32Array)
+  checkType('mask', input.mask, Uint8Array)
+  const [tokenizerHeight, tokenizerWidth] = input.tokenizer.config.imageSize
+  const { pixels, tokenizerPixels, mask } = input
+  return { pixels, tokenizerPixels, tokenizerHeight, tokenizerWidth, mask }
 }

@@ -35,4 +35,22 @@ function loadCuda(): typeof Native | undefined {
 }
 
 export const native: typeof Native = loadCuda() ?? require('../index.js')
-export type { NativeClassifier, NativeImageLoader, NativeLinearProbe, NativeBeit, NativeDvae } from '../index'
+export type {
+  NativeClassifier,
+  NativeImageLoader,
+  NativeLinearProbe,
+  NativeBeit,
+  NativeDvae,
+  AdamWOptions,
+  BeitLossMetrics,
+  BeitStepMetrics,
+  ClassifierLossMetrics,
+  ClassifierStepMetrics,
+  ClassifierTrainingOptions,
+  DvaeLossMetrics,
+  DvaeStepMetrics,
+  DvaeTrainingOptions,
+  PretrainInput,
+  StepDraws,
+  UpdateMetrics,
+} from '../index'

@@ -10,7 +10,7 @@ import { beitViews, TrainTransform } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import { MaskGenerator } from './masking'
-import { Beit, TrainStepResult } from './model'
+import { Beit, BeitStepMetrics } from './model'
 import { deriveSeed } from './rng'
 import {
   LoopOptions,
@@ -24,7 +24,7 @@ import {
 } from './run'
 import { Dvae } from './tokenizer'
 
-export interface PretrainProgress extends TrainStepResult, LoopProgress {}
+export interface PretrainProgress extends BeitStepMetrics, LoopProgress {}
 
 export interface PretrainOptions extends LoopOptions {
   model: Beit
@@ -126,7 +126,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
       const mask = new Uint8Array(batch.size * patches)
       for (let b = 0; b < batch.size; b++) mask.set(masking.generate(), b * patches)
       const stepLr = lr(state.step)
-      let result: TrainStepResult
+      let result: BeitStepMetrics
       try {
         result = await model.pretrainStep({
           tokenizer,

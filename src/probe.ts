@@ -149,7 +149,7 @@ async function fitLinear(
   const started = performance.now()
   const epochs = opts.epochs ?? 10
   const batchSize = opts.batchSize ?? 256
-  const optimizer = JSON.stringify({ weightDecay: opts.weightDecay ?? 1e-4, clipGradNorm: 0 })
+  const optimizer = { weightDecay: opts.weightDecay ?? 1e-4, clipGradNorm: 0 }
   const probe = new native.NativeLinearProbe(train.dim, numLabels, train.features, optimizer, opts.seed ?? 0)
   const n = train.labels.length
   const steps = epochs * Math.ceil(n / batchSize)

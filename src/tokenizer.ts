@@ -1,8 +1,9 @@
-import { checkSeed, checkType } from './check'
+import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
 import { Checkpointed } from './checkpointed'
 import { ImageSize, imageSizePair } from './config'
 import { DeviceOptions, place } from './device'
-import { native, NativeDvae } from './native'
+import { DvaeLossMetrics, DvaeStepMetrics, DvaeTrainingOptions, native, NativeDvae } from './native'
+export type { DvaeLossMetrics, DvaeStepMetrics, DvaeTrainingOptions } from './native'
 
 /** The dVAE architecture. Field names mirror the Rust `DvaeConfig`. */
 export interface DvaeConfig {
@@ -24,70 +25,27 @@ export type DvaePresetName = 'dall-e' | 'small' | 'tiny'
 
 /**
  * `dall-e`: OpenAI's layout (112 px -> 14x14 tokens of 8192). `small` and `tiny` suit 28-64 px
- * images on a CPU: downsampling 4, so 28 px gives the 7x7 grid of a BEiT with 4 px patches.
+ * images on a CPU: downsampling 4, so 28 px gives the 7x7 grid of a BEiT with 4 px patches. The
+ * one preset table is Rust's (crate/core/src/presets.rs).
  */
-export const DVAE_PRESETS: Record<DvaePresetName, DvaeConfig> = {
-  'dall-e': {
-    imageSize: [112, 112],
-    numChannels: 3,
-    hiddenSize: 256,
-    numGroups: 4,
-    blocksPerGroup: 2,
-    vocabSize: 8192,
-    decoderInputSize: 128,
-  },
-  small: {
-    imageSize: [28, 28],
-    numChannels: 3,
-    hiddenSize: 64,
-    numGroups: 3,
-    blocksPerGroup: 1,
-    vocabSize: 1024,
-    decoderInputSize: 64,
-  },
-  tiny: {
-    imageSize: [28, 28],
-    numChannels: 3,
-    hiddenSize: 32,
-    numGroups: 3,
-    blocksPerGroup: 1,
-    vocabSize: 512,
-    decoderInputSize: 32,
-  },
-}
+export const DVAE_PRESETS: Readonly<Record<DvaePresetName, DvaeConfig>> = JSON.parse(native.presetsJson()).tokenizer
 
 export type DvaeSpec =
   DvaePresetName | (Partial<Omit<DvaeConfig, 'imageSize'>> & { preset?: DvaePresetName; imageSize?: ImageSize })
 
-export interface DvaeTrainingOptions {
-  optimizer?: { beta1?: number; beta2?: number; eps?: number; weightDecay?: number; clipGradNorm?: number }
-  /** EMA decay of the weights; encode/decode use the EMA weights. 0 disables. Default 0.999. */
-  emaDecay?: number
-  /** Default 'logitLaplace' (DALL-E); 'mse' is squared error of the mean. */
-  reconLoss?: 'logitLaplace' | 'mse'
-}
-
-export interface TokenizerStepInput {
+export interface TokenizerInput extends Draws {
   /** [B, C, H, W] in [0, 1]. */
   pixels: Float32Array
   /** Gumbel-softmax temperature (DALL-E anneals 1 -> 1/16). */
   temperature: number
   /** Weight of the KL to the uniform prior. */
   klWeight: number
-  lr: number
   /** Image size; default: the config's imageSize. The batch size follows from the length. */
   size?: { height: number; width: number }
-  /** Seeds the Gumbel noise. Default 0. */
-  seed?: number
 }
 
-export interface TokenizerStepResult {
-  loss: number
-  reconLoss: number
-  kl: number
-  perplexity: number
-  codesUsed: number
-  gradNorm: number
+export interface TokenizerStepInput extends TokenizerInput {
+  lr: number
 }
 
 export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
@@ -129,7 +87,9 @@ export class Dvae extends Checkpointed<NativeDvae> {
   static create(spec: DvaeSpec, opts: DvaeTrainingOptions & DeviceOptions & { seed?: number } = {}): Dvae {
     const { seed = 0, device, precision, ...training } = opts
     checkSeed(seed)
-    const handle = native.NativeDvae.create(JSON.stringify(resolveDvaeConfig(spec)), JSON.stringify(training), seed)
+    checkOptions('training', training, ['optimizer', 'emaDecay', 'reconLoss'])
+    checkOptions('optimizer', training.optimizer, ADAMW_FIELDS)
+    const handle = native.NativeDvae.create(JSON.stringify(resolveDvaeConfig(spec)), training, seed)
     return new Dvae(place(handle, { device, precision }))
   }
 
@@ -138,7 +98,7 @@ export class Dvae extends Checkpointed<NativeDvae> {
   }
 
   get training(): Required<DvaeTrainingOptions> {
-    return JSON.parse(this.handle.optionsJson) as Required<DvaeTrainingOptions>
+    return this.handle.training as Required<DvaeTrainingOptions>
   }
 
   /**
@@ -166,11 +126,23 @@ export class Dvae extends Checkpointed<NativeDvae> {
     return this.handle.decode(ids, g.height, g.width)
   }
 
-  /** One training step on images [B, C, H, W] in [0, 1]. */
-  trainStep(input: TokenizerStepInput): Promise<TokenizerStepResult> {
+  /**
+   * Adds the gradient of the tokenizer objective on images [B, C, H, W] in [0, 1] (summed over
+   * the images) to the model's gradients; `applyUpdate` applies their mean. The Gumbel noise
+   * is keyed by image (`seed`, `firstSample`).
+   */
+  lossAndGrads(input: TokenizerInput): Promise<DvaeLossMetrics> {
+    const { height, width } = this.imageSize(input.pixels, input.size)
+    const draws = stepDraws(input)
+    return this.handle.lossAndGrads(input.pixels, height, width, input.temperature, input.klWeight, draws)
+  }
+
+  /** One training step (lossAndGrads + applyUpdate in one native call). */
+  trainStep(input: TokenizerStepInput): Promise<DvaeStepMetrics> {
     const { height, width } = this.imageSize(input.pixels, input.size)
     const seed = checkSeed(input.seed ?? 0)
-    return this.handle.trainStep(input.pixels, height, width, input.temperature, input.klWeight, input.lr, seed)
+    const lr = checkLr(input.lr)
+    return this.handle.trainStep(input.pixels, height, width, input.temperature, input.klWeight, lr, seed)
   }
 
   /** The image size, checked against the length when the batch size is known. */

@@ -24,7 +24,8 @@ import {
 } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
-import { Dvae, TokenizerStepResult } from './tokenizer'
+import { native } from './native'
+import { Dvae, DvaeStepMetrics } from './tokenizer'
 
 /** Images for a tokenizer: any dataset (image folder, manifest, in-memory pixels) or IDX images. */
 export type TokenizerData = ImageDataset | LabeledImages
@@ -67,7 +68,7 @@ export function tokenizerLoader(
 /** Seed of the image samples behind evaluations and sheets, so they are the same in every run. */
 const SAMPLE_SEED = 0x5eed
 
-export interface TokenizerProgress extends TokenizerStepResult, LoopProgress {
+export interface TokenizerProgress extends DvaeStepMetrics, LoopProgress {
   temperature: number
   klWeight: number
   /** Distinct codes of the batch / vocabulary size. */
@@ -291,13 +292,13 @@ export async function evaluateTokenizer(
     meanOf += size
   }
   const mean = sum.map((s) => s / meanOf)
-  const counts = new Float64Array(tokenizer.config.vocabSize)
+  const allIds: Int32Array[] = []
   let sqErr = 0
   let sqErrMean = 0
   let n = 0
   for await (const { pixels: x, size } of sampleImages(tokenizer, evalData, maxImages, 100, threads)) {
     const ids = await tokenizer.encode(x, size)
-    for (const id of ids) counts[id]++
+    allIds.push(ids)
     const y = await tokenizer.decode(ids, size)
     for (let i = 0; i < x.length; i++) {
       sqErr += (y[i] - x[i]) ** 2
@@ -305,13 +306,13 @@ export async function evaluateTokenizer(
     }
     n += size
   }
-  const total = counts.reduce((a, c) => a + c, 0)
-  let entropy = 0
-  for (const c of counts) if (c > 0) entropy -= (c / total) * Math.log(c / total)
+  const ids = new Int32Array(allIds.reduce((total, a) => total + a.length, 0))
+  allIds.reduce((offset, a) => (ids.set(a, offset), offset + a.length), 0)
+  const usage = native.codebookUsage(ids, tokenizer.config.vocabSize)
   return {
     reconstructionMse: sqErr / (n * per),
     meanImageMse: sqErrMean / (n * per),
-    perplexity: Math.exp(entropy),
-    codesUsedFraction: counts.filter((c) => c > 0).length / counts.length,
+    perplexity: usage.perplexity,
+    codesUsedFraction: usage.codesUsed / tokenizer.config.vocabSize,
   }
 }

@@ -389,7 +389,7 @@ impl LinearProbe {
 }
 
 fn features_tensor(features: &[f32], num_features: usize, device: &Device) -> Result<Tensor> {
-    if features.is_empty() || features.len() % num_features != 0 {
+    if features.is_empty() || !features.len().is_multiple_of(num_features) {
         return Err(Error::Input(format!(
             "features: expected a non-empty multiple of {num_features} values, got {}",
             features.len()

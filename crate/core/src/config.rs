@@ -100,7 +100,7 @@ impl BeitConfig {
                 ));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return fail(format!(
                 "hiddenSize {} must be divisible by numAttentionHeads {}",
                 self.hidden_size, self.num_attention_heads
@@ -227,7 +227,7 @@ impl DvaeConfig {
                 self.image_size
             )));
         }
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return Err(Error::Config(format!(
                 "tokenizer hiddenSize must be a multiple of 4 (blocks narrow to a quarter), got {}",
                 self.hidden_size

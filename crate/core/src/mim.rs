@@ -336,10 +336,10 @@ impl Trainer<Mim> {
             )));
         }
         let ids = tokenizer.encode_ids(&batch.tokenizer_images)?;
-        if ids.len() != images.batch() * self.config.num_patches() {
+        if ids.count() != images.batch() * self.config.num_patches() {
             return Err(Error::Input(format!(
                 "tokenizer view: {} images for a batch of {}",
-                ids.len() / self.config.num_patches(),
+                ids.count() / self.config.num_patches(),
                 images.batch()
             )));
         }

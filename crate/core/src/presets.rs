@@ -1,7 +1,7 @@
 //! The presets, as data: the one table behind [`beit`], [`dvae`] and, through the addon
 //! (`presetsJson`), the TypeScript API's `PRESETS` and `DVAE_PRESETS`.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::config::{BeitConfig, DvaeConfig};
 use crate::error::{Error, Result};
@@ -18,9 +18,11 @@ const BEIT: [(&str, usize, usize, usize, f64); 5] = [
     ("large", 1024, 24, 16, 1e-5),
 ];
 
-/// dVAE tokenizers: (name, image size, channels, n_hid, groups, blocks per group, vocabulary,
+/// A dVAE tokenizer: (name, image size, channels, n_hid, groups, blocks per group, vocabulary,
 /// decoder input width).
-const DVAE: [(&str, usize, usize, usize, usize, usize, usize, usize); 3] = [
+type DvaeRow = (&'static str, usize, usize, usize, usize, usize, usize, usize);
+
+const DVAE: [DvaeRow; 3] = [
     // OpenAI's DALL-E dVAE: 112 px -> 14x14 tokens of 8192.
     ("dall-e", 112, 3, 256, 4, 2, 8192, 128),
     // For 28-64 px images on a CPU: downsampling 4 (28 px -> 7x7 tokens).
@@ -75,15 +77,19 @@ pub fn dvae(name: &str) -> Result<DvaeConfig> {
     })
 }
 
-/// `{"beit": {name: config}, "tokenizer": {name: config}}`, configs as camelCase JSON.
+/// `{"beit": {name: config}, "tokenizer": {name: config}}`, configs as camelCase JSON, names in
+/// table order.
 pub fn presets_json() -> String {
-    let object = |entries: Vec<(&str, Value)>| -> Value {
-        Value::Object(entries.into_iter().map(|(n, v)| (n.to_string(), v)).collect::<Map<_, _>>())
-    };
-    let config = |c: Result<Value>| c.expect("every table entry builds");
-    let beit =
-        object(BEIT.iter().map(|p| (p.0, config(beit(p.0).map(|c| serde_json::to_value(c).expect("json"))))).collect());
-    let tokenizer =
-        object(DVAE.iter().map(|p| (p.0, config(dvae(p.0).map(|c| serde_json::to_value(c).expect("json"))))).collect());
-    serde_json::json!({ "beit": beit, "tokenizer": tokenizer }).to_string()
+    fn object<C: serde::Serialize>(names: impl Iterator<Item = &'static str>, config: fn(&str) -> Result<C>) -> String {
+        let entries: Vec<String> = names
+            .map(|n| {
+                let c = config(n).expect("every table entry builds");
+                format!("{}:{}", Value::from(n), serde_json::to_string(&c).expect("serialisable"))
+            })
+            .collect();
+        format!("{{{}}}", entries.join(","))
+    }
+    let beit = object(BEIT.iter().map(|p| p.0), beit);
+    let tokenizer = object(DVAE.iter().map(|p| p.0), dvae);
+    format!("{{\"beit\":{beit},\"tokenizer\":{tokenizer}}}")
 }

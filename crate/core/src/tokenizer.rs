@@ -232,7 +232,7 @@ pub enum TokenIds {
 }
 
 impl TokenIds {
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         match self {
             Self::Host(v) => v.len(),
             Self::Device(t) => t.elem_count(),
@@ -311,7 +311,7 @@ impl Trainer<Tokenizer> {
     /// Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w], from the EMA weights when kept.
     pub fn decode(&mut self, ids: &[i32], height: usize, width: usize) -> Result<Vec<f32>> {
         let v = self.config.vocab_size;
-        if height == 0 || width == 0 || ids.is_empty() || ids.len() % (height * width) != 0 {
+        if height == 0 || width == 0 || ids.is_empty() || !ids.len().is_multiple_of(height * width) {
             return Err(Error::Input(format!(
                 "ids: expected a positive multiple of {} values (token grid {height}x{width}), got {}",
                 height * width,
@@ -337,7 +337,7 @@ fn check_images(config: &DvaeConfig, batch: &ImageBatch) -> Result<usize> {
         )));
     }
     let per = c * h * w;
-    if batch.pixels.is_empty() || batch.pixels.len() % per != 0 {
+    if batch.pixels.is_empty() || !batch.pixels.len().is_multiple_of(per) {
         return Err(Error::Input(format!(
             "pixels: expected a positive multiple of {per} values (C*H*W = {c}*{h}*{w}), got {}",
             batch.pixels.len()

@@ -336,7 +336,7 @@ impl Images<'_> {
 pub(crate) fn check_pixels<'a>(cfg: &BeitConfig, pixels: &'a [f32]) -> Result<Images<'a>> {
     let [h, w] = cfg.image_size;
     let per_image = cfg.num_channels * h * w;
-    if pixels.is_empty() || pixels.len() % per_image != 0 {
+    if pixels.is_empty() || !pixels.len().is_multiple_of(per_image) {
         return Err(Error::Input(format!(
             "pixels: expected a multiple of {per_image} values (C*H*W = {}*{h}*{w}) and at least one image, got {}",
             cfg.num_channels,

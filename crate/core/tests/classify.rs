@@ -190,6 +190,15 @@ fn checkpoint_round_trip_keeps_weights_optimizer_and_training_state() {
     assert_eq!(a.predict(&pixels).unwrap(), b.predict(&pixels).unwrap());
     let err = BeitTrainer::load(&path, None).err().unwrap().to_string();
     assert!(err.contains("expected \"beit-mim/1\""), "{err}");
+    // The options are saved under "training"; files written when the key was "finetune" load.
+    let mut file = beit_core::checkpoint::load(&path).unwrap();
+    let options = file.metadata.remove("training").expect("saved under \"training\"");
+    file.metadata.insert("finetune".into(), options);
+    let tensors: Vec<_> = file.tensors.into_iter().collect();
+    let old = dir.join("old.safetensors");
+    beit_core::checkpoint::save(&old, &tensors, file.metadata).unwrap();
+    let c = ClassifierTrainer::load(&old, None).unwrap();
+    assert_eq!((c.options.layer_decay, c.options.label_smoothing), (0.7, 0.1));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -178,7 +178,7 @@ fn jpeg_rgb_gray_and_cmyk_decode_close_to_the_source() {
 
     // Flat CMYK inks: cyan -> (0, 255, 255); 50% black on magenta -> (128, 0, 128).
     for (ink, want) in [([255u8, 0, 0, 0], [0u8, 255, 255]), ([0, 255, 0, 127], [128, 0, 128])] {
-        let cmyk: Vec<u8> = std::iter::repeat(ink).take((w * h) as usize).flatten().collect();
+        let cmyk: Vec<u8> = std::iter::repeat_n(ink, (w * h) as usize).flatten().collect();
         let p = decode_full(&jpeg(&cmyk, w, h, jpeg_encoder::ColorType::Cmyk, None));
         assert_eq!(p.channels, 3);
         let centre = (((h / 2) * w + w / 2) * 3) as usize;
@@ -293,7 +293,7 @@ fn pool() -> rayon::ThreadPool {
 /// A 1-channel 40x30 image whose value is its x coordinate, and one whose value is 200.
 fn pixel_source() -> Vec<u8> {
     let ramp = (0..30).flat_map(|_| 0..40u8);
-    let flat = std::iter::repeat(200u8).take(1200);
+    let flat = std::iter::repeat_n(200u8, 1200);
     ramp.chain(flat).collect()
 }
 
@@ -352,7 +352,8 @@ fn color_jitter_matches_its_definitions() {
     let spec = view([2, 2], Interpolation::Bilinear, 3);
     let pixel = |jitter: Vec<Jitter>| {
         let augment = Augment { crop: Crop::Center { fraction: 1.0 }, flip: false, jitter };
-        let out = load_views(&pool(), &sources, &[augment], &[spec.clone()], 1 << 30).unwrap().views.remove(0);
+        let out =
+            load_views(&pool(), &sources, &[augment], std::slice::from_ref(&spec), 1 << 30).unwrap().views.remove(0);
         [out[0], out[4], out[8]]
     };
     let rgb = [200.0f32 / 255.0, 100.0 / 255.0, 50.0 / 255.0];
@@ -412,13 +413,16 @@ fn invalid_requests_are_errors_before_any_work() {
         load_views(&pool(), &sources, augments, views, 1 << 30).err().map(|e| e.to_string()).unwrap_or_default()
     };
     let centre = plain(Crop::Center { fraction: 1.0 });
-    assert!(run(&[5], &[centre.clone()], &[ok_view.clone()]).contains("index 5 is out of range"));
-    assert!(run(&[0, 1], &[centre.clone()], &[ok_view.clone()]).contains("1 augment entries for 2 images"));
-    assert!(run(&[0], &[centre.clone()], &[ViewSpec { channels: 2, ..ok_view.clone() }])
+    assert!(
+        run(&[5], std::slice::from_ref(&centre), std::slice::from_ref(&ok_view)).contains("index 5 is out of range")
+    );
+    assert!(run(&[0, 1], std::slice::from_ref(&centre), std::slice::from_ref(&ok_view))
+        .contains("1 augment entries for 2 images"));
+    assert!(run(&[0], std::slice::from_ref(&centre), &[ViewSpec { channels: 2, ..ok_view.clone() }])
         .contains("channels must be 1 or 3"));
-    assert!(run(&[0], &[centre.clone()], &[ViewSpec { std: vec![0.0], ..ok_view.clone() }])
+    assert!(run(&[0], std::slice::from_ref(&centre), &[ViewSpec { std: vec![0.0], ..ok_view.clone() }])
         .contains("std values must be positive"));
-    assert!(run(&[0], &[plain(Crop::Center { fraction: 1.5 })], &[ok_view.clone()]).contains("fraction"));
+    assert!(run(&[0], &[plain(Crop::Center { fraction: 1.5 })], std::slice::from_ref(&ok_view)).contains("fraction"));
     let bad_jitter = Augment { jitter: vec![Jitter::Brightness { factor: -1.0 }], ..centre };
     assert!(run(&[0], &[bad_jitter], &[ok_view]).contains("jitter factor"));
 }

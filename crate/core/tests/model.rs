@@ -190,3 +190,18 @@ fn non_square_grayscale_and_rgb_inputs_train() {
         assert!(p.ids.iter().all(|&i| (0..7).contains(&i)));
     }
 }
+
+#[test]
+fn the_preset_table_reaches_json_in_its_order() {
+    let json: serde_json::Value = serde_json::from_str(&beit_core::presets::presets_json()).unwrap();
+    let names: Vec<_> = json["beit"].as_object().unwrap().keys().cloned().collect();
+    let tokenizers: Vec<_> = json["tokenizer"].as_object().unwrap().keys().cloned().collect();
+    // serde_json's maps sort their keys; the table's order is the one users read.
+    let raw = beit_core::presets::presets_json();
+    let position = |name: &str| raw.find(&format!("\"{name}\":")).unwrap();
+    assert!(["mini", "tiny", "small", "base", "large"].windows(2).all(|w| position(w[0]) < position(w[1])));
+    assert_eq!(names.len(), 5);
+    assert_eq!(tokenizers.len(), 3);
+    let base: BeitConfig = serde_json::from_value(json["beit"]["base"].clone()).unwrap();
+    assert_eq!(base, beit_core::presets::beit("base").unwrap());
+}

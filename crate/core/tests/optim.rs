@@ -16,6 +16,7 @@ fn linear_table(n_in: usize, n_out: usize) -> ParamTable {
 }
 
 /// Plain scalar AdamW (PyTorch's formulation) as the reference.
+#[allow(clippy::too_many_arguments)]
 fn reference(p: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f64], t: i32, lr: f64, c: &AdamWConfig, decay: bool) {
     for i in 0..p.len() {
         if decay {
@@ -101,9 +102,9 @@ fn invalid_hyperparameters_and_non_finite_gradients_are_errors() {
     let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap()).unwrap();
     let mut table = ParamTable::new();
     table.scope("", 0).weight("w", &[2], Init::Constant(0.0));
-    let mut opt = AdamW::new(AdamWConfig::default(), &table, &[w.clone()], &[1.0]).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default(), &table, std::slice::from_ref(&w), &[1.0]).unwrap();
     let loss = (w.as_tensor() * f64::INFINITY).unwrap().sum_all().unwrap();
-    let grads = flatten_grads(&[w.clone()], &loss.backward().unwrap()).unwrap();
+    let grads = flatten_grads(std::slice::from_ref(&w), &loss.backward().unwrap()).unwrap();
     let err = opt.step(&grads, 1.0, 0.1).unwrap_err().to_string();
     assert!(err.contains("gradient norm is") && err.contains("unchanged"), "{err}");
     assert_eq!(w.to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);

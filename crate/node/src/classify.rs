@@ -7,12 +7,37 @@ use beit_core::{ClassifierConfig, ClassifierTrainer, ClassifierTrainingOptions, 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
+use crate::{guarded, image_size_pair, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
 
-fn parse_training_options(json: &str) -> beit_core::Result<ClassifierTrainingOptions> {
-    let options: ClassifierTrainingOptions = beit_core::config::parse_json("classifier training options", json)?;
-    options.validate()?;
-    Ok(options)
+/// Fine-tuning options saved with the classifier.
+#[napi(object, js_name = "ClassifierTrainingOptions")]
+#[derive(Default)]
+pub struct TrainingOptions {
+    /// Label smoothing. Default 0.1.
+    pub label_smoothing: Option<f64>,
+    /// Layer-wise LR decay (0.65 for BEiT-B); 1 disables. Default 1.
+    pub layer_decay: Option<f64>,
+}
+
+impl TrainingOptions {
+    fn resolve(options: Option<Self>) -> beit_core::Result<ClassifierTrainingOptions> {
+        let (o, d) = (options.unwrap_or_default(), ClassifierTrainingOptions::default());
+        let resolved = ClassifierTrainingOptions {
+            label_smoothing: o.label_smoothing.unwrap_or(d.label_smoothing),
+            layer_decay: o.layer_decay.unwrap_or(d.layer_decay),
+        };
+        resolved.validate()?;
+        Ok(resolved)
+    }
+}
+
+/// What `lossAndGrads` reports.
+#[napi(object)]
+pub struct ClassifierLossMetrics {
+    /// Mean label-smoothed cross-entropy over the images.
+    pub loss: f64,
+    /// Share of the batch classified right (argmax).
+    pub accuracy: f64,
 }
 
 #[napi(object)]
@@ -42,20 +67,34 @@ trainer_methods!(NativeClassifier);
 
 #[napi]
 impl NativeClassifier {
-    /// `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }); `trainingJson`:
-    /// { labelSmoothing, layerDecay }. Weights are initialised from `seed`.
+    /// `configJson`: a `ClassifierConfig` ({ model, numLabels, pooling }). Weights are
+    /// initialised from `seed`.
     #[napi(factory)]
-    pub fn create(config_json: String, optimizer_json: String, training_json: String, seed: u32) -> Result<Self> {
+    pub fn create(
+        config_json: String,
+        optimizer: Option<AdamWOptions>,
+        training: Option<TrainingOptions>,
+        seed: u32,
+    ) -> Result<Self> {
         guarded(|| {
             let config = ClassifierConfig::from_json(&config_json)?;
             ClassifierTrainer::new(
                 config,
-                parse_optimizer(&optimizer_json)?,
-                parse_training_options(&training_json)?,
+                crate::optimizer(optimizer)?,
+                TrainingOptions::resolve(training)?,
                 seed as u64,
             )
         })
         .and_then(wrap)
+    }
+
+    /// The fine-tuning options.
+    #[napi(getter)]
+    pub fn training(&self) -> Result<TrainingOptions> {
+        guarded(|| {
+            let o = &lock(&self.inner)?.options;
+            Ok(TrainingOptions { label_smoothing: Some(o.label_smoothing), layer_decay: Some(o.layer_decay) })
+        })
     }
 
     /// Starts from the backbone of a MIM checkpoint; the head is initialised from `seed`.
@@ -63,21 +102,15 @@ impl NativeClassifier {
     pub fn from_pretrained(
         path: String,
         config_json: String,
-        optimizer_json: String,
-        training_json: String,
+        optimizer: Option<AdamWOptions>,
+        training: Option<TrainingOptions>,
         seed: u32,
     ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
         job(
             move || {
                 let config = ClassifierConfig::from_json(&config_json)?;
-                let optimizer = parse_optimizer(&optimizer_json)?;
-                ClassifierTrainer::from_pretrained(
-                    &PathBuf::from(path),
-                    config,
-                    optimizer,
-                    parse_training_options(&training_json)?,
-                    seed as u64,
-                )
+                let (optimizer, training) = (crate::optimizer(optimizer)?, TrainingOptions::resolve(training)?);
+                ClassifierTrainer::from_pretrained(&PathBuf::from(path), config, optimizer, training, seed as u64)
             },
             wrap,
         )
@@ -91,15 +124,14 @@ impl NativeClassifier {
         dir: String,
         image_size: Option<Vec<u32>>,
         num_labels: Option<u32>,
-        optimizer_json: String,
-        training_json: String,
+        optimizer: Option<AdamWOptions>,
+        training: Option<TrainingOptions>,
         seed: u32,
     ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
-                let (optimizer, training) =
-                    (parse_optimizer(&optimizer_json)?, parse_training_options(&training_json)?);
+                let (optimizer, training) = (crate::optimizer(optimizer)?, TrainingOptions::resolve(training)?);
                 ClassifierTrainer::from_hf(ckpt, num_labels.map(|n| n as usize), optimizer, training, seed as u64)
             },
             wrap,
@@ -119,7 +151,24 @@ impl NativeClassifier {
         job(move || ClassifierTrainer::load(&PathBuf::from(path), None), wrap)
     }
 
-    /// One AdamW step on the label-smoothed cross-entropy; `seed` drives stochastic depth.
+    /// Adds the gradient of the batch's label-smoothed cross-entropy (summed over its images)
+    /// to the model's gradients, for `applyUpdate`.
+    #[napi(ts_return_type = "Promise<ClassifierLossMetrics>")]
+    pub fn loss_and_grads(
+        &self,
+        pixels: Float32Array,
+        labels: Int32Array,
+        draws: StepDraws,
+    ) -> AsyncTask<Job<beit_core::ClassifierLossMetrics, ClassifierLossMetrics>> {
+        let model = self.inner.clone();
+        job(
+            move || lock(&model)?.loss_and_grads(&pixels, &labels, draws.into()),
+            |m| Ok(ClassifierLossMetrics { loss: m.loss, accuracy: m.accuracy }),
+        )
+    }
+
+    /// One AdamW step on the label-smoothed cross-entropy (`lossAndGrads` then
+    /// `applyUpdate`); `seed` drives stochastic depth.
     #[napi(ts_return_type = "Promise<ClassifierStepMetrics>")]
     pub fn train_step(
         &self,
@@ -154,7 +203,7 @@ impl NativeLinearProbe {
         num_features: u32,
         num_labels: u32,
         train_features: Float32Array,
-        optimizer_json: String,
+        optimizer: Option<AdamWOptions>,
         seed: u32,
     ) -> Result<Self> {
         guarded(|| {
@@ -162,7 +211,7 @@ impl NativeLinearProbe {
                 num_features as usize,
                 num_labels as usize,
                 &train_features,
-                parse_optimizer(&optimizer_json)?,
+                crate::optimizer(optimizer)?,
                 seed as u64,
             )?;
             Ok(Self { inner: Arc::new(Mutex::new(probe)) })

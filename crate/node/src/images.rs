@@ -80,6 +80,7 @@ impl NativeImageLoader {
     /// Views of decoded 8-bit images stored [count, height, width, channels] in `pixels`
     /// (an IDX dataset); `indices` picks the batch.
     #[napi(ts_return_type = "Promise<NativeViewBatch>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn load_pixels(
         &self,
         pixels: Uint8Array,

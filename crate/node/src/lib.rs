@@ -8,10 +8,12 @@ use beit_core::AdamWConfig;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-mod classify;
-mod images;
-mod mim;
-mod tokenizer;
+// Public so that every #[napi] item counts as used in test builds too (they are registered
+// with Node at load, which the compiler does not see).
+pub mod classify;
+pub mod images;
+pub mod mim;
+pub mod tokenizer;
 
 // Training allocates and frees many large activation buffers each step; glibc malloc hands
 // those back to the kernel and page-faults them in again every time. mimalloc reuses them.
@@ -88,10 +90,82 @@ pub(crate) fn image_size_pair(size: Option<Vec<u32>>) -> beit_core::Result<Optio
     }
 }
 
-pub(crate) fn parse_optimizer(json: &str) -> beit_core::Result<AdamWConfig> {
-    let cfg: AdamWConfig = beit_core::config::parse_json("optimizer config", json)?;
-    cfg.validate()?;
-    Ok(cfg)
+/// AdamW settings; a missing field takes the model kind's default.
+#[napi(object)]
+#[derive(Default)]
+pub struct AdamWOptions {
+    /// Default 0.9.
+    pub beta1: Option<f64>,
+    /// Default 0.999.
+    pub beta2: Option<f64>,
+    /// Default 1e-8.
+    pub eps: Option<f64>,
+    /// Decoupled weight decay; biases, norms, tokens and position tables are exempt. Default
+    /// 0.05 (BEiT), 1e-4 for the tokenizer (DALL-E).
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip; 0 disables. Default 3.0, 0 for the tokenizer.
+    pub clip_grad_norm: Option<f64>,
+}
+
+impl AdamWOptions {
+    /// `base` with these overrides, validated.
+    pub(crate) fn over(&self, base: AdamWConfig) -> beit_core::Result<AdamWConfig> {
+        let c = AdamWConfig {
+            beta1: self.beta1.unwrap_or(base.beta1),
+            beta2: self.beta2.unwrap_or(base.beta2),
+            eps: self.eps.unwrap_or(base.eps),
+            weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+            clip_grad_norm: self.clip_grad_norm.unwrap_or(base.clip_grad_norm),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub(crate) fn of(c: &AdamWConfig) -> Self {
+        Self {
+            beta1: Some(c.beta1),
+            beta2: Some(c.beta2),
+            eps: Some(c.eps),
+            weight_decay: Some(c.weight_decay),
+            clip_grad_norm: Some(c.clip_grad_norm),
+        }
+    }
+}
+
+/// AdamW with BEiT's defaults and these overrides.
+pub(crate) fn optimizer(options: Option<AdamWOptions>) -> beit_core::Result<AdamWConfig> {
+    options.unwrap_or_default().over(AdamWConfig::default())
+}
+
+/// A step's random draws (stochastic depth, Gumbel noise) for one batch.
+#[napi(object)]
+#[derive(Clone, Copy)]
+pub struct StepDraws {
+    /// Seeds the step's draws, so a step can be replayed.
+    pub seed: u32,
+    /// The batch's first sample in the step, when a step is split into batches whose
+    /// gradients accumulate (draws are keyed by sample, so the halves of a batch draw what the
+    /// whole batch draws). Default 0.
+    pub first_sample: Option<u32>,
+}
+
+impl From<StepDraws> for beit_core::Draws {
+    fn from(d: StepDraws) -> Self {
+        Self { seed: d.seed as u64, first_sample: d.first_sample.unwrap_or(0) as usize }
+    }
+}
+
+#[napi(object)]
+pub struct UpdateMetrics {
+    /// Global gradient norm (of the mean gradient) before clipping.
+    pub grad_norm: f64,
+}
+
+/// The model presets as JSON, `{"beit": {name: config}, "tokenizer": {name: config}}`: the one
+/// table behind the TypeScript API's PRESETS and DVAE_PRESETS.
+#[napi]
+pub fn presets_json() -> String {
+    beit_core::presets::presets_json()
 }
 
 /// NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none.
@@ -137,16 +211,10 @@ macro_rules! trainer_methods {
                 guarded(|| Ok(lock(&self.inner)?.config_json()))
             }
 
-            /// The model kind's training options (JSON; null for the MIM model).
+            /// AdamW settings.
             #[napi(getter)]
-            pub fn options_json(&self) -> Result<String> {
-                guarded(|| Ok(lock(&self.inner)?.options_json()))
-            }
-
-            /// AdamW settings (JSON).
-            #[napi(getter)]
-            pub fn optimizer_json(&self) -> Result<String> {
-                guarded(|| Ok(serde_json::to_string(lock(&self.inner)?.optimizer_config()).expect("serialisable")))
+            pub fn optimizer(&self) -> Result<$crate::AdamWOptions> {
+                guarded(|| Ok($crate::AdamWOptions::of(lock(&self.inner)?.optimizer_config())))
             }
 
             #[napi(getter)]
@@ -158,6 +226,21 @@ macro_rules! trainer_methods {
             #[napi(getter)]
             pub fn optimizer_step(&self) -> Result<f64> {
                 guarded(|| Ok(lock(&self.inner)?.optimizer_step() as f64))
+            }
+
+            /// Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
+            /// `applyUpdate` has not yet applied.
+            #[napi(getter)]
+            pub fn pending_loss_terms(&self) -> Result<f64> {
+                guarded(|| Ok(*lock(&self.inner)?.gradients().count as f64))
+            }
+
+            /// Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
+            /// update (their mean over the loss terms); empties them.
+            #[napi(ts_return_type = "Promise<UpdateMetrics>")]
+            pub fn apply_update(&self, lr: f64) -> AsyncTask<Job<beit_core::UpdateMetrics, $crate::UpdateMetrics>> {
+                let model = self.inner.clone();
+                job(move || lock(&model)?.apply_update(lr), |m| Ok($crate::UpdateMetrics { grad_norm: m.grad_norm }))
             }
 
             /// The caller's training state (JSON), saved with and loaded from checkpoints.

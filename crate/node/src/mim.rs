@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use beit_core::{BeitConfig, BeitTrainer, ImageBatch, MimBatch, PretrainBatch};
+use beit_core::{BeitConfig, BeitTrainer, DvaeTrainer, ImageBatch, MimBatch, PretrainBatch};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::tokenizer::NativeDvae;
-use crate::{guarded, image_size_pair, job, lock, parse_optimizer, trainer_methods, Job};
+use crate::{guarded, image_size_pair, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// A BEiT model with its MIM head and AdamW state.
 #[napi]
@@ -24,14 +24,12 @@ trainer_methods!(NativeBeit);
 
 #[napi]
 impl NativeBeit {
-    /// `configJson`: a full model config (camelCase, as `BeitConfig`); `optimizerJson`: AdamW
-    /// settings (missing fields take BEiT's defaults); `seed` drives the initialisation.
+    /// `configJson`: a full model config (camelCase, as `BeitConfig`; JSON, so that a wrong
+    /// field is named in the error); `seed` drives the initialisation.
     #[napi(factory)]
-    pub fn create(config_json: String, optimizer_json: String, seed: u32) -> Result<Self> {
-        guarded(|| {
-            BeitTrainer::new(BeitConfig::from_json(&config_json)?, parse_optimizer(&optimizer_json)?, seed as u64)
-        })
-        .and_then(wrap)
+    pub fn create(config_json: String, optimizer: Option<AdamWOptions>, seed: u32) -> Result<Self> {
+        guarded(|| BeitTrainer::new(BeitConfig::from_json(&config_json)?, crate::optimizer(optimizer)?, seed as u64))
+            .and_then(wrap)
     }
 
     /// Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
@@ -53,12 +51,12 @@ impl NativeBeit {
     pub fn from_hugging_face(
         dir: String,
         image_size: Option<Vec<u32>>,
-        optimizer_json: String,
+        optimizer: Option<AdamWOptions>,
     ) -> AsyncTask<Job<BeitTrainer, NativeBeit>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
-                BeitTrainer::from_hf(ckpt, parse_optimizer(&optimizer_json)?)
+                BeitTrainer::from_hf(ckpt, crate::optimizer(optimizer)?)
             },
             wrap,
         )
@@ -71,7 +69,43 @@ impl NativeBeit {
         job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
     }
 
-    /// One AdamW step on the masked-image-modeling loss. `seed` drives stochastic depth.
+    /// Adds the gradient of the batch's masked cross-entropy (summed over its masked patches)
+    /// to the model's gradients, for `applyUpdate`.
+    #[napi(ts_return_type = "Promise<BeitLossMetrics>")]
+    pub fn loss_and_grads(
+        &self,
+        pixels: Float32Array,
+        mask: Uint8Array,
+        targets: Int32Array,
+        draws: StepDraws,
+    ) -> AsyncTask<Job<beit_core::BeitLossMetrics, BeitLossMetrics>> {
+        let model = self.inner.clone();
+        job(
+            move || {
+                let batch = MimBatch { pixels: &pixels, mask: &mask, targets: &targets };
+                lock(&model)?.loss_and_grads(&batch, draws.into())
+            },
+            loss_metrics,
+        )
+    }
+
+    /// `lossAndGrads` with the tokenizer's ids of the tokenizer view as the targets (they stay
+    /// native, and on a GPU on the GPU).
+    #[napi(ts_return_type = "Promise<BeitLossMetrics>")]
+    pub fn pretrain_loss_and_grads(
+        &self,
+        tokenizer: &NativeDvae,
+        batch: PretrainInput,
+        draws: StepDraws,
+    ) -> AsyncTask<Job<beit_core::BeitLossMetrics, BeitLossMetrics>> {
+        let step = move |m: &mut BeitTrainer, t: &mut DvaeTrainer, b: &PretrainBatch| {
+            m.pretrain_loss_and_grads(t, b, draws.into())
+        };
+        self.pretrain(tokenizer, batch, step, loss_metrics)
+    }
+
+    /// One AdamW step on the masked-image-modeling loss: `lossAndGrads` then `applyUpdate`.
+    /// `seed` drives stochastic depth.
     #[napi(ts_return_type = "Promise<BeitStepMetrics>")]
     pub fn train_step(
         &self,
@@ -90,42 +124,19 @@ impl NativeBeit {
         )
     }
 
-    /// One pretraining step in one native call: `tokenizer` encodes `tokenizerPixels` ([B, C,
-    /// tokenizerHeight, tokenizerWidth] in [0, 1], the same crops) into the targets, which never
-    /// come back to JS (nor leave the GPU).
+    /// One pretraining step in one native call: the tokenizer encodes the tokenizer view into
+    /// the targets, which never come back to JS (nor leave the GPU), then `applyUpdate`.
     #[napi(ts_return_type = "Promise<BeitStepMetrics>")]
-    #[allow(clippy::too_many_arguments)]
     pub fn pretrain_step(
         &self,
         tokenizer: &NativeDvae,
-        pixels: Float32Array,
-        tokenizer_pixels: Float32Array,
-        tokenizer_height: u32,
-        tokenizer_width: u32,
-        mask: Uint8Array,
+        batch: PretrainInput,
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::BeitStepMetrics, BeitStepMetrics>> {
-        let (model, tokenizer) = (self.inner.clone(), tokenizer.shared());
-        job(
-            move || {
-                // Always the model first, then the tokenizer: no other call holds both.
-                let mut model = lock(&model)?;
-                let mut tokenizer = lock(&tokenizer)?;
-                let images = ImageBatch {
-                    pixels: &tokenizer_pixels,
-                    height: tokenizer_height as usize,
-                    width: tokenizer_width as usize,
-                };
-                model.pretrain_step(
-                    &mut tokenizer,
-                    &PretrainBatch { pixels: &pixels, mask: &mask, tokenizer_images: images },
-                    lr,
-                    seed as u64,
-                )
-            },
-            metrics,
-        )
+        let step =
+            move |m: &mut BeitTrainer, t: &mut DvaeTrainer, b: &PretrainBatch| m.pretrain_step(t, b, lr, seed as u64);
+        self.pretrain(tokenizer, batch, step, metrics)
     }
 
     /// Linear-probe features of layer `layer` (0 = embeddings): [CLS] and the mean patch token,
@@ -157,6 +168,53 @@ impl NativeBeit {
     }
 }
 
+impl NativeBeit {
+    /// A job running `step` on the model and the tokenizer, locked in that order (no other call
+    /// holds both), with the pretraining batch.
+    fn pretrain<O: Send + 'static, J: ToNapiValue + TypeName>(
+        &self,
+        tokenizer: &NativeDvae,
+        input: PretrainInput,
+        step: impl FnOnce(&mut BeitTrainer, &mut DvaeTrainer, &PretrainBatch) -> beit_core::Result<O> + Send + 'static,
+        finish: fn(O) -> Result<J>,
+    ) -> AsyncTask<Job<O, J>> {
+        let (model, tokenizer) = (self.inner.clone(), tokenizer.shared());
+        job(
+            move || {
+                let (mut model, mut tokenizer) = (lock(&model)?, lock(&tokenizer)?);
+                let (height, width) = (input.tokenizer_height as usize, input.tokenizer_width as usize);
+                let images = ImageBatch { pixels: &input.tokenizer_pixels, height, width };
+                let batch = PretrainBatch { pixels: &input.pixels, mask: &input.mask, tokenizer_images: images };
+                step(&mut model, &mut tokenizer, &batch)
+            },
+            finish,
+        )
+    }
+}
+
+/// One pretraining batch: the model's view and the tokenizer's view of the same crops.
+#[napi(object)]
+pub struct PretrainInput {
+    /// [B, C, H, W], normalised: the model's view.
+    pub pixels: Float32Array,
+    /// [B, C, tokenizerHeight, tokenizerWidth] in [0, 1]: the tokenizer's view, whose token grid
+    /// is the model's patch grid.
+    pub tokenizer_pixels: Float32Array,
+    pub tokenizer_height: u32,
+    pub tokenizer_width: u32,
+    /// [B, N], 1 = masked.
+    pub mask: Uint8Array,
+}
+
+fn loss_metrics(m: beit_core::BeitLossMetrics) -> Result<BeitLossMetrics> {
+    Ok(BeitLossMetrics {
+        loss: m.loss,
+        mlm_acc: m.mlm_acc,
+        num_masked: m.num_masked as u32,
+        majority_baseline: m.majority_baseline,
+    })
+}
+
 fn metrics(m: beit_core::BeitStepMetrics) -> Result<BeitStepMetrics> {
     Ok(BeitStepMetrics {
         loss: m.loss,
@@ -165,6 +223,17 @@ fn metrics(m: beit_core::BeitStepMetrics) -> Result<BeitStepMetrics> {
         num_masked: m.num_masked as u32,
         majority_baseline: m.majority_baseline,
     })
+}
+
+#[napi(object)]
+pub struct BeitLossMetrics {
+    /// Mean cross-entropy over the batch's masked patches.
+    pub loss: f64,
+    pub mlm_acc: f64,
+    pub num_masked: u32,
+    /// Share of the most frequent target among the masked patches: the accuracy of always
+    /// guessing it.
+    pub majority_baseline: f64,
 }
 
 #[napi(object)]

@@ -109,7 +109,7 @@ impl<T: Real> Backbone<T> {
         let c = &self.cfg;
         let [h, w] = c.image_size;
         let per_image = c.num_channels * h * w;
-        if pixels == 0 || pixels % per_image != 0 {
+        if pixels == 0 || !pixels.is_multiple_of(per_image) {
             return Err(Error::Input(format!(
                 "pixels: expected a positive multiple of {per_image} values, got {pixels}"
             )));

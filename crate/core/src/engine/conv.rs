@@ -20,6 +20,8 @@ pub struct Nhwc {
     pub c: usize,
 }
 
+// A shape: `len` is its number of values, and a batch shape is never empty.
+#[allow(clippy::len_without_is_empty)]
 impl Nhwc {
     pub fn pixels(&self) -> usize {
         self.b * self.h * self.w

@@ -489,7 +489,13 @@ impl<T: Real> DvaeEngine<T> {
         let c = self.cfg.num_channels;
         let d = self.cfg.downsample();
         let per = c * height * width;
-        if height == 0 || width == 0 || height % d != 0 || width % d != 0 || pixels == 0 || pixels % per != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(d)
+            || !width.is_multiple_of(d)
+            || pixels == 0
+            || !pixels.is_multiple_of(per)
+        {
             return Err(Error::Input(format!(
                 "engine: {pixels} pixel values do not make [B, {c}, {height}, {width}] images divisible by {d}"
             )));
@@ -609,7 +615,7 @@ impl<T: Real> DvaeEngine<T> {
     /// `weights` (default: the engine's). Ids must be in range (the caller checks).
     pub fn decode(&mut self, weights: Option<&[T]>, ids: &[u32], h: usize, w: usize) -> Result<Vec<T>> {
         let v = self.cfg.vocab_size;
-        if h == 0 || w == 0 || ids.is_empty() || ids.len() % (h * w) != 0 {
+        if h == 0 || w == 0 || ids.is_empty() || !ids.len().is_multiple_of(h * w) {
             return Err(Error::Input(format!("engine: {} ids do not make [B, {h}, {w}] grids", ids.len())));
         }
         let s = Nhwc { b: ids.len() / (h * w), h, w, c: v };

@@ -190,7 +190,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let er = p * r * r + r + 1.0;
     // t's low mantissa bits hold n + 2^22 (as an integer): add the exponent bias there.
     let bits = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
@@ -216,7 +216,7 @@ pub fn ln_f32(x: f32) -> f32 {
     y = y * m - 1.666_805_8e-1;
     y = y * m + 2.000_071_4e-1;
     y = y * m - 2.499_999_4e-1;
-    y = y * m + 3.333_333_1e-1;
+    y = y * m + 3.333_333e-1;
     let ef = e as f32;
     y = y * m * z + ef * -2.121_944_4e-4 - 0.5 * z;
     m + y + ef * 0.693_359_4
@@ -228,14 +228,14 @@ fn erfc_nonnegative(z: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.5 * z);
     let mut p = 0.170_872_77f32;
     p = p * t - 0.822_152_23;
-    p = p * t + 1.488_515_87;
-    p = p * t - 1.135_203_98;
+    p = p * t + 1.488_515_9;
+    p = p * t - 1.135_204;
     p = p * t + 0.278_868_07;
     p = p * t - 0.186_288_06;
     p = p * t + 0.096_784_18;
     p = p * t + 0.374_091_96;
-    p = p * t + 1.000_023_68;
-    p = p * t - 1.265_512_23;
+    p = p * t + 1.000_023_7;
+    p = p * t - 1.265_512_2;
     t * exp_f32(p - z * z)
 }
 
@@ -301,7 +301,7 @@ fn reduce<T: Real>(mut acc: [T; LANES]) -> T {
     let mut width = LANES / 2;
     while width > 0 {
         for j in 0..width {
-            acc[j] = acc[j] + acc[j + width];
+            acc[j] += acc[j + width];
         }
         width /= 2;
     }

@@ -27,7 +27,7 @@ impl Slot {
 }
 
 /// Disjoint mutable slices of `buf` for `slots` (which must not overlap).
-pub fn slots_mut<'a, T, const N: usize>(buf: &'a mut [T], slots: [Slot; N]) -> [&'a mut [T]; N] {
+pub fn slots_mut<T, const N: usize>(buf: &mut [T], slots: [Slot; N]) -> [&mut [T]; N] {
     for (i, a) in slots.iter().enumerate() {
         assert!(a.end() <= buf.len(), "slot {a:?} outside a buffer of {}", buf.len());
         for b in &slots[i + 1..] {
