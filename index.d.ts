@@ -39,6 +39,12 @@ export declare class NativeBeit {
    * update (their mean over the loss terms); empties them.
    */
   applyUpdate(lr: number): Promise<UpdateMetrics>
+  /**
+   * Makes this model one replica of the data-parallel job `initDistributed` joined:
+   * rank 0's weights, EMA and optimizer state replace every rank's (the setups must
+   * match), and every later update averages the gradients of all ranks.
+   */
+  distribute(): Promise<void>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
@@ -120,6 +126,12 @@ export declare class NativeClassifier {
    * update (their mean over the loss terms); empties them.
    */
   applyUpdate(lr: number): Promise<UpdateMetrics>
+  /**
+   * Makes this model one replica of the data-parallel job `initDistributed` joined:
+   * rank 0's weights, EMA and optimizer state replace every rank's (the setups must
+   * match), and every later update averages the gradients of all ranks.
+   */
+  distribute(): Promise<void>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
@@ -188,6 +200,12 @@ export declare class NativeDvae {
    * update (their mean over the loss terms); empties them.
    */
   applyUpdate(lr: number): Promise<UpdateMetrics>
+  /**
+   * Makes this model one replica of the data-parallel job `initDistributed` joined:
+   * rank 0's weights, EMA and optimizer state replace every rank's (the setups must
+   * match), and every later update averages the gradients of all ranks.
+   */
+  distribute(): Promise<void>
   /** The caller's training state (JSON), saved with and loaded from checkpoints. */
   get trainState(): string | null
   set trainState(state: string | undefined | null)
@@ -243,6 +261,12 @@ export declare class NativeLinearProbe {
   predict(features: Float32Array): Promise<Float32Array>
 }
 
+/**
+ * Ends every rank of the job with `code` (MPI_Abort): for a rank that failed, so that no
+ * other rank waits for it.
+ */
+export declare function abortDistributed(code: number): void
+
 /** AdamW settings; a missing field takes the model kind's default. */
 export interface AdamWOptions {
   /** Default 0.9. */
@@ -259,6 +283,9 @@ export interface AdamWOptions {
   /** Global gradient-norm clip; 0 disables. Default 3.0, 0 for the tokenizer. */
   clipGradNorm?: number
 }
+
+/** Resolves when every rank has called it. */
+export declare function barrier(): Promise<void>
 
 export interface BeitLossMetrics {
   /** Mean cross-entropy over the batch's masked patches. */
@@ -284,6 +311,12 @@ export interface BeitStepMetrics {
    */
   majorityBaseline: number
 }
+
+/**
+ * Errors on every rank unless `json` is the same on every rank as on rank 0; the rank that
+ * differs names the first field that does.
+ */
+export declare function checkSameAcrossRanks(what: string, json: string): void
 
 /** What `lossAndGrads` reports. */
 export interface ClassifierLossMetrics {
@@ -327,6 +360,24 @@ export interface CodebookUsage {
 /** NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none. */
 export declare function cudaDeviceCount(): number
 
+/** The launch this process's environment describes, or null when no launcher started it. */
+export declare function detectLaunch(): Launch | null
+
+/** This process's place in a data-parallel job. */
+export interface DistributedInfo {
+  rank: number
+  worldSize: number
+  /** The rank among this machine's processes: it chooses the GPU. */
+  localRank: number
+  /**
+   * "PMI (PMI_SIZE)", "Open MPI (OMPI_COMM_WORLD_SIZE)", "Slurm (SLURM_STEP_NUM_TASKS)", or
+   * "none" for a process started alone.
+   */
+  launcher: string
+  /** MPI_Get_library_version's first line, the file and its ABI. */
+  mpiLibrary: string
+}
+
 /** What `lossAndGrads` reports. */
 export interface DvaeLossMetrics {
   /** The optimised objective: reconstruction + klWeight * KL, per pixel value. */
@@ -365,10 +416,29 @@ export interface DvaeTrainingOptions {
   reconLoss?: 'logitLaplace' | 'mse'
 }
 
+/** MPI_Finalize, for a clean exit (nothing when MPI was never initialised). */
+export declare function finalizeDistributed(): void
+
 export interface ImageFailure {
   /** Position of the image in the request. */
   index: number
   reason: string
+}
+
+/**
+ * Opens MPI (`mpiLibrary`, else `BEIT_MPI_LIB`, else the launcher's ABI's libraries) and
+ * initialises it, once per process. An error when the library sees another world than the
+ * launcher started.
+ */
+export declare function initDistributed(mpiLibrary?: string | undefined | null): DistributedInfo
+
+/** What a launcher (mpiexec, mpirun, srun) told this process through its environment. */
+export interface Launch {
+  /** The launcher and the variable that gave it away, e.g. "PMI (PMI_SIZE)". */
+  launcher: string
+  worldSize: number
+  rank: number
+  localRank?: number
 }
 
 export interface MaskedPredictions {
@@ -378,6 +448,9 @@ export interface MaskedPredictions {
   ids: Int32Array
   numMasked: number
 }
+
+/** Element-wise maxima of `values` over every rank (agreement on stopping). */
+export declare function maxAcrossRanks(values: Float64Array): Float64Array
 
 export interface NativeViewBatch {
   /** One [kept, C, H, W] array per requested view. */
@@ -420,7 +493,15 @@ export interface StepDraws {
   firstSample?: number
 }
 
+/** Element-wise sums of `values` over every rank (metrics, counts). */
+export declare function sumAcrossRanks(values: Float64Array): Float64Array
+
 export interface UpdateMetrics {
   /** Global gradient norm (of the mean gradient) before clipping. */
   gradNorm: number
+  /**
+   * Seconds spent summing gradients across ranks (waiting for the slowest rank included);
+   * 0 for a model that is not distributed.
+   */
+  allReduceSeconds: number
 }

@@ -196,6 +196,8 @@ test('a flag overrides the config file, --steps its --epochs too; the run folder
     preset: 'tiny',
     steps: 2,
     'batch-size': 8,
+    accumulate: 1,
+    distributed: false,
     lr: 2e-3,
     'warmup-steps': 0,
     'kl-weight': 6.6,

@@ -398,7 +398,7 @@ test('BEiT views: shapes, ranges, seeded reproducibility, epochs differ, resume 
   )
 })
 
-test('sharding by rank covers the epoch exactly once; dropLast drops the partial batch', async (t) => {
+test('uneven shards (evaluation) cover the epoch exactly once; dropLast drops the partial batch', async (t) => {
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const seen = new Uint8Array(dataset.size)
   for (let rank = 0; rank < 3; rank++) {
@@ -410,6 +410,7 @@ test('sharding by rank covers the epoch exactly once; dropLast drops the partial
       seed: 1,
       rank,
       worldSize: 3,
+      evenShards: false,
     })
     for (const batch of await loadAll(loader, 2)) for (const i of batch.indices) seen[i]++
   }
@@ -426,4 +427,34 @@ test('sharding by rank covers the epoch exactly once; dropLast drops the partial
     batches.map((b) => b.size),
     [300, 300, 300],
   )
+})
+
+test('even shards: every rank the same batches, together the batches of one process with worldSize x batchSize', async (t) => {
+  const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
+  const base = { dataset, views: [identityView(1, [8, 8])], transform: { kind: 'eval' as const }, seed: 3 }
+  for (const dropLast of [false, true]) {
+    const whole = await loadAll(new ImageLoader({ ...base, batchSize: 3 * 70, dropLast }))
+    const ranks = await Promise.all(
+      [0, 1, 2].map((rank) => loadAll(new ImageLoader({ ...base, batchSize: 70, dropLast, rank, worldSize: 3 }))),
+    )
+    const counts = ranks.map((batches) => batches.length)
+    t.deepEqual(counts, [counts[0], counts[0], counts[0]], 'the same number of batches on every rank')
+    t.is(counts[0], dropLast ? Math.floor(dataset.size / 210) : Math.ceil(dataset.size / 210))
+    for (let k = 0; k < whole.length; k++) {
+      const joined = ranks.flatMap((batches) => Array.from(batches[k].indices))
+      const sizes = ranks.map((batches) => batches[k].size)
+      t.deepEqual(sizes, [sizes[0], sizes[0], sizes[0]], `batch ${k}: equal parts`)
+      if (k < whole.length - 1 || dropLast) t.deepEqual(joined, Array.from(whole[k].indices), `batch ${k}`)
+    }
+    if (!dropLast) {
+      // The last global batch is padded to a multiple of 3 with the epoch's first images.
+      const last = ranks.flatMap((batches) => Array.from(batches[batches.length - 1].indices))
+      const lastWhole = Array.from(whole[whole.length - 1].indices)
+      t.deepEqual(last.slice(0, lastWhole.length), lastWhole)
+      t.deepEqual(
+        last.slice(lastWhole.length),
+        Array.from(whole[0].indices.subarray(0, last.length - lastWhole.length)),
+      )
+    }
+  }
 })

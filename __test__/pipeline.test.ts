@@ -5,20 +5,9 @@ import { join } from 'node:path'
 
 import { Beit, BlockwiseMaskGenerator, Classifier, Dvae, finetune, linearProbe, openDataset, pretrain } from '../src'
 import type { ImageDataset, ModelSpec } from '../src'
+import { TINY_MODEL } from './fixtures/tiny-model'
 
-/** 1 layer of width 32 on 28 px Fashion-MNIST, 7x7 patches: seconds per run. */
-const MODEL: ModelSpec = {
-  preset: 'mini',
-  imageSize: [28, 28],
-  patchSize: 4,
-  numChannels: 1,
-  hiddenSize: 32,
-  numHiddenLayers: 2,
-  numAttentionHeads: 2,
-  intermediateSize: 64,
-  vocabSize: 512,
-  dropPathRate: 0.1,
-}
+const MODEL = TINY_MODEL
 
 async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'beit-pipeline-'))

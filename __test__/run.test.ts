@@ -3,7 +3,8 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
+import { SINGLE_PROCESS } from '../src/distributed'
+import { batching, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
 import { warmupCosine } from '../src/schedule'
 
 async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
@@ -13,6 +14,7 @@ async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Prom
 }
 
 const PANELS = [{ key: 'loss' }]
+const ONE_BY_4 = batching({ batchSize: 4 })
 
 test('the run length is exactly one of steps and epochs', (t) => {
   t.is(resolveSteps(7, undefined, 10), 7)
@@ -40,7 +42,7 @@ test('a schedule is warmup + cosine options or a function used as is', (t) => {
 test('a run checkpoints every N steps, after the last and when aborted, and stops only when aborted', async (t) => {
   const dir = await tempDir(t)
   const controller = new AbortController()
-  const fresh = startPosition('test', 7, 4, 0)
+  const fresh = startPosition('test', 7, ONE_BY_4, 0)
   const run = await Run.open({
     outDir: join(dir, 'run'),
     saved: undefined,
@@ -74,20 +76,48 @@ test('a run checkpoints every N steps, after the last and when aborted, and stop
 test('a resumed run starts at the saved position and keeps the metrics before it', async (t) => {
   const dir = await tempDir(t)
   await writeFile(join(dir, 'metrics.jsonl'), [0, 1, 2, 3].map((step) => JSON.stringify({ step, loss: 1 })).join('\n'))
-  const saved = { ...startPosition('test', 7, 4, 0), step: 2, batch: 1 }
+  const saved = { ...startPosition('test', 7, ONE_BY_4, 0), step: 2, batch: 1 }
   const open = (fresh: ReturnType<typeof startPosition>) =>
     Run.open({ outDir: dir, saved, fresh, owner: 'model', runName: 'fine-tuning', title: 'test', panels: PANELS })
-  const run = await open(startPosition('test', 7, 4, 0))
+  const run = await open(startPosition('test', 7, ONE_BY_4, 0))
   t.deepEqual(run.start, saved)
   const steps = (await readFile(join(dir, 'metrics.jsonl'), 'utf8'))
     .trim()
     .split('\n')
     .map((l) => JSON.parse(l).step)
   t.deepEqual(steps, [0, 1])
-  await t.throwsAsync(open(startPosition('test', 8, 4, 0)), {
+  await t.throwsAsync(open(startPosition('test', 8, ONE_BY_4, 0)), {
     message: 'cannot resume: the run had totalSteps 7, now 8',
   })
-  await t.throwsAsync(open(startPosition('other', 7, 4, 0)), {
+  await t.throwsAsync(open(startPosition('other', 7, ONE_BY_4, 0)), {
     message: "the model's checkpoint is from a test run, not fine-tuning",
+  })
+  const twoRanks = batching({ batchSize: 4, distributed: { ...SINGLE_PROCESS, worldSize: 2 } })
+  await t.throwsAsync(open(startPosition('test', 7, twoRanks, 0)), {
+    message: 'cannot resume: the run had worldSize 1, now 2 (launch it with 1 rank(s) to continue it exactly)',
+  })
+  await t.throwsAsync(open(startPosition('test', 7, batching({ batchSize: 4, accumulate: 2 }), 0)), {
+    message: 'cannot resume: the run had accumulate 1, now 2',
+  })
+  // A position saved before data parallelism (no worldSize, no accumulate) is one rank's, one batch per update.
+  const { worldSize: _w, accumulate: _a, ...older } = saved
+  const legacy = await Run.open({
+    outDir: dir,
+    saved: older,
+    fresh: startPosition('test', 7, ONE_BY_4, 0),
+    owner: 'model',
+    runName: 'fine-tuning',
+    title: 'test',
+    panels: PANELS,
+  })
+  t.is(legacy.start.step, 2)
+})
+
+test('accumulate must be a whole number of batches', (t) => {
+  t.throws(() => batching({ batchSize: 4, accumulate: 0 }), {
+    message: 'accumulate must be a positive integer (batches per update), got 0',
+  })
+  t.throws(() => batching({ batchSize: 4, distributed: { ...SINGLE_PROCESS, rank: 2, worldSize: 2 } }), {
+    message: /distributed must be what initDistributed\(\) returns/,
   })
 })

@@ -281,7 +281,7 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
       'all twelve images, at 16 px',
     )
     await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13, outDir: join(dir, 'big') }), {
-      message: /batchSize 13 is larger than the 12 images of/,
+      message: /an update takes 13 images \(batchSize x accumulate x ranks\), more than the 12 images of/,
     })
   })
 })

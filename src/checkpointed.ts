@@ -6,6 +6,7 @@ import type { UpdateMetrics } from './native'
 interface NativeCheckpointed extends NativePlaced {
   save(path: string): Promise<void>
   applyUpdate(lr: number): Promise<UpdateMetrics>
+  distribute(): Promise<void>
   readonly optimizerStep: number
   readonly pendingLossTerms: number
   trainState: string | null
@@ -25,6 +26,16 @@ export abstract class Checkpointed<Handle extends NativeCheckpointed> extends Pl
    */
   applyUpdate(lr: number): Promise<UpdateMetrics> {
     return this.handle.applyUpdate(checkLr(lr))
+  }
+
+  /**
+   * Makes this model one replica of the data-parallel job `initDistributed` joined: rank 0's
+   * weights, EMA and optimizer state replace every rank's (its config and options must be every
+   * rank's: a difference is an error on every rank naming the rank and the field), and every
+   * later update averages the gradients of all ranks. The training loops call it.
+   */
+  distribute(): Promise<void> {
+    return this.handle.distribute()
   }
 
   /** Loss terms (masked patches, images) whose gradients wait for `applyUpdate`. */

@@ -6,7 +6,9 @@ import { argmaxRows, Classifier, ClassifierStepMetrics } from './classifier'
 import { EvalTransform, TrainTransform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
+import { checkSameAcrossRanks, Distributed, SINGLE_PROCESS, sumAcrossRanks } from './distributed'
 import {
+  batching,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -15,6 +17,7 @@ import {
   RunResult,
   scheduleFor,
   startPosition,
+  UpdateMeans,
 } from './run'
 import { deriveSeed } from './rng'
 
@@ -63,12 +66,23 @@ export function classifierView(classifier: Classifier, mean = 0.5, std = 0.5): V
   return viewSpec({ size: imageSize, interpolation: 'bicubic', channels: numChannels, mean, std })
 }
 
+export interface EvaluateOptions {
+  batchSize?: number
+  transform?: EvalTransform
+  mean?: number
+  std?: number
+  threads?: number
+  /** Each rank evaluates its share of `data` (every image once) and the counts are summed. */
+  distributed?: Distributed
+}
+
 /** Accuracy of `classifier` on `data` (labels required). */
 export async function evaluate(
   classifier: Classifier,
   data: ImageDataset,
-  opts: { batchSize?: number; transform?: EvalTransform; mean?: number; std?: number; threads?: number } = {},
+  opts: EvaluateOptions = {},
 ): Promise<number> {
+  const dist = opts.distributed ?? SINGLE_PROCESS
   const loader = new ImageLoader({
     dataset: data,
     views: [classifierView(classifier, opts.mean, opts.std)],
@@ -76,6 +90,9 @@ export async function evaluate(
     batchSize: opts.batchSize ?? 256,
     shuffle: false,
     threads: opts.threads,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
+    evenShards: false,
   })
   let correct = 0
   let seen = 0
@@ -88,11 +105,14 @@ export async function evaluate(
     }
     seen += batch.size
   }
-  return correct / seen
+  const [allCorrect, allSeen] = sumAcrossRanks(dist, [correct, seen])
+  return allCorrect / allSeen
 }
 
 export async function finetune(opts: FinetuneOptions): Promise<RunResult & { evals: EpochResult[] }> {
   const { classifier, train, test, batchSize } = opts
+  const b = batching(opts)
+  const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
   for (const [name, data] of [
     ['train', train],
@@ -114,15 +134,27 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     seed,
     dropLast: true,
     threads: opts.threads,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
   })
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
+  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
+  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  const sizes = { train: train.size, test: test.size, batchSize, accumulate, totalSteps, seed }
+  checkSameAcrossRanks(dist, 'fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const evalEvery = opts.evalEvery ?? 1
   if (!Number.isInteger(evalEvery) || evalEvery < 1)
     throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
-  const evalOptions = { transform: opts.evalTransform, mean: opts.mean, std: opts.std, threads: opts.threads }
+  const evalOptions = {
+    transform: opts.evalTransform,
+    mean: opts.mean,
+    std: opts.std,
+    threads: opts.threads,
+    distributed: dist,
+  }
   const fresh: FinetuneState = {
-    ...startPosition('finetune', totalSteps, batchSize, seed),
+    ...startPosition('finetune', totalSteps, b, seed),
     epochLoss: 0,
     epochAccuracy: 0,
     epochSteps: 0,
@@ -144,12 +176,15 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     ],
     checkpointEvery: opts.checkpointEvery,
     signal: opts.signal,
+    distributed: dist,
   })
   let state = run.start
   const save = async () => {
     classifier.trainState = state
     await classifier.save(run.checkpoint)
   }
+  if (dist.worldSize > 1) await classifier.distribute()
+  const means = new UpdateMeans(['loss', 'accuracy'] as const)
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
   // Until the last step is taken and its epoch closed (evaluated, saved): a run saved after its
@@ -159,26 +194,31 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     let started = performance.now()
     const batches = state.step < totalSteps ? loader.epoch(epoch, { fromBatch: state.batch + 1 }) : []
     for await (const batch of batches) {
-      if (state.step >= totalSteps) break
+      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
       const stepLr = lr(state.step)
-      let step: ClassifierStepMetrics
+      // This rank's part of the update's global batch: draws are keyed by the sample's place in it.
+      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
+      let gradNorm: number
       try {
-        step = await classifier.trainStep({
-          pixels: batch.views[0],
-          labels: batch.labels,
-          lr: stepLr,
-          seed: deriveSeed(seed, state.step, 3),
-        })
+        const draws = { seed: deriveSeed(seed, state.step, 3), firstSample: part * batchSize }
+        if (batch.size > 0) {
+          const losses = await classifier.lossAndGrads({ pixels: batch.views[0], labels: batch.labels, ...draws })
+          means.add(losses, batch.size)
+        }
+        if ((batch.batch + 1) % accumulate !== 0) continue
+        gradNorm = (await classifier.applyUpdate(stepLr)).gradNorm
       } catch (e) {
         throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
+      const { weight: images, ...step } = means.take(dist)
       const progress: FinetuneProgress = {
         ...step,
+        gradNorm,
         step: state.step,
         totalSteps,
         epoch,
         lr: stepLr,
-        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
+        imagesPerSecond: images / ((performance.now() - started) / 1000),
       }
       state = {
         ...state,
@@ -194,7 +234,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
         loss: step.loss,
         accuracy: step.accuracy,
         lr: stepLr,
-        gradNorm: step.gradNorm,
+        gradNorm,
+        images,
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)
@@ -225,7 +266,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
       opts.onEpoch?.(evaluation)
     } else await run.metrics.record({ step: state.step - 1, epoch, trainLoss, trainAccuracy })
     state = { ...state, epoch: epoch + 1, batch: -1, epochLoss: 0, epochAccuracy: 0, epochSteps: 0, evals }
-    await save()
+    await run.saveCheckpoint(save)
   }
   return result('completed')
 }

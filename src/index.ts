@@ -34,7 +34,17 @@ export type {
   Pooling,
 } from './classifier'
 export { finetune, evaluate } from './finetune'
-export type { FinetuneOptions, FinetuneProgress, EpochResult } from './finetune'
+export type { FinetuneOptions, FinetuneProgress, EpochResult, EvaluateOptions } from './finetune'
+export {
+  initDistributed,
+  detectLaunch,
+  sumAcrossRanks,
+  anyRank,
+  checkSameAcrossRanks,
+  barrier,
+  SINGLE_PROCESS,
+} from './distributed'
+export type { Distributed, InitDistributedOptions, Launch } from './distributed'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
 export type { LinearProbeOptions, LinearProbeResult, PixelProbeOptions } from './probe'
 export { CHECKPOINT_FILE, MetricsLog, Progress, interruptSignal } from './run'

@@ -50,6 +50,7 @@ export type {
   DvaeLossMetrics,
   DvaeStepMetrics,
   DvaeTrainingOptions,
+  Launch,
   PretrainInput,
   StepDraws,
   UpdateMetrics,

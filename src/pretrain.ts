@@ -1,18 +1,24 @@
 /**
  * The masked-image-modeling pretraining loop (nanoGPT style: the loader, masking, schedule,
- * metrics and checkpoints are helpers it calls). Each step: two views of a batch, a mask per
- * image, and one native call that encodes the tokenizer view into targets and takes one AdamW
- * step.
+ * metrics and checkpoints are helpers it calls). Each batch: two views, a mask per image, and
+ * one native call that encodes the tokenizer view into targets and adds the gradient of the
+ * masked cross-entropy; every `accumulate` batches, one AdamW update (averaged over every rank
+ * of a data-parallel job).
  * A checkpoint carries the loop's position, so a resumed run takes the very steps the
- * uninterrupted one would have.
+ * uninterrupted one would have. An update is the same whether its batches come from one rank
+ * accumulating them or from several ranks: the loader gives rank r the r-th part of each global
+ * batch, masks are drawn for the global batch, and random draws are keyed by the sample's place
+ * in it.
  */
 import { beitViews, TrainTransform } from './data/augment'
 import { ImageDataset } from './data/dataset'
 import { ImageLoader } from './data/loader'
+import { checkSameAcrossRanks } from './distributed'
 import { MaskGenerator } from './masking'
 import { Beit, BeitStepMetrics } from './model'
 import { deriveSeed } from './rng'
 import {
+  batching,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -21,6 +27,7 @@ import {
   RunResult,
   scheduleFor,
   startPosition,
+  UpdateMeans,
 } from './run'
 import { Dvae } from './tokenizer'
 
@@ -49,6 +56,8 @@ interface PretrainState extends LoopPosition {
 
 export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   const { model, tokenizer, data, masking, batchSize } = opts
+  const b = batching(opts)
+  const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
   const [height, width] = model.config.imageSize
   const channels = model.config.numChannels as 1 | 3
@@ -81,13 +90,18 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     batchSize,
     seed,
     dropLast: true,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
     threads: opts.threads,
     prefetch: opts.prefetch,
   })
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
+  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
+  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  checkSameAcrossRanks(dist, 'pretraining run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule, totalSteps)
   const fresh: PretrainState = {
-    ...startPosition('pretrain', totalSteps, batchSize, seed),
+    ...startPosition('pretrain', totalSteps, b, seed),
     masking: masking.getState(),
   }
   // The run folder, its metrics log, and the position to continue from when the model carries one.
@@ -106,9 +120,11 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     ],
     checkpointEvery: opts.checkpointEvery,
     signal: opts.signal,
+    distributed: dist,
   })
   let state = run.start
   masking.setState(state.masking)
+  if (dist.worldSize > 1) await model.distribute()
   const save = async () => {
     state.masking = masking.getState()
     model.trainState = state
@@ -116,36 +132,45 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   }
   const patches = model.grid[0] * model.grid[1]
 
+  const means = new UpdateMeans(['loss', 'mlmAcc', 'majorityBaseline'] as const)
   let epoch = state.epoch
   let fromBatch = state.batch + 1
   while (state.step < totalSteps) {
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
-      if (state.step >= totalSteps) break
+      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
       const [pixels, tokenizerPixels] = batch.views
+      // Masks for the whole global batch on every rank (so the generator's state stays the
+      // same everywhere); this rank's part of it.
+      const masks = Array.from({ length: dist.worldSize * batchSize }, () => masking.generate())
       const mask = new Uint8Array(batch.size * patches)
-      for (let b = 0; b < batch.size; b++) mask.set(masking.generate(), b * patches)
+      for (let i = 0; i < batch.size; i++) mask.set(masks[dist.rank * batchSize + i], i * patches)
+      // The batch's place in the update: draws are keyed by the sample's place in it.
+      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
       const stepLr = lr(state.step)
-      let result: BeitStepMetrics
+      let gradNorm: number
       try {
-        result = await model.pretrainStep({
-          tokenizer,
-          pixels,
-          tokenizerPixels,
-          mask,
-          lr: stepLr,
-          seed: deriveSeed(seed, state.step, 2),
-        })
+        const draws = { seed: deriveSeed(seed, state.step, 2), firstSample: part * batchSize }
+        if (batch.size > 0) {
+          const losses = await model.lossAndGrads({ tokenizer, pixels, tokenizerPixels, mask, ...draws })
+          means.add(losses, losses.numMasked)
+        }
+        if ((batch.batch + 1) % accumulate !== 0) continue
+        gradNorm = (await model.applyUpdate(stepLr)).gradNorm
       } catch (e) {
         throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
+      const { weight: numMasked, ...result } = means.take(dist)
+      const images = batchSize * accumulate * dist.worldSize
       const progress: PretrainProgress = {
         ...result,
+        gradNorm,
+        numMasked,
         step: state.step,
         totalSteps,
         epoch,
         lr: stepLr,
-        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
+        imagesPerSecond: images / ((performance.now() - started) / 1000),
       }
       state = { ...state, step: state.step + 1, epoch, batch: batch.batch }
       await run.metrics.record({
@@ -155,7 +180,8 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         mlmAcc: result.mlmAcc,
         majorityBaseline: result.majorityBaseline,
         lr: stepLr,
-        gradNorm: result.gradNorm,
+        gradNorm,
+        images,
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)

@@ -6,6 +6,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { appendFile, mkdir, writeFile, rename } from 'node:fs/promises'
 import { join } from 'node:path'
 
+import { anyRank, barrier, checkDistributed, Distributed, SINGLE_PROCESS, sumAcrossRanks } from './distributed'
 import { curvesSvg, Series } from './plot'
 import { warmupCosine } from './schedule'
 
@@ -28,7 +29,16 @@ export type Schedule = ScheduleOptions | ((step: number) => number)
  * data: one contract for the run's length, schedule, folder, checkpoints and interruption.
  */
 export interface LoopOptions {
+  /** Images per batch on each rank: an update takes batchSize x worldSize x accumulate images. */
   batchSize: number
+  /** Batches whose gradients are summed before each update (gradient accumulation). Default 1. */
+  accumulate?: number
+  /**
+   * The data-parallel job (from `initDistributed`): each rank takes its shard of the data, the
+   * model's updates average every rank's gradients, rank 0 alone writes the run folder. Default:
+   * one process.
+   */
+  distributed?: Distributed
   /** Length of the run: optimizer steps, or epochs over the training data (may be fractional). Exactly one. */
   steps?: number
   epochs?: number
@@ -108,11 +118,40 @@ export interface LoopPosition {
   batch: number
   batchSize: number
   seed: number
+  /** Ranks and batches per update (absent in runs from before data parallelism: 1). */
+  worldSize?: number
+  accumulate?: number
+}
+
+/** How a loop's batches make its updates. */
+export interface Batching {
+  batchSize: number
+  accumulate: number
+  distributed: Distributed
+}
+
+/** A loop's batching from its options, checked. */
+export function batching(opts: Pick<LoopOptions, 'batchSize' | 'accumulate' | 'distributed'>): Batching {
+  const accumulate = opts.accumulate ?? 1
+  if (!Number.isInteger(accumulate) || accumulate < 1)
+    throw new Error(`accumulate must be a positive integer (batches per update), got ${accumulate}`)
+  return { batchSize: opts.batchSize, accumulate, distributed: checkDistributed(opts.distributed ?? SINGLE_PROCESS) }
 }
 
 /** The position of a run that has not taken a step. */
-export function startPosition<K extends string>(kind: K, totalSteps: number, batchSize: number, seed: number) {
-  return { kind, step: 0, totalSteps, epoch: 0, batch: -1, batchSize, seed }
+export function startPosition<K extends string>(kind: K, totalSteps: number, b: Batching, seed: number) {
+  const { batchSize, accumulate } = b
+  return {
+    kind,
+    step: 0,
+    totalSteps,
+    epoch: 0,
+    batch: -1,
+    batchSize,
+    seed,
+    worldSize: b.distributed.worldSize,
+    accumulate,
+  }
 }
 
 /**
@@ -125,9 +164,12 @@ export function resumePosition<S extends LoopPosition>(saved: unknown, fresh: S,
   const position = saved as S
   if (position.kind !== fresh.kind)
     throw new Error(`the ${owner}'s checkpoint is from a ${String(position.kind)} run, not ${runName}`)
-  for (const key of ['totalSteps', 'batchSize', 'seed'] as const) {
-    if (position[key] !== fresh[key])
-      throw new Error(`cannot resume: the run had ${key} ${position[key]}, now ${fresh[key]}`)
+  for (const key of ['totalSteps', 'batchSize', 'seed', 'worldSize', 'accumulate'] as const) {
+    const [was, now] = [position[key] ?? 1, fresh[key] ?? 1]
+    if (was !== now)
+      throw new Error(
+        `cannot resume: the run had ${key} ${was}, now ${now}${key === 'worldSize' ? ` (launch it with ${was} rank(s) to continue it exactly)` : ''}`,
+      )
   }
   return position
 }
@@ -146,13 +188,16 @@ export interface OpenRunOptions<S extends LoopPosition> {
   panels: Panel[]
   checkpointEvery?: number
   signal?: AbortSignal
+  /** Default one process. */
+  distributed?: Distributed
 }
 
 /**
  * The skeleton every training loop shares, as helpers it calls (the step itself stays in the
  * loop): `Run.open` makes the run folder, opens its metrics log and finds the position to start
  * from; `afterStep` decides when to checkpoint and when to stop; `end` writes the curves and
- * the result.
+ * the result. In a data-parallel job rank 0 alone writes; the ranks agree on stopping and
+ * wait for rank 0's checkpoints.
  */
 export class Run<S extends LoopPosition> {
   private constructor(
@@ -163,6 +208,7 @@ export class Run<S extends LoopPosition> {
     private readonly totalSteps: number,
     private readonly every: number,
     private readonly signal: AbortSignal | undefined,
+    readonly distributed: Distributed,
   ) {}
 
   static async open<S extends LoopPosition>(opts: OpenRunOptions<S>): Promise<Run<S>> {
@@ -174,32 +220,76 @@ export class Run<S extends LoopPosition> {
     if (!Number.isInteger(every) || every < 1)
       throw new Error(`checkpointEvery must be a positive integer (steps), got ${every}`)
     const start = resumePosition(opts.saved, opts.fresh, opts.owner, opts.runName)
-    const metrics = await MetricsLog.open(opts.outDir, {
-      title: opts.title,
-      panels: opts.panels,
-      resumeFrom: start.step,
-    })
-    return new Run(start, join(opts.outDir, CHECKPOINT_FILE), metrics, opts.fresh.totalSteps, every, opts.signal)
+    const distributed = opts.distributed ?? SINGLE_PROCESS
+    const main = distributed.rank === 0
+    const metrics = main
+      ? await MetricsLog.open(opts.outDir, { title: opts.title, panels: opts.panels, resumeFrom: start.step })
+      : MetricsLog.discarding()
+    return new Run(
+      start,
+      join(opts.outDir, CHECKPOINT_FILE),
+      metrics,
+      opts.fresh.totalSteps,
+      every,
+      opts.signal,
+      distributed,
+    )
   }
 
-  /** Whether the loop was told to stop. */
-  get aborted(): boolean {
-    return this.signal?.aborted ?? false
+  /** Whether this process writes the run folder (rank 0). */
+  get main(): boolean {
+    return this.distributed.rank === 0
   }
 
   /**
-   * Call after every step with the steps completed: runs `save` every `checkpointEvery` steps,
-   * after the last step and when aborted; true when the loop must stop (aborted).
+   * Call after every step with the steps completed: runs `save` (on rank 0) every
+   * `checkpointEvery` steps, after the last step and when aborted on any rank; true when the
+   * loop must stop (aborted).
    */
   async afterStep(step: number, save: () => Promise<void>): Promise<boolean> {
-    if (step % this.every === 0 || step === this.totalSteps || this.aborted) await save()
-    return this.aborted
+    const aborted = anyRank(this.distributed, this.signal?.aborted ?? false)
+    if (step % this.every === 0 || step === this.totalSteps || aborted) await this.saveCheckpoint(save)
+    return aborted
+  }
+
+  /** Runs `save` on rank 0; every rank waits until it is written. */
+  async saveCheckpoint(save: () => Promise<void>): Promise<void> {
+    if (this.main) await save()
+    await barrier(this.distributed)
   }
 
   /** The run's result, with its curves written. */
   async end(status: RunResult['status'], step: number): Promise<RunResult> {
-    await this.metrics.writePlot()
+    if (this.main) await this.metrics.writePlot()
+    await barrier(this.distributed)
     return { status, step, checkpoint: this.checkpoint }
+  }
+}
+
+/**
+ * The means an update reports over its batches (accumulated ones, and every rank's): each
+ * batch's metrics weighted by its loss terms (masked patches, images).
+ */
+export class UpdateMeans<K extends string> {
+  private sums: number[]
+  private weight = 0
+
+  constructor(private readonly keys: readonly K[]) {
+    this.sums = keys.map(() => 0)
+  }
+
+  add(metrics: Record<K, number>, weight: number): void {
+    this.keys.forEach((k, i) => (this.sums[i] += metrics[k] * weight))
+    this.weight += weight
+  }
+
+  /** The means over everything added on every rank (and the total weight); starts over. */
+  take(d: Distributed): Record<K, number> & { weight: number } {
+    const [weight, ...sums] = sumAcrossRanks(d, [this.weight, ...this.sums])
+    this.sums = this.keys.map(() => 0)
+    this.weight = 0
+    const means = Object.fromEntries(this.keys.map((k, i) => [k, sums[i] / weight])) as Record<K, number>
+    return { ...means, weight }
   }
 }
 
@@ -225,7 +315,14 @@ export class MetricsLog {
     private readonly title: string,
     private readonly panels: Panel[],
     private readonly refreshEvery: number,
+    /** false: records are kept in memory only (the ranks other than 0 of a data-parallel run). */
+    private readonly writes = true,
   ) {}
+
+  /** A log that writes nothing. */
+  static discarding(): MetricsLog {
+    return new MetricsLog('', '', [], Infinity, false)
+  }
 
   static async open(
     dir: string,
@@ -246,6 +343,7 @@ export class MetricsLog {
   }
 
   async record(entry: Metrics): Promise<void> {
+    if (!this.writes) return
     this.records.push(entry)
     await appendFile(join(this.dir, 'metrics.jsonl'), JSON.stringify(entry) + '\n')
     if (++this.sinceRefresh >= this.refreshEvery) await this.writePlot()
@@ -253,6 +351,7 @@ export class MetricsLog {
 
   async writePlot(): Promise<void> {
     this.sinceRefresh = 0
+    if (!this.writes) return
     const series: Series[] = this.panels.map((p) => ({
       title: p.title ?? p.key,
       log: p.log,

@@ -10,8 +10,10 @@ import { Transform, ViewSpec, viewSpec } from './data/augment'
 import { ImageDataset, pixelDataset } from './data/dataset'
 import type { LabeledImages } from './data/idx'
 import { ImageLoader, LoaderOptions } from './data/loader'
+import { checkSameAcrossRanks } from './distributed'
 import { deriveSeed } from './rng'
 import {
+  batching,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -21,6 +23,7 @@ import {
   Schedule,
   scheduleFor,
   startPosition,
+  UpdateMeans,
 } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
@@ -127,6 +130,8 @@ export async function trainTokenizer(
   opts: TrainTokenizerOptions,
 ): Promise<RunResult & { evaluation?: TokenizerEvaluation }> {
   const { tokenizer, batchSize } = opts
+  const b = batching(opts)
+  const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
   const data = asDataset(opts.data, 'training images')
   const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
@@ -136,10 +141,17 @@ export async function trainTokenizer(
     seed,
     dropLast: true,
     threads: opts.threads,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
   })
-  if (loader.batchesPerEpoch === 0)
-    throw new Error(`batchSize ${batchSize} is larger than the ${data.size} images of ${data.name}`)
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, loader.batchesPerEpoch)
+  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
+  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
+  if (updatesPerEpoch === 0)
+    throw new Error(
+      `an update takes ${batchSize * accumulate * dist.worldSize} images (batchSize x accumulate x ranks), more than the ${data.size} images of ${data.name}`,
+    )
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  checkSameAcrossRanks(dist, 'tokenizer run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule ?? TOKENIZER_SCHEDULE, totalSteps)
   const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps: totalSteps })
   const klWeight =
@@ -148,7 +160,7 @@ export async function trainTokenizer(
       : cosineRamp({ from: 0, to: opts.klWeight ?? 6.6, steps: Math.ceil(totalSteps / 2) })
   const [height, width] = tokenizer.config.imageSize
   const vocab = tokenizer.config.vocabSize
-  const fresh: TokenizerState = startPosition('tokenizer', totalSteps, batchSize, seed)
+  const fresh: TokenizerState = startPosition('tokenizer', totalSteps, b, seed)
   // The run folder, its metrics log, and the position to continue from when the tokenizer carries one.
   const run = await Run.open({
     outDir: opts.outDir,
@@ -165,8 +177,11 @@ export async function trainTokenizer(
     ],
     checkpointEvery: opts.checkpointEvery,
     signal: opts.signal,
+    distributed: dist,
   })
   let state = run.start
+  if (dist.worldSize > 1) await tokenizer.distribute()
+  const means = new UpdateMeans(['loss', 'reconLoss', 'kl', 'perplexity', 'codesUsed'] as const)
   const save = async () => {
     tokenizer.trainState = state
     await tokenizer.save(run.checkpoint)
@@ -180,15 +195,23 @@ export async function trainTokenizer(
     const stepsBefore = state.step
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
-      if (state.step >= totalSteps) break
+      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
       const step = state.step
       const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-      const result = await tokenizer.trainStep({
-        pixels: batch.views[0],
-        size: { height, width },
-        ...schedule,
-        seed: deriveSeed(seed, step, 1),
-      })
+      // This rank's part of the update's global batch: Gumbel noise is keyed by the sample's place in it.
+      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
+      const draws = { seed: deriveSeed(seed, step, 1), firstSample: part * batchSize }
+      const { lr: stepLr, ...relaxation } = schedule
+      if (batch.size > 0) {
+        const input = { pixels: batch.views[0], size: { height, width }, ...relaxation, ...draws }
+        const losses = await tokenizer.lossAndGrads(input)
+        means.add(losses, batch.size)
+      }
+      if ((batch.batch + 1) % accumulate !== 0) continue
+      const { gradNorm } = await tokenizer.applyUpdate(stepLr)
+      // Over the update's batches on every rank; perplexity and codes used are the batches' means.
+      const { weight: images, ...mean } = means.take(dist)
+      const result = { ...mean, gradNorm }
       const progress: TokenizerProgress = {
         ...result,
         ...schedule,
@@ -196,7 +219,7 @@ export async function trainTokenizer(
         totalSteps,
         epoch,
         codesUsedFraction: result.codesUsed / vocab,
-        imagesPerSecond: batch.size / ((performance.now() - started) / 1000),
+        imagesPerSecond: images / ((performance.now() - started) / 1000),
       }
       state = { ...state, step: step + 1, epoch, batch: batch.batch }
       await run.metrics.record({
@@ -205,6 +228,7 @@ export async function trainTokenizer(
         ...result,
         ...schedule,
         codesUsedFraction: progress.codesUsedFraction,
+        images,
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)
@@ -216,8 +240,9 @@ export async function trainTokenizer(
     epoch++
     fromBatch = 0
   }
+  // Every rank evaluates (the same images, so the same result); rank 0 writes it.
   const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000, opts.threads)
-  await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
+  if (run.main) await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
   return { ...(await run.end('completed', state.step)), evaluation }
 }
 

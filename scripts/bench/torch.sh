@@ -4,11 +4,6 @@
 # $BEIT_BENCH_VENV (default ~/.cache/beit/bench-venv) and passes its python on.
 set -eu
 cd "$(dirname "$0")/../.."
-venv=${BEIT_BENCH_VENV:-$HOME/.cache/beit/bench-venv}
-if ! "$venv/bin/python" -c 'import torch, transformers' 2>/dev/null; then
-  echo "bench:torch: installing torch and transformers into $venv" >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers
-fi
+. scripts/bench/venv.sh
 npm run --silent build:ts
 BEIT_BENCH_PYTHON="$venv/bin/python" exec node dist/bench/torch.js "$@"

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""The PyTorch eager side of `npm run bench:torch`: one row of scripts/bench/rows.json, resolved
-by the orchestrator (src/bench/torch.ts) into full beit configs, run in its own process so its
-peak RSS is its own. Prints one JSON line: images/s over the timed steps and peak RSS.
+"""The PyTorch eager side of `npm run bench:torch` and `npm run bench:scaling`: one row of
+scripts/bench/rows.json, resolved by the orchestrator (src/bench/torch.ts, scaling.ts) into full
+beit configs, run in its own process so its peak RSS is its own. Prints one JSON line: images/s
+over the timed steps and peak RSS.
+
+Started by torchrun (WORLD_SIZE set), it is PyTorch DDP on the gloo backend: each rank takes its
+share of the row's batch, gradients are averaged by DDP's bucketed all-reduce, rank 0 prints.
 
 The work is beit's: transformers' BEiT with the same config, the MIM head on the masked patches
 only (as beit computes it), masked cross-entropy, AdamW with BEiT's decay exemptions, global
@@ -52,12 +56,39 @@ def images(gen, batch, c, h, w, lo, hi):
     return torch.rand(batch, c, h, w, generator=gen) * (hi - lo) + lo
 
 
+class MimLoss(torch.nn.Module):
+    """The MIM head on the masked patches only, as one module so DDP sees one forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels, mask, targets):
+        hidden = self.model.beit(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
+        logits = self.model.lm_head(self.model.layernorm(hidden)[:, 1:][mask])
+        return F.cross_entropy(logits, targets[mask])
+
+
+def distributed(module):
+    """`module` under DDP (gloo) when torchrun started this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def share(row):
+    """This rank's images of the row's batch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return row["batchSize"] // world
+
+
 def mim(row, gen):
     from transformers import BeitForMaskedImageModeling
     c = row["config"]
     model = BeitForMaskedImageModeling(hf_config(c, use_mask_token=True)).train()
     opt = adamw(model.named_parameters(), 1e-4, 0.05)
-    b = row["batchSize"]
+    loss_of = distributed(MimLoss(model))
+    b = share(row)
     grid = [s // c["patchSize"] for s in c["imageSize"]]
     n = grid[0] * grid[1]
     pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
@@ -67,9 +98,7 @@ def mim(row, gen):
     targets = torch.randint(0, c["vocabSize"], (b, n), generator=gen)
 
     def step():
-        hidden = model.beit(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
-        logits = model.lm_head(model.layernorm(hidden)[:, 1:][mask])
-        loss = F.cross_entropy(logits, targets[mask])
+        loss = loss_of(pixels, mask, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -83,12 +112,13 @@ def classifier(row, gen):
     c = row["config"]
     model = BeitForImageClassification(hf_config(c, num_labels=row["numLabels"], use_mean_pooling=True)).train()
     opt = adamw(model.named_parameters(), 1e-4, 0.05)
-    b = row["batchSize"]
+    forward = distributed(model)
+    b = share(row)
     pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
     labels = torch.randint(0, row["numLabels"], (b,), generator=gen)
 
     def step():
-        loss = F.cross_entropy(model(pixel_values=pixels).logits, labels, label_smoothing=0.1)
+        loss = F.cross_entropy(forward(pixel_values=pixels).logits, labels, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -162,18 +192,29 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
     row = json.loads(args.row)
-    step = KINDS[row["kind"]](row, torch.Generator().manual_seed(0))
+    if world > 1 and row["kind"] not in ("mim", "classifier"):
+        raise SystemExit(f"{row['kind']} is not a data-parallel row")
+    step = KINDS[row["kind"]](row, torch.Generator().manual_seed(rank))
     for _ in range(args.warmup):
         step()
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - started
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return
+    ranks = f"DDP gloo {world} ranks x " if world > 1 else ""
     print(json.dumps({
         "imagesPerSecond": args.steps * row["batchSize"] / seconds,
         "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "version": f"torch {torch.__version__}, {ranks}{torch.get_num_threads()} threads",
     }))
 
 

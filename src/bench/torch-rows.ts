@@ -1,5 +1,6 @@
 /** The rows of `npm run bench:torch` (scripts/bench/rows.json), resolved into full configs. */
 import { readFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
 import { join } from 'node:path'
 
 import { BeitConfig, ModelSpec, resolveConfig } from '../config'
@@ -46,4 +47,17 @@ export function benchRows(root: string): ResolvedRow[] {
       }
     }
   })
+}
+
+/** The CPU as /proc/cpuinfo names it, with its widest vector extension. */
+export function cpuName(): string {
+  try {
+    const info = readFileSync('/proc/cpuinfo', 'utf8')
+    const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
+    const flags = field('flags')
+    const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
+    return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${simd}`
+  } catch {
+    return `${availableParallelism()} cores`
+  }
 }

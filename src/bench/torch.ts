@@ -8,13 +8,12 @@
  * scripts/bench/torch.sh makes the Python environment (torch + transformers from PyPI) first.
  */
 import { spawnSync } from 'node:child_process'
-import { readFileSync } from 'node:fs'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { availableParallelism, homedir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { benchRows, ResolvedRow } from './torch-rows'
+import { benchRows, cpuName, ResolvedRow } from './torch-rows'
 
 interface Measurement {
   imagesPerSecond: number
@@ -41,19 +40,6 @@ function measure(side: 'beit' | 'torch', row: ResolvedRow, threads: number, pyth
     throw new Error(`${side} run of ${row.name} failed (exit ${result.status}):\n${result.stderr.slice(-2000)}`)
   }
   return JSON.parse(last) as Measurement
-}
-
-/** The CPU as /proc/cpuinfo names it, with its widest vector extension. */
-function cpuName(): string {
-  try {
-    const info = readFileSync('/proc/cpuinfo', 'utf8')
-    const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
-    const flags = field('flags')
-    const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
-    return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${simd}`
-  } catch {
-    return `${availableParallelism()} cores`
-  }
 }
 
 async function main(): Promise<void> {

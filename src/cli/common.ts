@@ -8,7 +8,8 @@ import { ModelSpec, PRESETS } from '../config'
 import { TrainTransform } from '../data/augment'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
-import { DeviceOptions, DeviceSpec } from '../device'
+import { cudaDeviceCount, DeviceOptions, DeviceSpec } from '../device'
+import { detectLaunch, Distributed, initDistributed, SINGLE_PROCESS } from '../distributed'
 import { CHECKPOINT_FILE, interruptSignal, RunResult, ScheduleOptions } from '../run'
 
 export const DATA_HELP =
@@ -27,7 +28,7 @@ export const MODEL_FLAGS = flagTable({
 })
 
 export const RUN_FLAGS = flagTable({
-  'batch-size': { kind: 'int', help: 'images per step', default: 64 },
+  'batch-size': { kind: 'int', help: 'images per batch (on each rank of a data-parallel job)', default: 64 },
   lr: { kind: 'number', help: 'peak learning rate (linear warmup, then cosine)' },
   'min-lr': { kind: 'number', help: 'final learning rate (default lr / 150)', min: 0 },
   'warmup-steps': { kind: 'int', help: 'warmup steps (default 5% of the run)', min: 0 },
@@ -38,6 +39,49 @@ export const RUN_FLAGS = flagTable({
   'checkpoint-every': { kind: 'int', help: 'steps between checkpoints', default: 500 },
   threads: { kind: 'int', help: 'image decoding threads (default: all cores)' },
 })
+
+/** The training commands' data-parallel flags. */
+export const DATA_PARALLEL_FLAGS = flagTable({
+  accumulate: {
+    kind: 'int',
+    help: 'batches whose gradients are summed per update (an update takes batch-size x accumulate x ranks images)',
+    default: 1,
+    min: 1,
+  },
+  distributed: {
+    kind: 'bool',
+    help: 'join an MPI job (automatic under mpiexec, mpirun or srun --mpi=pmix; BEIT_MPI_LIB names the library)',
+    default: false,
+  },
+})
+
+/** How a training command's updates are made: its data-parallel job and accumulation. */
+export interface Job {
+  distributed: Distributed
+  accumulate: number
+}
+
+/** One process on its own, one batch per update. */
+export const SINGLE_JOB: Job = { distributed: SINGLE_PROCESS, accumulate: 1 }
+
+/**
+ * Joins the data-parallel job when a launcher started this process (or --distributed says so);
+ * else one process. Rank 0's first line states the world size, the launcher and the MPI library.
+ */
+export function joinJob(v: Values<typeof DATA_PARALLEL_FLAGS> & { quiet: boolean }): Job {
+  if (!v.distributed && !detectLaunch()) return { distributed: SINGLE_PROCESS, accumulate: v.accumulate }
+  const distributed = initDistributed()
+  if (distributed.rank === 0 && !v.quiet)
+    console.log(
+      `data-parallel: ${distributed.worldSize} rank(s), launched by ${distributed.launcher}; MPI: ${distributed.mpiLibrary}`,
+    )
+  return { distributed, accumulate: v.accumulate }
+}
+
+/** `v` with the progress output left to rank 0. */
+export function quietOffMain<V extends { quiet: boolean }>(v: V, job: Job): V {
+  return job.distributed.rank === 0 ? v : { ...v, quiet: true }
+}
 
 /** --steps or --epochs: one flag pair for every training command; `help` says the fallback. */
 export function lengthFlags(stepsHelp: string, epochsHelp: string) {
@@ -112,9 +156,13 @@ export function trainTransform(v: { 'scale-min': number }, jitter: boolean): Tra
 
 /**
  * The run folder --out: refused when it holds a run and --resume is not given (or holds none
- * and it is); gets the resolved config.json of `flags`.
+ * and it is); gets (from rank 0) the resolved config.json of `flags`, with the data-parallel job.
  */
-export async function prepareOut(flags: FlagTable, v: { out: string; resume: boolean }): Promise<string> {
+export async function prepareOut(
+  flags: FlagTable,
+  v: { out: string; resume: boolean },
+  job: Job = SINGLE_JOB,
+): Promise<string> {
   const { out } = v
   const checkpoint = join(out, CHECKPOINT_FILE)
   if (!v.resume && existsSync(checkpoint))
@@ -122,8 +170,11 @@ export async function prepareOut(flags: FlagTable, v: { out: string; resume: boo
       `${out} already holds a run (${CHECKPOINT_FILE}): pass --resume to continue it, or choose another --out`,
     )
   if (v.resume && !existsSync(checkpoint)) throw new UsageError(`--resume: no checkpoint at ${checkpoint}`)
+  const { rank, worldSize, launcher, mpiLibrary } = job.distributed
+  if (rank > 0) return out
   await mkdir(out, { recursive: true })
-  await writeFile(join(out, 'config.json'), JSON.stringify(resolvedConfig(flags, v), null, 2) + '\n')
+  const config = { ...resolvedConfig(flags, v), ...(launcher === 'none' ? {} : { worldSize, launcher, mpiLibrary }) }
+  await writeFile(join(out, 'config.json'), JSON.stringify(config, null, 2) + '\n')
   return out
 }
 
@@ -158,10 +209,16 @@ function isDeviceSpec(spec: string): spec is DeviceSpec {
   return /^(auto|cpu|cuda|cuda:\d+)$/.test(spec)
 }
 
-/** --device and --precision as model placement options. */
-export function placement(v: Pick<CommonValues, 'device' | 'precision'>): DeviceOptions {
+/**
+ * --device and --precision as model placement options. In a data-parallel job 'cuda' (and 'auto'
+ * on a machine with GPUs) means the GPU of the process's local rank.
+ */
+export function placement(v: Pick<CommonValues, 'device' | 'precision'>, job: Job = SINGLE_JOB): DeviceOptions {
   if (!isDeviceSpec(v.device))
     throw new UsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(v.device)}`)
+  const { worldSize, localRank } = job.distributed
+  const gpus = worldSize > 1 && (v.device === 'cuda' || v.device === 'auto') ? cudaDeviceCount() : 0
+  if (gpus > 0) return { device: `cuda:${localRank % gpus}`, precision: v.precision }
   return { device: v.device, precision: v.precision }
 }
 

@@ -9,7 +9,10 @@ import { Beit } from '../model'
 import { CHECKPOINT_FILE, Progress, RunResult } from '../run'
 import {
   DATA_HELP,
+  DATA_PARALLEL_FLAGS,
   interruptible,
+  Job,
+  joinJob,
   lengthFlags,
   log,
   MODEL_FLAGS,
@@ -18,9 +21,11 @@ import {
   pct,
   placement,
   prepareOut,
+  quietOffMain,
   RUN_FLAGS,
   runLength,
   scheduleOptions,
+  SINGLE_JOB,
   trainTransform,
 } from './common'
 
@@ -37,6 +42,7 @@ const FLAGS = flagTable({
   ),
   'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last step)', default: 1, min: 1 },
   ...RUN_FLAGS,
+  ...DATA_PARALLEL_FLAGS,
   lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
   'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.75 },
   'label-smoothing': { kind: 'number', help: 'label smoothing', default: 0.1, min: 0 },
@@ -45,21 +51,26 @@ const FLAGS = flagTable({
 })
 
 /** What a fine-tuning run reads of the flags (the demo passes its own). */
-export type FinetuneValues = Omit<CommandValues<typeof FLAGS>, 'data' | 'out' | 'config' | 'help'>
+export type FinetuneValues = Omit<
+  CommandValues<typeof FLAGS>,
+  'data' | 'out' | 'config' | 'help' | keyof typeof DATA_PARALLEL_FLAGS
+>
 
 export const finetuneCommand = defineCommand({
   name: 'finetune',
   summary:
     'Fine-tunes a classifier (mean-pooled patches -> LayerNorm -> Linear, or [CLS]) from a pretrained checkpoint or from scratch, evaluating after every epoch.',
   flags: FLAGS,
-  run: async (v) => {
-    const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { epochs: 5 }) })
+  run: async (values) => {
+    const job = joinJob(values)
+    const v = quietOffMain(values, job)
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const { train, test } = await openData(v.data)
     if (!test)
       throw new UsageError(
         `--data ${v.data}: fine-tuning needs a test split (IDX t10k files, or a test/ or val/ folder)`,
       )
-    const result = await runFinetune(v, train, test, out)
+    const result = await runFinetune(v, train, test, out, job)
     if (result.status === 'completed') {
       const best = Math.max(...result.evals.map((e) => e.evalAccuracy))
       log(
@@ -75,18 +86,19 @@ export async function runFinetune(
   train: ImageDataset,
   test: ImageDataset,
   out: string,
+  job: Job = SINGLE_JOB,
 ): Promise<RunResult & { evals: EpochResult[] }> {
   const pixels = train.source.kind === 'pixels'
   const options = {
     optimizer: { weightDecay: v['weight-decay'] },
     training: { labelSmoothing: v['label-smoothing'], layerDecay: v['layer-decay'] },
     seed: v.seed,
-    ...placement(v),
+    ...placement(v, job),
   }
   const numLabels = Math.max(train.classNames.length, test.classNames.length)
   const pooling = v.pooling
   let classifier: Classifier
-  if (v.resume) classifier = await Classifier.load(join(out, CHECKPOINT_FILE), placement(v))
+  if (v.resume) classifier = await Classifier.load(join(out, CHECKPOINT_FILE), placement(v, job))
   else if (v.init !== undefined) {
     const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
     classifier = await Classifier.fromPretrained(
@@ -109,6 +121,7 @@ export async function runFinetune(
       ...runLength(v, { epochs: 5 }),
       evalEvery: v['eval-every'],
       batchSize: v['batch-size'],
+      ...job,
       schedule: scheduleOptions(v),
       transform: trainTransform(v, false),
       seed: v.seed,

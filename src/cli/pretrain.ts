@@ -10,7 +10,9 @@ import { Dvae } from '../tokenizer'
 import { writeSheet } from '../train-tokenizer'
 import {
   DATA_HELP,
+  DATA_PARALLEL_FLAGS,
   interruptible,
+  joinJob,
   lengthFlags,
   log,
   MODEL_FLAGS,
@@ -18,6 +20,7 @@ import {
   openData,
   placement,
   prepareOut,
+  quietOffMain,
   RUN_FLAGS,
   runLength,
   scheduleOptions,
@@ -47,6 +50,7 @@ const FLAGS = flagTable({
   ...MODEL_FLAGS,
   ...lengthFlags('optimizer steps (or --epochs)', 'passes over the data (default 1 when --steps is not given)'),
   ...RUN_FLAGS,
+  ...DATA_PARALLEL_FLAGS,
   lr: { kind: 'number', help: 'peak learning rate', default: 1.5e-3 },
   masking: { kind: 'string', help: 'mask generator', default: 'blockwise', choices: ['blockwise', 'random'] },
   'mask-ratio': { kind: 'number', help: 'share of patches masked', default: 0.4 },
@@ -58,19 +62,23 @@ export const pretrainCommand = defineCommand({
   name: 'pretrain',
   summary: "Masked image modeling: a BEiT learns to predict a trained tokenizer's visual tokens of masked patches.",
   flags: FLAGS,
-  run: async (v) => {
-    if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required: a checkpoint from `beit tokenizer`')
+  run: async (values) => {
+    if (values.tokenizer === undefined)
+      throw new UsageError('--tokenizer is required: a checkpoint from `beit tokenizer`')
+    const tokenizerPath = values.tokenizer
+    const job = joinJob(values)
+    const v = quietOffMain(values, job)
     const length = runLength(v, { epochs: 1 })
-    const out = await prepareOut(FLAGS, { ...v, ...length })
+    const out = await prepareOut(FLAGS, { ...values, ...length }, job)
     const { train, pixels } = await openData(v.data)
-    const tokenizer = await Dvae.load(v.tokenizer, placement(v))
-    await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
+    const tokenizer = await Dvae.load(tokenizerPath, placement(v, job))
+    if (job.distributed.rank === 0) await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
-      ? await Beit.load(join(out, CHECKPOINT_FILE), placement(v))
+      ? await Beit.load(join(out, CHECKPOINT_FILE), placement(v, job))
       : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), {
           seed: v.seed,
           optimizer: { weightDecay: v['weight-decay'] },
-          ...placement(v),
+          ...placement(v, job),
         })
     const [gh, gw] = model.grid
     const ratio = v['mask-ratio']
@@ -89,7 +97,7 @@ export const pretrainCommand = defineCommand({
     const start = model.step
     log(
       v,
-      `pretraining BEiT ${v.preset} (${model.numParameters.toLocaleString()} parameters, ${gh}x${gw} patches) on ${train.size.toLocaleString()} images of ${train.name}, tokens from ${v.tokenizer}${v.resume ? `, resuming at step ${start}` : ''}`,
+      `pretraining BEiT ${v.preset} (${model.numParameters.toLocaleString()} parameters, ${gh}x${gw} patches) on ${train.size.toLocaleString()} images of ${train.name}, tokens from ${tokenizerPath}${v.resume ? `, resuming at step ${start}` : ''}`,
     )
     let total = 0
     // One bar for the whole run, so its ETA clock runs from the first step.
@@ -101,6 +109,7 @@ export const pretrainCommand = defineCommand({
         data: train,
         masking,
         batchSize: v['batch-size'],
+        ...job,
         ...length,
         schedule: scheduleOptions(v),
         transform: trainTransform(v, v.jitter),

@@ -7,7 +7,21 @@ import { openDataset } from '../data/open'
 import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
 import { DVAE_PRESETS, Dvae } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
-import { DATA_HELP, interruptible, lengthFlags, log, placement, prepareOut, runLength, table } from './common'
+import {
+  DATA_HELP,
+  DATA_PARALLEL_FLAGS,
+  interruptible,
+  Job,
+  joinJob,
+  lengthFlags,
+  log,
+  placement,
+  prepareOut,
+  quietOffMain,
+  runLength,
+  SINGLE_JOB,
+  table,
+} from './common'
 
 const FLAGS = flagTable({
   data: { kind: 'string', help: DATA_HELP, default: 'sample' },
@@ -19,7 +33,8 @@ const FLAGS = flagTable({
   },
   channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
   ...lengthFlags('training steps (default 1000 when --epochs is not given)', 'passes over the data (or --steps)'),
-  'batch-size': { kind: 'int', help: 'images per step', default: 32 },
+  'batch-size': { kind: 'int', help: 'images per batch (on each rank of a data-parallel job)', default: 32 },
+  ...DATA_PARALLEL_FLAGS,
   lr: { kind: 'number', help: 'peak learning rate (cosine after the warmup)', default: 2e-3 },
   'min-lr': { kind: 'number', help: 'final learning rate (default lr / 100)', min: 0 },
   'warmup-steps': { kind: 'int', help: 'linear warmup steps', default: 0, min: 0 },
@@ -53,7 +68,9 @@ export const tokenizerCommand = defineCommand({
   name: 'tokenizer',
   summary: 'Trains a dVAE visual tokenizer (Gumbel-softmax relaxation) on any image data, resized to its input size.',
   flags: FLAGS,
-  run: async (v) => {
+  run: async (values) => {
+    const job = joinJob(values)
+    const v = quietOffMain(values, job)
     const train = await openDataset(v.data, 'train')
     const test = await openDataset(v.data, 'test')
     const preset = v.preset
@@ -65,19 +82,19 @@ export const tokenizerCommand = defineCommand({
       given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] }
     if (v.ema >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { steps: 1000 }) })
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { steps: 1000 }) }, job)
     const tokenizer = v.resume
-      ? await Dvae.load(join(out, CHECKPOINT_FILE), placement(v))
+      ? await Dvae.load(join(out, CHECKPOINT_FILE), placement(v, job))
       : Dvae.create(
           { preset, numChannels: channels, imageSize, ...vocab },
-          { seed: v.seed, emaDecay: v.ema, ...placement(v) },
+          { seed: v.seed, emaDecay: v.ema, ...placement(v, job) },
         )
     log(
       v,
       `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}${v.resume ? `, resuming at step ${tokenizer.step}` : ''}`,
     )
-    const evaluation = await runTokenizer(v, tokenizer, train, test)
-    if (evaluation === undefined) return
+    const evaluation = await runTokenizer(v, tokenizer, train, test, job)
+    if (evaluation === undefined || job.distributed.rank > 0) return
     printTokenizerEvaluation(evaluation, tokenizer)
     log(v, `run folder ${out}: ${CHECKPOINT_FILE}, metrics.jsonl, curves.svg, reconstructions.png, evaluation.json`)
   },
@@ -89,6 +106,7 @@ export async function runTokenizer(
   tokenizer: Dvae,
   train: ImageDataset,
   test: ImageDataset,
+  job: Job = SINGLE_JOB,
 ): Promise<(TokenizerEvaluation & { seconds: number }) | undefined> {
   let bar: Progress | undefined
   const started = performance.now()
@@ -99,6 +117,7 @@ export async function runTokenizer(
       evalData: test,
       ...runLength(v, { steps: 1000 }),
       batchSize: v['batch-size'],
+      ...job,
       seed: v.seed,
       schedule: { lr: v.lr, minLr: v['min-lr'] ?? v.lr / 100, warmupSteps: v['warmup-steps'] },
       klWeight: v['kl-weight'],

@@ -21,9 +21,20 @@ export interface LoaderOptions {
   shuffle?: boolean
   /** Drop the last partial batch of an epoch. Default false. */
   dropLast?: boolean
-  /** Data-parallel shard: this process takes every worldSize-th image of the epoch's order. */
+  /**
+   * Data-parallel shard: this rank's batch k is the rank-th of worldSize equal parts of the
+   * epoch's k-th global batch (worldSize x batchSize images of the epoch's order), so the ranks
+   * together see what one process with batchSize x worldSize sees.
+   */
   rank?: number
   worldSize?: number
+  /**
+   * With worldSize > 1, every rank gets the same number of images (and batches): the epoch's
+   * order is cut to whole global batches (dropLast) or padded to a multiple of worldSize with
+   * its first images, as PyTorch's DistributedSampler. false: every image exactly once, the
+   * ranks' shards differing by up to one image (evaluation). Default true.
+   */
+  evenShards?: boolean
   /** Batches decoded ahead of the consumer. Default 2. */
   prefetch?: number
   /** Native decode threads. Default: the machine's available parallelism. */
@@ -65,6 +76,11 @@ export interface LoaderStats {
 
 const KEPT_SKIPS = 1000
 
+/** The rank-th of `worldSize` contiguous parts of `n` items, as [from, to). */
+function part(n: number, rank: number, worldSize: number): [number, number] {
+  return [Math.floor((rank * n) / worldSize), Math.floor(((rank + 1) * n) / worldSize)]
+}
+
 export class ImageLoader {
   readonly stats: LoaderStats = { loaded: 0, skipped: 0, skips: [] }
   private readonly native: NativeImageLoader
@@ -80,6 +96,7 @@ export class ImageLoader {
       dropLast: false,
       rank: 0,
       worldSize: 1,
+      evenShards: true,
       prefetch: 2,
       onError: 'skip' as const,
       ...given,
@@ -98,10 +115,12 @@ export class ImageLoader {
       throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
     validateViews(opts.views)
     validateTransform(opts.transform)
-    if (this.shardSize(dataset.size, rank, worldSize) === 0) {
-      throw new Error(`shard ${rank} of ${worldSize} gets no images: the dataset has only ${dataset.size}`)
-    }
     this.opts = opts
+    if (this.shardSize() === 0) {
+      throw new Error(
+        `shard ${rank} of ${worldSize} gets no images: the dataset has only ${dataset.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
+      )
+    }
     this.viewsJson = JSON.stringify(opts.views)
     this.native = new native.NativeImageLoader(options.threads, options.maxPixels)
   }
@@ -116,19 +135,26 @@ export class ImageLoader {
 
   /** Batches this shard yields per epoch. */
   get batchesPerEpoch(): number {
-    const { dataset, rank, worldSize, batchSize, dropLast } = this.opts
-    const n = this.shardSize(dataset.size, rank, worldSize)
+    const { batchSize, dropLast } = this.opts
+    const n = this.shardSize()
     return dropLast ? Math.floor(n / batchSize) : Math.ceil(n / batchSize)
   }
 
   /** This shard's dataset indices for `epoch`, in order. */
   epochOrder(epoch: number): Uint32Array {
-    const { dataset, shuffle, seed, rank, worldSize } = this.opts
+    const { dataset, shuffle, seed, rank, worldSize, batchSize } = this.opts
     const order = shuffle
       ? permutation(dataset.size, new Rng(deriveSeed(seed, epoch)))
       : Uint32Array.from({ length: dataset.size }, (_, i) => i)
     if (worldSize === 1) return order
-    return order.filter((_, i) => i % worldSize === rank)
+    const n = this.orderLength()
+    const all = Uint32Array.from({ length: n }, (_, i) => order[i % order.length])
+    const shard: number[] = []
+    for (let start = 0; start < n; start += worldSize * batchSize) {
+      const [from, to] = part(Math.min(worldSize * batchSize, n - start), rank, worldSize)
+      for (let i = from; i < to; i++) shard.push(all[start + i])
+    }
+    return Uint32Array.from(shard)
   }
 
   /**
@@ -152,12 +178,28 @@ export class ImageLoader {
     while (queue.length > 0) {
       const batch = await queue.shift()!
       if (next < total) launch(next++)
-      if (batch.size > 0) yield batch // every image of it was skipped (and counted)
+      // A batch whose every image was skipped (and counted) is left out, except in a data-parallel
+      // job, where every rank takes every step (it adds no gradient there).
+      if (batch.size > 0 || this.opts.worldSize > 1) yield batch
     }
   }
 
-  private shardSize(n: number, rank: number, worldSize: number): number {
-    return Math.floor(n / worldSize) + (rank < n % worldSize ? 1 : 0)
+  /** The length of the epoch's order the shards are cut from (cut or padded for even shards). */
+  private orderLength(): number {
+    const { dataset, worldSize, batchSize, dropLast, evenShards } = this.opts
+    const n = dataset.size
+    if (worldSize === 1 || !evenShards) return n
+    return dropLast
+      ? Math.floor(n / (worldSize * batchSize)) * worldSize * batchSize
+      : Math.ceil(n / worldSize) * worldSize
+  }
+
+  private shardSize(): number {
+    const { rank, worldSize, batchSize } = this.opts
+    const n = this.orderLength()
+    const global = worldSize * batchSize
+    const [from, to] = part(n % global, rank, worldSize)
+    return Math.floor(n / global) * batchSize + (to - from)
   }
 
   private async load(order: Uint32Array, epoch: number, batch: number): Promise<Batch> {

@@ -12,6 +12,8 @@ pub enum Error {
     Checkpoint(String),
     /// A non-finite loss or gradient.
     Numeric(String),
+    /// MPI could not be found or started, or the ranks of a job disagree.
+    Distributed(String),
     Io(std::io::Error),
     Candle(candle_core::Error),
 }
@@ -21,7 +23,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(m) | Error::Input(m) | Error::Checkpoint(m) | Error::Numeric(m) => f.write_str(m),
+            Error::Config(m) | Error::Input(m) | Error::Checkpoint(m) | Error::Numeric(m) | Error::Distributed(m) => {
+                f.write_str(m)
+            }
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Candle(e) => write!(f, "tensor error: {e}"),
         }

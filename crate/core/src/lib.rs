@@ -18,6 +18,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod float;

@@ -107,7 +107,7 @@ pub fn flat_values(tensors: &[Tensor]) -> Result<Vec<f32>> {
 }
 
 /// Tensors of the table's shapes from a flat buffer (table layout).
-fn unflatten(table: &ParamTable, values: &[f32]) -> Result<Vec<Tensor>> {
+pub fn unflatten(table: &ParamTable, values: &[f32]) -> Result<Vec<Tensor>> {
     let mut offset = 0;
     table
         .params()

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
@@ -17,10 +18,11 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::checkpoint::{self, Loaded};
 use crate::config::BeitConfig;
 use crate::device::Precision;
+use crate::distributed::Communicator;
 use crate::error::{Error, Result};
 use crate::optimizer::{self, AdamWConfig};
 use crate::params::{values, ParamTable, Source};
-use crate::runner::{Gradients, Placement, Runner, RunnerSpec};
+use crate::runner::{flat_values, unflatten, GradientValues, Gradients, Placement, Runner, RunnerSpec};
 
 /// Metadata key of the caller's training state (schedule position, RNG states), saved with
 /// the weights so a checkpoint is one atomic file.
@@ -79,6 +81,9 @@ pub trait Kind: Sized + 'static {
 pub struct UpdateMetrics {
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Seconds spent summing gradients across ranks (waiting for the slowest rank included);
+    /// 0 for a model that is not distributed.
+    pub all_reduce_seconds: f64,
 }
 
 pub struct Trainer<K: Kind> {
@@ -90,6 +95,8 @@ pub struct Trainer<K: Kind> {
     table: ParamTable,
     pub(crate) runner: Box<K::Runner>,
     placement: Placement,
+    /// Set by [`Trainer::distribute`]: updates sum the gradient buffers of every rank.
+    communicator: Option<Arc<Communicator>>,
 }
 
 impl<K: Kind> Trainer<K> {
@@ -108,7 +115,7 @@ impl<K: Kind> Trainer<K> {
         let ema = ema.map(|s| s.values(&table)).transpose()?;
         let placement = Placement::cpu();
         let runner = Self::runner(&config, &options, &optimizer, &table, &placement, values, ema)?;
-        Ok(Self { config, options, train_state: None, optimizer, table, runner, placement })
+        Ok(Self { config, options, train_state: None, optimizer, table, runner, placement, communicator: None })
     }
 
     fn runner(
@@ -276,9 +283,105 @@ impl<K: Kind> Trainer<K> {
     }
 
     /// Clip, AdamW and the EMA's move from the gradients added since the last update (their
-    /// mean over the loss terms they sum); empties the buffer.
+    /// mean over the loss terms they sum, on every rank when the model is distributed);
+    /// empties the buffer.
     pub fn apply_update(&mut self, lr: f64) -> Result<UpdateMetrics> {
-        Ok(UpdateMetrics { grad_norm: self.runner.apply_update(lr)? })
+        optimizer::check_lr(lr)?;
+        let started = std::time::Instant::now();
+        self.sum_across_ranks()?;
+        let all_reduce_seconds = if self.communicator.is_some() { started.elapsed().as_secs_f64() } else { 0.0 };
+        Ok(UpdateMetrics { grad_norm: self.runner.apply_update(lr)?, all_reduce_seconds })
+    }
+
+    /// Makes this model one replica of a data-parallel job: rank 0's config, options and
+    /// optimizer settings must be every rank's (else an error on every rank naming the rank
+    /// and the field), rank 0's weights, EMA and optimizer state replace every rank's (PyTorch
+    /// DDP's start), and from now on every update sums the gradient buffers and their counts
+    /// across ranks first.
+    pub fn distribute(&mut self, communicator: Arc<Communicator>) -> Result<()> {
+        let pending = *self.runner.gradients().count;
+        communicator.agree(if pending > 0 {
+            Err(Error::Input("the model holds gradients not yet applied: call applyUpdate before distribute".into()))
+        } else {
+            Ok(())
+        })?;
+        let setup = serde_json::json!({
+            "config": serde_json::from_str::<serde_json::Value>(&self.config_json()).expect("config JSON"),
+            "options": serde_json::from_str::<serde_json::Value>(&self.options_json()).expect("options JSON"),
+            "optimizer": self.optimizer,
+            "device": if self.placement.device.is_cpu() { "cpu" } else { "cuda" },
+            "precision": self.placement.precision.name(),
+        });
+        communicator.check_same(&format!("{} setup", K::WHAT), &setup.to_string())?;
+        let mut values = flat_values(&self.runner.weights()?)?;
+        communicator.broadcast_f32(&mut values)?;
+        let ema = match self.runner.ema_weights()? {
+            Some(ema) => {
+                let mut ema = flat_values(&ema)?;
+                communicator.broadcast_f32(&mut ema)?;
+                Some(unflatten(&self.table, &ema)?)
+            }
+            None => None,
+        };
+        let mut moments = HashMap::new();
+        for (name, t) in self.runner.optimizer_state()? {
+            let mut v = flat_values(std::slice::from_ref(&t))?;
+            communicator.broadcast_f32(&mut v)?;
+            moments.insert(name, candle_core::Tensor::from_vec(v, t.shape(), &Device::Cpu)?);
+        }
+        let mut step = [self.runner.optimizer_step() as f64];
+        communicator.broadcast_f64(&mut step)?;
+        let values = unflatten(&self.table, &values)?;
+        let mut runner =
+            Self::runner(&self.config, &self.options, &self.optimizer, &self.table, &self.placement, values, ema)?;
+        runner.restore_optimizer(moments, step[0] as u64)?;
+        self.runner = runner;
+        self.communicator = Some(communicator);
+        Ok(())
+    }
+
+    /// The communicator the model updates over, once distributed.
+    pub fn communicator(&self) -> Option<&Arc<Communicator>> {
+        self.communicator.as_ref()
+    }
+
+    /// The data-parallel hook: sums the gradient buffers and their loss-term counts of every
+    /// rank, so each divides the global sum by the global count (N ranks x B images take the
+    /// step 1 rank x N*B takes).
+    fn sum_across_ranks(&mut self) -> Result<()> {
+        let Some(communicator) = self.communicator.clone() else { return Ok(()) };
+        let n = self.table.num_values();
+        let device = self.runner.device();
+        let Gradients { values, count } = self.runner.gradients();
+        let mut total = [*count as f64];
+        communicator.sum_f64(&mut total)?;
+        *count = total[0] as u64;
+        match values {
+            GradientValues::Host(buf) => communicator.sum_f32(buf),
+            GradientValues::Device(slot) => {
+                #[cfg(feature = "cuda")]
+                if device.is_cuda() {
+                    if let Some(nccl) = communicator.nccl(&device)? {
+                        // A rank whose batch added no loss terms still takes part, with zeros.
+                        let grads = match slot.take() {
+                            Some(t) => t,
+                            None => Tensor::zeros(n, DType::F32, &device)?,
+                        };
+                        nccl.sum_in_place(&grads)?;
+                        *slot = Some(grads);
+                        return Ok(());
+                    }
+                }
+                // A rank whose batch added no loss terms still takes part, with zeros.
+                let mut host = match slot.take() {
+                    Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    None => vec![0.0; n],
+                };
+                communicator.sum_f32(&mut host)?;
+                *slot = Some(Tensor::from_vec(host, n, &device)?);
+                Ok(())
+            }
+        }
     }
 }
 

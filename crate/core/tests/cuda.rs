@@ -225,3 +225,21 @@ fn dall_e_encodes_a_large_batch_like_two_halves() {
 fn tokenizer_batch(pixels: &[f32]) -> ImageBatch<'_> {
     ImageBatch { pixels, height: 112, width: 112 }
 }
+
+/// The NCCL path of data-parallel training, as far as one GPU can check it: NCCL loads
+/// (`libnccl.so.2` or BEIT_NCCL_LIB), a communicator of one rank joins the GPU, and the in-place
+/// all-reduce of a gradient-sized buffer on the model's stream leaves the sum of one rank (the
+/// values themselves). Two ranks' sums need a machine with two GPUs.
+#[test]
+fn nccl_sums_a_gradient_buffer_in_place_on_one_gpu() {
+    let device = gpu();
+    let loaded = beit_core::distributed::nccl::load(std::env::var("BEIT_NCCL_LIB").ok().as_deref())
+        .expect("NCCL (the nvidia-nccl-cu13 wheel or libnccl2) must be installed where this runs");
+    println!("{}", loaded.library);
+    let nccl = loaded.join(&device, 0, 1, |_| Ok(())).unwrap();
+    let n = 7_000_003; // more than one 25 MiB bucket's worth, and odd
+    let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5 - 3.0).collect();
+    let grads = Tensor::from_vec(values.clone(), n, &device).unwrap();
+    nccl.sum_in_place(&grads).unwrap();
+    assert_eq!(grads.to_vec1::<f32>().unwrap(), values);
+}

@@ -11,6 +11,7 @@ use napi_derive::napi;
 // Public so that every #[napi] item counts as used in test builds too (they are registered
 // with Node at load, which the compiler does not see).
 pub mod classify;
+pub mod distributed;
 pub mod images;
 pub mod mim;
 pub mod tokenizer;
@@ -159,6 +160,9 @@ impl From<StepDraws> for beit_core::Draws {
 pub struct UpdateMetrics {
     /// Global gradient norm (of the mean gradient) before clipping.
     pub grad_norm: f64,
+    /// Seconds spent summing gradients across ranks (waiting for the slowest rank included);
+    /// 0 for a model that is not distributed.
+    pub all_reduce_seconds: f64,
 }
 
 /// The model presets as JSON, `{"beit": {name: config}, "tokenizer": {name: config}}`: the one
@@ -240,7 +244,25 @@ macro_rules! trainer_methods {
             #[napi(ts_return_type = "Promise<UpdateMetrics>")]
             pub fn apply_update(&self, lr: f64) -> AsyncTask<Job<beit_core::UpdateMetrics, $crate::UpdateMetrics>> {
                 let model = self.inner.clone();
-                job(move || lock(&model)?.apply_update(lr), |m| Ok($crate::UpdateMetrics { grad_norm: m.grad_norm }))
+                job(
+                    move || lock(&model)?.apply_update(lr),
+                    |m| Ok($crate::UpdateMetrics { grad_norm: m.grad_norm, all_reduce_seconds: m.all_reduce_seconds }),
+                )
+            }
+
+            /// Makes this model one replica of the data-parallel job `initDistributed` joined:
+            /// rank 0's weights, EMA and optimizer state replace every rank's (the setups must
+            /// match), and every later update averages the gradients of all ranks.
+            #[napi(ts_return_type = "Promise<void>")]
+            pub fn distribute(&self) -> AsyncTask<Job<(), ()>> {
+                let model = self.inner.clone();
+                job(
+                    move || {
+                        let communicator = $crate::distributed::communicator()?;
+                        lock(&model)?.distribute(communicator)
+                    },
+                    |()| Ok(()),
+                )
             }
 
             /// The caller's training state (JSON), saved with and loaded from checkpoints.
