@@ -141,10 +141,24 @@ for (const kind of ['pretrain', 'finetune', 'tokenizer'] as const) {
         accumulate,
         steps: 3,
       })
-      ok(t, await train('none', 1, job('one', 16)))
+      const alone = await train('none', 1, job('one', 16))
+      ok(t, alone)
       ok(t, await train('none', 1, job('accumulate', 8, 2)))
       const two = await train('mpich', 2, job('two', 8))
       ok(t, two)
+      if (kind === 'finetune') {
+        // The evaluation splits the test set over the ranks, every image once, and sums the counts.
+        const accuracy = (r: Finished) =>
+          r.stdout
+            .split('\n')
+            .filter(Boolean)
+            .map((l) => (JSON.parse(l) as { evalAccuracy: number }).evalAccuracy)
+        const [one] = accuracy(alone)
+        t.true(one > 0)
+        t.deepEqual(accuracy(two), [one, one])
+        const correct = one * 51
+        t.true(Math.abs(correct - Math.round(correct)) < 1e-9, `${one} is a count out of 51 images`)
+      }
       const one = join(dir, 'one', 'rank-0.safetensors')
       for (const other of [join(dir, 'two', 'rank-0.safetensors'), join(dir, 'accumulate', 'rank-0.safetensors')]) {
         const diff = weightDifference(one, other)
