@@ -318,3 +318,16 @@ test.serial('beit pretrain under mpiexec -n 2: one run folder, the world size an
     [16, 16],
   )
 })
+
+test.serial('commands that do not train data-parallel refuse a multi-rank launch', async (t) => {
+  const run = await launch('mpich', 2, [
+    'node',
+    'dist/cli.js',
+    'probe',
+    '--pixels',
+    '--out',
+    join(tmpdir(), 'never.json'),
+  ])
+  t.not(run.code, 0)
+  t.regex(run.stderr, /beit probe runs in one process, but PMI \(PMI_SIZE\) started 2: run it without a launcher/)
+})

@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import { Command, parseCommand, usage, UsageError } from './cli-options'
+import { detectLaunch } from './distributed'
 import { demoCommand } from './cli/demo'
 import { encodeCommand, reconstructCommand } from './cli/encode'
 import { finetuneCommand } from './cli/finetune'
@@ -65,6 +66,12 @@ async function main(argv: string[]): Promise<void> {
     process.stdout.write(usage(command))
     return
   }
+  // Under mpiexec every rank runs the command: only the training commands share the work.
+  const launch = detectLaunch()
+  if (launch && launch.worldSize > 1 && !('distributed' in command.flags))
+    throw new UsageError(
+      `beit ${name} runs in one process, but ${launch.launcher} started ${launch.worldSize}: run it without a launcher (tokenizer, pretrain and finetune train data-parallel)`,
+    )
   await command.run(values)
 }
 
