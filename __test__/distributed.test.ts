@@ -5,11 +5,11 @@
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
-import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { Beit, Dvae } from '../src'
+import { Beit, Dvae, SegmentationMetrics } from '../src'
 import type { Job } from './fixtures/data-parallel'
 
 const CACHE = process.env.BEIT_CACHE ?? join(homedir(), '.cache', 'beit')
@@ -330,4 +330,36 @@ test.serial('commands that do not train data-parallel refuse a multi-rank launch
   ])
   t.not(run.code, 0)
   t.regex(run.stderr, /beit probe runs in one process, but PMI \(PMI_SIZE\) started 2: run it without a launcher/)
+})
+
+test.serial('segmentation scores of a data-parallel evaluation sum every rank’s areas', async (t) => {
+  const dir = await tempDir(t)
+  // Rank r evaluates image r: [predicted, truth].
+  const images = [
+    [
+      [0, 1, 2, 2, 1],
+      [0, 1, 1, 2, 255],
+    ],
+    [
+      [1, 1, 0, 0],
+      [1, 0, 0, 2],
+    ],
+  ]
+  const script = join(dir, 'scores.js')
+  await writeFile(
+    script,
+    `const { initDistributed, SegmentationMetrics } = require(${JSON.stringify(join(ROOT, 'dist'))})
+const d = initDistributed()
+const images = ${JSON.stringify(images)}
+const metrics = new SegmentationMetrics({ numLabels: 3 })
+metrics.add(images[d.rank][0], images[d.rank][1])
+const scores = metrics.scores(d)
+if (d.rank === 0) console.log(JSON.stringify(scores))
+`,
+  )
+  const run = await launch('mpich', 2, ['node', script])
+  ok(t, run)
+  const alone = new SegmentationMetrics({ numLabels: 3 })
+  for (const [predicted, truth] of images) alone.add(predicted, truth)
+  t.deepEqual(JSON.parse(run.stdout) as unknown, JSON.parse(JSON.stringify(alone.scores())) as unknown)
 })

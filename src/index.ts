@@ -45,6 +45,8 @@ export {
   SINGLE_PROCESS,
 } from './distributed'
 export type { Distributed, InitDistributedOptions, Launch } from './distributed'
+export { SegmentationMetrics } from './segmentation/metrics'
+export type { SegmentationMetricsOptions, SegmentationScores } from './segmentation/metrics'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
 export type { LinearProbeOptions, LinearProbeResult, PixelProbeOptions } from './probe'
 export { CHECKPOINT_FILE, MetricsLog, Progress, interruptSignal } from './run'
