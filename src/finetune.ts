@@ -9,6 +9,8 @@ import { ImageLoader } from './data/loader'
 import { checkSameAcrossRanks, Distributed, SINGLE_PROCESS, sumAcrossRanks } from './distributed'
 import {
   batching,
+  endsUpdate,
+  firstSample,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -18,6 +20,7 @@ import {
   scheduleFor,
   startPosition,
   UpdateMeans,
+  updatesPerEpoch,
 } from './run'
 import { deriveSeed } from './rng'
 
@@ -137,9 +140,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     rank: dist.rank,
     worldSize: dist.worldSize,
   })
-  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
-  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   const sizes = { train: train.size, test: test.size, batchSize, accumulate, totalSteps, seed }
   checkSameAcrossRanks(dist, 'fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
@@ -194,18 +196,16 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     let started = performance.now()
     const batches = state.step < totalSteps ? loader.epoch(epoch, { fromBatch: state.batch + 1 }) : []
     for await (const batch of batches) {
-      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
+      if (state.step >= totalSteps || batch.batch >= updates * accumulate) break
       const stepLr = lr(state.step)
-      // This rank's part of the update's global batch: draws are keyed by the sample's place in it.
-      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
       let gradNorm: number
       try {
-        const draws = { seed: deriveSeed(seed, state.step, 3), firstSample: part * batchSize }
+        const draws = { seed: deriveSeed(seed, state.step, 3), firstSample: firstSample(b, batch.batch) }
         if (batch.size > 0) {
           const losses = await classifier.lossAndGrads({ pixels: batch.views[0], labels: batch.labels, ...draws })
           means.add(losses, batch.size)
         }
-        if ((batch.batch + 1) % accumulate !== 0) continue
+        if (!endsUpdate(b, batch.batch)) continue
         gradNorm = (await classifier.applyUpdate(stepLr)).gradNorm
       } catch (e) {
         throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })

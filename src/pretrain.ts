@@ -19,6 +19,8 @@ import { Beit, BeitStepMetrics } from './model'
 import { deriveSeed } from './rng'
 import {
   batching,
+  endsUpdate,
+  firstSample,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -28,6 +30,7 @@ import {
   scheduleFor,
   startPosition,
   UpdateMeans,
+  updatesPerEpoch,
 } from './run'
 import { Dvae } from './tokenizer'
 
@@ -95,9 +98,8 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     threads: opts.threads,
     prefetch: opts.prefetch,
   })
-  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
-  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   checkSameAcrossRanks(dist, 'pretraining run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule, totalSteps)
   const fresh: PretrainState = {
@@ -138,24 +140,22 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   while (state.step < totalSteps) {
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
-      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
+      if (state.step >= totalSteps || batch.batch >= updates * accumulate) break
       const [pixels, tokenizerPixels] = batch.views
       // Masks for the whole global batch on every rank (so the generator's state stays the
       // same everywhere); this rank's part of it.
       const masks = Array.from({ length: dist.worldSize * batchSize }, () => masking.generate())
       const mask = new Uint8Array(batch.size * patches)
       for (let i = 0; i < batch.size; i++) mask.set(masks[dist.rank * batchSize + i], i * patches)
-      // The batch's place in the update: draws are keyed by the sample's place in it.
-      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
       const stepLr = lr(state.step)
       let gradNorm: number
       try {
-        const draws = { seed: deriveSeed(seed, state.step, 2), firstSample: part * batchSize }
+        const draws = { seed: deriveSeed(seed, state.step, 2), firstSample: firstSample(b, batch.batch) }
         if (batch.size > 0) {
           const losses = await model.lossAndGrads({ tokenizer, pixels, tokenizerPixels, mask, ...draws })
           means.add(losses, losses.numMasked)
         }
-        if ((batch.batch + 1) % accumulate !== 0) continue
+        if (!endsUpdate(b, batch.batch)) continue
         gradNorm = (await model.applyUpdate(stepLr)).gradNorm
       } catch (e) {
         throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`, { cause: e })

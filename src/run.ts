@@ -138,6 +138,25 @@ export function batching(opts: Pick<LoopOptions, 'batchSize' | 'accumulate' | 'd
   return { batchSize: opts.batchSize, accumulate, distributed: checkDistributed(opts.distributed ?? SINGLE_PROCESS) }
 }
 
+/** Whole updates in an epoch of `batchesPerEpoch` batches (the last batches that make no whole update are left out). */
+export function updatesPerEpoch(b: Batching, batchesPerEpoch: number): number {
+  return Math.floor(batchesPerEpoch / b.accumulate)
+}
+
+/**
+ * Where this rank's batch number `batch` of an epoch starts in its update's global batch (its
+ * accumulated batches, each split over the ranks): random draws are keyed by it, so every way
+ * of making the same update (ranks, accumulation, one big batch) draws the same.
+ */
+export function firstSample(b: Batching, batch: number): number {
+  return ((batch % b.accumulate) * b.distributed.worldSize + b.distributed.rank) * b.batchSize
+}
+
+/** Whether batch number `batch` of an epoch is the last of its update. */
+export function endsUpdate(b: Batching, batch: number): boolean {
+  return (batch + 1) % b.accumulate === 0
+}
+
 /** The position of a run that has not taken a step. */
 export function startPosition<K extends string>(kind: K, totalSteps: number, b: Batching, seed: number) {
   const { batchSize, accumulate } = b

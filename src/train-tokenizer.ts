@@ -14,6 +14,8 @@ import { checkSameAcrossRanks } from './distributed'
 import { deriveSeed } from './rng'
 import {
   batching,
+  endsUpdate,
+  firstSample,
   LoopOptions,
   LoopPosition,
   LoopProgress,
@@ -24,6 +26,7 @@ import {
   scheduleFor,
   startPosition,
   UpdateMeans,
+  updatesPerEpoch,
 } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
@@ -144,13 +147,12 @@ export async function trainTokenizer(
     rank: dist.rank,
     worldSize: dist.worldSize,
   })
-  // Whole updates per epoch; an epoch's last batches that make no whole update are left out.
-  const updatesPerEpoch = Math.floor(loader.batchesPerEpoch / accumulate)
-  if (updatesPerEpoch === 0)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  if (updates === 0)
     throw new Error(
       `an update takes ${batchSize * accumulate * dist.worldSize} images (batchSize x accumulate x ranks), more than the ${data.size} images of ${data.name}`,
     )
-  const totalSteps = resolveSteps(opts.steps, opts.epochs, updatesPerEpoch)
+  const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   checkSameAcrossRanks(dist, 'tokenizer run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule ?? TOKENIZER_SCHEDULE, totalSteps)
   const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps: totalSteps })
@@ -195,19 +197,17 @@ export async function trainTokenizer(
     const stepsBefore = state.step
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
-      if (state.step >= totalSteps || batch.batch >= updatesPerEpoch * accumulate) break
+      if (state.step >= totalSteps || batch.batch >= updates * accumulate) break
       const step = state.step
       const schedule = { lr: lr(step), temperature: temperature(step), klWeight: klWeight(step) }
-      // This rank's part of the update's global batch: Gumbel noise is keyed by the sample's place in it.
-      const part = (batch.batch % accumulate) * dist.worldSize + dist.rank
-      const draws = { seed: deriveSeed(seed, step, 1), firstSample: part * batchSize }
+      const draws = { seed: deriveSeed(seed, step, 1), firstSample: firstSample(b, batch.batch) }
       const { lr: stepLr, ...relaxation } = schedule
       if (batch.size > 0) {
         const input = { pixels: batch.views[0], size: { height, width }, ...relaxation, ...draws }
         const losses = await tokenizer.lossAndGrads(input)
         means.add(losses, batch.size)
       }
-      if ((batch.batch + 1) % accumulate !== 0) continue
+      if (!endsUpdate(b, batch.batch)) continue
       const { gradNorm } = await tokenizer.applyUpdate(stepLr)
       // Over the update's batches on every rank; perplexity and codes used are the batches' means.
       const { weight: images, ...mean } = means.take(dist)

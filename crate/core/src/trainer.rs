@@ -233,12 +233,25 @@ impl<K: Kind> Trainer<K> {
         self.runner.release_buffers();
         let moments = self.runner.optimizer_state()?.into_iter().collect();
         let (values, ema) = (self.runner.weights()?, self.runner.ema_weights()?);
-        let mut runner =
-            Self::runner(&self.config, &self.options, &self.optimizer, &self.table, &placement, values, ema)?;
-        runner.restore_optimizer(moments, self.runner.optimizer_step())?;
-        self.runner = runner;
+        self.runner = self.runner_holding(&placement, values, ema, moments, self.runner.optimizer_step())?;
         self.placement = placement;
         Ok(())
+    }
+
+    /// A runner where `placement` says, holding `values`, `ema` and the AdamW `moments` at
+    /// `step` (a move to another placement, or rank 0's state on every rank).
+    fn runner_holding(
+        &self,
+        placement: &Placement,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+        moments: HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<Box<K::Runner>> {
+        let mut runner =
+            Self::runner(&self.config, &self.options, &self.optimizer, &self.table, placement, values, ema)?;
+        runner.restore_optimizer(moments, step)?;
+        Ok(runner)
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -332,17 +345,9 @@ impl<K: Kind> Trainer<K> {
         let mut step = [self.runner.optimizer_step() as f64];
         communicator.broadcast_f64(&mut step)?;
         let values = unflatten(&self.table, &values)?;
-        let mut runner =
-            Self::runner(&self.config, &self.options, &self.optimizer, &self.table, &self.placement, values, ema)?;
-        runner.restore_optimizer(moments, step[0] as u64)?;
-        self.runner = runner;
+        self.runner = self.runner_holding(&self.placement, values, ema, moments, step[0] as u64)?;
         self.communicator = Some(communicator);
         Ok(())
-    }
-
-    /// The communicator the model updates over, once distributed.
-    pub fn communicator(&self) -> Option<&Arc<Communicator>> {
-        self.communicator.as_ref()
     }
 
     /// The data-parallel hook: sums the gradient buffers and their loss-term counts of every
@@ -359,24 +364,20 @@ impl<K: Kind> Trainer<K> {
         match values {
             GradientValues::Host(buf) => communicator.sum_f32(buf),
             GradientValues::Device(slot) => {
+                // A rank whose batch added no loss terms still takes part, with zeros.
+                let grads = match slot.take() {
+                    Some(t) => t,
+                    None => Tensor::zeros(n, DType::F32, &device)?,
+                };
                 #[cfg(feature = "cuda")]
                 if device.is_cuda() {
                     if let Some(nccl) = communicator.nccl(&device)? {
-                        // A rank whose batch added no loss terms still takes part, with zeros.
-                        let grads = match slot.take() {
-                            Some(t) => t,
-                            None => Tensor::zeros(n, DType::F32, &device)?,
-                        };
                         nccl.sum_in_place(&grads)?;
                         *slot = Some(grads);
                         return Ok(());
                     }
                 }
-                // A rank whose batch added no loss terms still takes part, with zeros.
-                let mut host = match slot.take() {
-                    Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-                    None => vec![0.0; n],
-                };
+                let mut host = grads.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 communicator.sum_f32(&mut host)?;
                 *slot = Some(Tensor::from_vec(host, n, &device)?);
                 Ok(())

@@ -68,26 +68,29 @@ pub fn init_distributed(mpi_library: Option<String>) -> Result<DistributedInfo> 
     })
 }
 
-/// Element-wise sums of `values` over every rank (metrics, counts).
-#[napi]
-pub fn sum_across_ranks(values: Float64Array) -> Result<Float64Array> {
+/// `values` reduced element-wise over every rank by `reduce` (a sum or a max).
+fn across_ranks(
+    values: Float64Array,
+    reduce: fn(&Communicator, &mut [f64]) -> beit_core::Result<()>,
+) -> Result<Float64Array> {
     guarded(|| {
         let mut v = values.to_vec();
-        communicator()?.sum_f64(&mut v)?;
+        reduce(&*communicator()?, &mut v)?;
         Ok(v)
     })
     .map(Float64Array::new)
 }
 
+/// Element-wise sums of `values` over every rank (metrics, counts).
+#[napi]
+pub fn sum_across_ranks(values: Float64Array) -> Result<Float64Array> {
+    across_ranks(values, Communicator::sum_f64)
+}
+
 /// Element-wise maxima of `values` over every rank (agreement on stopping).
 #[napi]
 pub fn max_across_ranks(values: Float64Array) -> Result<Float64Array> {
-    guarded(|| {
-        let mut v = values.to_vec();
-        communicator()?.max_f64(&mut v)?;
-        Ok(v)
-    })
-    .map(Float64Array::new)
+    across_ranks(values, Communicator::max_f64)
 }
 
 /// Errors on every rank unless `json` is the same on every rank as on rank 0; the rank that
