@@ -224,7 +224,11 @@ impl Trainer<Classification> {
         training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
-        let HfCheckpoint { layout, config: model, pooling, labels, mut tensors } = ckpt;
+        let HfCheckpoint { layout, config: model, pooling, labels, mut tensors, .. } = ckpt;
+        if layout == HfLayout::SemanticSegmentation {
+            // The backbone alone: the pyramid and the heads have no place in a classifier.
+            tensors.retain(|name, _| name.starts_with("beit."));
+        }
         let num_labels = match (layout, num_labels) {
             (HfLayout::ImageClassification, None) => labels.len(),
             (HfLayout::ImageClassification, Some(n)) => {

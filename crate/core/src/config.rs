@@ -179,6 +179,106 @@ impl ClassifierConfig {
 }
 
 /// The DALL-E style dVAE tokenizer.
+/// BEiT with UperNet for semantic segmentation (Hugging Face's `BeitForSemanticSegmentation`),
+/// field for field as transformers' `BeitConfig` spells the segmentation options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SegmenterConfig {
+    pub model: BeitConfig,
+    pub num_labels: usize,
+    /// transformers' rule: feature k is hidden state `outIndices[k] - 1` (0 = the embeddings,
+    /// i = after i blocks), so the deepest block a feature can come from is the second last.
+    /// unilm counts one block later; checkpoints in and out are transformers', so beit follows
+    /// transformers (blocks past the deepest feature are kept but not run).
+    pub out_indices: [usize; 4],
+    /// Pyramid pooling output sizes of the UperHead's PSP module.
+    pub pool_scales: Vec<usize>,
+    pub use_auxiliary_head: bool,
+    pub auxiliary_channels: usize,
+    pub auxiliary_num_convs: usize,
+    pub auxiliary_concat_input: bool,
+    pub auxiliary_loss_weight: f64,
+    /// Label of pixels the loss and the metrics skip.
+    pub semantic_loss_ignore_index: u32,
+}
+
+impl SegmenterConfig {
+    /// transformers' defaults for the head around `model`: features after blocks L/4, L/2,
+    /// 3L/4 and L-1 for L blocks (BEiT-B: [3, 5, 7, 11] -> hidden states 2, 4, 6, 10).
+    pub fn new(model: BeitConfig, num_labels: usize) -> Self {
+        let l = model.num_hidden_layers;
+        let out_indices = if l >= 4 { [l / 4, l / 2, 3 * l / 4, l - 1].map(|i| i.max(1)) } else { [1, 1, 1, 1] };
+        Self {
+            model,
+            num_labels,
+            out_indices,
+            pool_scales: vec![1, 2, 3, 6],
+            use_auxiliary_head: true,
+            auxiliary_channels: 256,
+            auxiliary_num_convs: 1,
+            auxiliary_concat_input: false,
+            auxiliary_loss_weight: 0.4,
+            semantic_loss_ignore_index: 255,
+        }
+    }
+
+    /// The hidden-state depths (blocks run) the four features are read at.
+    pub fn feature_depths(&self) -> [usize; 4] {
+        self.out_indices.map(|i| i - 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let fail = |msg: String| Err(Error::Config(msg));
+        if self.num_labels < 2 {
+            return fail(format!("numLabels must be at least 2, got {}", self.num_labels));
+        }
+        let l = self.model.num_hidden_layers;
+        if let Some(i) = self.out_indices.iter().find(|&&i| i == 0 || i > l) {
+            return fail(format!(
+                "outIndices {:?}: {i} is out of range, expected values in 1..={l} (numHiddenLayers)",
+                self.out_indices
+            ));
+        }
+        if self.out_indices.windows(2).any(|w| w[0] >= w[1]) {
+            return fail(format!(
+                "outIndices {:?} must be strictly increasing (as transformers requires)",
+                self.out_indices
+            ));
+        }
+        if self.pool_scales.is_empty() || self.pool_scales.contains(&0) {
+            return fail(format!("poolScales must be positive sizes, got {:?}", self.pool_scales));
+        }
+        if self.use_auxiliary_head && self.auxiliary_channels == 0 {
+            return fail("auxiliaryChannels must be positive when useAuxiliaryHead is true, got 0".into());
+        }
+        if self.use_auxiliary_head && self.auxiliary_num_convs == 0 {
+            // transformers' classifier would then read hiddenSize channels as auxiliaryChannels.
+            return fail("auxiliaryNumConvs must be at least 1 when useAuxiliaryHead is true, got 0".into());
+        }
+        if !(self.auxiliary_loss_weight >= 0.0) {
+            return fail(format!("auxiliaryLossWeight must be >= 0, got {}", self.auxiliary_loss_weight));
+        }
+        if (self.semantic_loss_ignore_index as usize) < self.num_labels {
+            return fail(format!(
+                "semanticLossIgnoreIndex {} is a class id (numLabels {}): expected an id >= numLabels",
+                self.semantic_loss_ignore_index, self.num_labels
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self = parse_json("segmenter config", json)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DvaeConfig {

@@ -14,8 +14,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::checkpoint;
-use crate::config::{BeitConfig, Pooling};
+use crate::config::{BeitConfig, Pooling, SegmenterConfig};
 use crate::error::{Error, Result};
+use crate::ops::interpolation_taps;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -29,6 +30,9 @@ pub enum HfLayout {
     Model,
     /// `BeitForImageClassification`: `beit.*` (with the pooler) and `classifier.*`.
     ImageClassification,
+    /// `BeitForSemanticSegmentation`: `beit.*`, `fpn1.*`, `fpn2.*`, `decode_head.*` and
+    /// `auxiliary_head.*`, BatchNorm running statistics among them.
+    SemanticSegmentation,
 }
 
 impl HfLayout {
@@ -37,6 +41,7 @@ impl HfLayout {
             HfLayout::MaskedImageModeling => "BeitForMaskedImageModeling",
             HfLayout::Model => "BeitModel",
             HfLayout::ImageClassification => "BeitForImageClassification",
+            HfLayout::SemanticSegmentation => "BeitForSemanticSegmentation",
         }
     }
 }
@@ -50,6 +55,8 @@ pub struct HfCheckpoint {
     pub pooling: Pooling,
     /// Class names in label order (`id2label`), for classification checkpoints.
     pub labels: Vec<String>,
+    /// The segmentation head's settings, for segmentation checkpoints.
+    pub segmenter: Option<SegmenterConfig>,
     /// Tensors under our (= transformers' task-model) names, all with the `beit.` prefix.
     pub tensors: HashMap<String, Tensor>,
 }
@@ -74,7 +81,7 @@ impl Size {
 }
 
 /// The fields of transformers' `BeitConfig` we read, with its defaults. Other fields
-/// (segmentation heads, backbone outputs) do not affect these models and are ignored.
+/// (backbone outputs, dropout) do not affect these models and are ignored.
 #[derive(Deserialize)]
 #[serde(default)]
 struct HfConfig {
@@ -97,6 +104,14 @@ struct HfConfig {
     drop_path_rate: f64,
     use_mean_pooling: bool,
     id2label: Option<HashMap<String, String>>,
+    out_indices: Option<Vec<usize>>,
+    pool_scales: Vec<usize>,
+    use_auxiliary_head: bool,
+    auxiliary_channels: usize,
+    auxiliary_num_convs: usize,
+    auxiliary_concat_input: bool,
+    auxiliary_loss_weight: f64,
+    semantic_loss_ignore_index: i64,
 }
 
 impl Default for HfConfig {
@@ -121,12 +136,29 @@ impl Default for HfConfig {
             drop_path_rate: 0.1,
             use_mean_pooling: true,
             id2label: None,
+            out_indices: None,
+            pool_scales: vec![1, 2, 3, 6],
+            use_auxiliary_head: true,
+            auxiliary_channels: 256,
+            auxiliary_num_convs: 1,
+            auxiliary_concat_input: false,
+            auxiliary_loss_weight: 0.4,
+            semantic_loss_ignore_index: 255,
         }
     }
 }
 
-fn parse_config(text: &str, path: &Path) -> Result<(BeitConfig, Pooling, Vec<String>)> {
-    let hf: HfConfig = serde_json::from_str(text)
+/// What a config.json says: the backbone, the pooling, the class names and, for segmentation,
+/// the head.
+struct Parsed {
+    config: BeitConfig,
+    pooling: Pooling,
+    labels: Vec<String>,
+    hf: HfConfig,
+}
+
+fn parse_config(text: &str, path: &Path) -> Result<Parsed> {
+    let mut hf: HfConfig = serde_json::from_str(text)
         .map_err(|e| Error::Config(format!("{}: not a transformers BeitConfig: {e}", path.display())))?;
     if let Some(t) = hf.model_type.as_deref() {
         if t != "beit" {
@@ -164,7 +196,7 @@ fn parse_config(text: &str, path: &Path) -> Result<(BeitConfig, Pooling, Vec<Str
     config.validate().map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     let pooling = if hf.use_mean_pooling { Pooling::Mean } else { Pooling::Cls };
     let mut labels = Vec::new();
-    if let Some(map) = hf.id2label {
+    if let Some(map) = hf.id2label.take() {
         let mut pairs = Vec::with_capacity(map.len());
         for (id, name) in map {
             let id: usize = id
@@ -182,7 +214,40 @@ fn parse_config(text: &str, path: &Path) -> Result<(BeitConfig, Pooling, Vec<Str
         }
         labels = pairs.into_iter().map(|(_, name)| name).collect();
     }
-    Ok((config, pooling, labels))
+    Ok(Parsed { config, pooling, labels, hf })
+}
+
+/// The segmentation head of a `BeitForSemanticSegmentation` config.
+fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: usize, path: &Path) -> Result<SegmenterConfig> {
+    let context = |e: Error| Error::Config(format!("{}: {e}", path.display()));
+    let out_indices = match hf.out_indices.as_deref() {
+        Some(&[a, b, c, d]) => [a, b, c, d],
+        other => {
+            return Err(context(Error::Config(format!(
+                "out_indices must list 4 backbone stages for BeitForSemanticSegmentation, got {other:?}"
+            ))))
+        }
+    };
+    let ignore = u32::try_from(hf.semantic_loss_ignore_index).map_err(|_| {
+        context(Error::Config(format!(
+            "semantic_loss_ignore_index {} is not supported: expected a label id >= num_labels",
+            hf.semantic_loss_ignore_index
+        )))
+    })?;
+    let cfg = SegmenterConfig {
+        model,
+        num_labels: labels,
+        out_indices,
+        pool_scales: hf.pool_scales.clone(),
+        use_auxiliary_head: hf.use_auxiliary_head,
+        auxiliary_channels: hf.auxiliary_channels,
+        auxiliary_num_convs: hf.auxiliary_num_convs,
+        auxiliary_concat_input: hf.auxiliary_concat_input,
+        auxiliary_loss_weight: hf.auxiliary_loss_weight,
+        semantic_loss_ignore_index: ignore,
+    };
+    cfg.validate().map_err(context)?;
+    Ok(cfg)
 }
 
 /// Reads a transformers BEiT folder. With `image_size`, the relative position tables and the
@@ -192,11 +257,13 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", config_path.display()))))?;
-    let (mut config, pooling, labels) = parse_config(&text, &config_path)?;
+    let Parsed { mut config, pooling, labels, hf } = parse_config(&text, &config_path)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let file = checkpoint::load(&weights_path)?;
     let layout = if file.tensors.contains_key("lm_head.weight") {
         HfLayout::MaskedImageModeling
+    } else if file.tensors.contains_key("decode_head.classifier.weight") {
+        HfLayout::SemanticSegmentation
     } else if file.tensors.contains_key("classifier.weight") {
         HfLayout::ImageClassification
     } else if file.tensors.keys().any(|k| k.starts_with("embeddings.")) {
@@ -204,7 +271,8 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
     } else {
         return Err(Error::Checkpoint(format!(
             "{}: cannot tell the model: expected lm_head.weight (BeitForMaskedImageModeling), \
-             classifier.weight (BeitForImageClassification) or embeddings.* keys (BeitModel)",
+             classifier.weight (BeitForImageClassification), decode_head.classifier.weight \
+             (BeitForSemanticSegmentation) or embeddings.* keys (BeitModel)",
             weights_path.display()
         )));
     };
@@ -215,16 +283,23 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
             config_path.display()
         )));
     }
-    if layout == HfLayout::ImageClassification && labels.len() < 2 {
+    let labelled = matches!(layout, HfLayout::ImageClassification | HfLayout::SemanticSegmentation);
+    if labelled && labels.len() < 2 {
         return Err(Error::Config(format!(
-            "{}: a classification checkpoint needs id2label with at least 2 classes",
-            config_path.display()
+            "{}: a {} checkpoint needs id2label with at least 2 classes",
+            config_path.display(),
+            layout.architecture()
         )));
     }
     let mut tensors = HashMap::with_capacity(file.tensors.len());
     for (name, t) in file.tensors {
         // Index buffers are derived from the grid, never learned: rebuilt, not read.
         if name.ends_with("relative_position_index") {
+            continue;
+        }
+        // Segmentation reads the blocks' outputs: a final LayerNorm (use_mean_pooling=false)
+        // is in the checkpoint but on no path.
+        if layout == HfLayout::SemanticSegmentation && name.starts_with("beit.layernorm.") {
             continue;
         }
         let name = if layout == HfLayout::Model { format!("beit.{name}") } else { name };
@@ -238,7 +313,11 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
             resize_position_tables(&mut tensors, old, config.grid())?;
         }
     }
-    Ok(HfCheckpoint { layout, config, pooling, labels, tensors })
+    let segmenter = match layout {
+        HfLayout::SemanticSegmentation => Some(segmenter_config(&hf, config.clone(), labels.len(), &config_path)?),
+        _ => None,
+    };
+    Ok(HfCheckpoint { layout, config, pooling, labels, segmenter, tensors })
 }
 
 fn resize_position_tables(
@@ -318,43 +397,10 @@ fn config_json(layout: HfLayout, c: &BeitConfig, pooling: Pooling, labels: &[Str
     v
 }
 
-/// Taps and weights of 1-D resampling from `n_in` to `n_out` samples, PyTorch's
-/// `interpolate(..., align_corners=False)` without antialiasing.
-fn resample_weights(n_in: usize, n_out: usize, cubic: bool) -> Vec<Vec<(usize, f64)>> {
-    let scale = n_in as f64 / n_out as f64;
-    let last = n_in as isize - 1;
-    let clamp = |i: isize| i.clamp(0, last) as usize;
-    (0..n_out)
-        .map(|o| {
-            let src = scale * (o as f64 + 0.5) - 0.5;
-            if cubic {
-                // Keys' cubic convolution with A = -0.75; taps beyond the border repeat it.
-                const A: f64 = -0.75;
-                let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
-                let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-                let i = src.floor();
-                let t = src - i;
-                let i = i as isize;
-                vec![
-                    (clamp(i - 1), far(t + 1.0)),
-                    (clamp(i), near(t)),
-                    (clamp(i + 1), near(1.0 - t)),
-                    (clamp(i + 2), far(2.0 - t)),
-                ]
-            } else {
-                let src = src.max(0.0);
-                let i = src.floor() as isize;
-                let t = src - i as f64;
-                vec![(clamp(i), 1.0 - t), (clamp(i + 1), t)]
-            }
-        })
-        .collect()
-}
-
 /// Resizes a row-major [h, w, c] grid to [h2, w2, c], separably.
 fn resize_grid(values: &[f32], (h, w): (usize, usize), c: usize, (h2, w2): (usize, usize), cubic: bool) -> Vec<f32> {
-    let rows = resample_weights(h, h2, cubic);
-    let cols = resample_weights(w, w2, cubic);
+    let rows = interpolation_taps(h, h2, cubic);
+    let cols = interpolation_taps(w, w2, cubic);
     let mut wide = vec![0f64; h * w2 * c];
     for y in 0..h {
         for (x2, taps) in cols.iter().enumerate() {

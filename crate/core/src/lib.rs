@@ -40,7 +40,7 @@ pub mod trainer;
 pub use classify::{
     ClassifierLossMetrics, ClassifierStepMetrics, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe,
 };
-pub use config::{BeitConfig, ClassifierConfig, DvaeConfig, Pooling, ReconLoss};
+pub use config::{BeitConfig, ClassifierConfig, DvaeConfig, Pooling, ReconLoss, SegmenterConfig};
 pub use error::{Error, Result};
 pub use mim::{BeitLossMetrics, BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
 pub use optimizer::AdamWConfig;

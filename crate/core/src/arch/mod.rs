@@ -6,3 +6,4 @@ pub mod backbone;
 pub mod classification;
 pub mod dvae;
 pub mod mim;
+pub mod segmentation;

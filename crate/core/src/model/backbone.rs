@@ -271,6 +271,23 @@ impl BeitModel {
         self.layers.len()
     }
 
+    /// The hidden states [B, N+1, D] after each of `depths` blocks (0: the embeddings), in the
+    /// order asked; blocks past the deepest are not run.
+    pub fn hidden_states(&self, pixels: &Tensor, draws: Option<Draws>, depths: &[usize]) -> Result<Vec<Tensor>> {
+        let mut x = self.embeddings.forward(pixels, None)?;
+        let shared = match &self.relative_position_bias {
+            Some(rpb) => Some(like(&rpb.forward()?, &x)?),
+            None => None,
+        };
+        let deepest = depths.iter().copied().max().unwrap_or(0).min(self.layers.len());
+        let mut states = vec![x.clone()];
+        for layer in &self.layers[..deepest] {
+            x = layer.forward(&x, shared.as_ref(), draws)?;
+            states.push(x.clone());
+        }
+        depths.iter().map(|&d| Ok(states[d.min(deepest)].clone())).collect()
+    }
+
     /// Linear-probe features of layer `layer` (0 = the embeddings): [CLS] and the mean of the
     /// patch tokens, concatenated, [B, 2D]. No stochastic depth.
     pub fn probe_features(&self, pixels: &Tensor, layer: usize) -> Result<Tensor> {

@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod classification;
 pub mod dvae;
 pub mod mim;
+pub mod segmentation;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 

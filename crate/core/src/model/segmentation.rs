@@ -1,0 +1,529 @@
+//! BEiT with UperNet on candle (Hugging Face's `BeitForSemanticSegmentation`): backbone features
+//! at `outIndices`, the feature pyramid, the UperHead and the FCN auxiliary head, and the
+//! per-pixel cross-entropy with an ignore label. Feature maps are NHWC, so the backbone's
+//! tokens are a feature map without a transpose, a 1x1 convolution is one matmul and the 3x3
+//! ones are `conv::conv2d_same`.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::backbone::BeitModel;
+use super::{at_least_f32, like, Vars};
+use crate::arch::segmentation::{
+    BatchNormParams, ConvModuleParams, ConvParams, FcnHeadParams, SegmenterParams, UperHeadParams, UpsampleParams,
+    AUXILIARY_FEATURE, BATCH_NORM_EPS,
+};
+use crate::config::SegmenterConfig;
+use crate::conv::{conv2d_same, max_pool2};
+use crate::ops::{self, resample, Resampling};
+use crate::rng::Draws;
+
+/// A BatchNorm's running statistics (f32, on the model's device) and how many training batches
+/// updated them (`num_batches_tracked`).
+#[derive(Debug, Clone)]
+pub struct RunningStats {
+    pub mean: Tensor,
+    pub var: Tensor,
+    pub batches: u64,
+}
+
+impl RunningStats {
+    /// PyTorch's initial statistics: mean 0, variance 1.
+    pub fn new(channels: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            mean: Tensor::zeros(channels, DType::F32, device)?,
+            var: Tensor::ones(channels, DType::F32, device)?,
+            batches: 0,
+        })
+    }
+
+    /// PyTorch's update from one training batch: momentum-weighted mean and unbiased variance.
+    pub fn update(&mut self, batch: &BatchStats, momentum: f64) -> Result<()> {
+        let blend = |running: &Tensor, seen: &Tensor| -> Result<Tensor> {
+            running.affine(1.0 - momentum, 0.0)? + seen.to_dtype(DType::F32)?.affine(momentum, 0.0)?
+        };
+        self.mean = blend(&self.mean, &batch.mean)?;
+        self.var = blend(&self.var, &batch.unbiased_var)?;
+        self.batches += 1;
+        Ok(())
+    }
+}
+
+/// The running statistics of `norms` from checkpoint tensors (`<norm>.running_mean`,
+/// `.running_var`, `.num_batches_tracked`), taken out of `tensors`; every missing or misshapen
+/// one is named in the error.
+pub fn take_running_stats(
+    norms: &[BatchNormParams],
+    tensors: &mut HashMap<String, Tensor>,
+    device: &Device,
+) -> crate::Result<Vec<RunningStats>> {
+    let mut problems = Vec::new();
+    let mut stats = Vec::with_capacity(norms.len());
+    for bn in norms {
+        let mut take = |leaf: &str, dims: &[usize]| -> Option<Tensor> {
+            let name = format!("{}.{leaf}", bn.name);
+            match tensors.remove(&name) {
+                Some(t) if t.dims() == dims => Some(t),
+                Some(t) => {
+                    problems.push(format!("{name} is {:?}, expected {dims:?}", t.dims()));
+                    None
+                }
+                None => {
+                    problems.push(format!("{name} is missing"));
+                    None
+                }
+            }
+        };
+        let c = bn.channels;
+        let (mean, var) = (take("running_mean", &[c]), take("running_var", &[c]));
+        let batches = take("num_batches_tracked", &[]);
+        if let (Some(mean), Some(var), Some(batches)) = (mean, var, batches) {
+            let batches = batches.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            stats.push(RunningStats {
+                mean: mean.to_dtype(DType::F32)?.to_device(device)?,
+                var: var.to_dtype(DType::F32)?.to_device(device)?,
+                batches: batches.max(0.0) as u64,
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(crate::Error::Checkpoint(format!(
+            "BatchNorm statistics do not fit this model: {}",
+            problems.join(", ")
+        )));
+    }
+    Ok(stats)
+}
+
+/// The running statistics under their checkpoint names, as transformers saves them
+/// (`num_batches_tracked` an int64 scalar).
+pub fn named_running_stats(norms: &[BatchNormParams], stats: &[RunningStats]) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::with_capacity(3 * norms.len());
+    for (bn, s) in norms.iter().zip(stats) {
+        out.push((format!("{}.running_mean", bn.name), s.mean.clone()));
+        out.push((format!("{}.running_var", bn.name), s.var.clone()));
+        out.push((format!("{}.num_batches_tracked", bn.name), Tensor::new(s.batches as i64, s.mean.device())?));
+    }
+    Ok(out)
+}
+
+/// What one training forward saw at a BatchNorm: the batch mean and unbiased variance per
+/// channel (detached).
+#[derive(Debug, Clone)]
+pub struct BatchStats {
+    pub mean: Tensor,
+    pub unbiased_var: Tensor,
+}
+
+/// The BatchNorms' state during a forward pass: their running statistics, whether this is
+/// training (batch statistics) or evaluation (running ones), and, in training, the batch
+/// statistics each norm saw (None for a norm that saw one value per channel, see `forward`).
+pub struct Norms<'a> {
+    running: &'a [RunningStats],
+    training: bool,
+    pub seen: Vec<Option<BatchStats>>,
+}
+
+impl<'a> Norms<'a> {
+    pub fn new(running: &'a [RunningStats], training: bool) -> Self {
+        Self { running, training, seen: vec![None; running.len()] }
+    }
+}
+
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    norm: usize,
+}
+
+impl BatchNorm {
+    pub fn new(p: &BatchNormParams, vars: &Vars) -> Self {
+        Self { weight: vars.get(p.weight), bias: vars.get(p.bias), norm: p.norm }
+    }
+
+    /// x [..., C]. In training each channel is normalised by its batch statistics; a batch
+    /// with one value per channel (one image through the 1x1 pyramid-pooling branch, where
+    /// PyTorch raises and mmseg fails) has no variance to normalise by: it is normalised with
+    /// the running statistics instead and does not update them.
+    pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
+        let channels = *x.dims().last().unwrap_or(&1);
+        let by_batch = norms.training && x.elem_count() / channels > 1;
+        let running = (!by_batch).then(|| &norms.running[self.norm]);
+        let (y, seen) = batch_norm(x, &self.weight, &self.bias, running)?;
+        if by_batch {
+            norms.seen[self.norm] = seen;
+        }
+        Ok(y)
+    }
+}
+
+/// BatchNorm over the last dimension of x [..., C], computed in at least f32: with `running`
+/// statistics (evaluation), else with the batch's own (mean and biased variance over all other
+/// dimensions, as PyTorch trains), which are returned with the unbiased variance for the
+/// running update.
+pub fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running: Option<&RunningStats>,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let dims = x.dims().to_vec();
+    let c = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / c;
+    let x2 = at_least_f32(&x.reshape((rows, c))?)?;
+    let (weight, bias) = (like(weight, &x2)?.reshape((1, c))?, like(bias, &x2)?.reshape((1, c))?);
+    let (centred, var, seen) = match running {
+        Some(stats) => {
+            let mean = stats.mean.to_dtype(x2.dtype())?.reshape((1, c))?;
+            (x2.broadcast_sub(&mean)?, stats.var.to_dtype(x2.dtype())?.reshape((1, c))?, None)
+        }
+        None => {
+            let mean = x2.mean_keepdim(0)?;
+            let centred = x2.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(0)?;
+            let unbiased = rows as f64 / (rows.max(2) - 1) as f64;
+            let seen = BatchStats {
+                mean: mean.detach().flatten_all()?,
+                unbiased_var: var.detach().flatten_all()?.affine(unbiased, 0.0)?,
+            };
+            (centred, var, Some(seen))
+        }
+    };
+    let scale = var.affine(1.0, BATCH_NORM_EPS)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
+    let y = centred.broadcast_mul(&scale)?.broadcast_add(&bias)?;
+    Ok((y.to_dtype(x.dtype())?.reshape(dims)?, seen))
+}
+
+/// A k x k convolution (stride 1, "same" padding) on NHWC maps.
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kernel: usize,
+}
+
+impl Conv {
+    pub fn new(p: &ConvParams, vars: &Vars) -> Self {
+        Self { weight: vars.get(p.weight), bias: p.bias.map(|b| vars.get(b)), kernel: p.kernel }
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let weight = like(&self.weight, x)?;
+        let n_out = weight.dim(0)?;
+        if self.kernel == 1 {
+            let y = x.reshape((b * h * w, c))?.matmul(&weight.reshape((n_out, c))?.t()?)?;
+            let y = match &self.bias {
+                Some(bias) => ops::add_bias(&y, &like(bias, x)?)?,
+                None => y,
+            };
+            return y.reshape((b, h, w, n_out));
+        }
+        let bias = match &self.bias {
+            Some(bias) => like(bias, x)?,
+            None => Tensor::zeros(n_out, x.dtype(), x.device())?,
+        };
+        conv2d_same(x, &weight, &bias)
+    }
+}
+
+/// A 2x2 stride-2 transposed convolution ([`conv_transpose_2x2`]).
+pub struct Upsample {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Upsample {
+    pub fn new(p: &UpsampleParams, vars: &Vars) -> Self {
+        Self { weight: vars.get(p.weight), bias: vars.get(p.bias) }
+    }
+}
+
+impl Module for Upsample {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv_transpose_2x2(x, &self.weight, &self.bias)
+    }
+}
+
+/// PyTorch's ConvTranspose2d(kernel 2, stride 2) on x [B, H, W, C_in] with weight
+/// [C_in, C_out, 2, 2]: each input pixel becomes a 2x2 block, one matmul with the kernel as
+/// [C_in, 2*2*C_out] and a reshuffle.
+pub fn conv_transpose_2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let weight = like(weight, x)?;
+    let c_out = weight.dim(1)?;
+    let kernel = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c, 4 * c_out))?;
+    let y = x.reshape((b * h * w, c))?.matmul(&kernel)?.reshape((b, h, w, 2, 2, c_out))?;
+    let y = y.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b * 4 * h * w, c_out))?;
+    ops::add_bias(&y, &like(bias, x)?)?.reshape((b, 2 * h, 2 * w, c_out))
+}
+
+/// Convolution without bias, BatchNorm, ReLU.
+pub struct ConvModule {
+    conv: Conv,
+    bn: BatchNorm,
+}
+
+impl ConvModule {
+    pub fn new(p: &ConvModuleParams, vars: &Vars) -> Self {
+        Self { conv: Conv::new(&p.conv, vars), bn: BatchNorm::new(&p.bn, vars) }
+    }
+
+    pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, norms)?.relu()
+    }
+}
+
+fn size(x: &Tensor) -> Result<(usize, usize)> {
+    let (_, h, w, _) = x.dims4()?;
+    Ok((h, w))
+}
+
+fn bilinear(x: &Tensor, to: (usize, usize)) -> Result<Tensor> {
+    resample(x, Resampling::Bilinear, to)
+}
+
+/// The feature pyramid from four [B, h, w, D] maps: 4x (`fpn1`), 2x (`fpn2`), as is, 1/2 (max
+/// pool).
+pub struct Pyramid {
+    fpn1_up: Upsample,
+    fpn1_bn: BatchNorm,
+    fpn1_up2: Upsample,
+    fpn2_up: Upsample,
+}
+
+impl Pyramid {
+    pub fn forward(&self, features: [Tensor; 4], norms: &mut Norms) -> Result<[Tensor; 4]> {
+        let [f1, f2, f3, f4] = features;
+        let f1 = self.fpn1_up.forward(&f1)?;
+        let f1 = self.fpn1_up2.forward(&ops::gelu_erf(&self.fpn1_bn.forward(&f1, norms)?)?)?;
+        Ok([f1, self.fpn2_up.forward(&f2)?, f3, max_pool2(&f4)?])
+    }
+}
+
+pub struct UperHead {
+    pool_scales: Vec<usize>,
+    classifier: Conv,
+    psp_modules: Vec<ConvModule>,
+    bottleneck: ConvModule,
+    lateral_convs: Vec<ConvModule>,
+    fpn_convs: Vec<ConvModule>,
+    fpn_bottleneck: ConvModule,
+}
+
+impl UperHead {
+    pub fn new(p: &UperHeadParams, vars: &Vars) -> Self {
+        let modules = |ps: &[ConvModuleParams]| ps.iter().map(|p| ConvModule::new(p, vars)).collect();
+        Self {
+            pool_scales: p.pool_scales.clone(),
+            classifier: Conv::new(&p.classifier, vars),
+            psp_modules: modules(&p.psp_modules),
+            bottleneck: ConvModule::new(&p.bottleneck, vars),
+            lateral_convs: modules(&p.lateral_convs),
+            fpn_convs: modules(&p.fpn_convs),
+            fpn_bottleneck: ConvModule::new(&p.fpn_bottleneck, vars),
+        }
+    }
+
+    /// Pyramid pooling on the coarsest map: each scale pooled, convolved and resized back,
+    /// concatenated with the map, then the bottleneck.
+    fn psp(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
+        let mut branches = vec![x.clone()];
+        for (&scale, module) in self.pool_scales.iter().zip(&self.psp_modules) {
+            let pooled = resample(x, Resampling::AdaptiveAverage, (scale, scale))?;
+            branches.push(bilinear(&module.forward(&pooled, norms)?, size(x)?)?);
+        }
+        self.bottleneck.forward(&Tensor::cat(&branches, 3)?, norms)
+    }
+
+    /// Logits [B, h, w, K] at the finest level's size.
+    pub fn forward(&self, features: &[Tensor; 4], norms: &mut Norms) -> Result<Tensor> {
+        let mut laterals = Vec::with_capacity(4);
+        for (conv, feature) in self.lateral_convs.iter().zip(features) {
+            laterals.push(conv.forward(feature, norms)?);
+        }
+        laterals.push(self.psp(&features[3], norms)?);
+        for i in (1..4).rev() {
+            let up = bilinear(&laterals[i], size(&laterals[i - 1])?)?;
+            laterals[i - 1] = (&laterals[i - 1] + up)?;
+        }
+        let finest = size(&laterals[0])?;
+        let mut outs = Vec::with_capacity(4);
+        for (conv, lateral) in self.fpn_convs.iter().zip(&laterals) {
+            outs.push(bilinear(&conv.forward(lateral, norms)?, finest)?);
+        }
+        outs.push(bilinear(&laterals[3], finest)?);
+        self.classifier.forward(&self.fpn_bottleneck.forward(&Tensor::cat(&outs, 3)?, norms)?)
+    }
+}
+
+pub struct FcnHead {
+    convs: Vec<ConvModule>,
+    conv_cat: Option<ConvModule>,
+    classifier: Conv,
+}
+
+impl FcnHead {
+    pub fn new(p: &FcnHeadParams, vars: &Vars) -> Self {
+        Self {
+            convs: p.convs.iter().map(|p| ConvModule::new(p, vars)).collect(),
+            conv_cat: p.conv_cat.as_ref().map(|p| ConvModule::new(p, vars)),
+            classifier: Conv::new(&p.classifier, vars),
+        }
+    }
+
+    pub fn forward(&self, features: &[Tensor; 4], norms: &mut Norms) -> Result<Tensor> {
+        let input = &features[AUXILIARY_FEATURE];
+        let mut x = input.clone();
+        for conv in &self.convs {
+            x = conv.forward(&x, norms)?;
+        }
+        if let Some(cat) = &self.conv_cat {
+            x = cat.forward(&Tensor::cat(&[input, &x], 3)?, norms)?;
+        }
+        self.classifier.forward(&x)
+    }
+}
+
+/// Main and auxiliary logits, NHWC at a quarter of the input's patch grid times 4.
+pub struct SegmentationLogits {
+    pub logits: Tensor,
+    pub auxiliary: Option<Tensor>,
+}
+
+pub struct BeitForSemanticSegmentation {
+    beit: BeitModel,
+    depths: [usize; 4],
+    grid: (usize, usize),
+    pyramid: Pyramid,
+    decode_head: UperHead,
+    auxiliary_head: Option<FcnHead>,
+}
+
+impl BeitForSemanticSegmentation {
+    pub fn new(cfg: &SegmenterConfig, p: &SegmenterParams, vars: &Vars, device: &Device) -> Result<Self> {
+        let q = &p.head.pyramid;
+        Ok(Self {
+            beit: BeitModel::new(&cfg.model, &p.backbone, vars, device)?,
+            depths: cfg.feature_depths(),
+            grid: cfg.model.grid(),
+            pyramid: Pyramid {
+                fpn1_up: Upsample::new(&q.fpn1_up, vars),
+                fpn1_bn: BatchNorm::new(&q.fpn1_bn, vars),
+                fpn1_up2: Upsample::new(&q.fpn1_up2, vars),
+                fpn2_up: Upsample::new(&q.fpn2_up, vars),
+            },
+            decode_head: UperHead::new(&p.head.decode_head, vars),
+            auxiliary_head: p.head.auxiliary_head.as_ref().map(|a| FcnHead::new(a, vars)),
+        })
+    }
+
+    pub fn backbone(&self) -> &BeitModel {
+        &self.beit
+    }
+
+    /// The four feature maps [B, h, w, D] the head reads ([CLS] dropped).
+    pub fn features(&self, pixels: &Tensor, draws: Option<Draws>) -> Result<[Tensor; 4]> {
+        let b = pixels.dim(0)?;
+        let (h, w) = self.grid;
+        let states = self.beit.hidden_states(pixels, draws, &self.depths)?;
+        let map = |s: &Tensor| -> Result<Tensor> {
+            let d = s.dim(2)?;
+            s.narrow(1, 1, h * w)?.reshape((b, h, w, d))
+        };
+        Ok([map(&states[0])?, map(&states[1])?, map(&states[2])?, map(&states[3])?])
+    }
+
+    /// Logits in training (`norms` in training mode, `draws` for stochastic depth) or
+    /// evaluation.
+    pub fn forward(&self, pixels: &Tensor, draws: Option<Draws>, norms: &mut Norms) -> Result<SegmentationLogits> {
+        let features = self.pyramid.forward(self.features(pixels, draws)?, norms)?;
+        let logits = self.decode_head.forward(&features, norms)?;
+        let auxiliary = match &self.auxiliary_head {
+            Some(head) => Some(head.forward(&features, norms)?),
+            None => None,
+        };
+        Ok(SegmentationLogits { logits, auxiliary })
+    }
+}
+
+/// Per-pixel labels [B, H, W] and the pixels the loss reads (label != ignore index).
+pub struct PixelLabels {
+    pub dims: (usize, usize, usize),
+    /// Flat pixel indices (b, y, x) of the labelled pixels.
+    pub index: Tensor,
+    /// Their labels.
+    pub targets: Tensor,
+    pub count: usize,
+}
+
+impl PixelLabels {
+    /// Labels must be < `num_labels` or the ignore index; the error names the first that is not.
+    pub fn new(
+        labels: &[u32],
+        dims: (usize, usize, usize),
+        num_labels: usize,
+        ignore: u32,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let (b, h, w) = dims;
+        if labels.len() != b * h * w {
+            return Err(crate::Error::Input(format!(
+                "labels have {} values, expected {b} x {h} x {w} = {}",
+                labels.len(),
+                b * h * w
+            )));
+        }
+        let mut index = Vec::new();
+        let mut targets = Vec::new();
+        for (i, &label) in labels.iter().enumerate() {
+            if label == ignore {
+                continue;
+            }
+            if label as usize >= num_labels {
+                let (image, y, x) = (i / (h * w), i % (h * w) / w, i % w);
+                return Err(crate::Error::Input(format!(
+                    "image {image}, pixel (y {y}, x {x}): label {label} is not a class id (numLabels {num_labels}) \
+                     nor the ignore index {ignore}"
+                )));
+            }
+            index.push(i as u32);
+            targets.push(label);
+        }
+        let count = index.len();
+        Ok(Self {
+            dims,
+            index: Tensor::from_vec(index, count, device)?,
+            targets: Tensor::from_vec(targets, count, device)?,
+            count,
+        })
+    }
+}
+
+/// The summed cross-entropy of `logits` [B, h, w, K], resized bilinearly to the labels' size,
+/// over the labelled pixels (0 when there are none).
+pub fn summed_pixel_loss(logits: &Tensor, labels: &PixelLabels) -> Result<Tensor> {
+    let (b, h, w) = labels.dims;
+    let k = logits.dim(3)?;
+    if labels.count == 0 {
+        return logits.sum_all()?.affine(0.0, 0.0);
+    }
+    let up = at_least_f32(&bilinear(logits, (h, w))?)?.reshape((b * h * w, k))?;
+    ops::cross_entropy_rows(&up.index_select(&labels.index, 0)?, &labels.targets)?.sum_all()
+}
+
+/// transformers' loss summed over the labelled pixels: main + weight x auxiliary. Divided by
+/// `labels.count` it is transformers' (mean over labelled pixels).
+pub fn summed_segmentation_loss(
+    out: &SegmentationLogits,
+    labels: &PixelLabels,
+    auxiliary_weight: f64,
+) -> Result<Tensor> {
+    let main = summed_pixel_loss(&out.logits, labels)?;
+    match &out.auxiliary {
+        Some(aux) => main + summed_pixel_loss(aux, labels)?.affine(auxiliary_weight, 0.0)?,
+        None => Ok(main),
+    }
+}

@@ -1,0 +1,436 @@
+//! Semantic segmentation (BEiT + UperNet, transformers' `BeitForSemanticSegmentation`) on the
+//! candle path: the resampling matrices against PyTorch's definitions, finite-difference
+//! gradients of the new pieces and of the whole loss (f64), a batch of one image, and parity
+//! with transformers (evaluation logits and loss, and a 20-step AdamW trajectory with the
+//! BatchNorm running statistics) on fixtures from scripts/interop/make_segmentation_fixtures.py.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use beit_core::arch::segmentation::{SegmenterParams, BATCH_NORM_MOMENTUM};
+use beit_core::hf::{self, HfLayout};
+use beit_core::model::segmentation::{
+    batch_norm, conv_transpose_2x2, named_running_stats, summed_segmentation_loss, take_running_stats,
+    BeitForSemanticSegmentation, Norms, PixelLabels, RunningStats,
+};
+use beit_core::model::Vars;
+use beit_core::ops::{self, Resampling};
+use beit_core::optim::flatten_grads;
+use beit_core::params::Source;
+use beit_core::{BeitConfig, SegmenterConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+
+fn assert_rows(what: &str, ours: &[f64], expected: &[&[f64]]) {
+    let flat: Vec<f64> = expected.iter().flat_map(|r| r.iter().copied()).collect();
+    assert_eq!(ours.len(), flat.len(), "{what}: size");
+    for (i, (a, b)) in ours.iter().zip(&flat).enumerate() {
+        assert!((a - b).abs() < 1e-12, "{what}: entry {i} is {a}, expected {b}");
+    }
+}
+
+#[test]
+fn resampling_matrices_are_pytorchs() {
+    // interpolate(size=4, mode="bilinear", align_corners=False) of 2 samples.
+    assert_rows(
+        "bilinear 2 -> 4",
+        &ops::bilinear_weights(2, 4),
+        &[&[1.0, 0.0], &[0.75, 0.25], &[0.25, 0.75], &[0.0, 1.0]],
+    );
+    // Downsampling 4 -> 2 reads the middle of each pair.
+    assert_rows("bilinear 4 -> 2", &ops::bilinear_weights(4, 2), &[&[0.5, 0.5, 0.0, 0.0], &[0.0, 0.0, 0.5, 0.5]]);
+    let third = 1.0 / 3.0;
+    assert_rows(
+        "adaptive 5 -> 3",
+        &ops::adaptive_average_weights(5, 3),
+        &[&[0.5, 0.5, 0.0, 0.0, 0.0], &[0.0, third, third, third, 0.0], &[0.0, 0.0, 0.0, 0.5, 0.5]],
+    );
+    assert_rows("adaptive 2 -> 3", &ops::adaptive_average_weights(2, 3), &[&[1.0, 0.0], &[0.5, 0.5], &[0.0, 1.0]]);
+    assert_rows("adaptive 3 -> 1", &ops::adaptive_average_weights(3, 1), &[&[third, third, third]]);
+}
+
+#[test]
+fn resampling_an_nhwc_map_resizes_each_axis() {
+    // A map that is linear in y and x is reproduced exactly inside the border by bilinear
+    // resizing; at the same size both resamplings are the identity.
+    let (h, w) = (3, 4);
+    let values: Vec<f64> = (0..h * w).flat_map(|i| [(i / w) as f64, (i % w) as f64 * 10.0]).collect();
+    let x = Tensor::from_vec(values, (1, h, w, 2), &Device::Cpu).unwrap();
+    let same = ops::resample(&x, Resampling::Bilinear, (h, w)).unwrap();
+    assert_eq!(
+        same.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        x.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    );
+    let pooled = ops::resample(&x, Resampling::AdaptiveAverage, (1, 1)).unwrap();
+    assert_eq!(pooled.flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![1.0, 15.0]);
+    let up = ops::resample(&x, Resampling::Bilinear, (6, 8)).unwrap();
+    let got: Vec<f64> = up.flatten_all().unwrap().to_vec1().unwrap();
+    // Output row 2 reads source row (2 + 0.5) / 2 - 0.5 = 0.75; column 3 reads 1.25.
+    let at = |y: usize, x: usize, c: usize| got[(y * 8 + x) * 2 + c];
+    assert!((at(2, 3, 0) - 0.75).abs() < 1e-12 && (at(2, 3, 1) - 12.5).abs() < 1e-12);
+}
+
+const TOL: f64 = 1e-6;
+/// The whole loss sums the cross-entropy of ~110 pixels: the round-off of f(x+h) - f(x-h) is
+/// then up to ~1.2e-5 of the smallest gradients (query and key weights), measured.
+const WHOLE_LOSS_TOL: f64 = 5e-5;
+
+const FEEDS_BATCH_NORM: [&str; 3] = ["fpn1.0.bias", "fpn1.3.bias", "fpn2.0.bias"];
+
+/// d(sum(op(inputs) * r))/d(input) against finite differences for each input.
+fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
+    let vars: Vec<Var> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Var::from_tensor(&random_tensor(s, 20 + i as u64, DType::F64)).unwrap())
+        .collect();
+    let tensors = || vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+    let probe = random_tensor(op(&tensors()).dims(), 98, DType::F64);
+    let objective = || op(&tensors()).mul(&probe).unwrap().sum_all().unwrap();
+    let grads = objective().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
+        let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
+        assert!(err < TOL, "input {i}: relative gradient error {err:e}");
+    }
+}
+
+#[test]
+fn resampling_gradients() {
+    check_op(&[&[2, 3, 5, 2]], |t| ops::resample(&t[0], Resampling::Bilinear, (4, 7)).unwrap());
+    check_op(&[&[2, 5, 4, 3]], |t| ops::resample(&t[0], Resampling::AdaptiveAverage, (2, 3)).unwrap());
+    check_op(&[&[1, 2, 2, 3]], |t| ops::resample(&t[0], Resampling::AdaptiveAverage, (6, 6)).unwrap());
+}
+
+#[test]
+fn batch_norm_gradients() {
+    // Training: batch statistics over B*H*W rows; evaluation: running statistics.
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], None).unwrap().0);
+    let running = RunningStats {
+        mean: random_tensor(&[4], 30, DType::F32),
+        var: (random_tensor(&[4], 31, DType::F32).abs().unwrap() + 0.5).unwrap(),
+        batches: 1,
+    };
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Some(&running)).unwrap().0);
+}
+
+#[test]
+fn batch_norm_statistics_are_pytorchs() {
+    // One channel, values 1..4: mean 2.5, biased variance 1.25 normalises, unbiased 5/3 runs.
+    let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap();
+    let (one, zero) = (Tensor::new(&[1f32], &Device::Cpu).unwrap(), Tensor::new(&[0f32], &Device::Cpu).unwrap());
+    let (y, seen) = batch_norm(&x, &one, &zero, None).unwrap();
+    let seen = seen.unwrap();
+    assert_eq!(seen.mean.to_vec1::<f32>().unwrap(), vec![2.5]);
+    assert!((seen.unbiased_var.to_vec1::<f32>().unwrap()[0] - 5.0 / 3.0).abs() < 1e-6);
+    let expected = (1.25f32 + 1e-5).sqrt();
+    let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!((y[0] + 1.5 / expected).abs() < 1e-6 && (y[3] - 1.5 / expected).abs() < 1e-6, "{y:?}");
+    let mut stats = RunningStats::new(1, &Device::Cpu).unwrap();
+    stats.update(&seen, 0.1).unwrap();
+    assert!((stats.mean.to_vec1::<f32>().unwrap()[0] - 0.25).abs() < 1e-7);
+    assert!((stats.var.to_vec1::<f32>().unwrap()[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6);
+    assert_eq!(stats.batches, 1);
+}
+
+#[test]
+fn transposed_convolution_is_candles_and_has_gradients() {
+    let x = random_tensor(&[2, 3, 2, 5], 40, DType::F64);
+    let w = random_tensor(&[5, 4, 2, 2], 41, DType::F64);
+    let b = random_tensor(&[4], 42, DType::F64);
+    let ours = conv_transpose_2x2(&x, &w, &b).unwrap();
+    let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+    let reference = nchw.conv_transpose2d(&w, 0, 0, 2, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap());
+    let reference = reference.unwrap().permute((0, 2, 3, 1)).unwrap();
+    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(diff < 1e-12, "differs from candle's conv_transpose2d by {diff:e}");
+    check_op(&[&[2, 3, 2, 5], &[5, 4, 2, 2], &[4]], |t| conv_transpose_2x2(&t[0], &t[1], &t[2]).unwrap());
+}
+
+/// A segmenter small enough for finite differences: 4x4 grid of 2x2 patches, 4 blocks of
+/// width 8, two pool scales, an auxiliary head of 4 channels, 3 classes.
+fn tiny_segmenter() -> SegmenterConfig {
+    let model = BeitConfig {
+        image_size: [8, 8],
+        num_hidden_layers: 4,
+        use_shared_relative_position_bias: false,
+        use_relative_position_bias: true,
+        ..tiny_config()
+    };
+    SegmenterConfig {
+        out_indices: [1, 2, 3, 4],
+        pool_scales: vec![1, 2],
+        auxiliary_channels: 4,
+        auxiliary_num_convs: 1,
+        auxiliary_concat_input: true,
+        ..SegmenterConfig::new(model, 3)
+    }
+}
+
+struct Tiny {
+    model: BeitForSemanticSegmentation,
+    vars: NamedVars,
+    stats: Vec<RunningStats>,
+    cfg: SegmenterConfig,
+}
+
+fn tiny(cfg: SegmenterConfig, dtype: DType) -> Tiny {
+    let (table, p) = SegmenterParams::new(&cfg);
+    let (model, vars) = build(&table, 3, dtype, |v| BeitForSemanticSegmentation::new(&cfg, &p, v, &Device::Cpu));
+    randomise(&vars, 7, 0.3);
+    let stats = p.norms.iter().map(|bn| RunningStats::new(bn.channels, &Device::Cpu).unwrap()).collect();
+    Tiny { model, vars, stats, cfg }
+}
+
+fn labels(cfg: &SegmenterConfig, b: usize, seed: u64) -> PixelLabels {
+    let [h, w] = cfg.model.image_size;
+    let mut rng = beit_core::rng::SplitMix64::new(seed);
+    let values: Vec<u32> = (0..b * h * w)
+        .map(|_| {
+            let r = rng.uniform();
+            if r < 0.15 {
+                cfg.semantic_loss_ignore_index
+            } else {
+                (r * 1000.0) as u32 % cfg.num_labels as u32
+            }
+        })
+        .collect();
+    PixelLabels::new(&values, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &Device::Cpu).unwrap()
+}
+
+impl Tiny {
+    fn loss(&self, pixels: &Tensor, labels: &PixelLabels, training: bool) -> Tensor {
+        let mut norms = Norms::new(&self.stats, training);
+        let out = self.model.forward(pixels, None, &mut norms).unwrap();
+        summed_segmentation_loss(&out, labels, self.cfg.auxiliary_loss_weight).unwrap()
+    }
+}
+
+/// Every parameter's gradient of the whole training loss (BatchNorm on batch statistics)
+/// against finite differences; the parameters on the path all get a non-zero gradient, the
+/// last block (past the deepest feature, transformers' rule) none.
+#[test]
+fn whole_segmentation_loss_gradients() {
+    let t = tiny(tiny_segmenter(), DType::F64);
+    let [h, w] = t.cfg.model.image_size;
+    let pixels = random_tensor(&[2, 1, h, w], 5, DType::F64);
+    let labels = labels(&t.cfg, 2, 9);
+    let grads = t.loss(&pixels, &labels, true).backward().unwrap();
+    let f = || t.loss(&pixels, &labels, true).to_scalar::<f64>().unwrap();
+    for (name, var) in &t.vars {
+        let unused = name.starts_with("beit.encoder.layer.3.");
+        match grads.get(var) {
+            // A bias that feeds a BatchNorm is subtracted again with the batch mean: its
+            // gradient in training is zero by construction (evaluation mode checks it).
+            Some(g) if FEEDS_BATCH_NORM.contains(&name.as_str()) => {
+                let biggest = g.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(biggest < 1e-12, "{name}: gradient {biggest:e}, expected 0 in training");
+            }
+            Some(g) if !unused => {
+                let biggest = g.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(biggest > 0.0, "{name}: gradient is zero");
+                let err = grad_check(var, g, &f, 12);
+                assert!(err < WHOLE_LOSS_TOL, "{name}: relative gradient error {err:e}");
+            }
+            None if unused => {}
+            Some(_) => panic!("{name}: the last block is past the deepest feature and must get no gradient"),
+            None => panic!("{name}: got no gradient"),
+        }
+    }
+}
+
+/// Evaluation mode normalises with the running statistics: its gradients too.
+#[test]
+fn evaluation_mode_loss_gradients() {
+    let t = tiny(SegmenterConfig { use_auxiliary_head: false, ..tiny_segmenter() }, DType::F64);
+    let stats: Vec<RunningStats> = t
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| RunningStats {
+            mean: (random_tensor(s.mean.dims(), 40 + i as u64, DType::F32) * 0.2).unwrap(),
+            var: (random_tensor(s.var.dims(), 60 + i as u64, DType::F32).abs().unwrap() + 0.5).unwrap(),
+            batches: 3,
+        })
+        .collect();
+    let t = Tiny { stats, ..t };
+    let [h, w] = t.cfg.model.image_size;
+    let pixels = random_tensor(&[2, 1, h, w], 6, DType::F64);
+    let labels = labels(&t.cfg, 2, 10);
+    let grads = t.loss(&pixels, &labels, false).backward().unwrap();
+    let f = || t.loss(&pixels, &labels, false).to_scalar::<f64>().unwrap();
+    for (name, var) in t.vars.iter().filter(|(n, _)| !n.starts_with("beit.encoder.layer.3.")) {
+        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let err = grad_check(var, g, &f, 6);
+        assert!(err < WHOLE_LOSS_TOL, "{name}: relative gradient error {err:e}");
+    }
+}
+
+/// One image in training: the 1x1 pooled branch sees one value per channel, normalises with
+/// the running statistics and leaves them alone; nothing fails, nothing is NaN, every other
+/// norm reports its batch statistics.
+#[test]
+fn a_batch_of_one_image_trains_without_nan() {
+    let t = tiny(tiny_segmenter(), DType::F32);
+    let [h, w] = t.cfg.model.image_size;
+    let pixels = random_tensor(&[1, 1, h, w], 8, DType::F32);
+    let labels = labels(&t.cfg, 1, 11);
+    let mut norms = Norms::new(&t.stats, true);
+    let out = t.model.forward(&pixels, None, &mut norms).unwrap();
+    let loss = summed_segmentation_loss(&out, &labels, 0.4).unwrap();
+    assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    let grads = loss.backward().unwrap();
+    let flat = flatten_grads(&t.vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), &grads).unwrap();
+    assert!(flat.to_vec1::<f32>().unwrap().iter().all(|g| g.is_finite()));
+    let (table, p) = SegmenterParams::new(&t.cfg);
+    let _ = table;
+    let pooled_1x1 = p.head.decode_head.psp_modules[0].bn.norm;
+    for (i, seen) in norms.seen.iter().enumerate() {
+        assert_eq!(seen.is_none(), i == pooled_1x1, "norm {} ({})", i, p.norms[i].name);
+    }
+}
+
+#[test]
+fn labels_outside_the_classes_are_named() {
+    let err = PixelLabels::new(&[0, 1, 2, 255, 7, 0], (1, 2, 3), 3, 255, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("image 0, pixel (y 1, x 1): label 7"), "{err}");
+    assert!(err.contains("numLabels 3") && err.contains("ignore index 255"), "{err}");
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(what: &str, ours: &[f32], reference: &[f32]) {
+    assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
+    let worst = ours.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("{what}: max abs difference {worst:.2e}");
+    assert!(worst < 1e-4, "{what}: max abs difference {worst:e} exceeds 1e-4");
+    assert!(reference.iter().any(|v| v.abs() > 1e-2), "{what}: reference is all near zero");
+}
+
+struct Imported {
+    cfg: SegmenterConfig,
+    model: BeitForSemanticSegmentation,
+    vars: Vars,
+    stats: Vec<RunningStats>,
+    io: HashMap<String, Tensor>,
+    params: SegmenterParams,
+    table: beit_core::params::ParamTable,
+}
+
+fn import(name: &str) -> Imported {
+    let dir = fixture(name);
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let ckpt = hf::read(&dir, None).unwrap();
+    assert_eq!(ckpt.layout, HfLayout::SemanticSegmentation);
+    let cfg = ckpt.segmenter.clone().unwrap();
+    let (table, params) = SegmenterParams::new(&cfg);
+    let mut tensors = ckpt.tensors;
+    let stats = take_running_stats(&params.norms, &mut tensors, &Device::Cpu).unwrap();
+    let vars = Vars::from_source(&table, Source::tensors(tensors), DType::F32, &Device::Cpu).unwrap();
+    let model = BeitForSemanticSegmentation::new(&cfg, &params, &vars, &Device::Cpu).unwrap();
+    Imported { cfg, model, vars, stats, io, params, table }
+}
+
+fn pixel_labels(cfg: &SegmenterConfig, labels: &Tensor) -> PixelLabels {
+    let (b, h, w) = labels.dims3().unwrap();
+    let values: Vec<u32> = labels.flatten_all().unwrap().to_vec1::<i32>().unwrap().iter().map(|&v| v as u32).collect();
+    PixelLabels::new(&values, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &Device::Cpu).unwrap()
+}
+
+fn nchw(t: &Tensor) -> Vec<f32> {
+    values(&t.permute((0, 3, 1, 2)).unwrap())
+}
+
+fn evaluation_parity(name: &str) -> Imported {
+    let m = import(name);
+    let mut norms = Norms::new(&m.stats, false);
+    let out = m.model.forward(&m.io["pixel_values"], None, &mut norms).unwrap();
+    assert_close(&format!("{name} logits"), &nchw(&out.logits), &values(&m.io["logits"]));
+    match (&out.auxiliary, m.io.get("auxiliary_logits")) {
+        (Some(ours), Some(theirs)) => assert_close(&format!("{name} auxiliary logits"), &nchw(ours), &values(theirs)),
+        (None, None) => {}
+        _ => panic!("{name}: auxiliary head present on one side only"),
+    }
+    let labels = pixel_labels(&m.cfg, &m.io["labels"]);
+    let loss = summed_segmentation_loss(&out, &labels, m.cfg.auxiliary_loss_weight).unwrap();
+    let loss = loss.to_scalar::<f32>().unwrap() / labels.count as f32;
+    assert_close(&format!("{name} loss"), &[loss], &values(&m.io["loss"]));
+    m
+}
+
+#[test]
+fn segmenter_with_shared_bias_and_auxiliary_head_matches_transformers() {
+    let m = evaluation_parity("seg-shared-aux");
+    assert_eq!((m.cfg.out_indices, m.cfg.num_labels, m.cfg.auxiliary_channels), ([1, 2, 3, 4], 5, 16));
+}
+
+#[test]
+fn non_square_segmenter_with_a_concatenating_auxiliary_head_matches_the_reference() {
+    let m = evaluation_parity("seg-nonsquare-concat");
+    assert_eq!(m.cfg.model.grid(), (4, 6));
+    assert!(m.cfg.auxiliary_concat_input && m.cfg.auxiliary_num_convs == 2);
+}
+
+#[test]
+fn segmenter_without_auxiliary_head_matches_transformers() {
+    let m = evaluation_parity("seg-noaux");
+    assert!(!m.cfg.use_auxiliary_head);
+    assert_eq!(m.cfg.pool_scales, vec![1, 3]);
+}
+
+/// 20 SGD steps in training mode from transformers' weights: every loss and, at the end,
+/// every BatchNorm's running statistics equal transformers' (why SGD: see the fixture script).
+#[test]
+fn twenty_training_steps_track_transformers() {
+    let mut m = import("seg-shared-aux");
+    let pixels = &m.io["train_pixels"];
+    let batch_labels = &m.io["train_labels"];
+    let mut losses = Vec::new();
+    for step in 0..pixels.dim(0).unwrap() {
+        let labels = pixel_labels(&m.cfg, &batch_labels.get(step).unwrap());
+        let mut norms = Norms::new(&m.stats, true);
+        let out = m.model.forward(&pixels.get(step).unwrap(), None, &mut norms).unwrap();
+        let loss = summed_segmentation_loss(&out, &labels, m.cfg.auxiliary_loss_weight).unwrap();
+        let loss = loss.affine(1.0 / labels.count as f64, 0.0).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        let seen = norms.seen;
+        for (s, batch) in m.stats.iter_mut().zip(&seen) {
+            s.update(batch.as_ref().expect("every norm sees a batch of 2"), BATCH_NORM_MOMENTUM).unwrap();
+        }
+        for (p, var) in m.table.params().iter().zip(m.vars.vars()) {
+            match grads.get(var) {
+                Some(g) => var.set(&(var.as_tensor() - (g * 0.05).unwrap()).unwrap()).unwrap(),
+                // Block 3 of 4 is past the deepest feature (hidden state 3).
+                None => assert!(p.name.starts_with("beit.encoder.layer.3."), "{} got no gradient", p.name),
+            }
+        }
+    }
+    assert_close("training losses", &losses, &values(&m.io["train_losses"]));
+    for (name, t) in named_running_stats(&m.params.norms, &m.stats).unwrap() {
+        if let Some(reference) = m.io.get(&format!("after.{name}")) {
+            assert_close(&name, &values(&t), &values(reference));
+        } else {
+            assert!(name.ends_with("num_batches_tracked"), "{name} has no reference");
+            assert_eq!(t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), 20.0, "{name}");
+        }
+    }
+}
+
+#[test]
+fn missing_batch_norm_statistics_are_named() {
+    let m = import("seg-noaux");
+    let mut tensors: HashMap<String, Tensor> =
+        named_running_stats(&m.params.norms, &m.stats).unwrap().into_iter().collect();
+    tensors.remove("decode_head.bottleneck.bn.running_var");
+    let err = take_running_stats(&m.params.norms, &mut tensors, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("decode_head.bottleneck.bn.running_var is missing"), "{err}");
+}
