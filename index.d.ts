@@ -262,6 +262,85 @@ export declare class NativeLinearProbe {
 }
 
 /**
+ * A BEiT backbone with UperNet (and the FCN auxiliary head), BatchNorm statistics and AdamW
+ * state.
+ */
+export declare class NativeSegmenter {
+  /** Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N". */
+  toDevice(device: string): void
+  /** Where the model runs: "cpu" or "cuda:N". */
+  get device(): string
+  /**
+   * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
+   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
+   * it and trains and decodes in f32).
+   */
+  get precision(): string
+  set precision(precision: string)
+  /** The model's config (camelCase JSON). */
+  get configJson(): string
+  /** AdamW settings. */
+  get optimizer(): AdamWOptions
+  get numParameters(): number
+  /** Optimizer updates taken so far. */
+  get optimizerStep(): number
+  /**
+   * Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
+   * `applyUpdate` has not yet applied.
+   */
+  get pendingLossTerms(): number
+  /**
+   * Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
+   * update (their mean over the loss terms); empties them.
+   */
+  applyUpdate(lr: number): Promise<UpdateMetrics>
+  /**
+   * Makes this model one replica of the data-parallel job `initDistributed` joined:
+   * rank 0's weights, EMA and optimizer state replace every rank's (the setups must
+   * match), and every later update averages the gradients of all ranks.
+   */
+  distribute(): Promise<void>
+  /** The caller's training state (JSON), saved with and loaded from checkpoints. */
+  get trainState(): string | null
+  set trainState(state: string | undefined | null)
+  /** Writes weights, optimizer state, EMA, config, options and training state atomically. */
+  save(path: string): Promise<void>
+  /**
+   * `configJson`: a `SegmenterConfig` (transformers' segmentation fields, camelCase).
+   * Weights are initialised from `seed`.
+   */
+  static create(configJson: string, optimizer: AdamWOptions | undefined | null, training: SegmenterTrainingOptions | undefined | null, seed: number): NativeSegmenter
+  /** The fine-tuning options. */
+  get training(): SegmenterTrainingOptions
+  /**
+   * Starts from the backbone of a beit MIM or classifier checkpoint (position tables resized
+   * to the config's image size); the head is initialised from `seed`.
+   */
+  static fromPretrained(path: string, configJson: string, optimizer: AdamWOptions | undefined | null, training: SegmenterTrainingOptions | undefined | null, seed: number): Promise<NativeSegmenter>
+  /**
+   * Reads a transformers `BeitForSemanticSegmentation` folder (optionally at another image
+   * size: position tables resized).
+   */
+  static fromHuggingFace(dir: string, imageSize?: Array<number> | undefined | null, optimizer?: AdamWOptions | undefined | null, training?: SegmenterTrainingOptions | undefined | null): Promise<NativeSegmenter>
+  /** Writes a transformers `BeitForSemanticSegmentation` folder. */
+  exportHuggingFace(dir: string): Promise<void>
+  /** Reads a checkpoint written by `save`. */
+  static load(path: string): Promise<NativeSegmenter>
+  /**
+   * Adds the gradient of the batch's per-pixel loss (summed over its labelled pixels) to
+   * the model's gradients, for `applyUpdate`, and moves the BatchNorm statistics. `masks`
+   * [B, H, W]: class ids, or the ignore index.
+   */
+  lossAndGrads(pixels: Float32Array, masks: Uint8Array, draws: StepDraws): Promise<SegmenterLossMetrics>
+  /** One AdamW step (`lossAndGrads` then `applyUpdate`); `seed` drives stochastic depth. */
+  trainStep(pixels: Float32Array, masks: Uint8Array, lr: number, seed: number): Promise<SegmenterStepMetrics>
+  /** Class ids [B, H, W] at the input's size (evaluation mode). */
+  predict(pixels: Float32Array): Promise<Uint8Array>
+  /** Main-head logits [B, numLabels, h, w] (evaluation mode). */
+  logits(pixels: Float32Array): Promise<SegmentationLogits>
+}
+
+/**
  * Ends every rank of the job with `code` (MPI_Abort): for a rank that failed, so that no
  * other rank waits for it.
  */
@@ -359,6 +438,12 @@ export interface CodebookUsage {
 
 /** NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none. */
 export declare function cudaDeviceCount(): number
+
+/**
+ * transformers' segmentation defaults around a backbone (`modelJson`, a BeitConfig): the
+ * full `SegmenterConfig` as camelCase JSON, which the TS API overlays with the caller's fields.
+ */
+export declare function defaultSegmenterConfig(modelJson: string, numLabels: number): string
 
 /** The launch this process's environment describes, or null when no launcher started it. */
 export declare function detectLaunch(): Launch | null
@@ -479,6 +564,36 @@ export interface PretrainInput {
   tokenizerWidth: number
   /** [B, N], 1 = masked. */
   mask: Uint8Array
+}
+
+/** Main-head logits and their shape [B, K, h, w] (NCHW). */
+export interface SegmentationLogits {
+  values: Float32Array
+  shape: Array<number>
+}
+
+/** What `lossAndGrads` reports. */
+export interface SegmenterLossMetrics {
+  /** Mean cross-entropy over the labelled pixels (main head + weight x auxiliary head). */
+  loss: number
+  /** Share of the labelled pixels the main head classifies right. */
+  pixelAccuracy: number
+  /** Pixels not labelled with the ignore index: the batch's loss terms. */
+  labelledPixels: number
+}
+
+export interface SegmenterStepMetrics {
+  loss: number
+  pixelAccuracy: number
+  labelledPixels: number
+  /** Global gradient norm before clipping. */
+  gradNorm: number
+}
+
+/** Fine-tuning options saved with the segmenter. */
+export interface SegmenterTrainingOptions {
+  /** Layer-wise LR decay (0.65 for BEiT-B on ADE20K); 1 disables. Default 1. */
+  layerDecay?: number
 }
 
 /** A step's random draws (stochastic depth, Gumbel noise) for one batch. */

@@ -45,6 +45,17 @@ export {
   SINGLE_PROCESS,
 } from './distributed'
 export type { Distributed, InitDistributedOptions, Launch } from './distributed'
+export { Segmenter } from './segmenter'
+export type {
+  SegmenterConfig,
+  SegmenterSpec,
+  SegmenterCreateOptions,
+  SegmentationInput,
+  SegmentationLogits,
+  SegmenterLossMetrics,
+  SegmenterStepMetrics,
+  SegmenterTrainingOptions,
+} from './segmenter'
 export { SegmentationMetrics } from './segmentation/metrics'
 export type { SegmentationMetricsOptions, SegmentationScores } from './segmentation/metrics'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'

@@ -41,6 +41,7 @@ export type {
   NativeLinearProbe,
   NativeBeit,
   NativeDvae,
+  NativeSegmenter,
   AdamWOptions,
   BeitLossMetrics,
   BeitStepMetrics,
@@ -52,6 +53,10 @@ export type {
   DvaeTrainingOptions,
   Launch,
   PretrainInput,
+  SegmentationLogits,
+  SegmenterLossMetrics,
+  SegmenterStepMetrics,
+  SegmenterTrainingOptions,
   StepDraws,
   UpdateMetrics,
 } from '../index'

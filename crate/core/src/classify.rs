@@ -107,8 +107,7 @@ impl Kind for Classification {
 
     /// unilm's layer-wise decay: decay^(L + 1 - layer id).
     fn lr_scales(config: &ClassifierConfig, options: &ClassifierTrainingOptions, table: &ParamTable) -> Vec<f64> {
-        let top = config.model.num_hidden_layers + 1;
-        table.params().iter().map(|p| options.layer_decay.powi((top - p.layer) as i32)).collect()
+        table.layer_decay_scales(config.model.num_hidden_layers, options.layer_decay)
     }
 
     fn runner(

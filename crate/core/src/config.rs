@@ -179,6 +179,9 @@ impl ClassifierConfig {
 }
 
 /// The DALL-E style dVAE tokenizer.
+/// `outIndices` of the published segmentation models, by backbone depth.
+const PUBLISHED_OUT_INDICES: [(usize, [usize; 4]); 2] = [(12, [3, 5, 7, 11]), (24, [7, 11, 15, 23])];
+
 /// BEiT with UperNet for semantic segmentation (Hugging Face's `BeitForSemanticSegmentation`),
 /// field for field as transformers' `BeitConfig` spells the segmentation options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,11 +206,15 @@ pub struct SegmenterConfig {
 }
 
 impl SegmenterConfig {
-    /// transformers' defaults for the head around `model`: features after blocks L/4, L/2,
-    /// 3L/4 and L-1 for L blocks (BEiT-B: [3, 5, 7, 11] -> hidden states 2, 4, 6, 10).
+    /// transformers' defaults for the head around `model`. The features come from the
+    /// published stages for BEiT-B and BEiT-L depths (transformers' ADE20K configs), else from
+    /// four stages spread evenly up to the last (L = 4: [1, 2, 3, 4]).
     pub fn new(model: BeitConfig, num_labels: usize) -> Self {
         let l = model.num_hidden_layers;
-        let out_indices = if l >= 4 { [l / 4, l / 2, 3 * l / 4, l - 1].map(|i| i.max(1)) } else { [1, 1, 1, 1] };
+        let out_indices = match PUBLISHED_OUT_INDICES.iter().find(|(depth, _)| *depth == l) {
+            Some((_, stages)) => *stages,
+            None => [1, 2, 3, 4].map(|k| (k * l + 2) / 4),
+        };
         Self {
             model,
             num_labels,

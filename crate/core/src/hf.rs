@@ -320,7 +320,7 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
     Ok(HfCheckpoint { layout, config, pooling, labels, segmenter, tensors })
 }
 
-fn resize_position_tables(
+pub(crate) fn resize_position_tables(
     tensors: &mut HashMap<String, Tensor>,
     old: (usize, usize),
     new: (usize, usize),
@@ -347,15 +347,47 @@ pub fn write(
     labels: &[String],
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
+    write_folder(dir, &config_json(layout, config, pooling, labels), tensors)
+}
+
+/// Writes a transformers `BeitForSemanticSegmentation` folder.
+pub fn write_segmenter(
+    dir: &Path,
+    cfg: &SegmenterConfig,
+    labels: &[String],
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let mut v = config_json(HfLayout::SemanticSegmentation, &cfg.model, Pooling::Mean, labels);
+    let fields = json!({
+        "out_indices": cfg.out_indices,
+        "pool_scales": cfg.pool_scales,
+        "use_auxiliary_head": cfg.use_auxiliary_head,
+        "auxiliary_channels": cfg.auxiliary_channels,
+        "auxiliary_num_convs": cfg.auxiliary_num_convs,
+        "auxiliary_concat_input": cfg.auxiliary_concat_input,
+        "auxiliary_loss_weight": cfg.auxiliary_loss_weight,
+        "semantic_loss_ignore_index": cfg.semantic_loss_ignore_index,
+    });
+    if let (Value::Object(v), Value::Object(fields)) = (&mut v, fields) {
+        v.extend(fields);
+    }
+    write_folder(dir, &v, tensors)
+}
+
+fn write_folder(dir: &Path, config: &Value, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display()))))?;
     let tensors = tensors
         .iter()
-        .map(|(name, t)| Ok((name.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?)))
+        .map(|(name, t)| {
+            // PyTorch keeps BatchNorm's batch counter as int64.
+            let dtype = if name.ends_with("num_batches_tracked") { DType::I64 } else { DType::F32 };
+            Ok((name.clone(), t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?))
+        })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     checkpoint::save(&dir.join(WEIGHTS_FILE), &tensors, metadata)?;
-    let text = serde_json::to_string_pretty(&config_json(layout, config, pooling, labels)).expect("json");
+    let text = serde_json::to_string_pretty(config).expect("json");
     checkpoint::write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())
 }
 

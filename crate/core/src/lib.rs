@@ -5,7 +5,7 @@
 //! `rng`, `params`, `arch` (the parameter tables), `optimizer` (AdamW's settings), `launch`.
 //! The CPU engine (`engine`) and the candle models (`model`, `ops`, `conv`, `optim`) each
 //! build on those alone; `runner` holds either; the model kinds (`mim`, `classify`,
-//! `tokenizer`) and their `trainer` sit on top.
+//! `segment`, `tokenizer`) and their `trainer` sit on top.
 
 // `!(x > 0.0)` is how the config checks reject NaN along with the out-of-range values.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -34,6 +34,7 @@ pub mod params;
 pub mod presets;
 pub mod rng;
 pub mod runner;
+pub mod segment;
 pub mod tokenizer;
 pub mod trainer;
 
@@ -45,5 +46,6 @@ pub use error::{Error, Result};
 pub use mim::{BeitLossMetrics, BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
 pub use optimizer::AdamWConfig;
 pub use rng::Draws;
+pub use segment::{SegmenterLossMetrics, SegmenterStepMetrics, SegmenterTrainer, SegmenterTrainingOptions};
 pub use tokenizer::{DvaeLossMetrics, DvaeStepMetrics, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
 pub use trainer::{Trainer, UpdateMetrics};

@@ -65,6 +65,10 @@ pub trait Kind: Sized + 'static {
     fn legacy_optimizer(_options: &Self::Options) -> Option<AdamWConfig> {
         None
     }
+    /// Whether the kind trains data-parallel; the error says why not.
+    fn data_parallel() -> Result<()> {
+        Ok(())
+    }
     /// The runner of the model over `values` (table order) where `spec` places it: the CPU
     /// engine or candle.
     fn runner(
@@ -127,13 +131,13 @@ impl<K: Kind> Trainer<K> {
         values: Vec<Tensor>,
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<K::Runner>> {
-        let spec = RunnerSpec {
-            table,
-            optimizer,
-            lr_scales: K::lr_scales(config, options, table),
-            ema_decay: K::ema_decay(options),
-            placement,
-        };
+        // A learning rate of 0 and no decay: AdamW leaves buffers exactly as they are.
+        let lr_scales = K::lr_scales(config, options, table)
+            .into_iter()
+            .zip(table.params())
+            .map(|(scale, p)| if p.trainable { scale } else { 0.0 })
+            .collect();
+        let spec = RunnerSpec { table, optimizer, lr_scales, ema_decay: K::ema_decay(options), placement };
         K::runner(config, options, &spec, values, ema)
     }
 
@@ -254,8 +258,9 @@ impl<K: Kind> Trainer<K> {
         Ok(runner)
     }
 
+    /// Trainable values (buffers such as BatchNorm statistics not counted, as PyTorch counts).
     pub fn num_parameters(&self) -> usize {
-        self.table.num_values()
+        self.table.params().iter().filter(|p| p.trainable).map(|p| p.len()).sum()
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -312,6 +317,7 @@ impl<K: Kind> Trainer<K> {
     /// DDP's start), and from now on every update sums the gradient buffers and their counts
     /// across ranks first.
     pub fn distribute(&mut self, communicator: Arc<Communicator>) -> Result<()> {
+        self.check_data_parallel()?;
         let pending = *self.runner.gradients().count;
         communicator.agree(if pending > 0 {
             Err(Error::Input("the model holds gradients not yet applied: call applyUpdate before distribute".into()))
@@ -348,6 +354,11 @@ impl<K: Kind> Trainer<K> {
         self.runner = self.runner_holding(&self.placement, values, ema, moments, step[0] as u64)?;
         self.communicator = Some(communicator);
         Ok(())
+    }
+
+    /// Whether this kind of model trains data-parallel (the error says why not).
+    pub fn check_data_parallel(&self) -> Result<()> {
+        K::data_parallel()
     }
 
     /// The data-parallel hook: sums the gradient buffers and their loss-term counts of every

@@ -9,17 +9,17 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use beit_core::arch::segmentation::{SegmenterParams, BATCH_NORM_MOMENTUM};
+use beit_core::arch::segmentation::{BatchNormParams, SegmenterParams};
 use beit_core::hf::{self, HfLayout};
 use beit_core::model::segmentation::{
-    batch_norm, conv_transpose_2x2, named_running_stats, summed_segmentation_loss, take_running_stats,
-    BeitForSemanticSegmentation, Norms, PixelLabels, RunningStats,
+    batch_norm, conv_transpose_2x2, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
+    PixelLabels,
 };
 use beit_core::model::Vars;
 use beit_core::ops::{self, Resampling};
 use beit_core::optim::flatten_grads;
-use beit_core::params::Source;
-use beit_core::{BeitConfig, SegmenterConfig};
+use beit_core::params::{Param, ParamId, ParamTable, Source};
+use beit_core::{AdamWConfig, BeitConfig, SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
@@ -73,9 +73,40 @@ fn resampling_an_nhwc_map_resizes_each_axis() {
 }
 
 const TOL: f64 = 1e-6;
-/// The whole loss sums the cross-entropy of ~110 pixels: the round-off of f(x+h) - f(x-h) is
-/// then up to ~1.2e-5 of the smallest gradients (query and key weights), measured.
-const WHOLE_LOSS_TOL: f64 = 5e-5;
+/// The whole loss sums the cross-entropy of ~110 pixels (f ~ 120) while the query and key
+/// weights' gradients are ~1e-4: the round-off of f(x+h) - f(x-h) is then up to ~6e-5 of them
+/// (measured). The ops are checked one by one at 1e-6 above and the model against
+/// transformers; these checks catch a wrong or missing path, which is O(1) off.
+const WHOLE_LOSS_TOL: f64 = 2e-4;
+
+/// [`grad_check`] through ReLUs: a coordinate whose central difference at h and at h/4
+/// disagree has a kink (a ReLU input crossing 0) within h, where finite differences say
+/// nothing; it is skipped and counted. Returns the worst relative error of the others and
+/// the skipped count.
+fn kink_aware_check(var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, max_coords: usize) -> (f64, usize) {
+    let base = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let analytic = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let stride = (base.len() / max_coords.max(1)).max(1);
+    let (mut worst, mut scale, mut skipped) = (0f64, 1e-6f64, 0);
+    for i in (0..base.len()).step_by(stride) {
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            f()
+        };
+        let central = |h: f64| (eval(h) - eval(-h)) / (2.0 * h);
+        let (wide, narrow) = (central(1e-5), central(2.5e-6));
+        scale = scale.max(wide.abs()).max(analytic[i].abs());
+        if (wide - narrow).abs() > 1e-3 * wide.abs().max(1e-3) {
+            skipped += 1;
+            continue;
+        }
+        worst = worst.max((wide - analytic[i]).abs());
+    }
+    var.set(&Tensor::from_vec(base, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    (worst / scale, skipped)
+}
 
 const FEEDS_BATCH_NORM: [&str; 3] = ["fpn1.0.bias", "fpn1.3.bias", "fpn2.0.bias"];
 
@@ -108,12 +139,9 @@ fn resampling_gradients() {
 fn batch_norm_gradients() {
     // Training: batch statistics over B*H*W rows; evaluation: running statistics.
     check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], None).unwrap().0);
-    let running = RunningStats {
-        mean: random_tensor(&[4], 30, DType::F32),
-        var: (random_tensor(&[4], 31, DType::F32).abs().unwrap() + 0.5).unwrap(),
-        batches: 1,
-    };
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Some(&running)).unwrap().0);
+    let mean = random_tensor(&[4], 30, DType::F64);
+    let var = (random_tensor(&[4], 31, DType::F64).abs().unwrap() + 0.5).unwrap();
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Some((&mean, &var))).unwrap().0);
 }
 
 #[test]
@@ -128,11 +156,22 @@ fn batch_norm_statistics_are_pytorchs() {
     let expected = (1.25f32 + 1e-5).sqrt();
     let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!((y[0] + 1.5 / expected).abs() < 1e-6 && (y[3] - 1.5 / expected).abs() < 1e-6, "{y:?}");
-    let mut stats = RunningStats::new(1, &Device::Cpu).unwrap();
-    stats.update(&seen, 0.1).unwrap();
-    assert!((stats.mean.to_vec1::<f32>().unwrap()[0] - 0.25).abs() < 1e-7);
-    assert!((stats.var.to_vec1::<f32>().unwrap()[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6);
-    assert_eq!(stats.batches, 1);
+    // The buffers move in place: mean 0 -> 0.25, variance 1 -> 0.9 + 0.1 * 5/3, one batch.
+    let bn = BatchNormParams {
+        weight: ParamId(0),
+        bias: ParamId(1),
+        running_mean: ParamId(2),
+        running_var: ParamId(3),
+        num_batches_tracked: ParamId(4),
+        channels: 1,
+        norm: 0,
+    };
+    let buffers = [one.clone(), zero.clone(), zero.clone(), one.clone(), Tensor::new(0f32, &Device::Cpu).unwrap()];
+    let vars = Vars::new(buffers.to_vec(), DType::F32, &Device::Cpu).unwrap();
+    update_running_stats(&[bn], &vars, &[Some(seen)]).unwrap();
+    let now = |i: usize| vars.vars()[i].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!((now(2) - 0.25).abs() < 1e-7 && (now(3) - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6);
+    assert_eq!(now(4), 1.0);
 }
 
 #[test]
@@ -172,7 +211,8 @@ fn tiny_segmenter() -> SegmenterConfig {
 struct Tiny {
     model: BeitForSemanticSegmentation,
     vars: NamedVars,
-    stats: Vec<RunningStats>,
+    table: ParamTable,
+    norms: usize,
     cfg: SegmenterConfig,
 }
 
@@ -180,8 +220,12 @@ fn tiny(cfg: SegmenterConfig, dtype: DType) -> Tiny {
     let (table, p) = SegmenterParams::new(&cfg);
     let (model, vars) = build(&table, 3, dtype, |v| BeitForSemanticSegmentation::new(&cfg, &p, v, &Device::Cpu));
     randomise(&vars, 7, 0.3);
-    let stats = p.norms.iter().map(|bn| RunningStats::new(bn.channels, &Device::Cpu).unwrap()).collect();
-    Tiny { model, vars, stats, cfg }
+    // Random running statistics, variances positive.
+    for bn in &p.norms {
+        let var = &vars[bn.running_var.0].1;
+        var.set(&(var.abs().unwrap() + 0.5).unwrap()).unwrap();
+    }
+    Tiny { model, vars, table, norms: p.norms.len(), cfg }
 }
 
 fn labels(cfg: &SegmenterConfig, b: usize, seed: u64) -> PixelLabels {
@@ -202,7 +246,7 @@ fn labels(cfg: &SegmenterConfig, b: usize, seed: u64) -> PixelLabels {
 
 impl Tiny {
     fn loss(&self, pixels: &Tensor, labels: &PixelLabels, training: bool) -> Tensor {
-        let mut norms = Norms::new(&self.stats, training);
+        let mut norms = Norms::new(self.norms, training);
         let out = self.model.forward(pixels, None, &mut norms).unwrap();
         summed_segmentation_loss(&out, labels, self.cfg.auxiliary_loss_weight).unwrap()
     }
@@ -219,7 +263,11 @@ fn whole_segmentation_loss_gradients() {
     let labels = labels(&t.cfg, 2, 9);
     let grads = t.loss(&pixels, &labels, true).backward().unwrap();
     let f = || t.loss(&pixels, &labels, true).to_scalar::<f64>().unwrap();
-    for (name, var) in &t.vars {
+    for ((name, var), p) in t.vars.iter().zip(t.table.params()) {
+        if !p.trainable {
+            assert!(grads.get(var).is_none(), "{name} is a buffer and must get no gradient");
+            continue;
+        }
         let unused = name.starts_with("beit.encoder.layer.3.");
         match grads.get(var) {
             // A bias that feeds a BatchNorm is subtracted again with the batch mean: its
@@ -245,27 +293,22 @@ fn whole_segmentation_loss_gradients() {
 #[test]
 fn evaluation_mode_loss_gradients() {
     let t = tiny(SegmenterConfig { use_auxiliary_head: false, ..tiny_segmenter() }, DType::F64);
-    let stats: Vec<RunningStats> = t
-        .stats
-        .iter()
-        .enumerate()
-        .map(|(i, s)| RunningStats {
-            mean: (random_tensor(s.mean.dims(), 40 + i as u64, DType::F32) * 0.2).unwrap(),
-            var: (random_tensor(s.var.dims(), 60 + i as u64, DType::F32).abs().unwrap() + 0.5).unwrap(),
-            batches: 3,
-        })
-        .collect();
-    let t = Tiny { stats, ..t };
     let [h, w] = t.cfg.model.image_size;
     let pixels = random_tensor(&[2, 1, h, w], 6, DType::F64);
     let labels = labels(&t.cfg, 2, 10);
     let grads = t.loss(&pixels, &labels, false).backward().unwrap();
     let f = || t.loss(&pixels, &labels, false).to_scalar::<f64>().unwrap();
-    for (name, var) in t.vars.iter().filter(|(n, _)| !n.starts_with("beit.encoder.layer.3.")) {
+    let on_path = |(_, p): &(&(String, Var), &Param)| p.trainable && !p.name.starts_with("beit.encoder.layer.3.");
+    let (mut checked, mut skipped) = (0, 0);
+    for ((name, var), _) in t.vars.iter().zip(t.table.params()).filter(on_path) {
         let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let err = grad_check(var, g, &f, 6);
+        let (err, kinks) = kink_aware_check(var, g, &f, 6);
         assert!(err < WHOLE_LOSS_TOL, "{name}: relative gradient error {err:e}");
+        checked += var.elem_count().min(6);
+        skipped += kinks;
     }
+    eprintln!("evaluation mode: {skipped} of ~{checked} coordinates skipped at a ReLU kink");
+    assert!(skipped * 20 < checked, "{skipped} of {checked} coordinates at a kink: the check says too little");
 }
 
 /// One image in training: the 1x1 pooled branch sees one value per channel, normalises with
@@ -277,18 +320,18 @@ fn a_batch_of_one_image_trains_without_nan() {
     let [h, w] = t.cfg.model.image_size;
     let pixels = random_tensor(&[1, 1, h, w], 8, DType::F32);
     let labels = labels(&t.cfg, 1, 11);
-    let mut norms = Norms::new(&t.stats, true);
+    let mut norms = Norms::new(t.norms, true);
     let out = t.model.forward(&pixels, None, &mut norms).unwrap();
     let loss = summed_segmentation_loss(&out, &labels, 0.4).unwrap();
     assert!(loss.to_scalar::<f32>().unwrap().is_finite());
     let grads = loss.backward().unwrap();
     let flat = flatten_grads(&t.vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), &grads).unwrap();
     assert!(flat.to_vec1::<f32>().unwrap().iter().all(|g| g.is_finite()));
-    let (table, p) = SegmenterParams::new(&t.cfg);
-    let _ = table;
+    let (_, p) = SegmenterParams::new(&t.cfg);
     let pooled_1x1 = p.head.decode_head.psp_modules[0].bn.norm;
     for (i, seen) in norms.seen.iter().enumerate() {
-        assert_eq!(seen.is_none(), i == pooled_1x1, "norm {} ({})", i, p.norms[i].name);
+        let name = &t.table.get(p.norms[i].weight).name;
+        assert_eq!(seen.is_none(), i == pooled_1x1, "norm {i} ({name})");
     }
 }
 
@@ -319,7 +362,6 @@ struct Imported {
     cfg: SegmenterConfig,
     model: BeitForSemanticSegmentation,
     vars: Vars,
-    stats: Vec<RunningStats>,
     io: HashMap<String, Tensor>,
     params: SegmenterParams,
     table: beit_core::params::ParamTable,
@@ -332,11 +374,9 @@ fn import(name: &str) -> Imported {
     assert_eq!(ckpt.layout, HfLayout::SemanticSegmentation);
     let cfg = ckpt.segmenter.clone().unwrap();
     let (table, params) = SegmenterParams::new(&cfg);
-    let mut tensors = ckpt.tensors;
-    let stats = take_running_stats(&params.norms, &mut tensors, &Device::Cpu).unwrap();
-    let vars = Vars::from_source(&table, Source::tensors(tensors), DType::F32, &Device::Cpu).unwrap();
+    let vars = Vars::from_source(&table, Source::tensors(ckpt.tensors), DType::F32, &Device::Cpu).unwrap();
     let model = BeitForSemanticSegmentation::new(&cfg, &params, &vars, &Device::Cpu).unwrap();
-    Imported { cfg, model, vars, stats, io, params, table }
+    Imported { cfg, model, vars, io, params, table }
 }
 
 fn pixel_labels(cfg: &SegmenterConfig, labels: &Tensor) -> PixelLabels {
@@ -351,7 +391,7 @@ fn nchw(t: &Tensor) -> Vec<f32> {
 
 fn evaluation_parity(name: &str) -> Imported {
     let m = import(name);
-    let mut norms = Norms::new(&m.stats, false);
+    let mut norms = Norms::new(m.params.norms.len(), false);
     let out = m.model.forward(&m.io["pixel_values"], None, &mut norms).unwrap();
     assert_close(&format!("{name} logits"), &nchw(&out.logits), &values(&m.io["logits"]));
     match (&out.auxiliary, m.io.get("auxiliary_logits")) {
@@ -390,23 +430,21 @@ fn segmenter_without_auxiliary_head_matches_transformers() {
 /// every BatchNorm's running statistics equal transformers' (why SGD: see the fixture script).
 #[test]
 fn twenty_training_steps_track_transformers() {
-    let mut m = import("seg-shared-aux");
+    let m = import("seg-shared-aux");
     let pixels = &m.io["train_pixels"];
     let batch_labels = &m.io["train_labels"];
     let mut losses = Vec::new();
     for step in 0..pixels.dim(0).unwrap() {
         let labels = pixel_labels(&m.cfg, &batch_labels.get(step).unwrap());
-        let mut norms = Norms::new(&m.stats, true);
+        let mut norms = Norms::new(m.params.norms.len(), true);
         let out = m.model.forward(&pixels.get(step).unwrap(), None, &mut norms).unwrap();
         let loss = summed_segmentation_loss(&out, &labels, m.cfg.auxiliary_loss_weight).unwrap();
         let loss = loss.affine(1.0 / labels.count as f64, 0.0).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         let grads = loss.backward().unwrap();
-        let seen = norms.seen;
-        for (s, batch) in m.stats.iter_mut().zip(&seen) {
-            s.update(batch.as_ref().expect("every norm sees a batch of 2"), BATCH_NORM_MOMENTUM).unwrap();
-        }
-        for (p, var) in m.table.params().iter().zip(m.vars.vars()) {
+        assert!(norms.seen.iter().all(Option::is_some), "every norm sees a batch of 2");
+        update_running_stats(&m.params.norms, &m.vars, &norms.seen).unwrap();
+        for (p, var) in m.table.params().iter().zip(m.vars.vars()).filter(|(p, _)| p.trainable) {
             match grads.get(var) {
                 Some(g) => var.set(&(var.as_tensor() - (g * 0.05).unwrap()).unwrap()).unwrap(),
                 // Block 3 of 4 is past the deepest feature (hidden state 3).
@@ -415,22 +453,196 @@ fn twenty_training_steps_track_transformers() {
         }
     }
     assert_close("training losses", &losses, &values(&m.io["train_losses"]));
-    for (name, t) in named_running_stats(&m.params.norms, &m.stats).unwrap() {
-        if let Some(reference) = m.io.get(&format!("after.{name}")) {
-            assert_close(&name, &values(&t), &values(reference));
-        } else {
-            assert!(name.ends_with("num_batches_tracked"), "{name} has no reference");
-            assert_eq!(t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), 20.0, "{name}");
+    for (p, var) in m.table.params().iter().zip(m.vars.vars()).filter(|(p, _)| !p.trainable) {
+        let t = var.as_tensor();
+        match m.io.get(&format!("after.{}", p.name)) {
+            Some(reference) => assert_close(&p.name, &values(t), &values(reference)),
+            None => {
+                assert!(p.name.ends_with("num_batches_tracked"), "{} has no reference", p.name);
+                assert_eq!(values(t), vec![20.0], "{}", p.name);
+            }
         }
     }
 }
 
 #[test]
 fn missing_batch_norm_statistics_are_named() {
-    let m = import("seg-noaux");
-    let mut tensors: HashMap<String, Tensor> =
-        named_running_stats(&m.params.norms, &m.stats).unwrap().into_iter().collect();
-    tensors.remove("decode_head.bottleneck.bn.running_var");
-    let err = take_running_stats(&m.params.norms, &mut tensors, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("decode_head.bottleneck.bn.running_var is missing"), "{err}");
+    let dir = fixture("seg-noaux");
+    let mut ckpt = hf::read(&dir, None).unwrap();
+    ckpt.tensors.remove("decode_head.bottleneck.bn.running_var");
+    let cfg = ckpt.segmenter.clone().unwrap();
+    let (table, _) = SegmenterParams::new(&cfg);
+    let err = Vars::from_source(&table, Source::tensors(ckpt.tensors), DType::F32, &Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("decode_head.bottleneck.bn.running_var [32]"), "{err}");
+}
+
+/// A learnable toy: the label of a pixel is 1 where the (single-channel) image is positive,
+/// 0 elsewhere, with the border ignored.
+fn toy_batch(cfg: &SegmenterConfig, b: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let [h, w] = cfg.model.image_size;
+    let pixels = random_tensor(&[b, 1, h, w], seed, DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let labels = pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (y, x) = (i % (h * w) / w, i % w);
+            if y == 0 || x == 0 {
+                cfg.semantic_loss_ignore_index
+            } else {
+                u32::from(v > 0.0)
+            }
+        })
+        .collect();
+    (pixels, labels)
+}
+
+fn toy_config() -> SegmenterConfig {
+    SegmenterConfig { num_labels: 2, auxiliary_concat_input: false, ..tiny_segmenter() }
+}
+
+#[test]
+fn a_segmenter_learns_a_per_pixel_rule() {
+    let cfg = toy_config();
+    let mut model =
+        SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), SegmenterTrainingOptions::default(), 1).unwrap();
+    let mut first = None;
+    let mut last = None;
+    for step in 0..60 {
+        let (pixels, labels) = toy_batch(&cfg, 4, 100 + step);
+        let m = model.train_step(&pixels, &labels, 3e-3, step).unwrap();
+        assert_eq!(m.labelled_pixels, 4 * 7 * 7);
+        first.get_or_insert(m);
+        last = Some(m);
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    eprintln!(
+        "loss {:.3} -> {:.3}, accuracy {:.3} -> {:.3}",
+        first.loss, last.loss, first.pixel_accuracy, last.pixel_accuracy
+    );
+    assert!(last.loss < 0.5 * first.loss, "loss {} -> {}", first.loss, last.loss);
+    // Held-out images, evaluation mode (running statistics): the rule is learnt (chance is
+    // ~1/2; measured 81% here, 96% on the training batches' own statistics).
+    let (pixels, labels) = toy_batch(&cfg, 8, 999);
+    let predicted = model.predict(&pixels).unwrap();
+    let scored: Vec<_> = labels.iter().zip(&predicted).filter(|(l, _)| **l != 255).collect();
+    let right = scored.iter().filter(|(l, p)| l == p).count();
+    assert!(right as f64 > 0.75 * scored.len() as f64, "{right} of {} pixels right", scored.len());
+}
+
+#[test]
+fn training_moves_the_statistics_and_adamw_leaves_them() {
+    let cfg = toy_config();
+    let mut model =
+        SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), SegmenterTrainingOptions::default(), 2).unwrap();
+    let buffers = |m: &SegmenterTrainer| -> Vec<(String, Vec<f32>)> {
+        let table = m.table().clone();
+        m.weights()
+            .unwrap()
+            .into_iter()
+            .zip(table.params())
+            .filter(|(_, p)| !p.trainable)
+            .map(|((n, t), _)| (n, values(&t)))
+            .collect()
+    };
+    let before = buffers(&model);
+    let (pixels, labels) = toy_batch(&cfg, 2, 5);
+    model.loss_and_grads(&pixels, &labels, beit_core::Draws { seed: 0, first_sample: 0 }).unwrap();
+    let moved = buffers(&model);
+    for ((name, a), (_, b)) in before.iter().zip(&moved) {
+        if name.ends_with("num_batches_tracked") {
+            assert_eq!((a[0], b[0]), (0.0, 1.0), "{name}");
+        } else {
+            assert_ne!(a, b, "{name} did not move");
+        }
+    }
+    model.apply_update(1e-2).unwrap();
+    assert_eq!(buffers(&model), moved, "the optimizer changed a buffer");
+    assert!(model
+        .lr_scales()
+        .iter()
+        .all(|(n, s)| (*s == 0.0) == n.contains("running_") || n.ends_with("tracked") && *s == 0.0));
+}
+
+#[test]
+fn a_batch_without_labelled_pixels_adds_no_gradient() {
+    let cfg = toy_config();
+    let mut model =
+        SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), SegmenterTrainingOptions::default(), 3).unwrap();
+    let (pixels, labels) = toy_batch(&cfg, 2, 6);
+    let m = model.loss_and_grads(&pixels, &vec![255; labels.len()], beit_core::Draws { seed: 0, first_sample: 0 });
+    let m = m.unwrap();
+    assert_eq!((m.loss, m.labelled_pixels), (0.0, 0));
+    assert_eq!(*model.gradients().count, 0);
+    let err = model.loss_and_grads(&pixels, &labels[1..], beit_core::Draws { seed: 0, first_sample: 0 });
+    assert!(err.err().unwrap().to_string().contains("labels have 127 values, expected 2 x 8 x 8"));
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("beit-seg-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn checkpoints_and_transformers_folders_round_trip() {
+    let cfg = toy_config();
+    let options = SegmenterTrainingOptions { layer_decay: 0.65 };
+    let mut model = SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), options.clone(), 4).unwrap();
+    for step in 0..2 {
+        let (pixels, labels) = toy_batch(&cfg, 2, 10 + step);
+        model.train_step(&pixels, &labels, 1e-3, step).unwrap();
+    }
+    let dir = temp_dir("roundtrip");
+    let path = dir.join("seg.safetensors");
+    model.save(&path).unwrap();
+    let mut loaded = SegmenterTrainer::load(&path, None).unwrap();
+    assert_eq!((loaded.optimizer_step(), &loaded.options), (2, &options));
+    let (pixels, labels) = toy_batch(&cfg, 2, 20);
+    assert_eq!(loaded.predict(&pixels).unwrap(), model.predict(&pixels).unwrap());
+    // The same next step from both.
+    let a = model.train_step(&pixels, &labels, 1e-3, 7).unwrap();
+    let b = loaded.train_step(&pixels, &labels, 1e-3, 7).unwrap();
+    assert_eq!(a.loss, b.loss);
+    let weights = |m: &SegmenterTrainer| m.weights().unwrap().iter().flat_map(|(_, t)| values(t)).collect::<Vec<_>>();
+    assert_eq!(weights(&loaded), weights(&model));
+    // transformers' folder: same logits after import, statistics included.
+    let hf_dir = dir.join("hf");
+    model.export_hf(&hf_dir).unwrap();
+    let ckpt = hf::read(&hf_dir, None).unwrap();
+    assert_eq!(ckpt.layout, HfLayout::SemanticSegmentation);
+    assert_eq!(ckpt.segmenter.as_ref(), Some(&cfg));
+    let mut imported = SegmenterTrainer::from_hf(ckpt, AdamWConfig::default(), options).unwrap();
+    assert_eq!(imported.logits(&pixels).unwrap(), model.logits(&pixels).unwrap());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_segmenter_starts_from_a_mim_checkpoint_at_a_new_size() {
+    let cfg = toy_config();
+    let mim = beit_core::BeitTrainer::new(cfg.model.clone(), AdamWConfig::default(), 5).unwrap();
+    let dir = temp_dir("pretrained");
+    let path = dir.join("mim.safetensors");
+    mim.save(&path).unwrap();
+    let bigger = SegmenterConfig { model: BeitConfig { image_size: [12, 16], ..cfg.model.clone() }, ..cfg.clone() };
+    let seg = SegmenterTrainer::from_pretrained(&path, bigger.clone(), AdamWConfig::default(), Default::default(), 6)
+        .unwrap();
+    let mim_weights: HashMap<String, Tensor> = mim.weights().unwrap().into_iter().collect();
+    for (name, t) in seg.weights().unwrap() {
+        match mim_weights.get(&name) {
+            Some(original) if name.ends_with("relative_position_bias_table") => {
+                // A 4x4 grid's table resized to 6x8: (2*6-1)*(2*8-1) + 3 rows.
+                assert_eq!((original.dim(0).unwrap(), t.dim(0).unwrap()), (7 * 7 + 3, 11 * 15 + 3), "{name}");
+            }
+            Some(original) => assert_eq!(values(original), values(&t), "{name} was not kept"),
+            None => assert!(!name.starts_with("beit."), "{name} is a backbone tensor the MIM has not"),
+        }
+    }
+    let (pixels, _) = toy_batch(&bigger, 1, 3);
+    let mut seg = seg;
+    assert_eq!(seg.predict(&pixels).unwrap().len(), 12 * 16);
+    let err =
+        SegmenterTrainer::from_pretrained(&dir.join("missing"), bigger, AdamWConfig::default(), Default::default(), 6);
+    assert!(err.is_err());
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -14,6 +14,7 @@ pub mod classify;
 pub mod distributed;
 pub mod images;
 pub mod mim;
+pub mod segment;
 pub mod tokenizer;
 
 // Training allocates and frees many large activation buffers each step; glibc malloc hands
@@ -258,6 +259,7 @@ macro_rules! trainer_methods {
                 let model = self.inner.clone();
                 job(
                     move || {
+                        lock(&model)?.check_data_parallel()?;
                         let communicator = $crate::distributed::communicator()?;
                         lock(&model)?.distribute(communicator)
                     },

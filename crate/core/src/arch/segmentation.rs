@@ -2,8 +2,9 @@
 //! `BeitForSemanticSegmentation` head: the feature pyramid (`fpn1`, `fpn2`; `fpn3` is the
 //! identity and `fpn4` a 2x2 max pool, neither has parameters), the UperHead (`decode_head`)
 //! and the optional FCN auxiliary head (`auxiliary_head`), with the checkpoint keys
-//! `save_pretrained` writes. BatchNorm running statistics are not parameters: each norm is
-//! listed in [`SegmenterParams::norms`] and its statistics live beside the weights.
+//! `save_pretrained` writes. BatchNorm running statistics are buffers of the table (saved,
+//! moved and broadcast with the weights, updated by the training forward, never by AdamW); each
+//! norm is listed in [`SegmenterParams::norms`].
 
 use super::backbone::BackboneParams;
 use crate::config::SegmenterConfig;
@@ -31,14 +32,15 @@ pub struct UpsampleParams {
     pub channels: usize,
 }
 
-/// BatchNorm2d: trainable `weight` and `bias`, and running statistics kept outside the table
-/// (`norm`: the position in [`SegmenterParams::norms`]).
+/// BatchNorm2d: trainable `weight` and `bias`, and its running statistics as buffers (`norm`:
+/// the position in [`SegmenterParams::norms`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchNormParams {
-    /// The checkpoint prefix of `running_mean`, `running_var` and `num_batches_tracked`.
-    pub name: String,
     pub weight: ParamId,
     pub bias: ParamId,
+    pub running_mean: ParamId,
+    pub running_var: ParamId,
+    pub num_batches_tracked: ParamId,
     pub channels: usize,
     pub norm: usize,
 }
@@ -83,7 +85,11 @@ impl Builder<'_> {
         let mut s = self.scope(prefix);
         let weight = s.no_decay("weight", &[channels], Init::Constant(1.0));
         let bias = s.no_decay("bias", &[channels], Init::Constant(0.0));
-        let bn = BatchNormParams { name: prefix.to_string(), weight, bias, channels, norm: self.norms.len() };
+        let running_mean = s.buffer("running_mean", &[channels], Init::Constant(0.0));
+        let running_var = s.buffer("running_var", &[channels], Init::Constant(1.0));
+        let num_batches_tracked = s.buffer("num_batches_tracked", &[], Init::Constant(0.0));
+        let norm = self.norms.len();
+        let bn = BatchNormParams { weight, bias, running_mean, running_var, num_batches_tracked, channels, norm };
         self.norms.push(bn.clone());
         bn
     }

@@ -4,109 +4,18 @@
 //! tokens are a feature map without a transpose, a 1x1 convolution is one matmul and the 3x3
 //! ones are `conv::conv2d_same`.
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 
 use super::backbone::BeitModel;
 use super::{at_least_f32, like, Vars};
 use crate::arch::segmentation::{
     BatchNormParams, ConvModuleParams, ConvParams, FcnHeadParams, SegmenterParams, UperHeadParams, UpsampleParams,
-    AUXILIARY_FEATURE, BATCH_NORM_EPS,
+    AUXILIARY_FEATURE, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
 use crate::config::SegmenterConfig;
 use crate::conv::{conv2d_same, max_pool2};
 use crate::ops::{self, resample, Resampling};
 use crate::rng::Draws;
-
-/// A BatchNorm's running statistics (f32, on the model's device) and how many training batches
-/// updated them (`num_batches_tracked`).
-#[derive(Debug, Clone)]
-pub struct RunningStats {
-    pub mean: Tensor,
-    pub var: Tensor,
-    pub batches: u64,
-}
-
-impl RunningStats {
-    /// PyTorch's initial statistics: mean 0, variance 1.
-    pub fn new(channels: usize, device: &Device) -> Result<Self> {
-        Ok(Self {
-            mean: Tensor::zeros(channels, DType::F32, device)?,
-            var: Tensor::ones(channels, DType::F32, device)?,
-            batches: 0,
-        })
-    }
-
-    /// PyTorch's update from one training batch: momentum-weighted mean and unbiased variance.
-    pub fn update(&mut self, batch: &BatchStats, momentum: f64) -> Result<()> {
-        let blend = |running: &Tensor, seen: &Tensor| -> Result<Tensor> {
-            running.affine(1.0 - momentum, 0.0)? + seen.to_dtype(DType::F32)?.affine(momentum, 0.0)?
-        };
-        self.mean = blend(&self.mean, &batch.mean)?;
-        self.var = blend(&self.var, &batch.unbiased_var)?;
-        self.batches += 1;
-        Ok(())
-    }
-}
-
-/// The running statistics of `norms` from checkpoint tensors (`<norm>.running_mean`,
-/// `.running_var`, `.num_batches_tracked`), taken out of `tensors`; every missing or misshapen
-/// one is named in the error.
-pub fn take_running_stats(
-    norms: &[BatchNormParams],
-    tensors: &mut HashMap<String, Tensor>,
-    device: &Device,
-) -> crate::Result<Vec<RunningStats>> {
-    let mut problems = Vec::new();
-    let mut stats = Vec::with_capacity(norms.len());
-    for bn in norms {
-        let mut take = |leaf: &str, dims: &[usize]| -> Option<Tensor> {
-            let name = format!("{}.{leaf}", bn.name);
-            match tensors.remove(&name) {
-                Some(t) if t.dims() == dims => Some(t),
-                Some(t) => {
-                    problems.push(format!("{name} is {:?}, expected {dims:?}", t.dims()));
-                    None
-                }
-                None => {
-                    problems.push(format!("{name} is missing"));
-                    None
-                }
-            }
-        };
-        let c = bn.channels;
-        let (mean, var) = (take("running_mean", &[c]), take("running_var", &[c]));
-        let batches = take("num_batches_tracked", &[]);
-        if let (Some(mean), Some(var), Some(batches)) = (mean, var, batches) {
-            let batches = batches.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            stats.push(RunningStats {
-                mean: mean.to_dtype(DType::F32)?.to_device(device)?,
-                var: var.to_dtype(DType::F32)?.to_device(device)?,
-                batches: batches.max(0.0) as u64,
-            });
-        }
-    }
-    if !problems.is_empty() {
-        return Err(crate::Error::Checkpoint(format!(
-            "BatchNorm statistics do not fit this model: {}",
-            problems.join(", ")
-        )));
-    }
-    Ok(stats)
-}
-
-/// The running statistics under their checkpoint names, as transformers saves them
-/// (`num_batches_tracked` an int64 scalar).
-pub fn named_running_stats(norms: &[BatchNormParams], stats: &[RunningStats]) -> Result<Vec<(String, Tensor)>> {
-    let mut out = Vec::with_capacity(3 * norms.len());
-    for (bn, s) in norms.iter().zip(stats) {
-        out.push((format!("{}.running_mean", bn.name), s.mean.clone()));
-        out.push((format!("{}.running_var", bn.name), s.var.clone()));
-        out.push((format!("{}.num_batches_tracked", bn.name), Tensor::new(s.batches as i64, s.mean.device())?));
-    }
-    Ok(out)
-}
 
 /// What one training forward saw at a BatchNorm: the batch mean and unbiased variance per
 /// channel (detached).
@@ -116,30 +25,56 @@ pub struct BatchStats {
     pub unbiased_var: Tensor,
 }
 
-/// The BatchNorms' state during a forward pass: their running statistics, whether this is
-/// training (batch statistics) or evaluation (running ones), and, in training, the batch
-/// statistics each norm saw (None for a norm that saw one value per channel, see `forward`).
-pub struct Norms<'a> {
-    running: &'a [RunningStats],
+/// The BatchNorms' mode during a forward pass, training (batch statistics) or evaluation
+/// (running ones), and in training the batch statistics each norm saw (None for a norm that
+/// saw one value per channel, see [`BatchNorm::forward`]).
+pub struct Norms {
     training: bool,
     pub seen: Vec<Option<BatchStats>>,
 }
 
-impl<'a> Norms<'a> {
-    pub fn new(running: &'a [RunningStats], training: bool) -> Self {
-        Self { running, training, seen: vec![None; running.len()] }
+impl Norms {
+    pub fn new(count: usize, training: bool) -> Self {
+        Self { training, seen: vec![None; count] }
     }
+}
+
+/// PyTorch's running-statistics update after a training forward: for each norm that saw a
+/// batch, mean and variance move by the momentum towards the batch's (unbiased variance) and
+/// `num_batches_tracked` counts it. The buffers are updated in place.
+pub fn update_running_stats(norms: &[BatchNormParams], vars: &Vars, seen: &[Option<BatchStats>]) -> Result<()> {
+    for (bn, batch) in norms.iter().zip(seen) {
+        let Some(batch) = batch else { continue };
+        for (id, value) in [(bn.running_mean, &batch.mean), (bn.running_var, &batch.unbiased_var)] {
+            let running = vars.get(id);
+            let moved = (running.affine(1.0 - BATCH_NORM_MOMENTUM, 0.0)?
+                + value.to_dtype(running.dtype())?.affine(BATCH_NORM_MOMENTUM, 0.0)?)?;
+            vars.vars()[id.0].set(&moved)?;
+        }
+        let tracked = vars.get(bn.num_batches_tracked);
+        vars.vars()[bn.num_batches_tracked.0].set(&tracked.affine(1.0, 1.0)?)?;
+    }
+    Ok(())
 }
 
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
     norm: usize,
 }
 
 impl BatchNorm {
     pub fn new(p: &BatchNormParams, vars: &Vars) -> Self {
-        Self { weight: vars.get(p.weight), bias: vars.get(p.bias), norm: p.norm }
+        Self {
+            weight: vars.get(p.weight),
+            bias: vars.get(p.bias),
+            // Buffers: read, never differentiated (their updates are in place).
+            running_mean: vars.get(p.running_mean).detach(),
+            running_var: vars.get(p.running_var).detach(),
+            norm: p.norm,
+        }
     }
 
     /// x [..., C]. In training each channel is normalised by its batch statistics; a batch
@@ -149,7 +84,7 @@ impl BatchNorm {
     pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
         let channels = *x.dims().last().unwrap_or(&1);
         let by_batch = norms.training && x.elem_count() / channels > 1;
-        let running = (!by_batch).then(|| &norms.running[self.norm]);
+        let running = (!by_batch).then_some((&self.running_mean, &self.running_var));
         let (y, seen) = batch_norm(x, &self.weight, &self.bias, running)?;
         if by_batch {
             norms.seen[self.norm] = seen;
@@ -166,7 +101,7 @@ pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
-    running: Option<&RunningStats>,
+    running: Option<(&Tensor, &Tensor)>,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     let dims = x.dims().to_vec();
     let c = *dims.last().unwrap_or(&1);
@@ -174,9 +109,9 @@ pub fn batch_norm(
     let x2 = at_least_f32(&x.reshape((rows, c))?)?;
     let (weight, bias) = (like(weight, &x2)?.reshape((1, c))?, like(bias, &x2)?.reshape((1, c))?);
     let (centred, var, seen) = match running {
-        Some(stats) => {
-            let mean = stats.mean.to_dtype(x2.dtype())?.reshape((1, c))?;
-            (x2.broadcast_sub(&mean)?, stats.var.to_dtype(x2.dtype())?.reshape((1, c))?, None)
+        Some((mean, var)) => {
+            let mean = mean.to_dtype(x2.dtype())?.reshape((1, c))?;
+            (x2.broadcast_sub(&mean)?, var.to_dtype(x2.dtype())?.reshape((1, c))?, None)
         }
         None => {
             let mean = x2.mean_keepdim(0)?;
@@ -526,4 +461,22 @@ pub fn summed_segmentation_loss(
         Some(aux) => main + summed_pixel_loss(aux, labels)?.affine(auxiliary_weight, 0.0)?,
         None => Ok(main),
     }
+}
+
+/// Per-pixel class ids [B, H, W] (u32): the argmax of `logits` [B, h, w, K] resized bilinearly
+/// to (H, W), as transformers' post-processing does.
+pub fn pixel_classes(logits: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let up = at_least_f32(&bilinear(logits, (h, w))?)?;
+    up.argmax(3)
+}
+
+/// How many labelled pixels the main logits classify right.
+pub fn pixel_hits(logits: &Tensor, labels: &PixelLabels) -> Result<usize> {
+    if labels.count == 0 {
+        return Ok(0);
+    }
+    let (_, h, w) = labels.dims;
+    let classes = pixel_classes(logits, (h, w))?.flatten_all()?.index_select(&labels.index, 0)?;
+    let hits = classes.eq(&labels.targets)?.to_dtype(candle_core::DType::F32)?.sum_all()?;
+    Ok(hits.to_scalar::<f32>()? as usize)
 }

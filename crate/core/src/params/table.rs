@@ -28,6 +28,9 @@ pub struct Param {
     pub decay: bool,
     /// unilm's layer id: 0 for the embeddings, i + 1 for block i, L + 1 for what follows.
     pub layer: usize,
+    /// false for a buffer: state the model updates itself (BatchNorm running statistics),
+    /// saved and moved with the weights, never by the optimizer.
+    pub trainable: bool,
 }
 
 impl Param {
@@ -79,6 +82,12 @@ impl ParamTable {
         self.params.iter().map(Param::len).sum()
     }
 
+    /// unilm's layer-wise learning-rate decay for a backbone of `num_layers` blocks: the rate of
+    /// layer id i is scaled by decay^(L + 1 - i) (embeddings 0, block j j + 1, heads L + 1).
+    pub fn layer_decay_scales(&self, num_layers: usize, decay: f64) -> Vec<f64> {
+        self.params.iter().map(|p| decay.powi((num_layers + 1 - p.layer) as i32)).collect()
+    }
+
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.params.iter().position(|p| p.name == name).map(ParamId)
     }
@@ -124,7 +133,21 @@ impl Scope<'_> {
     }
 
     fn add(&mut self, leaf: &str, shape: &[usize], init: Init, decay: bool) -> ParamId {
-        let param = Param { name: self.name(leaf), shape: shape.to_vec(), init, decay, layer: self.layer };
+        let param =
+            Param { name: self.name(leaf), shape: shape.to_vec(), init, decay, layer: self.layer, trainable: true };
+        self.table.push(param)
+    }
+
+    /// A buffer: a tensor of the model's state that training updates outside the optimizer.
+    pub fn buffer(&mut self, leaf: &str, shape: &[usize], init: Init) -> ParamId {
+        let param = Param {
+            name: self.name(leaf),
+            shape: shape.to_vec(),
+            init,
+            decay: false,
+            layer: self.layer,
+            trainable: false,
+        };
         self.table.push(param)
     }
 

@@ -1,0 +1,133 @@
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import test from 'ava'
+
+import { Beit, Segmenter, SegmentationMetrics } from '../src'
+import type { ModelSpec } from '../src'
+
+/** 4 blocks of width 16 on 16 px single-channel images, 4 px patches (a 4x4 grid). */
+const MODEL: ModelSpec = {
+  preset: 'mini',
+  imageSize: [16, 16],
+  patchSize: 4,
+  numChannels: 1,
+  hiddenSize: 16,
+  numHiddenLayers: 4,
+  numAttentionHeads: 2,
+  intermediateSize: 32,
+  vocabSize: 64,
+  dropPathRate: 0,
+}
+
+/** Pixels N(0,1)-ish from a seed; the mask is 1 where the pixel is positive, 0 elsewhere, and
+ * 255 (ignored) on the first row. */
+function toyBatch(images: number, seed: number): { pixels: Float32Array; masks: Uint8Array } {
+  let state = seed >>> 0 || 1
+  const next = () => {
+    state ^= state << 13
+    state ^= state >>> 17
+    state ^= state << 5
+    return ((state >>> 0) / 2 ** 32) * 2 - 1
+  }
+  const pixels = new Float32Array(images * 256).map(() => next())
+  const masks = Uint8Array.from(pixels, (v, i) => (i % 256 < 16 ? 255 : v > 0 ? 1 : 0))
+  return { pixels, masks }
+}
+
+function tempDir(t: { teardown: (f: () => void) => void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'beit-seg-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+test('the spec fills in transformers defaults, and bad fields are named', (t) => {
+  const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
+  t.deepEqual(seg.config.outIndices, [1, 2, 3, 4])
+  t.deepEqual(seg.config.poolScales, [1, 2, 3, 6])
+  t.is(seg.config.auxiliaryChannels, 8)
+  t.is(seg.config.semanticLossIgnoreIndex, 255)
+  t.true(seg.numParameters > 0)
+  t.throws(() => Segmenter.create({ model: MODEL, numLabels: 2, outIndicies: [1, 2, 3, 4] } as never), {
+    message: /outIndicies/,
+  })
+  t.throws(() => Segmenter.create({ model: MODEL, numLabels: 2, outIndices: [1, 2, 3, 9] }), {
+    message: /outIndices \[1, 2, 3, 9\]: 9 is out of range, expected values in 1..=4/,
+  })
+  t.throws(() => Segmenter.create({ model: MODEL, numLabels: 300, semanticLossIgnoreIndex: 1000 }), {
+    message: /masks are 8-bit: numLabels must be at most 255/,
+  })
+})
+
+test('a segmenter learns a per-pixel rule, and the metrics score it', async (t) => {
+  const seg = Segmenter.create(
+    { model: MODEL, numLabels: 2, outIndices: [1, 2, 3, 4], auxiliaryChannels: 8 },
+    { seed: 1 },
+  )
+  const first = await seg.trainStep({ ...toyBatch(4, 1), lr: 3e-3 })
+  t.is(first.labelledPixels, 4 * 240)
+  let last = first
+  for (let step = 1; step < 60; step++) last = await seg.trainStep({ ...toyBatch(4, 1 + step), lr: 3e-3, seed: step })
+  t.true(last.loss < 0.5 * first.loss, `loss ${first.loss} -> ${last.loss}`)
+  const heldOut = toyBatch(8, 999)
+  const predicted = await seg.predict(heldOut.pixels)
+  t.is(predicted.length, 8 * 256)
+  const metrics = new SegmentationMetrics({ numLabels: 2 })
+  metrics.add(predicted, heldOut.masks)
+  const scores = metrics.scores()
+  t.true(scores.overallAccuracy > 0.75, `pixel accuracy ${scores.overallAccuracy}`)
+  const logits = await seg.logits(heldOut.pixels)
+  t.deepEqual(logits.shape, [8, 2, 16, 16])
+})
+
+test('save, load and the transformers folder keep the weights and the BatchNorm statistics', async (t) => {
+  const dir = tempDir(t)
+  const seg = Segmenter.create({ model: MODEL, numLabels: 3, auxiliaryChannels: 8 }, { training: { layerDecay: 0.65 } })
+  const batch = toyBatch(2, 7)
+  await seg.lossAndGrads(batch)
+  t.true(seg.pendingLossTerms > 0)
+  await seg.applyUpdate(1e-3)
+  seg.trainState = { epoch: 1 }
+  await seg.save(join(dir, 'seg.safetensors'))
+  const loaded = await Segmenter.load(join(dir, 'seg.safetensors'))
+  t.deepEqual(loaded.trainState, { epoch: 1 })
+  t.deepEqual(loaded.training, { layerDecay: 0.65 })
+  t.is(loaded.step, 1)
+  t.deepEqual(await loaded.predict(batch.pixels), await seg.predict(batch.pixels))
+  await seg.exportHuggingFace(join(dir, 'hf'))
+  const imported = await Segmenter.fromHuggingFace(join(dir, 'hf'))
+  t.deepEqual(imported.config, seg.config)
+  t.deepEqual((await imported.logits(batch.pixels)).values, (await seg.logits(batch.pixels)).values)
+})
+
+test('fine-tuning starts from a pretrained MIM checkpoint at another image size', async (t) => {
+  const dir = tempDir(t)
+  const mim = Beit.create(MODEL)
+  await mim.save(join(dir, 'mim.safetensors'))
+  const seg = await Segmenter.fromPretrained(
+    join(dir, 'mim.safetensors'),
+    { model: { ...MODEL, imageSize: [24, 32] }, numLabels: 2, auxiliaryChannels: 8 },
+    { seed: 3 },
+  )
+  t.deepEqual(seg.config.model.imageSize, [24, 32])
+  const { pixels } = toyBatch(3, 5)
+  t.is((await seg.predict(pixels.subarray(0, 24 * 32))).length, 24 * 32)
+})
+
+test('a segmenter refuses data-parallel training until BatchNorm is synchronised', async (t) => {
+  // distribute() is refused before any MPI call, so one process shows it.
+  const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
+  await t.throwsAsync(seg.distribute(), { message: /needs synchronised BatchNorm/ })
+})
+
+test('masks of the wrong size are refused with both sizes', async (t) => {
+  const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
+  const { pixels, masks } = toyBatch(2, 3)
+  await t.throwsAsync(seg.lossAndGrads({ pixels, masks: masks.subarray(1) }), {
+    message: /labels have 511 values, expected 2 x 16 x 16 = 512/,
+  })
+  await t.throwsAsync(seg.lossAndGrads({ pixels, masks: Uint8Array.from(masks, () => 7) }), {
+    message: /label 7 is not a class id \(numLabels 2\)/,
+  })
+})

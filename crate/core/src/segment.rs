@@ -1,0 +1,300 @@
+//! Semantic segmentation on a BEiT backbone (transformers' `BeitForSemanticSegmentation`):
+//! fine-tuning with layer-wise learning-rate decay and stochastic depth, BatchNorm running
+//! statistics updated by every training forward (buffers of the table, so checkpoints, moves
+//! and exports carry them), per-pixel predictions. Steps run on candle's autograd on every
+//! device (the CPU engine has no segmentation head yet).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::segmentation::{BatchNormParams, SegmenterParams};
+use crate::checkpoint;
+use crate::classify::Classification;
+use crate::config::SegmenterConfig;
+use crate::error::{Error, Result};
+use crate::hf::{self, HfCheckpoint};
+use crate::mim::Mim;
+use crate::model::segmentation::{
+    pixel_classes, pixel_hits, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
+    PixelLabels,
+};
+use crate::optimizer::{check_lr, AdamWConfig};
+use crate::params::{ParamTable, Source};
+use crate::rng::Draws;
+use crate::runner::{CandleRunner, Runner, RunnerSpec};
+use crate::trainer::{check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SegmenterTrainingOptions {
+    /// Layer-wise LR decay (unilm's, as for classification; BEiT-B on ADE20K: 0.65). 1 disables.
+    pub layer_decay: f64,
+}
+
+impl Default for SegmenterTrainingOptions {
+    fn default() -> Self {
+        Self { layer_decay: 1.0 }
+    }
+}
+
+impl SegmenterTrainingOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            return Err(Error::Config(format!("layerDecay must be in (0, 1], got {}", self.layer_decay)));
+        }
+        Ok(())
+    }
+}
+
+/// What `loss_and_grads` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmenterLossMetrics {
+    /// transformers' loss: mean cross-entropy over the labelled pixels, main head plus the
+    /// auxiliary head's times its weight (0 when no pixel is labelled).
+    pub loss: f64,
+    /// Share of the labelled pixels the main head classifies right.
+    pub pixel_accuracy: f64,
+    /// Pixels whose label is not the ignore index: the loss terms this batch adds.
+    pub labelled_pixels: u64,
+}
+
+/// What a whole step reports.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmenterStepMetrics {
+    pub loss: f64,
+    pub pixel_accuracy: f64,
+    pub labelled_pixels: u64,
+    pub grad_norm: f64,
+}
+
+/// The segmenter's kind: BEiT + UperNet, fine-tuned with `SegmenterTrainingOptions`.
+pub struct Segmentation;
+
+pub type SegmenterTrainer = Trainer<Segmentation>;
+
+impl Kind for Segmentation {
+    type Config = SegmenterConfig;
+    type Options = SegmenterTrainingOptions;
+    type Runner = dyn SegmenterRunner;
+    const FORMAT: &'static str = "beit-seg/1";
+    const WHAT: &'static str = "a BEiT segmenter checkpoint";
+
+    fn config_json(config: &SegmenterConfig) -> String {
+        config.to_json()
+    }
+
+    fn parse_config(json: &str) -> Result<SegmenterConfig> {
+        SegmenterConfig::from_json(json)
+    }
+
+    fn validate(config: &SegmenterConfig, options: &SegmenterTrainingOptions) -> Result<()> {
+        config.validate()?;
+        options.validate()
+    }
+
+    fn table(config: &SegmenterConfig) -> ParamTable {
+        SegmenterParams::new(config).0
+    }
+
+    fn lr_scales(config: &SegmenterConfig, options: &SegmenterTrainingOptions, table: &ParamTable) -> Vec<f64> {
+        table.layer_decay_scales(config.model.num_hidden_layers, options.layer_decay)
+    }
+
+    /// Each rank's BatchNorms would see only its own images: data-parallel segmentation waits
+    /// for synchronised BatchNorm (as mmseg trains BEiT).
+    fn data_parallel() -> Result<()> {
+        Err(Error::Distributed(
+            "data-parallel segmentation needs synchronised BatchNorm (SyncBatchNorm), which beit does not have yet: \
+             train a segmenter in one process"
+                .into(),
+        ))
+    }
+
+    fn runner(
+        config: &SegmenterConfig,
+        _: &SegmenterTrainingOptions,
+        spec: &RunnerSpec,
+        values: Vec<Tensor>,
+        ema: Option<Vec<Tensor>>,
+    ) -> Result<Box<dyn SegmenterRunner>> {
+        let (_, params) = SegmenterParams::new(config);
+        let new = |vars: &_, device: &_| {
+            Ok(Segmenter {
+                model: BeitForSemanticSegmentation::new(config, &params, vars, device)?,
+                norms: params.norms.clone(),
+                config: config.clone(),
+            })
+        };
+        Ok(Box::new(CandleRunner::new(spec, values, ema, new)?))
+    }
+}
+
+/// The candle model with what its steps need besides: the BatchNorms whose buffers a training
+/// forward moves, and the loss settings.
+pub struct Segmenter {
+    model: BeitForSemanticSegmentation,
+    norms: Vec<BatchNormParams>,
+    config: SegmenterConfig,
+}
+
+/// The segmenter's operations on a runner.
+pub trait SegmenterRunner: Runner {
+    /// Adds the gradient of the summed per-pixel loss and moves the BatchNorm statistics.
+    fn loss_and_grads(&mut self, images: Images, labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics>;
+    /// Class ids [B, H, W] at the input's size (evaluation mode).
+    fn predict(&mut self, images: Images) -> Result<Vec<u32>>;
+    /// Main-head logits [B, K, h, w] (NCHW, transformers' layout) at the head's resolution.
+    fn logits(&mut self, images: Images) -> Result<(Vec<f32>, [usize; 4])>;
+}
+
+impl SegmenterRunner for CandleRunner<Segmenter> {
+    fn loss_and_grads(&mut self, images: Images, labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics> {
+        let cfg = &self.model.config;
+        let [b, _, h, w] = images.shape;
+        let labels = PixelLabels::new(labels, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &self.device)?;
+        let pixels = images.tensor(&self.device, self.precision)?;
+        let mut norms = Norms::new(self.model.norms.len(), true);
+        let out = self.model.model.forward(&pixels, Some(draws), &mut norms)?;
+        let rows = labels.count;
+        let (loss, hits) = if rows == 0 {
+            // Nothing labelled: no gradient, no loss term (the statistics still move, as in PyTorch).
+            (0.0, 0)
+        } else {
+            let summed = summed_segmentation_loss(&out, &labels, cfg.auxiliary_loss_weight)?;
+            let hits = pixel_hits(&out.logits, &labels)?;
+            (self.backward(&summed.affine(1.0 / rows as f64, 0.0)?, rows)?, hits)
+        };
+        update_running_stats(&self.model.norms, &self.vars, &norms.seen)?;
+        let pixel_accuracy = if rows == 0 { 0.0 } else { hits as f64 / rows as f64 };
+        Ok(SegmenterLossMetrics { loss, pixel_accuracy, labelled_pixels: rows as u64 })
+    }
+
+    fn predict(&mut self, images: Images) -> Result<Vec<u32>> {
+        let [_, _, h, w] = images.shape;
+        let out = self.forward_eval(images)?;
+        Ok(pixel_classes(&out, (h, w))?.flatten_all()?.to_vec1::<u32>()?)
+    }
+
+    fn logits(&mut self, images: Images) -> Result<(Vec<f32>, [usize; 4])> {
+        let out = self.forward_eval(images)?;
+        let (b, h, w, k) = out.dims4()?;
+        Ok((f32_values(&out.permute((0, 3, 1, 2))?)?, [b, k, h, w]))
+    }
+}
+
+impl CandleRunner<Segmenter> {
+    /// Main-head logits [B, h, w, K] in evaluation mode (running statistics, no stochastic depth).
+    fn forward_eval(&self, images: Images) -> Result<Tensor> {
+        let pixels = images.tensor(&self.device, self.precision)?;
+        let mut norms = Norms::new(self.model.norms.len(), false);
+        Ok(self.model.model.forward(&pixels, None, &mut norms)?.logits)
+    }
+}
+
+impl Trainer<Segmentation> {
+    pub fn new(
+        config: SegmenterConfig,
+        optim: AdamWConfig,
+        training: SegmenterTrainingOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(config, training, optim, Source::Init(seed), None)
+    }
+
+    /// Starts from the backbone of a beit MIM or classifier checkpoint: its `beit.*` tensors
+    /// (not the mask token, pooler or final norm), the relative position tables (and absolute
+    /// positions) resized when `config.model.image_size` differs from the file's; the head and
+    /// its BatchNorm statistics are initialised from `seed`. The rest of `config.model` must
+    /// match the checkpoint's shapes (drop path may differ).
+    pub fn from_pretrained(
+        path: &Path,
+        config: SegmenterConfig,
+        optim: AdamWConfig,
+        training: SegmenterTrainingOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut file = checkpoint::load(path)?;
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        let format = file.metadata.get("format").cloned().unwrap_or_default();
+        let saved_size = if format == Mim::FORMAT {
+            crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?.image_size
+        } else if format == Classification::FORMAT {
+            crate::config::ClassifierConfig::from_json(file.meta("config", path)?).map_err(in_file)?.model.image_size
+        } else {
+            return Err(Error::Checkpoint(format!(
+                "{}: format {format:?} is not a beit MIM (\"{}\") or classifier (\"{}\") checkpoint",
+                path.display(),
+                Mim::FORMAT,
+                Classification::FORMAT
+            )));
+        };
+        file.tensors.retain(|name, _| {
+            name.starts_with("beit.")
+                && name != "beit.embeddings.mask_token"
+                && !name.starts_with("beit.pooler.")
+                && !name.starts_with("beit.layernorm.")
+        });
+        let patch = config.model.patch_size;
+        let grid = |size: [usize; 2]| (size[0] / patch, size[1] / patch);
+        if saved_size != config.model.image_size {
+            hf::resize_position_tables(&mut file.tensors, grid(saved_size), config.model.grid()).map_err(in_file)?;
+        }
+        let table = Segmentation::table(&config);
+        let head: HashSet<_> = table.ids().filter(|id| !table.get(*id).name.starts_with("beit.")).collect();
+        let source = Source::Tensors { tensors: file.tensors, init: Some((seed, head)) };
+        Self::build(config, training, optim, source, None).map_err(in_file)
+    }
+
+    /// A transformers `BeitForSemanticSegmentation` checkpoint, head and statistics included.
+    pub fn from_hf(ckpt: HfCheckpoint, optim: AdamWConfig, training: SegmenterTrainingOptions) -> Result<Self> {
+        let Some(config) = ckpt.segmenter else {
+            return Err(Error::Checkpoint(format!(
+                "a {} checkpoint has no segmentation head: start from it with fromPretrained on a beit \
+                 checkpoint, or read a BeitForSemanticSegmentation folder",
+                ckpt.layout.architecture()
+            )));
+        };
+        Self::build(config, training, optim, Source::tensors(ckpt.tensors), None)
+    }
+
+    /// Writes a transformers `BeitForSemanticSegmentation` folder (classes named LABEL_i).
+    pub fn export_hf(&self, dir: &Path) -> Result<()> {
+        let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
+        hf::write_segmenter(dir, &self.config, &labels, &self.weights()?)
+    }
+
+    /// Adds the gradient of the batch's summed per-pixel loss to the gradient buffer and moves
+    /// the BatchNorm running statistics. `labels` [B, H, W]: class ids or the ignore index.
+    pub fn loss_and_grads(&mut self, pixels: &[f32], labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics> {
+        let images = check_pixels(&self.config.model, pixels)?;
+        self.runner.loss_and_grads(images, labels, draws)
+    }
+
+    /// One optimisation step: [`Self::loss_and_grads`] then [`Trainer::apply_update`].
+    pub fn train_step(&mut self, pixels: &[f32], labels: &[u32], lr: f64, seed: u64) -> Result<SegmenterStepMetrics> {
+        check_lr(lr)?;
+        let l = self.loss_and_grads(pixels, labels, Draws { seed, first_sample: 0 })?;
+        let UpdateMetrics { grad_norm, .. } = self.apply_update(lr)?;
+        Ok(SegmenterStepMetrics {
+            loss: l.loss,
+            pixel_accuracy: l.pixel_accuracy,
+            labelled_pixels: l.labelled_pixels,
+            grad_norm,
+        })
+    }
+
+    /// Class ids [B, H, W] at the input's size.
+    pub fn predict(&mut self, pixels: &[f32]) -> Result<Vec<u32>> {
+        let images = check_pixels(&self.config.model, pixels)?;
+        self.runner.predict(images)
+    }
+
+    /// Main-head logits [B, K, h, w] and their shape.
+    pub fn logits(&mut self, pixels: &[f32]) -> Result<(Vec<f32>, [usize; 4])> {
+        let images = check_pixels(&self.config.model, pixels)?;
+        self.runner.logits(images)
+    }
+}
