@@ -1,10 +1,18 @@
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import test from 'ava'
 
-import { Beit, Segmenter, SegmentationMetrics } from '../src'
+import {
+  Beit,
+  fashionScenes,
+  finetuneSegmentation,
+  loadFashionMnist,
+  Segmenter,
+  segmentationBatch,
+  SegmentationMetrics,
+} from '../src'
 import type { ModelSpec } from '../src'
 
 /** 4 blocks of width 16 on 16 px single-channel images, 4 px patches (a 4x4 grid). */
@@ -130,4 +138,63 @@ test('masks of the wrong size are refused with both sizes', async (t) => {
   await t.throwsAsync(seg.lossAndGrads({ pixels, masks: Uint8Array.from(masks, () => 7) }), {
     message: /label 7 is not a class id \(numLabels 2\)/,
   })
+})
+
+test('Fashion-MNIST scenes: garments pasted without overlap, labelled class + 1 where they are foreground', async (t) => {
+  const source = await loadFashionMnist({ split: 'test' })
+  const scenes = fashionScenes(source, { count: 20, size: [40, 64], seed: 4 })
+  const again = fashionScenes(source, { count: 20, size: [40, 64], seed: 4 })
+  t.deepEqual(again.masks, scenes.masks)
+  t.deepEqual(scenes.classNames.slice(0, 2), ['background', source.classNames[0]])
+  let garments = 0
+  for (let i = 0; i < scenes.images.length; i++) {
+    const [v, m] = [scenes.images[i], scenes.masks[i]]
+    // Foreground pixels are labelled with a garment class, background and halo pixels 0.
+    t.is(m > 0, v >= 32, `pixel ${i}: value ${v}, label ${m}`)
+    if (m > 10) t.fail(`label ${m} is not a class + 1`)
+  }
+  for (let s = 0; s < 20; s++) garments += new Set(scenes.masks.subarray(s * 2560, (s + 1) * 2560)).size - 1
+  // 40x64 holds at most two 28x28 garments side by side.
+  t.true(garments >= 20 && garments <= 40, `${garments} garment classes over 20 scenes`)
+  t.throws(() => fashionScenes(source, { count: 1, size: [20, 64] }), { message: /cannot hold a 28x28 garment/ })
+})
+
+test('finetuneSegmentation: a run folder with mIoU, and an interrupted run resumes to the same model', async (t) => {
+  const source = await loadFashionMnist({ split: 'train' })
+  const train = fashionScenes(source, { count: 32, size: [32, 32], seed: 1 })
+  const testSet = fashionScenes(await loadFashionMnist({ split: 'test' }), { count: 8, size: [32, 32], seed: 2 })
+  const model: ModelSpec = { ...MODEL, imageSize: [32, 32] }
+  const spec = { model, numLabels: 11, auxiliaryChannels: 8 }
+  const options = { train, test: testSet, batchSize: 8, steps: 6, schedule: { lr: 2e-3, warmupSteps: 1 }, seed: 5 }
+  const whole = Segmenter.create(spec, { seed: 9 })
+  const dir = tempDir(t)
+  const done = await finetuneSegmentation({ ...options, segmenter: whole, outDir: join(dir, 'whole') })
+  t.is(done.status, 'completed')
+  t.is(done.evals.length, 2) // after epoch 0 (4 steps) and after the last step
+  t.true(done.evals[1].meanIou >= 0 && done.evals[1].meanIou <= 1)
+  t.is(done.evals[1].perClassIou.length, 11)
+  const records = readFileSync(join(dir, 'whole', 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+  t.is(records.filter((r) => r.loss !== undefined).length, 6)
+  t.true(records.some((r) => typeof r.evalMeanIou === 'number'))
+
+  const parted = Segmenter.create(spec, { seed: 9 })
+  const abort = new AbortController()
+  const first = await finetuneSegmentation({
+    ...options,
+    segmenter: parted,
+    outDir: join(dir, 'parted'),
+    signal: abort.signal,
+    onProgress: (p) => p.step === 2 && abort.abort(),
+  })
+  t.is(first.status, 'interrupted')
+  const resumed = await Segmenter.load(join(dir, 'parted', 'checkpoint.safetensors'))
+  t.is(resumed.step, 3)
+  const rest = await finetuneSegmentation({ ...options, segmenter: resumed, outDir: join(dir, 'parted') })
+  t.is(rest.status, 'completed')
+  const probe = segmentationBatch(testSet, [0, 1, 2])
+  t.deepEqual((await resumed.logits(probe.pixels)).values, (await whole.logits(probe.pixels)).values)
+  t.deepEqual(rest.evals.at(-1), done.evals.at(-1))
 })

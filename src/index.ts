@@ -57,6 +57,15 @@ export type {
   SegmenterTrainingOptions,
 } from './segmenter'
 export { SegmentationMetrics } from './segmentation/metrics'
+export { fashionScenes } from './segmentation/scenes'
+export type { SegmentationSet, FashionScenesOptions } from './segmentation/scenes'
+export { finetuneSegmentation, evaluateSegmentation, segmentationBatch } from './segmentation/finetune'
+export type {
+  SegmentationFinetuneOptions,
+  SegmentationProgress,
+  SegmentationEpochResult,
+  SegmentationBatch,
+} from './segmentation/finetune'
 export type { SegmentationMetricsOptions, SegmentationScores } from './segmentation/metrics'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
 export type { LinearProbeOptions, LinearProbeResult, PixelProbeOptions } from './probe'
