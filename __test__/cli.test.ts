@@ -114,6 +114,40 @@ test('the whole pipeline end to end on a tiny config: tokenizer, pretrain, finet
   t.deepEqual([...(await readFile(join(dir, 'sheet.png'))).subarray(1, 4)], [0x50, 0x4e, 0x47])
 })
 
+test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoint, scoring mIoU', async (t) => {
+  const dir = await tempDir(t)
+  const model = { preset: 'mini', imageSize: 28, patchSize: 4, numChannels: 1, hiddenSize: 16 } as const
+  await Beit.create({ ...model, numHiddenLayers: 4, numAttentionHeads: 2, intermediateSize: 32 }).save(
+    join(dir, 'mim.safetensors'),
+  )
+  const args = [
+    '--train-scenes',
+    '32',
+    '--test-scenes',
+    '8',
+    '--steps',
+    '3',
+    '--batch-size',
+    '8',
+    '--aux-channels',
+    '8',
+  ]
+  const seg = await beit(['segment', '--init', join(dir, 'mim.safetensors'), ...args, '--out', join(dir, 'seg')])
+  t.is(seg.code, 0, seg.stderr)
+  t.regex(seg.stdout, /from .*mim.safetensors .* on 32 32x64 scenes, 11 classes/)
+  t.regex(seg.stdout, /done: test mIoU \d+\.\d%, mean accuracy/)
+  const records = (await readFile(join(dir, 'seg', 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+  t.is(records.filter((r) => 'loss' in r).length, 3)
+  t.is(records.filter((r) => 'evalMeanIou' in r).length, 1)
+  t.like(JSON.parse(await readFile(join(dir, 'seg', 'config.json'), 'utf8')), { 'train-scenes': 32, steps: 3 })
+  const odd = await beit(['segment', ...args, '--scene-height', '30', '--out', join(dir, 'odd')])
+  t.is(odd.code, 1)
+  t.regex(odd.stderr, /scene size 30x64 must be a multiple of --patch-size 4/)
+})
+
 test('user errors end with one clear line and exit code 1, no stack trace', async (t) => {
   const dir = await tempDir(t)
   const tok = await beit(['tokenizer', '--steps', '2', '--batch-size', '4', '--out', join(dir, 'tok'), '--quiet'])

@@ -63,6 +63,9 @@ test('the spec fills in transformers defaults, and bad fields are named', (t) =>
   t.throws(() => Segmenter.create({ model: MODEL, numLabels: 2, outIndices: [1, 2, 3, 9] }), {
     message: /outIndices \[1, 2, 3, 9\]: 9 is out of range, expected values in 1..=4/,
   })
+  t.throws(() => Segmenter.create({ model: { ...MODEL, imageSize: [12, 16] }, numLabels: 2 }), {
+    message: /the patch grid 3x4 \(imageSize \/ patchSize\) must be even in both directions/,
+  })
   t.throws(() => Segmenter.create({ model: MODEL, numLabels: 300, semanticLossIgnoreIndex: 1000 }), {
     message: /masks are 8-bit: numLabels must be at most 255/,
   })

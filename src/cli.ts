@@ -16,6 +16,7 @@ import { finetuneCommand } from './cli/finetune'
 import { exportCommand, importCommand } from './cli/huggingface'
 import { pretrainCommand } from './cli/pretrain'
 import { probeCommand } from './cli/probe'
+import { segmentCommand } from './cli/segment'
 import { tokenizerCommand } from './cli/tokenizer'
 
 const COMMANDS: Command[] = [
@@ -24,6 +25,7 @@ const COMMANDS: Command[] = [
   pretrainCommand,
   finetuneCommand,
   probeCommand,
+  segmentCommand,
   encodeCommand,
   reconstructCommand,
   importCommand,

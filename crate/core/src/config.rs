@@ -253,6 +253,13 @@ impl SegmenterConfig {
                 self.out_indices
             ));
         }
+        let (gh, gw) = self.model.grid();
+        if gh % 2 != 0 || gw % 2 != 0 {
+            return fail(format!(
+                "the patch grid {gh}x{gw} (imageSize / patchSize) must be even in both directions: the feature \
+                 pyramid's 2x2 max pool halves it"
+            ));
+        }
         if self.pool_scales.is_empty() || self.pool_scales.contains(&0) {
             return fail(format!("poolScales must be positive sizes, got {:?}", self.pool_scales));
         }
