@@ -104,14 +104,15 @@ struct HfConfig {
     drop_path_rate: f64,
     use_mean_pooling: bool,
     id2label: Option<HashMap<String, String>>,
+    // Segmentation fields: absent ones take SegmenterConfig::new's defaults (transformers').
     out_indices: Option<Vec<usize>>,
-    pool_scales: Vec<usize>,
-    use_auxiliary_head: bool,
-    auxiliary_channels: usize,
-    auxiliary_num_convs: usize,
-    auxiliary_concat_input: bool,
-    auxiliary_loss_weight: f64,
-    semantic_loss_ignore_index: i64,
+    pool_scales: Option<Vec<usize>>,
+    use_auxiliary_head: Option<bool>,
+    auxiliary_channels: Option<usize>,
+    auxiliary_num_convs: Option<usize>,
+    auxiliary_concat_input: Option<bool>,
+    auxiliary_loss_weight: Option<f64>,
+    semantic_loss_ignore_index: Option<i64>,
 }
 
 impl Default for HfConfig {
@@ -137,13 +138,13 @@ impl Default for HfConfig {
             use_mean_pooling: true,
             id2label: None,
             out_indices: None,
-            pool_scales: vec![1, 2, 3, 6],
-            use_auxiliary_head: true,
-            auxiliary_channels: 256,
-            auxiliary_num_convs: 1,
-            auxiliary_concat_input: false,
-            auxiliary_loss_weight: 0.4,
-            semantic_loss_ignore_index: 255,
+            pool_scales: None,
+            use_auxiliary_head: None,
+            auxiliary_channels: None,
+            auxiliary_num_convs: None,
+            auxiliary_concat_input: None,
+            auxiliary_loss_weight: None,
+            semantic_loss_ignore_index: None,
         }
     }
 }
@@ -228,23 +229,25 @@ fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: usize, path: &Path
             ))))
         }
     };
-    let ignore = u32::try_from(hf.semantic_loss_ignore_index).map_err(|_| {
-        context(Error::Config(format!(
-            "semantic_loss_ignore_index {} is not supported: expected a label id >= num_labels",
-            hf.semantic_loss_ignore_index
-        )))
-    })?;
+    let d = SegmenterConfig::new(model, labels);
+    let ignore = match hf.semantic_loss_ignore_index {
+        None => d.semantic_loss_ignore_index,
+        Some(i) => u32::try_from(i).map_err(|_| {
+            context(Error::Config(format!(
+                "semantic_loss_ignore_index {i} is not supported: expected a label id >= num_labels"
+            )))
+        })?,
+    };
     let cfg = SegmenterConfig {
-        model,
-        num_labels: labels,
         out_indices,
-        pool_scales: hf.pool_scales.clone(),
-        use_auxiliary_head: hf.use_auxiliary_head,
-        auxiliary_channels: hf.auxiliary_channels,
-        auxiliary_num_convs: hf.auxiliary_num_convs,
-        auxiliary_concat_input: hf.auxiliary_concat_input,
-        auxiliary_loss_weight: hf.auxiliary_loss_weight,
+        pool_scales: hf.pool_scales.clone().unwrap_or(d.pool_scales),
+        use_auxiliary_head: hf.use_auxiliary_head.unwrap_or(d.use_auxiliary_head),
+        auxiliary_channels: hf.auxiliary_channels.unwrap_or(d.auxiliary_channels),
+        auxiliary_num_convs: hf.auxiliary_num_convs.unwrap_or(d.auxiliary_num_convs),
+        auxiliary_concat_input: hf.auxiliary_concat_input.unwrap_or(d.auxiliary_concat_input),
+        auxiliary_loss_weight: hf.auxiliary_loss_weight.unwrap_or(d.auxiliary_loss_weight),
         semantic_loss_ignore_index: ignore,
+        ..d
     };
     cfg.validate().map_err(context)?;
     Ok(cfg)

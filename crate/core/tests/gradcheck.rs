@@ -14,25 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
-const TOL: f64 = 1e-6;
-
-/// Checks d(sum(out(inputs) * r))/d(input) for each input against finite differences.
-fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
-    let vars: Vec<Var> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Var::from_tensor(&random_tensor(s, 10 + i as u64, DType::F64)).unwrap())
-        .collect();
-    let tensors = || vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
-    let probe = random_tensor(op(&tensors()).dims(), 99, DType::F64);
-    let objective = || op(&tensors()).mul(&probe).unwrap().sum_all().unwrap();
-    let grads = objective().backward().unwrap();
-    for (i, v) in vars.iter().enumerate() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
-        let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
-        assert!(err < TOL, "input {i}: relative gradient error {err:e}");
-    }
-}
+const TOL: f64 = OP_TOLERANCE;
 
 /// Every named variable's gradient against finite differences of `f` (up to `coords` entries
 /// each); `context` prefixes the messages.

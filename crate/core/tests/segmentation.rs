@@ -72,7 +72,6 @@ fn resampling_an_nhwc_map_resizes_each_axis() {
     assert!((at(2, 3, 0) - 0.75).abs() < 1e-12 && (at(2, 3, 1) - 12.5).abs() < 1e-12);
 }
 
-const TOL: f64 = 1e-6;
 /// The whole loss sums the cross-entropy of ~110 pixels (f ~ 120) while the query and key
 /// weights' gradients are ~1e-4: the round-off of f(x+h) - f(x-h) is then up to ~6e-5 of them
 /// (measured). The ops are checked one by one at 1e-6 above and the model against
@@ -109,24 +108,6 @@ fn kink_aware_check(var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, max_coord
 }
 
 const FEEDS_BATCH_NORM: [&str; 3] = ["fpn1.0.bias", "fpn1.3.bias", "fpn2.0.bias"];
-
-/// d(sum(op(inputs) * r))/d(input) against finite differences for each input.
-fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
-    let vars: Vec<Var> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Var::from_tensor(&random_tensor(s, 20 + i as u64, DType::F64)).unwrap())
-        .collect();
-    let tensors = || vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
-    let probe = random_tensor(op(&tensors()).dims(), 98, DType::F64);
-    let objective = || op(&tensors()).mul(&probe).unwrap().sum_all().unwrap();
-    let grads = objective().backward().unwrap();
-    for (i, v) in vars.iter().enumerate() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
-        let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
-        assert!(err < TOL, "input {i}: relative gradient error {err:e}");
-    }
-}
 
 #[test]
 fn resampling_gradients() {

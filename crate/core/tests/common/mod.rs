@@ -184,3 +184,24 @@ impl Batch {
         MimBatch { pixels: &self.pixels, mask: &self.mask, targets: &self.targets }
     }
 }
+
+/// Finite-difference tolerance of single ops (f64, tiny shapes).
+pub const OP_TOLERANCE: f64 = 1e-6;
+
+/// Checks d(sum(out(inputs) * r))/d(input) for each input against finite differences.
+pub fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
+    let vars: Vec<Var> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Var::from_tensor(&random_tensor(s, 10 + i as u64, DType::F64)).unwrap())
+        .collect();
+    let tensors = || vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+    let probe = random_tensor(op(&tensors()).dims(), 99, DType::F64);
+    let objective = || op(&tensors()).mul(&probe).unwrap().sum_all().unwrap();
+    let grads = objective().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient"));
+        let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
+        assert!(err < OP_TOLERANCE, "input {i}: relative gradient error {err:e}");
+    }
+}
