@@ -250,6 +250,17 @@ export declare class NativeImageLoader {
    * (an IDX dataset); `indices` picks the batch.
    */
   loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
+  /**
+   * Image files with PNG masks of class ids, augmented together. `augmentsJson`: one drawn
+   * pair augmentation per image; `viewJson`: the output view; `masksJson`: how mask values
+   * become ids. A mask value that is no class rejects the whole batch, naming the file.
+   */
+  loadPairFiles(images: Array<string>, masks: Array<string>, augmentsJson: string, viewJson: string, masksJson: string): Promise<NativePairBatch>
+  /**
+   * In-memory pairs: 8-bit images [count, height, width, channels] and masks
+   * [count, height, width]; `indices` picks the batch.
+   */
+  loadPairPixels(images: Uint8Array, masks: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewJson: string, masksJson: string): Promise<NativePairBatch>
 }
 
 /** A linear classifier on frozen, standardised features. */
@@ -536,6 +547,16 @@ export interface MaskedPredictions {
 
 /** Element-wise maxima of `values` over every rank (agreement on stopping). */
 export declare function maxAcrossRanks(values: Float64Array): Float64Array
+
+export interface NativePairBatch {
+  /** [kept, C, H, W] normalised pixels. */
+  pixels: Float32Array
+  /** [kept, H, W] class ids (or the ignore index). */
+  masks: Uint8Array
+  /** Request positions of the pairs that made it into the batch, ascending. */
+  kept: Uint32Array
+  failures: Array<ImageFailure>
+}
 
 export interface NativeViewBatch {
   /** One [kept, C, H, W] array per requested view. */

@@ -134,7 +134,8 @@ test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoi
   ]
   const seg = await beit(['segment', '--init', join(dir, 'mim.safetensors'), ...args, '--out', join(dir, 'seg')])
   t.is(seg.code, 0, seg.stderr)
-  t.regex(seg.stdout, /from .*mim.safetensors .* on 32 32x64 scenes, 11 classes/)
+  t.regex(seg.stdout, /from .*mim.safetensors .* on 32 scenes at 32x64, 11 classes/)
+  t.true(existsSync(join(dir, 'seg', 'predictions.png')))
   t.regex(seg.stdout, /done: test mIoU \d+\.\d%, mean accuracy/)
   const records = (await readFile(join(dir, 'seg', 'metrics.jsonl'), 'utf8'))
     .trim()
@@ -145,7 +146,47 @@ test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoi
   t.like(JSON.parse(await readFile(join(dir, 'seg', 'config.json'), 'utf8')), { 'train-scenes': 32, steps: 3 })
   const odd = await beit(['segment', ...args, '--scene-height', '30', '--out', join(dir, 'odd')])
   t.is(odd.code, 1)
-  t.regex(odd.stderr, /scene size 30x64 must be a multiple of --patch-size 4/)
+  t.regex(odd.stderr, /input size 30x64 must be a multiple of --patch-size 4/)
+
+  // An ADE20K-style folder: RGB images, masks with 0 = other (ignored) and classes 1..3.
+  const ade = join(dir, 'ade')
+  for (const [split, count] of [
+    ['training', 4],
+    ['validation', 2],
+  ] as const) {
+    for (const part of ['images', 'annotations']) await mkdir(join(ade, part, split), { recursive: true })
+    for (let i = 0; i < count; i++) {
+      const rgb = Uint8Array.from({ length: 20 * 24 * 3 }, (_, k) => (k * (i + 3)) % 256)
+      const mask = Uint8Array.from({ length: 20 * 24 }, (_, k) => (k % 24 < 12 ? 1 : 3) - (k < 24 ? 1 : 0))
+      await writeFile(join(ade, 'images', split, `${i}.png`), encodePng(rgb, 24, 20, 3))
+      await writeFile(join(ade, 'annotations', split, `${i}.png`), encodePng(mask, 24, 20, 1))
+    }
+  }
+  const small = ['--hidden-size', '16', '--layers', '4', '--heads', '2', '--mlp-size', '32', '--patch-size', '4']
+  const folder = await beit([
+    'segment',
+    '--data',
+    ade,
+    '--num-labels',
+    '3',
+    '--crop-size',
+    '16',
+    ...small,
+    '--steps',
+    '2',
+    '--batch-size',
+    '2',
+    '--aux-channels',
+    '4',
+    '--out',
+    join(dir, 'ade-run'),
+  ])
+  t.is(folder.code, 0, folder.stderr)
+  t.regex(folder.stdout, /from scratch .* on 4 ADE20K-style images at 16x16, 3 classes/)
+  t.regex(folder.stdout, /done: test mIoU \d+\.\d%/)
+  const bad = await beit(['segment', '--data', join(dir, 'nowhere'), '--out', join(dir, 'bad')])
+  t.is(bad.code, 1)
+  t.regex(bad.stderr, /expected sample, fashion-mnist, an ADE20K folder/)
 })
 
 test('user errors end with one clear line and exit code 1, no stack trace', async (t) => {

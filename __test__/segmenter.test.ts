@@ -10,8 +10,9 @@ import {
   finetuneSegmentation,
   loadFashionMnist,
   Segmenter,
-  segmentationBatch,
+  SegmentationLoader,
   SegmentationMetrics,
+  segmenterView,
 } from '../src'
 import type { ModelSpec } from '../src'
 
@@ -145,10 +146,13 @@ test('masks of the wrong size are refused with both sizes', async (t) => {
 
 test('Fashion-MNIST scenes: garments pasted without overlap, labelled class + 1 where they are foreground', async (t) => {
   const source = await loadFashionMnist({ split: 'test' })
-  const scenes = fashionScenes(source, { count: 20, size: [40, 64], seed: 4 })
+  const data = fashionScenes(source, { count: 20, size: [40, 64], seed: 4 })
   const again = fashionScenes(source, { count: 20, size: [40, 64], seed: 4 })
-  t.deepEqual(again.masks, scenes.masks)
-  t.deepEqual(scenes.classNames.slice(0, 2), ['background', source.classNames[0]])
+  t.deepEqual(again.source, data.source)
+  t.is(data.size, 20)
+  if (data.source.kind !== 'pixels') return t.fail('scenes are in memory')
+  const scenes = data.source
+  t.deepEqual(data.classNames.slice(0, 2), ['background', source.classNames[0]])
   let garments = 0
   for (let i = 0; i < scenes.images.length; i++) {
     const [v, m] = [scenes.images[i], scenes.masks[i]]
@@ -168,7 +172,15 @@ test('finetuneSegmentation: a run folder with mIoU, and an interrupted run resum
   const testSet = fashionScenes(await loadFashionMnist({ split: 'test' }), { count: 8, size: [32, 32], seed: 2 })
   const model: ModelSpec = { ...MODEL, imageSize: [32, 32] }
   const spec = { model, numLabels: 11, auxiliaryChannels: 8 }
-  const options = { train, test: testSet, batchSize: 8, steps: 6, schedule: { lr: 2e-3, warmupSteps: 1 }, seed: 5 }
+  const options = {
+    train,
+    test: testSet,
+    batchSize: 8,
+    steps: 6,
+    schedule: { lr: 2e-3, warmupSteps: 1 },
+    seed: 5,
+    transform: { ratioRange: [0.75, 1.5] as [number, number] }, // mmseg's recipe otherwise
+  }
   const whole = Segmenter.create(spec, { seed: 9 })
   const dir = tempDir(t)
   const done = await finetuneSegmentation({ ...options, segmenter: whole, outDir: join(dir, 'whole') })
@@ -182,6 +194,9 @@ test('finetuneSegmentation: a run folder with mIoU, and an interrupted run resum
     .map((l) => JSON.parse(l))
   t.is(records.filter((r) => r.loss !== undefined).length, 6)
   t.true(records.some((r) => typeof r.evalMeanIou === 'number'))
+  // predictions.png: 8 rows of image | truth | prediction, 32 px scaled 4x, 2 px gaps.
+  const sheet = readFileSync(join(dir, 'whole', 'predictions.png'))
+  t.deepEqual([sheet.readUInt32BE(16), sheet.readUInt32BE(20)], [3 * 130 + 2, 8 * 130 + 2])
 
   const parted = Segmenter.create(spec, { seed: 9 })
   const abort = new AbortController()
@@ -197,7 +212,16 @@ test('finetuneSegmentation: a run folder with mIoU, and an interrupted run resum
   t.is(resumed.step, 3)
   const rest = await finetuneSegmentation({ ...options, segmenter: resumed, outDir: join(dir, 'parted') })
   t.is(rest.status, 'completed')
-  const probe = segmentationBatch(testSet, [0, 1, 2])
+  const loader = new SegmentationLoader({
+    data: testSet,
+    view: segmenterView([32, 32], 1),
+    transform: 'eval',
+    numLabels: 11,
+    batchSize: 3,
+    shuffle: false,
+  })
+  const { value: probe } = await loader.epoch(0).next()
+  if (!probe) return t.fail('no batch')
   t.deepEqual((await resumed.logits(probe.pixels)).values, (await whole.logits(probe.pixels)).values)
   t.deepEqual(rest.evals.at(-1), done.evals.at(-1))
 })

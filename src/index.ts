@@ -58,13 +58,33 @@ export type {
 } from './segmenter'
 export { SegmentationMetrics } from './segmentation/metrics'
 export { fashionScenes } from './segmentation/scenes'
-export type { SegmentationSet, FashionScenesOptions } from './segmentation/scenes'
-export { finetuneSegmentation, evaluateSegmentation, segmentationBatch } from './segmentation/finetune'
+export type { FashionScenesOptions } from './segmentation/scenes'
+export {
+  segmentationFolder,
+  vocSegmentation,
+  segmentationManifest,
+  SegmentationLoader,
+  segmenterView,
+  drawPairAugment,
+  VOC_CLASSES,
+} from './segmentation/data'
+export type {
+  SegmentationDataset,
+  PairSource,
+  SegmentationFolderOptions,
+  SegmentationTransform,
+  SegmentationLoaderOptions,
+  SegmentationBatch,
+  PairAugment,
+} from './segmentation/data'
+export { predictionSheet, classColour } from './sheet'
+export { finetuneSegmentation, evaluateSegmentation } from './segmentation/finetune'
 export type {
   SegmentationFinetuneOptions,
   SegmentationProgress,
   SegmentationEpochResult,
-  SegmentationBatch,
+  SegmentationEvaluateOptions,
+  Normalization,
 } from './segmentation/finetune'
 export type { SegmentationMetricsOptions, SegmentationScores } from './segmentation/metrics'
 export { linearProbe, pixelProbe, probeFeatures } from './probe'
@@ -95,7 +115,7 @@ export type { TrainTokenizerOptions, TokenizerProgress, TokenizerEvaluation, Tok
 export { reconstructionSheet } from './sheet'
 export { imagesAsFloats } from './data/batches'
 export { ImageLoader } from './data/loader'
-export type { LoaderOptions, Batch, LoaderStats, SkippedImage } from './data/loader'
+export type { LoaderOptions, ShardOptions, Batch, LoadedBatch, LoaderStats, SkippedImage } from './data/loader'
 export { beitViews, drawAugment, viewSpec } from './data/augment'
 export type {
   ViewSpec,

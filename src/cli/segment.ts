@@ -1,8 +1,9 @@
 /**
  * `beit segment`: a BEiT + UperNet segmenter fine-tuned on Fashion-MNIST scenes (garments
- * pasted on a canvas, labelled per pixel), from a pretrained checkpoint or from scratch,
- * scored with mIoU after every epoch.
+ * pasted on a canvas, labelled per pixel) or on an ADE20K / VOC folder or a manifest, from a
+ * pretrained checkpoint or from scratch, scored with mIoU after every epoch.
  */
+import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 
 import { defineCommand, flagTable, UsageError } from '../cli-options'
@@ -13,6 +14,13 @@ import { CHECKPOINT_FILE, Progress } from '../run'
 import { Segmenter } from '../segmenter'
 import { finetuneSegmentation, SegmentationEpochResult, SegmentationProgress } from '../segmentation/finetune'
 import { fashionScenes } from '../segmentation/scenes'
+import {
+  segmentationFolder,
+  SegmentationDataset,
+  segmentationManifest,
+  SegmentationTransform,
+  vocSegmentation,
+} from '../segmentation/data'
 import {
   interruptible,
   lengthFlags,
@@ -32,10 +40,20 @@ const { 'scale-min': _scaleMin, threads: _threads, ...SEGMENT_RUN_FLAGS } = RUN_
 const FLAGS = flagTable({
   data: {
     kind: 'string',
-    help: 'garments for the scenes: sample (bundled) or fashion-mnist (the Debian package)',
+    help: 'sample or fashion-mnist: Fashion-MNIST scenes (bundled sample, Debian package); or an ADE20K folder (images/ and annotations/ with training/ and validation/), a VOC folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/), or a CSV manifest (image,mask) for training',
     default: 'sample',
-    choices: ['sample', 'fashion-mnist'],
   },
+  'test-data': { kind: 'string', help: 'CSV manifest (image,mask) of the test pairs, with a CSV --data' },
+  'num-labels': {
+    kind: 'int',
+    help: 'classes of folder or manifest data (default: 150 for ADE20K, 21 for VOC)',
+    min: 1,
+  },
+  'reduce-zero-label': {
+    kind: 'bool',
+    help: 'mask value 0 is ignored and the others shift down by one (manifests; ADE20K folders always are)',
+  },
+  'crop-size': { kind: 'int', help: 'training crop of folder or manifest data, the model input (default 512)', min: 8 },
   'train-scenes': { kind: 'int', help: 'training scenes (from the train split)', default: 2000, min: 1 },
   'test-scenes': { kind: 'int', help: 'test scenes (from the test split)', default: 500, min: 1 },
   'scene-height': { kind: 'int', help: 'scene height in pixels', default: 32, min: 28 },
@@ -63,13 +81,7 @@ export const segmentCommand = defineCommand({
   flags: FLAGS,
   run: async (v) => {
     const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { epochs: 5 }) }, undefined)
-    const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
-    const size: [number, number] = [v['scene-height'], v['scene-width']]
-    const scenes = async (split: 'train' | 'test', count: number, seed: number) =>
-      fashionScenes(await loadFashionMnist({ split, dir }), { count, size, seed, name: `${v.data} ${split} scenes` })
-    const train = await scenes('train', v['train-scenes'], v.seed)
-    const test = await scenes('test', v['test-scenes'], v.seed + 1)
-    const numLabels = train.classNames.length
+    const { train, test, size, transform, numLabels, what, channels } = await openSegmentationData(v)
     const options = {
       optimizer: { weightDecay: v['weight-decay'] },
       training: { layerDecay: v['layer-decay'] },
@@ -82,20 +94,22 @@ export const segmentCommand = defineCommand({
     else if (v.init !== undefined) {
       const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
       const model = { ...pretrained, imageSize: size, dropPathRate: v['drop-path'] }
+      if (pretrained.numChannels !== channels)
+        throw new UsageError(`${v.init} takes ${pretrained.numChannels}-channel images but the data has ${channels}`)
       segmenter = await Segmenter.fromPretrained(v.init, { model, ...head }, options)
     } else {
       const patch = v['patch-size'] ?? 4
       if (size[0] % patch !== 0 || size[1] % patch !== 0)
-        throw new UsageError(`the scene size ${size.join('x')} must be a multiple of --patch-size ${patch}`)
+        throw new UsageError(`the input size ${size.join('x')} must be a multiple of --patch-size ${patch}`)
       const model = {
         ...(modelSpec({ ...v, 'patch-size': patch }, true) as Exclude<ModelSpec, string>),
         imageSize: size,
       }
-      segmenter = Segmenter.create({ model, ...head }, options)
+      segmenter = Segmenter.create({ model: { ...model, numChannels: channels }, ...head }, options)
     }
     log(
       v,
-      `segmentation ${v.init ? `from ${v.init}` : 'from scratch'} (${segmenter.numParameters.toLocaleString()} parameters) on ${train.count.toLocaleString()} ${size.join('x')} scenes, ${numLabels} classes (background + garments)${v.resume ? `, resuming at step ${segmenter.step}` : ''}`,
+      `segmentation ${v.init ? `from ${v.init}` : 'from scratch'} (${segmenter.numParameters.toLocaleString()} parameters) on ${train.size.toLocaleString()} ${what} at ${size.join('x')}, ${numLabels} classes${v.resume ? `, resuming at step ${segmenter.step}` : ''}`,
     )
     let bar: Progress | undefined
     const start = segmenter.step
@@ -106,6 +120,7 @@ export const segmentCommand = defineCommand({
         test,
         ...runLength(v, { epochs: 5 }),
         evalEvery: v['eval-every'],
+        transform,
         batchSize: v['batch-size'],
         schedule: scheduleOptions({ ...v, lr: v.lr ?? 1e-3 }),
         seed: v.seed,
@@ -139,3 +154,64 @@ export const segmentCommand = defineCommand({
     }
   },
 })
+
+type SegmentValues = Parameters<typeof segmentCommand.run>[0]
+
+/** The train and test pairs `--data` names, the input size, the augmentation and the classes. */
+async function openSegmentationData(v: SegmentValues): Promise<{
+  train: SegmentationDataset
+  test: SegmentationDataset
+  size: [number, number]
+  transform: SegmentationTransform
+  numLabels: number
+  channels: 1 | 3
+  what: string
+}> {
+  if (v.data === 'sample' || v.data === 'fashion-mnist') {
+    const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
+    const size: [number, number] = [v['scene-height'], v['scene-width']]
+    const scenes = async (split: 'train' | 'test', count: number, seed: number) =>
+      fashionScenes(await loadFashionMnist({ split, dir }), { count, size, seed, name: `${v.data} ${split} scenes` })
+    const train = await scenes('train', v['train-scenes'], v.seed)
+    const test = await scenes('test', v['test-scenes'], v.seed + 1)
+    // Scenes come at the input size: a joint flip only (the rescale is 1 at this scale).
+    const transform = { ratioRange: [1, 1], catMaxRatio: 1, photometric: false } satisfies SegmentationTransform
+    return { train, test, size, transform, numLabels: train.classNames.length, channels: 1, what: 'scenes' }
+  }
+  const path = v.data
+  const reduceZeroLabel = v['reduce-zero-label']
+  let train: SegmentationDataset
+  let test: SegmentationDataset
+  let what: string
+  if (path.toLowerCase().endsWith('.csv')) {
+    if (!v['test-data']) throw new UsageError('a CSV --data needs --test-data (a CSV manifest of the test pairs)')
+    train = await segmentationManifest(path, { reduceZeroLabel })
+    test = await segmentationManifest(v['test-data'], { reduceZeroLabel })
+    what = 'manifest pairs'
+  } else if (existsSync(join(path, 'ImageSets', 'Segmentation'))) {
+    train = await vocSegmentation(path, { split: 'train' })
+    test = await vocSegmentation(path, { split: 'val' })
+    what = 'VOC images'
+  } else if (existsSync(join(path, 'images', 'training'))) {
+    const ade = { reduceZeroLabel: true }
+    train = await segmentationFolder(path, { ...ade, split: 'training' })
+    test = await segmentationFolder(path, { ...ade, split: 'validation' })
+    what = 'ADE20K-style images'
+  } else {
+    throw new UsageError(
+      `--data ${path}: expected sample, fashion-mnist, an ADE20K folder (images/training, annotations/training), a VOC folder (ImageSets/Segmentation) or a CSV manifest`,
+    )
+  }
+  const numLabels = v['num-labels'] ?? (train.classNames.length || (what.startsWith('ADE') ? 150 : 0))
+  if (!numLabels) throw new UsageError(`--num-labels is needed for ${path}: its classes are not known`)
+  const crop = v['crop-size'] ?? v['image-size'] ?? 512
+  return {
+    train,
+    test,
+    size: [crop, crop],
+    transform: {},
+    numLabels,
+    channels: v.channels === 1 ? 1 : 3,
+    what,
+  }
+}

@@ -10,10 +10,8 @@ import { drawAugment, Transform, validateTransform, validateViews, ViewSpec } fr
 import { describeImage, ImageDataset } from './dataset'
 import { permutation } from './batches'
 
-export interface LoaderOptions {
-  dataset: ImageDataset
-  views: ViewSpec[]
-  transform: Transform
+/** How a loader orders, shards, prefetches and decodes, whatever it loads. */
+export interface ShardOptions {
   batchSize: number
   /** Seeds the shuffling and the augmentations. Default 0. */
   seed?: number
@@ -47,24 +45,23 @@ export interface LoaderOptions {
   onSkip?: (skip: SkippedImage) => void
 }
 
+export interface LoaderOptions extends ShardOptions {
+  dataset: ImageDataset
+  views: ViewSpec[]
+  transform: Transform
+}
+
 export interface SkippedImage {
   index: number
   image: string
   reason: string
 }
 
-export interface Batch {
+export interface Batch extends LoadedBatch {
   /** One [size, C, H, W] array per view spec, in the specs' order. */
   views: Float32Array[]
   /** Label per image (-1 when unlabelled). */
   labels: Int32Array
-  /** Dataset index per image. */
-  indices: Uint32Array
-  /** Images in the batch: batchSize, less any skipped ones (and the last partial batch). */
-  size: number
-  epoch: number
-  /** Position of the batch in its epoch. */
-  batch: number
 }
 
 export interface LoaderStats {
@@ -81,15 +78,33 @@ function part(n: number, rank: number, worldSize: number): [number, number] {
   return [Math.floor((rank * n) / worldSize), Math.floor(((rank + 1) * n) / worldSize)]
 }
 
-export class ImageLoader {
-  readonly stats: LoaderStats = { loaded: 0, skipped: 0, skips: [] }
-  private readonly native: NativeImageLoader
-  private readonly viewsJson: string
-  private readonly opts: Required<Omit<LoaderOptions, 'threads' | 'maxPixels' | 'onSkip'>> &
-    Pick<LoaderOptions, 'onSkip'>
+/** What every loaded batch has, besides its data. */
+export interface LoadedBatch {
+  /** Dataset index per item. */
+  indices: Uint32Array
+  /** Items in the batch: batchSize, less any skipped ones (and the last partial batch). */
+  size: number
+  epoch: number
+  /** Position of the batch in its epoch. */
+  batch: number
+}
 
-  constructor(options: LoaderOptions) {
-    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as LoaderOptions
+type ShardSettings = Required<Omit<ShardOptions, 'threads' | 'maxPixels' | 'onSkip'>> & Pick<ShardOptions, 'onSkip'>
+
+/**
+ * The order, the shards and the prefetching of a dataset's batches; subclasses say how one
+ * batch is loaded (on the native pool) from its dataset indices.
+ */
+export abstract class ShardedLoader<B extends LoadedBatch> {
+  readonly stats: LoaderStats = { loaded: 0, skipped: 0, skips: [] }
+  protected readonly native: NativeImageLoader
+  protected readonly shard: ShardSettings
+
+  constructor(
+    private readonly source: { name: string; size: number },
+    options: ShardOptions,
+  ) {
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as ShardOptions
     const opts = {
       seed: 0,
       shuffle: true,
@@ -101,8 +116,8 @@ export class ImageLoader {
       onError: 'skip' as const,
       ...given,
     }
-    const { dataset, batchSize, rank, worldSize, prefetch } = opts
-    if (!dataset || !(dataset.size > 0)) throw new Error(`dataset ${dataset?.name ?? ''} is empty`)
+    const { batchSize, rank, worldSize, prefetch } = opts
+    if (!source || !(source.size > 0)) throw new Error(`dataset ${source?.name ?? ''} is empty`)
     if (!Number.isInteger(batchSize) || batchSize <= 0)
       throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
     if (!Number.isInteger(worldSize) || worldSize <= 0)
@@ -113,20 +128,13 @@ export class ImageLoader {
       throw new Error(`prefetch must be a non-negative integer, got ${prefetch}`)
     if (opts.onError !== 'skip' && opts.onError !== 'fail')
       throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
-    validateViews(opts.views)
-    validateTransform(opts.transform)
-    this.opts = opts
+    this.shard = opts
     if (this.shardSize() === 0) {
       throw new Error(
-        `shard ${rank} of ${worldSize} gets no images: the dataset has only ${dataset.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
+        `shard ${rank} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
       )
     }
-    this.viewsJson = JSON.stringify(opts.views)
     this.native = new native.NativeImageLoader(options.threads, options.maxPixels)
-  }
-
-  get dataset(): ImageDataset {
-    return this.opts.dataset
   }
 
   get threads(): number {
@@ -135,17 +143,18 @@ export class ImageLoader {
 
   /** Batches this shard yields per epoch. */
   get batchesPerEpoch(): number {
-    const { batchSize, dropLast } = this.opts
+    const { batchSize, dropLast } = this.shard
     const n = this.shardSize()
     return dropLast ? Math.floor(n / batchSize) : Math.ceil(n / batchSize)
   }
 
   /** This shard's dataset indices for `epoch`, in order. */
   epochOrder(epoch: number): Uint32Array {
-    const { dataset, shuffle, seed, rank, worldSize, batchSize } = this.opts
+    const { shuffle, seed, rank, worldSize, batchSize } = this.shard
+    const size = this.source.size
     const order = shuffle
-      ? permutation(dataset.size, new Rng(deriveSeed(seed, epoch)))
-      : Uint32Array.from({ length: dataset.size }, (_, i) => i)
+      ? permutation(size, new Rng(deriveSeed(seed, epoch)))
+      : Uint32Array.from({ length: size }, (_, i) => i)
     if (worldSize === 1) return order
     const n = this.orderLength()
     const all = Uint32Array.from({ length: n }, (_, i) => order[i % order.length])
@@ -161,33 +170,58 @@ export class ImageLoader {
    * The batches of one epoch, from batch `fromBatch` on (for resuming: the batches, their
    * order and their augmentations depend only on seed, epoch and position).
    */
-  async *epoch(epoch: number, opts: { fromBatch?: number } = {}): AsyncGenerator<Batch> {
+  async *epoch(epoch: number, opts: { fromBatch?: number } = {}): AsyncGenerator<B> {
     if (!Number.isInteger(epoch) || epoch < 0) throw new Error(`epoch must be a non-negative integer, got ${epoch}`)
     const order = this.epochOrder(epoch)
     const total = this.batchesPerEpoch
     let next = opts.fromBatch ?? 0
     if (!Number.isInteger(next) || next < 0 || next > total)
       throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
-    const queue: Promise<Batch>[] = []
+    const { batchSize } = this.shard
+    const queue: Promise<B>[] = []
     const launch = (batch: number) => {
-      const pending = this.load(order, epoch, batch)
+      const indices = order.subarray(batch * batchSize, Math.min(order.length, (batch + 1) * batchSize))
+      const pending = this.load(indices, epoch, batch)
       pending.catch(() => {}) // surfaced when awaited; avoids an unhandled rejection meanwhile
       queue.push(pending)
     }
-    while (next < total && queue.length <= this.opts.prefetch) launch(next++)
+    while (next < total && queue.length <= this.shard.prefetch) launch(next++)
     while (queue.length > 0) {
       const batch = await queue.shift()!
       if (next < total) launch(next++)
       // A batch whose every image was skipped (and counted) is left out, except in a data-parallel
       // job, where every rank takes every step (it adds no gradient there).
-      if (batch.size > 0 || this.opts.worldSize > 1) yield batch
+      if (batch.size > 0 || this.shard.worldSize > 1) yield batch
     }
+  }
+
+  /** Loads the items `indices` (batch `batch` of `epoch`). */
+  protected abstract load(indices: Uint32Array, epoch: number, batch: number): Promise<B>
+
+  /** Counts and reports the native pool's failures (or throws with onError 'fail'); returns the kept indices. */
+  protected keep(
+    indices: Uint32Array,
+    result: { kept: Uint32Array; failures: { index: number; reason: string }[] },
+    describe: (index: number) => string,
+  ): Uint32Array {
+    for (const failure of result.failures) {
+      const index = indices[failure.index]
+      const skip = { index, image: describe(index), reason: failure.reason }
+      if (this.shard.onError === 'fail') throw new Error(`cannot load ${skip.image}: ${skip.reason}`)
+      this.stats.skipped++
+      if (this.stats.skips.length < KEPT_SKIPS) this.stats.skips.push(skip)
+      if (this.shard.onSkip) this.shard.onSkip(skip)
+      else console.warn(`beit: skipped ${skip.image}: ${skip.reason}`)
+    }
+    const kept = Uint32Array.from(result.kept, (k) => indices[k])
+    this.stats.loaded += kept.length
+    return kept
   }
 
   /** The length of the epoch's order the shards are cut from (cut or padded for even shards). */
   private orderLength(): number {
-    const { dataset, worldSize, batchSize, dropLast, evenShards } = this.opts
-    const n = dataset.size
+    const { worldSize, batchSize, dropLast, evenShards } = this.shard
+    const n = this.source.size
     if (worldSize === 1 || !evenShards) return n
     return dropLast
       ? Math.floor(n / (worldSize * batchSize)) * worldSize * batchSize
@@ -195,17 +229,33 @@ export class ImageLoader {
   }
 
   private shardSize(): number {
-    const { rank, worldSize, batchSize } = this.opts
+    const { rank, worldSize, batchSize } = this.shard
     const n = this.orderLength()
     const global = worldSize * batchSize
     const [from, to] = part(n % global, rank, worldSize)
     return Math.floor(n / global) * batchSize + (to - from)
   }
+}
 
-  private async load(order: Uint32Array, epoch: number, batch: number): Promise<Batch> {
-    const { dataset, batchSize, transform, seed } = this.opts
-    const indices = order.subarray(batch * batchSize, Math.min(order.length, (batch + 1) * batchSize))
-    const augments = Array.from(indices, (index) => drawAugment(transform, new Rng(deriveSeed(seed, epoch, index, 1))))
+export class ImageLoader extends ShardedLoader<Batch> {
+  private readonly viewsJson: string
+
+  constructor(private readonly options: LoaderOptions) {
+    validateViews(options.views)
+    validateTransform(options.transform)
+    super(options.dataset, options)
+    this.viewsJson = JSON.stringify(options.views)
+  }
+
+  get dataset(): ImageDataset {
+    return this.options.dataset
+  }
+
+  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<Batch> {
+    const { dataset, transform } = this.options
+    const augments = Array.from(indices, (index) =>
+      drawAugment(transform, new Rng(deriveSeed(this.shard.seed, epoch, index, 1))),
+    )
     const augmentsJson = JSON.stringify(augments)
     const source = dataset.source
     const result =
@@ -224,20 +274,7 @@ export class ImageLoader {
             augmentsJson,
             this.viewsJson,
           )
-    for (const failure of result.failures) {
-      const skip = {
-        index: indices[failure.index],
-        image: describeImage(dataset, indices[failure.index]),
-        reason: failure.reason,
-      }
-      if (this.opts.onError === 'fail') throw new Error(`cannot load ${skip.image}: ${skip.reason}`)
-      this.stats.skipped++
-      if (this.stats.skips.length < KEPT_SKIPS) this.stats.skips.push(skip)
-      if (this.opts.onSkip) this.opts.onSkip(skip)
-      else console.warn(`beit: skipped ${skip.image}: ${skip.reason}`)
-    }
-    const kept = Uint32Array.from(result.kept, (k) => indices[k])
-    this.stats.loaded += kept.length
+    const kept = this.keep(indices, result, (i) => describeImage(dataset, i))
     return {
       views: result.views,
       labels: Int32Array.from(kept, (i) => dataset.labels[i]),

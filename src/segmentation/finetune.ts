@@ -1,10 +1,13 @@
 /**
- * Fine-tuning a segmenter on in-memory image/mask pairs, on the loop contract of the other
- * loops (schedule, steps or epochs, accumulation, run folder, checkpoints that resume,
- * interruption, metrics and curves), with mIoU, mean and overall pixel accuracy on held-out
- * data after every `evalEvery` epochs. Augmentation: a horizontal flip of image and mask
- * together, drawn per image from the seed.
+ * Fine-tuning a segmenter on image + mask pairs (folders, manifests or memory), on the loop
+ * contract of the other loops (schedule, steps or epochs, accumulation, run folder, checkpoints
+ * that resume, interruption, metrics and curves), with mmseg's joint augmentation, and mIoU,
+ * mean and overall pixel accuracy on held-out data after every `evalEvery` epochs, with a
+ * `predictions.png` of test images, their true masks and the predicted ones.
  */
+import { writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+
 import { Segmenter, SegmenterStepMetrics } from '../segmenter'
 import {
   batching,
@@ -21,9 +24,17 @@ import {
   UpdateMeans,
   updatesPerEpoch,
 } from '../run'
-import { deriveSeed, Rng } from '../rng'
+import { deriveSeed } from '../rng'
+import { predictionSheet } from '../sheet'
+import type { ViewSpec } from '../data/augment'
+import {
+  SegmentationBatch,
+  SegmentationDataset,
+  SegmentationLoader,
+  SegmentationTransform,
+  segmenterView,
+} from './data'
 import { SegmentationMetrics, SegmentationScores } from './metrics'
-import type { SegmentationSet } from './scenes'
 
 export interface SegmentationProgress extends SegmenterStepMetrics, LoopProgress {}
 
@@ -35,17 +46,26 @@ export interface SegmentationEpochResult extends SegmentationScores {
   trainLoss: number
 }
 
-export interface SegmentationFinetuneOptions extends LoopOptions {
+/** Pixel normalisation on [0, 1] values, one number or one per channel. Default 0.5 / 0.5. */
+export interface Normalization {
+  mean?: number | number[]
+  std?: number | number[]
+}
+
+export interface SegmentationFinetuneOptions extends LoopOptions, Normalization {
   segmenter: Segmenter
-  train: SegmentationSet
-  test: SegmentationSet
+  train: SegmentationDataset
+  test: SegmentationDataset
   /** Epochs between evaluations on `test` (and one after the last step). Default 1. */
   evalEvery?: number
-  /** Flip image and mask horizontally with probability 1/2. Default true. */
-  flip?: boolean
-  /** Pixel normalisation (x / 255 - mean) / std. Default 0.5 / 0.5. */
-  mean?: number
-  std?: number
+  /** The joint augmentation. Default: mmseg's ADE20K recipe (see SegmentationTransform); 'eval' for none. */
+  transform?: SegmentationTransform | 'eval'
+  /** Test images in predictions.png (rows of image | true mask | prediction), rewritten at every evaluation. Default 8; 0: none. */
+  sheetImages?: number
+  /** Native decode threads. Default: the machine's available parallelism. */
+  threads?: number
+  /** 'skip' (default): leave unreadable pairs out, warn and count them. 'fail': throw. */
+  onError?: 'skip' | 'fail'
   onProgress?: (p: SegmentationProgress) => void
   onEpoch?: (e: SegmentationEpochResult) => void
 }
@@ -57,79 +77,58 @@ interface SegmentationState extends LoopPosition {
   evals: SegmentationEpochResult[]
 }
 
-export interface SegmentationBatch {
-  pixels: Float32Array
-  masks: Uint8Array
-}
-
-/** Images `indices` of `data` normalised for `segmenter`, with their masks; `flips[i]` mirrors image i. */
-export function segmentationBatch(
-  data: SegmentationSet,
-  indices: ArrayLike<number>,
-  flips?: ArrayLike<boolean>,
-  mean = 0.5,
-  std = 0.5,
-): SegmentationBatch {
-  const { height: h, width: w } = data
-  const n = indices.length
-  const pixels = new Float32Array(n * h * w)
-  const masks = new Uint8Array(n * h * w)
-  for (let i = 0; i < n; i++) {
-    const src = indices[i] * h * w
-    const dst = i * h * w
-    for (let y = 0; y < h; y++) {
-      for (let x = 0; x < w; x++) {
-        const from = src + y * w + (flips?.[i] ? w - 1 - x : x)
-        pixels[dst + y * w + x] = (data.images[from] / 255 - mean) / std
-        masks[dst + y * w + x] = data.masks[from]
-      }
-    }
-  }
-  return { pixels, masks }
-}
-
-function checkFits(segmenter: Segmenter, data: SegmentationSet, what: string): void {
+function viewFor(segmenter: Segmenter, n: Normalization): ViewSpec {
   const { imageSize, numChannels } = segmenter.config.model
-  if (numChannels !== 1 || data.height !== imageSize[0] || data.width !== imageSize[1])
-    throw new Error(
-      `the ${what} set ${data.name} has ${data.height}x${data.width} single-channel images, the segmenter takes ` +
-        `${imageSize[0]}x${imageSize[1]} with ${numChannels} channel(s)`,
-    )
+  return segmenterView(imageSize, numChannels === 3 ? 3 : 1, n)
+}
+
+function checkClasses(segmenter: Segmenter, data: SegmentationDataset, what: string): void {
   if (data.classNames.length > segmenter.config.numLabels)
     throw new Error(
-      `the ${what} set has ${data.classNames.length} classes but the segmenter ${segmenter.config.numLabels} labels`,
+      `the ${what} set ${data.name} has ${data.classNames.length} classes but the segmenter ${segmenter.config.numLabels} labels`,
     )
 }
 
-/** mIoU, mean and overall pixel accuracy of `segmenter` on `data`, as mmseg scores them. */
-export async function evaluateSegmentation(
-  segmenter: Segmenter,
-  data: SegmentationSet,
-  opts: { batchSize?: number; mean?: number; std?: number } = {},
-): Promise<SegmentationScores> {
-  checkFits(segmenter, data, 'evaluation')
-  const metrics = new SegmentationMetrics({
-    numLabels: segmenter.config.numLabels,
-    ignoreIndex: segmenter.config.semanticLossIgnoreIndex,
-  })
-  const batchSize = opts.batchSize ?? 64
-  for (let start = 0; start < data.count; start += batchSize) {
-    const indices = Array.from({ length: Math.min(batchSize, data.count - start) }, (_, i) => start + i)
-    const batch = segmentationBatch(data, indices, undefined, opts.mean, opts.std)
-    metrics.add(await segmenter.predict(batch.pixels), batch.masks, `${data.name} images ${start}..`)
-  }
-  return metrics.scores()
+export interface SegmentationEvaluateOptions extends Normalization {
+  batchSize?: number
+  threads?: number
+  onError?: 'skip' | 'fail'
+  /** Called with the first batch and its predictions (for pictures). */
+  onFirstBatch?: (batch: SegmentationBatch, predicted: Uint8Array) => void
 }
 
-/** The order of epoch `epoch`: a seeded shuffle of the set. */
-function epochOrder(count: number, seed: number, epoch: number): Uint32Array {
-  const order = Uint32Array.from({ length: count }, (_, i) => i)
-  const rng = new Rng(deriveSeed(seed, epoch, 11))
-  for (let i = count - 1; i > 0; i--) {
-    const j = rng.int(0, i)
-    ;[order[i], order[j]] = [order[j], order[i]]
+/**
+ * mIoU, mean and overall pixel accuracy of `segmenter` on `data`, as mmseg scores them. Each
+ * image is rescaled to fit the segmenter's input (keeping its ratio; the mask nearest-neighbour)
+ * and padded below and right (the padding ignored); images of the input's size are scored as
+ * they are.
+ */
+export async function evaluateSegmentation(
+  segmenter: Segmenter,
+  data: SegmentationDataset,
+  opts: SegmentationEvaluateOptions = {},
+): Promise<SegmentationScores> {
+  checkClasses(segmenter, data, 'evaluation')
+  const { numLabels, semanticLossIgnoreIndex: ignoreIndex } = segmenter.config
+  const metrics = new SegmentationMetrics({ numLabels, ignoreIndex })
+  const loader = new SegmentationLoader({
+    data,
+    view: viewFor(segmenter, opts),
+    transform: 'eval',
+    numLabels,
+    ignoreIndex,
+    batchSize: opts.batchSize ?? 64,
+    shuffle: false,
+    evenShards: false,
+    threads: opts.threads,
+    onError: opts.onError,
+  })
+  for await (const batch of loader.epoch(0)) {
+    const predicted = await segmenter.predict(batch.pixels)
+    if (batch.batch === 0) opts.onFirstBatch?.(batch, predicted)
+    metrics.add(predicted, batch.masks, `${data.name} batch ${batch.batch}`)
   }
-  return order
+  return metrics.scores()
 }
 
 export async function finetuneSegmentation(
@@ -138,14 +137,25 @@ export async function finetuneSegmentation(
   const { segmenter, train, test, batchSize } = opts
   const b = batching(opts)
   if (b.distributed.worldSize > 1) await segmenter.distribute() // refused with the reason until SyncBatchNorm
-  checkFits(segmenter, train, 'train')
-  checkFits(segmenter, test, 'test')
-  if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > train.count)
-    throw new Error(`batchSize must be an integer in [1, ${train.count}] (the train set's size), got ${batchSize}`)
+  checkClasses(segmenter, train, 'train')
+  checkClasses(segmenter, test, 'test')
+  if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > train.size)
+    throw new Error(`batchSize must be an integer in [1, ${train.size}] (the train set's size), got ${batchSize}`)
   const seed = opts.seed ?? 0
-  const flip = opts.flip ?? true
-  const batchesPerEpoch = Math.floor(train.count / batchSize)
-  const updates = updatesPerEpoch(b, batchesPerEpoch)
+  const { numLabels, semanticLossIgnoreIndex: ignoreIndex } = segmenter.config
+  const loader = new SegmentationLoader({
+    data: train,
+    view: viewFor(segmenter, opts),
+    transform: opts.transform ?? {},
+    numLabels,
+    ignoreIndex,
+    batchSize,
+    seed,
+    dropLast: true,
+    threads: opts.threads,
+    onError: opts.onError,
+  })
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const evalEvery = opts.evalEvery ?? 1
@@ -181,21 +191,28 @@ export async function finetuneSegmentation(
   const means = new UpdateMeans(['loss', 'pixelAccuracy'] as const)
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
+  const sheetImages = opts.sheetImages ?? 8
+  const drawSheet = async (batch: SegmentationBatch, predicted: Uint8Array) => {
+    const view = viewFor(segmenter, opts)
+    const png = predictionSheet({ batch, predicted, view, count: Math.min(sheetImages, batch.size) })
+    if (b.distributed.rank === 0) await writeFile(join(opts.outDir, 'predictions.png'), png)
+  }
+
   while (state.step < totalSteps || state.batch >= 0) {
     const epoch = state.epoch
-    const order = epochOrder(train.count, seed, epoch)
     let started = performance.now()
-    const last = state.step < totalSteps ? updates * b.accumulate : 0
-    for (let k = state.batch + 1; k < last && state.step < totalSteps; k++) {
-      const indices = order.subarray(k * batchSize, (k + 1) * batchSize)
-      const flips = Array.from(indices, (i) => flip && new Rng(deriveSeed(seed, epoch, i, 13)).next() < 0.5)
-      const batch = segmentationBatch(train, indices, flips, opts.mean, opts.std)
+    const batches = state.step < totalSteps ? loader.epoch(epoch, { fromBatch: state.batch + 1 }) : []
+    for await (const batch of batches) {
+      if (state.step >= totalSteps || batch.batch >= updates * b.accumulate) break
+      const k = batch.batch
       const stepLr = lr(state.step)
       let gradNorm: number
       try {
         const draws = { seed: deriveSeed(seed, state.step, 3), firstSample: firstSample(b, k) }
-        const losses = await segmenter.lossAndGrads({ ...batch, ...draws })
-        means.add(losses, losses.labelledPixels)
+        if (batch.size > 0) {
+          const losses = await segmenter.lossAndGrads({ pixels: batch.pixels, masks: batch.masks, ...draws })
+          means.add(losses, losses.labelledPixels)
+        }
         if (!endsUpdate(b, k)) continue
         gradNorm = (await segmenter.applyUpdate(stepLr)).gradNorm
       } catch (e) {
@@ -237,7 +254,17 @@ export async function finetuneSegmentation(
     const trainLoss = state.epochLoss / state.epochSteps
     let evals = state.evals
     if ((epoch + 1) % evalEvery === 0 || state.step >= totalSteps) {
-      const scores = await evaluateSegmentation(segmenter, test, { mean: opts.mean, std: opts.std })
+      let sheet: Promise<void> | undefined
+      const scores = await evaluateSegmentation(segmenter, test, {
+        mean: opts.mean,
+        std: opts.std,
+        threads: opts.threads,
+        onError: opts.onError,
+        onFirstBatch: (batch, predicted) => {
+          if (sheetImages > 0 && batch.size > 0) sheet = drawSheet(batch, predicted)
+        },
+      })
+      await sheet
       const evaluation: SegmentationEpochResult = { epoch, step: state.step, trainLoss, ...scores }
       evals = [...evals, evaluation]
       await run.metrics.record({

@@ -7,20 +7,7 @@
  */
 import type { LabeledImages } from '../data/idx'
 import { Rng } from '../rng'
-
-/** Images with per-pixel class ids, in memory. */
-export interface SegmentationSet {
-  name: string
-  /** N*H*W pixels, row-major, 0..255, one channel. */
-  images: Uint8Array
-  /** N*H*W class ids (or the ignore index). */
-  masks: Uint8Array
-  count: number
-  height: number
-  width: number
-  /** Class names by id (0: background). */
-  classNames: string[]
-}
+import type { SegmentationDataset } from './data'
 
 export interface FashionScenesOptions {
   count: number
@@ -37,7 +24,7 @@ export interface FashionScenesOptions {
 /** Tries at a free place for a garment before the scene stops adding garments. */
 const PLACEMENT_TRIES = 50
 
-export function fashionScenes(source: LabeledImages, opts: FashionScenesOptions): SegmentationSet {
+export function fashionScenes(source: LabeledImages, opts: FashionScenesOptions): SegmentationDataset {
   const [height, width] = opts.size ?? [64, 64]
   const { count } = opts
   const maxGarments = opts.maxGarments ?? 3
@@ -78,11 +65,9 @@ export function fashionScenes(source: LabeledImages, opts: FashionScenesOptions)
   }
   return {
     name: opts.name ?? `fashion-scenes-${count}`,
-    images,
-    masks,
-    count,
-    height,
-    width,
+    size: count,
+    source: { kind: 'pixels', images, masks, height, width, channels: 1 },
     classNames: ['background', ...source.classNames],
+    reduceZeroLabel: false,
   }
 }

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use beit_core::images::{load_views, Augment, Sources, ViewBatch, ViewSpec, DEFAULT_MAX_PIXELS};
+use beit_core::images::{
+    load_pairs, load_views, Augment, Failure, MaskSpec, PairAugment, PairBatch, PairSources, Sources, ViewBatch,
+    ViewSpec, DEFAULT_MAX_PIXELS,
+};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use rayon::ThreadPool;
@@ -29,6 +32,17 @@ pub struct NativeViewBatch {
     /// One [kept, C, H, W] array per requested view.
     pub views: Vec<Float32Array>,
     /// Request positions of the images that made it into `views`, ascending.
+    pub kept: Uint32Array,
+    pub failures: Vec<ImageFailure>,
+}
+
+#[napi(object)]
+pub struct NativePairBatch {
+    /// [kept, C, H, W] normalised pixels.
+    pub pixels: Float32Array,
+    /// [kept, H, W] class ids (or the ignore index).
+    pub masks: Uint8Array,
+    /// Request positions of the pairs that made it into the batch, ascending.
     pub kept: Uint32Array,
     pub failures: Vec<ImageFailure>,
 }
@@ -98,6 +112,50 @@ impl NativeImageLoader {
     }
 }
 
+#[napi]
+impl NativeImageLoader {
+    /// Image files with PNG masks of class ids, augmented together. `augmentsJson`: one drawn
+    /// pair augmentation per image; `viewJson`: the output view; `masksJson`: how mask values
+    /// become ids. A mask value that is no class rejects the whole batch, naming the file.
+    #[napi(ts_return_type = "Promise<NativePairBatch>")]
+    pub fn load_pair_files(
+        &self,
+        images: Vec<String>,
+        masks: Vec<String>,
+        augments_json: String,
+        view_json: String,
+        masks_json: String,
+    ) -> AsyncTask<LoadPairsTask> {
+        let source = PairSource::Files {
+            images: images.into_iter().map(PathBuf::from).collect(),
+            masks: masks.into_iter().map(PathBuf::from).collect(),
+        };
+        AsyncTask::new(LoadPairsTask { loader: self.task_context(), source, augments_json, view_json, masks_json })
+    }
+
+    /// In-memory pairs: 8-bit images [count, height, width, channels] and masks
+    /// [count, height, width]; `indices` picks the batch.
+    #[napi(ts_return_type = "Promise<NativePairBatch>")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_pair_pixels(
+        &self,
+        images: Uint8Array,
+        masks: Uint8Array,
+        height: u32,
+        width: u32,
+        channels: u32,
+        indices: Uint32Array,
+        augments_json: String,
+        view_json: String,
+        masks_json: String,
+    ) -> Result<AsyncTask<LoadPairsTask>> {
+        let channels = u8::try_from(channels)
+            .map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
+        let source = PairSource::Pixels { images, masks, height, width, channels, indices };
+        Ok(AsyncTask::new(LoadPairsTask { loader: self.task_context(), source, augments_json, view_json, masks_json }))
+    }
+}
+
 impl NativeImageLoader {
     fn task_context(&self) -> (Arc<ThreadPool>, u64) {
         (self.pool.clone(), self.max_pixels)
@@ -139,7 +197,56 @@ impl Task for LoadViewsTask {
         Ok(NativeViewBatch {
             views: batch.views.into_iter().map(Float32Array::new).collect(),
             kept: Uint32Array::new(batch.kept),
-            failures: batch.failures.into_iter().map(|f| ImageFailure { index: f.index, reason: f.reason }).collect(),
+            failures: failures(batch.failures),
         })
     }
+}
+
+// One per batch request: the variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum PairSource {
+    Files { images: Vec<PathBuf>, masks: Vec<PathBuf> },
+    Pixels { images: Uint8Array, masks: Uint8Array, height: u32, width: u32, channels: u8, indices: Uint32Array },
+}
+
+pub struct LoadPairsTask {
+    loader: (Arc<ThreadPool>, u64),
+    source: PairSource,
+    augments_json: String,
+    view_json: String,
+    masks_json: String,
+}
+
+impl Task for LoadPairsTask {
+    type Output = PairBatch;
+    type JsValue = NativePairBatch;
+
+    fn compute(&mut self) -> Result<PairBatch> {
+        guarded(|| {
+            let augments: Vec<PairAugment> = beit_core::config::parse_json("augments", &self.augments_json)?;
+            let view: ViewSpec = beit_core::config::parse_json("view", &self.view_json)?;
+            let masks: MaskSpec = beit_core::config::parse_json("masks", &self.masks_json)?;
+            let (pool, max_pixels) = &self.loader;
+            let sources = match &self.source {
+                PairSource::Files { images, masks } => PairSources::Files { images, masks },
+                PairSource::Pixels { images, masks, height, width, channels, indices } => {
+                    PairSources::Pixels { images, masks, height: *height, width: *width, channels: *channels, indices }
+                }
+            };
+            load_pairs(pool, &sources, &augments, &view, &masks, *max_pixels)
+        })
+    }
+
+    fn resolve(&mut self, _: Env, batch: PairBatch) -> Result<NativePairBatch> {
+        Ok(NativePairBatch {
+            pixels: Float32Array::new(batch.pixels),
+            masks: Uint8Array::new(batch.masks),
+            kept: Uint32Array::new(batch.kept),
+            failures: failures(batch.failures),
+        })
+    }
+}
+
+fn failures(list: Vec<Failure>) -> Vec<ImageFailure> {
+    list.into_iter().map(|f| ImageFailure { index: f.index, reason: f.reason }).collect()
 }

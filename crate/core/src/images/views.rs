@@ -21,7 +21,7 @@ pub enum Interpolation {
 }
 
 impl Interpolation {
-    fn algorithm(self) -> ResizeAlg {
+    pub(crate) fn algorithm(self) -> ResizeAlg {
         match self {
             Self::Nearest => ResizeAlg::Nearest,
             Self::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
