@@ -251,6 +251,11 @@ export declare class NativeImageLoader {
    */
   loadPixels(pixels: Uint8Array, height: number, width: number, channels: number, indices: Uint32Array, augmentsJson: string, viewsJson: string): Promise<NativeViewBatch>
   /**
+   * Pairs for whole-image evaluation: each image rescaled by `rescaleJson` (null: as it is)
+   * and normalised as `viewJson` says (its size unused), each mask at its stored size.
+   */
+  loadWholePairs(images: Array<string>, masks: Array<string>, rescaleJson: string, viewJson: string, masksJson: string): Promise<NativeWholePairBatch>
+  /**
    * Image files with PNG masks of class ids, augmented together. `augmentsJson`: one drawn
    * pair augmentation per image; `viewJson`: the output view; `masksJson`: how mask values
    * become ids. A mask value that is no class rejects the whole batch, naming the file.
@@ -347,6 +352,12 @@ export declare class NativeSegmenter {
   trainStep(pixels: Float32Array, masks: Uint8Array, lr: number, seed: number): Promise<SegmenterStepMetrics>
   /** Class ids [B, H, W] at the input's size (evaluation mode). */
   predict(pixels: Float32Array): Promise<Uint8Array>
+  /**
+   * One image [C, height, width] of any size by sliding windows of the input size every
+   * `stride` ([rows, columns]) pixels, overlaps averaged; class ids (and probabilities) at
+   * `outputSize` ([height, width]).
+   */
+  segment(pixels: Float32Array, size: Array<number>, stride: Array<number>, outputSize: Array<number>, probabilities: boolean): Promise<SegmentedPixels>
   /** Main-head logits [B, numLabels, h, w] (evaluation mode). */
   logits(pixels: Float32Array): Promise<SegmentationLogits>
 }
@@ -566,6 +577,23 @@ export interface NativeViewBatch {
   failures: Array<ImageFailure>
 }
 
+/** One evaluation pair: the rescaled image and the mask as stored. */
+export interface NativeWholePair {
+  /** [C, height, width] normalised. */
+  pixels: Float32Array
+  /** [height, width] of `pixels`. */
+  size: Array<number>
+  mask: Uint8Array
+  /** [height, width] of `mask`. */
+  maskSize: Array<number>
+}
+
+export interface NativeWholePairBatch {
+  pairs: Array<NativeWholePair>
+  kept: Uint32Array
+  failures: Array<ImageFailure>
+}
+
 /**
  * The model presets as JSON, `{"beit": {name: config}, "tokenizer": {name: config}}`: the one
  * table behind the TypeScript API's PRESETS and DVAE_PRESETS.
@@ -587,10 +615,20 @@ export interface PretrainInput {
   mask: Uint8Array
 }
 
-/** Main-head logits and their shape [B, K, h, w] (NCHW). */
 export interface SegmentationLogits {
   values: Float32Array
   shape: Array<number>
+}
+
+/**
+ * Main-head logits and their shape [B, K, h, w] (NCHW).
+ * One image segmented by sliding windows.
+ */
+export interface SegmentedPixels {
+  /** Class ids [H, W] at the requested output size. */
+  classes: Uint8Array
+  /** Softmax probabilities [numLabels, H, W], when asked for. */
+  probabilities?: Float32Array
 }
 
 /** What `lossAndGrads` reports. */

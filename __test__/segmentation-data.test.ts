@@ -94,7 +94,7 @@ test('an ADE20K folder: pairs by stem, reduceZeroLabel, skipped pairs counted, u
   await t.throwsAsync(firstBatch(raw, 3, [4, 6]), { message: /a\.png holds the value 3, which is no class id/ })
 })
 
-test('a VOC folder and a manifest list their pairs; evaluation rescales any image size to the input', async (t) => {
+test('a VOC folder and a manifest list their pairs; the batched evaluation view rescales any image to fit the input', async (t) => {
   const dir = tempDir(t)
   for (const part of ['JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'])
     mkdirSync(join(dir, part), { recursive: true })
@@ -186,4 +186,50 @@ test("drawPairAugment: mmseg's recipe by default, reproducible, and nothing rand
       }),
     { message: /catMaxRatio must be in \(0, 1\], got 0/ },
   )
+})
+
+test('evaluation: sliding windows over rescaled files agree with the batched path where images are the input size', async (t) => {
+  const dir = tempDir(t)
+  for (const part of ['images', 'annotations']) mkdirSync(join(dir, part, 'validation'), { recursive: true })
+  for (let i = 0; i < 3; i++) {
+    const sub = (part: string) => join(dir, part, 'validation', `${i}.png`)
+    writePair(sub('images'), sub('annotations'), 8, 8, (x, y) => (x + y + i) % 3)
+  }
+  const data = await segmentationFolder(dir, { split: 'validation' })
+  const segmenter = Segmenter.create({
+    model: {
+      preset: 'mini',
+      imageSize: [8, 8],
+      patchSize: 2,
+      numChannels: 3,
+      hiddenSize: 8,
+      numHiddenLayers: 4,
+      numAttentionHeads: 2,
+      intermediateSize: 16,
+    },
+    numLabels: 3,
+    auxiliaryChannels: 4,
+  })
+  const slide = await evaluateSegmentation(segmenter, data)
+  const resize = await evaluateSegmentation(segmenter, data, { mode: 'resize' })
+  t.deepEqual(slide, resize)
+  // A 16x12 image: three windows across, two down (stride 4, 6), scored at the stored size.
+  writePair(
+    join(dir, 'images', 'validation', 'big.png'),
+    join(dir, 'annotations', 'validation', 'big.png'),
+    16,
+    12,
+    () => 1,
+  )
+  const bigger = await segmentationFolder(dir, { split: 'validation' })
+  const scores = await evaluateSegmentation(segmenter, bigger, { scale: [16, 12], stride: [4, 6] })
+  t.true(scores.overallAccuracy >= 0 && scores.overallAccuracy <= 1)
+  // segment(): class ids at the output size, probabilities summing to 1.
+  const image = new Float32Array(3 * 12 * 16).map((_, i) => Math.sin(i))
+  const out = await segmenter.segment(image, { size: [12, 16], outputSize: [6, 8], probabilities: true })
+  t.is(out.classes.length, 48)
+  const p = out.probabilities!
+  t.is(p.length, 3 * 48)
+  for (let px = 0; px < 48; px++) t.true(Math.abs(p[px] + p[48 + px] + p[96 + px] - 1) < 1e-5)
+  await t.throwsAsync(segmenter.segment(image, { size: [12, 15] }), { message: /3\*12\*15 = 540 values/ })
 })

@@ -52,6 +52,7 @@ export type {
   SegmenterCreateOptions,
   SegmentationInput,
   SegmentationLogits,
+  SegmentedPixels,
   SegmenterLossMetrics,
   SegmenterStepMetrics,
   SegmenterTrainingOptions,

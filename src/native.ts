@@ -54,6 +54,7 @@ export type {
   Launch,
   PretrainInput,
   SegmentationLogits,
+  SegmentedPixels,
   SegmenterLossMetrics,
   SegmenterStepMetrics,
   SegmenterTrainingOptions,

@@ -14,11 +14,18 @@ import {
   native,
   NativeSegmenter,
   SegmentationLogits,
+  SegmentedPixels,
   SegmenterLossMetrics,
   SegmenterStepMetrics,
   SegmenterTrainingOptions,
 } from './native'
-export type { SegmentationLogits, SegmenterLossMetrics, SegmenterStepMetrics, SegmenterTrainingOptions } from './native'
+export type {
+  SegmentationLogits,
+  SegmentedPixels,
+  SegmenterLossMetrics,
+  SegmenterStepMetrics,
+  SegmenterTrainingOptions,
+} from './native'
 
 /** transformers' `BeitConfig` segmentation fields, camelCase. */
 export interface SegmenterConfig {
@@ -165,6 +172,24 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
   predict(pixels: Float32Array): Promise<Uint8Array> {
     checkType('pixels', pixels, Float32Array)
     return this.handle.predict(pixels)
+  }
+
+  /**
+   * One image [C, H, W] of any size, as mmseg's "slide" inference: windows of the input size
+   * every `stride` pixels (default two thirds of the window, as 341 for 512), the last flush
+   * with the far edge, their logits resized to the window and averaged where they overlap, the
+   * average resized bilinearly to `outputSize` (default the image's size; an image rescaled for
+   * inference is scored at its original size). An image smaller than the window is padded with
+   * zeros. Returns class ids [outputSize] and, with `probabilities`, softmax [numLabels, ...outputSize].
+   */
+  segment(
+    pixels: Float32Array,
+    opts: { size: [number, number]; stride?: [number, number]; outputSize?: [number, number]; probabilities?: boolean },
+  ): Promise<SegmentedPixels> {
+    checkType('pixels', pixels, Float32Array)
+    const [h, w] = this.config.model.imageSize
+    const stride = opts.stride ?? [Math.max(1, Math.round((2 * h) / 3)), Math.max(1, Math.round((2 * w) / 3))]
+    return this.handle.segment(pixels, opts.size, stride, opts.outputSize ?? opts.size, opts.probabilities ?? false)
   }
 
   /** The main head's logits [B, numLabels, h, w] at 4x the patch grid (a quarter of the input for 16-pixel patches). */

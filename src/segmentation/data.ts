@@ -369,3 +369,63 @@ export function segmenterView(
     std: normalize.std ?? 0.5,
   })
 }
+
+export interface WholePairLoaderOptions extends ShardOptions {
+  /** Pairs read from files (in-memory pairs are evaluated with SegmentationLoader at their own size). */
+  data: SegmentationDataset
+  /** Channels, filter and normalisation of the images (its size is not used). */
+  view: ViewSpec
+  /** Each image is rescaled keeping its ratio to fit [long side, short side] (mmseg's test Resize); null: as it is. */
+  scale: [number, number] | null
+  numLabels: number
+  /** Default 255. */
+  ignoreIndex?: number
+}
+
+export interface WholePair {
+  /** [C, size] normalised. */
+  pixels: Float32Array
+  size: [number, number]
+  /** Class ids at the stored size. */
+  mask: Uint8Array
+  maskSize: [number, number]
+}
+
+export interface WholePairBatch extends LoadedBatch {
+  pairs: WholePair[]
+}
+
+/** Pairs for whole-image evaluation (mmseg's test pipeline): images rescaled, masks as stored. */
+export class WholePairLoader extends ShardedLoader<WholePairBatch> {
+  private readonly json: [string, string, string]
+
+  constructor(private readonly options: WholePairLoaderOptions) {
+    if (options.data.source.kind !== 'files')
+      throw new Error(`WholePairLoader reads pairs from files; ${options.data.name} is in memory`)
+    super(options.data, { shuffle: false, evenShards: false, ...options })
+    const { scale, view, numLabels, ignoreIndex = 255, data } = options
+    this.json = [
+      JSON.stringify(scale && { scale, ratio: 1 }),
+      JSON.stringify(view),
+      JSON.stringify({ numLabels, ignoreIndex, reduceZeroLabel: data.reduceZeroLabel }),
+    ]
+  }
+
+  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<WholePairBatch> {
+    const { data } = this.options
+    const source = data.source as Extract<PairSource, { kind: 'files' }>
+    const result = await this.native.loadWholePairs(
+      Array.from(indices, (i) => source.images[i]),
+      Array.from(indices, (i) => source.masks[i]),
+      ...this.json,
+    )
+    const kept = this.keep(indices, result, (i) => describePair(data, i))
+    const pairs = result.pairs.map((p) => ({
+      pixels: p.pixels,
+      size: [p.size[0], p.size[1]] as [number, number],
+      mask: p.mask,
+      maskSize: [p.maskSize[0], p.maskSize[1]] as [number, number],
+    }))
+    return { pairs, indices: kept, size: kept.length, epoch, batch }
+  }
+}

@@ -28,11 +28,12 @@ import { deriveSeed } from '../rng'
 import { predictionSheet } from '../sheet'
 import type { ViewSpec } from '../data/augment'
 import {
-  SegmentationBatch,
+  describePair,
   SegmentationDataset,
   SegmentationLoader,
   SegmentationTransform,
   segmenterView,
+  WholePairLoader,
 } from './data'
 import { SegmentationMetrics, SegmentationScores } from './metrics'
 
@@ -60,6 +61,8 @@ export interface SegmentationFinetuneOptions extends LoopOptions, Normalization 
   evalEvery?: number
   /** The joint augmentation. Default: mmseg's ADE20K recipe (see SegmentationTransform); 'eval' for none. */
   transform?: SegmentationTransform | 'eval'
+  /** How the test set is scored (default: mmseg's sliding windows for files). */
+  evaluation?: Pick<SegmentationEvaluateOptions, 'mode' | 'scale' | 'stride' | 'batchSize'>
   /** Test images in predictions.png (rows of image | true mask | prediction), rewritten at every evaluation. Default 8; 0: none. */
   sheetImages?: number
   /** Native decode threads. Default: the machine's available parallelism. */
@@ -90,19 +93,24 @@ function checkClasses(segmenter: Segmenter, data: SegmentationDataset, what: str
 }
 
 export interface SegmentationEvaluateOptions extends Normalization {
+  /**
+   * 'slide' (default): mmseg's test protocol for files: each image rescaled keeping its ratio to
+   * fit `scale`, segmented by sliding windows of the input size (`stride`), the logits resized to
+   * the mask's stored size and scored there; in-memory pairs are segmented at their own size.
+   * 'resize': each pair rescaled to fit the input (the mask nearest-neighbour), padded below and
+   * right (ignored), scored at the input size, in batches (faster, approximate).
+   */
+  mode?: 'slide' | 'resize'
+  /** [long side, short side]. Default 4x and 1x the input's shorter side ([2048, 512] for 512). */
+  scale?: [number, number]
+  /** Sliding-window stride [rows, columns]. Default two thirds of the input. */
+  stride?: [number, number]
   batchSize?: number
   threads?: number
   onError?: 'skip' | 'fail'
-  /** Called with the first batch and its predictions (for pictures). */
-  onFirstBatch?: (batch: SegmentationBatch, predicted: Uint8Array) => void
 }
 
-/**
- * mIoU, mean and overall pixel accuracy of `segmenter` on `data`, as mmseg scores them. Each
- * image is rescaled to fit the segmenter's input (keeping its ratio; the mask nearest-neighbour)
- * and padded below and right (the padding ignored); images of the input's size are scored as
- * they are.
- */
+/** mIoU, mean and overall pixel accuracy of `segmenter` on `data`, as mmseg scores them. */
 export async function evaluateSegmentation(
   segmenter: Segmenter,
   data: SegmentationDataset,
@@ -111,22 +119,63 @@ export async function evaluateSegmentation(
   checkClasses(segmenter, data, 'evaluation')
   const { numLabels, semanticLossIgnoreIndex: ignoreIndex } = segmenter.config
   const metrics = new SegmentationMetrics({ numLabels, ignoreIndex })
-  const loader = new SegmentationLoader({
+  const view = viewFor(segmenter, opts)
+  const common = { numLabels, ignoreIndex, threads: opts.threads, onError: opts.onError }
+  const [h, w] = view.size
+  const source = data.source
+  const sameSize = source.kind === 'pixels' && source.height === h && source.width === w
+  if ((opts.mode ?? 'slide') === 'resize' || sameSize) {
+    // At the input size: batched, and for pairs of the input's size the same as sliding.
+    const loader = new SegmentationLoader({
+      ...common,
+      data,
+      view,
+      transform: 'eval',
+      batchSize: opts.batchSize ?? 64,
+      shuffle: false,
+      evenShards: false,
+    })
+    for await (const batch of loader.epoch(0)) {
+      metrics.add(await segmenter.predict(batch.pixels), batch.masks, `${data.name} batch ${batch.batch}`)
+    }
+    return metrics.scores()
+  }
+  const slide = async (pixels: Float32Array, size: [number, number], outputSize: [number, number]) =>
+    (await segmenter.segment(pixels, { size, stride: opts.stride, outputSize })).classes
+  if (source.kind === 'pixels') {
+    const own: [number, number] = [source.height, source.width]
+    const loader = new SegmentationLoader({
+      ...common,
+      data,
+      view: { ...view, size: own },
+      transform: 'eval',
+      batchSize: 16,
+      shuffle: false,
+      evenShards: false,
+    })
+    const plane = own[0] * own[1]
+    for await (const batch of loader.epoch(0)) {
+      const per = plane * view.channels
+      for (let i = 0; i < batch.size; i++) {
+        const classes = await slide(batch.pixels.subarray(i * per, (i + 1) * per), own, own)
+        metrics.add(classes, batch.masks.subarray(i * plane, (i + 1) * plane), `${data.name}[${batch.indices[i]}]`)
+      }
+    }
+    return metrics.scores()
+  }
+  const short = Math.min(h, w)
+  const loader = new WholePairLoader({
+    ...common,
     data,
-    view: viewFor(segmenter, opts),
-    transform: 'eval',
-    numLabels,
-    ignoreIndex,
-    batchSize: opts.batchSize ?? 64,
-    shuffle: false,
-    evenShards: false,
-    threads: opts.threads,
-    onError: opts.onError,
+    view,
+    scale: opts.scale ?? [4 * short, short],
+    batchSize: 4,
   })
   for await (const batch of loader.epoch(0)) {
-    const predicted = await segmenter.predict(batch.pixels)
-    if (batch.batch === 0) opts.onFirstBatch?.(batch, predicted)
-    metrics.add(predicted, batch.masks, `${data.name} batch ${batch.batch}`)
+    for (const [i, pair] of batch.pairs.entries()) {
+      const classes = await slide(pair.pixels, pair.size, pair.maskSize)
+      metrics.add(classes, pair.mask, describePair(data, batch.indices[i]))
+    }
   }
   return metrics.scores()
 }
@@ -192,10 +241,28 @@ export async function finetuneSegmentation(
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
   const sheetImages = opts.sheetImages ?? 8
-  const drawSheet = async (batch: SegmentationBatch, predicted: Uint8Array) => {
+  /** predictions.png: the first test pairs at the input size, their masks and the predictions. */
+  const drawSheet = async () => {
+    if (sheetImages === 0 || b.distributed.rank !== 0) return
     const view = viewFor(segmenter, opts)
-    const png = predictionSheet({ batch, predicted, view, count: Math.min(sheetImages, batch.size) })
-    if (b.distributed.rank === 0) await writeFile(join(opts.outDir, 'predictions.png'), png)
+    const firstTest = new SegmentationLoader({
+      data: test,
+      view,
+      transform: 'eval',
+      numLabels,
+      ignoreIndex,
+      batchSize: Math.min(sheetImages, test.size),
+      shuffle: false,
+      threads: opts.threads,
+      onError: opts.onError,
+    })
+    const { value: batch } = await firstTest.epoch(0).next()
+    if (!batch || batch.size === 0) return
+    const predicted = await segmenter.predict(batch.pixels)
+    await writeFile(
+      join(opts.outDir, 'predictions.png'),
+      predictionSheet({ batch, predicted, view, count: batch.size }),
+    )
   }
 
   while (state.step < totalSteps || state.batch >= 0) {
@@ -254,17 +321,14 @@ export async function finetuneSegmentation(
     const trainLoss = state.epochLoss / state.epochSteps
     let evals = state.evals
     if ((epoch + 1) % evalEvery === 0 || state.step >= totalSteps) {
-      let sheet: Promise<void> | undefined
       const scores = await evaluateSegmentation(segmenter, test, {
+        ...opts.evaluation,
         mean: opts.mean,
         std: opts.std,
         threads: opts.threads,
         onError: opts.onError,
-        onFirstBatch: (batch, predicted) => {
-          if (sheetImages > 0 && batch.size > 0) sheet = drawSheet(batch, predicted)
-        },
       })
-      await sheet
+      await drawSheet()
       const evaluation: SegmentationEpochResult = { epoch, step: state.step, trainLoss, ...scores }
       evals = [...evals, evaluation]
       await run.metrics.record({

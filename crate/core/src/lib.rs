@@ -46,6 +46,8 @@ pub use error::{Error, Result};
 pub use mim::{BeitLossMetrics, BeitStepMetrics, BeitTrainer, MimBatch, Predictions, PretrainBatch};
 pub use optimizer::AdamWConfig;
 pub use rng::Draws;
-pub use segment::{SegmenterLossMetrics, SegmenterStepMetrics, SegmenterTrainer, SegmenterTrainingOptions};
+pub use segment::{
+    SegmentedImage, SegmenterLossMetrics, SegmenterStepMetrics, SegmenterTrainer, SegmenterTrainingOptions,
+};
 pub use tokenizer::{DvaeLossMetrics, DvaeStepMetrics, DvaeTrainer, DvaeTrainingOptions, ImageBatch};
 pub use trainer::{Trainer, UpdateMetrics};

@@ -21,6 +21,7 @@ use crate::model::segmentation::{
     pixel_classes, pixel_hits, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
     PixelLabels,
 };
+use crate::ops::{resample, Resampling};
 use crate::optimizer::{check_lr, AdamWConfig};
 use crate::params::{ParamTable, Source};
 use crate::rng::Draws;
@@ -297,4 +298,113 @@ impl Trainer<Segmentation> {
         let images = check_pixels(&self.config.model, pixels)?;
         self.runner.logits(images)
     }
+
+    /// One image [C, H, W] of any size, by mmseg's sliding window ("slide" mode): windows of
+    /// the input size every `stride` pixels (the last flush with the far edge; an image smaller
+    /// than the window is padded with zeros), each window's logits resized bilinearly to the
+    /// window, overlaps averaged, the average resized bilinearly to `out` ([height, width], e.g.
+    /// the original size of an image that was rescaled), then class ids [out] and, when asked,
+    /// softmax probabilities [K, out].
+    pub fn segment(
+        &mut self,
+        image: &[f32],
+        size: [usize; 2],
+        stride: [usize; 2],
+        out: [usize; 2],
+        probabilities: bool,
+    ) -> Result<SegmentedImage> {
+        let model = &self.config.model;
+        let (c, [ch, cw], k) = (model.num_channels, model.image_size, self.config.num_labels);
+        let [h, w] = size;
+        if h == 0 || w == 0 || out.contains(&0) || image.len() != c * h * w {
+            return Err(Error::Input(format!(
+                "segment: expected a {c}-channel image of a positive size ({c}*{h}*{w} = {} values) and a positive \
+                 output size, got {} values and output {out:?}",
+                c * h * w,
+                image.len()
+            )));
+        }
+        if stride[0] == 0 || stride[1] == 0 || stride[0] > ch || stride[1] > cw {
+            return Err(Error::Input(format!(
+                "segment: stride {stride:?} must be positive and at most the window {:?} (the input size)",
+                [ch, cw]
+            )));
+        }
+        let starts = |n: usize, crop: usize, step: usize| -> Vec<(usize, usize)> {
+            let grids = if n > crop { (n - crop).div_ceil(step) + 1 } else { 1 };
+            (0..grids)
+                .map(|i| {
+                    let end = (i * step + crop).min(n);
+                    (end.saturating_sub(crop), end)
+                })
+                .collect()
+        };
+        let windows: Vec<((usize, usize), (usize, usize))> = starts(h, ch, stride[0])
+            .into_iter()
+            .flat_map(|rows| starts(w, cw, stride[1]).into_iter().map(move |cols| (rows, cols)))
+            .collect();
+        let mut sum = vec![0f32; h * w * k];
+        let mut count = vec![0u32; h * w];
+        for chunk in windows.chunks(SLIDE_BATCH) {
+            let mut batch = vec![0f32; chunk.len() * c * ch * cw];
+            for (j, &((y0, y1), (x0, x1))) in chunk.iter().enumerate() {
+                for plane in 0..c {
+                    for y in y0..y1 {
+                        let src = &image[(plane * h + y) * w + x0..(plane * h + y) * w + x1];
+                        let at = ((j * c + plane) * ch + y - y0) * cw;
+                        batch[at..at + x1 - x0].copy_from_slice(src);
+                    }
+                }
+            }
+            let (logits, [n, _, lh, lw]) =
+                self.runner.logits(Images { values: &batch, shape: [chunk.len(), c, ch, cw] })?;
+            // NCHW at the head's resolution -> NHWC at the window's.
+            let logits = Tensor::from_vec(logits, (n, k, lh, lw), &candle_core::Device::Cpu)?.permute((0, 2, 3, 1))?;
+            let up = resample(&logits.contiguous()?, Resampling::Bilinear, (ch, cw))?;
+            let up = up.flatten_all()?.to_vec1::<f32>()?;
+            for (j, &((y0, y1), (x0, x1))) in chunk.iter().enumerate() {
+                for y in y0..y1 {
+                    for x in x0..x1 {
+                        let src = ((j * ch + y - y0) * cw + x - x0) * k;
+                        let dst = (y * w + x) * k;
+                        for (s, v) in sum[dst..dst + k].iter_mut().zip(&up[src..src + k]) {
+                            *s += v;
+                        }
+                        count[y * w + x] += 1;
+                    }
+                }
+            }
+        }
+        for (pixel, n) in count.iter().enumerate() {
+            sum[pixel * k..(pixel + 1) * k].iter_mut().for_each(|v| *v /= *n as f32);
+        }
+        let average = Tensor::from_vec(sum, (1, h, w, k), &candle_core::Device::Cpu)?;
+        let resized = resample(&average, Resampling::Bilinear, (out[0], out[1]))?.flatten_all()?.to_vec1::<f32>()?;
+        let pixels = out[0] * out[1];
+        let mut classes = Vec::with_capacity(pixels);
+        let mut probs = if probabilities { vec![0f32; k * pixels] } else { vec![] };
+        for (pixel, row) in resized.chunks_exact(k).enumerate() {
+            let (best, max) =
+                row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+            classes.push(best as u32);
+            if probabilities {
+                let total: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                for (class, v) in row.iter().enumerate() {
+                    probs[class * pixels + pixel] = (v - max).exp() / total;
+                }
+            }
+        }
+        Ok(SegmentedImage { classes, probabilities: probabilities.then_some(probs) })
+    }
+}
+
+/// Windows per forward in [`SegmenterTrainer::segment`].
+const SLIDE_BATCH: usize = 8;
+
+/// What [`SegmenterTrainer::segment`] returns.
+pub struct SegmentedImage {
+    /// Class ids [H, W].
+    pub classes: Vec<u32>,
+    /// Softmax probabilities [K, H, W], when asked for.
+    pub probabilities: Option<Vec<f32>>,
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use beit_core::images::pairs::distort;
 use beit_core::images::{
-    load_pairs, Interpolation, MaskSpec, PairAugment, PairBatch, PairSources, Photometric, Rescale, ViewSpec,
+    load_pairs, load_whole_pairs, Interpolation, MaskSpec, PairAugment, PairBatch, PairSources, Photometric, Rescale,
+    ViewSpec,
 };
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma};
 
@@ -265,4 +266,24 @@ fn bad_requests_are_config_errors() {
     assert!(err.to_string().contains("must lie in [0, 1)"), "{err}");
     let err = load_pairs(&pool(), &sources, &[plain()], &gray_view(4, 4), &masks(256, false), 1 << 26).err().unwrap();
     assert!(err.to_string().contains("numLabels must be in [1, 255]"), "{err}");
+}
+
+#[test]
+fn whole_pairs_rescale_the_image_and_keep_the_mask_as_stored() {
+    let (w, h) = (20, 10);
+    let (images, mask) = memory_pairs(w, h, 2, 5);
+    let sources =
+        PairSources::Pixels { images: &images, masks: &mask, height: h, width: w, channels: 1, indices: &[1] };
+    // Fit into [long 10, short 5]: half size. The view's own size plays no part.
+    let rescale = Some(Rescale { scale: [10.0, 5.0], ratio: 1.0 });
+    let view = ViewSpec { interpolation: Interpolation::Nearest, ..gray_view(1, 1) };
+    let batch = load_whole_pairs(&pool(), &sources, rescale, &view, &masks(5, false), 1 << 26).unwrap();
+    let pair = &batch.pairs[0];
+    assert_eq!((pair.size, pair.mask_size), ([5, 10], [10, 20]));
+    assert_eq!(pair.mask, mask[(w * h) as usize..]);
+    assert_eq!(pair.pixels.len(), 50);
+    // Nearest halving samples pixel centres: output (x, y) is source (2x + 1, 2y + 1).
+    assert_eq!((pair.pixels[10 + 3] * 255.0).round() as u32, 10 * 7 + 3 + 1);
+    let unscaled = load_whole_pairs(&pool(), &sources, None, &view, &masks(5, false), 1 << 26).unwrap();
+    assert_eq!(unscaled.pairs[0].size, [10, 20]);
 }

@@ -627,3 +627,69 @@ fn a_segmenter_starts_from_a_mim_checkpoint_at_a_new_size() {
     assert!(err.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sliding_windows_tile_average_and_pad_as_mmseg() {
+    let cfg = toy_config();
+    let [ch, cw] = cfg.model.image_size;
+    let plane = ch * cw;
+    let mut model =
+        SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), SegmenterTrainingOptions::default(), 4).unwrap();
+    let (pixels, _) = toy_batch(&cfg, 2, 9);
+    let whole = model.predict(&pixels).unwrap();
+    // Images 0 and 1 side by side: ch x 2cw.
+    let mut wide = vec![0f32; 2 * plane];
+    for y in 0..ch {
+        for part in 0..2 {
+            let src = &pixels[part * plane + y * cw..part * plane + (y + 1) * cw];
+            wide[y * 2 * cw + part * cw..y * 2 * cw + (part + 1) * cw].copy_from_slice(src);
+        }
+    }
+    let predicted = |image: usize, y: usize, x: usize| whole[image * plane + y * cw + x];
+
+    // Stride = window: two windows, no overlap, each exactly its image's prediction.
+    let tiled = model.segment(&wide, [ch, 2 * cw], [ch, cw], [ch, 2 * cw], true).unwrap();
+    let probabilities = tiled.probabilities.unwrap();
+    let pixels_out = ch * 2 * cw;
+    for y in 0..ch {
+        for x in 0..2 * cw {
+            let at = y * 2 * cw + x;
+            assert_eq!(tiled.classes[at], predicted(x / cw, y, x % cw), "({x}, {y})");
+            let p: Vec<f32> = (0..cfg.num_labels).map(|k| probabilities[k * pixels_out + at]).collect();
+            assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            assert!(p[tiled.classes[at] as usize] >= p.iter().cloned().fold(0.0, f32::max));
+        }
+    }
+
+    // Stride half a window: windows at 0, cw/2 and cw; the outer quarters are seen by one window.
+    let overlapping = model.segment(&wide, [ch, 2 * cw], [ch, cw / 2], [ch, 2 * cw], false).unwrap();
+    assert!(overlapping.probabilities.is_none());
+    for y in 0..ch {
+        for x in 0..cw / 2 {
+            assert_eq!(overlapping.classes[y * 2 * cw + x], predicted(0, y, x));
+            let right = 2 * cw - 1 - x;
+            assert_eq!(overlapping.classes[y * 2 * cw + right], predicted(1, y, right - cw));
+        }
+    }
+
+    // Smaller than the window: padded with zeros, the padded image's prediction in its corner.
+    let (h, w) = (ch - 3, cw - 2);
+    let small: Vec<f32> = (0..h * w).map(|i| pixels[(i / w) * cw + i % w]).collect();
+    let mut padded = vec![0f32; plane];
+    for y in 0..h {
+        padded[y * cw..y * cw + w].copy_from_slice(&small[y * w..(y + 1) * w]);
+    }
+    let reference = model.predict(&padded).unwrap();
+    let corner = model.segment(&small, [h, w], [ch, cw], [h, w], false).unwrap();
+    for y in 0..h {
+        for x in 0..w {
+            assert_eq!(corner.classes[y * w + x], reference[y * cw + x], "({x}, {y})");
+        }
+    }
+    // Resized to another output size, and bad requests named.
+    assert_eq!(model.segment(&small, [h, w], [ch, cw], [2 * h, 3 * w], false).unwrap().classes.len(), 6 * h * w);
+    let err = model.segment(&small, [h, w], [0, 1], [h, w], false).err().unwrap().to_string();
+    assert!(err.contains("stride [0, 1] must be positive"), "{err}");
+    let err = model.segment(&small[1..], [h, w], [ch, cw], [h, w], false).err().unwrap().to_string();
+    assert!(err.contains(&format!("got {} values", h * w - 1)), "{err}");
+}

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use beit_core::images::{
-    load_pairs, load_views, Augment, Failure, MaskSpec, PairAugment, PairBatch, PairSources, Sources, ViewBatch,
-    ViewSpec, DEFAULT_MAX_PIXELS,
+    load_pairs, load_views, load_whole_pairs, Augment, Failure, MaskSpec, PairAugment, PairBatch, PairSources, Rescale,
+    Sources, ViewBatch, ViewSpec, WholePairBatch, DEFAULT_MAX_PIXELS,
 };
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -112,8 +112,48 @@ impl NativeImageLoader {
     }
 }
 
+/// One evaluation pair: the rescaled image and the mask as stored.
+#[napi(object)]
+pub struct NativeWholePair {
+    /// [C, height, width] normalised.
+    pub pixels: Float32Array,
+    /// [height, width] of `pixels`.
+    pub size: Vec<u32>,
+    pub mask: Uint8Array,
+    /// [height, width] of `mask`.
+    pub mask_size: Vec<u32>,
+}
+
+#[napi(object)]
+pub struct NativeWholePairBatch {
+    pub pairs: Vec<NativeWholePair>,
+    pub kept: Uint32Array,
+    pub failures: Vec<ImageFailure>,
+}
+
 #[napi]
 impl NativeImageLoader {
+    /// Pairs for whole-image evaluation: each image rescaled by `rescaleJson` (null: as it is)
+    /// and normalised as `viewJson` says (its size unused), each mask at its stored size.
+    #[napi(ts_return_type = "Promise<NativeWholePairBatch>")]
+    pub fn load_whole_pairs(
+        &self,
+        images: Vec<String>,
+        masks: Vec<String>,
+        rescale_json: String,
+        view_json: String,
+        masks_json: String,
+    ) -> AsyncTask<LoadWholePairsTask> {
+        AsyncTask::new(LoadWholePairsTask {
+            loader: self.task_context(),
+            images: images.into_iter().map(PathBuf::from).collect(),
+            masks: masks.into_iter().map(PathBuf::from).collect(),
+            rescale_json,
+            view_json,
+            masks_json,
+        })
+    }
+
     /// Image files with PNG masks of class ids, augmented together. `augmentsJson`: one drawn
     /// pair augmentation per image; `viewJson`: the output view; `masksJson`: how mask values
     /// become ids. A mask value that is no class rejects the whole batch, naming the file.
@@ -249,4 +289,46 @@ impl Task for LoadPairsTask {
 
 fn failures(list: Vec<Failure>) -> Vec<ImageFailure> {
     list.into_iter().map(|f| ImageFailure { index: f.index, reason: f.reason }).collect()
+}
+
+pub struct LoadWholePairsTask {
+    loader: (Arc<ThreadPool>, u64),
+    images: Vec<PathBuf>,
+    masks: Vec<PathBuf>,
+    rescale_json: String,
+    view_json: String,
+    masks_json: String,
+}
+
+impl Task for LoadWholePairsTask {
+    type Output = WholePairBatch;
+    type JsValue = NativeWholePairBatch;
+
+    fn compute(&mut self) -> Result<WholePairBatch> {
+        guarded(|| {
+            let rescale: Option<Rescale> = beit_core::config::parse_json("rescale", &self.rescale_json)?;
+            let view: ViewSpec = beit_core::config::parse_json("view", &self.view_json)?;
+            let masks: MaskSpec = beit_core::config::parse_json("masks", &self.masks_json)?;
+            let (pool, max_pixels) = &self.loader;
+            let sources = PairSources::Files { images: &self.images, masks: &self.masks };
+            load_whole_pairs(pool, &sources, rescale, &view, &masks, *max_pixels)
+        })
+    }
+
+    fn resolve(&mut self, _: Env, batch: WholePairBatch) -> Result<NativeWholePairBatch> {
+        Ok(NativeWholePairBatch {
+            pairs: batch
+                .pairs
+                .into_iter()
+                .map(|p| NativeWholePair {
+                    pixels: Float32Array::new(p.pixels),
+                    size: p.size.to_vec(),
+                    mask: Uint8Array::new(p.mask),
+                    mask_size: p.mask_size.to_vec(),
+                })
+                .collect(),
+            kept: Uint32Array::new(batch.kept),
+            failures: failures(batch.failures),
+        })
+    }
 }

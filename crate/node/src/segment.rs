@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use beit_core::{SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
+use beit_core::{SegmentedImage, SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
@@ -49,6 +49,15 @@ pub struct SegmenterStepMetrics {
 }
 
 /// Main-head logits and their shape [B, K, h, w] (NCHW).
+/// One image segmented by sliding windows.
+#[napi(object)]
+pub struct SegmentedPixels {
+    /// Class ids [H, W] at the requested output size.
+    pub classes: Uint8Array,
+    /// Softmax probabilities [numLabels, H, W], when asked for.
+    pub probabilities: Option<Float32Array>,
+}
+
 #[napi(object)]
 pub struct SegmentationLogits {
     pub values: Float32Array,
@@ -227,6 +236,38 @@ impl NativeSegmenter {
         job(
             move || lock(&model)?.predict(&pixels),
             |ids| Ok(Uint8Array::new(ids.into_iter().map(|i| i as u8).collect())),
+        )
+    }
+
+    /// One image [C, height, width] of any size by sliding windows of the input size every
+    /// `stride` ([rows, columns]) pixels, overlaps averaged; class ids (and probabilities) at
+    /// `outputSize` ([height, width]).
+    #[napi(ts_return_type = "Promise<SegmentedPixels>")]
+    pub fn segment(
+        &self,
+        pixels: Float32Array,
+        size: Vec<u32>,
+        stride: Vec<u32>,
+        output_size: Vec<u32>,
+        probabilities: bool,
+    ) -> AsyncTask<Job<SegmentedImage, SegmentedPixels>> {
+        let model = self.inner.clone();
+        job(
+            move || {
+                let pair = |what: &str, v: &[u32]| match v {
+                    &[a, b] => Ok([a as usize, b as usize]),
+                    other => Err(beit_core::Error::Input(format!("{what}: expected [height, width], got {other:?}"))),
+                };
+                let (size, stride, out) =
+                    (pair("size", &size)?, pair("stride", &stride)?, pair("outputSize", &output_size)?);
+                lock(&model)?.segment(&pixels, size, stride, out, probabilities)
+            },
+            |s| {
+                Ok(SegmentedPixels {
+                    classes: Uint8Array::new(s.classes.into_iter().map(|i| i as u8).collect()),
+                    probabilities: s.probabilities.map(Float32Array::new),
+                })
+            },
         )
     }
 

@@ -199,27 +199,8 @@ impl From<String> for PairError {
     }
 }
 
-/// Decodes, augments and normalises a batch of pairs into `view.size` crops.
-pub fn load_pairs(
-    pool: &ThreadPool,
-    sources: &PairSources,
-    augments: &[PairAugment],
-    view: &ViewSpec,
-    masks: &MaskSpec,
-    max_pixels: u64,
-) -> Result<PairBatch> {
-    view.validate()?;
-    masks.validate()?;
-    if augments.len() != sources.len() {
-        return Err(Error::Config(format!(
-            "{} augment entries for {} pairs; expected one per pair",
-            augments.len(),
-            sources.len()
-        )));
-    }
-    for augment in augments {
-        augment.validate()?;
-    }
+/// The sources' own consistency: one mask per image, whole images, indices in range.
+fn check_sources(sources: &PairSources) -> Result<()> {
     match sources {
         PairSources::Files { images, masks } if images.len() != masks.len() => {
             return Err(Error::Config(format!(
@@ -251,6 +232,31 @@ pub fn load_pairs(
         }
         PairSources::Files { .. } => {}
     }
+    Ok(())
+}
+
+/// Decodes, augments and normalises a batch of pairs into `view.size` crops.
+pub fn load_pairs(
+    pool: &ThreadPool,
+    sources: &PairSources,
+    augments: &[PairAugment],
+    view: &ViewSpec,
+    masks: &MaskSpec,
+    max_pixels: u64,
+) -> Result<PairBatch> {
+    view.validate()?;
+    masks.validate()?;
+    if augments.len() != sources.len() {
+        return Err(Error::Config(format!(
+            "{} augment entries for {} pairs; expected one per pair",
+            augments.len(),
+            sources.len()
+        )));
+    }
+    for augment in augments {
+        augment.validate()?;
+    }
+    check_sources(sources)?;
 
     let [h, w] = view.size;
     let (pixel_len, mask_len) = (view.values_per_image(), h as usize * w as usize);
@@ -281,6 +287,72 @@ pub fn load_pairs(
     Ok(batch)
 }
 
+/// One pair for whole-image (sliding-window) evaluation, as mmseg tests: the image rescaled
+/// keeping its ratio and normalised, and the mask at its original size.
+pub struct WholePair {
+    /// [C, height, width] normalised.
+    pub pixels: Vec<f32>,
+    /// [height, width] of `pixels`.
+    pub size: [u32; 2],
+    /// Class ids (or the ignore index) at the original size.
+    pub mask: Vec<u8>,
+    /// [height, width] of `mask`.
+    pub mask_size: [u32; 2],
+}
+
+/// The kept whole pairs, in request order.
+pub struct WholePairBatch {
+    pub pairs: Vec<WholePair>,
+    pub kept: Vec<u32>,
+    pub failures: Vec<Failure>,
+}
+
+/// Reads pairs for evaluation: each image rescaled by `rescale` (None: its own size) with the
+/// view's filter, channels and normalisation (the view's size is not used), each mask as stored.
+pub fn load_whole_pairs(
+    pool: &ThreadPool,
+    sources: &PairSources,
+    rescale: Option<Rescale>,
+    view: &ViewSpec,
+    masks: &MaskSpec,
+    max_pixels: u64,
+) -> Result<WholePairBatch> {
+    view.validate()?;
+    masks.validate()?;
+    check_sources(sources)?;
+    let plain = PairAugment { rescale, crop: vec![], cat_max_ratio: 1.0, flip: false, photometric: vec![] };
+    plain.validate()?;
+    let per_pair: Vec<std::result::Result<WholePair, PairError>> = pool.install(|| {
+        (0..sources.len())
+            .into_par_iter()
+            .map_init(Resizer::new, |resizer, i| {
+                let (image, full, mask) = read_pair(sources, i, rescale, masks, max_pixels)?;
+                let factor = rescale.map_or(1.0, |r| r.factor(full.0, full.1));
+                let (w, h) = (scaled(full.0, factor), scaled(full.1, factor));
+                let sized = ViewSpec { size: [h, w], ..view.clone() };
+                let image = resize_image(&image, w, h, &sized, resizer)?;
+                let mut pixels = vec![0.0; sized.values_per_image()];
+                let mut scratch = vec![0; (w * h) as usize];
+                let blank = Mask { width: w, height: h, ids: scratch.clone() };
+                write_pair(&image, &blank, 0, 0, h, w, &plain, &sized, &mut pixels, &mut scratch);
+                Ok(WholePair { pixels, size: [h, w], mask: mask.ids, mask_size: [mask.height, mask.width] })
+            })
+            .collect()
+    });
+    let mut batch = WholePairBatch { pairs: vec![], kept: vec![], failures: vec![] };
+    for (i, result) in per_pair.into_iter().enumerate() {
+        match result {
+            Ok(pair) => {
+                batch.pairs.push(pair);
+                batch.kept.push(i as u32);
+            }
+            Err(PairError::Skip(reason)) => batch.failures.push(Failure { index: i as u32, reason }),
+            Err(PairError::Fatal(reason)) => return Err(Error::Input(reason)),
+        }
+    }
+    Ok(batch)
+}
+
 /// A mask of class ids, row-major.
 struct Mask {
     width: u32,
@@ -288,18 +360,15 @@ struct Mask {
     ids: Vec<u8>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn load_pair(
+/// Reads pair `i`: the decoded image (possibly downscaled while decoding, when `rescale`
+/// shrinks it), its full-resolution size, and its mask of class ids at that size.
+fn read_pair(
     sources: &PairSources,
     i: usize,
-    augment: &PairAugment,
-    view: &ViewSpec,
+    rescale: Option<Rescale>,
     spec: &MaskSpec,
     max_pixels: u64,
-    resizer: &mut Resizer,
-    out_pixels: &mut [f32],
-    out_mask: &mut [u8],
-) -> std::result::Result<(), PairError> {
+) -> std::result::Result<(Pixels, (u32, u32), Mask), PairError> {
     let (image, full, mask) = match sources {
         PairSources::Files { images, masks } => {
             let mask_bytes =
@@ -308,7 +377,7 @@ fn load_pair(
                 decode_mask(&mask_bytes).map_err(|e| format!("mask {}: {e}", masks[i].display()))?;
             let mask = to_classes(&stored, spec, &sources.describe_mask(i))?;
             let bytes = std::fs::read(&images[i]).map_err(|e| format!("cannot read image: {e}"))?;
-            let factor = |w: u32, h: u32| augment.rescale.map_or(1.0, |r| r.factor(w, h));
+            let factor = |w: u32, h: u32| rescale.map_or(1.0, |r| r.factor(w, h));
             let request = |w: u32, h: u32| (scaled(w, factor(w, h)), scaled(h, factor(w, h)));
             let decoded = decode(&bytes, max_pixels, &request)?;
             (decoded.pixels, (decoded.full_width, decoded.full_height), Mask { width, height, ids: mask })
@@ -332,6 +401,22 @@ fn load_pair(
             mask.width, mask.height, full.0, full.1
         )));
     }
+    Ok((image, full, mask))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_pair(
+    sources: &PairSources,
+    i: usize,
+    augment: &PairAugment,
+    view: &ViewSpec,
+    spec: &MaskSpec,
+    max_pixels: u64,
+    resizer: &mut Resizer,
+    out_pixels: &mut [f32],
+    out_mask: &mut [u8],
+) -> std::result::Result<(), PairError> {
+    let (image, full, mask) = read_pair(sources, i, augment.rescale, spec, max_pixels)?;
 
     // Rescale: both to the target size computed from the full-resolution size.
     let factor = augment.rescale.map_or(1.0, |r| r.factor(full.0, full.1));
