@@ -78,7 +78,8 @@ const SPEC_FIELDS = [
 ]
 const TRAINING_FIELDS = ['layerDecay']
 
-function resolveSpec(spec: SegmenterSpec): SegmenterConfig {
+/** The full config of `spec`: transformers' defaults around its backbone, overlaid with its fields. */
+export function resolveSegmenterConfig(spec: SegmenterSpec): SegmenterConfig {
   checkOptions('segmenter spec', spec, SPEC_FIELDS)
   if (!Number.isInteger(spec.numLabels) || spec.numLabels < 2)
     throw new Error(`numLabels must be an integer >= 2, got ${spec.numLabels}`)
@@ -102,7 +103,7 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
   }
 
   static create(spec: SegmenterSpec, opts: SegmenterCreateOptions = {}): Segmenter {
-    const config = resolveSpec(spec)
+    const config = resolveSegmenterConfig(spec)
     return new Segmenter(place(native.NativeSegmenter.create(JSON.stringify(config), ...nativeOptions(opts)), opts))
   }
 
@@ -117,7 +118,7 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
     opts: SegmenterCreateOptions = {},
   ): Promise<Segmenter> {
     const model = spec.model ?? (await Beit.load(path)).config
-    const config = resolveSpec({ ...spec, model })
+    const config = resolveSegmenterConfig({ ...spec, model })
     const handle = await native.NativeSegmenter.fromPretrained(path, JSON.stringify(config), ...nativeOptions(opts))
     return new Segmenter(place(handle, opts))
   }

@@ -8,7 +8,7 @@ Started by torchrun (WORLD_SIZE set), it is PyTorch DDP on the gloo backend: eac
 share of the row's batch, gradients are averaged by DDP's bucketed all-reduce, rank 0 prints.
 
 The work is beit's: transformers' BEiT with the same config, the MIM head on the masked patches
-only (as beit computes it), masked cross-entropy, AdamW with BEiT's decay exemptions, global
+only (as beit computes it), masked cross-entropy; BeitForSemanticSegmentation with its own loss; AdamW with BEiT's decay exemptions, global
 norm clipping; the tokenizer is the DALL-E layout (dalle_layout.py) with the Gumbel-softmax
 relaxation, logit-Laplace reconstruction, KL to the uniform prior, AdamW and a weight EMA.
 """
@@ -127,6 +127,31 @@ def classifier(row, gen):
     return step
 
 
+def segmenter(row, gen):
+    from transformers import BeitForSemanticSegmentation
+    s = row["segmenterConfig"]
+    c = s["model"]
+    model = BeitForSemanticSegmentation(hf_config(
+        c, num_labels=s["numLabels"], out_indices=s["outIndices"], pool_scales=s["poolScales"],
+        use_auxiliary_head=s["useAuxiliaryHead"], auxiliary_channels=s["auxiliaryChannels"],
+        auxiliary_num_convs=s["auxiliaryNumConvs"], auxiliary_concat_input=s["auxiliaryConcatInput"],
+        auxiliary_loss_weight=s["auxiliaryLossWeight"], semantic_loss_ignore_index=s["semanticLossIgnoreIndex"])).train()
+    opt = adamw(model.named_parameters(), 1e-4, 0.05)
+    b = share(row)
+    pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
+    labels = torch.randint(0, s["numLabels"], (b, *c["imageSize"]), generator=gen)
+
+    def step():
+        # transformers' loss: both heads' logits upsampled to the labels, cross-entropy, aux weighted.
+        loss = model(pixel_values=pixels, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        return loss.item()
+    return step
+
+
 EPS = 0.1  # DALL-E's logit-Laplace pixel map
 
 
@@ -181,7 +206,7 @@ def tokenizer_encode(row, gen):
     return step
 
 
-KINDS = {"mim": mim, "classifier": classifier, "tokenizer-train": tokenizer_train, "tokenizer-encode": tokenizer_encode}
+KINDS = {"mim": mim, "classifier": classifier, "segmenter": segmenter, "tokenizer-train": tokenizer_train, "tokenizer-encode": tokenizer_encode}
 
 
 def main():

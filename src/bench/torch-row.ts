@@ -15,6 +15,7 @@ import { detectLaunch, Distributed, initDistributed, SINGLE_PROCESS } from '../d
 import { RandomMaskGenerator } from '../masking'
 import { Beit } from '../model'
 import { Rng } from '../rng'
+import { Segmenter } from '../segmenter'
 import { Dvae } from '../tokenizer'
 import { ResolvedRow } from './torch-rows'
 
@@ -84,6 +85,19 @@ async function build(row: ResolvedRow, rng: Rng, d: Distributed): Promise<{ step
           (seed) => model.lossAndGrads({ pixels, labels, seed, firstSample: d.rank * b }),
         ),
       )
+    }
+    case 'segmenter': {
+      if (d.worldSize > 1) throw new Error('segmentation is not a data-parallel row (no synchronised BatchNorm yet)')
+      const s = row.segmenterConfig
+      const model = Segmenter.create(s)
+      const [h, w] = s.model.imageSize
+      const pixels = uniform(rng, b * s.model.numChannels * h * w, -1, 1)
+      const masks = new Uint8Array(b * h * w).map(() => rng.int(0, s.numLabels - 1))
+      let seed = 0
+      return {
+        step: () => model.trainStep({ pixels, masks, lr: 1e-4, seed: seed++ }).then(() => 0),
+        parameters: model.numParameters,
+      }
     }
     case 'tokenizer-train':
     case 'tokenizer-encode': {

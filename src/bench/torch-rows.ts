@@ -4,6 +4,7 @@ import { availableParallelism } from 'node:os'
 import { join } from 'node:path'
 
 import { BeitConfig, ModelSpec, resolveConfig } from '../config'
+import { resolveSegmenterConfig, SegmenterConfig, SegmenterSpec } from '../segmenter'
 import { DvaeConfig, DvaeSpec, resolveDvaeConfig } from '../tokenizer'
 
 interface Common {
@@ -17,6 +18,7 @@ type RowSpec = Common &
   (
     | { kind: 'mim'; model: ModelSpec; maskRatio: number }
     | { kind: 'classifier'; model: ModelSpec; numLabels: number }
+    | { kind: 'segmenter'; segmenter: SegmenterSpec }
     | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizer: DvaeSpec; imageSize: number; numChannels: number }
   )
 
@@ -24,6 +26,7 @@ export type ResolvedRow = Common &
   (
     | { kind: 'mim'; config: BeitConfig; maskRatio: number }
     | { kind: 'classifier'; config: BeitConfig; numLabels: number }
+    | { kind: 'segmenter'; segmenterConfig: SegmenterConfig }
     | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizerConfig: DvaeConfig; imageSize: number }
   )
 
@@ -36,6 +39,8 @@ export function benchRows(root: string): ResolvedRow[] {
         return { ...common, kind: r.kind, config: resolveConfig(r.model), maskRatio: r.maskRatio }
       case 'classifier':
         return { ...common, kind: r.kind, config: resolveConfig(r.model), numLabels: r.numLabels }
+      case 'segmenter':
+        return { ...common, kind: r.kind, segmenterConfig: resolveSegmenterConfig(r.segmenter) }
       default: {
         const spec = typeof r.tokenizer === 'string' ? { preset: r.tokenizer } : r.tokenizer
         const tokenizerConfig = resolveDvaeConfig({

@@ -1,8 +1,9 @@
-//! Convolution pieces for the dVAE, in NHWC layout: a "same" convolution, 2x2 max-pooling and
-//! 2x nearest upsampling, each a custom op with a backward pass. A k x k convolution is im2col
-//! and one matmul both ways (dX via col2im), so candle's threaded GEMM does the work (candle's
-//! own CPU conv backward is a direct loop, far too slow for training). On a GPU they are
-//! candle's own ops in NCHW, which have CUDA kernels and backward passes.
+//! Convolution pieces for the dVAE and the segmentation head, in NHWC layout: a "same"
+//! convolution, 2x2 max-pooling and 2x nearest upsampling, each a custom op with a backward
+//! pass. A k x k convolution is im2col and one matmul both ways (dX via col2im), chunk by chunk
+//! of images, so candle's threaded GEMM does the work (candle's own CPU conv backward is a
+//! direct loop, far too slow for training). On a GPU they are candle's own ops in NCHW, which
+//! have CUDA kernels and backward passes.
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -183,11 +184,29 @@ fn columns(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     cols.reshape((b * h * w, k * k * c))
 }
 
+/// im2col bytes one CPU convolution materialises at a time: the batch is cut into chunks of
+/// whole images under it (at least one image), so the buffer stays small and cache-warm however
+/// large the batch (a UperHead's 3x3 bottleneck over 512 channels at 56x56 is 58 MB an image).
+const CPU_IM2COL_BYTES: usize = 16 << 20;
+
+/// Images per im2col chunk of a k x k convolution over `x` [B, H, W, C].
+fn images_per_chunk(x: &Tensor, k: usize) -> candle_core::Result<usize> {
+    let (b, h, w, c) = x.dims4()?;
+    if k == 1 {
+        return Ok(b); // no column buffer
+    }
+    let per_image = h * w * k * k * c * x.dtype().size_in_bytes();
+    Ok((CPU_IM2COL_BYTES / per_image).clamp(1, b.max(1)))
+}
+
 fn conv_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, h, w, _) = x.dims4()?;
     let (c_out, _, k, _) = weight.dims4()?;
-    let y = add_bias(&columns(x, k)?.matmul(&flat_weight(weight)?.t()?)?, bias)?;
-    y.reshape((b, h, w, c_out))
+    let w_t = flat_weight(weight)?.t()?;
+    in_batch_chunks(x, images_per_chunk(x, k)?, |x| {
+        let (b, h, w, _) = x.dims4()?;
+        let y = add_bias(&columns(x, k)?.matmul(&w_t)?, bias)?;
+        y.reshape((b, h, w, c_out))
+    })
 }
 
 /// The convolution as one autograd node. Its forward output is computed outside autograd, so
@@ -232,19 +251,35 @@ impl candle_core::CustomOp3 for ConvSame {
         let (b, h, w, c) = x.dims4()?;
         let (c_out, _, k, _) = weight.dims4()?;
         let g = grad.contiguous()?.reshape((b * h * w, c_out))?;
-        let dw_flat = g.t()?.matmul(&columns(&x, k)?)?;
+        let w_flat = flat_weight(&weight)?;
+        // Chunk by chunk of images, as the forward: dW sums the chunks' products, dX is each
+        // chunk's col2im.
+        let per = images_per_chunk(&x, k)?;
+        let mut dw_flat: Option<Tensor> = None;
+        let mut dx_parts = Vec::with_capacity(b.div_ceil(per));
+        for start in (0..b).step_by(per) {
+            let n = per.min(b - start);
+            let (xc, gc) = (x.narrow(0, start, n)?, g.narrow(0, start * h * w, n * h * w)?);
+            let part = gc.t()?.matmul(&columns(&xc, k)?)?;
+            dw_flat = Some(match dw_flat {
+                None => part,
+                Some(sum) => (sum + part)?,
+            });
+            let dcols = gc.matmul(&w_flat)?;
+            dx_parts.push(if k == 1 {
+                dcols.reshape((n, h, w, c))?
+            } else {
+                dcols.reshape((n, h, w, k * k * c))?.apply_op1_no_bwd(&Col2Im { k, dims: (n, h, w, c) })?
+            });
+        }
+        let dw_flat = dw_flat.expect("a batch has at least one image");
         let dweight = if k == 1 {
             dw_flat.reshape(weight.shape())?
         } else {
             dw_flat.reshape((c_out, k, k, c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
         let dbias = sum_rows(&g)?;
-        let dcols = g.matmul(&flat_weight(&weight)?)?;
-        let dx = if k == 1 {
-            dcols.reshape((b, h, w, c))?
-        } else {
-            dcols.reshape((b, h, w, k * k * c))?.apply_op1_no_bwd(&Col2Im { k, dims: (b, h, w, c) })?
-        };
+        let dx = if dx_parts.len() == 1 { dx_parts.pop().expect("one part") } else { Tensor::cat(&dx_parts, 0)? };
         Ok((Some(dx), Some(dweight), Some(dbias)))
     }
 }

@@ -57,6 +57,34 @@ fn conv2d_same_matches_candle_conv2d() {
     }
 }
 
+/// The CPU path cuts the im2col buffer into chunks of whole images (16 MB): at 40x40x128 that is
+/// two images, then one; values and gradients equal candle's own convolution's.
+#[test]
+fn cpu_convolution_chunks_agree_with_candle_values_and_gradients() {
+    let x = Var::from_tensor(&random_tensor(&[3, 40, 40, 128], 31, DType::F32)).unwrap();
+    let w = Var::from_tensor(&random_tensor(&[8, 128, 3, 3], 32, DType::F32)).unwrap();
+    let b = Var::from_tensor(&random_tensor(&[8], 33, DType::F32)).unwrap();
+    let probe = random_tensor(&[3, 40, 40, 8], 34, DType::F32);
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let run = |ours: bool| {
+        let y = if ours {
+            conv2d_same(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()
+        } else {
+            let nchw = x.as_tensor().permute((0, 3, 1, 2)).unwrap();
+            let y = nchw.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
+            y.broadcast_add(b.as_tensor()).unwrap()
+        };
+        let grads = y.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+        [values(&y), values(grads.get(&x).unwrap()), values(grads.get(&w).unwrap()), values(grads.get(&b).unwrap())]
+    };
+    let (ours, reference) = (run(true), run(false));
+    for (name, (a, r)) in ["y", "dx", "dw", "db"].iter().zip(ours.iter().zip(&reference)) {
+        let scale = r.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = a.iter().zip(r).fold(0f32, |m, (a, r)| m.max((a - r).abs()));
+        assert!(d / scale < 1e-5, "{name}: max difference {d} (scale {scale})");
+    }
+}
+
 /// The GPU path splits large batches (candle's CUDA im2col overflows past 2^32 elements): chunked
 /// and whole convolutions agree, values and gradients, with an uneven last chunk.
 #[test]
