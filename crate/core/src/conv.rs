@@ -1,120 +1,21 @@
-//! Convolution pieces for the dVAE and the segmentation head, in NHWC layout: a "same"
-//! convolution, 2x2 max-pooling and 2x nearest upsampling, each a custom op with a backward
-//! pass. A k x k convolution is im2col and one matmul both ways (dX via col2im), chunk by chunk
-//! of images, so candle's threaded GEMM does the work (candle's own CPU conv backward is a
-//! direct loop, far too slow for training). On a GPU they are candle's own ops in NCHW, which
-//! have CUDA kernels and backward passes.
+//! Convolution pieces for the dVAE and the segmentation head on candle's autograd, in NHWC
+//! layout: a "same" convolution, 2x2 max-pooling and 2x nearest upsampling, each a custom op
+//! with a backward pass. On the CPU the convolution runs the engine's tiled im2col GEMMs both
+//! ways (candle's own CPU conv backward is a direct loop, far too slow for training). On a GPU
+//! they are candle's own ops in NCHW, which have CUDA kernels and backward passes.
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::engine::conv::{self as kernels, Nhwc};
+use crate::engine::simd::Real;
 use crate::float::Float;
-use crate::ops::{add_bias, contiguous, dispatch_float, into_storage, same_dtype_slices, sum_rows};
+use crate::ops::{contiguous, dispatch_float, into_storage, same_dtype_slices};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
     match layout.dims() {
         &[b, h, w, c] => Ok((b, h, w, c)),
         d => bail!("{op}: expected an NHWC tensor, got shape {d:?}"),
-    }
-}
-
-/// Patches of a k x k window with zero padding (k-1)/2 and stride 1:
-/// [B, H, W, C] -> [B, H, W, k*k*C], channel fastest, then window column, then window row.
-struct Im2Col {
-    k: usize,
-}
-
-fn im2col<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize), k: usize) -> Vec<T> {
-    let pad = (k - 1) / 2;
-    let row = k * k * c;
-    let mut cols = vec![T::ZERO; b * h * w * row];
-    cols.par_chunks_mut(w * row).enumerate().for_each(|(by, out)| {
-        let (bi, y) = (by / h, by % h);
-        for x_ in 0..w {
-            let dst = &mut out[x_ * row..(x_ + 1) * row];
-            for ky in 0..k {
-                let sy = y as isize + ky as isize - pad as isize;
-                if sy < 0 || sy >= h as isize {
-                    continue;
-                }
-                for kx in 0..k {
-                    let sx = x_ as isize + kx as isize - pad as isize;
-                    if sx < 0 || sx >= w as isize {
-                        continue;
-                    }
-                    let src = ((bi * h + sy as usize) * w + sx as usize) * c;
-                    let o = (ky * k + kx) * c;
-                    dst[o..o + c].copy_from_slice(&x[src..src + c]);
-                }
-            }
-        }
-    });
-    cols
-}
-
-/// Adjoint of [`im2col`]: sums each window entry back onto the pixel it was copied from.
-fn col2im<T: Float>(cols: &[T], (b, h, w, c): (usize, usize, usize, usize), k: usize) -> Vec<T> {
-    let pad = (k - 1) / 2;
-    let row = k * k * c;
-    let mut x = vec![T::ZERO; b * h * w * c];
-    // Each task owns one output image row and gathers from the window rows that read it.
-    x.par_chunks_mut(w * c).enumerate().for_each(|(by, out)| {
-        let (bi, y) = (by / h, by % h);
-        for ky in 0..k {
-            let cy = y as isize - ky as isize + pad as isize;
-            if cy < 0 || cy >= h as isize {
-                continue;
-            }
-            for x_ in 0..w {
-                let dst = &mut out[x_ * c..(x_ + 1) * c];
-                for kx in 0..k {
-                    let cx = x_ as isize - kx as isize + pad as isize;
-                    if cx < 0 || cx >= w as isize {
-                        continue;
-                    }
-                    let src = ((bi * h + cy as usize) * w + cx as usize) * row + (ky * k + kx) * c;
-                    for (d, &s) in dst.iter_mut().zip(&cols[src..src + c]) {
-                        *d += s;
-                    }
-                }
-            }
-        }
-    });
-    x
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = nhwc(l, self.name())?;
-        let out =
-            dispatch_float!(self.name(), s, |v| into_storage(im2col(contiguous(v, l, self.name())?, dims, self.k)));
-        let (b, h, w, c) = dims;
-        Ok((out, Shape::from((b, h, w, self.k * self.k * c))))
-    }
-}
-
-struct Col2Im {
-    k: usize,
-    dims: (usize, usize, usize, usize),
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c) = self.dims;
-        let out = dispatch_float!(self.name(), s, |v| into_storage(col2im(
-            contiguous(v, l, self.name())?,
-            self.dims,
-            self.k
-        )));
-        Ok((out, Shape::from((b, h, w, c))))
     }
 }
 
@@ -162,58 +63,58 @@ pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::R
     if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x, weight, bias], |t| conv2d_same(&t[0], &t[1], &t[2]))? {
         return Ok(y);
     }
-    let x = x.contiguous()?;
-    let output = conv_forward(&x.detach(), &weight.detach(), &bias.detach())?;
-    x.apply_op3(weight, bias, ConvSame { output })
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvSame)
 }
 
-/// [C_out, C_in, k, k] -> [C_out, k*k*C_in], matching the im2col column order.
-fn flat_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
-    let (c_out, c_in, k, _) = weight.dims4()?;
-    if k == 1 {
-        weight.reshape((c_out, c_in))
+/// The CPU convolution as one autograd node over the engine's tiled im2col GEMMs (a few MB of
+/// columns at a time, never the k*k-times-the-input matrix): the forward, the weight and bias
+/// gradients, and the input gradient as the convolution of dy with the flipped kernel.
+struct ConvSame;
+
+/// [C_out, C_in, k, k] of a weight's layout.
+fn kernel_dims(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize)> {
+    match layout.dims() {
+        &[c_out, c_in, k, k2] if k == k2 => Ok((c_out, c_in, k)),
+        d => bail!("{op}: expected a [C_out, C_in, k, k] kernel, got shape {d:?}"),
+    }
+}
+
+fn conv_cpu<T: Real>(x: &[T], s: Nhwc, weight: &[T], bias: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+    let mut packed = vec![T::ZERO; k * k * s.c * c_out];
+    kernels::pack(weight, c_out, s.c, k, &mut packed);
+    let mut y = vec![T::ZERO; s.pixels() * c_out];
+    kernels::forward(x, s, false, k, &packed, bias, &mut y, &mut Vec::new());
+    y
+}
+
+/// d loss / d x: dy convolved with the flipped kernel.
+fn conv_cpu_input_grad<T: Real>(dy: &[T], s: Nhwc, weight: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+    let flipped = if k == 1 {
+        weight.to_vec()
     } else {
-        weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c_out, k * k * c_in))
-    }
+        let mut f = vec![T::ZERO; weight.len()];
+        kernels::flip(weight, c_out, s.c, k, &mut f);
+        f
+    };
+    let mut dx = vec![T::ZERO; s.len()];
+    kernels::backward_input(&[], s, false, k, &flipped, c_out, dy, &mut dx, &mut Vec::new());
+    dx
 }
 
-/// im2col rows [B*H*W, k*k*C] of a contiguous NHWC input, outside autograd.
-fn columns(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    let cols = if k == 1 { x.clone() } else { x.apply_op1_no_bwd(&Im2Col { k })? };
-    cols.reshape((b * h * w, k * k * c))
+/// The weight gradient [C_out, C_in, k, k] followed by the bias gradient [C_out].
+fn conv_cpu_param_grads<T: Real>(x: &[T], s: Nhwc, dy: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+    let mut packed = vec![T::ZERO; c_out * k * k * s.c];
+    let mut dbias = vec![T::ZERO; c_out];
+    kernels::backward_params(x, s, false, k, dy, &mut packed, &mut dbias, &mut Vec::new(), &mut Vec::new());
+    let mut grads = vec![T::ZERO; c_out * s.c * k * k];
+    kernels::unpack_add(&packed, s.c, k, &mut grads);
+    grads.extend_from_slice(&dbias);
+    grads
 }
 
-/// im2col bytes one CPU convolution materialises at a time: the batch is cut into chunks of
-/// whole images under it (at least one image), so the buffer stays small and cache-warm however
-/// large the batch (a UperHead's 3x3 bottleneck over 512 channels at 56x56 is 58 MB an image).
-const CPU_IM2COL_BYTES: usize = 16 << 20;
-
-/// Images per im2col chunk of a k x k convolution over `x` [B, H, W, C].
-fn images_per_chunk(x: &Tensor, k: usize) -> candle_core::Result<usize> {
-    let (b, h, w, c) = x.dims4()?;
-    if k == 1 {
-        return Ok(b); // no column buffer
-    }
-    let per_image = h * w * k * k * c * x.dtype().size_in_bytes();
-    Ok((CPU_IM2COL_BYTES / per_image).clamp(1, b.max(1)))
-}
-
-fn conv_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (c_out, _, k, _) = weight.dims4()?;
-    let w_t = flat_weight(weight)?.t()?;
-    in_batch_chunks(x, images_per_chunk(x, k)?, |x| {
-        let (b, h, w, _) = x.dims4()?;
-        let y = add_bias(&columns(x, k)?.matmul(&w_t)?, bias)?;
-        y.reshape((b, h, w, c_out))
-    })
-}
-
-/// The convolution as one autograd node. Its forward output is computed outside autograd, so
-/// the im2col buffer (k*k times the input) is freed at once; the backward recomputes it.
-/// Training then keeps only each conv's input alive, as PyTorch does.
-struct ConvSame {
-    output: Tensor,
+fn nhwc_of(layout: &Layout, op: &str) -> candle_core::Result<Nhwc> {
+    let (b, h, w, c) = nhwc(layout, op)?;
+    Ok(Nhwc { b, h, w, c })
 }
 
 impl candle_core::CustomOp3 for ConvSame {
@@ -223,20 +124,23 @@ impl candle_core::CustomOp3 for ConvSame {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let flat = self.output.flatten_all()?;
-        let storage = match self.output.dtype() {
-            candle_core::DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            candle_core::DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            other => bail!("conv2d: unsupported dtype {other:?}, expected f32 or f64"),
-        };
-        Ok((storage, self.output.shape().clone()))
+        let s = nhwc_of(l1, self.name())?;
+        let (c_out, _, k) = kernel_dims(l2, self.name())?;
+        let out = dispatch_float!(self.name(), s1, |x| into_storage(conv_cpu(
+            contiguous(x, l1, self.name())?,
+            s,
+            same_dtype_slices(self.name(), s2, l2)?,
+            same_dtype_slices(self.name(), s3, l3)?,
+            (c_out, k)
+        )));
+        Ok((out, Shape::from((s.b, s.h, s.w, c_out))))
     }
 
     fn bwd(
@@ -247,40 +151,71 @@ impl candle_core::CustomOp3 for ConvSame {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, weight) = (x.detach(), weight.detach());
-        let (b, h, w, c) = x.dims4()?;
-        let (c_out, _, k, _) = weight.dims4()?;
-        let g = grad.contiguous()?.reshape((b * h * w, c_out))?;
-        let w_flat = flat_weight(&weight)?;
-        // Chunk by chunk of images, as the forward: dW sums the chunks' products, dX is each
-        // chunk's col2im.
-        let per = images_per_chunk(&x, k)?;
-        let mut dw_flat: Option<Tensor> = None;
-        let mut dx_parts = Vec::with_capacity(b.div_ceil(per));
-        for start in (0..b).step_by(per) {
-            let n = per.min(b - start);
-            let (xc, gc) = (x.narrow(0, start, n)?, g.narrow(0, start * h * w, n * h * w)?);
-            let part = gc.t()?.matmul(&columns(&xc, k)?)?;
-            dw_flat = Some(match dw_flat {
-                None => part,
-                Some(sum) => (sum + part)?,
-            });
-            let dcols = gc.matmul(&w_flat)?;
-            dx_parts.push(if k == 1 {
-                dcols.reshape((n, h, w, c))?
-            } else {
-                dcols.reshape((n, h, w, k * k * c))?.apply_op1_no_bwd(&Col2Im { k, dims: (n, h, w, c) })?
-            });
-        }
-        let dw_flat = dw_flat.expect("a batch has at least one image");
-        let dweight = if k == 1 {
-            dw_flat.reshape(weight.shape())?
-        } else {
-            dw_flat.reshape((c_out, k, k, c))?.permute((0, 3, 1, 2))?.contiguous()?
-        };
-        let dbias = sum_rows(&g)?;
-        let dx = if dx_parts.len() == 1 { dx_parts.pop().expect("one part") } else { Tensor::cat(&dx_parts, 0)? };
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(weight, &ConvInputGrad { input: nhwc_of(x.layout(), "conv2d-same")? })?;
+        let grads = x.apply_op2_no_bwd(&grad, &ConvParamGrads { k: weight.dim(2)? })?;
+        let n = weight.elem_count();
+        let dweight = grads.narrow(0, 0, n)?.reshape(weight.shape())?;
+        let dbias = grads.narrow(0, n, grads.dim(0)? - n)?;
         Ok((Some(dx), Some(dweight), Some(dbias)))
+    }
+}
+
+/// (dy, weight) -> d loss / d x of a [`ConvSame`] whose input was `input`.
+struct ConvInputGrad {
+    input: Nhwc,
+}
+
+impl candle_core::CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-same-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c_out, _, k) = kernel_dims(l2, self.name())?;
+        let s = self.input;
+        let out = dispatch_float!(self.name(), s1, |dy| into_storage(conv_cpu_input_grad(
+            contiguous(dy, l1, self.name())?,
+            s,
+            same_dtype_slices(self.name(), s2, l2)?,
+            (c_out, k)
+        )));
+        Ok((out, Shape::from((s.b, s.h, s.w, s.c))))
+    }
+}
+
+/// (x, dy) -> the weight and bias gradients of a k x k [`ConvSame`], flat.
+struct ConvParamGrads {
+    k: usize,
+}
+
+impl candle_core::CustomOp2 for ConvParamGrads {
+    fn name(&self) -> &'static str {
+        "conv2d-same-param-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = nhwc_of(l1, self.name())?;
+        let c_out = nhwc(l2, self.name())?.3;
+        let out = dispatch_float!(self.name(), s1, |x| into_storage(conv_cpu_param_grads(
+            contiguous(x, l1, self.name())?,
+            s,
+            same_dtype_slices(self.name(), s2, l2)?,
+            (c_out, self.k)
+        )));
+        Ok((out, Shape::from(c_out * s.c * self.k * self.k + c_out)))
     }
 }
 

@@ -57,10 +57,11 @@ fn conv2d_same_matches_candle_conv2d() {
     }
 }
 
-/// The CPU path cuts the im2col buffer into chunks of whole images (16 MB): at 40x40x128 that is
-/// two images, then one; values and gradients equal candle's own convolution's.
+/// The CPU path runs the engine's tiled im2col GEMMs (8 MB tiles: at 40x40x128 three tiles over
+/// a batch of three, the last uneven, crossing images); values and gradients equal candle's own
+/// convolution's.
 #[test]
-fn cpu_convolution_chunks_agree_with_candle_values_and_gradients() {
+fn cpu_convolution_tiles_agree_with_candle_values_and_gradients() {
     let x = Var::from_tensor(&random_tensor(&[3, 40, 40, 128], 31, DType::F32)).unwrap();
     let w = Var::from_tensor(&random_tensor(&[8, 128, 3, 3], 32, DType::F32)).unwrap();
     let b = Var::from_tensor(&random_tensor(&[8], 33, DType::F32)).unwrap();
