@@ -38,6 +38,24 @@ function writePair(imagePath: string, maskPath: string, w: number, h: number, id
   writeFileSync(maskPath, encodePng(mask, w, h, 1))
 }
 
+/** A tiny RGB segmenter on 8x8 inputs (2 px patches, a 4x4 grid). */
+function tinySegmenter(numLabels: number): Segmenter {
+  return Segmenter.create({
+    model: {
+      preset: 'mini',
+      imageSize: [8, 8],
+      patchSize: 2,
+      numChannels: 3,
+      hiddenSize: 8,
+      numHiddenLayers: 4,
+      numAttentionHeads: 2,
+      intermediateSize: 16,
+    },
+    numLabels,
+    auxiliaryChannels: 4,
+  })
+}
+
 async function firstBatch(data: SegmentationDataset, numLabels: number, size: [number, number], onError?: 'fail') {
   const loader = new SegmentationLoader({
     data,
@@ -121,20 +139,7 @@ test('a VOC folder and a manifest list their pairs; the batched evaluation view 
   t.deepEqual(Array.from(batch.masks.subarray(32, 64)), Array(32).fill(255))
   t.deepEqual(Array.from(batch.masks.subarray(64, 128)), Array(64).fill(255)) // x2: all ignored
 
-  const segmenter = Segmenter.create({
-    model: {
-      preset: 'mini',
-      imageSize: [8, 8],
-      patchSize: 2,
-      numChannels: 3,
-      hiddenSize: 8,
-      numHiddenLayers: 4,
-      numAttentionHeads: 2,
-      intermediateSize: 16,
-    },
-    numLabels: 21,
-    auxiliaryChannels: 4,
-  })
+  const segmenter = tinySegmenter(21)
   const scores = await evaluateSegmentation(segmenter, voc)
   t.is(scores.perClassIou.length, 21)
   t.true(scores.overallAccuracy >= 0 && scores.overallAccuracy <= 1)
@@ -196,20 +201,7 @@ test('evaluation: sliding windows over rescaled files agree with the batched pat
     writePair(sub('images'), sub('annotations'), 8, 8, (x, y) => (x + y + i) % 3)
   }
   const data = await segmentationFolder(dir, { split: 'validation' })
-  const segmenter = Segmenter.create({
-    model: {
-      preset: 'mini',
-      imageSize: [8, 8],
-      patchSize: 2,
-      numChannels: 3,
-      hiddenSize: 8,
-      numHiddenLayers: 4,
-      numAttentionHeads: 2,
-      intermediateSize: 16,
-    },
-    numLabels: 3,
-    auxiliaryChannels: 4,
-  })
+  const segmenter = tinySegmenter(3)
   const slide = await evaluateSegmentation(segmenter, data)
   const resize = await evaluateSegmentation(segmenter, data, { mode: 'resize' })
   t.deepEqual(slide, resize)
