@@ -5,11 +5,9 @@
 //! they are candle's own ops in NCHW, which have CUDA kernels and backward passes.
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::engine::conv::{self as kernels, Nhwc};
 use crate::engine::simd::Real;
-use crate::float::Float;
 use crate::ops::{contiguous, dispatch_float, into_storage, same_dtype_slices};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -222,46 +220,15 @@ impl candle_core::CustomOp2 for ConvParamGrads {
 /// 2x2 max-pooling, stride 2, NHWC. The gradient goes to the first maximum of each window.
 struct MaxPool2;
 
-fn max_pool2_fwd<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
-    let (oh, ow) = (h / 2, w / 2);
-    let mut y = vec![T::ZERO; b * oh * ow * c];
-    y.par_chunks_mut(ow * c).enumerate().for_each(|(boy, out)| {
-        let (bi, oy) = (boy / oh, boy % oh);
-        for ox in 0..ow {
-            for ch in 0..c {
-                let at = |dy: usize, dx: usize| x[((bi * h + 2 * oy + dy) * w + 2 * ox + dx) * c + ch];
-                let mut m = at(0, 0);
-                for (dy, dx) in [(0, 1), (1, 0), (1, 1)] {
-                    if at(dy, dx) > m {
-                        m = at(dy, dx);
-                    }
-                }
-                out[ox * c + ch] = m;
-            }
-        }
-    });
+fn max_pool2_fwd<T: Real>(x: &[T], s: Nhwc) -> Vec<T> {
+    let mut y = vec![T::ZERO; s.len() / 4];
+    kernels::max_pool2(x, s, &mut y);
     y
 }
 
-fn max_pool2_bwd<T: Float>(x: &[T], y: &[T], g: &[T], (_, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
-    let (oh, ow) = (h / 2, w / 2);
-    let mut dx = vec![T::ZERO; x.len()];
-    // Each task owns the two input rows of one output row.
-    dx.par_chunks_mut(2 * w * c).enumerate().for_each(|(boy, out)| {
-        let (bi, oy) = (boy / oh, boy % oh);
-        for ox in 0..ow {
-            for ch in 0..c {
-                let o = ((bi * oh + oy) * ow + ox) * c + ch;
-                for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                    let i = ((bi * h + 2 * oy + dy) * w + 2 * ox + dx_) * c + ch;
-                    if x[i] == y[o] {
-                        out[(dy * w + 2 * ox + dx_) * c + ch] = g[o];
-                        break;
-                    }
-                }
-            }
-        }
-    });
+fn max_pool2_bwd<T: Real>(x: &[T], y: &[T], g: &[T], s: Nhwc) -> Vec<T> {
+    let mut dx = vec![T::ZERO; s.len()];
+    kernels::max_pool2_backward(x, s, y, g, &mut dx);
     dx
 }
 
@@ -277,7 +244,7 @@ impl CustomOp1 for MaxPool2 {
         }
         let out = dispatch_float!(self.name(), s, |v| into_storage(max_pool2_fwd(
             contiguous(v, l, self.name())?,
-            (b, h, w, c)
+            Nhwc { b, h, w, c }
         )));
         Ok((out, Shape::from((b, h / 2, w / 2, c))))
     }
@@ -303,7 +270,7 @@ impl candle_core::CustomOp3 for MaxPool2Backward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = nhwc(l1, self.name())?;
+        let dims = nhwc_of(l1, self.name())?;
         let out = dispatch_float!(self.name(), s1, |x| into_storage(max_pool2_bwd(
             contiguous(x, l1, self.name())?,
             same_dtype_slices(self.name(), s2, l2)?,
@@ -327,32 +294,15 @@ pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
 /// 2x nearest-neighbour upsampling, NHWC. Backward sums each 2x2 block.
 struct Upsample2;
 
-fn upsample2_fwd<T: Float>(x: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
-    let mut y = vec![T::ZERO; b * 4 * h * w * c];
-    y.par_chunks_mut(2 * w * c).enumerate().for_each(|(boy, out)| {
-        let (bi, iy) = (boy / (2 * h), boy % (2 * h) / 2);
-        for ix in 0..w {
-            let src = &x[((bi * h + iy) * w + ix) * c..][..c];
-            out[2 * ix * c..][..c].copy_from_slice(src);
-            out[(2 * ix + 1) * c..][..c].copy_from_slice(src);
-        }
-    });
+fn upsample2_fwd<T: Real>(x: &[T], s: Nhwc) -> Vec<T> {
+    let mut y = vec![T::ZERO; 4 * s.len()];
+    kernels::upsample2(x, s, &mut y);
     y
 }
 
-fn upsample2_bwd<T: Float>(g: &[T], (b, h, w, c): (usize, usize, usize, usize)) -> Vec<T> {
-    let mut dx = vec![T::ZERO; b * h * w * c];
-    dx.par_chunks_mut(w * c).enumerate().for_each(|(biy, out)| {
-        let (bi, iy) = (biy / h, biy % h);
-        for ix in 0..w {
-            for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let src = &g[((bi * 2 * h + 2 * iy + dy) * 2 * w + 2 * ix + dx_) * c..][..c];
-                for (d, &s) in out[ix * c..][..c].iter_mut().zip(src) {
-                    *d += s;
-                }
-            }
-        }
-    });
+fn upsample2_bwd<T: Real>(g: &[T], s: Nhwc) -> Vec<T> {
+    let mut dx = vec![T::ZERO; s.len()];
+    kernels::upsample2_backward(g, s, &mut dx);
     dx
 }
 
@@ -365,19 +315,18 @@ impl CustomOp1 for Upsample2 {
         let (b, h, w, c) = nhwc(l, self.name())?;
         let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_fwd(
             contiguous(v, l, self.name())?,
-            (b, h, w, c)
+            Nhwc { b, h, w, c }
         )));
         Ok((out, Shape::from((b, 2 * h, 2 * w, c))))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (b, h, w, c) = x.dims4()?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Upsample2Backward { dims: (b, h, w, c) })?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Upsample2Backward { input: nhwc_of(x.layout(), "upsample")? })?))
     }
 }
 
 struct Upsample2Backward {
-    dims: (usize, usize, usize, usize),
+    input: Nhwc,
 }
 
 impl CustomOp1 for Upsample2Backward {
@@ -386,9 +335,11 @@ impl CustomOp1 for Upsample2Backward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c) = self.dims;
-        let out =
-            dispatch_float!(self.name(), s, |v| into_storage(upsample2_bwd(contiguous(v, l, self.name())?, self.dims)));
+        let Nhwc { b, h, w, c } = self.input;
+        let out = dispatch_float!(self.name(), s, |v| into_storage(upsample2_bwd(
+            contiguous(v, l, self.name())?,
+            self.input
+        )));
         Ok((out, Shape::from((b, h, w, c))))
     }
 }
