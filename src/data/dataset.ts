@@ -38,7 +38,7 @@ export function describeImage(dataset: ImageDataset, index: number): string {
   return dataset.source.kind === 'files' ? dataset.source.paths[index] : `${dataset.name}[${index}]`
 }
 
-async function requireFolder(dir: string): Promise<void> {
+export async function requireFolder(dir: string): Promise<void> {
   let info
   try {
     info = await stat(dir)
@@ -116,12 +116,7 @@ export interface ManifestOptions {
  * per line) list of images.
  */
 export async function manifest(path: string, opts: ManifestOptions = {}): Promise<ImageDataset> {
-  let text: string
-  try {
-    text = await readFile(path, 'utf8')
-  } catch (e) {
-    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`, { cause: e })
-  }
+  const text = await readManifest(path)
   const root = opts.root ?? dirname(path)
   const rows = extname(path).toLowerCase() === '.jsonl' ? parseJsonl(text, path) : parseCsv(text, path)
   if (rows.length === 0) throw new Error(`manifest ${path} lists no images`)
@@ -150,6 +145,15 @@ export async function manifest(path: string, opts: ManifestOptions = {}): Promis
     })
   }
   return { name: path, size: rows.length, source: { kind: 'files', paths }, labels, classNames, ignoredFiles: 0 }
+}
+
+/** A manifest's text, or an error naming it. */
+export async function readManifest(path: string): Promise<string> {
+  try {
+    return await readFile(path, 'utf8')
+  } catch (e) {
+    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`, { cause: e })
+  }
 }
 
 /** Sorted distinct labels; all-numeric labels 0..K-1 are kept as their own indices. */
@@ -212,7 +216,7 @@ function parseCsv(text: string, file: string): ManifestRow[] {
   return rows
 }
 
-function splitCsvLine(line: string): string[] {
+export function splitCsvLine(line: string): string[] {
   const fields: string[] = []
   let field = ''
   let quoted = false

@@ -4,10 +4,10 @@
  * by the native pool (rescale, crop capped by one class's share, flip, photometric distortion,
  * padding); a loader of augmented batches on the contract of the image loader.
  */
-import { readdir, readFile, stat } from 'node:fs/promises'
+import { readdir, readFile } from 'node:fs/promises'
 import { basename, dirname, extname, isAbsolute, join, resolve } from 'node:path'
 
-import { IMAGE_EXTENSIONS } from '../data/dataset'
+import { IMAGE_EXTENSIONS, readManifest, requireFolder, splitCsvLine } from '../data/dataset'
 import { LoadedBatch, ShardedLoader, ShardOptions } from '../data/loader'
 import { ViewSpec, viewSpec } from '../data/augment'
 import { deriveSeed, Rng } from '../rng'
@@ -32,14 +32,8 @@ export function describePair(data: SegmentationDataset, index: number): string {
   return data.source.kind === 'files' ? data.source.images[index] : `${data.name}[${index}]`
 }
 
-async function folderEntries(dir: string, what: string): Promise<string[]> {
-  let info
-  try {
-    info = await stat(dir)
-  } catch (e) {
-    throw new Error(`${what} not found: ${dir}`, { cause: e })
-  }
-  if (!info.isDirectory()) throw new Error(`${what} ${dir} is not a folder`)
+async function folderEntries(dir: string): Promise<string[]> {
+  await requireFolder(dir)
   return (await readdir(dir)).sort()
 }
 
@@ -51,14 +45,12 @@ async function pairByStem(
   maskDir: string,
 ): Promise<{ images: string[]; masks: string[]; unpaired: string[] }> {
   const maskNames = new Map(
-    (await folderEntries(maskDir, 'mask folder'))
-      .filter((n) => extname(n).toLowerCase() === '.png')
-      .map((n) => [stem(n), n]),
+    (await folderEntries(maskDir)).filter((n) => extname(n).toLowerCase() === '.png').map((n) => [stem(n), n]),
   )
   const images: string[] = []
   const masks: string[] = []
   const unpaired: string[] = []
-  for (const name of await folderEntries(imageDir, 'image folder')) {
+  for (const name of await folderEntries(imageDir)) {
     if (!IMAGE_EXTENSIONS.includes(extname(name).toLowerCase())) continue
     const mask = maskNames.get(stem(name))
     if (mask === undefined) unpaired.push(join(imageDir, name))
@@ -162,7 +154,7 @@ export async function vocSegmentation(
     .split(/\r?\n/)
     .map((l) => l.trim())
     .filter(Boolean)
-  const imageNames = new Map((await folderEntries(join(dir, 'JPEGImages'), 'image folder')).map((n) => [stem(n), n]))
+  const imageNames = new Map((await folderEntries(join(dir, 'JPEGImages'))).map((n) => [stem(n), n]))
   const images: string[] = []
   const masks: string[] = []
   for (const s of stems) {
@@ -182,15 +174,10 @@ export async function segmentationManifest(
   path: string,
   opts: { root?: string; reduceZeroLabel?: boolean; classNames?: string[] } = {},
 ): Promise<SegmentationDataset> {
-  let text: string
-  try {
-    text = await readFile(path, 'utf8')
-  } catch (e) {
-    throw new Error(`cannot read manifest ${path}: ${(e as Error).message}`, { cause: e })
-  }
+  const text = await readManifest(path)
   const root = opts.root ?? dirname(path)
   const lines = text.split(/\r?\n/)
-  const header = lines[0].split(',').map((h) => h.trim().toLowerCase())
+  const header = splitCsvLine(lines[0]).map((h) => h.trim().toLowerCase())
   const [imageCol, maskCol] = [header.indexOf('image'), header.indexOf('mask')]
   if (imageCol < 0 || maskCol < 0)
     throw new Error(`${path}:1: the CSV header needs "image" and "mask" columns, got ${JSON.stringify(lines[0])}`)
@@ -199,7 +186,7 @@ export async function segmentationManifest(
   const at = (p: string) => (isAbsolute(p) ? p : resolve(root, p))
   lines.slice(1).forEach((line, i) => {
     if (!line.trim()) return
-    const fields = line.split(',').map((f) => f.trim())
+    const fields = splitCsvLine(line).map((f) => f.trim())
     if (!fields[imageCol] || !fields[maskCol]) throw new Error(`${path}:${i + 2}: expected an image and a mask path`)
     images.push(at(fields[imageCol]))
     masks.push(at(fields[maskCol]))
