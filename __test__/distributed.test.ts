@@ -186,6 +186,50 @@ for (const kind of ['pretrain', 'finetune', 'tokenizer'] as const) {
   )
 }
 
+test.serial(
+  'segment: SyncBatchNorm makes 2 ranks x 4 scenes the steps of 1 rank x 8, and both score every test scene once',
+  async (t) => {
+    const dir = await tempDir(t)
+    const job = (name: string, batchSize: number): Job => ({
+      kind: 'segment',
+      outDir: join(dir, name),
+      batchSize,
+      steps: 3,
+    })
+    const alone = await train('none', 1, job('one', 8))
+    ok(t, alone)
+    const two = await train('mpich', 2, job('two', 4))
+    ok(t, two)
+    const meanIou = (r: Finished) =>
+      r.stdout
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => (JSON.parse(l) as { evalMeanIou: number }).evalMeanIou)
+    const [one] = meanIou(alone)
+    t.true(one > 0)
+    // The ranks' areas are summed, so the scores are the whole test set's (to the last bit of a sum).
+    for (const score of meanIou(two)) t.true(Math.abs(score - one) < 1e-6, `${score} vs ${one}`)
+    // Weights and BatchNorm running statistics (measured 3e-7 apart), where ranks normalising by
+    // their own 4 scenes would each move the running statistics by their half-batch's.
+    const diff = weightDifference(join(dir, 'one', 'rank-0.safetensors'), join(dir, 'two', 'rank-0.safetensors'))
+    t.true(diff <= 1e-5, `weights differ by ${diff}`)
+    t.true(
+      identical(join(dir, 'two', 'rank-0.safetensors'), join(dir, 'two', 'rank-1.safetensors')),
+      "the ranks' weights, statistics and moments are equal bit for bit",
+    )
+    const rows = (await readFile(join(dir, 'two', 'metrics.jsonl'), 'utf8'))
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { images?: number })
+      .filter((r) => r.images !== undefined)
+    t.deepEqual(
+      rows.map((r) => r.images),
+      [8, 8, 8],
+      'each update is over the global batch',
+    )
+  },
+)
+
 test.serial('every MPI ABI: the standard ABI and MPICH ABI under MPICH, Open MPI 4 under its mpirun', async (t) => {
   const dir = await tempDir(t)
   const job = (name: string): Job => ({ kind: 'finetune', outDir: join(dir, name), batchSize: 8, steps: 2 })

@@ -127,12 +127,6 @@ test('fine-tuning starts from a pretrained MIM checkpoint at another image size'
   t.is((await seg.predict(pixels.subarray(0, 24 * 32))).length, 24 * 32)
 })
 
-test('a segmenter refuses data-parallel training until BatchNorm is synchronised', async (t) => {
-  // distribute() is refused before any MPI call, so one process shows it.
-  const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
-  await t.throwsAsync(seg.distribute(), { message: /needs synchronised BatchNorm/ })
-})
-
 test('masks of the wrong size are refused with both sizes', async (t) => {
   const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
   const { pixels, masks } = toyBatch(2, 3)

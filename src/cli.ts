@@ -72,7 +72,7 @@ async function main(argv: string[]): Promise<void> {
   const launch = detectLaunch()
   if (launch && launch.worldSize > 1 && !('distributed' in command.flags))
     throw new UsageError(
-      `beit ${name} runs in one process, but ${launch.launcher} started ${launch.worldSize}: run it without a launcher (tokenizer, pretrain and finetune train data-parallel)`,
+      `beit ${name} runs in one process, but ${launch.launcher} started ${launch.worldSize}: run it without a launcher (tokenizer, pretrain, finetune and segment train data-parallel)`,
     )
   await command.run(values)
 }

@@ -22,7 +22,9 @@ import {
   vocSegmentation,
 } from '../segmentation/data'
 import {
+  DATA_PARALLEL_FLAGS,
   interruptible,
+  joinJob,
   lengthFlags,
   log,
   MODEL_FLAGS,
@@ -30,6 +32,7 @@ import {
   pct,
   placement,
   prepareOut,
+  quietOffMain,
   RUN_FLAGS,
   runLength,
   scheduleOptions,
@@ -69,6 +72,7 @@ const FLAGS = flagTable({
   ),
   'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last step)', default: 1, min: 1 },
   ...SEGMENT_RUN_FLAGS,
+  ...DATA_PARALLEL_FLAGS,
   'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.65 },
   'aux-channels': { kind: 'int', help: 'channels of the auxiliary FCN head', default: 64, min: 1 },
   out: { kind: 'string', help: 'run folder', default: join('runs', 'segment') },
@@ -79,18 +83,20 @@ export const segmentCommand = defineCommand({
   summary:
     'Fine-tunes a BEiT + UperNet segmenter on Fashion-MNIST scenes (per-pixel garment classes), from a pretrained checkpoint or from scratch, scoring mIoU after every epoch.',
   flags: FLAGS,
-  run: async (v) => {
-    const out = await prepareOut(FLAGS, { ...v, ...runLength(v, { epochs: 5 }) }, undefined)
+  run: async (values) => {
+    const job = joinJob(values)
+    const v = quietOffMain(values, job)
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const { train, test, size, transform, numLabels, what, channels } = await openSegmentationData(v)
     const options = {
       optimizer: { weightDecay: v['weight-decay'] },
       training: { layerDecay: v['layer-decay'] },
       seed: v.seed,
-      ...placement(v),
+      ...placement(v, job),
     }
     const head = { numLabels, auxiliaryChannels: v['aux-channels'] }
     let segmenter: Segmenter
-    if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v))
+    if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v, job))
     else if (v.init !== undefined) {
       const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
       const model = { ...pretrained, imageSize: size, dropPathRate: v['drop-path'] }
@@ -122,6 +128,7 @@ export const segmentCommand = defineCommand({
         evalEvery: v['eval-every'],
         transform,
         batchSize: v['batch-size'],
+        ...job,
         schedule: scheduleOptions({ ...v, lr: v.lr ?? 1e-3 }),
         seed: v.seed,
         outDir: out,

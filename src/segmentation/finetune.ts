@@ -24,6 +24,7 @@ import {
   UpdateMeans,
   updatesPerEpoch,
 } from '../run'
+import { anyRank, checkSameAcrossRanks, Distributed, SINGLE_PROCESS } from '../distributed'
 import { deriveSeed } from '../rng'
 import { predictionSheet } from '../sheet'
 import type { ViewSpec } from '../data/augment'
@@ -108,6 +109,8 @@ export interface SegmentationEvaluateOptions extends Normalization {
   batchSize?: number
   threads?: number
   onError?: 'skip' | 'fail'
+  /** Each rank scores its share of `data` (every pair once) and the areas are summed. */
+  distributed?: Distributed
 }
 
 /** mIoU, mean and overall pixel accuracy of `segmenter` on `data`, as mmseg scores them. */
@@ -120,7 +123,16 @@ export async function evaluateSegmentation(
   const { numLabels, semanticLossIgnoreIndex: ignoreIndex } = segmenter.config
   const metrics = new SegmentationMetrics({ numLabels, ignoreIndex })
   const view = viewFor(segmenter, opts)
-  const common = { numLabels, ignoreIndex, threads: opts.threads, onError: opts.onError }
+  const dist = opts.distributed ?? SINGLE_PROCESS
+  const common = {
+    numLabels,
+    ignoreIndex,
+    threads: opts.threads,
+    onError: opts.onError,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
+    evenShards: false,
+  }
   const [h, w] = view.size
   const source = data.source
   const sameSize = source.kind === 'pixels' && source.height === h && source.width === w
@@ -133,12 +145,11 @@ export async function evaluateSegmentation(
       transform: 'eval',
       batchSize: opts.batchSize ?? 64,
       shuffle: false,
-      evenShards: false,
     })
     for await (const batch of loader.epoch(0)) {
       metrics.add(await segmenter.predict(batch.pixels), batch.masks, `${data.name} batch ${batch.batch}`)
     }
-    return metrics.scores()
+    return metrics.scores(dist)
   }
   const slide = async (pixels: Float32Array, size: [number, number], outputSize: [number, number]) =>
     (await segmenter.segment(pixels, { size, stride: opts.stride, outputSize })).classes
@@ -151,7 +162,6 @@ export async function evaluateSegmentation(
       transform: 'eval',
       batchSize: 16,
       shuffle: false,
-      evenShards: false,
     })
     const plane = own[0] * own[1]
     for await (const batch of loader.epoch(0)) {
@@ -161,7 +171,7 @@ export async function evaluateSegmentation(
         metrics.add(classes, batch.masks.subarray(i * plane, (i + 1) * plane), `${data.name}[${batch.indices[i]}]`)
       }
     }
-    return metrics.scores()
+    return metrics.scores(dist)
   }
   const short = Math.min(h, w)
   const loader = new WholePairLoader({
@@ -177,7 +187,7 @@ export async function evaluateSegmentation(
       metrics.add(classes, pair.mask, describePair(data, batch.indices[i]))
     }
   }
-  return metrics.scores()
+  return metrics.scores(dist)
 }
 
 export async function finetuneSegmentation(
@@ -185,7 +195,7 @@ export async function finetuneSegmentation(
 ): Promise<RunResult & { evals: SegmentationEpochResult[] }> {
   const { segmenter, train, test, batchSize } = opts
   const b = batching(opts)
-  if (b.distributed.worldSize > 1) await segmenter.distribute() // refused with the reason until SyncBatchNorm
+  const { distributed: dist } = b
   checkClasses(segmenter, train, 'train')
   checkClasses(segmenter, test, 'test')
   if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > train.size)
@@ -203,9 +213,13 @@ export async function finetuneSegmentation(
     dropLast: true,
     threads: opts.threads,
     onError: opts.onError,
+    rank: dist.rank,
+    worldSize: dist.worldSize,
   })
   const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
+  const sizes = { train: train.size, test: test.size, batchSize, accumulate: b.accumulate, totalSteps, seed }
+  checkSameAcrossRanks(dist, 'segmentation fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const evalEvery = opts.evalEvery ?? 1
   if (!Number.isInteger(evalEvery) || evalEvery < 1)
@@ -231,19 +245,22 @@ export async function finetuneSegmentation(
     ],
     checkpointEvery: opts.checkpointEvery,
     signal: opts.signal,
+    distributed: dist,
   })
   let state = run.start
   const save = async () => {
     segmenter.trainState = state
     await segmenter.save(run.checkpoint)
   }
+  // From here the BatchNorms are synchronised: each rank's statistics are the global batch's.
+  if (dist.worldSize > 1) await segmenter.distribute()
   const means = new UpdateMeans(['loss', 'pixelAccuracy'] as const)
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
   const sheetImages = opts.sheetImages ?? 8
   /** predictions.png: the first test pairs at the input size, their masks and the predictions. */
   const drawSheet = async () => {
-    if (sheetImages === 0 || b.distributed.rank !== 0) return
+    if (sheetImages === 0 || dist.rank !== 0) return
     const view = viewFor(segmenter, opts)
     const firstTest = new SegmentationLoader({
       data: test,
@@ -276,7 +293,9 @@ export async function finetuneSegmentation(
       let gradNorm: number
       try {
         const draws = { seed: deriveSeed(seed, state.step, 3), firstSample: firstSample(b, k) }
-        if (batch.size > 0) {
+        // Synchronised BatchNorms need every rank in every forward: a batch whose pairs were
+        // all unreadable on some rank is left out on all of them (their loaders counted it).
+        if (!anyRank(dist, batch.size === 0)) {
           const losses = await segmenter.lossAndGrads({ pixels: batch.pixels, masks: batch.masks, ...draws })
           means.add(losses, losses.labelledPixels)
         }
@@ -285,8 +304,8 @@ export async function finetuneSegmentation(
       } catch (e) {
         throw new Error(`segmentation fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
-      const { weight: labelledPixels, ...step } = means.take(b.distributed)
-      const images = batchSize * b.accumulate
+      const { weight: labelledPixels, ...step } = means.take(dist)
+      const images = batchSize * b.accumulate * dist.worldSize
       const progress: SegmentationProgress = {
         ...step,
         labelledPixels,
@@ -327,6 +346,7 @@ export async function finetuneSegmentation(
         std: opts.std,
         threads: opts.threads,
         onError: opts.onError,
+        distributed: dist,
       })
       await drawSheet()
       const evaluation: SegmentationEpochResult = { epoch, step: state.step, trainLoss, ...scores }

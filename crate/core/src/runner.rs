@@ -285,10 +285,13 @@ impl<M: Send> CandleRunner<M> {
 
     /// The backward pass of a batch's mean loss over `rows` loss terms: a non-finite loss is
     /// refused before any gradient is added; otherwise the gradient of `rows` x the loss (the
-    /// summed loss) is added to the buffer. Returns the loss.
+    /// summed loss) is added to the buffer. Returns the loss. A loss over no terms (zero, from
+    /// a synchronised replica with nothing labelled) is differentiated as it is: candle would
+    /// drop the graph of `0 x loss`, and that replica's backward pass must still run.
     pub fn backward(&mut self, loss: &Tensor, rows: usize) -> Result<f64> {
         let value = crate::engine::finite(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)?;
-        let grads = flatten_grads(self.vars.vars(), &(loss * rows as f64)?.backward()?)?;
+        let summed = if rows == 0 { loss.clone() } else { (loss * rows as f64)? };
+        let grads = flatten_grads(self.vars.vars(), &summed.backward()?)?;
         self.grads = Some(match self.grads.take() {
             Some(sum) => (sum + grads)?,
             None => grads,

@@ -2,10 +2,12 @@
 //! fine-tuning with layer-wise learning-rate decay and stochastic depth, BatchNorm running
 //! statistics updated by every training forward (buffers of the table, so checkpoints, moves
 //! and exports carry them), per-pixel predictions. Steps run on candle's autograd on every
-//! device (the CPU engine has no segmentation head yet).
+//! device (the CPU engine has no segmentation head yet). Data-parallel, the BatchNorms are
+//! synchronised across ranks (SyncBatchNorm).
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,7 @@ use crate::arch::segmentation::{BatchNormParams, SegmenterParams};
 use crate::checkpoint;
 use crate::classify::Classification;
 use crate::config::SegmenterConfig;
+use crate::distributed::ReplicaSum;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint};
 use crate::mim::Mim;
@@ -104,16 +107,6 @@ impl Kind for Segmentation {
         table.layer_decay_scales(config.model.num_hidden_layers, options.layer_decay)
     }
 
-    /// Each rank's BatchNorms would see only its own images: data-parallel segmentation waits
-    /// for synchronised BatchNorm (as mmseg trains BEiT).
-    fn data_parallel() -> Result<()> {
-        Err(Error::Distributed(
-            "data-parallel segmentation needs synchronised BatchNorm (SyncBatchNorm), which beit does not have yet: \
-             train a segmenter in one process"
-                .into(),
-        ))
-    }
-
     fn runner(
         config: &SegmenterConfig,
         _: &SegmenterTrainingOptions,
@@ -143,8 +136,15 @@ pub struct Segmenter {
 
 /// The segmenter's operations on a runner.
 pub trait SegmenterRunner: Runner {
-    /// Adds the gradient of the summed per-pixel loss and moves the BatchNorm statistics.
-    fn loss_and_grads(&mut self, images: Images, labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics>;
+    /// Adds the gradient of the summed per-pixel loss and moves the BatchNorm statistics: the
+    /// batch's, or with `replicas` every replica's batch's (SyncBatchNorm).
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: &[u32],
+        draws: Draws,
+        replicas: Option<Arc<dyn ReplicaSum>>,
+    ) -> Result<SegmenterLossMetrics>;
     /// Class ids [B, H, W] at the input's size (evaluation mode).
     fn predict(&mut self, images: Images) -> Result<Vec<u32>>;
     /// Main-head logits [B, K, h, w] (NCHW, transformers' layout) at the head's resolution.
@@ -152,21 +152,34 @@ pub trait SegmenterRunner: Runner {
 }
 
 impl SegmenterRunner for CandleRunner<Segmenter> {
-    fn loss_and_grads(&mut self, images: Images, labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics> {
+    fn loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: &[u32],
+        draws: Draws,
+        replicas: Option<Arc<dyn ReplicaSum>>,
+    ) -> Result<SegmenterLossMetrics> {
         let cfg = &self.model.config;
         let [b, _, h, w] = images.shape;
         let labels = PixelLabels::new(labels, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &self.device)?;
         let pixels = images.tensor(&self.device, self.precision)?;
-        let mut norms = Norms::new(self.model.norms.len(), true);
+        let count = self.model.norms.len();
+        // Synchronised BatchNorms sum gradients across replicas in the backward pass too, so
+        // every replica runs one, even with nothing labelled (its loss is then 0).
+        let backward_always = replicas.is_some();
+        let mut norms = match replicas {
+            Some(replicas) => Norms::synchronised(count, replicas),
+            None => Norms::new(count, true),
+        };
         let out = self.model.model.forward(&pixels, Some(draws), &mut norms)?;
         let rows = labels.count;
-        let (loss, hits) = if rows == 0 {
+        let (loss, hits) = if rows == 0 && !backward_always {
             // Nothing labelled: no gradient, no loss term (the statistics still move, as in PyTorch).
             (0.0, 0)
         } else {
             let summed = summed_segmentation_loss(&out, &labels, cfg.auxiliary_loss_weight)?;
             let hits = pixel_hits(&out.logits, &labels)?;
-            (self.backward(&summed.affine(1.0 / rows as f64, 0.0)?, rows)?, hits)
+            (self.backward(&summed.affine(1.0 / rows.max(1) as f64, 0.0)?, rows)?, hits)
         };
         update_running_stats(&self.model.norms, &self.vars, &norms.seen)?;
         let pixel_accuracy = if rows == 0 { 0.0 } else { hits as f64 / rows as f64 };
@@ -269,9 +282,24 @@ impl Trainer<Segmentation> {
 
     /// Adds the gradient of the batch's summed per-pixel loss to the gradient buffer and moves
     /// the BatchNorm running statistics. `labels` [B, H, W]: class ids or the ignore index.
+    /// After [`Trainer::distribute`] the BatchNorms are synchronised: their statistics are
+    /// every rank's batch's (every rank must call this for each of its batches).
     pub fn loss_and_grads(&mut self, pixels: &[f32], labels: &[u32], draws: Draws) -> Result<SegmenterLossMetrics> {
+        let replicas = self.communicator().map(|c| c as Arc<dyn ReplicaSum>);
+        self.replica_loss_and_grads(pixels, labels, draws, replicas)
+    }
+
+    /// [`Self::loss_and_grads`] as one of the replicas `replicas` sums over (the communicator
+    /// after `distribute`; replicas in threads of one process in tests), or alone with None.
+    pub fn replica_loss_and_grads(
+        &mut self,
+        pixels: &[f32],
+        labels: &[u32],
+        draws: Draws,
+        replicas: Option<Arc<dyn ReplicaSum>>,
+    ) -> Result<SegmenterLossMetrics> {
         let images = check_pixels(&self.config.model, pixels)?;
-        self.runner.loss_and_grads(images, labels, draws)
+        self.runner.loss_and_grads(images, labels, draws, replicas)
     }
 
     /// One optimisation step: [`Self::loss_and_grads`] then [`Trainer::apply_update`].

@@ -356,6 +356,11 @@ impl<K: Kind> Trainer<K> {
         Ok(())
     }
 
+    /// The job this model is a replica of, after [`Self::distribute`].
+    pub fn communicator(&self) -> Option<Arc<Communicator>> {
+        self.communicator.clone()
+    }
+
     /// Whether this kind of model trains data-parallel (the error says why not).
     pub fn check_data_parallel(&self) -> Result<()> {
         K::data_parallel()

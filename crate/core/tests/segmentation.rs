@@ -8,17 +8,20 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier, Mutex};
 
 use beit_core::arch::segmentation::{BatchNormParams, SegmenterParams};
+use beit_core::distributed::ReplicaSum;
 use beit_core::hf::{self, HfLayout};
 use beit_core::model::segmentation::{
     batch_norm, conv_transpose_2x2, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
-    PixelLabels,
+    PixelLabels, Statistics,
 };
 use beit_core::model::Vars;
 use beit_core::ops::{self, Resampling};
 use beit_core::optim::flatten_grads;
 use beit_core::params::{Param, ParamId, ParamTable, Source};
+use beit_core::runner::GradientValues;
 use beit_core::{AdamWConfig, BeitConfig, SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -119,10 +122,15 @@ fn resampling_gradients() {
 #[test]
 fn batch_norm_gradients() {
     // Training: batch statistics over B*H*W rows; evaluation: running statistics.
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], None).unwrap().0);
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Statistics::of(&t[0])).unwrap().0);
     let mean = random_tensor(&[4], 30, DType::F64);
     let var = (random_tensor(&[4], 31, DType::F64).abs().unwrap() + 0.5).unwrap();
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Some((&mean, &var))).unwrap().0);
+    let running = || Statistics::Running { mean: &mean, var: &var };
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], running()).unwrap().0);
+    // Synchronised over a job of one replica: the sums go through the all-reduce op and back.
+    let alone: Arc<dyn ReplicaSum> = Arc::new(ThreadReplicas::new(1));
+    let synced = |t: &Tensor| Statistics::Batch { replicas: Some(&alone), rows: t.elem_count() / 4 };
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], synced(&t[0])).unwrap().0);
 }
 
 #[test]
@@ -130,7 +138,7 @@ fn batch_norm_statistics_are_pytorchs() {
     // One channel, values 1..4: mean 2.5, biased variance 1.25 normalises, unbiased 5/3 runs.
     let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap();
     let (one, zero) = (Tensor::new(&[1f32], &Device::Cpu).unwrap(), Tensor::new(&[0f32], &Device::Cpu).unwrap());
-    let (y, seen) = batch_norm(&x, &one, &zero, None).unwrap();
+    let (y, seen) = batch_norm(&x, &one, &zero, Statistics::of(&x)).unwrap();
     let seen = seen.unwrap();
     assert_eq!(seen.mean.to_vec1::<f32>().unwrap(), vec![2.5]);
     assert!((seen.unbiased_var.to_vec1::<f32>().unwrap()[0] - 5.0 / 3.0).abs() < 1e-6);
@@ -692,4 +700,124 @@ fn sliding_windows_tile_average_and_pad_as_mmseg() {
     assert!(err.contains("stride [0, 1] must be positive"), "{err}");
     let err = model.segment(&small[1..], [h, w], [ch, cw], [h, w], false).err().unwrap().to_string();
     assert!(err.contains(&format!("got {} values", h * w - 1)), "{err}");
+}
+
+/// Replicas of a data-parallel job as threads of this process: every sum waits for all of
+/// them (in f64, so the order they add in does not matter for two f32 values).
+struct ThreadReplicas {
+    barrier: Barrier,
+    total: Mutex<Vec<f64>>,
+}
+
+impl ThreadReplicas {
+    fn new(n: usize) -> Self {
+        Self { barrier: Barrier::new(n), total: Mutex::new(Vec::new()) }
+    }
+
+    fn sum(&self, values: &mut [f64]) {
+        // Everyone has read the last sum before it is cleared for this one.
+        if self.barrier.wait().is_leader() {
+            *self.total.lock().unwrap() = vec![0.0; values.len()];
+        }
+        self.barrier.wait();
+        self.total.lock().unwrap().iter_mut().zip(values.iter()).for_each(|(t, v)| *t += v);
+        self.barrier.wait();
+        values.copy_from_slice(&self.total.lock().unwrap());
+    }
+}
+
+impl ReplicaSum for ThreadReplicas {
+    fn sum_f32(&self, values: &mut [f32]) -> beit_core::Result<()> {
+        let mut wide: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        self.sum(&mut wide);
+        values.iter_mut().zip(wide).for_each(|(v, w)| *v = w as f32);
+        Ok(())
+    }
+
+    fn sum_f64(&self, values: &mut [f64]) -> beit_core::Result<()> {
+        self.sum(values);
+        Ok(())
+    }
+}
+
+fn gradient_buffer(model: &mut SegmenterTrainer) -> (Vec<f32>, u64) {
+    let g = model.gradients();
+    let values = match g.values {
+        GradientValues::Host(buf) => buf.to_vec(),
+        GradientValues::Device(slot) => slot.as_ref().map_or_else(Vec::new, values),
+    };
+    (values, *g.count)
+}
+
+fn assert_close_to(what: &str, ours: &[f32], reference: &[f32], tolerance: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: length");
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= tolerance * scale, "{what}: differs by {worst:e} (largest value {scale:e})");
+}
+
+/// What a replica reports: its gradient buffer and count, its summed loss, its weights.
+type ReplicaRun = (Vec<f32>, u64, f64, Vec<(String, Tensor)>);
+
+/// SyncBatchNorm: two replicas of one image each (threads standing in for MPI ranks) take
+/// the step one model takes on both images: the same summed gradient and count, the same
+/// running statistics on both replicas (the 1x1 pooled branch included: two values per
+/// channel across the job, where one replica alone has one). A replica whose image has no
+/// labelled pixel still runs its backward pass, which the other's gradient needs.
+#[test]
+fn synchronised_batch_norm_over_replicas_is_one_big_batch() {
+    let cfg = toy_config();
+    let new = || SegmenterTrainer::new(cfg.clone(), AdamWConfig::default(), SegmenterTrainingOptions::default(), 4);
+    let [h, w] = cfg.model.image_size;
+    let pixels_per_image = h * w;
+    for unlabelled_second_image in [false, true] {
+        let (pixels, mut labels) = toy_batch(&cfg, 2, 21);
+        if unlabelled_second_image {
+            labels[pixels_per_image..].fill(cfg.semantic_loss_ignore_index);
+        }
+        let draws = |first_sample| beit_core::Draws { seed: 3, first_sample };
+        let mut whole = new().unwrap();
+        let m = whole.loss_and_grads(&pixels, &labels, draws(0)).unwrap();
+        let (whole_grads, whole_count) = gradient_buffer(&mut whole);
+        let replicas: Arc<dyn ReplicaSum> = Arc::new(ThreadReplicas::new(2));
+        let ranks: Vec<ReplicaRun> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..2)
+                .map(|r| {
+                    let (pixels, labels, replicas) = (&pixels, &labels, replicas.clone());
+                    let new = &new;
+                    s.spawn(move || {
+                        let mut model = new().unwrap();
+                        let image = |v: &[f32]| v[r * pixels_per_image..(r + 1) * pixels_per_image].to_vec();
+                        let own = &labels[r * pixels_per_image..(r + 1) * pixels_per_image];
+                        let l = model.replica_loss_and_grads(&image(pixels), own, draws(r as _), Some(replicas));
+                        let l = l.unwrap();
+                        let (grads, count) = gradient_buffer(&mut model);
+                        (grads, count, l.loss * l.labelled_pixels as f64, model.weights().unwrap())
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let case = if unlabelled_second_image { "second image unlabelled" } else { "both labelled" };
+        assert_eq!(ranks[0].1 + ranks[1].1, whole_count, "{case}: loss terms");
+        assert_eq!(ranks[1].1 == 0, unlabelled_second_image, "{case}");
+        let summed_loss = ranks[0].2 + ranks[1].2;
+        let whole_loss = m.loss * m.labelled_pixels as f64;
+        assert!((summed_loss - whole_loss).abs() < 1e-4 * whole_loss, "{case}: loss {summed_loss} vs {whole_loss}");
+        // An unlabelled replica adds zeros of the full length (its backward ran).
+        assert_eq!(ranks[1].0.len(), whole_grads.len(), "{case}: the second replica's gradient buffer");
+        let summed: Vec<f32> = ranks[0].0.iter().zip(&ranks[1].0).map(|(a, b)| a + b).collect();
+        assert_close_to(&format!("{case}: summed gradients"), &summed, &whole_grads, 1e-4);
+        let expected = whole.weights().unwrap();
+        for (r, (_, _, _, weights)) in ranks.iter().enumerate() {
+            for ((name, ours), (_, theirs)) in weights.iter().zip(&expected) {
+                if name.contains("running_") || name.ends_with("num_batches_tracked") {
+                    assert_close_to(&format!("{case}: rank {r} {name}"), &values(ours), &values(theirs), 1e-5);
+                }
+            }
+        }
+        for ((name, a), (_, b)) in ranks[0].3.iter().zip(&ranks[1].3) {
+            assert_eq!(values(a), values(b), "{case}: {name} differs between the replicas");
+        }
+    }
 }

@@ -52,6 +52,24 @@ pub fn detect_launch(env: impl Fn(&str) -> Option<String>) -> Option<Launch> {
     })
 }
 
+/// Element-wise sums over the replicas of a data-parallel job, in place: what synchronised
+/// BatchNorm needs from a communicator. Every replica calls it in the same order with the same
+/// lengths. [`Communicator`] is the one across processes; tests also run replicas as threads.
+pub trait ReplicaSum: Send + Sync {
+    fn sum_f32(&self, values: &mut [f32]) -> Result<()>;
+    fn sum_f64(&self, values: &mut [f64]) -> Result<()>;
+}
+
+impl ReplicaSum for Communicator {
+    fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        Communicator::sum_f32(self, values)
+    }
+
+    fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        Communicator::sum_f64(self, values)
+    }
+}
+
 /// This process's place in a data-parallel job.
 pub struct Communicator {
     mpi: Mpi,

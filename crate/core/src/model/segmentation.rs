@@ -4,6 +4,8 @@
 //! tokens are a feature map without a transpose, a 1x1 convolution is one matmul and the 3x3
 //! ones are `conv::conv2d_same`.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Module, Result, Tensor};
 
 use super::backbone::BeitModel;
@@ -14,7 +16,8 @@ use crate::arch::segmentation::{
 };
 use crate::config::SegmenterConfig;
 use crate::conv::{conv2d_same, max_pool2};
-use crate::ops::{self, resample, Resampling};
+use crate::distributed::ReplicaSum;
+use crate::ops::{self, resample, sum_over_replicas, Resampling};
 use crate::rng::Draws;
 
 /// What one training forward saw at a BatchNorm: the batch mean and unbiased variance per
@@ -27,15 +30,22 @@ pub struct BatchStats {
 
 /// The BatchNorms' mode during a forward pass, training (batch statistics) or evaluation
 /// (running ones), and in training the batch statistics each norm saw (None for a norm that
-/// saw one value per channel, see [`BatchNorm::forward`]).
+/// saw one value per channel, see [`BatchNorm::forward`]). In a data-parallel job the batch
+/// is every replica's (SyncBatchNorm, as mmseg trains BEiT).
 pub struct Norms {
     training: bool,
+    replicas: Option<Arc<dyn ReplicaSum>>,
     pub seen: Vec<Option<BatchStats>>,
 }
 
 impl Norms {
     pub fn new(count: usize, training: bool) -> Self {
-        Self { training, seen: vec![None; count] }
+        Self { training, replicas: None, seen: vec![None; count] }
+    }
+
+    /// Training statistics over the batches of every replica `replicas` sums over.
+    pub fn synchronised(count: usize, replicas: Arc<dyn ReplicaSum>) -> Self {
+        Self { replicas: Some(replicas), ..Self::new(count, true) }
     }
 }
 
@@ -80,12 +90,24 @@ impl BatchNorm {
     /// x [..., C]. In training each channel is normalised by its batch statistics; a batch
     /// with one value per channel (one image through the 1x1 pyramid-pooling branch, where
     /// PyTorch raises and mmseg fails) has no variance to normalise by: it is normalised with
-    /// the running statistics instead and does not update them.
+    /// the running statistics instead and does not update them. Synchronised, the batch is
+    /// every replica's (one image per replica is then a batch of several).
     pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
         let channels = *x.dims().last().unwrap_or(&1);
-        let by_batch = norms.training && x.elem_count() / channels > 1;
-        let running = (!by_batch).then_some((&self.running_mean, &self.running_var));
-        let (y, seen) = batch_norm(x, &self.weight, &self.bias, running)?;
+        let statistics = if norms.training {
+            let mut rows = [(x.elem_count() / channels) as f64];
+            if let Some(replicas) = &norms.replicas {
+                replicas
+                    .sum_f64(&mut rows)
+                    .map_err(|e| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}")))?;
+            }
+            (rows[0] > 1.0).then_some(Statistics::Batch { replicas: norms.replicas.as_ref(), rows: rows[0] as usize })
+        } else {
+            None
+        };
+        let by_batch = statistics.is_some();
+        let statistics = statistics.unwrap_or(Statistics::Running { mean: &self.running_mean, var: &self.running_var });
+        let (y, seen) = batch_norm(x, &self.weight, &self.bias, statistics)?;
         if by_batch {
             norms.seen[self.norm] = seen;
         }
@@ -93,30 +115,52 @@ impl BatchNorm {
     }
 }
 
-/// BatchNorm over the last dimension of x [..., C], computed in at least f32: with `running`
-/// statistics (evaluation), else with the batch's own (mean and biased variance over all other
-/// dimensions, as PyTorch trains), which are returned with the unbiased variance for the
-/// running update.
+/// What a BatchNorm normalises by.
+pub enum Statistics<'a> {
+    /// Running statistics (evaluation).
+    Running { mean: &'a Tensor, var: &'a Tensor },
+    /// The batch's, over `rows` values per channel: this tensor's alone, or summed over
+    /// `replicas` (whose tensors hold `rows` together).
+    Batch { replicas: Option<&'a Arc<dyn ReplicaSum>>, rows: usize },
+}
+
+impl<'a> Statistics<'a> {
+    /// The batch statistics of x [..., C] alone.
+    pub fn of(x: &Tensor) -> Self {
+        let channels = *x.dims().last().unwrap_or(&1);
+        Statistics::Batch { replicas: None, rows: x.elem_count() / channels }
+    }
+}
+
+/// BatchNorm over the last dimension of x [..., C], computed in at least f32: with running
+/// statistics (evaluation), else with the batch's (mean and biased variance over all other
+/// dimensions and every replica, as PyTorch trains), which are returned with the unbiased
+/// variance for the running update.
 pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
-    running: Option<(&Tensor, &Tensor)>,
+    statistics: Statistics,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     let dims = x.dims().to_vec();
     let c = *dims.last().unwrap_or(&1);
-    let rows = x.elem_count() / c;
-    let x2 = at_least_f32(&x.reshape((rows, c))?)?;
+    let x2 = at_least_f32(&x.reshape((x.elem_count() / c, c))?)?;
     let (weight, bias) = (like(weight, &x2)?.reshape((1, c))?, like(bias, &x2)?.reshape((1, c))?);
-    let (centred, var, seen) = match running {
-        Some((mean, var)) => {
+    let (centred, var, seen) = match statistics {
+        Statistics::Running { mean, var } => {
             let mean = mean.to_dtype(x2.dtype())?.reshape((1, c))?;
             (x2.broadcast_sub(&mean)?, var.to_dtype(x2.dtype())?.reshape((1, c))?, None)
         }
-        None => {
-            let mean = x2.mean_keepdim(0)?;
+        Statistics::Batch { replicas, rows } => {
+            // Sums over the whole batch, then divided: candle's mean, so one replica alone
+            // computes exactly what it computes unsynchronised.
+            let across = |sums: Tensor| match replicas {
+                Some(r) => sum_over_replicas(&sums, r),
+                None => Ok(sums),
+            };
+            let mean = across(x2.sum_keepdim(0)?)?.affine(1.0 / rows as f64, 0.0)?;
             let centred = x2.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim(0)?;
+            let var = across(centred.sqr()?.sum_keepdim(0)?)?.affine(1.0 / rows as f64, 0.0)?;
             let unbiased = rows as f64 / (rows.max(2) - 1) as f64;
             let seen = BatchStats {
                 mean: mean.detach().flatten_all()?,
@@ -443,7 +487,10 @@ pub fn summed_pixel_loss(logits: &Tensor, labels: &PixelLabels) -> Result<Tensor
     let (b, h, w) = labels.dims;
     let k = logits.dim(3)?;
     if labels.count == 0 {
-        return logits.sum_all()?.affine(0.0, 0.0);
+        // Zero with the graph kept (candle drops the graph under an affine map by 0): a
+        // synchronised replica's backward pass must reach its BatchNorms' collectives.
+        let sum = logits.sum_all()?;
+        return sum.mul(&sum.zeros_like()?);
     }
     let up = at_least_f32(&bilinear(logits, (h, w))?)?.reshape((b * h * w, k))?;
     ops::cross_entropy_rows(&up.index_select(&labels.index, 0)?, &labels.targets)?.sum_all()

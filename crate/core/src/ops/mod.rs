@@ -8,6 +8,7 @@
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
+mod replicas;
 mod resample;
 mod row_vector;
 mod softmax;
@@ -16,6 +17,7 @@ mod sums;
 pub use cross_entropy::cross_entropy_rows;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
+pub use replicas::sum_over_replicas;
 pub use resample::{adaptive_average_weights, bilinear_weights, interpolation_taps, resample, Resampling};
 pub use row_vector::{add_bias, scale_columns};
 pub use softmax::{scaled_softmax, softmax_last_dim};
