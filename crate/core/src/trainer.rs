@@ -65,10 +65,6 @@ pub trait Kind: Sized + 'static {
     fn legacy_optimizer(_options: &Self::Options) -> Option<AdamWConfig> {
         None
     }
-    /// Whether the kind trains data-parallel; the error says why not.
-    fn data_parallel() -> Result<()> {
-        Ok(())
-    }
     /// The runner of the model over `values` (table order) where `spec` places it: the CPU
     /// engine or candle.
     fn runner(
@@ -317,7 +313,6 @@ impl<K: Kind> Trainer<K> {
     /// DDP's start), and from now on every update sums the gradient buffers and their counts
     /// across ranks first.
     pub fn distribute(&mut self, communicator: Arc<Communicator>) -> Result<()> {
-        self.check_data_parallel()?;
         let pending = *self.runner.gradients().count;
         communicator.agree(if pending > 0 {
             Err(Error::Input("the model holds gradients not yet applied: call applyUpdate before distribute".into()))
@@ -359,11 +354,6 @@ impl<K: Kind> Trainer<K> {
     /// The job this model is a replica of, after [`Self::distribute`].
     pub fn communicator(&self) -> Option<Arc<Communicator>> {
         self.communicator.clone()
-    }
-
-    /// Whether this kind of model trains data-parallel (the error says why not).
-    pub fn check_data_parallel(&self) -> Result<()> {
-        K::data_parallel()
     }
 
     /// The data-parallel hook: sums the gradient buffers and their loss-term counts of every

@@ -14,8 +14,8 @@ use beit_core::arch::segmentation::{BatchNormParams, SegmenterParams};
 use beit_core::distributed::ReplicaSum;
 use beit_core::hf::{self, HfLayout};
 use beit_core::model::segmentation::{
-    batch_norm, conv_transpose_2x2, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
-    PixelLabels, Statistics,
+    batch_norm, composed_batch_norm, conv_transpose_2x2, summed_segmentation_loss, update_running_stats,
+    BeitForSemanticSegmentation, Norms, PixelLabels, Statistics,
 };
 use beit_core::model::Vars;
 use beit_core::ops::{self, Resampling};
@@ -121,16 +121,57 @@ fn resampling_gradients() {
 
 #[test]
 fn batch_norm_gradients() {
-    // Training: batch statistics over B*H*W rows; evaluation: running statistics.
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], Statistics::of(&t[0])).unwrap().0);
+    // Training: batch statistics over B*H*W rows (the fused CPU op, with and without its ReLU);
+    // evaluation: running statistics.
+    for relu in [false, true] {
+        check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| {
+            batch_norm(&t[0], &t[1], &t[2], Statistics::of(&t[0]), relu).unwrap().0
+        });
+    }
     let mean = random_tensor(&[4], 30, DType::F64);
     let var = (random_tensor(&[4], 31, DType::F64).abs().unwrap() + 0.5).unwrap();
     let running = || Statistics::Running { mean: &mean, var: &var };
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], running()).unwrap().0);
-    // Synchronised over a job of one replica: the sums go through the all-reduce op and back.
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], running(), false).unwrap().0);
+    // Synchronised over a job of one replica: the sums go through the collectives and back.
     let alone: Arc<dyn ReplicaSum> = Arc::new(ThreadReplicas::new(1));
     let synced = |t: &Tensor| Statistics::Batch { replicas: Some(&alone), rows: t.elem_count() / 4 };
-    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], synced(&t[0])).unwrap().0);
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| batch_norm(&t[0], &t[1], &t[2], synced(&t[0]), true).unwrap().0);
+    // candle's composition (other devices' path, with its all-reduce op).
+    let composed = |t: &[Tensor], statistics| {
+        let rows = t[0].elem_count() / 4;
+        let (w, b) = (t[1].reshape((1, 4)).unwrap(), t[2].reshape((1, 4)).unwrap());
+        composed_batch_norm(&t[0].reshape((rows, 4)).unwrap(), &w, &b, statistics).unwrap().0
+    };
+    check_op(&[&[2, 3, 2, 4], &[4], &[4]], |t| composed(t, synced(&t[0])));
+}
+
+/// The fused CPU op computes what candle's ops compute: outputs, gradients and statistics.
+#[test]
+fn fused_batch_norm_is_the_composed_one() {
+    let x = Var::from_tensor(&random_tensor(&[5, 3, 2, 6], 50, DType::F64)).unwrap();
+    let w = Var::from_tensor(&random_tensor(&[6], 51, DType::F64)).unwrap();
+    let b = Var::from_tensor(&random_tensor(&[6], 52, DType::F64)).unwrap();
+    let probe = random_tensor(&[5, 3, 2, 6], 53, DType::F64);
+    for relu in [false, true] {
+        let (fused, seen) = batch_norm(&x, &w, &b, Statistics::of(&x), relu).unwrap();
+        let rows = x.elem_count() / 6;
+        let flat = x.reshape((rows, 6)).unwrap();
+        let (w2, b2) = (w.reshape((1, 6)).unwrap(), b.reshape((1, 6)).unwrap());
+        let (composed, composed_seen) = composed_batch_norm(&flat, &w2, &b2, Statistics::of(&flat)).unwrap();
+        let composed = if relu { composed.relu().unwrap() } else { composed };
+        let composed = composed.reshape(x.shape()).unwrap();
+        let biggest = |t: Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(biggest((&fused - &composed).unwrap()) < 1e-12, "relu {relu}: outputs");
+        let (seen, composed_seen) = (seen.unwrap(), composed_seen.unwrap());
+        assert!(biggest((&seen.mean - &composed_seen.mean).unwrap()) < 1e-12, "relu {relu}: mean");
+        assert!(biggest((&seen.unbiased_var - &composed_seen.unbiased_var).unwrap()) < 1e-12, "relu {relu}: var");
+        let grads = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let reference = (composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (g, r) = (grads.get(v).unwrap(), reference.get(v).unwrap());
+            assert!(biggest((g - r).unwrap()) < 1e-12, "relu {relu}: gradient of {name}");
+        }
+    }
 }
 
 #[test]
@@ -138,7 +179,7 @@ fn batch_norm_statistics_are_pytorchs() {
     // One channel, values 1..4: mean 2.5, biased variance 1.25 normalises, unbiased 5/3 runs.
     let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap();
     let (one, zero) = (Tensor::new(&[1f32], &Device::Cpu).unwrap(), Tensor::new(&[0f32], &Device::Cpu).unwrap());
-    let (y, seen) = batch_norm(&x, &one, &zero, Statistics::of(&x)).unwrap();
+    let (y, seen) = batch_norm(&x, &one, &zero, Statistics::of(&x), false).unwrap();
     let seen = seen.unwrap();
     assert_eq!(seen.mean.to_vec1::<f32>().unwrap(), vec![2.5]);
     assert!((seen.unbiased_var.to_vec1::<f32>().unwrap()[0] - 5.0 / 3.0).abs() < 1e-6);

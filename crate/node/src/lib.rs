@@ -259,7 +259,6 @@ macro_rules! trainer_methods {
                 let model = self.inner.clone();
                 job(
                     move || {
-                        lock(&model)?.check_data_parallel()?;
                         let communicator = $crate::distributed::communicator()?;
                         lock(&model)?.distribute(communicator)
                     },

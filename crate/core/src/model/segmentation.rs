@@ -91,8 +91,9 @@ impl BatchNorm {
     /// with one value per channel (one image through the 1x1 pyramid-pooling branch, where
     /// PyTorch raises and mmseg fails) has no variance to normalise by: it is normalised with
     /// the running statistics instead and does not update them. Synchronised, the batch is
-    /// every replica's (one image per replica is then a batch of several).
-    pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
+    /// every replica's (one image per replica is then a batch of several). Then a ReLU when
+    /// `relu` (a ConvModule's, fused with the norm on the CPU).
+    pub fn forward(&self, x: &Tensor, relu: bool, norms: &mut Norms) -> Result<Tensor> {
         let channels = *x.dims().last().unwrap_or(&1);
         let statistics = if norms.training {
             let mut rows = [(x.elem_count() / channels) as f64];
@@ -107,7 +108,7 @@ impl BatchNorm {
         };
         let by_batch = statistics.is_some();
         let statistics = statistics.unwrap_or(Statistics::Running { mean: &self.running_mean, var: &self.running_var });
-        let (y, seen) = batch_norm(x, &self.weight, &self.bias, statistics)?;
+        let (y, seen) = batch_norm(x, &self.weight, &self.bias, statistics, relu)?;
         if by_batch {
             norms.seen[self.norm] = seen;
         }
@@ -132,20 +133,48 @@ impl<'a> Statistics<'a> {
     }
 }
 
-/// BatchNorm over the last dimension of x [..., C], computed in at least f32: with running
-/// statistics (evaluation), else with the batch's (mean and biased variance over all other
-/// dimensions and every replica, as PyTorch trains), which are returned with the unbiased
-/// variance for the running update.
+/// BatchNorm over the last dimension of x [..., C], computed in at least f32, then a ReLU when
+/// `relu`: with running statistics (evaluation), else with the batch's (mean and biased
+/// variance over all other dimensions and every replica, as PyTorch trains), which are returned
+/// with the unbiased variance for the running update. In training on the CPU one fused op
+/// ([`ops::batch_norm_train`]); elsewhere candle's ops.
 pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     statistics: Statistics,
+    relu: bool,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     let dims = x.dims().to_vec();
     let c = *dims.last().unwrap_or(&1);
     let x2 = at_least_f32(&x.reshape((x.elem_count() / c, c))?)?;
-    let (weight, bias) = (like(weight, &x2)?.reshape((1, c))?, like(bias, &x2)?.reshape((1, c))?);
+    let (weight, bias) = (like(weight, &x2)?, like(bias, &x2)?);
+    let (y, seen) = match statistics {
+        Statistics::Batch { replicas, rows } if x2.device().is_cpu() => {
+            let (y, s) = ops::batch_norm_train(&x2, &weight, &bias, relu, replicas, rows, BATCH_NORM_EPS)?;
+            let unbiased = rows as f64 / (rows.max(2) - 1) as f64;
+            let var: Vec<f64> = s.var.iter().map(|v| v * unbiased).collect();
+            let values = |v: Vec<f64>| Tensor::new(v, x2.device())?.to_dtype(x2.dtype());
+            let seen = BatchStats { mean: values(s.mean)?, unbiased_var: values(var)? };
+            (y, Some(seen))
+        }
+        statistics => {
+            let (y, seen) = composed_batch_norm(&x2, &weight.reshape((1, c))?, &bias.reshape((1, c))?, statistics)?;
+            (if relu { y.relu()? } else { y }, seen)
+        }
+    };
+    Ok((y.to_dtype(x.dtype())?.reshape(dims)?, seen))
+}
+
+/// [`batch_norm`] of x [rows, C] by candle's ops, without the ReLU: the path of other devices,
+/// and the reference the fused CPU op is tested against. `weight` and `bias` are [1, C].
+pub fn composed_batch_norm(
+    x2: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    statistics: Statistics,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let c = x2.dim(1)?;
     let (centred, var, seen) = match statistics {
         Statistics::Running { mean, var } => {
             let mean = mean.to_dtype(x2.dtype())?.reshape((1, c))?;
@@ -169,9 +198,8 @@ pub fn batch_norm(
             (centred, var, Some(seen))
         }
     };
-    let scale = var.affine(1.0, BATCH_NORM_EPS)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
-    let y = centred.broadcast_mul(&scale)?.broadcast_add(&bias)?;
-    Ok((y.to_dtype(x.dtype())?.reshape(dims)?, seen))
+    let scale = var.affine(1.0, BATCH_NORM_EPS)?.sqrt()?.recip()?.broadcast_mul(weight)?;
+    Ok((centred.broadcast_mul(&scale)?.broadcast_add(bias)?, seen))
 }
 
 /// A k x k convolution (stride 1, "same" padding) on NHWC maps.
@@ -251,7 +279,7 @@ impl ConvModule {
     }
 
     pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, norms)?.relu()
+        self.bn.forward(&self.conv.forward(x)?, true, norms)
     }
 }
 
@@ -277,7 +305,7 @@ impl Pyramid {
     pub fn forward(&self, features: [Tensor; 4], norms: &mut Norms) -> Result<[Tensor; 4]> {
         let [f1, f2, f3, f4] = features;
         let f1 = self.fpn1_up.forward(&f1)?;
-        let f1 = self.fpn1_up2.forward(&ops::gelu_erf(&self.fpn1_bn.forward(&f1, norms)?)?)?;
+        let f1 = self.fpn1_up2.forward(&ops::gelu_erf(&self.fpn1_bn.forward(&f1, false, norms)?)?)?;
         Ok([f1, self.fpn2_up.forward(&f2)?, f3, max_pool2(&f4)?])
     }
 }

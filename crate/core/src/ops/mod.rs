@@ -5,6 +5,7 @@
 //! `bwd`. Each backward is itself a fused no-backward op. CPU kernels are generic over f32/f64
 //! (f64 is what the finite-difference gradient checks use).
 
+mod batch_norm;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
@@ -14,6 +15,7 @@ mod row_vector;
 mod softmax;
 mod sums;
 
+pub use batch_norm::{batch_norm_train, BatchStatistics};
 pub use cross_entropy::cross_entropy_rows;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
