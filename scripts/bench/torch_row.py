@@ -215,6 +215,8 @@ def main():
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: every step under torch.autocast('cpu', dtype=torch.bfloat16)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -224,7 +226,14 @@ def main():
     row = json.loads(args.row)
     if world > 1 and row["kind"] not in ("mim", "classifier"):
         raise SystemExit(f"{row['kind']} is not a data-parallel row")
-    step = KINDS[row["kind"]](row, torch.Generator().manual_seed(rank))
+    f32_step = KINDS[row["kind"]](row, torch.Generator().manual_seed(rank))
+
+    def step():
+        if args.autocast == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return f32_step()
+        return f32_step()
+
     for _ in range(args.warmup):
         step()
     started = time.perf_counter()
@@ -239,7 +248,8 @@ def main():
     print(json.dumps({
         "imagesPerSecond": args.steps * row["batchSize"] / seconds,
         "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "version": f"torch {torch.__version__}, {ranks}{torch.get_num_threads()} threads",
+        "version": f"torch {torch.__version__}, {ranks}{torch.get_num_threads()} threads"
+                   + (", bf16 autocast" if args.autocast == "bf16" else ""),
     }))
 
 

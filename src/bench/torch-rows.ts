@@ -61,7 +61,15 @@ export function cpuName(): string {
     const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
     const flags = field('flags')
     const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
-    return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${simd}`
+    // What bf16 GEMMs can run on: AMX tiles (Intel Sapphire Rapids and later), AVX512-BF16 (Zen 4/5, Cooper Lake).
+    const bf16 = [
+      ['amx_bf16', 'AMX-BF16'],
+      ['avx512_bf16', 'AVX512-BF16'],
+    ]
+      .filter(([flag]) => new RegExp(`\\b${flag}\\b`).test(flags))
+      .map(([, name]) => name)
+    const features = [simd, ...bf16].join(', ')
+    return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${features}`
   } catch {
     return `${availableParallelism()} cores`
   }

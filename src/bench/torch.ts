@@ -1,9 +1,11 @@
 /**
  * beit against PyTorch eager on the CPU, side by side in one run: every row of
- * scripts/bench/rows.json (training steps of the MIM model, the classifier and the tokenizer,
- * and tokenizer encoding) runs as a beit process and a PyTorch process on the same work with
- * the same number of threads, alternating, `--rounds` times each; the best images/s of each
- * side and the larger peak RSS are reported with their ratio. Not a test.
+ * scripts/bench/rows.json (training steps of the MIM model, the classifier, the segmenter and
+ * the tokenizer, and tokenizer encoding) runs as a beit process and PyTorch processes (f32, and
+ * under bf16 autocast, which uses AMX or AVX512-BF16 where the CPU has them) on the same work
+ * with the same number of threads, alternating, `--rounds` times each; the best images/s of
+ * each side and the larger peak RSS are reported, with beit's ratio to PyTorch f32 and to
+ * PyTorch's faster mode. Not a test.
  *   npm run bench:torch [-- --threads 2 --rounds 2 --only mim-tiny-32,classifier-demo]
  * scripts/bench/torch.sh makes the Python environment (torch + transformers from PyPI) first.
  */
@@ -23,7 +25,9 @@ interface Measurement {
 
 const ROOT = join(__dirname, '..', '..')
 
-function measure(side: 'beit' | 'torch', row: ResolvedRow, threads: number, python: string): Measurement {
+type Side = 'beit' | 'torch' | 'torchBf16'
+
+function measure(side: Side, row: ResolvedRow, threads: number, python: string): Measurement {
   const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
   const [command, script] =
     side === 'beit'
@@ -31,7 +35,8 @@ function measure(side: 'beit' | 'torch', row: ResolvedRow, threads: number, pyth
       : [python, join(ROOT, 'scripts', 'bench', 'torch_row.py')]
   const t = String(threads)
   const env = { ...process.env, RAYON_NUM_THREADS: t, OMP_NUM_THREADS: t, MKL_NUM_THREADS: t }
-  const result = spawnSync(command, [script, ...args, ...(side === 'torch' ? ['--threads', t] : [])], {
+  const torchArgs = { beit: [], torch: ['--threads', t], torchBf16: ['--threads', t, '--autocast', 'bf16'] }[side]
+  const result = spawnSync(command, [script, ...args, ...torchArgs], {
     env,
     encoding: 'utf8',
   })
@@ -66,27 +71,37 @@ async function main(): Promise<void> {
         .join(', ')}`,
     )
   console.log(
-    `beit vs PyTorch eager on ${cpuName()}, ${threads} threads each, f32, best of ${rounds} alternating rounds\n`,
+    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds\n`,
   )
-  const header = '| row | beit img/s | PyTorch img/s | ratio | beit peak RSS | PyTorch peak RSS |'
-  console.log(`${header}\n|---|---|---|---|---|---|`)
+  const header =
+    '| row | beit img/s | PyTorch f32 img/s | PyTorch bf16 autocast img/s | ratio to f32 | ratio to the faster | beit peak RSS | PyTorch peak RSS (f32 / bf16) |'
+  console.log(`${header}\n|---|---|---|---|---|---|---|---|`)
   const results = []
   let versions = ''
   for (const row of rows) {
-    const sides = { beit: [] as Measurement[], torch: [] as Measurement[] }
+    const sides: Record<Side, Measurement[]> = { beit: [], torch: [], torchBf16: [] }
     for (let round = 0; round < rounds; round++) {
-      const order: ('beit' | 'torch')[] = round % 2 === 0 ? ['beit', 'torch'] : ['torch', 'beit']
+      const order: Side[] = round % 2 === 0 ? ['beit', 'torch', 'torchBf16'] : ['torchBf16', 'torch', 'beit']
       for (const side of order) sides[side].push(measure(side, row, threads, values.python))
     }
     const best = (ms: Measurement[]) => Math.max(...ms.map((m) => m.imagesPerSecond))
     const rss = (ms: Measurement[]) => Math.max(...ms.map((m) => m.peakRssMiB))
-    const [beit, torch] = [best(sides.beit), best(sides.torch)]
+    const [beit, torch, torchBf16] = [best(sides.beit), best(sides.torch), best(sides.torchBf16)]
+    const fastest = Math.max(torch, torchBf16)
     versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
     const gib = (mib: number) => `${(mib / 1024).toFixed(2)} GiB`
     console.log(
-      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | **${(beit / torch).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} |`,
+      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${torchBf16.toFixed(1)} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} |`,
     )
-    results.push({ row: row.name, title: row.title, beit: sides.beit, torch: sides.torch, ratio: beit / torch })
+    results.push({
+      row: row.name,
+      title: row.title,
+      beit: sides.beit,
+      torch: sides.torch,
+      torchBf16: sides.torchBf16,
+      ratio: beit / torch,
+      ratioToFastest: beit / fastest,
+    })
   }
   console.log(`\n${versions}`)
   await mkdir(dirname(values.out), { recursive: true })
