@@ -10,7 +10,7 @@ import { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { Beit, Dvae, SegmentationMetrics } from '../src'
-import type { Job } from './fixtures/data-parallel'
+import type { Job, Report } from './fixtures/data-parallel'
 
 const CACHE = process.env.BEIT_CACHE ?? join(homedir(), '.cache', 'beit')
 const MPICH = join(CACHE, 'mpich', 'bin', 'mpiexec')
@@ -116,6 +116,23 @@ function identical(a: string, b: string): boolean {
   return true
 }
 
+/** Every rank's report (the fixture's last line), in the order they printed. */
+function reports(r: Finished): Report[] {
+  return r.stdout
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Report)
+}
+
+/** The rows of a run folder's metrics log that record an update: step and global images. */
+async function updateRows(runDir: string): Promise<{ step: number; images: number }[]> {
+  return (await readFile(join(runDir, 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { step: number; images?: number })
+    .filter((r): r is { step: number; images: number } => r.images !== undefined)
+}
+
 function ok(t: { is: (a: unknown, b: unknown, m?: string) => void }, r: Finished) {
   t.is(r.code, 0, `exit ${r.code}\n${r.stdout}\n${r.stderr}`)
 }
@@ -148,11 +165,7 @@ for (const kind of ['pretrain', 'finetune', 'tokenizer'] as const) {
       ok(t, two)
       if (kind === 'finetune') {
         // The evaluation splits the test set over the ranks, every image once, and sums the counts.
-        const accuracy = (r: Finished) =>
-          r.stdout
-            .split('\n')
-            .filter(Boolean)
-            .map((l) => (JSON.parse(l) as { evalAccuracy: number }).evalAccuracy)
+        const accuracy = (r: Finished) => reports(r).map((l) => l.evalAccuracy ?? Number.NaN)
         const [one] = accuracy(alone)
         t.true(one > 0)
         t.deepEqual(accuracy(two), [one, one])
@@ -169,13 +182,8 @@ for (const kind of ['pretrain', 'finetune', 'tokenizer'] as const) {
         "the ranks' weights, moments and EMA are equal bit for bit",
       )
       // Rank 0 wrote one metrics log, each update over the global batch of 16.
-      const rows = (await readFile(join(dir, 'two', 'metrics.jsonl'), 'utf8'))
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l) as { step: number; images?: number })
-        .filter((r) => r.images !== undefined)
       t.deepEqual(
-        rows.map((r) => [r.step, r.images]),
+        (await updateRows(join(dir, 'two'))).map((r) => [r.step, r.images]),
         [
           [0, 16],
           [1, 16],
@@ -200,11 +208,7 @@ test.serial(
     ok(t, alone)
     const two = await train('mpich', 2, job('two', 4))
     ok(t, two)
-    const meanIou = (r: Finished) =>
-      r.stdout
-        .split('\n')
-        .filter(Boolean)
-        .map((l) => (JSON.parse(l) as { evalMeanIou: number }).evalMeanIou)
+    const meanIou = (r: Finished) => reports(r).map((l) => l.evalMeanIou ?? Number.NaN)
     const [one] = meanIou(alone)
     t.true(one > 0)
     // The ranks' areas are summed, so the scores are the whole test set's (to the last bit of a sum).
@@ -217,13 +221,8 @@ test.serial(
       identical(join(dir, 'two', 'rank-0.safetensors'), join(dir, 'two', 'rank-1.safetensors')),
       "the ranks' weights, statistics and moments are equal bit for bit",
     )
-    const rows = (await readFile(join(dir, 'two', 'metrics.jsonl'), 'utf8'))
-      .trim()
-      .split('\n')
-      .map((l) => JSON.parse(l) as { images?: number })
-      .filter((r) => r.images !== undefined)
     t.deepEqual(
-      rows.map((r) => r.images),
+      (await updateRows(join(dir, 'two'))).map((r) => r.images),
       [8, 8, 8],
       'each update is over the global batch',
     )
@@ -240,10 +239,7 @@ test.serial('every MPI ABI: the standard ABI and MPICH ABI under MPICH, Open MPI
   ] as const
   for (const [name, run, library] of runs) {
     ok(t, run)
-    const lines = run.stdout
-      .trim()
-      .split('\n')
-      .map((l) => JSON.parse(l) as { worldSize: number; mpiLibrary: string })
+    const lines = reports(run)
     t.is(lines.length, 2, name)
     for (const line of lines) {
       t.is(line.worldSize, 2, name)
@@ -269,10 +265,7 @@ test.serial(
     const stopped = await train('mpich', 2, job('split', { stopAfter: { rank: 1, step: 1 } }))
     ok(t, stopped)
     t.deepEqual(
-      stopped.stdout
-        .trim()
-        .split('\n')
-        .map((l) => (JSON.parse(l) as { status: string }).status),
+      reports(stopped).map((l) => l.status),
       ['interrupted', 'interrupted'],
     )
     t.like((await Beit.load(join(dir, 'split', 'checkpoint.safetensors'))).trainState, { step: 2, worldSize: 2 })

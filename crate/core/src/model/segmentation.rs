@@ -97,11 +97,7 @@ impl BatchNorm {
         let channels = *x.dims().last().unwrap_or(&1);
         let statistics = if norms.training {
             let mut rows = [(x.elem_count() / channels) as f64];
-            if let Some(replicas) = &norms.replicas {
-                replicas
-                    .sum_f64(&mut rows)
-                    .map_err(|e| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}")))?;
-            }
+            ops::sum_values_over_replicas(norms.replicas.as_ref(), &mut rows)?;
             (rows[0] > 1.0).then_some(Statistics::Batch { replicas: norms.replicas.as_ref(), rows: rows[0] as usize })
         } else {
             None

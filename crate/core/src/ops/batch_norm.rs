@@ -22,37 +22,6 @@ pub struct BatchStatistics {
     pub var: Vec<f64>,
 }
 
-/// Rows per parallel task: fixed, so sums are added in the same order on any thread count.
-fn chunk_rows(c: usize) -> usize {
-    rows_per_task(c).max(64)
-}
-
-/// Per-channel sums of f(channel, x) over the rows of x [rows, c], in f64.
-fn channel_sums<T: Float>(x: &[T], c: usize, f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
-    let partials: Vec<Vec<f64>> = x
-        .par_chunks(c * chunk_rows(c))
-        .map(|xs| {
-            let mut acc = vec![0.0; c];
-            for row in xs.chunks(c) {
-                for (i, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                    *a += f(i, v);
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut total = vec![0.0; c];
-    add_partials(&mut total, partials);
-    total
-}
-
-fn sum_over(replicas: &Option<Arc<dyn ReplicaSum>>, values: &mut [f64]) -> candle_core::Result<()> {
-    match replicas {
-        Some(r) => r.sum_f64(values).map_err(|e| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}"))),
-        None => Ok(()),
-    }
-}
-
 struct BatchNormTrain {
     replicas: Option<Arc<dyn ReplicaSum>>,
     /// Rows over every replica.
@@ -74,18 +43,18 @@ impl BatchNormTrain {
     fn forward<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> candle_core::Result<Vec<T>> {
         let c = gamma.len();
         let n = self.rows as f64;
-        let mut mean = channel_sums(x, c, |_, v| v.to_f64());
-        sum_over(&self.replicas, &mut mean)?;
+        let mut mean = column_sums_of(x, c, |_, v: T| v.to_f64());
+        sum_values_over_replicas(self.replicas.as_ref(), &mut mean)?;
         mean.iter_mut().for_each(|m| *m /= n);
         // Centred squares (two passes, as the composed ops and PyTorch compute it).
-        let mut var = channel_sums(x, c, |i, v| (v.to_f64() - mean[i]).powi(2));
-        sum_over(&self.replicas, &mut var)?;
+        let mut var = column_sums_of(x, c, |i, v: T| (v.to_f64() - mean[i]).powi(2));
+        sum_values_over_replicas(self.replicas.as_ref(), &mut var)?;
         var.iter_mut().for_each(|v| *v /= n);
         let scale: Vec<T> =
             var.iter().zip(gamma).map(|(v, g)| T::from_f64(g.to_f64() / (v + self.eps).sqrt())).collect();
         let shift: Vec<T> = (0..c).map(|i| T::from_f64(beta[i].to_f64() - mean[i] * scale[i].to_f64())).collect();
         let mut y = vec![T::ZERO; x.len()];
-        y.par_chunks_mut(c * chunk_rows(c)).zip(x.par_chunks(c * chunk_rows(c))).for_each(|(ys, xs)| {
+        y.par_chunks_mut(c * column_chunk_rows(c)).zip(x.par_chunks(c * column_chunk_rows(c))).for_each(|(ys, xs)| {
             for (yr, xr) in ys.chunks_mut(c).zip(xs.chunks(c)) {
                 for i in 0..c {
                     let v = xr[i] * scale[i] + shift[i];
@@ -163,7 +132,7 @@ impl BatchNormBackward {
         let c = self.gamma.len();
         let BatchStatistics { mean, var } = &self.statistics;
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let block = c * chunk_rows(c);
+        let block = c * column_chunk_rows(c);
         // The ReLU's gradient passes where its output is positive.
         let g = |yv: T, dv: T| if self.relu && yv <= T::ZERO { 0.0 } else { dv.to_f64() };
         // Per-channel sums of g and g * x_hat, over this replica's rows.
@@ -186,7 +155,7 @@ impl BatchNormBackward {
         let mut local = vec![0.0; 2 * c];
         add_partials(&mut local, partials);
         let mut global = local.clone();
-        sum_over(&self.replicas, &mut global)?;
+        sum_values_over_replicas(self.replicas.as_ref(), &mut global)?;
         let n = self.rows as f64;
         let rows = x.len() / c;
         let mut out = vec![T::ZERO; (rows + 2) * c];

@@ -19,10 +19,11 @@ pub use batch_norm::{batch_norm_train, BatchStatistics};
 pub use cross_entropy::cross_entropy_rows;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
-pub use replicas::sum_over_replicas;
+pub use replicas::{sum_over_replicas, sum_values_over_replicas};
 pub use resample::{adaptive_average_weights, bilinear_weights, interpolation_taps, resample, Resampling};
 pub use row_vector::{add_bias, scale_columns};
 pub use softmax::{scaled_softmax, softmax_last_dim};
+pub(crate) use sums::{column_chunk_rows, column_sums_of};
 pub use sums::{sum_of_squares, sum_rows};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, DType, Layout, Tensor};

@@ -20,7 +20,6 @@ impl CustomOp1 for SumOverReplicas {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let failed = |e: crate::Error| candle_core::Error::Msg(format!("synchronised BatchNorm: {e}"));
         let summed = match s {
             CpuStorage::F32(v) => {
                 let mut v = contiguous(v, l, SUM_OVER_REPLICAS)?.to_vec();
@@ -39,6 +38,19 @@ impl CustomOp1 for SumOverReplicas {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// A collective's failure as an op's error.
+fn failed(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("synchronised BatchNorm: {e}"))
+}
+
+/// `values` summed in place over `replicas`; as they are without.
+pub fn sum_values_over_replicas(replicas: Option<&Arc<dyn ReplicaSum>>, values: &mut [f64]) -> candle_core::Result<()> {
+    match replicas {
+        Some(r) => r.sum_f64(values).map_err(failed),
+        None => Ok(()),
     }
 }
 
