@@ -244,6 +244,8 @@ test.serial('every MPI ABI: the standard ABI and MPICH ABI under MPICH, Open MPI
     for (const line of lines) {
       t.is(line.worldSize, 2, name)
       t.regex(line.mpiLibrary, library)
+      // UCX's in-place code patching races Node's threads (a crash in 1 of 30 runs): off by default.
+      t.is(line.ucxMemEvents, 'no', name)
     }
     const diff = weightDifference(join(dir, 'standard', 'rank-0.safetensors'), join(dir, name, 'rank-1.safetensors'))
     t.true(diff <= 1e-6, `${name}: ${diff}`)
@@ -294,7 +296,9 @@ for (const how of ['throw', 'kill'] as const) {
     t.not(run.code, 0)
     t.true(run.seconds < 30, `the job took ${run.seconds.toFixed(1)} s`)
     if (how === 'throw') t.regex(run.stderr, /rank 1 fails on purpose after step 2/)
-    const saved = await Beit.load(join(outDir, 'checkpoint.safetensors'))
+    const checkpoint = join(outDir, 'checkpoint.safetensors')
+    t.true(existsSync(checkpoint), `no checkpoint; the job printed\n${run.stdout}\n${run.stderr}`)
+    const saved = await Beit.load(checkpoint)
     t.true(saved.step >= 2 && saved.step < 50, `checkpoint at step ${saved.step}`)
   })
 }

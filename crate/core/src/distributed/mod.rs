@@ -97,6 +97,7 @@ pub fn init(mpi_library: Option<&str>) -> Result<Arc<Communicator>> {
     let env = |k: &str| std::env::var(k).ok();
     let launch = detect_launch(env);
     let prefer_open_mpi = launch.as_ref().is_some_and(|l| l.launcher.starts_with("Open MPI"));
+    disable_ucx_memory_hooks();
     let mpi = Mpi::open(&mpi::candidates(mpi_library, prefer_open_mpi, &mpi::launcher_lib_dirs()))?;
     mpi.init()?;
     let (rank, world_size) = mpi.rank_and_size()?;
@@ -125,6 +126,19 @@ pub fn init(mpi_library: Option<&str>) -> Result<Arc<Communicator>> {
         nccl: Mutex::new(None),
     };
     Ok(COMMUNICATOR.get_or_init(|| Arc::new(communicator)).clone())
+}
+
+/// UCX (the transport under MPICH's and Open MPI's) patches libc's mmap, munmap and brk code in
+/// place when it loads ("bistro" memory hooks, for its registration cache). A thread inside that
+/// code while it is rewritten crashes later (a known UCX race); Node has several such threads
+/// (V8's, libuv's, rayon's). Measured: 5 of 150 two-rank MPICH runs under load segfaulted, 0 of 150
+/// with the hooks off. So they are off, unless the user chose a UCX memory-hook setting; set
+/// before the library loads, as UCX reads its options then.
+fn disable_ucx_memory_hooks() {
+    const CHOSEN: [&str; 2] = ["UCX_MEM_EVENTS", "UCX_MEM_MMAP_HOOK_MODE"];
+    if CHOSEN.iter().all(|k| std::env::var_os(k).is_none()) {
+        std::env::set_var("UCX_MEM_EVENTS", "no");
+    }
 }
 
 /// The communicator [`init`] made, if it ran.
