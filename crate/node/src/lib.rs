@@ -85,10 +85,14 @@ pub(crate) fn lock<T>(model: &Arc<Mutex<T>>) -> beit_core::Result<MutexGuard<'_,
 }
 
 pub(crate) fn image_size_pair(size: Option<Vec<u32>>) -> beit_core::Result<Option<[usize; 2]>> {
-    match size.as_deref() {
-        None => Ok(None),
-        Some(&[h, w]) => Ok(Some([h as usize, w as usize])),
-        Some(other) => Err(beit_core::Error::Input(format!("imageSize: expected [height, width], got {other:?}"))),
+    size.map(|s| size_pair("imageSize", &s)).transpose()
+}
+
+/// A `[height, width]` from JS, or an error naming `what`.
+pub(crate) fn size_pair(what: &str, v: &[u32]) -> beit_core::Result<[usize; 2]> {
+    match v {
+        &[h, w] => Ok([h as usize, w as usize]),
+        other => Err(beit_core::Error::Input(format!("{what}: expected [height, width], got {other:?}"))),
     }
 }
 

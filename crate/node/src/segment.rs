@@ -9,7 +9,7 @@ use beit_core::{SegmentedImage, SegmenterConfig, SegmenterTrainer, SegmenterTrai
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, image_size_pair, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
+use crate::{guarded, image_size_pair, job, lock, size_pair, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// Fine-tuning options saved with the segmenter.
 #[napi(object, js_name = "SegmenterTrainingOptions")]
@@ -254,12 +254,8 @@ impl NativeSegmenter {
         let model = self.inner.clone();
         job(
             move || {
-                let pair = |what: &str, v: &[u32]| match v {
-                    &[a, b] => Ok([a as usize, b as usize]),
-                    other => Err(beit_core::Error::Input(format!("{what}: expected [height, width], got {other:?}"))),
-                };
                 let (size, stride, out) =
-                    (pair("size", &size)?, pair("stride", &stride)?, pair("outputSize", &output_size)?);
+                    (size_pair("size", &size)?, size_pair("stride", &stride)?, size_pair("outputSize", &output_size)?);
                 lock(&model)?.segment(&pixels, size, stride, out, probabilities)
             },
             |s| {
