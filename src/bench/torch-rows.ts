@@ -54,21 +54,34 @@ export function benchRows(root: string): ResolvedRow[] {
   })
 }
 
-/** The CPU as /proc/cpuinfo names it, with its widest vector extension. */
+/** The CPU's feature flags from /proc/cpuinfo ('' where it cannot be read). */
+function cpuFlags(): string {
+  try {
+    return /^flags\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? ''
+  } catch {
+    return ''
+  }
+}
+
+/** What bf16 GEMMs can run on: AMX tiles (Intel Sapphire Rapids and later), AVX512-BF16 (Zen 4/5, Cooper Lake). */
+export function bf16Hardware(): string[] {
+  const flags = cpuFlags()
+  return [
+    ['amx_bf16', 'AMX-BF16'],
+    ['avx512_bf16', 'AVX512-BF16'],
+  ]
+    .filter(([flag]) => new RegExp(`\\b${flag}\\b`).test(flags))
+    .map(([, name]) => name)
+}
+
+/** The CPU as /proc/cpuinfo names it, with its widest vector extension and its bf16 GEMM units. */
 export function cpuName(): string {
   try {
     const info = readFileSync('/proc/cpuinfo', 'utf8')
     const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
-    const flags = field('flags')
+    const flags = cpuFlags()
     const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
-    // What bf16 GEMMs can run on: AMX tiles (Intel Sapphire Rapids and later), AVX512-BF16 (Zen 4/5, Cooper Lake).
-    const bf16 = [
-      ['amx_bf16', 'AMX-BF16'],
-      ['avx512_bf16', 'AVX512-BF16'],
-    ]
-      .filter(([flag]) => new RegExp(`\\b${flag}\\b`).test(flags))
-      .map(([, name]) => name)
-    const features = [simd, ...bf16].join(', ')
+    const features = [simd, ...bf16Hardware()].join(', ')
     return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${features}`
   } catch {
     return `${availableParallelism()} cores`

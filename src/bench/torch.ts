@@ -2,7 +2,7 @@
  * beit against PyTorch eager on the CPU, side by side in one run: every row of
  * scripts/bench/rows.json (training steps of the MIM model, the classifier, the segmenter and
  * the tokenizer, and tokenizer encoding) runs as a beit process and PyTorch processes (f32, and
- * under bf16 autocast, which uses AMX or AVX512-BF16 where the CPU has them) on the same work
+ * under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on) on the same work
  * with the same number of threads, alternating, `--rounds` times each; the best images/s of
  * each side and the larger peak RSS are reported, with beit's ratio to PyTorch f32 and to
  * PyTorch's faster mode. Not a test.
@@ -15,7 +15,7 @@ import { availableParallelism, homedir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { benchRows, cpuName, ResolvedRow } from './torch-rows'
+import { benchRows, bf16Hardware, cpuName, ResolvedRow } from './torch-rows'
 
 interface Measurement {
   imagesPerSecond: number
@@ -70,8 +70,12 @@ async function main(): Promise<void> {
         .map((r) => r.name)
         .join(', ')}`,
     )
+  // Without AMX or AVX512-BF16, PyTorch's bf16 autocast emulates bf16 arithmetic: minutes per
+  // step, and never the faster mode, so that column is left out.
+  const bf16 = bf16Hardware().length > 0
+  const sidesRun: Side[] = bf16 ? ['beit', 'torch', 'torchBf16'] : ['beit', 'torch']
   console.log(
-    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds\n`,
+    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast column: this CPU has neither AMX-BF16 nor AVX512-BF16'}\n`,
   )
   const header =
     '| row | beit img/s | PyTorch f32 img/s | PyTorch bf16 autocast img/s | ratio to f32 | ratio to the faster | beit peak RSS | PyTorch peak RSS (f32 / bf16) |'
@@ -81,17 +85,17 @@ async function main(): Promise<void> {
   for (const row of rows) {
     const sides: Record<Side, Measurement[]> = { beit: [], torch: [], torchBf16: [] }
     for (let round = 0; round < rounds; round++) {
-      const order: Side[] = round % 2 === 0 ? ['beit', 'torch', 'torchBf16'] : ['torchBf16', 'torch', 'beit']
+      const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])
       for (const side of order) sides[side].push(measure(side, row, threads, values.python))
     }
-    const best = (ms: Measurement[]) => Math.max(...ms.map((m) => m.imagesPerSecond))
-    const rss = (ms: Measurement[]) => Math.max(...ms.map((m) => m.peakRssMiB))
+    const best = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.imagesPerSecond)) : NaN)
+    const rss = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.peakRssMiB)) : NaN)
     const [beit, torch, torchBf16] = [best(sides.beit), best(sides.torch), best(sides.torchBf16)]
-    const fastest = Math.max(torch, torchBf16)
+    const fastest = bf16 ? Math.max(torch, torchBf16) : torch
     versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
-    const gib = (mib: number) => `${(mib / 1024).toFixed(2)} GiB`
+    const gib = (mib: number) => (Number.isNaN(mib) ? 'n/a' : `${(mib / 1024).toFixed(2)} GiB`)
     console.log(
-      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${torchBf16.toFixed(1)} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} |`,
+      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${bf16 ? torchBf16.toFixed(1) : 'n/a'} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} |`,
     )
     results.push({
       row: row.name,
