@@ -64,8 +64,7 @@ function cpuFlags(): string {
 }
 
 /** What bf16 GEMMs can run on: AMX tiles (Intel Sapphire Rapids and later), AVX512-BF16 (Zen 4/5, Cooper Lake). */
-export function bf16Hardware(): string[] {
-  const flags = cpuFlags()
+export function bf16Hardware(flags: string = cpuFlags()): string[] {
   return [
     ['amx_bf16', 'AMX-BF16'],
     ['avx512_bf16', 'AVX512-BF16'],
@@ -79,9 +78,9 @@ export function cpuName(): string {
   try {
     const info = readFileSync('/proc/cpuinfo', 'utf8')
     const field = (key: string) => new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(info)?.[1] ?? '?'
-    const flags = cpuFlags()
+    const flags = field('flags')
     const simd = /\bavx512f\b/.test(flags) ? 'AVX-512' : /\bavx2\b/.test(flags) ? 'AVX2' : 'SSE'
-    const features = [simd, ...bf16Hardware()].join(', ')
+    const features = [simd, ...bf16Hardware(flags)].join(', ')
     return `${field('model name')} (family ${field('cpu family')}, model ${field('model')}), ${availableParallelism()} cores, ${features}`
   } catch {
     return `${availableParallelism()} cores`
