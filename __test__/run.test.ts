@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { SINGLE_PROCESS } from '../src/distributed'
-import { batching, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
+import { batching, formatSeconds, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
 import { warmupCosine } from '../src/schedule'
 
 async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
@@ -15,6 +15,18 @@ async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Prom
 
 const PANELS = [{ key: 'loss' }]
 const ONE_BY_4 = batching({ batchSize: 4 })
+
+test('durations read as seconds, minutes and seconds, or hours and minutes, rounded once', (t) => {
+  t.is(formatSeconds(Number.NaN), '?')
+  t.is(formatSeconds(Number.POSITIVE_INFINITY), '?')
+  t.is(formatSeconds(0.4), '0s')
+  t.is(formatSeconds(59.4), '59s')
+  t.is(formatSeconds(59.6), '1m00s')
+  t.is(formatSeconds(65), '1m05s')
+  t.is(formatSeconds(119.6), '2m00s')
+  t.is(formatSeconds(3599.7), '1h00m')
+  t.is(formatSeconds(3 * 3600 + 5 * 60 + 9), '3h05m')
+})
 
 test('the run length is exactly one of steps and epochs', (t) => {
   t.is(resolveSteps(7, undefined, 10), 7)

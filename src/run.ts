@@ -433,10 +433,13 @@ export class Progress {
   }
 }
 
-export function formatSeconds(s: number): string {
-  if (!Number.isFinite(s)) return '?'
-  if (s < 60) return `${Math.round(s)}s`
-  if (s < 3600) return `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, '0')}s`
+/** `42s`, `1m05s` or `2h03m`; `?` when there is no estimate yet. */
+export function formatSeconds(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '?'
+  // Round once, before splitting, so 119.6 s reads 2m00s and not 1m60s.
+  const s = Math.round(seconds)
+  if (s < 60) return `${s}s`
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`
   return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`
 }
 
