@@ -1,8 +1,9 @@
 //! Convolution pieces for the dVAE and the segmentation head on candle's autograd, in NHWC
 //! layout: a "same" convolution, 2x2 max-pooling and 2x nearest upsampling, each a custom op
-//! with a backward pass. On the CPU the convolution runs the engine's tiled im2col GEMMs both
-//! ways (candle's own CPU conv backward is a direct loop, far too slow for training). On a GPU
-//! they are candle's own ops in NCHW, which have CUDA kernels and backward passes.
+//! with a backward pass. On the CPU the convolution runs the engine's tiled im2col (or, for 3x3
+//! kernels, Winograd) GEMMs both ways (candle's own CPU conv backward is a direct loop, far too
+//! slow for training). On a GPU they are candle's own ops in NCHW, which have CUDA kernels and
+//! backward passes.
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 

@@ -29,6 +29,7 @@ pub mod kernels;
 pub mod linear;
 pub mod matmul;
 pub mod simd;
+pub mod winograd;
 
 use rayon::prelude::*;
 
