@@ -232,6 +232,110 @@ extern "C" __global__ void cross_entropy_bwd(const float* z, const uint32_t* tar
     }
 }
 
+// ---- Cross-entropy of logits resized bilinearly to the labels' size, per output pixel ----
+// One block per output pixel (b, y, x) of [B, H, W]; logits z are [B, h, w, k]. taps holds
+// each output row's and then each output column's two low-resolution indices, weights their
+// weights (2 (H + W) each). Ignored pixels get loss 0 and no gradient.
+
+// The four taps (row, column: first-first, first-second, second-first, second-second).
+struct ResizedPixel {
+    float weights[4];
+    size_t cells[4];  // offsets in the image's map
+};
+
+__device__ ResizedPixel resized_pixel(const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k) {
+    ResizedPixel p;
+    const int x = pixel % W, y = (pixel / W) % H;
+    const int r[2] = {(int)taps[2 * y], (int)taps[2 * y + 1]};
+    const int c[2] = {(int)taps[2 * (H + x)], (int)taps[2 * (H + x) + 1]};
+    const float wy[2] = {weights[2 * y], weights[2 * y + 1]};
+    const float wx[2] = {weights[2 * (H + x)], weights[2 * (H + x) + 1]};
+    for (int i = 0; i < 4; i++) {
+        p.cells[i] = ((size_t)r[i >> 1] * w + c[i & 1]) * k;
+        p.weights[i] = wy[i >> 1] * wx[i & 1];
+    }
+    return p;
+}
+
+// Class i's resized logit: (z00 wy0 + z10 wy1) wx0 + (z01 wy0 + z11 wy1) wx1, as the CPU op.
+__device__ __forceinline__ float resized_value(const float* image, const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k, int i) {
+    const int x = pixel % W, y = (pixel / W) % H;
+    const size_t r0 = taps[2 * y], r1 = taps[2 * y + 1], c0 = taps[2 * (H + x)], c1 = taps[2 * (H + x) + 1];
+    const float wy0 = weights[2 * y], wy1 = weights[2 * y + 1], wx0 = weights[2 * (H + x)], wx1 = weights[2 * (H + x) + 1];
+    const float a00 = image[(r0 * w + c0) * k + i], a01 = image[(r0 * w + c1) * k + i];
+    const float a10 = image[(r1 * w + c0) * k + i], a11 = image[(r1 * w + c1) * k + i];
+    return (a00 * wy0 + a10 * wy1) * wx0 + (a01 * wy0 + a11 * wy1) * wx1;
+}
+
+// Returns log-sum-exp of the pixel's k resized logits (every thread gets it).
+__device__ float resized_log_sum_exp(const float* image, const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k, float* shared) {
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, resized_value(image, taps, weights, pixel, w, H, W, k, i));
+    m = block_max(m, shared);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) s += __expf(resized_value(image, taps, weights, pixel, w, H, W, k, i) - m);
+    return m + __logf(block_sum(s, shared));
+}
+
+extern "C" __global__ void resized_cross_entropy_fwd(const float* z, const uint32_t* labels, const uint32_t* taps, const float* weights, float* loss, int h, int w, int H, int W, int k, uint32_t ignore) {
+    __shared__ float shared[32];
+    const size_t pixel = blockIdx.x;
+    const uint32_t t = labels[pixel];
+    if (t == ignore) {  // the same for the whole block
+        if (threadIdx.x == 0) loss[pixel] = 0.f;
+        return;
+    }
+    const float* image = z + pixel / ((size_t)H * W) * h * w * k;
+    const float lse = resized_log_sum_exp(image, taps, weights, pixel, w, H, W, k, shared);
+    if (threadIdx.x == 0) loss[pixel] = lse - resized_value(image, taps, weights, pixel, w, H, W, k, t);
+}
+
+// dz must be zeroed: the four taps of neighbouring pixels overlap, so gradients are added atomically.
+extern "C" __global__ void resized_cross_entropy_bwd(const float* z, const uint32_t* labels, const uint32_t* taps, const float* weights, const float* g, float* dz, int h, int w, int H, int W, int k, uint32_t ignore) {
+    __shared__ float shared[32];
+    const size_t pixel = blockIdx.x;
+    const uint32_t t = labels[pixel];
+    if (t == ignore) return;
+    const size_t image_offset = pixel / ((size_t)H * W) * h * w * k;
+    const float* image = z + image_offset;
+    const float lse = resized_log_sum_exp(image, taps, weights, pixel, w, H, W, k, shared);
+    const ResizedPixel p = resized_pixel(taps, weights, pixel, w, H, W, k);
+    const float gi = g[pixel];
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        const float d = (__expf(resized_value(image, taps, weights, pixel, w, H, W, k, i) - lse) - (i == (int)t ? 1.f : 0.f)) * gi;
+        for (int j = 0; j < 4; j++) atomicAdd(dz + image_offset + p.cells[j] + i, d * p.weights[j]);
+    }
+}
+
+// Class ids [B, H, W]: the first maximum over the k resized logits of each output pixel.
+extern "C" __global__ void resized_argmax(const float* z, const uint32_t* taps, const float* weights, uint32_t* classes, int h, int w, int H, int W, int k) {
+    __shared__ float best_values[32];
+    __shared__ int best_indices[32];
+    const size_t pixel = blockIdx.x;
+    const float* image = z + pixel / ((size_t)H * W) * h * w * k;
+    float best = -INFINITY;
+    int index = k;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        const float v = resized_value(image, taps, weights, pixel, w, H, W, k, i);
+        if (v > best) best = v, index = i;  // a thread's classes ascend: strict > keeps the first
+    }
+    // (value, index) pairs: the larger value, the smaller index among equal values.
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int j = __shfl_xor_sync(0xffffffffu, index, o);
+        if (v > best || (v == best && j < index)) best = v, index = j;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) best_values[warp] = best, best_indices[warp] = index;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < (int)(blockDim.x >> 5); i++) {
+            if (best_values[i] > best || (best_values[i] == best && best_indices[i] < index)) best = best_values[i], index = best_indices[i];
+        }
+        classes[pixel] = index;
+    }
+}
+
 // ---- Bias over rows ----------------------------------------------------------------------
 
 template <typename T>

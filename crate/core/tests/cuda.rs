@@ -104,6 +104,22 @@ fn fused_ops_agree_with_the_cpu() {
             ops::cross_entropy_rows(&t[0], &targets).unwrap()
         });
     }
+    // The segmentation loss: 1/4-scale logits to the label size (150 classes as ADE20K), and
+    // down, with ignored pixels.
+    for (low, high, k) in [((14, 14), (56, 56), 150), ((6, 5), (3, 4), 33)] {
+        let labels: Vec<u32> =
+            (0..2 * high.0 * high.1).map(|i| if i % 5 == 2 { 255 } else { (i * 13 % k) as u32 }).collect();
+        agree(&format!("resized_cross_entropy {low:?} -> {high:?}"), &[randn(&[2, low.0, low.1, k], 11)], |t| {
+            let labels = Tensor::from_vec(labels.clone(), (2, high.0, high.1), t[0].device()).unwrap();
+            ops::resized_cross_entropy(&t[0], &labels, 255).unwrap()
+        });
+    }
+    let logits = randn(&[2, 14, 14, 150], 12);
+    let classes = |dev: &Device| {
+        let classes = ops::resized_argmax(&logits.to_device(dev).unwrap(), (56, 56)).unwrap();
+        classes.flatten_all().unwrap().to_vec1::<u32>().unwrap()
+    };
+    assert_eq!(classes(&gpu()), classes(&Device::Cpu), "resized_argmax");
 }
 
 #[test]

@@ -119,6 +119,83 @@ fn resampling_gradients() {
     check_op(&[&[1, 2, 2, 3]], |t| ops::resample(&t[0], Resampling::AdaptiveAverage, (6, 6)).unwrap());
 }
 
+/// Labels [b, h, w] in 0..classes, every third one the ignore index 255.
+fn scattered_labels(b: usize, h: usize, w: usize, classes: u32) -> Tensor {
+    let labels: Vec<u32> = (0..b * h * w).map(|i| if i % 3 == 1 { 255 } else { (i as u32 * 7) % classes }).collect();
+    Tensor::from_vec(labels, (b, h, w), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resized_cross_entropy_gradients() {
+    // Up by a non-integer factor, down, and one low-resolution row (both taps on it).
+    for (low, high) in [((3, 4), (7, 9)), ((5, 6), (3, 4)), ((1, 3), (4, 5))] {
+        let labels = scattered_labels(2, high.0, high.1, 5);
+        check_op(&[&[2, low.0, low.1, 5]], |t| ops::resized_cross_entropy(&t[0], &labels, 255).unwrap());
+    }
+}
+
+/// The fused op is the resize followed by per-pixel cross-entropy, values and gradients, over
+/// sizes whose row pairs split unevenly between the backward pass's two passes.
+#[test]
+fn resized_cross_entropy_is_resize_then_cross_entropy() {
+    for (low, high) in [((4, 4), (16, 16)), ((5, 7), (13, 11)), ((6, 6), (6, 6)), ((7, 5), (3, 9)), ((2, 2), (9, 2))] {
+        let (b, k) = (3, 6);
+        let labels = scattered_labels(b, high.0, high.1, k as u32);
+        let flat: Vec<u32> = labels.flatten_all().unwrap().to_vec1().unwrap();
+        let kept: Vec<u32> = (0..flat.len() as u32).filter(|&i| flat[i as usize] != 255).collect();
+        let targets: Vec<u32> = kept.iter().map(|&i| flat[i as usize]).collect();
+        let (kept, targets) = (
+            Tensor::new(kept.as_slice(), &Device::Cpu).unwrap(),
+            Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(),
+        );
+        let logits = Var::from_tensor(&(random_tensor(&[b, low.0, low.1, k], 5, DType::F64) * 4.0).unwrap()).unwrap();
+        let probe = random_tensor(&[b, high.0, high.1], 6, DType::F64);
+        let fused = ops::resized_cross_entropy(logits.as_tensor(), &labels, 255).unwrap();
+        let up = ops::resample(logits.as_tensor(), Resampling::Bilinear, high).unwrap();
+        let rows = up.reshape((b * high.0 * high.1, k)).unwrap().index_select(&kept, 0).unwrap();
+        let composed = ops::cross_entropy_rows(&rows, &targets).unwrap();
+        let fused_kept = fused.flatten_all().unwrap().index_select(&kept, 0).unwrap();
+        let what = format!("{low:?} -> {high:?}");
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff(&fused_kept, &composed) < 1e-12, "{what}: losses differ");
+        let ignored: f64 = fused.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            - fused_kept.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(ignored.abs() < 1e-12, "{what}: ignored pixels have a loss");
+        let probe_kept = probe.flatten_all().unwrap().index_select(&kept, 0).unwrap();
+        let g_fused = fused.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_composed = composed.mul(&probe_kept).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (g_fused.get(&logits).unwrap(), g_composed.get(&logits).unwrap());
+        assert!(c.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3, "{what}: no gradient");
+        assert!(diff(a, c) < 1e-12, "{what}: gradients differ by {}", diff(a, c));
+    }
+    let f32_logits = random_tensor(&[1, 2, 2, 3], 7, DType::F32);
+    let error = ops::resized_cross_entropy(&f32_logits, &scattered_labels(1, 4, 4, 9), 255).unwrap_err();
+    assert!(error.to_string().contains("label 5 out of range for 3 classes"), "{error}");
+}
+
+#[test]
+fn resized_argmax_is_resize_then_argmax() {
+    for (low, high) in [((4, 4), (16, 16)), ((5, 7), (13, 11)), ((7, 5), (3, 9))] {
+        let logits = random_tensor(&[2, low.0, low.1, 9], 8, DType::F64);
+        let want = ops::resample(&logits, Resampling::Bilinear, high).unwrap().argmax(3).unwrap();
+        let got = ops::resized_argmax(&logits, high).unwrap();
+        assert_eq!(got.dims(), &[2, high.0, high.1]);
+        let (got, want) = (
+            got.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+        );
+        assert_eq!(got, want, "{low:?} -> {high:?}");
+        assert!(got.iter().any(|&c| c != got[0]), "{low:?} -> {high:?}: one class everywhere");
+    }
+    // Ties go to the first class, as PyTorch's argmax.
+    let flat = Tensor::ones((1, 2, 2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        ops::resized_argmax(&flat, (3, 3)).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+        vec![0; 9]
+    );
+}
+
 #[test]
 fn batch_norm_gradients() {
     // Training: batch statistics over B*H*W rows (the fused CPU op, with and without its ReLU);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -58,6 +59,14 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     const float other = b.exchange[(t & ~31u) | ((t & 31u) ^ unsigned(lane_mask))];
     warp.arrive_and_wait();  // nobody overwrites a slot before its reader has read it
     return other;
+}
+
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {
+    float bits;
+    std::memcpy(&bits, &v, sizeof v);
+    bits = __shfl_xor_sync(mask, bits, lane_mask);
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
 }
 
 inline float atomicAdd(float* address, float v) {

@@ -38,7 +38,8 @@ const std::vector<Kernel>& kernels() {
         BOTH(layer_norm_fwd), BOTH(layer_norm_bwd_rows), BOTH(layer_norm_bwd_params), BOTH(softmax_fwd),
         BOTH(softmax_bwd),    BOTH(gelu_fwd),            BOTH(gelu_bwd),              BOTH(add_bias),
         BOTH(scale_columns),  BOTH(sum_rows),       KERNEL(cross_entropy_fwd), KERNEL(cross_entropy_bwd),   KERNEL(adamw_moment),
-        KERNEL(adamw_update), KERNEL(ema_update),
+        KERNEL(adamw_update), KERNEL(ema_update),   KERNEL(resized_cross_entropy_fwd), KERNEL(resized_cross_entropy_bwd),
+        KERNEL(resized_argmax),
     };
     return all;
 }

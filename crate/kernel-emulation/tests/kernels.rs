@@ -388,6 +388,71 @@ fn cross_entropy_agrees_with_the_cpu() {
     }
 }
 
+// ---- Cross-entropy of logits resized to the labels' size ----------------------------------
+
+#[test]
+fn resized_cross_entropy_agrees_with_the_cpu() {
+    // Up by non-integer factors with a partial warp of classes; down with several warps.
+    for (b, low, high, k) in [(2, (4, 3), (9, 7), 37), (1, (6, 5), (5, 3), 300)] {
+        let (pixels, ignore) = (b * high.0 * high.1, 255u32);
+        let mut z = values(b * low.0 * low.1 * k, 22, 6.0);
+        let mut labels: Vec<u32> = (0..pixels).map(|i| if i % 4 == 3 { ignore } else { (i * 31 % k) as u32 }).collect();
+        let mut g = values(pixels, 23, 1.0);
+        let (mut taps, mut weights) = (Vec::new(), Vec::new());
+        for (n_in, n_out) in [(low.0, high.0), (low.1, high.1)] {
+            for pair in ops::interpolation_taps(n_in, n_out, false) {
+                taps.extend(pair.iter().map(|&(i, _)| i as u32));
+                weights.extend(pair.iter().map(|&(_, w)| w as f32));
+            }
+        }
+        let (zf, gf, labels_t) =
+            (z.clone(), g.clone(), Tensor::from_slice(&labels, (b, high.0, high.1), &Device::Cpu).unwrap());
+        let mut loss = vec![f32::NAN; pixels];
+        let mut dz = vec![0f32; z.len()];
+        let sizes = [low.0, low.1, high.0, high.1, k].map(|n| n as i32);
+        let fwd =
+            Launch::new().buffer(&mut z).buffer(&mut labels).buffer(&mut taps).buffer(&mut weights).buffer(&mut loss);
+        sizes
+            .iter()
+            .fold(fwd, |l, &n| l.scalar(n))
+            .scalar(ignore)
+            .run("resized_cross_entropy_fwd", per_row(pixels, k))
+            .unwrap();
+        let bwd = Launch::new()
+            .buffer(&mut z)
+            .buffer(&mut labels)
+            .buffer(&mut taps)
+            .buffer(&mut weights)
+            .buffer(&mut g)
+            .buffer(&mut dz);
+        sizes
+            .iter()
+            .fold(bwd, |l, &n| l.scalar(n))
+            .scalar(ignore)
+            .run("resized_cross_entropy_bwd", per_row(pixels, k))
+            .unwrap();
+        let zv = Var::from_tensor(&tensor(&zf, &[b, low.0, low.1, k])).unwrap();
+        let want = ops::resized_cross_entropy(zv.as_tensor(), &labels_t, ignore).unwrap();
+        let what = format!("{low:?} -> {high:?}, {k} classes");
+        assert_close(&format!("resized_cross_entropy_fwd {what}"), &loss, &f32s(&want), 2e-5);
+        let grads = (want * tensor(&gf, &[b, high.0, high.1])).unwrap().sum_all().unwrap().backward().unwrap();
+        let want_dz = f32s(grads.get(&zv).unwrap());
+        let top = want_dz.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (i, (got, want)) in dz.iter().zip(&want_dz).enumerate() {
+            assert!((got - want).abs() <= 2e-5 * top, "resized_cross_entropy_bwd {what} [{i}]: {got} vs {want}");
+        }
+        // Class ids, and ties (every class equal) to the first.
+        for (logits, name) in [(zf.clone(), "random"), (vec![0.5f32; zf.len()], "tied")] {
+            let mut z = logits.clone();
+            let mut classes = vec![u32::MAX; pixels];
+            let l = Launch::new().buffer(&mut z).buffer(&mut taps).buffer(&mut weights).buffer(&mut classes);
+            sizes.iter().fold(l, |l, &n| l.scalar(n)).run("resized_argmax", per_row(pixels, k)).unwrap();
+            let want = ops::resized_argmax(&tensor(&logits, &[b, low.0, low.1, k]), high).unwrap();
+            assert_eq!(classes, want.flatten_all().unwrap().to_vec1::<u32>().unwrap(), "resized_argmax {what}, {name}");
+        }
+    }
+}
+
 // ---- AdamW and EMA, in place --------------------------------------------------------------
 
 #[test]

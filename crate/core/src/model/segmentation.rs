@@ -455,6 +455,9 @@ impl BeitForSemanticSegmentation {
 /// Per-pixel labels [B, H, W] and the pixels the loss reads (label != ignore index).
 pub struct PixelLabels {
     pub dims: (usize, usize, usize),
+    /// All labels [B, H, W], the ignore index included.
+    pub labels: Tensor,
+    pub ignore: u32,
     /// Flat pixel indices (b, y, x) of the labelled pixels.
     pub index: Tensor,
     /// Their labels.
@@ -498,6 +501,8 @@ impl PixelLabels {
         let count = index.len();
         Ok(Self {
             dims,
+            labels: Tensor::from_slice(labels, dims, device)?,
+            ignore,
             index: Tensor::from_vec(index, count, device)?,
             targets: Tensor::from_vec(targets, count, device)?,
             count,
@@ -506,18 +511,10 @@ impl PixelLabels {
 }
 
 /// The summed cross-entropy of `logits` [B, h, w, K], resized bilinearly to the labels' size,
-/// over the labelled pixels (0 when there are none).
+/// over the labelled pixels (0 when there are none, with the graph kept: a synchronised
+/// replica's backward pass must reach its BatchNorms' collectives).
 pub fn summed_pixel_loss(logits: &Tensor, labels: &PixelLabels) -> Result<Tensor> {
-    let (b, h, w) = labels.dims;
-    let k = logits.dim(3)?;
-    if labels.count == 0 {
-        // Zero with the graph kept (candle drops the graph under an affine map by 0): a
-        // synchronised replica's backward pass must reach its BatchNorms' collectives.
-        let sum = logits.sum_all()?;
-        return sum.mul(&sum.zeros_like()?);
-    }
-    let up = at_least_f32(&bilinear(logits, (h, w))?)?.reshape((b * h * w, k))?;
-    ops::cross_entropy_rows(&up.index_select(&labels.index, 0)?, &labels.targets)?.sum_all()
+    ops::resized_cross_entropy(&at_least_f32(logits)?, &labels.labels, labels.ignore)?.sum_all()
 }
 
 /// transformers' loss summed over the labelled pixels: main + weight x auxiliary. Divided by
@@ -536,9 +533,8 @@ pub fn summed_segmentation_loss(
 
 /// Per-pixel class ids [B, H, W] (u32): the argmax of `logits` [B, h, w, K] resized bilinearly
 /// to (H, W), as transformers' post-processing does.
-pub fn pixel_classes(logits: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-    let up = at_least_f32(&bilinear(logits, (h, w))?)?;
-    up.argmax(3)
+pub fn pixel_classes(logits: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+    ops::resized_argmax(&at_least_f32(logits)?, size)
 }
 
 /// How many labelled pixels the main logits classify right.

@@ -13,13 +13,6 @@ use crate::float::Float;
 
 struct CrossEntropy;
 
-fn targets_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    match s {
-        CpuStorage::U32(v) => contiguous(v, l, op),
-        other => bail!("{op}: targets must be u32, got {:?}", other.dtype()),
-    }
-}
-
 fn log_sum_exp<T: Float>(row: &[T]) -> T {
     let mut max = row[0];
     for &v in row {
@@ -47,7 +40,7 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, v) = l1.shape().dims2()?;
-        let targets = targets_slice(self.name(), s2, l2)?;
+        let targets = u32_slice(self.name(), s2, l2)?;
         if targets.len() != rows {
             bail!("cross-entropy: {} targets for {rows} rows", targets.len());
         }
@@ -129,7 +122,7 @@ impl CustomOp3 for CrossEntropyBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let targets = targets_slice(self.name(), s2, l2)?;
+        let targets = u32_slice(self.name(), s2, l2)?;
         let out = dispatch_float!(self.name(), s1, |z| {
             let z = contiguous(z, l1, self.name())?;
             into_storage(cross_entropy_bwd(z, targets, same_dtype_slices(self.name(), s3, l3)?, v))

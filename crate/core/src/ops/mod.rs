@@ -11,6 +11,7 @@ mod gelu;
 mod layer_norm;
 mod replicas;
 mod resample;
+mod resized_cross_entropy;
 mod row_vector;
 mod softmax;
 mod sums;
@@ -21,6 +22,7 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use replicas::{sum_over_replicas, sum_values_over_replicas};
 pub use resample::{adaptive_average_weights, bilinear_weights, interpolation_taps, resample, Resampling};
+pub use resized_cross_entropy::{resized_argmax, resized_cross_entropy};
 pub use row_vector::{add_bias, scale_columns};
 pub use softmax::{scaled_softmax, softmax_last_dim};
 pub(crate) use sums::{column_chunk_rows, column_sums_of};
@@ -35,6 +37,14 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> can
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// The contiguous u32 slice (targets, labels) a storage/layout pair describes.
+pub(crate) fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(v) => contiguous(v, l, op),
+        other => bail!("{op}: class ids must be u32, got {:?}", other.dtype()),
     }
 }
 
