@@ -237,43 +237,38 @@ extern "C" __global__ void cross_entropy_bwd(const float* z, const uint32_t* tar
 // each output row's and then each output column's two low-resolution indices, weights their
 // weights (2 (H + W) each). Ignored pixels get loss 0 and no gradient.
 
-// The four taps (row, column: first-first, first-second, second-first, second-second).
+// An output pixel's four taps: cells [row][column] (offsets in the image's map) and the row
+// and column weights.
 struct ResizedPixel {
-    float weights[4];
-    size_t cells[4];  // offsets in the image's map
+    size_t cells[2][2];
+    float wy[2], wx[2];
 };
 
 __device__ ResizedPixel resized_pixel(const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k) {
     ResizedPixel p;
     const int x = pixel % W, y = (pixel / W) % H;
-    const int r[2] = {(int)taps[2 * y], (int)taps[2 * y + 1]};
-    const int c[2] = {(int)taps[2 * (H + x)], (int)taps[2 * (H + x) + 1]};
-    const float wy[2] = {weights[2 * y], weights[2 * y + 1]};
-    const float wx[2] = {weights[2 * (H + x)], weights[2 * (H + x) + 1]};
-    for (int i = 0; i < 4; i++) {
-        p.cells[i] = ((size_t)r[i >> 1] * w + c[i & 1]) * k;
-        p.weights[i] = wy[i >> 1] * wx[i & 1];
+    for (int i = 0; i < 2; i++) {
+        p.wy[i] = weights[2 * y + i];
+        p.wx[i] = weights[2 * (H + x) + i];
+        for (int j = 0; j < 2; j++) p.cells[i][j] = ((size_t)taps[2 * y + i] * w + taps[2 * (H + x) + j]) * k;
     }
     return p;
 }
 
 // Class i's resized logit: (z00 wy0 + z10 wy1) wx0 + (z01 wy0 + z11 wy1) wx1, as the CPU op.
-__device__ __forceinline__ float resized_value(const float* image, const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k, int i) {
-    const int x = pixel % W, y = (pixel / W) % H;
-    const size_t r0 = taps[2 * y], r1 = taps[2 * y + 1], c0 = taps[2 * (H + x)], c1 = taps[2 * (H + x) + 1];
-    const float wy0 = weights[2 * y], wy1 = weights[2 * y + 1], wx0 = weights[2 * (H + x)], wx1 = weights[2 * (H + x) + 1];
-    const float a00 = image[(r0 * w + c0) * k + i], a01 = image[(r0 * w + c1) * k + i];
-    const float a10 = image[(r1 * w + c0) * k + i], a11 = image[(r1 * w + c1) * k + i];
-    return (a00 * wy0 + a10 * wy1) * wx0 + (a01 * wy0 + a11 * wy1) * wx1;
+__device__ __forceinline__ float resized_value(const float* image, const ResizedPixel& p, int i) {
+    const float a00 = image[p.cells[0][0] + i], a01 = image[p.cells[0][1] + i];
+    const float a10 = image[p.cells[1][0] + i], a11 = image[p.cells[1][1] + i];
+    return (a00 * p.wy[0] + a10 * p.wy[1]) * p.wx[0] + (a01 * p.wy[0] + a11 * p.wy[1]) * p.wx[1];
 }
 
 // Returns log-sum-exp of the pixel's k resized logits (every thread gets it).
-__device__ float resized_log_sum_exp(const float* image, const uint32_t* taps, const float* weights, size_t pixel, int w, int H, int W, int k, float* shared) {
+__device__ float resized_log_sum_exp(const float* image, const ResizedPixel& p, int k, float* shared) {
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, resized_value(image, taps, weights, pixel, w, H, W, k, i));
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, resized_value(image, p, i));
     m = block_max(m, shared);
     float s = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) s += __expf(resized_value(image, taps, weights, pixel, w, H, W, k, i) - m);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) s += __expf(resized_value(image, p, i) - m);
     return m + __logf(block_sum(s, shared));
 }
 
@@ -286,8 +281,9 @@ extern "C" __global__ void resized_cross_entropy_fwd(const float* z, const uint3
         return;
     }
     const float* image = z + pixel / ((size_t)H * W) * h * w * k;
-    const float lse = resized_log_sum_exp(image, taps, weights, pixel, w, H, W, k, shared);
-    if (threadIdx.x == 0) loss[pixel] = lse - resized_value(image, taps, weights, pixel, w, H, W, k, t);
+    const ResizedPixel p = resized_pixel(taps, weights, pixel, w, H, W, k);
+    const float lse = resized_log_sum_exp(image, p, k, shared);
+    if (threadIdx.x == 0) loss[pixel] = lse - resized_value(image, p, t);
 }
 
 // dz must be zeroed: the four taps of neighbouring pixels overlap, so gradients are added atomically.
@@ -298,12 +294,14 @@ extern "C" __global__ void resized_cross_entropy_bwd(const float* z, const uint3
     if (t == ignore) return;
     const size_t image_offset = pixel / ((size_t)H * W) * h * w * k;
     const float* image = z + image_offset;
-    const float lse = resized_log_sum_exp(image, taps, weights, pixel, w, H, W, k, shared);
     const ResizedPixel p = resized_pixel(taps, weights, pixel, w, H, W, k);
+    const float lse = resized_log_sum_exp(image, p, k, shared);
     const float gi = g[pixel];
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
-        const float d = (__expf(resized_value(image, taps, weights, pixel, w, H, W, k, i) - lse) - (i == (int)t ? 1.f : 0.f)) * gi;
-        for (int j = 0; j < 4; j++) atomicAdd(dz + image_offset + p.cells[j] + i, d * p.weights[j]);
+        const float d = (__expf(resized_value(image, p, i) - lse) - (i == (int)t ? 1.f : 0.f)) * gi;
+        for (int r = 0; r < 2; r++) {
+            for (int c = 0; c < 2; c++) atomicAdd(dz + image_offset + p.cells[r][c] + i, d * (p.wy[r] * p.wx[c]));
+        }
     }
 }
 
@@ -313,10 +311,11 @@ extern "C" __global__ void resized_argmax(const float* z, const uint32_t* taps, 
     __shared__ int best_indices[32];
     const size_t pixel = blockIdx.x;
     const float* image = z + pixel / ((size_t)H * W) * h * w * k;
+    const ResizedPixel p = resized_pixel(taps, weights, pixel, w, H, W, k);
     float best = -INFINITY;
     int index = k;
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
-        const float v = resized_value(image, taps, weights, pixel, w, H, W, k, i);
+        const float v = resized_value(image, p, i);
         if (v > best) best = v, index = i;  // a thread's classes ascend: strict > keeps the first
     }
     // (value, index) pairs: the larger value, the smaller index among equal values.
