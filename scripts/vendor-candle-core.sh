@@ -7,8 +7,12 @@
 # Why a patched copy: candle's `Tensor::backward` starts every gradient as a zero tensor and adds
 # each contribution into a fresh one, so every gradient edge costs a zero fill, an add pass and
 # two allocations. The patch stores a node's first contribution as is (upstream:
-# huggingface/candle pull requests 3578 and 3822, open). Once a candle release has it, drop the
-# [patch.crates-io] entry in Cargo.toml and crate/vendor.
+# huggingface/candle pull requests 3578 and 3822, open). It also fixes two backward passes that
+# only the GPU path uses (on the CPU beit has its own ops), found by the first GPU run: max_pool2d
+# gave a window's single maximum a quarter of its gradient (multiplied by the mask's mean instead
+# of dividing by the maxima's count), and upsample_nearest1d/2d overwrote the gradient that other
+# uses of their input had added. Once a candle release has these, drop the [patch.crates-io]
+# entry in Cargo.toml and crate/vendor.
 #
 # To move to another candle version: set `version` and `checksum` below (crates.io lists the
 # checksum), run this, and fix the patch if it no longer applies.

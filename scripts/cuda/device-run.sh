@@ -3,6 +3,7 @@
 # scripts/cuda/device-pack.sh here; carry [".device", "dist"]. One prepared run of at most
 # about 8 minutes, so that a second try fits in a 15-minute window:
 #   preflight (JSON: driver, missing libraries, GLIBC needed vs present, size sent, torch) ->
+#   the measured bf16/TF32/f32 GEMM rates (the roof for MFU) ->
 #   CUDA-vs-CPU tests -> pretraining steps (BEiT-B/16 at 224 + the `dall-e` tokenizer at 112
 #   online, 40% masked): beit bf16 and PyTorch eager bf16 at each batch size, torch.compile at
 #   128, both in f32 at 128.
@@ -14,6 +15,9 @@
 #   BEIT_DEVICE_FAKE=1 bash scripts/cuda/device-run.sh   # here: the same flow on the CPU
 #                                                        # (tiny presets, no GPU, no nvidia-smi)
 # Knobs: BATCHES ("64 128 256"), STEPS (10), DEADLINE_S (450).
+# MODE=tests: the preflight, the GEMM rates and the CUDA-vs-CPU tests only. MODE=profile instead: the CUDA-vs-CPU tests, beit's step at batch $PROFILE_BATCH (32) timed,
+# then Nsight Compute's per-kernel summary (GPU time of every kernel, by name; CSV in
+# $OUT/ncu-profile.log) of one such step and its tokenizer encode, to plan the GPU work from.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/beit-device-out}
@@ -76,8 +80,21 @@ phase() {
 }
 
 phase preflight 30 python3 scripts/cuda/preflight.py .device/beit.node .device/cuda-tests "$NODE" --sent $SENT dist
+[ "$FAKE" = 1 ] || phase gemm-roof 30 python3 scripts/cuda/gemm_roof.py
 phase cuda-tests 150 .device/cuda-tests --test-threads=1 --nocapture
 grep -E "^test |test result|panicked" "$OUT/cuda-tests.log" | head -n 40
+
+[ "${MODE:-bench}" = tests ] && { echo "phases: $OUT/phases.jsonl"; exit 0; }
+if [ "${MODE:-bench}" = profile ]; then
+  b=${PROFILE_BATCH:-32}
+  step=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --batch-sizes "$b")
+  phase "beit-bf16-b$b" 60 "${step[@]}" --steps 5 --warmup 2
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  phase ncu-profile 240 "$ncu" --clock-control none --target-processes all --metrics gpu__time_duration.sum \
+    --print-summary per-kernel --csv "${step[@]}" --steps 1 --warmup 0
+  echo "phases: $OUT/phases.jsonl"
+  exit 0
+fi
 
 beit=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
 torch_=("$PYTHON" scripts/cuda/bench_pytorch.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")

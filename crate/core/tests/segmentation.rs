@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 
 use beit_core::arch::segmentation::{BatchNormParams, SegmenterParams};
 use beit_core::distributed::ReplicaSum;
@@ -21,7 +21,6 @@ use beit_core::model::Vars;
 use beit_core::ops::{self, Resampling};
 use beit_core::optim::flatten_grads;
 use beit_core::params::{Param, ParamId, ParamTable, Source};
-use beit_core::runner::GradientValues;
 use beit_core::{AdamWConfig, BeitConfig, SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
@@ -295,26 +294,6 @@ fn transposed_convolution_is_candles_and_has_gradients() {
     check_op(&[&[2, 3, 2, 5], &[5, 4, 2, 2], &[4]], |t| conv_transpose_2x2(&t[0], &t[1], &t[2]).unwrap());
 }
 
-/// A segmenter small enough for finite differences: 4x4 grid of 2x2 patches, 4 blocks of
-/// width 8, two pool scales, an auxiliary head of 4 channels, 3 classes.
-fn tiny_segmenter() -> SegmenterConfig {
-    let model = BeitConfig {
-        image_size: [8, 8],
-        num_hidden_layers: 4,
-        use_shared_relative_position_bias: false,
-        use_relative_position_bias: true,
-        ..tiny_config()
-    };
-    SegmenterConfig {
-        out_indices: [1, 2, 3, 4],
-        pool_scales: vec![1, 2],
-        auxiliary_channels: 4,
-        auxiliary_num_convs: 1,
-        auxiliary_concat_input: true,
-        ..SegmenterConfig::new(model, 3)
-    }
-}
-
 struct Tiny {
     model: BeitForSemanticSegmentation,
     vars: NamedVars,
@@ -583,30 +562,6 @@ fn missing_batch_norm_statistics_are_named() {
     assert!(err.to_string().contains("decode_head.bottleneck.bn.running_var [32]"), "{err}");
 }
 
-/// A learnable toy: the label of a pixel is 1 where the (single-channel) image is positive,
-/// 0 elsewhere, with the border ignored.
-fn toy_batch(cfg: &SegmenterConfig, b: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
-    let [h, w] = cfg.model.image_size;
-    let pixels = random_tensor(&[b, 1, h, w], seed, DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let labels = pixels
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let (y, x) = (i % (h * w) / w, i % w);
-            if y == 0 || x == 0 {
-                cfg.semantic_loss_ignore_index
-            } else {
-                u32::from(v > 0.0)
-            }
-        })
-        .collect();
-    (pixels, labels)
-}
-
-fn toy_config() -> SegmenterConfig {
-    SegmenterConfig { num_labels: 2, auxiliary_concat_input: false, ..tiny_segmenter() }
-}
-
 #[test]
 fn a_segmenter_learns_a_per_pixel_rule() {
     let cfg = toy_config();
@@ -818,53 +773,6 @@ fn sliding_windows_tile_average_and_pad_as_mmseg() {
     assert!(err.contains("stride [0, 1] must be positive"), "{err}");
     let err = model.segment(&small[1..], [h, w], [ch, cw], [h, w], false).err().unwrap().to_string();
     assert!(err.contains(&format!("got {} values", h * w - 1)), "{err}");
-}
-
-/// Replicas of a data-parallel job as threads of this process: every sum waits for all of
-/// them (in f64, so the order they add in does not matter for two f32 values).
-struct ThreadReplicas {
-    barrier: Barrier,
-    total: Mutex<Vec<f64>>,
-}
-
-impl ThreadReplicas {
-    fn new(n: usize) -> Self {
-        Self { barrier: Barrier::new(n), total: Mutex::new(Vec::new()) }
-    }
-
-    fn sum(&self, values: &mut [f64]) {
-        // Everyone has read the last sum before it is cleared for this one.
-        if self.barrier.wait().is_leader() {
-            *self.total.lock().unwrap() = vec![0.0; values.len()];
-        }
-        self.barrier.wait();
-        self.total.lock().unwrap().iter_mut().zip(values.iter()).for_each(|(t, v)| *t += v);
-        self.barrier.wait();
-        values.copy_from_slice(&self.total.lock().unwrap());
-    }
-}
-
-impl ReplicaSum for ThreadReplicas {
-    fn sum_f32(&self, values: &mut [f32]) -> beit_core::Result<()> {
-        let mut wide: Vec<f64> = values.iter().map(|&v| v as f64).collect();
-        self.sum(&mut wide);
-        values.iter_mut().zip(wide).for_each(|(v, w)| *v = w as f32);
-        Ok(())
-    }
-
-    fn sum_f64(&self, values: &mut [f64]) -> beit_core::Result<()> {
-        self.sum(values);
-        Ok(())
-    }
-}
-
-fn gradient_buffer(model: &mut SegmenterTrainer) -> (Vec<f32>, u64) {
-    let g = model.gradients();
-    let values = match g.values {
-        GradientValues::Host(buf) => buf.to_vec(),
-        GradientValues::Device(slot) => slot.as_ref().map_or_else(Vec::new, values),
-    };
-    (values, *g.count)
 }
 
 fn assert_close_to(what: &str, ours: &[f32], reference: &[f32], tolerance: f32) {

@@ -1,8 +1,11 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::sync::{Barrier, Mutex};
+
 use beit_core::arch::classification::ClassifierParams;
 use beit_core::arch::dvae::DvaeParams;
 use beit_core::arch::mim::MimParams;
+use beit_core::distributed::ReplicaSum;
 use beit_core::engine::dvae::DvaeEngine;
 use beit_core::engine::heads::classification::ClassifierEngine;
 use beit_core::engine::heads::mim::MimEngine;
@@ -13,7 +16,8 @@ use beit_core::model::mim::BeitForMaskedImageModeling;
 use beit_core::model::Vars;
 use beit_core::params::{ParamTable, Slot, Source};
 use beit_core::rng::SplitMix64;
-use beit_core::{BeitConfig, ClassifierConfig, DvaeConfig, MimBatch};
+use beit_core::runner::GradientValues;
+use beit_core::{BeitConfig, ClassifierConfig, DvaeConfig, MimBatch, SegmenterConfig, SegmenterTrainer};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// A model's variables with their checkpoint names, in table order.
@@ -204,4 +208,97 @@ pub fn check_op(shapes: &[&[usize]], op: impl Fn(&[Tensor]) -> Tensor) {
         let err = grad_check(v, g, &|| objective().to_scalar::<f64>().unwrap(), 64);
         assert!(err < OP_TOLERANCE, "input {i}: relative gradient error {err:e}");
     }
+}
+
+/// A segmenter small enough for finite differences: 4x4 grid of 2x2 patches, 4 blocks of
+/// width 8, two pool scales, an auxiliary head of 4 channels, 3 classes.
+pub fn tiny_segmenter() -> SegmenterConfig {
+    let model = BeitConfig {
+        image_size: [8, 8],
+        num_hidden_layers: 4,
+        use_shared_relative_position_bias: false,
+        use_relative_position_bias: true,
+        ..tiny_config()
+    };
+    SegmenterConfig {
+        out_indices: [1, 2, 3, 4],
+        pool_scales: vec![1, 2],
+        auxiliary_channels: 4,
+        auxiliary_num_convs: 1,
+        auxiliary_concat_input: true,
+        ..SegmenterConfig::new(model, 3)
+    }
+}
+
+pub fn toy_config() -> SegmenterConfig {
+    SegmenterConfig { num_labels: 2, auxiliary_concat_input: false, ..tiny_segmenter() }
+}
+
+/// A learnable toy: the label of a pixel is 1 where the (single-channel) image is positive,
+/// 0 elsewhere, with the border ignored.
+pub fn toy_batch(cfg: &SegmenterConfig, b: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let [h, w] = cfg.model.image_size;
+    let pixels = random_tensor(&[b, 1, h, w], seed, DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let labels = pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (y, x) = (i % (h * w) / w, i % w);
+            if y == 0 || x == 0 {
+                cfg.semantic_loss_ignore_index
+            } else {
+                u32::from(v > 0.0)
+            }
+        })
+        .collect();
+    (pixels, labels)
+}
+
+/// Replicas of a data-parallel job as threads of this process: every sum waits for all of
+/// them (in f64, so the order they add in does not matter for two f32 values).
+pub struct ThreadReplicas {
+    barrier: Barrier,
+    total: Mutex<Vec<f64>>,
+}
+
+impl ThreadReplicas {
+    pub fn new(n: usize) -> Self {
+        Self { barrier: Barrier::new(n), total: Mutex::new(Vec::new()) }
+    }
+
+    fn sum(&self, values: &mut [f64]) {
+        // Everyone has read the last sum before it is cleared for this one.
+        if self.barrier.wait().is_leader() {
+            *self.total.lock().unwrap() = vec![0.0; values.len()];
+        }
+        self.barrier.wait();
+        self.total.lock().unwrap().iter_mut().zip(values.iter()).for_each(|(t, v)| *t += v);
+        self.barrier.wait();
+        values.copy_from_slice(&self.total.lock().unwrap());
+    }
+}
+
+impl ReplicaSum for ThreadReplicas {
+    fn sum_f32(&self, values: &mut [f32]) -> beit_core::Result<()> {
+        let mut wide: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        self.sum(&mut wide);
+        values.iter_mut().zip(wide).for_each(|(v, w)| *v = w as f32);
+        Ok(())
+    }
+
+    fn sum_f64(&self, values: &mut [f64]) -> beit_core::Result<()> {
+        self.sum(values);
+        Ok(())
+    }
+}
+
+pub fn gradient_buffer(model: &mut SegmenterTrainer) -> (Vec<f32>, u64) {
+    let g = model.gradients();
+    let values = match g.values {
+        GradientValues::Host(buf) => buf.to_vec(),
+        GradientValues::Device(slot) => slot
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()),
+    };
+    (values, *g.count)
 }

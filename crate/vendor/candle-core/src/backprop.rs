@@ -354,8 +354,12 @@ impl Tensor {
                         // we scale the gradient for this case).
                         let node_upsampled = node.upsample_nearest2d(h, w)?;
                         let mask = arg.eq(&node_upsampled)?.to_dtype(arg.dtype())?;
-                        let avg = mask.avg_pool2d_with_stride(*kernel_size, *stride)?;
-                        let grad_arg = ((grad * avg)?.upsample_nearest2d(h, w)? * mask)?;
+                        // The window's gradient shared by its maxima: divided by their count
+                        // (the mean of the mask times the window's size), not multiplied by
+                        // that mean, which gave one maximum a quarter of a 2x2 window's gradient.
+                        let window = (kernel_size.0 * kernel_size.1) as f64;
+                        let maxima = (mask.avg_pool2d_with_stride(*kernel_size, *stride)? * window)?;
+                        let grad_arg = ((grad / maxima)?.upsample_nearest2d(h, w)? * mask)?;
                         grads.accumulate(arg, &grad_arg)?;
                     }
                     Op::UpsampleNearest1D { arg, target_size } => {
@@ -367,8 +371,7 @@ impl Tensor {
 
                         let kernel = Tensor::ones((c, 1, scale), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv1d(&kernel, 0, scale, 1, c)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        grads.accumulate(arg, &conv_sum)?;
                     }
                     Op::UpsampleNearest2D {
                         arg,
@@ -388,8 +391,7 @@ impl Tensor {
                         let kernel =
                             Tensor::ones((c, 1, scale_h, scale_w), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv2d(&kernel, 0, scale_h, 1, c)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        grads.accumulate(arg, &conv_sum)?;
                     }
                     Op::UpsampleBilinear2D { .. } => {
                         crate::bail!("backward not supported for upsample_bilinear2d")
