@@ -16,6 +16,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::error::{Error, Result};
 use mpi::{Datatype, Mpi, Op};
 
+/// Looks up `name` in the library `lib` opened from `path` as a value of type `T` (a function
+/// pointer); a missing symbol is an error saying the library is not `expected` ("an MPI
+/// library").
+///
+/// # Safety
+/// `T` must be the symbol's real type.
+unsafe fn symbol<T: Copy>(lib: &libloading::os::unix::Library, path: &str, name: &str, expected: &str) -> Result<T> {
+    let sym = unsafe { lib.get::<T>(name.as_bytes()) }
+        .map_err(|e| Error::Distributed(format!("{path} has no {name}: not {expected} ({e})")))?;
+    Ok(*sym)
+}
+
 /// Elements of f32 per all-reduce call: 25 MiB, PyTorch DDP's default bucket.
 pub const BUCKET_ELEMENTS: usize = 25 * 1024 * 1024 / 4;
 

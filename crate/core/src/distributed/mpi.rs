@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 
+use super::symbol;
 use crate::error::{Error, Result};
 
 /// The MPI ABI a library implements.
@@ -243,16 +244,6 @@ pub struct Mpi {
     _library: Library,
 }
 
-/// Looks up `name` in `lib` as a value of type `T` (a function pointer).
-///
-/// # Safety
-/// `T` must be the symbol's real type.
-unsafe fn symbol<T: Copy>(lib: &Library, path: &str, name: &str) -> Result<T> {
-    let sym = unsafe { lib.get::<T>(name.as_bytes()) }
-        .map_err(|e| Error::Distributed(format!("{path} has no {name}: not an MPI library ({e})")))?;
-    Ok(*sym)
-}
-
 /// The address of the data symbol `name` (Open MPI's predefined handles).
 fn address(lib: &Library, path: &str, name: &str) -> Result<usize> {
     // SAFETY: only the symbol's address is taken, never read through here.
@@ -265,17 +256,17 @@ fn functions<H: Copy>(lib: &Library, path: &str) -> Result<Functions<H>> {
     // SAFETY: the types are the MPI standard's C prototypes with the ABI's handle type.
     unsafe {
         Ok(Functions {
-            init_thread: symbol(lib, path, "MPI_Init_thread")?,
-            initialized: symbol(lib, path, "MPI_Initialized")?,
-            finalized: symbol(lib, path, "MPI_Finalized")?,
-            finalize: symbol(lib, path, "MPI_Finalize")?,
-            comm_rank: symbol(lib, path, "MPI_Comm_rank")?,
-            comm_size: symbol(lib, path, "MPI_Comm_size")?,
-            allreduce: symbol(lib, path, "MPI_Allreduce")?,
-            bcast: symbol(lib, path, "MPI_Bcast")?,
-            barrier: symbol(lib, path, "MPI_Barrier")?,
-            abort: symbol(lib, path, "MPI_Abort")?,
-            get_library_version: symbol(lib, path, "MPI_Get_library_version")?,
+            init_thread: symbol(lib, path, "MPI_Init_thread", "an MPI library")?,
+            initialized: symbol(lib, path, "MPI_Initialized", "an MPI library")?,
+            finalized: symbol(lib, path, "MPI_Finalized", "an MPI library")?,
+            finalize: symbol(lib, path, "MPI_Finalize", "an MPI library")?,
+            comm_rank: symbol(lib, path, "MPI_Comm_rank", "an MPI library")?,
+            comm_size: symbol(lib, path, "MPI_Comm_size", "an MPI library")?,
+            allreduce: symbol(lib, path, "MPI_Allreduce", "an MPI library")?,
+            bcast: symbol(lib, path, "MPI_Bcast", "an MPI library")?,
+            barrier: symbol(lib, path, "MPI_Barrier", "an MPI library")?,
+            abort: symbol(lib, path, "MPI_Abort", "an MPI library")?,
+            get_library_version: symbol(lib, path, "MPI_Get_library_version", "an MPI library")?,
         })
     }
 }

@@ -11,6 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
 use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp1, Layout, Tensor};
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 
+use super::symbol;
 use crate::error::{Error, Result};
 
 /// NCCL's `ncclUniqueId`: 128 opaque bytes, passed by value.
@@ -54,21 +55,16 @@ pub fn load(explicit: Option<&str>) -> Result<Loaded> {
              the host instead"
         ))
     })?;
-    let get = |name: &str| {
-        // SAFETY: only the symbol's address is read here; its type is fixed below.
-        unsafe { lib.get::<*const c_void>(name.as_bytes()) }
-            .map(|s| *s)
-            .map_err(|e| Error::Distributed(format!("{path} has no {name}: not an NCCL 2 library ({e})")))
-    };
-    // SAFETY: the types are nccl.h's prototypes.
+    const EXPECTED: &str = "an NCCL 2 library";
+    // SAFETY: each field's type is nccl.h's prototype of the function.
     let f = unsafe {
         Functions {
-            get_unique_id: std::mem::transmute::<*const c_void, _>(get("ncclGetUniqueId")?),
-            comm_init_rank: std::mem::transmute::<*const c_void, _>(get("ncclCommInitRank")?),
-            all_reduce: std::mem::transmute::<*const c_void, _>(get("ncclAllReduce")?),
-            comm_destroy: std::mem::transmute::<*const c_void, _>(get("ncclCommDestroy")?),
-            get_error_string: std::mem::transmute::<*const c_void, _>(get("ncclGetErrorString")?),
-            get_version: std::mem::transmute::<*const c_void, _>(get("ncclGetVersion")?),
+            get_unique_id: symbol(&lib, path, "ncclGetUniqueId", EXPECTED)?,
+            comm_init_rank: symbol(&lib, path, "ncclCommInitRank", EXPECTED)?,
+            all_reduce: symbol(&lib, path, "ncclAllReduce", EXPECTED)?,
+            comm_destroy: symbol(&lib, path, "ncclCommDestroy", EXPECTED)?,
+            get_error_string: symbol(&lib, path, "ncclGetErrorString", EXPECTED)?,
+            get_version: symbol(&lib, path, "ncclGetVersion", EXPECTED)?,
         }
     };
     let mut version = 0;
