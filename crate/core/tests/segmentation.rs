@@ -775,13 +775,6 @@ fn sliding_windows_tile_average_and_pad_as_mmseg() {
     assert!(err.contains(&format!("got {} values", h * w - 1)), "{err}");
 }
 
-fn assert_close_to(what: &str, ours: &[f32], reference: &[f32], tolerance: f32) {
-    assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let worst = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(worst <= tolerance * scale, "{what}: differs by {worst:e} (largest value {scale:e})");
-}
-
 /// What a replica reports: its gradient buffer and count, its summed loss, its weights.
 type ReplicaRun = (Vec<f32>, u64, f64, Vec<(String, Tensor)>);
 

@@ -302,3 +302,11 @@ pub fn gradient_buffer(model: &mut SegmenterTrainer) -> (Vec<f32>, u64) {
     };
     (values, *g.count)
 }
+
+/// `ours` within `tolerance` of `reference`, relative to the largest reference value.
+pub fn assert_close_to(what: &str, ours: &[f32], reference: &[f32], tolerance: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: length");
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= tolerance * scale, "{what}: differs by {worst:e} (largest value {scale:e})");
+}
