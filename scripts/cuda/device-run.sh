@@ -15,9 +15,11 @@
 #   BEIT_DEVICE_FAKE=1 bash scripts/cuda/device-run.sh   # here: the same flow on the CPU
 #                                                        # (tiny presets, no GPU, no nvidia-smi)
 # Knobs: BATCHES ("64 128 256"), STEPS (10), DEADLINE_S (450).
-# MODE=tests: the preflight, the GEMM rates and the CUDA-vs-CPU tests only. MODE=profile instead: the CUDA-vs-CPU tests, beit's step at batch $PROFILE_BATCH (32) timed,
-# then Nsight Compute's per-kernel summary (GPU time of every kernel, by name; CSV in
-# $OUT/ncu-profile.log) of one such step and its tokenizer encode, to plan the GPU work from.
+# MODE=tests: the preflight, the GEMM rates and the CUDA-vs-CPU tests only. MODE=profile instead:
+# the CUDA-vs-CPU tests, beit bf16 and PyTorch eager bf16 at batch 128 (the ratio), beit's step
+# at batch $PROFILE_BATCH (32) timed, then Nsight Compute's per-kernel summary (GPU time of every
+# kernel, by name; CSV in $OUT/ncu-profile.log) of one such step and its tokenizer encode, to
+# plan the GPU work from.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/beit-device-out}
@@ -85,7 +87,14 @@ phase cuda-tests 150 .device/cuda-tests --test-threads=1 --nocapture
 grep -E "^test |test result|panicked" "$OUT/cuda-tests.log" | head -n 40
 
 [ "${MODE:-bench}" = tests ] && { echo "phases: $OUT/phases.jsonl"; exit 0; }
+
+beit=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
+torch_=("$PYTHON" scripts/cuda/bench_pytorch.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
+MAIN=128
+[ "$FAKE" = 1 ] && MAIN=$BATCHES
 if [ "${MODE:-bench}" = profile ]; then
+  phase "beit-bf16-b$MAIN" 75 "${beit[@]}" --precision bf16 --batch-sizes "$MAIN"
+  phase "pytorch-bf16-b$MAIN" 75 "${torch_[@]}" --dtype bf16 --batch-sizes "$MAIN"
   b=${PROFILE_BATCH:-32}
   step=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --batch-sizes "$b")
   phase "beit-bf16-b$b" 60 "${step[@]}" --steps 5 --warmup 2
@@ -96,11 +105,7 @@ if [ "${MODE:-bench}" = profile ]; then
   exit 0
 fi
 
-beit=("$NODE" dist/bench/pretrain-step.js --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
-torch_=("$PYTHON" scripts/cuda/bench_pytorch.py --device "$DEVICE" --preset "$PRESET" --steps "$STEPS" --warmup "$WARMUP")
 # Most important first: whatever the deadline cuts is at the end.
-MAIN=128
-[ "$FAKE" = 1 ] && MAIN=$BATCHES
 ordered="$MAIN $(for b in $BATCHES; do [ "$b" != "$MAIN" ] && printf '%s ' "$b"; done)"
 for b in $ordered; do
   phase "beit-bf16-b$b" 75 "${beit[@]}" --precision bf16 --batch-sizes "$b"

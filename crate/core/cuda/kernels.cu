@@ -368,6 +368,137 @@ __device__ void sum_rows(const T* x, float* out, int rows, int n, int rows_per_c
 #define SUM_ROWS_PARAMS(T) (const T* x, float* out, int rows, int n, int rows_per_chunk)
 BOTH_TYPES(sum_rows, SUM_ROWS_PARAMS, (x, out, rows, n, rows_per_chunk))
 
+// ---- Row lookup backward: d table[r, j] = the sum of dy[p, j] over the picks p of row r ------
+
+// offsets/positions list each table row's picks (CSR); one thread per table value, f32 sums in
+// the listed order.
+template <typename T>
+__device__ void row_lookup_bwd(const T* dy, const uint32_t* offsets, const uint32_t* positions, float* out, size_t total, int n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / n;
+        const int j = i % n;
+        float a = 0.f;
+        for (uint32_t q = offsets[r]; q < offsets[r + 1]; q++) a += to_f32(dy[(size_t)positions[q] * n + j]);
+        out[i] = a;
+    }
+}
+#define ROW_LOOKUP_BWD_PARAMS(T) (const T* dy, const uint32_t* offsets, const uint32_t* positions, float* out, size_t total, int n)
+BOTH_TYPES(row_lookup_bwd, ROW_LOOKUP_BWD_PARAMS, (dy, offsets, positions, out, total, n))
+
+// ---- NHWC convolution pieces: im2col / col2im of k x k "same" convolutions (stride 1, zero
+// padding (k-1)/2), 2x2 max-pooling and 2x nearest upsampling. Channels are innermost, so
+// consecutive threads touch consecutive addresses.
+
+template <typename T> __device__ __forceinline__ T zero() { return from_f32<T>(0.f); }
+template <> __device__ __forceinline__ uint4 zero<uint4>() { return make_uint4(0, 0, 0, 0); }
+
+// One block per output pixel (b, y, x): cols[pixel, (ky, kx, ch)] = x[b, y+ky-p, x+kx-p, ch],
+// zero outside the image. A pure copy, so it also runs on 16-byte units (`im2col_nhwc_x16`,
+// c counted in units) when a pixel's channels fill whole units: 8 bf16 or 4 f32 per load and
+// store instead of one.
+template <typename T>
+__device__ void im2col_nhwc(const T* x, T* cols, int h, int w, int c, int k) {
+    const size_t pixel = blockIdx.x;
+    const int px = pixel % w, py = (pixel / w) % h, p = (k - 1) / 2, row_len = k * k * c;
+    const size_t image = pixel / ((size_t)w * h) * h;
+    T* out = cols + pixel * row_len;
+    for (int j = threadIdx.x; j < row_len; j += blockDim.x) {
+        const int tap = j / c, ch = j - tap * c, sy = py + tap / k - p, sx = px + tap % k - p;
+        out[j] = (sy >= 0 && sy < h && sx >= 0 && sx < w) ? x[((image + sy) * w + sx) * c + ch] : zero<T>();
+    }
+}
+#define IM2COL_NHWC_PARAMS(T) (const T* x, T* cols, int h, int w, int c, int k)
+BOTH_TYPES(im2col_nhwc, IM2COL_NHWC_PARAMS, (x, cols, h, w, c, k))
+extern "C" __global__ void im2col_nhwc_x16 IM2COL_NHWC_PARAMS(uint4) { im2col_nhwc<uint4>(x, cols, h, w, c, k); }
+
+// The adjoint, in gather form (no atomics): one block per input pixel, dx[b, y, x, ch] = the
+// sum over taps of the column entries that read it, in f32.
+template <typename T>
+__device__ void col2im_nhwc(const T* cols, T* dx, int h, int w, int c, int k) {
+    const size_t pixel = blockIdx.x;
+    const int px = pixel % w, py = (pixel / w) % h, p = (k - 1) / 2, row_len = k * k * c;
+    const size_t image = pixel / ((size_t)w * h) * h;
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float a = 0.f;
+        for (int ky = 0; ky < k; ky++) {
+            const int oy = py - ky + p;
+            if (oy < 0 || oy >= h) continue;
+            for (int kx = 0; kx < k; kx++) {
+                const int ox = px - kx + p;
+                if (ox < 0 || ox >= w) continue;
+                a += to_f32(cols[((image + oy) * w + ox) * row_len + (ky * k + kx) * c + ch]);
+            }
+        }
+        dx[pixel * c + ch] = from_f32<T>(a);
+    }
+}
+#define COL2IM_NHWC_PARAMS(T) (const T* cols, T* dx, int h, int w, int c, int k)
+BOTH_TYPES(col2im_nhwc, COL2IM_NHWC_PARAMS, (cols, dx, h, w, c, k))
+
+// Offset of the top-left input element of output element i's 2x2 window ([b, h/2, w/2, c]).
+__device__ __forceinline__ size_t window_origin(size_t i, int h, int w, int c) {
+    const int ch = i % c, ox = (i / c) % (w / 2);
+    const size_t boy = i / ((size_t)c * (w / 2));  // b * h/2 + oy
+    return (2 * boy * w + 2 * ox) * (size_t)c + ch;
+}
+
+template <typename T>
+__device__ void max_pool2_nhwc_fwd(const T* x, T* y, size_t n, int h, int w, int c) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t o = window_origin(i, h, w, c), row = (size_t)w * c;
+        float m = to_f32(x[o]);
+        m = fmaxf(m, to_f32(x[o + c]));
+        m = fmaxf(m, to_f32(x[o + row]));
+        y[i] = from_f32<T>(fmaxf(m, to_f32(x[o + row + c])));
+    }
+}
+// n: output elements; h, w, c: the input's.
+#define MAX_POOL2_NHWC_FWD_PARAMS(T) (const T* x, T* y, size_t n, int h, int w, int c)
+BOTH_TYPES(max_pool2_nhwc_fwd, MAX_POOL2_NHWC_FWD_PARAMS, (x, y, n, h, w, c))
+
+// Each window's gradient goes to its first maximum in row-major order (as the CPU op); the
+// rest of the window gets zero. One thread per window.
+template <typename T>
+__device__ void max_pool2_nhwc_bwd(const T* x, const T* y, const T* g, T* dx, size_t n, int h, int w, int c) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t o = window_origin(i, h, w, c), row = (size_t)w * c;
+        const size_t at[4] = {o, o + c, o + row, o + row + c};
+        bool given = false;
+        for (int t = 0; t < 4; t++) {
+            const bool first_max = !given && to_f32(x[at[t]]) == to_f32(y[i]);
+            dx[at[t]] = first_max ? g[i] : from_f32<T>(0.f);
+            given = given || first_max;
+        }
+    }
+}
+#define MAX_POOL2_NHWC_BWD_PARAMS(T) (const T* x, const T* y, const T* g, T* dx, size_t n, int h, int w, int c)
+BOTH_TYPES(max_pool2_nhwc_bwd, MAX_POOL2_NHWC_BWD_PARAMS, (x, y, g, dx, n, h, w, c))
+
+// y[b, Y, X, ch] = x[b, Y/2, X/2, ch]; n: output elements; h, w, c: the input's.
+template <typename T>
+__device__ void upsample2_nhwc_fwd(const T* x, T* y, size_t n, int h, int w, int c) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int ch = i % c, ox = (i / c) % (2 * w);
+        const size_t boy = i / ((size_t)c * 2 * w);  // b * 2h + Y
+        y[i] = x[((boy / (2 * h) * h + boy % (2 * h) / 2) * w + ox / 2) * (size_t)c + ch];
+    }
+}
+#define UPSAMPLE2_NHWC_FWD_PARAMS(T) (const T* x, T* y, size_t n, int h, int w, int c)
+BOTH_TYPES(upsample2_nhwc_fwd, UPSAMPLE2_NHWC_FWD_PARAMS, (x, y, n, h, w, c))
+
+// dx[b, y, x, ch] = the sum of g's 2x2 block over it, in f32; n: dx's elements (h, w, c).
+template <typename T>
+__device__ void upsample2_nhwc_bwd(const T* g, T* dx, size_t n, int h, int w, int c) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int ch = i % c, ix = (i / c) % w;
+        const size_t biy = i / ((size_t)c * w);  // b * h + y
+        const size_t row = (size_t)2 * w * c, o = (2 * biy * 2 * w + 2 * ix) * (size_t)c + ch;
+        dx[i] = from_f32<T>(to_f32(g[o]) + to_f32(g[o + c]) + to_f32(g[o + row]) + to_f32(g[o + row + c]));
+    }
+}
+#define UPSAMPLE2_NHWC_BWD_PARAMS(T) (const T* g, T* dx, size_t n, int h, int w, int c)
+BOTH_TYPES(upsample2_nhwc_bwd, UPSAMPLE2_NHWC_BWD_PARAMS, (g, dx, n, h, w, c))
+
 // ---- Optimizer and EMA, in place ----------------------------------------------------------
 
 // m = beta m + (1 - beta) (s g)   or, squared, v = beta v + (1 - beta) (s g)^2

@@ -122,9 +122,11 @@ pub(crate) enum Walk {
     Elements,
 }
 
-/// A scalar kernel argument after the width or count.
+/// A scalar kernel argument, after the inputs and the output.
+#[derive(Clone, Copy)]
 pub(crate) enum Scalar {
     I32(i32),
+    U64(u64),
     F32(f32),
 }
 
@@ -137,50 +139,53 @@ pub(crate) fn same_shape(
     walk: Walk,
     scalars: &[Scalar],
 ) -> Result<(CudaStorage, candle_core::Shape)> {
-    with_element!(op, inputs[0].0.dtype(), same_shape_typed(op, base, inputs, walk, scalars))
+    let shape = inputs[0].1.shape();
+    let n = shape.elem_count();
+    let (lead, geometry) = match walk {
+        Walk::Rows(w) => (Scalar::I32(w as i32), per_row(n / w.max(1), w)),
+        Walk::Elements => (Scalar::U64(n as u64), elementwise(n)),
+    };
+    let scalars: Vec<Scalar> = std::iter::once(lead).chain(scalars.iter().copied()).collect();
+    Ok((new_output(op, base, inputs, n, &scalars, geometry)?, shape.clone()))
 }
 
-fn same_shape_typed<T: Element>(
+/// Runs kernel `base` for the inputs' element type: `(inputs..., out, scalars...)`, with an
+/// output of `len` elements of that type, every one of which the kernel writes.
+pub(crate) fn new_output(
     op: &str,
     base: &str,
     inputs: &[(&CudaStorage, &Layout)],
-    walk: Walk,
+    len: usize,
     scalars: &[Scalar],
-) -> Result<(CudaStorage, candle_core::Shape)> {
-    let (first, layout) = inputs[0];
-    let dev = first.device();
-    let n = layout.shape().elem_count();
+    geometry: crate::launch::Geometry,
+) -> Result<CudaStorage> {
+    with_element!(op, inputs[0].0.dtype(), new_output_typed(op, base, inputs, len, scalars, geometry))
+}
+
+fn new_output_typed<T: Element>(
+    op: &str,
+    base: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    len: usize,
+    scalars: &[Scalar],
+    geometry: crate::launch::Geometry,
+) -> Result<CudaStorage> {
+    let dev = inputs[0].0.device();
     let views = inputs.iter().map(|(s, l)| input::<T>(op, s, l)).collect::<Result<Vec<_>>>()?;
-    let out = output::<T>(dev, n)?;
+    let out = output::<T>(dev, len)?;
     let func = dev.get_or_load_custom_func(&kernel::<T>(base), "beit", PTX)?;
     let mut builder = func.builder();
     for view in &views {
         builder.arg(view);
     }
     builder.arg(&out);
-    let (width, count) = (
-        match walk {
-            Walk::Rows(w) => w,
-            Walk::Elements => 0,
-        } as i32,
-        n as u64,
-    );
-    let config = match walk {
-        Walk::Rows(w) => {
-            builder.arg(&width);
-            per_row(n / w.max(1), w)
-        }
-        Walk::Elements => {
-            builder.arg(&count);
-            elementwise(n)
-        }
-    };
     for scalar in scalars {
         match scalar {
             Scalar::I32(v) => builder.arg(v),
+            Scalar::U64(v) => builder.arg(v),
             Scalar::F32(v) => builder.arg(v),
         };
     }
-    run(&mut builder, config)?;
-    Ok((storage(out, dev), layout.shape().clone()))
+    run(&mut builder, geometry)?;
+    Ok(storage(out, dev))
 }

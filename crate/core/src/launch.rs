@@ -22,6 +22,12 @@ pub fn elementwise(n: usize) -> Geometry {
     Geometry { grid: (blocks, 1, 1), threads: 256 }
 }
 
+/// One block per pixel whose threads stride over the pixel's `row` values (a whole number of
+/// warps, at most 256). Callers keep `pixels` within the grid's 2^31 - 1 blocks.
+pub fn per_pixel(pixels: usize, row: usize) -> Geometry {
+    Geometry { grid: (pixels as u32, 1, 1), threads: row.next_multiple_of(32).clamp(32, 256) as u32 }
+}
+
 /// Rows of a column reduction handled by one block (partial sums are added atomically).
 pub const ROWS_PER_CHUNK: usize = 64;
 

@@ -210,7 +210,8 @@ impl DvaeRunner for CandleRunner<Dvae> {
 
     fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
         let x = map_pixels(&images(&self.model.config, batch, &self.device)?)?.to_dtype(self.precision.dtype())?;
-        Ok(TokenIds::Device(self.eval_model().encoder.forward(&x)?.argmax(D::Minus1)?.flatten_all()?))
+        let encoder = self.eval_model().encoder.detached();
+        Ok(TokenIds::Device(encoder.forward(&x)?.argmax(D::Minus1)?.flatten_all()?))
     }
 
     fn decode(&mut self, ids: &[u32], height: usize, width: usize) -> Result<Vec<f32>> {
@@ -219,7 +220,7 @@ impl DvaeRunner for CandleRunner<Dvae> {
         let one_hot = Tensor::eye(v, DType::F32, &self.device)?
             .index_select(&Tensor::from_slice(ids, ids.len(), &self.device)?, 0)?
             .reshape((b, height, width, v))?;
-        let model = self.eval_model();
+        let model = self.eval_model().detached();
         let images = model.reconstruction(&model.decoder.forward(&one_hot)?)?;
         Ok(images.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1::<f32>()?)
     }

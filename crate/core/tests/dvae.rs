@@ -3,7 +3,7 @@
 mod common;
 
 use beit_core::arch::dvae::DvaeParams;
-use beit_core::conv::{conv2d_same, in_batch_chunks, max_pool2, upsample2};
+use beit_core::conv::{conv2d_same, conv2d_same_by_columns, in_batch_chunks, max_pool2, upsample2};
 use beit_core::model::dvae::map_pixels;
 use beit_core::ops::softmax_last_dim;
 use beit_core::tokenizer::{kl_to_uniform, reconstruction_loss};
@@ -52,8 +52,28 @@ fn conv2d_same_matches_candle_conv2d() {
             .unwrap()
             .permute((0, 2, 3, 1))
             .unwrap();
-        let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(d < 1e-12, "k={k}: max difference {d}");
+        // The engine's CPU path and the GPU's formulation (im2col + one GEMM), here on the CPU.
+        for (path, y) in [("engine", ours), ("by columns", conv2d_same_by_columns(&x, &w, &b).unwrap())] {
+            let d = (y - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(d < 1e-12, "{path}, k={k}: max difference {d}");
+        }
+    }
+}
+
+/// The GPU's convolution (im2col, matmul, bias) by finite differences, for 1x1, 3x3 and a 5x5
+/// kernel wider than half the image: the columns' backward sums every tap back to its pixel.
+#[test]
+fn convolution_by_columns_gradients() {
+    for k in [1, 3, 5] {
+        let x = Var::from_tensor(&random_tensor(&[2, 4, 3, 3], 41, DType::F64)).unwrap();
+        let w = Var::from_tensor(&random_tensor(&[2, 3, k, k], 42, DType::F64)).unwrap();
+        let b = Var::from_tensor(&random_tensor(&[2], 43, DType::F64)).unwrap();
+        let probe = random_tensor(&[2, 4, 3, 2], 44, DType::F64);
+        let objective = || {
+            let y = conv2d_same_by_columns(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+            y.mul(&probe).unwrap().sum_all().unwrap()
+        };
+        check_vars(&[("x".into(), x.clone()), ("w".into(), w.clone()), ("b".into(), b.clone())], &objective, 64);
     }
 }
 
@@ -86,8 +106,8 @@ fn cpu_convolution_tiles_agree_with_candle_values_and_gradients() {
     }
 }
 
-/// The GPU path splits large batches (candle's CUDA im2col overflows past 2^32 elements): chunked
-/// and whole convolutions agree, values and gradients, with an uneven last chunk.
+/// The GPU path splits large batches (its column matrix stays under 2^31 elements): chunked and
+/// whole convolutions agree, values and gradients, with an uneven last chunk.
 #[test]
 fn convolution_in_batch_chunks_equals_the_whole_batch() {
     let x = Var::from_tensor(&random_tensor(&[5, 6, 6, 3], 21, DType::F64)).unwrap();

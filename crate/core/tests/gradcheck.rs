@@ -130,3 +130,18 @@ fn add_bias_gradients() {
 fn scale_columns_gradients() {
     check_op(&[&[3, 4, 5], &[5]], |t| ops::scale_columns(&t[0], &t[1]).unwrap());
 }
+
+/// Table rows picked several times, once, and never (row 4 gets no picks: zero gradient).
+#[test]
+fn row_lookup_gradients() {
+    let lookup = ops::RowLookup::new(&[2, 0, 2, 1, 3, 2, 0], 5, &Device::Cpu).unwrap();
+    check_op(&[&[5, 3]], |t| lookup.forward(&t[0]).unwrap());
+    let table = Tensor::arange(0f64, 15.0, &Device::Cpu).unwrap().reshape((5, 3)).unwrap();
+    let rows = lookup.forward(&table).unwrap().to_vec2::<f64>().unwrap();
+    assert_eq!(rows[0], vec![6.0, 7.0, 8.0]);
+    assert_eq!(rows[4], vec![9.0, 10.0, 11.0]);
+    let err = ops::RowLookup::new(&[0, 5], 5, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("index[1] = 5 but the table has 5 rows"), "{err}");
+    let err = lookup.forward(&Tensor::zeros((4, 3), candle_core::DType::F64, &Device::Cpu).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("expected a [5, n] table, got shape [4, 3]"), "{err}");
+}

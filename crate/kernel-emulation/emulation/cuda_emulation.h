@@ -15,6 +15,12 @@
 
 #define __global__
 #define __device__
+
+// CUDA's 16-byte vector type (the vectorised copies).
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 #define __forceinline__ inline
 #define __shared__ static
 

@@ -39,7 +39,8 @@ const std::vector<Kernel>& kernels() {
         BOTH(softmax_bwd),    BOTH(gelu_fwd),            BOTH(gelu_bwd),              BOTH(add_bias),
         BOTH(scale_columns),  BOTH(sum_rows),       KERNEL(cross_entropy_fwd), KERNEL(cross_entropy_bwd),   KERNEL(adamw_moment),
         KERNEL(adamw_update), KERNEL(ema_update),   KERNEL(resized_cross_entropy_fwd), KERNEL(resized_cross_entropy_bwd),
-        KERNEL(resized_argmax),
+        KERNEL(resized_argmax), BOTH(im2col_nhwc), KERNEL(im2col_nhwc_x16), BOTH(col2im_nhwc), BOTH(max_pool2_nhwc_fwd), BOTH(max_pool2_nhwc_bwd),
+        BOTH(upsample2_nhwc_fwd), BOTH(upsample2_nhwc_bwd), BOTH(row_lookup_bwd),
     };
     return all;
 }

@@ -3,8 +3,8 @@
 //! bf16 kernels read bf16 and compute in f32: they are held to the f32 CPU op on the same
 //! (bf16) values, rounded to bf16 where the kernel writes bf16.
 
-use beit_core::launch::{elementwise, per_column, per_row, ROWS_PER_CHUNK};
-use beit_core::ops;
+use beit_core::launch::{elementwise, per_column, per_pixel, per_row, ROWS_PER_CHUNK};
+use beit_core::{conv, ops};
 use beit_kernel_emulation::Launch;
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
@@ -525,6 +525,143 @@ fn ema_kernel_follows_its_definition() {
         let want = decay as f64 * e0[i] as f64 + (1.0 - decay as f64) * p[i] as f64;
         assert!((e[i] as f64 - want).abs() <= 1e-6, "e[{i}]: {} vs {want}", e[i]);
     }
+}
+
+// ---- NHWC convolution pieces --------------------------------------------------------------
+
+/// The kernels' (h, w, c, k) arguments.
+fn image<'a>(launch: Launch<'a>, h: usize, w: usize, c: usize, k: usize) -> Launch<'a> {
+    launch.scalar(h as i32).scalar(w as i32).scalar(c as i32).scalar(k as i32)
+}
+
+fn im2col_and_col2im<T: Element>(b: usize, h: usize, w: usize, c: usize, k: usize) {
+    let (pixels, row) = (b * h * w, k * k * c);
+    let what = format!("{b}x{h}x{w}x{c}, k {k}");
+    let (mut x, xf) = typed::<T>(&values(pixels * c, 30, 2.0));
+    let mut columns = vec![T::from_f32(f32::NAN); pixels * row];
+    image(Launch::new().buffer(&mut x).buffer(&mut columns), h, w, c, k)
+        .run(&name::<T>("im2col_nhwc"), per_pixel(pixels, row))
+        .unwrap();
+    let xv = Var::from_tensor(&tensor(&xf, &[b, h, w, c])).unwrap();
+    let want = conv::im2col(xv.as_tensor(), k).unwrap();
+    assert_close_t(&format!("im2col_nhwc {what}"), &columns, &f32s(&want));
+    // The same copy in 16-byte units, where a pixel's channels fill whole units.
+    let per_unit = 16 / std::mem::size_of::<T>();
+    if c.is_multiple_of(per_unit) {
+        let mut units = vec![T::from_f32(f32::NAN); pixels * row];
+        image(Launch::new().buffer(&mut x).buffer(&mut units), h, w, c / per_unit, k)
+            .run("im2col_nhwc_x16", per_pixel(pixels, row / per_unit))
+            .unwrap();
+        assert_close_t(&format!("im2col_nhwc_x16 {what}"), &units, &f32s(&want));
+    }
+
+    let (mut g, gf) = typed::<T>(&values(pixels * row, 31, 1.0));
+    let mut dx = vec![T::from_f32(f32::NAN); pixels * c];
+    image(Launch::new().buffer(&mut g).buffer(&mut dx), h, w, c, k)
+        .run(&name::<T>("col2im_nhwc"), per_pixel(pixels, c))
+        .unwrap();
+    let grads = (want * tensor(&gf, &[pixels, row])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close_t(&format!("col2im_nhwc {what}"), &dx, &f32s(grads.get(&xv).unwrap()));
+}
+
+#[test]
+fn im2col_and_col2im_agree_with_the_cpu() {
+    // Borders on every side; a 7x7 kernel wider than the image; channels past one block of
+    // threads (300 > 256) and a row that is not a whole number of warps (3x3x5 = 45).
+    // 40 and 16 channels also take the 16-byte copy (f32 and bf16; 300 only f32).
+    for (b, h, w, c, k) in [(2, 5, 6, 5, 3), (1, 4, 5, 3, 7), (1, 3, 2, 300, 1), (2, 3, 3, 40, 3), (1, 3, 4, 16, 3)] {
+        im2col_and_col2im::<f32>(b, h, w, c, k);
+        im2col_and_col2im::<bf16>(b, h, w, c, k);
+    }
+}
+
+/// The n elements a pooling kernel walks, then the input's (h, w, c).
+fn pooling<'a>(launch: Launch<'a>, n: usize, h: usize, w: usize, c: usize) -> Launch<'a> {
+    launch.scalar(n as u64).scalar(h as i32).scalar(w as i32).scalar(c as i32)
+}
+
+fn max_pool_and_upsample<T: Element>(b: usize, h: usize, w: usize, c: usize) {
+    let (n, what) = (b * h * w * c, format!("{b}x{h}x{w}x{c}"));
+    // Quarter steps in [-1, 1]: windows with tied maxima, whose gradient goes to the first.
+    let ties: Vec<f32> = values(n, 32, 1.0).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+    let (mut x, xf) = typed::<T>(&ties);
+    let mut y = vec![T::from_f32(f32::NAN); n / 4];
+    pooling(Launch::new().buffer(&mut x).buffer(&mut y), n / 4, h, w, c)
+        .run(&name::<T>("max_pool2_nhwc_fwd"), elementwise(n / 4))
+        .unwrap();
+    let xv = Var::from_tensor(&tensor(&xf, &[b, h, w, c])).unwrap();
+    let want = conv::max_pool2(xv.as_tensor()).unwrap();
+    assert_close_t(&format!("max_pool2_nhwc_fwd {what}"), &y, &f32s(&want));
+    let (mut g, gf) = typed::<T>(&values(n / 4, 33, 1.0));
+    let mut dx = vec![T::from_f32(f32::NAN); n];
+    pooling(Launch::new().buffer(&mut x).buffer(&mut y).buffer(&mut g).buffer(&mut dx), n / 4, h, w, c)
+        .run(&name::<T>("max_pool2_nhwc_bwd"), elementwise(n / 4))
+        .unwrap();
+    let grads = (want * tensor(&gf, &[b, h / 2, w / 2, c])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close_t(&format!("max_pool2_nhwc_bwd {what}"), &dx, &f32s(grads.get(&xv).unwrap()));
+
+    let mut up = vec![T::from_f32(f32::NAN); 4 * n];
+    pooling(Launch::new().buffer(&mut x).buffer(&mut up), 4 * n, h, w, c)
+        .run(&name::<T>("upsample2_nhwc_fwd"), elementwise(4 * n))
+        .unwrap();
+    let want = conv::upsample2(xv.as_tensor()).unwrap();
+    assert_close_t(&format!("upsample2_nhwc_fwd {what}"), &up, &f32s(&want));
+    let (mut g, gf) = typed::<T>(&values(4 * n, 34, 1.0));
+    let mut dx = vec![T::from_f32(f32::NAN); n];
+    pooling(Launch::new().buffer(&mut g).buffer(&mut dx), n, h, w, c)
+        .run(&name::<T>("upsample2_nhwc_bwd"), elementwise(n))
+        .unwrap();
+    let grads = (want * tensor(&gf, &[b, 2 * h, 2 * w, c])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close_t(&format!("upsample2_nhwc_bwd {what}"), &dx, &f32s(grads.get(&xv).unwrap()));
+}
+
+#[test]
+fn max_pool_and_upsample_agree_with_the_cpu() {
+    // 300 channels: consecutive threads walk channels, then pixels, then images.
+    for (b, h, w, c) in [(2, 4, 6, 3), (1, 2, 2, 300)] {
+        max_pool_and_upsample::<f32>(b, h, w, c);
+        max_pool_and_upsample::<bf16>(b, h, w, c);
+    }
+}
+
+// ---- Row lookup (relative position bias) backward -------------------------------------------
+
+fn row_lookup_backward<T: Element>(index: &[u32], rows: usize, n: usize) {
+    let picks = index.len();
+    let lookup = ops::RowLookup::new(index, rows, &Device::Cpu).unwrap();
+    let table = Var::from_tensor(&tensor(&values(rows * n, 40, 1.0), &[rows, n])).unwrap();
+    let (mut dy, dyf) = typed::<T>(&values(picks * n, 41, 1.0));
+    let y = lookup.forward(table.as_tensor()).unwrap();
+    let grads = (y * tensor(&dyf, &[picks, n])).unwrap().sum_all().unwrap().backward().unwrap();
+    // The kernel's inputs: each row's picks, as the op lists them.
+    let mut offsets = vec![0u32; rows + 1];
+    let mut positions: Vec<u32> = Vec::new();
+    for r in 0..rows {
+        positions.extend((0..picks as u32).filter(|&p| index[p as usize] as usize == r));
+        offsets[r + 1] = positions.len() as u32;
+    }
+    let mut out = vec![f32::NAN; rows * n];
+    Launch::new()
+        .buffer(&mut dy)
+        .buffer(&mut offsets)
+        .buffer(&mut positions)
+        .buffer(&mut out)
+        .scalar((rows * n) as u64)
+        .scalar(n as i32)
+        .run(&name::<T>("row_lookup_bwd"), elementwise(rows * n))
+        .unwrap();
+    // f32 sums of the (bf16) gradients: held to the f32 CPU op.
+    assert_close(&format!("row_lookup_bwd {rows}x{n}"), &out, &f32s(grads.get(&table).unwrap()), 2e-5);
+}
+
+#[test]
+fn row_lookup_backward_agrees_with_the_cpu() {
+    // The relative position index of a 3x3 grid with [CLS] (28 distances) into a table with two
+    // more rows that are never picked; a 300-column table.
+    let index = beit_core::arch::backbone::relative_position_index(3, 3);
+    row_lookup_backward::<f32>(&index, 30, 12);
+    row_lookup_backward::<bf16>(&index, 30, 12);
+    row_lookup_backward::<f32>(&[1, 1, 0, 1], 3, 300);
 }
 
 // ---- The emulator itself ------------------------------------------------------------------

@@ -6,7 +6,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use super::{like, LayerNorm, Linear, Vars};
 use crate::arch::backbone::{relative_position_index, BackboneParams, BlockParams, EmbeddingParams};
 use crate::config::BeitConfig;
-use crate::ops;
+use crate::ops::{self, RowLookup};
 use crate::rng::Draws;
 
 /// Patchify + linear projection: a reshape and one matmul (cheaper than an im2col conv).
@@ -96,7 +96,7 @@ impl Embeddings {
 /// patches (`arch::backbone::relative_position_index`).
 pub struct RelativePositionBias {
     table: Tensor,
-    index: Tensor,
+    index: RowLookup,
     num_heads: usize,
     tokens: usize,
 }
@@ -105,14 +105,14 @@ impl RelativePositionBias {
     pub fn new(cfg: &BeitConfig, table: Tensor, device: &Device) -> Result<Self> {
         let (h, w) = cfg.grid();
         let tokens = h * w + 1;
-        let index = Tensor::from_vec(relative_position_index(h, w), tokens * tokens, device)?;
+        let index = RowLookup::new(&relative_position_index(h, w), table.dim(0)?, device)?;
         Ok(Self { table, index, num_heads: cfg.num_attention_heads, tokens })
     }
 
     /// [heads, N+1, N+1], to be added to the attention scores.
     pub fn forward(&self) -> Result<Tensor> {
-        self.table
-            .index_select(&self.index, 0)?
+        self.index
+            .forward(&self.table)?
             .reshape((self.tokens, self.tokens, self.num_heads))?
             .permute((2, 0, 1))?
             .contiguous()

@@ -20,6 +20,10 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d_same(x, &like(&self.w, x)?, &like(&self.b, x)?)
     }
+
+    fn detached(&self) -> Self {
+        Self { w: self.w.detach(), b: self.b.detach() }
+    }
 }
 
 /// Residual block: x -> id(x) + post_gain * res(x), res = 4 x (ReLU, conv).
@@ -48,6 +52,14 @@ impl ResBlock {
             h = conv.forward(&h.relu()?)?;
         }
         id + (h * self.post_gain)?
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            id_path: self.id_path.as_ref().map(Conv::detached),
+            res_path: self.res_path.iter().map(Conv::detached).collect(),
+            post_gain: self.post_gain,
+        }
     }
 }
 
@@ -88,6 +100,16 @@ impl Net {
         }
         self.output.forward(&h.relu()?)
     }
+
+    /// This net without gradient tracking (see [`Dvae::detached`]).
+    pub fn detached(&self) -> Self {
+        Self {
+            input: self.input.detached(),
+            groups: self.groups.iter().map(|g| g.iter().map(ResBlock::detached).collect()).collect(),
+            output: self.output.detached(),
+            resample: self.resample,
+        }
+    }
 }
 
 pub struct Dvae {
@@ -99,6 +121,14 @@ pub struct Dvae {
 impl Dvae {
     pub fn new(cfg: &DvaeConfig, p: &DvaeParams, vars: &Vars) -> Self {
         Self { encoder: Net::new(&p.encoder, vars), decoder: Net::new(&p.decoder, vars), config: cfg.clone() }
+    }
+
+    /// The same model reading the same weights (shared storage, so later updates show) without
+    /// gradient tracking: inference through it keeps no graph, so each activation is freed when
+    /// the next layer has read it (with tracked weights, every activation of the encoder stayed
+    /// alive until its output was dropped).
+    pub fn detached(&self) -> Self {
+        Self { encoder: self.encoder.detached(), decoder: self.decoder.detached(), config: self.config.clone() }
     }
 
     /// Reconstruction in [0, 1] (NHWC) from decoder output: unmap(sigmoid(mu)).
