@@ -89,7 +89,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<f64> {
     let mut on_device: Option<Tensor> = None;
     for x in tensors {
         if !x.device().is_cpu() {
-            let squares = x.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            let squares = sum_all_by_rows(&x.to_dtype(DType::F32)?.sqr()?)?;
             on_device = Some(match on_device {
                 Some(sum) => (sum + squares)?,
                 None => squares,
@@ -107,4 +107,34 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<f64> {
         total += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total)
+}
+
+/// The sum of all of `x`, as row sums then their sum. candle's CUDA sum runs one block per
+/// output value, so a plain `sum_all` of a model's flat gradient buffer (86M values for BEiT-B)
+/// ran on a single block: 4.4 ms of an H200 step, as long as all the step's LayerNorms.
+fn sum_all_by_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    const ROW: usize = 4096;
+    let x = x.flatten_all()?;
+    let n = x.elem_count();
+    let rows = n / ROW;
+    let tail = x.narrow(0, rows * ROW, n - rows * ROW)?.sum_all()?;
+    if rows == 0 {
+        return Ok(tail);
+    }
+    x.narrow(0, 0, rows * ROW)?.reshape((rows, ROW))?.sum(1)?.sum_all()? + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn sums_by_rows_equal_plain_sums() {
+        // Shorter than a row, whole rows, whole rows and a tail.
+        for n in [0usize, 5, 4096, 3 * 4096, 3 * 4096 + 17] {
+            let x = Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap().to_dtype(candle_core::DType::F64).unwrap();
+            let by_rows = super::sum_all_by_rows(&x).unwrap().to_scalar::<f64>().unwrap();
+            assert_eq!(by_rows, (n * n.saturating_sub(1) / 2) as f64, "n = {n}");
+        }
+    }
 }
