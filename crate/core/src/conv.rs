@@ -16,7 +16,7 @@ use candle_core::CudaStorage;
 
 use crate::engine::conv::{self as kernels, Nhwc};
 use crate::engine::simd::Real;
-use crate::ops::{contiguous, dispatch_float, into_storage, same_dtype_slices};
+use crate::ops::{contiguous, dispatch_float, into_storage, same_dtype_slices, with_row_vector};
 
 fn nhwc(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
     match layout.dims() {
@@ -85,11 +85,6 @@ pub fn conv2d_same_by_columns(x: &Tensor, weight: &Tensor, bias: &Tensor) -> can
     in_batch_chunks(x, per_chunk, |x| x.contiguous()?.apply_op3(&kernel, &bias, ConvByColumns { k }))
 }
 
-/// Rows of y, each plus `bias`.
-fn with_bias<T: Real>(y: &[T], bias: &[T]) -> Vec<T> {
-    y.chunks(bias.len()).flat_map(|row| row.iter().zip(bias).map(|(&a, &b)| a + b)).collect()
-}
-
 /// (x [B, H, W, C_in], kernel [k*k*C_in, C_out], bias [C_out]) -> [B, H, W, C_out].
 struct ConvByColumns {
     k: usize,
@@ -127,8 +122,11 @@ impl CustomOp3 for ConvByColumns {
             self.k
         )));
         let y = columns.matmul(s2, (1, pixels, c_out, row), &Layout::contiguous((pixels, row)), l2)?;
-        let out =
-            dispatch_float!(self.name(), &y, |v| into_storage(with_bias(v, same_dtype_slices(self.name(), s3, l3)?)));
+        let out = dispatch_float!(self.name(), &y, |v| into_storage(with_row_vector(
+            v,
+            same_dtype_slices(self.name(), s3, l3)?,
+            |a, b| a + b
+        )));
         Ok((out, Shape::from((s.b, s.h, s.w, c_out))))
     }
 
@@ -520,31 +518,30 @@ fn max_pool2_bwd<T: Real>(x: &[T], y: &[T], g: &[T], s: Nhwc) -> Vec<T> {
     dx
 }
 
+/// The dimensions of a max-pooling input: NHWC with an even height and width.
+fn pooled_input(l: &Layout) -> candle_core::Result<Nhwc> {
+    let s = nhwc_of(l, "max-pool-2x2")?;
+    if s.h % 2 != 0 || s.w % 2 != 0 {
+        bail!("max-pool-2x2: height and width must be even, got {}x{}", s.h, s.w);
+    }
+    Ok(s)
+}
+
 impl CustomOp1 for MaxPool2 {
     fn name(&self) -> &'static str {
         "max-pool-2x2"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c) = nhwc(l, self.name())?;
-        if h % 2 != 0 || w % 2 != 0 {
-            bail!("max-pool-2x2: height and width must be even, got {h}x{w}");
-        }
-        let out = dispatch_float!(self.name(), s, |v| into_storage(max_pool2_fwd(
-            contiguous(v, l, self.name())?,
-            Nhwc { b, h, w, c }
-        )));
-        Ok((out, Shape::from((b, h / 2, w / 2, c))))
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = pooled_input(l)?;
+        let out = dispatch_float!(self.name(), st, |v| into_storage(max_pool2_fwd(contiguous(v, l, self.name())?, s)));
+        Ok((out, Shape::from((s.b, s.h / 2, s.w / 2, s.c))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, st: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let s = nhwc_of(l, self.name())?;
-        if s.h % 2 != 0 || s.w % 2 != 0 {
-            bail!("max-pool-2x2: height and width must be even, got {}x{}", s.h, s.w);
-        }
-        let n = s.len() / 4;
-        let out = pooling_kernel(self.name(), "max_pool2_nhwc_fwd", &[(st, l)], n, s)?;
+        let s = pooled_input(l)?;
+        let out = pooling_kernel(self.name(), "max_pool2_nhwc_fwd", &[(st, l)], s.len() / 4, s)?;
         Ok((out, Shape::from((s.b, s.h / 2, s.w / 2, s.c))))
     }
 

@@ -25,6 +25,7 @@ pub use replicas::{sum_over_replicas, sum_values_over_replicas};
 pub use resample::{adaptive_average_weights, bilinear_weights, interpolation_taps, resample, Resampling};
 pub use resized_cross_entropy::{resized_argmax, resized_cross_entropy};
 pub use row_lookup::RowLookup;
+pub(crate) use row_vector::with_row_vector;
 pub use row_vector::{add_bias, scale_columns};
 pub use softmax::{scaled_softmax, softmax_last_dim};
 pub(crate) use sums::{column_chunk_rows, column_sums_of};

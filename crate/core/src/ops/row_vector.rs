@@ -100,7 +100,7 @@ impl CustomOp2 for RowVector {
 }
 
 /// y[.., i] = op(x[.., i], b[i]) over rows of b's width, in parallel.
-fn with_row_vector<T: Float>(x: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+pub(crate) fn with_row_vector<T: Float>(x: &[T], b: &[T], op: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let n = b.len();
     let mut y = vec![T::ZERO; x.len()];
     let chunk = n * rows_per_task(n);
