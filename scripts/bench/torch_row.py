@@ -7,6 +7,11 @@ over the timed steps and peak RSS.
 Started by torchrun (WORLD_SIZE set), it is PyTorch DDP on the gloo backend: each rank takes its
 share of the row's batch, gradients are averaged by DDP's bucketed all-reduce, rank 0 prints.
 
+With --count-flops it also counts one step's matmul and convolution FLOPs (forward and backward,
+torch.utils.flop_counter), the work both sides do; with --roof it measures this machine's GEMM
+roof instead (a large square f32 matmul, and bf16 where the CPU has bf16 GEMM units) on the
+same threads.
+
 The work is beit's: transformers' BEiT with the same config, the MIM head on the masked patches
 only (as beit computes it), masked cross-entropy; BeitForSemanticSegmentation with its own loss; AdamW with BEiT's decay exemptions, global
 norm clipping; the tokenizer is the DALL-E layout (dalle_layout.py) with the Gumbel-softmax
@@ -209,16 +214,52 @@ def tokenizer_encode(row, gen):
 KINDS = {"mim": mim, "classifier": classifier, "segmenter": segmenter, "tokenizer-train": tokenizer_train, "tokenizer-encode": tokenizer_encode}
 
 
+ROOF_SIZE = 2048
+
+
+def gemm_roof(dtype, repeats=10):
+    """GFLOP/s of the best of `repeats` ROOF_SIZE^3 matmuls in `dtype` (after one warm-up)."""
+    a = torch.randn(ROOF_SIZE, ROOF_SIZE).to(dtype)
+    b = torch.randn(ROOF_SIZE, ROOF_SIZE).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * ROOF_SIZE ** 3 / best / 1e9
+
+
+def step_flops(step):
+    """Matmul and convolution FLOPs of one call of `step`, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--row", required=True, help="the resolved row, as JSON")
+    p.add_argument("--roof", action="store_true", help="measure the GEMM roof (f32, and bf16 with --bf16) and exit")
+    p.add_argument("--bf16", action="store_true", help="with --roof: the bf16 roof too")
+    p.add_argument("--count-flops", action="store_true", help="count one step's FLOPs after the timed steps")
+    p.add_argument("--row", help="the resolved row, as JSON")
     p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none",
                    help="bf16: every step under torch.autocast('cpu', dtype=torch.bfloat16)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.roof:
+        roof = {"f32": gemm_roof(torch.float32)}
+        if args.bf16:
+            roof["bf16"] = gemm_roof(torch.bfloat16)
+        print(json.dumps({"gflops": roof, "size": ROOF_SIZE, "version": f"torch {torch.__version__}"}))
+        return
+    if args.row is None or args.steps is None:
+        p.error("--row and --steps are required (or --roof)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -240,6 +281,7 @@ def main():
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - started
+    flops = step_flops(step) if args.count_flops else None
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank > 0:
@@ -250,6 +292,7 @@ def main():
         "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "version": f"torch {torch.__version__}, {ranks}{torch.get_num_threads()} threads"
                    + (", bf16 autocast" if args.autocast == "bf16" else ""),
+        **({"flopsPerStep": flops} if flops is not None else {}),
     }))
 
 

@@ -5,7 +5,10 @@
  * under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on) on the same work
  * with the same number of threads, alternating, `--rounds` times each; the best images/s of
  * each side and the larger peak RSS are reported, with beit's ratio to PyTorch f32 and to
- * PyTorch's faster mode. Not a test.
+ * PyTorch's faster mode, and how close each side comes to the machine: the row's matmul and
+ * convolution FLOPs per step (counted once on the PyTorch side, the same work for both) as
+ * sustained GFLOP/s against the GEMM roof (a 2048^3 PyTorch matmul on the same threads, f32 and,
+ * where the CPU has bf16 units, bf16). Not a test.
  *   npm run bench:torch [-- --threads 2 --rounds 2 --only mim-tiny-32,classifier-demo]
  * scripts/bench/torch.sh makes the Python environment (torch + transformers from PyPI) first.
  */
@@ -21,30 +24,45 @@ interface Measurement {
   imagesPerSecond: number
   peakRssMiB: number
   version: string
+  /** Matmul and convolution FLOPs of one step (PyTorch's first f32 run only). */
+  flopsPerStep?: number
+}
+
+interface Roof {
+  gflops: { f32: number; bf16?: number }
+  size: number
 }
 
 const ROOT = join(__dirname, '..', '..')
+const TORCH_ROW = join(ROOT, 'scripts', 'bench', 'torch_row.py')
 
 type Side = 'beit' | 'torch' | 'torchBf16'
 
-function measure(side: Side, row: ResolvedRow, threads: number, python: string): Measurement {
-  const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
-  const [command, script] =
-    side === 'beit'
-      ? [process.execPath, join(__dirname, 'torch-row.js')]
-      : [python, join(ROOT, 'scripts', 'bench', 'torch_row.py')]
+/** Runs `command` with `threads` compute threads; its last stdout line, parsed. */
+function lastJsonLine<T>(what: string, command: string, args: string[], threads: number): T {
   const t = String(threads)
   const env = { ...process.env, RAYON_NUM_THREADS: t, OMP_NUM_THREADS: t, MKL_NUM_THREADS: t }
-  const torchArgs = { beit: [], torch: ['--threads', t], torchBf16: ['--threads', t, '--autocast', 'bf16'] }[side]
-  const result = spawnSync(command, [script, ...args, ...torchArgs], {
-    env,
-    encoding: 'utf8',
-  })
+  const result = spawnSync(command, args, { env, encoding: 'utf8' })
   const last = result.stdout.trim().split('\n').pop() ?? ''
   if (result.status !== 0 || !last.startsWith('{')) {
-    throw new Error(`${side} run of ${row.name} failed (exit ${result.status}):\n${result.stderr.slice(-2000)}`)
+    throw new Error(`${what} failed (exit ${result.status}):\n${result.stderr.slice(-2000)}`)
   }
-  return JSON.parse(last) as Measurement
+  return JSON.parse(last) as T
+}
+
+function measure(side: Side, row: ResolvedRow, threads: number, python: string, countFlops: boolean): Measurement {
+  const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
+  const t = String(threads)
+  if (side === 'beit')
+    return lastJsonLine(
+      `beit run of ${row.name}`,
+      process.execPath,
+      [join(__dirname, 'torch-row.js'), ...args],
+      threads,
+    )
+  const torchArgs = side === 'torch' ? ['--threads', t] : ['--threads', t, '--autocast', 'bf16']
+  if (countFlops) torchArgs.push('--count-flops')
+  return lastJsonLine(`${side} run of ${row.name}`, python, [TORCH_ROW, ...args, ...torchArgs], threads)
 }
 
 async function main(): Promise<void> {
@@ -75,18 +93,29 @@ async function main(): Promise<void> {
   const bf16 = bf16Hardware().length > 0
   const sidesRun: Side[] = bf16 ? ['beit', 'torch', 'torchBf16'] : ['beit', 'torch']
   console.log(
-    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast column: this CPU has neither AMX-BF16 nor AVX512-BF16'}\n`,
+    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast column: this CPU has neither AMX-BF16 nor AVX512-BF16'}`,
+  )
+  const roof = lastJsonLine<Roof>(
+    'the GEMM roof',
+    values.python,
+    [TORCH_ROW, '--roof', '--threads', String(threads), ...(bf16 ? ['--bf16'] : [])],
+    threads,
+  )
+  const bf16Roof = roof.gflops.bf16 === undefined ? '' : `, bf16 ${roof.gflops.bf16.toFixed(0)} GFLOP/s`
+  console.log(
+    `GEMM roof (PyTorch ${roof.size}^3 matmul, ${threads} threads): f32 ${roof.gflops.f32.toFixed(0)} GFLOP/s${bf16Roof}\n`,
   )
   const header =
-    '| row | beit img/s | PyTorch f32 img/s | PyTorch bf16 autocast img/s | ratio to f32 | ratio to the faster | beit peak RSS | PyTorch peak RSS (f32 / bf16) |'
-  console.log(`${header}\n|---|---|---|---|---|---|---|---|`)
+    '| row | beit img/s | PyTorch f32 img/s | PyTorch bf16 autocast img/s | ratio to f32 | ratio to the faster | beit peak RSS | PyTorch peak RSS (f32 / bf16) | GFLOP per step | GFLOP/s (% of the roof in its precision): beit f32 / PyTorch f32 / bf16 |'
+  console.log(`${header}\n|---|---|---|---|---|---|---|---|---|---|`)
   const results = []
   let versions = ''
   for (const row of rows) {
     const sides: Record<Side, Measurement[]> = { beit: [], torch: [], torchBf16: [] }
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])
-      for (const side of order) sides[side].push(measure(side, row, threads, values.python))
+      for (const side of order)
+        sides[side].push(measure(side, row, threads, values.python, side === 'torch' && sides.torch.length === 0))
     }
     const best = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.imagesPerSecond)) : NaN)
     const rss = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.peakRssMiB)) : NaN)
@@ -94,8 +123,14 @@ async function main(): Promise<void> {
     const fastest = bf16 ? Math.max(torch, torchBf16) : torch
     versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
     const gib = (mib: number) => (Number.isNaN(mib) ? 'n/a' : `${(mib / 1024).toFixed(2)} GiB`)
+    const flopsPerImage = (sides.torch[0].flopsPerStep ?? NaN) / row.batchSize
+    const sustained = (imagesPerSecond: number, roofGflops = roof.gflops.f32) => {
+      if (Number.isNaN(imagesPerSecond)) return 'n/a'
+      const gflops = (imagesPerSecond * flopsPerImage) / 1e9
+      return `${gflops.toFixed(0)} (${((100 * gflops) / roofGflops).toFixed(0)}%)`
+    }
     console.log(
-      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${bf16 ? torchBf16.toFixed(1) : 'n/a'} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} |`,
+      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${bf16 ? torchBf16.toFixed(1) : 'n/a'} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} | ${((flopsPerImage * row.batchSize) / 1e9).toFixed(1)} | ${sustained(beit)} / ${sustained(torch)} / ${sustained(torchBf16, roof.gflops.bf16)} |`,
     )
     results.push({
       row: row.name,
@@ -105,11 +140,15 @@ async function main(): Promise<void> {
       torchBf16: sides.torchBf16,
       ratio: beit / torch,
       ratioToFastest: beit / fastest,
+      flopsPerStep: sides.torch[0].flopsPerStep,
     })
   }
   console.log(`\n${versions}`)
   await mkdir(dirname(values.out), { recursive: true })
-  await writeFile(values.out, JSON.stringify({ cpu: cpuName(), threads, rounds, results }, null, 2) + '\n')
+  await writeFile(
+    values.out,
+    JSON.stringify({ cpu: cpuName(), threads, rounds, gemmRoof: roof, results }, null, 2) + '\n',
+  )
   console.log(`all measurements: ${values.out}`)
 }
 
