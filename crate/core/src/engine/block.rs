@@ -270,7 +270,7 @@ impl Block {
         let (lambda, dlambda) = lambda_and_grad(p, grads, self.lambda_2);
         residual_backward(&g.dx, &a.mlp, lambda, scales, d, &mut g.dbranch, dlambda, scratch);
         self.fc2.backward(p, grads, &a.gelu, &g.dbranch, Some(&mut g.dwide), scratch);
-        kernels::gelu_backward(&a.hidden, &mut g.dwide);
+        kernels::gelu_backward(&a.hidden, &a.gelu, &mut g.dwide);
         self.fc1.backward(p, grads, &a.xn2, &g.dwide, Some(&mut g.dnarrow), scratch);
         self.ln2.backward(p, grads, &a.x_mid, (&a.mean2, &a.rstd2), &g.dnarrow, &mut g.dx, scratch);
     }
