@@ -67,10 +67,11 @@ async function main() {
   })
   lap('tokenizer')
   const model = beit.Beit.create({ ...MODEL, vocabSize: tokenizer.config.vocabSize }, { seed })
+  const [gridHeight, gridWidth] = model.grid
   const masking = new beit.BlockwiseMaskGenerator({
-    height: 8,
-    width: 8,
-    numMaskingPatches: 26,
+    height: gridHeight,
+    width: gridWidth,
+    numMaskingPatches: Math.round(0.4 * gridHeight * gridWidth), // BEiT's 40%: 26 of 64
     minNumPatches: 4,
     seed,
   })

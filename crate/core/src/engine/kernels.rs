@@ -227,8 +227,9 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 multiversion! {
     /// In place: dg *= GELU'(h) = Phi(h) + h * phi(h), with Phi(h) read back from the
-    /// forward's output as GELU(h) / h (within 2 ulp of recomputing it, and one exp instead of
-    /// three exps' worth of erfc and pdf); Phi = 1/2 where h is too small to divide by.
+    /// forward's output as GELU(h) / h (within 2 ulp of recomputing it: one exp instead of
+    /// erfc's exp and division plus the density's exp); Phi = 1/2 where h is too small to
+    /// divide by.
     fn gelu_backward_rows<T>(h: &[T], gelu: &[T], dg: &mut [T]) {
         let c = T::from_f64(FRAC_1_SQRT_2PI);
         let minus_half = T::from_f64(-0.5);
