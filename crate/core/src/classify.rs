@@ -11,7 +11,7 @@ use crate::arch::classification::ClassifierParams;
 use crate::checkpoint;
 use crate::config::{ClassifierConfig, Pooling};
 use crate::engine::heads::classification::ClassifierEngine;
-use crate::engine::Flat;
+use crate::engine::{on_pool, Flat};
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::mim::Mim;
@@ -151,13 +151,15 @@ impl ClassifierRunner for EngineRunner<ClassifierEngine<f32>> {
         draws: Draws,
     ) -> Result<ClassifierLossMetrics> {
         let rows = labels.len();
-        let out = self.model.loss_and_grads(images.values, &labels, smoothing, draws, rows as f64)?;
+        let model = &mut self.model;
+        let out = on_pool(|| model.loss_and_grads(images.values, &labels, smoothing, draws, rows as f64))?;
         self.added(rows);
         Ok(ClassifierLossMetrics { loss: out.loss, accuracy: out.hits as f64 / rows as f64 })
     }
 
     fn logits(&mut self, images: Images) -> Result<Vec<f32>> {
-        self.model.logits(images.values)
+        let model = &mut self.model;
+        on_pool(|| model.logits(images.values))
     }
 }
 

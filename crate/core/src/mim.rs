@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::arch::mim::MimParams;
 use crate::config::{BeitConfig, Pooling};
 use crate::engine::heads::mim::MimEngine;
-use crate::engine::Flat;
+use crate::engine::{on_pool, Flat};
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
 use crate::model::mim::{mask_tensors, masked_loss, BeitForMaskedImageModeling};
@@ -101,18 +101,21 @@ impl MimRunner for EngineRunner<MimEngine<f32>> {
             Targets::All(all) => masked(&all.to_vec1::<u32>()?, mask),
         };
         let rows = ids.len();
-        let out = self.model.loss_and_grads(images.values, mask, &ids, draws, rows as f64)?;
+        let model = &mut self.model;
+        let out = on_pool(|| model.loss_and_grads(images.values, mask, &ids, draws, rows as f64))?;
         self.added(rows);
         let mlm_acc = out.hits as f64 / rows as f64;
         Ok(BeitLossMetrics { loss: out.loss, mlm_acc, num_masked: rows, majority_baseline: majority_share(&ids) })
     }
 
     fn logits(&mut self, images: Images, mask: &[u8]) -> Result<Vec<f32>> {
-        self.model.logits(images.values, mask)
+        let model = &mut self.model;
+        on_pool(|| model.logits(images.values, mask))
     }
 
     fn probe_features(&mut self, images: Images, layer: usize) -> Result<Vec<f32>> {
-        self.model.probe_features(images.values, layer)
+        let model = &mut self.model;
+        on_pool(|| model.probe_features(images.values, layer))
     }
 }
 

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::device::Precision;
 use crate::engine::adamw::FlatAdamW;
-use crate::engine::{kernels, EngineModel, Flat};
+use crate::engine::{kernels, on_pool, EngineModel, Flat};
 use crate::error::{Error, Result};
 use crate::model::Vars;
 use crate::optim::{ema_update, flatten_grads, AdamW};
@@ -215,17 +215,19 @@ impl<E: EngineModel> Runner for EngineRunner<E> {
         }
         let grad_scale = 1.0 / self.count as f64;
         self.count = 0;
-        if let Ema::Weights = self.ema {
-            self.ema = Ema::Own(self.model.flat().params.clone());
-        }
-        let flat = self.model.flat_mut();
-        let norm = self.optimizer.update(&mut flat.params, &flat.grads, grad_scale, lr);
-        flat.zero_grads();
-        let norm = norm?;
-        if let Ema::Own(ema) = &mut self.ema {
-            kernels::ema(ema, &self.model.flat().params, self.ema_decay);
-        }
-        Ok(norm)
+        on_pool(|| {
+            if let Ema::Weights = self.ema {
+                self.ema = Ema::Own(self.model.flat().params.clone());
+            }
+            let flat = self.model.flat_mut();
+            let norm = self.optimizer.update(&mut flat.params, &flat.grads, grad_scale, lr);
+            flat.zero_grads();
+            let norm = norm?;
+            if let Ema::Own(ema) = &mut self.ema {
+                kernels::ema(ema, &self.model.flat().params, self.ema_decay);
+            }
+            Ok(norm)
+        })
     }
 
     fn release_buffers(&mut self) {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::dvae::DvaeParams;
 pub use crate::config::{DvaeConfig, ReconLoss};
 use crate::engine::dvae::{DvaeEngine, Objective};
+use crate::engine::on_pool;
 use crate::error::{Error, Result};
 use crate::model::dvae::{map_pixels, Dvae};
 use crate::ops::{scaled_softmax, softmax_last_dim};
@@ -168,19 +169,20 @@ impl DvaeRunner for EngineRunner<DvaeEngine<f32>> {
     ) -> Result<(DvaeLoss, Vec<u32>)> {
         let mut codes = Vec::new();
         let (pixels, h, w) = (batch.pixels, batch.height, batch.width);
-        let out = self.model.loss_and_grads(pixels, h, w, objective, draws, images as f64, &mut codes)?;
+        let model = &mut self.model;
+        let out = on_pool(|| model.loss_and_grads(pixels, h, w, objective, draws, images as f64, &mut codes))?;
         self.added(images);
         Ok((DvaeLoss { loss: out.loss, recon: out.recon, kl: out.kl }, codes))
     }
 
     fn encode_ids(&mut self, batch: &ImageBatch) -> Result<TokenIds> {
-        let ema = self.ema.own();
-        Ok(TokenIds::Host(self.model.encode(ema, batch.pixels, batch.height, batch.width)?))
+        let (model, ema) = (&mut self.model, self.ema.own());
+        Ok(TokenIds::Host(on_pool(|| model.encode(ema, batch.pixels, batch.height, batch.width))?))
     }
 
     fn decode(&mut self, ids: &[u32], height: usize, width: usize) -> Result<Vec<f32>> {
-        let ema = self.ema.own();
-        self.model.decode(ema, ids, height, width)
+        let (model, ema) = (&mut self.model, self.ema.own());
+        on_pool(|| model.decode(ema, ids, height, width))
     }
 }
 

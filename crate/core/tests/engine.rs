@@ -234,3 +234,19 @@ fn training_on_the_engine_tracks_candle_autograd() {
     }
     weights_close("classifier", engine.weights().unwrap(), candle.weights().unwrap());
 }
+
+#[test]
+fn on_pool_runs_on_a_pool_thread_and_inline_inside_one() {
+    // From outside the pool (as N-API jobs call it) the closure runs on a pool thread.
+    assert_eq!(rayon::current_thread_index(), None);
+    let (inside, nested) = beit_core::engine::on_pool(|| {
+        let here = rayon::current_thread_index();
+        // Already on a pool thread: run in place, on the same thread.
+        (here, beit_core::engine::on_pool(rayon::current_thread_index))
+    });
+    assert!(inside.is_some(), "the closure ran outside the pool");
+    assert_eq!(nested, inside);
+    // Results and errors come back as the closure returned them.
+    let failed: beit_core::Result<()> = beit_core::engine::on_pool(|| Err(beit_core::Error::Input("no".into())));
+    assert!(matches!(failed, Err(beit_core::Error::Input(m)) if m == "no"));
+}

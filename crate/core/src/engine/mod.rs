@@ -98,6 +98,21 @@ pub fn finite(loss: f64) -> Result<f64> {
     }
 }
 
+/// Runs `f` on a thread of rayon's global pool while the caller waits (at once when the caller
+/// is one). A step's parallel loops then split work among the pool's threads directly, instead
+/// of each loop waking the pool from outside and putting the calling thread to sleep until it
+/// ends (about 1,350 futex calls in a classifier step called from a libuv thread).
+///
+/// `f` must not wait for a lock: a pool thread waiting in a join may run another queued job
+/// meanwhile, and a job that blocked on a lock held further down its own stack would never
+/// return. Callers take their model's lock first (the N-API jobs do) and call this inside it.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 /// `v` resized to `n` (growing keeps its allocation for later batches).
 pub(crate) fn sized<T: Real>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     v.resize(n, T::ZERO);
