@@ -5,7 +5,7 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { Beit } from '../src'
+import { Beit, Segmenter } from '../src'
 import { encodePng } from '../src/png'
 
 const CLI = join(__dirname, '..', 'dist', 'cli.js')
@@ -162,7 +162,9 @@ test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoi
       await writeFile(join(ade, 'annotations', split, `${i}.png`), encodePng(mask, 24, 20, 1))
     }
   }
-  const small = ['--hidden-size', '16', '--layers', '4', '--heads', '2', '--mlp-size', '32', '--patch-size', '4']
+  // 8 px patches: the input size is the crop's (no 28 px default to be a multiple of); 5 blocks,
+  // whose default features would be [1, 3, 4, 5].
+  const small = ['--hidden-size', '16', '--layers', '5', '--heads', '2', '--mlp-size', '32', '--patch-size', '8']
   const folder = await beit([
     'segment',
     '--data',
@@ -170,7 +172,9 @@ test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoi
     '--num-labels',
     '3',
     '--crop-size',
-    '16',
+    '32',
+    '--out-indices',
+    '2,3,4,5',
     ...small,
     '--steps',
     '2',
@@ -182,8 +186,13 @@ test('beit segment fine-tunes on Fashion-MNIST scenes from a pretrained checkpoi
     join(dir, 'ade-run'),
   ])
   t.is(folder.code, 0, folder.stderr)
-  t.regex(folder.stdout, /from scratch .* on 4 ADE20K-style images at 16x16, 3 classes/)
+  t.regex(folder.stdout, /from scratch .* on 4 ADE20K-style images at 32x32, 3 classes/)
   t.regex(folder.stdout, /done: test mIoU \d+\.\d%/)
+  const trained = await Segmenter.load(join(dir, 'ade-run', 'checkpoint.safetensors'))
+  t.deepEqual(trained.config.outIndices, [2, 3, 4, 5])
+  const outIndices = await beit(['segment', '--out-indices', '2,3,x', '--out', join(dir, 'bad-indices')])
+  t.is(outIndices.code, 1)
+  t.regex(outIndices.stderr, /--out-indices: expected four positive integers like 2,3,4,5, got "2,3,x"/)
   const bad = await beit(['segment', '--data', join(dir, 'nowhere'), '--out', join(dir, 'bad')])
   t.is(bad.code, 1)
   t.regex(bad.stderr, /expected sample, fashion-mnist, an ADE20K folder/)

@@ -112,7 +112,6 @@ export async function runFinetune(
     `fine-tuning ${v.init ? `from ${v.init}` : 'from scratch'} (${classifier.numParameters.toLocaleString()} parameters) on ${train.size.toLocaleString()} images, ${numLabels} classes${v.resume ? `, resuming at step ${classifier.step}` : ''}`,
   )
   let bar: Progress | undefined
-  const start = classifier.step
   return interruptible((signal) =>
     finetune({
       classifier,
@@ -130,7 +129,7 @@ export async function runFinetune(
       threads: v.threads,
       signal,
       onProgress: (p: FinetuneProgress) => {
-        bar ??= new Progress('finetune', p.totalSteps, { quiet: v.quiet, every: 50, startAt: start })
+        bar ??= new Progress('finetune', p.totalSteps, { quiet: v.quiet, every: 50, startAt: p.step })
         bar.update(p.step + 1, {
           loss: p.loss.toFixed(3),
           acc: p.accuracy.toFixed(3),

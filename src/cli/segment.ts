@@ -75,6 +75,10 @@ const FLAGS = flagTable({
   ...DATA_PARALLEL_FLAGS,
   'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.65 },
   'aux-channels': { kind: 'int', help: 'channels of the auxiliary FCN head', default: 64, min: 1 },
+  'out-indices': {
+    kind: 'string',
+    help: "the four backbone features, as transformers' outIndices, e.g. 2,3,4,5: feature k is the hidden state after k - 1 blocks (default: [3, 5, 7, 11] for 12 blocks, [7, 11, 15, 23] for 24, else spread evenly to the last)",
+  },
   out: { kind: 'string', help: 'run folder', default: join('runs', 'segment') },
 })
 
@@ -94,7 +98,7 @@ export const segmentCommand = defineCommand({
       seed: v.seed,
       ...placement(v, job),
     }
-    const head = { numLabels, auxiliaryChannels: v['aux-channels'] }
+    const head = { numLabels, auxiliaryChannels: v['aux-channels'], ...outIndices(v['out-indices']) }
     let segmenter: Segmenter
     if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v, job))
     else if (v.init !== undefined) {
@@ -108,7 +112,8 @@ export const segmentCommand = defineCommand({
       if (size[0] % patch !== 0 || size[1] % patch !== 0)
         throw new UsageError(`the input size ${size.join('x')} must be a multiple of --patch-size ${patch}`)
       const model = {
-        ...(modelSpec({ ...v, 'patch-size': patch }, true) as Exclude<ModelSpec, string>),
+        // The input size is the data's (scenes or crops), checked against the patch above.
+        ...(modelSpec({ ...v, 'image-size': size[0], 'patch-size': patch }, true) as Exclude<ModelSpec, string>),
         imageSize: size,
       }
       segmenter = Segmenter.create({ model: { ...model, numChannels: channels }, ...head }, options)
@@ -118,7 +123,6 @@ export const segmentCommand = defineCommand({
       `segmentation ${v.init ? `from ${v.init}` : 'from scratch'} (${segmenter.numParameters.toLocaleString()} parameters) on ${train.size.toLocaleString()} ${what} at ${size.join('x')}, ${numLabels} classes${v.resume ? `, resuming at step ${segmenter.step}` : ''}`,
     )
     let bar: Progress | undefined
-    const start = segmenter.step
     const result = await interruptible((signal) =>
       finetuneSegmentation({
         segmenter,
@@ -135,7 +139,7 @@ export const segmentCommand = defineCommand({
         checkpointEvery: v['checkpoint-every'],
         signal,
         onProgress: (p: SegmentationProgress) => {
-          bar ??= new Progress('segment', p.totalSteps, { quiet: v.quiet, every: 50, startAt: start })
+          bar ??= new Progress('segment', p.totalSteps, { quiet: v.quiet, every: 50, startAt: p.step })
           bar.update(p.step + 1, {
             loss: p.loss.toFixed(3),
             'pixel acc': p.pixelAccuracy.toFixed(3),
@@ -221,4 +225,14 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     channels: v.channels === 1 ? 1 : 3,
     what,
   }
+}
+
+/** `--out-indices` as four integers (checked against the depth by the model's config). */
+function outIndices(flag: string | undefined): { outIndices?: [number, number, number, number] } {
+  if (flag === undefined) return {}
+  const parts = flag.split(',').map((p) => p.trim())
+  const values = parts.map(Number)
+  if (values.length !== 4 || values.some((n, i) => parts[i] === '' || !Number.isInteger(n) || n < 1))
+    throw new UsageError(`--out-indices: expected four positive integers like 2,3,4,5, got ${JSON.stringify(flag)}`)
+  return { outIndices: values as [number, number, number, number] }
 }

@@ -27,10 +27,26 @@ fn plain() -> PairAugment {
     PairAugment { rescale: None, crop: vec![], cat_max_ratio: 1.0, flip: false, photometric: vec![] }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+/// A scratch folder, removed when the test ends (passing or not).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn join(&self, name: impl AsRef<std::path::Path>) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("beit-pairs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 fn write_gray_image(path: &PathBuf, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
