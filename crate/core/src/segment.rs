@@ -17,6 +17,7 @@ use crate::checkpoint;
 use crate::classify::Classification;
 use crate::config::SegmenterConfig;
 use crate::distributed::ReplicaSum;
+use crate::engine::on_pool;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint};
 use crate::mim::Mim;
@@ -159,6 +160,36 @@ impl SegmenterRunner for CandleRunner<Segmenter> {
         draws: Draws,
         replicas: Option<Arc<dyn ReplicaSum>>,
     ) -> Result<SegmenterLossMetrics> {
+        // On a pool thread, as the engine's steps (see `on_pool`); not while synchronised
+        // BatchNorms wait for other replicas inside the step.
+        if replicas.is_none() && self.device.is_cpu() {
+            return on_pool(|| self.run_loss_and_grads(images, labels, draws, None));
+        }
+        self.run_loss_and_grads(images, labels, draws, replicas)
+    }
+
+    fn predict(&mut self, images: Images) -> Result<Vec<u32>> {
+        let [_, _, h, w] = images.shape;
+        let out = self.forward_eval(images)?;
+        Ok(pixel_classes(&out, (h, w))?.flatten_all()?.to_vec1::<u32>()?)
+    }
+
+    fn logits(&mut self, images: Images) -> Result<(Vec<f32>, [usize; 4])> {
+        let out = self.forward_eval(images)?;
+        let (b, h, w, k) = out.dims4()?;
+        Ok((f32_values(&out.permute((0, 3, 1, 2))?)?, [b, k, h, w]))
+    }
+}
+
+impl CandleRunner<Segmenter> {
+    /// [`SegmenterRunner::loss_and_grads`] on the calling thread.
+    fn run_loss_and_grads(
+        &mut self,
+        images: Images,
+        labels: &[u32],
+        draws: Draws,
+        replicas: Option<Arc<dyn ReplicaSum>>,
+    ) -> Result<SegmenterLossMetrics> {
         let cfg = &self.model.config;
         let [b, _, h, w] = images.shape;
         let labels = PixelLabels::new(labels, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &self.device)?;
@@ -186,20 +217,6 @@ impl SegmenterRunner for CandleRunner<Segmenter> {
         Ok(SegmenterLossMetrics { loss, pixel_accuracy, labelled_pixels: rows as u64 })
     }
 
-    fn predict(&mut self, images: Images) -> Result<Vec<u32>> {
-        let [_, _, h, w] = images.shape;
-        let out = self.forward_eval(images)?;
-        Ok(pixel_classes(&out, (h, w))?.flatten_all()?.to_vec1::<u32>()?)
-    }
-
-    fn logits(&mut self, images: Images) -> Result<(Vec<f32>, [usize; 4])> {
-        let out = self.forward_eval(images)?;
-        let (b, h, w, k) = out.dims4()?;
-        Ok((f32_values(&out.permute((0, 3, 1, 2))?)?, [b, k, h, w]))
-    }
-}
-
-impl CandleRunner<Segmenter> {
     /// Main-head logits [B, h, w, K] in evaluation mode (running statistics, no stochastic depth).
     fn forward_eval(&self, images: Images) -> Result<Tensor> {
         let pixels = images.tensor(&self.device, self.precision)?;
