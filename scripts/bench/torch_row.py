@@ -7,6 +7,9 @@ over the timed steps and peak RSS.
 Started by torchrun (WORLD_SIZE set), it is PyTorch DDP on the gloo backend: each rank takes its
 share of the row's batch, gradients are averaged by DDP's bucketed all-reduce, rank 0 prints.
 
+With --compile the modules that compute the loss run under torch.compile (inductor; the
+optimizer step stays eager), compiled during the warm-up steps, which are not timed.
+
 With --count-flops it also counts one step's matmul and convolution FLOPs (forward and backward,
 torch.utils.flop_counter), the work both sides do; with --roof it measures this machine's GEMM
 roof instead (a large square f32 matmul, and bf16 where the CPU has bf16 GEMM units) on the
@@ -87,12 +90,12 @@ def share(row):
     return row["batchSize"] // world
 
 
-def mim(row, gen):
+def mim(row, gen, wrap):
     from transformers import BeitForMaskedImageModeling
     c = row["config"]
     model = BeitForMaskedImageModeling(hf_config(c, use_mask_token=True)).train()
     opt = adamw(model.named_parameters(), 1e-4, 0.05)
-    loss_of = distributed(MimLoss(model))
+    loss_of = distributed(wrap(MimLoss(model)))
     b = share(row)
     grid = [s // c["patchSize"] for s in c["imageSize"]]
     n = grid[0] * grid[1]
@@ -112,12 +115,12 @@ def mim(row, gen):
     return step
 
 
-def classifier(row, gen):
+def classifier(row, gen, wrap):
     from transformers import BeitForImageClassification
     c = row["config"]
     model = BeitForImageClassification(hf_config(c, num_labels=row["numLabels"], use_mean_pooling=True)).train()
     opt = adamw(model.named_parameters(), 1e-4, 0.05)
-    forward = distributed(model)
+    forward = distributed(wrap(model))
     b = share(row)
     pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
     labels = torch.randint(0, row["numLabels"], (b,), generator=gen)
@@ -132,7 +135,7 @@ def classifier(row, gen):
     return step
 
 
-def segmenter(row, gen):
+def segmenter(row, gen, wrap):
     from transformers import BeitForSemanticSegmentation
     s = row["segmenterConfig"]
     c = s["model"]
@@ -142,13 +145,14 @@ def segmenter(row, gen):
         auxiliary_num_convs=s["auxiliaryNumConvs"], auxiliary_concat_input=s["auxiliaryConcatInput"],
         auxiliary_loss_weight=s["auxiliaryLossWeight"], semantic_loss_ignore_index=s["semanticLossIgnoreIndex"])).train()
     opt = adamw(model.named_parameters(), 1e-4, 0.05)
+    forward = wrap(model)
     b = share(row)
     pixels = images(gen, b, c["numChannels"], *c["imageSize"], -1, 1)
     labels = torch.randint(0, s["numLabels"], (b, *c["imageSize"]), generator=gen)
 
     def step():
         # transformers' loss: both heads' logits upsampled to the labels, cross-entropy, aux weighted.
-        loss = model(pixel_values=pixels, labels=labels).loss
+        loss = forward(pixel_values=pixels, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -167,7 +171,7 @@ def tokenizer_inputs(row, gen):
     return cfg, x
 
 
-def tokenizer_train(row, gen):
+def tokenizer_train(row, gen, wrap):
     cfg, x = tokenizer_inputs(row, gen)
     encoder, decoder = dalle_layout.from_config(cfg)
     named = [(f"encoder.{n}", p) for n, p in encoder.named_parameters()] + \
@@ -175,15 +179,16 @@ def tokenizer_train(row, gen):
     params = [p for _, p in named]
     opt = adamw(named, 1e-4, 1e-4)
     ema = [p.detach().clone() for p in params]
+    encode, decode = wrap(encoder), wrap(decoder)
     c, v = cfg["numChannels"], cfg["vocabSize"]
     d = 2 ** (cfg["numGroups"] - 1)
     temperature, kl_weight = 1.0, 1.0
 
     def step():
-        logits = encoder(x)
+        logits = encode(x)
         u = torch.rand(logits.shape, generator=gen).clamp_min(1e-20)
         soft = torch.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=1)
-        out = decoder(soft)
+        out = decode(soft)
         mu, log_b = out[:, :c], out[:, c:]
         logit_x = torch.log(x) - torch.log1p(-x)
         nll = log_b + torch.log(x) + torch.log1p(-x) + (logit_x - mu).abs() * torch.exp(-log_b) + math.log(2)
@@ -200,14 +205,14 @@ def tokenizer_train(row, gen):
     return step
 
 
-def tokenizer_encode(row, gen):
+def tokenizer_encode(row, gen, wrap):
     cfg, x = tokenizer_inputs(row, gen)
     encoder, _ = dalle_layout.from_config(cfg)
-    encoder.eval()
+    encode = wrap(encoder.eval())
 
     def step():
         with torch.no_grad():
-            return encoder(x).argmax(1).sum().item()
+            return encode(x).argmax(1).sum().item()
     return step
 
 
@@ -250,6 +255,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none",
                    help="bf16: every step under torch.autocast('cpu', dtype=torch.bfloat16)")
+    p.add_argument("--compile", action="store_true",
+                   help="the loss's modules under torch.compile (compiled in the warm-up steps)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.roof:
@@ -267,7 +274,8 @@ def main():
     row = json.loads(args.row)
     if world > 1 and row["kind"] not in ("mim", "classifier"):
         raise SystemExit(f"{row['kind']} is not a data-parallel row")
-    f32_step = KINDS[row["kind"]](row, torch.Generator().manual_seed(rank))
+    wrap = torch.compile if args.compile else (lambda module: module)
+    f32_step = KINDS[row["kind"]](row, torch.Generator().manual_seed(rank), wrap)
 
     def step():
         if args.autocast == "bf16":
@@ -291,7 +299,8 @@ def main():
         "imagesPerSecond": args.steps * row["batchSize"] / seconds,
         "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "version": f"torch {torch.__version__}, {ranks}{torch.get_num_threads()} threads"
-                   + (", bf16 autocast" if args.autocast == "bf16" else ""),
+                   + (", bf16 autocast" if args.autocast == "bf16" else "")
+                   + (", torch.compile" if args.compile else ""),
         **({"flopsPerStep": flops} if flops is not None else {}),
     }))
 

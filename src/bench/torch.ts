@@ -1,15 +1,16 @@
 /**
- * beit against PyTorch eager on the CPU, side by side in one run: every row of
+ * beit against PyTorch on the CPU, side by side in one run: every row of
  * scripts/bench/rows.json (training steps of the MIM model, the classifier, the segmenter and
- * the tokenizer, and tokenizer encoding) runs as a beit process and PyTorch processes (f32, and
- * under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on) on the same work
- * with the same number of threads, alternating, `--rounds` times each; the best images/s of
- * each side and the larger peak RSS are reported, with beit's ratio to PyTorch f32 and to
- * PyTorch's faster mode, and how close each side comes to the machine: the row's matmul and
+ * the tokenizer, and tokenizer encoding) runs as a beit process and PyTorch processes (eager
+ * f32, and under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on; and each of
+ * those under torch.compile, unless `--eager-only`) on the same work with the same number of
+ * threads, alternating, `--rounds` times each; the best images/s of each side and the larger
+ * peak RSS are reported, with beit's ratio to PyTorch eager f32 and to PyTorch's fastest mode,
+ * and how close each side comes to the machine: the row's matmul and
  * convolution FLOPs per step (counted once on the PyTorch side, the same work for both) as
  * sustained GFLOP/s against the GEMM roof (a 2048^3 PyTorch matmul on the same threads, f32 and,
  * where the CPU has bf16 units, bf16). Not a test.
- *   npm run bench:torch [-- --threads 2 --rounds 2 --only mim-tiny-32,classifier-demo]
+ *   npm run bench:torch [-- --threads 2 --rounds 2 --only mim-tiny-32,classifier-demo --eager-only]
  * scripts/bench/torch.sh makes the Python environment (torch + transformers from PyPI) first.
  */
 import { spawnSync } from 'node:child_process'
@@ -36,7 +37,15 @@ interface Roof {
 const ROOT = join(__dirname, '..', '..')
 const TORCH_ROW = join(ROOT, 'scripts', 'bench', 'torch_row.py')
 
-type Side = 'beit' | 'torch' | 'torchBf16'
+type Side = 'beit' | 'torch' | 'torchBf16' | 'torchCompile' | 'torchBf16Compile'
+
+/** PyTorch's modes: the column title, torch_row.py's flags, and the precision of the roof they are held against. */
+const TORCH_MODES: Record<Exclude<Side, 'beit'>, { title: string; flags: string[]; bf16: boolean }> = {
+  torch: { title: 'f32', flags: [], bf16: false },
+  torchBf16: { title: 'bf16 autocast', flags: ['--autocast', 'bf16'], bf16: true },
+  torchCompile: { title: 'f32 torch.compile', flags: ['--compile'], bf16: false },
+  torchBf16Compile: { title: 'bf16 autocast torch.compile', flags: ['--autocast', 'bf16', '--compile'], bf16: true },
+}
 
 /** Runs `command` with `threads` compute threads; its last stdout line, parsed. */
 function lastJsonLine<T>(what: string, command: string, args: string[], threads: number): T {
@@ -60,7 +69,7 @@ function measure(side: Side, row: ResolvedRow, threads: number, python: string, 
       [join(__dirname, 'torch-row.js'), ...args],
       threads,
     )
-  const torchArgs = side === 'torch' ? ['--threads', t] : ['--threads', t, '--autocast', 'bf16']
+  const torchArgs = ['--threads', t, ...TORCH_MODES[side].flags]
   if (countFlops) torchArgs.push('--count-flops')
   return lastJsonLine(`${side} run of ${row.name}`, python, [TORCH_ROW, ...args, ...torchArgs], threads)
 }
@@ -75,6 +84,7 @@ async function main(): Promise<void> {
         type: 'string',
         default: process.env.BEIT_BENCH_PYTHON ?? join(homedir(), '.cache', 'beit', 'bench-venv', 'bin', 'python'),
       },
+      'eager-only': { type: 'boolean', default: false },
       out: { type: 'string', default: join('runs', 'bench-torch.json') },
     },
   })
@@ -89,11 +99,15 @@ async function main(): Promise<void> {
         .join(', ')}`,
     )
   // Without AMX or AVX512-BF16, PyTorch's bf16 autocast emulates bf16 arithmetic: minutes per
-  // step, and never the faster mode, so that column is left out.
+  // step, and never the faster mode, so those columns are left out.
   const bf16 = bf16Hardware().length > 0
-  const sidesRun: Side[] = bf16 ? ['beit', 'torch', 'torchBf16'] : ['beit', 'torch']
+  const modes = (Object.keys(TORCH_MODES) as (keyof typeof TORCH_MODES)[]).filter(
+    (m) => (bf16 || !TORCH_MODES[m].bf16) && (!values['eager-only'] || !TORCH_MODES[m].flags.includes('--compile')),
+  )
+  const sidesRun: Side[] = ['beit', ...modes]
+  const modeTitles = modes.map((m) => TORCH_MODES[m].title)
   console.log(
-    `beit (f32) vs PyTorch eager (f32, and bf16 autocast) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast column: this CPU has neither AMX-BF16 nor AVX512-BF16'}`,
+    `beit (f32) vs PyTorch (${modeTitles.join(', ')}) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast columns: this CPU has neither AMX-BF16 nor AVX512-BF16'}${values['eager-only'] ? '; no torch.compile columns (--eager-only)' : ''}`,
   )
   const roof = lastJsonLine<Roof>(
     'the GEMM roof',
@@ -105,13 +119,28 @@ async function main(): Promise<void> {
   console.log(
     `GEMM roof (PyTorch ${roof.size}^3 matmul, ${threads} threads): f32 ${roof.gflops.f32.toFixed(0)} GFLOP/s${bf16Roof}\n`,
   )
-  const header =
-    '| row | beit img/s | PyTorch f32 img/s | PyTorch bf16 autocast img/s | ratio to f32 | ratio to the faster | beit peak RSS | PyTorch peak RSS (f32 / bf16) | GFLOP per step | GFLOP/s (% of the roof in its precision): beit f32 / PyTorch f32 / bf16 |'
-  console.log(`${header}\n|---|---|---|---|---|---|---|---|---|---|`)
+  const header = [
+    'row',
+    'beit img/s',
+    ...modeTitles.map((t) => `PyTorch ${t} img/s`),
+    'ratio to PyTorch f32',
+    "ratio to PyTorch's fastest",
+    'beit peak RSS',
+    `PyTorch peak RSS (${modeTitles.join(' / ')})`,
+    'GFLOP per step',
+    `GFLOP/s (% of the roof in its precision): beit f32 / ${modeTitles.join(' / ')}`,
+  ]
+  console.log(`| ${header.join(' | ')} |\n|${header.map(() => '---|').join('')}`)
   const results = []
   let versions = ''
   for (const row of rows) {
-    const sides: Record<Side, Measurement[]> = { beit: [], torch: [], torchBf16: [] }
+    const sides: Record<Side, Measurement[]> = {
+      beit: [],
+      torch: [],
+      torchBf16: [],
+      torchCompile: [],
+      torchBf16Compile: [],
+    }
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])
       for (const side of order)
@@ -119,27 +148,38 @@ async function main(): Promise<void> {
     }
     const best = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.imagesPerSecond)) : NaN)
     const rss = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.peakRssMiB)) : NaN)
-    const [beit, torch, torchBf16] = [best(sides.beit), best(sides.torch), best(sides.torchBf16)]
-    const fastest = bf16 ? Math.max(torch, torchBf16) : torch
+    const beit = best(sides.beit)
+    const torch = best(sides.torch)
+    const fastest = Math.max(...modes.map((m) => best(sides[m])))
+    const fastestMode = modes.find((m) => best(sides[m]) === fastest) ?? 'torch'
     versions = `${sides.beit[0].version}; ${sides.torch[0].version}`
     const gib = (mib: number) => (Number.isNaN(mib) ? 'n/a' : `${(mib / 1024).toFixed(2)} GiB`)
     const flopsPerImage = (sides.torch[0].flopsPerStep ?? NaN) / row.batchSize
-    const sustained = (imagesPerSecond: number, roofGflops = roof.gflops.f32) => {
-      if (Number.isNaN(imagesPerSecond)) return 'n/a'
+    const sustained = (imagesPerSecond: number, useBf16Roof: boolean) => {
+      const roofGflops = useBf16Roof ? roof.gflops.bf16 : roof.gflops.f32
+      if (Number.isNaN(imagesPerSecond) || roofGflops === undefined) return 'n/a'
       const gflops = (imagesPerSecond * flopsPerImage) / 1e9
       return `${gflops.toFixed(0)} (${((100 * gflops) / roofGflops).toFixed(0)}%)`
     }
-    console.log(
-      `| ${row.title} | ${beit.toFixed(1)} | ${torch.toFixed(1)} | ${bf16 ? torchBf16.toFixed(1) : 'n/a'} | ${(beit / torch).toFixed(2)} | **${(beit / fastest).toFixed(2)}** | ${gib(rss(sides.beit))} | ${gib(rss(sides.torch))} / ${gib(rss(sides.torchBf16))} | ${((flopsPerImage * row.batchSize) / 1e9).toFixed(1)} | ${sustained(beit)} / ${sustained(torch)} / ${sustained(torchBf16, roof.gflops.bf16)} |`,
-    )
+    const cells = [
+      row.title,
+      beit.toFixed(1),
+      ...modes.map((m) => best(sides[m]).toFixed(1)),
+      (beit / torch).toFixed(2),
+      `**${(beit / fastest).toFixed(2)}** (${TORCH_MODES[fastestMode].title})`,
+      gib(rss(sides.beit)),
+      modes.map((m) => gib(rss(sides[m]))).join(' / '),
+      ((flopsPerImage * row.batchSize) / 1e9).toFixed(1),
+      [sustained(beit, false), ...modes.map((m) => sustained(best(sides[m]), TORCH_MODES[m].bf16))].join(' / '),
+    ]
+    console.log(`| ${cells.join(' | ')} |`)
     results.push({
       row: row.name,
       title: row.title,
-      beit: sides.beit,
-      torch: sides.torch,
-      torchBf16: sides.torchBf16,
+      ...sides,
       ratio: beit / torch,
       ratioToFastest: beit / fastest,
+      fastestMode,
       flopsPerStep: sides.torch[0].flopsPerStep,
     })
   }
