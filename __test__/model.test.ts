@@ -62,6 +62,26 @@ test('trainStep runs off the JS thread and lowers the loss on a fixed batch', as
   t.is(model.step, 150)
 })
 
+test('concurrent calls on one model queue on its lock and calls on others run alongside: none waits forever', async (t) => {
+  // Steps run on rayon's pool with the model's lock taken first (on the libuv thread); a
+  // pool thread that blocked on a lock could hang every call here.
+  const [a, b, other] = [1, 1, 2].map((seed) => Beit.create(TINY, { seed, optimizer: { weightDecay: 0 } }))
+  const data = batch(4)
+  const step = { ...data, lr: 5e-3, seed: 7 }
+  const calls = [
+    ...[0, 1, 2].map(() => a.trainStep(step)),
+    a.forward(data),
+    ...[0, 1, 2].map(() => other.trainStep(step)),
+    other.forward(data),
+  ]
+  await Promise.all(calls)
+  for (let i = 0; i < 3; i++) await b.trainStep(step)
+  t.is(a.step, 3)
+  t.is(other.step, 3)
+  // Three identical steps in whatever order: the same weights as three in a row.
+  t.deepEqual((await a.forward(data)).logits, (await b.forward(data)).logits)
+})
+
 test('forward gives logits and ids at masked patches only', async (t) => {
   const model = Beit.create(TINY)
   const { pixels, mask } = batch(2)
