@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::*;
 use crate::distributed::ReplicaSum;
-use crate::float::Float;
+use crate::engine::simd::{multiversion, Real};
 
 /// What a training forward normalised by: per-channel mean and biased variance over the
 /// (global) batch.
@@ -40,30 +40,85 @@ impl BatchNormTrain {
         }
     }
 
-    fn forward<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> candle_core::Result<Vec<T>> {
+    fn forward<T: Real>(&self, x: &[T], gamma: &[T], beta: &[T]) -> candle_core::Result<Vec<T>> {
         let c = gamma.len();
         let n = self.rows as f64;
-        let mut mean = column_sums_of(x, c, |_, v: T| v.to_f64());
+        let block = c * column_chunk_rows(c);
+        let mut mean = channel_sums(x, c, &vec![T::ZERO; c], false);
         sum_values_over_replicas(self.replicas.as_ref(), &mut mean)?;
         mean.iter_mut().for_each(|m| *m /= n);
         // Centred squares (two passes, as the composed ops and PyTorch compute it).
-        let mut var = column_sums_of(x, c, |i, v: T| (v.to_f64() - mean[i]).powi(2));
+        let shift_by: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
+        let mut var = channel_sums(x, c, &shift_by, true);
         sum_values_over_replicas(self.replicas.as_ref(), &mut var)?;
         var.iter_mut().for_each(|v| *v /= n);
         let scale: Vec<T> =
             var.iter().zip(gamma).map(|(v, g)| T::from_f64(g.to_f64() / (v + self.eps).sqrt())).collect();
         let shift: Vec<T> = (0..c).map(|i| T::from_f64(beta[i].to_f64() - mean[i] * scale[i].to_f64())).collect();
         let mut y = vec![T::ZERO; x.len()];
-        y.par_chunks_mut(c * column_chunk_rows(c)).zip(x.par_chunks(c * column_chunk_rows(c))).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(c).zip(xs.chunks(c)) {
-                for i in 0..c {
-                    let v = xr[i] * scale[i] + shift[i];
-                    yr[i] = if self.relu && v < T::ZERO { T::ZERO } else { v };
-                }
-            }
-        });
+        y.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(ys, xs)| normalise_rows(xs, &scale, &shift, self.relu, ys));
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(BatchStatistics { mean, var });
         Ok(y)
+    }
+}
+
+/// Rows summed in the element type before each flush into the f64 totals: short enough that
+/// f32 rounding stays at f64-accumulation level, long enough for the flush to cost nothing.
+const FLUSH_ROWS: usize = 32;
+
+multiversion! {
+    /// totals[i] += sum over the rows of x [rows, C] of (x[., i] - shift[i]), squared when
+    /// `square`; per-channel in the element type for [`FLUSH_ROWS`] rows at a time, then in f64.
+    fn channel_sums_rows<T>(x: &[T], shift: &[T], square: bool, partial: &mut [T], totals: &mut [f64]) {
+        let c = shift.len();
+        for rows in x.chunks(c * FLUSH_ROWS) {
+            partial.fill(T::ZERO);
+            for row in rows.chunks_exact(c) {
+                if square {
+                    for i in 0..c {
+                        let d = row[i] - shift[i];
+                        partial[i] += d * d;
+                    }
+                } else {
+                    for i in 0..c {
+                        partial[i] += row[i] - shift[i];
+                    }
+                }
+            }
+            for i in 0..c {
+                totals[i] += partial[i].to_f64();
+            }
+        }
+    }
+}
+
+/// Per-channel sums over the rows of x [rows, C] of x - shift (or its square), in parallel.
+fn channel_sums<T: Real>(x: &[T], c: usize, shift: &[T], square: bool) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(c * column_chunk_rows(c))
+        .map(|xs| {
+            let mut totals = vec![0.0; c];
+            channel_sums_rows(xs, shift, square, &mut vec![T::ZERO; c], &mut totals);
+            totals
+        })
+        .collect();
+    let mut total = vec![0.0; c];
+    add_partials(&mut total, partials);
+    total
+}
+
+multiversion! {
+    /// y = x * scale + shift per channel, then max(y, 0) when `relu`.
+    fn normalise_rows<T>(x: &[T], scale: &[T], shift: &[T], relu: bool, y: &mut [T]) {
+        let c = scale.len();
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for i in 0..c {
+                let v = xr[i] * scale[i] + shift[i];
+                yr[i] = if relu && v < T::ZERO { T::ZERO } else { v };
+            }
+        }
     }
 }
 
@@ -128,28 +183,23 @@ struct BatchNormBackward {
 }
 
 impl BatchNormBackward {
-    fn backward<T: Float>(&self, x: &[T], y: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+    fn backward<T: Real>(&self, x: &[T], y: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
         let c = self.gamma.len();
         let BatchStatistics { mean, var } = &self.statistics;
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
+        let inv_std_t: Vec<T> = inv_std.iter().map(|&s| T::from_f64(s)).collect();
         let block = c * column_chunk_rows(c);
-        // The ReLU's gradient passes where its output is positive.
-        let g = |yv: T, dv: T| if self.relu && yv <= T::ZERO { 0.0 } else { dv.to_f64() };
-        // Per-channel sums of g and g * x_hat, over this replica's rows.
+        // Per-channel sums of g and g * x_hat over this replica's rows (g: dy where the ReLU
+        // passed it).
         let partials: Vec<Vec<f64>> = x
             .par_chunks(block)
             .zip(y.par_chunks(block))
             .zip(dy.par_chunks(block))
             .map(|((xs, ys), ds)| {
-                let mut acc = vec![0.0; 2 * c];
-                for ((xr, yr), dr) in xs.chunks(c).zip(ys.chunks(c)).zip(ds.chunks(c)) {
-                    for i in 0..c {
-                        let gi = g(yr[i], dr[i]);
-                        acc[i] += gi;
-                        acc[c + i] += gi * (xr[i].to_f64() - mean[i]) * inv_std[i];
-                    }
-                }
-                acc
+                let mut totals = vec![0.0; 2 * c];
+                gradient_sums_rows(xs, ys, ds, &mean_t, &inv_std_t, self.relu, &mut vec![T::ZERO; 2 * c], &mut totals);
+                totals
             })
             .collect();
         let mut local = vec![0.0; 2 * c];
@@ -157,18 +207,17 @@ impl BatchNormBackward {
         let mut global = local.clone();
         sum_values_over_replicas(self.replicas.as_ref(), &mut global)?;
         let n = self.rows as f64;
+        // dx = gamma inv_std (g - sum(g) / n - x_hat sum(g x_hat) / n).
+        let factor: Vec<T> = (0..c).map(|i| T::from_f64(self.gamma[i] * inv_std[i])).collect();
+        let mean_g: Vec<T> = (0..c).map(|i| T::from_f64(global[i] / n)).collect();
+        let mean_gx: Vec<T> = (0..c).map(|i| T::from_f64(global[c + i] / n)).collect();
         let rows = x.len() / c;
         let mut out = vec![T::ZERO; (rows + 2) * c];
         let (dx, dparams) = out.split_at_mut(rows * c);
         dx.par_chunks_mut(block).zip(x.par_chunks(block)).zip(y.par_chunks(block)).zip(dy.par_chunks(block)).for_each(
             |(((dxs, xs), ys), ds)| {
-                for (((dxr, xr), yr), dr) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(ys.chunks(c)).zip(ds.chunks(c)) {
-                    for i in 0..c {
-                        let x_hat = (xr[i].to_f64() - mean[i]) * inv_std[i];
-                        let centred = g(yr[i], dr[i]) - global[i] / n - x_hat * global[c + i] / n;
-                        dxr[i] = T::from_f64(self.gamma[i] * inv_std[i] * centred);
-                    }
-                }
+                let centred = Centred { mean: &mean_t, inv_std: &inv_std_t, mean_g: &mean_g, mean_gx: &mean_gx };
+                input_gradient_rows(xs, ys, ds, centred, &factor, self.relu, dxs)
             },
         );
         for i in 0..c {
@@ -176,6 +225,54 @@ impl BatchNormBackward {
             dparams[c + i] = T::from_f64(local[i]);
         }
         Ok(out)
+    }
+}
+
+multiversion! {
+    /// totals[i] += sum of g, totals[C + i] += sum of g * x_hat over the rows, where g is dy
+    /// with the ReLU's gradient applied; flushed to f64 every [`FLUSH_ROWS`] rows.
+    fn gradient_sums_rows<T>(x: &[T], y: &[T], dy: &[T], mean: &[T], inv_std: &[T], relu: bool, partial: &mut [T], totals: &mut [f64]) {
+        let c = mean.len();
+        let span = c * FLUSH_ROWS;
+        for ((xs, ys), ds) in x.chunks(span).zip(y.chunks(span)).zip(dy.chunks(span)) {
+            partial.fill(T::ZERO);
+            let (sum_g, sum_gx) = partial.split_at_mut(c);
+            for ((xr, yr), dr) in xs.chunks_exact(c).zip(ys.chunks_exact(c)).zip(ds.chunks_exact(c)) {
+                for i in 0..c {
+                    let g = if relu && yr[i] <= T::ZERO { T::ZERO } else { dr[i] };
+                    sum_g[i] += g;
+                    sum_gx[i] += g * ((xr[i] - mean[i]) * inv_std[i]);
+                }
+            }
+            for (t, p) in totals.iter_mut().zip(partial.iter()) {
+                *t += p.to_f64();
+            }
+        }
+    }
+}
+
+/// Per-channel terms of the input gradient.
+#[derive(Clone, Copy)]
+struct Centred<'a, T> {
+    mean: &'a [T],
+    inv_std: &'a [T],
+    /// sum(g) / n and sum(g x_hat) / n over the (global) batch.
+    mean_g: &'a [T],
+    mean_gx: &'a [T],
+}
+
+multiversion! {
+    /// dx = factor (g - mean_g - x_hat mean_gx) per channel.
+    fn input_gradient_rows<T>(x: &[T], y: &[T], dy: &[T], centred: Centred<'_, T>, factor: &[T], relu: bool, dx: &mut [T]) {
+        let Centred { mean, inv_std, mean_g, mean_gx } = centred;
+        let c = factor.len();
+        for (((dxr, xr), yr), dr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(y.chunks_exact(c)).zip(dy.chunks_exact(c)) {
+            for i in 0..c {
+                let g = if relu && yr[i] <= T::ZERO { T::ZERO } else { dr[i] };
+                let x_hat = (xr[i] - mean[i]) * inv_std[i];
+                dxr[i] = factor[i] * (g - mean_g[i] - x_hat * mean_gx[i]);
+            }
+        }
     }
 }
 

@@ -1,6 +1,4 @@
 //! GELU, exact (erf) form: x * Phi(x).
-//!
-//! GELU, exact (erf) form: x * Phi(x).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -9,31 +7,26 @@ use rayon::prelude::*;
 use candle_core::CudaStorage;
 
 use super::*;
-use crate::float::Float;
+use crate::engine::simd::{multiversion, Real};
 
 struct Gelu;
 
-const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+const CHUNK: usize = 16384;
 
-fn map_parallel<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
-    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(ys, xs)| {
-        for (o, &v) in ys.iter_mut().zip(xs) {
-            *o = f(v);
+multiversion! {
+    /// y = x Phi(x), with the engine's Phi (the same numbers as its fused bias + GELU).
+    fn gelu_rows<T>(x: &[T], y: &mut [T]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * v.normal_cdf();
         }
-    });
+    }
+}
+
+fn gelu<T: Real>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| gelu_rows(xs, ys));
     y
-}
-
-fn gelu<T: Float>(v: T) -> T {
-    T::from_f64(0.5) * v * (T::ONE + (v * T::from_f64(FRAC_1_SQRT_2)).erf())
-}
-
-fn gelu_grad<T: Float>(v: T) -> T {
-    let cdf = T::from_f64(0.5) * (T::ONE + (v * T::from_f64(FRAC_1_SQRT_2)).erf());
-    let pdf = T::from_f64(FRAC_1_SQRT_2PI) * (T::from_f64(-0.5) * v * v).exp();
-    cdf + v * pdf
 }
 
 impl CustomOp1 for Gelu {
@@ -42,7 +35,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = dispatch_float!(self.name(), s, |v| into_storage(map_parallel(contiguous(v, l, self.name())?, gelu)));
+        let out = dispatch_float!(self.name(), s, |v| into_storage(gelu(contiguous(v, l, self.name())?)));
         Ok((out, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -57,13 +50,24 @@ impl CustomOp1 for Gelu {
 
 struct GeluBackward;
 
-fn gelu_bwd<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut dx = vec![T::ZERO; x.len()];
-    dx.par_chunks_mut(16384).zip(x.par_chunks(16384)).zip(g.par_chunks(16384)).for_each(|((ds, xs), gs)| {
-        for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(gs) {
-            *d = gelu_grad(xv) * gv;
+multiversion! {
+    /// dx = g GELU'(x) = g (Phi(x) + x phi(x)).
+    fn gelu_backward_rows<T>(x: &[T], g: &[T], dx: &mut [T]) {
+        let c = T::from_f64(FRAC_1_SQRT_2PI);
+        let minus_half = T::from_f64(-0.5);
+        for ((d, &v), &gv) in dx.iter_mut().zip(x).zip(g) {
+            let pdf = c * (minus_half * v * v).exp_v();
+            *d = gv * (v.normal_cdf() + v * pdf);
         }
-    });
+    }
+}
+
+fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut dx = vec![T::ZERO; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|((ds, xs), gs)| gelu_backward_rows(xs, gs, ds));
     dx
 }
 

@@ -28,7 +28,7 @@ pub use row_lookup::RowLookup;
 pub(crate) use row_vector::with_row_vector;
 pub use row_vector::{add_bias, scale_columns};
 pub use softmax::{scaled_softmax, softmax_last_dim};
-pub(crate) use sums::{column_chunk_rows, column_sums_of};
+pub(crate) use sums::column_chunk_rows;
 pub use sums::{sum_of_squares, sum_rows};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, DType, Layout, Tensor};

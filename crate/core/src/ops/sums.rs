@@ -18,27 +18,23 @@ pub(crate) fn column_chunk_rows(n: usize) -> usize {
     rows_per_task(n).max(64)
 }
 
-/// Per-column sums of f(column, value) over the rows of x [rows, n], accumulated in A.
-pub(crate) fn column_sums_of<T: Copy + Sync, A: Float>(x: &[T], n: usize, f: impl Fn(usize, T) -> A + Sync) -> Vec<A> {
-    let partials: Vec<Vec<A>> = x
+/// Per-column sums over the rows of x [rows, n].
+fn column_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
+    let partials: Vec<Vec<T>> = x
         .par_chunks(n * column_chunk_rows(n))
         .map(|xs| {
-            let mut acc = vec![A::ZERO; n];
+            let mut acc = vec![T::ZERO; n];
             for row in xs.chunks(n) {
-                for (i, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                    *a += f(i, v);
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
                 }
             }
             acc
         })
         .collect();
-    let mut total = vec![A::ZERO; n];
+    let mut total = vec![T::ZERO; n];
     add_partials(&mut total, partials);
     total
-}
-
-fn column_sums<T: Float>(x: &[T], n: usize) -> Vec<T> {
-    column_sums_of(x, n, |_, v| v)
 }
 
 impl CustomOp1 for SumRows {
