@@ -170,6 +170,14 @@ fn winograd_convolutions_match_the_direct_sum() {
     convolution_matches_the_direct_sum(Nhwc { b: 1, h: 2, w: 6, c: 16 }, 16);
 }
 
+/// Weight gradients summed over bands of image rows (an image too large for one band) and
+/// in one group (a weight gradient too large to copy per group) equal one direct evaluation.
+#[test]
+fn banded_weight_gradients_match_the_direct_sum() {
+    convolution_matches_the_direct_sum(Nhwc { b: 1, h: 62, w: 63, c: 240 }, 16);
+    convolution_matches_the_direct_sum(Nhwc { b: 2, h: 3, w: 5, c: 700 }, 700);
+}
+
 fn convolution_matches_the_direct_sum(s: Nhwc, c_out: usize) {
     let k = 3;
     let x = values(&random_tensor(&[s.len()], 1, DType::F64));

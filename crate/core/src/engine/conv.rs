@@ -5,13 +5,16 @@
 //! the convolution of the output gradient with the flipped, transposed kernel, tiled the same
 //! way, so no col2im scatter is needed. The forward pass and the data gradient of 3x3 kernels
 //! between layers of 16 channels or more go through [`super::winograd`] instead (2.25x fewer
-//! multiplies), with the same buffers; the weight gradient stays here (see there why).
+//! multiplies), with the same buffers; the weight gradient stays a direct sum (see there why),
+//! for inputs of 16 channels or more without im2col: over zero-padded copies of the input, one
+//! GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
 
 use rayon::prelude::*;
 
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{matmul, Mat, Threads};
 use super::simd::{multiversion, Real};
+use super::sized;
 use super::winograd;
 
 /// An NHWC activation's dimensions.
@@ -181,21 +184,170 @@ pub fn backward_params<T: Real>(
     scratch: &mut Vec<T>,
 ) {
     let (row, c_out) = (k * k * s.c, dbias.len());
-    for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
-        let g = &dy[p0 * c_out..(p0 + n) * c_out];
+    if k > 1 && s.c >= SHIFTED_MIN_CHANNELS {
+        backward_params_shifted(x, s, relu, k, dy, dweight, c_out, cols);
+    } else {
+        for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
+            let g = &dy[p0 * c_out..(p0 + n) * c_out];
+            matmul(
+                dweight,
+                Mat::dense(c_out, row),
+                g,
+                Mat::dense(n, c_out).t(),
+                tile,
+                Mat::dense(n, row),
+                true,
+                T::ONE,
+                Threads::Pool,
+            );
+        });
+    }
+    add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
+}
+
+/// Fewer input channels than this and the per-tap GEMMs of [`backward_params_shifted`] are
+/// too thin: im2col stays.
+const SHIFTED_MIN_CHANNELS: usize = 16;
+
+/// Values of one band's padded input and output gradient: 1M (4 MB of f32).
+const BAND_VALUES: usize = 1 << 20;
+/// The bands are summed in this many groups, each into its own copy of the weight gradient
+/// with one-thread GEMMs, so that the threads split the long reduction over pixels (the
+/// `gemm` crate splits only the output, which is small here: 1.3-1.6x slower on 2 threads).
+/// Fixed, not the thread count, so that the sums do not depend on the machine.
+const GROUPS: usize = 4;
+/// Weight gradients larger than this are summed in one group: four copies would cost too much.
+const MAX_GROUPED_VALUES: usize = 1 << 22;
+
+/// Output rows [y0, y0 + rows) of images [b0, b0 + images) (whole images when more than one).
+#[derive(Clone, Copy)]
+struct Band {
+    b0: usize,
+    images: usize,
+    y0: usize,
+    rows: usize,
+}
+
+/// The bands of a batch: whole images, as many as fit in [`BAND_VALUES`] while leaving at least
+/// `groups` bands, or runs of rows of one image when a whole image does not fit.
+fn bands(s: Nhwc, k: usize, c_out: usize, groups: usize) -> Vec<Band> {
+    let (wp, channels) = (s.w + k - 1, s.c + c_out);
+    let frame = (s.h + k - 1) * wp * channels;
+    if frame <= BAND_VALUES {
+        let per = (BAND_VALUES / frame).min(s.b.div_ceil(groups)).max(1);
+        return (0..s.b).step_by(per).map(|b0| Band { b0, images: per.min(s.b - b0), y0: 0, rows: s.h }).collect();
+    }
+    let rows = (BAND_VALUES / (wp * channels)).saturating_sub(k - 1).max(1);
+    (0..s.b)
+        .flat_map(|b0| (0..s.h).step_by(rows).map(move |y0| Band { b0, images: 1, y0, rows: rows.min(s.h - y0) }))
+        .collect()
+}
+
+/// The weight gradient of a "same" k x k convolution without im2col's k*k copies of the input.
+/// Each image of a band is laid out as a frame of (rows + k - 1) x (w + k - 1) pixels: f(x) with
+/// its zero padding, and dy at the frame's top-left (zeros elsewhere). On that grid, tap
+/// (ky, kx) of output pixel q reads f(x) at pixel q + ky * (w + k - 1) + kx, so the taps of a
+/// window row are one GEMM over the band: dweight[:, ky] += dy^T . f(x) rows from ky * (w + k - 1)
+/// on, each k * c_in values long (overlapping).
+#[allow(clippy::too_many_arguments)]
+fn backward_params_shifted<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    k: usize,
+    dy: &[T],
+    dweight: &mut [T],
+    c_out: usize,
+    buffer: &mut Vec<T>,
+) {
+    let grads = c_out * k * k * s.c;
+    let groups = if grads <= MAX_GROUPED_VALUES { GROUPS.min(s.b * s.h) } else { 1 };
+    let bands = bands(s, k, c_out, groups);
+    let per_group = bands.len().div_ceil(groups);
+    let band_len = bands.iter().map(|b| b.images * (b.rows + k - 1)).max().unwrap_or(0) * (s.w + k - 1) * (s.c + c_out);
+    if groups == 1 {
+        let band_buffer = sized(buffer, band_len);
+        for band in &bands {
+            band_gradient(x, s, relu, k, dy, *band, band_buffer, dweight, c_out, Threads::Pool);
+        }
+        return;
+    }
+    let work = sized(buffer, groups * (band_len + grads));
+    let (band_buffers, partials) = work.split_at_mut(groups * band_len);
+    band_buffers
+        .par_chunks_mut(band_len)
+        .zip(partials.par_chunks_mut(grads))
+        .zip(bands.par_chunks(per_group))
+        .for_each(|((band_buffer, partial), mine)| {
+            partial.fill(T::ZERO);
+            for band in mine {
+                band_gradient(x, s, relu, k, dy, *band, band_buffer, partial, c_out, Threads::Caller);
+            }
+        });
+    let used = bands.len().div_ceil(per_group);
+    let partials = &partials[..used * grads];
+    dweight[..grads].par_chunks_mut(4096).enumerate().for_each(|(i, d)| {
+        for p in partials.chunks_exact(grads) {
+            for (o, &v) in d.iter_mut().zip(&p[i * 4096..]) {
+                *o += v;
+            }
+        }
+    });
+}
+
+/// One band's share of [`backward_params_shifted`], added to `dweight`.
+#[allow(clippy::too_many_arguments)]
+fn band_gradient<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    k: usize,
+    dy: &[T],
+    band: Band,
+    buffer: &mut [T],
+    dweight: &mut [T],
+    c_out: usize,
+    threads: Threads,
+) {
+    let (pad, wp, row) = (k / 2, s.w + k - 1, k * k * s.c);
+    let fh = band.rows + k - 1;
+    let pixels = band.images * fh * wp;
+    let (xs, gs) = buffer[..pixels * (s.c + c_out)].split_at_mut(pixels * s.c);
+    // Frame row r of image i holds input row y0 + r - pad and output-gradient row y0 + r.
+    for (fr, (xr, gr)) in xs.chunks_exact_mut(wp * s.c).zip(gs.chunks_exact_mut(wp * c_out)).enumerate() {
+        let (b, r) = (band.b0 + fr / fh, fr % fh);
+        let sy = (band.y0 + r).wrapping_sub(pad);
+        if sy < s.h {
+            let (left, right) = xr.split_at_mut(pad * s.c);
+            let (inside, right) = right.split_at_mut(s.w * s.c);
+            left.fill(T::ZERO);
+            right.fill(T::ZERO);
+            copy_relu(&x[(b * s.h + sy) * s.w * s.c..][..s.w * s.c], inside, relu);
+        } else {
+            xr.fill(T::ZERO);
+        }
+        let (inside, right) = gr.split_at_mut(s.w * c_out);
+        if r < band.rows {
+            inside.copy_from_slice(&dy[(b * s.h + band.y0 + r) * s.w * c_out..][..s.w * c_out]);
+        } else {
+            inside.fill(T::ZERO);
+        }
+        right.fill(T::ZERO);
+    }
+    let n = pixels - ((k - 1) * wp + k - 1);
+    for ky in 0..k {
         matmul(
             dweight,
-            Mat::dense(c_out, row),
-            g,
+            Mat::strided(ky * k * s.c, c_out, k * s.c, row),
+            gs,
             Mat::dense(n, c_out).t(),
-            tile,
-            Mat::dense(n, row),
+            xs,
+            Mat::strided(ky * wp * s.c, n, k * s.c, s.c),
             true,
             T::ONE,
-            Threads::Pool,
+            threads,
         );
-    });
-    add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
+    }
 }
 
 /// d loss / d x of [`forward`] from dy [P, c_out]: the convolution of dy with `flipped`

@@ -6,8 +6,8 @@
 //! transforms only add, subtract and halve. The input gradient is this same pass with the
 //! flipped kernel.
 //!
-//! The weight gradient stays on im2col: done the Winograd way (G^T [sum over tiles of
-//! (A dy A^T) . (B^T d B)] G) it rounded ~10x worse, enough to move a 3-step AdamW trajectory of
+//! The weight gradient stays a direct sum ([`super::conv`]): done the Winograd way (G^T [sum
+//! over tiles of (A dy A^T) . (B^T d B)] G) it rounded ~10x worse, enough to move a 3-step AdamW trajectory of
 //! a batch split in halves against the whole batch from 1e-6 to 1e-5 of the weights
 //! (`tests/steps.rs`), while forward and input gradient stay at im2col's 1e-6.
 //!
