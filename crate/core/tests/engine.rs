@@ -250,3 +250,30 @@ fn on_pool_runs_on_a_pool_thread_and_inline_inside_one() {
     let failed: beit_core::Result<()> = beit_core::engine::on_pool(|| Err(beit_core::Error::Input("no".into())));
     assert!(matches!(failed, Err(beit_core::Error::Input(m)) if m == "no"));
 }
+
+/// Weight-gradient GEMMs with a long inner dimension, split over groups of one-thread GEMMs,
+/// add the same as the direct sum: a transposed operand, an uneven last group, a strided
+/// (transposed) destination, and a reduction too short to split (one GEMM).
+#[test]
+fn split_reductions_add_the_direct_sum() {
+    use beit_core::engine::matmul::{matmul_accumulate_split, Mat};
+    let check = |m: usize, n: usize, depth: usize, transposed_dst: bool| {
+        let a = values(&random_tensor(&[depth * m], 1, DType::F64));
+        let b = values(&random_tensor(&[depth * n], 2, DType::F64));
+        let start = values(&random_tensor(&[m * n], 3, DType::F64));
+        let mut dst = start.clone();
+        let d = if transposed_dst { Mat::dense(n, m).t() } else { Mat::dense(m, n) };
+        matmul_accumulate_split(&mut dst, d, &a, Mat::dense(depth, m).t(), &b, Mat::dense(depth, n), &mut Vec::new());
+        let at = |i: usize, j: usize| if transposed_dst { j * m + i } else { i * n + j };
+        let mut expected = start.clone();
+        for i in 0..m {
+            for j in 0..n {
+                expected[at(i, j)] += (0..depth).map(|k| a[k * m + i] * b[k * n + j]).sum::<f64>();
+            }
+        }
+        assert!(rel_err(&dst, &expected) < 1e-13, "{m}x{n}x{depth}: {:e}", rel_err(&dst, &expected));
+    };
+    check(7, 5, 1501, false);
+    check(9, 6, 4099, true);
+    check(3, 4, 100, false);
+}

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::kernels::{add_bias, add_column_sums};
-use super::matmul::{matmul, Mat, Threads};
+use super::matmul::{add_partials, matmul, matmul_accumulate_split, Mat, Threads, MAX_SPLIT_VALUES, REDUCTION_GROUPS};
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
@@ -189,17 +189,8 @@ pub fn backward_params<T: Real>(
     } else {
         for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
             let g = &dy[p0 * c_out..(p0 + n) * c_out];
-            matmul(
-                dweight,
-                Mat::dense(c_out, row),
-                g,
-                Mat::dense(n, c_out).t(),
-                tile,
-                Mat::dense(n, row),
-                true,
-                T::ONE,
-                Threads::Pool,
-            );
+            let (d, gm, tm) = (Mat::dense(c_out, row), Mat::dense(n, c_out).t(), Mat::dense(n, row));
+            matmul_accumulate_split(dweight, d, g, gm, tile, tm, scratch);
         });
     }
     add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
@@ -211,14 +202,6 @@ const SHIFTED_MIN_CHANNELS: usize = 16;
 
 /// Values of one band's padded input and output gradient: 1M (4 MB of f32).
 const BAND_VALUES: usize = 1 << 20;
-/// The bands are summed in this many groups, each into its own copy of the weight gradient
-/// with one-thread GEMMs, so that the threads split the long reduction over pixels (the
-/// `gemm` crate splits only the output, which is small here: 1.3-1.6x slower on 2 threads).
-/// Fixed, not the thread count, so that the sums do not depend on the machine.
-const GROUPS: usize = 4;
-/// Weight gradients larger than this are summed in one group: four copies would cost too much.
-const MAX_GROUPED_VALUES: usize = 1 << 22;
-
 /// Output rows [y0, y0 + rows) of images [b0, b0 + images) (whole images when more than one).
 #[derive(Clone, Copy)]
 struct Band {
@@ -260,8 +243,11 @@ fn backward_params_shifted<T: Real>(
     c_out: usize,
     buffer: &mut Vec<T>,
 ) {
+    // The bands are summed in groups, each into its own copy of the weight gradient with
+    // one-thread GEMMs, so that the threads split the long reduction over pixels (as
+    // `matmul_accumulate_split`, whose rules these are).
     let grads = c_out * k * k * s.c;
-    let groups = if grads <= MAX_GROUPED_VALUES { GROUPS.min(s.b * s.h) } else { 1 };
+    let groups = if grads * REDUCTION_GROUPS <= MAX_SPLIT_VALUES { REDUCTION_GROUPS.min(s.b * s.h) } else { 1 };
     let bands = bands(s, k, c_out, groups);
     let per_group = bands.len().div_ceil(groups);
     let band_len = bands.iter().map(|b| b.images * (b.rows + k - 1)).max().unwrap_or(0) * (s.w + k - 1) * (s.c + c_out);
@@ -285,14 +271,7 @@ fn backward_params_shifted<T: Real>(
             }
         });
     let used = bands.len().div_ceil(per_group);
-    let partials = &partials[..used * grads];
-    dweight[..grads].par_chunks_mut(4096).enumerate().for_each(|(i, d)| {
-        for p in partials.chunks_exact(grads) {
-            for (o, &v) in d.iter_mut().zip(&p[i * 4096..]) {
-                *o += v;
-            }
-        }
-    });
+    add_partials(dweight, Mat::dense(c_out, k * k * s.c), &partials[..used * grads]);
 }
 
 /// One band's share of [`backward_params_shifted`], added to `dweight`.

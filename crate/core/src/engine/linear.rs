@@ -2,7 +2,7 @@
 //! `matmul_backward`): every weight gradient is one GEMM added into its slot.
 
 use super::kernels::{add_bias, add_column_sums};
-use super::matmul::{matmul, Mat, Threads};
+use super::matmul::{matmul, matmul_accumulate_split, Mat, Threads};
 use super::simd::Real;
 use crate::params::{Layout, LinearParams, Slot};
 
@@ -55,16 +55,14 @@ impl Linear {
         let (n_in, n_out) = (self.n_in, self.n_out);
         let dout = &dout[..rows * n_out];
         let dw = self.w.of_mut(grads);
-        matmul(
+        matmul_accumulate_split(
             dw,
             Mat::dense(n_out, n_in),
             dout,
             Mat::dense(rows, n_out).t(),
             inp,
             Mat::dense(rows, n_in),
-            true,
-            T::ONE,
-            Threads::Pool,
+            scratch,
         );
         if let Some(b) = self.b {
             add_column_sums(dout, n_out, 0, b.of_mut(grads), scratch);

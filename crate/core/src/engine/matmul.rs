@@ -3,7 +3,10 @@
 //! read q, k, v straight out of the fused QKV buffer and write each head's output into its
 //! columns of the context buffer: no transposes, no copies.
 
+use rayon::prelude::*;
+
 use super::simd::Real;
+use super::SharedMut;
 
 /// A rows x cols matrix at `offset` in a buffer: element (i, j) at offset + i*rs + j*cs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,4 +129,65 @@ pub unsafe fn matmul_raw<T: Real>(
         false,
         parallelism,
     );
+}
+
+/// The groups a long reduction is split into by [`matmul_accumulate_split`]: fixed, not the
+/// thread count, so that the sums are the same on every machine.
+pub const REDUCTION_GROUPS: usize = 4;
+/// Inner dimensions shorter than this stay one GEMM (each group's share would be too short).
+const MIN_SPLIT_DEPTH: usize = 1024;
+/// Outputs whose copies for all groups hold more values than this stay one GEMM (32 MB of f32).
+pub const MAX_SPLIT_VALUES: usize = 1 << 23;
+
+/// dst += a b, for the weight gradients' shape: a long inner dimension (every row of a batch)
+/// and a small output. The `gemm` crate parallelises over the output only, which leaves such
+/// GEMMs at 60-75% of its rate on 2 threads; here the inner dimension is split into
+/// [`REDUCTION_GROUPS`] parts, each a one-thread GEMM into its own copy of the output (in
+/// `scratch`), and the copies are added to `dst` in order.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_accumulate_split<T: Real>(
+    dst: &mut [T],
+    d: Mat,
+    a: &[T],
+    am: Mat,
+    b: &[T],
+    bm: Mat,
+    scratch: &mut Vec<T>,
+) {
+    check_shapes(&d, &am, &bm);
+    let (depth, values) = (am.cols, d.rows * d.cols);
+    if depth < MIN_SPLIT_DEPTH || values * REDUCTION_GROUPS > MAX_SPLIT_VALUES {
+        return matmul(dst, d, a, am, b, bm, true, T::ONE, Threads::Pool);
+    }
+    assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
+    let share = depth.div_ceil(REDUCTION_GROUPS);
+    let partials = super::sized(scratch, REDUCTION_GROUPS * values);
+    partials.par_chunks_mut(values).enumerate().for_each(|(g, partial)| {
+        let (k0, k1) = (g * share, ((g + 1) * share).min(depth));
+        let am = Mat { offset: am.offset + k0 * am.col_stride, cols: k1 - k0, ..am };
+        let bm = Mat { offset: bm.offset + k0 * bm.row_stride, rows: k1 - k0, ..bm };
+        matmul(partial, Mat::dense(d.rows, d.cols), a, am, b, bm, false, T::ONE, Threads::Caller);
+    });
+    add_partials(dst, d, partials);
+}
+
+/// dst (the view `d`) += the sum, in order, of the dense [d.rows, d.cols] matrices in `partials`.
+pub fn add_partials<T: Real>(dst: &mut [T], d: Mat, partials: &[T]) {
+    let values = d.rows * d.cols;
+    assert!(
+        d.end() <= dst.len() && partials.len().is_multiple_of(values.max(1)),
+        "add_partials: a view exceeds its buffer"
+    );
+    let shared = SharedMut(dst.as_mut_ptr());
+    (0..d.rows).into_par_iter().with_min_len(16).for_each(|i| {
+        // The whole wrapper, not its pointer field, is what the closure must capture (Sync).
+        let out = shared;
+        for j in 0..d.cols {
+            // SAFETY: within `d` (checked above), and each task owns its row i of it.
+            let o = unsafe { &mut *out.0.add(d.offset + i * d.row_stride + j * d.col_stride) };
+            for p in partials.chunks_exact(values) {
+                *o += p[i * d.cols + j];
+            }
+        }
+    });
 }
