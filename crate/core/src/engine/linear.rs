@@ -1,5 +1,6 @@
 //! Linear layers over the flat buffers as one-line calls (llm.c's `matmul_forward` and
-//! `matmul_backward`): every weight gradient is one GEMM added into its slot.
+//! `matmul_backward`): every weight gradient is added into its slot by GEMMs (split over rows
+//! when the batch is long, see `matmul::matmul_accumulate_split`).
 
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{matmul, matmul_accumulate_split, Mat, Threads};

@@ -6,8 +6,8 @@
 //! Why not candle's autograd on the CPU: it allocates (and the kernel zeroes) every
 //! activation and gradient anew each step, adds each gradient contribution into a fresh
 //! zero tensor, computes gradients nobody needs (drop-path factors, masks), and its
-//! elementwise ops are single-threaded baseline-x86 loops. Here every weight gradient is one
-//! GEMM into its slot of a flat gradient buffer, the elementwise work is fused into a few
+//! elementwise ops are single-threaded baseline-x86 loops. Here every weight gradient is
+//! added by GEMMs into its slot of a flat gradient buffer, the elementwise work is fused into a few
 //! multi-threaded passes compiled for AVX-512 / AVX2 / baseline and chosen at run time, and
 //! the attention reads q, k, v in place from the fused QKV output.
 //!
