@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::kernels::{add_bias, add_column_sums};
-use super::matmul::{add_partials, matmul, matmul_accumulate_split, Mat, Threads, MAX_SPLIT_VALUES, REDUCTION_GROUPS};
+use super::matmul::{add_partials, matmul, matmul_accumulate_split, reduction_groups, Mat, Threads};
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
@@ -247,7 +247,7 @@ fn backward_params_shifted<T: Real>(
     // one-thread GEMMs, so that the threads split the long reduction over pixels (as
     // `matmul_accumulate_split`, whose rules these are).
     let grads = c_out * k * k * s.c;
-    let groups = if grads * REDUCTION_GROUPS <= MAX_SPLIT_VALUES { REDUCTION_GROUPS.min(s.b * s.h) } else { 1 };
+    let groups = reduction_groups(grads).min(s.b * s.h);
     let bands = bands(s, k, c_out, groups);
     let per_group = bands.len().div_ceil(groups);
     let band_len = bands.iter().map(|b| b.images * (b.rows + k - 1)).max().unwrap_or(0) * (s.w + k - 1) * (s.c + c_out);

@@ -133,11 +133,21 @@ pub unsafe fn matmul_raw<T: Real>(
 
 /// The groups a long reduction is split into by [`matmul_accumulate_split`]: fixed, not the
 /// thread count, so that the sums are the same on every machine.
-pub const REDUCTION_GROUPS: usize = 4;
+const REDUCTION_GROUPS: usize = 4;
 /// Inner dimensions shorter than this stay one GEMM (each group's share would be too short).
 const MIN_SPLIT_DEPTH: usize = 1024;
 /// Outputs whose copies for all groups hold more values than this stay one GEMM (32 MB of f32).
-pub const MAX_SPLIT_VALUES: usize = 1 << 23;
+const MAX_SPLIT_VALUES: usize = 1 << 23;
+
+/// How many groups, each with its own copy of an output of `values` values, a long reduction
+/// into it is split into: [`REDUCTION_GROUPS`], or 1 where the copies would be too large.
+pub fn reduction_groups(values: usize) -> usize {
+    if values * REDUCTION_GROUPS <= MAX_SPLIT_VALUES {
+        REDUCTION_GROUPS
+    } else {
+        1
+    }
+}
 
 /// dst += a b, for the weight gradients' shape: a long inner dimension (every row of a batch)
 /// and a small output. The `gemm` crate parallelises over the output only, which leaves such
@@ -156,7 +166,7 @@ pub fn matmul_accumulate_split<T: Real>(
 ) {
     check_shapes(&d, &am, &bm);
     let (depth, values) = (am.cols, d.rows * d.cols);
-    if depth < MIN_SPLIT_DEPTH || values * REDUCTION_GROUPS > MAX_SPLIT_VALUES {
+    if depth < MIN_SPLIT_DEPTH || reduction_groups(values) == 1 {
         return matmul(dst, d, a, am, b, bm, true, T::ONE, Threads::Pool);
     }
     assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");

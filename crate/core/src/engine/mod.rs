@@ -113,9 +113,13 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// `v` resized to `n` (growing keeps its allocation for later batches).
+/// The first `n` values of `v`, grown to hold them. Never shrunk: a buffer that several passes
+/// share at different sizes (a scratch buffer, the convolutions' columns) would otherwise be
+/// zero-filled again each time it grows back. The values are whatever was there.
 pub(crate) fn sized<T: Real>(v: &mut Vec<T>, n: usize) -> &mut [T] {
-    v.resize(n, T::ZERO);
+    if v.len() < n {
+        v.resize(n, T::ZERO);
+    }
     &mut v[..n]
 }
 
