@@ -160,14 +160,21 @@ fn tiled_convolutions_match_the_direct_sum() {
     convolution_matches_the_direct_sum(Nhwc { b: 3, h: 37, w: 41, c: 70 }, 5);
 }
 
-/// Convolutions through Winograd's F(2x2, 3x3) (forward and input gradient) equal one direct
-/// evaluation: odd image sizes (tiles that reach past the right and bottom edges) and chunks of
-/// tile rows that split an image.
+/// Convolutions through Winograd's F(4x4, 3x3) and F(2x2, 3x3) (forward and input gradient)
+/// equal one direct evaluation: odd image sizes (tiles that reach past the right and bottom
+/// edges) and chunks of tile rows that split an image.
 #[test]
 fn winograd_convolutions_match_the_direct_sum() {
     assert!(winograd::applies(3, 128, 24) && winograd::applies(3, 24, 128));
+    assert_eq!(winograd::block_side(37, 41, 128, 24), 4);
     convolution_matches_the_direct_sum(Nhwc { b: 3, h: 37, w: 41, c: 128 }, 24);
+    assert_eq!(winograd::block_side(7, 6, 16, 40), 4);
+    convolution_matches_the_direct_sum(Nhwc { b: 2, h: 7, w: 6, c: 16 }, 40);
+    assert_eq!(winograd::block_side(2, 6, 16, 16), 2);
     convolution_matches_the_direct_sum(Nhwc { b: 1, h: 2, w: 6, c: 16 }, 16);
+    assert_eq!(winograd::block_side(5, 5, 24, 16), 2);
+    convolution_matches_the_direct_sum(Nhwc { b: 3, h: 5, w: 5, c: 24 }, 16);
+    assert_eq!(winograd::block_side(56, 56, 2048, 512), 2, "a transformed kernel too large for F(4x4)");
 }
 
 /// Weight gradients summed over bands of image rows (an image too large for one band) and

@@ -1,15 +1,22 @@
-//! 3x3 "same" convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast
-//! Algorithms for Convolutional Neural Networks", 2016): a 2x2 block of outputs comes from a 4x4
-//! input tile with 16 multiplies per channel pair instead of im2col's 36, so the GEMMs do 2.25x
-//! less work. Tiles are transformed (B^T d B), multiplied by the transformed kernel (G g G^T) in
-//! 16 GEMMs (one per point of the 4x4 transform domain) and transformed back (A^T m A). The
-//! transforms only add, subtract and halve. The input gradient is this same pass with the
-//! flipped kernel.
+//! 3x3 "same" convolutions by Winograd's minimal filtering (Lavin and Gray, "Fast Algorithms for
+//! Convolutional Neural Networks", 2016). F(4x4, 3x3) makes a 4x4 block of outputs from a 6x6
+//! input tile with 36 multiplies per channel pair instead of im2col's 144 (4x less GEMM work);
+//! F(2x2, 3x3) a 2x2 block from a 4x4 tile with 16 instead of 36 (2.25x). Each convolution takes
+//! the one with fewer multiplies ([`block_side`]): F(4x4) unless the image is so small (2 rows,
+//! say) that most of a 4x4 block would fall outside it, or the kernel so wide that its 36
+//! transformed copies would cost more memory than PyTorch's whole step saves. Tiles are transformed (B^T d B),
+//! multiplied by the transformed kernel (G g G^T) in one GEMM per point of the transform domain,
+//! and transformed back (A^T m A). The transforms only add, subtract and scale by 2, 4, 5 or 8
+//! (F(4x4): interpolation points 0, 1, -1, 2, -2, infinity) or halve (F(2x2)). The input gradient
+//! is this same pass with the flipped kernel.
 //!
-//! The weight gradient stays a direct sum ([`super::conv`]): done the Winograd way (G^T [sum
-//! over tiles of (A dy A^T) . (B^T d B)] G) it rounded ~10x worse, enough to move a 3-step AdamW trajectory of
-//! a batch split in halves against the whole batch from 1e-6 to 1e-5 of the weights
-//! (`tests/steps.rs`), while forward and input gradient stay at im2col's 1e-6.
+//! F(4x4, 3x3) rounds more: in f32 its forward and input gradient differ from the exact
+//! convolution by 2-5e-6 (relative RMS), against 4-7e-7 for F(2x2) (the 3x3 layers of the
+//! segmentation head), which the split-batch trajectories (`tests/steps.rs`) and the transformers
+//! parity fixtures hold within their tolerances. The weight gradient stays a direct sum
+//! ([`super::conv`]): done the Winograd way (G^T [sum over tiles of (A dy A^T) . (B^T d B)] G) it
+//! rounded ~10x worse already with F(2x2), enough to move a 3-step AdamW trajectory of a batch
+//! split in halves against the whole batch from 1e-6 to 1e-5 of the weights.
 //!
 //! Buffers are [`super::conv`]'s: kernels in its packed layout, activations NHWC, and every
 //! intermediate in the caller's `cols`, so a steady training step allocates nothing here.
@@ -21,40 +28,78 @@ use super::matmul::{matmul_raw, Mat, Threads};
 use super::simd::{multiversion, Real};
 use super::{sized, SharedMut};
 
-/// Points of the transform domain: 4x4.
-const POINTS: usize = 16;
 /// Values of one chunk's transformed tiles (the larger of input and output side): 2M, 8 MB of
 /// f32, as [`super::conv`]'s im2col tiles.
 const CHUNK_VALUES: usize = 1 << 21;
-/// Tiles per parallel task of the input and output transforms.
-const TILES_PER_TASK: usize = 8;
+/// Points (rows of channels) of the transformed tiles per parallel task of the input and output
+/// transforms: 8 tiles of F(2x2, 3x3), 3 of F(4x4, 3x3).
+const POINTS_PER_TASK: usize = 128;
+/// Entries of a kernel's tap matrices per task of its transform: 9 x 2 KB of f32 read, 36 x 2 KB
+/// written, in L1.
+const KERNEL_BLOCK: usize = 512;
+/// Most values of a transformed kernel for F(4x4, 3x3): 16M, 64 MB of f32. The widest kernels
+/// (DALL-E's 2048 -> 512) would take 151 MB as 36 transformed copies, enough to lift the
+/// tokenizer step's peak memory above PyTorch's; F(2x2) keeps them at 16 copies.
+const KERNEL_VALUES: usize = 1 << 24;
 /// Fewer channels than this on either side and the GEMMs are too thin to pay for the
 /// transforms: im2col stays.
 const MIN_CHANNELS: usize = 16;
 
-/// G's rows: the kernel transform, one 3-tap filter to 4 points.
-const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// G's rows for F(2x2, 3x3): one 3-tap filter to 4 points (0, 1, -1, infinity).
+const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// G's rows for F(4x4, 3x3): one 3-tap filter to 6 points (0, 1, -1, 2, -2, infinity).
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
 /// Whether a k x k convolution from `c_in` to `c_out` channels runs here.
 pub fn applies(k: usize, c_in: usize, c_out: usize) -> bool {
     k == 3 && c_in >= MIN_CHANNELS && c_out >= MIN_CHANNELS
 }
 
-/// The tiling of an image batch: `tiles_h` x `tiles_w` tiles of 2x2 outputs per image, processed
-/// in chunks of whole tile rows.
+/// Side of the block of outputs per tile, 2 or 4, for an h x w image and a `c_in` -> `c_out`
+/// kernel: 2 where F(4x4)'s transformed kernel (36 copies of c_in x c_out, against F(2x2)'s 16)
+/// would exceed [`KERNEL_VALUES`], else whichever needs fewer multiplies (on a tie 2, which
+/// rounds less): 4 unless the image is so small that much of a 4x4 block would fall outside it.
+pub fn block_side(h: usize, w: usize, c_in: usize, c_out: usize) -> usize {
+    let multiplies = |m: usize| h.div_ceil(m) * w.div_ceil(m) * (m + 2) * (m + 2);
+    if Tiling::points_of(4) * c_in * c_out <= KERNEL_VALUES && multiplies(4) < multiplies(2) {
+        4
+    } else {
+        2
+    }
+}
+
+/// The tiling of an image batch: `tiles_h` x `tiles_w` tiles of `block` x `block` outputs per
+/// image, processed in chunks of whole tile rows.
 #[derive(Clone, Copy)]
 struct Tiling {
     s: Nhwc,
+    block: usize,
     tiles_h: usize,
     tiles_w: usize,
     rows_per_chunk: usize,
 }
 
 impl Tiling {
-    fn new(s: Nhwc, widest: usize) -> Self {
-        let (tiles_h, tiles_w) = (s.h.div_ceil(2), s.w.div_ceil(2));
-        let rows_per_chunk = (CHUNK_VALUES / (POINTS * widest * tiles_w)).max(1);
-        Self { s, tiles_h, tiles_w, rows_per_chunk }
+    fn new(s: Nhwc, block: usize, widest: usize) -> Self {
+        let (tiles_h, tiles_w) = (s.h.div_ceil(block), s.w.div_ceil(block));
+        let rows_per_chunk = (CHUNK_VALUES / (Self::points_of(block) * widest * tiles_w)).max(1);
+        Self { s, block, tiles_h, tiles_w, rows_per_chunk }
+    }
+
+    fn points_of(block: usize) -> usize {
+        (block + 2) * (block + 2)
+    }
+
+    /// Points of the transform domain: (block + 2)^2, one input tile.
+    fn points(&self) -> usize {
+        Self::points_of(self.block)
     }
 
     fn tile_rows(&self) -> usize {
@@ -75,143 +120,244 @@ impl Tiling {
     /// (image, top output row, left output column) of tile `t`.
     fn origin(&self, t: usize) -> (usize, usize, usize) {
         let (row, tx) = (t / self.tiles_w, t % self.tiles_w);
-        (row / self.tiles_h, 2 * (row % self.tiles_h), 2 * tx)
+        (row / self.tiles_h, self.block * (row % self.tiles_h), self.block * tx)
+    }
+
+    /// Tiles per parallel task of the input and output transforms.
+    fn tiles_per_task(&self) -> usize {
+        (POINTS_PER_TASK / self.points()).max(1)
     }
 }
 
-/// The 1-D input transform B^T on four rows, in place: (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
+/// Rows of `n` values of one line of a tile, equally long.
+type Line<'a, T, const N: usize> = [&'a mut [T]; N];
+
+/// The 1-D input transform of F(2x2, 3x3), B^T on four rows, in place:
+/// (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
 #[inline(always)]
-fn input_transform<T: Real>(r0: &mut [T], r1: &mut [T], r2: &mut [T], r3: &mut [T]) {
-    for (((a, b), c), d) in r0.iter_mut().zip(r1.iter_mut()).zip(r2.iter_mut()).zip(r3.iter_mut()) {
-        let (d0, d1, d2, d3) = (*a, *b, *c, *d);
-        *a = d0 - d2;
-        *b = d1 + d2;
-        *c = d2 - d1;
-        *d = d1 - d3;
+fn input_transform_2<T: Real>(rows: Line<'_, T, 4>) {
+    let [r0, r1, r2, r3] = rows;
+    let n = r0.len();
+    let (r1, r2, r3) = (&mut r1[..n], &mut r2[..n], &mut r3[..n]);
+    for i in 0..n {
+        let (d0, d1, d2, d3) = (r0[i], r1[i], r2[i], r3[i]);
+        r0[i] = d0 - d2;
+        r1[i] = d1 + d2;
+        r2[i] = d2 - d1;
+        r3[i] = d1 - d3;
     }
 }
 
-/// The 1-D output transform A^T on four rows, into the first two: (m0 + m1 + m2, m1 - m2 - m3).
+/// The 1-D output transform of F(2x2, 3x3), A^T on four rows, into the first two:
+/// (m0 + m1 + m2, m1 - m2 - m3).
 #[inline(always)]
-fn output_transform<T: Real>(r0: &mut [T], r1: &mut [T], r2: &mut [T], r3: &mut [T]) {
-    for (((a, b), &mut c), &mut d) in r0.iter_mut().zip(r1.iter_mut()).zip(r2).zip(r3) {
-        let (m0, m1) = (*a, *b);
-        *a = m0 + m1 + c;
-        *b = m1 - c - d;
+fn output_transform_2<T: Real>(rows: Line<'_, T, 4>) {
+    let [r0, r1, r2, r3] = rows;
+    let n = r0.len();
+    let (r1, r2, r3) = (&mut r1[..n], &r2[..n], &r3[..n]);
+    for i in 0..n {
+        let (m0, m1) = (r0[i], r1[i]);
+        r0[i] = m0 + m1 + r2[i];
+        r1[i] = m1 - r2[i] - r3[i];
     }
 }
 
-/// The 16 rows of `c` values of one tile, split.
-fn rows<T>(tile: &mut [T], c: usize) -> [&mut [T]; POINTS] {
+/// The 1-D input transform of F(4x4, 3x3), B^T on six rows, in place:
+/// (4 d0 - 5 d2 + d4, (d4 - 4 d2) +- (d3 - 4 d1), (d4 - d2) +- 2 (d3 - d1), 4 d1 - 5 d3 + d5).
+#[inline(always)]
+fn input_transform_4<T: Real>(rows: Line<'_, T, 6>) {
+    let [r0, r1, r2, r3, r4, r5] = rows;
+    let n = r0.len();
+    let (r1, r2, r3, r4, r5) = (&mut r1[..n], &mut r2[..n], &mut r3[..n], &mut r4[..n], &mut r5[..n]);
+    let (two, four, five) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(5.0));
+    for i in 0..n {
+        let (d0, d1, d2, d3, d4, d5) = (r0[i], r1[i], r2[i], r3[i], r4[i], r5[i]);
+        let (near, far) = (d4 - four * d2, d3 - four * d1);
+        let (even, odd) = (d4 - d2, two * (d3 - d1));
+        r0[i] = four * d0 - five * d2 + d4;
+        r1[i] = near + far;
+        r2[i] = near - far;
+        r3[i] = even + odd;
+        r4[i] = even - odd;
+        r5[i] = four * d1 - five * d3 + d5;
+    }
+}
+
+/// The 1-D output transform of F(4x4, 3x3), A^T on six rows, into the first four:
+/// (m0 + a + c, b + 2 d, a + 4 c, b + 8 d + m5) with a, b = m1 +- m2 and c, d = m3 +- m4.
+#[inline(always)]
+fn output_transform_4<T: Real>(rows: Line<'_, T, 6>) {
+    let [r0, r1, r2, r3, r4, r5] = rows;
+    let n = r0.len();
+    let (r1, r2, r3, r4, r5) = (&mut r1[..n], &mut r2[..n], &mut r3[..n], &r4[..n], &r5[..n]);
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    for i in 0..n {
+        let (m0, m5) = (r0[i], r5[i]);
+        let (a, b) = (r1[i] + r2[i], r1[i] - r2[i]);
+        let (c, d) = (r3[i] + r4[i], r3[i] - r4[i]);
+        r0[i] = m0 + a + c;
+        r1[i] = b + two * d;
+        r2[i] = a + four * c;
+        r3[i] = b + eight * d + m5;
+    }
+}
+
+/// Applies a 1-D transform along both axes of an N x N tile of rows of `c` values: down each
+/// column, then along the first `rows_out` rows of the result (N for B^T; N - 2 for A^T, whose
+/// results are N - 2 long).
+#[inline(always)]
+fn transform_2d<T: Real, const N: usize>(tile: &mut [T], c: usize, rows_out: usize, f: impl Fn(Line<'_, T, N>)) {
     let mut it = tile.chunks_exact_mut(c);
-    std::array::from_fn(|_| it.next().expect("a tile holds 16 rows"))
-}
-
-/// Applies a 1-D transform along both axes of a 4x4 tile of rows: down each column, then along
-/// the first `rows_out` rows of the result (4 for B^T, 2 for A^T, whose results are 2 long).
-#[inline(always)]
-fn transform_2d<T: Real>(
-    tile: &mut [T],
-    c: usize,
-    rows_out: usize,
-    f: impl Fn(&mut [T], &mut [T], &mut [T], &mut [T]),
-) {
-    let [r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15] = rows(tile, c);
-    f(r0, r4, r8, r12);
-    f(r1, r5, r9, r13);
-    f(r2, r6, r10, r14);
-    f(r3, r7, r11, r15);
-    f(r0, r1, r2, r3);
-    f(r4, r5, r6, r7);
-    if rows_out == 4 {
-        f(r8, r9, r10, r11);
-        f(r12, r13, r14, r15);
+    let mut grid: [Line<'_, T, N>; N] =
+        std::array::from_fn(|_| std::array::from_fn(|_| it.next().expect("a tile holds N x N rows")));
+    for column in 0..N {
+        f(grid.each_mut().map(|row| &mut *row[column]));
+    }
+    for row in grid.iter_mut().take(rows_out) {
+        f(row.each_mut().map(|r| &mut **r));
     }
 }
 
-multiversion! {
-    /// B^T d B of tiles first.. into `out` ([tiles][16][c]), d the 4x4 input patch of f(x) one
-    /// pixel up and left of the tile's outputs (0 outside the image), f = ReLU when `relu`.
-    fn input_tiles<T>(x: &[T], tiling: Tiling, relu: bool, first: usize, out: &mut [T]) {
-        let (s, c) = (tiling.s, tiling.s.c);
-        for (i, tile) in out.chunks_exact_mut(POINTS * c).enumerate() {
-            let (b, y0, x0) = tiling.origin(first + i);
-            for (p, dst) in tile.chunks_exact_mut(c).enumerate() {
-                let (sy, sx) = ((y0 + p / 4).wrapping_sub(1), (x0 + p % 4).wrapping_sub(1));
-                if sy < s.h && sx < s.w {
-                    let src = &x[((b * s.h + sy) * s.w + sx) * c..][..c];
-                    if relu {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = v.max_v(T::ZERO);
-                        }
-                    } else {
-                        dst.copy_from_slice(src);
+/// The input transforms of tiles first.. into `out` ([tiles][N * N][c]) for N = block + 2.
+#[inline(always)]
+fn input_tiles_of<T: Real, const N: usize>(
+    x: &[T],
+    tiling: Tiling,
+    relu: bool,
+    first: usize,
+    out: &mut [T],
+    f: impl Fn(Line<'_, T, N>) + Copy,
+) {
+    let (s, c) = (tiling.s, tiling.s.c);
+    for (i, tile) in out.chunks_exact_mut(N * N * c).enumerate() {
+        let (b, y0, x0) = tiling.origin(first + i);
+        for (p, dst) in tile.chunks_exact_mut(c).enumerate() {
+            let (sy, sx) = ((y0 + p / N).wrapping_sub(1), (x0 + p % N).wrapping_sub(1));
+            if sy < s.h && sx < s.w {
+                let src = &x[((b * s.h + sy) * s.w + sx) * c..][..c];
+                if relu {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v.max_v(T::ZERO);
                     }
                 } else {
-                    dst.fill(T::ZERO);
+                    dst.copy_from_slice(src);
                 }
+            } else {
+                dst.fill(T::ZERO);
             }
-            transform_2d(tile, c, 4, input_transform);
+        }
+        transform_2d(tile, c, N, f);
+    }
+}
+
+/// The output transforms of tiles first.. (`m`: [tiles][N * N][c], transformed in place) plus
+/// `bias`, written to the outputs of `y` inside the image.
+#[inline(always)]
+fn output_tiles_of<T: Real, const N: usize>(
+    m: &mut [T],
+    tiling: Tiling,
+    bias: Option<&[T]>,
+    first: usize,
+    y: SharedMut<T>,
+    f: impl Fn(Line<'_, T, N>) + Copy,
+) {
+    let (s, c, block) = (tiling.s, tiling.s.c, N - 2);
+    for (i, tile) in m.chunks_exact_mut(N * N * c).enumerate() {
+        transform_2d(tile, c, block, f);
+        let (b, y0, x0) = tiling.origin(first + i);
+        // Output (dy, dx) of the block is row dy * N + dx of the transformed tile.
+        for p in 0..block * block {
+            let (dy, dx) = (p / block, p % block);
+            let (oy, ox) = (y0 + dy, x0 + dx);
+            if oy >= s.h || ox >= s.w {
+                continue;
+            }
+            let row = dy * N + dx;
+            let src = &tile[row * c..(row + 1) * c];
+            // SAFETY: each output pixel belongs to exactly one tile, and each tile to one task.
+            let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(((b * s.h + oy) * s.w + ox) * c), c) };
+            match bias {
+                Some(bias) => {
+                    for ((d, &v), &b) in dst.iter_mut().zip(src).zip(bias) {
+                        *d = v + b;
+                    }
+                }
+                None => dst.copy_from_slice(src),
+            }
         }
     }
 }
 
 multiversion! {
-    /// A^T m A of tiles first.. (`m`: [tiles][16][c], transformed in place) plus `bias`, written
-    /// to the outputs of `y` inside the image.
+    /// B^T d B of tiles first.. into `out` ([tiles][points][c]), d the input patch of f(x) one
+    /// pixel up and left of the tile's outputs (0 outside the image), f = ReLU when `relu`.
+    fn input_tiles<T>(x: &[T], tiling: Tiling, relu: bool, first: usize, out: &mut [T]) {
+        match tiling.block {
+            2 => input_tiles_of::<T, 4>(x, tiling, relu, first, out, input_transform_2),
+            _ => input_tiles_of::<T, 6>(x, tiling, relu, first, out, input_transform_4),
+        }
+    }
+}
+
+multiversion! {
+    /// A^T m A of tiles first.. (`m`: [tiles][points][c], transformed in place) plus `bias`,
+    /// written to the outputs of `y` inside the image.
     fn output_tiles<T>(m: &mut [T], tiling: Tiling, bias: Option<&[T]>, first: usize, y: SharedMut<T>) {
-        let (s, c) = (tiling.s, tiling.s.c);
-        for (i, tile) in m.chunks_exact_mut(POINTS * c).enumerate() {
-            transform_2d(tile, c, 2, output_transform);
-            let (b, y0, x0) = tiling.origin(first + i);
-            // The 2x2 outputs are rows 0, 1 (top) and 4, 5 (bottom) of the transformed tile.
-            for (p, row) in [0, 1, 4, 5].into_iter().enumerate() {
-                let src = &tile[row * c..(row + 1) * c];
-                let (oy, ox) = (y0 + p / 2, x0 + p % 2);
-                if oy >= s.h || ox >= s.w {
-                    continue;
-                }
-                // SAFETY: each output pixel belongs to exactly one tile, and each tile to one task.
-                let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(((b * s.h + oy) * s.w + ox) * c), c) };
-                match bias {
-                    Some(bias) => {
-                        for ((d, &v), &b) in dst.iter_mut().zip(src).zip(bias) {
-                            *d = v + b;
-                        }
-                    }
-                    None => dst.copy_from_slice(src),
-                }
-            }
+        match tiling.block {
+            2 => output_tiles_of::<T, 4>(m, tiling, bias, first, y, output_transform_2),
+            _ => output_tiles_of::<T, 6>(m, tiling, bias, first, y, output_transform_4),
         }
     }
 }
 
 /// G g G^T of a kernel in [`super::conv::pack`]'s layout ([9][c_in][c_out]) into `u`
-/// ([16][c_in][c_out]): each point a weighted sum of the nine taps' matrices.
-fn transform_kernel<T: Real>(packed: &[T], c_in: usize, c_out: usize, u: &mut [T]) {
-    let n = c_in * c_out;
-    u.par_chunks_mut(n).enumerate().for_each(|(point, dst)| {
-        dst.fill(T::ZERO);
-        let (a, q) = (point / 4, point % 4);
-        for tap in 0..9 {
-            let coef = G[a][tap / 3] * G[q][tap % 3];
-            if coef != 0.0 {
-                let coef = T::from_f64(coef);
-                for (d, &w) in dst.iter_mut().zip(&packed[tap * n..(tap + 1) * n]) {
-                    *d += coef * w;
-                }
-            }
-        }
+/// ([points][c_in][c_out]): each point a weighted sum of the nine taps' matrices, computed over
+/// blocks of [`KERNEL_BLOCK`] entries so that the taps are read from memory once, not once per
+/// point (36 times for F(4x4): the wide kernels of a small batch spent more time here than in
+/// their GEMMs).
+fn transform_kernel<T: Real>(packed: &[T], block: usize, c_in: usize, c_out: usize, u: &mut [T]) {
+    let g: &[[f64; 3]] = if block == 2 { &G2 } else { &G4 };
+    let (n, side) = (c_in * c_out, g.len());
+    let mut coefs = [[T::ZERO; 9]; 36];
+    for (point, c) in coefs.iter_mut().take(side * side).enumerate() {
+        *c = std::array::from_fn(|tap| T::from_f64(g[point / side][tap / 3] * g[point % side][tap % 3]));
+    }
+    let coefs = &coefs[..side * side];
+    assert!(packed.len() >= 9 * n && u.len() >= coefs.len() * n);
+    let u = SharedMut(u.as_mut_ptr());
+    (0..n.div_ceil(KERNEL_BLOCK)).into_par_iter().for_each(|b| {
+        let first = b * KERNEL_BLOCK;
+        kernel_block(packed, n, first, KERNEL_BLOCK.min(n - first), coefs, u);
     });
 }
 
-/// The 16 GEMMs of a chunk: for every point, out[t][point] = lhs[t][point] . rhs[point] for
-/// `lhs` [tiles][16][k] and `rhs` [16][k][n], `out` [tiles][16][n]; one point per task.
-fn pointwise_products<T: Real>(lhs: &[T], tiles: usize, k: usize, rhs: &[T], n: usize, out: &mut [T]) {
-    assert!(lhs.len() >= tiles * POINTS * k && rhs.len() >= POINTS * k * n && out.len() >= tiles * POINTS * n);
+multiversion! {
+    /// Entries first..first + len of every point of [`transform_kernel`]'s `u`.
+    fn kernel_block<T>(packed: &[T], n: usize, first: usize, len: usize, coefs: &[[T; 9]], u: SharedMut<T>) {
+        for (point, c) in coefs.iter().enumerate() {
+            // SAFETY: `u` holds coefs.len() * n values (checked by the caller), and each task
+            // writes only its own entries first..first + len of every point.
+            let dst = unsafe { std::slice::from_raw_parts_mut(u.0.add(point * n + first), len) };
+            dst.fill(T::ZERO);
+            for (tap, &coef) in c.iter().enumerate() {
+                if coef != T::ZERO {
+                    for (d, &w) in dst.iter_mut().zip(&packed[tap * n + first..][..len]) {
+                        *d += coef * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The GEMMs of a chunk, one per point of the transform domain: out[t][point] = lhs[t][point] .
+/// rhs[point] for `lhs` [tiles][points][k] and `rhs` [points][k][n], `out` [tiles][points][n];
+/// one point per task.
+fn pointwise_products<T: Real>(lhs: &[T], tiles: usize, points: usize, k: usize, rhs: &[T], n: usize, out: &mut [T]) {
+    assert!(lhs.len() >= tiles * points * k && rhs.len() >= points * k * n && out.len() >= tiles * points * n);
     let dst = SharedMut(out.as_mut_ptr());
-    (0..POINTS).into_par_iter().for_each(|point| {
-        let (a, d) = (Mat::strided(point * k, tiles, k, POINTS * k), Mat::strided(point * n, tiles, n, POINTS * n));
+    (0..points).into_par_iter().for_each(|point| {
+        let (a, d) = (Mat::strided(point * k, tiles, k, points * k), Mat::strided(point * n, tiles, n, points * n));
         let out = dst;
         // SAFETY: the views lie in buffers checked above; point `point` writes only its own
         // columns point*n.. of each tile's row block, which no other task touches.
@@ -244,25 +390,25 @@ pub fn forward<T: Real>(
     y: &mut [T],
     cols: &mut Vec<T>,
 ) {
-    let tiling = Tiling::new(s, s.c.max(c_out));
-    let per_chunk = tiling.chunk_tiles();
-    let kernel = POINTS * s.c * c_out;
-    let buffers = sized(cols, kernel + per_chunk * POINTS * (s.c + c_out));
+    let tiling = Tiling::new(s, block_side(s.h, s.w, s.c, c_out), s.c.max(c_out));
+    let (points, per_chunk, per_task) = (tiling.points(), tiling.chunk_tiles(), tiling.tiles_per_task());
+    let kernel = points * s.c * c_out;
+    let buffers = sized(cols, kernel + per_chunk * points * (s.c + c_out));
     let (u, rest) = buffers.split_at_mut(kernel);
-    let (v, m) = rest.split_at_mut(per_chunk * POINTS * s.c);
-    transform_kernel(packed, s.c, c_out, u);
+    let (v, m) = rest.split_at_mut(per_chunk * points * s.c);
+    transform_kernel(packed, tiling.block, s.c, c_out, u);
     let (out_tiling, y_len) = (Tiling { s: s.with_channels(c_out), ..tiling }, s.pixels() * c_out);
     assert!(y.len() >= y_len, "winograd: output of {} values, expected {y_len}", y.len());
     let y = SharedMut(y.as_mut_ptr());
     for (first, tiles) in tiling.chunks() {
-        let v = &mut v[..tiles * POINTS * s.c];
-        v.par_chunks_mut(TILES_PER_TASK * POINTS * s.c)
+        let v = &mut v[..tiles * points * s.c];
+        v.par_chunks_mut(per_task * points * s.c)
             .enumerate()
-            .for_each(|(task, out)| input_tiles(x, tiling, relu, first + task * TILES_PER_TASK, out));
-        let m = &mut m[..tiles * POINTS * c_out];
-        pointwise_products(v, tiles, s.c, u, c_out, m);
-        m.par_chunks_mut(TILES_PER_TASK * POINTS * c_out)
+            .for_each(|(task, out)| input_tiles(x, tiling, relu, first + task * per_task, out));
+        let m = &mut m[..tiles * points * c_out];
+        pointwise_products(v, tiles, points, s.c, u, c_out, m);
+        m.par_chunks_mut(per_task * points * c_out)
             .enumerate()
-            .for_each(|(task, tile)| output_tiles(tile, out_tiling, bias, first + task * TILES_PER_TASK, y));
+            .for_each(|(task, tile)| output_tiles(tile, out_tiling, bias, first + task * per_task, y));
     }
 }
