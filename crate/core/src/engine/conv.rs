@@ -5,9 +5,9 @@
 //! the convolution of the output gradient with the flipped, transposed kernel, tiled the same
 //! way, so no col2im scatter is needed. The forward pass and the data gradient of 3x3 kernels
 //! between layers of 16 channels or more go through [`super::winograd`] instead (4x fewer
-//! multiplies, 2.25x on tiny maps), with the same buffers; the weight gradient stays a direct sum (see there why),
-//! for inputs of 16 channels or more without im2col: over zero-padded copies of the input, one
-//! GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
+//! multiplies, 2.25x on tiny maps), with the same buffers; the weight gradient stays a direct sum
+//! (see there why), for inputs of 16 channels or more without im2col: over zero-padded copies of
+//! the input, one GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
 
 use rayon::prelude::*;
 

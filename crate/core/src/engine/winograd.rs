@@ -4,15 +4,15 @@
 //! F(2x2, 3x3) a 2x2 block from a 4x4 tile with 16 instead of 36 (2.25x). Each convolution takes
 //! the one with fewer multiplies ([`block_side`]): F(4x4) unless the image is so small (2 rows,
 //! say) that most of a 4x4 block would fall outside it, or the kernel so wide that its 36
-//! transformed copies would cost more memory than PyTorch's whole step saves. Tiles are transformed (B^T d B),
-//! multiplied by the transformed kernel (G g G^T) in one GEMM per point of the transform domain,
-//! and transformed back (A^T m A). The transforms only add, subtract and scale by 2, 4, 5 or 8
+//! transformed copies would pass [`KERNEL_VALUES`]. Tiles are transformed (B^T d B), multiplied
+//! by the transformed kernel (G g G^T) in one GEMM per point of the transform domain, and
+//! transformed back (A^T m A). The transforms only add, subtract and scale by 2, 4, 5 or 8
 //! (F(4x4): interpolation points 0, 1, -1, 2, -2, infinity) or halve (F(2x2)). The input gradient
 //! is this same pass with the flipped kernel.
 //!
 //! F(4x4, 3x3) rounds more: in f32 its forward and input gradient differ from the exact
-//! convolution by 2-5e-6 (relative RMS), against 4-7e-7 for F(2x2) (the 3x3 layers of the
-//! segmentation head), which the split-batch trajectories (`tests/steps.rs`) and the transformers
+//! convolution by 2-5e-6 (relative RMS), against 4-7e-7 for F(2x2) (on the segmentation head's
+//! shapes), which the split-batch trajectories (`tests/steps.rs`) and the transformers
 //! parity fixtures hold within their tolerances. The weight gradient stays a direct sum
 //! ([`super::conv`]): done the Winograd way (G^T [sum over tiles of (A dy A^T) . (B^T d B)] G) it
 //! rounded ~10x worse already with F(2x2), enough to move a 3-step AdamW trajectory of a batch
