@@ -4,7 +4,7 @@
 //! F(2x2, 3x3) a 2x2 block from a 4x4 tile with 16 instead of 36 (2.25x). Each convolution takes
 //! the one with fewer multiplies ([`block_side`]): F(4x4) unless the image is so small (2 rows,
 //! say) that most of a 4x4 block would fall outside it, or the kernel so wide that its 36
-//! transformed copies would pass [`KERNEL_VALUES`]. Tiles are transformed (B^T d B), multiplied
+//! transformed copies would pass `KERNEL_VALUES`. Tiles are transformed (B^T d B), multiplied
 //! by the transformed kernel (G g G^T) in one GEMM per point of the transform domain, and
 //! transformed back (A^T m A). The transforms only add, subtract and scale by 2, 4, 5 or 8
 //! (F(4x4): interpolation points 0, 1, -1, 2, -2, infinity) or halve (F(2x2)). The input gradient
@@ -64,7 +64,7 @@ pub fn applies(k: usize, c_in: usize, c_out: usize) -> bool {
 
 /// Side of the block of outputs per tile, 2 or 4, for an h x w image and a `c_in` -> `c_out`
 /// kernel: 2 where F(4x4)'s transformed kernel (36 copies of c_in x c_out, against F(2x2)'s 16)
-/// would exceed [`KERNEL_VALUES`], else whichever needs fewer multiplies (on a tie 2, which
+/// would exceed `KERNEL_VALUES` (a private bound), else whichever needs fewer multiplies (on a tie 2, which
 /// rounds less): 4 unless the image is so small that much of a 4x4 block would fall outside it.
 pub fn block_side(h: usize, w: usize, c_in: usize, c_out: usize) -> usize {
     let multiplies = |m: usize| h.div_ceil(m) * w.div_ceil(m) * (m + 2) * (m + 2);
