@@ -64,8 +64,9 @@ pub fn applies(k: usize, c_in: usize, c_out: usize) -> bool {
 
 /// Side of the block of outputs per tile, 2 or 4, for an h x w image and a `c_in` -> `c_out`
 /// kernel: 2 where F(4x4)'s transformed kernel (36 copies of c_in x c_out, against F(2x2)'s 16)
-/// would exceed `KERNEL_VALUES` (a private bound), else whichever needs fewer multiplies (on a tie 2, which
-/// rounds less): 4 unless the image is so small that much of a 4x4 block would fall outside it.
+/// would exceed `KERNEL_VALUES` (a private bound), else whichever needs fewer multiplies (on a
+/// tie 2, which rounds less): 4 unless the image is so small that much of a 4x4 block would fall
+/// outside it.
 pub fn block_side(h: usize, w: usize, c_in: usize, c_out: usize) -> usize {
     let multiplies = |m: usize| h.div_ceil(m) * w.div_ceil(m) * (m + 2) * (m + 2);
     if Tiling::points_of(4) * c_in * c_out <= KERNEL_VALUES && multiplies(4) < multiplies(2) {
