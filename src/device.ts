@@ -9,9 +9,11 @@ export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 
 /**
  * Activation precision. 'bf16' is mixed precision: bf16 activations and matmuls (tensor
- * cores), f32 master weights, optimizer moments, norm/softmax reductions and losses. 'auto'
- * is 'bf16' on a GPU and 'f32' on the CPU (where bf16 has no speed benefit). For a tokenizer
- * it is the precision of `encode`; its training and decoding run in f32.
+ * cores), f32 master weights, optimizer moments, norm/softmax reductions and losses. On the
+ * CPU, 'bf16' rounds the linear layers' GEMM inputs to bf16 and sums in f32 (the MIM model and
+ * the classifier; AVX512-BF16 makes it faster than f32 on AMD Zen 4/5, see the README), and
+ * the segmenter runs candle's slower bf16 path. 'auto' is 'bf16' on a GPU and 'f32' on the
+ * CPU. For a tokenizer it is the precision of `encode`; its training and decoding run in f32.
  */
 export type PrecisionSpec = 'auto' | 'f32' | 'bf16'
 

@@ -3,7 +3,8 @@
  * is PyTorch's): one row of scripts/bench/rows.json, resolved by the orchestrator, run in its
  * own process so its peak RSS is its own. Prints one JSON line: images/s over the timed steps
  * and peak RSS.
- *   node dist/bench/torch-row.js --row '<json>' --steps N [--warmup 2]
+ *   node dist/bench/torch-row.js --row '<json>' --steps N [--warmup 2] [--precision bf16]
+ * `--precision bf16` runs the MIM and classifier rows in the CPU engine's mixed precision.
  * Under mpiexec each rank takes its share of the row's batch (one update of the whole batch per
  * step, gradients summed across ranks) and rank 0 prints, with the all-reduce's share of the
  * step. The compute threads are rayon's (RAYON_NUM_THREADS, set by the orchestrator).
@@ -41,7 +42,12 @@ function stepOf(
   }
 }
 
-async function build(row: ResolvedRow, rng: Rng, d: Distributed): Promise<{ step: Step; parameters: number }> {
+async function build(
+  row: ResolvedRow,
+  rng: Rng,
+  d: Distributed,
+  precision: 'f32' | 'bf16',
+): Promise<{ step: Step; parameters: number }> {
   if (row.batchSize % d.worldSize !== 0)
     throw new Error(`batch ${row.batchSize} does not split into ${d.worldSize} equal shares`)
   const b = row.batchSize / d.worldSize
@@ -52,7 +58,7 @@ async function build(row: ResolvedRow, rng: Rng, d: Distributed): Promise<{ step
   switch (row.kind) {
     case 'mim': {
       const c = row.config
-      const model = Beit.create(c)
+      const model = Beit.create(c, { precision })
       const [gh, gw] = model.grid
       const n = gh * gw
       const masking = new RandomMaskGenerator({ height: gh, width: gw, maskRatio: row.maskRatio, seed: 1 })
@@ -73,7 +79,7 @@ async function build(row: ResolvedRow, rng: Rng, d: Distributed): Promise<{ step
     }
     case 'classifier': {
       const c = row.config
-      const model = Classifier.create({ model: c, numLabels: row.numLabels })
+      const model = Classifier.create({ model: c, numLabels: row.numLabels }, { precision })
       const pixels = uniform(rng, b * c.numChannels * c.imageSize[0] * c.imageSize[1], -1, 1)
       const labels = new Int32Array(b).map(() => rng.int(0, row.numLabels - 1))
       return placed(
@@ -124,11 +130,20 @@ async function build(row: ResolvedRow, rng: Rng, d: Distributed): Promise<{ step
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { row: { type: 'string' }, steps: { type: 'string' }, warmup: { type: 'string', default: '2' } },
+    options: {
+      row: { type: 'string' },
+      steps: { type: 'string' },
+      warmup: { type: 'string', default: '2' },
+      precision: { type: 'string', default: 'f32' },
+    },
   })
+  const precision = values.precision
+  if (precision !== 'f32' && precision !== 'bf16') throw new Error(`--precision must be f32 or bf16, got ${precision}`)
   const row = JSON.parse(values.row ?? '') as ResolvedRow
+  if (precision === 'bf16' && row.kind !== 'mim' && row.kind !== 'classifier')
+    throw new Error(`--precision bf16: the CPU engine's bf16 runs the MIM and classifier rows, not ${row.kind}`)
   const d = detectLaunch() ? initDistributed() : SINGLE_PROCESS
-  const { step, parameters } = await build(row, new Rng(d.rank), d)
+  const { step, parameters } = await build(row, new Rng(d.rank), d, precision)
   for (let i = 0; i < Number(values.warmup); i++) await step()
   const steps = Number(values.steps)
   let allReduceSeconds = 0
@@ -141,7 +156,7 @@ async function main(): Promise<void> {
     JSON.stringify({
       imagesPerSecond: (steps * row.batchSize) / seconds,
       peakRssMiB: process.resourceUsage().maxRSS / 1024,
-      version: `beit ${ranks}${process.env.RAYON_NUM_THREADS ?? 'all'} threads`,
+      version: `beit ${precision}, ${ranks}${process.env.RAYON_NUM_THREADS ?? 'all'} threads`,
       parameters,
       allReduceShare: allReduceSeconds / seconds,
       allReduceSeconds: allReduceSeconds / steps,

@@ -1,11 +1,13 @@
 /**
  * beit against PyTorch on the CPU, side by side in one run: every row of
  * scripts/bench/rows.json (training steps of the MIM model, the classifier, the segmenter and
- * the tokenizer, and tokenizer encoding) runs as a beit process and PyTorch processes (eager
+ * the tokenizer, and tokenizer encoding) runs as beit processes (f32, and on CPUs with AMX or
+ * AVX512-BF16 the engine's bf16 mixed precision for the MIM and classifier rows) and PyTorch processes (eager
  * f32, and under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on; and each of
  * those under torch.compile, unless `--eager-only`) on the same work with the same number of
  * threads, alternating, `--rounds` times each; the best images/s of each side and the larger
- * peak RSS are reported, with beit's ratio to PyTorch eager f32 and to PyTorch's fastest mode,
+ * peak RSS are reported, with beit f32's ratio to PyTorch eager f32 and beit's fastest mode's
+ * ratio to PyTorch's fastest mode,
  * and how close each side comes to the machine: the row's matmul and
  * convolution FLOPs per step (counted once on the PyTorch side, the same work for both) as
  * sustained GFLOP/s against the GEMM roof (a 2048^3 PyTorch matmul on the same threads, f32 and,
@@ -37,10 +39,14 @@ interface Roof {
 const ROOT = join(__dirname, '..', '..')
 const TORCH_ROW = join(ROOT, 'scripts', 'bench', 'torch_row.py')
 
-type Side = 'beit' | 'torch' | 'torchBf16' | 'torchCompile' | 'torchBf16Compile'
+type Side = 'beit' | 'beitBf16' | 'torch' | 'torchBf16' | 'torchCompile' | 'torchBf16Compile'
+type TorchMode = Exclude<Side, 'beit' | 'beitBf16'>
+
+/** The row kinds whose CPU engine has the bf16 mode. */
+const BEIT_BF16_KINDS = ['mim', 'classifier']
 
 /** PyTorch's modes: the column title, torch_row.py's flags, and the precision of the roof they are held against. */
-const TORCH_MODES: Record<Exclude<Side, 'beit'>, { title: string; flags: string[]; bf16: boolean }> = {
+const TORCH_MODES: Record<TorchMode, { title: string; flags: string[]; bf16: boolean }> = {
   torch: { title: 'f32', flags: [], bf16: false },
   torchBf16: { title: 'bf16 autocast', flags: ['--autocast', 'bf16'], bf16: true },
   torchCompile: { title: 'f32 torch.compile', flags: ['--compile'], bf16: false },
@@ -62,11 +68,11 @@ function lastJsonLine<T>(what: string, command: string, args: string[], threads:
 function measure(side: Side, row: ResolvedRow, threads: number, python: string, countFlops: boolean): Measurement {
   const args = ['--row', JSON.stringify(row), '--steps', String(row.steps)]
   const t = String(threads)
-  if (side === 'beit')
+  if (side === 'beit' || side === 'beitBf16')
     return lastJsonLine(
-      `beit run of ${row.name}`,
+      `${side} run of ${row.name}`,
       process.execPath,
-      [join(__dirname, 'torch-row.js'), ...args],
+      [join(__dirname, 'torch-row.js'), ...args, '--precision', side === 'beit' ? 'f32' : 'bf16'],
       threads,
     )
   const torchArgs = ['--threads', t, ...TORCH_MODES[side].flags]
@@ -101,13 +107,13 @@ async function main(): Promise<void> {
   // Without AMX or AVX512-BF16, PyTorch's bf16 autocast emulates bf16 arithmetic: minutes per
   // step, and never the faster mode, so those columns are left out.
   const bf16 = bf16Hardware().length > 0
-  const modes = (Object.keys(TORCH_MODES) as (keyof typeof TORCH_MODES)[]).filter(
+  const modes = (Object.keys(TORCH_MODES) as TorchMode[]).filter(
     (m) => (bf16 || !TORCH_MODES[m].bf16) && (!values['eager-only'] || !TORCH_MODES[m].flags.includes('--compile')),
   )
-  const sidesRun: Side[] = ['beit', ...modes]
   const modeTitles = modes.map((m) => TORCH_MODES[m].title)
+  const beitModes = bf16 ? 'f32, and bf16 on the MIM and classifier rows' : 'f32'
   console.log(
-    `beit (f32) vs PyTorch (${modeTitles.join(', ')}) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast columns: this CPU has neither AMX-BF16 nor AVX512-BF16'}${values['eager-only'] ? '; no torch.compile columns (--eager-only)' : ''}`,
+    `beit (${beitModes}) vs PyTorch (${modeTitles.join(', ')}) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast columns: this CPU has neither AMX-BF16 nor AVX512-BF16'}${values['eager-only'] ? '; no torch.compile columns (--eager-only)' : ''}`,
   )
   const roof = lastJsonLine<Roof>(
     'the GEMM roof',
@@ -121,14 +127,15 @@ async function main(): Promise<void> {
   )
   const header = [
     'row',
-    'beit img/s',
+    'beit f32 img/s',
+    ...(bf16 ? ['beit bf16 img/s'] : []),
     ...modeTitles.map((t) => `PyTorch ${t} img/s`),
-    'ratio to PyTorch f32',
-    "ratio to PyTorch's fastest",
-    'beit peak RSS',
+    'beit f32 / PyTorch f32',
+    "beit's fastest / PyTorch's fastest",
+    `beit peak RSS (f32${bf16 ? ' / bf16' : ''})`,
     `PyTorch peak RSS (${modeTitles.join(' / ')})`,
     'GFLOP per step',
-    `GFLOP/s (% of the roof in its precision): beit f32 / ${modeTitles.join(' / ')}`,
+    `GFLOP/s (% of the roof in its precision): beit f32${bf16 ? ' / beit bf16' : ''} / ${modeTitles.join(' / ')}`,
   ]
   console.log(`| ${header.join(' | ')} |\n|${header.map(() => '---|').join('')}`)
   const results = []
@@ -136,11 +143,14 @@ async function main(): Promise<void> {
   for (const row of rows) {
     const sides: Record<Side, Measurement[]> = {
       beit: [],
+      beitBf16: [],
       torch: [],
       torchBf16: [],
       torchCompile: [],
       torchBf16Compile: [],
     }
+    const beitSides: Side[] = bf16 && BEIT_BF16_KINDS.includes(row.kind) ? ['beit', 'beitBf16'] : ['beit']
+    const sidesRun: Side[] = [...beitSides, ...modes]
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])
       for (const side of order)
@@ -149,6 +159,8 @@ async function main(): Promise<void> {
     const best = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.imagesPerSecond)) : NaN)
     const rss = (ms: Measurement[]) => (ms.length > 0 ? Math.max(...ms.map((m) => m.peakRssMiB)) : NaN)
     const beit = best(sides.beit)
+    const beitFastest = Math.max(...beitSides.map((s) => best(sides[s])))
+    const beitFastestMode = beitSides.find((s) => best(sides[s]) === beitFastest) === 'beitBf16' ? 'bf16' : 'f32'
     const torch = best(sides.torch)
     const fastest = Math.max(...modes.map((m) => best(sides[m])))
     const fastestMode = modes.find((m) => best(sides[m]) === fastest) ?? 'torch'
@@ -161,16 +173,22 @@ async function main(): Promise<void> {
       const gflops = (imagesPerSecond * flopsPerImage) / 1e9
       return `${gflops.toFixed(0)} (${((100 * gflops) / roofGflops).toFixed(0)}%)`
     }
+    const beitBf16 = bf16 ? [best(sides.beitBf16)] : []
     const cells = [
       row.title,
       beit.toFixed(1),
+      ...beitBf16.map((v) => (Number.isNaN(v) ? 'n/a' : v.toFixed(1))),
       ...modes.map((m) => best(sides[m]).toFixed(1)),
       (beit / torch).toFixed(2),
-      `**${(beit / fastest).toFixed(2)}** (${TORCH_MODES[fastestMode].title})`,
-      gib(rss(sides.beit)),
+      `**${(beitFastest / fastest).toFixed(2)}** (beit ${beitFastestMode} / ${TORCH_MODES[fastestMode].title})`,
+      [gib(rss(sides.beit)), ...beitBf16.map(() => gib(rss(sides.beitBf16)))].join(' / '),
       modes.map((m) => gib(rss(sides[m]))).join(' / '),
       ((flopsPerImage * row.batchSize) / 1e9).toFixed(1),
-      [sustained(beit, false), ...modes.map((m) => sustained(best(sides[m]), TORCH_MODES[m].bf16))].join(' / '),
+      [
+        sustained(beit, false),
+        ...beitBf16.map((v) => sustained(v, true)),
+        ...modes.map((m) => sustained(best(sides[m]), TORCH_MODES[m].bf16)),
+      ].join(' / '),
     ]
     console.log(`| ${cells.join(' | ')} |`)
     results.push({
@@ -178,7 +196,8 @@ async function main(): Promise<void> {
       title: row.title,
       ...sides,
       ratio: beit / torch,
-      ratioToFastest: beit / fastest,
+      ratioToFastest: beitFastest / fastest,
+      beitFastestMode,
       fastestMode,
       flopsPerStep: sides.torch[0].flopsPerStep,
     })

@@ -118,8 +118,9 @@ impl Kind for Classification {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn ClassifierRunner>> {
         let (table, params) = ClassifierParams::new(config);
-        if spec.placement.uses_engine() {
-            let engine = ClassifierEngine::new(config, &params, Flat::new(table, flat_values(&values)?)?)?;
+        if spec.placement.uses_engine_at(true) {
+            let flat = Flat::new(table, flat_values(&values)?)?;
+            let engine = ClassifierEngine::new(config, &params, flat, spec.placement.precision)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
         } else {
             let new = |vars: &_, device: &_| BeitForImageClassification::new(config, &params, vars, device);

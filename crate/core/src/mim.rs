@@ -55,8 +55,9 @@ impl Kind for Mim {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn MimRunner>> {
         let (table, params) = MimParams::new(config);
-        if spec.placement.uses_engine() {
-            let engine = MimEngine::new(config, &params, Flat::new(table, flat_values(&values)?)?)?;
+        if spec.placement.uses_engine_at(true) {
+            let flat = Flat::new(table, flat_values(&values)?)?;
+            let engine = MimEngine::new(config, &params, flat, spec.placement.precision)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
         } else {
             let new = |vars: &_, device: &_| BeitForMaskedImageModeling::new(config, &params, vars, device);

@@ -37,9 +37,17 @@ impl Placement {
         Self { device: Device::Cpu, precision: Precision::F32, cpu_engine: true }
     }
 
-    /// The engine runs f32 on the CPU; everything else goes through candle.
+    /// The engine runs the steps on the CPU (in f32, or in bf16 where the model's engine has
+    /// bf16 GEMMs: see `uses_engine_at`); everything else goes through candle.
     pub fn uses_engine(&self) -> bool {
-        self.cpu_engine && self.device.is_cpu() && self.precision == Precision::F32
+        self.cpu_engine && self.device.is_cpu()
+    }
+
+    /// Whether the engine runs this model's steps, given whether its engine has a bf16 mode
+    /// (the backbone models' linear layers) or runs f32 only (the tokenizer, whose bf16 is
+    /// candle's).
+    pub fn uses_engine_at(&self, engine_has_bf16: bool) -> bool {
+        self.uses_engine() && (self.precision == Precision::F32 || engine_has_bf16)
     }
 }
 

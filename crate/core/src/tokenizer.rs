@@ -125,7 +125,7 @@ impl Kind for Tokenizer {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn DvaeRunner>> {
         let (table, params) = DvaeParams::new(config);
-        if spec.placement.uses_engine() {
+        if spec.placement.uses_engine_at(false) {
             let engine = DvaeEngine::new(config, &params, table, flat_values(&values)?)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
         } else {

@@ -5,6 +5,7 @@
 mod common;
 
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
+use beit_core::device::Precision;
 use beit_core::engine::heads::classification::ClassifierEngine;
 use beit_core::engine::heads::mim::MimEngine;
 use beit_core::engine::Flat;
@@ -263,7 +264,16 @@ fn split_reductions_add_the_direct_sum() {
         let start = values(&random_tensor(&[m * n], 3, DType::F64));
         let mut dst = start.clone();
         let d = if transposed_dst { Mat::dense(n, m).t() } else { Mat::dense(m, n) };
-        matmul_accumulate_split(&mut dst, d, &a, Mat::dense(depth, m).t(), &b, Mat::dense(depth, n), &mut Vec::new());
+        matmul_accumulate_split(
+            Precision::F32,
+            &mut dst,
+            d,
+            &a,
+            Mat::dense(depth, m).t(),
+            &b,
+            Mat::dense(depth, n),
+            &mut Vec::new(),
+        );
         let at = |i: usize, j: usize| if transposed_dst { j * m + i } else { i * n + j };
         let mut expected = start.clone();
         for i in 0..m {

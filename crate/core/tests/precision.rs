@@ -7,8 +7,11 @@ mod common;
 
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::device::Precision;
+use beit_core::engine::matmul::{matmul_at, Mat, Threads};
+use beit_core::engine::matmul_bf16::{bf16_bits, bf16_value, has_avx512_bf16, set_bf16_kernel, Bf16Kernel};
 use beit_core::model::mim::{mask_tensors, masked_loss};
 use beit_core::rng::Draws;
+use beit_core::runner::GradientValues;
 use beit_core::{
     ops, AdamWConfig, BeitConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, DvaeTrainer,
     DvaeTrainingOptions, ImageBatch,
@@ -164,4 +167,298 @@ fn bf16_tokenizer_encoding_agrees_with_f32() {
     let agree = full.iter().zip(&mixed).filter(|(a, b)| a == b).count();
     // Near-ties of the argmax may flip under bf16 rounding; most ids must not.
     assert!(agree * 10 >= full.len() * 8, "bf16 ids agree with f32 at {agree}/{} positions", full.len());
+}
+
+// The CPU engine's bf16 mode: its GEMMs round their inputs to bf16 and sum in f32.
+
+/// A GEMM's shapes and layouts.
+#[derive(Debug, Clone, Copy)]
+struct GemmCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// a, b and dst stored transposed (column-major views).
+    a_t: bool,
+    b_t: bool,
+    dst_t: bool,
+    /// a read with neither stride 1 (every other value of a wider buffer).
+    a_gapped: bool,
+    accumulate: bool,
+    scale: f32,
+}
+
+impl GemmCase {
+    fn plain(m: usize, n: usize, k: usize) -> Self {
+        Self { m, n, k, a_t: false, b_t: false, dst_t: false, a_gapped: false, accumulate: false, scale: 1.0 }
+    }
+
+    fn a_view(&self) -> (Mat, usize) {
+        let (m, k) = (self.m, self.k);
+        if self.a_gapped {
+            (Mat { offset: 1, rows: m, cols: k, row_stride: 2 * k + 1, col_stride: 2 }, 1 + m * (2 * k + 1))
+        } else if self.a_t {
+            (Mat::dense(k, m).t(), m * k)
+        } else {
+            (Mat::dense(m, k), m * k)
+        }
+    }
+
+    fn b_view(&self) -> Mat {
+        if self.b_t {
+            Mat::dense(self.n, self.k).t()
+        } else {
+            Mat::dense(self.k, self.n)
+        }
+    }
+
+    fn dst_view(&self) -> Mat {
+        if self.dst_t {
+            Mat::dense(self.n, self.m).t()
+        } else {
+            Mat::dense(self.m, self.n)
+        }
+    }
+}
+
+fn at(m: Mat, i: usize, j: usize) -> usize {
+    m.offset + i * m.row_stride + j * m.col_stride
+}
+
+fn f32_values(len: usize, seed: u64) -> Vec<f32> {
+    values(&random_tensor(&[len], seed, DType::F32))
+}
+
+/// The case's inputs, its output from `threads`, and per output the f64 sum over the
+/// bf16-rounded inputs with the sum of |products| (the scale of f32's rounding).
+fn run_gemm(case: &GemmCase, threads: Threads) -> (Vec<f32>, Vec<(f64, f64)>) {
+    let (am, a_len) = case.a_view();
+    let (bm, dm) = (case.b_view(), case.dst_view());
+    let a = f32_values(a_len, 1);
+    let b = f32_values(case.k * case.n, 2);
+    let start = f32_values(case.m * case.n, 3);
+    let mut out = start.clone();
+    matmul_at(Precision::Bf16, &mut out, dm, &a, am, &b, bm, case.accumulate, case.scale, threads);
+    let round = |x: f32| bf16_value(bf16_bits(x)) as f64;
+    let mut expected = Vec::new();
+    for i in 0..case.m {
+        for j in 0..case.n {
+            let products = (0..case.k).map(|l| round(a[at(am, i, l)]) * round(b[at(bm, l, j)]));
+            let (sum, magnitude) = products.fold((0.0, 0.0), |(s, m), p| (s + p, m + p.abs()));
+            let base = if case.accumulate { start[at(dm, i, j)] as f64 } else { 0.0 };
+            expected.push((base + case.scale as f64 * sum, base.abs() + (case.scale as f64 * magnitude).abs()));
+        }
+    }
+    let ours = (0..case.m).flat_map(|i| (0..case.n).map(move |j| (i, j))).map(|(i, j)| out[at(dm, i, j)]).collect();
+    (ours, expected)
+}
+
+/// Edges of the 12 x 32 tiles, odd depths, depths over one 256-deep block, transposed and
+/// gapped operands, a transposed destination, accumulation with a scale, and GEMMs large
+/// enough to be split among threads.
+fn gemm_cases() -> Vec<GemmCase> {
+    let p = GemmCase::plain;
+    vec![
+        p(1, 1, 1),
+        p(13, 33, 7),
+        GemmCase { a_t: true, b_t: true, ..p(29, 70, 600) },
+        GemmCase { dst_t: true, accumulate: true, scale: 0.5, ..p(200, 45, 64) },
+        GemmCase { a_gapped: true, b_t: true, ..p(37, 40, 301) },
+        GemmCase { accumulate: true, scale: -2.0, ..p(300, 200, 100) },
+        GemmCase { a_t: true, ..p(150, 96, 1030) },
+    ]
+}
+
+#[test]
+fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
+    let mut levels = vec![Bf16Kernel::Emulated];
+    if has_avx512_bf16() {
+        levels.push(Bf16Kernel::Avx512Bf16);
+    } else {
+        eprintln!("SKIPPED: the AVX512-BF16 kernel (this CPU has no AVX512-BF16); the emulated kernel was tested");
+    }
+    let mut outputs = Vec::new();
+    for &level in &levels {
+        assert_eq!(set_bf16_kernel(level), level);
+        let mut per_case = Vec::new();
+        for case in gemm_cases() {
+            let (ours, expected) = run_gemm(&case, Threads::Pool);
+            for (o, (e, magnitude)) in ours.iter().zip(&expected) {
+                let tolerance = 64.0 * f32::EPSILON as f64 * magnitude + 1e-30;
+                assert!((*o as f64 - e).abs() <= tolerance, "{level:?} {case:?}: {o} vs {e} (magnitude {magnitude})");
+            }
+            // Each output's sum is one task's, in depth order: the thread count changes nothing.
+            let (alone, _) = run_gemm(&case, Threads::Caller);
+            assert_eq!(bits(&ours), bits(&alone), "{level:?} {case:?}: pool vs calling thread");
+            per_case.push(bits(&ours));
+        }
+        outputs.push(per_case);
+    }
+    set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
+    if let [emulated, hardware] = &outputs[..] {
+        for ((e, h), case) in emulated.iter().zip(hardware).zip(gemm_cases()) {
+            assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn bf16_rounding_is_to_nearest_even_as_candles() {
+    for x in f32_values(100_000, 11).iter().map(|v| v * 1e3) {
+        assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits() as u32, "{x}");
+    }
+    let tie_down = 1.0 + 2f32.powi(-8); // halfway between 1 and 1 + 2^-7: to 1 (even)
+    let tie_up = 1.0 + 3.0 * 2f32.powi(-8); // halfway between 1 + 2^-7 and 1 + 2^-6: to the even one
+    assert_eq!(bf16_value(bf16_bits(tie_down)), 1.0);
+    assert_eq!(bf16_value(bf16_bits(tie_up)), 1.0 + 2f32.powi(-6));
+    assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+    assert_eq!(bf16_value(bf16_bits(f32::MAX)), f32::INFINITY);
+    assert_eq!(bf16_value(bf16_bits(-f32::INFINITY)), -f32::INFINITY);
+    // Subnormals are read as zeros of their sign, as vdpbf16ps reads them.
+    assert_eq!(bf16_bits(1e-40), 0);
+    assert_eq!(bf16_bits(-1e-40), 0x8000);
+}
+
+/// A linear layer's GEMM against candle's bf16 matmul: the same products of bf16 values,
+/// summed in f32; rounded to bf16 (candle's output) they agree to within one bf16 step.
+#[test]
+fn bf16_linear_gemm_agrees_with_candles_bf16_matmul() {
+    let (rows, n_in, n_out) = (70, 96, 40);
+    let x = bf16(&[rows, n_in], 21);
+    let w = bf16(&[n_out, n_in], 22);
+    let reference = values(&x.matmul(&w.t().unwrap()).unwrap());
+    let (xs, ws) = (values(&x), values(&w));
+    let mut out = vec![0f32; rows * n_out];
+    let weight_t = Mat::dense(n_out, n_in).t();
+    matmul_at(
+        Precision::Bf16,
+        &mut out,
+        Mat::dense(rows, n_out),
+        &xs,
+        Mat::dense(rows, n_in),
+        &ws,
+        weight_t,
+        false,
+        1.0,
+        Threads::Pool,
+    );
+    let mut exact = 0;
+    for (o, r) in out.iter().zip(&reference) {
+        let ours = bf16_value(bf16_bits(*o));
+        let step = (r.abs() * 2f32.powi(-7)).max(1e-30);
+        assert!((ours - r).abs() <= step, "{ours} vs candle's {r}");
+        exact += (ours == *r) as usize;
+    }
+    assert!(exact * 10 >= out.len() * 9, "only {exact} of {} outputs round to candle's", out.len());
+}
+
+fn small_mim_config() -> BeitConfig {
+    BeitConfig {
+        image_size: [16, 16],
+        patch_size: 4,
+        hidden_size: 32,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        vocab_size: 16,
+        ..tiny_config()
+    }
+}
+
+/// The engine's bf16 step against candle's bf16 autograd (the path GPUs take) and the
+/// engine's f32 step, from the same weights: the same loss and gradient to bf16's precision.
+#[test]
+fn the_engines_bf16_mim_step_agrees_with_candles_bf16_and_with_f32() {
+    let cfg = small_mim_config();
+    let b = batch(&cfg, 4, 2);
+    let gradient = |precision: Precision, engine: bool| {
+        let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 7).unwrap();
+        t.set_precision(precision).unwrap();
+        t.set_cpu_engine(engine).unwrap();
+        let loss = t.loss_and_grads(&b.view(), Draws { seed: 3, first_sample: 0 }).unwrap().loss;
+        let g = t.gradients();
+        let values = match g.values {
+            GradientValues::Host(v) => v.to_vec(),
+            GradientValues::Device(t) => t.as_ref().unwrap().to_vec1::<f32>().unwrap(),
+        };
+        (loss, values)
+    };
+    let (engine_loss, engine_grad) = gradient(Precision::Bf16, true);
+    for (what, (loss, grad), tolerance) in [
+        ("candle's bf16", gradient(Precision::Bf16, false), 0.05),
+        ("the engine's f32", gradient(Precision::F32, true), 0.03),
+    ] {
+        assert!((engine_loss - loss).abs() < 0.01 * loss, "loss {engine_loss} vs {what} {loss}");
+        let scale = grad.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let worst = engine_grad.iter().zip(&grad).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < tolerance * scale, "gradient differs from {what}'s by {worst} (scale {scale})");
+        let dot: f64 = engine_grad.iter().zip(&grad).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(&engine_grad) * norm(&grad));
+        assert!(cosine > 0.999, "gradient's cosine with {what}'s is {cosine}");
+    }
+}
+
+/// A batch of a task that can be learnt from fresh batches: each image is one brightness
+/// plus noise; every patch's target is the brightness's bin of `cfg.vocab_size`, the image's
+/// label its bin of 5, except for a third of them, which are noise.
+fn brightness_batch(cfg: &BeitConfig, b: usize, seed: u64) -> (Batch, Vec<i32>) {
+    let per = cfg.num_channels * cfg.image_size[0] * cfg.image_size[1];
+    let n = cfg.num_patches();
+    let noise = f32_values(b * per, seed);
+    let brightness: Vec<f32> = (0..b as u64).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0).collect();
+    let pixels = noise.iter().enumerate().map(|(i, e)| 2.0 * brightness[i / per] - 1.0 + 0.1 * e).collect();
+    let mask = (0..b * n).map(|i| ((i * 7 + seed as usize) % 5 < 2) as u8).collect();
+    let bin = |v: f32, bins: usize| ((v * bins as f32) as i32).min(bins as i32 - 1);
+    // Every third target is noise: the loss settles at that noise's entropy, not near 0.
+    let noisy = |i: usize| (i as u64 * 2_654_435_761 + seed * 40_503).is_multiple_of(3);
+    let targets = (0..b * n)
+        .map(|i| {
+            if noisy(i) {
+                ((i * 31 + seed as usize * 17) % cfg.vocab_size) as i32
+            } else {
+                bin(brightness[i / n], cfg.vocab_size)
+            }
+        })
+        .collect();
+    let labels =
+        brightness.iter().enumerate().map(|(i, &v)| if noisy(i) { (i % 5) as i32 } else { bin(v, 5) }).collect();
+    (Batch { pixels, mask, targets }, labels)
+}
+
+/// Mean of the last 50 of 300 losses on fresh batches, bf16 engine against f32 engine:
+/// within 2% (the tolerance the issue holds PyTorch's autocast to), for MIM and
+/// classification.
+#[test]
+fn the_engines_bf16_training_tracks_f32_over_300_steps() {
+    let tail_mean = |losses: &[f64]| losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
+    let cfg = small_mim_config();
+    let mim = |precision| {
+        let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 7).unwrap();
+        t.set_precision(precision).unwrap();
+        let step = |s: u64| t.train_step(&brightness_batch(&cfg, 32, s).0.view(), 3e-3, s).unwrap().loss;
+        (0..300).map(step).collect::<Vec<_>>()
+    };
+    let (full, mixed) = (mim(Precision::F32), mim(Precision::Bf16));
+    let (f, m) = (tail_mean(&full), tail_mean(&mixed));
+    assert!(f < 0.75 * full[0], "f32 MIM did not learn: {} -> {f}", full[0]);
+    assert!((m - f).abs() < 0.02 * f, "MIM: last 50 steps' mean loss bf16 {m} vs f32 {f}");
+
+    let classes = ClassifierConfig { model: small_mim_config(), num_labels: 5, pooling: Pooling::Mean };
+    let classify = |precision| {
+        let opts = ClassifierTrainingOptions::default();
+        let mut t = ClassifierTrainer::new(classes.clone(), AdamWConfig::default(), opts, 4).unwrap();
+        t.set_precision(precision).unwrap();
+        let step = |s: u64| {
+            let (b, labels) = brightness_batch(&cfg, 32, s);
+            t.train_step(&b.pixels, &labels, 3e-3, s).unwrap().loss
+        };
+        (0..300).map(step).collect::<Vec<_>>()
+    };
+    let (full, mixed) = (classify(Precision::F32), classify(Precision::Bf16));
+    let (f, m) = (tail_mean(&full), tail_mean(&mixed));
+    assert!(f < 0.75 * full[0], "f32 classifier did not learn: {} -> {f}", full[0]);
+    assert!((m - f).abs() < 0.02 * f, "classifier: last 50 steps' mean loss bf16 {m} vs f32 {f}");
 }

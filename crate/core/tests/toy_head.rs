@@ -7,6 +7,7 @@ mod common;
 
 use beit_core::arch::backbone::BackboneParams;
 use beit_core::config::BeitConfig;
+use beit_core::device::Precision;
 use beit_core::engine::backbone::Backbone;
 use beit_core::engine::linear::Linear;
 use beit_core::engine::Flat;
@@ -50,8 +51,8 @@ impl RegressionModel {
             .map(f64::from)
             .collect();
         let flat = Flat::new(table, values).unwrap();
-        let backbone_engine = Backbone::new(cfg, &backbone, &flat.layout).unwrap();
-        let head = Linear::new(&head.projection, &flat.layout);
+        let backbone_engine = Backbone::new(cfg, &backbone, &flat.layout, Precision::F32).unwrap();
+        let head = Linear::new(&head.projection, &flat.layout, Precision::F32);
         Self { flat, backbone: backbone_engine, head, layers: [1, cfg.num_hidden_layers] }
     }
 

@@ -11,6 +11,7 @@ use super::linear::Linear;
 use super::simd::Real;
 use crate::arch::backbone::{relative_position_index, BackboneParams};
 use crate::config::BeitConfig;
+use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::params::{Layout, Slot};
 use crate::rng::Draws;
@@ -76,12 +77,12 @@ pub struct Backbone<T> {
 }
 
 impl<T: Real> Backbone<T> {
-    pub fn new(cfg: &BeitConfig, p: &BackboneParams, layout: &Layout) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, p: &BackboneParams, layout: &Layout, precision: Precision) -> Result<Self> {
         let e = &p.embeddings;
         let embeddings = Embeddings {
             cls_token: layout.slot(e.cls_token),
             mask_token: e.mask_token.map(|t| layout.slot(t)),
-            patch: Linear::new(&e.patch, layout),
+            patch: Linear::new(&e.patch, layout, precision),
             position_embeddings: e.position_embeddings.map(|t| layout.slot(t)),
         };
         let (gh, gw) = cfg.grid();
@@ -89,7 +90,7 @@ impl<T: Real> Backbone<T> {
             cfg: cfg.clone(),
             embeddings,
             shared_table: p.relative_position_bias.map(|t| layout.slot(t)),
-            blocks: p.layers.iter().map(|b| Block::new(b, layout)).collect::<Result<_>>()?,
+            blocks: p.layers.iter().map(|b| Block::new(b, layout, precision)).collect::<Result<_>>()?,
             index: relative_position_index(gh, gw).into_iter().map(|i| i as usize).collect(),
             train: None,
             eval: None,

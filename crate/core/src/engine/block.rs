@@ -14,6 +14,7 @@ use super::matmul::{matmul, matmul_raw, Mat, Threads};
 use super::simd::Real;
 use super::SharedMut;
 use crate::arch::backbone::BlockParams;
+use crate::device::Precision;
 use crate::error::Result;
 use crate::params::{slots_mut, Layout, NormParams, Slot};
 
@@ -172,22 +173,24 @@ pub struct Scratch<'a, T> {
 }
 
 impl Block {
-    pub fn new(p: &BlockParams, layout: &Layout) -> Result<Self> {
+    /// A block whose linear layers run their GEMMs at `precision` (the attention's own
+    /// products, 2-5% of a block's multiplies, stay f32).
+    pub fn new(p: &BlockParams, layout: &Layout, precision: Precision) -> Result<Self> {
         let d = p.query.n_in;
         let fused = layout.span(&[p.query.weight, p.key.weight, p.value.weight])?;
         let bias = |b: Option<crate::params::ParamId>| layout.slot(b.expect("BEiT's query and value have biases"));
         Ok(Self {
             index: p.index,
             ln1: Norm::new(&p.layernorm_before, layout),
-            qkv: Linear { w: fused, b: None, n_in: d, n_out: 3 * d },
+            qkv: Linear { w: fused, b: None, n_in: d, n_out: 3 * d, precision },
             query_bias: bias(p.query.bias),
             value_bias: bias(p.value.bias),
             table: p.relative_position_bias.map(|t| layout.slot(t)),
-            proj: Linear::new(&p.attention_output, layout),
+            proj: Linear::new(&p.attention_output, layout, precision),
             lambda_1: p.lambda_1.map(|t| layout.slot(t)),
             ln2: Norm::new(&p.layernorm_after, layout),
-            fc1: Linear::new(&p.intermediate, layout),
-            fc2: Linear::new(&p.output, layout),
+            fc1: Linear::new(&p.intermediate, layout, precision),
+            fc2: Linear::new(&p.output, layout, precision),
             lambda_2: p.lambda_2.map(|t| layout.slot(t)),
             drop_path: p.drop_path,
         })

@@ -16,6 +16,7 @@ use super::matmul::{add_partials, matmul, matmul_accumulate_split, reduction_gro
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
+use crate::device::Precision;
 
 /// An NHWC activation's dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +191,7 @@ pub fn backward_params<T: Real>(
         for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
             let g = &dy[p0 * c_out..(p0 + n) * c_out];
             let (d, gm, tm) = (Mat::dense(c_out, row), Mat::dense(n, c_out).t(), Mat::dense(n, row));
-            matmul_accumulate_split(dweight, d, g, gm, tile, tm, scratch);
+            matmul_accumulate_split(Precision::F32, dweight, d, g, gm, tile, tm, scratch);
         });
     }
     add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);

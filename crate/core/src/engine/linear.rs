@@ -3,22 +3,25 @@
 //! when the batch is long, see `matmul::matmul_accumulate_split`).
 
 use super::kernels::{add_bias, add_column_sums};
-use super::matmul::{matmul, matmul_accumulate_split, Mat, Threads};
+use super::matmul::{matmul_accumulate_split, matmul_at, Mat, Threads};
 use super::simd::Real;
+use crate::device::Precision;
 use crate::params::{Layout, LinearParams, Slot};
 
-/// y = x W^T + b with W [n_out, n_in] at `w` in the flat weights.
+/// y = x W^T + b with W [n_out, n_in] at `w` in the flat weights; its GEMMs (forward and
+/// backward) at `precision`.
 #[derive(Debug, Clone, Copy)]
 pub struct Linear {
     pub w: Slot,
     pub b: Option<Slot>,
     pub n_in: usize,
     pub n_out: usize,
+    pub precision: Precision,
 }
 
 impl Linear {
-    pub fn new(p: &LinearParams, layout: &Layout) -> Self {
-        Self { w: layout.slot(p.weight), b: p.bias.map(|b| layout.slot(b)), n_in: p.n_in, n_out: p.n_out }
+    pub fn new(p: &LinearParams, layout: &Layout, precision: Precision) -> Self {
+        Self { w: layout.slot(p.weight), b: p.bias.map(|b| layout.slot(b)), n_in: p.n_in, n_out: p.n_out, precision }
     }
 
     /// W^T as a GEMM operand.
@@ -38,7 +41,7 @@ impl Linear {
     pub fn forward_without_bias<T: Real>(&self, p: &[T], inp: &[T], out: &mut [T]) {
         let rows = inp.len() / self.n_in;
         let (dst, a) = (Mat::dense(rows, self.n_out), Mat::dense(rows, self.n_in));
-        matmul(out, dst, inp, a, p, self.weight_t(), false, T::ONE, Threads::Pool);
+        matmul_at(self.precision, out, dst, inp, a, p, self.weight_t(), false, T::ONE, Threads::Pool);
     }
 
     /// dW += dout^T inp and db += the column sums of dout (into `grads`); dinp = dout W when
@@ -57,6 +60,7 @@ impl Linear {
         let dout = &dout[..rows * n_out];
         let dw = self.w.of_mut(grads);
         matmul_accumulate_split(
+            self.precision,
             dw,
             Mat::dense(n_out, n_in),
             dout,
@@ -70,7 +74,8 @@ impl Linear {
         }
         if let Some(dinp) = dinp {
             let w = Mat::strided(self.w.offset, n_out, n_in, n_in);
-            matmul(dinp, Mat::dense(rows, n_in), dout, Mat::dense(rows, n_out), p, w, false, T::ONE, Threads::Pool);
+            let (d, o) = (Mat::dense(rows, n_in), Mat::dense(rows, n_out));
+            matmul_at(self.precision, dinp, d, dout, o, p, w, false, T::ONE, Threads::Pool);
         }
     }
 }

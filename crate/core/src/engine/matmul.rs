@@ -5,8 +5,10 @@
 
 use rayon::prelude::*;
 
+use super::matmul_bf16::matmul_bf16_raw;
 use super::simd::Real;
 use super::SharedMut;
+use crate::device::Precision;
 
 /// A rows x cols matrix at `offset` in a buffer: element (i, j) at offset + i*rs + j*cs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +133,53 @@ pub unsafe fn matmul_raw<T: Real>(
     );
 }
 
+/// [`matmul`] with the inputs at `precision`: as they are for f32, rounded to bf16 (f32 sums,
+/// [`super::matmul_bf16`]) for bf16, the engine's mixed precision, which takes f32 buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_at<T: Real>(
+    precision: Precision,
+    dst: &mut [T],
+    d: Mat,
+    a: &[T],
+    am: Mat,
+    b: &[T],
+    bm: Mat,
+    accumulate: bool,
+    scale: T,
+    threads: Threads,
+) {
+    match precision {
+        Precision::F32 => matmul(dst, d, a, am, b, bm, accumulate, scale, threads),
+        Precision::Bf16 => {
+            check_shapes(&d, &am, &bm);
+            assert!(
+                d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(),
+                "matmul: a view exceeds its buffer"
+            );
+            assert!(
+                std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),
+                "bf16 GEMMs take f32 buffers (the finite-difference checks run f64 at f32 precision)"
+            );
+            let scale = scale.to_f64() as f32;
+            // SAFETY: T is f32 (asserted above), the views are in bounds, and `dst` is a unique
+            // borrow, so it aliases neither input.
+            unsafe {
+                matmul_bf16_raw(
+                    dst.as_mut_ptr().cast(),
+                    d,
+                    a.as_ptr().cast(),
+                    am,
+                    b.as_ptr().cast(),
+                    bm,
+                    accumulate,
+                    scale,
+                    threads,
+                )
+            }
+        }
+    }
+}
+
 /// The groups a long reduction is split into by [`matmul_accumulate_split`]: fixed, not the
 /// thread count, so that the sums are the same on every machine.
 const REDUCTION_GROUPS: usize = 4;
@@ -156,6 +205,7 @@ pub fn reduction_groups(values: usize) -> usize {
 /// `scratch`), and the copies are added to `dst` in order.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_accumulate_split<T: Real>(
+    precision: Precision,
     dst: &mut [T],
     d: Mat,
     a: &[T],
@@ -167,7 +217,7 @@ pub fn matmul_accumulate_split<T: Real>(
     check_shapes(&d, &am, &bm);
     let (depth, values) = (am.cols, d.rows * d.cols);
     if depth < MIN_SPLIT_DEPTH || reduction_groups(values) == 1 {
-        return matmul(dst, d, a, am, b, bm, true, T::ONE, Threads::Pool);
+        return matmul_at(precision, dst, d, a, am, b, bm, true, T::ONE, Threads::Pool);
     }
     assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
     let share = depth.div_ceil(REDUCTION_GROUPS);
@@ -176,7 +226,7 @@ pub fn matmul_accumulate_split<T: Real>(
         let (k0, k1) = (g * share, ((g + 1) * share).min(depth));
         let am = Mat { offset: am.offset + k0 * am.col_stride, cols: k1 - k0, ..am };
         let bm = Mat { offset: bm.offset + k0 * bm.row_stride, rows: k1 - k0, ..bm };
-        matmul(partial, Mat::dense(d.rows, d.cols), a, am, b, bm, false, T::ONE, Threads::Caller);
+        matmul_at(precision, partial, Mat::dense(d.rows, d.cols), a, am, b, bm, false, T::ONE, Threads::Caller);
     });
     add_partials(dst, d, partials);
 }

@@ -28,6 +28,7 @@ pub mod heads;
 pub mod kernels;
 pub mod linear;
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod simd;
 pub mod winograd;
 

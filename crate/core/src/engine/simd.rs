@@ -130,7 +130,7 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 /// The float types the engine runs on: f32 for training, f64 for the finite-difference checks.
-pub trait Real: Float + Default + std::fmt::Debug {
+pub trait Real: Float + Default + std::fmt::Debug + 'static {
     /// exp for vectorised loops: f32 uses a branch-free polynomial (Cephes' expf, ~1 ulp;
     /// inputs below -87.3 give ~1e-38 instead of 0), f64 the exact function.
     fn exp_v(self) -> Self;

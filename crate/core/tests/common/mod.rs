@@ -5,6 +5,7 @@ use std::sync::{Barrier, Mutex};
 use beit_core::arch::classification::ClassifierParams;
 use beit_core::arch::dvae::DvaeParams;
 use beit_core::arch::mim::MimParams;
+use beit_core::device::Precision;
 use beit_core::distributed::ReplicaSum;
 use beit_core::engine::dvae::DvaeEngine;
 use beit_core::engine::heads::classification::ClassifierEngine;
@@ -109,13 +110,27 @@ pub fn flat_values<T: Real>(vars: &NamedVars) -> Vec<T> {
 
 /// The engine model over the current values of a candle model's variables.
 pub fn mim_engine<T: Real>(cfg: &BeitConfig, vars: &NamedVars) -> MimEngine<T> {
+    mim_engine_at(cfg, vars, Precision::F32)
+}
+
+/// [`mim_engine`] with its linear layers' GEMMs at `precision`.
+pub fn mim_engine_at<T: Real>(cfg: &BeitConfig, vars: &NamedVars, precision: Precision) -> MimEngine<T> {
     let (table, p) = MimParams::new(cfg);
-    MimEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap()).unwrap()
+    MimEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap(), precision).unwrap()
 }
 
 pub fn classifier_engine<T: Real>(cfg: &ClassifierConfig, vars: &NamedVars) -> ClassifierEngine<T> {
+    classifier_engine_at(cfg, vars, Precision::F32)
+}
+
+/// [`classifier_engine`] with its linear layers' GEMMs at `precision`.
+pub fn classifier_engine_at<T: Real>(
+    cfg: &ClassifierConfig,
+    vars: &NamedVars,
+    precision: Precision,
+) -> ClassifierEngine<T> {
     let (table, p) = ClassifierParams::new(cfg);
-    ClassifierEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap()).unwrap()
+    ClassifierEngine::new(cfg, &p, Flat::new(table, flat_values(vars)).unwrap(), precision).unwrap()
 }
 
 pub fn dvae_engine<T: Real>(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<T> {

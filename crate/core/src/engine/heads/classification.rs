@@ -5,6 +5,7 @@
 use super::norm_linear::{NormLinear, Pool};
 use crate::arch::classification::ClassifierParams;
 use crate::config::{ClassifierConfig, Pooling};
+use crate::device::Precision;
 use crate::engine::backbone::Backbone;
 use crate::engine::block::Shapes;
 use crate::engine::simd::Real;
@@ -19,13 +20,14 @@ pub struct ClassifierEngine<T> {
 }
 
 impl<T: Real> ClassifierEngine<T> {
-    pub fn new(cfg: &ClassifierConfig, p: &ClassifierParams, flat: Flat<T>) -> Result<Self> {
-        let backbone = Backbone::new(&cfg.model, &p.backbone, &flat.layout)?;
+    /// The classifier of `p` over `flat`, its linear layers' GEMMs at `precision`.
+    pub fn new(cfg: &ClassifierConfig, p: &ClassifierParams, flat: Flat<T>, precision: Precision) -> Result<Self> {
+        let backbone = Backbone::new(&cfg.model, &p.backbone, &flat.layout, precision)?;
         let pool = match p.head.pooling {
             Pooling::Mean => Pool::MeanOfPatches,
             Pooling::Cls => Pool::Rows,
         };
-        let head = NormLinear::new(&p.head.norm, &p.head.classifier, pool, &flat.layout);
+        let head = NormLinear::new(&p.head.norm, &p.head.classifier, pool, &flat.layout, precision);
         Ok(Self { flat, backbone, head })
     }
 

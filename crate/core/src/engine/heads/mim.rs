@@ -5,6 +5,7 @@
 use super::norm_linear::{NormLinear, Pool};
 use crate::arch::mim::MimParams;
 use crate::config::BeitConfig;
+use crate::device::Precision;
 use crate::engine::backbone::Backbone;
 use crate::engine::block::Shapes;
 use crate::engine::simd::Real;
@@ -19,10 +20,11 @@ pub struct MimEngine<T> {
 }
 
 impl<T: Real> MimEngine<T> {
-    /// The model of `p` over `flat` (weights in the layout of `p`'s table).
-    pub fn new(cfg: &BeitConfig, p: &MimParams, flat: Flat<T>) -> Result<Self> {
-        let backbone = Backbone::new(cfg, &p.backbone, &flat.layout)?;
-        let head = NormLinear::new(&p.head.layernorm, &p.head.lm_head, Pool::Rows, &flat.layout);
+    /// The model of `p` over `flat` (weights in the layout of `p`'s table), its linear layers'
+    /// GEMMs at `precision`.
+    pub fn new(cfg: &BeitConfig, p: &MimParams, flat: Flat<T>, precision: Precision) -> Result<Self> {
+        let backbone = Backbone::new(cfg, &p.backbone, &flat.layout, precision)?;
+        let head = NormLinear::new(&p.head.layernorm, &p.head.lm_head, Pool::Rows, &flat.layout, precision);
         Ok(Self { flat, backbone, head })
     }
 

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use crate::device::Precision;
 use crate::engine::block::{Norm, Shapes};
 use crate::engine::linear::Linear;
 use crate::engine::simd::Real;
@@ -37,10 +38,10 @@ pub struct NormLinear<T> {
 }
 
 impl<T: Real> NormLinear<T> {
-    pub fn new(norm: &NormParams, linear: &LinearParams, pool: Pool, layout: &Layout) -> Self {
+    pub fn new(norm: &NormParams, linear: &LinearParams, pool: Pool, layout: &Layout, precision: Precision) -> Self {
         Self {
             norm: Norm::new(norm, layout),
-            linear: Linear::new(linear, layout),
+            linear: Linear::new(linear, layout, precision),
             pool,
             rows: Vec::new(),
             input: Vec::new(),

@@ -1,0 +1,443 @@
+//! GEMMs on bf16 inputs with f32 accumulation: the engine's mixed precision, the contract of
+//! PyTorch's bf16 autocast and of beit's CUDA path (bf16 operands, f32 sums), over the same
+//! f32 buffers and strided views as [`super::matmul`]. The operands are rounded to bf16 while
+//! they are packed (round to nearest even, subnormals flushed to zero as `vdpbf16ps` reads
+//! them), and the output is f32.
+//!
+//! The micro-kernel multiplies a 12 x 32 tile of the output by pairs of k: AVX512-BF16's
+//! `vdpbf16ps` adds two bf16 products into each f32 lane, twice the f32 FMA rate on AMD Zen 4/5
+//! (and half of it on Intel's Sapphire Rapids cores, where bf16 wants AMX instead). Elsewhere
+//! an emulated kernel computes the same sums with f32 arithmetic in the instruction's order
+//! (the odd k's product first, then the even one's; bf16 products are exact in f32), so the two
+//! kernels agree bit for bit and tests can run either.
+//!
+//! Blocking as in BLIS: the depth in blocks of [`KC`], each block of B packed once into
+//! panels of [`NR`] columns, then tasks of [`MC`] rows each pack their rows of A and sweep
+//! every panel of B with one panel of A at a time.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rayon::prelude::*;
+
+use super::matmul::{Mat, Threads};
+use super::simd::multiversion;
+use super::SharedMut;
+
+/// Rows of a micro-tile: 12 x 2 accumulator registers, leaving 8 of AVX-512's 32.
+const MR: usize = 12;
+/// Columns of a micro-tile: two registers of 16 f32 lanes.
+const NR: usize = 32;
+/// Depth of a packed block (128 pairs): one panel of B, 16 KB, stays in L1.
+const KC: usize = 256;
+/// Rows a task packs: 8 panels of A, 48 KB at full depth, in L2.
+const MC: usize = 8 * MR;
+
+/// Multiply-adds below which a GEMM runs on the calling thread only.
+const MIN_POOL_WORK: usize = 1 << 18;
+
+/// The micro-kernel a bf16 GEMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX512-BF16's `vdpbf16ps`.
+    Avx512Bf16,
+    /// The same sums in f32 arithmetic (any CPU).
+    Emulated,
+}
+
+const UNSET: u8 = 0;
+static KERNEL: AtomicU8 = AtomicU8::new(UNSET);
+
+fn encode(kernel: Bf16Kernel) -> u8 {
+    match kernel {
+        Bf16Kernel::Avx512Bf16 => 1,
+        Bf16Kernel::Emulated => 2,
+    }
+}
+
+/// Whether this CPU runs `vdpbf16ps` (with the AVX-512 the kernel's loads and stores use).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn detect() -> Bf16Kernel {
+    if has_avx512_bf16() {
+        Bf16Kernel::Avx512Bf16
+    } else {
+        Bf16Kernel::Emulated
+    }
+}
+
+/// The kernel bf16 GEMMs run: the best this CPU has, unless [`set_bf16_kernel`] chose one.
+pub fn bf16_kernel() -> Bf16Kernel {
+    match KERNEL.load(Ordering::Relaxed) {
+        1 => Bf16Kernel::Avx512Bf16,
+        2 => Bf16Kernel::Emulated,
+        _ => {
+            let detected = detect();
+            KERNEL.store(encode(detected), Ordering::Relaxed);
+            detected
+        }
+    }
+}
+
+/// Chooses the kernel (tests and benchmarks); returns the one chosen, which is the emulated
+/// one where the CPU lacks the wanted instructions.
+pub fn set_bf16_kernel(wanted: Bf16Kernel) -> Bf16Kernel {
+    let chosen = if wanted == Bf16Kernel::Avx512Bf16 && !has_avx512_bf16() { Bf16Kernel::Emulated } else { wanted };
+    KERNEL.store(encode(chosen), Ordering::Relaxed);
+    chosen
+}
+
+/// x rounded to bf16 (nearest, ties to even), as its 16 bits: NaN stays NaN (quiet), and
+/// subnormals become zeros of their sign, as `vdpbf16ps` reads them.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let magnitude = bits & 0x7fff_ffff;
+    if magnitude > 0x7f80_0000 {
+        (bits >> 16) | 0x40
+    } else if magnitude < 0x0080_0000 {
+        (bits >> 16) & 0x8000
+    } else {
+        rounded
+    }
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub fn bf16_value(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+/// Two values of consecutive k as one 32-bit lane: the even k in the low half.
+#[inline(always)]
+fn pair(even: f32, odd: f32) -> u32 {
+    bf16_bits(even) | (bf16_bits(odd) << 16)
+}
+
+/// A strided f32 matrix behind a raw pointer.
+#[derive(Clone, Copy)]
+struct Source {
+    ptr: *const f32,
+    m: Mat,
+}
+
+// SAFETY: read-only, and the caller of the GEMM keeps the buffer alive and unwritten.
+unsafe impl Send for Source {}
+unsafe impl Sync for Source {}
+
+impl Source {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        *self.ptr.add(self.m.offset + i * self.m.row_stride + j * self.m.col_stride)
+    }
+}
+
+multiversion! {
+    /// Rows r0..r0 + rows, depth k0..k0 + kc of `src` (a row per output row of the tile, the
+    /// depth along its columns) as panels of `width` rows: [panel][pair][width] lanes, rows
+    /// past the matrix and the odd depth's last lane zero. Used for A (width MR, rows of A)
+    /// and for B (width NR, with `src` = B^T: columns of B).
+    fn pack(src: Source, r0: usize, rows: usize, k0: usize, kc: usize, width: usize, out: &mut [u32]) {
+        let kp = kc.div_ceil(2);
+        let panels = rows.div_ceil(width);
+        let out = &mut out[..panels * kp * width];
+        let m = src.m;
+        // SAFETY (the slices below): rows r0..r0 + rows and depths k0..k0 + kc lie inside the
+        // caller's view, which lies inside its buffer.
+        if m.col_stride == 1 {
+            // Each row's depth is contiguous: rounded into a lane buffer whose u16 pairs are
+            // the 32-bit lanes, then spread `width` apart.
+            let mut lane_values = [0u32; KC / 2];
+            for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
+                for lane in 0..width {
+                    let r = panel * width + lane;
+                    if r >= rows {
+                        for p in 0..kp {
+                            block[p * width + lane] = 0;
+                        }
+                        continue;
+                    }
+                    let row = unsafe { std::slice::from_raw_parts(src.ptr.add(m.offset + (r0 + r) * m.row_stride + k0), kc) };
+                    for (v, x) in lane_values.iter_mut().zip(row.chunks_exact(2)) {
+                        *v = pair(x[0], x[1]);
+                    }
+                    if kc % 2 == 1 {
+                        lane_values[kp - 1] = pair(row[kc - 1], 0.0);
+                    }
+                    for (p, &v) in lane_values[..kp].iter().enumerate() {
+                        block[p * width + lane] = v;
+                    }
+                }
+            }
+        } else if m.row_stride == 1 {
+            // The rows are contiguous at each depth (a transposed view): two depths at a time,
+            // across the rows.
+            for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
+                let live = (rows - panel * width).min(width);
+                let first = m.offset + r0 + panel * width;
+                for (p, lanes) in block.chunks_exact_mut(width).enumerate() {
+                    let k = k0 + 2 * p;
+                    let even = unsafe { std::slice::from_raw_parts(src.ptr.add(first + k * m.col_stride), live) };
+                    if 2 * p + 1 < kc {
+                        let odd = unsafe { std::slice::from_raw_parts(src.ptr.add(first + (k + 1) * m.col_stride), live) };
+                        for ((v, &e), &o) in lanes.iter_mut().zip(even).zip(odd) {
+                            *v = pair(e, o);
+                        }
+                    } else {
+                        for (v, &e) in lanes.iter_mut().zip(even) {
+                            *v = pair(e, 0.0);
+                        }
+                    }
+                    lanes[live..].fill(0);
+                }
+            }
+        } else {
+            for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
+                for lane in 0..width {
+                    let r = panel * width + lane;
+                    for p in 0..kp {
+                        let k = k0 + 2 * p;
+                        block[p * width + lane] = if r >= rows {
+                            0
+                        } else {
+                            let odd = if 2 * p + 1 < kc { unsafe { src.at(r0 + r, k + 1) } } else { 0.0 };
+                            pair(unsafe { src.at(r0 + r, k) }, odd)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where one micro-tile's outputs go.
+#[derive(Clone, Copy)]
+struct Tile {
+    c: *mut f32,
+    row_stride: usize,
+    col_stride: usize,
+    rows: usize,
+    cols: usize,
+    /// Add to the values there (else overwrite them).
+    accumulate: bool,
+    scale: f32,
+}
+
+impl Tile {
+    /// Writes a tile of sums held as [MR][NR] values.
+    #[inline(always)]
+    unsafe fn store(&self, sums: &[[f32; NR]; MR]) {
+        for (i, row) in sums.iter().enumerate().take(self.rows) {
+            for (j, &s) in row.iter().enumerate().take(self.cols) {
+                let c = self.c.add(i * self.row_stride + j * self.col_stride);
+                *c = if self.accumulate { *c + self.scale * s } else { self.scale * s };
+            }
+        }
+    }
+}
+
+/// [MR][NR] sums of the pairs of a panel of A ([kp][MR]) and one of B ([kp][NR]), in the
+/// order `vdpbf16ps` adds them: the odd k's product, then the even k's.
+#[inline(always)]
+fn emulated_sums(kp: usize, a: &[u32], b: &[u32]) -> [[f32; NR]; MR] {
+    let mut sums = [[0f32; NR]; MR];
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kp) {
+        let (b_even, b_odd): ([f32; NR], [f32; NR]) =
+            (std::array::from_fn(|j| bf16_value(bp[j] & 0xffff)), std::array::from_fn(|j| bf16_value(bp[j] >> 16)));
+        for (row, &av) in sums.iter_mut().zip(ap) {
+            let (a_even, a_odd) = (bf16_value(av & 0xffff), bf16_value(av >> 16));
+            for j in 0..NR {
+                row[j] += a_odd * b_odd[j];
+                row[j] += a_even * b_even[j];
+            }
+        }
+    }
+    sums
+}
+
+multiversion! {
+    fn emulated_tile(kp: usize, a: &[u32], b: &[u32], tile: Tile) {
+        let sums = emulated_sums(kp, a, b);
+        // SAFETY: the tile lies inside the GEMM's output (the caller's bounds).
+        unsafe { tile.store(&sums) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+/// The `vdpbf16ps` micro-kernel.
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `a` holds kp * MR lanes, `b` kp * NR, and the tile lies in the
+/// output.
+unsafe fn avx512_bf16_tile(kp: usize, a: *const u32, b: *const u32, tile: Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+        let ap = a.add(p * MR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+        }
+    }
+    let scale = _mm512_set1_ps(tile.scale);
+    if tile.col_stride == 1 {
+        for (i, row) in acc.iter().enumerate().take(tile.rows) {
+            for (half, &v) in row.iter().enumerate() {
+                let live = tile.cols.saturating_sub(16 * half).min(16);
+                if live == 0 {
+                    break;
+                }
+                let mask: __mmask16 = ((1u32 << live) - 1) as __mmask16;
+                let c = tile.c.add(i * tile.row_stride + 16 * half);
+                let mut out = _mm512_mul_ps(v, scale);
+                if tile.accumulate {
+                    out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), out);
+                }
+                _mm512_mask_storeu_ps(c, mask, out);
+            }
+        }
+    } else {
+        let mut sums = [[0f32; NR]; MR];
+        for (s, v) in sums.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(s.as_mut_ptr(), v[0]);
+            _mm512_storeu_ps(s.as_mut_ptr().add(16), v[1]);
+        }
+        tile.store(&sums);
+    }
+}
+
+/// Scratch buffers reused across calls on each thread, taken out while in use, so that a
+/// GEMM that runs inside another on the same thread (rayon work stealing) gets its own.
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>,
+    f: impl FnOnce(&mut Vec<u32>) -> R,
+) -> R {
+    let mut v = key.take();
+    let r = f(&mut v);
+    key.set(v);
+    r
+}
+
+thread_local! {
+    static PACKED_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn grown(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
+    if v.len() < n {
+        v.resize(n, 0);
+    }
+    &mut v[..n]
+}
+
+/// dst = scale * a b (dst += with `accumulate`) on bf16-rounded inputs, f32 sums.
+///
+/// # Safety
+/// As [`super::matmul::matmul_raw`]: every view inside its allocation, `dst`'s elements
+/// written or read by no one else during the call and overlapping neither input.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_bf16_raw(
+    dst: *mut f32,
+    d: Mat,
+    a: *const f32,
+    am: Mat,
+    b: *const f32,
+    bm: Mat,
+    accumulate: bool,
+    scale: f32,
+    threads: Threads,
+) {
+    let (m, n, k) = (d.rows, d.cols, am.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(d.offset + i * d.row_stride + j * d.col_stride) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let kernel = bf16_kernel();
+    let (a, b_t) = (Source { ptr: a, m: am }, Source { ptr: b, m: bm.t() });
+    let c = SharedMut(dst.add(d.offset));
+    let n_panels = n.div_ceil(NR);
+    let m_blocks = m.div_ceil(MC);
+    // Small products stay on the calling thread: handing them out costs more than they do.
+    let pool = threads == Threads::Pool && rayon::current_num_threads() > 1 && m * n * k >= MIN_POOL_WORK;
+    // Tasks split the columns too where the rows alone would leave threads idle.
+    let column_parts = if pool { (2 * rayon::current_num_threads()).div_ceil(m_blocks).min(n_panels) } else { 1 };
+    let panels_per_part = n_panels.div_ceil(column_parts);
+    with_buffer(&PACKED_B, |packed_b| {
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let kp = kc.div_ceil(2);
+            let packed_b = grown(packed_b, n_panels * kp * NR);
+            if pool {
+                packed_b.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, out)| {
+                    pack(b_t, panel * NR, NR.min(n - panel * NR), k0, kc, NR, out);
+                });
+            } else {
+                pack(b_t, 0, n, k0, kc, NR, packed_b);
+            }
+            let packed_b = &*packed_b;
+            let task = |t: usize| {
+                let (block, part) = (t / column_parts, t % column_parts);
+                let (i0, rows) = (block * MC, MC.min(m - block * MC));
+                let panels = (part * panels_per_part)..((part + 1) * panels_per_part).min(n_panels);
+                // The whole wrapper, not its pointer field, is what the closure must capture (Sync).
+                let out = c;
+                with_buffer(&PACKED_A, |packed_a| {
+                    let packed_a = grown(packed_a, rows.div_ceil(MR) * kp * MR);
+                    pack(a, i0, rows, k0, kc, MR, packed_a);
+                    for jp in panels {
+                        let b_panel = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+                        for (ip, a_panel) in packed_a.chunks_exact(kp * MR).enumerate() {
+                            let (i, j) = (i0 + ip * MR, jp * NR);
+                            let tile = Tile {
+                                c: out.0.add(i * d.row_stride + j * d.col_stride),
+                                row_stride: d.row_stride,
+                                col_stride: d.col_stride,
+                                rows: MR.min(m - i),
+                                cols: NR.min(n - j),
+                                accumulate: accumulate || k0 > 0,
+                                scale,
+                            };
+                            match kernel {
+                                #[cfg(target_arch = "x86_64")]
+                                Bf16Kernel::Avx512Bf16 => {
+                                    avx512_bf16_tile(kp, a_panel.as_ptr(), b_panel.as_ptr(), tile)
+                                }
+                                _ => emulated_tile(kp, a_panel, b_panel, tile),
+                            }
+                        }
+                    }
+                });
+            };
+            let tasks = m_blocks * column_parts;
+            if pool {
+                (0..tasks).into_par_iter().for_each(task);
+            } else {
+                (0..tasks).for_each(task);
+            }
+        }
+    });
+}
