@@ -183,13 +183,26 @@ struct GemmCase {
     dst_t: bool,
     /// a read with neither stride 1 (every other value of a wider buffer).
     a_gapped: bool,
+    /// Some inputs are rounding ties and subnormals.
+    specials: bool,
     accumulate: bool,
     scale: f32,
 }
 
 impl GemmCase {
     fn plain(m: usize, n: usize, k: usize) -> Self {
-        Self { m, n, k, a_t: false, b_t: false, dst_t: false, a_gapped: false, accumulate: false, scale: 1.0 }
+        Self {
+            m,
+            n,
+            k,
+            a_t: false,
+            b_t: false,
+            dst_t: false,
+            a_gapped: false,
+            specials: false,
+            accumulate: false,
+            scale: 1.0,
+        }
     }
 
     fn a_view(&self) -> (Mat, usize) {
@@ -233,8 +246,14 @@ fn f32_values(len: usize, seed: u64) -> Vec<f32> {
 fn run_gemm(case: &GemmCase, threads: Threads) -> (Vec<f32>, Vec<(f64, f64)>) {
     let (am, a_len) = case.a_view();
     let (bm, dm) = (case.b_view(), case.dst_view());
-    let a = f32_values(a_len, 1);
-    let b = f32_values(case.k * case.n, 2);
+    let mut a = f32_values(a_len, 1);
+    let mut b = f32_values(case.k * case.n, 2);
+    if case.specials {
+        let specials = [1.0 + 2f32.powi(-8), -(1.0 + 3.0 * 2f32.powi(-8)), 1e-40, -3e-39, 0.5 + 2f32.powi(-10)];
+        for (i, v) in a.iter_mut().chain(b.iter_mut()).enumerate().filter(|(i, _)| i % 3 == 0) {
+            *v = specials[i / 3 % specials.len()];
+        }
+    }
     let start = f32_values(case.m * case.n, 3);
     let mut out = start.clone();
     matmul_at(Precision::Bf16, &mut out, dm, &a, am, &b, bm, case.accumulate, case.scale, threads);
@@ -253,8 +272,8 @@ fn run_gemm(case: &GemmCase, threads: Threads) -> (Vec<f32>, Vec<(f64, f64)>) {
 }
 
 /// Edges of the 12 x 32 tiles, odd depths, depths over one 256-deep block, transposed and
-/// gapped operands, a transposed destination, accumulation with a scale, and GEMMs large
-/// enough to be split among threads.
+/// gapped operands, a transposed destination, accumulation with a scale, GEMMs large
+/// enough to be split among threads, and inputs that are rounding ties or subnormals.
 fn gemm_cases() -> Vec<GemmCase> {
     let p = GemmCase::plain;
     vec![
@@ -265,6 +284,8 @@ fn gemm_cases() -> Vec<GemmCase> {
         GemmCase { a_gapped: true, b_t: true, ..p(37, 40, 301) },
         GemmCase { accumulate: true, scale: -2.0, ..p(300, 200, 100) },
         GemmCase { a_t: true, ..p(150, 96, 1030) },
+        GemmCase { specials: true, ..p(40, 50, 70) },
+        GemmCase { specials: true, a_t: true, b_t: true, ..p(40, 50, 70) },
     ]
 }
 

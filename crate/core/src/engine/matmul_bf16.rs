@@ -11,9 +11,9 @@
 //! (the odd k's product first, then the even one's; bf16 products are exact in f32), so the two
 //! kernels agree bit for bit and tests can run either.
 //!
-//! Blocking as in BLIS: the depth in blocks of [`KC`], each block of B packed once into
-//! panels of [`NR`] columns, then tasks of [`MC`] rows each pack their rows of A and sweep
-//! every panel of B with one panel of A at a time.
+//! Blocking as in BLIS: B packed once into depth blocks of [`KC`] and panels of [`NR`]
+//! columns, then tasks of [`MC`] rows each pack their rows of A block by block and sweep every
+//! panel of B with one panel of A at a time.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -312,13 +312,114 @@ unsafe fn avx512_bf16_tile(kp: usize, a: *const u32, b: *const u32, tile: Tile) 
             }
         }
     } else {
-        let mut sums = [[0f32; NR]; MR];
-        for (s, v) in sums.iter_mut().zip(&acc) {
-            _mm512_storeu_ps(s.as_mut_ptr(), v[0]);
-            _mm512_storeu_ps(s.as_mut_ptr().add(16), v[1]);
-        }
-        tile.store(&sums);
+        // Two registers of 16 lanes per row are the row's 32 values (no zeroed copy).
+        tile.store(&std::mem::transmute::<[[__m512; 2]; MR], [[f32; NR]; MR]>(acc));
     }
+}
+
+/// [`pack`] with AVX512-BF16's conversion (`vcvtne2ps2bf16`: round to nearest even, as
+/// [`bf16_bits`]; the GEMM reads subnormals as zeros either way) for the two layouts the
+/// engine's GEMMs have: depth contiguous, or rows contiguous. Returns false for others.
+///
+/// # Safety
+/// The CPU has AVX512-BF16; the rows and depths lie in `src`'s view and buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_avx512_bf16(
+    src: Source,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    width: usize,
+    out: &mut [u32],
+) -> bool {
+    use std::arch::x86_64::*;
+    let m = src.m;
+    let kp = kc.div_ceil(2);
+    let panels = rows.div_ceil(width);
+    let out = &mut out[..panels * kp * width];
+    // 16 pairs of f32 (32 values, `live` of them read, the rest 0) as 16 lanes of bf16 pairs.
+    let pairs_of = |x: *const f32, live: usize| -> __m512i {
+        let mask = |n: usize| if n >= 16 { !0 } else { ((1u32 << n) - 1) as __mmask16 };
+        let lo = _mm512_maskz_loadu_ps(mask(live), x);
+        let hi = _mm512_maskz_loadu_ps(mask(live.saturating_sub(16)), x.add(16.min(live)));
+        std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+    };
+    if m.col_stride == 1 {
+        let mut lanes = [0u32; 16];
+        for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
+            for lane in 0..width {
+                let r = panel * width + lane;
+                if r >= rows {
+                    for p in 0..kp {
+                        block[p * width + lane] = 0;
+                    }
+                    continue;
+                }
+                let row = src.ptr.add(m.offset + (r0 + r) * m.row_stride + k0);
+                for p0 in (0..kp).step_by(16) {
+                    _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pairs_of(row.add(2 * p0), kc - 2 * p0));
+                    for (q, &v) in lanes.iter().enumerate().take(kp - p0) {
+                        block[(p0 + q) * width + lane] = v;
+                    }
+                }
+            }
+        }
+        true
+    } else if m.row_stride == 1 {
+        // Interleaves the even depth's 16 words with the odd depth's: word 2j from 0..16, 2j+1 from 16..32.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
+            let live = (rows - panel * width).min(width);
+            let first = m.offset + r0 + panel * width;
+            for (p, lanes) in block.chunks_exact_mut(width).enumerate() {
+                let k = k0 + 2 * p;
+                let even = src.ptr.add(first + k * m.col_stride);
+                let has_odd = 2 * p + 1 < kc;
+                for j0 in (0..width).step_by(16) {
+                    let n = live.saturating_sub(j0).min(16);
+                    let mask = if n >= 16 { !0 } else { ((1u32 << n) - 1) as __mmask16 };
+                    let e = _mm512_maskz_loadu_ps(mask, even.add(j0));
+                    let o = if has_odd {
+                        _mm512_maskz_loadu_ps(mask, even.add(m.col_stride + j0))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
+                    let pairs = _mm512_permutexvar_epi16(interleave, words);
+                    let store = ((1u32 << (width - j0).min(16)) - 1) as __mmask16;
+                    _mm512_mask_storeu_epi32(lanes.as_mut_ptr().add(j0).cast(), store, pairs);
+                }
+            }
+        }
+        true
+    } else {
+        false
+    }
+}
+
+/// [`pack`] with the conversion instructions of `kernel`'s CPU where the layout allows.
+#[allow(clippy::too_many_arguments)]
+fn pack_for(
+    kernel: Bf16Kernel,
+    src: Source,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    width: usize,
+    out: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the kernel is AVX512-BF16 only on CPUs that have it; the views are the caller's.
+    if kernel == Bf16Kernel::Avx512Bf16 && unsafe { pack_avx512_bf16(src, r0, rows, k0, kc, width, out) } {
+        return;
+    }
+    pack(src, r0, rows, k0, kc, width, out)
 }
 
 /// Scratch buffers reused across calls on each thread, taken out while in use, so that a
@@ -386,30 +487,38 @@ pub unsafe fn matmul_bf16_raw(
     // Tasks split the columns too where the rows alone would leave threads idle.
     let column_parts = if pool { (2 * rayon::current_num_threads()).div_ceil(m_blocks).min(n_panels) } else { 1 };
     let panels_per_part = n_panels.div_ceil(column_parts);
+    // All of B is packed first, depth block by depth block ([block][panel][KC / 2][NR]), so that
+    // each task sweeps the whole depth over its rows while their outputs stay in cache.
+    let k_blocks = k.div_ceil(KC);
+    let block_len = n_panels * (KC / 2) * NR;
+    let depth = |kb: usize| (kb * KC, KC.min(k - kb * KC));
     with_buffer(&PACKED_B, |packed_b| {
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let kp = kc.div_ceil(2);
-            let packed_b = grown(packed_b, n_panels * kp * NR);
-            if pool {
-                packed_b.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, out)| {
-                    pack(b_t, panel * NR, NR.min(n - panel * NR), k0, kc, NR, out);
-                });
-            } else {
-                pack(b_t, 0, n, k0, kc, NR, packed_b);
-            }
-            let packed_b = &*packed_b;
-            let task = |t: usize| {
-                let (block, part) = (t / column_parts, t % column_parts);
-                let (i0, rows) = (block * MC, MC.min(m - block * MC));
-                let panels = (part * panels_per_part)..((part + 1) * panels_per_part).min(n_panels);
-                // The whole wrapper, not its pointer field, is what the closure must capture (Sync).
-                let out = c;
-                with_buffer(&PACKED_A, |packed_a| {
+        let packed_b = grown(packed_b, k_blocks * block_len);
+        let pack_b = |(i, out): (usize, &mut [u32])| {
+            let (kb, panel) = (i / n_panels, i % n_panels);
+            let (k0, kc) = depth(kb);
+            pack_for(kernel, b_t, panel * NR, NR.min(n - panel * NR), k0, kc, NR, out);
+        };
+        if pool {
+            packed_b.par_chunks_mut((KC / 2) * NR).enumerate().for_each(pack_b);
+        } else {
+            packed_b.chunks_mut((KC / 2) * NR).enumerate().for_each(pack_b);
+        }
+        let packed_b = &*packed_b;
+        let task = |t: usize| {
+            let (block, part) = (t / column_parts, t % column_parts);
+            let (i0, rows) = (block * MC, MC.min(m - block * MC));
+            let panels = (part * panels_per_part)..((part + 1) * panels_per_part).min(n_panels);
+            // The whole wrapper, not its pointer field, is what the closure must capture (Sync).
+            let out = c;
+            with_buffer(&PACKED_A, |packed_a| {
+                for kb in 0..k_blocks {
+                    let (k0, kc) = depth(kb);
+                    let kp = kc.div_ceil(2);
                     let packed_a = grown(packed_a, rows.div_ceil(MR) * kp * MR);
-                    pack(a, i0, rows, k0, kc, MR, packed_a);
-                    for jp in panels {
-                        let b_panel = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+                    pack_for(kernel, a, i0, rows, k0, kc, MR, packed_a);
+                    for jp in panels.clone() {
+                        let b_panel = &packed_b[kb * block_len + jp * (KC / 2) * NR..][..kp * NR];
                         for (ip, a_panel) in packed_a.chunks_exact(kp * MR).enumerate() {
                             let (i, j) = (i0 + ip * MR, jp * NR);
                             let tile = Tile {
@@ -418,7 +527,7 @@ pub unsafe fn matmul_bf16_raw(
                                 col_stride: d.col_stride,
                                 rows: MR.min(m - i),
                                 cols: NR.min(n - j),
-                                accumulate: accumulate || k0 > 0,
+                                accumulate: accumulate || kb > 0,
                                 scale,
                             };
                             match kernel {
@@ -430,14 +539,14 @@ pub unsafe fn matmul_bf16_raw(
                             }
                         }
                     }
-                });
-            };
-            let tasks = m_blocks * column_parts;
-            if pool {
-                (0..tasks).into_par_iter().for_each(task);
-            } else {
-                (0..tasks).for_each(task);
-            }
+                }
+            });
+        };
+        let tasks = m_blocks * column_parts;
+        if pool {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
         }
     });
 }
