@@ -1,6 +1,8 @@
 //! Model configuration. Field names follow Hugging Face's `BeitConfig` (in camelCase) so that
-//! configs map one to one onto transformers checkpoints.
+//! configs map one to one onto transformers checkpoints. Also the precision a model runs in (a
+//! leaf, so that the CPU engine can read it).
 
+use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
@@ -377,3 +379,41 @@ pub enum ReconLoss {
 
 /// DALL-E's pixel map: [0, 1] -> [eps, 1 - eps], so the logit-Laplace support is never hit.
 pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
+
+/// The activation precision of the forward and backward passes. Parameters, optimizer moments,
+/// norms' and softmax' reductions and the losses stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations (TF32 matmuls on CUDA).
+    #[default]
+    F32,
+    /// Mixed precision: bf16 activations and matmuls (tensor cores), f32 master weights.
+    Bf16,
+}
+
+impl Precision {
+    /// Parses "f32" or "bf16".
+    pub fn parse(spec: &str) -> Result<Self> {
+        match spec {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(Error::Config(format!("precision must be \"f32\" or \"bf16\", got {spec:?}"))),
+        }
+    }
+
+    /// The spelling `parse` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// The dtype of the activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}

@@ -1,7 +1,7 @@
-//! Where the numerics run: "cpu", or "cuda" / "cuda:N" in a build with the `cuda` feature;
-//! and in which precision.
+//! Where the numerics run: "cpu", or "cuda" / "cuda:N" in a build with the `cuda` feature
+//! (the precision they run in is `config::Precision`).
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use crate::error::{Error, Result};
 
@@ -77,43 +77,5 @@ pub fn name(device: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
-/// The activation precision of the forward and backward passes. Parameters, optimizer moments,
-/// norms' and softmax' reductions and the losses stay f32 either way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Precision {
-    /// f32 activations (TF32 matmuls on CUDA).
-    #[default]
-    F32,
-    /// Mixed precision: bf16 activations and matmuls (tensor cores), f32 master weights.
-    Bf16,
-}
-
-impl Precision {
-    /// Parses "f32" or "bf16".
-    pub fn parse(spec: &str) -> Result<Self> {
-        match spec {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            _ => Err(Error::Config(format!("precision must be \"f32\" or \"bf16\", got {spec:?}"))),
-        }
-    }
-
-    /// The spelling `parse` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        }
-    }
-
-    /// The dtype of the activations.
-    pub fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::Bf16 => DType::BF16,
-        }
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::engine::adamw::FlatAdamW;
 use crate::engine::{kernels, on_pool, EngineModel, Flat};
 use crate::error::{Error, Result};

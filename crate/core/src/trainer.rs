@@ -17,7 +17,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::checkpoint::{self, Loaded};
 use crate::config::BeitConfig;
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::distributed::Communicator;
 use crate::error::{Error, Result};
 use crate::optimizer::{self, AdamWConfig};

@@ -7,8 +7,8 @@ mod common;
 
 use std::sync::Arc;
 
+use beit_core::config::Precision;
 use beit_core::config::{ClassifierConfig, Pooling};
-use beit_core::device::Precision;
 use beit_core::distributed::ReplicaSum;
 use beit_core::{
     ops, AdamWConfig, BeitTrainer, ClassifierTrainer, ClassifierTrainingOptions, Draws, DvaeConfig, DvaeTrainer,

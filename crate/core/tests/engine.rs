@@ -4,8 +4,8 @@
 
 mod common;
 
+use beit_core::config::Precision;
 use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
-use beit_core::device::Precision;
 use beit_core::engine::heads::classification::ClassifierEngine;
 use beit_core::engine::heads::mim::MimEngine;
 use beit_core::engine::Flat;

@@ -5,8 +5,8 @@
 
 mod common;
 
+use beit_core::config::Precision;
 use beit_core::config::{ClassifierConfig, Pooling};
-use beit_core::device::Precision;
 use beit_core::engine::matmul::{matmul_at, Mat, Threads};
 use beit_core::engine::matmul_bf16::{bf16_bits, bf16_value, has_avx512_bf16, set_bf16_kernel, Bf16Kernel};
 use beit_core::model::mim::{mask_tensors, masked_loss};
@@ -101,15 +101,7 @@ fn every_parameter_gets_an_f32_gradient_through_bf16_activations() {
 
 #[test]
 fn bf16_training_tracks_f32_training() {
-    let cfg = BeitConfig {
-        image_size: [16, 16],
-        patch_size: 4,
-        hidden_size: 32,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        vocab_size: 16,
-        ..tiny_config()
-    };
+    let cfg = small_mim_config();
     let b = batch(&cfg, 4, 2);
     let optim = AdamWConfig { weight_decay: 0.0, ..Default::default() };
     let mut full = BeitTrainer::new(cfg.clone(), optim.clone(), 7).unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use beit_core::arch::backbone::BackboneParams;
 use beit_core::config::BeitConfig;
-use beit_core::device::Precision;
+use beit_core::config::Precision;
 use beit_core::engine::backbone::Backbone;
 use beit_core::engine::linear::Linear;
 use beit_core::engine::Flat;

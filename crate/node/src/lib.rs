@@ -211,7 +211,7 @@ macro_rules! trainer_methods {
 
             #[napi(setter)]
             pub fn set_precision(&self, precision: String) -> Result<()> {
-                guarded(|| lock(&self.inner)?.set_precision(beit_core::device::Precision::parse(&precision)?))
+                guarded(|| lock(&self.inner)?.set_precision(beit_core::config::Precision::parse(&precision)?))
             }
 
             /// The model's config (camelCase JSON).

@@ -11,7 +11,7 @@ use super::linear::Linear;
 use super::simd::Real;
 use crate::arch::backbone::{relative_position_index, BackboneParams};
 use crate::config::BeitConfig;
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::error::{Error, Result};
 use crate::params::{Layout, Slot};
 use crate::rng::Draws;

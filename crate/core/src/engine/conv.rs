@@ -16,7 +16,7 @@ use super::matmul::{add_partials, matmul, matmul_accumulate_split, reduction_gro
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
-use crate::device::Precision;
+use crate::config::Precision;
 
 /// An NHWC activation's dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{matmul_accumulate_split, matmul_at, Mat, Threads};
 use super::simd::Real;
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::params::{Layout, LinearParams, Slot};
 
 /// y = x W^T + b with W [n_out, n_in] at `w` in the flat weights; its GEMMs (forward and

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::matmul_bf16::matmul_bf16_raw;
 use super::simd::Real;
 use super::SharedMut;
-use crate::device::Precision;
+use crate::config::Precision;
 
 /// A rows x cols matrix at `offset` in a buffer: element (i, j) at offset + i*rs + j*cs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +65,12 @@ fn check_shapes(d: &Mat, a: &Mat, b: &Mat) {
     );
 }
 
+/// Panics unless the shapes fit and every view lies inside its buffer.
+fn check_views<T>(dst: &[T], d: &Mat, a: &[T], am: &Mat, b: &[T], bm: &Mat) {
+    check_shapes(d, am, bm);
+    assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
+}
+
 /// dst = scale * a b, or dst += scale * a b with `accumulate`. Views are bounds-checked.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Real>(
@@ -78,8 +84,7 @@ pub fn matmul<T: Real>(
     scale: T,
     threads: Threads,
 ) {
-    check_shapes(&d, &am, &bm);
-    assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
+    check_views(dst, &d, a, &am, b, &bm);
     // SAFETY: bounds checked above; `dst` is a unique borrow, so it aliases neither input.
     unsafe { matmul_raw(dst.as_mut_ptr(), d, a.as_ptr(), am, b.as_ptr(), bm, accumulate, scale, threads) }
 }
@@ -151,11 +156,7 @@ pub fn matmul_at<T: Real>(
     match precision {
         Precision::F32 => matmul(dst, d, a, am, b, bm, accumulate, scale, threads),
         Precision::Bf16 => {
-            check_shapes(&d, &am, &bm);
-            assert!(
-                d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(),
-                "matmul: a view exceeds its buffer"
-            );
+            check_views(dst, &d, a, &am, b, &bm);
             assert!(
                 std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),
                 "bf16 GEMMs take f32 buffers (the finite-difference checks run f64 at f32 precision)"
@@ -214,12 +215,11 @@ pub fn matmul_accumulate_split<T: Real>(
     bm: Mat,
     scratch: &mut Vec<T>,
 ) {
-    check_shapes(&d, &am, &bm);
     let (depth, values) = (am.cols, d.rows * d.cols);
     if depth < MIN_SPLIT_DEPTH || reduction_groups(values) == 1 {
         return matmul_at(precision, dst, d, a, am, b, bm, true, T::ONE, Threads::Pool);
     }
-    assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
+    check_views(dst, &d, a, &am, b, &bm);
     let share = depth.div_ceil(REDUCTION_GROUPS);
     let partials = super::sized(scratch, REDUCTION_GROUPS * values);
     partials.par_chunks_mut(values).enumerate().for_each(|(g, partial)| {

@@ -5,7 +5,7 @@ use std::sync::{Barrier, Mutex};
 use beit_core::arch::classification::ClassifierParams;
 use beit_core::arch::dvae::DvaeParams;
 use beit_core::arch::mim::MimParams;
-use beit_core::device::Precision;
+use beit_core::config::Precision;
 use beit_core::distributed::ReplicaSum;
 use beit_core::engine::dvae::DvaeEngine;
 use beit_core::engine::heads::classification::ClassifierEngine;

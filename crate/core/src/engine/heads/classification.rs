@@ -4,8 +4,8 @@
 
 use super::norm_linear::{NormLinear, Pool};
 use crate::arch::classification::ClassifierParams;
+use crate::config::Precision;
 use crate::config::{ClassifierConfig, Pooling};
-use crate::device::Precision;
 use crate::engine::backbone::Backbone;
 use crate::engine::block::Shapes;
 use crate::engine::simd::Real;

@@ -5,7 +5,7 @@
 use super::norm_linear::{NormLinear, Pool};
 use crate::arch::mim::MimParams;
 use crate::config::BeitConfig;
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::engine::backbone::Backbone;
 use crate::engine::block::Shapes;
 use crate::engine::simd::Real;

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::device::Precision;
+use crate::config::Precision;
 use crate::engine::block::{Norm, Shapes};
 use crate::engine::linear::Linear;
 use crate::engine::simd::Real;
