@@ -18,7 +18,7 @@ import { Beit } from '../model'
 import { Rng } from '../rng'
 import { Segmenter } from '../segmenter'
 import { Dvae } from '../tokenizer'
-import { ResolvedRow } from './torch-rows'
+import { hasBeitBf16, ResolvedRow } from './torch-rows'
 
 /** One step; the seconds it spent in the all-reduce (0 on one process). */
 type Step = () => Promise<number>
@@ -140,7 +140,7 @@ async function main(): Promise<void> {
   const precision = values.precision
   if (precision !== 'f32' && precision !== 'bf16') throw new Error(`--precision must be f32 or bf16, got ${precision}`)
   const row = JSON.parse(values.row ?? '') as ResolvedRow
-  if (precision === 'bf16' && row.kind !== 'mim' && row.kind !== 'classifier')
+  if (precision === 'bf16' && !hasBeitBf16(row))
     throw new Error(`--precision bf16: the CPU engine's bf16 runs the MIM and classifier rows, not ${row.kind}`)
   const d = detectLaunch() ? initDistributed() : SINGLE_PROCESS
   const { step, parameters } = await build(row, new Rng(d.rank), d, precision)

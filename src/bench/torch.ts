@@ -21,7 +21,7 @@ import { availableParallelism, homedir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { benchRows, bf16Hardware, cpuName, ResolvedRow } from './torch-rows'
+import { benchRows, bf16Hardware, cpuName, hasBeitBf16, ResolvedRow } from './torch-rows'
 
 interface Measurement {
   imagesPerSecond: number
@@ -41,9 +41,6 @@ const TORCH_ROW = join(ROOT, 'scripts', 'bench', 'torch_row.py')
 
 type Side = 'beit' | 'beitBf16' | 'torch' | 'torchBf16' | 'torchCompile' | 'torchBf16Compile'
 type TorchMode = Exclude<Side, 'beit' | 'beitBf16'>
-
-/** The row kinds whose CPU engine has the bf16 mode. */
-const BEIT_BF16_KINDS = ['mim', 'classifier']
 
 /** PyTorch's modes: the column title, torch_row.py's flags, and the precision of the roof they are held against. */
 const TORCH_MODES: Record<TorchMode, { title: string; flags: string[]; bf16: boolean }> = {
@@ -149,7 +146,7 @@ async function main(): Promise<void> {
       torchCompile: [],
       torchBf16Compile: [],
     }
-    const beitSides: Side[] = bf16 && BEIT_BF16_KINDS.includes(row.kind) ? ['beit', 'beitBf16'] : ['beit']
+    const beitSides: Side[] = bf16 && hasBeitBf16(row) ? ['beit', 'beitBf16'] : ['beit']
     const sidesRun: Side[] = [...beitSides, ...modes]
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])

@@ -189,16 +189,7 @@ fn bad_inputs_are_errors() {
 /// losses, gradient norms and weights up to float rounding, for MIM and for fine-tuning.
 #[test]
 fn training_on_the_engine_tracks_candle_autograd() {
-    let cfg = BeitConfig {
-        image_size: [16, 16],
-        patch_size: 4,
-        hidden_size: 32,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        vocab_size: 16,
-        drop_path_rate: 0.2,
-        ..tiny_config()
-    };
+    let cfg = BeitConfig { drop_path_rate: 0.2, ..small_mim_config() };
     let b = batch(&cfg, 4, 2);
     let close = |what: &str, a: f64, c: f64| {
         assert!((a - c).abs() <= 1e-4 * c.abs().max(1e-3), "{what}: engine {a} vs candle {c}")

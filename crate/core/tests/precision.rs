@@ -368,18 +368,6 @@ fn bf16_linear_gemm_agrees_with_candles_bf16_matmul() {
     assert!(exact * 10 >= out.len() * 9, "only {exact} of {} outputs round to candle's", out.len());
 }
 
-fn small_mim_config() -> BeitConfig {
-    BeitConfig {
-        image_size: [16, 16],
-        patch_size: 4,
-        hidden_size: 32,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        vocab_size: 16,
-        ..tiny_config()
-    }
-}
-
 /// The engine's bf16 step against candle's bf16 autograd (the path GPUs take) and the
 /// engine's f32 step, from the same weights: the same loss and gradient to bf16's precision.
 #[test]

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::matmul::{Mat, Threads};
 use super::simd::multiversion;
-use super::SharedMut;
+use super::{sized, SharedMut};
 
 /// Rows of a micro-tile: 12 x 2 accumulator registers, leaving 8 of AVX-512's 32.
 const MR: usize = 12;
@@ -123,6 +123,12 @@ pub fn bf16_value(bits: u32) -> f32 {
 #[inline(always)]
 fn pair(even: f32, odd: f32) -> u32 {
     bf16_bits(even) | (bf16_bits(odd) << 16)
+}
+
+/// The mask of the first `n` of 16 lanes (all 16 for n >= 16).
+#[inline(always)]
+fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
 }
 
 /// A strided f32 matrix behind a raw pointer.
@@ -298,11 +304,11 @@ unsafe fn avx512_bf16_tile(kp: usize, a: *const u32, b: *const u32, tile: Tile) 
     if tile.col_stride == 1 {
         for (i, row) in acc.iter().enumerate().take(tile.rows) {
             for (half, &v) in row.iter().enumerate() {
-                let live = tile.cols.saturating_sub(16 * half).min(16);
+                let live = tile.cols.saturating_sub(16 * half);
                 if live == 0 {
                     break;
                 }
-                let mask: __mmask16 = ((1u32 << live) - 1) as __mmask16;
+                let mask = first_lanes(live);
                 let c = tile.c.add(i * tile.row_stride + 16 * half);
                 let mut out = _mm512_mul_ps(v, scale);
                 if tile.accumulate {
@@ -341,9 +347,8 @@ unsafe fn pack_avx512_bf16(
     let out = &mut out[..panels * kp * width];
     // 16 pairs of f32 (32 values, `live` of them read, the rest 0) as 16 lanes of bf16 pairs.
     let pairs_of = |x: *const f32, live: usize| -> __m512i {
-        let mask = |n: usize| if n >= 16 { !0 } else { ((1u32 << n) - 1) as __mmask16 };
-        let lo = _mm512_maskz_loadu_ps(mask(live), x);
-        let hi = _mm512_maskz_loadu_ps(mask(live.saturating_sub(16)), x.add(16.min(live)));
+        let lo = _mm512_maskz_loadu_ps(first_lanes(live), x);
+        let hi = _mm512_maskz_loadu_ps(first_lanes(live.saturating_sub(16)), x.add(16.min(live)));
         std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
     };
     if m.col_stride == 1 {
@@ -381,8 +386,7 @@ unsafe fn pack_avx512_bf16(
                 let even = src.ptr.add(first + k * m.col_stride);
                 let has_odd = 2 * p + 1 < kc;
                 for j0 in (0..width).step_by(16) {
-                    let n = live.saturating_sub(j0).min(16);
-                    let mask = if n >= 16 { !0 } else { ((1u32 << n) - 1) as __mmask16 };
+                    let mask = first_lanes(live.saturating_sub(j0));
                     let e = _mm512_maskz_loadu_ps(mask, even.add(j0));
                     let o = if has_odd {
                         _mm512_maskz_loadu_ps(mask, even.add(m.col_stride + j0))
@@ -391,7 +395,7 @@ unsafe fn pack_avx512_bf16(
                     };
                     let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
                     let pairs = _mm512_permutexvar_epi16(interleave, words);
-                    let store = ((1u32 << (width - j0).min(16)) - 1) as __mmask16;
+                    let store = first_lanes(width - j0);
                     _mm512_mask_storeu_epi32(lanes.as_mut_ptr().add(j0).cast(), store, pairs);
                 }
             }
@@ -437,13 +441,6 @@ fn with_buffer<R>(
 thread_local! {
     static PACKED_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
     static PACKED_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-fn grown(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
-    if v.len() < n {
-        v.resize(n, 0);
-    }
-    &mut v[..n]
 }
 
 /// dst = scale * a b (dst += with `accumulate`) on bf16-rounded inputs, f32 sums.
@@ -493,7 +490,7 @@ pub unsafe fn matmul_bf16_raw(
     let block_len = n_panels * (KC / 2) * NR;
     let depth = |kb: usize| (kb * KC, KC.min(k - kb * KC));
     with_buffer(&PACKED_B, |packed_b| {
-        let packed_b = grown(packed_b, k_blocks * block_len);
+        let packed_b = sized(packed_b, k_blocks * block_len);
         let pack_b = |(i, out): (usize, &mut [u32])| {
             let (kb, panel) = (i / n_panels, i % n_panels);
             let (k0, kc) = depth(kb);
@@ -515,7 +512,7 @@ pub unsafe fn matmul_bf16_raw(
                 for kb in 0..k_blocks {
                     let (k0, kc) = depth(kb);
                     let kp = kc.div_ceil(2);
-                    let packed_a = grown(packed_a, rows.div_ceil(MR) * kp * MR);
+                    let packed_a = sized(packed_a, rows.div_ceil(MR) * kp * MR);
                     pack_for(kernel, a, i0, rows, k0, kc, MR, packed_a);
                     for jp in panels.clone() {
                         let b_panel = &packed_b[kb * block_len + jp * (KC / 2) * NR..][..kp * NR];

@@ -117,9 +117,9 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// The first `n` values of `v`, grown to hold them. Never shrunk: a buffer that several passes
 /// share at different sizes (a scratch buffer, the convolutions' columns) would otherwise be
 /// zero-filled again each time it grows back. The values are whatever was there.
-pub(crate) fn sized<T: Real>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+pub(crate) fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
-        v.resize(n, T::ZERO);
+        v.resize(n, T::default());
     }
     &mut v[..n]
 }

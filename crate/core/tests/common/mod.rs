@@ -45,6 +45,19 @@ pub fn tiny_config() -> BeitConfig {
     }
 }
 
+/// A 16 x 16 model of 4 x 4 patches, width 32: big enough to learn, small enough for 300 steps.
+pub fn small_mim_config() -> BeitConfig {
+    BeitConfig {
+        image_size: [16, 16],
+        patch_size: 4,
+        hidden_size: 32,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        vocab_size: 16,
+        ..tiny_config()
+    }
+}
+
 /// A 3-group RGB tokenizer of `size` px (downsampling 4), 32 codes: small enough for every step.
 pub fn small_dvae_config(size: usize) -> DvaeConfig {
     DvaeConfig {
