@@ -4,7 +4,7 @@
  * own process so its peak RSS is its own. Prints one JSON line: images/s over the timed steps
  * and peak RSS.
  *   node dist/bench/torch-row.js --row '<json>' --steps N [--warmup 2] [--precision bf16]
- * `--precision bf16` runs the MIM and classifier rows in the CPU engine's mixed precision.
+ * `--precision bf16` runs the row in the CPU engine's mixed precision (bf16 GEMM inputs).
  * Under mpiexec each rank takes its share of the row's batch (one update of the whole batch per
  * step, gradients summed across ranks) and rank 0 prints, with the all-reduce's share of the
  * step. The compute threads are rayon's (RAYON_NUM_THREADS, set by the orchestrator).
@@ -18,7 +18,7 @@ import { Beit } from '../model'
 import { Rng } from '../rng'
 import { Segmenter } from '../segmenter'
 import { Dvae } from '../tokenizer'
-import { hasBeitBf16, ResolvedRow } from './torch-rows'
+import { ResolvedRow } from './torch-rows'
 
 /** One step; the seconds it spent in the all-reduce (0 on one process). */
 type Step = () => Promise<number>
@@ -95,7 +95,7 @@ async function build(
     case 'segmenter': {
       if (d.worldSize > 1) throw new Error('segmentation is not a data-parallel row (no synchronised BatchNorm yet)')
       const s = row.segmenterConfig
-      const model = Segmenter.create(s)
+      const model = Segmenter.create(s, { precision })
       const [h, w] = s.model.imageSize
       const pixels = uniform(rng, b * s.model.numChannels * h * w, -1, 1)
       const masks = new Uint8Array(b * h * w).map(() => rng.int(0, s.numLabels - 1))
@@ -107,7 +107,7 @@ async function build(
     }
     case 'tokenizer-train':
     case 'tokenizer-encode': {
-      const tokenizer = Dvae.create(row.tokenizerConfig)
+      const tokenizer = Dvae.create(row.tokenizerConfig, { precision })
       const size = { height: row.imageSize, width: row.imageSize }
       const pixels = uniform(rng, b * row.tokenizerConfig.numChannels * row.imageSize * row.imageSize, 0, 1)
       if (row.kind === 'tokenizer-encode') {
@@ -140,8 +140,6 @@ async function main(): Promise<void> {
   const precision = values.precision
   if (precision !== 'f32' && precision !== 'bf16') throw new Error(`--precision must be f32 or bf16, got ${precision}`)
   const row = JSON.parse(values.row ?? '') as ResolvedRow
-  if (precision === 'bf16' && !hasBeitBf16(row))
-    throw new Error(`--precision bf16: the CPU engine's bf16 runs the MIM and classifier rows, not ${row.kind}`)
   const d = detectLaunch() ? initDistributed() : SINGLE_PROCESS
   const { step, parameters } = await build(row, new Rng(d.rank), d, precision)
   for (let i = 0; i < Number(values.warmup); i++) await step()

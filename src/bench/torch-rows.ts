@@ -30,11 +30,6 @@ export type ResolvedRow = Common &
     | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizerConfig: DvaeConfig; imageSize: number }
   )
 
-/** Whether the CPU engine has a bf16 mode for the row's model (the MIM model and the classifier). */
-export function hasBeitBf16(row: ResolvedRow): boolean {
-  return row.kind === 'mim' || row.kind === 'classifier'
-}
-
 export function benchRows(root: string): ResolvedRow[] {
   const { rows } = JSON.parse(readFileSync(join(root, 'scripts', 'bench', 'rows.json'), 'utf8')) as { rows: RowSpec[] }
   return rows.map((r): ResolvedRow => {

@@ -118,7 +118,7 @@ impl Kind for Classification {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn ClassifierRunner>> {
         let (table, params) = ClassifierParams::new(config);
-        if spec.placement.uses_engine_at(true) {
+        if spec.placement.uses_engine() {
             let flat = Flat::new(table, flat_values(&values)?)?;
             let engine = ClassifierEngine::new(config, &params, flat, spec.placement.precision)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))

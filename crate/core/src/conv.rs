@@ -14,6 +14,7 @@ use crate::cuda::Scalar;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
+use crate::config::Precision;
 use crate::engine::conv::{self as kernels, Nhwc};
 use crate::engine::simd::Real;
 use crate::ops::{contiguous, dispatch_float, into_storage, same_dtype_slices, with_row_vector};
@@ -58,16 +59,21 @@ fn check_kernel(c: usize, weight: &Tensor) -> candle_core::Result<(usize, usize)
 }
 
 /// k x k convolution, stride 1, zero padding (k-1)/2, on NHWC input. `weight` keeps the
-/// PyTorch layout [C_out, C_in, k, k] (as checkpoints store it).
-pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+/// PyTorch layout [C_out, C_in, k, k] (as checkpoints store it). `gemm`: the precision of the
+/// CPU engine's GEMM inputs, both ways (bf16 takes f32 tensors: the engine's mixed precision);
+/// a GPU's GEMMs run in the tensors' dtype.
+pub fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor, gemm: Precision) -> candle_core::Result<Tensor> {
     check_kernel(x.dim(3)?, weight)?;
     if !x.device().is_cpu() {
         return conv2d_same_by_columns(x, weight, bias);
     }
-    if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x, weight, bias], |t| conv2d_same(&t[0], &t[1], &t[2]))? {
+    if let Some(y) = crate::ops::bf16_on_cpu_via_f32(&[x, weight, bias], |t| conv2d_same(&t[0], &t[1], &t[2], gemm))? {
         return Ok(y);
     }
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvSame)
+    if gemm == Precision::Bf16 && x.dtype() != candle_core::DType::F32 {
+        bail!("conv2d: bf16 GEMMs on the CPU take f32 tensors, got {:?}", x.dtype());
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvSame { gemm })
 }
 
 /// [`conv2d_same`] as the GPU computes it: the [pixels, k*k*C_in] column matrix ([`im2col`];
@@ -352,8 +358,11 @@ impl CustomOp1 for Col2im {
 
 /// The CPU convolution as one autograd node over the engine's tiled im2col GEMMs (a few MB of
 /// columns at a time, never the k*k-times-the-input matrix): the forward, the weight and bias
-/// gradients, and the input gradient as the convolution of dy with the flipped kernel.
-struct ConvSame;
+/// gradients, and the input gradient as the convolution of dy with the flipped kernel, every
+/// GEMM's inputs at `gemm`.
+struct ConvSame {
+    gemm: Precision,
+}
 
 /// [C_out, C_in, k, k] of a weight's layout.
 fn kernel_dims(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize)> {
@@ -363,16 +372,29 @@ fn kernel_dims(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, 
     }
 }
 
-fn conv_cpu<T: Real>(x: &[T], s: Nhwc, weight: &[T], bias: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+fn conv_cpu<T: Real>(
+    gemm: Precision,
+    x: &[T],
+    s: Nhwc,
+    weight: &[T],
+    bias: &[T],
+    (c_out, k): (usize, usize),
+) -> Vec<T> {
     let mut packed = vec![T::ZERO; k * k * s.c * c_out];
     kernels::pack(weight, c_out, s.c, k, &mut packed);
     let mut y = vec![T::ZERO; s.pixels() * c_out];
-    kernels::forward(x, s, false, k, &packed, bias, &mut y, &mut Vec::new());
+    kernels::forward(gemm, x, s, false, k, &packed, bias, &mut y, &mut Vec::new());
     y
 }
 
 /// d loss / d x: dy convolved with the flipped kernel.
-fn conv_cpu_input_grad<T: Real>(dy: &[T], s: Nhwc, weight: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+fn conv_cpu_input_grad<T: Real>(
+    gemm: Precision,
+    dy: &[T],
+    s: Nhwc,
+    weight: &[T],
+    (c_out, k): (usize, usize),
+) -> Vec<T> {
     let flipped = if k == 1 {
         weight.to_vec()
     } else {
@@ -381,15 +403,15 @@ fn conv_cpu_input_grad<T: Real>(dy: &[T], s: Nhwc, weight: &[T], (c_out, k): (us
         f
     };
     let mut dx = vec![T::ZERO; s.len()];
-    kernels::backward_input(&[], s, false, k, &flipped, c_out, dy, &mut dx, &mut Vec::new());
+    kernels::backward_input(gemm, &[], s, false, k, &flipped, c_out, dy, &mut dx, &mut Vec::new());
     dx
 }
 
 /// The weight gradient [C_out, C_in, k, k] followed by the bias gradient [C_out].
-fn conv_cpu_param_grads<T: Real>(x: &[T], s: Nhwc, dy: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
+fn conv_cpu_param_grads<T: Real>(gemm: Precision, x: &[T], s: Nhwc, dy: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
     let mut packed = vec![T::ZERO; c_out * k * k * s.c];
     let mut dbias = vec![T::ZERO; c_out];
-    kernels::backward_params(x, s, false, k, dy, &mut packed, &mut dbias, &mut Vec::new(), &mut Vec::new());
+    kernels::backward_params(gemm, x, s, false, k, dy, &mut packed, &mut dbias, &mut Vec::new(), &mut Vec::new());
     let mut grads = vec![T::ZERO; c_out * s.c * k * k];
     kernels::unpack_add(&packed, s.c, k, &mut grads);
     grads.extend_from_slice(&dbias);
@@ -418,6 +440,7 @@ impl CustomOp3 for ConvSame {
         let s = nhwc_of(l1, self.name())?;
         let (c_out, _, k) = kernel_dims(l2, self.name())?;
         let out = dispatch_float!(self.name(), s1, |x| into_storage(conv_cpu(
+            self.gemm,
             contiguous(x, l1, self.name())?,
             s,
             same_dtype_slices(self.name(), s2, l2)?,
@@ -436,8 +459,9 @@ impl CustomOp3 for ConvSame {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(weight, &ConvInputGrad { input: nhwc_of(x.layout(), "conv2d-same")? })?;
-        let grads = x.apply_op2_no_bwd(&grad, &ConvParamGrads { k: weight.dim(2)? })?;
+        let input = nhwc_of(x.layout(), "conv2d-same")?;
+        let dx = grad.apply_op2_no_bwd(weight, &ConvInputGrad { input, gemm: self.gemm })?;
+        let grads = x.apply_op2_no_bwd(&grad, &ConvParamGrads { k: weight.dim(2)?, gemm: self.gemm })?;
         let n = weight.elem_count();
         let dweight = grads.narrow(0, 0, n)?.reshape(weight.shape())?;
         let dbias = grads.narrow(0, n, grads.dim(0)? - n)?;
@@ -448,6 +472,7 @@ impl CustomOp3 for ConvSame {
 /// (dy, weight) -> d loss / d x of a [`ConvSame`] whose input was `input`.
 struct ConvInputGrad {
     input: Nhwc,
+    gemm: Precision,
 }
 
 impl candle_core::CustomOp2 for ConvInputGrad {
@@ -465,6 +490,7 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         let (c_out, _, k) = kernel_dims(l2, self.name())?;
         let s = self.input;
         let out = dispatch_float!(self.name(), s1, |dy| into_storage(conv_cpu_input_grad(
+            self.gemm,
             contiguous(dy, l1, self.name())?,
             s,
             same_dtype_slices(self.name(), s2, l2)?,
@@ -477,6 +503,7 @@ impl candle_core::CustomOp2 for ConvInputGrad {
 /// (x, dy) -> the weight and bias gradients of a k x k [`ConvSame`], flat.
 struct ConvParamGrads {
     k: usize,
+    gemm: Precision,
 }
 
 impl candle_core::CustomOp2 for ConvParamGrads {
@@ -494,6 +521,7 @@ impl candle_core::CustomOp2 for ConvParamGrads {
         let s = nhwc_of(l1, self.name())?;
         let c_out = nhwc(l2, self.name())?.3;
         let out = dispatch_float!(self.name(), s1, |x| into_storage(conv_cpu_param_grads(
+            self.gemm,
             contiguous(x, l1, self.name())?,
             s,
             same_dtype_slices(self.name(), s2, l2)?,

@@ -55,7 +55,7 @@ impl Kind for Mim {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn MimRunner>> {
         let (table, params) = MimParams::new(config);
-        if spec.placement.uses_engine_at(true) {
+        if spec.placement.uses_engine() {
             let flat = Flat::new(table, flat_values(&values)?)?;
             let engine = MimEngine::new(config, &params, flat, spec.placement.precision)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))

@@ -1,5 +1,6 @@
-//! Where a model's steps run, chosen once when the model is placed: the CPU engine (f32 on
-//! the CPU) or candle's autograd over the candle model (CUDA, and bf16 on any device). Both
+//! Where a model's steps run, chosen once when the model is placed: the CPU engine (on the
+//! CPU, f32 or bf16 GEMMs) or candle's autograd over the candle model (CUDA, the CPU with the
+//! engine off, and the segmenter everywhere). Both
 //! hold the model's parameters in table order, the AdamW state, the EMA of the weights when
 //! the kind keeps one, and a gradient buffer that each model kind's `loss_and_grads` adds to
 //! and [`Runner::apply_update`] consumes, so a model moves between them and writes the same
@@ -37,17 +38,10 @@ impl Placement {
         Self { device: Device::Cpu, precision: Precision::F32, cpu_engine: true }
     }
 
-    /// The engine runs the steps on the CPU (in f32, or in bf16 where the model's engine has
-    /// bf16 GEMMs: see `uses_engine_at`); everything else goes through candle.
+    /// The engine runs the steps on the CPU, in f32 or with bf16 GEMMs (the segmenter: its
+    /// convolutions on the engine inside candle's autograd); everything else goes through candle.
     pub fn uses_engine(&self) -> bool {
         self.cpu_engine && self.device.is_cpu()
-    }
-
-    /// Whether the engine runs this model's steps, given whether its engine has a bf16 mode
-    /// (the backbone models' linear layers) or runs f32 only (the tokenizer, whose bf16 is
-    /// candle's).
-    pub fn uses_engine_at(&self, engine_has_bf16: bool) -> bool {
-        self.uses_engine() && (self.precision == Precision::F32 || engine_has_bf16)
     }
 }
 

@@ -2,8 +2,9 @@
 //! fine-tuning with layer-wise learning-rate decay and stochastic depth, BatchNorm running
 //! statistics updated by every training forward (buffers of the table, so checkpoints, moves
 //! and exports carry them), per-pixel predictions. Steps run on candle's autograd on every
-//! device (the CPU engine has no segmentation head yet). Data-parallel, the BatchNorms are
-//! synchronised across ranks (SyncBatchNorm).
+//! device; on the CPU its convolutions and BatchNorm are the engine's kernels, and bf16 there
+//! means f32 activations with the head's GEMMs in bf16 (the engine's mixed precision).
+//! Data-parallel, the BatchNorms are synchronised across ranks (SyncBatchNorm).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::segmentation::{BatchNormParams, SegmenterParams};
 use crate::checkpoint;
 use crate::classify::Classification;
-use crate::config::SegmenterConfig;
+use crate::config::{Precision, SegmenterConfig};
 use crate::distributed::ReplicaSum;
 use crate::engine::on_pool;
 use crate::error::{Error, Result};
@@ -116,9 +117,17 @@ impl Kind for Segmentation {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn SegmenterRunner>> {
         let (_, params) = SegmenterParams::new(config);
+        // bf16 on the CPU engine: f32 activations, the head's GEMMs in bf16 (the engine's mixed
+        // precision); elsewhere the activations are in the placement's precision.
+        let placement = spec.placement;
+        let (gemm, activations) = match placement.precision {
+            Precision::Bf16 if placement.uses_engine() => (Precision::Bf16, Precision::F32),
+            precision => (Precision::F32, precision),
+        };
         let new = |vars: &_, device: &_| {
             Ok(Segmenter {
-                model: BeitForSemanticSegmentation::new(config, &params, vars, device)?,
+                model: BeitForSemanticSegmentation::new(config, &params, vars, device, gemm)?,
+                activations,
                 norms: params.norms.clone(),
                 config: config.clone(),
             })
@@ -131,6 +140,8 @@ impl Kind for Segmentation {
 /// forward moves, and the loss settings.
 pub struct Segmenter {
     model: BeitForSemanticSegmentation,
+    /// The dtype the pixels enter in.
+    activations: Precision,
     norms: Vec<BatchNormParams>,
     config: SegmenterConfig,
 }
@@ -193,7 +204,7 @@ impl CandleRunner<Segmenter> {
         let cfg = &self.model.config;
         let [b, _, h, w] = images.shape;
         let labels = PixelLabels::new(labels, (b, h, w), cfg.num_labels, cfg.semantic_loss_ignore_index, &self.device)?;
-        let pixels = images.tensor(&self.device, self.precision)?;
+        let pixels = images.tensor(&self.device, self.model.activations)?;
         let count = self.model.norms.len();
         // Synchronised BatchNorms sum gradients across replicas in the backward pass too, so
         // every replica runs one, even with nothing labelled (its loss is then 0).
@@ -219,7 +230,7 @@ impl CandleRunner<Segmenter> {
 
     /// Main-head logits [B, h, w, K] in evaluation mode (running statistics, no stochastic depth).
     fn forward_eval(&self, images: Images) -> Result<Tensor> {
-        let pixels = images.tensor(&self.device, self.precision)?;
+        let pixels = images.tensor(&self.device, self.model.activations)?;
         let mut norms = Norms::new(self.model.norms.len(), false);
         Ok(self.model.model.forward(&pixels, None, &mut norms)?.logits)
     }

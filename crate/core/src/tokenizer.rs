@@ -125,8 +125,8 @@ impl Kind for Tokenizer {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn DvaeRunner>> {
         let (table, params) = DvaeParams::new(config);
-        if spec.placement.uses_engine_at(false) {
-            let engine = DvaeEngine::new(config, &params, table, flat_values(&values)?)?;
+        if spec.placement.uses_engine() {
+            let engine = DvaeEngine::new(config, &params, table, flat_values(&values)?, spec.placement.precision)?;
             Ok(Box::new(EngineRunner::new(engine, spec, ema)?))
         } else {
             let new = |vars: &_, _: &_| Ok(Dvae::new(config, &params, vars));

@@ -3,6 +3,7 @@
 mod common;
 
 use beit_core::arch::dvae::DvaeParams;
+use beit_core::config::Precision;
 use beit_core::conv::{conv2d_same, conv2d_same_by_columns, in_batch_chunks, max_pool2, upsample2};
 use beit_core::model::dvae::map_pixels;
 use beit_core::ops::softmax_last_dim;
@@ -42,7 +43,7 @@ fn conv2d_same_matches_candle_conv2d() {
         let x = random_tensor(&[2, 9, 8, 3], 1, DType::F64);
         let w = random_tensor(&[4, 3, k, k], 2, DType::F64);
         let b = random_tensor(&[4], 3, DType::F64);
-        let ours = conv2d_same(&x, &w, &b).unwrap();
+        let ours = conv2d_same(&x, &w, &b, Precision::F32).unwrap();
         let reference = x
             .permute((0, 3, 1, 2))
             .unwrap()
@@ -89,7 +90,7 @@ fn cpu_convolution_tiles_agree_with_candle_values_and_gradients() {
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let run = |ours: bool| {
         let y = if ours {
-            conv2d_same(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()
+            conv2d_same(x.as_tensor(), w.as_tensor(), b.as_tensor(), Precision::F32).unwrap()
         } else {
             let nchw = x.as_tensor().permute((0, 3, 1, 2)).unwrap();
             let y = nchw.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
@@ -115,7 +116,9 @@ fn convolution_in_batch_chunks_equals_the_whole_batch() {
     let b = Var::from_tensor(&random_tensor(&[4], 23, DType::F64)).unwrap();
     let probe = random_tensor(&[5, 6, 6, 4], 24, DType::F64);
     let run = |per_chunk: usize| {
-        let y = in_batch_chunks(x.as_tensor(), per_chunk, |x| conv2d_same(x, w.as_tensor(), b.as_tensor())).unwrap();
+        let y =
+            in_batch_chunks(x.as_tensor(), per_chunk, |x| conv2d_same(x, w.as_tensor(), b.as_tensor(), Precision::F32))
+                .unwrap();
         let grads = y.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let grad = |v: &Var| values(grads.get(v).unwrap());
@@ -157,7 +160,7 @@ fn conv_pool_upsample_gradients() {
     let probe = random_tensor(&[2, 4, 6, 5], 7, DType::F64);
     let objective = || {
         // conv -> pool -> upsample keeps the shape, so one probe covers all three ops.
-        let y = conv2d_same(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let y = conv2d_same(x.as_tensor(), w.as_tensor(), b.as_tensor(), Precision::F32).unwrap();
         upsample2(&max_pool2(&y).unwrap()).unwrap().mul(&probe).unwrap().sum_all().unwrap()
     };
     check_vars(&[("x".into(), x.clone()), ("w".into(), w.clone()), ("b".into(), b.clone())], &objective, 64);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use beit_core::arch::segmentation::{BatchNormParams, SegmenterParams};
+use beit_core::config::Precision;
 use beit_core::distributed::ReplicaSum;
 use beit_core::hf::{self, HfLayout};
 use beit_core::model::segmentation::{
@@ -285,13 +286,15 @@ fn transposed_convolution_is_candles_and_has_gradients() {
     let x = random_tensor(&[2, 3, 2, 5], 40, DType::F64);
     let w = random_tensor(&[5, 4, 2, 2], 41, DType::F64);
     let b = random_tensor(&[4], 42, DType::F64);
-    let ours = conv_transpose_2x2(&x, &w, &b).unwrap();
+    let ours = conv_transpose_2x2(&x, &w, &b, Precision::F32).unwrap();
     let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
     let reference = nchw.conv_transpose2d(&w, 0, 0, 2, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap());
     let reference = reference.unwrap().permute((0, 2, 3, 1)).unwrap();
     let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(diff < 1e-12, "differs from candle's conv_transpose2d by {diff:e}");
-    check_op(&[&[2, 3, 2, 5], &[5, 4, 2, 2], &[4]], |t| conv_transpose_2x2(&t[0], &t[1], &t[2]).unwrap());
+    check_op(&[&[2, 3, 2, 5], &[5, 4, 2, 2], &[4]], |t| {
+        conv_transpose_2x2(&t[0], &t[1], &t[2], Precision::F32).unwrap()
+    });
 }
 
 struct Tiny {
@@ -304,7 +307,8 @@ struct Tiny {
 
 fn tiny(cfg: SegmenterConfig, dtype: DType) -> Tiny {
     let (table, p) = SegmenterParams::new(&cfg);
-    let (model, vars) = build(&table, 3, dtype, |v| BeitForSemanticSegmentation::new(&cfg, &p, v, &Device::Cpu));
+    let (model, vars) =
+        build(&table, 3, dtype, |v| BeitForSemanticSegmentation::new(&cfg, &p, v, &Device::Cpu, Precision::F32));
     randomise(&vars, 7, 0.3);
     // Random running statistics, variances positive.
     for bn in &p.norms {
@@ -461,7 +465,7 @@ fn import(name: &str) -> Imported {
     let cfg = ckpt.segmenter.clone().unwrap();
     let (table, params) = SegmenterParams::new(&cfg);
     let vars = Vars::from_source(&table, Source::tensors(ckpt.tensors), DType::F32, &Device::Cpu).unwrap();
-    let model = BeitForSemanticSegmentation::new(&cfg, &params, &vars, &Device::Cpu).unwrap();
+    let model = BeitForSemanticSegmentation::new(&cfg, &params, &vars, &Device::Cpu, Precision::F32).unwrap();
     Imported { cfg, model, vars, io, params, table }
 }
 

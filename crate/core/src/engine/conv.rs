@@ -8,11 +8,18 @@
 //! multiplies, 2.25x on tiny maps), with the same buffers; the weight gradient stays a direct sum
 //! (see there why), for inputs of 16 channels or more without im2col: over zero-padded copies of
 //! the input, one GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
+//!
+//! Under bf16 (the engine's mixed precision) the im2col GEMMs and the weight gradients read
+//! their inputs rounded to bf16; Winograd's passes keep their f32 GEMMs. Its transforms scale
+//! bf16's rounding up: on the segmentation head's shapes F(4x4) in bf16 is 2.6% off the exact
+//! result (relative RMS) and F(2x2) 0.4%, against 0.22% for im2col in bf16, and F(2x2) in bf16
+//! was slower than F(4x4) in f32 (16 x 56 x 56 maps, 128 -> 128 channels: forward 130-141 ms
+//! against 48-76 on a Zen 4), so F(4x4) in f32 is both the faster and the closer choice.
 
 use rayon::prelude::*;
 
 use super::kernels::{add_bias, add_column_sums};
-use super::matmul::{add_partials, matmul, matmul_accumulate_split, reduction_groups, Mat, Threads};
+use super::matmul::{add_partials, matmul_accumulate_split, matmul_at, reduction_groups, Mat, Threads};
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
@@ -137,9 +144,12 @@ fn for_each_tile<T: Real>(
     }
 }
 
-/// y[p, :] = bias + im2col(f(x))[p] . W for `packed` [k*k*c_in, c_out] (see [`pack`]).
+/// y[p, :] = bias + im2col(f(x))[p] . W for `packed` [k*k*c_in, c_out] (see [`pack`]), the
+/// GEMMs' inputs at `precision`, as in this module's other passes, except where Winograd
+/// applies, whose GEMMs stay f32 (see the module's notes on bf16).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Real>(
+    precision: Precision,
     x: &[T],
     s: Nhwc,
     relu: bool,
@@ -155,7 +165,8 @@ pub fn forward<T: Real>(
     }
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let out = &mut y[p0 * c_out..(p0 + n) * c_out];
-        matmul(
+        matmul_at(
+            precision,
             out,
             Mat::dense(n, c_out),
             tile,
@@ -174,6 +185,7 @@ pub fn forward<T: Real>(
 /// and dbias are added to.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_params<T: Real>(
+    precision: Precision,
     x: &[T],
     s: Nhwc,
     relu: bool,
@@ -186,12 +198,12 @@ pub fn backward_params<T: Real>(
 ) {
     let (row, c_out) = (k * k * s.c, dbias.len());
     if k > 1 && s.c >= SHIFTED_MIN_CHANNELS {
-        backward_params_shifted(x, s, relu, k, dy, dweight, c_out, cols);
+        backward_params_shifted(precision, x, s, relu, k, dy, dweight, c_out, cols);
     } else {
         for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
             let g = &dy[p0 * c_out..(p0 + n) * c_out];
             let (d, gm, tm) = (Mat::dense(c_out, row), Mat::dense(n, c_out).t(), Mat::dense(n, row));
-            matmul_accumulate_split(Precision::F32, dweight, d, g, gm, tile, tm, scratch);
+            matmul_accumulate_split(precision, dweight, d, g, gm, tile, tm, scratch);
         });
     }
     add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
@@ -235,6 +247,7 @@ fn bands(s: Nhwc, k: usize, c_out: usize, groups: usize) -> Vec<Band> {
 /// on, each k * c_in values long (overlapping).
 #[allow(clippy::too_many_arguments)]
 fn backward_params_shifted<T: Real>(
+    precision: Precision,
     x: &[T],
     s: Nhwc,
     relu: bool,
@@ -255,7 +268,7 @@ fn backward_params_shifted<T: Real>(
     if groups == 1 {
         let band_buffer = sized(buffer, band_len);
         for band in &bands {
-            band_gradient(x, s, relu, k, dy, *band, band_buffer, dweight, c_out, Threads::Pool);
+            band_gradient(precision, x, s, relu, k, dy, *band, band_buffer, dweight, c_out, Threads::Pool);
         }
         return;
     }
@@ -268,7 +281,7 @@ fn backward_params_shifted<T: Real>(
         .for_each(|((band_buffer, partial), mine)| {
             partial.fill(T::ZERO);
             for band in mine {
-                band_gradient(x, s, relu, k, dy, *band, band_buffer, partial, c_out, Threads::Caller);
+                band_gradient(precision, x, s, relu, k, dy, *band, band_buffer, partial, c_out, Threads::Caller);
             }
         });
     let used = bands.len().div_ceil(per_group);
@@ -278,6 +291,7 @@ fn backward_params_shifted<T: Real>(
 /// One band's share of [`backward_params_shifted`], added to `dweight`.
 #[allow(clippy::too_many_arguments)]
 fn band_gradient<T: Real>(
+    precision: Precision,
     x: &[T],
     s: Nhwc,
     relu: bool,
@@ -316,7 +330,8 @@ fn band_gradient<T: Real>(
     }
     let n = pixels - ((k - 1) * wp + k - 1);
     for ky in 0..k {
-        matmul(
+        matmul_at(
+            precision,
             dweight,
             Mat::strided(ky * k * s.c, c_out, k * s.c, row),
             gs,
@@ -335,6 +350,7 @@ fn band_gradient<T: Real>(
 /// ReLU's mask (x >= 0, as candle's ReLU backward) when the forward applied one.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_input<T: Real>(
+    precision: Precision,
     x: &[T],
     s: Nhwc,
     relu: bool,
@@ -349,7 +365,8 @@ pub fn backward_input<T: Real>(
     let row = k * k * c_out;
     if k == 1 {
         let p = s.pixels();
-        matmul(
+        matmul_at(
+            precision,
             &mut dx[..p * s.c],
             Mat::dense(p, s.c),
             dy,
@@ -365,7 +382,8 @@ pub fn backward_input<T: Real>(
     } else {
         for_each_tile(dy, ds, k, false, cols, |p0, n, tile| {
             let out = &mut dx[p0 * s.c..(p0 + n) * s.c];
-            matmul(
+            matmul_at(
+                precision,
                 out,
                 Mat::dense(n, s.c),
                 tile,

@@ -10,7 +10,7 @@ use super::conv::{self, Nhwc};
 use super::simd::{multiversion, Real};
 use super::{finite, kernels, EngineModel, Flat};
 use crate::arch::dvae::{ConvParams, DvaeParams, NetParams, Resample};
-use crate::config::{DvaeConfig, ReconLoss, LOGIT_LAPLACE_EPS};
+use crate::config::{DvaeConfig, Precision, ReconLoss, LOGIT_LAPLACE_EPS};
 use crate::error::{Error, Result};
 use crate::params::{slots_mut, Layout, ParamTable, Slot};
 use crate::rng::Draws;
@@ -231,6 +231,7 @@ pub struct DvaeLoss {
 
 /// The weights one pass reads: raw, packed for the GEMMs and flipped for the data gradients.
 struct Pass<'a, T> {
+    precision: Precision,
     params: &'a [T],
     packed: &'a [T],
     flipped: &'a [T],
@@ -238,7 +239,17 @@ struct Pass<'a, T> {
 
 impl<T: Real> Pass<'_, T> {
     fn conv(&self, c: &Conv, x: &[T], s: Nhwc, relu: bool, y: &mut [T], cols: &mut Vec<T>) {
-        conv::forward(x, s.with_channels(c.c_in), relu, c.k, c.packed.of(self.packed), c.b.of(self.params), y, cols);
+        conv::forward(
+            self.precision,
+            x,
+            s.with_channels(c.c_in),
+            relu,
+            c.k,
+            c.packed.of(self.packed),
+            c.b.of(self.params),
+            y,
+            cols,
+        );
     }
 
     /// Forward through `net` from `input` of shape `s`.
@@ -362,20 +373,22 @@ impl<T: Real> Pass<'_, T> {
             dweight.resize(dweight.len().max(c.w.len), T::ZERO);
             let dw = &mut dweight[..c.w.len];
             dw.fill(T::ZERO);
-            conv::backward_params(x, s, relu, c.k, dy, dw, gb, cols, partial);
+            conv::backward_params(self.precision, x, s, relu, c.k, dy, dw, gb, cols, partial);
             conv::unpack_add(dw, c.c_in, c.k, gw);
         } else {
-            conv::backward_params(x, s, relu, c.k, dy, gw, gb, cols, partial);
+            conv::backward_params(self.precision, x, s, relu, c.k, dy, gw, gb, cols, partial);
         }
         if let Some(dx) = dx {
             let flipped = if c.k > 1 { c.flipped.of(self.flipped) } else { c.w.of(self.params) };
-            conv::backward_input(x, s, relu, c.k, flipped, c.c_out, dy, dx, cols);
+            conv::backward_input(self.precision, x, s, relu, c.k, flipped, c.c_out, dy, dx, cols);
         }
     }
 }
 
 pub struct DvaeEngine<T> {
     cfg: DvaeConfig,
+    /// Of the convolutions' GEMM inputs when encoding (see `conv::forward`).
+    precision: Precision,
     pub flat: Flat<T>,
     encoder: Net,
     decoder: Net,
@@ -389,8 +402,16 @@ pub struct DvaeEngine<T> {
 const EVAL_VALUES: usize = 1 << 25;
 
 impl<T: Real> DvaeEngine<T> {
-    /// An engine over `params` (values in the layout of `table`, the table of `p`).
-    pub fn new(cfg: &DvaeConfig, p: &DvaeParams, table: ParamTable, params: Vec<T>) -> Result<Self> {
+    /// An engine over `params` (values in the layout of `table`, the table of `p`), its
+    /// convolutions' GEMM inputs at `precision` when encoding (a tokenizer's precision is its
+    /// `encode`'s: training and decoding stay f32, as on candle).
+    pub fn new(
+        cfg: &DvaeConfig,
+        p: &DvaeParams,
+        table: ParamTable,
+        params: Vec<T>,
+        precision: Precision,
+    ) -> Result<Self> {
         let flat = Flat::new(table, params)?;
         let mut slots = Slots { layout: &flat.layout, packed: 0, flipped: 0 };
         let (encoder, decoder) = (slots.net(&p.encoder), slots.net(&p.decoder));
@@ -398,6 +419,7 @@ impl<T: Real> DvaeEngine<T> {
         // needs only the encoder's packed weights.
         Ok(Self {
             cfg: cfg.clone(),
+            precision,
             flat,
             encoder,
             decoder,
@@ -540,7 +562,8 @@ impl<T: Real> DvaeEngine<T> {
         let (encoder, decoder) = (encoder.as_mut().expect("training"), decoder.as_mut().expect("training"));
         let v = self.cfg.vocab_size;
         let tokens = self.encoder.output_shape(s);
-        let pass = Pass { params: &self.flat.params, packed: &self.packed, flipped: &self.flipped };
+        let pass =
+            Pass { precision: Precision::F32, params: &self.flat.params, packed: &self.packed, flipped: &self.flipped };
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
         kernels::argmax_rows(logits, v, codes);
@@ -601,8 +624,12 @@ impl<T: Real> DvaeEngine<T> {
             Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
             let Workspace { x, encoder, scratch, .. } = &mut ws;
             let encoder = encoder.as_mut().expect("encoding");
-            let pass =
-                Pass { params: weights.unwrap_or(&self.flat.params), packed: &self.packed, flipped: &self.flipped };
+            let pass = Pass {
+                precision: self.precision,
+                params: weights.unwrap_or(&self.flat.params),
+                packed: &self.packed,
+                flipped: &self.flipped,
+            };
             pass.forward(&self.encoder, x, sc, encoder, scratch);
             kernels::argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
@@ -634,8 +661,12 @@ impl<T: Real> DvaeEngine<T> {
                 row[id as usize] = T::ONE;
             }
             let decoder = decoder.as_mut().expect("decoding");
-            let pass =
-                Pass { params: weights.unwrap_or(&self.flat.params), packed: &self.packed, flipped: &self.flipped };
+            let pass = Pass {
+                precision: Precision::F32,
+                params: weights.unwrap_or(&self.flat.params),
+                packed: &self.packed,
+                flipped: &self.flipped,
+            };
             pass.forward(&self.decoder, x, sc, decoder, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
             let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];

@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor, D};
 
 use super::{like, Vars};
 use crate::arch::dvae::{ConvParams, DvaeParams, NetParams, ResBlockParams, Resample};
-use crate::config::{DvaeConfig, LOGIT_LAPLACE_EPS};
+use crate::config::{DvaeConfig, Precision, LOGIT_LAPLACE_EPS};
 use crate::conv::{conv2d_same, max_pool2, upsample2};
 
 pub struct Conv {
@@ -17,8 +17,9 @@ impl Conv {
         Self { w: vars.get(p.w), b: vars.get(p.b) }
     }
 
+    /// In the tensors' dtype: the CPU engine's bf16 GEMMs are the tokenizer engine's.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_same(x, &like(&self.w, x)?, &like(&self.b, x)?)
+        conv2d_same(x, &like(&self.w, x)?, &like(&self.b, x)?, Precision::F32)
     }
 
     fn detached(&self) -> Self {

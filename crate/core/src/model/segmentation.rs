@@ -14,7 +14,7 @@ use crate::arch::segmentation::{
     BatchNormParams, ConvModuleParams, ConvParams, FcnHeadParams, SegmenterParams, UperHeadParams, UpsampleParams,
     AUXILIARY_FEATURE, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
-use crate::config::SegmenterConfig;
+use crate::config::{Precision, SegmenterConfig};
 use crate::conv::{conv2d_same, max_pool2};
 use crate::distributed::ReplicaSum;
 use crate::ops::{self, resample, sum_over_replicas, Resampling};
@@ -198,16 +198,18 @@ pub fn composed_batch_norm(
     Ok((centred.broadcast_mul(&scale)?.broadcast_add(bias)?, seen))
 }
 
-/// A k x k convolution (stride 1, "same" padding) on NHWC maps.
+/// A k x k convolution (stride 1, "same" padding) on NHWC maps, its GEMMs' inputs at `gemm`
+/// on the CPU (see `conv::conv2d_same`).
 pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
     kernel: usize,
+    gemm: Precision,
 }
 
 impl Conv {
-    pub fn new(p: &ConvParams, vars: &Vars) -> Self {
-        Self { weight: vars.get(p.weight), bias: p.bias.map(|b| vars.get(b)), kernel: p.kernel }
+    pub fn new(p: &ConvParams, vars: &Vars, gemm: Precision) -> Self {
+        Self { weight: vars.get(p.weight), bias: p.bias.map(|b| vars.get(b)), kernel: p.kernel, gemm }
     }
 }
 
@@ -217,7 +219,7 @@ impl Module for Conv {
         let weight = like(&self.weight, x)?;
         let n_out = weight.dim(0)?;
         if self.kernel == 1 {
-            let y = x.reshape((b * h * w, c))?.matmul(&weight.reshape((n_out, c))?.t()?)?;
+            let y = ops::matmul(&x.reshape((b * h * w, c))?, &weight.reshape((n_out, c))?.t()?, self.gemm)?;
             let y = match &self.bias {
                 Some(bias) => ops::add_bias(&y, &like(bias, x)?)?,
                 None => y,
@@ -228,7 +230,7 @@ impl Module for Conv {
             Some(bias) => like(bias, x)?,
             None => Tensor::zeros(n_out, x.dtype(), x.device())?,
         };
-        conv2d_same(x, &weight, &bias)
+        conv2d_same(x, &weight, &bias, self.gemm)
     }
 }
 
@@ -236,29 +238,30 @@ impl Module for Conv {
 pub struct Upsample {
     weight: Tensor,
     bias: Tensor,
+    gemm: Precision,
 }
 
 impl Upsample {
-    pub fn new(p: &UpsampleParams, vars: &Vars) -> Self {
-        Self { weight: vars.get(p.weight), bias: vars.get(p.bias) }
+    pub fn new(p: &UpsampleParams, vars: &Vars, gemm: Precision) -> Self {
+        Self { weight: vars.get(p.weight), bias: vars.get(p.bias), gemm }
     }
 }
 
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv_transpose_2x2(x, &self.weight, &self.bias)
+        conv_transpose_2x2(x, &self.weight, &self.bias, self.gemm)
     }
 }
 
 /// PyTorch's ConvTranspose2d(kernel 2, stride 2) on x [B, H, W, C_in] with weight
 /// [C_in, C_out, 2, 2]: each input pixel becomes a 2x2 block, one matmul with the kernel as
-/// [C_in, 2*2*C_out] and a reshuffle.
-pub fn conv_transpose_2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// [C_in, 2*2*C_out] and a reshuffle, its inputs at `gemm` on the CPU.
+pub fn conv_transpose_2x2(x: &Tensor, weight: &Tensor, bias: &Tensor, gemm: Precision) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let weight = like(weight, x)?;
     let c_out = weight.dim(1)?;
     let kernel = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((c, 4 * c_out))?;
-    let y = x.reshape((b * h * w, c))?.matmul(&kernel)?.reshape((b, h, w, 2, 2, c_out))?;
+    let y = ops::matmul(&x.reshape((b * h * w, c))?, &kernel, gemm)?.reshape((b, h, w, 2, 2, c_out))?;
     let y = y.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b * 4 * h * w, c_out))?;
     ops::add_bias(&y, &like(bias, x)?)?.reshape((b, 2 * h, 2 * w, c_out))
 }
@@ -270,8 +273,8 @@ pub struct ConvModule {
 }
 
 impl ConvModule {
-    pub fn new(p: &ConvModuleParams, vars: &Vars) -> Self {
-        Self { conv: Conv::new(&p.conv, vars), bn: BatchNorm::new(&p.bn, vars) }
+    pub fn new(p: &ConvModuleParams, vars: &Vars, gemm: Precision) -> Self {
+        Self { conv: Conv::new(&p.conv, vars, gemm), bn: BatchNorm::new(&p.bn, vars) }
     }
 
     pub fn forward(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
@@ -317,16 +320,16 @@ pub struct UperHead {
 }
 
 impl UperHead {
-    pub fn new(p: &UperHeadParams, vars: &Vars) -> Self {
-        let modules = |ps: &[ConvModuleParams]| ps.iter().map(|p| ConvModule::new(p, vars)).collect();
+    pub fn new(p: &UperHeadParams, vars: &Vars, gemm: Precision) -> Self {
+        let modules = |ps: &[ConvModuleParams]| ps.iter().map(|p| ConvModule::new(p, vars, gemm)).collect();
         Self {
             pool_scales: p.pool_scales.clone(),
-            classifier: Conv::new(&p.classifier, vars),
+            classifier: Conv::new(&p.classifier, vars, gemm),
             psp_modules: modules(&p.psp_modules),
-            bottleneck: ConvModule::new(&p.bottleneck, vars),
+            bottleneck: ConvModule::new(&p.bottleneck, vars, gemm),
             lateral_convs: modules(&p.lateral_convs),
             fpn_convs: modules(&p.fpn_convs),
-            fpn_bottleneck: ConvModule::new(&p.fpn_bottleneck, vars),
+            fpn_bottleneck: ConvModule::new(&p.fpn_bottleneck, vars, gemm),
         }
     }
 
@@ -369,11 +372,11 @@ pub struct FcnHead {
 }
 
 impl FcnHead {
-    pub fn new(p: &FcnHeadParams, vars: &Vars) -> Self {
+    pub fn new(p: &FcnHeadParams, vars: &Vars, gemm: Precision) -> Self {
         Self {
-            convs: p.convs.iter().map(|p| ConvModule::new(p, vars)).collect(),
-            conv_cat: p.conv_cat.as_ref().map(|p| ConvModule::new(p, vars)),
-            classifier: Conv::new(&p.classifier, vars),
+            convs: p.convs.iter().map(|p| ConvModule::new(p, vars, gemm)).collect(),
+            conv_cat: p.conv_cat.as_ref().map(|p| ConvModule::new(p, vars, gemm)),
+            classifier: Conv::new(&p.classifier, vars, gemm),
         }
     }
 
@@ -406,20 +409,28 @@ pub struct BeitForSemanticSegmentation {
 }
 
 impl BeitForSemanticSegmentation {
-    pub fn new(cfg: &SegmenterConfig, p: &SegmenterParams, vars: &Vars, device: &Device) -> Result<Self> {
+    /// The model over `vars`; `gemm`: the precision of the head's GEMM inputs on the CPU (bf16:
+    /// the engine's mixed precision over f32 tensors).
+    pub fn new(
+        cfg: &SegmenterConfig,
+        p: &SegmenterParams,
+        vars: &Vars,
+        device: &Device,
+        gemm: Precision,
+    ) -> Result<Self> {
         let q = &p.head.pyramid;
         Ok(Self {
             beit: BeitModel::new(&cfg.model, &p.backbone, vars, device)?,
             depths: cfg.feature_depths(),
             grid: cfg.model.grid(),
             pyramid: Pyramid {
-                fpn1_up: Upsample::new(&q.fpn1_up, vars),
+                fpn1_up: Upsample::new(&q.fpn1_up, vars, gemm),
                 fpn1_bn: BatchNorm::new(&q.fpn1_bn, vars),
-                fpn1_up2: Upsample::new(&q.fpn1_up2, vars),
-                fpn2_up: Upsample::new(&q.fpn2_up, vars),
+                fpn1_up2: Upsample::new(&q.fpn1_up2, vars, gemm),
+                fpn2_up: Upsample::new(&q.fpn2_up, vars, gemm),
             },
-            decode_head: UperHead::new(&p.head.decode_head, vars),
-            auxiliary_head: p.head.auxiliary_head.as_ref().map(|a| FcnHead::new(a, vars)),
+            decode_head: UperHead::new(&p.head.decode_head, vars, gemm),
+            auxiliary_head: p.head.auxiliary_head.as_ref().map(|a| FcnHead::new(a, vars, gemm)),
         })
     }
 

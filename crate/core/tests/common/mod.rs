@@ -147,8 +147,12 @@ pub fn classifier_engine_at<T: Real>(
 }
 
 pub fn dvae_engine<T: Real>(cfg: &DvaeConfig, vars: &NamedVars) -> DvaeEngine<T> {
+    dvae_engine_at(cfg, vars, Precision::F32)
+}
+
+pub fn dvae_engine_at<T: Real>(cfg: &DvaeConfig, vars: &NamedVars, precision: Precision) -> DvaeEngine<T> {
     let (table, p) = DvaeParams::new(cfg);
-    DvaeEngine::new(cfg, &p, table, flat_values(vars)).unwrap()
+    DvaeEngine::new(cfg, &p, table, flat_values(vars), precision).unwrap()
 }
 
 /// The slot of parameter `name` in a flat buffer.
