@@ -392,12 +392,8 @@ fn the_engines_bf16_mim_step_agrees_with_candles_bf16_and_with_f32() {
         ("the engine's f32", gradient(Precision::F32, true), 0.03),
     ] {
         assert!((engine_loss - loss).abs() < 0.01 * loss, "loss {engine_loss} vs {what} {loss}");
-        let scale = grad.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let worst = engine_grad.iter().zip(&grad).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < tolerance * scale, "gradient differs from {what}'s by {worst} (scale {scale})");
-        let dot: f64 = engine_grad.iter().zip(&grad).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let cosine = dot / (norm(&engine_grad) * norm(&grad));
+        let (off, cosine) = gradient_distance(&engine_grad, &grad);
+        assert!(off < tolerance, "gradient differs from {what}'s by {off} of its largest magnitude");
         assert!(cosine > 0.999, "gradient's cosine with {what}'s is {cosine}");
     }
 }
