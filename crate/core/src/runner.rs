@@ -93,6 +93,9 @@ pub trait Runner: Send {
     fn apply_update(&mut self, lr: f64) -> Result<f64>;
     /// Frees the activation buffers (rebuilt on the next call).
     fn release_buffers(&mut self);
+    /// Switches the precision of later steps in place, without copying the model, where the
+    /// runner can (the engine's); false where the model must be rebuilt.
+    fn switch_precision(&mut self, precision: Precision) -> bool;
 }
 
 fn nothing_to_apply() -> Error {
@@ -235,6 +238,11 @@ impl<E: EngineModel> Runner for EngineRunner<E> {
     fn release_buffers(&mut self) {
         self.model.release_buffers();
     }
+
+    fn switch_precision(&mut self, precision: Precision) -> bool {
+        self.model.set_precision(precision);
+        true
+    }
 }
 
 /// A model on candle's autograd.
@@ -361,4 +369,8 @@ impl<M: Send> Runner for CandleRunner<M> {
     }
 
     fn release_buffers(&mut self) {}
+
+    fn switch_precision(&mut self, _: Precision) -> bool {
+        false
+    }
 }

@@ -214,14 +214,14 @@ impl<K: Kind> Trainer<K> {
     }
 
     /// Rebuilds the runner with the same weights, optimizer state and EMA where `placement`
-    /// says (nothing to do when the path, device and precision stay the same). On an error the
-    /// model stays as it was.
+    /// says (nothing to do when the path, device and precision stay the same, or only the
+    /// precision changes on the engine). On an error the model stays as it was.
     fn place(&mut self, placement: Placement) -> Result<()> {
         let (old, new) = (&self.placement, &placement);
-        if new.uses_engine() == old.uses_engine()
-            && new.precision == old.precision
-            && new.device.same_device(&old.device)
-        {
+        let same_path = new.uses_engine() == old.uses_engine() && new.device.same_device(&old.device);
+        // On the engine a precision is a setting of the GEMMs: switched in place, the model is
+        // not copied (a copy would hold the weights, EMA and moments twice at once).
+        if same_path && (new.precision == old.precision || self.runner.switch_precision(new.precision)) {
             self.placement = placement;
             return Ok(());
         }

@@ -578,3 +578,50 @@ fn bf16_matmul_op_multiplies_rounded_inputs_both_ways() {
     let same = (f32_out - candle).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(same, 0.0, "f32 is candle's matmul");
 }
+
+/// On the engine a precision change is switched in place (no copy of the model): steps after
+/// it equal, bit for bit, those of a model rebuilt at the new precision (moved off the engine
+/// and back), for MIM and for the tokenizer's encode, and switching back restores f32.
+#[test]
+fn switching_precision_on_the_engine_equals_rebuilding_at_it() {
+    let cfg = small_mim_config();
+    let b = batch(&cfg, 4, 2);
+    let trained = || {
+        let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 7).unwrap();
+        for step in 0..2 {
+            t.train_step(&b.view(), 3e-3, step).unwrap();
+        }
+        t
+    };
+    let (mut switched, mut rebuilt) = (trained(), trained());
+    switched.set_precision(Precision::Bf16).unwrap();
+    rebuilt.set_cpu_engine(false).unwrap();
+    rebuilt.set_precision(Precision::Bf16).unwrap();
+    rebuilt.set_cpu_engine(true).unwrap();
+    for step in 2..4 {
+        let (s, r) =
+            (switched.train_step(&b.view(), 3e-3, step).unwrap(), rebuilt.train_step(&b.view(), 3e-3, step).unwrap());
+        assert_eq!(s.loss.to_bits(), r.loss.to_bits(), "step {step}: switched {} vs rebuilt {}", s.loss, r.loss);
+    }
+    let f32_loss = |t: &mut BeitTrainer| t.loss_and_grads(&b.view(), Draws { seed: 9, first_sample: 0 }).unwrap().loss;
+    let bf16 = f32_loss(&mut switched);
+    switched.apply_update(0.0).unwrap();
+    switched.set_precision(Precision::F32).unwrap();
+    rebuilt.set_cpu_engine(false).unwrap();
+    rebuilt.set_precision(Precision::F32).unwrap();
+    rebuilt.set_cpu_engine(true).unwrap();
+    let (s, r) = (f32_loss(&mut switched), f32_loss(&mut rebuilt));
+    assert_eq!(s.to_bits(), r.to_bits(), "back in f32: switched {s} vs rebuilt {r}");
+    assert_ne!(s, bf16, "the bf16 loss should differ from f32's");
+
+    let config = small_dvae_config(16);
+    let pixels: Vec<f32> = unit_pixels(4 * 3 * 256, 6);
+    let images = ImageBatch { pixels: &pixels, height: 16, width: 16 };
+    let mut switched = DvaeTrainer::new(config.clone(), DvaeTrainingOptions::default(), 5).unwrap();
+    let mut rebuilt = DvaeTrainer::new(config, DvaeTrainingOptions::default(), 5).unwrap();
+    switched.set_precision(Precision::Bf16).unwrap();
+    rebuilt.set_cpu_engine(false).unwrap();
+    rebuilt.set_precision(Precision::Bf16).unwrap();
+    rebuilt.set_cpu_engine(true).unwrap();
+    assert_eq!(switched.encode(&images).unwrap(), rebuilt.encode(&images).unwrap(), "bf16 codes");
+}

@@ -154,6 +154,14 @@ impl<T: Real> Backbone<T> {
         (self.train, self.eval) = (None, None);
     }
 
+    /// Runs the linear layers' GEMMs at `precision` from the next pass on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.embeddings.patch.precision = precision;
+        for block in &mut self.blocks {
+            block.set_precision(precision);
+        }
+    }
+
     /// The training forward pass through every block, keeping what the backward pass needs;
     /// `draws` drives stochastic depth.
     pub fn forward_train(&mut self, p: &[T], pixels: &[T], mask: Option<&[u8]>, draws: Draws) -> Result<Shapes> {

@@ -196,6 +196,13 @@ impl Block {
         })
     }
 
+    /// Runs the linear layers' GEMMs at `precision` from the next pass on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        for linear in [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2] {
+            linear.precision = precision;
+        }
+    }
+
     pub fn index(&self) -> usize {
         self.index
     }

@@ -712,6 +712,10 @@ impl EngineModel for DvaeEngine<f32> {
     fn release_buffers(&mut self) {
         self.workspaces = [None, None, None];
     }
+
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
 }
 
 fn convs(net: &Net) -> Vec<Conv> {

@@ -34,6 +34,7 @@ pub mod winograd;
 
 use rayon::prelude::*;
 
+use crate::config::Precision;
 use crate::error::{Error, Result};
 use crate::params::{Layout, ParamTable};
 pub use simd::Real;
@@ -77,6 +78,8 @@ pub trait EngineModel: Send {
     fn flat_mut(&mut self) -> &mut Flat<f32>;
     /// Frees the activation buffers (rebuilt on the next call).
     fn release_buffers(&mut self);
+    /// The precision of the GEMMs from the next pass on (a tokenizer: of its encode).
+    fn set_precision(&mut self, precision: Precision);
 }
 
 /// Loss of one batch and what the metrics need.

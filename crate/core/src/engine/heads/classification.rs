@@ -87,4 +87,9 @@ impl EngineModel for ClassifierEngine<f32> {
     fn release_buffers(&mut self) {
         self.backbone.release_buffers();
     }
+
+    fn set_precision(&mut self, precision: Precision) {
+        self.backbone.set_precision(precision);
+        self.head.set_precision(precision);
+    }
 }

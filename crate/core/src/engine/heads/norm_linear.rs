@@ -55,6 +55,11 @@ impl<T: Real> NormLinear<T> {
         }
     }
 
+    /// Runs the linear layer's GEMMs at `precision` from the next pass on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.linear.precision = precision;
+    }
+
     pub fn outputs(&self) -> usize {
         self.linear.n_out
     }
