@@ -17,8 +17,8 @@ export declare class NativeBeit {
   get device(): string
   /**
    * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-   * it and trains and decodes in f32).
+   * matmuls, f32 weights, moments, reductions and losses). A tokenizer decodes in
+   * f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
    */
   get precision(): string
   set precision(precision: string)
@@ -104,8 +104,8 @@ export declare class NativeClassifier {
   get device(): string
   /**
    * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-   * it and trains and decodes in f32).
+   * matmuls, f32 weights, moments, reductions and losses). A tokenizer decodes in
+   * f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
    */
   get precision(): string
   set precision(precision: string)
@@ -178,8 +178,8 @@ export declare class NativeDvae {
   get device(): string
   /**
    * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-   * it and trains and decodes in f32).
+   * matmuls, f32 weights, moments, reductions and losses). A tokenizer decodes in
+   * f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
    */
   get precision(): string
   set precision(precision: string)
@@ -288,8 +288,8 @@ export declare class NativeSegmenter {
   get device(): string
   /**
    * Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-   * matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-   * it and trains and decodes in f32).
+   * matmuls, f32 weights, moments, reductions and losses). A tokenizer decodes in
+   * f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
    */
   get precision(): string
   set precision(precision: string)

@@ -10,10 +10,11 @@ export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 /**
  * Activation precision. 'bf16' is mixed precision: bf16 activations and matmuls (tensor
  * cores), f32 master weights, optimizer moments, norm/softmax reductions and losses. On the
- * CPU, 'bf16' rounds the linear layers' GEMM inputs to bf16 and sums in f32 (the MIM model and
- * the classifier; AVX512-BF16 makes it faster than f32 on AMD Zen 4/5, see the README), and
- * the segmenter runs candle's slower bf16 path. 'auto' is 'bf16' on a GPU and 'f32' on the
- * CPU. For a tokenizer it is the precision of `encode`; its training and decoding run in f32.
+ * CPU, 'bf16' keeps f32 activations and rounds the GEMM inputs to bf16, summing in f32 (the
+ * linear layers of the MIM model and the classifier, the convolutions of the segmentation head
+ * and the tokenizer; AVX512-BF16 makes it faster than f32 on AMD Zen 4/5, see the README).
+ * 'auto' is 'bf16' on a GPU and 'f32' on the CPU. A tokenizer decodes in f32 at any precision,
+ * and trains in bf16 only on the CPU (on a GPU its training runs in f32).
  */
 export type PrecisionSpec = 'auto' | 'f32' | 'bf16'
 

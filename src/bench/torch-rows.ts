@@ -30,14 +30,6 @@ export type ResolvedRow = Common &
     | { kind: 'tokenizer-train' | 'tokenizer-encode'; tokenizerConfig: DvaeConfig; imageSize: number }
   )
 
-/**
- * Whether the CPU engine's bf16 changes the row's work: every row but tokenizer training (a
- * tokenizer's precision is its `encode`'s; it trains in f32).
- */
-export function hasBeitBf16(row: ResolvedRow): boolean {
-  return row.kind !== 'tokenizer-train'
-}
-
 export function benchRows(root: string): ResolvedRow[] {
   const { rows } = JSON.parse(readFileSync(join(root, 'scripts', 'bench', 'rows.json'), 'utf8')) as { rows: RowSpec[] }
   return rows.map((r): ResolvedRow => {

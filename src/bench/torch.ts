@@ -2,7 +2,7 @@
  * beit against PyTorch on the CPU, side by side in one run: every row of
  * scripts/bench/rows.json (training steps of the MIM model, the classifier, the segmenter and
  * the tokenizer, and tokenizer encoding) runs as beit processes (f32, and on CPUs with AMX or
- * AVX512-BF16 the engine's bf16 mixed precision, but for tokenizer training) and PyTorch processes (eager
+ * AVX512-BF16 the engine's bf16 mixed precision) and PyTorch processes (eager
  * f32, and under bf16 autocast on CPUs with AMX or AVX512-BF16, which it runs on; and each of
  * those under torch.compile, unless `--eager-only`) on the same work with the same number of
  * threads, alternating, `--rounds` times each; the best images/s of each side and the larger
@@ -21,7 +21,7 @@ import { availableParallelism, homedir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { benchRows, bf16Hardware, cpuName, hasBeitBf16, ResolvedRow } from './torch-rows'
+import { benchRows, bf16Hardware, cpuName, ResolvedRow } from './torch-rows'
 
 interface Measurement {
   imagesPerSecond: number
@@ -108,7 +108,7 @@ async function main(): Promise<void> {
     (m) => (bf16 || !TORCH_MODES[m].bf16) && (!values['eager-only'] || !TORCH_MODES[m].flags.includes('--compile')),
   )
   const modeTitles = modes.map((m) => TORCH_MODES[m].title)
-  const beitModes = bf16 ? 'f32, and bf16 but for tokenizer training' : 'f32'
+  const beitModes = bf16 ? 'f32, bf16' : 'f32'
   console.log(
     `beit (${beitModes}) vs PyTorch (${modeTitles.join(', ')}) on ${cpuName()}, ${threads} threads each, best of ${rounds} alternating rounds${bf16 ? '' : '; no bf16 autocast columns: this CPU has neither AMX-BF16 nor AVX512-BF16'}${values['eager-only'] ? '; no torch.compile columns (--eager-only)' : ''}`,
   )
@@ -146,7 +146,7 @@ async function main(): Promise<void> {
       torchCompile: [],
       torchBf16Compile: [],
     }
-    const beitSides: Side[] = bf16 && hasBeitBf16(row) ? ['beit', 'beitBf16'] : ['beit']
+    const beitSides: Side[] = bf16 ? ['beit', 'beitBf16'] : ['beit']
     const sidesRun: Side[] = [...beitSides, ...modes]
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? sidesRun : sidesRun.map((_, i) => sidesRun[sidesRun.length - 1 - i])

@@ -296,7 +296,7 @@ impl Trainer<Tokenizer> {
 
     /// Token ids [B, H/d, W/d] (argmax of the encoder logits; deterministic), from the EMA
     /// weights when the tokenizer keeps them. Runs in the tokenizer's precision (bf16 suits MIM
-    /// targets, which need only the argmax; training and decoding stay f32).
+    /// targets, which need only the argmax).
     pub fn encode(&mut self, batch: &ImageBatch) -> Result<Vec<i32>> {
         let ids = match self.encode_ids(batch)? {
             TokenIds::Host(ids) => ids,

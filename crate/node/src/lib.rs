@@ -202,8 +202,8 @@ macro_rules! trainer_methods {
             }
 
             /// Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
-            /// matmuls, f32 weights, moments, reductions and losses; the tokenizer encodes in
-            /// it and trains and decodes in f32).
+            /// matmuls, f32 weights, moments, reductions and losses). A tokenizer decodes in
+            /// f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
             #[napi(getter)]
             pub fn precision(&self) -> Result<String> {
                 guarded(|| Ok(lock(&self.inner)?.precision().name().to_string()))

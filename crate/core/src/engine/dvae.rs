@@ -387,7 +387,7 @@ impl<T: Real> Pass<'_, T> {
 
 pub struct DvaeEngine<T> {
     cfg: DvaeConfig,
-    /// Of the convolutions' GEMM inputs when encoding (see `conv::forward`).
+    /// Of the convolutions' GEMM inputs when training and encoding (see `conv::forward`).
     precision: Precision,
     pub flat: Flat<T>,
     encoder: Net,
@@ -403,8 +403,8 @@ const EVAL_VALUES: usize = 1 << 25;
 
 impl<T: Real> DvaeEngine<T> {
     /// An engine over `params` (values in the layout of `table`, the table of `p`), its
-    /// convolutions' GEMM inputs at `precision` when encoding (a tokenizer's precision is its
-    /// `encode`'s: training and decoding stay f32, as on candle).
+    /// convolutions' GEMM inputs at `precision` when training and encoding. Decoding stays f32:
+    /// it makes the pixels people look at, rarely, and so they do not depend on the precision.
     pub fn new(
         cfg: &DvaeConfig,
         p: &DvaeParams,
@@ -563,7 +563,7 @@ impl<T: Real> DvaeEngine<T> {
         let v = self.cfg.vocab_size;
         let tokens = self.encoder.output_shape(s);
         let pass =
-            Pass { precision: Precision::F32, params: &self.flat.params, packed: &self.packed, flipped: &self.flipped };
+            Pass { precision: self.precision, params: &self.flat.params, packed: &self.packed, flipped: &self.flipped };
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
         kernels::argmax_rows(logits, v, codes);

@@ -78,7 +78,7 @@ pub trait EngineModel: Send {
     fn flat_mut(&mut self) -> &mut Flat<f32>;
     /// Frees the activation buffers (rebuilt on the next call).
     fn release_buffers(&mut self);
-    /// The precision of the GEMMs from the next pass on (a tokenizer: of its encode).
+    /// The precision of the GEMMs from the next pass on (a tokenizer's decode stays f32).
     fn set_precision(&mut self, precision: Precision);
 }
 
