@@ -843,6 +843,7 @@ module.exports.NativeLinearProbe = nativeBinding.NativeLinearProbe
 module.exports.NativeSegmenter = nativeBinding.NativeSegmenter
 module.exports.abortDistributed = nativeBinding.abortDistributed
 module.exports.barrier = nativeBinding.barrier
+module.exports.bf16GemmSpeedup = nativeBinding.bf16GemmSpeedup
 module.exports.checkSameAcrossRanks = nativeBinding.checkSameAcrossRanks
 module.exports.codebookUsage = nativeBinding.codebookUsage
 module.exports.cudaDeviceCount = nativeBinding.cudaDeviceCount

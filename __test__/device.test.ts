@@ -1,6 +1,15 @@
 import test from 'ava'
 
-import { Beit, BeitConfig, Classifier, cudaDeviceCount, Dvae, resolveDevice, resolvePrecision } from '../src/index'
+import {
+  Beit,
+  BeitConfig,
+  bf16GemmSpeedup,
+  Classifier,
+  cudaDeviceCount,
+  Dvae,
+  resolveDevice,
+  resolvePrecision,
+} from '../src/index'
 
 const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
   preset: 'tiny',
@@ -13,6 +22,12 @@ const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
   intermediateSize: 32,
   vocabSize: 10,
 }
+
+test("the CPU's bf16 GEMM speed-up is a positive ratio, measured once per process", (t) => {
+  const speedup = bf16GemmSpeedup()
+  t.true(Number.isFinite(speedup) && speedup > 0, `speed-up ${speedup}`)
+  t.is(bf16GemmSpeedup(), speedup)
+})
 
 test("'auto' is a GPU exactly when the loaded addon sees one", (t) => {
   const gpus = cudaDeviceCount()

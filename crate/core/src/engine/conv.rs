@@ -10,7 +10,8 @@
 //! the input, one GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
 //!
 //! Under bf16 (the engine's mixed precision) the im2col GEMMs and the weight gradients read
-//! their inputs rounded to bf16; Winograd's passes keep their f32 GEMMs. Its transforms scale
+//! their inputs rounded to bf16, but for im2col GEMMs too thin for the bf16 kernel
+//! ([`gemm_precision`]); Winograd's passes keep their f32 GEMMs. Its transforms scale
 //! bf16's rounding up: on the segmentation head's shapes F(4x4) in bf16 is 2.6% off the exact
 //! result (relative RMS) and F(2x2) 0.4%, against 0.22% for im2col in bf16, and F(2x2) in bf16
 //! was slower than F(4x4) in f32 (16 x 56 x 56 maps, 128 -> 128 channels: forward 130-141 ms
@@ -144,6 +145,18 @@ fn for_each_tile<T: Real>(
     }
 }
 
+/// The precision of an im2col or 1x1 GEMM with `n` output columns summed over `depth`:
+/// `precision`, except that GEMMs too thin for the bf16 kernel's 12 x 32 tiles stay f32, where
+/// packing their operands costs more than the faster products gain (the `tiny` tokenizer's
+/// 8-channel layers made its bf16 encode 1.2-1.6x slower than f32; 1.0-1.3x faster now).
+pub fn gemm_precision(precision: Precision, n: usize, depth: usize) -> Precision {
+    if n < 16 || depth < 64 {
+        Precision::F32
+    } else {
+        precision
+    }
+}
+
 /// y[p, :] = bias + im2col(f(x))[p] . W for `packed` [k*k*c_in, c_out] (see [`pack`]), the
 /// GEMMs' inputs at `precision`, as in this module's other passes, except where Winograd
 /// applies, whose GEMMs stay f32 (see the module's notes on bf16).
@@ -163,6 +176,7 @@ pub fn forward<T: Real>(
     if winograd::applies(k, s.c, c_out) {
         return winograd::forward(x, s, relu, packed, c_out, Some(bias), y, cols);
     }
+    let precision = gemm_precision(precision, c_out, row);
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let out = &mut y[p0 * c_out..(p0 + n) * c_out];
         matmul_at(
@@ -363,6 +377,7 @@ pub fn backward_input<T: Real>(
 ) {
     let ds = s.with_channels(c_out);
     let row = k * k * c_out;
+    let precision = gemm_precision(precision, s.c, row);
     if k == 1 {
         let p = s.pixels();
         matmul_at(
