@@ -415,7 +415,7 @@ export interface BeitStepMetrics {
 
 /**
  * How many times faster this CPU runs the engine's bf16 GEMMs than its f32 ones, measured once
- * per process (about 20 ms): `precision: 'bf16'` pays on the CPU where this is well above 1.
+ * per process (about 10 ms): `precision: 'bf16'` pays on the CPU where this is well above 1.
  */
 export declare function bf16GemmSpeedup(): number
 

@@ -32,8 +32,9 @@ export function cudaDeviceCount(): number {
 
 /**
  * How many times faster this CPU runs the engine's bf16 GEMMs than its f32 ones, measured once
- * per process (about 20 ms): about 2 on AMD Zen 4/5, 0.5 on Intel Xeons without AMX, below 1
- * without AVX512-BF16. `precision: 'bf16'` pays on the CPU where this is well above 1.
+ * per process (about 10 ms): 1.7-1.8 on an AMD Zen 4; below 1 where bf16 is slower than f32
+ * (Intel Xeons without AMX run `vdpbf16ps` at half the f32 rate; CPUs without AVX512-BF16
+ * emulate it). `precision: 'bf16'` pays on the CPU where this is well above 1.
  */
 export function bf16GemmSpeedup(): number {
   return native.bf16GemmSpeedup()

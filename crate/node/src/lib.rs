@@ -184,7 +184,7 @@ pub fn cuda_device_count() -> u32 {
 }
 
 /// How many times faster this CPU runs the engine's bf16 GEMMs than its f32 ones, measured once
-/// per process (about 20 ms): `precision: 'bf16'` pays on the CPU where this is well above 1.
+/// per process (about 10 ms): `precision: 'bf16'` pays on the CPU where this is well above 1.
 #[napi]
 pub fn bf16_gemm_speedup() -> f64 {
     beit_core::engine::matmul_bf16::bf16_gemm_speedup()

@@ -100,7 +100,7 @@ pub fn set_bf16_kernel(wanted: Bf16Kernel) -> Bf16Kernel {
 
 /// How many times faster this CPU runs the engine's bf16 GEMMs than its f32 ones: the best of
 /// several timings of a 256^3 product in each precision on the calling thread, measured once per
-/// process (about 20 ms). The CPU's features do not tell: `vdpbf16ps` runs at twice the f32 FMA
+/// process (about 10 ms). The CPU's features do not tell: `vdpbf16ps` runs at twice the f32 FMA
 /// rate on AMD Zen 4/5 and at half of it on Intel Xeons (without AMX), and the emulated kernel
 /// is slower than f32 everywhere.
 pub fn bf16_gemm_speedup() -> f64 {
