@@ -10,7 +10,7 @@
 // masks (blocks of 4 to 26 patches) often hide all of it, leaving nothing of it to infer from.
 //   npm run build:ts && node scripts/proof-segmentation.js [--seed 0] [--out runs/proof-seg]
 //     [--labelled 50] [--pretrain-epochs 30] [--finetune-epochs 30] [--masking random|blockwise]
-//     [--lr 3e-4] [--scratch-lr <the from-scratch run's, default --lr>]
+//     [--lr 3e-4] [--scratch-lr <the from-scratch run's, default --lr>] [--precision f32|bf16]
 // Prints one JSON line per seed at the end; the run folders hold metrics, curves and
 // predictions.png.
 'use strict'
@@ -30,9 +30,12 @@ const { values } = parseArgs({
     masking: { type: 'string', default: 'random' },
     lr: { type: 'string', default: '3e-4' },
     'scratch-lr': { type: 'string' },
+    precision: { type: 'string', default: 'f32' },
   },
 })
 const seed = Number(values.seed)
+// Every model of the run (tokenizer, MIM model, both segmenters) at this precision.
+const precision = beit.resolvePrecision(values.precision, 'cpu')
 const out = join(values.out, `seed-${seed}`)
 const SIZE = [64, 64]
 const MODEL = { preset: 'mini', imageSize: SIZE, patchSize: 8, numChannels: 1, numHiddenLayers: 5, dropPathRate: 0.05 }
@@ -69,7 +72,10 @@ async function main() {
     'unlabelled scenes',
   )
 
-  const tokenizer = beit.Dvae.create({ preset: 'tiny', numChannels: 1, imageSize: [32, 32] }, { seed, emaDecay: 0 })
+  const tokenizer = beit.Dvae.create(
+    { preset: 'tiny', numChannels: 1, imageSize: [32, 32] },
+    { seed, emaDecay: 0, precision },
+  )
   await beit.trainTokenizer({
     tokenizer,
     data,
@@ -82,7 +88,7 @@ async function main() {
     evalImages: 200,
   })
   lap('tokenizer')
-  const model = beit.Beit.create({ ...MODEL, vocabSize: tokenizer.config.vocabSize }, { seed })
+  const model = beit.Beit.create({ ...MODEL, vocabSize: tokenizer.config.vocabSize }, { seed, precision })
   const [gridHeight, gridWidth] = model.grid
   const masking = maskGenerator(values.masking, gridHeight, gridWidth)
   const accuracy = []
@@ -119,17 +125,23 @@ async function main() {
     })
   const checkpoint = join(out, 'pretrain', 'checkpoint.safetensors')
   const pretrained = await finetune(
-    await beit.Segmenter.fromPretrained(checkpoint, segmentation, { seed, training: { layerDecay: 0.75 } }),
+    await beit.Segmenter.fromPretrained(checkpoint, segmentation, { seed, training: { layerDecay: 0.75 }, precision }),
     'finetune-pretrained',
     Number(values.lr),
   )
   lap('fine-tuning from the pretrained backbone')
   const scratchLr = Number(values['scratch-lr'] ?? values.lr)
-  const scratch = await finetune(beit.Segmenter.create(segmentation, { seed }), 'finetune-scratch', scratchLr)
+  const scratch = await finetune(
+    beit.Segmenter.create(segmentation, { seed, precision }),
+    'finetune-scratch',
+    scratchLr,
+  )
   lap('fine-tuning from scratch')
   const last = (r) => r.evals[r.evals.length - 1]
   const scores = (r) => ({ meanIou: last(r).meanIou, pixelAccuracy: last(r).overallAccuracy })
-  console.log(JSON.stringify({ seed, mlmAccuracy, pretrained: scores(pretrained), scratch: scores(scratch) }))
+  console.log(
+    JSON.stringify({ seed, precision, mlmAccuracy, pretrained: scores(pretrained), scratch: scores(scratch) }),
+  )
 }
 
 main().catch((e) => {

@@ -22,9 +22,10 @@ pub mod tokenizer;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc v2's `mi_option_purge_delay` (see its mimalloc.h): -1 keeps freed pages for reuse
-/// instead of returning them to the OS 10 ms later, which made the kernel zero the same
-/// activation memory again every step (17% of a CPU training step). RSS stays at its peak.
+/// mimalloc's `mi_option_purge_delay` (index 15 in both v2's and v3's mimalloc.h;
+/// libmimalloc-sys builds v3 by default): -1 keeps freed pages for reuse instead of returning
+/// them to the OS after a delay (v2: 10 ms), which made the kernel zero the same activation
+/// memory again every step (17% of a CPU training step). RSS stays at its peak.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[napi_derive::module_init]
