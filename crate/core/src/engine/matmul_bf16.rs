@@ -35,10 +35,6 @@ const MC: usize = 8 * MR;
 
 /// Multiply-adds below which a GEMM runs on the calling thread only.
 const MIN_POOL_WORK: usize = 1 << 18;
-/// Rows ahead of the one being packed whose depth block is prefetched. Where the depth is split
-/// into blocks, a row's block is not contiguous with the next row's, and packing waited on those
-/// loads: with the prefetch such GEMMs (the MIM step's 768-deep ones) ran 7-18% faster.
-const PREFETCH_ROWS: usize = 4;
 
 /// The micro-kernel a bf16 GEMM runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -383,27 +379,23 @@ unsafe fn pack_avx512_bf16(
         std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
     };
     if m.col_stride == 1 {
-        let mut lanes = [0u32; 16];
+        // 16 rows at a time (rows past the matrix zero): each row's next 16 pairs in a register,
+        // transposed so that each register holds one pair of all 16 rows, a line of the panel.
         for (panel, block) in out.chunks_exact_mut(kp * width).enumerate() {
-            for lane in 0..width {
-                let r = panel * width + lane;
-                if r >= rows {
-                    for p in 0..kp {
-                        block[p * width + lane] = 0;
-                    }
-                    continue;
-                }
-                let row = src.ptr.add(m.offset + (r0 + r) * m.row_stride + k0);
-                if r + PREFETCH_ROWS < rows {
-                    let ahead = row.add(PREFETCH_ROWS * m.row_stride);
-                    for x in (0..kc).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(x).cast());
-                    }
-                }
+            for g in (0..width).step_by(16) {
+                let lanes = (width - g).min(16);
+                let first = panel * width + g;
+                let live = rows.saturating_sub(first).min(lanes);
+                let row = |l: usize| src.ptr.add(m.offset + (r0 + first + l) * m.row_stride + k0);
                 for p0 in (0..kp).step_by(16) {
-                    _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pairs_of(row.add(2 * p0), kc - 2 * p0));
-                    for (q, &v) in lanes.iter().enumerate().take(kp - p0) {
-                        block[(p0 + q) * width + lane] = v;
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (l, v) in v.iter_mut().enumerate().take(live) {
+                        *v = pairs_of(row(l).add(2 * p0), kc - 2 * p0);
+                    }
+                    transpose_16x16(&mut v);
+                    let store = first_lanes(lanes);
+                    for (q, v) in v.iter().enumerate().take(kp - p0) {
+                        _mm512_mask_storeu_epi32(block.as_mut_ptr().add((p0 + q) * width + g).cast(), store, *v);
                     }
                 }
             }
@@ -443,6 +435,45 @@ unsafe fn pack_avx512_bf16(
         true
     } else {
         false
+    }
+}
+
+/// Transposes a 16 x 16 matrix of 32-bit values held as 16 row registers: register c then holds
+/// column c.
+///
+/// # Safety
+/// The CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_16x16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    // Rows interleaved in pairs, then in pairs of pairs: register 4i + j then holds, in its
+    // 128-bit lane l, column 4l + j of rows 4i..4i + 4.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_unpacklo_epi64(a, c);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // Then the 128-bit lanes: the even and the odd lanes of row groups 0 and 1 (and of 2 and 3)
+    // side by side, and those gathered into column j, 4 + j, 8 + j and 12 + j of all 16 rows.
+    for j in 0..4 {
+        t[j] = _mm512_shuffle_i32x4::<0x88>(r[j], r[4 + j]);
+        t[4 + j] = _mm512_shuffle_i32x4::<0xdd>(r[j], r[4 + j]);
+        t[8 + j] = _mm512_shuffle_i32x4::<0x88>(r[8 + j], r[12 + j]);
+        t[12 + j] = _mm512_shuffle_i32x4::<0xdd>(r[8 + j], r[12 + j]);
+    }
+    for j in 0..4 {
+        r[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+        r[4 + j] = _mm512_shuffle_i32x4::<0x88>(t[4 + j], t[12 + j]);
+        r[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
+        r[12 + j] = _mm512_shuffle_i32x4::<0xdd>(t[4 + j], t[12 + j]);
     }
 }
 
