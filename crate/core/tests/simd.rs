@@ -35,6 +35,35 @@ fn every_level_gives_the_same_bits() {
     }
 }
 
+/// Narrow convolutions (into 8 channels or fewer: AVX's 8-lane sums above the baseline level)
+/// give the same bits at every level, forward and input gradient, with ReLU and without.
+#[test]
+fn narrow_convolutions_give_the_same_bits_at_every_level() {
+    use beit_core::config::Precision;
+    use beit_core::engine::conv::{self, Nhwc};
+    let (s, c_out, k) = (Nhwc { b: 2, h: 5, w: 31, c: 12 }, 7, 3);
+    let values = |n: usize, seed: u64| random_tensor(&[n], seed, DType::F32).to_vec1::<f32>().unwrap();
+    let (x, w, bias, dy) =
+        (values(s.len(), 1), values(c_out * s.c * 9, 2), values(c_out, 3), values(s.pixels() * c_out, 4));
+    let mut packed = vec![0f32; w.len()];
+    conv::pack(&w, c_out, s.c, k, &mut packed);
+    let wide = Nhwc { c: 5, ..s };
+    let mut flipped = vec![0f32; c_out * wide.c * 9];
+    conv::flip(&values(c_out * wide.c * 9, 5), c_out, wide.c, k, &mut flipped);
+    let run = |level: Level| {
+        simd::set_level(level);
+        let (mut y, mut dx, mut cols) = (vec![0f32; s.pixels() * c_out], vec![0f32; wide.len()], Vec::new());
+        conv::forward(Precision::F32, &x, s, true, k, &packed, &bias, &mut y, &mut cols);
+        let x_wide = values(wide.len(), 6);
+        conv::backward_input(Precision::F32, &x_wide, wide, false, k, &flipped, c_out, &dy, &mut dx, &mut cols);
+        y.iter().chain(&dx).map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let best = run(Level::Avx512);
+    for level in [Level::Avx2, Level::Baseline] {
+        assert!(run(level) == best, "{level:?} differs from the best level");
+    }
+}
+
 #[test]
 fn f32_exp_and_normal_cdf_are_accurate() {
     let mut worst_exp = 0.0f64;

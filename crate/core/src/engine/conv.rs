@@ -5,7 +5,8 @@
 //! the convolution of the output gradient with the flipped, transposed kernel, tiled the same
 //! way, so no col2im scatter is needed. The forward pass and the data gradient of 3x3 kernels
 //! between layers of 16 channels or more go through [`super::winograd`] instead (4x fewer
-//! multiplies, 2.25x on tiny maps), with the same buffers; the weight gradient stays a direct sum
+//! multiplies, 2.25x on tiny maps), with the same buffers, and the f32 ones into 16 channels or
+//! fewer through [`super::direct`] (no columns at all); the weight gradient stays a direct sum
 //! (see there why), for inputs of 16 channels or more without im2col: over zero-padded copies of
 //! the input, one GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
 //!
@@ -19,6 +20,7 @@
 
 use rayon::prelude::*;
 
+use super::direct;
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{add_partials, matmul_accumulate_split, matmul_at, reduction_groups, Mat, Threads};
 use super::simd::{multiversion, Real};
@@ -177,6 +179,9 @@ pub fn forward<T: Real>(
         return winograd::forward(x, s, relu, packed, c_out, Some(bias), y, cols);
     }
     let precision = gemm_precision(precision, c_out, row);
+    if direct::applies(k, c_out) && precision == Precision::F32 {
+        return direct::forward(x, s, relu, k, packed, c_out, Some(bias), y, cols);
+    }
     for_each_tile(x, s, k, relu, cols, |p0, n, tile| {
         let out = &mut y[p0 * c_out..(p0 + n) * c_out];
         matmul_at(
@@ -394,6 +399,8 @@ pub fn backward_input<T: Real>(
         );
     } else if winograd::applies(k, c_out, s.c) {
         winograd::forward(dy, ds, false, flipped, s.c, None, dx, cols);
+    } else if direct::applies(k, s.c) && precision == Precision::F32 {
+        direct::forward(dy, ds, false, k, flipped, s.c, None, dx, cols);
     } else {
         for_each_tile(dy, ds, k, false, cols, |p0, n, tile| {
             let out = &mut dx[p0 * s.c..(p0 + n) * s.c];

@@ -23,6 +23,7 @@ pub mod adamw;
 pub mod backbone;
 pub mod block;
 pub mod conv;
+pub mod direct;
 pub mod dvae;
 pub mod heads;
 pub mod kernels;
