@@ -200,15 +200,7 @@ unsafe fn pixels_avx8<const P: usize>(
     let mut sums = [0f32; 8];
     for (j, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(sums.as_mut_ptr(), *a);
-        let dst = &mut out[(x0 + j) * c_out..][..c_out];
-        match bias {
-            Some(bias) => {
-                for ((d, &a), &b) in dst.iter_mut().zip(&sums).zip(bias) {
-                    *d = a + b;
-                }
-            }
-            None => dst.copy_from_slice(&sums[..c_out]),
-        }
+        store(&sums, bias, &mut out[(x0 + j) * c_out..][..c_out]);
     }
 }
 
@@ -243,15 +235,20 @@ fn pixels<T: Real, const P: usize>(
         }
     }
     for (j, a) in acc.iter().enumerate() {
-        let dst = &mut out[(x0 + j) * c_out..][..c_out];
-        match bias {
-            Some(bias) => {
-                for ((d, &a), &b) in dst.iter_mut().zip(a).zip(bias) {
-                    *d = a + b;
-                }
+        store(a, bias, &mut out[(x0 + j) * c_out..][..c_out]);
+    }
+}
+
+/// One pixel's outputs: its sums (the first dst.len() of them) plus the bias when given.
+#[inline(always)]
+fn store<T: Real>(sums: &[T], bias: Option<&[T]>, dst: &mut [T]) {
+    match bias {
+        Some(bias) => {
+            for ((d, &a), &b) in dst.iter_mut().zip(sums).zip(bias) {
+                *d = a + b;
             }
-            None => dst.copy_from_slice(&a[..c_out]),
         }
+        None => dst.copy_from_slice(&sums[..dst.len()]),
     }
 }
 
