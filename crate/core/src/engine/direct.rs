@@ -55,21 +55,22 @@ pub fn forward<T: Real>(
     let rows = &*rows;
     // Each rayon job gets one strip buffer (a few KB) for all the rows it computes.
     let strip_len = k * (s.w + k - 1) * s.c;
-    y[..s.pixels() * c_out].par_chunks_mut(s.w * c_out).enumerate().for_each_init(
+    let y = &mut y[..s.pixels() * c_out];
+    #[cfg(target_arch = "x86_64")]
+    if c_out <= 8 && super::simd::level() != super::simd::Level::Baseline {
+        if let (Some(x), Some(rows), Some(y)) = (as_f32(x), as_f32(rows), as_f32_mut(y)) {
+            let bias = bias.map(|b| as_f32(b).expect("f32 like the rest"));
+            y.par_chunks_mut(s.w * c_out).enumerate().for_each_init(
+                || vec![0f32; strip_len],
+                // SAFETY: the level says the CPU has AVX2 (so AVX).
+                |strip, (line, out)| unsafe { output_row_avx8(x, s, relu, k, line, rows, c_out, bias, strip, out) },
+            );
+            return;
+        }
+    }
+    y.par_chunks_mut(s.w * c_out).enumerate().for_each_init(
         || vec![T::ZERO; strip_len],
-        |strip, (line, out)| {
-            #[cfg(target_arch = "x86_64")]
-            if c_out <= 8 && super::simd::level() != super::simd::Level::Baseline {
-                if let (Some(x), Some(rows), Some(strip), Some(out)) =
-                    (as_f32(x), as_f32(rows), as_f32_mut(strip), as_f32_mut(out))
-                {
-                    let bias = bias.map(|b| as_f32(b).expect("f32 like the rest"));
-                    // SAFETY: the level says the CPU has AVX2 (so AVX).
-                    return unsafe { output_row_avx8(x, s, relu, k, line, rows, c_out, bias, strip, out) };
-                }
-            }
-            output_row(x, s, relu, k, line, rows, c_out, bias, strip, out)
-        },
+        |strip, (line, out)| output_row(x, s, relu, k, line, rows, c_out, bias, strip, out),
     );
 }
 
@@ -163,6 +164,7 @@ unsafe fn output_row_avx8(
 }
 
 /// Output pixels summed together by [`output_row_avx8`]: 12 registers of accumulators.
+#[cfg(target_arch = "x86_64")]
 const AVX8_PIXELS: usize = 12;
 
 #[cfg(target_arch = "x86_64")]
@@ -253,6 +255,7 @@ fn store<T: Real>(sums: &[T], bias: Option<&[T]>, dst: &mut [T]) {
 }
 
 /// `v` as f32 values when T is f32.
+#[cfg(target_arch = "x86_64")]
 fn as_f32<T: Real>(v: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: T is f32.
@@ -260,6 +263,7 @@ fn as_f32<T: Real>(v: &[T]) -> Option<&[f32]> {
 }
 
 /// `v` as f32 values when T is f32.
+#[cfg(target_arch = "x86_64")]
 fn as_f32_mut<T: Real>(v: &mut [T]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: T is f32.
