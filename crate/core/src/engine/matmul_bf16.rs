@@ -387,13 +387,13 @@ unsafe fn pack_avx512_bf16(
                 let first = panel * width + g;
                 let live = rows.saturating_sub(first).min(lanes);
                 let row = |l: usize| src.ptr.add(m.offset + (r0 + first + l) * m.row_stride + k0);
+                let store = first_lanes(lanes);
                 for p0 in (0..kp).step_by(16) {
                     let mut v = [_mm512_setzero_si512(); 16];
                     for (l, v) in v.iter_mut().enumerate().take(live) {
                         *v = pairs_of(row(l).add(2 * p0), kc - 2 * p0);
                     }
                     transpose_16x16(&mut v);
-                    let store = first_lanes(lanes);
                     for (q, v) in v.iter().enumerate().take(kp - p0) {
                         _mm512_mask_storeu_epi32(block.as_mut_ptr().add((p0 + q) * width + g).cast(), store, *v);
                     }
