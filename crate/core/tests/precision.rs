@@ -9,7 +9,7 @@ use beit_core::config::Precision;
 use beit_core::config::{ClassifierConfig, Pooling};
 use beit_core::engine::matmul::{matmul_at, Mat, Threads};
 use beit_core::engine::matmul_bf16::{
-    bf16_bits, bf16_gemm_speedup, bf16_value, has_avx512_bf16, set_bf16_kernel, Bf16Kernel,
+    bf16_bits, bf16_gemm_speedup, bf16_value, frame_weight_gradient, has_avx512_bf16, set_bf16_kernel, Bf16Kernel,
 };
 use beit_core::model::mim::{mask_tensors, masked_loss};
 use beit_core::rng::Draws;
@@ -311,6 +311,67 @@ fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
     set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
     if let [emulated, hardware] = &outputs[..] {
         for ((e, h), case) in emulated.iter().zip(hardware).zip(gemm_cases()) {
+            assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
+        }
+    }
+}
+
+/// The bf16 weight gradient over a convolution's frame (every tap a shifted view of one packed
+/// copy) adds the f32 sums of the rounded inputs, gives the same bits on the pool as on the
+/// calling thread and at every kernel level: odd pixel counts (so odd shifts read the copy of
+/// pairs that starts at odd pixels), channels that fill no whole 32-column panel and output
+/// channels no whole 12-row tile, for 3x3 and 2x2 kernels.
+#[test]
+fn bf16_frame_weight_gradients_sum_the_rounded_inputs_at_every_kernel_level() {
+    let mut levels = vec![Bf16Kernel::Emulated];
+    if has_avx512_bf16() {
+        levels.push(Bf16Kernel::Avx512Bf16);
+    } else {
+        eprintln!("SKIPPED: the AVX512-BF16 kernel (this CPU has no AVX512-BF16); the emulated kernel was tested");
+    }
+    let round = |x: f32| bf16_value(bf16_bits(x)) as f64;
+    // (c, c_out, frame width, frame rows, k)
+    let cases = [(40, 13, 9, 7, 3), (16, 24, 7, 5, 3), (33, 12, 6, 9, 2), (64, 37, 13, 11, 3)];
+    let mut outputs = Vec::new();
+    for &level in &levels {
+        assert_eq!(set_bf16_kernel(level), level);
+        let mut per_case = Vec::new();
+        for (i, &(c, c_out, wp, rows, k)) in cases.iter().enumerate() {
+            let pixels = wp * rows - (i % 2);
+            let n = pixels - ((k - 1) * wp + k - 1);
+            let xs = f32_values(pixels * c, 10 + i as u64);
+            let gs = f32_values(n * c_out, 20 + i as u64);
+            let start = f32_values(c_out * k * k * c, 30 + i as u64);
+            let mut caller = start.clone();
+            frame_weight_gradient(&mut caller, &gs, c_out, &xs, c, n, wp, k, Threads::Caller);
+            let mut pooled = start.clone();
+            frame_weight_gradient(&mut pooled, &gs, c_out, &xs, c, n, wp, k, Threads::Pool);
+            let context = format!("{level:?} c {c} -> {c_out}, {pixels} pixels {wp} wide, k {k}");
+            assert_eq!(bits(&caller), bits(&pooled), "{context}: pool vs calling thread");
+            for o in 0..c_out {
+                for tap in 0..k * k {
+                    let shift = (tap / k) * wp + tap % k;
+                    for ch in 0..c {
+                        let products = (0..n).map(|p| round(gs[p * c_out + o]) * round(xs[(p + shift) * c + ch]));
+                        let (sum, magnitude) = products.fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()));
+                        let at = o * k * k * c + tap * c + ch;
+                        let expected = start[at] as f64 + sum;
+                        let tolerance = 64.0 * f32::EPSILON as f64 * (magnitude + start[at].abs() as f64);
+                        assert!(
+                            (caller[at] as f64 - expected).abs() <= tolerance,
+                            "{context}: output {o}, tap {tap}, channel {ch}: {} vs {expected}",
+                            caller[at]
+                        );
+                    }
+                }
+            }
+            per_case.push(bits(&caller));
+        }
+        outputs.push(per_case);
+    }
+    set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
+    if let [emulated, hardware] = &outputs[..] {
+        for ((e, h), case) in emulated.iter().zip(hardware).zip(cases) {
             assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
         }
     }

@@ -12,17 +12,20 @@
 //!
 //! Under bf16 (the engine's mixed precision) the im2col GEMMs and the weight gradients read
 //! their inputs rounded to bf16, but for im2col GEMMs too thin for the bf16 kernel
-//! ([`gemm_precision`]); Winograd's passes keep their f32 GEMMs. Its transforms scale
-//! bf16's rounding up: on the segmentation head's shapes F(4x4) in bf16 is 2.6% off the exact
-//! result (relative RMS) and F(2x2) 0.4%, against 0.22% for im2col in bf16, and F(2x2) in bf16
-//! was slower than F(4x4) in f32 (16 x 56 x 56 maps, 128 -> 128 channels: forward 130-141 ms
-//! against 48-76 on a Zen 4), so F(4x4) in f32 is both the faster and the closer choice.
+//! ([`gemm_precision`]); Winograd's passes keep their f32 GEMMs. The shifted weight gradient's
+//! taps then share one bf16 copy of the band ([`frame_weight_gradient`]) instead of each
+//! packing its own. Winograd's transforms scale bf16's rounding up: on the segmentation
+//! head's shapes F(4x4) in bf16 is 2.6% off the exact result (relative RMS) and F(2x2) 0.4%,
+//! against 0.22% for im2col in bf16, and F(2x2) in bf16 was slower than F(4x4) in f32 (16 x 56
+//! x 56 maps, 128 -> 128 channels: forward 130-141 ms against 48-76 on a Zen 4), so F(4x4) in
+//! f32 is both the faster and the closer choice.
 
 use rayon::prelude::*;
 
 use super::direct;
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{add_partials, matmul_accumulate_split, matmul_at, reduction_groups, Mat, Threads};
+use super::matmul_bf16::frame_weight_gradient;
 use super::simd::{multiversion, Real};
 use super::sized;
 use super::winograd;
@@ -348,6 +351,14 @@ fn band_gradient<T: Real>(
         right.fill(T::ZERO);
     }
     let n = pixels - ((k - 1) * wp + k - 1);
+    if precision == Precision::Bf16 {
+        // bf16 GEMMs take f32 buffers (as `matmul_at`): the frame is packed once for all taps.
+        assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "bf16 GEMMs take f32 buffers");
+        // SAFETY: T is f32 (asserted above), so these are the same slices retyped.
+        let f32s = |v: &[T]| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) };
+        let dweight = unsafe { std::slice::from_raw_parts_mut(dweight.as_mut_ptr().cast::<f32>(), dweight.len()) };
+        return frame_weight_gradient(dweight, f32s(gs), c_out, f32s(xs), s.c, n, wp, k, threads);
+    }
     for ky in 0..k {
         matmul_at(
             precision,

@@ -598,13 +598,7 @@ pub unsafe fn matmul_bf16_raw(
                                 accumulate: accumulate || kb > 0,
                                 scale,
                             };
-                            match kernel {
-                                #[cfg(target_arch = "x86_64")]
-                                Bf16Kernel::Avx512Bf16 => {
-                                    avx512_bf16_tile(kp, a_panel.as_ptr(), b_panel.as_ptr(), tile)
-                                }
-                                _ => emulated_tile(kp, a_panel, b_panel, tile),
-                            }
+                            run_tile(kernel, kp, a_panel, b_panel, tile);
                         }
                     }
                 }
@@ -616,5 +610,97 @@ pub unsafe fn matmul_bf16_raw(
         } else {
             (0..tasks).for_each(task);
         }
+    });
+}
+
+/// One micro-tile on `kernel`.
+///
+/// # Safety
+/// The tile lies in the output; the panels hold kp pairs.
+#[inline(always)]
+unsafe fn run_tile(kernel: Bf16Kernel, kp: usize, a_panel: &[u32], b_panel: &[u32], tile: Tile) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx512Bf16 => avx512_bf16_tile(kp, a_panel.as_ptr(), b_panel.as_ptr(), tile),
+        _ => emulated_tile(kp, a_panel, b_panel, tile),
+    }
+}
+
+/// The weight gradient of a k x k convolution over a frame of pixels `wp` wide (the layout of
+/// [`super::conv`]'s shifted weight gradient), on bf16-rounded inputs with f32 sums, on the
+/// calling thread or, with `threads` = Pool, split by taps and panels over the pool:
+/// dweight[o][(ky * k + kx) * c + ch] += sum over p < n of
+/// gs[p][o] * xs[p + ky * wp + kx][ch], for gs [n.., c_out] and xs [pixels, c].
+///
+/// Each tap is the product of the same A (gs^T) with B = xs shifted by ky * wp + kx pixels.
+/// Packing B per tap, as [`matmul_bf16_raw`] would, converts every value of xs k*k times; here
+/// xs is packed once into panels of depth pairs over the whole frame, twice (pairs starting at
+/// even and at odd pixels), so that every tap's B is a slice of one of them, and A once. Each
+/// micro-tile then sums the whole depth in its registers.
+#[allow(clippy::too_many_arguments)]
+pub fn frame_weight_gradient(
+    dweight: &mut [f32],
+    gs: &[f32],
+    c_out: usize,
+    xs: &[f32],
+    c: usize,
+    n: usize,
+    wp: usize,
+    k: usize,
+    threads: Threads,
+) {
+    let (row, taps, pixels) = (k * k * c, k * k, xs.len() / c);
+    let last_shift = (k - 1) * wp + k - 1;
+    assert!(n > 0 && gs.len() >= n * c_out && pixels >= n + last_shift && dweight.len() >= c_out * row);
+    let kernel = bf16_kernel();
+    let pairs = n.div_ceil(2);
+    // The frame's pixels as depth pairs starting at even pixels (copy 0) and at odd ones (1).
+    let copy_pairs = [pixels.div_ceil(2), (pixels - 1).div_ceil(2)];
+    let (a_panels, b_panels) = (c_out.div_ceil(MR), c.div_ceil(NR));
+    with_buffer(&PACKED_A, |packed_a| {
+        with_buffer(&PACKED_B, |packed_b| {
+            let packed_a = sized(packed_a, a_panels * pairs * MR);
+            let a = Source { ptr: gs.as_ptr(), m: Mat::dense(n, c_out).t() };
+            pack_for(kernel, a, 0, c_out, 0, n, MR, packed_a);
+            let packed_b = sized(packed_b, b_panels * (copy_pairs[0] + copy_pairs[1]) * NR);
+            let (even, odd) = packed_b.split_at_mut(b_panels * copy_pairs[0] * NR);
+            let b_t = Source { ptr: xs.as_ptr(), m: Mat::dense(pixels, c).t() };
+            pack_for(kernel, b_t, 0, c, 0, pixels, NR, even);
+            pack_for(kernel, b_t, 0, c, 1, pixels - 1, NR, odd);
+            let copies = [&*even, &*odd];
+            let dst = SharedMut(dweight.as_mut_ptr());
+            let packed_a = &*packed_a;
+            // One task per (tap, panel of B): its columns of dweight are its own.
+            let task = |t: usize| {
+                let (tap, jp) = (t / b_panels, t % b_panels);
+                let shift = (tap / k) * wp + tap % k;
+                let (copy, per_panel, first) = (copies[shift % 2], copy_pairs[shift % 2], shift / 2);
+                assert!(first + pairs <= per_panel, "tap {tap}'s pairs run past its copy of the frame");
+                let b_panel = &copy[(jp * per_panel + first) * NR..][..pairs * NR];
+                let out = dst;
+                for (ip, a_panel) in packed_a.chunks_exact(pairs * MR).enumerate() {
+                    let (i, j) = (ip * MR, jp * NR);
+                    let tile = Tile {
+                        // SAFETY: row i + r < c_out and column tap * c + j + l < row for the
+                        // tile's live lanes, inside `dweight` (asserted above).
+                        c: unsafe { out.0.add(i * row + tap * c + j) },
+                        row_stride: row,
+                        col_stride: 1,
+                        rows: MR.min(c_out - i),
+                        cols: NR.min(c - j),
+                        accumulate: true,
+                        scale: 1.0,
+                    };
+                    // SAFETY: the panels hold `pairs` pairs each; the tile is in `dweight` and
+                    // no other task writes its columns.
+                    unsafe { run_tile(kernel, pairs, a_panel, b_panel, tile) };
+                }
+            };
+            if threads == Threads::Pool && rayon::current_num_threads() > 1 {
+                (0..taps * b_panels).into_par_iter().for_each(task);
+            } else {
+                (0..taps * b_panels).for_each(task);
+            }
+        })
     });
 }
