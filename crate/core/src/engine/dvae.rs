@@ -119,6 +119,24 @@ impl Net {
         Plan { groups, largest }
     }
 
+    /// Values of [`EvalActs`]' buffers for an input shape: each map buffer (the widest block
+    /// input or output), each res-path buffer, the output.
+    fn eval_sizes(&self, input: Nhwc) -> [usize; 3] {
+        let plan = self.plan(input);
+        let (mut maps, mut res) = (plan.groups[0].len(), 0);
+        for (g, (group, s)) in self.groups.iter().zip(&plan.groups).enumerate() {
+            for b in group {
+                res = res.max(b.res_path[..3].iter().map(|c| s.pixels() * c.c_out).max().unwrap_or(0));
+                maps = maps.max(s.pixels() * b.res_path[3].c_out);
+            }
+            if let Some(next) = plan.groups.get(g + 1) {
+                maps = maps.max(next.pixels() * group[0].res_path[3].c_out);
+            }
+        }
+        let last = plan.groups.last().expect("a net has groups");
+        [maps, res, last.pixels() * self.output.c_out]
+    }
+
     /// The output shape for an input shape.
     fn output_shape(&self, input: Nhwc) -> Nhwc {
         let last = *self.plan(input).groups.last().expect("a net has groups");
@@ -181,6 +199,24 @@ impl<T> Default for BlockActs<T> {
     }
 }
 
+/// One net's buffers for an evaluation pass (encode, decode), which keeps no activation for a
+/// backward pass: block inputs and outputs alternate between two buffers and the res path
+/// between two, so a chunk of images holds about five of its largest activations instead of
+/// every layer's (at 112 px, DALL-E's encoder needs 13M values an image instead of 30M).
+struct EvalActs<T> {
+    maps: [Vec<T>; 2],
+    res: [Vec<T>; 2],
+    output: Vec<T>,
+}
+
+impl<T: Real> EvalActs<T> {
+    fn new(net: &Net, input: Nhwc) -> Self {
+        let [maps, res, output] = net.eval_sizes(input);
+        let z = |n: usize| vec![T::ZERO; n];
+        Self { maps: [z(maps), z(maps)], res: [z(res), z(res)], output: z(output) }
+    }
+}
+
 /// Scratch shared by the passes: im2col tiles, partial sums, a block's res-path output and
 /// the gradient buffers of the backward pass.
 struct Scratch<T> {
@@ -210,8 +246,11 @@ struct Workspace<T> {
     input: Nhwc,
     /// The mapped images (Train, Encode) or the one-hot codes (Decode).
     x: Vec<T>,
+    /// Training: every activation of both nets.
     encoder: Option<NetActs<T>>,
     decoder: Option<NetActs<T>>,
+    /// Encoding or decoding: that net's evaluation buffers.
+    eval: Option<EvalActs<T>>,
     /// Training only: the relaxed codes (the decoder's input), and the gradients at the two
     /// ends of the decoder and at the logits.
     soft: Vec<T>,
@@ -289,6 +328,44 @@ impl<T: Real> Pass<'_, T> {
         let mut output = std::mem::take(&mut acts.output);
         self.conv(&net.output, acts.last(), s_last, true, &mut output, &mut scratch.cols);
         acts.output = output;
+    }
+
+    /// [`Self::forward`] without keeping activations: the output is left in `acts.output`.
+    fn forward_eval(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut EvalActs<T>, scratch: &mut Scratch<T>) {
+        let shapes = net.plan(s).groups;
+        let EvalActs { maps: [x, y], res: [a, b], output } = acts;
+        let cols = &mut scratch.cols;
+        self.conv(&net.input, input, s, false, &mut x[..shapes[0].len()], cols);
+        let gain = T::from_f64(net.post_gain);
+        for (g, (group, &sg)) in net.groups.iter().zip(&shapes).enumerate() {
+            for block in group {
+                let [r0, r1, r2, r3] = &block.res_path;
+                let px = sg.pixels();
+                let x_in = &x[..px * r0.c_in];
+                self.conv(r0, x_in, sg, true, &mut a[..px * r0.c_out], cols);
+                self.conv(r1, &a[..px * r0.c_out], sg, true, &mut b[..px * r1.c_out], cols);
+                self.conv(r2, &b[..px * r1.c_out], sg, true, &mut a[..px * r2.c_out], cols);
+                let branch = &mut scratch.branch[..px * r3.c_out];
+                self.conv(r3, &a[..px * r2.c_out], sg, true, branch, cols);
+                let out = &mut y[..px * r3.c_out];
+                match &block.id_path {
+                    Some(id) => self.conv(id, x_in, sg, false, out, cols),
+                    None => out.copy_from_slice(x_in),
+                }
+                add_scaled(out, branch, gain);
+                std::mem::swap(x, y);
+            }
+            if let Some(&next) = shapes.get(g + 1) {
+                let s_out = sg.with_channels(next.c);
+                match net.resample {
+                    Resample::MaxPool => conv::max_pool2(&x[..s_out.len()], s_out, &mut y[..next.len()]),
+                    Resample::Upsample => conv::upsample2(&x[..s_out.len()], s_out, &mut y[..next.len()]),
+                }
+                std::mem::swap(x, y);
+            }
+        }
+        let s_last = *shapes.last().expect("groups");
+        self.conv(&net.output, &x[..s_last.pixels() * net.output.c_in], s_last, true, output, cols);
     }
 
     /// Backward through `net` from d output `dout`: the parameter gradients are added to
@@ -448,11 +525,17 @@ impl<T: Real> DvaeEngine<T> {
                         .max()
                         .unwrap_or(0);
                 let t = if training { self.encoder.output_shape(input).len() } else { 0 };
+                let all = |net: &Net, s: Option<Nhwc>| s.filter(|_| training).map(|s| NetActs::new(net, s));
                 Workspace {
                     input,
                     x: z(input.len()),
-                    encoder: encoder.map(|s| NetActs::new(&self.encoder, s)),
-                    decoder: decoder.map(|s| NetActs::new(&self.decoder, s)),
+                    encoder: all(&self.encoder, encoder),
+                    decoder: all(&self.decoder, decoder),
+                    eval: match kind {
+                        Kind::Train => None,
+                        Kind::Encode => Some(EvalActs::new(&self.encoder, input)),
+                        Kind::Decode => Some(EvalActs::new(&self.decoder, input)),
+                    },
                     soft: z(t),
                     dout: z(if training { input.pixels() * 2 * input.c } else { 0 }),
                     dsoft: z(t),
@@ -603,10 +686,13 @@ impl<T: Real> DvaeEngine<T> {
         Ok(DvaeLoss { loss, recon: recon_loss, kl })
     }
 
-    /// Images per evaluation chunk: the largest that keeps ~`EVAL_VALUES` of activations.
+    /// Images per evaluation chunk: the most whose buffers (the input, [`EvalActs`] and the
+    /// res path's output) stay within `EVAL_VALUES`.
     fn eval_chunk(&self, net: &Net, s: Nhwc) -> usize {
-        let per_image = self.encoder.plan(Nhwc { b: 1, ..s }).largest.max(net.plan(Nhwc { b: 1, ..s }).largest) * 6;
-        (EVAL_VALUES / per_image.max(1)).clamp(1, s.b)
+        let one = Nhwc { b: 1, ..s };
+        let [maps, res, output] = net.eval_sizes(one);
+        let per_image = one.len() + 2 * maps + 2 * res + output + net.plan(one).largest;
+        (EVAL_VALUES / per_image).clamp(1, s.b)
     }
 
     /// Argmax token ids [B, H/d, W/d] of [B, C, H, W] images in [0, 1], with `weights` (the
@@ -622,16 +708,16 @@ impl<T: Real> DvaeEngine<T> {
             let sc = Nhwc { b: chunk.min(s.b - start), ..s };
             let mut ws = self.workspace(Kind::Encode, sc);
             Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
-            let Workspace { x, encoder, scratch, .. } = &mut ws;
-            let encoder = encoder.as_mut().expect("encoding");
+            let Workspace { x, eval, scratch, .. } = &mut ws;
+            let eval = eval.as_mut().expect("encoding");
             let pass = Pass {
                 precision: self.precision,
                 params: weights.unwrap_or(&self.flat.params),
                 packed: &self.packed,
                 flipped: &self.flipped,
             };
-            pass.forward(&self.encoder, x, sc, encoder, scratch);
-            kernels::argmax_rows(&encoder.output, self.cfg.vocab_size, &mut codes);
+            pass.forward_eval(&self.encoder, x, sc, eval, scratch);
+            kernels::argmax_rows(&eval.output, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
             self.put_back(Kind::Encode, ws);
         }
@@ -655,22 +741,22 @@ impl<T: Real> DvaeEngine<T> {
         for start in (0..s.b).step_by(chunk) {
             let sc = Nhwc { b: chunk.min(s.b - start), ..s };
             let mut ws = self.workspace(Kind::Decode, sc);
-            let Workspace { x, decoder, scratch, .. } = &mut ws;
+            let Workspace { x, eval, scratch, .. } = &mut ws;
             x.fill(T::ZERO);
             for (row, &id) in x.chunks_exact_mut(v).zip(&ids[start * h * w..]) {
                 row[id as usize] = T::ONE;
             }
-            let decoder = decoder.as_mut().expect("decoding");
+            let eval = eval.as_mut().expect("decoding");
             let pass = Pass {
                 precision: Precision::F32,
                 params: weights.unwrap_or(&self.flat.params),
                 packed: &self.packed,
                 flipped: &self.flipped,
             };
-            pass.forward(&self.decoder, x, sc, decoder, scratch);
+            pass.forward_eval(&self.decoder, x, sc, eval, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
             let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];
-            images.par_chunks_mut(c * oh * ow).zip(decoder.output.par_chunks(oh * ow * 2 * c)).for_each(|(img, o)| {
+            images.par_chunks_mut(c * oh * ow).zip(eval.output.par_chunks(oh * ow * 2 * c)).for_each(|(img, o)| {
                 for p in 0..oh * ow {
                     for ch in 0..c {
                         let mu = o[p * 2 * c + ch];
