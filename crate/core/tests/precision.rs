@@ -283,14 +283,32 @@ fn gemm_cases() -> Vec<GemmCase> {
     ]
 }
 
-#[test]
-fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
+/// The bf16 kernel levels this CPU has: the emulated one always, AVX512-BF16 where present
+/// (else skipped, and said so).
+fn bf16_levels() -> Vec<Bf16Kernel> {
     let mut levels = vec![Bf16Kernel::Emulated];
     if has_avx512_bf16() {
         levels.push(Bf16Kernel::Avx512Bf16);
     } else {
         eprintln!("SKIPPED: the AVX512-BF16 kernel (this CPU has no AVX512-BF16); the emulated kernel was tested");
     }
+    levels
+}
+
+/// Restores the CPU's own kernel level, then checks that each case's output bits were the
+/// same at both levels (where the CPU has both).
+fn levels_agree<C: std::fmt::Debug>(outputs: &[Vec<Vec<u32>>], cases: impl IntoIterator<Item = C>) {
+    set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
+    if let [emulated, hardware] = outputs {
+        for ((e, h), case) in emulated.iter().zip(hardware).zip(cases) {
+            assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
+        }
+    }
+}
+
+#[test]
+fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
+    let levels = bf16_levels();
     let mut outputs = Vec::new();
     for &level in &levels {
         assert_eq!(set_bf16_kernel(level), level);
@@ -308,12 +326,7 @@ fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
         }
         outputs.push(per_case);
     }
-    set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
-    if let [emulated, hardware] = &outputs[..] {
-        for ((e, h), case) in emulated.iter().zip(hardware).zip(gemm_cases()) {
-            assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
-        }
-    }
+    levels_agree(&outputs, gemm_cases());
 }
 
 /// The bf16 weight gradient over a convolution's frame (every tap a shifted view of one packed
@@ -323,12 +336,7 @@ fn bf16_gemms_sum_the_rounded_inputs_in_f32_at_every_kernel_level() {
 /// channels no whole 12-row tile, for 3x3 and 2x2 kernels.
 #[test]
 fn bf16_frame_weight_gradients_sum_the_rounded_inputs_at_every_kernel_level() {
-    let mut levels = vec![Bf16Kernel::Emulated];
-    if has_avx512_bf16() {
-        levels.push(Bf16Kernel::Avx512Bf16);
-    } else {
-        eprintln!("SKIPPED: the AVX512-BF16 kernel (this CPU has no AVX512-BF16); the emulated kernel was tested");
-    }
+    let levels = bf16_levels();
     let round = |x: f32| bf16_value(bf16_bits(x)) as f64;
     // (c, c_out, frame width, frame rows, k)
     let cases = [(40, 13, 9, 7, 3), (16, 24, 7, 5, 3), (33, 12, 6, 9, 2), (64, 37, 13, 11, 3)];
@@ -369,12 +377,7 @@ fn bf16_frame_weight_gradients_sum_the_rounded_inputs_at_every_kernel_level() {
         }
         outputs.push(per_case);
     }
-    set_bf16_kernel(if has_avx512_bf16() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::Emulated });
-    if let [emulated, hardware] = &outputs[..] {
-        for ((e, h), case) in emulated.iter().zip(hardware).zip(cases) {
-            assert_eq!(e, h, "{case:?}: vdpbf16ps and the emulated kernel differ");
-        }
-    }
+    levels_agree(&outputs, cases);
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
