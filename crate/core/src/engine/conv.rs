@@ -26,7 +26,7 @@ use super::direct;
 use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{add_partials, matmul_accumulate_split, matmul_at, reduction_groups, Mat, Threads};
 use super::matmul_bf16::frame_weight_gradient;
-use super::simd::{multiversion, Real};
+use super::simd::{as_f32, as_f32_mut, multiversion, Real};
 use super::sized;
 use super::winograd;
 use crate::config::Precision;
@@ -352,12 +352,11 @@ fn band_gradient<T: Real>(
     }
     let n = pixels - ((k - 1) * wp + k - 1);
     if precision == Precision::Bf16 {
-        // bf16 GEMMs take f32 buffers (as `matmul_at`): the frame is packed once for all taps.
-        assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "bf16 GEMMs take f32 buffers");
-        // SAFETY: T is f32 (asserted above), so these are the same slices retyped.
-        let f32s = |v: &[T]| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) };
-        let dweight = unsafe { std::slice::from_raw_parts_mut(dweight.as_mut_ptr().cast::<f32>(), dweight.len()) };
-        return frame_weight_gradient(dweight, f32s(gs), c_out, f32s(xs), s.c, n, wp, k, threads);
+        // The frame is packed once for all taps; bf16 GEMMs take f32 buffers (as `matmul_at`).
+        const F32: &str = "bf16 GEMMs take f32 buffers";
+        let (gs, xs) = (as_f32(gs).expect(F32), as_f32(xs).expect(F32));
+        let dweight = as_f32_mut(dweight).expect(F32);
+        return frame_weight_gradient(dweight, gs, c_out, xs, s.c, n, wp, k, threads);
     }
     for ky in 0..k {
         matmul_at(

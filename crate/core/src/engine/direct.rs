@@ -15,6 +15,8 @@
 use rayon::prelude::*;
 
 use super::conv::Nhwc;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{as_f32, as_f32_mut};
 use super::simd::{multiversion, Real};
 use super::sized;
 
@@ -252,20 +254,4 @@ fn store<T: Real>(sums: &[T], bias: Option<&[T]>, dst: &mut [T]) {
         }
         None => dst.copy_from_slice(&sums[..dst.len()]),
     }
-}
-
-/// `v` as f32 values when T is f32.
-#[cfg(target_arch = "x86_64")]
-fn as_f32<T: Real>(v: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32.
-        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
-}
-
-/// `v` as f32 values when T is f32.
-#[cfg(target_arch = "x86_64")]
-fn as_f32_mut<T: Real>(v: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32.
-        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
 }

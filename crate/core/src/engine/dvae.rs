@@ -137,6 +137,14 @@ impl Net {
         [maps, res, last.pixels() * self.output.c_out]
     }
 
+    /// The resampling between two groups: x of shape `s` into y.
+    fn resample<T: Real>(&self, x: &[T], s: Nhwc, y: &mut [T]) {
+        match self.resample {
+            Resample::MaxPool => conv::max_pool2(x, s, y),
+            Resample::Upsample => conv::upsample2(x, s, y),
+        }
+    }
+
     /// The output shape for an input shape.
     fn output_shape(&self, input: Nhwc) -> Nhwc {
         let last = *self.plan(input).groups.last().expect("a net has groups");
@@ -318,10 +326,7 @@ impl<T: Real> Pass<'_, T> {
             if g + 1 < net.groups.len() {
                 let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
                 let last = &acts.blocks[g].last().expect("blocks").out;
-                match net.resample {
-                    Resample::MaxPool => conv::max_pool2(last, s_out, &mut acts.resampled[g]),
-                    Resample::Upsample => conv::upsample2(last, s_out, &mut acts.resampled[g]),
-                }
+                net.resample(last, s_out, &mut acts.resampled[g]);
             }
         }
         let s_last = *acts.shapes.last().expect("groups");
@@ -357,10 +362,7 @@ impl<T: Real> Pass<'_, T> {
             }
             if let Some(&next) = shapes.get(g + 1) {
                 let s_out = sg.with_channels(next.c);
-                match net.resample {
-                    Resample::MaxPool => conv::max_pool2(&x[..s_out.len()], s_out, &mut y[..next.len()]),
-                    Resample::Upsample => conv::upsample2(&x[..s_out.len()], s_out, &mut y[..next.len()]),
-                }
+                net.resample(&x[..s_out.len()], s_out, &mut y[..next.len()]);
                 std::mem::swap(x, y);
             }
         }

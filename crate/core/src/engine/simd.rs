@@ -147,6 +147,20 @@ pub trait Real: Float + Default + std::fmt::Debug + 'static {
     }
 }
 
+/// `v` as f32 values when T is f32 (the engine's bf16 GEMMs and AVX kernels take f32 buffers).
+pub fn as_f32<T: Real>(v: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32.
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
+}
+
+/// `v` as f32 values when T is f32.
+pub fn as_f32_mut<T: Real>(v: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
+}
+
 impl Real for f64 {
     #[inline(always)]
     fn exp_v(self) -> Self {
