@@ -48,8 +48,9 @@ multiversion! {
         for (((xr, yr), m), r) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
             let mu = sum(xr) * inv_d;
             let s = T::ONE / (squared_deviation(xr, mu) * inv_d + eps).sqrt();
-            for i in 0..d {
-                yr[i] = (xr[i] - mu) * s * gamma[i] + beta[i];
+            // Every operand a slice of `d` values: no bounds checks, so the loop vectorises.
+            for (((y, &x), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(&beta[..d]) {
+                *y = (x - mu) * s * g + b;
             }
             *m = mu;
             *r = s;
@@ -83,33 +84,57 @@ pub fn layer_norm<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64, y: &mut [
         .for_each(|((y, x), (m, r))| layer_norm_rows(x, gamma, beta, eps, y, m, r));
 }
 
+/// The first `n` <= [`LANES`] values of a LayerNorm backward row's block: value j goes to lane
+/// j's sums and to its dgamma, dbeta. Inlined into each SIMD level's kernel; with n = LANES a
+/// constant there, the loop has no bounds checks and vectorises.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn ln_backward_lanes<T: Real>(
+    n: usize,
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    mu: T,
+    s: T,
+    acc_gh: &mut [T; LANES],
+    acc_ghx: &mut [T; LANES],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+) {
+    let (x, dy, gamma, dgamma, dbeta) = (&x[..n], &dy[..n], &gamma[..n], &mut dgamma[..n], &mut dbeta[..n]);
+    for j in 0..n {
+        let xhat = (x[j] - mu) * s;
+        let gh = dy[j] * gamma[j];
+        acc_gh[j] += gh;
+        acc_ghx[j] += gh * xhat;
+        dgamma[j] += dy[j] * xhat;
+        dbeta[j] += dy[j];
+    }
+}
+
 multiversion! {
     /// dx += d LN(x) / dx . dy per row; partial[0..d] += dy * xhat (dgamma), partial[d..2d] += dy (dbeta).
     fn layer_norm_backward_rows<T>(x: &[T], gamma: &[T], mean: &[T], rstd: &[T], dy: &[T], dx: &mut [T], partial: &mut [T]) {
         let d = gamma.len();
         let inv_d = T::from_f64(1.0 / d as f64);
         let (dgamma, dbeta) = partial.split_at_mut(d);
-        let full = d / LANES * LANES;
+        let dbeta = &mut dbeta[..d];
         for ((((xr, dyr), dxr), &mu), &s) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(mean).zip(rstd) {
             let mut acc_gh = [T::ZERO; LANES];
             let mut acc_ghx = [T::ZERO; LANES];
-            for base in (0..d).step_by(LANES) {
-                let width = if base < full { LANES } else { d - full };
-                for j in 0..width {
-                    let i = base + j;
-                    let xhat = (xr[i] - mu) * s;
-                    let gh = dyr[i] * gamma[i];
-                    acc_gh[j] += gh;
-                    acc_ghx[j] += gh * xhat;
-                    dgamma[i] += dyr[i] * xhat;
-                    dbeta[i] += dyr[i];
-                }
+            // Lane j takes every value at j mod LANES: whole blocks, then the tail.
+            let full = d / LANES * LANES;
+            for base in (0..full).step_by(LANES) {
+                let (dg, db) = (&mut dgamma[base..], &mut dbeta[base..]);
+                ln_backward_lanes(LANES, &xr[base..], &dyr[base..], &gamma[base..], mu, s, &mut acc_gh, &mut acc_ghx, dg, db);
             }
+            let (dg, db) = (&mut dgamma[full..], &mut dbeta[full..]);
+            ln_backward_lanes(d - full, &xr[full..], &dyr[full..], &gamma[full..], mu, s, &mut acc_gh, &mut acc_ghx, dg, db);
             let mean_gh = sum(&acc_gh) * inv_d;
             let mean_ghx = sum(&acc_ghx) * inv_d;
-            for i in 0..d {
-                let xhat = (xr[i] - mu) * s;
-                dxr[i] += s * (dyr[i] * gamma[i] - mean_gh - xhat * mean_ghx);
+            for (((dx, &x), &dy), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(gamma) {
+                let xhat = (x - mu) * s;
+                *dx += s * (dy * g - mean_gh - xhat * mean_ghx);
             }
         }
     }
@@ -295,11 +320,12 @@ multiversion! {
             }
         } else {
             let d = gamma.len();
+            let partial = &mut partial[..d];
             for ((dr, br), or) in dx.chunks_exact(d).zip(branch.chunks_exact(d)).zip(dbranch.chunks_exact_mut(d)) {
-                for i in 0..d {
-                    let ds = dr[i] * scale;
-                    or[i] = ds * gamma[i];
-                    partial[i] += ds * br[i];
+                for ((((o, p), &dv), &b), &g) in or.iter_mut().zip(partial.iter_mut()).zip(dr).zip(br).zip(gamma) {
+                    let ds = dv * scale;
+                    *o = ds * g;
+                    *p += ds * b;
                 }
             }
         }
