@@ -47,7 +47,7 @@ export const demoCommand = defineCommand({
     'The embedded default on the bundled Fashion-MNIST sample: tokenizer and BEiT pretraining on 5,000 unlabelled images, then linear probes (pretrained vs random vs raw pixels) and fine-tuning (pretrained vs from scratch) on 500 labelled ones, then a results table.',
   flags: {
     'tokenizer-steps': { kind: 'int', help: 'tokenizer training steps (batch 32)', default: 200 },
-    'pretrain-epochs': { kind: 'number', help: 'pretraining epochs over the 5,000 sample images', default: 30 },
+    'pretrain-epochs': { kind: 'number', help: 'pretraining epochs over the 5,000 sample images', default: 20 },
     'labelled-per-class': {
       kind: 'int',
       help: 'labelled training images per class for probing and fine-tuning',
