@@ -186,8 +186,10 @@ pub fn matmul_at<T: Real>(
 const REDUCTION_GROUPS: usize = 4;
 /// Inner dimensions shorter than this stay one GEMM (each group's share would be too short).
 const MIN_SPLIT_DEPTH: usize = 1024;
-/// Outputs whose copies for all groups hold more values than this stay one GEMM (32 MB of f32).
-const MAX_SPLIT_VALUES: usize = 1 << 23;
+/// Outputs whose copies for all groups hold more values than this stay one GEMM (16 MB of f32):
+/// beyond it, writing and adding the copies costs more than the split gains (the MIM head's
+/// 8192 x 192 gradient: 21 ms as one GEMM, 25-27 ms split, on 2 threads of an Intel Xeon).
+const MAX_SPLIT_VALUES: usize = 1 << 22;
 
 /// How many groups, each with its own copy of an output of `values` values, a long reduction
 /// into it is split into: [`REDUCTION_GROUPS`], or 1 where the copies would be too large.
@@ -242,11 +244,16 @@ pub fn add_partials<T: Real>(dst: &mut [T], d: Mat, partials: &[T]) {
     (0..d.rows).into_par_iter().with_min_len(16).for_each(|i| {
         // The whole wrapper, not its pointer field, is what the closure must capture (Sync).
         let out = shared;
-        for j in 0..d.cols {
+        let rows = partials.chunks_exact(values).map(|p| &p[i * d.cols..(i + 1) * d.cols]);
+        if d.col_stride == 1 {
             // SAFETY: within `d` (checked above), and each task owns its row i of it.
-            let o = unsafe { &mut *out.0.add(d.offset + i * d.row_stride + j * d.col_stride) };
-            for p in partials.chunks_exact(values) {
-                *o += p[i * d.cols + j];
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(d.offset + i * d.row_stride), d.cols) };
+            // Whole rows at a time (vectorised), each element's additions in the same order.
+            rows.for_each(|p| o.iter_mut().zip(p).for_each(|(o, &x)| *o += x));
+        } else {
+            for (j, p) in rows.flat_map(|p| p.iter().enumerate()) {
+                // SAFETY: as above.
+                unsafe { *out.0.add(d.offset + i * d.row_stride + j * d.col_stride) += *p };
             }
         }
     });
