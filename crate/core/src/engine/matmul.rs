@@ -188,7 +188,7 @@ const REDUCTION_GROUPS: usize = 4;
 const MIN_SPLIT_DEPTH: usize = 1024;
 /// Outputs whose copies for all groups hold more values than this stay one GEMM (16 MB of f32):
 /// beyond it, writing and adding the copies costs more than the split gains (the MIM head's
-/// 8192 x 192 gradient: 21 ms as one GEMM, 25-27 ms split, on 2 threads of an Intel Xeon).
+/// 8192 x 192 gradient: 21-23 ms as one GEMM, 24.5-27 ms split, on 2 threads of an Intel Xeon).
 const MAX_SPLIT_VALUES: usize = 1 << 22;
 
 /// How many groups, each with its own copy of an output of `values` values, a long reduction
