@@ -443,20 +443,27 @@ multiversion! {
 }
 
 /// Gumbel(0, 1) noise: one SplitMix64 stream from `seed`, draw `offset + i` to element i,
-/// generated in parallel chunks by jumping the stream ahead (the same values whatever the
-/// threads, and whatever part of the stream a micro-batch starts at).
+/// generated in parallel chunks of [`GUMBEL_CHUNK`] by jumping the stream ahead (the same
+/// values whatever the threads, and whatever part of the stream a micro-batch starts at).
 pub fn gumbel_noise(seed: u64, offset: usize, out: &mut [f32]) {
-    const CHUNK: usize = 16384;
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
-        let mut rng = crate::rng::SplitMix64::new(seed);
-        rng.skip((offset + i * CHUNK) as u64);
-        for v in o.iter_mut() {
-            // Below 2^-64 the second log would see -ln u > 44 and still be finite; 1e-20 keeps
-            // u a normal f32.
-            *v = rng.uniform().max(1e-20) as f32;
-        }
-        gumbel_rows(o);
-    });
+    out.par_chunks_mut(GUMBEL_CHUNK)
+        .enumerate()
+        .for_each(|(i, o)| gumbel_noise_chunk(seed, offset + i * GUMBEL_CHUNK, o));
+}
+
+/// Draws per jump of [`gumbel_noise`]'s stream.
+pub const GUMBEL_CHUNK: usize = 16384;
+
+/// [`gumbel_noise`] on one thread, for a caller that draws a chunk at a time.
+pub fn gumbel_noise_chunk(seed: u64, offset: usize, out: &mut [f32]) {
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    rng.skip(offset as u64);
+    for v in out.iter_mut() {
+        // Below 2^-64 the second log would see -ln u > 44 and still be finite; 1e-20 keeps u a
+        // normal f32.
+        *v = rng.uniform().max(1e-20) as f32;
+    }
+    gumbel_rows(out);
 }
 
 /// Index of the first largest value of each row of `width`.
