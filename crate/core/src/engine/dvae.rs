@@ -255,8 +255,8 @@ struct Workspace<T> {
     decoder: Option<NetActs<T>>,
     /// Encoding or decoding: that net's evaluation buffers.
     eval: Option<EvalActs<T>>,
-    /// Training only: the relaxed codes (the decoder's input), and the gradients at the two
-    /// ends of the decoder (`dsoft` becomes the logits' in the backward pass).
+    /// Training only: the relaxed codes (the decoder's input; the logits' gradient after
+    /// [`relaxation_backward`]), and the gradients at the two ends of the decoder.
     soft: Vec<T>,
     dout: Vec<T>,
     dsoft: Vec<T>,
@@ -642,23 +642,26 @@ impl<T: Real> DvaeEngine<T> {
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
         kernels::argmax_rows(logits, v, codes);
-        // Relaxed codes: softmax((logits + Gumbel noise) / T), the noise drawn a chunk at a time.
+        // The KL's value, with the soft codes' buffer as scratch before they are computed.
+        let kl = kl_to_uniform(logits, v, soft);
+        // Relaxed codes: softmax((logits + Gumbel noise) / T), the noise drawn a block at a time
+        // on the stack (its stream is a counter: any block of it can be drawn alone).
         let first_draw = draws.first_sample * (tokens.pixels() / s.b) * v;
-        let chunk = kernels::GUMBEL_CHUNK;
-        soft.par_chunks_mut(chunk).zip(logits.par_chunks(chunk)).enumerate().for_each_init(
-            Vec::new,
-            |noise, (i, (s, z))| {
-                let noise = sized(noise, s.len());
-                kernels::gumbel_noise_chunk(draws.seed, first_draw + i * chunk, noise);
+        const CHUNK: usize = 16384;
+        const BLOCK: usize = 1024;
+        soft.par_chunks_mut(CHUNK).zip(logits.par_chunks(CHUNK)).enumerate().for_each(|(i, (s, z))| {
+            let mut noise = [0f32; BLOCK];
+            for (j, (s, z)) in s.chunks_mut(BLOCK).zip(z.chunks(BLOCK)).enumerate() {
+                let noise = &mut noise[..s.len()];
+                kernels::gumbel_noise_serial(draws.seed, first_draw + i * CHUNK + j * BLOCK, noise);
                 for ((s, &g), &z) in s.iter_mut().zip(&*noise).zip(z) {
                     *s = z + T::from_f64(g as f64);
                 }
-            },
-        );
+            }
+        });
         let inv_t = T::from_f64(1.0 / temperature);
         soft.par_chunks_mut(v * 16).for_each(|z| kernels::softmax_rows(z, &[], v, inv_t));
         let kl_scale = kl_weight / (s.len() / tokens.pixels()) as f64;
-        let kl = kl_to_uniform(logits, v);
         pass.forward(&self.decoder, soft, tokens, decoder, scratch);
         let recon_loss = reconstruction(&decoder.output, x, s.c, recon, loss_weight, dout);
         let loss = recon_loss + kl * kl_scale;
@@ -669,8 +672,8 @@ impl<T: Real> DvaeEngine<T> {
         let grads = &mut self.flat.grads;
         pass.backward(&self.decoder, soft, tokens, decoder, dout, grads, scratch, Some(dsoft));
         let logits = &encoder.output;
-        relaxation_backward(logits, soft, v, inv_t, loss_weight * kl_scale / tokens.pixels() as f64, dsoft);
-        pass.backward(&self.encoder, x, s, encoder, dsoft, grads, scratch, None);
+        relaxation_backward(logits, v, inv_t, loss_weight * kl_scale / tokens.pixels() as f64, soft, dsoft);
+        pass.backward(&self.encoder, x, s, encoder, soft, grads, scratch, None);
         self.put_back(Kind::Train, ws);
         Ok(DvaeLoss { loss, recon: recon_loss, kl })
     }
@@ -817,30 +820,26 @@ fn scale_into<T: Real>(x: &[T], s: T, y: &mut [T]) {
     });
 }
 
-/// Mean over rows of KL(softmax(z) || uniform) = sum q z - lse + ln V. Its gradient is
-/// [`relaxation_backward`]'s.
-fn kl_to_uniform<T: Real>(logits: &[T], v: usize) -> f64 {
+/// Mean over rows of KL(softmax(z) || uniform) = sum q z - lse + ln V, with `scratch` as
+/// large as `logits`. Its gradient is [`relaxation_backward`]'s.
+fn kl_to_uniform<T: Real>(logits: &[T], v: usize, scratch: &mut [T]) -> f64 {
     let total: f64 =
-        logits.par_chunks(v * 16).map_init(Vec::new, |q, z| kl_rows(z, v, T::ZERO, sized(q, z.len()))).sum();
+        scratch.par_chunks_mut(v * 16).zip(logits.par_chunks(v * 16)).map(|(q, z)| kl_rows(z, v, T::ZERO, q)).sum();
     total / (logits.len() / v) as f64 + (v as f64).ln()
 }
 
 /// d (logits + noise) = softmax'(dsoft) / T at relaxed codes `soft`, plus `kl_scale` times
-/// the KL's gradient at `logits` (q (z - E_q z) per row), in place of `dsoft`: a gradient
-/// buffer of its own would be another 51 MB for DALL-E's 112 px batch of 8.
-fn relaxation_backward<T: Real>(logits: &[T], soft: &[T], v: usize, inv_t: T, kl_scale: f64, dsoft: &mut [T]) {
+/// the KL's gradient at `logits` (q (z - E_q z) per row), written over `soft` (each row's
+/// codes are read before they are overwritten): a buffer of its own would be another 51 MB
+/// for DALL-E's 112 px batch of 8. `dsoft` is left as softmax'(dsoft).
+fn relaxation_backward<T: Real>(logits: &[T], v: usize, inv_t: T, kl_scale: f64, soft: &mut [T], dsoft: &mut [T]) {
     let gs = T::from_f64(kl_scale);
     let rows = v * 16;
-    dsoft.par_chunks_mut(rows).zip(soft.par_chunks(rows)).zip(logits.par_chunks(rows)).for_each_init(
-        Vec::new,
-        |kl, ((ds, p), z)| {
-            let kl = sized(kl, z.len());
-            kl_rows(z, v, gs, kl);
-            kernels::softmax_backward_rows(p, ds, v);
-            add_scaled_rows(kl, ds, inv_t);
-            ds.copy_from_slice(kl);
-        },
-    );
+    soft.par_chunks_mut(rows).zip(dsoft.par_chunks_mut(rows)).zip(logits.par_chunks(rows)).for_each(|((p, ds), z)| {
+        kernels::softmax_backward_rows(p, ds, v);
+        kl_rows(z, v, gs, p);
+        add_scaled_rows(p, ds, inv_t);
+    });
 }
 
 multiversion! {

@@ -443,19 +443,16 @@ multiversion! {
 }
 
 /// Gumbel(0, 1) noise: one SplitMix64 stream from `seed`, draw `offset + i` to element i,
-/// generated in parallel chunks of [`GUMBEL_CHUNK`] by jumping the stream ahead (the same
-/// values whatever the threads, and whatever part of the stream a micro-batch starts at).
+/// generated in parallel chunks by jumping the stream ahead (the same values whatever the
+/// threads, and whatever part of the stream a micro-batch starts at).
 pub fn gumbel_noise(seed: u64, offset: usize, out: &mut [f32]) {
-    out.par_chunks_mut(GUMBEL_CHUNK)
-        .enumerate()
-        .for_each(|(i, o)| gumbel_noise_chunk(seed, offset + i * GUMBEL_CHUNK, o));
+    const CHUNK: usize = 16384;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| gumbel_noise_serial(seed, offset + i * CHUNK, o));
 }
 
-/// Draws per jump of [`gumbel_noise`]'s stream.
-pub const GUMBEL_CHUNK: usize = 16384;
-
-/// [`gumbel_noise`] on one thread, for a caller that draws a chunk at a time.
-pub fn gumbel_noise_chunk(seed: u64, offset: usize, out: &mut [f32]) {
+/// [`gumbel_noise`] on the calling thread: draws `offset..offset + out.len()` of the same
+/// stream, for a caller that draws it a block at a time.
+pub fn gumbel_noise_serial(seed: u64, offset: usize, out: &mut [f32]) {
     let mut rng = crate::rng::SplitMix64::new(seed);
     rng.skip(offset as u64);
     for v in out.iter_mut() {
