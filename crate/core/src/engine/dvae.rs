@@ -220,9 +220,10 @@ impl<T: Real> EvalActs<T> {
 }
 
 /// Scratch shared by the passes: im2col tiles, partial sums, a block's res-path output when
-/// evaluating (training keeps it in `grads[0]`) and the buffers of the backward pass: gradients, and one convolution's flipped kernel for its
-/// data gradient (flipped when needed, not kept for the whole net: that would be another
-/// copy of the weights, 276 MB for DALL-E's, and each is read once per step anyway).
+/// evaluating (training keeps it in `grads[0]`) and the buffers of the backward pass:
+/// gradients, and one convolution's flipped kernel for its data gradient (flipped when needed,
+/// not kept for the whole net: that would be another copy of the weights, 276 MB for DALL-E's,
+/// and each is read once per step anyway).
 struct Scratch<T> {
     cols: Vec<T>,
     partial: Vec<T>,
@@ -671,7 +672,6 @@ impl<T: Real> DvaeEngine<T> {
         }
         let grads = &mut self.flat.grads;
         pass.backward(&self.decoder, soft, tokens, decoder, dout, grads, scratch, Some(dsoft));
-        let logits = &encoder.output;
         relaxation_backward(logits, v, inv_t, loss_weight * kl_scale / tokens.pixels() as f64, soft, dsoft);
         pass.backward(&self.encoder, x, s, encoder, soft, grads, scratch, None);
         self.put_back(Kind::Train, ws);
