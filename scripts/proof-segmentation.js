@@ -9,7 +9,8 @@
 // Masking is random by default: a garment spans about 12 of the 64 patches, and BEiT's blockwise
 // masks (blocks of 4 to 26 patches) often hide all of it, leaving nothing of it to infer from.
 //   npm run build:ts && node scripts/proof-segmentation.js [--seed 0] [--out runs/proof-seg]
-//     [--labelled 50] [--pretrain-epochs 30] [--finetune-epochs 30] [--masking random|blockwise]
+//     [--labelled 50] [--tokenizer-steps 200] [--pretrain-epochs 30] [--finetune-epochs 30]
+//     [--masking random|blockwise]
 //     [--lr 3e-4] [--scratch-lr <the from-scratch run's, default --lr>] [--precision f32|bf16]
 // Prints one JSON line per seed at the end; the run folders hold metrics, curves and
 // predictions.png.
@@ -25,6 +26,7 @@ const { values } = parseArgs({
     seed: { type: 'string', default: '0' },
     out: { type: 'string', default: join('runs', 'proof-seg') },
     labelled: { type: 'string', default: '50' },
+    'tokenizer-steps': { type: 'string', default: '200' },
     'pretrain-epochs': { type: 'string', default: '30' },
     'finetune-epochs': { type: 'string', default: '30' },
     masking: { type: 'string', default: 'random' },
@@ -80,7 +82,7 @@ async function main() {
     tokenizer,
     data,
     batchSize: 32,
-    steps: 200,
+    steps: Number(values['tokenizer-steps']),
     outDir: join(out, 'tokenizer'),
     seed,
     schedule: { lr: 2e-3, warmupSteps: 0 },
