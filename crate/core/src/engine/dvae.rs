@@ -648,7 +648,7 @@ impl<T: Real> DvaeEngine<T> {
         // Relaxed codes: softmax((logits + Gumbel noise) / T), the noise drawn a block at a time
         // on the stack (its stream is a counter: any block of it can be drawn alone).
         let first_draw = draws.first_sample * (tokens.pixels() / s.b) * v;
-        const CHUNK: usize = 16384;
+        const CHUNK: usize = kernels::GUMBEL_CHUNK;
         const BLOCK: usize = 1024;
         soft.par_chunks_mut(CHUNK).zip(logits.par_chunks(CHUNK)).enumerate().for_each(|(i, (s, z))| {
             let mut noise = [0f32; BLOCK];

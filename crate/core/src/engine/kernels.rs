@@ -446,9 +446,13 @@ multiversion! {
 /// generated in parallel chunks by jumping the stream ahead (the same values whatever the
 /// threads, and whatever part of the stream a micro-batch starts at).
 pub fn gumbel_noise(seed: u64, offset: usize, out: &mut [f32]) {
-    const CHUNK: usize = 16384;
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| gumbel_noise_serial(seed, offset + i * CHUNK, o));
+    out.par_chunks_mut(GUMBEL_CHUNK)
+        .enumerate()
+        .for_each(|(i, o)| gumbel_noise_serial(seed, offset + i * GUMBEL_CHUNK, o));
 }
+
+/// Draws per parallel task of the noise (any split gives the same values: the stream is a counter).
+pub const GUMBEL_CHUNK: usize = 16384;
 
 /// [`gumbel_noise`] on the calling thread: draws `offset..offset + out.len()` of the same
 /// stream, for a caller that draws it a block at a time.
