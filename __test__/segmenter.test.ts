@@ -125,6 +125,15 @@ test('fine-tuning starts from a pretrained MIM checkpoint at another image size'
   t.deepEqual(seg.config.model.imageSize, [24, 32])
   const { pixels } = toyBatch(3, 5)
   t.is((await seg.predict(pixels.subarray(0, 24 * 32))).length, 24 * 32)
+  // The grid the tables are resized from is the checkpoint's: another patch size is refused.
+  await t.throwsAsync(
+    Segmenter.fromPretrained(join(dir, 'mim.safetensors'), {
+      model: { ...MODEL, imageSize: [32, 32], patchSize: 8 },
+      numLabels: 2,
+      auxiliaryChannels: 8,
+    }),
+    { message: /the checkpoint's backbone has patchSize 4, the segmenter's model asks for 8/ },
+  )
 })
 
 test('masks of the wrong size are refused with both sizes', async (t) => {

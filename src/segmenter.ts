@@ -109,8 +109,10 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
 
   /**
    * The backbone of a beit MIM (`Beit.save`) or classifier checkpoint under a new
-   * segmentation head. `spec.model` may change the image size (position tables are resized)
-   * and what does not change shapes; by default it is the MIM checkpoint's config.
+   * segmentation head. `spec.model` is by default the MIM checkpoint's config; another image
+   * size is `{ ...(await Beit.load(path)).config, imageSize }` (the position tables are
+   * resized). It may change what does not change shapes; a patch size or channel count other
+   * than the checkpoint's is refused.
    */
   static async fromPretrained(
     path: string,

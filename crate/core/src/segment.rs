@@ -261,10 +261,10 @@ impl Trainer<Segmentation> {
         let mut file = checkpoint::load(path)?;
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         let format = file.metadata.get("format").cloned().unwrap_or_default();
-        let saved_size = if format == Mim::FORMAT {
-            crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?.image_size
+        let saved = if format == Mim::FORMAT {
+            crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?
         } else if format == Classification::FORMAT {
-            crate::config::ClassifierConfig::from_json(file.meta("config", path)?).map_err(in_file)?.model.image_size
+            crate::config::ClassifierConfig::from_json(file.meta("config", path)?).map_err(in_file)?.model
         } else {
             return Err(Error::Checkpoint(format!(
                 "{}: format {format:?} is not a beit MIM (\"{}\") or classifier (\"{}\") checkpoint",
@@ -273,16 +273,29 @@ impl Trainer<Segmentation> {
                 Classification::FORMAT
             )));
         };
+        // The patch grid is what the position tables are resized between, so a patch size (or a
+        // channel count) other than the checkpoint's is refused here by name, not later as a
+        // resize of the wrong grid.
+        let model = &config.model;
+        for (field, saved, asked) in
+            [("patchSize", saved.patch_size, model.patch_size), ("numChannels", saved.num_channels, model.num_channels)]
+        {
+            if saved != asked {
+                return Err(Error::Config(format!(
+                    "{}: the checkpoint's backbone has {field} {saved}, the segmenter's model asks for {asked}: \
+                     start from the checkpoint's model config (only imageSize and dropPathRate may differ)",
+                    path.display()
+                )));
+            }
+        }
         file.tensors.retain(|name, _| {
             name.starts_with("beit.")
                 && name != "beit.embeddings.mask_token"
                 && !name.starts_with("beit.pooler.")
                 && !name.starts_with("beit.layernorm.")
         });
-        let patch = config.model.patch_size;
-        let grid = |size: [usize; 2]| (size[0] / patch, size[1] / patch);
-        if saved_size != config.model.image_size {
-            hf::resize_position_tables(&mut file.tensors, grid(saved_size), config.model.grid()).map_err(in_file)?;
+        if saved.image_size != model.image_size {
+            hf::resize_position_tables(&mut file.tensors, saved.grid(), model.grid()).map_err(in_file)?;
         }
         let table = Segmentation::table(&config);
         let head: HashSet<_> = table.ids().filter(|id| !table.get(*id).name.starts_with("beit.")).collect();

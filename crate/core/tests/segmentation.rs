@@ -707,6 +707,13 @@ fn a_segmenter_starts_from_a_mim_checkpoint_at_a_new_size() {
     let (pixels, _) = toy_batch(&bigger, 1, 3);
     let mut seg = seg;
     assert_eq!(seg.predict(&pixels).unwrap().len(), 12 * 16);
+    // Another patch size is refused by name (it once resized the tables between wrong grids).
+    let coarser = SegmenterConfig { model: BeitConfig { patch_size: 4, ..bigger.model.clone() }, ..cfg.clone() };
+    let err = SegmenterTrainer::from_pretrained(&path, coarser, AdamWConfig::default(), Default::default(), 6)
+        .err()
+        .expect("a patch size other than the checkpoint's must be refused")
+        .to_string();
+    assert!(err.contains("patchSize 2") && err.contains("asks for 4"), "{err}");
     let err =
         SegmenterTrainer::from_pretrained(&dir.join("missing"), bigger, AdamWConfig::default(), Default::default(), 6);
     assert!(err.is_err());
