@@ -212,6 +212,36 @@ fn banded_weight_gradients_match_the_direct_sum() {
     convolution_matches_the_direct_sum(Nhwc { b: 2, h: 3, w: 5, c: 700 }, 700);
 }
 
+/// Max pooling that records each window's argmax (what a training pass keeps instead of the
+/// pooled input) pools the same values and routes the same gradients as the backward pass that
+/// compares the input with the output, ties included (the first maximum, row-major).
+#[test]
+fn max_pooling_by_recorded_argmax_matches_the_comparing_backward() {
+    let s = Nhwc { b: 2, h: 6, w: 4, c: 3 };
+    // Values from a small set, so many windows hold ties (of zeros, of negatives, of maxima).
+    let x: Vec<f32> = (0..s.len()).map(|i| ((i * 7919 % 13) as f32 - 6.0).clamp(-2.0, 2.0)).collect();
+    let n = s.len() / 4;
+    let (mut y, mut want) = (vec![0.0; n], vec![0.0; n]);
+    let mut argmax = vec![9u8; n];
+    conv::max_pool2_argmax(&x, s, &mut y, &mut argmax);
+    conv::max_pool2(&x, s, &mut want);
+    assert_eq!(y, want);
+    assert!(argmax.iter().all(|&k| k < 4));
+    // Windows whose maximum occurs twice or more, and windows whose maximum is not the first.
+    let (oh, ow) = (s.h / 2, s.w / 2);
+    let window = |o: usize| {
+        let (ch, ox, oy, b) = (o % s.c, o / s.c % ow, o / s.c / ow % oh, o / s.c / ow / oh);
+        [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(dy, dx)| x[((b * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * s.c + ch])
+    };
+    let ties = (0..n).filter(|&o| window(o).iter().filter(|&&v| v == y[o]).count() > 1).count();
+    assert!(ties > 0 && argmax.iter().any(|&k| k > 0), "{ties} windows with ties");
+    let dy: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+    let (mut dx, mut dx_want) = (vec![f32::NAN; s.len()], vec![f32::NAN; s.len()]);
+    conv::max_pool2_backward_at(&argmax, s, &dy, &mut dx);
+    conv::max_pool2_backward(&x, s, &y, &dy, &mut dx_want);
+    assert_eq!(dx, dx_want);
+}
+
 fn convolution_matches_the_direct_sum(s: Nhwc, c_out: usize) {
     let k = 3;
     let x = values(&random_tensor(&[s.len()], 1, DType::F64));

@@ -525,6 +525,49 @@ pub fn max_pool2_backward<T: Real>(x: &[T], s: Nhwc, y: &[T], dy: &[T], dx: &mut
     });
 }
 
+/// [`max_pool2`] that also records where each window's first maximum (row-major) lies, 0-3,
+/// so that a training pass can drop the input: [`max_pool2_backward_at`] needs only these.
+pub fn max_pool2_argmax<T: Real>(x: &[T], s: Nhwc, y: &mut [T], argmax: &mut [u8]) {
+    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
+    let n = s.len() / 4;
+    y[..n].par_chunks_mut(ow * c).zip(argmax[..n].par_chunks_mut(ow * c)).enumerate().for_each(
+        |(boy, (out, at_max))| {
+            let (bi, oy) = (boy / oh, boy % oh);
+            for ox in 0..ow {
+                let at = |dy: usize, dx: usize| ((bi * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * c;
+                let window = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+                for ch in 0..c {
+                    let (mut m, mut k) = (x[window[0] + ch], 0);
+                    for (j, &w) in window.iter().enumerate().skip(1) {
+                        if x[w + ch] > m {
+                            (m, k) = (x[w + ch], j);
+                        }
+                    }
+                    out[ox * c + ch] = m;
+                    at_max[ox * c + ch] = k as u8;
+                }
+            }
+        },
+    );
+}
+
+/// Backward of [`max_pool2_argmax`] from its recorded positions: each window's gradient goes
+/// to its first maximum, as [`max_pool2_backward`].
+pub fn max_pool2_backward_at<T: Real>(argmax: &[u8], s: Nhwc, dy: &[T], dx: &mut [T]) {
+    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
+    dx[..s.len()].par_chunks_mut(2 * s.w * c).enumerate().for_each(|(boy, out)| {
+        out.fill(T::ZERO);
+        let (bi, oy) = (boy / oh, boy % oh);
+        for ox in 0..ow {
+            for ch in 0..c {
+                let o = ((bi * oh + oy) * ow + ox) * c + ch;
+                let k = argmax[o] as usize;
+                out[((k / 2) * s.w + 2 * ox + k % 2) * c + ch] = dy[o];
+            }
+        }
+    });
+}
+
 /// 2x nearest-neighbour upsampling: [b, h, w, c] -> [b, 2h, 2w, c].
 pub fn upsample2<T: Real>(x: &[T], s: Nhwc, y: &mut [T]) {
     let c = s.c;

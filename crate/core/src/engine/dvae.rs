@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::params::{slots_mut, Layout, ParamTable, Slot};
 use crate::rng::Draws;
 
-/// One convolution: its parameter slots and where its packed copy lives.
+/// One convolution: its parameter slots and where its packed copy lives when evaluating.
 #[derive(Clone, Copy)]
 struct Conv {
     w: Slot,
@@ -74,7 +74,8 @@ impl Slots<'_> {
 }
 
 /// The activations of one block kept for the backward pass: its res path's pre-activations
-/// and its output (the next block's input).
+/// and its output (the next block's input). A group's last block keeps no output unless it is
+/// the net's last: that output feeds only the resampling, whose backward pass does not read it.
 struct BlockActs<T> {
     res: [Vec<T>; 3],
     out: Vec<T>,
@@ -86,18 +87,24 @@ struct Plan {
     groups: Vec<Nhwc>,
     /// The largest activation, in values.
     largest: usize,
+    /// The largest res-path activation (a quarter of its block's width in DALL-E's layout).
+    largest_res: usize,
 }
 
 impl Net {
     fn plan(&self, input: Nhwc) -> Plan {
         let mut s = input.with_channels(self.input.c_out);
         let mut largest = input.len().max(s.len());
+        let mut largest_res = 0;
         let mut groups = Vec::new();
         for (g, group) in self.groups.iter().enumerate() {
             groups.push(s);
             for b in group {
                 for c in &b.res_path {
                     largest = largest.max(s.pixels() * c.c_out);
+                }
+                for c in &b.res_path[..3] {
+                    largest_res = largest_res.max(s.pixels() * c.c_out);
                 }
             }
             s = s.with_channels(group[0].res_path[3].c_out);
@@ -110,7 +117,7 @@ impl Net {
             }
         }
         largest = largest.max(s.pixels() * self.output.c_out);
-        Plan { groups, largest }
+        Plan { groups, largest, largest_res }
     }
 
     /// Values of [`EvalActs`]' buffers for an input shape: each map buffer (the widest block
@@ -153,6 +160,8 @@ struct NetActs<T> {
     blocks: Vec<Vec<BlockActs<T>>>,
     /// Each group's resampled output but the last's: the next group's input.
     resampled: Vec<Vec<T>>,
+    /// Where each pooled value came from (max pooling only; see `conv::max_pool2_argmax`).
+    argmax: Vec<Vec<u8>>,
     output: Vec<T>,
     shapes: Vec<Nhwc>,
 }
@@ -165,20 +174,26 @@ impl<T: Real> NetActs<T> {
             .groups
             .iter()
             .zip(&shapes)
-            .map(|(group, s)| {
+            .enumerate()
+            .map(|(g, (group, s))| {
                 group
                     .iter()
-                    .map(|b| BlockActs {
-                        res: [0, 1, 2].map(|i| z(s.pixels() * b.res_path[i].c_out)),
-                        out: z(s.pixels() * b.res_path[3].c_out),
+                    .enumerate()
+                    .map(|(b, block)| BlockActs {
+                        res: [0, 1, 2].map(|i| z(s.pixels() * block.res_path[i].c_out)),
+                        out: z(if keeps_output(net, g, b) { s.pixels() * block.res_path[3].c_out } else { 0 }),
                     })
                     .collect()
             })
             .collect();
-        let resampled =
+        let resampled: Vec<Vec<T>> =
             shapes[1..].iter().zip(&net.groups).map(|(s, prev)| z(s.pixels() * prev[0].res_path[3].c_out)).collect();
-        let last = shapes.last().expect("a net has groups");
-        Self { first: z(shapes[0].len()), blocks, resampled, output: z(last.pixels() * net.output.c_out), shapes }
+        let argmax = match net.resample {
+            Resample::MaxPool => resampled.iter().map(|r| vec![0u8; r.len()]).collect(),
+            Resample::Upsample => Vec::new(),
+        };
+        let output = z(shapes.last().expect("a net has groups").pixels() * net.output.c_out);
+        Self { first: z(shapes[0].len()), blocks, resampled, argmax, output, shapes }
     }
 
     /// The input of block `b` of group `g`.
@@ -193,6 +208,11 @@ impl<T: Real> NetActs<T> {
     fn last(&self) -> &[T] {
         &self.blocks.last().and_then(|g| g.last()).expect("a net has blocks").out
     }
+}
+
+/// Whether a training pass keeps block `b` of group `g`'s output (see [`BlockActs`]).
+fn keeps_output(net: &Net, g: usize, b: usize) -> bool {
+    b + 1 < net.groups[g].len() || g + 1 == net.groups.len()
 }
 
 impl<T> Default for BlockActs<T> {
@@ -220,17 +240,17 @@ impl<T: Real> EvalActs<T> {
 }
 
 /// Scratch shared by the passes: im2col tiles, partial sums, a block's res-path output when
-/// evaluating (training keeps it in `grads[0]`) and the buffers of the backward pass:
-/// gradients, and one convolution's flipped kernel for its data gradient (flipped when needed,
-/// not kept for the whole net: that would be another copy of the weights, 276 MB for DALL-E's,
-/// and each is read once per step anyway).
+/// evaluating (training keeps it in `grads[0]`), the buffers of the backward pass (gradients)
+/// and, when training, one convolution's kernel: packed for its forward pass or flipped for its
+/// data gradient, when needed rather than kept for the whole net (each is read once a step,
+/// and DALL-E's would be 390 MB packed and 276 MB flipped).
 struct Scratch<T> {
     cols: Vec<T>,
     partial: Vec<T>,
     branch: Vec<T>,
     grads: [Vec<T>; 4],
     dweight: Vec<T>,
-    flipped: Vec<T>,
+    kernel: Vec<T>,
 }
 
 /// The two nets.
@@ -276,27 +296,32 @@ pub struct DvaeLoss {
 struct Pass<'a, T> {
     precision: Precision,
     params: &'a [T],
-    packed: &'a [T],
+    /// Every convolution packed (evaluation: packed once for all chunks of images), or none:
+    /// a training pass runs each convolution forward once, so it packs each kernel just before
+    /// (into [`Scratch::kernel`]) instead of keeping a packed copy of all the weights.
+    packed: Option<&'a [T]>,
 }
 
 impl<T: Real> Pass<'_, T> {
-    fn conv(&self, c: &Conv, x: &[T], s: Nhwc, relu: bool, y: &mut [T], cols: &mut Vec<T>) {
-        conv::forward(
-            self.precision,
-            x,
-            s.with_channels(c.c_in),
-            relu,
-            c.k,
-            c.packed.of(self.packed),
-            c.b.of(self.params),
-            y,
-            cols,
-        );
+    #[allow(clippy::too_many_arguments)]
+    fn conv(&self, c: &Conv, x: &[T], s: Nhwc, relu: bool, y: &mut [T], cols: &mut Vec<T>, kernel: &mut Vec<T>) {
+        let packed: &[T] = match self.packed {
+            Some(all) => c.packed.of(all),
+            None => {
+                let kernel = sized(kernel, c.w.len);
+                conv::pack(c.w.of(self.params), c.c_out, c.c_in, c.k, kernel);
+                kernel
+            }
+        };
+        conv::forward(self.precision, x, s.with_channels(c.c_in), relu, c.k, packed, c.b.of(self.params), y, cols);
     }
 
     /// Forward through `net` from `input` of shape `s`.
     fn forward(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut NetActs<T>, scratch: &mut Scratch<T>) {
-        self.conv(&net.input, input, s, false, &mut acts.first, &mut scratch.cols);
+        // The gradient buffers are free until the backward pass: g0 holds a block's branch, g1
+        // the output of a group's last block until it is resampled.
+        let Scratch { cols, grads: [g0, g1, ..], kernel, .. } = scratch;
+        self.conv(&net.input, input, s, false, &mut acts.first, cols, kernel);
         let gain = T::from_f64(net.post_gain);
         for g in 0..net.groups.len() {
             let sg = acts.shapes[g];
@@ -305,29 +330,33 @@ impl<T: Real> Pass<'_, T> {
                 let mut current = std::mem::take(&mut acts.blocks[g][b]);
                 let x = acts.block_input(g, b);
                 let [r0, r1, r2, r3] = &block.res_path;
-                self.conv(r0, x, sg, true, &mut current.res[0], &mut scratch.cols);
+                let n_out = sg.pixels() * r3.c_out;
+                self.conv(r0, x, sg, true, &mut current.res[0], cols, kernel);
                 let [a0, a1, a2] = &mut current.res;
-                self.conv(r1, a0, sg, true, a1, &mut scratch.cols);
-                self.conv(r2, a1, sg, true, a2, &mut scratch.cols);
-                // The gradient buffers are free until the backward pass: one holds the branch.
-                let branch = &mut scratch.grads[0][..sg.pixels() * r3.c_out];
-                self.conv(r3, a2, sg, true, branch, &mut scratch.cols);
+                self.conv(r1, a0, sg, true, a1, cols, kernel);
+                self.conv(r2, a1, sg, true, a2, cols, kernel);
+                let branch = &mut g0[..n_out];
+                self.conv(r3, a2, sg, true, branch, cols, kernel);
+                let out = if keeps_output(net, g, b) { &mut current.out[..] } else { &mut g1[..n_out] };
                 match &block.id_path {
-                    Some(id) => self.conv(id, x, sg, false, &mut current.out, &mut scratch.cols),
-                    None => current.out.copy_from_slice(x),
+                    Some(id) => self.conv(id, x, sg, false, out, cols, kernel),
+                    None => out.copy_from_slice(x),
                 }
-                add_scaled(&mut current.out, branch, gain);
+                add_scaled(out, branch, gain);
                 acts.blocks[g][b] = current;
             }
             if g + 1 < net.groups.len() {
                 let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
-                let last = &acts.blocks[g].last().expect("blocks").out;
-                net.resample(last, s_out, &mut acts.resampled[g]);
+                let (last, y) = (&g1[..s_out.len()], &mut acts.resampled[g]);
+                match net.resample {
+                    Resample::MaxPool => conv::max_pool2_argmax(last, s_out, y, &mut acts.argmax[g]),
+                    Resample::Upsample => conv::upsample2(last, s_out, y),
+                }
             }
         }
         let s_last = *acts.shapes.last().expect("groups");
         let mut output = std::mem::take(&mut acts.output);
-        self.conv(&net.output, acts.last(), s_last, true, &mut output, &mut scratch.cols);
+        self.conv(&net.output, acts.last(), s_last, true, &mut output, cols, kernel);
         acts.output = output;
     }
 
@@ -335,22 +364,22 @@ impl<T: Real> Pass<'_, T> {
     fn forward_eval(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut EvalActs<T>, scratch: &mut Scratch<T>) {
         let shapes = net.plan(s).groups;
         let EvalActs { maps: [x, y], res: [a, b], output } = acts;
-        let cols = &mut scratch.cols;
-        self.conv(&net.input, input, s, false, &mut x[..shapes[0].len()], cols);
+        let Scratch { cols, kernel, .. } = scratch;
+        self.conv(&net.input, input, s, false, &mut x[..shapes[0].len()], cols, kernel);
         let gain = T::from_f64(net.post_gain);
         for (g, (group, &sg)) in net.groups.iter().zip(&shapes).enumerate() {
             for block in group {
                 let [r0, r1, r2, r3] = &block.res_path;
                 let px = sg.pixels();
                 let x_in = &x[..px * r0.c_in];
-                self.conv(r0, x_in, sg, true, &mut a[..px * r0.c_out], cols);
-                self.conv(r1, &a[..px * r0.c_out], sg, true, &mut b[..px * r1.c_out], cols);
-                self.conv(r2, &b[..px * r1.c_out], sg, true, &mut a[..px * r2.c_out], cols);
+                self.conv(r0, x_in, sg, true, &mut a[..px * r0.c_out], cols, kernel);
+                self.conv(r1, &a[..px * r0.c_out], sg, true, &mut b[..px * r1.c_out], cols, kernel);
+                self.conv(r2, &b[..px * r1.c_out], sg, true, &mut a[..px * r2.c_out], cols, kernel);
                 let branch = &mut scratch.branch[..px * r3.c_out];
-                self.conv(r3, &a[..px * r2.c_out], sg, true, branch, cols);
+                self.conv(r3, &a[..px * r2.c_out], sg, true, branch, cols, kernel);
                 let out = &mut y[..px * r3.c_out];
                 match &block.id_path {
-                    Some(id) => self.conv(id, x_in, sg, false, out, cols),
+                    Some(id) => self.conv(id, x_in, sg, false, out, cols, kernel),
                     None => out.copy_from_slice(x_in),
                 }
                 add_scaled(out, branch, gain);
@@ -363,7 +392,7 @@ impl<T: Real> Pass<'_, T> {
             }
         }
         let s_last = *shapes.last().expect("groups");
-        self.conv(&net.output, &x[..s_last.pixels() * net.output.c_in], s_last, true, output, cols);
+        self.conv(&net.output, &x[..s_last.pixels() * net.output.c_in], s_last, true, output, cols, kernel);
     }
 
     /// Backward through `net` from d output `dout`: the parameter gradients are added to
@@ -380,9 +409,9 @@ impl<T: Real> Pass<'_, T> {
         scratch: &mut Scratch<T>,
         input_grad: Option<&mut [T]>,
     ) {
-        let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, flipped, .. } = scratch;
+        let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, kernel, .. } = scratch;
         let mut conv_bwd = |c: &Conv, x: &[T], s: Nhwc, relu: bool, dy: &[T], dx: Option<&mut [T]>| {
-            self.conv_backward(c, x, s, relu, dy, dx, grads, cols, partial, dweight, flipped)
+            self.conv_backward(c, x, s, relu, dy, dx, grads, cols, partial, dweight, kernel)
         };
         let s_last = *acts.shapes.last().expect("groups");
         // d output -> d (the last block's output), in g1.
@@ -393,9 +422,8 @@ impl<T: Real> Pass<'_, T> {
             if g + 1 < net.groups.len() {
                 // g1: d (group g + 1's input), back through the resampling into g0.
                 let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
-                let last = &acts.blocks[g].last().expect("blocks").out;
                 match net.resample {
-                    Resample::MaxPool => conv::max_pool2_backward(last, s_out, &acts.resampled[g], g1, g0),
+                    Resample::MaxPool => conv::max_pool2_backward_at(&acts.argmax[g], s_out, g1, g0),
                     Resample::Upsample => conv::upsample2_backward(g1, s_out, g0),
                 }
                 std::mem::swap(g0, g1);
@@ -441,7 +469,7 @@ impl<T: Real> Pass<'_, T> {
         cols: &mut Vec<T>,
         partial: &mut Vec<T>,
         dweight: &mut Vec<T>,
-        flipped: &mut Vec<T>,
+        kernel: &mut Vec<T>,
     ) {
         let s = s.with_channels(c.c_in);
         let [gw, gb] = slots_mut(grads, [c.w, c.b]);
@@ -456,7 +484,7 @@ impl<T: Real> Pass<'_, T> {
         }
         if let Some(dx) = dx {
             let flipped: &[T] = if c.k > 1 {
-                let flipped = sized(flipped, c.w.len);
+                let flipped = sized(kernel, c.w.len);
                 conv::flip(c.w.of(self.params), c.c_out, c.c_in, c.k, flipped);
                 flipped
             } else {
@@ -521,12 +549,9 @@ impl<T: Real> DvaeEngine<T> {
                     Kind::Encode => (Some(input), None),
                     Kind::Decode => (None, Some(input)),
                 };
-                let largest =
-                    [encoder.map(|s| self.encoder.plan(s).largest), decoder.map(|s| self.decoder.plan(s).largest)]
-                        .into_iter()
-                        .flatten()
-                        .max()
-                        .unwrap_or(0);
+                let plans = [encoder.map(|s| self.encoder.plan(s)), decoder.map(|s| self.decoder.plan(s))];
+                let largest = plans.iter().flatten().map(|p| p.largest).max().unwrap_or(0);
+                let largest_res = plans.iter().flatten().map(|p| p.largest_res).max().unwrap_or(0);
                 let t = if training { self.encoder.output_shape(input).len() } else { 0 };
                 let all = |net: &Net, s: Option<Nhwc>| s.filter(|_| training).map(|s| NetActs::new(net, s));
                 Workspace {
@@ -546,13 +571,14 @@ impl<T: Real> DvaeEngine<T> {
                         cols: Vec::new(),
                         partial: Vec::new(),
                         branch: if training { Vec::new() } else { z(largest) },
+                        // The backward pass's g3 holds only res-path gradients.
                         grads: if training {
-                            [z(largest), z(largest), z(largest), z(largest)]
+                            [z(largest), z(largest), z(largest), z(largest_res)]
                         } else {
                             Default::default()
                         },
                         dweight: Vec::new(),
-                        flipped: Vec::new(),
+                        kernel: Vec::new(),
                     },
                 }
             }
@@ -632,14 +658,17 @@ impl<T: Real> DvaeEngine<T> {
         let Objective { temperature, kl_weight, recon } = *objective;
         let s = self.input_shape(pixels.len(), height, width)?;
         let mut ws = self.workspace(Kind::Train, s);
-        self.pack(None, &[Part::Encoder, Part::Decoder]);
+        // A training pass packs each kernel when it needs it (see [`Pass::packed`]): the packed
+        // copy of an evaluation (a reconstruction sheet between steps) is freed, not kept
+        // beside the step's activations.
+        self.packed = Vec::new();
         self.flat.grads_mut();
         Self::map_input(pixels, s, &mut ws.x);
         let Workspace { x, encoder, decoder, soft, dout, dsoft, scratch, .. } = &mut ws;
         let (encoder, decoder) = (encoder.as_mut().expect("training"), decoder.as_mut().expect("training"));
         let v = self.cfg.vocab_size;
         let tokens = self.encoder.output_shape(s);
-        let pass = Pass { precision: self.precision, params: &self.flat.params, packed: &self.packed };
+        let pass = Pass { precision: self.precision, params: &self.flat.params, packed: None };
         pass.forward(&self.encoder, x, s, encoder, scratch);
         let logits = &encoder.output;
         kernels::argmax_rows(logits, v, codes);
@@ -702,8 +731,11 @@ impl<T: Real> DvaeEngine<T> {
             Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
             let Workspace { x, eval, scratch, .. } = &mut ws;
             let eval = eval.as_mut().expect("encoding");
-            let pass =
-                Pass { precision: self.precision, params: weights.unwrap_or(&self.flat.params), packed: &self.packed };
+            let pass = Pass {
+                precision: self.precision,
+                params: weights.unwrap_or(&self.flat.params),
+                packed: Some(&self.packed),
+            };
             pass.forward_eval(&self.encoder, x, sc, eval, scratch);
             kernels::argmax_rows(&eval.output, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
@@ -735,8 +767,11 @@ impl<T: Real> DvaeEngine<T> {
                 row[id as usize] = T::ONE;
             }
             let eval = eval.as_mut().expect("decoding");
-            let pass =
-                Pass { precision: Precision::F32, params: weights.unwrap_or(&self.flat.params), packed: &self.packed };
+            let pass = Pass {
+                precision: Precision::F32,
+                params: weights.unwrap_or(&self.flat.params),
+                packed: Some(&self.packed),
+            };
             pass.forward_eval(&self.decoder, x, sc, eval, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
             let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];
