@@ -385,6 +385,37 @@ fn bf16_convolutions_match_the_direct_sum_of_rounded_inputs() {
     }
 }
 
+/// A bf16 training pass that keeps its activations in bf16 (half their memory) computes the
+/// same loss, codes and gradients, bit for bit, as one that keeps them in f32: its backward
+/// pass reads them only as GEMM inputs that it rounds to bf16 anyway, and for ReLU's sign.
+#[test]
+fn bf16_training_keeps_activations_in_bf16_with_the_same_results() {
+    for cfg in [small_dvae_config(16), DvaeConfig { hidden_size: 32, blocks_per_group: 2, ..small_dvae_config(16) }] {
+        let (_, vars) = dvae_model(&cfg, 4, DType::F32);
+        randomise(&vars, 30, 0.05);
+        let [h, w] = cfg.image_size;
+        let pixels: Vec<f32> = unit_pixels(3 * cfg.num_channels * h * w, 9);
+        let objective = Objective { temperature: 0.7, kl_weight: 0.3, recon: ReconLoss::LogitLaplace };
+        let run = |precision, kept_from| {
+            let mut eng = dvae_engine_at::<f32>(&cfg, &vars, precision);
+            eng.keep_bf16_activations_from(kept_from);
+            let mut codes = Vec::new();
+            let draws = Draws { seed: 21, first_sample: 0 };
+            let loss = eng.loss_and_grads(&pixels, h, w, &objective, draws, 1.0, &mut codes).unwrap();
+            (loss.loss, codes, eng.flat.grads.clone(), eng.keeps_bf16_activations())
+        };
+        let (kept_bf16, kept_f32, f32) =
+            (run(Precision::Bf16, 0), run(Precision::Bf16, usize::MAX), run(Precision::F32, 0));
+        assert!(kept_bf16.3 && !kept_f32.3 && !f32.3, "{cfg:?}: which passes keep bf16");
+        assert_eq!(kept_bf16.0.to_bits(), kept_f32.0.to_bits(), "{cfg:?}: loss");
+        assert_eq!(kept_bf16.1, kept_f32.1, "{cfg:?}: codes");
+        let differ = kept_bf16.2.iter().zip(&kept_f32.2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{cfg:?}: {differ} gradient values differ");
+        // ... and bf16 is not f32: the GEMMs did round.
+        assert!(kept_f32.2 != f32.2, "{cfg:?}: bf16 gradients equal f32's");
+    }
+}
+
 /// f32 tokenizer training on the engine follows candle's autograd step for step (losses,
 /// gradient norms, and the codes of the EMA that encode reads).
 #[test]

@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use super::conv::{self, Nhwc};
-use super::simd::{multiversion, Real};
+use super::matmul_bf16::{bf16_bits, bf16_value};
+use super::simd::{as_f32, as_f32_mut, multiversion, Real};
 use super::{finite, kernels, sized, EngineModel, Flat};
 use crate::arch::dvae::{ConvParams, DvaeParams, NetParams, Resample};
 use crate::config::{DvaeConfig, Precision, ReconLoss, LOGIT_LAPLACE_EPS};
@@ -77,8 +78,94 @@ impl Slots<'_> {
 /// and its output (the next block's input). A group's last block keeps no output unless it is
 /// the net's last: that output feeds only the resampling, whose backward pass does not read it.
 struct BlockActs<T> {
-    res: [Vec<T>; 3],
-    out: Vec<T>,
+    res: [Kept<T>; 3],
+    out: Kept<T>,
+}
+
+/// An activation kept for the backward pass, which reads it only as a GEMM input and for
+/// ReLU's sign: in T, or, when the pass's GEMMs take bf16 inputs, as the bf16 they would round
+/// it to (half the memory; PyTorch's autocast keeps its convolutions' inputs in bf16 too). The
+/// backward pass expands those into a scratch buffer when it reads them.
+enum Kept<T> {
+    Full(Vec<T>),
+    Bf16(Vec<u16>),
+}
+
+impl<T: Real> Kept<T> {
+    fn new(n: usize, bf16: bool) -> Self {
+        if bf16 {
+            Kept::Bf16(vec![0; n])
+        } else {
+            Kept::Full(vec![T::ZERO; n])
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Kept::Full(v) => v.len(),
+            Kept::Bf16(v) => v.len(),
+        }
+    }
+
+    /// The values of a pass that computes in place (full precision).
+    fn full(&self) -> &[T] {
+        match self {
+            Kept::Full(v) => v,
+            Kept::Bf16(_) => unreachable!("bf16 activations are stored, not computed in place"),
+        }
+    }
+
+    fn full_mut(&mut self) -> &mut [T] {
+        match self {
+            Kept::Full(v) => v,
+            Kept::Bf16(_) => unreachable!("bf16 activations are stored, not computed in place"),
+        }
+    }
+
+    /// Keeps `v` (the bf16 form rounds as the GEMMs' packing does: [`bf16_bits`]).
+    fn store(&mut self, v: &[T]) {
+        match self {
+            Kept::Full(kept) => kept[..v.len()].copy_from_slice(v),
+            Kept::Bf16(kept) => {
+                let v = as_f32(v).expect("bf16 activations are kept by f32 passes");
+                kept[..v.len()].par_chunks_mut(1 << 14).zip(v.par_chunks(1 << 14)).for_each(|(k, v)| round_rows(k, v));
+            }
+        }
+    }
+
+    /// The values: their own, or bf16 ones expanded into `buffer`.
+    fn read<'a>(&'a self, buffer: &'a mut Vec<T>) -> &'a [T] {
+        match self {
+            Kept::Full(v) => v,
+            Kept::Bf16(kept) => {
+                let out = as_f32_mut(sized(buffer, kept.len())).expect("bf16 activations are kept by f32 passes");
+                out.par_chunks_mut(1 << 14).zip(kept.par_chunks(1 << 14)).for_each(|(o, k)| expand_rows(o, k));
+                &buffer[..kept.len()]
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn round_rows(kept: &mut [u16], v: &[f32]) {
+        for (k, &v) in kept.iter_mut().zip(v) {
+            *k = bf16_bits(v) as u16;
+        }
+    }
+}
+
+multiversion! {
+    fn expand_rows(out: &mut [f32], kept: &[u16]) {
+        for (o, &k) in out.iter_mut().zip(kept) {
+            *o = bf16_value(k as u32);
+        }
+    }
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept::Full(Vec::new())
+    }
 }
 
 /// The activation shapes of a net for one input shape.
@@ -138,14 +225,6 @@ impl Net {
         [maps, res, last.pixels() * self.output.c_out]
     }
 
-    /// The resampling between two groups: x of shape `s` into y.
-    fn resample<T: Real>(&self, x: &[T], s: Nhwc, y: &mut [T]) {
-        match self.resample {
-            Resample::MaxPool => conv::max_pool2(x, s, y),
-            Resample::Upsample => conv::upsample2(x, s, y),
-        }
-    }
-
     /// The output shape for an input shape.
     fn output_shape(&self, input: Nhwc) -> Nhwc {
         let last = *self.plan(input).groups.last().expect("a net has groups");
@@ -155,49 +234,72 @@ impl Net {
 
 /// One net's activations for one batch shape.
 struct NetActs<T> {
+    /// Whether the activations are kept in bf16 (see [`Kept`]).
+    bf16: bool,
     /// The input conv's output: the first block's input.
-    first: Vec<T>,
+    first: Kept<T>,
     blocks: Vec<Vec<BlockActs<T>>>,
     /// Each group's resampled output but the last's: the next group's input.
-    resampled: Vec<Vec<T>>,
+    resampled: Vec<Kept<T>>,
     /// Where each pooled value came from (max pooling only; see `conv::max_pool2_argmax`).
     argmax: Vec<Vec<u8>>,
     output: Vec<T>,
     shapes: Vec<Nhwc>,
 }
 
-impl<T: Real> NetActs<T> {
-    fn new(net: &Net, input: Nhwc) -> Self {
-        let z = |n: usize| vec![T::ZERO; n];
-        let shapes = net.plan(input).groups;
+/// The values of a net's kept activations for one input shape: the input conv's output, each
+/// block's res path and output (0: not kept), each resampled map.
+struct KeptSizes {
+    first: usize,
+    blocks: Vec<Vec<[usize; 4]>>,
+    resampled: Vec<usize>,
+}
+
+impl KeptSizes {
+    fn new(net: &Net, shapes: &[Nhwc]) -> Self {
         let blocks = net
             .groups
             .iter()
-            .zip(&shapes)
+            .zip(shapes)
             .enumerate()
             .map(|(g, (group, s))| {
-                group
-                    .iter()
-                    .enumerate()
-                    .map(|(b, block)| BlockActs {
-                        res: [0, 1, 2].map(|i| z(s.pixels() * block.res_path[i].c_out)),
-                        out: z(if keeps_output(net, g, b) { s.pixels() * block.res_path[3].c_out } else { 0 }),
-                    })
-                    .collect()
+                let sizes = |(b, block): (usize, &Block)| {
+                    let [r0, r1, r2, out] = block.res_path.each_ref().map(|c| s.pixels() * c.c_out);
+                    [r0, r1, r2, if keeps_output(net, g, b) { out } else { 0 }]
+                };
+                group.iter().enumerate().map(sizes).collect()
             })
             .collect();
-        let resampled: Vec<Vec<T>> =
-            shapes[1..].iter().zip(&net.groups).map(|(s, prev)| z(s.pixels() * prev[0].res_path[3].c_out)).collect();
+        let resampled = shapes[1..].iter().zip(&net.groups).map(|(s, prev)| s.pixels() * prev[0].res_path[3].c_out);
+        Self { first: shapes[0].len(), blocks, resampled: resampled.collect() }
+    }
+
+    fn total(&self) -> usize {
+        self.first + self.blocks.iter().flatten().flatten().sum::<usize>() + self.resampled.iter().sum::<usize>()
+    }
+}
+
+impl<T: Real> NetActs<T> {
+    fn new(net: &Net, input: Nhwc, bf16: bool) -> Self {
+        let z = |n: usize| Kept::new(n, bf16);
+        let shapes = net.plan(input).groups;
+        let sizes = KeptSizes::new(net, &shapes);
+        let blocks = (sizes.blocks.iter())
+            .map(|group| {
+                group.iter().map(|&[r0, r1, r2, out]| BlockActs { res: [r0, r1, r2].map(z), out: z(out) }).collect()
+            })
+            .collect();
+        let resampled: Vec<Kept<T>> = sizes.resampled.iter().map(|&n| z(n)).collect();
         let argmax = match net.resample {
-            Resample::MaxPool => resampled.iter().map(|r| vec![0u8; r.len()]).collect(),
+            Resample::MaxPool => sizes.resampled.iter().map(|&n| vec![0u8; n]).collect(),
             Resample::Upsample => Vec::new(),
         };
-        let output = z(shapes.last().expect("a net has groups").pixels() * net.output.c_out);
-        Self { first: z(shapes[0].len()), blocks, resampled, argmax, output, shapes }
+        let output = vec![T::ZERO; shapes.last().expect("a net has groups").pixels() * net.output.c_out];
+        Self { bf16, first: z(sizes.first), blocks, resampled, argmax, output, shapes }
     }
 
     /// The input of block `b` of group `g`.
-    fn block_input(&self, g: usize, b: usize) -> &[T] {
+    fn block_input(&self, g: usize, b: usize) -> &Kept<T> {
         match (g, b) {
             (0, 0) => &self.first,
             (g, 0) => &self.resampled[g - 1],
@@ -205,7 +307,7 @@ impl<T: Real> NetActs<T> {
         }
     }
 
-    fn last(&self) -> &[T] {
+    fn last(&self) -> &Kept<T> {
         &self.blocks.last().and_then(|g| g.last()).expect("a net has blocks").out
     }
 }
@@ -217,8 +319,16 @@ fn keeps_output(net: &Net, g: usize, b: usize) -> bool {
 
 impl<T> Default for BlockActs<T> {
     fn default() -> Self {
-        Self { res: [Vec::new(), Vec::new(), Vec::new()], out: Vec::new() }
+        Self { res: Default::default(), out: Default::default() }
     }
+}
+
+/// The buffers of [`Pass::forward_rolling`]: block inputs and outputs alternate between `maps`,
+/// the res path between `res`.
+struct Rolling<'b, T> {
+    maps: [&'b mut [T]; 2],
+    res: [&'b mut [T]; 2],
+    branch: &'b mut [T],
 }
 
 /// One net's buffers for an evaluation pass (encode, decode), which keeps no activation for a
@@ -251,6 +361,9 @@ struct Scratch<T> {
     grads: [Vec<T>; 4],
     dweight: Vec<T>,
     kernel: Vec<T>,
+    /// Training in bf16: a bf16-kept activation expanded for the backward pass (and during the
+    /// forward pass, the res path's second buffer).
+    expanded: Vec<T>,
 }
 
 /// The two nets.
@@ -316,28 +429,52 @@ impl<T: Real> Pass<'_, T> {
         conv::forward(self.precision, x, s.with_channels(c.c_in), relu, c.k, packed, c.b.of(self.params), y, cols);
     }
 
-    /// Forward through `net` from `input` of shape `s`.
+    /// Forward through `net` from `input` of shape `s`, keeping the activations in `acts`.
     fn forward(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut NetActs<T>, scratch: &mut Scratch<T>) {
+        let mut output = std::mem::take(&mut acts.output);
+        if acts.bf16 {
+            // Computed in f32 in the gradient buffers (free until the backward pass) and the
+            // expansion buffer, and kept in bf16 as they are made.
+            let Scratch { cols, grads: [g0, g1, g2, g3], kernel, expanded, .. } = scratch;
+            let res = acts.blocks.iter().flatten().flat_map(|b| b.res.iter().map(Kept::len)).max().unwrap_or(0);
+            let bufs = Rolling { maps: [g1, g2], res: [g3, sized(expanded, res)], branch: g0 };
+            self.forward_rolling(net, input, s, bufs, &mut output, cols, kernel, Some(acts));
+        } else {
+            self.forward_in_place(net, input, s, acts, &mut output, scratch);
+        }
+        acts.output = output;
+    }
+
+    /// [`Self::forward`] into full-precision activations, each computed where it is kept.
+    fn forward_in_place(
+        &self,
+        net: &Net,
+        input: &[T],
+        s: Nhwc,
+        acts: &mut NetActs<T>,
+        output: &mut [T],
+        scratch: &mut Scratch<T>,
+    ) {
         // The gradient buffers are free until the backward pass: g0 holds a block's branch, g1
         // the output of a group's last block until it is resampled.
         let Scratch { cols, grads: [g0, g1, ..], kernel, .. } = scratch;
-        self.conv(&net.input, input, s, false, &mut acts.first, cols, kernel);
+        self.conv(&net.input, input, s, false, acts.first.full_mut(), cols, kernel);
         let gain = T::from_f64(net.post_gain);
         for g in 0..net.groups.len() {
             let sg = acts.shapes[g];
             for (b, block) in net.groups[g].iter().enumerate() {
                 // The block writes its own buffers; its input is an earlier one.
                 let mut current = std::mem::take(&mut acts.blocks[g][b]);
-                let x = acts.block_input(g, b);
+                let x = acts.block_input(g, b).full();
                 let [r0, r1, r2, r3] = &block.res_path;
                 let n_out = sg.pixels() * r3.c_out;
-                self.conv(r0, x, sg, true, &mut current.res[0], cols, kernel);
                 let [a0, a1, a2] = &mut current.res;
-                self.conv(r1, a0, sg, true, a1, cols, kernel);
-                self.conv(r2, a1, sg, true, a2, cols, kernel);
+                self.conv(r0, x, sg, true, a0.full_mut(), cols, kernel);
+                self.conv(r1, a0.full(), sg, true, a1.full_mut(), cols, kernel);
+                self.conv(r2, a1.full(), sg, true, a2.full_mut(), cols, kernel);
                 let branch = &mut g0[..n_out];
-                self.conv(r3, a2, sg, true, branch, cols, kernel);
-                let out = if keeps_output(net, g, b) { &mut current.out[..] } else { &mut g1[..n_out] };
+                self.conv(r3, a2.full(), sg, true, branch, cols, kernel);
+                let out = if keeps_output(net, g, b) { current.out.full_mut() } else { &mut g1[..n_out] };
                 match &block.id_path {
                     Some(id) => self.conv(id, x, sg, false, out, cols, kernel),
                     None => out.copy_from_slice(x),
@@ -347,7 +484,7 @@ impl<T: Real> Pass<'_, T> {
             }
             if g + 1 < net.groups.len() {
                 let s_out = sg.with_channels(net.groups[g][0].res_path[3].c_out);
-                let (last, y) = (&g1[..s_out.len()], &mut acts.resampled[g]);
+                let (last, y) = (&g1[..s_out.len()], acts.resampled[g].full_mut());
                 match net.resample {
                     Resample::MaxPool => conv::max_pool2_argmax(last, s_out, y, &mut acts.argmax[g]),
                     Resample::Upsample => conv::upsample2(last, s_out, y),
@@ -355,40 +492,84 @@ impl<T: Real> Pass<'_, T> {
             }
         }
         let s_last = *acts.shapes.last().expect("groups");
-        let mut output = std::mem::take(&mut acts.output);
-        self.conv(&net.output, acts.last(), s_last, true, &mut output, cols, kernel);
-        acts.output = output;
+        self.conv(&net.output, acts.last().full(), s_last, true, output, cols, kernel);
     }
 
     /// [`Self::forward`] without keeping activations: the output is left in `acts.output`.
     fn forward_eval(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut EvalActs<T>, scratch: &mut Scratch<T>) {
-        let shapes = net.plan(s).groups;
         let EvalActs { maps: [x, y], res: [a, b], output } = acts;
-        let Scratch { cols, kernel, .. } = scratch;
+        let Scratch { cols, kernel, branch, .. } = scratch;
+        let bufs = Rolling { maps: [x, y], res: [a, b], branch };
+        self.forward_rolling(net, input, s, bufs, output, cols, kernel, None);
+    }
+
+    /// Forward through `net` over rolling buffers into `output`; each activation is stored in
+    /// `keep` when given (a training pass that keeps them in bf16), else none is kept (an
+    /// evaluation).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rolling(
+        &self,
+        net: &Net,
+        input: &[T],
+        s: Nhwc,
+        bufs: Rolling<'_, T>,
+        output: &mut [T],
+        cols: &mut Vec<T>,
+        kernel: &mut Vec<T>,
+        mut keep: Option<&mut NetActs<T>>,
+    ) {
+        let shapes = net.plan(s).groups;
+        let Rolling { maps: [mut x, mut y], res: [a, b], branch } = bufs;
         self.conv(&net.input, input, s, false, &mut x[..shapes[0].len()], cols, kernel);
+        if let Some(acts) = keep.as_deref_mut() {
+            acts.first.store(&x[..shapes[0].len()]);
+        }
         let gain = T::from_f64(net.post_gain);
         for (g, (group, &sg)) in net.groups.iter().zip(&shapes).enumerate() {
-            for block in group {
+            for (bi, block) in group.iter().enumerate() {
                 let [r0, r1, r2, r3] = &block.res_path;
                 let px = sg.pixels();
                 let x_in = &x[..px * r0.c_in];
-                self.conv(r0, x_in, sg, true, &mut a[..px * r0.c_out], cols, kernel);
-                self.conv(r1, &a[..px * r0.c_out], sg, true, &mut b[..px * r1.c_out], cols, kernel);
-                self.conv(r2, &b[..px * r1.c_out], sg, true, &mut a[..px * r2.c_out], cols, kernel);
-                let branch = &mut scratch.branch[..px * r3.c_out];
-                self.conv(r3, &a[..px * r2.c_out], sg, true, branch, cols, kernel);
+                let (n0, n1, n2) = (px * r0.c_out, px * r1.c_out, px * r2.c_out);
+                self.conv(r0, x_in, sg, true, &mut a[..n0], cols, kernel);
+                if let Some(acts) = keep.as_deref_mut() {
+                    acts.blocks[g][bi].res[0].store(&a[..n0]);
+                }
+                self.conv(r1, &a[..n0], sg, true, &mut b[..n1], cols, kernel);
+                if let Some(acts) = keep.as_deref_mut() {
+                    acts.blocks[g][bi].res[1].store(&b[..n1]);
+                }
+                self.conv(r2, &b[..n1], sg, true, &mut a[..n2], cols, kernel);
+                if let Some(acts) = keep.as_deref_mut() {
+                    acts.blocks[g][bi].res[2].store(&a[..n2]);
+                }
+                let branch = &mut branch[..px * r3.c_out];
+                self.conv(r3, &a[..n2], sg, true, branch, cols, kernel);
                 let out = &mut y[..px * r3.c_out];
                 match &block.id_path {
                     Some(id) => self.conv(id, x_in, sg, false, out, cols, kernel),
                     None => out.copy_from_slice(x_in),
                 }
                 add_scaled(out, branch, gain);
-                std::mem::swap(x, y);
+                if keeps_output(net, g, bi) {
+                    if let Some(acts) = keep.as_deref_mut() {
+                        acts.blocks[g][bi].out.store(out);
+                    }
+                }
+                std::mem::swap(&mut x, &mut y);
             }
             if let Some(&next) = shapes.get(g + 1) {
                 let s_out = sg.with_channels(next.c);
-                net.resample(&x[..s_out.len()], s_out, &mut y[..next.len()]);
-                std::mem::swap(x, y);
+                let (last, pooled) = (&x[..s_out.len()], &mut y[..next.len()]);
+                match (net.resample, keep.as_deref_mut()) {
+                    (Resample::MaxPool, Some(acts)) => conv::max_pool2_argmax(last, s_out, pooled, &mut acts.argmax[g]),
+                    (Resample::MaxPool, None) => conv::max_pool2(last, s_out, pooled),
+                    (Resample::Upsample, _) => conv::upsample2(last, s_out, pooled),
+                }
+                if let Some(acts) = keep.as_deref_mut() {
+                    acts.resampled[g].store(pooled);
+                }
+                std::mem::swap(&mut x, &mut y);
             }
         }
         let s_last = *shapes.last().expect("groups");
@@ -409,13 +590,13 @@ impl<T: Real> Pass<'_, T> {
         scratch: &mut Scratch<T>,
         input_grad: Option<&mut [T]>,
     ) {
-        let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, kernel, .. } = scratch;
+        let Scratch { cols, partial, grads: [g0, g1, g2, g3], dweight, kernel, expanded, .. } = scratch;
         let mut conv_bwd = |c: &Conv, x: &[T], s: Nhwc, relu: bool, dy: &[T], dx: Option<&mut [T]>| {
             self.conv_backward(c, x, s, relu, dy, dx, grads, cols, partial, dweight, kernel)
         };
         let s_last = *acts.shapes.last().expect("groups");
         // d output -> d (the last block's output), in g1.
-        conv_bwd(&net.output, acts.last(), s_last, true, dout, Some(g1));
+        conv_bwd(&net.output, acts.last().read(expanded), s_last, true, dout, Some(g1));
         let gain = T::from_f64(net.post_gain);
         for g in (0..net.groups.len()).rev() {
             let sg = acts.shapes[g];
@@ -430,14 +611,14 @@ impl<T: Real> Pass<'_, T> {
             }
             for (b, block) in net.groups[g].iter().enumerate().rev() {
                 // g1: d (block output). The res path from d r = gain * dy, conv by conv.
-                let x = acts.block_input(g, b);
                 let [a0, a1, a2] = &acts.blocks[g][b].res;
                 let [r0, r1, r2, r3] = &block.res_path;
                 let n_out = sg.pixels() * r3.c_out;
                 scale_into(&g1[..n_out], gain, &mut g2[..n_out]);
-                conv_bwd(r3, a2, sg, true, g2, Some(g3));
-                conv_bwd(r2, a1, sg, true, g3, Some(g2));
-                conv_bwd(r1, a0, sg, true, g2, Some(g3));
+                conv_bwd(r3, a2.read(expanded), sg, true, g2, Some(g3));
+                conv_bwd(r2, a1.read(expanded), sg, true, g3, Some(g2));
+                conv_bwd(r1, a0.read(expanded), sg, true, g2, Some(g3));
+                let x = acts.block_input(g, b).read(expanded);
                 conv_bwd(r0, x, sg, true, g3, Some(g0));
                 // ... plus the id path's share: d input in g0.
                 let n_in = sg.pixels() * r0.c_in;
@@ -503,9 +684,15 @@ pub struct DvaeEngine<T> {
     encoder: Net,
     decoder: Net,
     packed: Vec<T>,
+    /// The fewest activation values a bf16 training pass keeps in bf16 (see [`Kept`]).
+    bf16_kept_min: usize,
     /// One workspace per kind, kept while the input shape stays.
     workspaces: [Option<Workspace<T>>; 3],
 }
+
+/// Activation values a bf16 training pass must keep for the backward pass to keep them in bf16
+/// (see [`Kept`]): 256 MiB in f32.
+pub const BF16_KEPT_MIN_VALUES: usize = 1 << 26;
 
 /// Activation values an evaluation chunk may hold (encode/decode run over chunks of images).
 const EVAL_VALUES: usize = 1 << 25;
@@ -533,8 +720,22 @@ impl<T: Real> DvaeEngine<T> {
             encoder,
             decoder,
             packed: Vec::new(),
+            bf16_kept_min: BF16_KEPT_MIN_VALUES,
             workspaces: [None, None, None],
         })
+    }
+
+    /// Keeps a bf16 training pass's activations in bf16 from `values` of them on (default
+    /// [`BF16_KEPT_MIN_VALUES`]; 0: always, as tests do on tiny shapes).
+    pub fn keep_bf16_activations_from(&mut self, values: usize) {
+        self.bf16_kept_min = values;
+        self.workspaces[Kind::Train as usize] = None;
+    }
+
+    /// Whether the last training pass kept its activations in bf16.
+    pub fn keeps_bf16_activations(&self) -> bool {
+        let train = self.workspaces[Kind::Train as usize].as_ref();
+        train.and_then(|ws| ws.encoder.as_ref()).is_some_and(|acts| acts.bf16)
     }
 
     fn workspace(&mut self, kind: Kind, input: Nhwc) -> Workspace<T> {
@@ -553,7 +754,16 @@ impl<T: Real> DvaeEngine<T> {
                 let largest = plans.iter().flatten().map(|p| p.largest).max().unwrap_or(0);
                 let largest_res = plans.iter().flatten().map(|p| p.largest_res).max().unwrap_or(0);
                 let t = if training { self.encoder.output_shape(input).len() } else { 0 };
-                let all = |net: &Net, s: Option<Nhwc>| s.filter(|_| training).map(|s| NetActs::new(net, s));
+                // An f32 training pass whose GEMMs take bf16 inputs keeps its activations in bf16
+                // when they are many (below that, converting them costs more than it is worth:
+                // 3% of the small tokenizer's step).
+                let kept =
+                    |net: &Net, s: Option<Nhwc>| s.map_or(0, |s| KeptSizes::new(net, &net.plan(s).groups).total());
+                let bf16 = training
+                    && self.precision == Precision::Bf16
+                    && as_f32::<T>(&[]).is_some()
+                    && kept(&self.encoder, encoder) + kept(&self.decoder, decoder) >= self.bf16_kept_min;
+                let all = |net: &Net, s: Option<Nhwc>| s.filter(|_| training).map(|s| NetActs::new(net, s, bf16));
                 Workspace {
                     input,
                     x: z(input.len()),
@@ -579,6 +789,7 @@ impl<T: Real> DvaeEngine<T> {
                         },
                         dweight: Vec::new(),
                         kernel: Vec::new(),
+                        expanded: if bf16 { z(largest) } else { Vec::new() },
                     },
                 }
             }
