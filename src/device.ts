@@ -10,9 +10,10 @@ export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 /**
  * Activation precision. 'bf16' is mixed precision: bf16 activations and matmuls (tensor
  * cores), f32 master weights, optimizer moments, norm/softmax reductions and losses. On the
- * CPU, 'bf16' keeps f32 activations and rounds the GEMM inputs to bf16, summing in f32 (the
- * linear layers of the MIM model and the classifier, the convolutions of the segmentation head
- * and the tokenizer; AVX512-BF16 makes it faster than f32 on AMD Zen 4/5, see the README).
+ * CPU, 'bf16' computes activations in f32 and rounds the GEMM inputs to bf16, summing in f32
+ * (the linear layers of the MIM model and the classifier, the convolutions of the segmentation
+ * head and the tokenizer; AVX512-BF16 makes it faster than f32 on AMD Zen 4/5, see the README);
+ * a tokenizer's training step with many activations keeps them for its backward pass in bf16.
  * 'auto' is 'bf16' on a GPU and 'f32' on the CPU. A tokenizer decodes in f32 at any precision,
  * and trains in bf16 only on the CPU (on a GPU its training runs in f32).
  */
