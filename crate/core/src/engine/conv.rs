@@ -507,6 +507,18 @@ pub fn max_pool2<T: Real>(x: &[T], s: Nhwc, y: &mut [T]) {
 
 /// Backward of [`max_pool2`]: each window's gradient goes to its first maximum (row-major).
 pub fn max_pool2_backward<T: Real>(x: &[T], s: Nhwc, y: &[T], dy: &[T], dx: &mut [T]) {
+    max_pool2_scatter(s, dy, dx, |o, window| window.iter().position(|&i| x[i] == y[o]));
+}
+
+/// dx of a 2x2 max pooling from dy: each output's gradient goes to the window position (0-3,
+/// row-major) that `pick` gives for the output's index and its window's input indices; none
+/// (a NaN window) gets nothing.
+fn max_pool2_scatter<T: Real>(
+    s: Nhwc,
+    dy: &[T],
+    dx: &mut [T],
+    pick: impl Fn(usize, [usize; 4]) -> Option<usize> + Sync,
+) {
     let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
     dx[..s.len()].par_chunks_mut(2 * s.w * c).enumerate().for_each(|(boy, out)| {
         out.fill(T::ZERO);
@@ -514,11 +526,10 @@ pub fn max_pool2_backward<T: Real>(x: &[T], s: Nhwc, y: &[T], dy: &[T], dx: &mut
         for ox in 0..ow {
             for ch in 0..c {
                 let o = ((bi * oh + oy) * ow + ox) * c + ch;
-                for (ddy, ddx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                    if x[((bi * s.h + 2 * oy + ddy) * s.w + 2 * ox + ddx) * c + ch] == y[o] {
-                        out[(ddy * s.w + 2 * ox + ddx) * c + ch] = dy[o];
-                        break;
-                    }
+                let window = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .map(|(ddy, ddx)| ((bi * s.h + 2 * oy + ddy) * s.w + 2 * ox + ddx) * c + ch);
+                if let Some(k) = pick(o, window) {
+                    out[((k / 2) * s.w + 2 * ox + k % 2) * c + ch] = dy[o];
                 }
             }
         }
@@ -554,18 +565,7 @@ pub fn max_pool2_argmax<T: Real>(x: &[T], s: Nhwc, y: &mut [T], argmax: &mut [u8
 /// Backward of [`max_pool2_argmax`] from its recorded positions: each window's gradient goes
 /// to its first maximum, as [`max_pool2_backward`].
 pub fn max_pool2_backward_at<T: Real>(argmax: &[u8], s: Nhwc, dy: &[T], dx: &mut [T]) {
-    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
-    dx[..s.len()].par_chunks_mut(2 * s.w * c).enumerate().for_each(|(boy, out)| {
-        out.fill(T::ZERO);
-        let (bi, oy) = (boy / oh, boy % oh);
-        for ox in 0..ow {
-            for ch in 0..c {
-                let o = ((bi * oh + oy) * ow + ox) * c + ch;
-                let k = argmax[o] as usize;
-                out[((k / 2) * s.w + 2 * ox + k % 2) * c + ch] = dy[o];
-            }
-        }
-    });
+    max_pool2_scatter(s, dy, dx, |o, _| Some(argmax[o] as usize));
 }
 
 /// 2x nearest-neighbour upsampling: [b, h, w, c] -> [b, 2h, 2w, c].
