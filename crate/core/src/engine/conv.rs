@@ -486,23 +486,31 @@ pub fn unpack_add<T: Real>(packed: &[T], c_in: usize, k: usize, out: &mut [T]) {
 
 /// 2x2 max-pooling, stride 2.
 pub fn max_pool2<T: Real>(x: &[T], s: Nhwc, y: &mut [T]) {
+    let row = s.w / 2 * s.c;
+    y[..s.len() / 4].par_chunks_mut(row).enumerate().for_each(|(boy, out)| max_pool2_row(x, s, boy, out, None));
+}
+
+/// Output row `boy` (an image's row of windows) of [`max_pool2`]: each window's first maximum
+/// (row-major), and where it lies (0-3) into `at_max` when given.
+fn max_pool2_row<T: Real>(x: &[T], s: Nhwc, boy: usize, out: &mut [T], mut at_max: Option<&mut [u8]>) {
     let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
-    y[..s.len() / 4].par_chunks_mut(ow * c).enumerate().for_each(|(boy, out)| {
-        let (bi, oy) = (boy / oh, boy % oh);
-        for ox in 0..ow {
-            let at = |dy: usize, dx: usize| ((bi * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * c;
-            let (a, b, cc, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-            for ch in 0..c {
-                let mut m = x[a + ch];
-                for v in [x[b + ch], x[cc + ch], x[d + ch]] {
-                    if v > m {
-                        m = v;
-                    }
+    let (bi, oy) = (boy / oh, boy % oh);
+    for ox in 0..ow {
+        let at = |dy: usize, dx: usize| ((bi * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * c;
+        let window = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+        for ch in 0..c {
+            let (mut m, mut k) = (x[window[0] + ch], 0);
+            for (j, &w) in window.iter().enumerate().skip(1) {
+                if x[w + ch] > m {
+                    (m, k) = (x[w + ch], j);
                 }
-                out[ox * c + ch] = m;
+            }
+            out[ox * c + ch] = m;
+            if let Some(at_max) = at_max.as_deref_mut() {
+                at_max[ox * c + ch] = k as u8;
             }
         }
-    });
+    }
 }
 
 /// Backward of [`max_pool2`]: each window's gradient goes to its first maximum (row-major).
@@ -539,27 +547,9 @@ fn max_pool2_scatter<T: Real>(
 /// [`max_pool2`] that also records where each window's first maximum (row-major) lies, 0-3,
 /// so that a training pass can drop the input: [`max_pool2_backward_at`] needs only these.
 pub fn max_pool2_argmax<T: Real>(x: &[T], s: Nhwc, y: &mut [T], argmax: &mut [u8]) {
-    let (oh, ow, c) = (s.h / 2, s.w / 2, s.c);
-    let n = s.len() / 4;
-    y[..n].par_chunks_mut(ow * c).zip(argmax[..n].par_chunks_mut(ow * c)).enumerate().for_each(
-        |(boy, (out, at_max))| {
-            let (bi, oy) = (boy / oh, boy % oh);
-            for ox in 0..ow {
-                let at = |dy: usize, dx: usize| ((bi * s.h + 2 * oy + dy) * s.w + 2 * ox + dx) * c;
-                let window = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
-                for ch in 0..c {
-                    let (mut m, mut k) = (x[window[0] + ch], 0);
-                    for (j, &w) in window.iter().enumerate().skip(1) {
-                        if x[w + ch] > m {
-                            (m, k) = (x[w + ch], j);
-                        }
-                    }
-                    out[ox * c + ch] = m;
-                    at_max[ox * c + ch] = k as u8;
-                }
-            }
-        },
-    );
+    let (n, row) = (s.len() / 4, s.w / 2 * s.c);
+    let rows = y[..n].par_chunks_mut(row).zip(argmax[..n].par_chunks_mut(row));
+    rows.enumerate().for_each(|(boy, (out, at_max))| max_pool2_row(x, s, boy, out, Some(at_max)));
 }
 
 /// Backward of [`max_pool2_argmax`] from its recorded positions: each window's gradient goes

@@ -100,13 +100,6 @@ impl<T: Real> Kept<T> {
         }
     }
 
-    fn len(&self) -> usize {
-        match self {
-            Kept::Full(v) => v.len(),
-            Kept::Bf16(v) => v.len(),
-        }
-    }
-
     /// The values of a pass that computes in place (full precision).
     fn full(&self) -> &[T] {
         match self {
@@ -434,10 +427,9 @@ impl<T: Real> Pass<'_, T> {
         let mut output = std::mem::take(&mut acts.output);
         if acts.bf16 {
             // Computed in f32 in the gradient buffers (free until the backward pass) and the
-            // expansion buffer, and kept in bf16 as they are made.
+            // expansion buffer (as large as any kept activation), and kept in bf16 as they are made.
             let Scratch { cols, grads: [g0, g1, g2, g3], kernel, expanded, .. } = scratch;
-            let res = acts.blocks.iter().flatten().flat_map(|b| b.res.iter().map(Kept::len)).max().unwrap_or(0);
-            let bufs = Rolling { maps: [g1, g2], res: [g3, sized(expanded, res)], branch: g0 };
+            let bufs = Rolling { maps: [g1, g2], res: [g3, expanded], branch: g0 };
             self.forward_rolling(net, input, s, bufs, &mut output, cols, kernel, Some(acts));
         } else {
             self.forward_in_place(net, input, s, acts, &mut output, scratch);
@@ -800,18 +792,14 @@ impl<T: Real> DvaeEngine<T> {
         self.workspaces[kind as usize] = Some(ws);
     }
 
-    /// Packs the convolutions of `nets` from `weights` (default: the engine's) for the GEMMs.
-    fn pack(&mut self, weights: Option<&[T]>, nets: &[Part]) {
+    /// Packs the convolutions of one net from `weights` (default: the engine's) for an evaluation's
+    /// GEMMs.
+    fn pack(&mut self, weights: Option<&[T]>, part: Part) {
         let params = weights.unwrap_or(&self.flat.params);
-        let all: Vec<Conv> = nets
-            .iter()
-            .flat_map(|part| {
-                convs(match part {
-                    Part::Encoder => &self.encoder,
-                    Part::Decoder => &self.decoder,
-                })
-            })
-            .collect();
+        let all = convs(match part {
+            Part::Encoder => &self.encoder,
+            Part::Decoder => &self.decoder,
+        });
         let end = all.iter().map(|c| c.packed.offset + c.packed.len).max().unwrap_or(0);
         if self.packed.len() < end {
             self.packed.resize(end, T::ZERO);
@@ -931,7 +919,7 @@ impl<T: Real> DvaeEngine<T> {
     /// EMA's, say; default: the engine's).
     pub fn encode(&mut self, weights: Option<&[T]>, pixels: &[T], height: usize, width: usize) -> Result<Vec<u32>> {
         let s = self.input_shape(pixels.len(), height, width)?;
-        self.pack(weights, &[Part::Encoder]);
+        self.pack(weights, Part::Encoder);
         let chunk = self.eval_chunk(&self.encoder, s);
         let image = s.c * s.h * s.w;
         let mut out = Vec::with_capacity(s.b * s.h * s.w);
@@ -963,7 +951,7 @@ impl<T: Real> DvaeEngine<T> {
             return Err(Error::Input(format!("engine: {} ids do not make [B, {h}, {w}] grids", ids.len())));
         }
         let s = Nhwc { b: ids.len() / (h * w), h, w, c: v };
-        self.pack(weights, &[Part::Decoder]);
+        self.pack(weights, Part::Decoder);
         let chunk = self.eval_chunk(&self.decoder, s);
         let (c, d) = (self.cfg.num_channels, self.cfg.downsample());
         let (oh, ow) = (h * d, w * d);
