@@ -41,7 +41,7 @@ struct Net {
     post_gain: f64,
 }
 
-/// Slots of a net's convolutions, with room in the packed buffer handed out in order.
+/// Slots of a net's convolutions, with room in the net's packed buffer handed out in order.
 struct Slots<'a> {
     layout: &'a Layout,
     packed: usize,
@@ -675,7 +675,8 @@ pub struct DvaeEngine<T> {
     pub flat: Flat<T>,
     encoder: Net,
     decoder: Net,
-    packed: Vec<T>,
+    /// Each net's convolutions packed for an evaluation, by [`Part`].
+    packed: [Vec<T>; 2],
     /// The fewest activation values a bf16 training pass keeps in bf16 (see [`Kept`]).
     bf16_kept_min: usize,
     /// One workspace per kind, kept while the input shape stays.
@@ -701,17 +702,17 @@ impl<T: Real> DvaeEngine<T> {
         precision: Precision,
     ) -> Result<Self> {
         let flat = Flat::new(table, params)?;
-        let mut slots = Slots { layout: &flat.layout, packed: 0 };
-        let (encoder, decoder) = (slots.net(&p.encoder), slots.net(&p.decoder));
+        let net = |p| Slots { layout: &flat.layout, packed: 0 }.net(p);
+        let (encoder, decoder) = (net(&p.encoder), net(&p.decoder));
         // Gradients and packed weights are allocated by the passes that need them: encoding
-        // needs only the encoder's packed weights.
+        // needs only the encoder's packed weights, decoding only the decoder's.
         Ok(Self {
             cfg: cfg.clone(),
             precision,
             flat,
             encoder,
             decoder,
-            packed: Vec::new(),
+            packed: [Vec::new(), Vec::new()],
             bf16_kept_min: BF16_KEPT_MIN_VALUES,
             workspaces: [None, None, None],
         })
@@ -801,11 +802,10 @@ impl<T: Real> DvaeEngine<T> {
             Part::Decoder => &self.decoder,
         });
         let end = all.iter().map(|c| c.packed.offset + c.packed.len).max().unwrap_or(0);
-        if self.packed.len() < end {
-            self.packed.resize(end, T::ZERO);
-        }
+        let packed = &mut self.packed[part as usize];
+        packed.resize(end, T::ZERO);
         for c in all {
-            conv::pack(c.w.of(params), c.c_out, c.c_in, c.k, c.packed.of_mut(&mut self.packed));
+            conv::pack(c.w.of(params), c.c_out, c.c_in, c.k, c.packed.of_mut(packed));
         }
     }
 
@@ -860,7 +860,7 @@ impl<T: Real> DvaeEngine<T> {
         // A training pass packs each kernel when it needs it (see [`Pass::packed`]): the packed
         // copy of an evaluation (a reconstruction sheet between steps) is freed, not kept
         // beside the step's activations.
-        self.packed = Vec::new();
+        self.packed = [Vec::new(), Vec::new()];
         self.flat.grads_mut();
         Self::map_input(pixels, s, &mut ws.x);
         let Workspace { x, encoder, decoder, soft, dout, dsoft, scratch, .. } = &mut ws;
@@ -933,7 +933,7 @@ impl<T: Real> DvaeEngine<T> {
             let pass = Pass {
                 precision: self.precision,
                 params: weights.unwrap_or(&self.flat.params),
-                packed: Some(&self.packed),
+                packed: Some(&self.packed[Part::Encoder as usize]),
             };
             pass.forward_eval(&self.encoder, x, sc, eval, scratch);
             kernels::argmax_rows(&eval.output, self.cfg.vocab_size, &mut codes);
@@ -969,7 +969,7 @@ impl<T: Real> DvaeEngine<T> {
             let pass = Pass {
                 precision: Precision::F32,
                 params: weights.unwrap_or(&self.flat.params),
-                packed: Some(&self.packed),
+                packed: Some(&self.packed[Part::Decoder as usize]),
             };
             pass.forward_eval(&self.decoder, x, sc, eval, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
