@@ -242,6 +242,25 @@ fn max_pooling_by_recorded_argmax_matches_the_comparing_backward() {
     assert_eq!(dx, dx_want);
 }
 
+#[test]
+fn packed_kernels_hold_each_tap_where_the_gemm_reads_it() {
+    // Channel counts on both sides of the pack's 16-channel blocks, and a single block.
+    for (c_out, c_in, k) in [(35, 19, 3), (16, 33, 1), (3, 5, 7), (40, 64, 3)] {
+        let kk = k * k;
+        let w: Vec<f32> = (0..c_out * c_in * kk).map(|i| i as f32).collect();
+        let mut packed = vec![f32::NAN; w.len()];
+        conv::pack(&w, c_out, c_in, k, &mut packed);
+        for o in 0..c_out {
+            for i in 0..c_in {
+                for j in 0..kk {
+                    let want = w[(o * c_in + i) * kk + j];
+                    assert_eq!(packed[(j * c_in + i) * c_out + o], want, "{c_out}x{c_in}x{k}: o {o}, i {i}, tap {j}");
+                }
+            }
+        }
+    }
+}
+
 fn convolution_matches_the_direct_sum(s: Nhwc, c_out: usize) {
     let k = 3;
     let x = values(&random_tensor(&[s.len()], 1, DType::F64));

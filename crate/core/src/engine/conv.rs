@@ -27,8 +27,8 @@ use super::kernels::{add_bias, add_column_sums};
 use super::matmul::{add_partials, matmul_accumulate_split, matmul_at, reduction_groups, Mat, Threads};
 use super::matmul_bf16::frame_weight_gradient;
 use super::simd::{as_f32, as_f32_mut, multiversion, Real};
-use super::sized;
 use super::winograd;
+use super::{sized, SharedMut};
 use crate::config::Precision;
 
 /// An NHWC activation's dimensions.
@@ -448,16 +448,36 @@ pub fn relu_mask<T: Real>(x: &[T], dx: &mut [T]) {
 
 /// [c_out, c_in, k, k] (checkpoint layout) -> [k*k*c_in, c_out]: rows in im2col column order,
 /// output channels contiguous, the layout the GEMM reads without repacking it for every tile.
+///
+/// A transpose over blocks of [`PACK_BLOCK`] input and output channels, so that both sides are
+/// read and written a cache line at a time: a scalar walk down each output row read the kernel
+/// with a stride of `c_in * k * k` values, one cache line per value (10% of a `dall-e` encode).
 pub fn pack<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
     let kk = k * k;
-    out.par_chunks_mut(c_in * c_out).enumerate().for_each(|(j, block)| {
-        for i in 0..c_in {
-            for o in 0..c_out {
-                block[i * c_out + o] = w[(o * c_in + i) * kk + j];
+    assert!(w.len() >= c_out * c_in * kk && out.len() >= kk * c_in * c_out, "pack: buffers too short");
+    let out = SharedMut(out.as_mut_ptr());
+    (0..c_in.div_ceil(PACK_BLOCK)).into_par_iter().for_each(|block| {
+        let dst = out;
+        let inputs = block * PACK_BLOCK..((block + 1) * PACK_BLOCK).min(c_in);
+        for o0 in (0..c_out).step_by(PACK_BLOCK) {
+            for o in o0..(o0 + PACK_BLOCK).min(c_out) {
+                // The taps of this block's input channels: contiguous in the checkpoint layout.
+                let taps = &w[(o * c_in + inputs.start) * kk..(o * c_in + inputs.end) * kk];
+                for (i, taps) in inputs.clone().zip(taps.chunks_exact(kk)) {
+                    for (j, &v) in taps.iter().enumerate() {
+                        // SAFETY: in bounds (checked above); task `block` writes only the rows
+                        // (j, i) of its own input channels, which no other task writes.
+                        unsafe { *dst.0.add((j * c_in + i) * c_out + o) = v };
+                    }
+                }
             }
         }
     });
 }
+
+/// Input and output channels per block of [`pack`]'s transpose: a cache line of f32 on the
+/// output side.
+const PACK_BLOCK: usize = 16;
 
 /// [c_out, c_in, k, k] -> [k*k*c_out, c_in] with the window reversed: the kernel whose "same"
 /// convolution of dy is d loss / d x, in [`pack`]'s layout.
