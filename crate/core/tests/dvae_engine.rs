@@ -243,18 +243,26 @@ fn max_pooling_by_recorded_argmax_matches_the_comparing_backward() {
 }
 
 #[test]
-fn packed_kernels_hold_each_tap_where_the_gemm_reads_it() {
+fn packed_and_flipped_kernels_hold_each_tap_where_the_gemm_reads_it() {
     // Channel counts on both sides of the pack's 16-channel blocks, and a single block.
     for (c_out, c_in, k) in [(35, 19, 3), (16, 33, 1), (3, 5, 7), (40, 64, 3)] {
         let kk = k * k;
         let w: Vec<f32> = (0..c_out * c_in * kk).map(|i| i as f32).collect();
-        let mut packed = vec![f32::NAN; w.len()];
+        let (mut packed, mut flipped) = (vec![f32::NAN; w.len()], vec![f32::NAN; w.len()]);
         conv::pack(&w, c_out, c_in, k, &mut packed);
+        conv::flip(&w, c_out, c_in, k, &mut flipped);
         for o in 0..c_out {
             for i in 0..c_in {
                 for j in 0..kk {
                     let want = w[(o * c_in + i) * kk + j];
-                    assert_eq!(packed[(j * c_in + i) * c_out + o], want, "{c_out}x{c_in}x{k}: o {o}, i {i}, tap {j}");
+                    assert_eq!(
+                        packed[(j * c_in + i) * c_out + o],
+                        want,
+                        "pack {c_out}x{c_in}x{k}: o {o}, i {i}, tap {j}"
+                    );
+                    // The flipped kernel maps c_out -> c_in with the window reversed.
+                    let flipped = flipped[((kk - 1 - j) * c_out + o) * c_in + i];
+                    assert_eq!(flipped, want, "flip {c_out}x{c_in}x{k}: o {o}, i {i}, tap {j}");
                 }
             }
         }

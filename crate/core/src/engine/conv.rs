@@ -449,9 +449,11 @@ pub fn relu_mask<T: Real>(x: &[T], dx: &mut [T]) {
 /// [c_out, c_in, k, k] (checkpoint layout) -> [k*k*c_in, c_out]: rows in im2col column order,
 /// output channels contiguous, the layout the GEMM reads without repacking it for every tile.
 ///
-/// A transpose over blocks of [`PACK_BLOCK`] input and output channels, so that both sides are
-/// read and written a cache line at a time: a scalar walk down each output row read the kernel
-/// with a stride of `c_in * k * k` values, one cache line per value (10% of a `dall-e` encode).
+/// A transpose over blocks of [`PACK_BLOCK`] input and output channels. Each output row's
+/// block is written whole, one cache line of f32, from kernel rows that stay in L1: a walk down
+/// each output row read the kernel a cache line per value (stride `c_in * k * k`; 10% of a
+/// `dall-e` encode's samples), and writing a column of rows at a time thrashed L1, whose sets
+/// the power-of-two row strides alias.
 pub fn pack<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
     let kk = k * k;
     assert!(w.len() >= c_out * c_in * kk && out.len() >= kk * c_in * c_out, "pack: buffers too short");
@@ -460,14 +462,14 @@ pub fn pack<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]
         let dst = out;
         let inputs = block * PACK_BLOCK..((block + 1) * PACK_BLOCK).min(c_in);
         for o0 in (0..c_out).step_by(PACK_BLOCK) {
-            for o in o0..(o0 + PACK_BLOCK).min(c_out) {
-                // The taps of this block's input channels: contiguous in the checkpoint layout.
-                let taps = &w[(o * c_in + inputs.start) * kk..(o * c_in + inputs.end) * kk];
-                for (i, taps) in inputs.clone().zip(taps.chunks_exact(kk)) {
-                    for (j, &v) in taps.iter().enumerate() {
+            let outputs = o0..(o0 + PACK_BLOCK).min(c_out);
+            for j in 0..kk {
+                for i in inputs.clone() {
+                    let row = (j * c_in + i) * c_out;
+                    for o in outputs.clone() {
                         // SAFETY: in bounds (checked above); task `block` writes only the rows
                         // (j, i) of its own input channels, which no other task writes.
-                        unsafe { *dst.0.add((j * c_in + i) * c_out + o) = v };
+                        unsafe { *dst.0.add(row + o) = w[(o * c_in + i) * kk + j] };
                     }
                 }
             }
@@ -481,13 +483,20 @@ const PACK_BLOCK: usize = 16;
 
 /// [c_out, c_in, k, k] -> [k*k*c_out, c_in] with the window reversed: the kernel whose "same"
 /// convolution of dy is d loss / d x, in [`pack`]'s layout.
+///
+/// One output channel's kernel at a time, so that its taps are read from cache for every tap's
+/// row (a task per tap read the whole kernel from memory once per tap).
 pub fn flip<T: Real>(w: &[T], c_out: usize, c_in: usize, k: usize, out: &mut [T]) {
     let kk = k * k;
-    out.par_chunks_mut(c_out * c_in).enumerate().for_each(|(jr, block)| {
-        let j = kk - 1 - jr;
-        for o in 0..c_out {
-            for i in 0..c_in {
-                block[o * c_in + i] = w[(o * c_in + i) * kk + j];
+    assert!(w.len() >= c_out * c_in * kk && out.len() >= kk * c_out * c_in, "flip: buffers too short");
+    let out = SharedMut(out.as_mut_ptr());
+    w[..c_out * c_in * kk].par_chunks(c_in * kk).enumerate().for_each(|(o, taps)| {
+        let dst = out;
+        for j in 0..kk {
+            // SAFETY: in bounds (checked above); row (tap, o) is written by task `o` only.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((kk - 1 - j) * c_out + o) * c_in), c_in) };
+            for (d, tap) in row.iter_mut().zip(taps.chunks_exact(kk)) {
+                *d = tap[j];
             }
         }
     });
