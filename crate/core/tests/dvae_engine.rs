@@ -269,6 +269,38 @@ fn packed_and_flipped_kernels_hold_each_tap_where_the_gemm_reads_it() {
     }
 }
 
+/// Encode and decode run each group over as many images as a budget of buffer values allows,
+/// in stages: every budget gives the codes and images of one pass over the whole batch.
+#[test]
+fn staged_evaluation_matches_one_pass_over_the_batch() {
+    for precision in [Precision::F32, Precision::Bf16] {
+        let cfg = DvaeConfig { blocks_per_group: 2, ..small_dvae_config(16) };
+        let (_, vars) = dvae_model(&cfg, 4, DType::F32);
+        randomise(&vars, 30, 0.4);
+        let [h, w] = cfg.image_size;
+        let (b, d) = (5, cfg.downsample());
+        let pixels: Vec<f32> = unit_pixels(b * cfg.num_channels * h * w, 9);
+        let mut eng = dvae_engine_at::<f32>(&cfg, &vars, precision);
+        eng.limit_evaluation_to(usize::MAX);
+        let ids = eng.encode(None, &pixels, h, w).unwrap();
+        let images = eng.decode(None, &ids, h / d, w / d).unwrap();
+        let grid = ids.len() / b;
+        assert!(ids.chunks(grid).any(|g| g != &ids[..grid]), "{precision:?}: every image has the same codes");
+        // From one image per chunk everywhere, through stages of different chunks, to all.
+        let mut distinct = std::collections::HashSet::new();
+        for budget in (0..16).map(|e| 1usize << (e + 4)) {
+            eng.limit_evaluation_to(budget);
+            let staged = eng.encode(None, &pixels, h, w).unwrap();
+            assert_eq!(staged, ids, "{precision:?}, {budget} values: codes");
+            let decoded = eng.decode(None, &ids, h / d, w / d).unwrap();
+            let differ = decoded.iter().zip(&images).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{precision:?}, {budget} values: {differ} pixel values differ");
+            distinct.insert(eng.evaluation_stages());
+        }
+        assert!(distinct.len() >= 4, "{precision:?}: the budgets made only {distinct:?}");
+    }
+}
+
 fn convolution_matches_the_direct_sum(s: Nhwc, c_out: usize) {
     let k = 3;
     let x = values(&random_tensor(&[s.len()], 1, DType::F64));

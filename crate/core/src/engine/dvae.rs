@@ -4,6 +4,8 @@
 //! relaxation, logit-Laplace or MSE reconstruction, KL to the uniform prior) with the same
 //! noise draws, so both paths compute the same numbers.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::conv::{self, Nhwc};
@@ -171,6 +173,36 @@ struct Plan {
     largest_res: usize,
 }
 
+/// Buffer sizes of an evaluation over a range of groups (see [`Net::eval_sizes`]).
+struct EvalSizes {
+    input: usize,
+    maps: usize,
+    res: usize,
+    branch: usize,
+    output: usize,
+}
+
+impl EvalSizes {
+    /// Values of its buffers: the maps and the res path alternate between two each.
+    fn total(&self) -> usize {
+        self.input + 2 * self.maps + 2 * self.res + self.branch + self.output
+    }
+}
+
+/// Groups an evaluation runs over chunks of `images` images at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stage {
+    groups: Range<usize>,
+    images: usize,
+}
+
+/// An evaluation's plan (see [`Net::eval_staging`]): the images it takes at once, its stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Staging {
+    images: usize,
+    stages: Vec<Stage>,
+}
+
 impl Net {
     fn plan(&self, input: Nhwc) -> Plan {
         let mut s = input.with_channels(self.input.c_out);
@@ -200,22 +232,68 @@ impl Net {
         Plan { groups, largest, largest_res }
     }
 
-    /// Values of [`EvalActs`]' buffers for an input shape: each map buffer (the widest block
-    /// input or output), each res-path buffer, the output.
-    fn eval_sizes(&self, input: Nhwc) -> [usize; 3] {
+    /// Values an evaluation of `groups` needs for an input shape (`b`: the images run at once):
+    /// its input (the net's, or the first group's), each map buffer (the widest block input or
+    /// output), each res-path buffer, a block's branch, and its output (the net's, or the next
+    /// group's input).
+    fn eval_sizes(&self, input: Nhwc, groups: Range<usize>) -> EvalSizes {
         let plan = self.plan(input);
-        let (mut maps, mut res) = (plan.groups[0].len(), 0);
-        for (g, (group, s)) in self.groups.iter().zip(&plan.groups).enumerate() {
-            for b in group {
-                res = res.max(b.res_path[..3].iter().map(|c| s.pixels() * c.c_out).max().unwrap_or(0));
-                maps = maps.max(s.pixels() * b.res_path[3].c_out);
+        let first = plan.groups[groups.start];
+        let mut sizes = EvalSizes {
+            input: if groups.start == 0 { input.len() } else { first.len() },
+            maps: first.len(),
+            res: 0,
+            branch: 0,
+            output: match plan.groups.get(groups.end) {
+                Some(next) => next.len(),
+                None => plan.groups.last().expect("a net has groups").pixels() * self.output.c_out,
+            },
+        };
+        for g in groups {
+            let s = plan.groups[g];
+            for b in &self.groups[g] {
+                let res = b.res_path[..3].iter().map(|c| s.pixels() * c.c_out).max().unwrap_or(0);
+                let out = s.pixels() * b.res_path[3].c_out;
+                sizes.res = sizes.res.max(res);
+                sizes.maps = sizes.maps.max(out);
+                sizes.branch = sizes.branch.max(out);
             }
             if let Some(next) = plan.groups.get(g + 1) {
-                maps = maps.max(next.pixels() * group[0].res_path[3].c_out);
+                sizes.maps = sizes.maps.max(next.len());
             }
         }
-        let last = plan.groups.last().expect("a net has groups");
-        [maps, res, last.pixels() * self.output.c_out]
+        sizes
+    }
+
+    /// How an evaluation of `input.b` images runs within `budget` values of buffers: the
+    /// groups over chunks of as many images as their buffers allow (the early, large maps of an
+    /// encoder a few at a time, its late narrow ones all at once, so that their GEMMs are full
+    /// and each Winograd kernel is transformed once), consecutive groups with the same chunk as
+    /// one [`Stage`]. Between stages the images' maps wait in a buffer, which bounds the images
+    /// one evaluation takes (`Staging::images`) too.
+    fn eval_staging(&self, input: Nhwc, budget: usize) -> Staging {
+        let one = Nhwc { b: 1, ..input };
+        let shapes = self.plan(one).groups;
+        let per_image = |g: usize| self.eval_sizes(one, g..g + 1).total();
+        let chunks: Vec<usize> = (0..shapes.len()).map(|g| (budget / per_image(g)).clamp(1, input.b)).collect();
+        let between = shapes[1..].iter().map(Nhwc::len).max().unwrap_or(0);
+        let most = chunks.iter().copied().max().unwrap_or(1);
+        let images = if between == 0 { most } else { most.min((budget / (2 * between)).max(1)) };
+        let mut stages: Vec<Stage> = Vec::new();
+        for (g, &chunk) in chunks.iter().enumerate() {
+            let chunk = chunk.min(images);
+            // Groups join the stage before when they take as many images and still fit together
+            // (a stage's buffers are as large as its largest map, res path and output).
+            let joins = |last: &Stage| {
+                last.images == chunk
+                    && (chunk == 1 || chunk * self.eval_sizes(one, last.groups.start..g + 1).total() <= budget)
+            };
+            match stages.last_mut() {
+                Some(last) if joins(last) => last.groups.end = g + 1,
+                _ => stages.push(Stage { groups: g..g + 1, images: chunk }),
+            }
+        }
+        Staging { images, stages }
     }
 
     /// The output shape for an input shape.
@@ -327,18 +405,48 @@ struct Rolling<'b, T> {
 /// One net's buffers for an evaluation pass (encode, decode), which keeps no activation for a
 /// backward pass: block inputs and outputs alternate between two buffers and the res path
 /// between two, so a chunk of images holds about five of its largest activations instead of
-/// every layer's (at 112 px, DALL-E's encoder needs 13M values an image instead of 30M).
+/// every layer's (at 112 px, DALL-E's encoder needs 13M values an image instead of 30M); each
+/// stage of groups (see [`Net::eval_staging`]) runs over its own chunk of images in them.
 struct EvalActs<T> {
+    staging: Staging,
+    /// The first stage's input: the mapped images or one-hot codes of one chunk.
+    input: Vec<T>,
     maps: [Vec<T>; 2],
     res: [Vec<T>; 2],
+    branch: Vec<T>,
+    /// The maps between stages: stage k writes `between[k % 2]` and reads the other.
+    between: [Vec<T>; 2],
+    /// The net's output for `staging.images` images.
     output: Vec<T>,
 }
 
 impl<T: Real> EvalActs<T> {
-    fn new(net: &Net, input: Nhwc) -> Self {
-        let [maps, res, output] = net.eval_sizes(input);
+    fn new(net: &Net, input: Nhwc, budget: usize) -> Self {
+        let staging = net.eval_staging(input, budget);
+        let one = Nhwc { b: 1, ..input };
         let z = |n: usize| vec![T::ZERO; n];
-        Self { maps: [z(maps), z(maps)], res: [z(res), z(res)], output: z(output) }
+        let (mut maps, mut res, mut branch, mut between) = (0, 0, 0, [0, 0]);
+        let last = staging.stages.len() - 1;
+        for (k, stage) in staging.stages.iter().enumerate() {
+            let sizes = net.eval_sizes(one, stage.groups.clone());
+            maps = maps.max(stage.images * sizes.maps);
+            res = res.max(stage.images * sizes.res);
+            branch = branch.max(stage.images * sizes.branch);
+            if k < last {
+                between[k % 2] = between[k % 2].max(staging.images * sizes.output);
+            }
+        }
+        let first = net.eval_sizes(one, staging.stages[0].groups.clone()).input;
+        let output = net.eval_sizes(one, staging.stages[last].groups.clone()).output;
+        Self {
+            input: z(staging.stages[0].images * first),
+            maps: [z(maps), z(maps)],
+            res: [z(res), z(res)],
+            branch: z(branch),
+            between: between.map(z),
+            output: z(staging.images * output),
+            staging,
+        }
     }
 }
 
@@ -350,7 +458,6 @@ impl<T: Real> EvalActs<T> {
 struct Scratch<T> {
     cols: Vec<T>,
     partial: Vec<T>,
-    branch: Vec<T>,
     grads: [Vec<T>; 4],
     dweight: Vec<T>,
     kernel: Vec<T>,
@@ -375,7 +482,7 @@ enum Kind {
 
 struct Workspace<T> {
     input: Nhwc,
-    /// The mapped images (Train, Encode) or the one-hot codes (Decode).
+    /// Training: the mapped images.
     x: Vec<T>,
     /// Training: every activation of both nets.
     encoder: Option<NetActs<T>>,
@@ -430,7 +537,7 @@ impl<T: Real> Pass<'_, T> {
             // expansion buffer (as large as any kept activation), and kept in bf16 as they are made.
             let Scratch { cols, grads: [g0, g1, g2, g3], kernel, expanded, .. } = scratch;
             let bufs = Rolling { maps: [g1, g2], res: [g3, expanded], branch: g0 };
-            self.forward_rolling(net, input, s, bufs, &mut output, cols, kernel, Some(acts));
+            self.forward_rolling(net, input, s, 0..net.groups.len(), bufs, &mut output, cols, kernel, Some(acts));
         } else {
             self.forward_in_place(net, input, s, acts, &mut output, scratch);
         }
@@ -487,23 +594,54 @@ impl<T: Real> Pass<'_, T> {
         self.conv(&net.output, acts.last().full(), s_last, true, output, cols, kernel);
     }
 
-    /// [`Self::forward`] without keeping activations: the output is left in `acts.output`.
-    fn forward_eval(&self, net: &Net, input: &[T], s: Nhwc, acts: &mut EvalActs<T>, scratch: &mut Scratch<T>) {
-        let EvalActs { maps: [x, y], res: [a, b], output } = acts;
-        let Scratch { cols, kernel, branch, .. } = scratch;
-        let bufs = Rolling { maps: [x, y], res: [a, b], branch };
-        self.forward_rolling(net, input, s, bufs, output, cols, kernel, None);
+    /// [`Self::forward`] without keeping activations, over `s.b` images (at most
+    /// `acts.staging.images`) stage by stage: `fill` writes the net's input for a range of them,
+    /// and the output is left in `acts.output`.
+    fn forward_eval(
+        &self,
+        net: &Net,
+        s: Nhwc,
+        fill: &mut dyn FnMut(Range<usize>, &mut [T]),
+        acts: &mut EvalActs<T>,
+        scratch: &mut Scratch<T>,
+    ) {
+        let EvalActs { staging, input, maps: [x, y], res: [a, b], branch, between, output } = acts;
+        let Scratch { cols, kernel, .. } = scratch;
+        let one = Nhwc { b: 1, ..s };
+        let last = staging.stages.len() - 1;
+        for (k, stage) in staging.stages.iter().enumerate() {
+            let EvalSizes { input: per_in, output: per_out, .. } = net.eval_sizes(one, stage.groups.clone());
+            let [even, odd] = between;
+            let (from, to) = if k % 2 == 0 { (&*odd, even) } else { (&*even, odd) };
+            for i in (0..s.b).step_by(stage.images) {
+                let n = stage.images.min(s.b - i);
+                let src = match k {
+                    0 => {
+                        fill(i..i + n, &mut input[..n * per_in]);
+                        &input[..n * per_in]
+                    }
+                    _ => &from[i * per_in..(i + n) * per_in],
+                };
+                let dst = if k == last { &mut output[..] } else { &mut to[..] };
+                let bufs = Rolling { maps: [x, y], res: [a, b], branch };
+                let out = &mut dst[i * per_out..(i + n) * per_out];
+                self.forward_rolling(net, src, Nhwc { b: n, ..s }, stage.groups.clone(), bufs, out, cols, kernel, None);
+            }
+        }
     }
 
-    /// Forward through `net` over rolling buffers into `output`; each activation is stored in
-    /// `keep` when given (a training pass that keeps them in bf16), else none is kept (an
-    /// evaluation).
+    /// Forward through `groups` of `net` over rolling buffers into `output`: from the net's
+    /// input of shape `s` (when `groups` starts at the first group) or the first group's input,
+    /// into the net's output (when `groups` ends at the last group) or the next group's input.
+    /// Each activation is stored in `keep` when given (a training pass that keeps them in bf16,
+    /// over every group), else none is kept (an evaluation).
     #[allow(clippy::too_many_arguments)]
     fn forward_rolling(
         &self,
         net: &Net,
         input: &[T],
         s: Nhwc,
+        groups: Range<usize>,
         bufs: Rolling<'_, T>,
         output: &mut [T],
         cols: &mut Vec<T>,
@@ -512,13 +650,20 @@ impl<T: Real> Pass<'_, T> {
     ) {
         let shapes = net.plan(s).groups;
         let Rolling { maps: [mut x, mut y], res: [a, b], branch } = bufs;
-        self.conv(&net.input, input, s, false, &mut x[..shapes[0].len()], cols, kernel);
+        let first = shapes[groups.start].len();
+        if groups.start == 0 {
+            self.conv(&net.input, input, s, false, &mut x[..first], cols, kernel);
+        } else {
+            x[..first].copy_from_slice(input);
+        }
         if let Some(acts) = keep.as_deref_mut() {
-            acts.first.store(&x[..shapes[0].len()]);
+            acts.first.store(&x[..first]);
         }
         let gain = T::from_f64(net.post_gain);
-        for (g, (group, &sg)) in net.groups.iter().zip(&shapes).enumerate() {
-            for (bi, block) in group.iter().enumerate() {
+        let end = groups.end;
+        for g in groups {
+            let sg = shapes[g];
+            for (bi, block) in net.groups[g].iter().enumerate() {
                 let [r0, r1, r2, r3] = &block.res_path;
                 let px = sg.pixels();
                 let x_in = &x[..px * r0.c_in];
@@ -552,7 +697,9 @@ impl<T: Real> Pass<'_, T> {
             }
             if let Some(&next) = shapes.get(g + 1) {
                 let s_out = sg.with_channels(next.c);
-                let (last, pooled) = (&x[..s_out.len()], &mut y[..next.len()]);
+                // The last group of a stage resamples straight into the stage's output.
+                let last = &x[..s_out.len()];
+                let pooled = if g + 1 == end { &mut output[..] } else { &mut y[..next.len()] };
                 match (net.resample, keep.as_deref_mut()) {
                     (Resample::MaxPool, Some(acts)) => conv::max_pool2_argmax(last, s_out, pooled, &mut acts.argmax[g]),
                     (Resample::MaxPool, None) => conv::max_pool2(last, s_out, pooled),
@@ -560,6 +707,9 @@ impl<T: Real> Pass<'_, T> {
                 }
                 if let Some(acts) = keep.as_deref_mut() {
                     acts.resampled[g].store(pooled);
+                }
+                if g + 1 == end {
+                    return;
                 }
                 std::mem::swap(&mut x, &mut y);
             }
@@ -679,6 +829,8 @@ pub struct DvaeEngine<T> {
     packed: [Vec<T>; 2],
     /// The fewest activation values a bf16 training pass keeps in bf16 (see [`Kept`]).
     bf16_kept_min: usize,
+    /// The values an evaluation's buffers may hold (see [`Net::eval_staging`]).
+    eval_values: usize,
     /// One workspace per kind, kept while the input shape stays.
     workspaces: [Option<Workspace<T>>; 3],
 }
@@ -687,8 +839,8 @@ pub struct DvaeEngine<T> {
 /// (see [`Kept`]): 256 MiB in f32.
 pub const BF16_KEPT_MIN_VALUES: usize = 1 << 26;
 
-/// Activation values an evaluation chunk may hold (encode/decode run over chunks of images).
-const EVAL_VALUES: usize = 1 << 25;
+/// Values an evaluation's buffers may hold by default (see [`Net::eval_staging`]).
+pub const EVAL_VALUES: usize = 1 << 25;
 
 impl<T: Real> DvaeEngine<T> {
     /// An engine over `params` (values in the layout of `table`, the table of `p`), its
@@ -714,6 +866,7 @@ impl<T: Real> DvaeEngine<T> {
             decoder,
             packed: [Vec::new(), Vec::new()],
             bf16_kept_min: BF16_KEPT_MIN_VALUES,
+            eval_values: EVAL_VALUES,
             workspaces: [None, None, None],
         })
     }
@@ -723,6 +876,25 @@ impl<T: Real> DvaeEngine<T> {
     pub fn keep_bf16_activations_from(&mut self, values: usize) {
         self.bf16_kept_min = values;
         self.workspaces[Kind::Train as usize] = None;
+    }
+
+    /// The stages of the last encode and decode: each one's groups and the images it runs at once.
+    pub fn evaluation_stages(&self) -> Vec<(Range<usize>, usize)> {
+        let evals =
+            [Kind::Encode, Kind::Decode].map(|k| self.workspaces[k as usize].as_ref().and_then(|ws| ws.eval.as_ref()));
+        evals
+            .into_iter()
+            .flatten()
+            .flat_map(|e| e.staging.stages.iter().map(|st| (st.groups.clone(), st.images)))
+            .collect()
+    }
+
+    /// Bounds the buffers of `encode` and `decode` to `values` (default [`EVAL_VALUES`]; tests
+    /// set a few to run every group over a chunk of its own).
+    pub fn limit_evaluation_to(&mut self, values: usize) {
+        self.eval_values = values;
+        self.workspaces[Kind::Encode as usize] = None;
+        self.workspaces[Kind::Decode as usize] = None;
     }
 
     /// Whether the last training pass kept its activations in bf16.
@@ -759,13 +931,13 @@ impl<T: Real> DvaeEngine<T> {
                 let all = |net: &Net, s: Option<Nhwc>| s.filter(|_| training).map(|s| NetActs::new(net, s, bf16));
                 Workspace {
                     input,
-                    x: z(input.len()),
+                    x: z(if training { input.len() } else { 0 }),
                     encoder: all(&self.encoder, encoder),
                     decoder: all(&self.decoder, decoder),
                     eval: match kind {
                         Kind::Train => None,
-                        Kind::Encode => Some(EvalActs::new(&self.encoder, input)),
-                        Kind::Decode => Some(EvalActs::new(&self.decoder, input)),
+                        Kind::Encode => Some(EvalActs::new(&self.encoder, input, self.eval_values)),
+                        Kind::Decode => Some(EvalActs::new(&self.decoder, input, self.eval_values)),
                     },
                     soft: z(t),
                     dout: z(if training { input.pixels() * 2 * input.c } else { 0 }),
@@ -773,7 +945,6 @@ impl<T: Real> DvaeEngine<T> {
                     scratch: Scratch {
                         cols: Vec::new(),
                         partial: Vec::new(),
-                        branch: if training { Vec::new() } else { z(largest) },
                         // The backward pass's g3 holds only res-path gradients.
                         grads: if training {
                             [z(largest), z(largest), z(largest), z(largest_res)]
@@ -906,40 +1077,34 @@ impl<T: Real> DvaeEngine<T> {
         Ok(DvaeLoss { loss, recon: recon_loss, kl })
     }
 
-    /// Images per evaluation chunk: the most whose buffers (the input, [`EvalActs`] and the
-    /// res path's output) stay within `EVAL_VALUES`.
-    fn eval_chunk(&self, net: &Net, s: Nhwc) -> usize {
-        let one = Nhwc { b: 1, ..s };
-        let [maps, res, output] = net.eval_sizes(one);
-        let per_image = one.len() + 2 * maps + 2 * res + output + net.plan(one).largest;
-        (EVAL_VALUES / per_image).clamp(1, s.b)
-    }
-
     /// Argmax token ids [B, H/d, W/d] of [B, C, H, W] images in [0, 1], with `weights` (the
     /// EMA's, say; default: the engine's).
     pub fn encode(&mut self, weights: Option<&[T]>, pixels: &[T], height: usize, width: usize) -> Result<Vec<u32>> {
         let s = self.input_shape(pixels.len(), height, width)?;
         self.pack(weights, Part::Encoder);
-        let chunk = self.eval_chunk(&self.encoder, s);
         let image = s.c * s.h * s.w;
         let mut out = Vec::with_capacity(s.b * s.h * s.w);
         let mut codes = Vec::new();
-        for start in (0..s.b).step_by(chunk) {
-            let sc = Nhwc { b: chunk.min(s.b - start), ..s };
-            let mut ws = self.workspace(Kind::Encode, sc);
-            Self::map_input(&pixels[start * image..(start + sc.b) * image], sc, &mut ws.x);
-            let Workspace { x, eval, scratch, .. } = &mut ws;
-            let eval = eval.as_mut().expect("encoding");
-            let pass = Pass {
-                precision: self.precision,
-                params: weights.unwrap_or(&self.flat.params),
-                packed: Some(&self.packed[Part::Encoder as usize]),
+        let mut ws = self.workspace(Kind::Encode, s);
+        let Workspace { eval, scratch, .. } = &mut ws;
+        let eval = eval.as_mut().expect("encoding");
+        let pass = Pass {
+            precision: self.precision,
+            params: weights.unwrap_or(&self.flat.params),
+            packed: Some(&self.packed[Part::Encoder as usize]),
+        };
+        for start in (0..s.b).step_by(eval.staging.images) {
+            let sc = Nhwc { b: eval.staging.images.min(s.b - start), ..s };
+            let mut fill = |images: Range<usize>, x: &mut [T]| {
+                let at = |i: usize| (start + i) * image;
+                Self::map_input(&pixels[at(images.start)..at(images.end)], sc, x);
             };
-            pass.forward_eval(&self.encoder, x, sc, eval, scratch);
-            kernels::argmax_rows(&eval.output, self.cfg.vocab_size, &mut codes);
+            pass.forward_eval(&self.encoder, sc, &mut fill, eval, scratch);
+            let logits = &eval.output[..sc.pixels() / self.cfg.downsample().pow(2) * self.cfg.vocab_size];
+            kernels::argmax_rows(logits, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
-            self.put_back(Kind::Encode, ws);
         }
+        self.put_back(Kind::Encode, ws);
         Ok(out)
     }
 
@@ -952,26 +1117,28 @@ impl<T: Real> DvaeEngine<T> {
         }
         let s = Nhwc { b: ids.len() / (h * w), h, w, c: v };
         self.pack(weights, Part::Decoder);
-        let chunk = self.eval_chunk(&self.decoder, s);
         let (c, d) = (self.cfg.num_channels, self.cfg.downsample());
         let (oh, ow) = (h * d, w * d);
         let mut out = vec![T::ZERO; s.b * c * oh * ow];
         let (scale, shift) = (T::from_f64(1.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS)), T::from_f64(LOGIT_LAPLACE_EPS));
-        for start in (0..s.b).step_by(chunk) {
-            let sc = Nhwc { b: chunk.min(s.b - start), ..s };
-            let mut ws = self.workspace(Kind::Decode, sc);
-            let Workspace { x, eval, scratch, .. } = &mut ws;
-            x.fill(T::ZERO);
-            for (row, &id) in x.chunks_exact_mut(v).zip(&ids[start * h * w..]) {
-                row[id as usize] = T::ONE;
-            }
-            let eval = eval.as_mut().expect("decoding");
-            let pass = Pass {
-                precision: Precision::F32,
-                params: weights.unwrap_or(&self.flat.params),
-                packed: Some(&self.packed[Part::Decoder as usize]),
+        let mut ws = self.workspace(Kind::Decode, s);
+        let Workspace { eval, scratch, .. } = &mut ws;
+        let eval = eval.as_mut().expect("decoding");
+        let pass = Pass {
+            precision: Precision::F32,
+            params: weights.unwrap_or(&self.flat.params),
+            packed: Some(&self.packed[Part::Decoder as usize]),
+        };
+        for start in (0..s.b).step_by(eval.staging.images) {
+            let sc = Nhwc { b: eval.staging.images.min(s.b - start), ..s };
+            let mut fill = |images: Range<usize>, x: &mut [T]| {
+                x.fill(T::ZERO);
+                let grids = &ids[(start + images.start) * h * w..(start + images.end) * h * w];
+                for (row, &id) in x.chunks_exact_mut(v).zip(grids) {
+                    row[id as usize] = T::ONE;
+                }
             };
-            pass.forward_eval(&self.decoder, x, sc, eval, scratch);
+            pass.forward_eval(&self.decoder, sc, &mut fill, eval, scratch);
             // NHWC (mu, log b) -> NCHW unmap(sigmoid(mu)), clamped to [0, 1].
             let images = &mut out[start * c * oh * ow..(start + sc.b) * c * oh * ow];
             images.par_chunks_mut(c * oh * ow).zip(eval.output.par_chunks(oh * ow * 2 * c)).for_each(|(img, o)| {
@@ -990,8 +1157,8 @@ impl<T: Real> DvaeEngine<T> {
                     }
                 }
             });
-            self.put_back(Kind::Decode, ws);
         }
+        self.put_back(Kind::Decode, ws);
         Ok(out)
     }
 }
@@ -1139,4 +1306,50 @@ fn reconstruction<T: Real>(out: &[T], x: &[T], c: usize, kind: ReconLoss, grad_s
         })
         .sum::<f64>()
         / n as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    /// DALL-E's nets at 112 px (14 x 14 codes) and the evaluation stages of `b` images.
+    fn dall_e_stages(b: usize, budget: usize) -> [(Staging, Vec<usize>); 2] {
+        let cfg = presets::dvae("dall-e").unwrap();
+        let (table, p) = DvaeParams::new(&cfg);
+        let layout = Layout::new(&table);
+        let mut slots = Slots { layout: &layout, packed: 0 };
+        let nets = [
+            (slots.net(&p.encoder), Nhwc { b, h: 112, w: 112, c: 3 }),
+            (slots.net(&p.decoder), Nhwc { b, h: 14, w: 14, c: cfg.vocab_size }),
+        ];
+        nets.map(|(net, s)| {
+            let staging = net.eval_staging(s, budget);
+            let one = Nhwc { b: 1, ..s };
+            let values =
+                staging.stages.iter().map(|st| st.images * net.eval_sizes(one, st.groups.clone()).total()).collect();
+            (staging, values)
+        })
+    }
+
+    #[test]
+    fn evaluation_stages_run_the_narrow_groups_over_more_images() {
+        let stage = |groups: Range<usize>, images| Stage { groups, images };
+        let [(encoder, _), (decoder, _)] = dall_e_stages(8, EVAL_VALUES);
+        // The encoder's 112 px group two images at a time, as one pass over the whole net did.
+        let expected = vec![stage(0..1, 2), stage(1..2, 4), stage(2..3, 8), stage(3..4, 8)];
+        assert_eq!(encoder, Staging { images: 8, stages: expected });
+        // The decoder's 112 px group one image at a time: the maps between stages bound the images.
+        assert_eq!(decoder, Staging { images: 2, stages: vec![stage(0..2, 2), stage(2..4, 1)] });
+        for b in [1, 3, 8, 64, 256] {
+            for (staging, values) in dall_e_stages(b, EVAL_VALUES) {
+                assert!(staging.images <= b && staging.stages.iter().all(|st| st.images <= staging.images));
+                let groups: Vec<usize> = staging.stages.iter().flat_map(|st| st.groups.clone()).collect();
+                assert_eq!(groups, [0, 1, 2, 3], "{staging:?}: every group once, in order");
+                for (st, v) in staging.stages.iter().zip(values) {
+                    assert!(st.images == 1 || v <= EVAL_VALUES, "{staging:?}: {v} values in {st:?}");
+                }
+            }
+        }
+    }
 }
