@@ -1100,7 +1100,7 @@ impl<T: Real> DvaeEngine<T> {
                 Self::map_input(&pixels[at(images.start)..at(images.end)], sc, x);
             };
             pass.forward_eval(&self.encoder, sc, &mut fill, eval, scratch);
-            let logits = &eval.output[..sc.pixels() / self.cfg.downsample().pow(2) * self.cfg.vocab_size];
+            let logits = &eval.output[..self.encoder.output_shape(sc).len()];
             kernels::argmax_rows(logits, self.cfg.vocab_size, &mut codes);
             out.extend_from_slice(&codes);
         }
