@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::classification::ClassifierParams;
 use crate::checkpoint;
-use crate::config::{ClassifierConfig, Pooling};
+use crate::config::{ClassifierConfig, Pooling, Precision};
 use crate::engine::heads::classification::ClassifierEngine;
 use crate::engine::{on_pool, Flat};
 use crate::error::{Error, Result};
@@ -365,7 +365,7 @@ impl LinearProbe {
         Ok(Self {
             num_features,
             num_labels,
-            linear: Linear::new(&params, &vars),
+            linear: Linear::new(&params, &vars, Precision::F32),
             vars,
             optimizer,
             mean,

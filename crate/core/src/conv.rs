@@ -411,7 +411,17 @@ fn conv_cpu_input_grad<T: Real>(
 fn conv_cpu_param_grads<T: Real>(gemm: Precision, x: &[T], s: Nhwc, dy: &[T], (c_out, k): (usize, usize)) -> Vec<T> {
     let mut packed = vec![T::ZERO; c_out * k * k * s.c];
     let mut dbias = vec![T::ZERO; c_out];
-    kernels::backward_params(gemm, x, s, false, k, dy, &mut packed, &mut dbias, &mut Vec::new(), &mut Vec::new());
+    kernels::backward_params_f32_activations(
+        gemm,
+        x,
+        s,
+        k,
+        dy,
+        &mut packed,
+        &mut dbias,
+        &mut Vec::new(),
+        &mut Vec::new(),
+    );
     let mut grads = vec![T::ZERO; c_out * s.c * k * k];
     kernels::unpack_add(&packed, s.c, k, &mut grads);
     grads.extend_from_slice(&dbias);

@@ -3,7 +3,8 @@
 //! statistics updated by every training forward (buffers of the table, so checkpoints, moves
 //! and exports carry them), per-pixel predictions. Steps run on candle's autograd on every
 //! device; on the CPU its convolutions and BatchNorm are the engine's kernels, and bf16 there
-//! means f32 activations with the head's GEMMs in bf16 (the engine's mixed precision).
+//! means f32 activations with the linear layers' and the head's GEMMs in bf16 (the engine's
+//! mixed precision).
 //! Data-parallel, the BatchNorms are synchronised across ranks (SyncBatchNorm).
 
 use std::collections::HashSet;
@@ -117,8 +118,8 @@ impl Kind for Segmentation {
         ema: Option<Vec<Tensor>>,
     ) -> Result<Box<dyn SegmenterRunner>> {
         let (_, params) = SegmenterParams::new(config);
-        // bf16 on the CPU engine: f32 activations, the head's GEMMs in bf16 (the engine's mixed
-        // precision); elsewhere the activations are in the placement's precision.
+        // bf16 on the CPU engine: f32 activations, the linear layers' and the head's GEMMs in
+        // bf16 (the engine's mixed precision); elsewhere the activations are in the placement's precision.
         let placement = spec.placement;
         let (gemm, activations) = match placement.precision {
             Precision::Bf16 if placement.uses_engine() => (Precision::Bf16, Precision::F32),

@@ -4,7 +4,7 @@
 mod common;
 
 use beit_core::arch::backbone::BackboneParams;
-use beit_core::config::{BeitConfig, ClassifierConfig, Pooling};
+use beit_core::config::{BeitConfig, ClassifierConfig, Pooling, Precision};
 use beit_core::model::backbone::Layer;
 use beit_core::model::classification::classification_loss;
 use beit_core::model::mim::{mask_tensors, masked_loss};
@@ -61,7 +61,8 @@ fn transformer_block_gradients() {
         BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
     let mut table = ParamTable::new();
     let backbone = BackboneParams::new(&cfg, false, &mut table);
-    let (layer, vars) = build(&table, 1, DType::F64, |v| Layer::new(&cfg, &backbone.layers[0], v, &Device::Cpu));
+    let (layer, vars) =
+        build(&table, 1, DType::F64, |v| Layer::new(&cfg, &backbone.layers[0], v, &Device::Cpu, Precision::F32));
     // The block's own tensors (the table holds the whole backbone).
     let vars: NamedVars = vars.into_iter().filter(|(n, _)| n.starts_with("beit.encoder.layer.0.")).collect();
     assert_eq!(vars.len(), 18, "the block's tensors: {:?}", vars.iter().map(|(n, _)| n).collect::<Vec<_>>());

@@ -7,8 +7,9 @@
 //! between layers of 16 channels or more go through [`super::winograd`] instead (4x fewer
 //! multiplies, 2.25x on tiny maps), with the same buffers, and the f32 ones into 16 channels or
 //! fewer through [`super::direct`] (no columns at all); the weight gradient stays a direct sum
-//! (see there why), for inputs of 16 channels or more without im2col: over zero-padded copies of
-//! the input, one GEMM per window row reads it at shifted offsets (`backward_params_shifted`).
+//! (see there why; but for bf16 over f32 activations, [`backward_params_f32_activations`]), for
+//! inputs of 16 channels or more without im2col: over zero-padded copies of the input, one GEMM
+//! per window row reads it at shifted offsets (`backward_params_shifted`).
 //!
 //! Under bf16 (the engine's mixed precision) the im2col GEMMs and the weight gradients read
 //! their inputs rounded to bf16, but for im2col GEMMs too thin for the bf16 kernel
@@ -229,6 +230,32 @@ pub fn backward_params<T: Real>(
         });
     }
     add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
+}
+
+/// [`backward_params`] over activations held in f32 (not kept rounded to bf16, as the dVAE
+/// engine's are): under bf16, a 3x3 weight gradient that Winograd takes runs there in f32
+/// ([`winograd::weight_gradient`]), a quarter of the multiplies at half the bf16 kernel's rate
+/// and closer to the exact sum than the direct sum over bf16-rounded inputs. The candle ops'
+/// convolutions (the segmenter's head) take this.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_params_f32_activations<T: Real>(
+    precision: Precision,
+    x: &[T],
+    s: Nhwc,
+    k: usize,
+    dy: &[T],
+    dweight: &mut [T],
+    dbias: &mut [T],
+    cols: &mut Vec<T>,
+    scratch: &mut Vec<T>,
+) {
+    let c_out = dbias.len();
+    if precision == Precision::Bf16 && winograd::applies(k, s.c, c_out) {
+        winograd::weight_gradient(x, s, false, dy, c_out, dweight, cols);
+        add_column_sums(&dy[..s.pixels() * c_out], c_out, 0, dbias, scratch);
+    } else {
+        backward_params(precision, x, s, false, k, dy, dweight, dbias, cols, scratch);
+    }
 }
 
 /// Fewer input channels than this and the per-tap GEMMs of [`backward_params_shifted`] are

@@ -16,7 +16,10 @@
 //! parity fixtures hold within their tolerances. The weight gradient stays a direct sum
 //! ([`super::conv`]): done the Winograd way (G^T [sum over tiles of (A dy A^T) . (B^T d B)] G) it
 //! rounded ~10x worse already with F(2x2), enough to move a 3-step AdamW trajectory of a batch
-//! split in halves against the whole batch from 1e-6 to 1e-5 of the weights.
+//! split in halves against the whole batch from 1e-6 to 1e-5 of the weights. Under bf16 that
+//! rule turns around: the direct sum then reads bf16-rounded inputs (2.4e-3 off the exact sum),
+//! the Winograd way in f32 ([`weight_gradient`]) is 1.75e-6 off at a quarter of the multiplies,
+//! and the segmenter's bf16 step takes it (see [`super::conv::backward_params_f32_activations`]).
 //!
 //! Buffers are [`super::conv`]'s: kernels in its packed layout, activations NHWC, and every
 //! intermediate in the caller's `cols`, so a steady training step allocates nothing here.
@@ -317,13 +320,8 @@ multiversion! {
 /// point (36 times for F(4x4): the wide kernels of a small batch spent more time here than in
 /// their GEMMs).
 fn transform_kernel<T: Real>(packed: &[T], block: usize, c_in: usize, c_out: usize, u: &mut [T]) {
-    let g: &[[f64; 3]] = if block == 2 { &G2 } else { &G4 };
-    let (n, side) = (c_in * c_out, g.len());
-    let mut coefs = [[T::ZERO; 9]; 36];
-    for (point, c) in coefs.iter_mut().take(side * side).enumerate() {
-        *c = std::array::from_fn(|tap| T::from_f64(g[point / side][tap / 3] * g[point % side][tap % 3]));
-    }
-    let coefs = &coefs[..side * side];
+    let n = c_in * c_out;
+    let coefs = &kernel_coefs::<T>(block)[..];
     assert!(packed.len() >= 9 * n && u.len() >= coefs.len() * n);
     let u = SharedMut(u.as_mut_ptr());
     (0..n.div_ceil(KERNEL_BLOCK)).into_par_iter().for_each(|b| {
@@ -412,4 +410,177 @@ pub fn forward<T: Real>(
             .enumerate()
             .for_each(|(task, tile)| output_tiles(tile, out_tiling, bias, first + task * per_task, y));
     }
+}
+
+/// The 1-D transform of F(2x2, 3x3)'s output gradient, A on two values into four rows, in place
+/// (the transpose of [`output_transform_2`]): (g0, g0 + g1, g0 - g1, -g1).
+#[inline(always)]
+fn gradient_transform_2<T: Real>(rows: Line<'_, T, 4>) {
+    let [r0, r1, r2, r3] = rows;
+    let n = r0.len();
+    let (r1, r2, r3) = (&mut r1[..n], &mut r2[..n], &mut r3[..n]);
+    for i in 0..n {
+        let (g0, g1) = (r0[i], r1[i]);
+        r1[i] = g0 + g1;
+        r2[i] = g0 - g1;
+        r3[i] = T::ZERO - g1;
+    }
+}
+
+/// The 1-D transform of F(4x4, 3x3)'s output gradient, A on four values into six rows, in place
+/// (the transpose of [`output_transform_4`]): (g0, e + o, e - o, f + p, f - p, g3) with
+/// e, o = g0 + g2, g1 + g3 and f, p = g0 + 4 g2, 2 g1 + 8 g3.
+#[inline(always)]
+fn gradient_transform_4<T: Real>(rows: Line<'_, T, 6>) {
+    let [r0, r1, r2, r3, r4, r5] = rows;
+    let n = r0.len();
+    let (r1, r2, r3, r4, r5) = (&mut r1[..n], &mut r2[..n], &mut r3[..n], &mut r4[..n], &mut r5[..n]);
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    for i in 0..n {
+        let (g0, g1, g2, g3) = (r0[i], r1[i], r2[i], r3[i]);
+        let (e, o) = (g0 + g2, g1 + g3);
+        let (f, p) = (g0 + four * g2, two * g1 + eight * g3);
+        r1[i] = e + o;
+        r2[i] = e - o;
+        r3[i] = f + p;
+        r4[i] = f - p;
+        r5[i] = g3;
+    }
+}
+
+/// A dy A^T of tiles first.. into `out` ([tiles][N * N][c]) for N = block + 2: each tile's block
+/// x block outputs of dy (0 outside the image) in its top-left corner, transformed down the
+/// first `block` columns (the others stay 0) and then along every row.
+#[inline(always)]
+fn gradient_tiles_of<T: Real, const N: usize>(
+    dy: &[T],
+    tiling: Tiling,
+    first: usize,
+    out: &mut [T],
+    f: impl Fn(Line<'_, T, N>) + Copy,
+) {
+    let (s, c, block) = (tiling.s, tiling.s.c, N - 2);
+    for (i, tile) in out.chunks_exact_mut(N * N * c).enumerate() {
+        let (b, y0, x0) = tiling.origin(first + i);
+        for (p, dst) in tile.chunks_exact_mut(c).enumerate() {
+            let (ty, tx) = (p / N, p % N);
+            let (oy, ox) = (y0 + ty, x0 + tx);
+            if ty < block && tx < block && oy < s.h && ox < s.w {
+                dst.copy_from_slice(&dy[((b * s.h + oy) * s.w + ox) * c..][..c]);
+            } else {
+                dst.fill(T::ZERO);
+            }
+        }
+        let mut it = tile.chunks_exact_mut(c);
+        let mut grid: [Line<'_, T, N>; N] =
+            std::array::from_fn(|_| std::array::from_fn(|_| it.next().expect("a tile holds N x N rows")));
+        for column in 0..block {
+            f(grid.each_mut().map(|row| &mut *row[column]));
+        }
+        for row in grid.iter_mut() {
+            f(row.each_mut().map(|r| &mut **r));
+        }
+    }
+}
+
+multiversion! {
+    /// A dy A^T of tiles first.. into `out` ([tiles][points][c]).
+    fn gradient_tiles<T>(dy: &[T], tiling: Tiling, first: usize, out: &mut [T]) {
+        match tiling.block {
+            2 => gradient_tiles_of::<T, 4>(dy, tiling, first, out, gradient_transform_2),
+            _ => gradient_tiles_of::<T, 6>(dy, tiling, first, out, gradient_transform_4),
+        }
+    }
+}
+
+multiversion! {
+    /// Rows `rows` of c_out of the weight gradient ([c_out][9][c_in], added to) from the
+    /// transform domain's sums `m` ([points][c_out][c_in]): G^T m G, tap (ky, kx) the sum over
+    /// points (i, j) of G[i][ky] G[j][kx] m[point].
+    fn untransform_rows<T>(m: &[T], coefs: &[[T; 9]], c_out: usize, c_in: usize, rows: std::ops::Range<usize>, dweight: &mut [T]) {
+        for (o, out) in rows.zip(dweight.chunks_exact_mut(9 * c_in)) {
+            for (point, c) in coefs.iter().enumerate() {
+                let src = &m[(point * c_out + o) * c_in..][..c_in];
+                for (tap, &coef) in c.iter().enumerate() {
+                    if coef != T::ZERO {
+                        for (d, &v) in out[tap * c_in..(tap + 1) * c_in].iter_mut().zip(src) {
+                            *d += coef * v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The coefficients of G g G^T for F(block x block, 3x3): [point][tap] = G[i][ky] G[j][kx] for
+/// point (i, j) and tap (ky, kx).
+fn kernel_coefs<T: Real>(block: usize) -> Vec<[T; 9]> {
+    let g: &[[f64; 3]] = if block == 2 { &G2 } else { &G4 };
+    let side = g.len();
+    (0..side * side)
+        .map(|point| std::array::from_fn(|tap| T::from_f64(g[point / side][tap / 3] * g[point % side][tap % 3])))
+        .collect()
+}
+
+/// The weight gradient of [`forward`] (without bias) from dy [pixels, c_out], added to
+/// `dweight` ([c_out][9 * c_in], tap-major rows as the direct sums write them): per point of the
+/// transform domain, the sum over tiles of (A dy A^T) (B^T f(x) B) as one GEMM [c_out x tiles] .
+/// [tiles x c_in] (f = ReLU when `relu`), then G^T . G back to the nine taps. In f32 it rounds
+/// more than the direct sum (see the module's notes) and far less than the direct sum over
+/// bf16-rounded inputs, at a quarter of the multiplies with F(4x4).
+#[allow(clippy::too_many_arguments)]
+pub fn weight_gradient<T: Real>(
+    x: &[T],
+    s: Nhwc,
+    relu: bool,
+    dy: &[T],
+    c_out: usize,
+    dweight: &mut [T],
+    cols: &mut Vec<T>,
+) {
+    let tiling = Tiling::new(s, block_side(s.h, s.w, s.c, c_out), s.c.max(c_out));
+    let (points, per_chunk, per_task) = (tiling.points(), tiling.chunk_tiles(), tiling.tiles_per_task());
+    let sums = points * c_out * s.c;
+    let buffers = sized(cols, sums + per_chunk * points * (s.c + c_out));
+    let (m, rest) = buffers.split_at_mut(sums);
+    let (v, g) = rest.split_at_mut(per_chunk * points * s.c);
+    let g_tiling = Tiling { s: s.with_channels(c_out), ..tiling };
+    assert!(dy.len() >= s.pixels() * c_out && dweight.len() >= c_out * 9 * s.c, "winograd: weight gradient buffers");
+    for (chunk, (first, tiles)) in tiling.chunks().enumerate() {
+        let v = &mut v[..tiles * points * s.c];
+        v.par_chunks_mut(per_task * points * s.c)
+            .enumerate()
+            .for_each(|(task, out)| input_tiles(x, tiling, relu, first + task * per_task, out));
+        let g = &mut g[..tiles * points * c_out];
+        g.par_chunks_mut(per_task * points * c_out)
+            .enumerate()
+            .for_each(|(task, out)| gradient_tiles(dy, g_tiling, first + task * per_task, out));
+        let (v, g) = (&*v, &*g);
+        m.par_chunks_mut(c_out * s.c).enumerate().for_each(|(point, sum)| {
+            let lhs = Mat::strided(point * c_out, tiles, c_out, points * c_out).t();
+            let rhs = Mat::strided(point * s.c, tiles, s.c, points * s.c);
+            // SAFETY: both views lie in their chunk's buffers (tiles * points rows of c_out and
+            // c_in values), and `sum` is this task's own c_out x c_in block of `m`.
+            unsafe {
+                matmul_raw(
+                    sum.as_mut_ptr(),
+                    Mat::dense(c_out, s.c),
+                    g.as_ptr(),
+                    lhs,
+                    v.as_ptr(),
+                    rhs,
+                    chunk > 0,
+                    T::ONE,
+                    Threads::Caller,
+                )
+            }
+        });
+    }
+    let coefs = kernel_coefs::<T>(tiling.block);
+    const ROWS_PER_TASK: usize = 8;
+    dweight[..c_out * 9 * s.c].par_chunks_mut(ROWS_PER_TASK * 9 * s.c).enumerate().for_each(|(task, out)| {
+        let first = task * ROWS_PER_TASK;
+        untransform_rows(m, &coefs, c_out, s.c, first..(first + ROWS_PER_TASK).min(c_out), out);
+    });
 }

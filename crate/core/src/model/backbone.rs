@@ -5,7 +5,7 @@ use candle_core::{Device, Module, Result, Tensor};
 
 use super::{like, LayerNorm, Linear, Vars};
 use crate::arch::backbone::{relative_position_index, BackboneParams, BlockParams, EmbeddingParams};
-use crate::config::BeitConfig;
+use crate::config::{BeitConfig, Precision};
 use crate::ops::{self, RowLookup};
 use crate::rng::Draws;
 
@@ -49,9 +49,9 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
-    pub fn new(cfg: &BeitConfig, p: &EmbeddingParams, vars: &Vars) -> Self {
+    pub fn new(cfg: &BeitConfig, p: &EmbeddingParams, vars: &Vars, gemm: Precision) -> Self {
         let patch_embeddings = PatchEmbeddings {
-            projection: Linear::new(&p.patch, vars),
+            projection: Linear::new(&p.patch, vars, gemm),
             patch_size: cfg.patch_size,
             num_channels: cfg.num_channels,
             image_size: cfg.image_size,
@@ -165,7 +165,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    pub fn new(cfg: &BeitConfig, p: &BlockParams, vars: &Vars, device: &Device) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, p: &BlockParams, vars: &Vars, device: &Device, gemm: Precision) -> Result<Self> {
         let relative_position_bias = match p.relative_position_bias {
             Some(t) => Some(RelativePositionBias::new(cfg, vars.get(t), device)?),
             None => None,
@@ -173,17 +173,17 @@ impl Layer {
         Ok(Self {
             layernorm_before: LayerNorm::new(&p.layernorm_before, vars),
             attention: SelfAttention {
-                query: Linear::new(&p.query, vars),
-                key: Linear::new(&p.key, vars),
-                value: Linear::new(&p.value, vars),
+                query: Linear::new(&p.query, vars, gemm),
+                key: Linear::new(&p.key, vars, gemm),
+                value: Linear::new(&p.value, vars, gemm),
                 relative_position_bias,
                 num_heads: cfg.num_attention_heads,
                 scale: (cfg.head_dim() as f64).powf(-0.5),
             },
-            attention_output: Linear::new(&p.attention_output, vars),
+            attention_output: Linear::new(&p.attention_output, vars, gemm),
             layernorm_after: LayerNorm::new(&p.layernorm_after, vars),
-            intermediate: Linear::new(&p.intermediate, vars),
-            output: Linear::new(&p.output, vars),
+            intermediate: Linear::new(&p.intermediate, vars, gemm),
+            output: Linear::new(&p.output, vars, gemm),
             lambda_1: p.lambda_1.map(|t| vars.get(t)),
             lambda_2: p.lambda_2.map(|t| vars.get(t)),
             index: p.index,
@@ -236,15 +236,17 @@ pub struct BeitModel {
 }
 
 impl BeitModel {
-    pub fn new(cfg: &BeitConfig, p: &BackboneParams, vars: &Vars, device: &Device) -> Result<Self> {
+    /// `gemm`: the precision of the linear layers' matmul inputs on the CPU (the attention's
+    /// batched products stay in the tensors' dtype).
+    pub fn new(cfg: &BeitConfig, p: &BackboneParams, vars: &Vars, device: &Device, gemm: Precision) -> Result<Self> {
         let relative_position_bias = match p.relative_position_bias {
             Some(t) => Some(RelativePositionBias::new(cfg, vars.get(t), device)?),
             None => None,
         };
         Ok(Self {
-            embeddings: Embeddings::new(cfg, &p.embeddings, vars),
+            embeddings: Embeddings::new(cfg, &p.embeddings, vars, gemm),
             relative_position_bias,
-            layers: p.layers.iter().map(|l| Layer::new(cfg, l, vars, device)).collect::<Result<_>>()?,
+            layers: p.layers.iter().map(|l| Layer::new(cfg, l, vars, device, gemm)).collect::<Result<_>>()?,
         })
     }
 

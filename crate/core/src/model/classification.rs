@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use super::backbone::BeitModel;
 use super::{at_least_f32, LayerNorm, Linear, Vars};
 use crate::arch::classification::ClassifierParams;
-use crate::config::{ClassifierConfig, Pooling};
+use crate::config::{ClassifierConfig, Pooling, Precision};
 use crate::ops;
 use crate::rng::Draws;
 
@@ -20,10 +20,10 @@ pub struct BeitForImageClassification {
 impl BeitForImageClassification {
     pub fn new(cfg: &ClassifierConfig, p: &ClassifierParams, vars: &Vars, device: &Device) -> Result<Self> {
         Ok(Self {
-            beit: BeitModel::new(&cfg.model, &p.backbone, vars, device)?,
+            beit: BeitModel::new(&cfg.model, &p.backbone, vars, device, Precision::F32)?,
             norm: LayerNorm::new(&p.head.norm, vars),
             pooling: cfg.pooling,
-            classifier: Linear::new(&p.head.classifier, vars),
+            classifier: Linear::new(&p.head.classifier, vars, Precision::F32),
         })
     }
 

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use super::backbone::BeitModel;
 use super::{at_least_f32, LayerNorm, Linear, Vars};
 use crate::arch::mim::MimParams;
-use crate::config::BeitConfig;
+use crate::config::{BeitConfig, Precision};
 use crate::ops;
 use crate::rng::Draws;
 
@@ -19,9 +19,9 @@ pub struct BeitForMaskedImageModeling {
 impl BeitForMaskedImageModeling {
     pub fn new(cfg: &BeitConfig, p: &MimParams, vars: &Vars, device: &Device) -> Result<Self> {
         Ok(Self {
-            beit: BeitModel::new(cfg, &p.backbone, vars, device)?,
+            beit: BeitModel::new(cfg, &p.backbone, vars, device, Precision::F32)?,
             layernorm: LayerNorm::new(&p.head.layernorm, vars),
-            lm_head: Linear::new(&p.head.lm_head, vars),
+            lm_head: Linear::new(&p.head.lm_head, vars, Precision::F32),
         })
     }
 

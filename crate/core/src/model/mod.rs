@@ -10,6 +10,7 @@ pub mod segmentation;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 
+use crate::config::Precision;
 use crate::ops;
 use crate::params::{LinearParams, NormParams, ParamId, ParamTable, Source};
 
@@ -57,11 +58,13 @@ pub(crate) fn like(param: &Tensor, x: &Tensor) -> Result<Tensor> {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    gemm: Precision,
 }
 
 impl Linear {
-    pub fn new(p: &LinearParams, vars: &Vars) -> Self {
-        Self { weight: vars.get(p.weight), bias: p.bias.map(|b| vars.get(b)) }
+    /// `gemm`: the precision of the matmul's inputs on the CPU ([`ops::matmul`]).
+    pub fn new(p: &LinearParams, vars: &Vars, gemm: Precision) -> Self {
+        Self { weight: vars.get(p.weight), bias: p.bias.map(|b| vars.get(b)), gemm }
     }
 }
 
@@ -72,7 +75,7 @@ impl Module for Linear {
         let in_dim = out_dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim;
         let weight = like(&self.weight, x)?;
-        let y = x.reshape((rows, in_dim))?.matmul(&weight.reshape((weight.dim(0)?, in_dim))?.t()?)?;
+        let y = ops::matmul(&x.reshape((rows, in_dim))?, &weight.reshape((weight.dim(0)?, in_dim))?.t()?, self.gemm)?;
         let y = match &self.bias {
             Some(b) => ops::add_bias(&y, &like(b, x)?)?,
             None => y,

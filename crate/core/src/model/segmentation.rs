@@ -420,7 +420,7 @@ impl BeitForSemanticSegmentation {
     ) -> Result<Self> {
         let q = &p.head.pyramid;
         Ok(Self {
-            beit: BeitModel::new(&cfg.model, &p.backbone, vars, device)?,
+            beit: BeitModel::new(&cfg.model, &p.backbone, vars, device, gemm)?,
             depths: cfg.feature_depths(),
             grid: cfg.model.grid(),
             pyramid: Pyramid {
