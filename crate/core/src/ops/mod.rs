@@ -24,7 +24,9 @@ pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use matmul::matmul;
 pub use replicas::{sum_over_replicas, sum_values_over_replicas};
-pub use resample::{adaptive_average_weights, bilinear_weights, interpolation_taps, resample, Resampling};
+pub use resample::{
+    adaptive_average_weights, bilinear_weights, interpolation_taps, resample, resample_by_matmuls, Resampling,
+};
 pub use resized_cross_entropy::{resized_argmax, resized_cross_entropy};
 pub use row_lookup::RowLookup;
 pub(crate) use row_vector::with_row_vector;

@@ -2,9 +2,16 @@
 //! "bilinear", align_corners=False)`) and adaptive average pooling (`AdaptiveAvgPool2d`). Both
 //! are linear along each axis, out = R_h . x . R_w^T, so each is two small matmuls with a
 //! weight matrix built once, and the backward pass is candle's matmul backward (the transposed
-//! matrices), exact on every device and dtype.
+//! matrices), exact on every device and dtype. Bilinear resizing in f32 or f64 on the CPU (the
+//! segmentation head's upsampling, several passes over its largest maps per step) is a direct
+//! two-tap pass each way instead.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous, dispatch_float, into_storage};
+use crate::engine::simd::{multiversion, Real};
 
 /// Taps and weights of 1-D resampling from `n_in` to `n_out` samples, PyTorch's
 /// `interpolate(..., align_corners=False)` without antialiasing.
@@ -91,8 +98,21 @@ fn axis_matrix(kind: Resampling, n_in: usize, n_out: usize, batch: usize, x: &Te
     Ok(Some(m.broadcast_as((batch, n_out, n_in))?.contiguous()?))
 }
 
-/// x [B, H, W, C] -> [B, h, w, C].
+/// x [B, H, W, C] -> [B, h, w, C]. Bilinear resizing of f32 and f64 maps on the CPU is one
+/// pass over the map each way ([`BilinearResize`]); the rest is [`resample_by_matmuls`].
 pub fn resample(x: &Tensor, kind: Resampling, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (_, h_in, w_in, _) = x.dims4()?;
+    let direct = kind == Resampling::Bilinear && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !direct || (h, w) == (h_in, w_in) {
+        return resample_by_matmuls(x, kind, (h, w));
+    }
+    x.contiguous()?.apply_op1(BilinearResize { size: (h, w) })
+}
+
+/// [`resample`] as two matmuls with the axes' weight matrices, whose backward pass is candle's
+/// matmul backward: every device and dtype (and on the CPU the reference [`BilinearResize`]
+/// is tested against).
+pub fn resample_by_matmuls(x: &Tensor, kind: Resampling, (h, w): (usize, usize)) -> Result<Tensor> {
     let (b, h_in, w_in, c) = x.dims4()?;
     let x = match axis_matrix(kind, h_in, h, b, x)? {
         Some(rows) => rows.matmul(&x.reshape((b, h_in, w_in * c))?)?,
@@ -103,4 +123,143 @@ pub fn resample(x: &Tensor, kind: Resampling, (h, w): (usize, usize)) -> Result<
         None => x,
     };
     x.reshape((b, h, w, c))
+}
+
+/// Bilinear resizing of a contiguous NHWC map to `size` on the CPU: each output row mixes its
+/// two input rows, then each output pixel its two columns of that mix (2 + 2 multiply-adds per
+/// value, where the matmuls spend n_in + n_in: 14 + 14 for the head's 4x upsampling, and their
+/// weight matrices are copied per image row). The backward pass gathers, per input row, the
+/// output rows that read it ([`BilinearResizeBackward`]): no two tasks write one value.
+struct BilinearResize {
+    size: (usize, usize),
+}
+
+/// The two (index, weight) taps of each output sample, in T.
+fn taps<T: Real>(n_in: usize, n_out: usize) -> Vec<[(usize, T); 2]> {
+    interpolation_taps(n_in, n_out, false)
+        .into_iter()
+        .map(|t| [(t[0].0, T::from_f64(t[0].1)), (t[1].0, T::from_f64(t[1].1))])
+        .collect()
+}
+
+multiversion! {
+    /// One output row from its two input rows of `x` ([h_in][w_in][c]): `mix` = the row taps'
+    /// sum, then each output pixel the column taps' sum of `mix`.
+    fn resize_row<T>(x: &[T], w_in: usize, c: usize, rows: [(usize, T); 2], cols: &[[(usize, T); 2]], mix: &mut [T], out: &mut [T]) {
+        let [(r0, a0), (r1, a1)] = rows;
+        let (x0, x1) = (&x[r0 * w_in * c..][..w_in * c], &x[r1 * w_in * c..][..w_in * c]);
+        for ((m, &u), &v) in mix.iter_mut().zip(x0).zip(x1) {
+            *m = a0 * u + a1 * v;
+        }
+        for (o, &[(c0, b0), (c1, b1)]) in out.chunks_exact_mut(c).zip(cols) {
+            let (m0, m1) = (&mix[c0 * c..][..c], &mix[c1 * c..][..c]);
+            for ((d, &u), &v) in o.iter_mut().zip(m0).zip(m1) {
+                *d = b0 * u + b1 * v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// out += weight x (the column taps' transpose applied to the output-gradient row `g`):
+    /// each output pixel's gradient spread over its two input columns, in `spread`.
+    fn gather_row<T>(g: &[T], c: usize, cols: &[[(usize, T); 2]], weight: T, spread: &mut [T], out: &mut [T]) {
+        spread.fill(T::ZERO);
+        for (gp, taps) in g.chunks_exact(c).zip(cols) {
+            for &(ix, wx) in taps {
+                for (d, &v) in spread[ix * c..][..c].iter_mut().zip(gp) {
+                    *d += wx * v;
+                }
+            }
+        }
+        for (d, &v) in out.iter_mut().zip(spread.iter()) {
+            *d += weight * v;
+        }
+    }
+}
+
+fn bilinear_forward<T: Real>(
+    x: &[T],
+    (b, h_in, w_in, c): (usize, usize, usize, usize),
+    (h, w): (usize, usize),
+) -> Vec<T> {
+    let (rows, cols) = (taps::<T>(h_in, h), taps::<T>(w_in, w));
+    let image = h_in * w_in * c;
+    let mut y = vec![T::ZERO; b * h * w * c];
+    y.par_chunks_mut(w * c).enumerate().for_each_init(
+        || vec![T::ZERO; w_in * c],
+        |mix, (r, out)| resize_row(&x[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out),
+    );
+    y
+}
+
+fn bilinear_backward<T: Real>(
+    g: &[T],
+    (b, h_in, w_in, c): (usize, usize, usize, usize),
+    (h, w): (usize, usize),
+) -> Vec<T> {
+    let (rows, cols) = (taps::<T>(h_in, h), taps::<T>(w_in, w));
+    // The output rows that read each input row, with their weights.
+    let mut readers: Vec<Vec<(usize, T)>> = vec![Vec::new(); h_in];
+    for (oy, taps) in rows.iter().enumerate() {
+        for &(iy, wy) in taps {
+            readers[iy].push((oy, wy));
+        }
+    }
+    let mut dx = vec![T::ZERO; b * h_in * w_in * c];
+    dx.par_chunks_mut(w_in * c).enumerate().for_each_init(
+        || vec![T::ZERO; w_in * c],
+        |spread, (r, out)| {
+            let (image, iy) = (r / h_in, r % h_in);
+            for &(oy, wy) in &readers[iy] {
+                gather_row(&g[(image * h + oy) * w * c..][..w * c], c, &cols, wy, spread, out);
+            }
+        },
+    );
+    dx
+}
+
+impl CustomOp1 for BilinearResize {
+    fn name(&self) -> &'static str {
+        "bilinear-resize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let (h, w) = self.size;
+        let out = dispatch_float!(self.name(), s, |v| into_storage(bilinear_forward(
+            contiguous(v, l, self.name())?,
+            dims,
+            self.size
+        )));
+        Ok((out, Shape::from((dims.0, h, w, dims.3))))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, h_in, w_in, _) = x.dims4()?;
+        let op = BilinearResizeBackward { input: (h_in, w_in) };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// d loss / d input of [`BilinearResize`] from the output's gradient.
+struct BilinearResizeBackward {
+    input: (usize, usize),
+}
+
+impl CustomOp1 for BilinearResizeBackward {
+    fn name(&self) -> &'static str {
+        "bilinear-resize-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = l.shape().dims4()?;
+        let (h_in, w_in) = self.input;
+        let out = dispatch_float!(self.name(), s, |v| into_storage(bilinear_backward(
+            contiguous(v, l, self.name())?,
+            (b, h_in, w_in, c),
+            (h, w)
+        )));
+        Ok((out, Shape::from((b, h_in, w_in, c))))
+    }
 }
