@@ -449,8 +449,8 @@ fn gradient_transform_4<T: Real>(rows: Line<'_, T, 6>) {
 }
 
 /// A dy A^T of tiles first.. into `out` ([tiles][N * N][c]) for N = block + 2: each tile's block
-/// x block outputs of dy (0 outside the image) in its top-left corner, transformed down the
-/// first `block` columns (the others stay 0) and then along every row.
+/// x block outputs of dy (0 outside the image) in its top-left corner, transformed along both
+/// axes (its last two columns are zeros, and stay zeros, in the pass down the columns).
 #[inline(always)]
 fn gradient_tiles_of<T: Real, const N: usize>(
     dy: &[T],
@@ -471,15 +471,7 @@ fn gradient_tiles_of<T: Real, const N: usize>(
                 dst.fill(T::ZERO);
             }
         }
-        let mut it = tile.chunks_exact_mut(c);
-        let mut grid: [Line<'_, T, N>; N] =
-            std::array::from_fn(|_| std::array::from_fn(|_| it.next().expect("a tile holds N x N rows")));
-        for column in 0..block {
-            f(grid.each_mut().map(|row| &mut *row[column]));
-        }
-        for row in grid.iter_mut() {
-            f(row.each_mut().map(|r| &mut **r));
-        }
+        transform_2d(tile, c, N, f);
     }
 }
 
