@@ -531,6 +531,9 @@ pub fn weight_gradient<T: Real>(
     dweight: &mut [T],
     cols: &mut Vec<T>,
 ) {
+    if s.pixels() == 0 {
+        return;
+    }
     let tiling = Tiling::new(s, block_side(s.h, s.w, s.c, c_out), s.c.max(c_out));
     let (points, per_chunk, per_task) = (tiling.points(), tiling.chunk_tiles(), tiling.tiles_per_task());
     let sums = points * c_out * s.c;
