@@ -134,25 +134,35 @@ struct BilinearResize {
     size: (usize, usize),
 }
 
-/// The two (index, weight) taps of each output sample, in T.
-fn taps<T: Real>(n_in: usize, n_out: usize) -> Vec<[(usize, T); 2]> {
+/// One output coordinate's two bilinear taps (input index, weight); the second index is the
+/// first or the next one (PyTorch's align_corners = false, clamped at the borders).
+#[derive(Clone, Copy)]
+pub(crate) struct Taps<T> {
+    pub first: usize,
+    pub second: usize,
+    pub weights: [T; 2],
+}
+
+/// The bilinear taps of each of `n_out` samples from `n_in`, in T.
+pub(crate) fn axis_taps<T: Real>(n_in: usize, n_out: usize) -> Vec<Taps<T>> {
     interpolation_taps(n_in, n_out, false)
         .into_iter()
-        .map(|t| [(t[0].0, T::from_f64(t[0].1)), (t[1].0, T::from_f64(t[1].1))])
+        .map(|t| Taps { first: t[0].0, second: t[1].0, weights: [T::from_f64(t[0].1), T::from_f64(t[1].1)] })
         .collect()
 }
 
 multiversion! {
     /// One output row from its two input rows of `x` ([h_in][w_in][c]): `mix` = the row taps'
     /// sum, then each output pixel the column taps' sum of `mix`.
-    fn resize_row<T>(x: &[T], w_in: usize, c: usize, rows: [(usize, T); 2], cols: &[[(usize, T); 2]], mix: &mut [T], out: &mut [T]) {
-        let [(r0, a0), (r1, a1)] = rows;
-        let (x0, x1) = (&x[r0 * w_in * c..][..w_in * c], &x[r1 * w_in * c..][..w_in * c]);
+    fn resize_row<T>(x: &[T], w_in: usize, c: usize, row: Taps<T>, cols: &[Taps<T>], mix: &mut [T], out: &mut [T]) {
+        let [a0, a1] = row.weights;
+        let (x0, x1) = (&x[row.first * w_in * c..][..w_in * c], &x[row.second * w_in * c..][..w_in * c]);
         for ((m, &u), &v) in mix.iter_mut().zip(x0).zip(x1) {
             *m = a0 * u + a1 * v;
         }
-        for (o, &[(c0, b0), (c1, b1)]) in out.chunks_exact_mut(c).zip(cols) {
-            let (m0, m1) = (&mix[c0 * c..][..c], &mix[c1 * c..][..c]);
+        for (o, col) in out.chunks_exact_mut(c).zip(cols) {
+            let [b0, b1] = col.weights;
+            let (m0, m1) = (&mix[col.first * c..][..c], &mix[col.second * c..][..c]);
             for ((d, &u), &v) in o.iter_mut().zip(m0).zip(m1) {
                 *d = b0 * u + b1 * v;
             }
@@ -163,10 +173,10 @@ multiversion! {
 multiversion! {
     /// out += weight x (the column taps' transpose applied to the output-gradient row `g`):
     /// each output pixel's gradient spread over its two input columns, in `spread`.
-    fn gather_row<T>(g: &[T], c: usize, cols: &[[(usize, T); 2]], weight: T, spread: &mut [T], out: &mut [T]) {
+    fn gather_row<T>(g: &[T], c: usize, cols: &[Taps<T>], weight: T, spread: &mut [T], out: &mut [T]) {
         spread.fill(T::ZERO);
-        for (gp, taps) in g.chunks_exact(c).zip(cols) {
-            for &(ix, wx) in taps {
+        for (gp, col) in g.chunks_exact(c).zip(cols) {
+            for (ix, wx) in [col.first, col.second].into_iter().zip(col.weights) {
                 for (d, &v) in spread[ix * c..][..c].iter_mut().zip(gp) {
                     *d += wx * v;
                 }
@@ -183,7 +193,7 @@ fn bilinear_forward<T: Real>(
     (b, h_in, w_in, c): (usize, usize, usize, usize),
     (h, w): (usize, usize),
 ) -> Vec<T> {
-    let (rows, cols) = (taps::<T>(h_in, h), taps::<T>(w_in, w));
+    let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
     let image = h_in * w_in * c;
     let mut y = vec![T::ZERO; b * h * w * c];
     y.par_chunks_mut(w * c).enumerate().for_each_init(
@@ -198,11 +208,11 @@ fn bilinear_backward<T: Real>(
     (b, h_in, w_in, c): (usize, usize, usize, usize),
     (h, w): (usize, usize),
 ) -> Vec<T> {
-    let (rows, cols) = (taps::<T>(h_in, h), taps::<T>(w_in, w));
+    let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
     // The output rows that read each input row, with their weights.
     let mut readers: Vec<Vec<(usize, T)>> = vec![Vec::new(); h_in];
-    for (oy, taps) in rows.iter().enumerate() {
-        for &(iy, wy) in taps {
+    for (oy, row) in rows.iter().enumerate() {
+        for (iy, wy) in [row.first, row.second].into_iter().zip(row.weights) {
             readers[iy].push((oy, wy));
         }
     }

@@ -18,24 +18,9 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use candle_core::{cuda_backend::cudarc::driver::CudaSlice, CudaDevice, CudaStorage};
 
+use super::resample::{axis_taps, Taps};
 use super::*;
 use crate::engine::simd::{max, multiversion, sum, Real};
-
-/// One output coordinate's two taps (low-resolution index, weight); the second index is the
-/// first or the next one (PyTorch's align_corners = false, clamped at the borders).
-#[derive(Clone, Copy)]
-struct Taps<T> {
-    first: usize,
-    second: usize,
-    weights: [T; 2],
-}
-
-fn axis_taps<T: Real>(n_in: usize, n_out: usize) -> Vec<Taps<T>> {
-    interpolation_taps(n_in, n_out, false)
-        .into_iter()
-        .map(|t| Taps { first: t[0].0, second: t[1].0, weights: [T::from_f64(t[0].1), T::from_f64(t[1].1)] })
-        .collect()
-}
 
 struct Geometry<T> {
     batch: usize,
