@@ -148,6 +148,54 @@ fn direct_bilinear_resizing_matches_the_matmuls() {
     }
 }
 
+/// The fused top-down add and the fused resize-and-concatenate equal the composed ops (resize,
+/// then add or concatenate), values and every input's gradient: maps up 2x, 4x and by a
+/// non-integer factor, one down, one from 1x1, one already at the output's size.
+#[test]
+fn fused_resizing_ops_match_the_composed_ones() {
+    let bilinear = |x: &Tensor, to| ops::resample(x, Resampling::Bilinear, to).unwrap();
+    let size = |x: &Tensor| (x.dim(1).unwrap(), x.dim(2).unwrap());
+    type Case<'a> = (&'a [&'a [usize]], &'a dyn Fn(&[Tensor]) -> Tensor, &'a dyn Fn(&[Tensor]) -> Tensor);
+    let add_fused = |t: &[Tensor]| ops::add_resized(&t[0], &t[1]).unwrap();
+    let add_composed = |t: &[Tensor]| (&t[0] + bilinear(&t[1], size(&t[0]))).unwrap();
+    let cat_fused = |t: &[Tensor]| ops::concat_resized(&t[0], &t[1..]).unwrap();
+    let cat_composed = |t: &[Tensor]| {
+        let mut all = vec![t[0].clone()];
+        all.extend(t[1..].iter().map(|x| bilinear(x, size(&t[0]))));
+        Tensor::cat(&all, 3).unwrap()
+    };
+    let cases: [Case; 4] = [
+        (&[&[2, 8, 8, 3], &[2, 4, 4, 3]], &add_fused, &add_composed),
+        (&[&[1, 7, 9, 2], &[1, 3, 4, 2]], &add_fused, &add_composed),
+        (&[&[2, 8, 8, 3], &[2, 4, 4, 2], &[2, 2, 2, 4], &[2, 1, 1, 1], &[2, 3, 5, 2]], &cat_fused, &cat_composed),
+        (&[&[1, 5, 6, 2], &[1, 5, 6, 3], &[1, 10, 12, 1]], &cat_fused, &cat_composed),
+    ];
+    for (shapes, fused, composed) in cases {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&random_tensor(s, 20 + i as u64, DType::F64)).unwrap())
+            .collect();
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let y = f(&inputs);
+            let probe = random_tensor(y.dims(), 7, DType::F64);
+            let grads = y.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all = values(&y);
+            for v in &vars {
+                all.extend(values(grads.get(v).expect("every input gets a gradient")));
+            }
+            all
+        };
+        let (a, b) = (run(fused), run(composed));
+        assert_eq!(a.len(), b.len(), "{shapes:?}");
+        let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "{shapes:?}: fused and composed differ by {worst:e}");
+        check_op(shapes, fused);
+    }
+}
+
 /// Labels [b, h, w] in 0..classes, every third one the ignore index 255.
 fn scattered_labels(b: usize, h: usize, w: usize, classes: u32) -> Tensor {
     let labels: Vec<u32> = (0..b * h * w).map(|i| if i % 3 == 1 { 255 } else { (i as u32 * 7) % classes }).collect();

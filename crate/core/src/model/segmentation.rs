@@ -282,15 +282,6 @@ impl ConvModule {
     }
 }
 
-fn size(x: &Tensor) -> Result<(usize, usize)> {
-    let (_, h, w, _) = x.dims4()?;
-    Ok((h, w))
-}
-
-fn bilinear(x: &Tensor, to: (usize, usize)) -> Result<Tensor> {
-    resample(x, Resampling::Bilinear, to)
-}
-
 /// The feature pyramid from four [B, h, w, D] maps: 4x (`fpn1`), 2x (`fpn2`), as is, 1/2 (max
 /// pool).
 pub struct Pyramid {
@@ -336,12 +327,12 @@ impl UperHead {
     /// Pyramid pooling on the coarsest map: each scale pooled, convolved and resized back,
     /// concatenated with the map, then the bottleneck.
     fn psp(&self, x: &Tensor, norms: &mut Norms) -> Result<Tensor> {
-        let mut branches = vec![x.clone()];
+        let mut branches = Vec::with_capacity(self.pool_scales.len());
         for (&scale, module) in self.pool_scales.iter().zip(&self.psp_modules) {
             let pooled = resample(x, Resampling::AdaptiveAverage, (scale, scale))?;
-            branches.push(bilinear(&module.forward(&pooled, norms)?, size(x)?)?);
+            branches.push(module.forward(&pooled, norms)?);
         }
-        self.bottleneck.forward(&Tensor::cat(&branches, 3)?, norms)
+        self.bottleneck.forward(&ops::concat_resized(x, &branches)?, norms)
     }
 
     /// Logits [B, h, w, K] at the finest level's size.
@@ -352,16 +343,15 @@ impl UperHead {
         }
         laterals.push(self.psp(&features[3], norms)?);
         for i in (1..4).rev() {
-            let up = bilinear(&laterals[i], size(&laterals[i - 1])?)?;
-            laterals[i - 1] = (&laterals[i - 1] + up)?;
+            laterals[i - 1] = ops::add_resized(&laterals[i - 1], &laterals[i])?;
         }
-        let finest = size(&laterals[0])?;
         let mut outs = Vec::with_capacity(4);
         for (conv, lateral) in self.fpn_convs.iter().zip(&laterals) {
-            outs.push(bilinear(&conv.forward(lateral, norms)?, finest)?);
+            outs.push(conv.forward(lateral, norms)?);
         }
-        outs.push(bilinear(&laterals[3], finest)?);
-        self.classifier.forward(&self.fpn_bottleneck.forward(&Tensor::cat(&outs, 3)?, norms)?)
+        outs.push(laterals[3].clone());
+        let finest = outs.remove(0);
+        self.classifier.forward(&self.fpn_bottleneck.forward(&ops::concat_resized(&finest, &outs)?, norms)?)
     }
 }
 

@@ -25,7 +25,8 @@ pub use layer_norm::layer_norm;
 pub use matmul::matmul;
 pub use replicas::{sum_over_replicas, sum_values_over_replicas};
 pub use resample::{
-    adaptive_average_weights, bilinear_weights, interpolation_taps, resample, resample_by_matmuls, Resampling,
+    adaptive_average_weights, add_resized, bilinear_weights, concat_resized, interpolation_taps, resample,
+    resample_by_matmuls, Resampling,
 };
 pub use resized_cross_entropy::{resized_argmax, resized_cross_entropy};
 pub use row_lookup::RowLookup;

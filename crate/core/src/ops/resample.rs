@@ -4,13 +4,15 @@
 //! weight matrix built once, and the backward pass is candle's matmul backward (the transposed
 //! matrices), exact on every device and dtype. Bilinear resizing in f32 or f64 on the CPU (the
 //! segmentation head's upsampling, several passes over its largest maps per step) is a direct
-//! two-tap pass each way instead.
+//! two-tap pass each way instead, and the head's two uses of it, resize-then-add
+//! ([`add_resized`]) and resize-then-concatenate ([`concat_resized`]), are fused so that the
+//! resized maps are never held for the backward pass.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, dispatch_float, into_storage};
+use super::{contiguous, dispatch_float, into_storage, same_dtype_slices};
 use crate::engine::simd::{multiversion, Real};
 
 /// Taps and weights of 1-D resampling from `n_in` to `n_out` samples, PyTorch's
@@ -102,8 +104,7 @@ fn axis_matrix(kind: Resampling, n_in: usize, n_out: usize, batch: usize, x: &Te
 /// pass over the map each way ([`BilinearResize`]); the rest is [`resample_by_matmuls`].
 pub fn resample(x: &Tensor, kind: Resampling, (h, w): (usize, usize)) -> Result<Tensor> {
     let (_, h_in, w_in, _) = x.dims4()?;
-    let direct = kind == Resampling::Bilinear && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !direct || (h, w) == (h_in, w_in) {
+    if kind != Resampling::Bilinear || !direct_bilinear(x) || (h, w) == (h_in, w_in) {
         return resample_by_matmuls(x, kind, (h, w));
     }
     x.contiguous()?.apply_op1(BilinearResize { size: (h, w) })
@@ -153,31 +154,46 @@ pub(crate) fn axis_taps<T: Real>(n_in: usize, n_out: usize) -> Vec<Taps<T>> {
 
 multiversion! {
     /// One output row from its two input rows of `x` ([h_in][w_in][c]): `mix` = the row taps'
-    /// sum, then each output pixel the column taps' sum of `mix`.
-    fn resize_row<T>(x: &[T], w_in: usize, c: usize, row: Taps<T>, cols: &[Taps<T>], mix: &mut [T], out: &mut [T]) {
+    /// sum, then each output pixel the column taps' sum of `mix`, written to (or, with `add`,
+    /// added to) the first `c` values of every `stride` in `out`.
+    fn resize_row<T>(
+        x: &[T],
+        w_in: usize,
+        c: usize,
+        row: Taps<T>,
+        cols: &[Taps<T>],
+        mix: &mut [T],
+        out: &mut [T],
+        stride: usize,
+        add: bool,
+    ) {
         let [a0, a1] = row.weights;
         let (x0, x1) = (&x[row.first * w_in * c..][..w_in * c], &x[row.second * w_in * c..][..w_in * c]);
         for ((m, &u), &v) in mix.iter_mut().zip(x0).zip(x1) {
             *m = a0 * u + a1 * v;
         }
-        for (o, col) in out.chunks_exact_mut(c).zip(cols) {
+        for (o, col) in out.chunks_mut(stride).zip(cols) {
             let [b0, b1] = col.weights;
             let (m0, m1) = (&mix[col.first * c..][..c], &mix[col.second * c..][..c]);
-            for ((d, &u), &v) in o.iter_mut().zip(m0).zip(m1) {
-                *d = b0 * u + b1 * v;
+            let pixel = o[..c].iter_mut().zip(m0).zip(m1);
+            if add {
+                pixel.for_each(|((d, &u), &v)| *d += b0 * u + b1 * v);
+            } else {
+                pixel.for_each(|((d, &u), &v)| *d = b0 * u + b1 * v);
             }
         }
     }
 }
 
 multiversion! {
-    /// out += weight x (the column taps' transpose applied to the output-gradient row `g`):
-    /// each output pixel's gradient spread over its two input columns, in `spread`.
-    fn gather_row<T>(g: &[T], c: usize, cols: &[Taps<T>], weight: T, spread: &mut [T], out: &mut [T]) {
+    /// out += weight x (the column taps' transpose applied to the output-gradient row `g`, whose
+    /// pixels are the first `c` values of every `stride`): each output pixel's gradient spread
+    /// over its two input columns, in `spread`.
+    fn gather_row<T>(g: &[T], c: usize, stride: usize, cols: &[Taps<T>], weight: T, spread: &mut [T], out: &mut [T]) {
         spread.fill(T::ZERO);
-        for (gp, col) in g.chunks_exact(c).zip(cols) {
+        for (gp, col) in g.chunks(stride).zip(cols) {
             for (ix, wx) in [col.first, col.second].into_iter().zip(col.weights) {
-                for (d, &v) in spread[ix * c..][..c].iter_mut().zip(gp) {
+                for (d, &v) in spread[ix * c..][..c].iter_mut().zip(&gp[..c]) {
                     *d += wx * v;
                 }
             }
@@ -198,7 +214,7 @@ fn bilinear_forward<T: Real>(
     let mut y = vec![T::ZERO; b * h * w * c];
     y.par_chunks_mut(w * c).enumerate().for_each_init(
         || vec![T::ZERO; w_in * c],
-        |mix, (r, out)| resize_row(&x[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out),
+        |mix, (r, out)| resize_row(&x[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out, c, false),
     );
     y
 }
@@ -208,25 +224,47 @@ fn bilinear_backward<T: Real>(
     (b, h_in, w_in, c): (usize, usize, usize, usize),
     (h, w): (usize, usize),
 ) -> Vec<T> {
-    let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
+    let mut dx = vec![T::ZERO; b * h_in * w_in * c];
+    let rows: Vec<_> = dx.chunks_mut(w_in * c).enumerate().map(|(r, out)| (r / h_in, r % h_in, out)).collect();
+    gather_rows(g, Placement { stride: c, offset: 0 }, (h_in, w_in, c), (h, w), rows);
+    dx
+}
+
+/// Where a map's pixels sit in a wider NHWC map: its `c` channels at `offset` of every `stride`.
+#[derive(Clone, Copy)]
+struct Placement {
+    stride: usize,
+    offset: usize,
+}
+
+/// The input gradient of a bilinear resize from (h_in, w_in) to (h, w), read from the output
+/// gradient `g` ([B, h, w, stride], the map's channels placed in it), into `rows`: (image, input
+/// row, its w_in * c values), each added to, in parallel.
+fn gather_rows<T: Real>(
+    g: &[T],
+    at: Placement,
+    (h_in, w_in, c): (usize, usize, usize),
+    (h, w): (usize, usize),
+    rows: Vec<(usize, usize, &mut [T])>,
+) {
+    let (taps, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
     // The output rows that read each input row, with their weights.
     let mut readers: Vec<Vec<(usize, T)>> = vec![Vec::new(); h_in];
-    for (oy, row) in rows.iter().enumerate() {
+    for (oy, row) in taps.iter().enumerate() {
         for (iy, wy) in [row.first, row.second].into_iter().zip(row.weights) {
             readers[iy].push((oy, wy));
         }
     }
-    let mut dx = vec![T::ZERO; b * h_in * w_in * c];
-    dx.par_chunks_mut(w_in * c).enumerate().for_each_init(
+    let row_len = w * at.stride;
+    rows.into_par_iter().for_each_init(
         || vec![T::ZERO; w_in * c],
-        |spread, (r, out)| {
-            let (image, iy) = (r / h_in, r % h_in);
+        |spread, (image, iy, out)| {
             for &(oy, wy) in &readers[iy] {
-                gather_row(&g[(image * h + oy) * w * c..][..w * c], c, &cols, wy, spread, out);
+                let g_row = &g[(image * h + oy) * row_len..][..row_len];
+                gather_row(&g_row[at.offset..], c, at.stride, &cols, wy, spread, out);
             }
         },
     );
-    dx
 }
 
 impl CustomOp1 for BilinearResize {
@@ -271,5 +309,233 @@ impl CustomOp1 for BilinearResizeBackward {
             (h, w)
         )));
         Ok((out, Shape::from((b, h_in, w_in, c))))
+    }
+}
+
+/// Whether bilinear resizing of `x` runs as the CPU's direct pass.
+fn direct_bilinear(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn size_of(x: &Tensor) -> Result<(usize, usize)> {
+    let (_, h, w, _) = x.dims4()?;
+    Ok((h, w))
+}
+
+/// `fine` [B, h, w, C] + `coarse` [B, h', w', C] resized bilinearly to (h, w): the UperHead's
+/// top-down path. On the CPU one pass adds each resized row into a copy of `fine`, so the
+/// resized map is never held for the backward pass (which is `fine`'s gradient as it is and the
+/// resize's backward for `coarse`).
+pub fn add_resized(fine: &Tensor, coarse: &Tensor) -> Result<Tensor> {
+    if !direct_bilinear(fine) || size_of(fine)? == size_of(coarse)? {
+        return fine + resample(coarse, Resampling::Bilinear, size_of(fine)?)?;
+    }
+    fine.contiguous()?.apply_op2(&coarse.contiguous()?, AddResized)
+}
+
+struct AddResized;
+
+impl CustomOp2 for AddResized {
+    fn name(&self) -> &'static str {
+        "add-resized"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = l1.shape().dims4()?;
+        let (b2, h_in, w_in, c2) = l2.shape().dims4()?;
+        if (b2, c2) != (b, c) {
+            bail!("{}: [{b}, _, _, {c}] and [{b2}, _, _, {c2}] maps", self.name());
+        }
+        fn run<T: Real>(
+            fine: &[T],
+            coarse: &[T],
+            (h, w, c): (usize, usize, usize),
+            (h_in, w_in): (usize, usize),
+        ) -> Vec<T> {
+            let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
+            let image = h_in * w_in * c;
+            let mut y = fine.to_vec();
+            y.par_chunks_mut(w * c).enumerate().for_each_init(
+                || vec![T::ZERO; w_in * c],
+                |mix, (r, out)| {
+                    resize_row(&coarse[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out, c, true)
+                },
+            );
+            y
+        }
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let coarse = same_dtype_slices(self.name(), s2, l2)?;
+            into_storage(run(contiguous(v, l1, self.name())?, coarse, (h, w, c), (h_in, w_in)))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, coarse: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, h_in, w_in, _) = coarse.dims4()?;
+        let dcoarse = grad.contiguous()?.apply_op1_no_bwd(&BilinearResizeBackward { input: (h_in, w_in) })?;
+        Ok((Some(grad.clone()), Some(dcoarse)))
+    }
+}
+
+/// `first` [B, h, w, C0] and each of `rest` ([B, h_i, w_i, C_i]) resized bilinearly to (h, w),
+/// concatenated along the channels: the pyramid pooling's and the UperHead's fusion. On the CPU
+/// each resized map is written straight into its channels of the output, so the resized maps
+/// (as large as the output's finest level, one per input) are not held for the backward pass;
+/// the inputs travel as one flat [B, sum of their sizes] tensor, since a custom op takes at most
+/// three.
+pub fn concat_resized(first: &Tensor, rest: &[Tensor]) -> Result<Tensor> {
+    let size = size_of(first)?;
+    if !direct_bilinear(first) || rest.is_empty() {
+        let mut all = vec![first.clone()];
+        for x in rest {
+            all.push(resample(x, Resampling::Bilinear, size)?);
+        }
+        return Tensor::cat(&all, 3);
+    }
+    let b = first.dim(0)?;
+    let mut maps = Vec::with_capacity(rest.len());
+    let mut flat = Vec::with_capacity(rest.len());
+    for x in rest {
+        let (xb, h, w, c) = x.dims4()?;
+        if xb != b {
+            bail!("concat_resized: a map of {xb} images with maps of {b}");
+        }
+        maps.push((h, w, c));
+        flat.push(x.reshape((b, h * w * c))?);
+    }
+    let op = ConcatResized { channels: first.dim(3)?, maps };
+    first.contiguous()?.apply_op2(&Tensor::cat(&flat, 1)?, op)
+}
+
+struct ConcatResized {
+    /// The first map's channels.
+    channels: usize,
+    /// (h, w, c) of each resized map, in the order of their channels.
+    maps: Vec<(usize, usize, usize)>,
+}
+
+impl ConcatResized {
+    fn width(&self) -> usize {
+        self.channels + self.maps.iter().map(|m| m.2).sum::<usize>()
+    }
+
+    /// (placement in the output, offset in one image's flat inputs) of each map.
+    fn layout(&self) -> Vec<(Placement, usize)> {
+        let (stride, mut channel, mut flat) = (self.width(), self.channels, 0);
+        let mut at = Vec::with_capacity(self.maps.len());
+        for &(h, w, c) in &self.maps {
+            at.push((Placement { stride, offset: channel }, flat));
+            channel += c;
+            flat += h * w * c;
+        }
+        at
+    }
+
+    fn flat_len(&self) -> usize {
+        self.maps.iter().map(|&(h, w, c)| h * w * c).sum()
+    }
+
+    fn forward<T: Real>(&self, first: &[T], flat: &[T], (b, h, w): (usize, usize, usize)) -> Vec<T> {
+        let (stride, c0, per_image) = (self.width(), self.channels, self.flat_len());
+        let taps: Vec<_> =
+            self.maps.iter().map(|&(h_in, w_in, _)| (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w))).collect();
+        let widest = self.maps.iter().map(|&(_, w_in, c)| w_in * c).max().unwrap_or(0);
+        let layout = self.layout();
+        let mut y = vec![T::ZERO; b * h * w * stride];
+        y.par_chunks_mut(w * stride).enumerate().for_each_init(
+            || vec![T::ZERO; widest],
+            |mix, (r, out)| {
+                for (o, x) in out.chunks_exact_mut(stride).zip(first[r * w * c0..][..w * c0].chunks_exact(c0)) {
+                    o[..c0].copy_from_slice(x);
+                }
+                let image = &flat[r / h * per_image..][..per_image];
+                for ((&(h_in, w_in, c), (rows, cols)), &(at, offset)) in self.maps.iter().zip(&taps).zip(&layout) {
+                    let x = &image[offset..][..h_in * w_in * c];
+                    resize_row(
+                        x,
+                        w_in,
+                        c,
+                        rows[r % h],
+                        cols,
+                        &mut mix[..w_in * c],
+                        &mut out[at.offset..],
+                        stride,
+                        false,
+                    );
+                }
+            },
+        );
+        y
+    }
+}
+
+impl CustomOp2 for ConcatResized {
+    fn name(&self) -> &'static str {
+        "concat-resized"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c0) = l1.shape().dims4()?;
+        if c0 != self.channels || l2.shape().dims2()? != (b, self.flat_len()) {
+            bail!(
+                "{}: inputs {:?} and {:?} do not match the maps {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape(),
+                self.maps
+            );
+        }
+        let out = dispatch_float!(self.name(), s1, |v| {
+            let flat = same_dtype_slices(self.name(), s2, l2)?;
+            into_storage(self.forward(contiguous(v, l1, self.name())?, flat, (b, h, w)))
+        });
+        Ok((out, Shape::from((b, h, w, self.width()))))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dfirst = grad.narrow(3, 0, self.channels)?.contiguous()?;
+        let op = ConcatResizedBackward { channels: self.channels, maps: self.maps.clone() };
+        Ok((Some(dfirst), Some(grad.apply_op1_no_bwd(&op)?)))
+    }
+}
+
+/// d loss / d (the flat resized inputs) of [`ConcatResized`] from the output's gradient.
+struct ConcatResizedBackward {
+    channels: usize,
+    maps: Vec<(usize, usize, usize)>,
+}
+
+impl ConcatResizedBackward {
+    fn run<T: Real>(&self, g: &[T], (b, h, w): (usize, usize, usize)) -> Vec<T> {
+        let op = ConcatResized { channels: self.channels, maps: self.maps.clone() };
+        let mut dflat = vec![T::ZERO; b * op.flat_len()];
+        // Each map's rows of every image, gathered map by map.
+        let mut per_map: Vec<Vec<(usize, usize, &mut [T])>> = self.maps.iter().map(|_| Vec::new()).collect();
+        for (image, mut rest) in dflat.chunks_mut(op.flat_len()).enumerate() {
+            for (m, &(h_in, w_in, c)) in self.maps.iter().enumerate() {
+                let (map, tail) = rest.split_at_mut(h_in * w_in * c);
+                per_map[m].extend(map.chunks_mut(w_in * c).enumerate().map(|(iy, row)| (image, iy, row)));
+                rest = tail;
+            }
+        }
+        for ((&(h_in, w_in, c), (at, _)), rows) in self.maps.iter().zip(op.layout()).zip(per_map) {
+            gather_rows(g, at, (h_in, w_in, c), (h, w), rows);
+        }
+        dflat
+    }
+}
+
+impl CustomOp1 for ConcatResizedBackward {
+    fn name(&self) -> &'static str {
+        "concat-resized-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, _) = l.shape().dims4()?;
+        let per_image: usize = self.maps.iter().map(|&(h, w, c)| h * w * c).sum();
+        let out =
+            dispatch_float!(self.name(), s, |v| into_storage(self.run(contiguous(v, l, self.name())?, (b, h, w))));
+        Ok((out, Shape::from((b, per_image))))
     }
 }
