@@ -407,6 +407,7 @@ pub fn concat_resized(first: &Tensor, rest: &[Tensor]) -> Result<Tensor> {
     first.contiguous()?.apply_op2(&Tensor::cat(&flat, 1)?, op)
 }
 
+#[derive(Clone)]
 struct ConcatResized {
     /// The first map's channels.
     channels: usize,
@@ -495,31 +496,28 @@ impl CustomOp2 for ConcatResized {
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dfirst = grad.narrow(3, 0, self.channels)?.contiguous()?;
-        let op = ConcatResizedBackward { channels: self.channels, maps: self.maps.clone() };
+        let op = ConcatResizedBackward(self.clone());
         Ok((Some(dfirst), Some(grad.apply_op1_no_bwd(&op)?)))
     }
 }
 
 /// d loss / d (the flat resized inputs) of [`ConcatResized`] from the output's gradient.
-struct ConcatResizedBackward {
-    channels: usize,
-    maps: Vec<(usize, usize, usize)>,
-}
+struct ConcatResizedBackward(ConcatResized);
 
 impl ConcatResizedBackward {
     fn run<T: Real>(&self, g: &[T], (b, h, w): (usize, usize, usize)) -> Vec<T> {
-        let op = ConcatResized { channels: self.channels, maps: self.maps.clone() };
+        let Self(op) = self;
         let mut dflat = vec![T::ZERO; b * op.flat_len()];
         // Each map's rows of every image, gathered map by map.
-        let mut per_map: Vec<Vec<(usize, usize, &mut [T])>> = self.maps.iter().map(|_| Vec::new()).collect();
+        let mut per_map: Vec<Vec<(usize, usize, &mut [T])>> = op.maps.iter().map(|_| Vec::new()).collect();
         for (image, mut rest) in dflat.chunks_mut(op.flat_len()).enumerate() {
-            for (m, &(h_in, w_in, c)) in self.maps.iter().enumerate() {
+            for (m, &(h_in, w_in, c)) in op.maps.iter().enumerate() {
                 let (map, tail) = rest.split_at_mut(h_in * w_in * c);
                 per_map[m].extend(map.chunks_mut(w_in * c).enumerate().map(|(iy, row)| (image, iy, row)));
                 rest = tail;
             }
         }
-        for ((&(h_in, w_in, c), (at, _)), rows) in self.maps.iter().zip(op.layout()).zip(per_map) {
+        for ((&(h_in, w_in, c), (at, _)), rows) in op.maps.iter().zip(op.layout()).zip(per_map) {
             gather_rows(g, at, (h_in, w_in, c), (h, w), rows);
         }
         dflat
@@ -533,9 +531,8 @@ impl CustomOp1 for ConcatResizedBackward {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, h, w, _) = l.shape().dims4()?;
-        let per_image: usize = self.maps.iter().map(|&(h, w, c)| h * w * c).sum();
         let out =
             dispatch_float!(self.name(), s, |v| into_storage(self.run(contiguous(v, l, self.name())?, (b, h, w))));
-        Ok((out, Shape::from((b, per_image))))
+        Ok((out, Shape::from((b, self.0.flat_len()))))
     }
 }
