@@ -204,17 +204,20 @@ multiversion! {
     }
 }
 
+/// `x` resized to (h, w), or, given `base` (of the output's shape), `base` plus `x` resized.
 fn bilinear_forward<T: Real>(
     x: &[T],
     (b, h_in, w_in, c): (usize, usize, usize, usize),
     (h, w): (usize, usize),
+    base: Option<&[T]>,
 ) -> Vec<T> {
     let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
     let image = h_in * w_in * c;
-    let mut y = vec![T::ZERO; b * h * w * c];
+    let mut y = base.map_or_else(|| vec![T::ZERO; b * h * w * c], <[T]>::to_vec);
+    let add = base.is_some();
     y.par_chunks_mut(w * c).enumerate().for_each_init(
         || vec![T::ZERO; w_in * c],
-        |mix, (r, out)| resize_row(&x[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out, c, false),
+        |mix, (r, out)| resize_row(&x[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out, c, add),
     );
     y
 }
@@ -278,7 +281,8 @@ impl CustomOp1 for BilinearResize {
         let out = dispatch_float!(self.name(), s, |v| into_storage(bilinear_forward(
             contiguous(v, l, self.name())?,
             dims,
-            self.size
+            self.size,
+            None
         )));
         Ok((out, Shape::from((dims.0, h, w, dims.3))))
     }
@@ -346,26 +350,10 @@ impl CustomOp2 for AddResized {
         if (b2, c2) != (b, c) {
             bail!("{}: [{b}, _, _, {c}] and [{b2}, _, _, {c2}] maps", self.name());
         }
-        fn run<T: Real>(
-            fine: &[T],
-            coarse: &[T],
-            (h, w, c): (usize, usize, usize),
-            (h_in, w_in): (usize, usize),
-        ) -> Vec<T> {
-            let (rows, cols) = (axis_taps::<T>(h_in, h), axis_taps::<T>(w_in, w));
-            let image = h_in * w_in * c;
-            let mut y = fine.to_vec();
-            y.par_chunks_mut(w * c).enumerate().for_each_init(
-                || vec![T::ZERO; w_in * c],
-                |mix, (r, out)| {
-                    resize_row(&coarse[r / h * image..][..image], w_in, c, rows[r % h], &cols, mix, out, c, true)
-                },
-            );
-            y
-        }
         let out = dispatch_float!(self.name(), s1, |v| {
             let coarse = same_dtype_slices(self.name(), s2, l2)?;
-            into_storage(run(contiguous(v, l1, self.name())?, coarse, (h, w, c), (h_in, w_in)))
+            let fine = contiguous(v, l1, self.name())?;
+            into_storage(bilinear_forward(coarse, (b, h_in, w_in, c), (h, w), Some(fine)))
         });
         Ok((out, l1.shape().clone()))
     }
