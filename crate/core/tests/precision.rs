@@ -496,38 +496,49 @@ fn brightness_batch(cfg: &BeitConfig, b: usize, seed: u64) -> (Batch, Vec<i32>) 
     (Batch { pixels, mask, targets }, labels)
 }
 
-/// Mean of the last 50 of 300 losses on fresh batches, bf16 engine against f32 engine:
-/// within 2% (the tolerance the issue holds PyTorch's autocast to), for MIM and
-/// classification.
+/// Mean of the last 50 of 300 losses on fresh batches, bf16 engine against f32 engine, each
+/// averaged over 3 runs (seeds): within 2% (the tolerance the issue holds PyTorch's autocast
+/// to), for MIM and classification. One run of these tiny models is not enough: bf16 and f32
+/// trajectories part after a few steps, and single runs' tails differ by -3.1% to +2.0% either
+/// way (5 seeds each, attention products in f32 or bf16), while the 3-run means agree to 1%.
 #[test]
 fn the_engines_bf16_training_tracks_f32_over_300_steps() {
+    const SEEDS: [u64; 3] = [7, 8, 9];
     let tail_mean = |losses: &[f64]| losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
     let cfg = small_mim_config();
-    let mim = |precision| {
-        let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), 7).unwrap();
-        t.set_precision(precision).unwrap();
-        let step = |s: u64| t.train_step(&brightness_batch(&cfg, 32, s).0.view(), 3e-3, s).unwrap().loss;
-        (0..300).map(step).collect::<Vec<_>>()
+    let batch = |seed: u64, step: u64| brightness_batch(&cfg, 32, 1000 * seed + step);
+    // The mean over the seeds of the last 50 losses, and the mean of the first ones.
+    let runs = |run: &dyn Fn(u64) -> Vec<f64>| {
+        let losses: Vec<Vec<f64>> = SEEDS.iter().map(|&seed| run(seed)).collect();
+        let mean = |f: &dyn Fn(&[f64]) -> f64| losses.iter().map(|l| f(l)).sum::<f64>() / SEEDS.len() as f64;
+        (mean(&tail_mean), mean(&|l| l[0]))
     };
-    let (full, mixed) = (mim(Precision::F32), mim(Precision::Bf16));
-    let (f, m) = (tail_mean(&full), tail_mean(&mixed));
-    assert!(f < 0.75 * full[0], "f32 MIM did not learn: {} -> {f}", full[0]);
+    let mim = |precision| {
+        runs(&|seed| {
+            let mut t = BeitTrainer::new(cfg.clone(), AdamWConfig::default(), seed).unwrap();
+            t.set_precision(precision).unwrap();
+            (0..300).map(|s| t.train_step(&batch(seed, s).0.view(), 3e-3, s).unwrap().loss).collect()
+        })
+    };
+    let ((f, first), (m, _)) = (mim(Precision::F32), mim(Precision::Bf16));
+    assert!(f < 0.75 * first, "f32 MIM did not learn: {first} -> {f}");
     assert!((m - f).abs() < 0.02 * f, "MIM: last 50 steps' mean loss bf16 {m} vs f32 {f}");
 
     let classes = ClassifierConfig { model: small_mim_config(), num_labels: 5, pooling: Pooling::Mean };
     let classify = |precision| {
-        let opts = ClassifierTrainingOptions::default();
-        let mut t = ClassifierTrainer::new(classes.clone(), AdamWConfig::default(), opts, 4).unwrap();
-        t.set_precision(precision).unwrap();
-        let step = |s: u64| {
-            let (b, labels) = brightness_batch(&cfg, 32, s);
-            t.train_step(&b.pixels, &labels, 3e-3, s).unwrap().loss
-        };
-        (0..300).map(step).collect::<Vec<_>>()
+        runs(&|seed| {
+            let opts = ClassifierTrainingOptions::default();
+            let mut t = ClassifierTrainer::new(classes.clone(), AdamWConfig::default(), opts, seed).unwrap();
+            t.set_precision(precision).unwrap();
+            let step = |s: u64| {
+                let (b, labels) = batch(seed, s);
+                t.train_step(&b.pixels, &labels, 3e-3, s).unwrap().loss
+            };
+            (0..300).map(step).collect()
+        })
     };
-    let (full, mixed) = (classify(Precision::F32), classify(Precision::Bf16));
-    let (f, m) = (tail_mean(&full), tail_mean(&mixed));
-    assert!(f < 0.75 * full[0], "f32 classifier did not learn: {} -> {f}", full[0]);
+    let ((f, first), (m, _)) = (classify(Precision::F32), classify(Precision::Bf16));
+    assert!(f < 0.75 * first, "f32 classifier did not learn: {first} -> {f}");
     assert!((m - f).abs() < 0.02 * f, "classifier: last 50 steps' mean loss bf16 {m} vs f32 {f}");
 }
 
@@ -676,14 +687,13 @@ fn the_engines_bf16_tokenizer_training_tracks_f32() {
 }
 
 /// `ops::matmul` at bf16 on the CPU: the forward and both input gradients are the products of
-/// the bf16-rounded operands summed in f32, transposed operands (strided views) included; at
-/// f32 it is candle's matmul.
+/// the bf16-rounded operands summed in f32, transposed operands (strided views) included, and
+/// batches of matrices (the attention's [batch, heads, tokens, ..] products) whose batch
+/// dimensions are strided too; at f32 it is candle's matmul.
 #[test]
 fn bf16_matmul_op_multiplies_rounded_inputs_both_ways() {
     let (m, k, n) = (19, 40, 13);
-    let a = Var::from_tensor(&Tensor::from_vec(f32_values(k * m, 1), (k, m), &Device::Cpu).unwrap()).unwrap();
-    let b = Var::from_tensor(&Tensor::from_vec(f32_values(k * n, 2), (k, n), &Device::Cpu).unwrap()).unwrap();
-    let g = Tensor::from_vec(f32_values(m * n, 3), (m, n), &Device::Cpu).unwrap();
+    let cpu = &Device::Cpu;
     let round = |t: &Tensor| {
         let v: Vec<f64> = t
             .flatten_all()
@@ -693,27 +703,57 @@ fn bf16_matmul_op_multiplies_rounded_inputs_both_ways() {
             .iter()
             .map(|&x| bf16_value(bf16_bits(x)) as f64)
             .collect();
-        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+        Tensor::from_vec(v, t.dims(), cpu).unwrap()
     };
-    let at = a.as_tensor().t().unwrap();
-    let out = ops::matmul(&at, b.as_tensor(), Precision::Bf16).unwrap();
-    let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let (ra, rb, rg) = (round(&at), round(b.as_tensor()), round(&g));
-    let expected = [
-        ("forward", out.clone(), ra.matmul(&rb).unwrap()),
-        ("a's gradient", grads.get(&a).unwrap().clone(), rb.matmul(&rg.t().unwrap()).unwrap()),
-        ("b's gradient", grads.get(&b).unwrap().clone(), ra.t().unwrap().matmul(&rg).unwrap()),
-    ];
-    for (what, ours, reference) in expected {
-        let ours = ours.to_dtype(DType::F64).unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        let worst = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(worst < 1e-5 * scale, "{what}: {worst:e} off the rounded inputs' product (scale {scale})");
+    // No batch, and a [2, 3] batch whose a is stored as [3, 2, k, m] (its batch dimensions
+    // swapped back by a transpose: neither the batch nor the matrices are contiguous).
+    for batch in [vec![], vec![2, 3]] {
+        let dims = |rest: &[usize]| batch.iter().chain(rest).copied().collect::<Vec<_>>();
+        let count: usize = batch.iter().product();
+        let (a, at) = if batch.is_empty() {
+            let a = Var::from_tensor(&Tensor::from_vec(f32_values(k * m, 1), (k, m), cpu).unwrap()).unwrap();
+            let at = a.as_tensor().t().unwrap();
+            (a, at)
+        } else {
+            let stored = [batch[1], batch[0], k, m];
+            let a = Var::from_tensor(&Tensor::from_vec(f32_values(count * k * m, 1), &stored, cpu).unwrap()).unwrap();
+            let at = a.as_tensor().transpose(0, 1).unwrap().t().unwrap();
+            (a, at)
+        };
+        let b = Var::from_tensor(&Tensor::from_vec(f32_values(count * k * n, 2), dims(&[k, n]), cpu).unwrap()).unwrap();
+        let g = Tensor::from_vec(f32_values(count * m * n, 3), dims(&[m, n]), cpu).unwrap();
+        let out = ops::matmul(&at, b.as_tensor(), Precision::Bf16).unwrap();
+        assert_eq!(out.dims(), dims(&[m, n]));
+        let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ra, rb, rg) = (round(&at.contiguous().unwrap()), round(b.as_tensor()), round(&g));
+        let da = grads.get(&a).unwrap().clone();
+        // a's gradient in at's shape (it is stored in a's).
+        let da = if batch.is_empty() { da.t().unwrap() } else { da.transpose(0, 1).unwrap().t().unwrap() };
+        let expected = [
+            ("forward", out.clone(), ra.matmul(&rb).unwrap()),
+            ("a's gradient", da, rg.matmul(&rb.t().unwrap().contiguous().unwrap()).unwrap()),
+            (
+                "b's gradient",
+                grads.get(&b).unwrap().clone(),
+                ra.t().unwrap().contiguous().unwrap().matmul(&rg).unwrap(),
+            ),
+        ];
+        for (what, ours, reference) in expected {
+            let ours = ours.to_dtype(DType::F64).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let worst = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(
+                worst < 1e-5 * scale,
+                "{batch:?} {what}: {worst:e} off the rounded inputs' product (scale {scale})"
+            );
+        }
+        // (candle's matmul takes strided batches only when their matrices are contiguous)
+        let at = at.contiguous().unwrap();
+        let f32_out = ops::matmul(&at, b.as_tensor(), Precision::F32).unwrap();
+        let candle = at.matmul(b.as_tensor()).unwrap();
+        let same = (f32_out - candle).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(same, 0.0, "f32 is candle's matmul");
     }
-    let f32_out = ops::matmul(&at, b.as_tensor(), Precision::F32).unwrap();
-    let candle = at.matmul(b.as_tensor()).unwrap();
-    let same = (f32_out - candle).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(same, 0.0, "f32 is candle's matmul");
 }
 
 /// On the engine a precision change is switched in place (no copy of the model): steps after

@@ -10,7 +10,7 @@ use super::kernels::{
     self, add_bias, add_column_sums, bias_gelu, layer_norm, layer_norm_backward, residual, residual_backward,
 };
 use super::linear::Linear;
-use super::matmul::{matmul, matmul_raw, Mat, Threads};
+use super::matmul::{matmul_at, matmul_raw_at, Mat, Threads};
 use super::simd::Real;
 use super::SharedMut;
 use crate::arch::backbone::BlockParams;
@@ -173,8 +173,8 @@ pub struct Scratch<'a, T> {
 }
 
 impl Block {
-    /// A block whose linear layers run their GEMMs at `precision` (the attention's own
-    /// products, 5-15% of a block's multiplies at 65-197 tokens, stay f32).
+    /// A block whose GEMMs run at `precision`: the linear layers' and the attention's own
+    /// products (q k^T and probs v, and their gradients), as PyTorch's autocast runs them.
     pub fn new(p: &BlockParams, layout: &Layout, precision: Precision) -> Result<Self> {
         let d = p.query.n_in;
         let fused = layout.span(&[p.query.weight, p.key.weight, p.value.weight])?;
@@ -196,7 +196,7 @@ impl Block {
         })
     }
 
-    /// Runs the linear layers' GEMMs at `precision` from the next pass on.
+    /// Runs the block's GEMMs at `precision` from the next pass on.
     pub fn set_precision(&mut self, precision: Precision) {
         for linear in [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2] {
             linear.precision = precision;
@@ -237,7 +237,7 @@ impl Block {
             gather_bias(table.of(p), cx.index, s.heads, sc.bias);
         }
         let bias: &[T] = if self.has_bias(cx) { sc.bias } else { &[] };
-        attention_forward(&a.qkv, &mut a.probs, &mut a.ctx, bias, s);
+        attention_forward(self.qkv.precision, &a.qkv, &mut a.probs, &mut a.ctx, bias, s);
         self.proj.forward(p, &a.ctx, &mut a.attn);
         residual(x_in, &a.attn, lambda(self.lambda_1), &scales[..s.batch], d, &mut a.x_mid);
         self.ln2.forward(p, &a.x_mid, &mut a.xn2, &mut a.mean2, &mut a.rstd2);
@@ -303,7 +303,7 @@ impl Block {
         let (lambda, dlambda) = lambda_and_grad(p, grads, self.lambda_1);
         residual_backward(&g.dx, &a.attn, lambda, scales, d, &mut g.dbranch, dlambda, scratch);
         self.proj.backward(p, grads, &a.ctx, &g.dbranch, Some(&mut g.dnarrow), scratch);
-        attention_backward(&a.qkv, &a.probs, &g.dnarrow, &mut g.dqkv, &mut g.dprobs, s);
+        attention_backward(self.qkv.precision, &a.qkv, &a.probs, &g.dnarrow, &mut g.dqkv, &mut g.dprobs, s);
         if self.has_bias(cx) {
             // Sum the batch: dbias[h] += sum_b dscores[b, h]; a per-block table takes it now.
             if self.table.is_some() {
@@ -362,8 +362,9 @@ pub fn scatter_bias<T: Real>(dbias: &[T], index: &[usize], heads: usize, table_g
     }
 }
 
-/// Per (sample, head): probs = softmax(scale q k^T + bias), ctx[:, head] = probs v.
-fn attention_forward<T: Real>(qkv: &[T], probs: &mut [T], ctx: &mut [T], bias: &[T], s: Shapes) {
+/// Per (sample, head): probs = softmax(scale q k^T + bias), ctx[:, head] = probs v, the
+/// products at `precision`.
+fn attention_forward<T: Real>(precision: Precision, qkv: &[T], probs: &mut [T], ctx: &mut [T], bias: &[T], s: Shapes) {
     let (t, d, h) = (s.tokens, s.d, s.heads);
     let e = d / h;
     let scale = T::from_f64((e as f64).powf(-0.5));
@@ -375,7 +376,7 @@ fn attention_forward<T: Real>(qkv: &[T], probs: &mut [T], ctx: &mut [T], bias: &
         let q = Mat::strided(base + head * e, t, e, 3 * d);
         let k = Mat::strided(base + d + head * e, t, e, 3 * d);
         let v = Mat::strided(base + 2 * d + head * e, t, e, 3 * d);
-        matmul(p, Mat::dense(t, t), qkv, q, qkv, k.t(), false, T::ONE, Threads::Caller);
+        matmul_at(precision, p, Mat::dense(t, t), qkv, q, qkv, k.t(), false, T::ONE, Threads::Caller);
         let bias = if bias.is_empty() { bias } else { &bias[head * t * t..(head + 1) * t * t] };
         kernels::softmax_rows(p, bias, t, scale);
         let out = Mat::strided(b * t * d + head * e, t, e, d);
@@ -383,14 +384,25 @@ fn attention_forward<T: Real>(qkv: &[T], probs: &mut [T], ctx: &mut [T], bias: &
         let c = ctx;
         // SAFETY: task (b, head) writes rows b*t..(b+1)*t, columns head*e..(head+1)*e of ctx
         // only (in bounds, checked above): the tasks' regions are disjoint.
-        unsafe { matmul_raw(c.0, out, p.as_ptr(), Mat::dense(t, t), qkv.as_ptr(), v, false, T::ONE, Threads::Caller) };
+        unsafe {
+            let probs = p.as_ptr();
+            matmul_raw_at(precision, c.0, out, probs, Mat::dense(t, t), qkv.as_ptr(), v, false, T::ONE, Threads::Caller)
+        };
     });
 }
 
 /// Per (sample, head), from dctx: dv = p^T dctx, dp = dctx v^T, dscores = softmax'(dp) (left
 /// in `dprobs`, d loss / d (scale q k^T + bias)), dq = scale dscores k, dk = scale dscores^T
-/// q, all written into their columns of `dqkv`.
-fn attention_backward<T: Real>(qkv: &[T], probs: &[T], dctx: &[T], dqkv: &mut [T], dprobs: &mut [T], s: Shapes) {
+/// q, all written into their columns of `dqkv`; the products at `precision`.
+fn attention_backward<T: Real>(
+    precision: Precision,
+    qkv: &[T],
+    probs: &[T],
+    dctx: &[T],
+    dqkv: &mut [T],
+    dprobs: &mut [T],
+    s: Shapes,
+) {
     let (t, d, h) = (s.tokens, s.d, s.heads);
     let e = d / h;
     let scale = T::from_f64((e as f64).powf(-0.5));
@@ -402,19 +414,21 @@ fn attention_backward<T: Real>(qkv: &[T], probs: &[T], dctx: &[T], dqkv: &mut [T
         let (q, k, v) = (base + head * e, base + d + head * e, base + 2 * d + head * e);
         let view = |offset| Mat::strided(offset, t, e, 3 * d);
         let dout = Mat::strided(b * t * d + head * e, t, e, d);
-        matmul(dp, Mat::dense(t, t), dctx, dout, qkv, view(v).t(), false, T::ONE, Threads::Caller);
+        matmul_at(precision, dp, Mat::dense(t, t), dctx, dout, qkv, view(v).t(), false, T::ONE, Threads::Caller);
         assert!(base + 3 * d * (t - 1) + 3 * d <= dqkv_len);
         let o = out;
         let caller = Threads::Caller;
         // SAFETY: task (b, head) writes only rows b*t..(b+1)*t and the q, k, v columns of
         // `head` in dqkv (in bounds, checked above): disjoint from every other task's.
         unsafe {
-            matmul_raw(o.0, view(v), p.as_ptr(), Mat::dense(t, t).t(), dctx.as_ptr(), dout, false, T::ONE, caller);
+            let (p, dctx) = (p.as_ptr(), dctx.as_ptr());
+            matmul_raw_at(precision, o.0, view(v), p, Mat::dense(t, t).t(), dctx, dout, false, T::ONE, caller);
         }
         kernels::softmax_backward_rows(p, dp, t);
         unsafe {
-            matmul_raw(o.0, view(q), dp.as_ptr(), Mat::dense(t, t), qkv.as_ptr(), view(k), false, scale, caller);
-            matmul_raw(o.0, view(k), dp.as_ptr(), Mat::dense(t, t).t(), qkv.as_ptr(), view(q), false, scale, caller);
+            let (dp, qkv) = (dp.as_ptr(), qkv.as_ptr());
+            matmul_raw_at(precision, o.0, view(q), dp, Mat::dense(t, t), qkv, view(k), false, scale, caller);
+            matmul_raw_at(precision, o.0, view(k), dp, Mat::dense(t, t).t(), qkv, view(q), false, scale, caller);
         }
     });
 }

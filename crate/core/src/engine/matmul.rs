@@ -153,30 +153,38 @@ pub fn matmul_at<T: Real>(
     scale: T,
     threads: Threads,
 ) {
+    check_views(dst, &d, a, &am, b, &bm);
+    // SAFETY: bounds checked above; `dst` is a unique borrow, so it aliases neither input.
+    unsafe { matmul_raw_at(precision, dst.as_mut_ptr(), d, a.as_ptr(), am, b.as_ptr(), bm, accumulate, scale, threads) }
+}
+
+/// [`matmul_at`] through raw pointers, for tasks that write disjoint parts of one buffer.
+///
+/// # Safety
+/// As [`matmul_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_raw_at<T: Real>(
+    precision: Precision,
+    dst: *mut T,
+    d: Mat,
+    a: *const T,
+    am: Mat,
+    b: *const T,
+    bm: Mat,
+    accumulate: bool,
+    scale: T,
+    threads: Threads,
+) {
     match precision {
-        Precision::F32 => matmul(dst, d, a, am, b, bm, accumulate, scale, threads),
+        Precision::F32 => matmul_raw(dst, d, a, am, b, bm, accumulate, scale, threads),
         Precision::Bf16 => {
-            check_views(dst, &d, a, &am, b, &bm);
             assert!(
                 std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),
                 "bf16 GEMMs take f32 buffers (the finite-difference checks run f64 at f32 precision)"
             );
             let scale = scale.to_f64() as f32;
-            // SAFETY: T is f32 (asserted above), the views are in bounds, and `dst` is a unique
-            // borrow, so it aliases neither input.
-            unsafe {
-                matmul_bf16_raw(
-                    dst.as_mut_ptr().cast(),
-                    d,
-                    a.as_ptr().cast(),
-                    am,
-                    b.as_ptr().cast(),
-                    bm,
-                    accumulate,
-                    scale,
-                    threads,
-                )
-            }
+            // SAFETY: T is f32 (asserted above); the rest is the caller's contract.
+            matmul_bf16_raw(dst.cast(), d, a.cast(), am, b.cast(), bm, accumulate, scale, threads)
         }
     }
 }

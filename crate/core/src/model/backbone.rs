@@ -126,6 +126,8 @@ pub struct SelfAttention {
     relative_position_bias: Option<RelativePositionBias>,
     num_heads: usize,
     scale: f64,
+    /// The precision of the products' inputs on the CPU (see [`ops::matmul`]).
+    gemm: Precision,
 }
 
 impl SelfAttention {
@@ -138,7 +140,7 @@ impl SelfAttention {
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = ops::matmul(&q, &k.t()?, self.gemm)?;
         let bias = match (&self.relative_position_bias, shared_bias) {
             (Some(own), Some(shared)) => Some((like(&own.forward()?, x)? + shared)?),
             (Some(own), None) => Some(like(&own.forward()?, x)?),
@@ -146,7 +148,7 @@ impl SelfAttention {
         };
         // The 1/sqrt(head_dim) scale and the bias are applied inside the softmax kernel.
         let probs = ops::scaled_softmax(&scores, bias.as_ref(), self.scale)?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+        ops::matmul(&probs, &v, self.gemm)?.transpose(1, 2)?.reshape((b, t, d))
     }
 }
 
@@ -179,6 +181,7 @@ impl Layer {
                 relative_position_bias,
                 num_heads: cfg.num_attention_heads,
                 scale: (cfg.head_dim() as f64).powf(-0.5),
+                gemm,
             },
             attention_output: Linear::new(&p.attention_output, vars, gemm),
             layernorm_after: LayerNorm::new(&p.layernorm_after, vars),
@@ -236,8 +239,8 @@ pub struct BeitModel {
 }
 
 impl BeitModel {
-    /// `gemm`: the precision of the linear layers' matmul inputs on the CPU (the attention's
-    /// batched products stay in the tensors' dtype).
+    /// `gemm`: the precision of the matmul inputs on the CPU, the linear layers' and the
+    /// attention's products'.
     pub fn new(cfg: &BeitConfig, p: &BackboneParams, vars: &Vars, device: &Device, gemm: Precision) -> Result<Self> {
         let relative_position_bias = match p.relative_position_bias {
             Some(t) => Some(RelativePositionBias::new(cfg, vars.get(t), device)?),

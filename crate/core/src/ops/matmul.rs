@@ -6,13 +6,15 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::config::Precision;
 use crate::engine::matmul::{matmul_at, Mat, Threads};
 
-/// a [m, k] x b [k, n] with the GEMM's inputs at `gemm`: candle's matmul for f32 (and on a
-/// GPU, where the tensors' dtype decides), the engine's bf16 GEMM for bf16 on the CPU (f32
-/// tensors only).
+/// a [.., m, k] x b [.., k, n] (the same leading dimensions, as candle's matmul) with the
+/// GEMM's inputs at `gemm`: candle's matmul for f32 (and on a GPU, where the tensors' dtype
+/// decides), the engine's bf16 GEMM for bf16 on the CPU (f32 tensors only), one per matrix of
+/// the batch.
 pub fn matmul(a: &Tensor, b: &Tensor, gemm: Precision) -> candle_core::Result<Tensor> {
     if gemm == Precision::F32 || !a.device().is_cpu() {
         return a.matmul(b);
@@ -25,14 +27,32 @@ pub fn matmul(a: &Tensor, b: &Tensor, gemm: Precision) -> candle_core::Result<Te
 
 struct Bf16Matmul;
 
-/// The view of a 2-D layout (any strides, as a transposed tensor has).
-fn view(layout: &Layout) -> candle_core::Result<Mat> {
-    match (layout.dims(), layout.stride()) {
-        (&[rows, cols], &[row_stride, col_stride]) => {
-            Ok(Mat { offset: layout.start_offset(), rows, cols, row_stride, col_stride })
-        }
-        (d, _) => bail!("bf16-matmul: expected a 2-D tensor, got shape {d:?}"),
+/// The leading (batch) dimensions of a layout and their strides, and the view of its first
+/// matrix (any strides, as a transposed tensor has).
+fn view(layout: &Layout) -> candle_core::Result<(&[usize], &[usize], Mat)> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let n = dims.len();
+    if n < 2 {
+        bail!("bf16-matmul: expected a matrix or a batch of them, got shape {dims:?}");
     }
+    let m = Mat {
+        offset: layout.start_offset(),
+        rows: dims[n - 2],
+        cols: dims[n - 1],
+        row_stride: stride[n - 2],
+        col_stride: stride[n - 1],
+    };
+    Ok((&dims[..n - 2], &stride[..n - 2], m))
+}
+
+/// The offset of the batch's matrix `i` (row-major over `dims`) from its first one.
+fn batch_offset(mut i: usize, dims: &[usize], stride: &[usize]) -> usize {
+    let mut offset = 0;
+    for (&d, &s) in dims.iter().zip(stride).rev() {
+        offset += (i % d) * s;
+        i /= d;
+    }
+    offset
 }
 
 impl CustomOp2 for Bf16Matmul {
@@ -47,17 +67,30 @@ impl CustomOp2 for Bf16Matmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (am, bm) = (view(l1)?, view(l2)?);
-        if am.cols != bm.rows {
-            bail!("bf16-matmul: [{}x{}] x [{}x{}] does not fit", am.rows, am.cols, bm.rows, bm.cols);
+        let ((batch, a_stride, am), (b_batch, b_stride, bm)) = (view(l1)?, view(l2)?);
+        if am.cols != bm.rows || batch != b_batch {
+            bail!("bf16-matmul: {:?} x {:?} does not fit", l1.dims(), l2.dims());
         }
         let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
             bail!("bf16-matmul: expected f32 inputs, got {:?} and {:?}", s1.dtype(), s2.dtype());
         };
-        let d = Mat::dense(am.rows, bm.cols);
-        let mut out = vec![0f32; d.rows * d.cols];
-        matmul_at(Precision::Bf16, &mut out, d, a, am, b, bm, false, 1.0, Threads::Pool);
-        Ok((CpuStorage::F32(out), Shape::from((d.rows, d.cols))))
+        let (matrices, size) = (batch.iter().product::<usize>(), am.rows * bm.cols);
+        let mut out = vec![0f32; matrices * size];
+        // Small matrices (the attention's, one per image and head) each on one thread, in
+        // parallel; a single large one over the pool.
+        let threads = if matrices > 1 { Threads::Caller } else { Threads::Pool };
+        let product = |(i, out): (usize, &mut [f32])| {
+            let am = Mat { offset: am.offset + batch_offset(i, batch, a_stride), ..am };
+            let bm = Mat { offset: bm.offset + batch_offset(i, batch, b_stride), ..bm };
+            matmul_at(Precision::Bf16, out, Mat::dense(am.rows, bm.cols), a, am, b, bm, false, 1.0, threads);
+        };
+        if matrices > 1 {
+            out.par_chunks_mut(size).enumerate().for_each(product);
+        } else {
+            out.chunks_mut(size).enumerate().for_each(product);
+        }
+        let dims: Vec<usize> = batch.iter().copied().chain([am.rows, bm.cols]).collect();
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(
