@@ -71,75 +71,9 @@ fn check_views<T>(dst: &[T], d: &Mat, a: &[T], am: &Mat, b: &[T], bm: &Mat) {
     assert!(d.end() <= dst.len() && am.end() <= a.len() && bm.end() <= b.len(), "matmul: a view exceeds its buffer");
 }
 
-/// dst = scale * a b, or dst += scale * a b with `accumulate`. Views are bounds-checked.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul<T: Real>(
-    dst: &mut [T],
-    d: Mat,
-    a: &[T],
-    am: Mat,
-    b: &[T],
-    bm: Mat,
-    accumulate: bool,
-    scale: T,
-    threads: Threads,
-) {
-    check_views(dst, &d, a, &am, b, &bm);
-    // SAFETY: bounds checked above; `dst` is a unique borrow, so it aliases neither input.
-    unsafe { matmul_raw(dst.as_mut_ptr(), d, a.as_ptr(), am, b.as_ptr(), bm, accumulate, scale, threads) }
-}
-
-/// [`matmul`] through raw pointers, for tasks that write disjoint parts of one buffer.
-///
-/// # Safety
-/// Every view must lie inside its allocation, `dst`'s elements must not be written or read
-/// by anyone else during the call, and must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_raw<T: Real>(
-    dst: *mut T,
-    d: Mat,
-    a: *const T,
-    am: Mat,
-    b: *const T,
-    bm: Mat,
-    accumulate: bool,
-    scale: T,
-    threads: Threads,
-) {
-    check_shapes(&d, &am, &bm);
-    if d.rows == 0 || d.cols == 0 {
-        return;
-    }
-    let parallelism = match threads {
-        Threads::Pool => gemm::Parallelism::Rayon(0),
-        Threads::Caller => gemm::Parallelism::None,
-    };
-    let s = |x: usize| x as isize;
-    gemm::gemm(
-        d.rows,
-        d.cols,
-        am.cols,
-        dst.add(d.offset),
-        s(d.col_stride),
-        s(d.row_stride),
-        accumulate,
-        a.add(am.offset),
-        s(am.col_stride),
-        s(am.row_stride),
-        b.add(bm.offset),
-        s(bm.col_stride),
-        s(bm.row_stride),
-        T::ONE,
-        scale,
-        false,
-        false,
-        false,
-        parallelism,
-    );
-}
-
-/// [`matmul`] with the inputs at `precision`: as they are for f32, rounded to bf16 (f32 sums,
-/// [`super::matmul_bf16`]) for bf16, the engine's mixed precision, which takes f32 buffers.
+/// dst = scale * a b, or dst += scale * a b with `accumulate`, with the inputs at `precision`:
+/// as they are for f32 (the `gemm` crate), rounded to bf16 (f32 sums, [`super::matmul_bf16`])
+/// for bf16, the engine's mixed precision, which takes f32 buffers. Views are bounds-checked.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_at<T: Real>(
     precision: Precision,
@@ -161,7 +95,8 @@ pub fn matmul_at<T: Real>(
 /// [`matmul_at`] through raw pointers, for tasks that write disjoint parts of one buffer.
 ///
 /// # Safety
-/// As [`matmul_raw`].
+/// Every view must lie inside its allocation, `dst`'s elements must not be written or read
+/// by anyone else during the call, and must not overlap `a` or `b`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_raw_at<T: Real>(
     precision: Precision,
@@ -175,8 +110,40 @@ pub unsafe fn matmul_raw_at<T: Real>(
     scale: T,
     threads: Threads,
 ) {
+    check_shapes(&d, &am, &bm);
     match precision {
-        Precision::F32 => matmul_raw(dst, d, a, am, b, bm, accumulate, scale, threads),
+        // The `gemm` crate, in the buffers' type (f32, or f64 in the gradient checks).
+        Precision::F32 => {
+            if d.rows == 0 || d.cols == 0 {
+                return;
+            }
+            let parallelism = match threads {
+                Threads::Pool => gemm::Parallelism::Rayon(0),
+                Threads::Caller => gemm::Parallelism::None,
+            };
+            let s = |x: usize| x as isize;
+            gemm::gemm(
+                d.rows,
+                d.cols,
+                am.cols,
+                dst.add(d.offset),
+                s(d.col_stride),
+                s(d.row_stride),
+                accumulate,
+                a.add(am.offset),
+                s(am.col_stride),
+                s(am.row_stride),
+                b.add(bm.offset),
+                s(bm.col_stride),
+                s(bm.row_stride),
+                T::ONE,
+                scale,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
         Precision::Bf16 => {
             assert!(
                 std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),

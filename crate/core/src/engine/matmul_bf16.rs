@@ -517,7 +517,7 @@ thread_local! {
 /// dst = scale * a b (dst += with `accumulate`) on bf16-rounded inputs, f32 sums.
 ///
 /// # Safety
-/// As [`super::matmul::matmul_raw`]: every view inside its allocation, `dst`'s elements
+/// As [`super::matmul::matmul_raw_at`]: every view inside its allocation, `dst`'s elements
 /// written or read by no one else during the call and overlapping neither input.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_bf16_raw(

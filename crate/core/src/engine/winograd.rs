@@ -27,9 +27,10 @@
 use rayon::prelude::*;
 
 use super::conv::Nhwc;
-use super::matmul::{matmul_raw, Mat, Threads};
+use super::matmul::{matmul_raw_at, Mat, Threads};
 use super::simd::{multiversion, Real};
 use super::{sized, SharedMut};
+use crate::config::Precision;
 
 /// Values of one chunk's transformed tiles (the larger of input and output side): 2M, 8 MB of
 /// f32, as [`super::conv`]'s im2col tiles.
@@ -361,7 +362,8 @@ fn pointwise_products<T: Real>(lhs: &[T], tiles: usize, points: usize, k: usize,
         // SAFETY: the views lie in buffers checked above; point `point` writes only its own
         // columns point*n.. of each tile's row block, which no other task touches.
         unsafe {
-            matmul_raw(
+            matmul_raw_at(
+                Precision::F32,
                 out.0,
                 d,
                 lhs.as_ptr(),
@@ -558,7 +560,8 @@ pub fn weight_gradient<T: Real>(
             // SAFETY: both views lie in their chunk's buffers (tiles * points rows of c_out and
             // c_in values), and `sum` is this task's own c_out x c_in block of `m`.
             unsafe {
-                matmul_raw(
+                matmul_raw_at(
+                    Precision::F32,
                     sum.as_mut_ptr(),
                     Mat::dense(c_out, s.c),
                     g.as_ptr(),
