@@ -754,6 +754,14 @@ fn bf16_matmul_op_multiplies_rounded_inputs_both_ways() {
         let same = (f32_out - candle).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(same, 0.0, "f32 is candle's matmul");
     }
+    // Empty products (a step with no masked patch, say) are empty tensors, not a failure.
+    let cases: [(&[usize], &[usize], &[usize]); 2] =
+        [(&[0, k], &[k, n], &[0, n]), (&[2, 0, k], &[2, k, n], &[2, 0, n])];
+    for (a_dims, b_dims, out_dims) in cases {
+        let a = Tensor::zeros(a_dims, DType::F32, cpu).unwrap();
+        let b = Tensor::ones(b_dims, DType::F32, cpu).unwrap();
+        assert_eq!(ops::matmul(&a, &b, Precision::Bf16).unwrap().dims(), out_dims);
+    }
 }
 
 /// On the engine a precision change is switched in place (no copy of the model): steps after

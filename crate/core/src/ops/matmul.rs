@@ -76,18 +76,17 @@ impl CustomOp2 for Bf16Matmul {
         };
         let (matrices, size) = (batch.iter().product::<usize>(), am.rows * bm.cols);
         let mut out = vec![0f32; matrices * size];
-        // Small matrices (the attention's, one per image and head) each on one thread, in
-        // parallel; a single large one over the pool.
-        let threads = if matrices > 1 { Threads::Caller } else { Threads::Pool };
-        let product = |(i, out): (usize, &mut [f32])| {
+        let product = |i: usize, out: &mut [f32], threads: Threads| {
             let am = Mat { offset: am.offset + batch_offset(i, batch, a_stride), ..am };
             let bm = Mat { offset: bm.offset + batch_offset(i, batch, b_stride), ..bm };
             matmul_at(Precision::Bf16, out, Mat::dense(am.rows, bm.cols), a, am, b, bm, false, 1.0, threads);
         };
-        if matrices > 1 {
-            out.par_chunks_mut(size).enumerate().for_each(product);
-        } else {
-            out.chunks_mut(size).enumerate().for_each(product);
+        // A single matrix over the pool; a batch's (the attention's, one per image and head,
+        // small) each on one thread, in parallel. Empty outputs have nothing to compute.
+        match matrices {
+            _ if size == 0 => {}
+            1 => product(0, &mut out, Threads::Pool),
+            _ => out.par_chunks_mut(size).enumerate().for_each(|(i, out)| product(i, out, Threads::Caller)),
         }
         let dims: Vec<usize> = batch.iter().copied().chain([am.rows, bm.cols]).collect();
         Ok((CpuStorage::F32(out), Shape::from(dims)))
