@@ -9,8 +9,8 @@
 // Masking is random by default: a garment spans about 12 of the 64 patches, and BEiT's blockwise
 // masks (blocks of 4 to 26 patches) often hide all of it, leaving nothing of it to infer from.
 //   npm run build:ts && node scripts/proof-segmentation.js [--seed 0] [--out runs/proof-seg]
-//     [--labelled 50] [--tokenizer-steps 200] [--pretrain-epochs 30] [--finetune-epochs 30]
-//     [--masking random|blockwise]
+//     [--labelled 50] [--tokenizer-steps 200] [--tokenizer-size 32|64] [--pretrain-epochs 30]
+//     [--finetune-epochs 30] [--masking random|blockwise]
 //     [--lr 3e-4] [--scratch-lr <the from-scratch run's, default --lr>] [--precision f32|bf16]
 // Prints one JSON line per seed at the end; the run folders hold metrics, curves and
 // predictions.png.
@@ -27,6 +27,7 @@ const { values } = parseArgs({
     out: { type: 'string', default: join('runs', 'proof-seg') },
     labelled: { type: 'string', default: '50' },
     'tokenizer-steps': { type: 'string', default: '200' },
+    'tokenizer-size': { type: 'string', default: '32' },
     'pretrain-epochs': { type: 'string', default: '30' },
     'finetune-epochs': { type: 'string', default: '30' },
     masking: { type: 'string', default: 'random' },
@@ -74,8 +75,17 @@ async function main() {
     'unlabelled scenes',
   )
 
+  // 32 px: three groups (downsampling 4); 64 px: the scenes at full size, four groups (8).
+  const tokenizerSize = Number(values['tokenizer-size'])
+  if (tokenizerSize !== 32 && tokenizerSize !== 64)
+    throw new Error(`--tokenizer-size must be 32 or 64, got ${values['tokenizer-size']}`)
   const tokenizer = beit.Dvae.create(
-    { preset: 'tiny', numChannels: 1, imageSize: [32, 32] },
+    {
+      preset: 'tiny',
+      numChannels: 1,
+      imageSize: [tokenizerSize, tokenizerSize],
+      numGroups: Math.log2(tokenizerSize / 8) + 1,
+    },
     { seed, emaDecay: 0, precision },
   )
   await beit.trainTokenizer({
