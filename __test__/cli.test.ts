@@ -238,6 +238,8 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
       /typo\.json: unknown option "epoch" for beit finetune; expected one of .*epochs/,
     ],
     [['probe', '--config', join(dir, 'wrong.json')], /wrong\.json: "out" must be a string, got 3/],
+    [['segment', '--channels', '3', '--out', join(dir, 'seg3')], /Fashion-MNIST scenes are gray: --channels must be 1/],
+    [['segment', '--data', dir, '--channels', '2', '--out', join(dir, 'seg2')], /--channels must be 1 or 3, got 2/],
   ]
   await writeFile(join(dir, 'both.json'), JSON.stringify({ steps: 3, epochs: 1 }))
   await writeFile(join(dir, 'typo.json'), JSON.stringify({ epoch: 1 }))

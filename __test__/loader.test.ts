@@ -213,6 +213,25 @@ test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', asy
   await t.throwsAsync(manifest(join(dir, 'bad.jsonl'), { classes: ['cat', 'dog'] }), {
     message: /bad\.jsonl:2: unknown class "horse"; expected one of cat, dog/,
   })
+  // Numbers 0..K-1 are their own indices; other numbers are names in numeric order.
+  await writeFile(join(dir, 'zero.csv'), 'path,label\ncat/1.PNG,1\ndog/1.PNG,0\n')
+  t.deepEqual((await manifest(join(dir, 'zero.csv'))).classNames, ['0', '1'])
+  await writeFile(join(dir, 'one.csv'), 'path,label\ncat/1.PNG,10\ndog/1.PNG,2\ndog/2.PNG,1\n')
+  const one = await manifest(join(dir, 'one.csv'))
+  t.deepEqual(
+    [one.classNames, [...one.labels]],
+    [
+      ['1', '2', '10'],
+      [2, 1, 0],
+    ],
+  )
+  // A quoted field may hold a comma and a line break; a quote left open is named.
+  await writeFile(join(dir, 'quoted.csv'), 'path,label\r\n"cat/1.PNG","a, b\nc"\r\n\r\ndog/1.PNG,d\n')
+  const quoted = await manifest(join(dir, 'quoted.csv'))
+  t.deepEqual(quoted.classNames, ['a, b\nc', 'd'])
+  t.is(quoted.size, 2)
+  await writeFile(join(dir, 'open.csv'), 'path,label\ncat/1.PNG,cat\n"dog/1.PNG,dog\n')
+  await t.throwsAsync(manifest(join(dir, 'open.csv')), { message: /open\.csv:3: unterminated quote/ })
 
   const loader = new ImageLoader({
     dataset: csv,
@@ -295,9 +314,27 @@ test('clear errors before any loading: missing or empty folder, bad options', as
   await writeFile(join(dir, 'notes.txt'), 'hi')
   await t.throwsAsync(imageFolder(dir), { message: /no images found in .*\(looked for \.jpg/ })
   await t.throwsAsync(openDataset(join(dir, 'missing'), 'train'), { message: /data not found/ })
+  // Split folders: a split without its own is an error, not the whole folder (train/ included).
+  await mkdir(join(dir, 'splits', 'train', 'cat'), { recursive: true })
+  const png = await sharp(Buffer.alloc(4 * 4 * 3, 100), { raw: { width: 4, height: 4, channels: 3 } })
+    .png()
+    .toBuffer()
+  await writeFile(join(dir, 'splits', 'train', 'cat', 'a.png'), png)
+  t.is((await openDataset(join(dir, 'splits'), 'train')).size, 1)
+  await t.throwsAsync(openDataset(join(dir, 'splits'), 'test'), {
+    message: /splits has split folders \(train\) but none for the test split \(expected test or val\)/,
+  })
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const base = { dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval' as const }, batchSize: 4 }
   t.throws(() => new ImageLoader({ ...base, batchSize: 0 }), { message: /batchSize must be a positive integer/ })
+  // A hand-built dataset that disagrees with itself is named with both counts.
+  const short = { ...dataset, labels: dataset.labels.subarray(1) }
+  t.throws(() => new ImageLoader({ ...base, dataset: short }), {
+    message: /dataset sample has size 1000 but only 999 labels/,
+  })
+  t.throws(() => new ImageLoader({ ...base, dataset: { ...dataset, size: 1001 } }), {
+    message: /dataset sample has size 1001 but only 1000 images of 28x28x1 pixels/,
+  })
   t.throws(() => new ImageLoader({ ...base, rank: 2, worldSize: 2 }), {
     message: /rank must be an integer in \[0, 1\]/,
   })

@@ -120,6 +120,24 @@ test('pretraining refuses a tokenizer whose grid does not match the patch grid',
     }),
     { message: /token grid 7x7 \(28 px \/ 4\) does not match the model's patch grid 4x4 \(28 px \/ 7\)/ },
   )
+  // An update larger than an epoch would never be taken: refused, as by every loop.
+  await t.throwsAsync(
+    pretrain({
+      model: Beit.create(MODEL),
+      tokenizer,
+      data,
+      masking: new BlockwiseMaskGenerator({ height: 7, width: 7, numMaskingPatches: 10, seed: 1 }),
+      batchSize: 16,
+      accumulate: 5,
+      steps: 1,
+      schedule: { lr: 1e-3 },
+      outDir: dir,
+    }),
+    {
+      message:
+        /an update takes 80 images \(batchSize x accumulate x ranks\), more than an epoch of .* \(64 images\) holds/,
+    },
+  )
 })
 
 test('fine-tuning from a pretrained checkpoint learns, evaluates every epoch and resumes exactly', async (t) => {

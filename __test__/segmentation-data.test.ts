@@ -168,7 +168,7 @@ test("drawPairAugment: mmseg's recipe by default, reproducible, and nothing rand
   const plain = drawPairAugment({ catMaxRatio: 1, photometric: false, flip: 0 }, [8, 8], new Rng(1))
   t.deepEqual([plain.crop.length, plain.photometric, plain.flip], [1, [], false])
   t.deepEqual(drawPairAugment('eval', [32, 16], new Rng(1)), {
-    rescale: { scale: [32, 16], ratio: 1 },
+    rescale: { scale: [32, 16], ratio: 1, fit: true },
     crop: [],
     catMaxRatio: 1,
     flip: false,

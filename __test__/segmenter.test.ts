@@ -6,6 +6,7 @@ import test from 'ava'
 
 import {
   Beit,
+  Classifier,
   fashionScenes,
   finetuneSegmentation,
   loadFashionMnist,
@@ -134,6 +135,20 @@ test('fine-tuning starts from a pretrained MIM checkpoint at another image size'
     }),
     { message: /the checkpoint's backbone has patchSize 4, the segmenter's model asks for 8/ },
   )
+  // A classifier's backbone, its config read from the checkpoint when no model is given; a
+  // file of another kind is named with both formats expected.
+  const classifier = Classifier.create({ model: { ...MODEL, hiddenSize: 24 }, numLabels: 3 })
+  await classifier.save(join(dir, 'cls.safetensors'))
+  const fromClassifier = await Segmenter.fromPretrained(join(dir, 'cls.safetensors'), {
+    numLabels: 2,
+    auxiliaryChannels: 8,
+  })
+  t.is(fromClassifier.config.model.hiddenSize, 24)
+  await fromClassifier.save(join(dir, 'seg.safetensors'))
+  await t.throwsAsync(Segmenter.fromPretrained(join(dir, 'seg.safetensors'), { numLabels: 2 }), {
+    message:
+      /seg\.safetensors has format "beit-seg\/1", expected a beit MIM \("beit-mim\/1"\) or classifier \("beit-cls\/1"\) checkpoint/,
+  })
 })
 
 test('masks of the wrong size are refused with both sizes', async (t) => {
@@ -167,6 +182,37 @@ test('Fashion-MNIST scenes: garments pasted without overlap, labelled class + 1 
   // 40x64 holds at most two 28x28 garments side by side.
   t.true(garments >= 20 && garments <= 40, `${garments} garment classes over 20 scenes`)
   t.throws(() => fashionScenes(source, { count: 1, size: [20, 64] }), { message: /cannot hold a 28x28 garment/ })
+})
+
+test('finetuneSegmentation: an update without a labelled pixel changes no weight, and the run goes on', async (t) => {
+  const { pixels, masks } = toyBatch(2, 11)
+  masks.fill(255, 0, 256) // scene 0 is all ignored: with batch 1, one of the epoch's two steps
+  const images = Uint8Array.from(pixels, (v) => Math.round((v + 1) * 127.5))
+  const data = {
+    name: 'toy',
+    size: 2,
+    source: { kind: 'pixels' as const, images, masks, height: 16, width: 16, channels: 1 as const },
+    classNames: ['off', 'on'],
+    reduceZeroLabel: false,
+  }
+  const steps: { loss: number; gradNorm: number; labelledPixels: number }[] = []
+  const result = await finetuneSegmentation({
+    segmenter: Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 }, { seed: 4 }),
+    train: data,
+    test: data,
+    batchSize: 1,
+    epochs: 1,
+    transform: 'eval',
+    schedule: { lr: 1e-3, warmupSteps: 0 },
+    sheetImages: 0,
+    outDir: tempDir(t),
+    onProgress: (p) => steps.push({ loss: p.loss, gradNorm: p.gradNorm, labelledPixels: p.labelledPixels }),
+  })
+  t.is(result.status, 'completed')
+  const [skipped, taken] = steps[0].labelledPixels === 0 ? steps : [steps[1], steps[0]]
+  t.deepEqual(skipped, { loss: NaN, gradNorm: 0, labelledPixels: 0 })
+  t.true(taken.labelledPixels > 0 && taken.gradNorm > 0 && Number.isFinite(taken.loss))
+  t.is(result.evals[0].trainLoss, taken.loss) // the epoch's mean leaves the unlabelled step out
 })
 
 test('finetuneSegmentation: a run folder with mIoU, and an interrupted run resumes to the same model', async (t) => {

@@ -281,7 +281,8 @@ test('trainTokenizer takes any dataset: a folder of RGB images of another size i
       'all twelve images, at 16 px',
     )
     await t.throwsAsync(trainTokenizer({ tokenizer: tok, data, steps: 1, batchSize: 13, outDir: join(dir, 'big') }), {
-      message: /an update takes 13 images \(batchSize x accumulate x ranks\), more than the 12 images of/,
+      message:
+        /an update takes 13 images \(batchSize x accumulate x ranks\), more than an epoch of .* \(12 images\) holds/,
     })
   })
 })
@@ -357,6 +358,30 @@ test('an interrupted and resumed tokenizer run ends with the weights of an unint
         message: /cannot resume: the run had totalSteps 9, now 5/,
       },
     )
+    // Saved after an epoch's last step (16 images, 4 steps an epoch): the rest of that epoch
+    // is empty, and the run goes on into the next.
+    const few = {
+      ...images,
+      count: 16,
+      images: images.images.subarray(0, 16 * 784),
+      labels: images.labels.subarray(0, 16),
+    }
+    const boundary = new AbortController()
+    const short = (tokenizer: Dvae, signal?: AbortSignal) =>
+      trainTokenizer({
+        tokenizer,
+        data: few,
+        steps: 6,
+        batchSize: 4,
+        seed: 2,
+        outDir: join(dir, 'boundary'),
+        evalImages: 8,
+        signal,
+        onProgress: (p) => p.step === 3 && boundary.abort(),
+      })
+    t.like(await short(Dvae.create(SMALL, { seed: 6 }), boundary.signal), { status: 'interrupted', step: 4 })
+    const rest = await short(await Dvae.load(join(dir, 'boundary', 'checkpoint.safetensors')))
+    t.like(rest, { status: 'completed', step: 6 })
   })
 })
 

@@ -140,7 +140,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     rank: dist.rank,
     worldSize: dist.worldSize,
   })
-  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch, train)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   const sizes = { train: train.size, test: test.size, batchSize, accumulate, totalSteps, seed }
   checkSameAcrossRanks(dist, 'fine-tuning run', sizes)

@@ -98,7 +98,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
     threads: opts.threads,
     prefetch: opts.prefetch,
   })
-  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch, data)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   checkSameAcrossRanks(dist, 'pretraining run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule, totalSteps)

@@ -138,9 +138,17 @@ export function batching(opts: Pick<LoopOptions, 'batchSize' | 'accumulate' | 'd
   return { batchSize: opts.batchSize, accumulate, distributed: checkDistributed(opts.distributed ?? SINGLE_PROCESS) }
 }
 
-/** Whole updates in an epoch of `batchesPerEpoch` batches (the last batches that make no whole update are left out). */
-export function updatesPerEpoch(b: Batching, batchesPerEpoch: number): number {
-  return Math.floor(batchesPerEpoch / b.accumulate)
+/**
+ * Whole updates in an epoch of `batchesPerEpoch` batches of `data` (the last batches that make
+ * no whole update are left out). An epoch without one is an error: the loop would never step.
+ */
+export function updatesPerEpoch(b: Batching, batchesPerEpoch: number, data: { size: number; name: string }): number {
+  const updates = Math.floor(batchesPerEpoch / b.accumulate)
+  if (updates === 0)
+    throw new Error(
+      `an update takes ${b.batchSize * b.accumulate * b.distributed.worldSize} images (batchSize x accumulate x ranks), more than an epoch of ${data.name} (${data.size} images) holds`,
+    )
+  return updates
 }
 
 /**

@@ -9,6 +9,8 @@ import { AdamWOptions, BeitConfig, ImageSize, imageSizePair, ModelSpec, resolveC
 import { Checkpointed } from './checkpointed'
 import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
 import { Beit } from './model'
+import { Classifier } from './classifier'
+import { checkpointFormat } from './huggingface'
 import { DeviceOptions, place } from './device'
 import {
   native,
@@ -89,6 +91,16 @@ export function resolveSegmenterConfig(spec: SegmenterSpec): SegmenterConfig {
   return { ...defaults, ...given, model }
 }
 
+/** The backbone config of a beit MIM (`Beit.save`) or classifier checkpoint. */
+export async function pretrainedBackbone(path: string): Promise<BeitConfig> {
+  const format = await checkpointFormat(path)
+  if (format === 'beit-mim/1') return (await Beit.load(path, { device: 'cpu' })).config
+  if (format === 'beit-cls/1') return (await Classifier.load(path, { device: 'cpu' })).config.model
+  throw new Error(
+    `${path} has format ${JSON.stringify(format)}, expected a beit MIM ("beit-mim/1") or classifier ("beit-cls/1") checkpoint`,
+  )
+}
+
 export class Segmenter extends Checkpointed<NativeSegmenter> {
   readonly config: SegmenterConfig
   readonly training: Required<SegmenterTrainingOptions>
@@ -119,7 +131,7 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
     spec: Omit<SegmenterSpec, 'model'> & { model?: ModelSpec },
     opts: SegmenterCreateOptions = {},
   ): Promise<Segmenter> {
-    const model = spec.model ?? (await Beit.load(path)).config
+    const model = spec.model ?? (await pretrainedBackbone(path))
     const config = resolveSegmenterConfig({ ...spec, model })
     const handle = await native.NativeSegmenter.fromPretrained(path, JSON.stringify(config), ...nativeOptions(opts))
     return new Segmenter(place(handle, opts))

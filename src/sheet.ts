@@ -68,7 +68,8 @@ export interface PredictionSheetInput {
   view: { size: [number, number]; channels: number; mean: number[]; std: number[] }
   /** Rows (images) drawn. */
   count: number
-  ignoreIndex?: number
+  /** The masks' ignore index (drawn white), the segmenter's `semanticLossIgnoreIndex`. */
+  ignoreIndex: number
 }
 
 /** One row per image: the image | its true mask | the predicted mask, in the class palette, 2 px gaps. */

@@ -147,11 +147,7 @@ export async function trainTokenizer(
     rank: dist.rank,
     worldSize: dist.worldSize,
   })
-  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
-  if (updates === 0)
-    throw new Error(
-      `an update takes ${batchSize * accumulate * dist.worldSize} images (batchSize x accumulate x ranks), more than the ${data.size} images of ${data.name}`,
-    )
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch, data)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   checkSameAcrossRanks(dist, 'tokenizer run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule ?? TOKENIZER_SCHEDULE, totalSteps)
@@ -235,7 +231,9 @@ export async function trainTokenizer(
       if (await run.afterStep(state.step, save)) return run.end('interrupted', state.step)
       started = performance.now()
     }
-    if (state.step === stepsBefore)
+    // A whole epoch without a step (not the rest of one a resumed run starts in, which may be
+    // empty: a run saved after an epoch's last step).
+    if (fromBatch === 0 && state.step === stepsBefore)
       throw new Error(`no readable images in ${data.name} (${loader.stats.skipped} skipped)`)
     epoch++
     fromBatch = 0

@@ -205,10 +205,13 @@ export const demoCommand = defineCommand({
         join(out, 'finetune-pretrained'),
       ),
     )
+    // Interrupted (Ctrl-C): stop here, as after the pretraining; the demo has no --resume.
+    if (fromPretrained.status === 'interrupted') return
     const scratchSpec = { ...ft, 'image-size': 28, 'patch-size': 4, channels: 1, layers: 4 }
     const fromScratch = await timed('finetune scratch', () =>
       runFinetune(scratchSpec, labelled, test, join(out, 'finetune-scratch')),
     )
+    if (fromScratch.status === 'interrupted') return
     const finalAcc = (r: { evals: EpochResult[] }) => r.evals[r.evals.length - 1]?.evalAccuracy ?? NaN
 
     console.log('')

@@ -22,7 +22,11 @@ const FLAGS = flagTable({
     default: false,
   },
   ...MODEL_FLAGS,
-  layer: { kind: 'int', help: 'block whose output is probed, 1-based (default 3/4 of the depth)' },
+  layer: {
+    kind: 'int',
+    help: 'block whose output is probed, 1-based, 0 for the patch embeddings (default 3/4 of the depth)',
+    min: 0,
+  },
   epochs: { kind: 'int', help: 'passes over the features', default: 10 },
   'batch-size': { kind: 'int', help: 'features per step', default: 256 },
   lr: { kind: 'number', help: 'peak learning rate (cosine to 1/100)', default: 1e-2 },

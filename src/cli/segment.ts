@@ -9,9 +9,8 @@ import { join } from 'node:path'
 import { defineCommand, flagTable, UsageError } from '../cli-options'
 import { DEBIAN_FASHION_MNIST_DIR, embeddedSampleDir, loadFashionMnist } from '../data/fashion-mnist'
 import type { ModelSpec } from '../config'
-import { Beit } from '../model'
 import { CHECKPOINT_FILE, Progress } from '../run'
-import { Segmenter } from '../segmenter'
+import { pretrainedBackbone, Segmenter } from '../segmenter'
 import { finetuneSegmentation, SegmentationEpochResult, SegmentationProgress } from '../segmentation/finetune'
 import { fashionScenes } from '../segmentation/scenes'
 import {
@@ -102,13 +101,14 @@ export const segmentCommand = defineCommand({
     let segmenter: Segmenter
     if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v, job))
     else if (v.init !== undefined) {
-      const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
+      const pretrained = await pretrainedBackbone(v.init)
       const model = { ...pretrained, imageSize: size, dropPathRate: v['drop-path'] }
       if (pretrained.numChannels !== channels)
         throw new UsageError(`${v.init} takes ${pretrained.numChannels}-channel images but the data has ${channels}`)
       segmenter = await Segmenter.fromPretrained(v.init, { model, ...head }, options)
     } else {
-      const patch = v['patch-size'] ?? 4
+      // 4 px on the scenes (a garment spans a few patches, as in the demo), BEiT's 16 on photos.
+      const patch = v['patch-size'] ?? (what === 'scenes' ? 4 : 16)
       if (size[0] % patch !== 0 || size[1] % patch !== 0)
         throw new UsageError(`the input size ${size.join('x')} must be a multiple of --patch-size ${patch}`)
       const model = {
@@ -179,6 +179,8 @@ async function openSegmentationData(v: SegmentValues): Promise<{
   what: string
 }> {
   if (v.data === 'sample' || v.data === 'fashion-mnist') {
+    if (v.channels !== undefined && v.channels !== 1)
+      throw new UsageError(`Fashion-MNIST scenes are gray: --channels must be 1 or left out, got ${v.channels}`)
     const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
     const size: [number, number] = [v['scene-height'], v['scene-width']]
     const scenes = async (split: 'train' | 'test', count: number, seed: number) =>
@@ -190,6 +192,7 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     return { train, test, size, transform, numLabels: train.classNames.length, channels: 1, what: 'scenes' }
   }
   const path = v.data
+  const channels = folderChannels(v.channels)
   const reduceZeroLabel = v['reduce-zero-label']
   let train: SegmentationDataset
   let test: SegmentationDataset
@@ -222,9 +225,15 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     size: [crop, crop],
     transform: {},
     numLabels,
-    channels: v.channels === 1 ? 1 : 3,
+    channels,
     what,
   }
+}
+
+/** `--channels` for image files: 3 unless 1 is asked for. */
+function folderChannels(flag: number | undefined): 1 | 3 {
+  if (flag !== undefined && flag !== 1 && flag !== 3) throw new UsageError(`--channels must be 1 or 3, got ${flag}`)
+  return flag === 1 ? 1 : 3
 }
 
 /** `--out-indices` as four integers (checked against the depth by the model's config). */

@@ -156,14 +156,18 @@ export async function readManifest(path: string): Promise<string> {
   }
 }
 
-/** Sorted distinct labels; all-numeric labels 0..K-1 are kept as their own indices. */
+/**
+ * The class names of a manifest's labels, sorted: labels that are exactly 0..K-1 keep their own
+ * indices; other numbers sort by value (1..10 become classes 0..9 named "1".."10"), names
+ * alphabetically.
+ */
 function classesOf(labels: string[]): string[] {
   const distinct = [...new Set(labels)]
-  if (distinct.every((l) => /^\d+$/.test(l))) {
-    const max = Math.max(...distinct.map(Number))
-    return Array.from({ length: max + 1 }, (_, i) => String(i))
+  const numbers = distinct.every((l) => /^\d+$/.test(l))
+  if (numbers && distinct.every((l) => String(Number(l)) === l && Number(l) < distinct.length)) {
+    return Array.from({ length: distinct.length }, (_, i) => String(i))
   }
-  return distinct.sort()
+  return numbers ? distinct.sort((a, b) => Number(a) - Number(b) || a.localeCompare(b)) : distinct.sort()
 }
 
 interface ManifestRow {
@@ -196,46 +200,75 @@ function parseJsonl(text: string, file: string): ManifestRow[] {
 
 /** CSV with a header; fields may be double-quoted (with "" for a quote). */
 function parseCsv(text: string, file: string): ManifestRow[] {
-  const lines = text.split(/\r?\n/)
-  const header = splitCsvLine(lines[0] ?? '').map((h) => h.trim().toLowerCase())
+  const [head, ...records] = csvRecords(text, file)
+  const header = (head?.fields ?? []).map((h) => h.trim().toLowerCase())
   const pathCol = header.indexOf('path')
   const labelCol = header.indexOf('label')
   if (pathCol < 0)
     throw new Error(
-      `${file}:1: the CSV header needs a "path" column (and optionally "label"), got ${JSON.stringify(lines[0])}`,
+      `${file}:1: the CSV header needs a "path" column (and optionally "label"), got ${JSON.stringify(text.split(/\r?\n/)[0])}`,
     )
-  const rows: ManifestRow[] = []
-  for (let i = 1; i < lines.length; i++) {
-    if (!lines[i].trim()) continue
-    const fields = splitCsvLine(lines[i])
+  return records.map(({ fields, line }) => {
     const path = fields[pathCol]?.trim()
-    if (!path) throw new Error(`${file}:${i + 1}: empty path`)
+    if (!path) throw new Error(`${file}:${line}: empty path`)
     const label = labelCol >= 0 ? fields[labelCol]?.trim() : undefined
-    rows.push({ path, label: label === '' ? undefined : label, line: i + 1 })
-  }
-  return rows
+    return { path, label: label === '' ? undefined : label, line }
+  })
 }
 
-export function splitCsvLine(line: string): string[] {
-  const fields: string[] = []
+/**
+ * The records of a CSV text, each with the line it starts on (RFC 4180: a field may be
+ * double-quoted, with "" for a quote, and a quoted field may hold commas and line breaks);
+ * blank lines are skipped, and a quote left open is an error naming its line.
+ */
+export function csvRecords(text: string, file: string): { fields: string[]; line: number }[] {
+  const records: { fields: string[]; line: number }[] = []
+  let fields: string[] = []
   let field = ''
   let quoted = false
-  for (let i = 0; i < line.length; i++) {
-    const ch = line[i]
+  let blank = true
+  let line = 1
+  let start = 1
+  let openedAt = 1
+  const endRecord = () => {
+    fields.push(field)
+    if (!blank) records.push({ fields, line: start })
+    fields = []
+    field = ''
+    blank = true
+  }
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i]
     if (quoted) {
-      if (ch === '"' && line[i + 1] === '"') {
+      if (ch === '"' && text[i + 1] === '"') {
         field += '"'
         i++
       } else if (ch === '"') quoted = false
-      else field += ch
-    } else if (ch === '"') quoted = true
-    else if (ch === ',') {
+      else {
+        if (ch === '\n') line++
+        field += ch
+      }
+    } else if (ch === '"') {
+      quoted = true
+      blank = false
+      openedAt = line
+    } else if (ch === ',') {
       fields.push(field)
       field = ''
-    } else field += ch
+      blank = false
+    } else if (ch === '\n' || ch === '\r') {
+      if (ch === '\r' && text[i + 1] === '\n') i++
+      endRecord()
+      line++
+      start = line
+    } else {
+      field += ch
+      if (ch.trim()) blank = false
+    }
   }
-  fields.push(field)
-  return fields
+  if (quoted) throw new Error(`${file}:${openedAt}: unterminated quote`)
+  endRecord()
+  return records
 }
 
 /** An in-memory labelled image set (e.g. IDX files) as a dataset. */

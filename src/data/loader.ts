@@ -237,12 +237,34 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
   }
 }
 
+/**
+ * A dataset that agrees with itself: a label, and a path or the pixels, for each of its `size`
+ * images (a source may hold more: the first `size` are the dataset's).
+ */
+function checkDataset(d: ImageDataset): void {
+  if (!d) return // the base class names an absent dataset
+  const images =
+    d.source.kind === 'files'
+      ? { count: d.source.paths.length, what: 'paths' }
+      : {
+          count: d.source.pixels.length / (d.source.height * d.source.width * d.source.channels),
+          what: `images of ${d.source.height}x${d.source.width}x${d.source.channels} pixels`,
+        }
+  if (images.count < d.size)
+    throw new Error(`dataset ${d.name} has size ${d.size} but only ${images.count} ${images.what}`)
+  if (d.labels.length < d.size)
+    throw new Error(
+      `dataset ${d.name} has size ${d.size} but only ${d.labels.length} labels (-1 for unlabelled images)`,
+    )
+}
+
 export class ImageLoader extends ShardedLoader<Batch> {
   private readonly viewsJson: string
 
   constructor(private readonly options: LoaderOptions) {
     validateViews(options.views)
     validateTransform(options.transform)
+    checkDataset(options.dataset)
     super(options.dataset, options)
     this.viewsJson = JSON.stringify(options.views)
   }

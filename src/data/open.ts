@@ -47,6 +47,16 @@ export async function openDataset(spec: string, split: Split): Promise<ImageData
     return manifest(spec)
   }
   if (hasIdx(spec, split)) return pixelDataset(await loadFashionMnist({ split, dir: spec }), `${spec} (${split})`)
-  const splitDir = SPLIT_FOLDERS[split].map((name) => join(spec, name)).find((d) => existsSync(d))
-  return imageFolder(splitDir ?? spec)
+  // A folder of class folders is every split's data; one with split folders has each split in
+  // its own (never the whole folder: the training images would score as test images).
+  const present = Object.values(SPLIT_FOLDERS)
+    .flat()
+    .filter((name) => existsSync(join(spec, name)))
+  if (present.length === 0) return imageFolder(spec)
+  const splitDir = SPLIT_FOLDERS[split].find((name) => present.includes(name))
+  if (splitDir === undefined)
+    throw new Error(
+      `${spec} has split folders (${present.join(', ')}) but none for the ${split} split (expected ${SPLIT_FOLDERS[split].join(' or ')})`,
+    )
+  return imageFolder(join(spec, splitDir))
 }

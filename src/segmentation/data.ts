@@ -7,7 +7,7 @@
 import { readdir, readFile } from 'node:fs/promises'
 import { basename, dirname, extname, isAbsolute, join, resolve } from 'node:path'
 
-import { IMAGE_EXTENSIONS, readManifest, requireFolder, splitCsvLine } from '../data/dataset'
+import { csvRecords, IMAGE_EXTENSIONS, readManifest, requireFolder } from '../data/dataset'
 import { LoadedBatch, ShardedLoader, ShardOptions } from '../data/loader'
 import { ViewSpec, viewSpec } from '../data/augment'
 import { deriveSeed, Rng } from '../rng'
@@ -176,21 +176,22 @@ export async function segmentationManifest(
 ): Promise<SegmentationDataset> {
   const text = await readManifest(path)
   const root = opts.root ?? dirname(path)
-  const lines = text.split(/\r?\n/)
-  const header = splitCsvLine(lines[0]).map((h) => h.trim().toLowerCase())
+  const [head, ...records] = csvRecords(text, path)
+  const header = (head?.fields ?? []).map((h) => h.trim().toLowerCase())
   const [imageCol, maskCol] = [header.indexOf('image'), header.indexOf('mask')]
   if (imageCol < 0 || maskCol < 0)
-    throw new Error(`${path}:1: the CSV header needs "image" and "mask" columns, got ${JSON.stringify(lines[0])}`)
+    throw new Error(
+      `${path}:1: the CSV header needs "image" and "mask" columns, got ${JSON.stringify(text.split(/\r?\n/)[0])}`,
+    )
   const images: string[] = []
   const masks: string[] = []
   const at = (p: string) => (isAbsolute(p) ? p : resolve(root, p))
-  lines.slice(1).forEach((line, i) => {
-    if (!line.trim()) return
-    const fields = splitCsvLine(line).map((f) => f.trim())
-    if (!fields[imageCol] || !fields[maskCol]) throw new Error(`${path}:${i + 2}: expected an image and a mask path`)
-    images.push(at(fields[imageCol]))
-    masks.push(at(fields[maskCol]))
-  })
+  for (const { fields, line } of records) {
+    const [image, mask] = [fields[imageCol]?.trim(), fields[maskCol]?.trim()]
+    if (!image || !mask) throw new Error(`${path}:${line}: expected an image and a mask path`)
+    images.push(at(image))
+    masks.push(at(mask))
+  }
   return filesDataset(path, images, masks, opts)
 }
 
@@ -210,7 +211,8 @@ export interface SegmentationTransform {
 
 /** The drawn parameters for one pair, as the native pool takes them. */
 export interface PairAugment {
-  rescale?: { scale: [number, number]; ratio: number }
+  /** [long side, short side] at ratio 1; with `fit`, the [height, width] the image fits in. */
+  rescale?: { scale: [number, number]; ratio: number; fit?: boolean }
   crop: [number, number][]
   catMaxRatio: number
   flip: boolean
@@ -249,7 +251,7 @@ export function drawPairAugment(t: SegmentationTransform | 'eval', size: [number
   const short = Math.min(...size)
   if (t === 'eval')
     return {
-      rescale: { scale: [Math.max(...size), short], ratio: 1 },
+      rescale: { scale: size, ratio: 1, fit: true },
       crop: [],
       catMaxRatio: 1,
       flip: false,

@@ -216,7 +216,7 @@ export async function finetuneSegmentation(
     rank: dist.rank,
     worldSize: dist.worldSize,
   })
-  const updates = updatesPerEpoch(b, loader.batchesPerEpoch)
+  const updates = updatesPerEpoch(b, loader.batchesPerEpoch, train)
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   const sizes = { train: train.size, test: test.size, batchSize, accumulate: b.accumulate, totalSteps, seed }
   checkSameAcrossRanks(dist, 'segmentation fine-tuning run', sizes)
@@ -278,10 +278,13 @@ export async function finetuneSegmentation(
     const predicted = await segmenter.predict(batch.pixels)
     await writeFile(
       join(opts.outDir, 'predictions.png'),
-      predictionSheet({ batch, predicted, view, count: batch.size }),
+      predictionSheet({ batch, predicted, view, count: batch.size, ignoreIndex }),
     )
   }
 
+  // Batches of the current update that ran lossAndGrads (none where every batch of the update
+  // was unreadable on some rank: then there is nothing to apply).
+  let computed = 0
   while (state.step < totalSteps || state.batch >= 0) {
     const epoch = state.epoch
     let started = performance.now()
@@ -298,9 +301,12 @@ export async function finetuneSegmentation(
         if (!anyRank(dist, batch.size === 0)) {
           const losses = await segmenter.lossAndGrads({ pixels: batch.pixels, masks: batch.masks, ...draws })
           means.add(losses, losses.labelledPixels)
+          computed++
         }
         if (!endsUpdate(b, k)) continue
-        gradNorm = (await segmenter.applyUpdate(stepLr)).gradNorm
+        // An update without a labelled pixel on any rank changes no weight (gradNorm 0).
+        gradNorm = computed > 0 ? (await segmenter.applyUpdate(stepLr)).gradNorm : 0
+        computed = 0
       } catch (e) {
         throw new Error(`segmentation fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
@@ -316,12 +322,14 @@ export async function finetuneSegmentation(
         lr: stepLr,
         imagesPerSecond: images / ((performance.now() - started) / 1000),
       }
+      // Its loss and pixel accuracy are NaN (null in metrics.jsonl) and left out of the epoch's.
+      const labelled = labelledPixels > 0
       state = {
         ...state,
         step: state.step + 1,
         batch: k,
-        epochLoss: state.epochLoss + step.loss,
-        epochSteps: state.epochSteps + 1,
+        epochLoss: state.epochLoss + (labelled ? step.loss : 0),
+        epochSteps: state.epochSteps + (labelled ? 1 : 0),
       }
       await run.metrics.record({
         step: progress.step,

@@ -89,7 +89,9 @@ pub trait Runner: Send {
     /// Clip and AdamW from the gradient buffer divided by its count, then the EMA's move;
     /// empties the buffer (also when the gradient norm is not finite: that step is skipped).
     /// Returns the gradient norm before clipping. A bad `lr` is refused first, and keeps the
-    /// buffer.
+    /// buffer. Where losses were computed but added no loss terms (a segmentation update whose
+    /// every pixel is ignored, on every rank) nothing moves: the buffer is emptied and the norm
+    /// is 0.
     fn apply_update(&mut self, lr: f64) -> Result<f64>;
     /// Frees the activation buffers (rebuilt on the next call).
     fn release_buffers(&mut self);
@@ -312,6 +314,17 @@ impl<M: Send> CandleRunner<M> {
         Ok(value)
     }
 
+    /// Notes a batch that adds no loss terms without running its backward pass: the update it
+    /// belongs to then has a (zero) gradient buffer to apply, which leaves the weights as they
+    /// are.
+    pub fn add_no_terms(&mut self) -> Result<()> {
+        if self.grads.is_none() {
+            let n = self.vars.vars().iter().map(|v| v.elem_count()).sum::<usize>();
+            self.grads = Some(Tensor::zeros(n, DType::F32, &self.device)?);
+        }
+        Ok(())
+    }
+
     /// The model evaluation reads: the EMA's when it keeps one, else the trained one.
     pub fn eval_model(&self) -> &M {
         self.ema.as_ref().map_or(&self.model, |(m, _)| m)
@@ -357,7 +370,9 @@ impl<M: Send> Runner for CandleRunner<M> {
             return Err(nothing_to_apply());
         };
         if count == 0 {
-            return Err(nothing_to_apply());
+            // Losses were computed, none with a term: no step (AdamW's step count, moments and
+            // weight decay included) and no EMA move.
+            return Ok(0.0);
         }
         let norm = self.optimizer.step(&grads, 1.0 / count as f64, lr)?;
         if let Some((_, ema)) = &self.ema {

@@ -217,7 +217,9 @@ impl CandleRunner<Segmenter> {
         let out = self.model.model.forward(&pixels, Some(draws), &mut norms)?;
         let rows = labels.count;
         let (loss, hits) = if rows == 0 && !backward_always {
-            // Nothing labelled: no gradient, no loss term (the statistics still move, as in PyTorch).
+            // Nothing labelled: no gradient, no loss term (the statistics still move, as in
+            // PyTorch); the update it belongs to applies what its other batches add, or nothing.
+            self.add_no_terms()?;
             (0.0, 0)
         } else {
             let summed = summed_segmentation_loss(&out, &labels, cfg.auxiliary_loss_weight)?;

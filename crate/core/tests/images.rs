@@ -238,6 +238,86 @@ fn large_jpeg_is_downscaled_while_decoding_and_other_formats_obey_the_budget() {
     assert!(err.contains("exceeds the decode budget") && err.contains("37x23"), "{err}");
 }
 
+/// A lossless (SOF3) gray JPEG of `pixels` (w x h, values below 2^precision): predictor 1 (the
+/// left neighbour; the one above in the first column, 2^(precision-1) for the first pixel) and
+/// one Huffman table giving each difference category 0..=16 a 5-bit code. jpeg-encoder writes
+/// only DCT JPEGs.
+fn lossless_jpeg(pixels: &[u16], w: u16, h: u16, precision: u8) -> Vec<u8> {
+    let segment = |marker: u8, body: &[u8]| {
+        let len = (body.len() + 2) as u16;
+        [&[0xFF, marker], &len.to_be_bytes()[..], body].concat()
+    };
+    let mut bits = String::new();
+    for y in 0..h as usize {
+        for x in 0..w as usize {
+            let at = |x: usize, y: usize| pixels[y * w as usize + x] as i32;
+            let predicted = match (x, y) {
+                (0, 0) => 1 << (precision - 1),
+                (0, _) => at(0, y - 1),
+                _ => at(x - 1, y),
+            };
+            // Differences are taken modulo 2^16; category 16 (32768) has no extra bits.
+            let d = (at(x, y) - predicted + 32768).rem_euclid(65536) - 32768;
+            let category = 32 - d.unsigned_abs().leading_zeros();
+            bits += &format!("{category:05b}");
+            if (1..16).contains(&category) {
+                let extra = if d > 0 { d } else { d + (1 << category) - 1 };
+                bits += &format!("{:0width$b}", extra, width = category as usize);
+            }
+        }
+    }
+    while !bits.len().is_multiple_of(8) {
+        bits.push('1');
+    }
+    let mut scan = vec![];
+    for chunk in bits.as_bytes().chunks(8) {
+        let byte = u8::from_str_radix(std::str::from_utf8(chunk).unwrap(), 2).unwrap();
+        scan.push(byte);
+        if byte == 0xFF {
+            scan.push(0); // stuffing
+        }
+    }
+    let mut table = vec![0x00]; // DC table 0
+    table.extend([0, 0, 0, 0, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // 17 codes of 5 bits
+    table.extend(0..=16u8);
+    let [h1, h0] = h.to_be_bytes();
+    let [w1, w0] = w.to_be_bytes();
+    [
+        &[0xFF, 0xD8][..],
+        &segment(0xC3, &[precision, h1, h0, w1, w0, 1, 1, 0x11, 0]),
+        &segment(0xC4, &table),
+        &segment(0xDA, &[1, 1, 0x00, 1, 0, 0]), // predictor 1, no point transform
+        &scan,
+        &[0xFF, 0xD9],
+    ]
+    .concat()
+}
+
+/// Lossless JPEGs cannot be reduced while decoding, so they decode whole, and their 9-16-bit
+/// samples scale to 8 bits by their own precision.
+#[test]
+fn lossless_jpegs_decode_whole_at_their_precision() {
+    // Left half 0, right half the top value, at 8, 12 and 16 bits.
+    let (w, h) = (64u16, 48u16);
+    for precision in [8u8, 12, 16] {
+        let top = ((1u32 << precision) - 1) as u16;
+        let pixels: Vec<u16> = (0..h).flat_map(|_| (0..w).map(move |x| if x < w / 2 { 0 } else { top })).collect();
+        let bytes = lossless_jpeg(&pixels, w, h, precision);
+        // A request for a quarter of the size still decodes all of it.
+        let d = decode(&bytes, 1 << 30, &|_, _| (16, 12)).unwrap();
+        assert_eq!((d.pixels.width, d.pixels.height, d.pixels.channels), (64, 48, 1), "{precision} bits");
+        let expected: Vec<u8> = (0..h).flat_map(|_| (0..w).map(move |x| if x < w / 2 { 0 } else { 255 })).collect();
+        assert_eq!(d.pixels.data, expected, "{precision} bits");
+    }
+    // Mid-grey at 12 and 16 bits: 2048 / 4095 and 32768 / 65535 of 255, rounded.
+    for (precision, value) in [(12u8, 2048u16), (16, 32768)] {
+        let d = decode(&lossless_jpeg(&[value; 64], 8, 8, precision), 1 << 30, &full_size).unwrap();
+        assert!(d.pixels.data.iter().all(|&v| v == 128), "{precision} bits: {:?}", &d.pixels.data[..4]);
+    }
+    let err = decode(&lossless_jpeg(&vec![0; 64 * 48], 64, 48, 8), 1000, &full_size).err().unwrap();
+    assert!(err.contains("lossless JPEG 64x48 exceeds the decode budget"), "{err}");
+}
+
 #[test]
 fn bad_bytes_are_errors_not_panics() {
     let png = encode(DynamicImage::ImageRgb8(rgb_image()), ImageFormat::Png);

@@ -194,7 +194,7 @@ fn load_memory(w: u32, h: u32, indices: &[u32], augment: PairAugment, view: &Vie
 fn rescale_resizes_masks_nearest_and_pads_with_the_ignore_index() {
     // 20x15 (w x h) at scale [40, 20], ratio 0.5: factor 0.5 * min(40 / 20, 20 / 15) = 2/3 -> 13x10.
     let (w, h) = (20, 15);
-    let augment = PairAugment { rescale: Some(Rescale { scale: [40.0, 20.0], ratio: 0.5 }), ..plain() };
+    let augment = PairAugment { rescale: Some(Rescale { scale: [40.0, 20.0], ratio: 0.5, fit: false }), ..plain() };
     let batch = load_memory(w, h, &[1], augment, &gray_view(12, 16));
     let (_, mask) = memory_pairs(w, h, 3, 5);
     let source = &mask[(w * h) as usize..];
@@ -210,6 +210,35 @@ fn rescale_resizes_masks_nearest_and_pads_with_the_ignore_index() {
             }
         }
     }
+}
+
+/// A portrait image into a landscape view: `fit` scales it into the box (all of it kept,
+/// padded right), where the long/short rule would leave it as tall as the view is wide.
+#[test]
+fn fit_keeps_the_whole_image_in_a_view_of_the_other_orientation() {
+    // 16x32 (w x h), top half class 1 and bottom half class 2, into a 16x32 (h x w) view.
+    let (w, h) = (16u32, 32u32);
+    let images = vec![100u8; (w * h) as usize];
+    let mask: Vec<u8> = (0..h).flat_map(|y| (0..w).map(move |_| if y < 16 { 1 } else { 2 })).collect();
+    let load = |fit: bool| {
+        let sources =
+            PairSources::Pixels { images: &images, masks: &mask, height: h, width: w, channels: 1, indices: &[0] };
+        let augment = PairAugment { rescale: Some(Rescale { scale: [16.0, 32.0], ratio: 1.0, fit }), ..plain() };
+        let batch = load_pairs(&pool(), &sources, &[augment], &gray_view(16, 32), &masks(3, false), 1 << 26);
+        batch.unwrap().masks
+    };
+    let count = |m: &[u8], id: u8| m.iter().filter(|&&v| v == id).count();
+    // Fitted: 8x16 (w x h), both halves kept (64 pixels each), the rest of the 16x32 view padding.
+    let fitted = load(true);
+    assert_eq!((count(&fitted, 1), count(&fitted, 2), count(&fitted, 255)), (64, 64, 16 * 32 - 128));
+    assert!((0..16).all(|y| (0..8).all(|x| fitted[y * 32 + x] != 255)), "the image sits top left");
+    // Without `fit`, [32, 16] is [long side, short side]: the image keeps its 32 rows, and the
+    // 16-row view cuts it.
+    let sources =
+        PairSources::Pixels { images: &images, masks: &mask, height: h, width: w, channels: 1, indices: &[0] };
+    let augment = PairAugment { rescale: Some(Rescale { scale: [32.0, 16.0], ratio: 1.0, fit: false }), ..plain() };
+    let cut = load_pairs(&pool(), &sources, &[augment], &gray_view(16, 32), &masks(3, false), 1 << 26).unwrap().masks;
+    assert_eq!((count(&cut, 1), count(&cut, 2)), (128, 128), "the view cuts the middle 16 rows");
 }
 
 #[test]
@@ -291,7 +320,7 @@ fn whole_pairs_rescale_the_image_and_keep_the_mask_as_stored() {
     let sources =
         PairSources::Pixels { images: &images, masks: &mask, height: h, width: w, channels: 1, indices: &[1] };
     // Fit into [long 10, short 5]: half size. The view's own size plays no part.
-    let rescale = Some(Rescale { scale: [10.0, 5.0], ratio: 1.0 });
+    let rescale = Some(Rescale { scale: [10.0, 5.0], ratio: 1.0, fit: false });
     let view = ViewSpec { interpolation: Interpolation::Nearest, ..gray_view(1, 1) };
     let batch = load_whole_pairs(&pool(), &sources, rescale, &view, &masks(5, false), 1 << 26).unwrap();
     let pair = &batch.pairs[0];

@@ -96,33 +96,53 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, request: SizeRequest) -> Result<De
     let (full_w, full_h) = if swaps { (stored_h, stored_w) } else { (stored_w, stored_h) };
 
     let (want_w, want_h) = request(full_w, full_h);
-    // The largest DCT reduction that still covers the request, within the budget; else the
-    // largest image the budget allows.
     let size_at = |d: u32| (stored_w.div_ceil(d), stored_h.div_ceil(d));
     let fits = |d: u32| {
         let (w, h) = size_at(d);
         w as u64 * h as u64 <= max_pixels
     };
-    let covers = |d: u32| full_w.div_ceil(d) >= want_w && full_h.div_ceil(d) >= want_h;
-    let reduction = [8, 4, 2, 1]
-        .into_iter()
-        .find(|&d| covers(d) && fits(d))
-        .or_else(|| [1, 2, 4, 8].into_iter().find(|&d| fits(d)))
-        .ok_or_else(|| {
-            format!(
-                "JPEG {stored_w}x{stored_h} exceeds the decode budget of {} even at 1/8 scale",
+    // Lossless JPEGs have no DCT to reduce (jpeg-decoder ignores the request for them and
+    // returns every pixel), so they decode whole.
+    let lossless = info.coding_process == jpeg_decoder::CodingProcess::Lossless;
+    let (out_w, out_h) = if lossless {
+        if !fits(1) {
+            return Err(format!(
+                "lossless JPEG {stored_w}x{stored_h} exceeds the decode budget of {} (only DCT JPEGs can be downscaled while decoding)",
                 describe_pixels(max_pixels)
-            )
-        })?;
-    let (req_w, req_h) = size_at(reduction);
-    let (out_w, out_h) = decoder.scale(req_w as u16, req_h as u16).map_err(|e| format!("invalid JPEG: {e}"))?;
+            ));
+        }
+        (stored_w, stored_h)
+    } else {
+        // The largest DCT reduction that still covers the request, within the budget; else the
+        // largest image the budget allows.
+        let covers = |d: u32| full_w.div_ceil(d) >= want_w && full_h.div_ceil(d) >= want_h;
+        let reduction = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&d| covers(d) && fits(d))
+            .or_else(|| [1, 2, 4, 8].into_iter().find(|&d| fits(d)))
+            .ok_or_else(|| {
+                format!(
+                    "JPEG {stored_w}x{stored_h} exceeds the decode budget of {} even at 1/8 scale",
+                    describe_pixels(max_pixels)
+                )
+            })?;
+        let (req_w, req_h) = size_at(reduction);
+        let (w, h) = decoder.scale(req_w as u16, req_h as u16).map_err(|e| format!("invalid JPEG: {e}"))?;
+        (w as u32, h as u32)
+    };
     decoder.set_max_decoding_buffer_size(usize::try_from(max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
     let raw = decoder.decode().map_err(|e| format!("corrupt or truncated JPEG: {e}"))?;
-    let (w, h) = (out_w as u32, out_h as u32);
+    let (w, h) = (out_w, out_h);
     let mut image = match info.pixel_format {
         jpeg_decoder::PixelFormat::L8 => DynamicImage::ImageLuma8(buffer::<Luma<u8>>(w, h, raw)?),
         jpeg_decoder::PixelFormat::L16 => {
-            let gray = raw.chunks_exact(2).map(|v| v[0]).collect(); // big-endian: high byte first
+            // Samples of 9-16 bits (lossless only), native-endian, 0..2^precision - 1.
+            let precision = sample_precision(bytes).ok_or("invalid JPEG: no frame header")?;
+            let top = ((1u32 << precision) - 1) as f64;
+            let gray = raw
+                .chunks_exact(2)
+                .map(|v| (u16::from_ne_bytes([v[0], v[1]]).min(top as u16) as f64 * 255.0 / top).round() as u8)
+                .collect();
             DynamicImage::ImageLuma8(buffer::<Luma<u8>>(w, h, gray)?)
         }
         jpeg_decoder::PixelFormat::RGB24 => DynamicImage::ImageRgb8(buffer::<Rgb<u8>>(w, h, raw)?),
@@ -133,8 +153,35 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, request: SizeRequest) -> Result<De
 }
 
 fn buffer<P: image::Pixel<Subpixel = u8>>(w: u32, h: u32, raw: Vec<u8>) -> Result<ImageBuffer<P, Vec<u8>>, String> {
-    let len = raw.len();
-    ImageBuffer::from_raw(w, h, raw).ok_or_else(|| format!("JPEG decoder returned {len} bytes for {w}x{h}"))
+    // Exactly: `from_raw` would take a longer buffer and read its rows at the wrong width.
+    let expected = w as usize * h as usize * P::CHANNEL_COUNT as usize;
+    if raw.len() != expected {
+        return Err(format!("JPEG decoder returned {} bytes for {w}x{h}, expected {expected}", raw.len()));
+    }
+    Ok(ImageBuffer::from_raw(w, h, raw).expect("length checked"))
+}
+
+/// The sample precision in bits of a JPEG's frame header (SOF0-SOF15), walking the markers
+/// from the start; jpeg-decoder keeps it to itself.
+fn sample_precision(bytes: &[u8]) -> Option<u8> {
+    let mut at = 2; // past SOI
+    while at + 4 < bytes.len() {
+        if bytes[at] != 0xFF {
+            return None;
+        }
+        let marker = bytes[at + 1];
+        if marker == 0xFF {
+            at += 1; // fill byte
+            continue;
+        }
+        let length = u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize;
+        // SOFn, not DHT (C4), JPG (C8) or DAC (CC).
+        if (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            return bytes.get(at + 4).copied();
+        }
+        at += 2 + length;
+    }
+    None
 }
 
 /// jpeg-decoder hands out CMYK with Adobe's inversion undone (0 = no ink).

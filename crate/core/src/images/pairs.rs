@@ -89,19 +89,26 @@ impl MaskSpec {
 }
 
 /// mmseg's `RandomResize` with `keep_ratio`: the image is scaled by
-/// `ratio * min(scale[0] / long side, scale[1] / short side)`.
+/// `ratio * min(scale[0] / long side, scale[1] / short side)`, whatever its orientation; with
+/// `fit`, by `ratio * min(scale[0] / height, scale[1] / width)`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rescale {
-    /// [long side, short side] at ratio 1, e.g. [2048, 512] for ADE20K.
+    /// [long side, short side] at ratio 1, e.g. [2048, 512] for ADE20K; with `fit`, [height,
+    /// width] of a box.
     pub scale: [f64; 2],
     pub ratio: f64,
+    /// The image fits the box `scale` in its own orientation (evaluation at a non-square
+    /// input, where the long/short rule would let a portrait image overflow a landscape view).
+    #[serde(default)]
+    pub fit: bool,
 }
 
 impl Rescale {
     fn factor(&self, width: u32, height: u32) -> f64 {
-        let (long, short) = (width.max(height) as f64, width.min(height) as f64);
-        self.ratio * (self.scale[0] / long).min(self.scale[1] / short)
+        let (first, second) =
+            if self.fit { (height as f64, width as f64) } else { (width.max(height) as f64, width.min(height) as f64) };
+        self.ratio * (self.scale[0] / first).min(self.scale[1] / second)
     }
 }
 
