@@ -388,8 +388,11 @@ test('SIGINT mid-run leaves a loadable checkpoint, and --resume finishes the run
   t.true(state.step >= 5 && state.step < 400, `saved at step ${state.step}`)
   t.is(model.step, state.step)
 
-  const resumed = await beit([...args, '--resume'])
+  // --resume continues with the options the run started with (its config.json), not the defaults.
+  const config = await readFile(join(dir, 'run', 'config.json'), 'utf8')
+  const resumed = await beit(['pretrain', '--resume', '--out', join(dir, 'run'), '--quiet'])
   t.is(resumed.code, 0, resumed.stderr)
+  t.is(await readFile(join(dir, 'run', 'config.json'), 'utf8'), config, 'the run keeps its record')
   t.is(((await Beit.load(join(dir, 'run', 'checkpoint.safetensors'))).trainState as { step: number }).step, 400)
 })
 

@@ -5,7 +5,8 @@
  * value with its type (number, boolean, string or the union of its choices), defined whenever
  * the flag has a default.
  */
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
 export class UsageError extends Error {}
@@ -158,7 +159,33 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): Value {
   return n
 }
 
-/** Parses `argv` for `command`: defaults < config file < flags. */
+/** Keys a run folder's config.json holds besides its command's flags (the data-parallel job's). */
+const JOB_KEYS = new Set(['worldSize', 'launcher', 'mpiLibrary'])
+
+/**
+ * The options a run in `out` started with (its config.json), as converted values: what `--resume`
+ * continues with unless the config file or a flag says otherwise.
+ */
+function savedRunValues(command: Command<FlagTable>, out: string): Record<string, Value> {
+  const path = join(out, 'config.json')
+  if (!existsSync(path)) return {}
+  let saved: unknown
+  try {
+    saved = JSON.parse(readFileSync(path, 'utf8'))
+  } catch (e) {
+    throw new UsageError(`--resume: ${path}: ${(e as Error).message}`)
+  }
+  if (typeof saved !== 'object' || saved === null || Array.isArray(saved)) return {}
+  const values: Record<string, Value> = {}
+  for (const [key, raw] of Object.entries(saved)) {
+    const flag = Object.hasOwn(command.flags, key) ? command.flags[key] : undefined
+    if (JOB_KEYS.has(key) || key === 'resume' || !flag || raw === undefined) continue
+    values[key] = convert(key, flag, raw, path)
+  }
+  return values
+}
+
+/** Parses `argv` for `command`: defaults < the run's config.json (with --resume) < config file < flags. */
 export function parseCommand<T extends FlagTable>(command: Command<T>, argv: string[]): CommandValues<T> {
   const flags: FlagTable = { ...command.flags, ...COMMON }
   const options = Object.fromEntries(
@@ -180,6 +207,17 @@ export function parseCommand<T extends FlagTable>(command: Command<T>, argv: str
   for (const [name, f] of Object.entries(flags)) {
     if (f.default !== undefined) values[name] = f.default
     else if (f.kind === 'bool') values[name] = false
+  }
+  // A resumed run continues with its own options, not the defaults.
+  const out = parsed.values.out ?? command.flags.out?.default
+  if (parsed.values.resume === true && typeof out === 'string') {
+    const saved = savedRunValues(command as Command<FlagTable>, out)
+    for (const [name, value] of Object.entries(saved)) {
+      values[name] = value
+      // As a flag does: the saved option replaces its conflicting default (--epochs, --steps).
+      const other = flags[name].conflicts
+      if (other !== undefined && !(other in saved)) delete values[other]
+    }
   }
   const fromConfig = new Set<string>()
   const configPath = parsed.values.config

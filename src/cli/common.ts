@@ -1,6 +1,6 @@
 /** What the commands share: data and model flags, run folders, interruption, output helpers. */
 import { existsSync } from 'node:fs'
-import { mkdir, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { choicesOf, CommonValues, FlagTable, flagTable, resolvedConfig, UsageError, Values } from '../cli-options'
@@ -174,7 +174,17 @@ export async function prepareOut(
   if (rank > 0) return out
   await mkdir(out, { recursive: true })
   const config = { ...resolvedConfig(flags, v), ...(launcher === 'none' ? {} : { worldSize, launcher, mpiLibrary }) }
-  await writeFile(join(out, 'config.json'), JSON.stringify(config, null, 2) + '\n')
+  const path = join(out, 'config.json')
+  if (v.resume && existsSync(path)) {
+    // The run's record stays what it started with; options changed for the rest are said once.
+    const saved = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>
+    const changed = Object.entries(resolvedConfig(flags, v))
+      .filter(([k, value]) => k !== 'resume' && JSON.stringify(value) !== JSON.stringify(saved[k]))
+      .map(([k, value]) => `--${k} ${JSON.stringify(value)} (was ${JSON.stringify(saved[k]) ?? 'not set'})`)
+    if (changed.length > 0) process.stderr.write(`beit: resuming ${out} with changed options: ${changed.join(', ')}\n`)
+    return out
+  }
+  await writeFile(path, JSON.stringify(config, null, 2) + '\n')
   return out
 }
 
