@@ -3,7 +3,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { defineCommand, flagTable, parseCommand, resolvedConfig, UsageError } from '../src/cli-options'
+import { defineCommand, flagTable, parseCommand, resolvedConfig, usage, UsageError } from '../src/cli-options'
 
 const FLAGS = flagTable({
   size: { kind: 'int', help: 'a size', default: 3 },
@@ -12,6 +12,7 @@ const FLAGS = flagTable({
   name: { kind: 'string', help: 'a name' },
   dry: { kind: 'bool', help: 'a switch' },
   'batch-size': { kind: 'int', help: 'a batch', default: 8 },
+  jitter: { kind: 'bool', help: 'a switch that is on', default: true },
   steps: { kind: 'int', help: 'steps', conflicts: 'epochs' },
   epochs: { kind: 'number', help: 'epochs' },
 })
@@ -50,6 +51,17 @@ test('parsing returns each flag typed: numbers, booleans, choices, undefined onl
   t.is(typeof v.size, 'number')
 })
 
+test('a switch that is on by default turns off with --no-NAME, and says so in the help', (t) => {
+  t.is(parseCommand(TOY, []).jitter, true)
+  t.is(parseCommand(TOY, ['--no-jitter']).jitter, false)
+  t.is(parseCommand(TOY, ['--jitter']).jitter, true)
+  t.throws(() => parseCommand(TOY, ['--jitter', '--no-jitter']), {
+    message: '--jitter and --no-jitter both given: give one',
+  })
+  t.throws(() => parseCommand(TOY, ['--no-dry']), { instanceOf: UsageError, message: /Unknown option '--no-dry'/ })
+  t.regex(usage(TOY), /--jitter +a switch that is on \(on by default; --no-jitter turns it off\)/)
+})
+
 test('bad values name the flag and what was expected', (t) => {
   const cases: [string[], string][] = [
     [['--size', '2.5'], '--size must be an integer > 0, got "2.5"'],
@@ -72,14 +84,21 @@ test('defaults < config file < flags; a flag replaces the config file conflictin
   t.like(fromFile, { size: 5, mode: 'slow', epochs: 2, steps: undefined })
   const overridden = parseCommand(TOY, ['--config', config, '--size', '7', '--steps', '10'])
   t.like(overridden, { size: 7, mode: 'slow', steps: 10, epochs: undefined })
-  t.deepEqual(resolvedConfig(FLAGS, overridden), { size: 7, mode: 'slow', dry: false, 'batch-size': 8, steps: 10 })
+  t.deepEqual(resolvedConfig(FLAGS, overridden), {
+    size: 7,
+    mode: 'slow',
+    dry: false,
+    jitter: true,
+    'batch-size': 8,
+    steps: 10,
+  })
   await writeFile(config, JSON.stringify({ size: 'big' }))
   t.throws(() => parseCommand(TOY, ['--config', config]), {
     message: `${config}: "size" must be an integer > 0, got "big"`,
   })
   await writeFile(config, JSON.stringify({ dryRun: true }))
   t.throws(() => parseCommand(TOY, ['--config', config]), {
-    message: `${config}: unknown option "dryRun" for beit toy; expected one of size, rate, mode, name, dry, batch-size, steps, epochs`,
+    message: `${config}: unknown option "dryRun" for beit toy; expected one of size, rate, mode, name, dry, batch-size, jitter, steps, epochs, device, precision, quiet`,
   })
   // camelCase keys are the flags' names.
   await writeFile(config, JSON.stringify({ batchSize: 4, dry: true }))

@@ -294,7 +294,11 @@ test('a flag overrides the config file, --steps its --epochs too; the run folder
     out: join(dir, 'tok'),
   })
   // The config file asks for epochs; --steps on the command line replaces them.
-  await writeFile(join(dir, 'ft.json'), JSON.stringify({ epochs: 5, 'batch-size': 32, layers: 1, hiddenSize: 32 }))
+  // (It may also hold the common options and, as a run folder's config.json does, the job's keys.)
+  await writeFile(
+    join(dir, 'ft.json'),
+    JSON.stringify({ epochs: 5, 'batch-size': 32, layers: 1, hiddenSize: 32, device: 'cpu', worldSize: 1 }),
+  )
   const args = ['finetune', '--config', join(dir, 'ft.json'), '--heads', '2', '--mlp-size', '64', '--quiet']
   const ft = await beit([...args, '--steps', '3', '--out', join(dir, 'ft')])
   t.is(ft.code, 0, ft.stderr)

@@ -15,7 +15,7 @@ import {
   loadFashionMnist,
   viewSpec,
 } from '../src'
-import type { Batch, ImageDataset, ViewSpec } from '../src'
+import type { Batch, ColorJitterOptions, ImageDataset, ViewSpec } from '../src'
 
 const W = 29
 const H = 17
@@ -327,6 +327,19 @@ test('clear errors before any loading: missing or empty folder, bad options', as
   const dataset = pixelDataset(await loadFashionMnist({ split: 'test' }), 'sample')
   const base = { dataset, views: [identityView(1, [28, 28])], transform: { kind: 'eval' as const }, batchSize: 4 }
   t.throws(() => new ImageLoader({ ...base, batchSize: 0 }), { message: /batchSize must be a positive integer/ })
+  t.throws(() => new ImageLoader({ ...base, threads: -1 }), {
+    message: /threads must be at least 1 \(a whole number of decode threads\), got -1/,
+  })
+  // A rank that would get no images makes every rank refuse, those with images included.
+  const three = { ...dataset, size: 3 }
+  for (const rank of [0, 1, 2, 3])
+    t.throws(() => new ImageLoader({ ...base, dataset: three, rank, worldSize: 4, evenShards: false }), {
+      message: /shard 0 of 4 gets no images: the dataset has only 3/,
+    })
+  t.throws(
+    () => new ImageLoader({ ...base, transform: { kind: 'train', colorJitter: { hue: 0.1 } as ColorJitterOptions } }),
+    { message: /transform\.colorJitter\.hue is not an option: expected brightness, contrast or saturation/ },
+  )
   // A hand-built dataset that disagrees with itself is named with both counts.
   const short = { ...dataset, labels: dataset.labels.subarray(1) }
   t.throws(() => new ImageLoader({ ...base, dataset: short }), {

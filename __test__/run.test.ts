@@ -87,7 +87,9 @@ test('a run checkpoints every N steps, after the last and when aborted, and stop
 
 test('a resumed run starts at the saved position and keeps the metrics before it', async (t) => {
   const dir = await tempDir(t)
-  await writeFile(join(dir, 'metrics.jsonl'), [0, 1, 2, 3].map((step) => JSON.stringify({ step, loss: 1 })).join('\n'))
+  // The last record was cut short by a hard kill (no newline): dropped with the others past step 2.
+  const records = [0, 1, 2, 3].map((step) => JSON.stringify({ step, loss: 1 })).join('\n')
+  await writeFile(join(dir, 'metrics.jsonl'), `${records}\n{"step":4,"lo`)
   const saved = { ...startPosition('test', 7, ONE_BY_4, 0), step: 2, batch: 1 }
   const open = (fresh: ReturnType<typeof startPosition>) =>
     Run.open({ outDir: dir, saved, fresh, owner: 'model', runName: 'fine-tuning', title: 'test', panels: PANELS })
@@ -123,6 +125,9 @@ test('a resumed run starts at the saved position and keeps the metrics before it
     panels: PANELS,
   })
   t.is(legacy.start.step, 2)
+  // A broken record before the end is an error naming its line.
+  await writeFile(join(dir, 'metrics.jsonl'), `{"step":0}\n{"step":\n{"step":1}\n`)
+  await t.throwsAsync(open(startPosition('test', 7, ONE_BY_4, 0)), { message: /metrics\.jsonl:2: not a JSON record/ })
 })
 
 test('accumulate must be a whole number of batches', (t) => {

@@ -127,7 +127,14 @@ export function usage(command: Command): string {
           ? ` ${f.choices.join('|')}`
           : ` ${f.kind === 'string' ? 'VALUE' : 'N'}`
     const left = `  --${name}${arg}`
-    const def = f.default === undefined || f.kind === 'bool' ? '' : ` (default ${f.default})`
+    const def =
+      f.kind === 'bool'
+        ? f.default === true
+          ? ` (on by default; --no-${name} turns it off)`
+          : ''
+        : f.default === undefined
+          ? ''
+          : ` (default ${f.default})`
     return `${left.padEnd(30)} ${f.help}${def}`
   })
   return `usage: beit ${command.name} [options]\n\n${command.summary}\n\noptions:\n${lines.join('\n')}\n`
@@ -188,15 +195,12 @@ function savedRunValues(command: Command<FlagTable>, out: string): Record<string
 /** Parses `argv` for `command`: defaults < the run's config.json (with --resume) < config file < flags. */
 export function parseCommand<T extends FlagTable>(command: Command<T>, argv: string[]): CommandValues<T> {
   const flags: FlagTable = { ...command.flags, ...COMMON }
-  const options = Object.fromEntries(
-    Object.entries(flags).map(([name, f]) => [
-      name,
-      {
-        type: f.kind === 'bool' ? ('boolean' as const) : ('string' as const),
-        ...(name === 'help' ? { short: 'h' } : {}),
-      },
-    ]),
-  )
+  // Switches that default to on are turned off with --no-NAME (Node 20's parseArgs has no negation).
+  const negated = Object.keys(flags).filter((name) => flags[name].kind === 'bool' && flags[name].default === true)
+  const options: Record<string, { type: 'boolean' | 'string'; short?: string }> = {}
+  for (const [name, f] of Object.entries(flags))
+    options[name] = { type: f.kind === 'bool' ? 'boolean' : 'string', ...(name === 'help' ? { short: 'h' } : {}) }
+  for (const name of negated) options[`no-${name}`] = { type: 'boolean' }
   let parsed
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false })
@@ -231,20 +235,24 @@ export function parseCommand<T extends FlagTable>(command: Command<T>, argv: str
     if (typeof config !== 'object' || config === null || Array.isArray(config))
       throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
     for (const [key, raw] of Object.entries(config)) {
+      // A run folder's config.json may be passed back in: its job's keys are not options.
+      if (JOB_KEYS.has(key)) continue
       const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
-      const flag = Object.hasOwn(command.flags, name) ? command.flags[name] : undefined
+      const flag = Object.hasOwn(flags, name) && name !== 'config' && name !== 'help' ? flags[name] : undefined
       if (!flag)
         throw new UsageError(
-          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${Object.keys(command.flags).join(', ')}`,
+          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${Object.keys(command.flags).join(', ')}, device, precision, quiet`,
         )
       values[name] = convert(name, flag, raw, configPath)
       fromConfig.add(name)
     }
   }
   const fromFlags = new Set<string>()
-  for (const [name, raw] of Object.entries(parsed.values)) {
-    if (name === 'config' || raw === undefined) continue
-    values[name] = convert(name, flags[name], raw, 'flag')
+  for (const [option, raw] of Object.entries(parsed.values)) {
+    if (option === 'config' || raw === undefined) continue
+    const name = negated.includes(option.slice(3)) && option.startsWith('no-') ? option.slice(3) : option
+    if (fromFlags.has(name)) throw new UsageError(`--${name} and --no-${name} both given: give one`)
+    values[name] = name === option ? convert(name, flags[name], raw, 'flag') : !raw
     fromFlags.add(name)
   }
   for (const [name, f] of Object.entries(flags)) {

@@ -359,9 +359,18 @@ export class MetricsLog {
     const log = new MetricsLog(dir, opts.title, opts.panels, opts.refreshEvery ?? 25)
     const path = join(dir, 'metrics.jsonl')
     if (opts.resumeFrom !== undefined && existsSync(path)) {
-      for (const line of readFileSync(path, 'utf8').split('\n')) {
+      const lines = readFileSync(path, 'utf8').split('\n')
+      for (const [i, line] of lines.entries()) {
         if (!line.trim()) continue
-        const record = JSON.parse(line) as Metrics
+        let record: Metrics
+        try {
+          record = JSON.parse(line) as Metrics
+        } catch (e) {
+          // A record cut short by a hard kill ends the file without a newline: it is dropped
+          // with the others past the checkpoint.
+          if (i === lines.length - 1) continue
+          throw new Error(`${path}:${i + 1}: not a JSON record: ${(e as Error).message}`, { cause: e })
+        }
         if (typeof record.step === 'number' && record.step < opts.resumeFrom) log.records.push(record)
       }
     }

@@ -132,6 +132,9 @@ export function validateTransform(t: Transform): void {
   const flip = t.flip ?? 0.5
   if (!(flip >= 0 && flip <= 1)) throw new Error(`transform.flip is a probability in [0, 1], got ${flip}`)
   for (const [name, v] of Object.entries(t.colorJitter ?? {})) {
+    // torchvision's hue jitter is not one of them: a hue key would silently do nothing.
+    if (!['brightness', 'contrast', 'saturation'].includes(name))
+      throw new Error(`transform.colorJitter.${name} is not an option: expected brightness, contrast or saturation`)
     if (!(Number.isFinite(v) && v >= 0))
       throw new Error(`transform.colorJitter.${name} must be a non-negative number, got ${v}`)
   }

@@ -4,6 +4,8 @@ import { LabeledImages } from './idx'
 
 /** The first `count` images as [count, C, H, W] floats in [0, 1]. */
 export function imagesAsFloats(images: LabeledImages, count = images.count): Float32Array {
+  if (!(Number.isInteger(count) && count >= 0 && count <= images.count))
+    throw new Error(`imagesAsFloats: count must be an integer in [0, ${images.count}], got ${count}`)
   const per = images.height * images.width * images.channels
   const out = new Float32Array(count * per)
   for (let i = 0; i < count * per; i++) out[i] = images.images[i] / 255

@@ -129,12 +129,18 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     if (opts.onError !== 'skip' && opts.onError !== 'fail')
       throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
     this.shard = opts
-    if (this.shardSize() === 0) {
+    // Checked for every rank on every rank, so that all of them refuse together (one that went
+    // on would wait for the others in its first collective).
+    const empty = Array.from({ length: worldSize }, (_, r) => r).find((r) => this.shardSize(r) === 0)
+    if (empty !== undefined) {
       throw new Error(
-        `shard ${rank} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
+        `shard ${empty} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
       )
     }
-    this.native = new native.NativeImageLoader(options.threads, options.maxPixels)
+    const { threads } = options
+    if (threads !== undefined && !(Number.isInteger(threads) && threads > 0))
+      throw new Error(`threads must be at least 1 (a whole number of decode threads), got ${threads}`)
+    this.native = new native.NativeImageLoader(threads, options.maxPixels)
   }
 
   get threads(): number {
@@ -228,8 +234,8 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
       : Math.ceil(n / worldSize) * worldSize
   }
 
-  private shardSize(): number {
-    const { rank, worldSize, batchSize } = this.shard
+  private shardSize(rank = this.shard.rank): number {
+    const { worldSize, batchSize } = this.shard
     const n = this.orderLength()
     const global = worldSize * batchSize
     const [from, to] = part(n % global, rank, worldSize)
