@@ -5,7 +5,7 @@
 import test from 'ava'
 import { execFile } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -128,6 +128,14 @@ test('importHuggingFace and exportHuggingFace pick the model from the folder and
   })
   const tokenizer = join(FIXTURES, 'dalle', 'dvae.safetensors')
   await t.throwsAsync(exportHuggingFace(tokenizer, join(dir, 'x')), { message: /beit-dvae\/1.*cannot be exported/ })
+  // transformers writes no id2label for its default labels: the head's rows give the count.
+  const { id2label: _, label2id: __, ...unlabelled } = config
+  await writeFile(join(dir, 'cls-hf', 'config.json'), JSON.stringify(unlabelled))
+  t.is((await Classifier.fromHuggingFace(join(dir, 'cls-hf'))).config.numLabels, 3)
+  // A class count for a MIM folder is a mistake, not something to drop.
+  await t.throwsAsync(importHuggingFace(hf('mim-abs-gray'), join(dir, 'x.safetensors'), { numLabels: 10 }), {
+    message: /numLabels 10 is for a classifier, but .*mim-abs-gray holds a BeitForMaskedImageModeling/,
+  })
 })
 
 test('the CLI imports and exports, and names what is wrong with a folder that does not fit', async (t) => {

@@ -95,6 +95,18 @@ test('forward gives logits and ids at masked patches only', async (t) => {
   }
 })
 
+test('a call works on its inputs as they were when it was made: refilling or transferring them after is safe', async (t) => {
+  const model = Beit.create(TINY)
+  const { pixels, mask } = batch(2)
+  const expected = await model.forward({ pixels: pixels.slice(), mask: mask.slice() })
+  const refilled = model.forward({ pixels, mask })
+  pixels.fill(0.5) // as a loader refilling its buffer for the next batch would
+  t.deepEqual(await refilled, expected)
+  const moved = model.forward({ pixels, mask })
+  structuredClone(pixels.buffer, { transfer: [pixels.buffer] }) // detached: its memory is gone
+  t.is((await moved).numMasked, expected.numMasked)
+})
+
 test('save and load round-trip weights, optimizer state and behaviour; writes leave no temp file', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
   try {

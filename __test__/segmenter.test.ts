@@ -151,6 +151,23 @@ test('fine-tuning starts from a pretrained MIM checkpoint at another image size'
   })
 })
 
+test('segment refuses sizes the native layer would misread and pixels that are not finite', async (t) => {
+  const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
+  const { pixels } = toyBatch(1, 3)
+  await t.throwsAsync(async () => seg.segment(pixels, { size: [16, 16], outputSize: [-1, -1] }), {
+    message: 'outputSize must be [height, width] of positive integers, got [-1,-1]',
+  })
+  await t.throwsAsync(async () => seg.segment(pixels, { size: [16, 16], stride: [1.5, 2] }), {
+    message: /^stride must be/,
+  })
+  await t.throwsAsync(async () => seg.segment(pixels, { size: [16, 16], outputSize: [60000, 60000] }), {
+    message: /outputSize \[60000, 60000\] x 2 classes exceeds/,
+  })
+  await t.throwsAsync(async () => seg.segment(new Float32Array(256).fill(NaN), { size: [16, 16] }), {
+    message: /segment: pixel value NaN at index 0 is not finite/,
+  })
+})
+
 test('masks of the wrong size are refused with both sizes', async (t) => {
   const seg = Segmenter.create({ model: MODEL, numLabels: 2, auxiliaryChannels: 8 })
   const { pixels, masks } = toyBatch(2, 3)

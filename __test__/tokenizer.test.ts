@@ -54,6 +54,10 @@ test('encode is deterministic and shape-correct; decode gives images in [0, 1]',
   const nonSquare = await tok.encode(new Float32Array(2 * 8 * 12).fill(0.3), 2, { height: 8, width: 12 })
   t.is(nonSquare.length, 2 * 2 * 3)
   t.is((await tok.decode(nonSquare, 2, { height: 2, width: 3 })).length, 2 * 8 * 12)
+  // A grid the native layer would truncate (1.5 -> 1) is refused, not decoded as another batch.
+  t.throws(() => tok.decode(new Int32Array(6), 2, { height: 1.5, width: 2 }), {
+    message: 'grid must be [height, width] of positive integers, got [1.5,2]',
+  })
 })
 
 test('trained briefly on real images, decode(encode(x)) beats the mean image; save/load round-trips exactly', async (t) => {

@@ -16,6 +16,16 @@ export function checkSeed(seed: number, name = 'seed'): number {
   return seed
 }
 
+/**
+ * `[height, width]` when both are positive integers the native layer takes as they are (below
+ * 2^31: it would truncate fractions and wrap negatives), else an error naming `name`.
+ */
+export function checkSize(name: string, size: readonly [number, number]): [number, number] {
+  if (!Array.isArray(size) || size.length !== 2 || !size.every((v) => Number.isInteger(v) && v > 0 && v < 2 ** 31))
+    throw new Error(`${name} must be [height, width] of positive integers, got ${JSON.stringify(size)}`)
+  return [size[0], size[1]]
+}
+
 /** `lr` when it is a number (its range is checked natively), else a TypeError. */
 export function checkLr(lr: unknown): number {
   if (typeof lr !== 'number') throw new TypeError(`lr: expected a number, got ${typeof lr}`)

@@ -59,6 +59,10 @@ export async function importHuggingFace(
   opts: ImportOptions = {},
 ): Promise<Beit | Classifier> {
   const task = opts.task ?? (await huggingFaceTask(dir))
+  if (task === 'mim' && opts.numLabels !== undefined)
+    throw new Error(
+      `numLabels ${opts.numLabels} is for a classifier, but ${dir} holds a BeitForMaskedImageModeling (ask for the classifier task, --task classifier on the command line, to put a new head on its backbone)`,
+    )
   const model =
     task === 'mim'
       ? await Beit.fromHuggingFace(dir, { imageSize: opts.imageSize, optimizer: opts.optimizer })

@@ -7,7 +7,7 @@
  */
 import { AdamWOptions, BeitConfig, ImageSize, imageSizePair, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
-import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
+import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkSize, checkType, Draws, stepDraws } from './check'
 import { Beit } from './model'
 import { Classifier } from './classifier'
 import { checkpointFormat } from './huggingface'
@@ -203,8 +203,13 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
   ): Promise<SegmentedPixels> {
     checkType('pixels', pixels, Float32Array)
     const [h, w] = this.config.model.imageSize
-    const stride = opts.stride ?? [Math.max(1, Math.round((2 * h) / 3)), Math.max(1, Math.round((2 * w) / 3))]
-    return this.handle.segment(pixels, opts.size, stride, opts.outputSize ?? opts.size, opts.probabilities ?? false)
+    const size = checkSize('size', opts.size)
+    const stride = checkSize(
+      'stride',
+      opts.stride ?? [Math.max(1, Math.round((2 * h) / 3)), Math.max(1, Math.round((2 * w) / 3))],
+    )
+    const outputSize = checkSize('outputSize', opts.outputSize ?? size)
+    return this.handle.segment(pixels, size, stride, outputSize, opts.probabilities ?? false)
   }
 
   /** The main head's logits [B, numLabels, h, w] at 4x the patch grid (a quarter of the input for 16-pixel patches). */

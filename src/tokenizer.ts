@@ -1,4 +1,4 @@
-import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
+import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkSize, checkType, Draws, stepDraws } from './check'
 import { Checkpointed } from './checkpointed'
 import { ImageSize, imageSizePair } from './config'
 import { DeviceOptions, place } from './device'
@@ -114,10 +114,11 @@ export class Dvae extends Checkpointed<NativeDvae> {
   decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
     checkType('ids', ids, Int32Array)
     checkBatchSize(batchSize)
-    const g = grid ?? {
-      height: this.config.imageSize[0] / this.downsample,
-      width: this.config.imageSize[1] / this.downsample,
-    }
+    const [height, width] = checkSize('grid', [
+      grid?.height ?? this.config.imageSize[0] / this.downsample,
+      grid?.width ?? this.config.imageSize[1] / this.downsample,
+    ])
+    const g = { height, width }
     if (ids.length !== batchSize * g.height * g.width) {
       throw new Error(
         `ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`,
@@ -148,7 +149,10 @@ export class Dvae extends Checkpointed<NativeDvae> {
   /** The image size, checked against the length when the batch size is known. */
   private imageSize(pixels: Float32Array, size?: { height: number; width: number }, batchSize?: number) {
     checkType('pixels', pixels, Float32Array)
-    const { height, width } = size ?? { height: this.config.imageSize[0], width: this.config.imageSize[1] }
+    const [height, width] = checkSize('size', [
+      size?.height ?? this.config.imageSize[0],
+      size?.width ?? this.config.imageSize[1],
+    ])
     if (batchSize !== undefined) {
       checkBatchSize(batchSize)
       const c = this.config.numChannels

@@ -287,6 +287,17 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
         )));
     }
     let labelled = matches!(layout, HfLayout::ImageClassification | HfLayout::SemanticSegmentation);
+    let head = match layout {
+        HfLayout::ImageClassification => Some("classifier.weight"),
+        HfLayout::SemanticSegmentation => Some("decode_head.classifier.weight"),
+        _ => None,
+    };
+    // transformers leaves id2label out of config.json when the labels are its defaults
+    // (LABEL_0, LABEL_1): the head's rows say how many there are.
+    let labels = match head.and_then(|key| file.tensors.get(key)) {
+        Some(t) if labels.is_empty() => (0..t.dims()[0]).map(|i| format!("LABEL_{i}")).collect(),
+        _ => labels,
+    };
     if labelled && labels.len() < 2 {
         return Err(Error::Config(format!(
             "{}: a {} checkpoint needs id2label with at least 2 classes",

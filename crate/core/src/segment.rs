@@ -388,13 +388,24 @@ impl Trainer<Segmentation> {
         let model = &self.config.model;
         let (c, [ch, cw], k) = (model.num_channels, model.image_size, self.config.num_labels);
         let [h, w] = size;
-        if h == 0 || w == 0 || out.contains(&0) || image.len() != c * h * w {
+        let values = c.checked_mul(h).and_then(|v| v.checked_mul(w));
+        if h == 0 || w == 0 || out.contains(&0) || values != Some(image.len()) {
             return Err(Error::Input(format!(
                 "segment: expected a {c}-channel image of a positive size ({c}*{h}*{w} = {} values) and a positive \
                  output size, got {} values and output {out:?}",
-                c * h * w,
+                values.map_or("too many".to_string(), |v| v.to_string()),
                 image.len()
             )));
+        }
+        // The output's logits (and probabilities) are k values a pixel: refused before allocating.
+        const MAX_OUTPUT_VALUES: usize = 1 << 31;
+        if out[0].checked_mul(out[1]).and_then(|p| p.checked_mul(k)).is_none_or(|v| v > MAX_OUTPUT_VALUES) {
+            return Err(Error::Input(format!(
+                "segment: outputSize {out:?} x {k} classes exceeds {MAX_OUTPUT_VALUES} values"
+            )));
+        }
+        if let Some(i) = image.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!("segment: pixel value {} at index {i} is not finite", image[i])));
         }
         if stride[0] == 0 || stride[1] == 0 || stride[0] > ch || stride[1] > cw {
             return Err(Error::Input(format!(

@@ -339,7 +339,10 @@ fn check_images(config: &DvaeConfig, batch: &ImageBatch) -> Result<usize> {
             "image size {h}x{w}: height and width must be positive multiples of the tokenizer's downsampling factor {d}"
         )));
     }
-    let per = c * h * w;
+    // Checked: a wrapped product could pass the length test below.
+    let Some(per) = c.checked_mul(h).and_then(|v| v.checked_mul(w)) else {
+        return Err(Error::Input(format!("image size {h}x{w} with {c} channels is too large")));
+    };
     if batch.pixels.is_empty() || !batch.pixels.len().is_multiple_of(per) {
         return Err(Error::Input(format!(
             "pixels: expected a positive multiple of {per} values (C*H*W = {c}*{h}*{w}), got {}",

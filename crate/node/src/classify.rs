@@ -160,7 +160,7 @@ impl NativeClassifier {
         labels: Int32Array,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::ClassifierLossMetrics, ClassifierLossMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels, labels) = (self.inner.clone(), pixels.to_vec(), labels.to_vec());
         job(
             move || lock(&model)?.loss_and_grads(&pixels, &labels, draws.into()),
             |m| Ok(ClassifierLossMetrics { loss: m.loss, accuracy: m.accuracy }),
@@ -177,14 +177,14 @@ impl NativeClassifier {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels, labels) = (self.inner.clone(), pixels.to_vec(), labels.to_vec());
         job(move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64), metrics)
     }
 
     /// Class logits [B, numLabels].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn predict(&self, pixels: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(move || lock(&model)?.predict(&pixels), |v| Ok(Float32Array::new(v)))
     }
 }
@@ -225,14 +225,14 @@ impl NativeLinearProbe {
         labels: Int32Array,
         lr: f64,
     ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
-        let probe = self.inner.clone();
+        let (probe, features, labels) = (self.inner.clone(), features.to_vec(), labels.to_vec());
         job(move || lock(&probe)?.train_step(&features, &labels, lr), metrics)
     }
 
     /// Class logits [N, numLabels].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn predict(&self, features: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let probe = self.inner.clone();
+        let (probe, features) = (self.inner.clone(), features.to_vec());
         job(move || lock(&probe)?.predict(&features), |v| Ok(Float32Array::new(v)))
     }
 }

@@ -107,6 +107,8 @@ impl NativeImageLoader {
     ) -> Result<AsyncTask<LoadViewsTask>> {
         let channels = u8::try_from(channels)
             .map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
+        let per = image_values(height, width, u32::from(channels))?;
+        let (pixels, indices) = gather(&pixels, per, &indices, "images")?;
         let source = Source::Pixels { pixels, height, width, channels, indices };
         Ok(AsyncTask::new(LoadViewsTask { loader: self.task_context(), source, augments_json, views_json }))
     }
@@ -191,6 +193,8 @@ impl NativeImageLoader {
     ) -> Result<AsyncTask<LoadPairsTask>> {
         let channels = u8::try_from(channels)
             .map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
+        let (images, _) = gather(&images, image_values(height, width, u32::from(channels))?, &indices, "images")?;
+        let (masks, indices) = gather(&masks, image_values(height, width, 1)?, &indices, "masks")?;
         let source = PairSource::Pixels { images, masks, height, width, channels, indices };
         Ok(AsyncTask::new(LoadPairsTask { loader: self.task_context(), source, augments_json, view_json, masks_json }))
     }
@@ -202,9 +206,33 @@ impl NativeImageLoader {
     }
 }
 
+/// Values of one height x width x channels image, or an error when that overflows.
+fn image_values(height: u32, width: u32, channels: u32) -> Result<usize> {
+    (height as usize).checked_mul(width as usize).and_then(|v| v.checked_mul(channels as usize)).ok_or_else(|| {
+        Error::new(Status::InvalidArg, format!("an image of {height}x{width}x{channels} values is too large"))
+    })
+}
+
+/// The images `indices` picks from `data` ([count, per] values), copied on the JS thread, and
+/// their positions in the copy: the task must not read the caller's buffer after this call
+/// returns (it may be refilled or transferred meanwhile), and a batch is small to copy where
+/// the whole in-memory dataset would not be.
+fn gather(data: &[u8], per: usize, indices: &[u32], what: &str) -> Result<(Vec<u8>, Vec<u32>)> {
+    let count = data.len().checked_div(per).unwrap_or(0);
+    let mut out = Vec::with_capacity(indices.len().saturating_mul(per));
+    for &i in indices {
+        let i = i as usize;
+        if i >= count {
+            return Err(Error::new(Status::InvalidArg, format!("{what}: index {i} is outside the {count} stored")));
+        }
+        out.extend_from_slice(&data[i * per..(i + 1) * per]);
+    }
+    Ok((out, (0..indices.len() as u32).collect()))
+}
+
 pub enum Source {
     Files(Vec<PathBuf>),
-    Pixels { pixels: Uint8Array, height: u32, width: u32, channels: u8, indices: Uint32Array },
+    Pixels { pixels: Vec<u8>, height: u32, width: u32, channels: u8, indices: Vec<u32> },
 }
 
 pub struct LoadViewsTask {
@@ -246,7 +274,7 @@ impl Task for LoadViewsTask {
 #[allow(clippy::large_enum_variant)]
 pub enum PairSource {
     Files { images: Vec<PathBuf>, masks: Vec<PathBuf> },
-    Pixels { images: Uint8Array, masks: Uint8Array, height: u32, width: u32, channels: u8, indices: Uint32Array },
+    Pixels { images: Vec<u8>, masks: Vec<u8>, height: u32, width: u32, channels: u8, indices: Vec<u32> },
 }
 
 pub struct LoadPairsTask {

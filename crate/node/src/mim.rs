@@ -80,6 +80,7 @@ impl NativeBeit {
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::BeitLossMetrics, BeitLossMetrics>> {
         let model = self.inner.clone();
+        let (pixels, mask, targets) = (pixels.to_vec(), mask.to_vec(), targets.to_vec());
         job(
             move || {
                 let batch = MimBatch { pixels: &pixels, mask: &mask, targets: &targets };
@@ -116,6 +117,7 @@ impl NativeBeit {
         seed: u32,
     ) -> AsyncTask<Job<beit_core::BeitStepMetrics, BeitStepMetrics>> {
         let model = self.inner.clone();
+        let (pixels, mask, targets) = (pixels.to_vec(), mask.to_vec(), targets.to_vec());
         job(
             move || {
                 lock(&model)?.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64)
@@ -143,7 +145,7 @@ impl NativeBeit {
     /// [B, 2 * hiddenSize].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn probe_features(&self, pixels: Float32Array, layer: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(move || lock(&model)?.probe_features(&pixels, layer as usize), |v| Ok(Float32Array::new(v)))
     }
 
@@ -154,7 +156,7 @@ impl NativeBeit {
         pixels: Float32Array,
         mask: Uint8Array,
     ) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
-        let model = self.inner.clone();
+        let (model, pixels, mask) = (self.inner.clone(), pixels.to_vec(), mask.to_vec());
         job(
             move || lock(&model)?.forward(&pixels, &mask),
             |p| {
@@ -179,12 +181,14 @@ impl NativeBeit {
         finish: fn(O) -> Result<J>,
     ) -> AsyncTask<Job<O, J>> {
         let (model, tokenizer) = (self.inner.clone(), tokenizer.shared());
+        let (height, width) = (input.tokenizer_height as usize, input.tokenizer_width as usize);
+        let (pixels, mask, tokenizer_pixels) =
+            (input.pixels.to_vec(), input.mask.to_vec(), input.tokenizer_pixels.to_vec());
         job(
             move || {
                 let (mut model, mut tokenizer) = (lock(&model)?, lock(&tokenizer)?);
-                let (height, width) = (input.tokenizer_height as usize, input.tokenizer_width as usize);
-                let images = ImageBatch { pixels: &input.tokenizer_pixels, height, width };
-                let batch = PretrainBatch { pixels: &input.pixels, mask: &input.mask, tokenizer_images: images };
+                let images = ImageBatch { pixels: &tokenizer_pixels, height, width };
+                let batch = PretrainBatch { pixels: &pixels, mask: &mask, tokenizer_images: images };
                 step(&mut model, &mut tokenizer, &batch)
             },
             finish,

@@ -187,12 +187,10 @@ impl NativeSegmenter {
         masks: Uint8Array,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::SegmenterLossMetrics, SegmenterLossMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
         job(
-            move || {
-                let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
-                lock(&model)?.loss_and_grads(&pixels, &labels, draws.into())
-            },
+            move || lock(&model)?.loss_and_grads(&pixels, &labels, draws.into()),
             |m| {
                 Ok(SegmenterLossMetrics {
                     loss: m.loss,
@@ -212,12 +210,10 @@ impl NativeSegmenter {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::SegmenterStepMetrics, SegmenterStepMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
         job(
-            move || {
-                let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
-                lock(&model)?.train_step(&pixels, &labels, lr, seed as u64)
-            },
+            move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64),
             |m| {
                 Ok(SegmenterStepMetrics {
                     loss: m.loss,
@@ -232,7 +228,7 @@ impl NativeSegmenter {
     /// Class ids [B, H, W] at the input's size (evaluation mode).
     #[napi(ts_return_type = "Promise<Uint8Array>")]
     pub fn predict(&self, pixels: Float32Array) -> AsyncTask<Job<Vec<u32>, Uint8Array>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || lock(&model)?.predict(&pixels),
             |ids| Ok(Uint8Array::new(ids.into_iter().map(|i| i as u8).collect())),
@@ -251,7 +247,7 @@ impl NativeSegmenter {
         output_size: Vec<u32>,
         probabilities: bool,
     ) -> AsyncTask<Job<SegmentedImage, SegmentedPixels>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || {
                 let (size, stride, out) =
@@ -270,7 +266,7 @@ impl NativeSegmenter {
     /// Main-head logits [B, numLabels, h, w] (evaluation mode).
     #[napi(ts_return_type = "Promise<SegmentationLogits>")]
     pub fn logits(&self, pixels: Float32Array) -> AsyncTask<Job<ShapedValues, SegmentationLogits>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || lock(&model)?.logits(&pixels),
             |(values, shape)| {

@@ -149,7 +149,7 @@ impl NativeDvae {
         kl_weight: f64,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::DvaeLossMetrics, DvaeLossMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || {
                 let batch = ImageBatch { pixels: &pixels, height: height as usize, width: width as usize };
@@ -176,7 +176,7 @@ impl NativeDvae {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::DvaeStepMetrics, DvaeStepMetrics>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || {
                 let batch = ImageBatch { pixels: &pixels, height: height as usize, width: width as usize };
@@ -192,7 +192,7 @@ impl NativeDvae {
     /// Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1].
     #[napi(ts_return_type = "Promise<Int32Array>")]
     pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<Job<Vec<i32>, Int32Array>> {
-        let model = self.inner.clone();
+        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
         job(
             move || {
                 lock(&model)?.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize })
@@ -204,7 +204,7 @@ impl NativeDvae {
     /// Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let model = self.inner.clone();
+        let (model, ids) = (self.inner.clone(), ids.to_vec());
         job(
             move || lock(&model)?.decode(&ids, grid_height as usize, grid_width as usize),
             |images| Ok(Float32Array::new(images)),
