@@ -81,7 +81,8 @@ export class Classifier extends Checkpointed<NativeClassifier> {
 
   /**
    * The backbone of a MIM checkpoint (`Beit.save`) under a new head. `spec.model` may change
-   * what does not change shapes (e.g. dropPathRate); by default it is the checkpoint's config.
+   * what does not change shapes (e.g. dropPathRate) and the image size (the position tables are
+   * resized); by default it is the checkpoint's config.
    */
   static async fromPretrained(
     path: string,

@@ -198,7 +198,8 @@ impl Trainer<Classification> {
 
     /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
     /// the head is initialised from `seed`. With [CLS] pooling the MIM's final LayerNorm becomes
-    /// `beit.layernorm`. `config.model` must match the checkpoint's shapes (drop path may differ).
+    /// `beit.layernorm`. `config.model` must match the checkpoint's shapes, except that another
+    /// image size resizes the position tables (drop path may differ too).
     pub fn from_pretrained(
         path: &Path,
         config: ClassifierConfig,
@@ -208,11 +209,15 @@ impl Trainer<Classification> {
     ) -> Result<Self> {
         let mut file = checkpoint::load(path)?;
         file.expect_format(path, Mim::FORMAT, "a pretrained BEiT MIM checkpoint")?;
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         // The model's tensors, not its optimizer state.
         file.tensors.retain(|name, _| {
             name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head.")
         });
-        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        // Shapes alone would take a grid's tables for its transpose's: the file's config says
+        // which grid they are of, and another image size resizes them.
+        let saved = crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?;
+        hf::fit_backbone(&mut file.tensors, &saved, &config.model, "the classifier's model").map_err(in_file)?;
         Self::from_backbone(file.tensors, config, optim, training, seed).map_err(in_file)
     }
 

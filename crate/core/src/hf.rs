@@ -334,6 +334,32 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
     Ok(HfCheckpoint { layout, config, pooling, labels, segmenter, tensors })
 }
 
+/// Fits the backbone tensors of a beit checkpoint saved with `saved` (HF key names) to `model`,
+/// which `what` names in errors: the patch size and channel count must be the checkpoint's
+/// (the position tables are resized between patch grids, so another patch size is refused
+/// here by name rather than resized wrongly), and another image size resizes the tables.
+pub(crate) fn fit_backbone(
+    tensors: &mut HashMap<String, Tensor>,
+    saved: &BeitConfig,
+    model: &BeitConfig,
+    what: &str,
+) -> Result<()> {
+    for (field, saved, asked) in
+        [("patchSize", saved.patch_size, model.patch_size), ("numChannels", saved.num_channels, model.num_channels)]
+    {
+        if saved != asked {
+            return Err(Error::Config(format!(
+                "the checkpoint's backbone has {field} {saved}, {what} asks for {asked}: start from the \
+                 checkpoint's model config (only imageSize and dropPathRate may differ)"
+            )));
+        }
+    }
+    if saved.image_size != model.image_size {
+        resize_position_tables(tensors, saved.grid(), model.grid())?;
+    }
+    Ok(())
+}
+
 pub(crate) fn resize_position_tables(
     tensors: &mut HashMap<String, Tensor>,
     old: (usize, usize),

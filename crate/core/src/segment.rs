@@ -276,30 +276,13 @@ impl Trainer<Segmentation> {
                 Classification::FORMAT
             )));
         };
-        // The patch grid is what the position tables are resized between, so a patch size (or a
-        // channel count) other than the checkpoint's is refused here by name, not later as a
-        // resize of the wrong grid.
-        let model = &config.model;
-        for (field, saved, asked) in
-            [("patchSize", saved.patch_size, model.patch_size), ("numChannels", saved.num_channels, model.num_channels)]
-        {
-            if saved != asked {
-                return Err(Error::Config(format!(
-                    "{}: the checkpoint's backbone has {field} {saved}, the segmenter's model asks for {asked}: \
-                     start from the checkpoint's model config (only imageSize and dropPathRate may differ)",
-                    path.display()
-                )));
-            }
-        }
         file.tensors.retain(|name, _| {
             name.starts_with("beit.")
                 && name != "beit.embeddings.mask_token"
                 && !name.starts_with("beit.pooler.")
                 && !name.starts_with("beit.layernorm.")
         });
-        if saved.image_size != model.image_size {
-            hf::resize_position_tables(&mut file.tensors, saved.grid(), model.grid()).map_err(in_file)?;
-        }
+        hf::fit_backbone(&mut file.tensors, &saved, &config.model, "the segmenter's model").map_err(in_file)?;
         let table = Segmentation::table(&config);
         let head: HashSet<_> = table.ids().filter(|id| !table.get(*id).name.starts_with("beit.")).collect();
         let source = Source::Tensors { tensors: file.tensors, init: Some((seed, head)) };

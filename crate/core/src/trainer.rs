@@ -145,7 +145,24 @@ impl<K: Kind> Trainer<K> {
         file.expect_format(path, K::FORMAT, K::WHAT)?;
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         let config = match config {
-            Some(c) => c,
+            Some(c) => {
+                // Tensor shapes alone would let a grid's table load as its transpose's (the
+                // same length): the file's own config, when it has one, must be this one.
+                if let Some(saved) = file.metadata.get("config") {
+                    // Both through the current config type, so that fields added since the file
+                    // was written compare at their defaults.
+                    let saved = K::config_json(&K::parse_config(saved).map_err(in_file)?);
+                    let differ = config_differences(&saved, &K::config_json(&c));
+                    if !differ.is_empty() {
+                        return Err(Error::Config(format!(
+                            "{}: the checkpoint's config differs from the one given in {}",
+                            path.display(),
+                            differ.join(", ")
+                        )));
+                    }
+                }
+                c
+            }
             None => K::parse_config(file.meta("config", path)?)?,
         };
         let options = saved_options::<K>(&file, path)?;
@@ -390,6 +407,29 @@ impl<K: Kind> Trainer<K> {
             }
         }
     }
+}
+
+/// The fields (dotted paths, with both values) in which two configs' JSON differ; drop-path
+/// rates aside, which a load may change.
+fn config_differences(saved: &str, given: &str) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<_> = a.keys().chain(b.keys()).collect();
+                for key in keys.into_iter().filter(|k| *k != "dropPathRate") {
+                    let null = serde_json::Value::Null;
+                    let at = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    walk(&at, a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{path} ({a} in the file, {b} given)")),
+            _ => {}
+        }
+    }
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
+    let mut out = vec![];
+    walk("", &parse(saved), &parse(given), &mut out);
+    out
 }
 
 /// A checkpoint's training options (under "training", or the kind's legacy key).
