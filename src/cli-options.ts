@@ -234,14 +234,16 @@ export function parseCommand<T extends FlagTable>(command: Command<T>, argv: str
     }
     if (typeof config !== 'object' || config === null || Array.isArray(config))
       throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
+    // The command's options and the common ones, but not --config or --help.
+    const inFile = Object.keys(flags).filter((name) => name !== 'config' && name !== 'help')
     for (const [key, raw] of Object.entries(config)) {
       // A run folder's config.json may be passed back in: its job's keys are not options.
       if (JOB_KEYS.has(key)) continue
       const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
-      const flag = Object.hasOwn(flags, name) && name !== 'config' && name !== 'help' ? flags[name] : undefined
+      const flag = inFile.includes(name) ? flags[name] : undefined
       if (!flag)
         throw new UsageError(
-          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${Object.keys(command.flags).join(', ')}, device, precision, quiet`,
+          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${inFile.join(', ')}`,
         )
       values[name] = convert(name, flag, raw, configPath)
       fromConfig.add(name)

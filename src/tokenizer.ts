@@ -118,13 +118,12 @@ export class Dvae extends Checkpointed<NativeDvae> {
       grid?.height ?? this.config.imageSize[0] / this.downsample,
       grid?.width ?? this.config.imageSize[1] / this.downsample,
     ])
-    const g = { height, width }
-    if (ids.length !== batchSize * g.height * g.width) {
+    if (ids.length !== batchSize * height * width) {
       throw new Error(
-        `ids: expected ${batchSize * g.height * g.width} values (batchSize*h*w = ${batchSize}*${g.height}*${g.width}), got ${ids.length}`,
+        `ids: expected ${batchSize * height * width} values (batchSize*h*w = ${batchSize}*${height}*${width}), got ${ids.length}`,
       )
     }
-    return this.handle.decode(ids, g.height, g.width)
+    return this.handle.decode(ids, height, width)
   }
 
   /**

@@ -123,10 +123,16 @@ export async function openData(
 
 export type ModelValues = Values<typeof MODEL_FLAGS>
 
+/** `--channels`, or `fallback` when it is not given: 1 or 3, else a usage error. */
+export function channelsFlag(flag: number | undefined, fallback: number): 1 | 3 {
+  const channels = flag ?? fallback
+  if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+  return channels
+}
+
 export function modelSpec(v: ModelValues, pixels: boolean, vocabSize?: number): ModelSpec {
   const imageSize = v['image-size'] ?? (pixels ? 28 : 224)
-  const channels = v.channels ?? (pixels ? 1 : 3)
-  if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+  const channels = channelsFlag(v.channels, pixels ? 1 : 3)
   const patchSize = v['patch-size'] ?? (imageSize === 28 ? 4 : 16)
   if (imageSize % patchSize !== 0)
     throw new UsageError(`--image-size ${imageSize} must be a multiple of --patch-size ${patchSize}`)
@@ -173,17 +179,18 @@ export async function prepareOut(
   const { rank, worldSize, launcher, mpiLibrary } = job.distributed
   if (rank > 0) return out
   await mkdir(out, { recursive: true })
-  const config = { ...resolvedConfig(flags, v), ...(launcher === 'none' ? {} : { worldSize, launcher, mpiLibrary }) }
+  const resolved = resolvedConfig(flags, v)
   const path = join(out, 'config.json')
   if (v.resume && existsSync(path)) {
     // The run's record stays what it started with; options changed for the rest are said once.
     const saved = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>
-    const changed = Object.entries(resolvedConfig(flags, v))
+    const changed = Object.entries(resolved)
       .filter(([k, value]) => k !== 'resume' && JSON.stringify(value) !== JSON.stringify(saved[k]))
       .map(([k, value]) => `--${k} ${JSON.stringify(value)} (was ${JSON.stringify(saved[k]) ?? 'not set'})`)
     if (changed.length > 0) process.stderr.write(`beit: resuming ${out} with changed options: ${changed.join(', ')}\n`)
     return out
   }
+  const config = { ...resolved, ...(launcher === 'none' ? {} : { worldSize, launcher, mpiLibrary }) }
   await writeFile(path, JSON.stringify(config, null, 2) + '\n')
   return out
 }

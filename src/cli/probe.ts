@@ -7,7 +7,7 @@ import { ImageDataset } from '../data/dataset'
 import { Beit } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
 import { Progress } from '../run'
-import { DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from './common'
+import { channelsFlag, DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from './common'
 
 const FLAGS = flagTable({
   data: { kind: 'string', help: DATA_HELP, default: 'sample' },
@@ -49,8 +49,7 @@ export const probeCommand = defineCommand({
     await mkdir(join(v.out, '..'), { recursive: true })
     if (v.pixels) {
       const size = v['image-size'] ?? (pixels ? 28 : 224)
-      const channels = v.channels ?? (pixels ? 1 : 3)
-      if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+      const channels = channelsFlag(v.channels, pixels ? 1 : 3)
       const opts = {
         epochs: v.epochs,
         batchSize: v['batch-size'],

@@ -21,6 +21,7 @@ import {
   vocSegmentation,
 } from '../segmentation/data'
 import {
+  channelsFlag,
   DATA_PARALLEL_FLAGS,
   interruptible,
   joinJob,
@@ -192,7 +193,7 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     return { train, test, size, transform, numLabels: train.classNames.length, channels: 1, what: 'scenes' }
   }
   const path = v.data
-  const channels = folderChannels(v.channels)
+  const channels = channelsFlag(v.channels, 3)
   const reduceZeroLabel = v['reduce-zero-label']
   let train: SegmentationDataset
   let test: SegmentationDataset
@@ -228,12 +229,6 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     channels,
     what,
   }
-}
-
-/** `--channels` for image files: 3 unless 1 is asked for. */
-function folderChannels(flag: number | undefined): 1 | 3 {
-  if (flag !== undefined && flag !== 1 && flag !== 3) throw new UsageError(`--channels must be 1 or 3, got ${flag}`)
-  return flag === 1 ? 1 : 3
 }
 
 /** `--out-indices` as four integers (checked against the depth by the model's config). */

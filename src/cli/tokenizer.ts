@@ -8,6 +8,7 @@ import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
 import { DVAE_PRESETS, Dvae } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
 import {
+  channelsFlag,
   DATA_HELP,
   DATA_PARALLEL_FLAGS,
   interruptible,
@@ -75,8 +76,7 @@ export const tokenizerCommand = defineCommand({
     const test = await openDataset(v.data, 'test')
     const preset = v.preset
     const source = train.source.kind === 'pixels' ? train.source : undefined
-    const channels = v.channels ?? source?.channels ?? 3
-    if (channels !== 1 && channels !== 3) throw new UsageError(`--channels must be 1 or 3, got ${channels}`)
+    const channels = channelsFlag(v.channels, source?.channels ?? 3)
     const given = v['image-size']
     const imageSize: [number, number] =
       given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
