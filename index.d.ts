@@ -606,6 +606,12 @@ export interface NativeWholePairBatch {
  */
 export declare function presetsJson(): string
 
+/**
+ * The backbone config (JSON, as `BeitConfig`) of a beit MIM or classifier checkpoint, read
+ * from the file's header alone.
+ */
+export declare function pretrainedBackboneConfig(path: string): Promise<string>
+
 /** One pretraining batch: the model's view and the tokenizer's view of the same crops. */
 export interface PretrainInput {
   /** [B, C, H, W], normalised: the model's view. */

@@ -853,4 +853,5 @@ module.exports.finalizeDistributed = nativeBinding.finalizeDistributed
 module.exports.initDistributed = nativeBinding.initDistributed
 module.exports.maxAcrossRanks = nativeBinding.maxAcrossRanks
 module.exports.presetsJson = nativeBinding.presetsJson
+module.exports.pretrainedBackboneConfig = nativeBinding.pretrainedBackboneConfig
 module.exports.sumAcrossRanks = nativeBinding.sumAcrossRanks

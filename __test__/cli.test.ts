@@ -211,7 +211,19 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
       ['pretrain', '--tokenizer', tokenizer, '--patch-size', '7', '--steps', '1', '--out', join(dir, 'grid')],
       /token grid 7x7 .* does not match the model's patch grid 4x4/,
     ],
-    [['finetune', '--init', tokenizer, '--out', join(dir, 'ft')], /format "beit-dvae\/1", expected "beit-mim\/1"/],
+    [
+      ['finetune', '--init', tokenizer, '--out', join(dir, 'ft')],
+      /format "beit-dvae\/1" is not a beit MIM \("beit-mim\/1"\) or classifier \("beit-cls\/1"\) checkpoint/,
+    ],
+    [
+      ['finetune', '--init', tokenizer, '--patch-size', '4', '--out', join(dir, 'ft2')],
+      /--init takes the backbone's shape from the checkpoint \(--image-size resizes .*\): --patch-size would be ignored/,
+    ],
+    [['probe', '--pixels', '--layer', '2'], /--pixels probes the raw pixels, no backbone: --layer would be ignored/],
+    [
+      ['probe', '--init', tokenizer, '--random-like', tokenizer, '--hidden-size', '8'],
+      /--init takes the backbone, its shape included, from the checkpoint: --random-like, --hidden-size would be ignored/,
+    ],
     [['finetune', '--resume', '--out', join(dir, 'nothing')], /--resume: no checkpoint at/],
     [
       ['pretrain', '--tokenizer', tokenizer, '--precision', 'fp16', '--steps', '1', '--out', join(dir, 'fp16')],

@@ -330,12 +330,19 @@ test('clear errors before any loading: missing or empty folder, bad options', as
   t.throws(() => new ImageLoader({ ...base, threads: -1 }), {
     message: /threads must be at least 1 \(a whole number of decode threads\), got -1/,
   })
-  // A rank that would get no images makes every rank refuse, those with images included.
+  // A training rank that would get no images makes every rank refuse, those with images
+  // included; an evaluation shard may be empty (that rank scores nothing).
   const three = { ...dataset, size: 3 }
   for (const rank of [0, 1, 2, 3])
-    t.throws(() => new ImageLoader({ ...base, dataset: three, rank, worldSize: 4, evenShards: false }), {
-      message: /shard 0 of 4 gets no images: the dataset has only 3/,
+    t.throws(() => new ImageLoader({ ...base, dataset: three, rank, worldSize: 4, dropLast: true }), {
+      message: /shard 0 of 4 gets no images: the dataset has only 3 \(fewer than one global batch of 4 x 4\)/,
     })
+  const evaluated = []
+  for (const rank of [0, 1, 2, 3]) {
+    const loader = new ImageLoader({ ...base, dataset: three, rank, worldSize: 4, evenShards: false, shuffle: false })
+    for await (const batch of loader.epoch(0)) evaluated.push(...batch.indices)
+  }
+  t.deepEqual(evaluated.sort(), [0, 1, 2])
   t.throws(
     () => new ImageLoader({ ...base, transform: { kind: 'train', colorJitter: { hue: 0.1 } as ColorJitterOptions } }),
     { message: /transform\.colorJitter\.hue is not an option: expected brightness, contrast or saturation/ },

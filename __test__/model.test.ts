@@ -1,9 +1,9 @@
 import test from 'ava'
-import { mkdtemp, readdir, rm } from 'node:fs/promises'
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { Beit, BeitConfig, Classifier, PRESETS, resolveConfig } from '../src/index'
+import { Beit, BeitConfig, Classifier, PRESETS, pretrainedBackbone, resolveConfig } from '../src/index'
 
 const TINY: Partial<BeitConfig> & { preset: 'tiny' } = {
   preset: 'tiny',
@@ -107,6 +107,39 @@ test('a call works on its inputs as they were when it was made: refilling or tra
   t.is((await moved).numMasked, expected.numMasked)
 })
 
+test('calls on one model run in the order they were made, awaited or not', async (t) => {
+  const [awaited, queued] = [0, 1].map(() => Beit.create(TINY, { seed: 3 }))
+  const data = batch(2, 7)
+  const half = (p: number) => ({
+    pixels: data.pixels.subarray(p * 96, (p + 1) * 96),
+    mask: data.mask.subarray(p * 6, (p + 1) * 6),
+    targets: data.targets.subarray(p * 6, (p + 1) * 6),
+    firstSample: p,
+  })
+  const expected = []
+  for (let step = 0; step < 6; step++) {
+    await awaited.lossAndGrads({ ...half(0), seed: step })
+    await awaited.lossAndGrads({ ...half(1), seed: step })
+    expected.push((await awaited.applyUpdate(1e-2)).gradNorm)
+  }
+  // None awaited: libuv's several worker threads would otherwise take them in any order, and
+  // an applyUpdate taken before its lossAndGrads fails with "no gradients to apply".
+  const updates = []
+  for (let step = 0; step < 6; step++) {
+    void queued.lossAndGrads({ ...half(0), seed: step })
+    void queued.lossAndGrads({ ...half(1), seed: step })
+    updates.push(queued.applyUpdate(1e-2))
+  }
+  // A getter waits for the calls made before it.
+  t.is(queued.step, 6)
+  t.deepEqual(
+    (await Promise.all(updates)).map((u) => u.gradNorm),
+    expected,
+  )
+  const [a, b] = await Promise.all([awaited.forward(data), queued.forward(data)])
+  t.deepEqual(b.logits, a.logits)
+})
+
 test('save and load round-trip weights, optimizer state and behaviour; writes leave no temp file', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
   try {
@@ -159,7 +192,63 @@ test('loading a checkpoint with another config names the fields that differ', as
   }
 })
 
+test('pretrainedBackbone reads a checkpoint header: the backbone of a MIM model or classifier', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
+  try {
+    const mim = Beit.create({ ...TINY, imageSize: [8, 12] })
+    await mim.save(join(dir, 'mim.safetensors'))
+    t.deepEqual(await pretrainedBackbone(join(dir, 'mim.safetensors')), mim.config)
+    const cls = Classifier.create({ model: { ...TINY, hiddenSize: 24 }, numLabels: 3 })
+    await cls.save(join(dir, 'cls.safetensors'))
+    t.deepEqual(await pretrainedBackbone(join(dir, 'cls.safetensors')), cls.config.model)
+    // A classifier from a classifier: new classes on the same backbone.
+    const next = await Classifier.fromPretrained(join(dir, 'cls.safetensors'), { numLabels: 5 })
+    t.is(next.config.numLabels, 5)
+    t.deepEqual(next.config.model, cls.config.model)
+    await writeFile(join(dir, 'short.safetensors'), Buffer.from([255, 255, 255, 255, 0, 0, 0, 0, 123]))
+    await t.throwsAsync(pretrainedBackbone(join(dir, 'short.safetensors')), {
+      message: /short\.safetensors is not a valid safetensors file: a header of 4294967295 bytes in a file of 9/,
+    })
+    await t.throwsAsync(pretrainedBackbone(join(dir, 'missing.safetensors')), {
+      message: /cannot read .*missing\.safetensors/,
+    })
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test("a classifier's class names are saved, exported as id2label and imported with its head", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-test-'))
+  try {
+    const classNames = ['cat', 'dog', 'bird']
+    const cls = Classifier.create({ model: TINY, numLabels: 3, classNames })
+    t.deepEqual(cls.config.classNames, classNames)
+    await cls.save(join(dir, 'cls.safetensors'))
+    t.deepEqual((await Classifier.load(join(dir, 'cls.safetensors'))).config.classNames, classNames)
+    await cls.exportHuggingFace(join(dir, 'hf'))
+    const config = JSON.parse(await readFile(join(dir, 'hf', 'config.json'), 'utf8'))
+    t.deepEqual(config.id2label, { 0: 'cat', 1: 'dog', 2: 'bird' })
+    t.deepEqual(config.label2id, { cat: 0, dog: 1, bird: 2 })
+    t.deepEqual((await Classifier.fromHuggingFace(join(dir, 'hf'))).config.classNames, classNames)
+    // A new head of another size has no names; without names LABEL_i is exported.
+    t.is((await Classifier.fromHuggingFace(join(dir, 'hf'), { numLabels: 4 })).config.classNames, undefined)
+    t.throws(() => Classifier.create({ model: TINY, numLabels: 3, classNames: ['a', 'b'] }), {
+      message: /classNames: expected one name per label \(3\), got 2/,
+    })
+    t.throws(() => Classifier.create({ model: TINY, numLabels: 2, classNames: ['a', 'a'] }), {
+      message: /classNames: "a" is empty or named twice/,
+    })
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
 test('bad inputs are JS errors stating expected vs got', async (t) => {
+  // Sizes far beyond any model are an error, not an allocation that aborts the process.
+  t.throws(() => Beit.create({ ...TINY, vocabSize: 2 ** 40 }), {
+    message: /the config gives the model \d+ parameters, more than the 2\^33 beit trains/,
+  })
+  t.throws(() => Classifier.create({ model: TINY, numLabels: 1e15 }), { message: /more than the 2\^33 beit trains/ })
   const model = Beit.create(TINY)
   const good = batch(2)
   await t.throwsAsync(model.trainStep({ ...good, pixels: good.pixels.subarray(0, 100), lr: 1e-3 }), {

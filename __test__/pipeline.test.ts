@@ -3,7 +3,19 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { Beit, BlockwiseMaskGenerator, Classifier, Dvae, finetune, linearProbe, openDataset, pretrain } from '../src'
+import {
+  Beit,
+  BlockwiseMaskGenerator,
+  Classifier,
+  Dvae,
+  finetune,
+  linearProbe,
+  openDataset,
+  pixelProbe,
+  pretrain,
+  RandomMaskGenerator,
+  withClassesOf,
+} from '../src'
 import type { ImageDataset, ModelSpec } from '../src'
 import { TINY_MODEL } from './fixtures/tiny-model'
 
@@ -73,6 +85,13 @@ test('an interrupted and resumed pretraining run ends with the weights of an uni
   const second = await run(resumedModel, join(dir, 'split'))
   t.is(second.status, 'completed')
 
+  // Stopped at its last step, the run is complete: nothing of it is left to resume.
+  const atEnd = new AbortController()
+  const ended = await run(Beit.create(MODEL, { seed: 1 }), join(dir, 'end'), atEnd.signal, (step) => {
+    if (step === 13) atEnd.abort()
+  })
+  t.like(ended, { status: 'completed', step: 14 })
+
   const a = await fingerprint(await Beit.load(whole.checkpoint), data)
   const b = await fingerprint(await Beit.load(second.checkpoint), data)
   t.true(maxDiff(a, b) < 1e-5, `max logit difference ${maxDiff(a, b)}`)
@@ -120,6 +139,28 @@ test('pretraining refuses a tokenizer whose grid does not match the patch grid',
     }),
     { message: /token grid 7x7 \(28 px \/ 4\) does not match the model's patch grid 4x4 \(28 px \/ 7\)/ },
   )
+  // A mask grid of the right size but another shape would be read row-major as scattered strips.
+  const base = {
+    model: Beit.create(MODEL),
+    tokenizer,
+    data,
+    batchSize: 8,
+    steps: 1,
+    schedule: { lr: 1e-3 },
+    outDir: dir,
+  }
+  await t.throwsAsync(
+    pretrain({
+      ...base,
+      masking: new RandomMaskGenerator({ height: 1, width: 49, maskRatio: 0.4 }),
+    }),
+    { message: /mask grid 1x49 does not match the model's patch grid 7x7/ },
+  )
+  // A custom generator's masks are checked for length.
+  const short = { height: 7, width: 7, generate: () => new Uint8Array(48).fill(1), getState: () => 0, setState() {} }
+  await t.throwsAsync(pretrain({ ...base, masking: short }), {
+    message: /the mask generator gave a mask of 48 values, expected one per patch \(49\)/,
+  })
   // An update larger than an epoch would never be taken: refused, as by every loop.
   await t.throwsAsync(
     pretrain({
@@ -202,4 +243,37 @@ test('a linear probe on random features beats chance (10%), and its layer is che
   await t.throwsAsync(linearProbe({ backbone, train, test: testSet, layer: 3 }), {
     message: /layer must be an integer in \[0, 2\], got 3/,
   })
+})
+
+test('probes check their data and options before computing features', async (t) => {
+  const train = subset(await openDataset('sample', 'train'), 200)
+  const testSet = subset(await openDataset('sample', 'test'), 100)
+  const options = { train, test: testSet, imageSize: [28, 28] as [number, number], channels: 1 as const, epochs: 2 }
+  const unlabelled = { ...testSet, labels: testSet.labels.map((l, i) => (i < 3 ? -1 : l)) }
+  await t.throwsAsync(pixelProbe({ ...options, test: unlabelled }), {
+    message: /linear probing needs labels, but .* has 3 unlabelled images/,
+  })
+  await t.throwsAsync(pixelProbe({ ...options, batchSize: 0 }), {
+    message: /batchSize must be a positive integer, got 0/,
+  })
+  await t.throwsAsync(pixelProbe({ ...options, epochs: 1.5 }), {
+    message: /epochs must be a positive integer, got 1.5/,
+  })
+  await t.throwsAsync(pixelProbe({ ...options, seed: -1 }), { message: /seed must be an integer in \[0, 2\^32\)/ })
+  // A test split that lacks a class is numbered by the training set's class names: without that,
+  // a test image of class 9 would carry label 8 (its index in the shorter list).
+  const keep = Array.from(testSet.labels.keys()).filter((i) => testSet.labels[i] !== 8)
+  const shorter = {
+    ...testSet,
+    size: keep.length,
+    labels: Int32Array.from(keep, (i) => (testSet.labels[i] === 9 ? 8 : testSet.labels[i])),
+    classNames: [...train.classNames.slice(0, 8), train.classNames[9]],
+  }
+  const aligned = withClassesOf(train, shorter)
+  t.deepEqual(aligned.classNames, train.classNames)
+  t.deepEqual(
+    Array.from(aligned.labels),
+    keep.map((i) => testSet.labels[i]),
+  )
+  t.throws(() => withClassesOf(shorter, train), { message: /has classes that .* lacks \(1\): Bag$/ })
 })

@@ -5,6 +5,7 @@ import { join } from 'node:path'
 
 import { SINGLE_PROCESS } from '../src/distributed'
 import { batching, formatSeconds, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
+import { curvesSvg } from '../src/plot'
 import { warmupCosine } from '../src/schedule'
 
 async function tempDir(t: { teardown: (fn: () => Promise<void>) => void }): Promise<string> {
@@ -137,4 +138,28 @@ test('accumulate must be a whole number of batches', (t) => {
   t.throws(() => batching({ batchSize: 4, distributed: { ...SINGLE_PROCESS, rank: 2, worldSize: 2 } }), {
     message: /distributed must be what initDistributed\(\) returns/,
   })
+})
+
+test('training curves: a long run is thinned to its extremes, and a flat panel gets ticks', (t) => {
+  const points: [number, number][] = Array.from({ length: 150_000 }, (_, i) => [
+    i,
+    i === 77_777 ? 9 : 1 + (i % 7) / 100,
+  ])
+  const svg = curvesSvg('run', [{ title: 'loss', points }])
+  const path = /<path d="([^"]*)"/.exec(svg)![1]
+  const drawn = path.split(/[ML]/).length - 1
+  t.true(drawn <= 2000 && drawn >= 1000, `${drawn} points drawn`)
+  // The one spike survives thinning: its y is the top of the panel.
+  t.true(svg.includes('>9</text>') || svg.includes('>8</text>'), 'the y axis reaches the spike')
+  // Values equal up to rounding: ticks used to loop forever (the step below an ulp of the value).
+  const flat = curvesSvg('run', [
+    {
+      title: 'lr',
+      points: [
+        [0, 1000],
+        [1, 1000 + 1.2e-13],
+      ],
+    },
+  ])
+  t.true(flat.includes('<path'))
 })

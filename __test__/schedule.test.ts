@@ -13,6 +13,13 @@ test('warmup rises linearly to the peak, then cosine decays to minLr at the last
   for (let s = 11; s < 110; s++) t.true(lr(s) <= lr(s - 1), `monotone decay at ${s}`)
 })
 
+test('a single decay step is at the peak, not at minLr', (t) => {
+  t.is(warmupCosine({ lr: 1e-3, minLr: 1e-5, warmupSteps: 0, totalSteps: 1 })(0), 1e-3)
+  const lr = warmupCosine({ lr: 1e-3, minLr: 1e-5, warmupSteps: 9, totalSteps: 10 })
+  t.is(lr(8), 1e-3)
+  t.is(lr(9), 1e-3)
+})
+
 test('schedule options are validated', (t) => {
   t.throws(() => warmupCosine({ lr: 0, warmupSteps: 0, totalSteps: 10 }), { message: /lr must be > 0/ })
   t.throws(() => warmupCosine({ lr: 1, warmupSteps: 11, totalSteps: 10 }), {

@@ -7,8 +7,11 @@ import test from 'ava'
 import {
   Beit,
   Classifier,
+  exportHuggingFace,
   fashionScenes,
   finetuneSegmentation,
+  huggingFaceTask,
+  importHuggingFace,
   loadFashionMnist,
   Segmenter,
   SegmentationLoader,
@@ -112,6 +115,15 @@ test('save, load and the transformers folder keep the weights and the BatchNorm 
   const imported = await Segmenter.fromHuggingFace(join(dir, 'hf'))
   t.deepEqual(imported.config, seg.config)
   t.deepEqual((await imported.logits(batch.pixels)).values, (await seg.logits(batch.pixels)).values)
+  // The same through the file-level functions (beit export / beit import).
+  t.true((await exportHuggingFace(join(dir, 'seg.safetensors'), join(dir, 'hf2'))) instanceof Segmenter)
+  t.is(await huggingFaceTask(join(dir, 'hf2')), 'segmenter')
+  const reimported = await importHuggingFace(join(dir, 'hf2'), join(dir, 'reimported.safetensors'))
+  if (!(reimported instanceof Segmenter)) return t.fail(`imported as ${reimported.constructor.name}`)
+  t.deepEqual((await reimported.logits(batch.pixels)).values, (await seg.logits(batch.pixels)).values)
+  await t.throwsAsync(importHuggingFace(join(dir, 'hf2'), join(dir, 'x.safetensors'), { numLabels: 3 }), {
+    message: /numLabels 3 is for a classifier, but .*hf2 is imported as a BeitForSemanticSegmentation/,
+  })
 })
 
 test('fine-tuning starts from a pretrained MIM checkpoint at another image size', async (t) => {
@@ -147,7 +159,7 @@ test('fine-tuning starts from a pretrained MIM checkpoint at another image size'
   await fromClassifier.save(join(dir, 'seg.safetensors'))
   await t.throwsAsync(Segmenter.fromPretrained(join(dir, 'seg.safetensors'), { numLabels: 2 }), {
     message:
-      /seg\.safetensors has format "beit-seg\/1", expected a beit MIM \("beit-mim\/1"\) or classifier \("beit-cls\/1"\) checkpoint/,
+      /seg\.safetensors: format "beit-seg\/1" is not a beit MIM \("beit-mim\/1"\) or classifier \("beit-cls\/1"\) checkpoint/,
   })
 })
 

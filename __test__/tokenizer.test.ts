@@ -10,7 +10,7 @@ import { loadFashionMnist } from '../src/data/fashion-mnist'
 import { cosineRamp } from '../src/schedule'
 import { encodePng } from '../src/png'
 import { reconstructionSheet } from '../src/sheet'
-import { DVAE_PRESETS, Dvae } from '../src/tokenizer'
+import { DVAE_PRESETS, Dvae, resolveDvaeConfig } from '../src/tokenizer'
 import { trainTokenizer } from '../src/train-tokenizer'
 
 const SMALL = {
@@ -124,7 +124,16 @@ test('wrong shapes, channel counts, ranges and ids are clear errors', async (t) 
   t.throws(() => Dvae.create('huge' as 'tiny'), {
     message: /unknown tokenizer preset "huge": expected one of dall-e, small, tiny/,
   })
+  t.throws(() => Dvae.create({ preset: 'toString' as 'tiny' }), { message: /unknown tokenizer preset "toString"/ })
+  // The config is the caller's copy: editing it leaves the preset table as it was.
+  const config = resolveDvaeConfig('tiny')
+  config.imageSize[0] = 64
+  t.deepEqual(DVAE_PRESETS.tiny.imageSize, [28, 28])
   t.throws(() => Dvae.create({ ...SMALL, hiddenSize: 10 }), { message: /hiddenSize must be a multiple of 4/ })
+  // Sizes far beyond any model are an error, not an allocation that aborts the process.
+  t.throws(() => Dvae.create({ ...SMALL, vocabSize: 2 ** 40 }), {
+    message: /the config gives the model \d+ parameters, more than the 2\^33 beit trains/,
+  })
   await t.throwsAsync(Dvae.load('/nonexistent/tok.safetensors'), {
     message: /cannot read \/nonexistent\/tok\.safetensors/,
   })
@@ -169,8 +178,16 @@ test('trainTokenizer writes metrics JSONL, a checkpoint, a reconstruction sheet 
         key,
       )
     }
+    // Annealed over the run: 1 at its first step, DALL-E's 1/16 at its last.
     t.is(lines[0].temperature, 1)
-    t.true(lines[3].temperature < lines[0].temperature)
+    t.is(lines[3].temperature, 1 / 16)
+    // Sample counts are checked before training, not after it.
+    await t.throwsAsync(
+      trainTokenizer({ tokenizer: tok, data: images, steps: 1, batchSize: 8, outDir: dir, sheetImages: 0 }),
+      {
+        message: 'sheetImages must be a positive integer, got 0',
+      },
+    )
     t.deepEqual(
       (await readdir(dir)).sort(),
       ['checkpoint.safetensors', 'curves.svg', 'evaluation.json', 'metrics.jsonl', 'reconstructions.png'].sort(),

@@ -7,7 +7,7 @@ import { AdamWOptions, BeitConfig, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
 import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkType, Draws, stepDraws } from './check'
 import { ImageSize, imageSizePair } from './config'
-import { Beit } from './model'
+import { pretrainedBackbone } from './model'
 import { DeviceOptions, place } from './device'
 import {
   ClassifierLossMetrics,
@@ -24,6 +24,8 @@ export interface ClassifierConfig {
   model: BeitConfig
   numLabels: number
   pooling: Pooling
+  /** The classes' names by label (transformers' `id2label`; exported as LABEL_i when absent). */
+  classNames?: string[]
 }
 
 export interface ClassifierSpec {
@@ -32,6 +34,8 @@ export interface ClassifierSpec {
   numLabels: number
   /** Default 'mean' (BEiT's fine-tuning head). */
   pooling?: Pooling
+  /** One distinct name per label, e.g. the training set's `classNames`; saved and exported. */
+  classNames?: string[]
 }
 
 export interface ClassifierCreateOptions extends DeviceOptions {
@@ -54,7 +58,10 @@ function resolveSpec(spec: ClassifierSpec): ClassifierConfig {
   const pooling = spec.pooling ?? 'mean'
   if (pooling !== 'mean' && pooling !== 'cls')
     throw new Error(`pooling must be 'mean' or 'cls', got ${String(pooling)}`)
-  return { model: resolveConfig(spec.model), numLabels: spec.numLabels, pooling }
+  const { classNames } = spec
+  if (classNames !== undefined && !(Array.isArray(classNames) && classNames.every((n) => typeof n === 'string')))
+    throw new Error(`classNames must be an array of strings, got ${JSON.stringify(classNames)}`)
+  return { model: resolveConfig(spec.model), numLabels: spec.numLabels, pooling, ...(classNames && { classNames }) }
 }
 
 export class Classifier extends Checkpointed<NativeClassifier> {
@@ -80,16 +87,17 @@ export class Classifier extends Checkpointed<NativeClassifier> {
   }
 
   /**
-   * The backbone of a MIM checkpoint (`Beit.save`) under a new head. `spec.model` may change
+   * The backbone of a MIM (`Beit.save`) or classifier checkpoint under a new head (a
+   * classifier's pooling LayerNorm is kept when `pooling` is the same). `spec.model` may change
    * what does not change shapes (e.g. dropPathRate) and the image size (the position tables are
-   * resized); by default it is the checkpoint's config.
+   * resized); by default it is the checkpoint's backbone config (`pretrainedBackbone`).
    */
   static async fromPretrained(
     path: string,
     spec: Omit<ClassifierSpec, 'model'> & { model?: ModelSpec },
     opts: ClassifierCreateOptions = {},
   ): Promise<Classifier> {
-    const model = spec.model ?? (await Beit.load(path)).config
+    const model = spec.model ?? (await pretrainedBackbone(path))
     const config = resolveSpec({ ...spec, model })
     const args = [
       checkOptions('optimizer', opts.optimizer, ADAMW_FIELDS),

@@ -46,15 +46,17 @@ export function detectLaunch(): Launch | null {
  * Joins the data-parallel job this process was launched into: opens and initialises MPI (once
  * per process) and returns the rank, world size and library. A library that sees another world
  * size than the launcher started is an error naming both. When the process ends, MPI is
- * finalised after a clean exit and the whole job is aborted after a failed one, so a rank that
- * throws never leaves the others waiting.
+ * finalised after a clean exit (an interrupted run's included) and the whole job is aborted
+ * after a failed one, so a rank that throws never leaves the others waiting.
  */
 export function initDistributed(opts: InitDistributedOptions = {}): Distributed {
   const info = native.initDistributed(opts.mpiLibrary)
   if (!exitHooked) {
     exitHooked = true
     process.on('exit', (code) => {
-      if (code === 0) return native.finalizeDistributed()
+      // A run interrupted on every rank at the same step, checkpoint written, ends cleanly: an
+      // abort would report it to the launcher as a failure (Open MPI: exit code 1).
+      if (code === 0 || (code === INTERRUPTED_EXIT_CODE && stoppedTogether)) return native.finalizeDistributed()
       // Give the launcher a moment to forward this rank's last output (its error) before the
       // abort tears the job down.
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ABORT_GRACE_MS)
@@ -63,8 +65,20 @@ export function initDistributed(opts: InitDistributedOptions = {}): Distributed 
   }
   return { ...info }
 }
+/** The exit code of a run stopped by SIGINT/SIGTERM after its checkpoint (128 + SIGINT). */
+export const INTERRUPTED_EXIT_CODE = 130
 // MPI is per process, so its end is hooked once per process.
 let exitHooked = false
+let stoppedTogether = false
+
+/**
+ * Records that every rank has agreed to stop (a signal seen by any, `anyRank`) and passed its
+ * checkpoint: the process's exit with INTERRUPTED_EXIT_CODE then finalises MPI instead of
+ * aborting the job. A second signal, which exits at once, still aborts.
+ */
+export function noteStoppedTogether(d: Distributed): void {
+  if (d.worldSize > 1) stoppedTogether = true
+}
 const ABORT_GRACE_MS = 300
 
 /** Element-wise sums over every rank (the values themselves on a single process). */

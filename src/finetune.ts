@@ -4,10 +4,11 @@
  */
 import { argmaxRows, Classifier, ClassifierStepMetrics } from './classifier'
 import { EvalTransform, TrainTransform, ViewSpec, viewSpec } from './data/augment'
-import { ImageDataset } from './data/dataset'
+import { ImageDataset, withClassesOf } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import { checkSameAcrossRanks, Distributed, SINGLE_PROCESS, sumAcrossRanks } from './distributed'
 import {
+  applyComputedUpdate,
   batching,
   endsUpdate,
   firstSample,
@@ -113,13 +114,13 @@ export async function evaluate(
 }
 
 export async function finetune(opts: FinetuneOptions): Promise<RunResult & { evals: EpochResult[] }> {
-  const { classifier, train, test, batchSize } = opts
+  const { classifier, batchSize } = opts
   const b = batching(opts)
   const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
   for (const [name, data] of [
-    ['train', train],
-    ['test', test],
+    ['train', opts.train],
+    ['test', opts.test],
   ] as const) {
     if (data.classNames.length === 0)
       throw new Error(`fine-tuning needs labelled data, but the ${name} set ${data.name} has no labels`)
@@ -129,6 +130,10 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
       )
     }
   }
+  // Labels numbered as the classifier's named classes, else as the training set's.
+  const names = classifier.config.classNames
+  const classes = names ? { ...opts.train, name: 'the classifier', classNames: names } : opts.train
+  const [train, test] = [withClassesOf(classes, opts.train), withClassesOf(classes, opts.test)]
   const loader = new ImageLoader({
     dataset: train,
     views: [classifierView(classifier, opts.mean, opts.std)],
@@ -191,6 +196,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
 
   // Until the last step is taken and its epoch closed (evaluated, saved): a run saved after its
   // last step but before that evaluation resumes into it.
+  // Batches of the current update that ran lossAndGrads on this rank.
+  let computed = 0
   while (state.step < totalSteps || state.batch >= 0) {
     const epoch = state.epoch
     let started = performance.now()
@@ -204,9 +211,11 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
         if (batch.size > 0) {
           const losses = await classifier.lossAndGrads({ pixels: batch.views[0], labels: batch.labels, ...draws })
           means.add(losses, batch.size)
+          computed++
         }
         if (!endsUpdate(b, batch.batch)) continue
-        gradNorm = (await classifier.applyUpdate(stepLr)).gradNorm
+        gradNorm = await applyComputedUpdate(classifier, b, computed, stepLr)
+        computed = 0
       } catch (e) {
         throw new Error(`fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
@@ -224,9 +233,10 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
         ...state,
         step: state.step + 1,
         batch: batch.batch,
-        epochLoss: state.epochLoss + step.loss,
-        epochAccuracy: state.epochAccuracy + step.accuracy,
-        epochSteps: state.epochSteps + 1,
+        // An update without an image (NaN loss, null in metrics.jsonl) is left out of the epoch's.
+        epochLoss: state.epochLoss + (images > 0 ? step.loss : 0),
+        epochAccuracy: state.epochAccuracy + (images > 0 ? step.accuracy : 0),
+        epochSteps: state.epochSteps + (images > 0 ? 1 : 0),
       }
       await run.metrics.record({
         step: progress.step,

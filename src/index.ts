@@ -1,4 +1,4 @@
-export { Beit } from './model'
+export { Beit, pretrainedBackbone } from './model'
 export type {
   CreateOptions,
   MimInput,
@@ -129,7 +129,15 @@ export type {
   ColorJitterOptions,
   Augment,
 } from './data/augment'
-export { imageFolder, labelledSubset, manifest, pixelDataset, subset, IMAGE_EXTENSIONS } from './data/dataset'
+export {
+  imageFolder,
+  labelledSubset,
+  manifest,
+  pixelDataset,
+  subset,
+  withClassesOf,
+  IMAGE_EXTENSIONS,
+} from './data/dataset'
 export type { ImageDataset, ImageSource, ImageFolderOptions, ManifestOptions } from './data/dataset'
 export { openDataset } from './data/open'
 export type { Split } from './data/open'

@@ -56,6 +56,15 @@ export interface ForwardResult {
 }
 
 /** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
+/**
+ * The backbone config of a beit MIM (`Beit.save`) or classifier (`Classifier.save`)
+ * checkpoint, read from the file's header alone: what `Classifier.fromPretrained` and
+ * `Segmenter.fromPretrained` start from by default.
+ */
+export async function pretrainedBackbone(path: string): Promise<BeitConfig> {
+  return JSON.parse(await native.pretrainedBackboneConfig(path)) as BeitConfig
+}
+
 export class Beit extends Checkpointed<NativeBeit> {
   readonly config: BeitConfig
   readonly optimizer: Required<AdamWOptions>

@@ -12,9 +12,16 @@ const PANEL_W = 360
 const PANEL_H = 200
 const PAD = { left: 58, right: 12, top: 26, bottom: 30 }
 const COLUMNS = 2
+/** Points drawn per panel at most: a long run's curve is thinned to each bucket's extremes. */
+const MAX_POINTS = 2000
+
+/** Whether lo and hi are equal up to rounding (ticks between them would not advance). */
+function flat(lo: number, hi: number): boolean {
+  return hi - lo <= 1e-12 * Math.max(Math.abs(lo), Math.abs(hi))
+}
 
 function niceTicks(lo: number, hi: number, count = 4): number[] {
-  if (lo === hi) return [lo]
+  if (flat(lo, hi)) return [lo]
   const step = Math.pow(10, Math.floor(Math.log10((hi - lo) / count)))
   const err = (hi - lo) / count / step
   const mult = err >= 7.5 ? 10 : err >= 3.5 ? 5 : err >= 1.5 ? 2 : 1
@@ -22,6 +29,30 @@ function niceTicks(lo: number, hi: number, count = 4): number[] {
   const ticks: number[] = []
   for (let t = Math.ceil(lo / s) * s; t <= hi + s * 1e-9; t += s) ticks.push(Number(t.toPrecision(12)))
   return ticks
+}
+
+/** Smallest and largest value, by a loop: spreading 10^5 values into Math.min overflows the stack. */
+function extent(values: number[]): [number, number] {
+  let [lo, hi] = [Infinity, -Infinity]
+  for (const v of values) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)]
+  return [lo, hi]
+}
+
+/** At most `MAX_POINTS` points: each run of consecutive points keeps its lowest and highest. */
+function thin(pts: [number, number][]): [number, number][] {
+  if (pts.length <= MAX_POINTS) return pts
+  const size = Math.ceil(pts.length / (MAX_POINTS / 2))
+  const kept: [number, number][] = []
+  for (let start = 0; start < pts.length; start += size) {
+    const bucket = pts.slice(start, start + size)
+    let [low, high] = [0, 0]
+    bucket.forEach(([, y], i) => {
+      if (y < bucket[low][1]) low = i
+      if (y > bucket[high][1]) high = i
+    })
+    for (const i of low === high ? [low] : [Math.min(low, high), Math.max(low, high)]) kept.push(bucket[i])
+  }
+  return kept
 }
 
 function label(v: number): string {
@@ -35,7 +66,7 @@ function escape(s: string): string {
 }
 
 function panel(series: Series, x0: number, y0: number): string {
-  const pts = series.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y) && (!series.log || y > 0))
+  const pts = thin(series.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y) && (!series.log || y > 0)))
   const parts = [
     `<text x="${x0 + PAD.left}" y="${y0 + 16}" font-size="13" font-weight="bold">${escape(series.title)}</text>`,
   ]
@@ -48,10 +79,10 @@ function panel(series: Series, x0: number, y0: number): string {
   const f = (y: number) => (series.log ? Math.log10(y) : y)
   const xs = pts.map((p) => p[0])
   const ys = pts.map((p) => f(p[1]))
-  let [xMin, xMax] = [Math.min(...xs), Math.max(...xs)]
-  let [yMin, yMax] = [Math.min(...ys), Math.max(...ys)]
-  if (xMin === xMax) xMax = xMin + 1
-  if (yMin === yMax) [yMin, yMax] = [yMin - 0.5, yMax + 0.5]
+  let [xMin, xMax] = extent(xs)
+  let [yMin, yMax] = extent(ys)
+  if (flat(xMin, xMax)) xMax = xMin + 1
+  if (flat(yMin, yMax)) [yMin, yMax] = [yMin - 0.5, yMax + 0.5]
   const sx = (x: number) => x0 + PAD.left + ((x - xMin) / (xMax - xMin)) * plotW
   const sy = (y: number) => y0 + PAD.top + plotH - ((y - yMin) / (yMax - yMin)) * plotH
   for (const t of niceTicks(yMin, yMax)) {

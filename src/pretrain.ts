@@ -18,6 +18,7 @@ import { MaskGenerator } from './masking'
 import { Beit, BeitStepMetrics } from './model'
 import { deriveSeed } from './rng'
 import {
+  applyComputedUpdate,
   batching,
   endsUpdate,
   firstSample,
@@ -57,6 +58,13 @@ interface PretrainState extends LoopPosition {
   masking: number
 }
 
+/** A generated mask, one value per patch (a custom `MaskGenerator` may get it wrong). */
+function checkMask(mask: Uint8Array, patches: number): Uint8Array {
+  if (mask.length !== patches)
+    throw new Error(`the mask generator gave a mask of ${mask.length} values, expected one per patch (${patches})`)
+  return mask
+}
+
 export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   const { model, tokenizer, data, masking, batchSize } = opts
   const b = batching(opts)
@@ -80,7 +88,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   if (tokenizer.config.numChannels !== channels) {
     throw new Error(`the tokenizer takes ${tokenizer.config.numChannels} channel(s) but the model ${channels}`)
   }
-  if (masking.height * masking.width !== model.grid[0] * model.grid[1]) {
+  if (masking.height !== model.grid[0] || masking.width !== model.grid[1]) {
     throw new Error(
       `mask grid ${masking.height}x${masking.width} does not match the model's patch grid ${model.grid.join('x')}`,
     )
@@ -137,6 +145,8 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
   const means = new UpdateMeans(['loss', 'mlmAcc', 'majorityBaseline'] as const)
   let epoch = state.epoch
   let fromBatch = state.batch + 1
+  // Batches of the current update that ran lossAndGrads on this rank.
+  let computed = 0
   while (state.step < totalSteps) {
     let started = performance.now()
     for await (const batch of loader.epoch(epoch, { fromBatch })) {
@@ -144,7 +154,7 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
       const [pixels, tokenizerPixels] = batch.views
       // Masks for the whole global batch on every rank (so the generator's state stays the
       // same everywhere); this rank's part of it.
-      const masks = Array.from({ length: dist.worldSize * batchSize }, () => masking.generate())
+      const masks = Array.from({ length: dist.worldSize * batchSize }, () => checkMask(masking.generate(), patches))
       const mask = new Uint8Array(batch.size * patches)
       for (let i = 0; i < batch.size; i++) mask.set(masks[dist.rank * batchSize + i], i * patches)
       const stepLr = lr(state.step)
@@ -154,9 +164,11 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         if (batch.size > 0) {
           const losses = await model.lossAndGrads({ tokenizer, pixels, tokenizerPixels, mask, ...draws })
           means.add(losses, losses.numMasked)
+          computed++
         }
         if (!endsUpdate(b, batch.batch)) continue
-        gradNorm = (await model.applyUpdate(stepLr)).gradNorm
+        gradNorm = await applyComputedUpdate(model, b, computed, stepLr)
+        computed = 0
       } catch (e) {
         throw new Error(`pretraining step ${state.step}: ${(e as Error).message}`, { cause: e })
       }
@@ -185,7 +197,9 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
         imagesPerSecond: progress.imagesPerSecond,
       })
       opts.onProgress?.(progress)
-      if (await run.afterStep(state.step, save)) return run.end('interrupted', state.step)
+      // Stopped after the last step, the run is complete: nothing of it is left to resume.
+      const stopped = await run.afterStep(state.step, save)
+      if (stopped && state.step < totalSteps) return run.end('interrupted', state.step)
       started = performance.now()
     }
     epoch++

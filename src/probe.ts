@@ -2,9 +2,10 @@
  * Linear probing: a frozen backbone's features of one layer ([CLS] and mean patch token), a
  * standardisation, and a linear classifier trained on them with AdamW.
  */
+import { checkSeed } from './check'
 import { argmaxRows } from './classifier'
 import { EvalTransform, viewSpec } from './data/augment'
-import { ImageDataset } from './data/dataset'
+import { ImageDataset, withClassesOf } from './data/dataset'
 import { ImageLoader } from './data/loader'
 import { permutation } from './data/batches'
 import { Beit } from './model'
@@ -81,11 +82,12 @@ export async function probeFeatures(
 export async function linearProbe(opts: LinearProbeOptions): Promise<LinearProbeResult> {
   const { backbone } = opts
   const layer = opts.layer ?? Math.round((backbone.config.numHiddenLayers * 3) / 4)
+  const { test: testData, numLabels } = probeData(opts)
   const started = performance.now()
   const train = await probeFeatures(backbone, opts.train, layer, opts)
-  const test = await probeFeatures(backbone, opts.test, layer, opts)
+  const test = await probeFeatures(backbone, testData, layer, opts)
   const featureSeconds = (performance.now() - started) / 1000
-  const fit = await fitLinear(train, test, numLabelsOf(opts.train, opts.test), opts)
+  const fit = await fitLinear(train, test, numLabels, opts)
   return { layer, ...fit, featureSeconds }
 }
 
@@ -100,6 +102,7 @@ export interface PixelProbeOptions extends Omit<LinearProbeOptions, 'backbone' |
  * (resized to `imageSize`, standardised per pixel with the training set's statistics).
  */
 export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearProbeResult, 'layer'>> {
+  const { test: testData, numLabels } = probeData(opts)
   const started = performance.now()
   const pixels = async (data: ImageDataset) => {
     const loader = new ImageLoader({
@@ -122,15 +125,32 @@ export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearPr
     return { features: features.subarray(0, count * dim), labels: labels.subarray(0, count), dim }
   }
   const train = await pixels(opts.train)
-  const test = await pixels(opts.test)
+  const test = await pixels(testData)
   const featureSeconds = (performance.now() - started) / 1000
-  return { ...(await fitLinear(train, test, numLabelsOf(opts.train, opts.test), opts)), featureSeconds }
+  return { ...(await fitLinear(train, test, numLabels, opts)), featureSeconds }
 }
 
-function numLabelsOf(train: ImageDataset, test: ImageDataset): number {
-  const numLabels = Math.max(train.classNames.length, test.classNames.length)
+type ProbeSettings = Pick<LinearProbeOptions, 'train' | 'test' | 'epochs' | 'batchSize' | 'lr' | 'seed'>
+
+/**
+ * Checks a probe's data and options before any feature is computed: both sets labelled, at
+ * least 2 classes, the test set's labels numbered as the training set's classes.
+ */
+function probeData(opts: ProbeSettings): { test: ImageDataset; numLabels: number } {
+  for (const data of [opts.train, opts.test]) {
+    const unlabelled = data.labels.subarray(0, data.size).filter((l) => l < 0).length
+    if (unlabelled > 0)
+      throw new Error(`linear probing needs labels, but ${data.name} has ${unlabelled} unlabelled images`)
+  }
+  const numLabels = opts.train.classNames.length
   if (numLabels < 2) throw new Error(`linear probing needs labelled data with at least 2 classes, got ${numLabels}`)
-  return numLabels
+  const { epochs = 10, batchSize = 256, lr = 1e-3, seed = 0 } = opts
+  if (!(Number.isInteger(epochs) && epochs > 0)) throw new Error(`epochs must be a positive integer, got ${epochs}`)
+  if (!(Number.isInteger(batchSize) && batchSize > 0))
+    throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+  if (!(Number.isFinite(lr) && lr > 0)) throw new Error(`lr must be a finite number > 0, got ${lr}`)
+  checkSeed(seed)
+  return { test: withClassesOf(opts.train, opts.test), numLabels }
 }
 
 interface Features {

@@ -6,7 +6,15 @@ import { existsSync, readFileSync } from 'node:fs'
 import { appendFile, mkdir, writeFile, rename } from 'node:fs/promises'
 import { join } from 'node:path'
 
-import { anyRank, barrier, checkDistributed, Distributed, SINGLE_PROCESS, sumAcrossRanks } from './distributed'
+import {
+  anyRank,
+  barrier,
+  checkDistributed,
+  Distributed,
+  noteStoppedTogether,
+  SINGLE_PROCESS,
+  sumAcrossRanks,
+} from './distributed'
 import { curvesSvg, Series } from './plot'
 import { warmupCosine } from './schedule'
 
@@ -160,6 +168,20 @@ export function firstSample(b: Batching, batch: number): number {
   return ((batch % b.accumulate) * b.distributed.worldSize + b.distributed.rank) * b.batchSize
 }
 
+/**
+ * Applies an update and returns its gradient norm; 0 where no rank ran `lossAndGrads` for any
+ * of its batches (all their images unreadable): nothing to apply, no weight changes. `computed`
+ * counts this rank's batches that ran it; every rank calls this together.
+ */
+export async function applyComputedUpdate(
+  model: { applyUpdate(lr: number): Promise<{ gradNorm: number }> },
+  b: Batching,
+  computed: number,
+  lr: number,
+): Promise<number> {
+  return anyRank(b.distributed, computed > 0) ? (await model.applyUpdate(lr)).gradNorm : 0
+}
+
 /** Whether batch number `batch` of an epoch is the last of its update. */
 export function endsUpdate(b: Batching, batch: number): boolean {
   return (batch + 1) % b.accumulate === 0
@@ -271,11 +293,12 @@ export class Run<S extends LoopPosition> {
   /**
    * Call after every step with the steps completed: runs `save` (on rank 0) every
    * `checkpointEvery` steps, after the last step and when aborted on any rank; true when the
-   * loop must stop (aborted).
+   * loop must stop (aborted; a loop with nothing left after its last step ends complete).
    */
   async afterStep(step: number, save: () => Promise<void>): Promise<boolean> {
     const aborted = anyRank(this.distributed, this.signal?.aborted ?? false)
     if (step % this.every === 0 || step === this.totalSteps || aborted) await this.saveCheckpoint(save)
+    if (aborted) noteStoppedTogether(this.distributed)
     return aborted
   }
 

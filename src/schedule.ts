@@ -23,7 +23,8 @@ export function warmupCosine(opts: WarmupCosineOptions): (step: number) => numbe
   return (step: number) => {
     if (step < warmupSteps) return (lr * (step + 1)) / warmupSteps
     const decaySteps = totalSteps - warmupSteps
-    const progress = decaySteps <= 1 ? 1 : Math.min(1, (step - warmupSteps) / (decaySteps - 1))
+    // A single decay step is at the peak, as BEiT's schedule starts its decay there.
+    const progress = decaySteps <= 1 ? 0 : Math.min(1, (step - warmupSteps) / (decaySteps - 1))
     return minLr + 0.5 * (lr - minLr) * (1 + Math.cos(Math.PI * progress))
   }
 }

@@ -8,9 +8,7 @@
 import { AdamWOptions, BeitConfig, ImageSize, imageSizePair, ModelSpec, resolveConfig } from './config'
 import { Checkpointed } from './checkpointed'
 import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkSize, checkType, Draws, stepDraws } from './check'
-import { Beit } from './model'
-import { Classifier } from './classifier'
-import { checkpointFormat } from './huggingface'
+import { pretrainedBackbone } from './model'
 import { DeviceOptions, place } from './device'
 import {
   native,
@@ -91,16 +89,6 @@ export function resolveSegmenterConfig(spec: SegmenterSpec): SegmenterConfig {
   return { ...defaults, ...given, model }
 }
 
-/** The backbone config of a beit MIM (`Beit.save`) or classifier checkpoint. */
-export async function pretrainedBackbone(path: string): Promise<BeitConfig> {
-  const format = await checkpointFormat(path)
-  if (format === 'beit-mim/1') return (await Beit.load(path, { device: 'cpu' })).config
-  if (format === 'beit-cls/1') return (await Classifier.load(path, { device: 'cpu' })).config.model
-  throw new Error(
-    `${path} has format ${JSON.stringify(format)}, expected a beit MIM ("beit-mim/1") or classifier ("beit-cls/1") checkpoint`,
-  )
-}
-
 export class Segmenter extends Checkpointed<NativeSegmenter> {
   readonly config: SegmenterConfig
   readonly training: Required<SegmenterTrainingOptions>
@@ -121,8 +109,8 @@ export class Segmenter extends Checkpointed<NativeSegmenter> {
 
   /**
    * The backbone of a beit MIM (`Beit.save`) or classifier checkpoint under a new
-   * segmentation head. `spec.model` is by default the MIM checkpoint's config; another image
-   * size is `{ ...(await Beit.load(path)).config, imageSize }` (the position tables are
+   * segmentation head. `spec.model` is by default the checkpoint's backbone config; another
+   * image size is `{ ...(await pretrainedBackbone(path)), imageSize }` (the position tables are
    * resized). It may change what does not change shapes; a patch size or channel count other
    * than the checkpoint's is refused.
    */

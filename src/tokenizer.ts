@@ -52,7 +52,9 @@ export function resolveDvaeConfig(spec: DvaeSpec): DvaeConfig {
   const { preset, imageSize, ...overrides } = typeof spec === 'string' ? { preset: spec, imageSize: undefined } : spec
   let base: DvaeConfig | undefined
   if (preset !== undefined) {
-    base = DVAE_PRESETS[preset]
+    // A copy (the caller may edit its config), and only of the table's own keys: "toString" is
+    // no preset.
+    base = Object.hasOwn(DVAE_PRESETS, preset) ? structuredClone(DVAE_PRESETS[preset]) : undefined
     if (base === undefined) {
       throw new Error(
         `unknown tokenizer preset ${JSON.stringify(preset)}: expected one of ${Object.keys(DVAE_PRESETS).join(', ')}`,

@@ -13,6 +13,7 @@ import { ImageLoader, LoaderOptions } from './data/loader'
 import { checkSameAcrossRanks } from './distributed'
 import { deriveSeed } from './rng'
 import {
+  applyComputedUpdate,
   batching,
   endsUpdate,
   firstSample,
@@ -103,7 +104,7 @@ export interface TrainTokenizerOptions extends Omit<LoopOptions, 'schedule'> {
   transform?: Transform
   /** Learning rate per step. Default TOKENIZER_SCHEDULE: cosine from 1e-3 to 1e-5, no warmup. */
   schedule?: Schedule
-  /** Default: cosine 1 -> 1/16 over the run (DALL-E). */
+  /** Default: cosine 1 -> 1/16 over the run, 1/16 at its last step (DALL-E). */
   temperature?: (step: number) => number
   /**
    * KL weight per step. A number is the final weight of the default ramp: cosine from 0 to it
@@ -136,6 +137,11 @@ export async function trainTokenizer(
   const b = batching(opts)
   const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
+  for (const key of ['sheetImages', 'evalImages'] as const) {
+    const value = opts[key]
+    if (value !== undefined && !(Number.isInteger(value) && value > 0))
+      throw new Error(`${key} must be a positive integer, got ${value}`)
+  }
   const data = asDataset(opts.data, 'training images')
   const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
   const loader = tokenizerLoader(tokenizer, data, {
@@ -151,7 +157,8 @@ export async function trainTokenizer(
   const totalSteps = resolveSteps(opts.steps, opts.epochs, updates)
   checkSameAcrossRanks(dist, 'tokenizer run', { images: data.size, batchSize, accumulate, totalSteps, seed })
   const lr = scheduleFor(opts.schedule ?? TOKENIZER_SCHEDULE, totalSteps)
-  const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps: totalSteps })
+  // Annealed to 1/16 at the last step (totalSteps - 1), as the LR reaches its minimum there.
+  const temperature = opts.temperature ?? cosineRamp({ from: 1, to: 1 / 16, steps: totalSteps - 1 })
   const klWeight =
     typeof opts.klWeight === 'function'
       ? opts.klWeight
@@ -189,6 +196,8 @@ export async function trainTokenizer(
 
   let epoch = state.epoch
   let fromBatch = state.batch + 1
+  // Batches of the current update that ran lossAndGrads on this rank.
+  let computed = 0
   while (state.step < totalSteps) {
     const stepsBefore = state.step
     let started = performance.now()
@@ -202,9 +211,11 @@ export async function trainTokenizer(
         const input = { pixels: batch.views[0], size: { height, width }, ...relaxation, ...draws }
         const losses = await tokenizer.lossAndGrads(input)
         means.add(losses, batch.size)
+        computed++
       }
       if (!endsUpdate(b, batch.batch)) continue
-      const { gradNorm } = await tokenizer.applyUpdate(stepLr)
+      const gradNorm = await applyComputedUpdate(tokenizer, b, computed, stepLr)
+      computed = 0
       // Over the update's batches on every rank; perplexity and codes used are the batches' means.
       const { weight: images, ...mean } = means.take(dist)
       const result = { ...mean, gradNorm }

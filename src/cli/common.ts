@@ -9,7 +9,7 @@ import { TrainTransform } from '../data/augment'
 import { ImageDataset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { cudaDeviceCount, DeviceOptions, DeviceSpec } from '../device'
-import { detectLaunch, Distributed, initDistributed, SINGLE_PROCESS } from '../distributed'
+import { detectLaunch, Distributed, initDistributed, INTERRUPTED_EXIT_CODE, SINGLE_PROCESS } from '../distributed'
 import { CHECKPOINT_FILE, interruptSignal, RunResult, ScheduleOptions } from '../run'
 
 export const DATA_HELP =
@@ -26,6 +26,15 @@ export const MODEL_FLAGS = flagTable({
   'mlp-size': { kind: 'int', help: "override the preset's MLP width" },
   'drop-path': { kind: 'number', help: 'maximum stochastic-depth rate', default: 0.1, min: 0 },
 })
+
+/** The model flags that a checkpoint given with --init decides instead. */
+export const SHAPE_FLAGS = ['patch-size', 'channels', 'hidden-size', 'layers', 'heads', 'mlp-size'] as const
+
+/** Refuses the flags of `names` given to a command that would not read them (`flag` says why). */
+export function refuseFlags(values: object, flag: string, why: string, names: readonly string[]): void {
+  const given = names.filter((n) => (values as Record<string, unknown>)[n] !== undefined).map((n) => `--${n}`)
+  if (given.length > 0) throw new UsageError(`${flag} ${why}: ${given.join(', ')} would be ignored`)
+}
 
 export const RUN_FLAGS = flagTable({
   'batch-size': { kind: 'int', help: 'images per batch (on each rank of a data-parallel job)', default: 64 },
@@ -204,7 +213,7 @@ export async function interruptible<R extends RunResult>(body: (signal: AbortSig
       process.stderr.write(
         `beit: interrupted after step ${result.step}; checkpoint ${result.checkpoint} (continue with --resume)\n`,
       )
-      process.exitCode = 130
+      process.exitCode = INTERRUPTED_EXIT_CODE
     }
     return result
   } finally {

@@ -5,7 +5,7 @@ import { Classifier } from '../classifier'
 import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { EpochResult, finetune, FinetuneProgress } from '../finetune'
-import { Beit } from '../model'
+import { pretrainedBackbone } from '../model'
 import { CHECKPOINT_FILE, Progress, RunResult } from '../run'
 import {
   DATA_HELP,
@@ -22,9 +22,11 @@ import {
   placement,
   prepareOut,
   quietOffMain,
+  refuseFlags,
   RUN_FLAGS,
   runLength,
   scheduleOptions,
+  SHAPE_FLAGS,
   SINGLE_JOB,
   trainTransform,
 } from './common'
@@ -62,6 +64,10 @@ export const finetuneCommand = defineCommand({
     'Fine-tunes a classifier (mean-pooled patches -> LayerNorm -> Linear, or [CLS]) from a pretrained checkpoint or from scratch, evaluating after every epoch.',
   flags: FLAGS,
   run: async (values) => {
+    if (values.init !== undefined) {
+      const why = "takes the backbone's shape from the checkpoint (--image-size resizes its position tables)"
+      refuseFlags(values, '--init', why, SHAPE_FLAGS)
+    }
     const job = joinJob(values)
     const v = quietOffMain(values, job)
     const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
@@ -81,6 +87,11 @@ export const finetuneCommand = defineCommand({
   },
 })
 
+/** `{ imageSize: [size, size] }` for a given --image-size, else nothing (the checkpoint's). */
+function squareSize(size: number | undefined): { imageSize?: [number, number] } {
+  return size === undefined ? {} : { imageSize: [size, size] }
+}
+
 export async function runFinetune(
   v: FinetuneValues,
   train: ImageDataset,
@@ -95,18 +106,27 @@ export async function runFinetune(
     seed: v.seed,
     ...placement(v, job),
   }
-  const numLabels = Math.max(train.classNames.length, test.classNames.length)
+  const numLabels = train.classNames.length
   const pooling = v.pooling
   let classifier: Classifier
   if (v.resume) classifier = await Classifier.load(join(out, CHECKPOINT_FILE), placement(v, job))
   else if (v.init !== undefined) {
-    const pretrained = (await Beit.load(v.init, { device: 'cpu' })).config
+    const pretrained = await pretrainedBackbone(v.init)
     classifier = await Classifier.fromPretrained(
       v.init,
-      { model: { ...pretrained, dropPathRate: v['drop-path'] }, numLabels, pooling },
+      {
+        model: { ...pretrained, dropPathRate: v['drop-path'], ...squareSize(v['image-size']) },
+        numLabels,
+        pooling,
+        classNames: train.classNames,
+      },
       options,
     )
-  } else classifier = Classifier.create({ model: modelSpec(v, pixels), numLabels, pooling }, options)
+  } else
+    classifier = Classifier.create(
+      { model: modelSpec(v, pixels), numLabels, pooling, classNames: train.classNames },
+      options,
+    )
   log(
     v,
     `fine-tuning ${v.init ? `from ${v.init}` : 'from scratch'} (${classifier.numParameters.toLocaleString()} parameters) on ${train.size.toLocaleString()} images, ${numLabels} classes${v.resume ? `, resuming at step ${classifier.step}` : ''}`,

@@ -4,6 +4,7 @@ import { join } from 'node:path'
 
 import { defineCommand, UsageError } from '../cli-options'
 import { exportHuggingFace, importHuggingFace } from '../huggingface'
+import { Classifier } from '../classifier'
 import { Beit } from '../model'
 import { log } from './common'
 
@@ -13,12 +14,12 @@ export const importCommand = defineCommand({
   flags: {
     from: {
       kind: 'string',
-      help: 'transformers folder (BeitForMaskedImageModeling, BeitForImageClassification or BeitModel)',
+      help: 'transformers folder (BeitForMaskedImageModeling, BeitForImageClassification, BeitForSemanticSegmentation or BeitModel)',
     },
     task: {
       kind: 'string',
-      help: 'what it becomes: mim or classifier (default: from its architectures)',
-      choices: ['mim', 'classifier'],
+      help: 'what it becomes: mim, classifier or segmenter (default: from its architectures)',
+      choices: ['mim', 'classifier', 'segmenter'],
     },
     'image-size': { kind: 'int', help: 'new input size in pixels: position tables are resized to its grid' },
     'num-labels': {
@@ -38,14 +39,18 @@ export const importCommand = defineCommand({
       numLabels: v['num-labels'],
       seed: v.seed,
     })
-    const what = model instanceof Beit ? 'MIM model' : `classifier of ${model.config.numLabels} classes`
+    const what =
+      model instanceof Beit
+        ? 'MIM model'
+        : `${model instanceof Classifier ? 'classifier' : 'segmenter'} of ${model.config.numLabels} classes`
     log(v, `${v.from} -> ${v.out}: ${what}, ${model.numParameters.toLocaleString()} parameters`)
   },
 })
 
 export const exportCommand = defineCommand({
   name: 'export',
-  summary: 'A beit MIM or classifier checkpoint -> a Hugging Face transformers folder (from_pretrained loads it).',
+  summary:
+    'A beit MIM, classifier or segmenter checkpoint -> a Hugging Face transformers folder (from_pretrained loads it).',
   flags: {
     from: { kind: 'string', help: 'beit checkpoint (pretrain or finetune output)' },
     out: {
@@ -57,9 +62,12 @@ export const exportCommand = defineCommand({
   run: async (v) => {
     if (v.from === undefined) throw new UsageError('--from is required')
     const model = await exportHuggingFace(v.from, v.out)
-    log(
-      v,
-      `${v.from} -> ${v.out}: ${model instanceof Beit ? 'BeitForMaskedImageModeling' : 'BeitForImageClassification'}`,
-    )
+    const architecture =
+      model instanceof Beit
+        ? 'BeitForMaskedImageModeling'
+        : model instanceof Classifier
+          ? 'BeitForImageClassification'
+          : 'BeitForSemanticSegmentation'
+    log(v, `${v.from} -> ${v.out}: ${architecture}`)
   },
 })

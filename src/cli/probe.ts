@@ -4,10 +4,21 @@ import { join } from 'node:path'
 
 import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
-import { Beit } from '../model'
+import { Beit, pretrainedBackbone } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
 import { Progress } from '../run'
-import { channelsFlag, DATA_HELP, log, MODEL_FLAGS, modelSpec, openData, pct, placement } from './common'
+import {
+  channelsFlag,
+  DATA_HELP,
+  log,
+  MODEL_FLAGS,
+  modelSpec,
+  openData,
+  pct,
+  placement,
+  refuseFlags,
+  SHAPE_FLAGS,
+} from './common'
 
 const FLAGS = flagTable({
   data: { kind: 'string', help: DATA_HELP, default: 'sample' },
@@ -15,7 +26,10 @@ const FLAGS = flagTable({
     kind: 'string',
     help: 'pretrained MIM checkpoint; without it a random backbone built from the model flags (or --random-like)',
   },
-  'random-like': { kind: 'string', help: 'a MIM checkpoint whose config (not weights) the random backbone copies' },
+  'random-like': {
+    kind: 'string',
+    help: 'a MIM or classifier checkpoint whose backbone config (not weights) the random backbone copies',
+  },
   pixels: {
     kind: 'bool',
     help: 'no backbone: the linear classifier on the raw pixels (at --image-size, --channels), the baseline',
@@ -38,12 +52,22 @@ const FLAGS = flagTable({
 /** What a probe reads of the flags (the demo passes its own). */
 export type ProbeValues = CommandValues<typeof FLAGS>
 
+/** Flags the chosen probe would not read are refused rather than ignored. */
+function refuseUnread(v: ProbeValues): void {
+  if (v.pixels) refuseFlags(v, '--pixels', 'probes the raw pixels, no backbone', ['init', 'random-like', 'layer'])
+  if (v.init !== undefined) {
+    const why = 'takes the backbone, its shape included, from the checkpoint'
+    refuseFlags(v, '--init', why, ['random-like', 'image-size', ...SHAPE_FLAGS])
+  }
+}
+
 export const probeCommand = defineCommand({
   name: 'probe',
   summary:
     'Linear probe: a linear classifier on frozen features ([CLS] + mean patch token of one layer) of a pretrained or a random backbone, or on the raw pixels (--pixels).',
   flags: FLAGS,
   run: async (v) => {
+    refuseUnread(v)
     const { train, test, pixels } = await openData(v.data)
     if (!test) throw new UsageError(`--data ${v.data}: probing needs a test split`)
     await mkdir(join(v.out, '..'), { recursive: true })
@@ -77,8 +101,7 @@ export const probeCommand = defineCommand({
 
 export async function probeBackbone(v: ProbeValues, pixels: boolean): Promise<Beit> {
   if (v.init !== undefined) return Beit.load(v.init, placement(v))
-  const like =
-    v['random-like'] === undefined ? undefined : (await Beit.load(v['random-like'], { device: 'cpu' })).config
+  const like = v['random-like'] === undefined ? undefined : await pretrainedBackbone(v['random-like'])
   return Beit.create(like ?? modelSpec(v, pixels), { seed: v.seed, ...placement(v) })
 }
 

@@ -34,6 +34,25 @@ function isImageFile(name: string): boolean {
   return IMAGE_EXTENSIONS.includes(extname(name).toLowerCase())
 }
 
+/**
+ * `test` with its labels numbered as `train`'s classes, matched by name: two folder splits each
+ * number their own subfolders, so a class missing from one would shift the other's labels. A
+ * test class that `train` lacks is an error naming it.
+ */
+export function withClassesOf(train: ImageDataset, test: ImageDataset): ImageDataset {
+  const same = (a: string[], b: string[]) => a.length === b.length && a.every((name, i) => name === b[i])
+  if (same(train.classNames, test.classNames)) return test
+  const index = new Map(train.classNames.map((name, i) => [name, i]))
+  const unknown = test.classNames.filter((name) => !index.has(name))
+  if (unknown.length > 0) {
+    const listed = unknown.slice(0, 10).join(', ') + (unknown.length > 10 ? ', ...' : '')
+    throw new Error(`${test.name} has classes that ${train.name} lacks (${unknown.length}): ${listed}`)
+  }
+  const renumber = test.classNames.map((name) => index.get(name)!)
+  const labels = test.labels.map((l) => (l < 0 ? l : renumber[l]))
+  return { ...test, labels, classNames: train.classNames }
+}
+
 export function describeImage(dataset: ImageDataset, index: number): string {
   return dataset.source.kind === 'files' ? dataset.source.paths[index] : `${dataset.name}[${index}]`
 }

@@ -129,10 +129,11 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     if (opts.onError !== 'skip' && opts.onError !== 'fail')
       throw new Error(`onError must be 'skip' or 'fail', got ${String(opts.onError)}`)
     this.shard = opts
-    // Checked for every rank on every rank, so that all of them refuse together (one that went
-    // on would wait for the others in its first collective).
+    // Even shards (training: every rank takes every step) are checked for every rank on every
+    // rank, so that all of them refuse together (one that went on would wait for the others in
+    // its first collective). An uneven shard (evaluation) may be empty: that rank scores nothing.
     const empty = Array.from({ length: worldSize }, (_, r) => r).find((r) => this.shardSize(r) === 0)
-    if (empty !== undefined) {
+    if (empty !== undefined && opts.evenShards) {
       throw new Error(
         `shard ${empty} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
       )
@@ -195,9 +196,9 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     while (queue.length > 0) {
       const batch = await queue.shift()!
       if (next < total) launch(next++)
-      // A batch whose every image was skipped (and counted) is left out, except in a data-parallel
-      // job, where every rank takes every step (it adds no gradient there).
-      if (batch.size > 0 || this.shard.worldSize > 1) yield batch
+      // A batch whose every image was skipped (and counted) is left out, except with even shards
+      // in a data-parallel job, where every rank takes every step (it adds no gradient there).
+      if (batch.size > 0 || (this.shard.worldSize > 1 && this.shard.evenShards)) yield batch
     }
   }
 

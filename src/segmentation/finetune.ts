@@ -10,6 +10,7 @@ import { join } from 'node:path'
 
 import { Segmenter, SegmenterStepMetrics } from '../segmenter'
 import {
+  applyComputedUpdate,
   batching,
   endsUpdate,
   firstSample,
@@ -305,7 +306,7 @@ export async function finetuneSegmentation(
         }
         if (!endsUpdate(b, k)) continue
         // An update without a labelled pixel on any rank changes no weight (gradNorm 0).
-        gradNorm = computed > 0 ? (await segmenter.applyUpdate(stepLr)).gradNorm : 0
+        gradNorm = await applyComputedUpdate(segmenter, b, computed, stepLr)
         computed = 0
       } catch (e) {
         throw new Error(`segmentation fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })

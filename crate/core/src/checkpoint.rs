@@ -2,8 +2,9 @@
 //! interrupted save never leaves a half-written checkpoint behind.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
 
@@ -21,7 +22,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     let file_name = path.file_name().ok_or_else(|| Error::Input(format!("not a file path: {}", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    // Unique per call, not only per process: two saves to one path at once (calls on two
+    // models that are not awaited) must not write into the same temporary file.
+    static SAVES: AtomicU64 = AtomicU64::new(0);
+    let call = SAVES.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{call}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -50,6 +55,29 @@ pub fn load(path: &Path) -> Result<Loaded> {
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(&e))?;
     Ok(Loaded { tensors, metadata })
+}
+
+/// safetensors' own bound on a header (100 MB), so that a corrupt length reads no further.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// A safetensors file's metadata, read from its header alone (no tensor is read).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let io =
+        |e: std::io::Error| Error::Io(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())));
+    let bad = |why: String| Error::Checkpoint(format!("{} is not a valid safetensors file: {why}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| bad(format!("{file_len} bytes, shorter than a header")))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+        return Err(bad(format!("a header of {header_len} bytes in a file of {file_len}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let Some(entries) = json.get("__metadata__") else { return Ok(HashMap::new()) };
+    serde_json::from_value(entries.clone()).map_err(|e| bad(format!("__metadata__: {e}")))
 }
 
 impl Loaded {

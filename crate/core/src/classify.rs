@@ -14,7 +14,6 @@ use crate::engine::heads::classification::ClassifierEngine;
 use crate::engine::{on_pool, Flat};
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint, HfLayout};
-use crate::mim::Mim;
 use crate::model::classification::{classification_loss, BeitForImageClassification};
 use crate::model::{Linear, Vars};
 use crate::optim::{flatten_grads, AdamW};
@@ -22,7 +21,9 @@ use crate::optimizer::{check_lr, AdamWConfig};
 use crate::params::{Init, ParamTable, Source};
 use crate::rng::Draws;
 use crate::runner::{flat_values, CandleRunner, EngineRunner, Runner, RunnerSpec};
-use crate::trainer::{check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
+use crate::trainer::{
+    check_pixels, f32_values, pretrained_backbone, BackboneSource, Images, Kind, Trainer, UpdateMetrics,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -196,9 +197,10 @@ impl Trainer<Classification> {
         Self::build(config, training, optim, Source::Init(seed), None)
     }
 
-    /// Starts from the backbone of a MIM checkpoint: its `beit.*` tensors (not the mask token);
-    /// the head is initialised from `seed`. With [CLS] pooling the MIM's final LayerNorm becomes
-    /// `beit.layernorm`. `config.model` must match the checkpoint's shapes, except that another
+    /// Starts from the backbone of a MIM or classifier checkpoint: its `beit.*` tensors (not the
+    /// mask token); the classes are initialised from `seed`. With [CLS] pooling the MIM's final
+    /// LayerNorm becomes `beit.layernorm`; a classifier's pooling LayerNorm is kept when it
+    /// pools the same way (intermediate fine-tuning, as BEiT's 22k -> 1k), else initialised. `config.model` must match the checkpoint's shapes, except that another
     /// image size resizes the position tables (drop path may differ too).
     pub fn from_pretrained(
         path: &Path,
@@ -207,16 +209,27 @@ impl Trainer<Classification> {
         training: ClassifierTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
-        let mut file = checkpoint::load(path)?;
-        file.expect_format(path, Mim::FORMAT, "a pretrained BEiT MIM checkpoint")?;
-        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        // The model's tensors, not its optimizer state.
-        file.tensors.retain(|name, _| {
-            name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head.")
-        });
         // Shapes alone would take a grid's tables for its transpose's: the file's config says
         // which grid they are of, and another image size resizes them.
-        let saved = crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?;
+        let (source, saved) = pretrained_backbone(path)?;
+        let mut file = checkpoint::load(path)?;
+        let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+        // The model's tensors, not its optimizer state; from a classifier, not its classes
+        // either, and its pooling's LayerNorm only when the new head pools the same way.
+        let pooling_norm = match config.pooling {
+            Pooling::Mean => "beit.pooler.layernorm.",
+            Pooling::Cls => "beit.layernorm.",
+        };
+        file.tensors.retain(|name, _| match source {
+            BackboneSource::Mim => {
+                name.starts_with("beit.") || name.starts_with("layernorm.") || name.starts_with("lm_head.")
+            }
+            BackboneSource::Classifier => {
+                let other_norm = (name.starts_with("beit.pooler.") || name.starts_with("beit.layernorm."))
+                    && !name.starts_with(pooling_norm);
+                name.starts_with("beit.") && !other_norm
+            }
+        });
         hf::fit_backbone(&mut file.tensors, &saved, &config.model, "the classifier's model").map_err(in_file)?;
         Self::from_backbone(file.tensors, config, optim, training, seed).map_err(in_file)
     }
@@ -252,7 +265,15 @@ impl Trainer<Classification> {
                 )))
             }
         };
-        Self::from_backbone(tensors, ClassifierConfig { model, num_labels, pooling }, optim, training, seed)
+        // The kept head's class names, where they are more than transformers' defaults (and
+        // name each class once, as label2id needs).
+        let defaults = labels.iter().enumerate().all(|(i, name)| *name == format!("LABEL_{i}"));
+        let distinct = labels.iter().collect::<std::collections::HashSet<_>>().len() == labels.len();
+        let head_kept = layout == HfLayout::ImageClassification && num_labels == labels.len();
+        let class_names =
+            (head_kept && !defaults && distinct && labels.iter().all(|n| !n.is_empty())).then_some(labels);
+        let config = ClassifierConfig { model, num_labels, pooling, class_names };
+        Self::from_backbone(tensors, config, optim, training, seed)
     }
 
     /// `tensors`: a backbone under `beit.*`, with a MIM's `layernorm.*` and `lm_head.*` or a
@@ -277,9 +298,10 @@ impl Trainer<Classification> {
         Self::build(config, training, optim, Source::Tensors { tensors, init: Some((seed, head)) }, None)
     }
 
-    /// Writes a transformers `BeitForImageClassification` folder (classes named LABEL_i).
+    /// Writes a transformers `BeitForImageClassification` folder (`id2label` from the config's
+    /// class names, else LABEL_i).
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
-        let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
+        let labels = self.config.label_names();
         hf::write(
             dir,
             HfLayout::ImageClassification,

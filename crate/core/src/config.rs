@@ -158,6 +158,9 @@ pub struct ClassifierConfig {
     pub model: BeitConfig,
     pub num_labels: usize,
     pub pooling: Pooling,
+    /// The classes' names by label id (transformers' `id2label`); absent, they are LABEL_i.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
 }
 
 impl ClassifierConfig {
@@ -166,7 +169,26 @@ impl ClassifierConfig {
         if self.num_labels < 2 {
             return Err(Error::Config(format!("numLabels must be at least 2, got {}", self.num_labels)));
         }
+        if let Some(names) = &self.class_names {
+            if names.len() != self.num_labels {
+                return Err(Error::Config(format!(
+                    "classNames: expected one name per label ({}), got {}",
+                    self.num_labels,
+                    names.len()
+                )));
+            }
+            // transformers' label2id maps each name back to its id.
+            let mut seen = std::collections::HashSet::new();
+            if let Some(name) = names.iter().find(|n| n.is_empty() || !seen.insert(n.as_str())) {
+                return Err(Error::Config(format!("classNames: {name:?} is empty or named twice")));
+            }
+        }
         Ok(())
+    }
+
+    /// The classes' names: the config's, else transformers' default LABEL_i.
+    pub fn label_names(&self) -> Vec<String> {
+        self.class_names.clone().unwrap_or_else(|| (0..self.num_labels).map(|i| format!("LABEL_{i}")).collect())
     }
 
     pub fn from_json(json: &str) -> Result<Self> {

@@ -16,13 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::segmentation::{BatchNormParams, SegmenterParams};
 use crate::checkpoint;
-use crate::classify::Classification;
 use crate::config::{Precision, SegmenterConfig};
 use crate::distributed::ReplicaSum;
 use crate::engine::on_pool;
 use crate::error::{Error, Result};
 use crate::hf::{self, HfCheckpoint};
-use crate::mim::Mim;
 use crate::model::segmentation::{
     pixel_classes, pixel_hits, summed_segmentation_loss, update_running_stats, BeitForSemanticSegmentation, Norms,
     PixelLabels,
@@ -32,7 +30,7 @@ use crate::optimizer::{check_lr, AdamWConfig};
 use crate::params::{ParamTable, Source};
 use crate::rng::Draws;
 use crate::runner::{CandleRunner, Runner, RunnerSpec};
-use crate::trainer::{check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
+use crate::trainer::{check_pixels, f32_values, pretrained_backbone, Images, Kind, Trainer, UpdateMetrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -261,21 +259,9 @@ impl Trainer<Segmentation> {
         training: SegmenterTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
+        let (_, saved) = pretrained_backbone(path)?;
         let mut file = checkpoint::load(path)?;
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
-        let format = file.metadata.get("format").cloned().unwrap_or_default();
-        let saved = if format == Mim::FORMAT {
-            crate::config::BeitConfig::from_json(file.meta("config", path)?).map_err(in_file)?
-        } else if format == Classification::FORMAT {
-            crate::config::ClassifierConfig::from_json(file.meta("config", path)?).map_err(in_file)?.model
-        } else {
-            return Err(Error::Checkpoint(format!(
-                "{}: format {format:?} is not a beit MIM (\"{}\") or classifier (\"{}\") checkpoint",
-                path.display(),
-                Mim::FORMAT,
-                Classification::FORMAT
-            )));
-        };
         file.tensors.retain(|name, _| {
             name.starts_with("beit.")
                 && name != "beit.embeddings.mask_token"

@@ -29,6 +29,8 @@ use crate::runner::{flat_values, unflatten, GradientValues, Gradients, Placement
 const TRAIN_STATE_KEY: &str = "trainState";
 /// Metadata key of a kind's training options.
 const OPTIONS_KEY: &str = "training";
+/// The most parameters a model may have (8.6 billion; BEiT-L has 0.3).
+const MAX_PARAMETERS: usize = 1 << 33;
 /// Checkpoint tensors of the weights' EMA.
 const EMA_PREFIX: &str = "ema.";
 
@@ -111,8 +113,19 @@ impl<K: Kind> Trainer<K> {
     ) -> Result<Self> {
         K::validate(&config, &options)?;
         let table = K::table(&config);
+        // Refused here, before allocating: an allocation that large aborts the process.
+        let count = table.checked_num_values();
+        if count.is_none_or(|n| n > MAX_PARAMETERS) {
+            let count = count.map_or("more than 2^64".to_string(), |n| n.to_string());
+            return Err(Error::Config(format!(
+                "the config gives the model {count} parameters, more than the 2^33 beit trains (over 128 GiB \
+                 with gradients and AdamW moments): check its sizes"
+            )));
+        }
         let values = source.values(&table)?;
-        let ema = ema.map(|s| s.values(&table)).transpose()?;
+        // Its names are the weights' after the prefix: say they are the EMA's.
+        let in_ema = |e: Error| Error::Checkpoint(format!("the weights' EMA (tensors named {EMA_PREFIX}*): {e}"));
+        let ema = ema.map(|s| s.values(&table).map_err(in_ema)).transpose()?;
         let placement = Placement::cpu();
         let runner = Self::runner(&config, &options, &optimizer, &table, &placement, values, ema)?;
         Ok(Self { config, options, train_state: None, optimizer, table, runner, placement, communicator: None })
@@ -502,4 +515,38 @@ pub(crate) fn check_pixels<'a>(cfg: &BeitConfig, pixels: &'a [f32]) -> Result<Im
 /// All values of `t`, flattened, as f32 (activations may be bf16).
 pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// The kinds of beit checkpoint that a classifier or segmenter takes its backbone from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackboneSource {
+    Mim,
+    Classifier,
+}
+
+/// Which kind of checkpoint `path` is, and its backbone's config, from the file's header alone
+/// (a checkpoint with its AdamW moments is three times the weights).
+pub fn pretrained_backbone(path: &Path) -> Result<(BackboneSource, BeitConfig)> {
+    use crate::{classify::Classification, config::ClassifierConfig, mim::Mim};
+    let metadata = checkpoint::read_metadata(path)?;
+    let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
+    let config = || {
+        metadata
+            .get("config")
+            .map(String::as_str)
+            .ok_or_else(|| Error::Checkpoint(format!("{} has no \"config\" entry in its metadata", path.display())))
+    };
+    match metadata.get("format").map(String::as_str) {
+        Some(Mim::FORMAT) => Ok((BackboneSource::Mim, BeitConfig::from_json(config()?).map_err(in_file)?)),
+        Some(Classification::FORMAT) => {
+            Ok((BackboneSource::Classifier, ClassifierConfig::from_json(config()?).map_err(in_file)?.model))
+        }
+        other => Err(Error::Checkpoint(format!(
+            "{}: format {:?} is not a beit MIM (\"{}\") or classifier (\"{}\") checkpoint",
+            path.display(),
+            other.unwrap_or(""),
+            Mim::FORMAT,
+            Classification::FORMAT
+        ))),
+    }
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 
 fn classifier_config(pooling: Pooling) -> ClassifierConfig {
-    ClassifierConfig { model: tiny_config(), num_labels: 3, pooling }
+    ClassifierConfig { model: tiny_config(), num_labels: 3, pooling, class_names: None }
 }
 
 fn no_decay_adamw() -> AdamWConfig {
@@ -160,6 +160,45 @@ fn finetuning_starts_from_the_pretrained_backbone() {
     .unwrap()
     .to_string();
     assert!(err.contains("shape"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn finetuning_starts_from_a_classifier_backbone_with_new_classes() {
+    let dir = std::env::temp_dir().join(format!("beit-classify-intermediate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cls.safetensors");
+    let cfg = classifier_config(Pooling::Mean);
+    let mut first = ClassifierTrainer::new(cfg.clone(), AdamWConfig::default(), Default::default(), 4).unwrap();
+    // Away from the initialisation (the pooling LayerNorm's is ones and zeros).
+    let pixels = images(&cfg.model, 3, 5);
+    for step in 0..3 {
+        first.train_step(&pixels, &[0, 1, 2], 5e-2, step).unwrap();
+    }
+    first.save(&path).unwrap();
+    let saved = first.weights().unwrap();
+    let saved_var = |name: &str| saved.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    for pooling in [Pooling::Mean, Pooling::Cls] {
+        let config = ClassifierConfig { num_labels: 5, pooling, ..cfg.clone() };
+        let next =
+            ClassifierTrainer::from_pretrained(&path, config, AdamWConfig::default(), Default::default(), 2).unwrap();
+        let mut kept = 0;
+        for (name, var) in &next.weights().unwrap() {
+            let new_head =
+                name.starts_with("classifier.") || (pooling == Pooling::Cls && name.starts_with("beit.layernorm."));
+            match saved_var(name) {
+                Some(old) if !new_head => {
+                    let diff = var.sub(&old).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert_eq!(diff, 0.0, "{pooling:?}: {name} differs from the first classifier's");
+                    kept += 1;
+                }
+                _ => assert!(new_head, "{pooling:?}: {name} is not in the first classifier"),
+            }
+        }
+        assert_eq!(next.weights().unwrap().iter().find(|(n, _)| n == "classifier.weight").unwrap().1.dims()[0], 5);
+        let backbone = saved.iter().filter(|(n, _)| n.starts_with("beit.") && !n.starts_with("beit.pooler.")).count();
+        assert_eq!(kept, backbone + if pooling == Pooling::Mean { 2 } else { 0 }, "{pooling:?}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -184,7 +184,7 @@ fn training_steps_agree_with_the_cpu() {
     let d = p.logits.iter().zip(&q.logits).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(d < 1e-3, "MIM logits after 5 steps differ by {d}");
 
-    let cls = ClassifierConfig { model: cfg, num_labels: 3, pooling: Pooling::Cls };
+    let cls = ClassifierConfig { model: cfg, num_labels: 3, pooling: Pooling::Cls, class_names: None };
     let mut cpu =
         ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), ClassifierTrainingOptions::default(), 2).unwrap();
     let mut cuda =

@@ -52,7 +52,7 @@ fn moving_a_model_mid_training_keeps_weights_moments_and_step() {
     assert_eq!(moved.optimizer_step(), 4);
     assert_eq!(values(still.weights().unwrap()), values(moved.weights().unwrap()));
 
-    let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean };
+    let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean, class_names: None };
     let mut still =
         ClassifierTrainer::new(cls.clone(), AdamWConfig::default(), ClassifierTrainingOptions::default(), 1).unwrap();
     let mut moved =

@@ -6,9 +6,10 @@ mod common;
 
 use beit_core::config::Precision;
 use beit_core::engine::conv::{self, Nhwc};
-use beit_core::engine::dvae::Objective;
+use beit_core::engine::dvae::{DvaeEngine, Objective};
 use beit_core::engine::matmul_bf16::{bf16_bits, bf16_value};
 use beit_core::engine::simd::Real;
+use beit_core::engine::EngineModel;
 use beit_core::engine::{direct, winograd};
 use beit_core::model::dvae::map_pixels;
 use beit_core::ops::scaled_softmax;
@@ -504,17 +505,30 @@ fn bf16_training_keeps_activations_in_bf16_with_the_same_results() {
         let [h, w] = cfg.image_size;
         let pixels: Vec<f32> = unit_pixels(3 * cfg.num_channels * h * w, 9);
         let objective = Objective { temperature: 0.7, kl_weight: 0.3, recon: ReconLoss::LogitLaplace };
+        let pass = |eng: &mut DvaeEngine<f32>| {
+            let mut codes = Vec::new();
+            let draws = Draws { seed: 21, first_sample: 0 };
+            eng.flat.grads.fill(0.0);
+            let loss = eng.loss_and_grads(&pixels, h, w, &objective, draws, 1.0, &mut codes).unwrap();
+            (loss.loss, codes, eng.flat.grads.clone(), eng.keeps_bf16_activations())
+        };
         let run = |precision, kept_from| {
             let mut eng = dvae_engine_at::<f32>(&cfg, &vars, precision);
             eng.keep_bf16_activations_from(kept_from);
-            let mut codes = Vec::new();
-            let draws = Draws { seed: 21, first_sample: 0 };
-            let loss = eng.loss_and_grads(&pixels, h, w, &objective, draws, 1.0, &mut codes).unwrap();
-            (loss.loss, codes, eng.flat.grads.clone(), eng.keeps_bf16_activations())
+            pass(&mut eng)
         };
         let (kept_bf16, kept_f32, f32) =
             (run(Precision::Bf16, 0), run(Precision::Bf16, usize::MAX), run(Precision::F32, 0));
         assert!(kept_bf16.3 && !kept_f32.3 && !f32.3, "{cfg:?}: which passes keep bf16");
+        // Switched to f32 after a pass that kept bf16 activations: the next pass is f32's.
+        let mut switched = dvae_engine_at::<f32>(&cfg, &vars, Precision::Bf16);
+        switched.keep_bf16_activations_from(0);
+        pass(&mut switched);
+        switched.set_precision(Precision::F32);
+        let after = pass(&mut switched);
+        assert!(!after.3, "{cfg:?}: an f32 pass kept bf16 activations");
+        assert_eq!((after.0.to_bits(), &after.1), (f32.0.to_bits(), &f32.1), "{cfg:?}: f32 loss and codes");
+        assert!(after.2 == f32.2, "{cfg:?}: f32 gradients after a switch differ from a fresh f32 engine's");
         assert_eq!(kept_bf16.0.to_bits(), kept_f32.0.to_bits(), "{cfg:?}: loss");
         assert_eq!(kept_bf16.1, kept_f32.1, "{cfg:?}: codes");
         let differ = kept_bf16.2.iter().zip(&kept_f32.2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
@@ -552,4 +566,15 @@ fn tokenizer_training_on_the_engine_tracks_candle_autograd() {
     let (ids_e, ids_c) = (engine.encode(&batch).unwrap(), candle.encode(&batch).unwrap());
     let agree = ids_e.iter().zip(&ids_c).filter(|(a, b)| a == b).count();
     assert!(agree * 10 >= ids_e.len() * 9, "EMA codes agree at {agree}/{}", ids_e.len());
+}
+
+/// A uniform draw within 2^-25 of 1 rounds to 1.0 in f32: its noise, -ln(-ln u), must stay at
+/// its true size (about 17.7 for draw 1,869,153 of seed 0) and not become -ln(-0.0) = +88.
+#[test]
+fn gumbel_noise_of_a_draw_next_to_one_stays_finite_and_near_its_value() {
+    let at = |offset| gumbel_noise(&[1], 0, offset, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap()[0];
+    let noise = at(1_869_153);
+    assert!((15.0..18.5).contains(&noise), "noise {noise}");
+    // Its neighbours are ordinary draws.
+    assert!(at(1_869_152) < 10.0 && at(1_869_154) < 10.0);
 }

@@ -139,7 +139,7 @@ fn classification_matches_candle_and_finite_differences() {
             ..tiny_config()
         };
         let context = format!("{pooling:?}: ");
-        let cfg = ClassifierConfig { model: model_cfg.clone(), num_labels: 3, pooling };
+        let cfg = ClassifierConfig { model: model_cfg.clone(), num_labels: 3, pooling, class_names: None };
         let (classifier, vars) = classifier_model(&cfg, 3, DType::F64);
         randomise(&vars, 90, 0.5);
         let pixels = random_tensor(&[3, 1, 4, 6], 6, DType::F64);
@@ -212,7 +212,7 @@ fn training_on_the_engine_tracks_candle_autograd() {
     }
     weights_close("MIM", engine.weights().unwrap(), candle.weights().unwrap());
 
-    let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean };
+    let cls = ClassifierConfig { model: cfg.clone(), num_labels: 3, pooling: Pooling::Mean, class_names: None };
     let finetune = beit_core::ClassifierTrainingOptions { label_smoothing: 0.1, layer_decay: 0.75 };
     let mut engine = beit_core::ClassifierTrainer::new(cls.clone(), Default::default(), finetune.clone(), 3).unwrap();
     let mut candle = beit_core::ClassifierTrainer::new(cls, Default::default(), finetune, 3).unwrap();

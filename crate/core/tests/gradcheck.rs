@@ -107,7 +107,7 @@ fn whole_classification_loss_gradients() {
     for pooling in [Pooling::Mean, Pooling::Cls] {
         let model_cfg =
             BeitConfig { use_shared_relative_position_bias: false, use_relative_position_bias: true, ..tiny_config() };
-        let cfg = ClassifierConfig { model: model_cfg, num_labels: 3, pooling };
+        let cfg = ClassifierConfig { model: model_cfg, num_labels: 3, pooling, class_names: None };
         let (classifier, vars) = classifier_model(&cfg, 3, DType::F64);
         randomise(&vars, 90, 0.5);
         let pixels = random_tensor(&[2, 1, 4, 6], 6, DType::F64);

@@ -79,8 +79,20 @@ fn decay_groups_of_the_tables_follow_the_reference_exemptions() {
     };
     let tables = [
         MimParams::new(&cfg).0,
-        ClassifierParams::new(&ClassifierConfig { model: per_layer.clone(), num_labels: 3, pooling: Pooling::Mean }).0,
-        ClassifierParams::new(&ClassifierConfig { model: per_layer, num_labels: 3, pooling: Pooling::Cls }).0,
+        ClassifierParams::new(&ClassifierConfig {
+            model: per_layer.clone(),
+            num_labels: 3,
+            pooling: Pooling::Mean,
+            class_names: None,
+        })
+        .0,
+        ClassifierParams::new(&ClassifierConfig {
+            model: per_layer,
+            num_labels: 3,
+            pooling: Pooling::Cls,
+            class_names: None,
+        })
+        .0,
     ];
     let mut decayed = 0;
     for table in &tables {

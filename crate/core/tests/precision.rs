@@ -132,7 +132,7 @@ fn bf16_training_tracks_f32_training() {
 
 #[test]
 fn bf16_classifier_logits_are_close_to_f32() {
-    let cfg = ClassifierConfig { model: tiny_config(), num_labels: 5, pooling: Pooling::Mean };
+    let cfg = ClassifierConfig { model: tiny_config(), num_labels: 5, pooling: Pooling::Mean, class_names: None };
     let mut t = ClassifierTrainer::new(cfg, AdamWConfig::default(), ClassifierTrainingOptions::default(), 4).unwrap();
     let b = batch(&tiny_config(), 3, 2);
     // Away from the initialisation first (f32, on the CPU engine), then onto candle in bf16.
@@ -524,7 +524,8 @@ fn the_engines_bf16_training_tracks_f32_over_300_steps() {
     assert!(f < 0.75 * first, "f32 MIM did not learn: {first} -> {f}");
     assert!((m - f).abs() < 0.02 * f, "MIM: last 50 steps' mean loss bf16 {m} vs f32 {f}");
 
-    let classes = ClassifierConfig { model: small_mim_config(), num_labels: 5, pooling: Pooling::Mean };
+    let classes =
+        ClassifierConfig { model: small_mim_config(), num_labels: 5, pooling: Pooling::Mean, class_names: None };
     let classify = |precision| {
         runs(&|seed| {
             let opts = ClassifierTrainingOptions::default();

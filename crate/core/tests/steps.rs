@@ -144,7 +144,7 @@ fn mim_halves_weighted_by_masked_patches_equal_the_whole_batch() {
 #[test]
 fn classifier_halves_equal_the_whole_batch_and_the_split_step_is_train_step() {
     both_runners(|engine| {
-        let cfg = ClassifierConfig { model: cfg(), num_labels: 3, pooling: Pooling::Mean };
+        let cfg = ClassifierConfig { model: cfg(), num_labels: 3, pooling: Pooling::Mean, class_names: None };
         let training = ClassifierTrainingOptions { label_smoothing: 0.1, layer_decay: 0.75 };
         let new = || {
             let mut t = ClassifierTrainer::new(cfg.clone(), AdamWConfig::default(), training.clone(), 5).unwrap();

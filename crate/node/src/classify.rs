@@ -1,13 +1,14 @@
 //! Classification bindings: a fine-tunable BEiT classifier and a linear probe.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use beit_core::{ClassifierConfig, ClassifierTrainer, ClassifierTrainingOptions, LinearProbe};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, image_size_pair, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
+use crate::shared::Shared;
+use crate::{guarded, image_size_pair, job, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// Fine-tuning options saved with the classifier.
 #[napi(object, js_name = "ClassifierTrainingOptions")]
@@ -56,11 +57,11 @@ fn metrics(m: beit_core::ClassifierStepMetrics) -> Result<ClassifierStepMetrics>
 /// A BEiT backbone with a classification head and its AdamW state.
 #[napi]
 pub struct NativeClassifier {
-    inner: Arc<Mutex<ClassifierTrainer>>,
+    inner: Arc<Shared<ClassifierTrainer>>,
 }
 
 fn wrap(trainer: ClassifierTrainer) -> Result<NativeClassifier> {
-    Ok(NativeClassifier { inner: Arc::new(Mutex::new(trainer)) })
+    Ok(NativeClassifier { inner: Shared::new(trainer) })
 }
 
 trainer_methods!(NativeClassifier);
@@ -92,8 +93,10 @@ impl NativeClassifier {
     #[napi(getter)]
     pub fn training(&self) -> Result<TrainingOptions> {
         guarded(|| {
-            let o = &lock(&self.inner)?.options;
-            Ok(TrainingOptions { label_smoothing: Some(o.label_smoothing), layer_decay: Some(o.layer_decay) })
+            self.inner.now(|model| {
+                let o = &model.options;
+                Ok(TrainingOptions { label_smoothing: Some(o.label_smoothing), layer_decay: Some(o.layer_decay) })
+            })
         })
     }
 
@@ -141,8 +144,8 @@ impl NativeClassifier {
     /// Writes a transformers `BeitForImageClassification` folder.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
-        let model = self.inner.clone();
-        job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+        let turn = self.inner.turn();
+        job(move || turn.run(|model| model.export_hf(&PathBuf::from(dir))), |()| Ok(()))
     }
 
     /// Reads a checkpoint written by `save`.
@@ -160,9 +163,9 @@ impl NativeClassifier {
         labels: Int32Array,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::ClassifierLossMetrics, ClassifierLossMetrics>> {
-        let (model, pixels, labels) = (self.inner.clone(), pixels.to_vec(), labels.to_vec());
+        let (turn, pixels, labels) = (self.inner.turn(), pixels.to_vec(), labels.to_vec());
         job(
-            move || lock(&model)?.loss_and_grads(&pixels, &labels, draws.into()),
+            move || turn.run(|model| model.loss_and_grads(&pixels, &labels, draws.into())),
             |m| Ok(ClassifierLossMetrics { loss: m.loss, accuracy: m.accuracy }),
         )
     }
@@ -177,22 +180,22 @@ impl NativeClassifier {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
-        let (model, pixels, labels) = (self.inner.clone(), pixels.to_vec(), labels.to_vec());
-        job(move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64), metrics)
+        let (turn, pixels, labels) = (self.inner.turn(), pixels.to_vec(), labels.to_vec());
+        job(move || turn.run(|model| model.train_step(&pixels, &labels, lr, seed as u64)), metrics)
     }
 
     /// Class logits [B, numLabels].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn predict(&self, pixels: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
-        job(move || lock(&model)?.predict(&pixels), |v| Ok(Float32Array::new(v)))
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
+        job(move || turn.run(|model| model.predict(&pixels)), |v| Ok(Float32Array::new(v)))
     }
 }
 
 /// A linear classifier on frozen, standardised features.
 #[napi]
 pub struct NativeLinearProbe {
-    inner: Arc<Mutex<LinearProbe>>,
+    inner: Arc<Shared<LinearProbe>>,
 }
 
 #[napi]
@@ -214,7 +217,7 @@ impl NativeLinearProbe {
                 crate::optimizer(optimizer)?,
                 seed as u64,
             )?;
-            Ok(Self { inner: Arc::new(Mutex::new(probe)) })
+            Ok(Self { inner: Shared::new(probe) })
         })
     }
 
@@ -225,14 +228,14 @@ impl NativeLinearProbe {
         labels: Int32Array,
         lr: f64,
     ) -> AsyncTask<Job<beit_core::ClassifierStepMetrics, ClassifierStepMetrics>> {
-        let (probe, features, labels) = (self.inner.clone(), features.to_vec(), labels.to_vec());
-        job(move || lock(&probe)?.train_step(&features, &labels, lr), metrics)
+        let (turn, features, labels) = (self.inner.turn(), features.to_vec(), labels.to_vec());
+        job(move || turn.run(|probe| probe.train_step(&features, &labels, lr)), metrics)
     }
 
     /// Class logits [N, numLabels].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn predict(&self, features: Float32Array) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let (probe, features) = (self.inner.clone(), features.to_vec());
-        job(move || lock(&probe)?.predict(&features), |v| Ok(Float32Array::new(v)))
+        let (turn, features) = (self.inner.turn(), features.to_vec());
+        job(move || turn.run(|probe| probe.predict(&features)), |v| Ok(Float32Array::new(v)))
     }
 }

@@ -2,7 +2,6 @@
 //! on libuv worker threads; Rust errors and panics become JS `Error`s, never aborts.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use beit_core::AdamWConfig;
 use napi::bindgen_prelude::*;
@@ -15,6 +14,7 @@ pub mod distributed;
 pub mod images;
 pub mod mim;
 pub mod segment;
+pub mod shared;
 pub mod tokenizer;
 
 // Training allocates and frees many large activation buffers each step; glibc malloc hands
@@ -75,14 +75,6 @@ pub(crate) fn job<O: Send + 'static, J: ToNapiValue + TypeName>(
     finish: fn(O) -> Result<J>,
 ) -> AsyncTask<Job<O, J>> {
     AsyncTask::new(Job { work: Some(Box::new(work)), finish })
-}
-
-pub(crate) fn lock<T>(model: &Arc<Mutex<T>>) -> beit_core::Result<MutexGuard<'_, T>> {
-    model.lock().map_err(|_| {
-        beit_core::Error::Numeric(
-            "this model is unusable: an earlier call failed inside native code while updating it".into(),
-        )
-    })
 }
 
 pub(crate) fn image_size_pair(size: Option<Vec<u32>>) -> beit_core::Result<Option<[usize; 2]>> {
@@ -178,6 +170,13 @@ pub fn presets_json() -> String {
     beit_core::presets::presets_json()
 }
 
+/// The backbone config (JSON, as `BeitConfig`) of a beit MIM or classifier checkpoint, read
+/// from the file's header alone.
+#[napi(ts_return_type = "Promise<string>")]
+pub fn pretrained_backbone_config(path: String) -> AsyncTask<Job<String, String>> {
+    job(move || Ok(beit_core::trainer::pretrained_backbone(std::path::Path::new(&path))?.1.to_json()), Ok)
+}
+
 /// NVIDIA GPUs this build can use: 0 in the CPU build, or where the driver reports none.
 #[napi]
 pub fn cuda_device_count() -> u32 {
@@ -192,7 +191,7 @@ pub fn bf16_gemm_speedup() -> f64 {
 }
 
 /// The methods every model class has: one trainer shape (`beit_core::Trainer`) behind each,
-/// in `inner: Arc<Mutex<Trainer<Kind>>>`.
+/// in `inner: Arc<Shared<Trainer<Kind>>>`.
 macro_rules! trainer_methods {
     ($class:ident) => {
         #[napi]
@@ -200,13 +199,13 @@ macro_rules! trainer_methods {
             /// Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N".
             #[napi]
             pub fn to_device(&self, device: String) -> Result<()> {
-                guarded(|| lock(&self.inner)?.to_device(&beit_core::device::parse(&device)?))
+                guarded(|| self.inner.now(|model| model.to_device(&beit_core::device::parse(&device)?)))
             }
 
             /// Where the model runs: "cpu" or "cuda:N".
             #[napi(getter)]
             pub fn device(&self) -> Result<String> {
-                guarded(|| Ok(beit_core::device::name(&lock(&self.inner)?.device())))
+                guarded(|| self.inner.now(|model| Ok(beit_core::device::name(&model.device()))))
             }
 
             /// Activation precision: "f32" or "bf16" (mixed precision: bf16 activations and
@@ -214,51 +213,54 @@ macro_rules! trainer_methods {
             /// f32, and trains in bf16 only on the CPU engine (in f32 on a GPU).
             #[napi(getter)]
             pub fn precision(&self) -> Result<String> {
-                guarded(|| Ok(lock(&self.inner)?.precision().name().to_string()))
+                guarded(|| self.inner.now(|model| Ok(model.precision().name().to_string())))
             }
 
             #[napi(setter)]
             pub fn set_precision(&self, precision: String) -> Result<()> {
-                guarded(|| lock(&self.inner)?.set_precision(beit_core::config::Precision::parse(&precision)?))
+                guarded(|| {
+                    let precision = beit_core::config::Precision::parse(&precision)?;
+                    self.inner.now(|model| model.set_precision(precision))
+                })
             }
 
             /// The model's config (camelCase JSON).
             #[napi(getter)]
             pub fn config_json(&self) -> Result<String> {
-                guarded(|| Ok(lock(&self.inner)?.config_json()))
+                guarded(|| self.inner.now(|model| Ok(model.config_json())))
             }
 
             /// AdamW settings.
             #[napi(getter)]
             pub fn optimizer(&self) -> Result<$crate::AdamWOptions> {
-                guarded(|| Ok($crate::AdamWOptions::of(lock(&self.inner)?.optimizer_config())))
+                guarded(|| self.inner.now(|model| Ok($crate::AdamWOptions::of(model.optimizer_config()))))
             }
 
             #[napi(getter)]
             pub fn num_parameters(&self) -> Result<f64> {
-                guarded(|| Ok(lock(&self.inner)?.num_parameters() as f64))
+                guarded(|| self.inner.now(|model| Ok(model.num_parameters() as f64)))
             }
 
             /// Optimizer updates taken so far.
             #[napi(getter)]
             pub fn optimizer_step(&self) -> Result<f64> {
-                guarded(|| Ok(lock(&self.inner)?.optimizer_step() as f64))
+                guarded(|| self.inner.now(|model| Ok(model.optimizer_step() as f64)))
             }
 
             /// Loss terms (masked patches, images) whose gradients `lossAndGrads` has added and
             /// `applyUpdate` has not yet applied.
             #[napi(getter)]
             pub fn pending_loss_terms(&self) -> Result<f64> {
-                guarded(|| Ok(*lock(&self.inner)?.gradients().count as f64))
+                guarded(|| self.inner.now(|model| Ok(*model.gradients().count as f64)))
             }
 
             /// Clip, AdamW (and the EMA) from the gradients `lossAndGrads` added since the last
             /// update (their mean over the loss terms); empties them.
             #[napi(ts_return_type = "Promise<UpdateMetrics>")]
             pub fn apply_update(&self, lr: f64) -> AsyncTask<Job<beit_core::UpdateMetrics, $crate::UpdateMetrics>> {
-                let model = self.inner.clone();
+                let turn = self.inner.turn();
                 job(
-                    move || lock(&model)?.apply_update(lr),
+                    move || turn.run(|model| model.apply_update(lr)),
                     |m| Ok($crate::UpdateMetrics { grad_norm: m.grad_norm, all_reduce_seconds: m.all_reduce_seconds }),
                 )
             }
@@ -268,11 +270,11 @@ macro_rules! trainer_methods {
             /// match), and every later update averages the gradients of all ranks.
             #[napi(ts_return_type = "Promise<void>")]
             pub fn distribute(&self) -> AsyncTask<Job<(), ()>> {
-                let model = self.inner.clone();
+                let turn = self.inner.turn();
                 job(
                     move || {
                         let communicator = $crate::distributed::communicator()?;
-                        lock(&model)?.distribute(communicator)
+                        turn.run(|model| model.distribute(communicator))
                     },
                     |()| Ok(()),
                 )
@@ -281,22 +283,24 @@ macro_rules! trainer_methods {
             /// The caller's training state (JSON), saved with and loaded from checkpoints.
             #[napi(getter)]
             pub fn train_state(&self) -> Result<Option<String>> {
-                guarded(|| Ok(lock(&self.inner)?.train_state.clone()))
+                guarded(|| self.inner.now(|model| Ok(model.train_state.clone())))
             }
 
             #[napi(setter)]
             pub fn set_train_state(&self, state: Option<String>) -> Result<()> {
                 guarded(|| {
-                    lock(&self.inner)?.train_state = state;
-                    Ok(())
+                    self.inner.now(|model| {
+                        model.train_state = state;
+                        Ok(())
+                    })
                 })
             }
 
             /// Writes weights, optimizer state, EMA, config, options and training state atomically.
             #[napi(ts_return_type = "Promise<void>")]
             pub fn save(&self, path: String) -> AsyncTask<Job<(), ()>> {
-                let model = self.inner.clone();
-                job(move || lock(&model)?.save(&std::path::PathBuf::from(path)), |()| Ok(()))
+                let turn = self.inner.turn();
+                job(move || turn.run(|model| model.save(&std::path::PathBuf::from(path))), |()| Ok(()))
             }
         }
     };

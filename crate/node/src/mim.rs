@@ -1,23 +1,24 @@
 //! The BEiT model with its MIM head.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use beit_core::{BeitConfig, BeitTrainer, DvaeTrainer, ImageBatch, MimBatch, PretrainBatch};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+use crate::shared::Shared;
 use crate::tokenizer::NativeDvae;
-use crate::{guarded, image_size_pair, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
+use crate::{guarded, image_size_pair, job, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// A BEiT model with its MIM head and AdamW state.
 #[napi]
 pub struct NativeBeit {
-    inner: Arc<Mutex<BeitTrainer>>,
+    inner: Arc<Shared<BeitTrainer>>,
 }
 
 fn wrap(trainer: BeitTrainer) -> Result<NativeBeit> {
-    Ok(NativeBeit { inner: Arc::new(Mutex::new(trainer)) })
+    Ok(NativeBeit { inner: Shared::new(trainer) })
 }
 
 trainer_methods!(NativeBeit);
@@ -65,8 +66,8 @@ impl NativeBeit {
     /// Writes a transformers `BeitForMaskedImageModeling` folder.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
-        let model = self.inner.clone();
-        job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+        let turn = self.inner.turn();
+        job(move || turn.run(|model| model.export_hf(&PathBuf::from(dir))), |()| Ok(()))
     }
 
     /// Adds the gradient of the batch's masked cross-entropy (summed over its masked patches)
@@ -79,12 +80,12 @@ impl NativeBeit {
         targets: Int32Array,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::BeitLossMetrics, BeitLossMetrics>> {
-        let model = self.inner.clone();
+        let turn = self.inner.turn();
         let (pixels, mask, targets) = (pixels.to_vec(), mask.to_vec(), targets.to_vec());
         job(
             move || {
                 let batch = MimBatch { pixels: &pixels, mask: &mask, targets: &targets };
-                lock(&model)?.loss_and_grads(&batch, draws.into())
+                turn.run(|model| model.loss_and_grads(&batch, draws.into()))
             },
             loss_metrics,
         )
@@ -116,11 +117,13 @@ impl NativeBeit {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::BeitStepMetrics, BeitStepMetrics>> {
-        let model = self.inner.clone();
+        let turn = self.inner.turn();
         let (pixels, mask, targets) = (pixels.to_vec(), mask.to_vec(), targets.to_vec());
         job(
             move || {
-                lock(&model)?.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64)
+                turn.run(|model| {
+                    model.train_step(&MimBatch { pixels: &pixels, mask: &mask, targets: &targets }, lr, seed as u64)
+                })
             },
             metrics,
         )
@@ -145,8 +148,8 @@ impl NativeBeit {
     /// [B, 2 * hiddenSize].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn probe_features(&self, pixels: Float32Array, layer: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
-        job(move || lock(&model)?.probe_features(&pixels, layer as usize), |v| Ok(Float32Array::new(v)))
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
+        job(move || turn.run(|model| model.probe_features(&pixels, layer as usize)), |v| Ok(Float32Array::new(v)))
     }
 
     /// Evaluation forward pass: logits and argmax ids at the masked patches.
@@ -156,9 +159,9 @@ impl NativeBeit {
         pixels: Float32Array,
         mask: Uint8Array,
     ) -> AsyncTask<Job<beit_core::Predictions, MaskedPredictions>> {
-        let (model, pixels, mask) = (self.inner.clone(), pixels.to_vec(), mask.to_vec());
+        let (turn, pixels, mask) = (self.inner.turn(), pixels.to_vec(), mask.to_vec());
         job(
-            move || lock(&model)?.forward(&pixels, &mask),
+            move || turn.run(|model| model.forward(&pixels, &mask)),
             |p| {
                 Ok(MaskedPredictions {
                     logits: Float32Array::new(p.logits),
@@ -180,16 +183,16 @@ impl NativeBeit {
         step: impl FnOnce(&mut BeitTrainer, &mut DvaeTrainer, &PretrainBatch) -> beit_core::Result<O> + Send + 'static,
         finish: fn(O) -> Result<J>,
     ) -> AsyncTask<Job<O, J>> {
-        let (model, tokenizer) = (self.inner.clone(), tokenizer.shared());
+        let (turn, tokenizer_turn) = (self.inner.turn(), tokenizer.turn());
         let (height, width) = (input.tokenizer_height as usize, input.tokenizer_width as usize);
         let (pixels, mask, tokenizer_pixels) =
             (input.pixels.to_vec(), input.mask.to_vec(), input.tokenizer_pixels.to_vec());
         job(
             move || {
-                let (mut model, mut tokenizer) = (lock(&model)?, lock(&tokenizer)?);
                 let images = ImageBatch { pixels: &tokenizer_pixels, height, width };
                 let batch = PretrainBatch { pixels: &pixels, mask: &mask, tokenizer_images: images };
-                step(&mut model, &mut tokenizer, &batch)
+                // Both turns, the model's first: every call takes its turns in that order.
+                turn.run(|model| tokenizer_turn.run(|tokenizer| step(model, tokenizer, &batch)))
             },
             finish,
         )

@@ -3,13 +3,14 @@
 //! ignore index are 8-bit, as in PNG masks.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use beit_core::{SegmentedImage, SegmenterConfig, SegmenterTrainer, SegmenterTrainingOptions};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, image_size_pair, job, lock, size_pair, trainer_methods, AdamWOptions, Job, StepDraws};
+use crate::shared::Shared;
+use crate::{guarded, image_size_pair, job, size_pair, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// Fine-tuning options saved with the segmenter.
 #[napi(object, js_name = "SegmenterTrainingOptions")]
@@ -87,11 +88,11 @@ fn checked(trainer: SegmenterTrainer) -> beit_core::Result<SegmenterTrainer> {
 /// state.
 #[napi]
 pub struct NativeSegmenter {
-    inner: Arc<Mutex<SegmenterTrainer>>,
+    inner: Arc<Shared<SegmenterTrainer>>,
 }
 
 fn wrap(trainer: SegmenterTrainer) -> Result<NativeSegmenter> {
-    Ok(NativeSegmenter { inner: Arc::new(Mutex::new(trainer)) })
+    Ok(NativeSegmenter { inner: Shared::new(trainer) })
 }
 
 trainer_methods!(NativeSegmenter);
@@ -122,7 +123,7 @@ impl NativeSegmenter {
     /// The fine-tuning options.
     #[napi(getter)]
     pub fn training(&self) -> Result<TrainingOptions> {
-        guarded(|| Ok(TrainingOptions { layer_decay: Some(lock(&self.inner)?.options.layer_decay) }))
+        guarded(|| self.inner.now(|model| Ok(TrainingOptions { layer_decay: Some(model.options.layer_decay) })))
     }
 
     /// Starts from the backbone of a beit MIM or classifier checkpoint (position tables resized
@@ -167,8 +168,8 @@ impl NativeSegmenter {
     /// Writes a transformers `BeitForSemanticSegmentation` folder.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn export_hugging_face(&self, dir: String) -> AsyncTask<Job<(), ()>> {
-        let model = self.inner.clone();
-        job(move || lock(&model)?.export_hf(&PathBuf::from(dir)), |()| Ok(()))
+        let turn = self.inner.turn();
+        job(move || turn.run(|model| model.export_hf(&PathBuf::from(dir))), |()| Ok(()))
     }
 
     /// Reads a checkpoint written by `save`.
@@ -187,10 +188,10 @@ impl NativeSegmenter {
         masks: Uint8Array,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::SegmenterLossMetrics, SegmenterLossMetrics>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
         job(
-            move || lock(&model)?.loss_and_grads(&pixels, &labels, draws.into()),
+            move || turn.run(|model| model.loss_and_grads(&pixels, &labels, draws.into())),
             |m| {
                 Ok(SegmenterLossMetrics {
                     loss: m.loss,
@@ -210,10 +211,10 @@ impl NativeSegmenter {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::SegmenterStepMetrics, SegmenterStepMetrics>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         let labels: Vec<u32> = masks.iter().map(|&m| u32::from(m)).collect();
         job(
-            move || lock(&model)?.train_step(&pixels, &labels, lr, seed as u64),
+            move || turn.run(|model| model.train_step(&pixels, &labels, lr, seed as u64)),
             |m| {
                 Ok(SegmenterStepMetrics {
                     loss: m.loss,
@@ -228,9 +229,9 @@ impl NativeSegmenter {
     /// Class ids [B, H, W] at the input's size (evaluation mode).
     #[napi(ts_return_type = "Promise<Uint8Array>")]
     pub fn predict(&self, pixels: Float32Array) -> AsyncTask<Job<Vec<u32>, Uint8Array>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
-            move || lock(&model)?.predict(&pixels),
+            move || turn.run(|model| model.predict(&pixels)),
             |ids| Ok(Uint8Array::new(ids.into_iter().map(|i| i as u8).collect())),
         )
     }
@@ -247,12 +248,12 @@ impl NativeSegmenter {
         output_size: Vec<u32>,
         probabilities: bool,
     ) -> AsyncTask<Job<SegmentedImage, SegmentedPixels>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
             move || {
                 let (size, stride, out) =
                     (size_pair("size", &size)?, size_pair("stride", &stride)?, size_pair("outputSize", &output_size)?);
-                lock(&model)?.segment(&pixels, size, stride, out, probabilities)
+                turn.run(|model| model.segment(&pixels, size, stride, out, probabilities))
             },
             |s| {
                 Ok(SegmentedPixels {
@@ -266,9 +267,9 @@ impl NativeSegmenter {
     /// Main-head logits [B, numLabels, h, w] (evaluation mode).
     #[napi(ts_return_type = "Promise<SegmentationLogits>")]
     pub fn logits(&self, pixels: Float32Array) -> AsyncTask<Job<ShapedValues, SegmentationLogits>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
-            move || lock(&model)?.logits(&pixels),
+            move || turn.run(|model| model.logits(&pixels)),
             |(values, shape)| {
                 Ok(SegmentationLogits { values: Float32Array::new(values), shape: shape.map(|d| d as u32).to_vec() })
             },

@@ -1,13 +1,14 @@
 //! The dVAE visual tokenizer.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use beit_core::{DvaeConfig, DvaeTrainer, DvaeTrainingOptions, ImageBatch, ReconLoss};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{guarded, job, lock, trainer_methods, AdamWOptions, Job, StepDraws};
+use crate::shared::{Shared, Turn};
+use crate::{guarded, job, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// The tokenizer's training options, saved with it; missing fields take DALL-E's recipe.
 #[napi(object, js_name = "DvaeTrainingOptions")]
@@ -99,17 +100,18 @@ pub fn codebook_usage(ids: Int32Array, vocab_size: u32) -> Result<CodebookUsage>
 /// The dVAE visual tokenizer with its AdamW (and EMA) state.
 #[napi]
 pub struct NativeDvae {
-    inner: Arc<Mutex<DvaeTrainer>>,
+    inner: Arc<Shared<DvaeTrainer>>,
 }
 
 impl NativeDvae {
-    pub(crate) fn shared(&self) -> Arc<Mutex<DvaeTrainer>> {
-        self.inner.clone()
+    /// The next turn on the tokenizer, for a call that runs on it and another model.
+    pub(crate) fn turn(&self) -> Turn<DvaeTrainer> {
+        self.inner.turn()
     }
 }
 
 fn wrap(trainer: DvaeTrainer) -> Result<NativeDvae> {
-    Ok(NativeDvae { inner: Arc::new(Mutex::new(trainer)) })
+    Ok(NativeDvae { inner: Shared::new(trainer) })
 }
 
 trainer_methods!(NativeDvae);
@@ -129,7 +131,7 @@ impl NativeDvae {
     /// The training options.
     #[napi(getter)]
     pub fn training(&self) -> Result<TrainingOptions> {
-        guarded(|| Ok(TrainingOptions::of(&lock(&self.inner)?.options)))
+        guarded(|| self.inner.now(|model| Ok(TrainingOptions::of(&model.options))))
     }
 
     #[napi(ts_return_type = "Promise<NativeDvae>")]
@@ -149,11 +151,11 @@ impl NativeDvae {
         kl_weight: f64,
         draws: StepDraws,
     ) -> AsyncTask<Job<beit_core::DvaeLossMetrics, DvaeLossMetrics>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
             move || {
                 let batch = ImageBatch { pixels: &pixels, height: height as usize, width: width as usize };
-                lock(&model)?.loss_and_grads(&batch, temperature, kl_weight, draws.into())
+                turn.run(|model| model.loss_and_grads(&batch, temperature, kl_weight, draws.into()))
             },
             |m| {
                 let beit_core::DvaeLossMetrics { loss, recon_loss, kl, perplexity, codes_used } = m;
@@ -176,11 +178,11 @@ impl NativeDvae {
         lr: f64,
         seed: u32,
     ) -> AsyncTask<Job<beit_core::DvaeStepMetrics, DvaeStepMetrics>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
             move || {
                 let batch = ImageBatch { pixels: &pixels, height: height as usize, width: width as usize };
-                lock(&model)?.train_step(&batch, temperature, kl_weight, lr, seed as u64)
+                turn.run(|model| model.train_step(&batch, temperature, kl_weight, lr, seed as u64))
             },
             |m| {
                 let beit_core::DvaeStepMetrics { loss, recon_loss, kl, perplexity, codes_used, grad_norm } = m;
@@ -192,10 +194,12 @@ impl NativeDvae {
     /// Token ids [B, height/d, width/d] of [B, C, height, width] images in [0, 1].
     #[napi(ts_return_type = "Promise<Int32Array>")]
     pub fn encode(&self, pixels: Float32Array, height: u32, width: u32) -> AsyncTask<Job<Vec<i32>, Int32Array>> {
-        let (model, pixels) = (self.inner.clone(), pixels.to_vec());
+        let (turn, pixels) = (self.inner.turn(), pixels.to_vec());
         job(
             move || {
-                lock(&model)?.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize })
+                turn.run(|model| {
+                    model.encode(&ImageBatch { pixels: &pixels, height: height as usize, width: width as usize })
+                })
             },
             |ids| Ok(Int32Array::new(ids)),
         )
@@ -204,9 +208,9 @@ impl NativeDvae {
     /// Images [B, C, gridHeight*d, gridWidth*d] in [0, 1] from ids [B, gridHeight, gridWidth].
     #[napi(ts_return_type = "Promise<Float32Array>")]
     pub fn decode(&self, ids: Int32Array, grid_height: u32, grid_width: u32) -> AsyncTask<Job<Vec<f32>, Float32Array>> {
-        let (model, ids) = (self.inner.clone(), ids.to_vec());
+        let (turn, ids) = (self.inner.turn(), ids.to_vec());
         job(
-            move || lock(&model)?.decode(&ids, grid_height as usize, grid_width as usize),
+            move || turn.run(|model| model.decode(&ids, grid_height as usize, grid_width as usize)),
             |images| Ok(Float32Array::new(images)),
         )
     }

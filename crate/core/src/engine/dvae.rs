@@ -1185,6 +1185,11 @@ impl EngineModel for DvaeEngine<f32> {
     }
 
     fn set_precision(&mut self, precision: Precision) {
+        if precision != self.precision {
+            // Whether a training pass keeps its activations in bf16 is fixed when its workspace
+            // is built: f32 steps must not read bf16-rounded ones.
+            self.workspaces[Kind::Train as usize] = None;
+        }
         self.precision = precision;
     }
 }

@@ -454,6 +454,9 @@ pub fn gumbel_noise(seed: u64, offset: usize, out: &mut [f32]) {
 /// Draws per parallel task of the noise (any split gives the same values: the stream is a counter).
 pub const GUMBEL_CHUNK: usize = 16384;
 
+/// The largest f32 below 1 (1 - 2^-24).
+const LARGEST_BELOW_ONE: f64 = 1.0 - 1.0 / (1u64 << 24) as f64;
+
 /// [`gumbel_noise`] on the calling thread: draws `offset..offset + out.len()` of the same
 /// stream, for a caller that draws it a block at a time.
 pub fn gumbel_noise_serial(seed: u64, offset: usize, out: &mut [f32]) {
@@ -461,8 +464,9 @@ pub fn gumbel_noise_serial(seed: u64, offset: usize, out: &mut [f32]) {
     rng.skip(offset as u64);
     for v in out.iter_mut() {
         // Below 2^-64 the second log would see -ln u > 44 and still be finite; 1e-20 keeps u a
-        // normal f32.
-        *v = rng.uniform().max(1e-20) as f32;
+        // normal f32. Above 1 - 2^-25 u would round to 1.0 in f32, ln u to 0, and the noise to
+        // -ln(-0.0) = +88: the largest f32 below 1 keeps it finite and at its true size (~17).
+        *v = rng.uniform().clamp(1e-20, LARGEST_BELOW_ONE) as f32;
     }
     gumbel_rows(out);
 }

@@ -82,6 +82,14 @@ impl ParamTable {
         self.params.iter().map(Param::len).sum()
     }
 
+    /// [`Self::num_values`], or None where a shape's product or the sum overflows (a config
+    /// given sizes far beyond any model).
+    pub fn checked_num_values(&self) -> Option<usize> {
+        self.params
+            .iter()
+            .try_fold(0usize, |sum, p| sum.checked_add(p.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?))
+    }
+
     /// unilm's layer-wise learning-rate decay for a backbone of `num_layers` blocks: the rate of
     /// layer id i is scaled by decay^(L + 1 - i) (embeddings 0, block j j + 1, heads L + 1).
     pub fn layer_decay_scales(&self, num_layers: usize, decay: f64) -> Vec<f64> {
