@@ -97,9 +97,11 @@ test('a segmenter learns a per-pixel rule, and the metrics score it', async (t) 
   t.deepEqual(logits.shape, [8, 2, 16, 16])
 })
 
-test('save, load and the transformers folder keep the weights and the BatchNorm statistics', async (t) => {
+test('save, load and the transformers folder keep the weights, the BatchNorm statistics and the class names', async (t) => {
   const dir = tempDir(t)
-  const seg = Segmenter.create({ model: MODEL, numLabels: 3, auxiliaryChannels: 8 }, { training: { layerDecay: 0.65 } })
+  const classNames = ['sky', 'road', 'car']
+  const spec = { model: MODEL, numLabels: 3, auxiliaryChannels: 8, classNames }
+  const seg = Segmenter.create(spec, { training: { layerDecay: 0.65 } })
   const batch = toyBatch(2, 7)
   await seg.lossAndGrads(batch)
   t.true(seg.pendingLossTerms > 0)
@@ -114,6 +116,12 @@ test('save, load and the transformers folder keep the weights and the BatchNorm 
   await seg.exportHuggingFace(join(dir, 'hf'))
   const imported = await Segmenter.fromHuggingFace(join(dir, 'hf'))
   t.deepEqual(imported.config, seg.config)
+  t.deepEqual(imported.config.classNames, classNames)
+  const hfConfig = JSON.parse(readFileSync(join(dir, 'hf', 'config.json'), 'utf8'))
+  t.deepEqual(hfConfig.id2label, { 0: 'sky', 1: 'road', 2: 'car' })
+  t.throws(() => Segmenter.create({ ...spec, classNames: ['sky', 'sky', 'car'] }), {
+    message: /classNames: "sky" is empty or named twice/,
+  })
   t.deepEqual((await imported.logits(batch.pixels)).values, (await seg.logits(batch.pixels)).values)
   // The same through the file-level functions (beit export / beit import).
   t.true((await exportHuggingFace(join(dir, 'seg.safetensors'), join(dir, 'hf2'))) instanceof Segmenter)

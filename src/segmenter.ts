@@ -43,6 +43,8 @@ export interface SegmenterConfig {
   auxiliaryConcatInput: boolean
   auxiliaryLossWeight: number
   semanticLossIgnoreIndex: number
+  /** The classes' names by label (transformers' `id2label`; exported as LABEL_i when absent). */
+  classNames?: string[]
 }
 
 /** A backbone and the class count; every other field defaults to transformers'. */
@@ -75,6 +77,7 @@ const SPEC_FIELDS = [
   'auxiliaryConcatInput',
   'auxiliaryLossWeight',
   'semanticLossIgnoreIndex',
+  'classNames',
 ]
 const TRAINING_FIELDS = ['layerDecay']
 

@@ -99,7 +99,9 @@ export const segmentCommand = defineCommand({
       seed: v.seed,
       ...placement(v, job),
     }
-    const head = { numLabels, auxiliaryChannels: v['aux-channels'], ...outIndices(v['out-indices']) }
+    // The data's class names where it names every label (scenes, VOC), for id2label on export.
+    const classNames = train.classNames.length === numLabels ? train.classNames : undefined
+    const head = { numLabels, classNames, auxiliaryChannels: v['aux-channels'], ...outIndices(v['out-indices']) }
     let segmenter: Segmenter
     if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v, job))
     else if (v.init !== undefined) {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::classification::ClassifierParams;
 use crate::checkpoint;
-use crate::config::{ClassifierConfig, Pooling, Precision};
+use crate::config::{given_class_names, ClassifierConfig, Pooling, Precision};
 use crate::engine::heads::classification::ClassifierEngine;
 use crate::engine::{on_pool, Flat};
 use crate::error::{Error, Result};
@@ -265,13 +265,9 @@ impl Trainer<Classification> {
                 )))
             }
         };
-        // The kept head's class names, where they are more than transformers' defaults (and
-        // name each class once, as label2id needs).
-        let defaults = labels.iter().enumerate().all(|(i, name)| *name == format!("LABEL_{i}"));
-        let distinct = labels.iter().collect::<std::collections::HashSet<_>>().len() == labels.len();
+        // The kept head's class names.
         let head_kept = layout == HfLayout::ImageClassification && num_labels == labels.len();
-        let class_names =
-            (head_kept && !defaults && distinct && labels.iter().all(|n| !n.is_empty())).then_some(labels);
+        let class_names = if head_kept { given_class_names(labels) } else { None };
         let config = ClassifierConfig { model, num_labels, pooling, class_names };
         Self::from_backbone(tensors, config, optim, training, seed)
     }

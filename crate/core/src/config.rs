@@ -141,6 +141,35 @@ impl BeitConfig {
     }
 }
 
+/// Class names (transformers' `id2label`), when given: one per label, each distinct (its
+/// `label2id` maps a name back to its id) and non-empty.
+fn check_class_names(names: Option<&[String]>, num_labels: usize) -> Result<()> {
+    let Some(names) = names else { return Ok(()) };
+    if names.len() != num_labels {
+        return Err(Error::Config(format!(
+            "classNames: expected one name per label ({num_labels}), got {}",
+            names.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(name) = names.iter().find(|n| n.is_empty() || !seen.insert(n.as_str())) {
+        return Err(Error::Config(format!("classNames: {name:?} is empty or named twice")));
+    }
+    Ok(())
+}
+
+/// Class names for `id2label`: the given ones, else transformers' default LABEL_i.
+fn label_names(names: Option<&[String]>, num_labels: usize) -> Vec<String> {
+    names.map_or_else(|| (0..num_labels).map(|i| format!("LABEL_{i}")).collect(), <[String]>::to_vec)
+}
+
+/// `names` as a config's class names: None where they are transformers' defaults (LABEL_i) or
+/// could not name the classes (a repeated or empty name).
+pub fn given_class_names(names: Vec<String>) -> Option<Vec<String>> {
+    let defaults = names.iter().enumerate().all(|(i, name)| *name == format!("LABEL_{i}"));
+    (!defaults && check_class_names(Some(&names), names.len()).is_ok()).then_some(names)
+}
+
 /// How the classifier pools the backbone's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -169,26 +198,12 @@ impl ClassifierConfig {
         if self.num_labels < 2 {
             return Err(Error::Config(format!("numLabels must be at least 2, got {}", self.num_labels)));
         }
-        if let Some(names) = &self.class_names {
-            if names.len() != self.num_labels {
-                return Err(Error::Config(format!(
-                    "classNames: expected one name per label ({}), got {}",
-                    self.num_labels,
-                    names.len()
-                )));
-            }
-            // transformers' label2id maps each name back to its id.
-            let mut seen = std::collections::HashSet::new();
-            if let Some(name) = names.iter().find(|n| n.is_empty() || !seen.insert(n.as_str())) {
-                return Err(Error::Config(format!("classNames: {name:?} is empty or named twice")));
-            }
-        }
-        Ok(())
+        check_class_names(self.class_names.as_deref(), self.num_labels)
     }
 
     /// The classes' names: the config's, else transformers' default LABEL_i.
     pub fn label_names(&self) -> Vec<String> {
-        self.class_names.clone().unwrap_or_else(|| (0..self.num_labels).map(|i| format!("LABEL_{i}")).collect())
+        label_names(self.class_names.as_deref(), self.num_labels)
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
@@ -227,6 +242,9 @@ pub struct SegmenterConfig {
     pub auxiliary_loss_weight: f64,
     /// Label of pixels the loss and the metrics skip.
     pub semantic_loss_ignore_index: u32,
+    /// The classes' names by label id (transformers' `id2label`); absent, they are LABEL_i.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
 }
 
 impl SegmenterConfig {
@@ -250,7 +268,13 @@ impl SegmenterConfig {
             auxiliary_concat_input: false,
             auxiliary_loss_weight: 0.4,
             semantic_loss_ignore_index: 255,
+            class_names: None,
         }
+    }
+
+    /// The classes' names: the config's, else transformers' default LABEL_i.
+    pub fn label_names(&self) -> Vec<String> {
+        label_names(self.class_names.as_deref(), self.num_labels)
     }
 
     /// The hidden-state depths (blocks run) the four features are read at.
@@ -297,6 +321,7 @@ impl SegmenterConfig {
         if !(self.auxiliary_loss_weight >= 0.0) {
             return fail(format!("auxiliaryLossWeight must be >= 0, got {}", self.auxiliary_loss_weight));
         }
+        check_class_names(self.class_names.as_deref(), self.num_labels)?;
         if (self.semantic_loss_ignore_index as usize) < self.num_labels {
             return fail(format!(
                 "semanticLossIgnoreIndex {} is a class id (numLabels {}): expected an id >= numLabels",

@@ -219,7 +219,7 @@ fn parse_config(text: &str, path: &Path) -> Result<Parsed> {
 }
 
 /// The segmentation head of a `BeitForSemanticSegmentation` config.
-fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: usize, path: &Path) -> Result<SegmenterConfig> {
+fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: &[String], path: &Path) -> Result<SegmenterConfig> {
     let context = |e: Error| Error::Config(format!("{}: {e}", path.display()));
     let out_indices = match hf.out_indices.as_deref() {
         Some(&[a, b, c, d]) => [a, b, c, d],
@@ -229,7 +229,7 @@ fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: usize, path: &Path
             ))))
         }
     };
-    let d = SegmenterConfig::new(model, labels);
+    let d = SegmenterConfig::new(model, labels.len());
     let ignore = match hf.semantic_loss_ignore_index {
         None => d.semantic_loss_ignore_index,
         Some(i) => u32::try_from(i).map_err(|_| {
@@ -247,6 +247,7 @@ fn segmenter_config(hf: &HfConfig, model: BeitConfig, labels: usize, path: &Path
         auxiliary_concat_input: hf.auxiliary_concat_input.unwrap_or(d.auxiliary_concat_input),
         auxiliary_loss_weight: hf.auxiliary_loss_weight.unwrap_or(d.auxiliary_loss_weight),
         semantic_loss_ignore_index: ignore,
+        class_names: crate::config::given_class_names(labels.to_vec()),
         ..d
     };
     cfg.validate().map_err(context)?;
@@ -328,7 +329,7 @@ pub fn read(dir: &Path, image_size: Option<[usize; 2]>) -> Result<HfCheckpoint> 
         }
     }
     let segmenter = match layout {
-        HfLayout::SemanticSegmentation => Some(segmenter_config(&hf, config.clone(), labels.len(), &config_path)?),
+        HfLayout::SemanticSegmentation => Some(segmenter_config(&hf, config.clone(), &labels, &config_path)?),
         _ => None,
     };
     Ok(HfCheckpoint { layout, config, pooling, labels, segmenter, tensors })

@@ -287,9 +287,10 @@ impl Trainer<Segmentation> {
         Self::build(config, training, optim, Source::tensors(ckpt.tensors), None)
     }
 
-    /// Writes a transformers `BeitForSemanticSegmentation` folder (classes named LABEL_i).
+    /// Writes a transformers `BeitForSemanticSegmentation` folder (`id2label` from the config's
+    /// class names, else LABEL_i).
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
-        let labels: Vec<String> = (0..self.config.num_labels).map(|i| format!("LABEL_{i}")).collect();
+        let labels = self.config.label_names();
         hf::write_segmenter(dir, &self.config, &labels, &self.weights()?)
     }
 
