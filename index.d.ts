@@ -419,6 +419,9 @@ export interface BeitStepMetrics {
  */
 export declare function bf16GemmSpeedup(): number
 
+/** A safetensors file's metadata (beit's "format", "config", ...), read from its header alone. */
+export declare function checkpointMetadata(path: string): Promise<Record<string, string>>
+
 /**
  * Errors on every rank unless `json` is the same on every rank as on rank 0; the rank that
  * differs names the first field that does.

@@ -844,6 +844,7 @@ module.exports.NativeSegmenter = nativeBinding.NativeSegmenter
 module.exports.abortDistributed = nativeBinding.abortDistributed
 module.exports.barrier = nativeBinding.barrier
 module.exports.bf16GemmSpeedup = nativeBinding.bf16GemmSpeedup
+module.exports.checkpointMetadata = nativeBinding.checkpointMetadata
 module.exports.checkSameAcrossRanks = nativeBinding.checkSameAcrossRanks
 module.exports.codebookUsage = nativeBinding.codebookUsage
 module.exports.cudaDeviceCount = nativeBinding.cudaDeviceCount

@@ -9,6 +9,12 @@ export function checkType(name: string, value: unknown, type: Function): void {
   }
 }
 
+/** `value` when it is a positive integer, else an error naming `name`. */
+export function checkPositiveInteger(name: string, value: number): number {
+  if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive integer, got ${value}`)
+  return value
+}
+
 /** `seed` when it is a valid native seed (a 32-bit unsigned integer), else an error naming `name`. */
 export function checkSeed(seed: number, name = 'seed'): number {
   if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff)

@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import { Command, parseCommand, usage, UsageError } from './cli-options'
-import { detectLaunch } from './distributed'
+import { detectLaunch, INTERRUPTED_EXIT_CODE } from './distributed'
 import { demoCommand } from './cli/demo'
 import { encodeCommand, reconstructCommand } from './cli/encode'
 import { finetuneCommand } from './cli/finetune'
@@ -86,5 +86,5 @@ main(process.argv.slice(2)).catch((err: unknown) => {
     process.stderr.write(`run 'beit ${known ? `${name} ` : ''}--help' for usage\n`)
   }
   if (process.env.BEIT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`)
-  process.exitCode = process.exitCode === 130 ? 130 : 1
+  process.exitCode = process.exitCode === INTERRUPTED_EXIT_CODE ? INTERRUPTED_EXIT_CODE : 1
 })

@@ -65,11 +65,12 @@ export function initDistributed(opts: InitDistributedOptions = {}): Distributed 
   }
   return { ...info }
 }
-/** The exit code of a run stopped by SIGINT/SIGTERM after its checkpoint (128 + SIGINT). */
+/** The exit code of a run stopped by SIGINT/SIGTERM (128 + SIGINT). */
 export const INTERRUPTED_EXIT_CODE = 130
 // MPI is per process, so its end is hooked once per process.
 let exitHooked = false
 let stoppedTogether = false
+const ABORT_GRACE_MS = 300
 
 /**
  * Records that every rank has agreed to stop (a signal seen by any, `anyRank`) and passed its
@@ -79,7 +80,6 @@ let stoppedTogether = false
 export function noteStoppedTogether(d: Distributed): void {
   if (d.worldSize > 1) stoppedTogether = true
 }
-const ABORT_GRACE_MS = 300
 
 /** Element-wise sums over every rank (the values themselves on a single process). */
 export function sumAcrossRanks(d: Distributed, values: number[]): number[] {

@@ -24,6 +24,7 @@ import {
   updatesPerEpoch,
 } from './run'
 import { deriveSeed } from './rng'
+import { checkPositiveInteger } from './check'
 
 export interface FinetuneProgress extends ClassifierStepMetrics, LoopProgress {}
 
@@ -132,7 +133,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   }
   // Labels numbered as the classifier's named classes, else as the training set's.
   const names = classifier.config.classNames
-  const classes = names ? { ...opts.train, name: 'the classifier', classNames: names } : opts.train
+  const classes = names ? { name: 'the classifier', classNames: names } : opts.train
   const [train, test] = [withClassesOf(classes, opts.train), withClassesOf(classes, opts.test)]
   const loader = new ImageLoader({
     dataset: train,
@@ -150,9 +151,7 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   const sizes = { train: train.size, test: test.size, batchSize, accumulate, totalSteps, seed }
   checkSameAcrossRanks(dist, 'fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
-  const evalEvery = opts.evalEvery ?? 1
-  if (!Number.isInteger(evalEvery) || evalEvery < 1)
-    throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
+  const evalEvery = checkPositiveInteger('evalEvery', opts.evalEvery ?? 1)
   const evalOptions = {
     transform: opts.evalTransform,
     mean: opts.mean,
@@ -194,10 +193,10 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
   const means = new UpdateMeans(['loss', 'accuracy'] as const)
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
-  // Until the last step is taken and its epoch closed (evaluated, saved): a run saved after its
-  // last step but before that evaluation resumes into it.
   // Batches of the current update that ran lossAndGrads on this rank.
   let computed = 0
+  // Until the last step is taken and its epoch closed (evaluated, saved): a run saved after its
+  // last step but before that evaluation resumes into it.
   while (state.step < totalSteps || state.batch >= 0) {
     const epoch = state.epoch
     let started = performance.now()

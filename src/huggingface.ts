@@ -4,33 +4,20 @@
  * is native (`Beit.fromHuggingFace`, `Classifier.fromHuggingFace`, `Segmenter.fromHuggingFace`,
  * `exportHuggingFace`); this module decides which model a file or folder holds.
  */
-import { open, readFile } from 'node:fs/promises'
+import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { Classifier } from './classifier'
 import { AdamWOptions } from './config'
 import { Beit, ImageSize } from './model'
+import { native } from './native'
 import { Segmenter } from './segmenter'
 
 export type HuggingFaceTask = 'mim' | 'classifier' | 'segmenter'
 
 /** The `format` entry of a safetensors file's metadata (beit-mim/1, beit-cls/1, beit-dvae/1). */
 export async function checkpointFormat(path: string): Promise<string | undefined> {
-  const file = await open(path, 'r')
-  try {
-    const size = Buffer.alloc(8)
-    await file.read(size, 0, 8, 0)
-    const length = Number(size.readBigUInt64LE())
-    const { size: fileSize } = await file.stat()
-    if (length <= 0 || length > fileSize - 8)
-      throw new Error(`${path}: not a safetensors file (header length ${length})`)
-    const header = Buffer.alloc(length)
-    await file.read(header, 0, length, 8)
-    const json = JSON.parse(header.toString('utf8')) as { __metadata__?: Record<string, string> }
-    return json.__metadata__?.format
-  } finally {
-    await file.close()
-  }
+  return (await native.checkpointMetadata(path)).format
 }
 
 /**

@@ -55,7 +55,6 @@ export interface ForwardResult {
   numMasked: number
 }
 
-/** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
 /**
  * The backbone config of a beit MIM (`Beit.save`) or classifier (`Classifier.save`)
  * checkpoint, read from the file's header alone: what `Classifier.fromPretrained` and
@@ -65,6 +64,7 @@ export async function pretrainedBackbone(path: string): Promise<BeitConfig> {
   return JSON.parse(await native.pretrainedBackboneConfig(path)) as BeitConfig
 }
 
+/** A BEiT vision transformer with its masked-image-modeling head and AdamW state. */
 export class Beit extends Checkpointed<NativeBeit> {
   readonly config: BeitConfig
   readonly optimizer: Required<AdamWOptions>

@@ -2,7 +2,7 @@
  * Linear probing: a frozen backbone's features of one layer ([CLS] and mean patch token), a
  * standardisation, and a linear classifier trained on them with AdamW.
  */
-import { checkSeed } from './check'
+import { checkPositiveInteger, checkSeed } from './check'
 import { argmaxRows } from './classifier'
 import { EvalTransform, viewSpec } from './data/augment'
 import { ImageDataset, withClassesOf } from './data/dataset'
@@ -82,12 +82,12 @@ export async function probeFeatures(
 export async function linearProbe(opts: LinearProbeOptions): Promise<LinearProbeResult> {
   const { backbone } = opts
   const layer = opts.layer ?? Math.round((backbone.config.numHiddenLayers * 3) / 4)
-  const { test: testData, numLabels } = probeData(opts)
+  const { test: testData, numLabels, settings } = probeData(opts)
   const started = performance.now()
   const train = await probeFeatures(backbone, opts.train, layer, opts)
   const test = await probeFeatures(backbone, testData, layer, opts)
   const featureSeconds = (performance.now() - started) / 1000
-  const fit = await fitLinear(train, test, numLabels, opts)
+  const fit = await fitLinear(train, test, numLabels, { ...opts, ...settings })
   return { layer, ...fit, featureSeconds }
 }
 
@@ -102,7 +102,7 @@ export interface PixelProbeOptions extends Omit<LinearProbeOptions, 'backbone' |
  * (resized to `imageSize`, standardised per pixel with the training set's statistics).
  */
 export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearProbeResult, 'layer'>> {
-  const { test: testData, numLabels } = probeData(opts)
+  const { test: testData, numLabels, settings } = probeData(opts)
   const started = performance.now()
   const pixels = async (data: ImageDataset) => {
     const loader = new ImageLoader({
@@ -127,16 +127,21 @@ export async function pixelProbe(opts: PixelProbeOptions): Promise<Omit<LinearPr
   const train = await pixels(opts.train)
   const test = await pixels(testData)
   const featureSeconds = (performance.now() - started) / 1000
-  return { ...(await fitLinear(train, test, numLabels, opts)), featureSeconds }
+  return { ...(await fitLinear(train, test, numLabels, { ...opts, ...settings })), featureSeconds }
 }
 
-type ProbeSettings = Pick<LinearProbeOptions, 'train' | 'test' | 'epochs' | 'batchSize' | 'lr' | 'seed'>
+/** A probe's training settings, with their defaults resolved. */
+type FitSettings = Required<Pick<LinearProbeOptions, 'epochs' | 'batchSize' | 'lr' | 'seed'>>
 
 /**
  * Checks a probe's data and options before any feature is computed: both sets labelled, at
  * least 2 classes, the test set's labels numbered as the training set's classes.
  */
-function probeData(opts: ProbeSettings): { test: ImageDataset; numLabels: number } {
+function probeData(opts: Pick<LinearProbeOptions, 'train' | 'test'> & Partial<FitSettings>): {
+  test: ImageDataset
+  numLabels: number
+  settings: FitSettings
+} {
   for (const data of [opts.train, opts.test]) {
     const unlabelled = data.labels.subarray(0, data.size).filter((l) => l < 0).length
     if (unlabelled > 0)
@@ -145,12 +150,11 @@ function probeData(opts: ProbeSettings): { test: ImageDataset; numLabels: number
   const numLabels = opts.train.classNames.length
   if (numLabels < 2) throw new Error(`linear probing needs labelled data with at least 2 classes, got ${numLabels}`)
   const { epochs = 10, batchSize = 256, lr = 1e-3, seed = 0 } = opts
-  if (!(Number.isInteger(epochs) && epochs > 0)) throw new Error(`epochs must be a positive integer, got ${epochs}`)
-  if (!(Number.isInteger(batchSize) && batchSize > 0))
-    throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
+  checkPositiveInteger('epochs', epochs)
+  checkPositiveInteger('batchSize', batchSize)
   if (!(Number.isFinite(lr) && lr > 0)) throw new Error(`lr must be a finite number > 0, got ${lr}`)
   checkSeed(seed)
-  return { test: withClassesOf(opts.train, opts.test), numLabels }
+  return { test: withClassesOf(opts.train, opts.test), numLabels, settings: { epochs, batchSize, lr, seed } }
 }
 
 interface Features {
@@ -164,17 +168,16 @@ async function fitLinear(
   train: Features,
   test: Features,
   numLabels: number,
-  opts: Pick<LinearProbeOptions, 'epochs' | 'batchSize' | 'lr' | 'weightDecay' | 'seed' | 'onEpoch'>,
+  opts: FitSettings & Pick<LinearProbeOptions, 'weightDecay' | 'onEpoch'>,
 ): Promise<{ trainAccuracy: number; testAccuracy: number; trainSeconds: number }> {
   const started = performance.now()
-  const epochs = opts.epochs ?? 10
-  const batchSize = opts.batchSize ?? 256
+  const { epochs, batchSize, seed } = opts
   const optimizer = { weightDecay: opts.weightDecay ?? 1e-4, clipGradNorm: 0 }
-  const probe = new native.NativeLinearProbe(train.dim, numLabels, train.features, optimizer, opts.seed ?? 0)
+  const probe = new native.NativeLinearProbe(train.dim, numLabels, train.features, optimizer, seed)
   const n = train.labels.length
   const steps = epochs * Math.ceil(n / batchSize)
-  const lr = cosineRamp({ from: opts.lr ?? 1e-3, to: (opts.lr ?? 1e-3) / 100, steps })
-  const rng = new Rng(opts.seed ?? 0)
+  const lr = cosineRamp({ from: opts.lr, to: opts.lr / 100, steps })
+  const rng = new Rng(seed)
   let step = 0
   for (let epoch = 0; epoch < epochs; epoch++) {
     const order = permutation(n, rng)

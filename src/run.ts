@@ -11,6 +11,7 @@ import {
   barrier,
   checkDistributed,
   Distributed,
+  INTERRUPTED_EXIT_CODE,
   noteStoppedTogether,
   SINGLE_PROCESS,
   sumAcrossRanks,
@@ -293,7 +294,7 @@ export class Run<S extends LoopPosition> {
   /**
    * Call after every step with the steps completed: runs `save` (on rank 0) every
    * `checkpointEvery` steps, after the last step and when aborted on any rank; true when the
-   * loop must stop (aborted; a loop with nothing left after its last step ends complete).
+   * loop must stop (aborted).
    */
   async afterStep(step: number, save: () => Promise<void>): Promise<boolean> {
     const aborted = anyRank(this.distributed, this.signal?.aborted ?? false)
@@ -490,7 +491,7 @@ export function formatSeconds(seconds: number): string {
 export function interruptSignal(): { signal: AbortSignal; dispose: () => void } {
   const controller = new AbortController()
   const onSignal = (name: NodeJS.Signals) => {
-    if (controller.signal.aborted) process.exit(130)
+    if (controller.signal.aborted) process.exit(INTERRUPTED_EXIT_CODE)
     process.stderr.write(`\nbeit: ${name}: saving a checkpoint at the end of this step (again to quit now)\n`)
     controller.abort(new Error(name))
   }

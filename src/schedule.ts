@@ -1,4 +1,5 @@
 /** Learning-rate schedules: pure functions of the step, so a resumed run gets the same values. */
+import { checkPositiveInteger } from './check'
 
 export interface WarmupCosineOptions {
   /** Peak learning rate, reached at the end of warmup. */
@@ -15,8 +16,7 @@ export function warmupCosine(opts: WarmupCosineOptions): (step: number) => numbe
   const minLr = opts.minLr ?? (lr * 1e-5) / 1.5e-3
   if (!(lr > 0)) throw new Error(`lr must be > 0, got ${lr}`)
   if (!(minLr >= 0 && minLr <= lr)) throw new Error(`minLr must be in [0, lr], got ${minLr}`)
-  if (!(Number.isInteger(totalSteps) && totalSteps > 0))
-    throw new Error(`totalSteps must be a positive integer, got ${totalSteps}`)
+  checkPositiveInteger('totalSteps', totalSteps)
   if (!(Number.isInteger(warmupSteps) && warmupSteps >= 0 && warmupSteps <= totalSteps)) {
     throw new Error(`warmupSteps must be an integer in [0, totalSteps=${totalSteps}], got ${warmupSteps}`)
   }

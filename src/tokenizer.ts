@@ -1,4 +1,14 @@
-import { ADAMW_FIELDS, checkLr, checkOptions, checkSeed, checkSize, checkType, Draws, stepDraws } from './check'
+import {
+  ADAMW_FIELDS,
+  checkLr,
+  checkOptions,
+  checkPositiveInteger,
+  checkSeed,
+  checkSize,
+  checkType,
+  Draws,
+  stepDraws,
+} from './check'
 import { Checkpointed } from './checkpointed'
 import { ImageSize, imageSizePair } from './config'
 import { DeviceOptions, place } from './device'
@@ -115,7 +125,7 @@ export class Dvae extends Checkpointed<NativeDvae> {
   /** Images [B, C, h*d, w*d] in [0, 1] from ids [B, h, w]; the grid defaults to imageSize / d. */
   decode(ids: Int32Array, batchSize: number, grid?: { height: number; width: number }): Promise<Float32Array> {
     checkType('ids', ids, Int32Array)
-    checkBatchSize(batchSize)
+    checkPositiveInteger('batchSize', batchSize)
     const [height, width] = checkSize('grid', [
       grid?.height ?? this.config.imageSize[0] / this.downsample,
       grid?.width ?? this.config.imageSize[1] / this.downsample,
@@ -155,7 +165,7 @@ export class Dvae extends Checkpointed<NativeDvae> {
       size?.width ?? this.config.imageSize[1],
     ])
     if (batchSize !== undefined) {
-      checkBatchSize(batchSize)
+      checkPositiveInteger('batchSize', batchSize)
       const c = this.config.numChannels
       if (pixels.length !== batchSize * c * height * width) {
         throw new Error(
@@ -165,9 +175,4 @@ export class Dvae extends Checkpointed<NativeDvae> {
     }
     return { height, width }
   }
-}
-
-function checkBatchSize(batchSize: number): void {
-  if (!Number.isInteger(batchSize) || batchSize <= 0)
-    throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
 }

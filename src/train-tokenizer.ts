@@ -33,6 +33,7 @@ import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
 import { native } from './native'
 import { Dvae, DvaeStepMetrics } from './tokenizer'
+import { checkPositiveInteger } from './check'
 
 /** Images for a tokenizer: any dataset (image folder, manifest, in-memory pixels) or IDX images. */
 export type TokenizerData = ImageDataset | LabeledImages
@@ -137,11 +138,8 @@ export async function trainTokenizer(
   const b = batching(opts)
   const { accumulate, distributed: dist } = b
   const seed = opts.seed ?? 0
-  for (const key of ['sheetImages', 'evalImages'] as const) {
-    const value = opts[key]
-    if (value !== undefined && !(Number.isInteger(value) && value > 0))
-      throw new Error(`${key} must be a positive integer, got ${value}`)
-  }
+  for (const key of ['sheetImages', 'evalImages'] as const)
+    if (opts[key] !== undefined) checkPositiveInteger(key, opts[key])
   const data = asDataset(opts.data, 'training images')
   const evalData = opts.evalData === undefined ? data : asDataset(opts.evalData, 'evaluation images')
   const loader = tokenizerLoader(tokenizer, data, {

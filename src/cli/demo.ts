@@ -12,6 +12,7 @@ import { CommonValues, defineCommand } from '../cli-options'
 import { labelledSubset } from '../data/dataset'
 import { openDataset } from '../data/open'
 import { bf16GemmSpeedup, resolveDevice } from '../device'
+import { INTERRUPTED_EXIT_CODE } from '../distributed'
 import { EpochResult } from '../finetune'
 import { BlockwiseMaskGenerator } from '../masking'
 import { Beit } from '../model'
@@ -149,7 +150,7 @@ export const demoCommand = defineCommand({
         }),
       ),
     )
-    if (process.exitCode === 130) return
+    if (process.exitCode === INTERRUPTED_EXIT_CODE) return
 
     const perClass = v['labelled-per-class']
     const labelled = labelledSubset(train, perClass, seed)

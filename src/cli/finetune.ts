@@ -87,11 +87,6 @@ export const finetuneCommand = defineCommand({
   },
 })
 
-/** `{ imageSize: [size, size] }` for a given --image-size, else nothing (the checkpoint's). */
-function squareSize(size: number | undefined): { imageSize?: [number, number] } {
-  return size === undefined ? {} : { imageSize: [size, size] }
-}
-
 export async function runFinetune(
   v: FinetuneValues,
   train: ImageDataset,
@@ -115,7 +110,7 @@ export async function runFinetune(
     classifier = await Classifier.fromPretrained(
       v.init,
       {
-        model: { ...pretrained, dropPathRate: v['drop-path'], ...squareSize(v['image-size']) },
+        model: { ...pretrained, dropPathRate: v['drop-path'], imageSize: v['image-size'] ?? pretrained.imageSize },
         numLabels,
         pooling,
         classNames: train.classNames,

@@ -8,6 +8,7 @@ import { dirname, extname, isAbsolute, join, relative, resolve } from 'node:path
 import { Rng } from '../rng'
 import { permutation } from './batches'
 import type { LabeledImages } from './idx'
+import { checkPositiveInteger } from '../check'
 
 export type ImageSource =
   | { kind: 'files'; paths: string[] }
@@ -35,11 +36,11 @@ function isImageFile(name: string): boolean {
 }
 
 /**
- * `test` with its labels numbered as `train`'s classes, matched by name: two folder splits each
- * number their own subfolders, so a class missing from one would shift the other's labels. A
- * test class that `train` lacks is an error naming it.
+ * `test` with its labels numbered as `train`'s classes (a dataset's, or a model's), matched by
+ * name: two folder splits each number their own subfolders, so a class missing from one would
+ * shift the other's labels. A test class that `train` lacks is an error naming it.
  */
-export function withClassesOf(train: ImageDataset, test: ImageDataset): ImageDataset {
+export function withClassesOf(train: Pick<ImageDataset, 'name' | 'classNames'>, test: ImageDataset): ImageDataset {
   const same = (a: string[], b: string[]) => a.length === b.length && a.every((name, i) => name === b[i])
   if (same(train.classNames, test.classNames)) return test
   const index = new Map(train.classNames.map((name, i) => [name, i]))
@@ -341,8 +342,7 @@ export function subset(dataset: ImageDataset, indices: ArrayLike<number>, name: 
  */
 export function labelledSubset(dataset: ImageDataset, perClass: number, seed: number): ImageDataset {
   if (dataset.classNames.length === 0) throw new Error(`${dataset.name} has no labels to draw a labelled subset from`)
-  if (!Number.isInteger(perClass) || perClass <= 0)
-    throw new Error(`perClass must be a positive integer, got ${perClass}`)
+  checkPositiveInteger('perClass', perClass)
   const order = permutation(dataset.size, new Rng(seed))
   const taken = Array.from({ length: dataset.classNames.length }, () => 0)
   const picked: number[] = []

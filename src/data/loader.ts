@@ -9,6 +9,7 @@ import { deriveSeed, Rng } from '../rng'
 import { drawAugment, Transform, validateTransform, validateViews, ViewSpec } from './augment'
 import { describeImage, ImageDataset } from './dataset'
 import { permutation } from './batches'
+import { checkPositiveInteger } from '../check'
 
 /** How a loader orders, shards, prefetches and decodes, whatever it loads. */
 export interface ShardOptions {
@@ -118,10 +119,8 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     }
     const { batchSize, rank, worldSize, prefetch } = opts
     if (!source || !(source.size > 0)) throw new Error(`dataset ${source?.name ?? ''} is empty`)
-    if (!Number.isInteger(batchSize) || batchSize <= 0)
-      throw new Error(`batchSize must be a positive integer, got ${batchSize}`)
-    if (!Number.isInteger(worldSize) || worldSize <= 0)
-      throw new Error(`worldSize must be a positive integer, got ${worldSize}`)
+    checkPositiveInteger('batchSize', batchSize)
+    checkPositiveInteger('worldSize', worldSize)
     if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize)
       throw new Error(`rank must be an integer in [0, ${worldSize - 1}], got ${rank}`)
     if (!Number.isInteger(prefetch) || prefetch < 0)
@@ -135,7 +134,7 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     const empty = Array.from({ length: worldSize }, (_, r) => r).find((r) => this.shardSize(r) === 0)
     if (empty !== undefined && opts.evenShards) {
       throw new Error(
-        `shard ${empty} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.evenShards && opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
+        `shard ${empty} of ${worldSize} gets no images: the dataset has only ${source.size}${opts.dropLast && worldSize > 1 ? ` (fewer than one global batch of ${worldSize} x ${batchSize})` : ''}`,
       )
     }
     const { threads } = options

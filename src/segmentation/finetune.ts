@@ -10,7 +10,6 @@ import { join } from 'node:path'
 
 import { Segmenter, SegmenterStepMetrics } from '../segmenter'
 import {
-  applyComputedUpdate,
   batching,
   endsUpdate,
   firstSample,
@@ -38,6 +37,7 @@ import {
   WholePairLoader,
 } from './data'
 import { SegmentationMetrics, SegmentationScores } from './metrics'
+import { checkPositiveInteger } from '../check'
 
 export interface SegmentationProgress extends SegmenterStepMetrics, LoopProgress {}
 
@@ -222,9 +222,7 @@ export async function finetuneSegmentation(
   const sizes = { train: train.size, test: test.size, batchSize, accumulate: b.accumulate, totalSteps, seed }
   checkSameAcrossRanks(dist, 'segmentation fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
-  const evalEvery = opts.evalEvery ?? 1
-  if (!Number.isInteger(evalEvery) || evalEvery < 1)
-    throw new Error(`evalEvery must be a positive integer, got ${evalEvery}`)
+  const evalEvery = checkPositiveInteger('evalEvery', opts.evalEvery ?? 1)
   const fresh: SegmentationState = {
     ...startPosition('finetune-segmentation', totalSteps, b, seed),
     epochLoss: 0,
@@ -306,7 +304,9 @@ export async function finetuneSegmentation(
         }
         if (!endsUpdate(b, k)) continue
         // An update without a labelled pixel on any rank changes no weight (gradNorm 0).
-        gradNorm = await applyComputedUpdate(segmenter, b, computed, stepLr)
+        // `computed` is the same on every rank (a batch is left out on all of them together),
+        // so no rank need be asked, as applyComputedUpdate would.
+        gradNorm = computed > 0 ? (await segmenter.applyUpdate(stepLr)).gradNorm : 0
         computed = 0
       } catch (e) {
         throw new Error(`segmentation fine-tuning step ${state.step}: ${(e as Error).message}`, { cause: e })

@@ -6,6 +6,7 @@
  * mean, and a class absent from the truth has no accuracy.
  */
 import { Distributed, SINGLE_PROCESS, sumAcrossRanks } from '../distributed'
+import { checkPositiveInteger } from '../check'
 
 export interface SegmentationScores {
   /** Mean over the classes that have an IoU (NaN ones left out). */
@@ -34,9 +35,7 @@ export class SegmentationMetrics {
 
   constructor(opts: SegmentationMetricsOptions) {
     const { numLabels } = opts
-    if (!Number.isInteger(numLabels) || numLabels < 1)
-      throw new Error(`numLabels must be a positive integer, got ${numLabels}`)
-    this.numLabels = numLabels
+    this.numLabels = checkPositiveInteger('numLabels', numLabels)
     this.ignoreIndex = opts.ignoreIndex ?? 255
     this.areas = [new Float64Array(numLabels), new Float64Array(numLabels), new Float64Array(numLabels)]
   }

@@ -8,6 +8,7 @@
 import type { LabeledImages } from '../data/idx'
 import { Rng } from '../rng'
 import type { SegmentationDataset } from './data'
+import { checkPositiveInteger } from '../check'
 
 export interface FashionScenesOptions {
   count: number
@@ -30,11 +31,10 @@ export function fashionScenes(source: LabeledImages, opts: FashionScenesOptions)
   const maxGarments = opts.maxGarments ?? 3
   const threshold = opts.threshold ?? 32
   const { height: gh, width: gw } = source
-  if (!Number.isInteger(count) || count < 1) throw new Error(`count must be a positive integer, got ${count}`)
+  checkPositiveInteger('count', count)
   if (height < gh || width < gw)
     throw new Error(`a ${height}x${width} canvas cannot hold a ${gh}x${gw} garment: expected at least ${gh}x${gw}`)
-  if (!Number.isInteger(maxGarments) || maxGarments < 1)
-    throw new Error(`maxGarments must be a positive integer, got ${maxGarments}`)
+  checkPositiveInteger('maxGarments', maxGarments)
   const rng = new Rng(opts.seed ?? 0)
   const images = new Uint8Array(count * height * width)
   const masks = new Uint8Array(count * height * width)

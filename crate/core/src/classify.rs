@@ -21,9 +21,7 @@ use crate::optimizer::{check_lr, AdamWConfig};
 use crate::params::{Init, ParamTable, Source};
 use crate::rng::Draws;
 use crate::runner::{flat_values, CandleRunner, EngineRunner, Runner, RunnerSpec};
-use crate::trainer::{
-    check_pixels, f32_values, pretrained_backbone, BackboneSource, Images, Kind, Trainer, UpdateMetrics,
-};
+use crate::trainer::{backbone_of, check_pixels, f32_values, BackboneSource, Images, Kind, Trainer, UpdateMetrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -200,8 +198,9 @@ impl Trainer<Classification> {
     /// Starts from the backbone of a MIM or classifier checkpoint: its `beit.*` tensors (not the
     /// mask token); the classes are initialised from `seed`. With [CLS] pooling the MIM's final
     /// LayerNorm becomes `beit.layernorm`; a classifier's pooling LayerNorm is kept when it
-    /// pools the same way (intermediate fine-tuning, as BEiT's 22k -> 1k), else initialised. `config.model` must match the checkpoint's shapes, except that another
-    /// image size resizes the position tables (drop path may differ too).
+    /// pools the same way (intermediate fine-tuning, as BEiT's 22k -> 1k), else initialised.
+    /// `config.model` must match the checkpoint's shapes, except that another image size
+    /// resizes the position tables (drop path may differ too).
     pub fn from_pretrained(
         path: &Path,
         config: ClassifierConfig,
@@ -211,8 +210,8 @@ impl Trainer<Classification> {
     ) -> Result<Self> {
         // Shapes alone would take a grid's tables for its transpose's: the file's config says
         // which grid they are of, and another image size resizes them.
-        let (source, saved) = pretrained_backbone(path)?;
         let mut file = checkpoint::load(path)?;
+        let (source, saved) = backbone_of(&file.metadata, path)?;
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         // The model's tensors, not its optimizer state; from a classifier, not its classes
         // either, and its pooling's LayerNorm only when the new head pools the same way.

@@ -30,7 +30,7 @@ use crate::optimizer::{check_lr, AdamWConfig};
 use crate::params::{ParamTable, Source};
 use crate::rng::Draws;
 use crate::runner::{CandleRunner, Runner, RunnerSpec};
-use crate::trainer::{check_pixels, f32_values, pretrained_backbone, Images, Kind, Trainer, UpdateMetrics};
+use crate::trainer::{backbone_of, check_pixels, f32_values, Images, Kind, Trainer, UpdateMetrics};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -259,8 +259,8 @@ impl Trainer<Segmentation> {
         training: SegmenterTrainingOptions,
         seed: u64,
     ) -> Result<Self> {
-        let (_, saved) = pretrained_backbone(path)?;
         let mut file = checkpoint::load(path)?;
+        let (_, saved) = backbone_of(&file.metadata, path)?;
         let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
         file.tensors.retain(|name, _| {
             name.starts_with("beit.")

@@ -527,8 +527,12 @@ pub enum BackboneSource {
 /// Which kind of checkpoint `path` is, and its backbone's config, from the file's header alone
 /// (a checkpoint with its AdamW moments is three times the weights).
 pub fn pretrained_backbone(path: &Path) -> Result<(BackboneSource, BeitConfig)> {
+    backbone_of(&checkpoint::read_metadata(path)?, path)
+}
+
+/// [`pretrained_backbone`] from the metadata of the checkpoint at `path`, already read.
+pub(crate) fn backbone_of(metadata: &HashMap<String, String>, path: &Path) -> Result<(BackboneSource, BeitConfig)> {
     use crate::{classify::Classification, config::ClassifierConfig, mim::Mim};
-    let metadata = checkpoint::read_metadata(path)?;
     let in_file = |e: Error| Error::Checkpoint(format!("{}: {e}", path.display()));
     let config = || {
         metadata

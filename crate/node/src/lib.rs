@@ -1,6 +1,7 @@
 //! N-API bindings: a small, typed surface over beit-core. Heavy calls return Promises and run
 //! on libuv worker threads; Rust errors and panics become JS `Error`s, never aborts.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use beit_core::AdamWConfig;
@@ -168,6 +169,12 @@ pub struct UpdateMetrics {
 #[napi]
 pub fn presets_json() -> String {
     beit_core::presets::presets_json()
+}
+
+/// A safetensors file's metadata (beit's "format", "config", ...), read from its header alone.
+#[napi(ts_return_type = "Promise<Record<string, string>>")]
+pub fn checkpoint_metadata(path: String) -> AsyncTask<Job<HashMap<String, String>, HashMap<String, String>>> {
+    job(move || beit_core::checkpoint::read_metadata(std::path::Path::new(&path)), Ok)
 }
 
 /// The backbone config (JSON, as `BeitConfig`) of a beit MIM or classifier checkpoint, read
