@@ -232,7 +232,7 @@ export declare class NativeDvae {
   decode(ids: Int32Array, gridHeight: number, gridWidth: number): Promise<Float32Array>
 }
 
-/** Decodes, crops, resizes and normalises image batches on a thread pool of its own. */
+/** Decodes, crops, resizes and normalises image batches on the process's pool of its size. */
 export declare class NativeImageLoader {
   /**
    * `threads`: pool size (default: the machine's available parallelism). `maxPixels`: decoded

@@ -1,9 +1,11 @@
 import test from 'ava'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { defineCommand, flagTable, parseCommand, resolvedConfig, usage, UsageError } from '../src/cli-options'
+import { prepareOut, SINGLE_JOB } from '../src/cli/common'
+import { CHECKPOINT_FILE } from '../src/run'
 
 const FLAGS = flagTable({
   size: { kind: 'int', help: 'a size', default: 3 },
@@ -67,6 +69,8 @@ test('bad values name the flag and what was expected', (t) => {
     [['--size', '2.5'], '--size must be an integer > 0, got "2.5"'],
     [['--rate=-1'], '--rate must be a number >= 0, got "-1"'],
     [['--mode', 'medium'], '--mode must be one of fast, slow, got "medium"'],
+    [['--size', '0x10'], '--size must be an integer > 0, got "0x10"'],
+    [['--size', '2', '--size', '3'], '--size given twice: give it once'],
     [
       ['--steps', '2', '--epochs', '1'],
       '--steps and --epochs exclude each other, both given on the command line: give one',
@@ -103,6 +107,38 @@ test('defaults < config file < flags; a flag replaces the config file conflictin
   // camelCase keys are the flags' names.
   await writeFile(config, JSON.stringify({ batchSize: 4, dry: true }))
   t.like(parseCommand(TOY, ['--config', config]), { 'batch-size': 4, dry: true })
+})
+
+test('--resume continues with the run folder options, wherever --out and --resume are given; the model keeps its own', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-options-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const run = join(dir, 'run')
+  const flags = flagTable({
+    ...FLAGS,
+    width: { kind: 'int', fixed: true, help: 'a model width', default: 2 },
+    out: { kind: 'string', help: 'run folder', default: join(dir, 'default') },
+    resume: { kind: 'bool', help: 'continue' },
+  })
+  const resumable = defineCommand({ name: 'toy', summary: 'a toy run', flags, run: async () => {} })
+  await mkdir(run)
+  await writeFile(join(run, 'config.json'), JSON.stringify({ size: 9, width: 4, out: run }))
+  await writeFile(join(run, CHECKPOINT_FILE), '')
+  const config = join(dir, 'options.json')
+  await writeFile(config, JSON.stringify({ out: run, resume: true }))
+  t.like(parseCommand(resumable, ['--config', config]), { size: 9, width: 4 })
+  await writeFile(config, JSON.stringify({ out: run }))
+  t.like(parseCommand(resumable, ['--config', config, '--resume']), { size: 9, width: 4 })
+  t.like(parseCommand(resumable, ['--out', run, '--resume', '--size', '5']), { size: 5, width: 4 })
+  // The run's other options may change (and are reported); a model's are refused.
+  const resumed = parseCommand(resumable, ['--out', run, '--resume', '--size', '5'])
+  t.is(await prepareOut(flags, resumed, SINGLE_JOB), run)
+  await t.throwsAsync(
+    prepareOut(flags, parseCommand(resumable, ['--out', run, '--resume', '--width', '8']), SINGLE_JOB),
+    {
+      instanceOf: UsageError,
+      message: `--resume continues ${run} with its checkpoint's model, which keeps --width 8 (was 4): start a new run (another --out) to change them`,
+    },
+  )
 })
 
 test('a flag that conflicts with another cannot have a default', (t) => {

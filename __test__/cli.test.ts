@@ -221,6 +221,20 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     ],
     [['probe', '--pixels', '--layer', '2'], /--pixels probes the raw pixels, no backbone: --layer would be ignored/],
     [
+      ['probe', '--pixels', '--preset', 'base'],
+      /--pixels probes the raw pixels, no backbone: --preset would be ignored/,
+    ],
+    [['probe', '--pixels', '--out', dir], /--out .* is a folder: expected the path of the file to write/],
+    [
+      ['finetune', '--init', tokenizer, '--preset', 'base', '--out', join(dir, 'ft3')],
+      /--init takes the backbone's shape from the checkpoint .*: --preset would be ignored/,
+    ],
+    [
+      ['segment', '--crop-size', '16', '--out', join(dir, 'seg-crop')],
+      /--data sample builds Fashion-MNIST scenes, .*: --crop-size would be ignored/,
+    ],
+    [['tokenizer', '--steps', '1', '--steps', '2'], /--steps given twice: give it once/],
+    [
       ['probe', '--init', tokenizer, '--random-like', tokenizer, '--hidden-size', '8'],
       /--init takes the backbone, its shape included, from the checkpoint: --random-like, --hidden-size would be ignored/,
     ],
@@ -252,7 +266,12 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['probe', '--config', join(dir, 'wrong.json')], /wrong\.json: "out" must be a string, got 3/],
     [['segment', '--channels', '3', '--out', join(dir, 'seg3')], /Fashion-MNIST scenes are gray: --channels must be 1/],
     [['segment', '--data', dir, '--channels', '2', '--out', join(dir, 'seg2')], /--channels must be 1 or 3, got 2/],
+    // A test split that is there but unreadable says why, not that there is none.
+    [['finetune', '--data', join(dir, 'split'), '--out', join(dir, 'ft4')], /no images found in .*split\/test/],
   ]
+  await mkdir(join(dir, 'split', 'train', 'a'), { recursive: true })
+  await mkdir(join(dir, 'split', 'test'))
+  await writeFile(join(dir, 'split', 'train', 'a', '0.png'), encodePng(new Uint8Array(16), 4, 4, 1))
   await writeFile(join(dir, 'both.json'), JSON.stringify({ steps: 3, epochs: 1 }))
   await writeFile(join(dir, 'typo.json'), JSON.stringify({ epoch: 1 }))
   await writeFile(join(dir, 'wrong.json'), JSON.stringify({ out: 3 }))

@@ -179,6 +179,26 @@ test('EXIF orientation is honoured like libvips autorotate', async (t) => {
   })
   const [batch] = await loadAll(loader)
   t.true(maxDiff(toInterleaved(batch.views[0], 3, W, H), upright.data) <= 3)
+
+  // WebP's EXIF chunk, as libvips writes it, starts with "Exif\0\0"; it was once left unrotated.
+  const webp = await sharp(smooth, { raw: { width: W, height: H, channels: 3 } })
+    .webp({ lossless: true })
+    .withMetadata({ orientation: 6 })
+    .toBuffer()
+  const webpDir = join(dir, 'webp')
+  await mkdir(webpDir)
+  await writeFile(join(webpDir, 'rotated.webp'), webp)
+  const uprightWebp = await sharp(webp).rotate().raw().toBuffer()
+  const [webpBatch] = await loadAll(
+    new ImageLoader({
+      dataset: await imageFolder(webpDir),
+      views: [identityView(3, [W, H])],
+      transform: { kind: 'eval', cropFraction: 1 },
+      batchSize: 1,
+      onError: 'fail',
+    }),
+  )
+  t.is(maxDiff(toInterleaved(webpBatch.views[0], 3, W, H), uprightWebp), 0)
 })
 
 test('class-per-subfolder labels, ignored files and a CSV / JSONL manifest', async (t) => {
@@ -306,6 +326,24 @@ test('broken files are skipped with their reasons and counted, or fatal with onE
     onError: 'fail',
   })
   await t.throwsAsync(loadAll(strict), { message: /cannot load .*zero\.jpg: empty file/ })
+
+  // A consumer that stops early: the batches prefetched after its last are not counted (they
+  // were counted when loaded, so the stats grew after the loop had ended).
+  const early = new ImageLoader({
+    dataset,
+    views: [identityView(3)],
+    transform: { kind: 'eval', cropFraction: 1 },
+    batchSize: 1,
+    shuffle: false,
+    prefetch: 4,
+    onSkip: (s) => t.fail(`${s.image} was never handed out`),
+  })
+  for await (const batch of early.epoch(0)) {
+    t.is(batch.size, 1)
+    break
+  }
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.deepEqual([early.stats.loaded, early.stats.skipped], [1, 0])
 })
 
 test('clear errors before any loading: missing or empty folder, bad options', async (t) => {

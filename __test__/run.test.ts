@@ -126,6 +126,31 @@ test('a resumed run starts at the saved position and keeps the metrics before it
     panels: PANELS,
   })
   t.is(legacy.start.step, 2)
+  // An epoch's summary is logged with its last step, before the checkpoint that closes the epoch:
+  // resumed from a checkpoint inside that epoch (a kill in between), it is logged again, so the
+  // first one goes; resumed from the epoch's end, it stays.
+  const summary = { step: 3, epoch: 0, trainLoss: 1 }
+  const log = [0, 1, 2, 3].map((step) => ({ step, epoch: 0, loss: 1 }))
+  for (const [position, kept] of [
+    [{ step: 4, epoch: 0, batch: 3 }, [...log]],
+    [{ step: 4, epoch: 1, batch: -1 }, [...log, summary]],
+  ] as const) {
+    await writeFile(join(dir, 'metrics.jsonl'), [...log, summary].map((r) => JSON.stringify(r) + '\n').join(''))
+    await Run.open({
+      outDir: dir,
+      saved: { ...saved, ...position },
+      fresh: startPosition('test', 7, ONE_BY_4, 0),
+      owner: 'model',
+      runName: 'fine-tuning',
+      title: 'test',
+      panels: PANELS,
+    })
+    const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n')
+    t.deepEqual(
+      lines.map((l) => JSON.parse(l)),
+      kept,
+    )
+  }
   // A broken record before the end is an error naming its line.
   await writeFile(join(dir, 'metrics.jsonl'), `{"step":0}\n{"step":\n{"step":1}\n`)
   await t.throwsAsync(open(startPosition('test', 7, ONE_BY_4, 0)), { message: /metrics\.jsonl:2: not a JSON record/ })

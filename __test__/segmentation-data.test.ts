@@ -112,6 +112,30 @@ test('an ADE20K folder: pairs by stem, reduceZeroLabel, skipped pairs counted, u
   await t.throwsAsync(firstBatch(raw, 3, [4, 6]), { message: /a\.png holds the value 3, which is no class id/ })
 })
 
+test('an unknown id in in-memory masks names the pair by its index in the dataset', async (t) => {
+  const masks = new Uint8Array(6 * 4).fill(1)
+  masks[4 * 4 + 2] = 7 // pair 4 holds a 7, no class of 3
+  const data: SegmentationDataset = {
+    name: 'pairs',
+    size: 6,
+    classNames: ['a', 'b', 'c'],
+    reduceZeroLabel: false,
+    source: { kind: 'pixels', images: new Uint8Array(6 * 4 * 3), masks, height: 2, width: 2, channels: 3 },
+  }
+  const loader = new SegmentationLoader({
+    data,
+    view: segmenterView([2, 2], 3),
+    transform: 'eval',
+    numLabels: 3,
+    batchSize: 2,
+    shuffle: false,
+  })
+  // The native side gets a copy of batch 2 alone (pairs 4 and 5), where pair 4 is the first.
+  await t.throwsAsync(loader.epoch(0, { fromBatch: 2 }).next(), {
+    message: /the mask of pair 4 holds the value 7, which is no class id/,
+  })
+})
+
 test('a VOC folder and a manifest list their pairs; the batched evaluation view rescales any image to fit the input', async (t) => {
   const dir = tempDir(t)
   for (const part of ['JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'])
@@ -154,16 +178,22 @@ test("drawPairAugment: mmseg's recipe by default, reproducible, and nothing rand
   t.is(a.catMaxRatio, 0.75)
   let flips = 0
   const ops = new Set<string>()
-  for (let s = 0; s < 200; s++) {
+  const hues = new Set<number>()
+  for (let s = 0; s < 400; s++) {
     const d = drawPairAugment({}, [64, 48], new Rng(s))
     if (d.flip) flips++
     for (const p of d.photometric) {
       ops.add(p.op)
       if (p.op === 'brightness') t.true(Math.abs(p.delta) <= 32)
-      if (p.op === 'hue') t.true(Number.isInteger(p.delta) && Math.abs(p.delta) <= 18)
+      if (p.op === 'hue') hues.add(p.delta)
     }
   }
-  t.true(flips > 70 && flips < 130, `${flips} flips in 200`)
+  t.true(flips > 140 && flips < 260, `${flips} flips in 400`)
+  // mmseg's np.random.randint(-18, 18): the integers -18 to 17.
+  t.deepEqual(
+    [...hues].sort((x, y) => x - y),
+    Array.from({ length: 36 }, (_, i) => i - 18),
+  )
   t.deepEqual([...ops].sort(), ['brightness', 'contrast', 'hue', 'saturation'])
   const plain = drawPairAugment({ catMaxRatio: 1, photometric: false, flip: 0 }, [8, 8], new Rng(1))
   t.deepEqual([plain.crop.length, plain.photometric, plain.flip], [1, [], false])
@@ -216,6 +246,12 @@ test('evaluation: sliding windows over rescaled files agree with the batched pat
   const bigger = await segmentationFolder(dir, { split: 'validation' })
   const scores = await evaluateSegmentation(segmenter, bigger, { scale: [16, 12], stride: [4, 6] })
   t.true(scores.overallAccuracy >= 0 && scores.overallAccuracy <= 1)
+  await t.throwsAsync(evaluateSegmentation(segmenter, bigger, { scale: [12, 16] }), {
+    message: 'scale must be [long side, short side], positive, got [12,16]',
+  })
+  await t.throwsAsync(evaluateSegmentation(segmenter, bigger, { mode: 'whole' as 'slide' }), {
+    message: "mode must be 'slide' or 'resize', got whole",
+  })
   // segment(): class ids at the output size, probabilities summing to 1.
   const image = new Float32Array(3 * 12 * 16).map((_, i) => Math.sin(i))
   const out = await segmenter.segment(image, { size: [12, 16], outputSize: [6, 8], probabilities: true })

@@ -422,6 +422,18 @@ test('the reconstruction sheet is a PNG with originals above reconstructions', (
   t.is(at(2, 2), 255, 'original (white) in the top row')
   t.is(at(2, 2 + 6), 0, 'reconstruction (black) below it')
   t.is(at(0, 0), 255, 'gap')
+  // A fractional scale or row length once wrote a PNG whose rows contradicted its header.
+  const sheet = { originals, reconstructions, count: 2, channels: 1 as const, height: 4, width: 4 }
+  t.throws(() => reconstructionSheet({ ...sheet, scale: 1.5 }), {
+    message: 'scale must be a positive integer, got 1.5',
+  })
+  t.throws(() => reconstructionSheet({ ...sheet, perRow: 2.5 }), {
+    message: 'perRow must be a positive integer, got 2.5',
+  })
+  t.throws(() => reconstructionSheet({ ...sheet, count: 0 }), { message: 'count must be a positive integer, got 0' })
+  t.throws(() => reconstructionSheet({ ...sheet, count: 3 }), {
+    message: 'originals: expected 3 images of 1x4x4 values, got 32 values',
+  })
 })
 
 test('the tokenizer step in parts: lossAndGrads + applyUpdate equal trainStep; halves accumulate into the whole', async (t) => {

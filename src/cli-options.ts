@@ -15,6 +15,11 @@ interface FlagBase {
   help: string
   /** A flag that cannot be given with this one (e.g. steps and epochs). On the command line it overrides the config file's. */
   conflicts?: string
+  /**
+   * The model holds it (its shape, its training settings): a resumed run keeps its checkpoint's
+   * value, so another one is refused rather than ignored.
+   */
+  fixed?: boolean
 }
 
 export interface NumberFlag extends FlagBase {
@@ -154,7 +159,9 @@ function convert(name: string, flag: Flag, raw: unknown, from: string): Value {
       throw new UsageError(`${where} must be one of ${flag.choices.join(', ')}, got ${JSON.stringify(raw)}`)
     return raw
   }
-  const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN
+  // Decimal only: Number() would also read hex, binary and octal ('0x10' as 16).
+  const decimal = /^\s*[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?\s*$/i
+  const n = typeof raw === 'number' ? raw : typeof raw === 'string' && decimal.test(raw) ? Number(raw) : NaN
   const min = flag.min ?? 0
   const okMin = flag.min === undefined ? n > 0 : n >= min
   if (!Number.isFinite(n) || !okMin || (flag.kind === 'int' && !Number.isInteger(n))) {
@@ -192,6 +199,33 @@ function savedRunValues(command: Command<FlagTable>, out: string): Record<string
   return values
 }
 
+/** A --config file's option values, converted by their flags (camelCase keys as the flags' names). */
+function readConfig(command: Command, flags: FlagTable, path: string): Record<string, Value> {
+  let config: unknown
+  try {
+    config = JSON.parse(readFileSync(path, 'utf8'))
+  } catch (e) {
+    throw new UsageError(`--config ${path}: ${(e as Error).message}`)
+  }
+  if (typeof config !== 'object' || config === null || Array.isArray(config))
+    throw new UsageError(`--config ${path}: expected a JSON object of option values`)
+  // The command's options and the common ones, but not --config or --help.
+  const inFile = Object.keys(flags).filter((name) => name !== 'config' && name !== 'help')
+  const values: Record<string, Value> = {}
+  for (const [key, raw] of Object.entries(config)) {
+    // A run folder's config.json may be passed back in: its job's keys are not options.
+    if (JOB_KEYS.has(key)) continue
+    const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
+    const flag = inFile.includes(name) ? flags[name] : undefined
+    if (!flag)
+      throw new UsageError(
+        `${path}: unknown option "${key}" for beit ${command.name}; expected one of ${inFile.join(', ')}`,
+      )
+    values[name] = convert(name, flag, raw, path)
+  }
+  return values
+}
+
 /** Parses `argv` for `command`: defaults < the run's config.json (with --resume) < config file < flags. */
 export function parseCommand<T extends FlagTable>(command: Command<T>, argv: string[]): CommandValues<T> {
   const flags: FlagTable = { ...command.flags, ...COMMON }
@@ -203,18 +237,27 @@ export function parseCommand<T extends FlagTable>(command: Command<T>, argv: str
   for (const name of negated) options[`no-${name}`] = { type: 'boolean' }
   let parsed
   try {
-    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false })
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false, tokens: true })
   } catch (e) {
     throw new UsageError((e as Error).message)
   }
+  // parseArgs keeps the last of a repeated flag; a repeat is more likely a mistake than a choice.
+  const seen = new Set<string>()
+  for (const token of parsed.tokens) {
+    if (token.kind !== 'option') continue
+    if (seen.has(token.name)) throw new UsageError(`--${token.name} given twice: give it once`)
+    seen.add(token.name)
+  }
+  const config = typeof parsed.values.config === 'string' ? readConfig(command, flags, parsed.values.config) : {}
   const values: Record<string, Value> = {}
   for (const [name, f] of Object.entries(flags)) {
     if (f.default !== undefined) values[name] = f.default
     else if (f.kind === 'bool') values[name] = false
   }
-  // A resumed run continues with its own options, not the defaults.
-  const out = parsed.values.out ?? command.flags.out?.default
-  if (parsed.values.resume === true && typeof out === 'string') {
+  // A resumed run continues with its own options, not the defaults. Its folder and --resume
+  // may come from the config file as well as from the command line.
+  const out = parsed.values.out ?? config.out ?? command.flags.out?.default
+  if ((parsed.values.resume ?? config.resume) === true && typeof out === 'string') {
     const saved = savedRunValues(command as Command<FlagTable>, out)
     for (const [name, value] of Object.entries(saved)) {
       values[name] = value
@@ -223,32 +266,8 @@ export function parseCommand<T extends FlagTable>(command: Command<T>, argv: str
       if (other !== undefined && !(other in saved)) delete values[other]
     }
   }
-  const fromConfig = new Set<string>()
   const configPath = parsed.values.config
-  if (typeof configPath === 'string') {
-    let config: unknown
-    try {
-      config = JSON.parse(readFileSync(configPath, 'utf8'))
-    } catch (e) {
-      throw new UsageError(`--config ${configPath}: ${(e as Error).message}`)
-    }
-    if (typeof config !== 'object' || config === null || Array.isArray(config))
-      throw new UsageError(`--config ${configPath}: expected a JSON object of option values`)
-    // The command's options and the common ones, but not --config or --help.
-    const inFile = Object.keys(flags).filter((name) => name !== 'config' && name !== 'help')
-    for (const [key, raw] of Object.entries(config)) {
-      // A run folder's config.json may be passed back in: its job's keys are not options.
-      if (JOB_KEYS.has(key)) continue
-      const name = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
-      const flag = inFile.includes(name) ? flags[name] : undefined
-      if (!flag)
-        throw new UsageError(
-          `${configPath}: unknown option "${key}" for beit ${command.name}; expected one of ${inFile.join(', ')}`,
-        )
-      values[name] = convert(name, flag, raw, configPath)
-      fromConfig.add(name)
-    }
-  }
+  Object.assign(values, config)
   const fromFlags = new Set<string>()
   for (const [option, raw] of Object.entries(parsed.values)) {
     if (option === 'config' || raw === undefined) continue

@@ -16,6 +16,7 @@ import {
   LoopPosition,
   LoopProgress,
   resolveSteps,
+  restoreNaN,
   Run,
   RunResult,
   scheduleFor,
@@ -184,7 +185,8 @@ export async function finetune(opts: FinetuneOptions): Promise<RunResult & { eva
     signal: opts.signal,
     distributed: dist,
   })
-  let state = run.start
+  // Scores saved in the checkpoint's JSON come back with their NaNs.
+  let state = { ...run.start, evals: restoreNaN(run.start.evals) }
   const save = async () => {
     classifier.trainState = state
     await classifier.save(run.checkpoint)

@@ -28,6 +28,9 @@ function chunk(type: string, data: Uint8Array): Buffer {
 
 /** `pixels`: row-major, interleaved channels (1 = gray, 3 = RGB), 0..255. */
 export function encodePng(pixels: Uint8Array, width: number, height: number, channels: 1 | 3): Uint8Array {
+  // PNG sizes are 31-bit positive integers; a fraction would write a header its rows contradict.
+  if (![width, height].every((v) => Number.isInteger(v) && v > 0 && v < 2 ** 31))
+    throw new Error(`encodePng: width and height must be positive integers, got ${width}x${height}`)
   if (pixels.length !== width * height * channels) {
     throw new Error(
       `encodePng: expected ${width * height * channels} bytes for ${width}x${height}x${channels}, got ${pixels.length}`,

@@ -3,7 +3,7 @@
  * a progress line (bar on a TTY, plain lines otherwise), and SIGINT/SIGTERM as an AbortSignal.
  */
 import { existsSync, readFileSync } from 'node:fs'
-import { appendFile, mkdir, writeFile, rename } from 'node:fs/promises'
+import { appendFile, mkdir, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import {
@@ -273,7 +273,7 @@ export class Run<S extends LoopPosition> {
     const distributed = opts.distributed ?? SINGLE_PROCESS
     const main = distributed.rank === 0
     const metrics = main
-      ? await MetricsLog.open(opts.outDir, { title: opts.title, panels: opts.panels, resumeFrom: start.step })
+      ? await MetricsLog.open(opts.outDir, { title: opts.title, panels: opts.panels, resumeFrom: start })
       : MetricsLog.discarding()
     return new Run(
       start,
@@ -354,8 +354,11 @@ export interface Panel {
 }
 
 /**
- * metrics.jsonl plus curves.svg in `dir`. Opening with `resumeFrom` keeps the records before
- * that step (an interrupted run logged past its last checkpoint) and drops the rest.
+ * metrics.jsonl plus curves.svg in `dir`. Opening with `resumeFrom` (a checkpoint's position)
+ * keeps the records before it (an interrupted run logged past its last checkpoint) and drops the
+ * rest: the steps from its step on, and the summaries of epochs it has not closed. A summary is
+ * logged with its epoch's last step, before the checkpoint that closes the epoch, so a run killed
+ * in between resumes from an earlier checkpoint inside that epoch and logs the summary again.
  */
 export class MetricsLog {
   private readonly records: Metrics[] = []
@@ -377,12 +380,21 @@ export class MetricsLog {
 
   static async open(
     dir: string,
-    opts: { title: string; panels: Panel[]; refreshEvery?: number; resumeFrom?: number },
+    opts: {
+      title: string
+      panels: Panel[]
+      refreshEvery?: number
+      resumeFrom?: Pick<LoopPosition, 'step' | 'epoch'>
+    },
   ): Promise<MetricsLog> {
     await mkdir(dir, { recursive: true })
     const log = new MetricsLog(dir, opts.title, opts.panels, opts.refreshEvery ?? 25)
     const path = join(dir, 'metrics.jsonl')
-    if (opts.resumeFrom !== undefined && existsSync(path)) {
+    const { resumeFrom } = opts
+    // An epoch's summary (its train loss, and its evaluation when it has one).
+    const unclosedSummary = (r: Metrics) =>
+      resumeFrom !== undefined && 'trainLoss' in r && typeof r.epoch === 'number' && r.epoch >= resumeFrom.epoch
+    if (resumeFrom !== undefined && existsSync(path)) {
       const lines = readFileSync(path, 'utf8').split('\n')
       for (const [i, line] of lines.entries()) {
         if (!line.trim()) continue
@@ -395,7 +407,8 @@ export class MetricsLog {
           if (i === lines.length - 1) continue
           throw new Error(`${path}:${i + 1}: not a JSON record: ${(e as Error).message}`, { cause: e })
         }
-        if (typeof record.step === 'number' && record.step < opts.resumeFrom) log.records.push(record)
+        if (typeof record.step === 'number' && record.step < resumeFrom.step && !unclosedSummary(record))
+          log.records.push(record)
       }
     }
     await writeAtomic(path, log.records.map((r) => JSON.stringify(r) + '\n').join(''))
@@ -423,10 +436,34 @@ export class MetricsLog {
   }
 }
 
-export async function writeAtomic(path: string, text: string): Promise<void> {
-  const temp = `${path}.tmp-${process.pid}`
-  await writeFile(temp, text)
-  await rename(temp, path)
+/**
+ * `value` read back from JSON with its NaNs: JSON writes NaN as null, and a loop's results
+ * (evaluation scores, epoch means) hold numbers only, NaN where there is none (a class absent
+ * from the test set, an epoch without a readable batch).
+ */
+export function restoreNaN<T>(value: T): T {
+  if (value === null) return NaN as T
+  if (Array.isArray(value)) return value.map(restoreNaN) as T
+  if (typeof value === 'object')
+    return Object.fromEntries(Object.entries(value as object).map(([k, v]) => [k, restoreNaN(v)])) as T
+  return value
+}
+
+let atomicWrites = 0
+
+/**
+ * Writes `path` whole or not at all: a temporary file beside it (unique per call, so two writes
+ * of one file cannot interleave), renamed over it. A kill leaves the old file or the new one.
+ */
+export async function writeAtomic(path: string, data: string | Uint8Array): Promise<void> {
+  const temp = `${path}.tmp-${process.pid}-${atomicWrites++}`
+  try {
+    await writeFile(temp, data)
+    await rename(temp, path)
+  } catch (e) {
+    await rm(temp, { force: true })
+    throw e
+  }
 }
 
 /** Where progress goes (process.stderr by default). */

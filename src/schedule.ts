@@ -4,13 +4,21 @@ import { checkPositiveInteger } from './check'
 export interface WarmupCosineOptions {
   /** Peak learning rate, reached at the end of warmup. */
   lr: number
-  /** Final learning rate at totalSteps. Default 1e-5 * lr / 1.5e-3 (BEiT's ratio). */
+  /**
+   * Learning rate of the last step (totalSteps - 1), unless the decay is a single step, which
+   * runs at lr. Default 1e-5 * lr / 1.5e-3 (BEiT's ratio).
+   */
   minLr?: number
   warmupSteps: number
   totalSteps: number
 }
 
-/** Linear warmup from 0 to lr, then cosine decay to minLr at totalSteps (BEiT's schedule). */
+/**
+ * Linear warmup to lr, then cosine decay to minLr: the shape of BEiT's `cosine_scheduler`, one
+ * step apart at each end. Warmup step i runs at lr (i + 1) / warmupSteps, where unilm's starts at
+ * 0 (an update that changes nothing) and reaches lr at its last warmup step; the decay ends at
+ * minLr on the last step that runs, where unilm's ends one step short of it.
+ */
 export function warmupCosine(opts: WarmupCosineOptions): (step: number) => number {
   const { lr, warmupSteps, totalSteps } = opts
   const minLr = opts.minLr ?? (lr * 1e-5) / 1.5e-3

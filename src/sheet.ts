@@ -1,4 +1,5 @@
 /** Pictures a person can look at: reconstruction sheets (originals above reconstructions) and segmentation predictions. */
+import { checkPositiveInteger } from './check'
 import { encodePng } from './png'
 
 export interface SheetImages {
@@ -17,8 +18,18 @@ export interface SheetImages {
 
 /** Rows of originals, each followed by the row of their reconstructions, 2 px gaps. */
 export function reconstructionSheet(s: SheetImages): Uint8Array {
-  const perRow = s.perRow ?? Math.min(s.count, 8)
-  const scale = s.scale ?? 2
+  checkPositiveInteger('count', s.count)
+  const perRow = checkPositiveInteger('perRow', s.perRow ?? Math.min(s.count, 8))
+  const scale = checkPositiveInteger('scale', s.scale ?? 2)
+  for (const [name, images] of [
+    ['originals', s.originals],
+    ['reconstructions', s.reconstructions],
+  ] as const) {
+    if (images.length < s.count * s.channels * s.height * s.width)
+      throw new Error(
+        `${name}: expected ${s.count} images of ${s.channels}x${s.height}x${s.width} values, got ${images.length} values`,
+      )
+  }
   const gap = 2
   const cellW = s.width * scale + gap
   const cellH = s.height * scale + gap

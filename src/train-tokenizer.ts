@@ -3,7 +3,6 @@
  * final value, cosine LR; metrics JSONL, periodic checkpoints and reconstruction sheets. Images
  * come through the image loader, so any dataset works: they are resized to the tokenizer's input.
  */
-import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { Transform, ViewSpec, viewSpec } from './data/augment'
@@ -28,6 +27,7 @@ import {
   startPosition,
   UpdateMeans,
   updatesPerEpoch,
+  writeAtomic,
 } from './run'
 import { cosineRamp } from './schedule'
 import { reconstructionSheet } from './sheet'
@@ -249,7 +249,7 @@ export async function trainTokenizer(
   }
   // Every rank evaluates (the same images, so the same result); rank 0 writes it.
   const evaluation = await evaluateTokenizer(tokenizer, evalData, data, opts.evalImages ?? 1000, opts.threads)
-  if (run.main) await writeFile(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
+  if (run.main) await writeAtomic(join(opts.outDir, 'evaluation.json'), JSON.stringify(evaluation, null, 2) + '\n')
   return { ...(await run.end('completed', state.step)), evaluation }
 }
 
@@ -291,7 +291,7 @@ export async function writeSheet(
   if (!batch) throw new Error(`no readable images in ${asDataset(data, 'images').name}`)
   const reconstructions = await tokenizer.decode(await tokenizer.encode(batch.pixels, batch.size), batch.size)
   const [height, width] = tokenizer.config.imageSize
-  await writeFile(
+  await writeAtomic(
     path,
     reconstructionSheet({
       originals: batch.pixels,

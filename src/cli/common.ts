@@ -1,38 +1,57 @@
 /** What the commands share: data and model flags, run folders, interruption, output helpers. */
-import { existsSync } from 'node:fs'
-import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { existsSync, statSync } from 'node:fs'
+import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { choicesOf, CommonValues, FlagTable, flagTable, resolvedConfig, UsageError, Values } from '../cli-options'
 import { ModelSpec, PRESETS } from '../config'
 import { TrainTransform } from '../data/augment'
 import { ImageDataset } from '../data/dataset'
-import { openDataset } from '../data/open'
+import { hasTestSplit, openDataset } from '../data/open'
 import { cudaDeviceCount, DeviceOptions, DeviceSpec } from '../device'
 import { detectLaunch, Distributed, initDistributed, INTERRUPTED_EXIT_CODE, SINGLE_PROCESS } from '../distributed'
-import { CHECKPOINT_FILE, interruptSignal, RunResult, ScheduleOptions } from '../run'
+import { CHECKPOINT_FILE, interruptSignal, RunResult, ScheduleOptions, writeAtomic } from '../run'
 
 export const DATA_HELP =
   'sample (bundled Fashion-MNIST subset), fashion-mnist (Debian dataset-fashion-mnist), a folder (IDX files, or images with class subfolders; DIR/train and DIR/test or DIR/val are used when present) or a .csv/.jsonl manifest'
 
 export const MODEL_FLAGS = flagTable({
-  preset: { kind: 'string', help: 'backbone size', default: 'mini', choices: choicesOf(PRESETS) },
-  'image-size': { kind: 'int', help: 'input size in pixels (default: 28 for IDX data, 224 for image files)' },
-  'patch-size': { kind: 'int', help: 'patch size (default: image size / 7 for 28 px, else 16)' },
-  channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
-  'hidden-size': { kind: 'int', help: "override the preset's width" },
-  layers: { kind: 'int', help: "override the preset's depth" },
-  heads: { kind: 'int', help: "override the preset's attention heads" },
-  'mlp-size': { kind: 'int', help: "override the preset's MLP width" },
-  'drop-path': { kind: 'number', help: 'maximum stochastic-depth rate', default: 0.1, min: 0 },
+  preset: { kind: 'string', fixed: true, help: 'backbone size', default: 'mini', choices: choicesOf(PRESETS) },
+  'image-size': {
+    kind: 'int',
+    fixed: true,
+    help: 'input size in pixels (default: 28 for IDX data, 224 for image files)',
+  },
+  'patch-size': { kind: 'int', fixed: true, help: 'patch size (default: image size / 7 for 28 px, else 16)' },
+  channels: { kind: 'int', fixed: true, help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
+  'hidden-size': { kind: 'int', fixed: true, help: "override the preset's width" },
+  layers: { kind: 'int', fixed: true, help: "override the preset's depth" },
+  heads: { kind: 'int', fixed: true, help: "override the preset's attention heads" },
+  'mlp-size': { kind: 'int', fixed: true, help: "override the preset's MLP width" },
+  'drop-path': { kind: 'number', fixed: true, help: 'maximum stochastic-depth rate', default: 0.1, min: 0 },
 })
 
 /** The model flags that a checkpoint given with --init decides instead. */
-export const SHAPE_FLAGS = ['patch-size', 'channels', 'hidden-size', 'layers', 'heads', 'mlp-size'] as const
+export const SHAPE_FLAGS = ['preset', 'patch-size', 'channels', 'hidden-size', 'layers', 'heads', 'mlp-size'] as const
 
-/** Refuses the flags of `names` given to a command that would not read them (`flag` says why). */
-export function refuseFlags(values: object, flag: string, why: string, names: readonly string[]): void {
-  const given = names.filter((n) => (values as Record<string, unknown>)[n] !== undefined).map((n) => `--${n}`)
+/**
+ * Refuses the flags of `names` given to a command that would not read them (`flag` says why).
+ * A flag counts as given when its value is not its default.
+ */
+export function refuseFlags(
+  values: object,
+  flags: FlagTable,
+  flag: string,
+  why: string,
+  names: readonly string[],
+): void {
+  const given = names
+    .filter((n) => {
+      const value = (values as Record<string, unknown>)[n]
+      const f = flags[n]
+      return value !== undefined && value !== (f?.kind === 'bool' ? (f.default ?? false) : f?.default)
+    })
+    .map((n) => `--${n}`)
   if (given.length > 0) throw new UsageError(`${flag} ${why}: ${given.join(', ')} would be ignored`)
 }
 
@@ -41,7 +60,7 @@ export const RUN_FLAGS = flagTable({
   lr: { kind: 'number', help: 'peak learning rate (linear warmup, then cosine)' },
   'min-lr': { kind: 'number', help: 'final learning rate (default lr / 150)', min: 0 },
   'warmup-steps': { kind: 'int', help: 'warmup steps (default 5% of the run)', min: 0 },
-  'weight-decay': { kind: 'number', help: 'AdamW weight decay', default: 0.05, min: 0 },
+  'weight-decay': { kind: 'number', fixed: true, help: 'AdamW weight decay', default: 0.05, min: 0 },
   'scale-min': { kind: 'number', help: 'RandomResizedCrop smallest area share', default: 0.35 },
   seed: { kind: 'int', help: 'seed of init, data order, augmentation, masks, drop path', default: 0, min: 0 },
   resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
@@ -115,19 +134,19 @@ export function scheduleOptions(v: { lr: number; 'min-lr'?: number; 'warmup-step
   return { lr: v.lr, minLr: v['min-lr'], warmupSteps: v['warmup-steps'] }
 }
 
-/** A dataset and its test split where one exists. */
+/** A dataset and its test split where it has one (an unreadable test split is an error). */
 export async function openData(
   spec: string,
 ): Promise<{ train: ImageDataset; test: ImageDataset | undefined; pixels: boolean }> {
   const train = await openDataset(spec, 'train')
-  let test: ImageDataset | undefined
-  try {
-    test = await openDataset(spec, 'test')
-    if (test.name === train.name) test = undefined
-  } catch {
-    test = undefined
-  }
+  const test = hasTestSplit(spec) ? await openDataset(spec, 'test') : undefined
   return { train, test, pixels: train.source.kind === 'pixels' }
+}
+
+/** Refuses an --out that is a folder where a command writes one file, before any work. */
+export function checkOutFile(path: string): void {
+  if (existsSync(path) && statSync(path).isDirectory())
+    throw new UsageError(`--out ${path} is a folder: expected the path of the file to write`)
 }
 
 export type ModelValues = Values<typeof MODEL_FLAGS>
@@ -193,14 +212,22 @@ export async function prepareOut(
   if (v.resume && existsSync(path)) {
     // The run's record stays what it started with; options changed for the rest are said once.
     const saved = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>
-    const changed = Object.entries(resolved)
-      .filter(([k, value]) => k !== 'resume' && JSON.stringify(value) !== JSON.stringify(saved[k]))
-      .map(([k, value]) => `--${k} ${JSON.stringify(value)} (was ${JSON.stringify(saved[k]) ?? 'not set'})`)
-    if (changed.length > 0) process.stderr.write(`beit: resuming ${out} with changed options: ${changed.join(', ')}\n`)
+    const changed = Object.entries(resolved).filter(
+      ([k, value]) => k !== 'resume' && JSON.stringify(value) !== JSON.stringify(saved[k]),
+    )
+    const describe = (entries: [string, unknown][]) =>
+      entries.map(([k, value]) => `--${k} ${JSON.stringify(value)} (was ${JSON.stringify(saved[k]) ?? 'not set'})`)
+    const fixed = changed.filter(([k]) => flags[k]?.fixed)
+    if (fixed.length > 0)
+      throw new UsageError(
+        `--resume continues ${out} with its checkpoint's model, which keeps ${describe(fixed).join(', ')}: start a new run (another --out) to change them`,
+      )
+    if (changed.length > 0)
+      process.stderr.write(`beit: resuming ${out} with changed options: ${describe(changed).join(', ')}\n`)
     return out
   }
   const config = { ...resolved, ...(launcher === 'none' ? {} : { worldSize, launcher, mpiLibrary }) }
-  await writeFile(path, JSON.stringify(config, null, 2) + '\n')
+  await writeAtomic(path, JSON.stringify(config, null, 2) + '\n')
   return out
 }
 

@@ -187,7 +187,8 @@ export const demoCommand = defineCommand({
       preset: 'mini',
       epochs: ftEpochs,
       'eval-every': Math.max(1, Math.ceil(ftEpochs)),
-      'batch-size': 64,
+      // Fewer than 7 labelled images per class are fewer than one batch of 64.
+      'batch-size': Math.min(64, labelled.size),
       lr: 1e-3,
       'weight-decay': 0.05,
       'label-smoothing': 0.1,

@@ -1,13 +1,14 @@
 /** `beit encode` and `beit reconstruct`: a tokenizer's ids of images, and its reconstructions. */
-import { mkdir, writeFile } from 'node:fs/promises'
+import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { defineCommand, UsageError } from '../cli-options'
 import { ImageDataset, subset } from '../data/dataset'
 import { openDataset } from '../data/open'
+import { writeAtomic } from '../run'
 import { Dvae } from '../tokenizer'
 import { tokenizerLoader, writeSheet } from '../train-tokenizer'
-import { DATA_HELP, log, placement } from './common'
+import { checkOutFile, DATA_HELP, log, placement } from './common'
 
 export const encodeCommand = defineCommand({
   name: 'encode',
@@ -20,6 +21,7 @@ export const encodeCommand = defineCommand({
     out: { kind: 'string', help: 'output JSONL file', default: join('runs', 'tokens.jsonl') },
   },
   run: async (v) => {
+    checkOutFile(v.out)
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
     const tokenizer = await Dvae.load(v.tokenizer, placement(v))
     const data = limit(await openDataset(v.data, v.split), v.limit)
@@ -34,7 +36,7 @@ export const encodeCommand = defineCommand({
       }
     }
     await mkdir(join(v.out, '..'), { recursive: true })
-    await writeFile(v.out, lines.join('\n') + '\n')
+    await writeAtomic(v.out, lines.join('\n') + '\n')
     log(v, `${lines.length} images -> ${h}x${w} token ids of ${tokenizer.config.vocabSize}: ${v.out}`)
   },
 })
@@ -60,6 +62,7 @@ export const reconstructCommand = defineCommand({
     out: { kind: 'string', help: 'PNG file', default: join('runs', 'reconstructions.png') },
   },
   run: async (v) => {
+    checkOutFile(v.out)
     if (v.tokenizer === undefined) throw new UsageError('--tokenizer is required')
     const tokenizer = await Dvae.load(v.tokenizer, placement(v))
     const data = await openDataset(v.data, v.split)

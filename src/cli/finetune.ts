@@ -35,6 +35,7 @@ const FLAGS = flagTable({
   data: { kind: 'string', help: DATA_HELP, default: 'sample' },
   init: {
     kind: 'string',
+    fixed: true,
     help: 'pretrained MIM checkpoint (beit pretrain); without it the model starts from random weights',
   },
   ...MODEL_FLAGS,
@@ -46,9 +47,9 @@ const FLAGS = flagTable({
   ...RUN_FLAGS,
   ...DATA_PARALLEL_FLAGS,
   lr: { kind: 'number', help: 'peak learning rate', default: 1e-3 },
-  'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.75 },
-  'label-smoothing': { kind: 'number', help: 'label smoothing', default: 0.1, min: 0 },
-  pooling: { kind: 'string', help: 'classifier input', default: 'mean', choices: ['mean', 'cls'] },
+  'layer-decay': { kind: 'number', fixed: true, help: 'layer-wise LR decay (1 = off)', default: 0.75 },
+  'label-smoothing': { kind: 'number', fixed: true, help: 'label smoothing', default: 0.1, min: 0 },
+  pooling: { kind: 'string', fixed: true, help: 'classifier input', default: 'mean', choices: ['mean', 'cls'] },
   out: { kind: 'string', help: 'run folder', default: join('runs', 'finetune') },
 })
 
@@ -66,7 +67,7 @@ export const finetuneCommand = defineCommand({
   run: async (values) => {
     if (values.init !== undefined) {
       const why = "takes the backbone's shape from the checkpoint (--image-size resizes its position tables)"
-      refuseFlags(values, '--init', why, SHAPE_FLAGS)
+      refuseFlags(values, FLAGS, '--init', why, SHAPE_FLAGS)
     }
     const job = joinJob(values)
     const v = quietOffMain(values, job)

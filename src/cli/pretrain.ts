@@ -2,6 +2,7 @@
 import { join } from 'node:path'
 
 import { defineCommand, flagTable, UsageError } from '../cli-options'
+import { openDataset } from '../data/open'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from '../masking'
 import { Beit } from '../model'
 import { pretrain, PretrainProgress } from '../pretrain'
@@ -17,7 +18,6 @@ import {
   log,
   MODEL_FLAGS,
   modelSpec,
-  openData,
   placement,
   prepareOut,
   quietOffMain,
@@ -69,9 +69,13 @@ export const pretrainCommand = defineCommand({
     const job = joinJob(values)
     const v = quietOffMain(values, job)
     const length = runLength(v, { epochs: 1 })
-    const out = await prepareOut(FLAGS, { ...values, ...length }, job)
-    const { train, pixels } = await openData(v.data)
+    const ratio = v['mask-ratio']
+    if (ratio >= 1) throw new UsageError(`--mask-ratio must be below 1, got ${ratio}`)
+    // The data and the tokenizer before the run folder, so that a bad path leaves nothing there.
+    const train = await openDataset(v.data, 'train')
+    const pixels = train.source.kind === 'pixels'
     const tokenizer = await Dvae.load(tokenizerPath, placement(v, job))
+    const out = await prepareOut(FLAGS, { ...values, ...length }, job)
     if (job.distributed.rank === 0) await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
     const model = v.resume
       ? await Beit.load(join(out, CHECKPOINT_FILE), placement(v, job))
@@ -81,8 +85,6 @@ export const pretrainCommand = defineCommand({
           ...placement(v, job),
         })
     const [gh, gw] = model.grid
-    const ratio = v['mask-ratio']
-    if (ratio >= 1) throw new UsageError(`--mask-ratio must be below 1, got ${ratio}`)
     const count = Math.max(1, Math.round(ratio * gh * gw))
     const masking: MaskGenerator =
       v.masking === 'random'

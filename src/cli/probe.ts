@@ -1,14 +1,15 @@
 /** `beit probe`: a linear classifier on frozen features of a pretrained or random backbone. */
-import { mkdir, writeFile } from 'node:fs/promises'
+import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
 import { Beit, pretrainedBackbone } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
-import { Progress } from '../run'
+import { Progress, writeAtomic } from '../run'
 import {
   channelsFlag,
+  checkOutFile,
   DATA_HELP,
   log,
   MODEL_FLAGS,
@@ -54,10 +55,18 @@ export type ProbeValues = CommandValues<typeof FLAGS>
 
 /** Flags the chosen probe would not read are refused rather than ignored. */
 function refuseUnread(v: ProbeValues): void {
-  if (v.pixels) refuseFlags(v, '--pixels', 'probes the raw pixels, no backbone', ['init', 'random-like', 'layer'])
-  if (v.init !== undefined) {
+  // Probes read frozen features: no stochastic depth, whatever the backbone.
+  refuseFlags(v, FLAGS, 'a probe', 'reads frozen features', ['drop-path'])
+  const backbone = SHAPE_FLAGS.filter((f) => f !== 'channels')
+  if (v.pixels) {
+    const why = 'probes the raw pixels, no backbone'
+    refuseFlags(v, FLAGS, '--pixels', why, ['init', 'random-like', 'layer', ...backbone])
+  } else if (v.init !== undefined) {
     const why = 'takes the backbone, its shape included, from the checkpoint'
-    refuseFlags(v, '--init', why, ['random-like', 'image-size', ...SHAPE_FLAGS])
+    refuseFlags(v, FLAGS, '--init', why, ['random-like', 'image-size', ...SHAPE_FLAGS])
+  } else if (v['random-like'] !== undefined) {
+    const why = "builds the random backbone from the checkpoint's config"
+    refuseFlags(v, FLAGS, '--random-like', why, ['image-size', ...SHAPE_FLAGS])
   }
 }
 
@@ -68,6 +77,7 @@ export const probeCommand = defineCommand({
   flags: FLAGS,
   run: async (v) => {
     refuseUnread(v)
+    checkOutFile(v.out)
     const { train, test, pixels } = await openData(v.data)
     if (!test) throw new UsageError(`--data ${v.data}: probing needs a test split`)
     await mkdir(join(v.out, '..'), { recursive: true })
@@ -82,7 +92,7 @@ export const probeCommand = defineCommand({
         threads: v.threads,
       }
       const result = await pixelProbe({ train, test, imageSize: [size, size], channels, ...opts })
-      await writeFile(v.out, JSON.stringify({ init: 'pixels', ...result }, null, 2) + '\n')
+      await writeAtomic(v.out, JSON.stringify({ init: 'pixels', ...result }, null, 2) + '\n')
       log(
         v,
         `linear classifier on the raw pixels: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,
@@ -91,7 +101,7 @@ export const probeCommand = defineCommand({
     }
     const backbone = await probeBackbone(v, pixels)
     const result = await runProbe(v, backbone, train, test)
-    await writeFile(v.out, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
+    await writeAtomic(v.out, JSON.stringify({ init: v.init ?? 'random', ...result }, null, 2) + '\n')
     log(
       v,
       `linear probe of layer ${result.layer}: test accuracy ${pct(result.testAccuracy)} (train ${pct(result.trainAccuracy)}); written to ${v.out}`,

@@ -34,9 +34,11 @@ import {
   placement,
   prepareOut,
   quietOffMain,
+  refuseFlags,
   RUN_FLAGS,
   runLength,
   scheduleOptions,
+  SHAPE_FLAGS,
 } from './common'
 
 const { 'scale-min': _scaleMin, threads: _threads, ...SEGMENT_RUN_FLAGS } = RUN_FLAGS
@@ -50,6 +52,7 @@ const FLAGS = flagTable({
   'test-data': { kind: 'string', help: 'CSV manifest (image,mask) of the test pairs, with a CSV --data' },
   'num-labels': {
     kind: 'int',
+    fixed: true,
     help: 'classes of folder or manifest data (default: 150 for ADE20K, 21 for VOC)',
     min: 1,
   },
@@ -57,16 +60,28 @@ const FLAGS = flagTable({
     kind: 'bool',
     help: 'mask value 0 is ignored and the others shift down by one (manifests; ADE20K folders always are)',
   },
-  'crop-size': { kind: 'int', help: 'training crop of folder or manifest data, the model input (default 512)', min: 8 },
+  'crop-size': {
+    kind: 'int',
+    fixed: true,
+    help: 'training crop of folder or manifest data, the model input (default 512)',
+    min: 8,
+  },
   'train-scenes': { kind: 'int', help: 'training scenes (from the train split)', default: 2000, min: 1 },
   'test-scenes': { kind: 'int', help: 'test scenes (from the test split)', default: 500, min: 1 },
-  'scene-height': { kind: 'int', help: 'scene height in pixels', default: 32, min: 28 },
-  'scene-width': { kind: 'int', help: 'scene width in pixels', default: 64, min: 28 },
+  'scene-height': { kind: 'int', fixed: true, help: 'scene height in pixels', default: 32, min: 28 },
+  'scene-width': { kind: 'int', fixed: true, help: 'scene width in pixels', default: 64, min: 28 },
   init: {
     kind: 'string',
+    fixed: true,
     help: 'pretrained MIM or classifier checkpoint (its position tables are resized to the scene size); without it the model starts from random weights',
   },
   ...MODEL_FLAGS,
+  'image-size': {
+    kind: 'int',
+    fixed: true,
+    help: 'the model input of folder or manifest data, as --crop-size (scenes are their own size)',
+  },
+  'patch-size': { kind: 'int', fixed: true, help: 'patch size (default 4 on scenes, 16 on photos)' },
   ...lengthFlags(
     'optimizer steps (or --epochs)',
     'passes over the training scenes (default 5 when --steps is not given)',
@@ -74,10 +89,12 @@ const FLAGS = flagTable({
   'eval-every': { kind: 'int', help: 'epochs between test evaluations (and after the last step)', default: 1, min: 1 },
   ...SEGMENT_RUN_FLAGS,
   ...DATA_PARALLEL_FLAGS,
-  'layer-decay': { kind: 'number', help: 'layer-wise LR decay (1 = off)', default: 0.65 },
-  'aux-channels': { kind: 'int', help: 'channels of the auxiliary FCN head', default: 64, min: 1 },
+  lr: { kind: 'number', help: 'peak learning rate (linear warmup, then cosine)', default: 1e-3 },
+  'layer-decay': { kind: 'number', fixed: true, help: 'layer-wise LR decay (1 = off)', default: 0.65 },
+  'aux-channels': { kind: 'int', fixed: true, help: 'channels of the auxiliary FCN head', default: 64, min: 1 },
   'out-indices': {
     kind: 'string',
+    fixed: true,
     help: "the four backbone features, as transformers' outIndices, e.g. 2,3,4,5: feature k is the hidden state after k - 1 blocks (default: [3, 5, 7, 11] for 12 blocks, [7, 11, 15, 23] for 24, else spread evenly to the last)",
   },
   out: { kind: 'string', help: 'run folder', default: join('runs', 'segment') },
@@ -89,10 +106,20 @@ export const segmentCommand = defineCommand({
     'Fine-tunes a BEiT + UperNet segmenter on Fashion-MNIST scenes (per-pixel garment classes), from a pretrained checkpoint or from scratch, scoring mIoU after every epoch.',
   flags: FLAGS,
   run: async (values) => {
+    if (values.init !== undefined) {
+      const why = "takes the backbone's shape from the checkpoint (the data's size resizes its position tables)"
+      refuseFlags(
+        values,
+        FLAGS,
+        '--init',
+        why,
+        SHAPE_FLAGS.filter((f) => f !== 'channels'),
+      )
+    }
     const job = joinJob(values)
     const v = quietOffMain(values, job)
-    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const { train, test, size, transform, numLabels, what, channels } = await openSegmentationData(v)
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const options = {
       optimizer: { weightDecay: v['weight-decay'] },
       training: { layerDecay: v['layer-decay'] },
@@ -137,7 +164,7 @@ export const segmentCommand = defineCommand({
         transform,
         batchSize: v['batch-size'],
         ...job,
-        schedule: scheduleOptions({ ...v, lr: v.lr ?? 1e-3 }),
+        schedule: scheduleOptions(v),
         seed: v.seed,
         outDir: out,
         checkpointEvery: v['checkpoint-every'],
@@ -182,7 +209,26 @@ async function openSegmentationData(v: SegmentValues): Promise<{
   channels: 1 | 3
   what: string
 }> {
-  if (v.data === 'sample' || v.data === 'fashion-mnist') {
+  const scenes = v.data === 'sample' || v.data === 'fashion-mnist'
+  const csv = v.data.toLowerCase().endsWith('.csv')
+  if (scenes) {
+    const why = 'builds Fashion-MNIST scenes, whose size, classes and test split are their own'
+    refuseFlags(v, FLAGS, `--data ${v.data}`, why, [
+      'image-size',
+      'crop-size',
+      'num-labels',
+      'test-data',
+      'reduce-zero-label',
+    ])
+  } else {
+    const why = 'reads pairs, not Fashion-MNIST scenes'
+    refuseFlags(v, FLAGS, `--data ${v.data}`, why, ['train-scenes', 'test-scenes', 'scene-height', 'scene-width'])
+    if (!csv) {
+      const folder = 'is a folder, whose test split and label convention are its own'
+      refuseFlags(v, FLAGS, `--data ${v.data}`, folder, ['test-data', 'reduce-zero-label'])
+    }
+  }
+  if (scenes) {
     if (v.channels !== undefined && v.channels !== 1)
       throw new UsageError(`Fashion-MNIST scenes are gray: --channels must be 1 or left out, got ${v.channels}`)
     const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
@@ -191,8 +237,10 @@ async function openSegmentationData(v: SegmentValues): Promise<{
       fashionScenes(await loadFashionMnist({ split, dir }), { count, size, seed, name: `${v.data} ${split} scenes` })
     const train = await scenes('train', v['train-scenes'], v.seed)
     const test = await scenes('test', v['test-scenes'], v.seed + 1)
-    // Scenes come at the input size: a joint flip only (the rescale is 1 at this scale).
-    const transform = { ratioRange: [1, 1], catMaxRatio: 1, photometric: false } satisfies SegmentationTransform
+    // Scenes come at the input size: a joint flip only (the rescale is 1 at the scenes' own scale,
+    // where the default [4 x short, short] would shrink scenes more than 4 times as wide as high).
+    const scale: [number, number] = [Math.max(...size), Math.min(...size)]
+    const transform = { scale, ratioRange: [1, 1], catMaxRatio: 1, photometric: false } satisfies SegmentationTransform
     return { train, test, size, transform, numLabels: train.classNames.length, channels: 1, what: 'scenes' }
   }
   const path = v.data
@@ -201,7 +249,7 @@ async function openSegmentationData(v: SegmentValues): Promise<{
   let train: SegmentationDataset
   let test: SegmentationDataset
   let what: string
-  if (path.toLowerCase().endsWith('.csv')) {
+  if (csv) {
     if (!v['test-data']) throw new UsageError('a CSV --data needs --test-data (a CSV manifest of the test pairs)')
     train = await segmentationManifest(path, { reduceZeroLabel })
     test = await segmentationManifest(v['test-data'], { reduceZeroLabel })
@@ -239,7 +287,7 @@ function outIndices(flag: string | undefined): { outIndices?: [number, number, n
   if (flag === undefined) return {}
   const parts = flag.split(',').map((p) => p.trim())
   const values = parts.map(Number)
-  if (values.length !== 4 || values.some((n, i) => parts[i] === '' || !Number.isInteger(n) || n < 1))
+  if (values.length !== 4 || values.some((n, i) => !/^\d+$/.test(parts[i]) || n < 1))
     throw new UsageError(`--out-indices: expected four positive integers like 2,3,4,5, got ${JSON.stringify(flag)}`)
   return { outIndices: values as [number, number, number, number] }
 }

@@ -26,13 +26,14 @@ import {
 
 const FLAGS = flagTable({
   data: { kind: 'string', help: DATA_HELP, default: 'sample' },
-  preset: { kind: 'string', help: 'dVAE size', default: 'tiny', choices: choicesOf(DVAE_PRESETS) },
-  'vocab-size': { kind: 'int', help: "codebook size (default: the preset's)" },
+  preset: { kind: 'string', fixed: true, help: 'dVAE size', default: 'tiny', choices: choicesOf(DVAE_PRESETS) },
+  'vocab-size': { kind: 'int', fixed: true, help: "codebook size (default: the preset's)" },
   'image-size': {
     kind: 'int',
+    fixed: true,
     help: "input size in pixels (default: the images' own for IDX data, else the preset's)",
   },
-  channels: { kind: 'int', help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
+  channels: { kind: 'int', fixed: true, help: 'input channels, 1 or 3 (default: 1 for IDX data, 3 for image files)' },
   ...lengthFlags('training steps (default 1000 when --epochs is not given)', 'passes over the data (or --steps)'),
   'batch-size': { kind: 'int', help: 'images per batch (on each rank of a data-parallel job)', default: 32 },
   ...DATA_PARALLEL_FLAGS,
@@ -40,7 +41,7 @@ const FLAGS = flagTable({
   'min-lr': { kind: 'number', help: 'final learning rate (default lr / 100)', min: 0 },
   'warmup-steps': { kind: 'int', help: 'linear warmup steps', default: 0, min: 0 },
   'kl-weight': { kind: 'number', help: 'final KL weight, reached half way (DALL-E: 6.6)', default: 6.6, min: 0 },
-  ema: { kind: 'number', help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
+  ema: { kind: 'number', fixed: true, help: 'EMA decay of the weights, 0 = off', default: 0, min: 0 },
   seed: { kind: 'int', help: 'seed', default: 0, min: 0 },
   resume: { kind: 'bool', help: 'continue the run in --out from its checkpoint', default: false },
   'checkpoint-every': { kind: 'int', help: 'steps between checkpoints (and reconstruction sheets)', default: 500 },

@@ -92,6 +92,12 @@ export interface LoadedBatch {
 
 type ShardSettings = Required<Omit<ShardOptions, 'threads' | 'maxPixels' | 'onSkip'>> & Pick<ShardOptions, 'onSkip'>
 
+/** A batch off the native pool and the items it left out, counted when the batch is handed out. */
+export interface Loaded<B> {
+  batch: B
+  skips: SkippedImage[]
+}
+
 /**
  * The order, the shards and the prefetching of a dataset's batches; subclasses say how one
  * batch is loaded (on the native pool) from its dataset indices.
@@ -121,6 +127,7 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     if (!source || !(source.size > 0)) throw new Error(`dataset ${source?.name ?? ''} is empty`)
     checkPositiveInteger('batchSize', batchSize)
     checkPositiveInteger('worldSize', worldSize)
+    if (!Number.isInteger(opts.seed)) throw new Error(`seed must be an integer, got ${opts.seed}`)
     if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize)
       throw new Error(`rank must be an integer in [0, ${worldSize - 1}], got ${rank}`)
     if (!Number.isInteger(prefetch) || prefetch < 0)
@@ -184,7 +191,9 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     if (!Number.isInteger(next) || next < 0 || next > total)
       throw new Error(`fromBatch must be an integer in [0, ${total}], got ${next}`)
     const { batchSize } = this.shard
-    const queue: Promise<B>[] = []
+    // Batches are prefetched; their skips are counted (or thrown, with onError 'fail') when they
+    // are handed out, so a consumer that stops early sees the stats of what it took.
+    const queue: Promise<Loaded<B>>[] = []
     const launch = (batch: number) => {
       const indices = order.subarray(batch * batchSize, Math.min(order.length, (batch + 1) * batchSize))
       const pending = this.load(indices, epoch, batch)
@@ -193,8 +202,9 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
     }
     while (next < total && queue.length <= this.shard.prefetch) launch(next++)
     while (queue.length > 0) {
-      const batch = await queue.shift()!
+      const { batch, skips } = await queue.shift()!
       if (next < total) launch(next++)
+      this.count(skips, batch.size)
       // A batch whose every image was skipped (and counted) is left out, except with even shards
       // in a data-parallel job, where every rank takes every step (it adds no gradient there).
       if (batch.size > 0 || (this.shard.worldSize > 1 && this.shard.evenShards)) yield batch
@@ -202,26 +212,31 @@ export abstract class ShardedLoader<B extends LoadedBatch> {
   }
 
   /** Loads the items `indices` (batch `batch` of `epoch`). */
-  protected abstract load(indices: Uint32Array, epoch: number, batch: number): Promise<B>
+  protected abstract load(indices: Uint32Array, epoch: number, batch: number): Promise<Loaded<B>>
 
-  /** Counts and reports the native pool's failures (or throws with onError 'fail'); returns the kept indices. */
-  protected keep(
+  /** The native pool's kept items and failures as dataset indices and skips. */
+  protected kept(
     indices: Uint32Array,
     result: { kept: Uint32Array; failures: { index: number; reason: string }[] },
     describe: (index: number) => string,
-  ): Uint32Array {
-    for (const failure of result.failures) {
+  ): { kept: Uint32Array; skips: SkippedImage[] } {
+    const skips = result.failures.map((failure) => {
       const index = indices[failure.index]
-      const skip = { index, image: describe(index), reason: failure.reason }
+      return { index, image: describe(index), reason: failure.reason }
+    })
+    return { kept: Uint32Array.from(result.kept, (k) => indices[k]), skips }
+  }
+
+  /** Counts and reports a handed-out batch's skips, or throws at the first with onError 'fail'. */
+  private count(skips: SkippedImage[], loaded: number): void {
+    for (const skip of skips) {
       if (this.shard.onError === 'fail') throw new Error(`cannot load ${skip.image}: ${skip.reason}`)
       this.stats.skipped++
       if (this.stats.skips.length < KEPT_SKIPS) this.stats.skips.push(skip)
       if (this.shard.onSkip) this.shard.onSkip(skip)
       else console.warn(`beit: skipped ${skip.image}: ${skip.reason}`)
     }
-    const kept = Uint32Array.from(result.kept, (k) => indices[k])
-    this.stats.loaded += kept.length
-    return kept
+    this.stats.loaded += loaded
   }
 
   /** The length of the epoch's order the shards are cut from (cut or padded for even shards). */
@@ -279,7 +294,7 @@ export class ImageLoader extends ShardedLoader<Batch> {
     return this.options.dataset
   }
 
-  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<Batch> {
+  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<Loaded<Batch>> {
     const { dataset, transform } = this.options
     const augments = Array.from(indices, (index) =>
       drawAugment(transform, new Rng(deriveSeed(this.shard.seed, epoch, index, 1))),
@@ -302,14 +317,17 @@ export class ImageLoader extends ShardedLoader<Batch> {
             augmentsJson,
             this.viewsJson,
           )
-    const kept = this.keep(indices, result, (i) => describeImage(dataset, i))
+    const { kept, skips } = this.kept(indices, result, (i) => describeImage(dataset, i))
     return {
-      views: result.views,
-      labels: Int32Array.from(kept, (i) => dataset.labels[i]),
-      indices: kept,
-      size: kept.length,
-      epoch,
-      batch,
+      batch: {
+        views: result.views,
+        labels: Int32Array.from(kept, (i) => dataset.labels[i]),
+        indices: kept,
+        size: kept.length,
+        epoch,
+        batch,
+      },
+      skips,
     }
   }
 }

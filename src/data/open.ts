@@ -32,6 +32,17 @@ function namedIdxDir(spec: string): string | undefined {
   return DEBIAN_FASHION_MNIST_DIR
 }
 
+/**
+ * Whether `spec` has a test split of its own: the named IDX sets, an IDX folder with t10k
+ * files, or a folder with a test/ or val/ folder (a manifest or a folder of class folders is one
+ * split, whichever is asked for).
+ */
+export function hasTestSplit(spec: string): boolean {
+  if (spec === 'sample' || spec === 'fashion-mnist') return true
+  if (!existsSync(spec) || !statSync(spec).isDirectory()) return false
+  return hasIdx(spec, 'test') || SPLIT_FOLDERS.test.some((name) => existsSync(join(spec, name)))
+}
+
 export async function openDataset(spec: string, split: Split): Promise<ImageDataset> {
   const named = namedIdxDir(spec)
   if (named)

@@ -8,7 +8,7 @@ import { readdir, readFile } from 'node:fs/promises'
 import { basename, dirname, extname, isAbsolute, join, resolve } from 'node:path'
 
 import { csvRecords, IMAGE_EXTENSIONS, readManifest, requireFolder } from '../data/dataset'
-import { LoadedBatch, ShardedLoader, ShardOptions } from '../data/loader'
+import { Loaded, LoadedBatch, ShardedLoader, ShardOptions } from '../data/loader'
 import { ViewSpec, viewSpec } from '../data/augment'
 import { deriveSeed, Rng } from '../rng'
 
@@ -234,11 +234,15 @@ function checkRange(name: string, r: unknown, positive: boolean): void {
     )
 }
 
+/** A rescale target: [long side, short side], both positive, in that order. */
+export function checkScale(name: string, scale: unknown): void {
+  if (!(Array.isArray(scale) && scale.length === 2 && scale[0] >= scale[1] && scale[1] > 0))
+    throw new Error(`${name} must be [long side, short side], positive, got ${JSON.stringify(scale)}`)
+}
+
 export function validateSegmentationTransform(t: SegmentationTransform | 'eval'): void {
   if (t === 'eval') return
-  const scale = t.scale
-  if (scale !== undefined && !(Array.isArray(scale) && scale.length === 2 && scale[0] >= scale[1] && scale[1] > 0))
-    throw new Error(`transform.scale must be [long side, short side], positive, got ${JSON.stringify(scale)}`)
+  if (t.scale !== undefined) checkScale('transform.scale', t.scale)
   if (t.ratioRange !== undefined) checkRange('transform.ratioRange', t.ratioRange, true)
   const cap = t.catMaxRatio ?? 0.75
   if (!(cap > 0 && cap <= 1)) throw new Error(`transform.catMaxRatio must be in (0, 1], got ${cap}`)
@@ -273,7 +277,8 @@ export function drawPairAugment(t: SegmentationTransform | 'eval', size: [number
     const contrast = () => maybe() && photometric.push({ op: 'contrast', alpha: rng.uniform(0.5, 1.5) })
     if (contrastFirst) contrast()
     if (maybe()) photometric.push({ op: 'saturation', alpha: rng.uniform(0.5, 1.5) })
-    if (maybe()) photometric.push({ op: 'hue', delta: rng.int(-18, 18) })
+    // numpy's randint, which mmseg draws with, leaves out its upper bound.
+    if (maybe()) photometric.push({ op: 'hue', delta: rng.int(-18, 17) })
     if (!contrastFirst) contrast()
   }
   return { rescale, crop, catMaxRatio, flip, photometric }
@@ -312,7 +317,7 @@ export class SegmentationLoader extends ShardedLoader<SegmentationBatch> {
     })
   }
 
-  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<SegmentationBatch> {
+  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<Loaded<SegmentationBatch>> {
     const { data, transform, view } = this.options
     const augments = Array.from(indices, (index) =>
       drawPairAugment(transform, view.size, new Rng(deriveSeed(this.shard.seed, epoch, index, 1))),
@@ -339,8 +344,11 @@ export class SegmentationLoader extends ShardedLoader<SegmentationBatch> {
             this.viewJson,
             this.masksJson,
           )
-    const kept = this.keep(indices, result, (i) => describePair(data, i))
-    return { pixels: result.pixels, masks: result.masks, indices: kept, size: kept.length, epoch, batch }
+    const { kept, skips } = this.kept(indices, result, (i) => describePair(data, i))
+    return {
+      batch: { pixels: result.pixels, masks: result.masks, indices: kept, size: kept.length, epoch, batch },
+      skips,
+    }
   }
 }
 
@@ -400,7 +408,7 @@ export class WholePairLoader extends ShardedLoader<WholePairBatch> {
     ]
   }
 
-  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<WholePairBatch> {
+  protected async load(indices: Uint32Array, epoch: number, batch: number): Promise<Loaded<WholePairBatch>> {
     const { data } = this.options
     const source = data.source as Extract<PairSource, { kind: 'files' }>
     const result = await this.native.loadWholePairs(
@@ -408,13 +416,13 @@ export class WholePairLoader extends ShardedLoader<WholePairBatch> {
       Array.from(indices, (i) => source.masks[i]),
       ...this.json,
     )
-    const kept = this.keep(indices, result, (i) => describePair(data, i))
+    const { kept, skips } = this.kept(indices, result, (i) => describePair(data, i))
     const pairs = result.pairs.map((p) => ({
       pixels: p.pixels,
       size: [p.size[0], p.size[1]] as [number, number],
       mask: p.mask,
       maskSize: [p.maskSize[0], p.maskSize[1]] as [number, number],
     }))
-    return { pairs, indices: kept, size: kept.length, epoch, batch }
+    return { batch: { pairs, indices: kept, size: kept.length, epoch, batch }, skips }
   }
 }

@@ -5,7 +5,6 @@
  * mean and overall pixel accuracy on held-out data after every `evalEvery` epochs, with a
  * `predictions.png` of test images, their true masks and the predicted ones.
  */
-import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import { Segmenter, SegmenterStepMetrics } from '../segmenter'
@@ -17,18 +16,21 @@ import {
   LoopPosition,
   LoopProgress,
   resolveSteps,
+  restoreNaN,
   Run,
   RunResult,
   scheduleFor,
   startPosition,
   UpdateMeans,
   updatesPerEpoch,
+  writeAtomic,
 } from '../run'
 import { anyRank, checkSameAcrossRanks, Distributed, SINGLE_PROCESS } from '../distributed'
 import { deriveSeed } from '../rng'
 import { predictionSheet } from '../sheet'
 import type { ViewSpec } from '../data/augment'
 import {
+  checkScale,
   describePair,
   SegmentationDataset,
   SegmentationLoader,
@@ -121,6 +123,9 @@ export async function evaluateSegmentation(
   opts: SegmentationEvaluateOptions = {},
 ): Promise<SegmentationScores> {
   checkClasses(segmenter, data, 'evaluation')
+  const mode = opts.mode ?? 'slide'
+  if (mode !== 'slide' && mode !== 'resize') throw new Error(`mode must be 'slide' or 'resize', got ${String(mode)}`)
+  if (opts.scale !== undefined) checkScale('scale', opts.scale)
   const { numLabels, semanticLossIgnoreIndex: ignoreIndex } = segmenter.config
   const metrics = new SegmentationMetrics({ numLabels, ignoreIndex })
   const view = viewFor(segmenter, opts)
@@ -137,7 +142,7 @@ export async function evaluateSegmentation(
   const [h, w] = view.size
   const source = data.source
   const sameSize = source.kind === 'pixels' && source.height === h && source.width === w
-  if ((opts.mode ?? 'slide') === 'resize' || sameSize) {
+  if (mode === 'resize' || sameSize) {
     // At the input size: batched, and for pairs of the input's size the same as sliding.
     const loader = new SegmentationLoader({
       ...common,
@@ -223,6 +228,9 @@ export async function finetuneSegmentation(
   checkSameAcrossRanks(dist, 'segmentation fine-tuning run', sizes)
   const lr = scheduleFor(opts.schedule, totalSteps)
   const evalEvery = checkPositiveInteger('evalEvery', opts.evalEvery ?? 1)
+  const sheetImages = opts.sheetImages ?? 8
+  if (!Number.isInteger(sheetImages) || sheetImages < 0)
+    throw new Error(`sheetImages must be an integer >= 0 (0: no predictions.png), got ${sheetImages}`)
   const fresh: SegmentationState = {
     ...startPosition('finetune-segmentation', totalSteps, b, seed),
     epochLoss: 0,
@@ -246,7 +254,8 @@ export async function finetuneSegmentation(
     signal: opts.signal,
     distributed: dist,
   })
-  let state = run.start
+  // Scores saved in the checkpoint's JSON come back with their NaNs.
+  let state = { ...run.start, evals: restoreNaN(run.start.evals) }
   const save = async () => {
     segmenter.trainState = state
     await segmenter.save(run.checkpoint)
@@ -256,7 +265,6 @@ export async function finetuneSegmentation(
   const means = new UpdateMeans(['loss', 'pixelAccuracy'] as const)
   const result = async (status: RunResult['status']) => ({ ...(await run.end(status, state.step)), evals: state.evals })
 
-  const sheetImages = opts.sheetImages ?? 8
   /** predictions.png: the first test pairs at the input size, their masks and the predictions. */
   const drawSheet = async () => {
     if (sheetImages === 0 || dist.rank !== 0) return
@@ -275,7 +283,7 @@ export async function finetuneSegmentation(
     const { value: batch } = await firstTest.epoch(0).next()
     if (!batch || batch.size === 0) return
     const predicted = await segmenter.predict(batch.pixels)
-    await writeFile(
+    await writeAtomic(
       join(opts.outDir, 'predictions.png'),
       predictionSheet({ batch, predicted, view, count: batch.size, ignoreIndex }),
     )

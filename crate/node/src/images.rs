@@ -1,7 +1,8 @@
-//! The image loader: decodes and augments batches on its own thread pool.
+//! The image loader: decodes and augments batches on a thread pool.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use beit_core::images::{
     load_pairs, load_views, load_whole_pairs, Augment, Failure, MaskSpec, PairAugment, PairBatch, PairSources, Rescale,
@@ -13,7 +14,7 @@ use rayon::ThreadPool;
 
 use crate::guarded;
 
-/// Decodes, crops, resizes and normalises image batches on a thread pool of its own.
+/// Decodes, crops, resizes and normalises image batches on the process's pool of its size.
 #[napi]
 pub struct NativeImageLoader {
     pool: Arc<ThreadPool>,
@@ -65,12 +66,7 @@ impl NativeImageLoader {
             Some(n) => n as u64,
             None => DEFAULT_MAX_PIXELS,
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("beit-images-{i}"))
-            .build()
-            .map_err(|e| Error::new(Status::GenericFailure, format!("cannot start the image thread pool: {e}")))?;
-        Ok(Self { pool: Arc::new(pool), max_pixels })
+        Ok(Self { pool: shared_pool(threads)?, max_pixels })
     }
 
     #[napi(getter)]
@@ -194,10 +190,31 @@ impl NativeImageLoader {
         let channels = u8::try_from(channels)
             .map_err(|_| Error::new(Status::InvalidArg, format!("channels must be 1 or 3, got {channels}")))?;
         let (images, _) = gather(&images, image_values(height, width, u32::from(channels))?, &indices, "images")?;
-        let (masks, indices) = gather(&masks, image_values(height, width, 1)?, &indices, "masks")?;
-        let source = PairSource::Pixels { images, masks, height, width, channels, indices };
+        let (masks, positions) = gather(&masks, image_values(height, width, 1)?, &indices, "masks")?;
+        let source =
+            PairSource::Pixels { images, masks, height, width, channels, positions, numbers: indices.to_vec() };
         Ok(AsyncTask::new(LoadPairsTask { loader: self.task_context(), source, augments_json, view_json, masks_json }))
     }
+}
+
+/// The live pool of `threads` threads, or a new one. Loaders share pools: a loop makes a loader
+/// per evaluation, and a pool of its own each time would keep its idle threads until the garbage
+/// collector happened to drop the loader.
+fn shared_pool(threads: usize) -> Result<Arc<ThreadPool>> {
+    static POOLS: Mutex<Option<HashMap<usize, Weak<ThreadPool>>>> = Mutex::new(None);
+    let mut pools = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pools = pools.get_or_insert_with(HashMap::new);
+    if let Some(pool) = pools.get(&threads).and_then(Weak::upgrade) {
+        return Ok(pool);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("beit-images-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Error::new(Status::GenericFailure, format!("cannot start the image thread pool: {e}")))?;
+    pools.insert(threads, Arc::downgrade(&pool));
+    Ok(pool)
 }
 
 impl NativeImageLoader {
@@ -273,8 +290,20 @@ impl Task for LoadViewsTask {
 // One per batch request: the variant sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum PairSource {
-    Files { images: Vec<PathBuf>, masks: Vec<PathBuf> },
-    Pixels { images: Vec<u8>, masks: Vec<u8>, height: u32, width: u32, channels: u8, indices: Vec<u32> },
+    Files {
+        images: Vec<PathBuf>,
+        masks: Vec<PathBuf>,
+    },
+    /// The batch's pairs copied (`positions` in the copy), and their indices in the caller's data.
+    Pixels {
+        images: Vec<u8>,
+        masks: Vec<u8>,
+        height: u32,
+        width: u32,
+        channels: u8,
+        positions: Vec<u32>,
+        numbers: Vec<u32>,
+    },
 }
 
 pub struct LoadPairsTask {
@@ -297,8 +326,16 @@ impl Task for LoadPairsTask {
             let (pool, max_pixels) = &self.loader;
             let sources = match &self.source {
                 PairSource::Files { images, masks } => PairSources::Files { images, masks },
-                PairSource::Pixels { images, masks, height, width, channels, indices } => {
-                    PairSources::Pixels { images, masks, height: *height, width: *width, channels: *channels, indices }
+                PairSource::Pixels { images, masks, height, width, channels, positions, numbers } => {
+                    PairSources::Pixels {
+                        images,
+                        masks,
+                        height: *height,
+                        width: *width,
+                        channels: *channels,
+                        indices: positions,
+                        numbers,
+                    }
                 }
             };
             load_pairs(pool, &sources, &augments, &view, &masks, *max_pixels)

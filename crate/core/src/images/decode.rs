@@ -65,7 +65,14 @@ fn decode_other(bytes: &[u8], max_pixels: u64) -> Result<Decoded, String> {
             describe_pixels(max_pixels)
         ));
     }
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // WebP (as libvips and Pillow write it) prefixes its EXIF chunk with JPEG's APP1 "Exif\0\0",
+    // which `Orientation::from_exif_chunk` does not skip: it would leave the image unrotated.
+    let orientation = decoder
+        .exif_metadata()
+        .ok()
+        .flatten()
+        .and_then(|exif| Orientation::from_exif_chunk(exif.strip_prefix(b"Exif\0\0").unwrap_or(&exif)))
+        .unwrap_or(Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt or truncated {name}: {e}"))?;
     image.apply_orientation(orientation);
     let pixels = to_pixels(image);

@@ -26,8 +26,17 @@ pub enum PairSources<'a> {
     /// Encoded images and PNG masks, read on the pool.
     Files { images: &'a [PathBuf], masks: &'a [PathBuf] },
     /// In memory: 8-bit images [count, height, width, channels] and masks [count, height, width];
-    /// `indices` picks the batch.
-    Pixels { images: &'a [u8], masks: &'a [u8], height: u32, width: u32, channels: u8, indices: &'a [u32] },
+    /// `indices` picks the batch, and `numbers` are its pairs' indices in the caller's dataset
+    /// (which errors name: `images` and `masks` may be a copy of the batch alone).
+    Pixels {
+        images: &'a [u8],
+        masks: &'a [u8],
+        height: u32,
+        width: u32,
+        channels: u8,
+        indices: &'a [u32],
+        numbers: &'a [u32],
+    },
 }
 
 impl PairSources<'_> {
@@ -41,7 +50,7 @@ impl PairSources<'_> {
     fn describe_mask(&self, i: usize) -> String {
         match self {
             PairSources::Files { masks, .. } => masks[i].display().to_string(),
-            PairSources::Pixels { indices, .. } => format!("mask {}", indices[i]),
+            PairSources::Pixels { numbers, .. } => format!("the mask of pair {}", numbers[i]),
         }
     }
 }
@@ -216,9 +225,16 @@ fn check_sources(sources: &PairSources) -> Result<()> {
                 masks.len()
             )));
         }
-        PairSources::Pixels { images, masks, height, width, channels, indices } => {
+        PairSources::Pixels { images, masks, height, width, channels, indices, numbers } => {
             let plane = *height as usize * *width as usize;
             let per = plane * *channels as usize;
+            if numbers.len() != indices.len() {
+                return Err(Error::Config(format!(
+                    "{} pair numbers for {} indices; expected one each",
+                    numbers.len(),
+                    indices.len()
+                )));
+            }
             if per == 0 || images.len() % per != 0 || (*channels != 1 && *channels != 3) {
                 return Err(Error::Config(format!(
                     "pixel source of {} bytes is not a whole number of {height}x{width}x{channels} images (channels 1 or 3)",
@@ -389,7 +405,7 @@ fn read_pair(
             let decoded = decode(&bytes, max_pixels, &request)?;
             (decoded.pixels, (decoded.full_width, decoded.full_height), Mask { width, height, ids: mask })
         }
-        PairSources::Pixels { images, masks, height, width, channels, indices } => {
+        PairSources::Pixels { images, masks, height, width, channels, indices, .. } => {
             let plane = *height as usize * *width as usize;
             let k = indices[i] as usize;
             let per = plane * *channels as usize;
