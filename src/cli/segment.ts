@@ -209,9 +209,9 @@ async function openSegmentationData(v: SegmentValues): Promise<{
   channels: 1 | 3
   what: string
 }> {
-  const scenes = v.data === 'sample' || v.data === 'fashion-mnist'
+  const isScenes = v.data === 'sample' || v.data === 'fashion-mnist'
   const csv = v.data.toLowerCase().endsWith('.csv')
-  if (scenes) {
+  if (isScenes) {
     const why = 'builds Fashion-MNIST scenes, whose size, classes and test split are their own'
     refuseFlags(v, FLAGS, `--data ${v.data}`, why, [
       'image-size',
@@ -228,7 +228,7 @@ async function openSegmentationData(v: SegmentValues): Promise<{
       refuseFlags(v, FLAGS, `--data ${v.data}`, folder, ['test-data', 'reduce-zero-label'])
     }
   }
-  if (scenes) {
+  if (isScenes) {
     if (v.channels !== undefined && v.channels !== 1)
       throw new UsageError(`Fashion-MNIST scenes are gray: --channels must be 1 or left out, got ${v.channels}`)
     const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
