@@ -280,6 +280,9 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     t.is(r.code, 1, `${args.join(' ')}: ${r.stderr}`)
     t.regex(r.stderr, message, args.join(' '))
     t.notRegex(r.stderr, /\n\s+at /, `${args.join(' ')} printed a stack`)
+    // Nothing is written to a run folder before the error.
+    const out = args.indexOf('--out')
+    if (out >= 0) t.false(existsSync(join(args[out + 1], 'config.json')), `${args.join(' ')} wrote config.json`)
   }
   const help = await beit(['pretrain', '--help'])
   t.is(help.code, 0)

@@ -48,7 +48,7 @@ test('a schedule is warmup + cosine options or a function used as is', (t) => {
   const reference = warmupCosine({ lr: 1e-3, minLr: 1e-3 / 150, warmupSteps: 5, totalSteps: 100 })
   t.deepEqual([0, 4, 5, 50, 99].map(lr), [0, 4, 5, 50, 99].map(reference))
   t.throws(() => scheduleFor(1e-3 as unknown as { lr: number }, 10), {
-    message: 'schedule must be { lr, minLr?, warmupSteps? } or a function of the step, got 0.001',
+    message: 'schedule must be { lr, minLr?, warmupSteps?, decay? } or a function of the step, got 0.001',
   })
 })
 

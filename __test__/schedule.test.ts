@@ -1,6 +1,7 @@
 import test from 'ava'
 
-import { cosineRamp, warmupCosine } from '../src/schedule'
+import { scheduleFor } from '../src/run'
+import { cosineRamp, warmupCosine, warmupPoly } from '../src/schedule'
 
 test('warmup rises linearly to the peak, then cosine decays to minLr at the last step', (t) => {
   const lr = warmupCosine({ lr: 1e-3, minLr: 1e-5, warmupSteps: 10, totalSteps: 110 })
@@ -18,6 +19,28 @@ test('a single decay step is at the peak, not at minLr', (t) => {
   const lr = warmupCosine({ lr: 1e-3, minLr: 1e-5, warmupSteps: 9, totalSteps: 10 })
   t.is(lr(8), 1e-3)
   t.is(lr(9), 1e-3)
+})
+
+test("poly decay follows mmseg's PolyLR after the warmup", (t) => {
+  const lr = warmupPoly({ lr: 1e-3, warmupSteps: 4, totalSteps: 24, power: 0.9, minLr: 1e-6 })
+  t.is(lr(0), 2.5e-4)
+  t.is(lr(3), 1e-3)
+  // mmengine's PolyLR, step by step from the warmup's end: lr <- min + (lr - min)(1 - 1/(T - t))^p.
+  let expected = 1e-3
+  for (let t0 = 0; t0 < 20; t0++) {
+    if (t0 > 0) expected = 1e-6 + (expected - 1e-6) * (1 - 1 / (20 - t0 + 1)) ** 0.9
+    t.true(Math.abs(lr(4 + t0) - expected) < 1e-15, `decay step ${t0}: ${lr(4 + t0)} vs ${expected}`)
+  }
+  t.true(lr(23) > 1e-6, 'the last step still moves the weights')
+  const byOptions = scheduleFor({ lr: 1e-3, warmupSteps: 4, decay: 'poly' }, 24)
+  t.is(byOptions(14), warmupPoly({ lr: 1e-3, warmupSteps: 4, totalSteps: 24 })(14))
+  t.is(byOptions(14), 1e-3 * 0.5, 'power 1 and minLr 0 by default: linear to 0')
+  t.throws(() => scheduleFor({ lr: 1e-3, decay: 'step' as 'poly' }, 10), {
+    message: "schedule.decay must be 'cosine' or 'poly', got step",
+  })
+  t.throws(() => warmupPoly({ lr: 1, power: 0, warmupSteps: 0, totalSteps: 10 }), {
+    message: 'power must be a positive number, got 0',
+  })
 })
 
 test('schedule options are validated', (t) => {

@@ -256,7 +256,8 @@ test('trainTokenizer follows the loop contract: epochs or steps, a schedule as o
       message: /outDir is required: the run folder for checkpoint\.safetensors/,
     })
     await t.throwsAsync(trainTokenizer({ ...base, steps: 1, schedule: { minLr: 1 } as unknown as { lr: number } }), {
-      message: /schedule must be \{ lr, minLr\?, warmupSteps\? \} or a function of the step, got \{"minLr":1\}/,
+      message:
+        /schedule must be \{ lr, minLr\?, warmupSteps\?, decay\? \} or a function of the step, got \{"minLr":1\}/,
     })
     await t.throwsAsync(trainTokenizer({ ...base, steps: 1, checkpointEvery: 0 }), {
       message: 'checkpointEvery must be a positive integer (steps), got 0',

@@ -65,13 +65,9 @@ function checkMask(mask: Uint8Array, patches: number): Uint8Array {
   return mask
 }
 
-export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
-  const { model, tokenizer, data, masking, batchSize } = opts
-  const b = batching(opts)
-  const { accumulate, distributed: dist } = b
-  const seed = opts.seed ?? 0
+/** Refuses a tokenizer whose tokens cannot be `model`'s targets: another grid, vocabulary or channel count. */
+export function checkTokenizerFits(model: Beit, tokenizer: Dvae): void {
   const [height, width] = model.config.imageSize
-  const channels = model.config.numChannels as 1 | 3
   const [tokHeight, tokWidth] = tokenizer.config.imageSize
   if (tokHeight !== tokWidth || height !== width) throw new Error('pretrain takes square images and tokenizer inputs')
   const tokenGrid = [tokHeight / tokenizer.downsample, tokWidth / tokenizer.downsample]
@@ -85,9 +81,22 @@ export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
       `tokenizer vocabulary ${tokenizer.config.vocabSize} exceeds the model's vocabSize ${model.config.vocabSize}`,
     )
   }
-  if (tokenizer.config.numChannels !== channels) {
-    throw new Error(`the tokenizer takes ${tokenizer.config.numChannels} channel(s) but the model ${channels}`)
+  if (tokenizer.config.numChannels !== model.config.numChannels) {
+    throw new Error(
+      `the tokenizer takes ${tokenizer.config.numChannels} channel(s) but the model ${model.config.numChannels}`,
+    )
   }
+}
+
+export async function pretrain(opts: PretrainOptions): Promise<RunResult> {
+  const { model, tokenizer, data, masking, batchSize } = opts
+  const b = batching(opts)
+  const { accumulate, distributed: dist } = b
+  const seed = opts.seed ?? 0
+  checkTokenizerFits(model, tokenizer)
+  const height = model.config.imageSize[0]
+  const tokHeight = tokenizer.config.imageSize[0]
+  const channels = model.config.numChannels as 1 | 3
   if (masking.height !== model.grid[0] || masking.width !== model.grid[1]) {
     throw new Error(
       `mask grid ${masking.height}x${masking.width} does not match the model's patch grid ${model.grid.join('x')}`,

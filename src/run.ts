@@ -17,20 +17,22 @@ import {
   sumAcrossRanks,
 } from './distributed'
 import { curvesSvg, Series } from './plot'
-import { warmupCosine } from './schedule'
+import { warmupCosine, warmupPoly } from './schedule'
 
 export type Metrics = Record<string, number | string>
 
 export interface ScheduleOptions {
   /** Peak learning rate. */
   lr: number
-  /** Final learning rate. Default lr / 150 (BEiT: 1.5e-3 -> 1e-5). */
+  /** Final learning rate. Default lr / 150 with the cosine (BEiT: 1.5e-3 -> 1e-5), 0 with poly (mmseg). */
   minLr?: number
   /** Linear warmup steps. Default 5% of the run. */
   warmupSteps?: number
+  /** The decay after the warmup: 'cosine' (default, `warmupCosine`) or 'poly' (`warmupPoly`, power 1). */
+  decay?: 'cosine' | 'poly'
 }
 
-/** The learning rate of each step: linear warmup then cosine (options), or any function of the step. */
+/** The learning rate of each step: linear warmup then a decay (options), or any function of the step. */
 export type Schedule = ScheduleOptions | ((step: number) => number)
 
 /**
@@ -101,19 +103,18 @@ export function resolveSteps(steps: number | undefined, epochs: number | undefin
   return total
 }
 
-/** The learning rate of each step of a run of `totalSteps`: a function as given, options as warmup + cosine. */
+/** The learning rate of each step of a run of `totalSteps`: a function as given, options as warmup + decay. */
 export function scheduleFor(schedule: Schedule, totalSteps: number): (step: number) => number {
   if (typeof schedule === 'function') return schedule
   if (typeof schedule !== 'object' || schedule === null || typeof schedule.lr !== 'number')
     throw new Error(
-      `schedule must be { lr, minLr?, warmupSteps? } or a function of the step, got ${JSON.stringify(schedule)}`,
+      `schedule must be { lr, minLr?, warmupSteps?, decay? } or a function of the step, got ${JSON.stringify(schedule)}`,
     )
-  return warmupCosine({
-    lr: schedule.lr,
-    minLr: schedule.minLr ?? schedule.lr / 150,
-    warmupSteps: schedule.warmupSteps ?? Math.round(0.05 * totalSteps),
-    totalSteps,
-  })
+  const decay = schedule.decay ?? 'cosine'
+  const warmupSteps = schedule.warmupSteps ?? Math.round(0.05 * totalSteps)
+  if (decay === 'poly') return warmupPoly({ lr: schedule.lr, minLr: schedule.minLr, warmupSteps, totalSteps })
+  if (decay !== 'cosine') throw new Error(`schedule.decay must be 'cosine' or 'poly', got ${String(decay)}`)
+  return warmupCosine({ lr: schedule.lr, minLr: schedule.minLr ?? schedule.lr / 150, warmupSteps, totalSteps })
 }
 
 /** What every training loop's saved position holds, whatever else it adds. */

@@ -22,18 +22,51 @@ export interface WarmupCosineOptions {
 export function warmupCosine(opts: WarmupCosineOptions): (step: number) => number {
   const { lr, warmupSteps, totalSteps } = opts
   const minLr = opts.minLr ?? (lr * 1e-5) / 1.5e-3
-  if (!(lr > 0)) throw new Error(`lr must be > 0, got ${lr}`)
-  if (!(minLr >= 0 && minLr <= lr)) throw new Error(`minLr must be in [0, lr], got ${minLr}`)
-  checkPositiveInteger('totalSteps', totalSteps)
-  if (!(Number.isInteger(warmupSteps) && warmupSteps >= 0 && warmupSteps <= totalSteps)) {
-    throw new Error(`warmupSteps must be an integer in [0, totalSteps=${totalSteps}], got ${warmupSteps}`)
-  }
+  checkWarmupDecay(lr, minLr, warmupSteps, totalSteps)
   return (step: number) => {
     if (step < warmupSteps) return (lr * (step + 1)) / warmupSteps
     const decaySteps = totalSteps - warmupSteps
     // A single decay step is at the peak, as BEiT's schedule starts its decay there.
     const progress = decaySteps <= 1 ? 0 : Math.min(1, (step - warmupSteps) / (decaySteps - 1))
     return minLr + 0.5 * (lr - minLr) * (1 + Math.cos(Math.PI * progress))
+  }
+}
+
+export interface WarmupPolyOptions {
+  /** Peak learning rate, reached at the end of warmup. */
+  lr: number
+  /** The rate the decay heads for. Default 0 (mmseg's eta_min). */
+  minLr?: number
+  /** The polynomial's power. Default 1 (mmseg's BEiT recipes: linear decay). */
+  power?: number
+  warmupSteps: number
+  totalSteps: number
+}
+
+/**
+ * Linear warmup to lr (as `warmupCosine`'s), then mmseg's PolyLR: decay step t (from 0 at the
+ * warmup's end) runs at minLr + (lr - minLr)(1 - t / decaySteps)^power, so the last step is
+ * still (1 / decaySteps)^power of the way above minLr. mmseg trains BEiT's segmenters this way.
+ */
+export function warmupPoly(opts: WarmupPolyOptions): (step: number) => number {
+  const { lr, warmupSteps, totalSteps } = opts
+  const minLr = opts.minLr ?? 0
+  const power = opts.power ?? 1
+  checkWarmupDecay(lr, minLr, warmupSteps, totalSteps)
+  if (!(Number.isFinite(power) && power > 0)) throw new Error(`power must be a positive number, got ${power}`)
+  return (step: number) => {
+    if (step < warmupSteps) return (lr * (step + 1)) / warmupSteps
+    const left = Math.max(0, 1 - (step - warmupSteps) / (totalSteps - warmupSteps))
+    return minLr + (lr - minLr) * left ** power
+  }
+}
+
+function checkWarmupDecay(lr: number, minLr: number, warmupSteps: number, totalSteps: number): void {
+  if (!(lr > 0)) throw new Error(`lr must be > 0, got ${lr}`)
+  if (!(minLr >= 0 && minLr <= lr)) throw new Error(`minLr must be in [0, lr], got ${minLr}`)
+  checkPositiveInteger('totalSteps', totalSteps)
+  if (!(Number.isInteger(warmupSteps) && warmupSteps >= 0 && warmupSteps <= totalSteps)) {
+    throw new Error(`warmupSteps must be an integer in [0, totalSteps=${totalSteps}], got ${warmupSteps}`)
   }
 }
 

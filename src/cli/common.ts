@@ -58,8 +58,14 @@ export function refuseFlags(
 export const RUN_FLAGS = flagTable({
   'batch-size': { kind: 'int', help: 'images per batch (on each rank of a data-parallel job)', default: 64 },
   lr: { kind: 'number', help: 'peak learning rate (linear warmup, then cosine)' },
-  'min-lr': { kind: 'number', help: 'final learning rate (default lr / 150)', min: 0 },
+  'min-lr': { kind: 'number', help: 'final learning rate (default lr / 150; 0 with --decay poly)', min: 0 },
   'warmup-steps': { kind: 'int', help: 'warmup steps (default 5% of the run)', min: 0 },
+  decay: {
+    kind: 'string',
+    help: "the learning rate's decay after the warmup: cosine (BEiT) or poly (linear, mmseg's segmentation recipe)",
+    default: 'cosine',
+    choices: ['cosine', 'poly'],
+  },
   'weight-decay': { kind: 'number', fixed: true, help: 'AdamW weight decay', default: 0.05, min: 0 },
   'scale-min': { kind: 'number', help: 'RandomResizedCrop smallest area share', default: 0.35 },
   seed: { kind: 'int', help: 'seed of init, data order, augmentation, masks, drop path', default: 0, min: 0 },
@@ -129,9 +135,14 @@ export function runLength(
   return fallback
 }
 
-/** --lr, --min-lr and --warmup-steps as schedule options. */
-export function scheduleOptions(v: { lr: number; 'min-lr'?: number; 'warmup-steps'?: number }): ScheduleOptions {
-  return { lr: v.lr, minLr: v['min-lr'], warmupSteps: v['warmup-steps'] }
+/** --lr, --min-lr, --warmup-steps and --decay as schedule options. */
+export function scheduleOptions(v: {
+  lr: number
+  'min-lr'?: number
+  'warmup-steps'?: number
+  decay?: 'cosine' | 'poly'
+}): ScheduleOptions {
+  return { lr: v.lr, minLr: v['min-lr'], warmupSteps: v['warmup-steps'], decay: v.decay }
 }
 
 /** A dataset and its test split where it has one (an unreadable test split is an error). */

@@ -191,6 +191,7 @@ export const demoCommand = defineCommand({
       'batch-size': Math.min(64, labelled.size),
       lr: 1e-3,
       'weight-decay': 0.05,
+      decay: 'cosine',
       'label-smoothing': 0.1,
       'layer-decay': 0.75,
       pooling: 'mean',

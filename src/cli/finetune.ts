@@ -71,12 +71,14 @@ export const finetuneCommand = defineCommand({
     }
     const job = joinJob(values)
     const v = quietOffMain(values, job)
-    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const { train, test } = await openData(v.data)
     if (!test)
       throw new UsageError(
         `--data ${v.data}: fine-tuning needs a test split (IDX t10k files, or a test/ or val/ folder)`,
       )
+    // A checkpoint of another kind is refused before the run folder is written.
+    if (v.init !== undefined && !v.resume) await pretrainedBackbone(v.init)
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const result = await runFinetune(v, train, test, out, job)
     if (result.status === 'completed') {
       const best = Math.max(...result.evals.map((e) => e.evalAccuracy))

@@ -5,7 +5,7 @@ import { defineCommand, flagTable, UsageError } from '../cli-options'
 import { openDataset } from '../data/open'
 import { BlockwiseMaskGenerator, MaskGenerator, RandomMaskGenerator } from '../masking'
 import { Beit } from '../model'
-import { pretrain, PretrainProgress } from '../pretrain'
+import { checkTokenizerFits, pretrain, PretrainProgress } from '../pretrain'
 import { CHECKPOINT_FILE, Progress } from '../run'
 import { Dvae } from '../tokenizer'
 import { writeSheet } from '../train-tokenizer'
@@ -75,15 +75,17 @@ export const pretrainCommand = defineCommand({
     const train = await openDataset(v.data, 'train')
     const pixels = train.source.kind === 'pixels'
     const tokenizer = await Dvae.load(tokenizerPath, placement(v, job))
-    const out = await prepareOut(FLAGS, { ...values, ...length }, job)
-    if (job.distributed.rank === 0) await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
-    const model = v.resume
-      ? await Beit.load(join(out, CHECKPOINT_FILE), placement(v, job))
+    const fresh = v.resume
+      ? undefined
       : Beit.create(modelSpec(v, pixels, tokenizer.config.vocabSize), {
           seed: v.seed,
           optimizer: { weightDecay: v['weight-decay'] },
           ...placement(v, job),
         })
+    if (fresh) checkTokenizerFits(fresh, tokenizer)
+    const out = await prepareOut(FLAGS, { ...values, ...length }, job)
+    if (job.distributed.rank === 0) await writeSheet(tokenizer, train, 16, join(out, 'reconstructions.png'))
+    const model = fresh ?? (await Beit.load(join(out, CHECKPOINT_FILE), placement(v, job)))
     const [gh, gw] = model.grid
     const count = Math.max(1, Math.round(ratio * gh * gw))
     const masking: MaskGenerator =

@@ -119,6 +119,8 @@ export const segmentCommand = defineCommand({
     const job = joinJob(values)
     const v = quietOffMain(values, job)
     const { train, test, size, transform, numLabels, what, channels } = await openSegmentationData(v)
+    // A checkpoint of another kind is refused before the run folder is written.
+    if (v.init !== undefined && !v.resume) await pretrainedBackbone(v.init)
     const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const options = {
       optimizer: { weightDecay: v['weight-decay'] },

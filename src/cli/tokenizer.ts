@@ -3,7 +3,7 @@ import { join } from 'node:path'
 
 import { choicesOf, CommandValues, defineCommand, flagTable, UsageError } from '../cli-options'
 import { ImageDataset } from '../data/dataset'
-import { openDataset } from '../data/open'
+import { hasTestSplit, openDataset } from '../data/open'
 import { CHECKPOINT_FILE, formatSeconds, Progress } from '../run'
 import { DVAE_PRESETS, Dvae } from '../tokenizer'
 import { TokenizerEvaluation, trainTokenizer } from '../train-tokenizer'
@@ -74,7 +74,9 @@ export const tokenizerCommand = defineCommand({
     const job = joinJob(values)
     const v = quietOffMain(values, job)
     const train = await openDataset(v.data, 'train')
-    const test = await openDataset(v.data, 'test')
+    // Data without a test split of its own (a manifest, class folders, train/ alone) is scored on
+    // its training images, as the tokenizer needs no labels.
+    const test = hasTestSplit(v.data) ? await openDataset(v.data, 'test') : train
     const preset = v.preset
     const source = train.source.kind === 'pixels' ? train.source : undefined
     const channels = channelsFlag(v.channels, source?.channels ?? 3)
@@ -83,13 +85,15 @@ export const tokenizerCommand = defineCommand({
       given !== undefined ? [given, given] : source ? [source.height, source.width] : DVAE_PRESETS[preset].imageSize
     const vocab = v['vocab-size'] === undefined ? {} : { vocabSize: v['vocab-size'] }
     if (v.ema >= 1) throw new UsageError(`--ema must be below 1, got ${v.ema}`)
-    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { steps: 1000 }) }, job)
-    const tokenizer = v.resume
-      ? await Dvae.load(join(out, CHECKPOINT_FILE), placement(v, job))
+    // A bad configuration fails before the run folder is written.
+    const fresh = v.resume
+      ? undefined
       : Dvae.create(
           { preset, numChannels: channels, imageSize, ...vocab },
           { seed: v.seed, emaDecay: v.ema, ...placement(v, job) },
         )
+    const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { steps: 1000 }) }, job)
+    const tokenizer = fresh ?? (await Dvae.load(join(out, CHECKPOINT_FILE), placement(v, job)))
     log(
       v,
       `tokenizer: dVAE ${preset} at ${imageSize[0]}x${imageSize[1]}x${channels} on ${train.size.toLocaleString()} images of ${train.name}${v.resume ? `, resuming at step ${tokenizer.step}` : ''}`,
