@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { SINGLE_PROCESS } from '../src/distributed'
-import { batching, formatSeconds, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
+import { batching, formatSeconds, MetricsLog, resolveSteps, Run, scheduleFor, startPosition } from '../src/run'
 import { curvesSvg } from '../src/plot'
 import { warmupCosine } from '../src/schedule'
 
@@ -163,6 +163,20 @@ test('accumulate must be a whole number of batches', (t) => {
   t.throws(() => batching({ batchSize: 4, distributed: { ...SINGLE_PROCESS, rank: 2, worldSize: 2 } }), {
     message: /distributed must be what initDistributed\(\) returns/,
   })
+})
+
+test("a long run's metrics log holds bounded curves in memory and every record on disk", async (t) => {
+  const dir = await tempDir(t)
+  const log = await MetricsLog.open(dir, { title: 'run', panels: [{ key: 'loss' }], refreshEvery: 1e9 })
+  const steps = 30_000
+  for (let step = 0; step < steps; step++) await log.record({ step, loss: step === 12_345 ? 9 : 1 + (step % 5) / 100 })
+  await log.writePlot()
+  const held = (log as unknown as { points: [number, number][][] }).points[0].length
+  t.true(held <= 8000, `${held} points held for ${steps} records`)
+  const svg = await readFile(join(dir, 'curves.svg'), 'utf8')
+  t.true(svg.includes('>9</text>') || svg.includes('>8</text>'), 'the spike survives the compaction')
+  const lines = (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n')
+  t.is(lines.length, steps)
 })
 
 test('training curves: a long run is thinned to its extremes, and a flat panel gets ticks', (t) => {

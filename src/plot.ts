@@ -13,7 +13,7 @@ const PANEL_H = 200
 const PAD = { left: 58, right: 12, top: 26, bottom: 30 }
 const COLUMNS = 2
 /** Points drawn per panel at most: a long run's curve is thinned to each bucket's extremes. */
-const MAX_POINTS = 2000
+export const MAX_POINTS = 2000
 
 /** Whether lo and hi are equal up to rounding (ticks between them would not advance). */
 function flat(lo: number, hi: number): boolean {
@@ -39,7 +39,7 @@ function extent(values: number[]): [number, number] {
 }
 
 /** At most `MAX_POINTS` points: each run of consecutive points keeps its lowest and highest. */
-function thin(pts: [number, number][]): [number, number][] {
+export function thin(pts: [number, number][]): [number, number][] {
   if (pts.length <= MAX_POINTS) return pts
   const size = Math.ceil(pts.length / (MAX_POINTS / 2))
   const kept: [number, number][] = []

@@ -16,8 +16,11 @@ import {
   SINGLE_PROCESS,
   sumAcrossRanks,
 } from './distributed'
-import { curvesSvg, Series } from './plot'
+import { curvesSvg, MAX_POINTS, Series, thin } from './plot'
 import { warmupCosine, warmupPoly } from './schedule'
+
+/** Points a panel holds before they are thinned to MAX_POINTS. */
+const COMPACT_AT = 4 * MAX_POINTS
 
 export type Metrics = Record<string, number | string>
 
@@ -362,7 +365,11 @@ export interface Panel {
  * in between resumes from an earlier checkpoint inside that epoch and logs the summary again.
  */
 export class MetricsLog {
-  private readonly records: Metrics[] = []
+  /**
+   * Each panel's points, thinned to their extremes whenever they pass COMPACT_AT: the curves of
+   * a run of millions of steps in bounded memory (metrics.jsonl keeps every record).
+   */
+  private readonly points: [number, number][][]
   private sinceRefresh = 0
 
   private constructor(
@@ -370,9 +377,21 @@ export class MetricsLog {
     private readonly title: string,
     private readonly panels: Panel[],
     private readonly refreshEvery: number,
-    /** false: records are kept in memory only (the ranks other than 0 of a data-parallel run). */
+    /** false: nothing is written or kept (the ranks other than 0 of a data-parallel run). */
     private readonly writes = true,
-  ) {}
+  ) {
+    this.points = panels.map(() => [])
+  }
+
+  private plot(record: Metrics): void {
+    this.panels.forEach((p, i) => {
+      const [x, y] = [record[p.x ?? 'step'], record[p.key]]
+      if (typeof x !== 'number' || typeof y !== 'number' || !Number.isFinite(x) || !Number.isFinite(y)) return
+      if (p.log && y <= 0) return
+      this.points[i].push([x, y])
+      if (this.points[i].length > COMPACT_AT) this.points[i] = thin(this.points[i])
+    })
+  }
 
   /** A log that writes nothing. */
   static discarding(): MetricsLog {
@@ -395,6 +414,7 @@ export class MetricsLog {
     // An epoch's summary (its train loss, and its evaluation when it has one).
     const unclosedSummary = (r: Metrics) =>
       resumeFrom !== undefined && 'trainLoss' in r && typeof r.epoch === 'number' && r.epoch >= resumeFrom.epoch
+    const kept: Metrics[] = []
     if (resumeFrom !== undefined && existsSync(path)) {
       const lines = readFileSync(path, 'utf8').split('\n')
       for (const [i, line] of lines.entries()) {
@@ -409,16 +429,17 @@ export class MetricsLog {
           throw new Error(`${path}:${i + 1}: not a JSON record: ${(e as Error).message}`, { cause: e })
         }
         if (typeof record.step === 'number' && record.step < resumeFrom.step && !unclosedSummary(record))
-          log.records.push(record)
+          kept.push(record)
       }
     }
-    await writeAtomic(path, log.records.map((r) => JSON.stringify(r) + '\n').join(''))
+    for (const record of kept) log.plot(record)
+    await writeAtomic(path, kept.map((r) => JSON.stringify(r) + '\n').join(''))
     return log
   }
 
   async record(entry: Metrics): Promise<void> {
     if (!this.writes) return
-    this.records.push(entry)
+    this.plot(entry)
     await appendFile(join(this.dir, 'metrics.jsonl'), JSON.stringify(entry) + '\n')
     if (++this.sinceRefresh >= this.refreshEvery) await this.writePlot()
   }
@@ -426,12 +447,10 @@ export class MetricsLog {
   async writePlot(): Promise<void> {
     this.sinceRefresh = 0
     if (!this.writes) return
-    const series: Series[] = this.panels.map((p) => ({
+    const series: Series[] = this.panels.map((p, i) => ({
       title: p.title ?? p.key,
       log: p.log,
-      points: this.records
-        .filter((r) => typeof r[p.key] === 'number' && typeof r[p.x ?? 'step'] === 'number')
-        .map((r) => [r[p.x ?? 'step'] as number, r[p.key] as number]),
+      points: this.points[i],
     }))
     await writeAtomic(join(this.dir, 'curves.svg'), curvesSvg(this.title, series))
   }

@@ -142,6 +142,7 @@ async function main(): Promise<void> {
   if (precision !== 'f32' && precision !== 'bf16') throw new Error(`--precision must be f32 or bf16, got ${precision}`)
   const row = JSON.parse(values.row ?? '') as ResolvedRow
   const d = detectLaunch() ? initDistributed() : SINGLE_PROCESS
+  const startRssMiB = process.memoryUsage().rss / 2 ** 20
   const { step, parameters } = await build(row, new Rng(d.rank), d, precision)
   for (let i = 0; i < Number(values.warmup); i++) await step()
   const steps = Number(values.steps)
@@ -155,6 +156,7 @@ async function main(): Promise<void> {
     JSON.stringify({
       imagesPerSecond: (steps * row.batchSize) / seconds,
       peakRssMiB: process.resourceUsage().maxRSS / 1024,
+      startRssMiB,
       version: `beit ${precision}, ${ranks}${process.env.RAYON_NUM_THREADS ?? 'all'} threads`,
       parameters,
       allReduceShare: allReduceSeconds / seconds,
