@@ -266,9 +266,25 @@ test('user errors end with one clear line and exit code 1, no stack trace', asyn
     [['probe', '--config', join(dir, 'wrong.json')], /wrong\.json: "out" must be a string, got 3/],
     [['segment', '--channels', '3', '--out', join(dir, 'seg3')], /Fashion-MNIST scenes are gray: --channels must be 1/],
     [['segment', '--data', dir, '--channels', '2', '--out', join(dir, 'seg2')], /--channels must be 1 or 3, got 2/],
+    [
+      ['segment', '--init', join(dir, 'rgb.safetensors'), '--out', join(dir, 'seg-rgb')],
+      /rgb\.safetensors takes 3-channel images but Fashion-MNIST scenes are gray/,
+    ],
     // A test split that is there but unreadable says why, not that there is none.
     [['finetune', '--data', join(dir, 'split'), '--out', join(dir, 'ft4')], /no images found in .*split\/test/],
   ]
+  const rgb = Beit.create({
+    preset: 'mini',
+    imageSize: [32, 32],
+    patchSize: 4,
+    numChannels: 3,
+    vocabSize: 16,
+    hiddenSize: 32,
+    numHiddenLayers: 2,
+    numAttentionHeads: 2,
+    intermediateSize: 64,
+  })
+  await rgb.save(join(dir, 'rgb.safetensors'))
   await mkdir(join(dir, 'split', 'train', 'a'), { recursive: true })
   await mkdir(join(dir, 'split', 'test'))
   await writeFile(join(dir, 'split', 'train', 'a', '0.png'), encodePng(new Uint8Array(16), 4, 4, 1))

@@ -295,6 +295,29 @@ test('impossible configs are rejected with the reason', (t) => {
   t.deepEqual(Beit.create({ ...TINY, imageSize: 8 }).config.imageSize, [8, 8])
 })
 
+test.serial('dropped models are collected without a manual gc: their native bytes are told to V8', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'beit-drop-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const path = join(dir, 'model.safetensors')
+  // About 1M parameters: 16 MB of weights, gradients and moments, and the step's workspaces.
+  const config = { ...TINY, imageSize: [32, 32] as [number, number], hiddenSize: 128, intermediateSize: 512 }
+  const first = Beit.create({ ...config, numHiddenLayers: 4, vocabSize: 1024 })
+  t.true(first.numParameters > 900_000)
+  await first.save(path)
+  const pixels = new Float32Array(4 * 1024).fill(0.1)
+  const mask = new Uint8Array(4 * 64).map((_, i) => (i % 3 === 0 ? 1 : 0))
+  const targets = new Int32Array(4 * 64).map((_, i) => i % 1024)
+  const before = process.memoryUsage().rss / 2 ** 20
+  for (let i = 0; i < 80; i++) {
+    const model = await Beit.load(path)
+    await model.trainStep({ pixels, mask, targets, lr: 1e-4, seed: i })
+  }
+  // When V8 saw only each model's wrapper, dropped models were collected whenever the tiny JS
+  // heap happened to need it: about 60 MB a model stayed held here.
+  const grown = process.memoryUsage().rss / 2 ** 20 - before
+  t.true(grown < 800, `RSS grew ${grown.toFixed(0)} MiB over 80 loaded and dropped models`)
+})
+
 test('memory stays flat across training steps (no per-step leak)', async (t) => {
   const model = Beit.create({ ...TINY, imageSize: [16, 16], hiddenSize: 32, vocabSize: 64 })
   const n = 16

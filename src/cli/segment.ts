@@ -119,8 +119,14 @@ export const segmentCommand = defineCommand({
     const job = joinJob(values)
     const v = quietOffMain(values, job)
     const { train, test, size, transform, numLabels, what, channels } = await openSegmentationData(v)
-    // A checkpoint of another kind is refused before the run folder is written.
-    if (v.init !== undefined && !v.resume) await pretrainedBackbone(v.init)
+    // A checkpoint of another kind, or for other images, is refused before the run folder is written.
+    const pretrained = v.init !== undefined && !v.resume ? await pretrainedBackbone(v.init) : undefined
+    if (pretrained && pretrained.numChannels !== channels)
+      throw new UsageError(
+        what === 'scenes'
+          ? `${v.init} takes ${pretrained.numChannels}-channel images but Fashion-MNIST scenes are gray`
+          : `${v.init} takes ${pretrained.numChannels}-channel images but the data is read with ${channels} (--channels ${pretrained.numChannels} reads it as the checkpoint takes it)`,
+      )
     const out = await prepareOut(FLAGS, { ...values, ...runLength(v, { epochs: 5 }) }, job)
     const options = {
       optimizer: { weightDecay: v['weight-decay'] },
@@ -133,11 +139,8 @@ export const segmentCommand = defineCommand({
     const head = { numLabels, classNames, auxiliaryChannels: v['aux-channels'], ...outIndices(v['out-indices']) }
     let segmenter: Segmenter
     if (v.resume) segmenter = await Segmenter.load(join(out, CHECKPOINT_FILE), placement(v, job))
-    else if (v.init !== undefined) {
-      const pretrained = await pretrainedBackbone(v.init)
+    else if (v.init !== undefined && pretrained) {
       const model = { ...pretrained, imageSize: size, dropPathRate: v['drop-path'] }
-      if (pretrained.numChannels !== channels)
-        throw new UsageError(`${v.init} takes ${pretrained.numChannels}-channel images but the data has ${channels}`)
       segmenter = await Segmenter.fromPretrained(v.init, { model, ...head }, options)
     } else {
       // 4 px on the scenes (a garment spans a few patches, as in the demo), BEiT's 16 on photos.

@@ -55,16 +55,13 @@ fn metrics(m: beit_core::ClassifierStepMetrics) -> Result<ClassifierStepMetrics>
 }
 
 /// A BEiT backbone with a classification head and its AdamW state.
-#[napi]
+#[napi(custom_finalize)]
 pub struct NativeClassifier {
     inner: Arc<Shared<ClassifierTrainer>>,
+    held: i64,
 }
 
-fn wrap(trainer: ClassifierTrainer) -> Result<NativeClassifier> {
-    Ok(NativeClassifier { inner: Shared::new(trainer) })
-}
-
-trainer_methods!(NativeClassifier);
+trainer_methods!(NativeClassifier, ClassifierTrainer);
 
 #[napi]
 impl NativeClassifier {
@@ -72,6 +69,8 @@ impl NativeClassifier {
     /// initialised from `seed`.
     #[napi(factory)]
     pub fn create(
+        env: Env,
+
         config_json: String,
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
@@ -87,6 +86,7 @@ impl NativeClassifier {
             )
         })
         .and_then(wrap)
+        .map(|model| model.told(&env))
     }
 
     /// The fine-tuning options.
@@ -108,7 +108,7 @@ impl NativeClassifier {
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
         seed: u32,
-    ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+    ) -> AsyncTask<Job<ClassifierTrainer, crate::Reported<NativeClassifier>>> {
         job(
             move || {
                 let config = ClassifierConfig::from_json(&config_json)?;
@@ -130,7 +130,7 @@ impl NativeClassifier {
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
         seed: u32,
-    ) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+    ) -> AsyncTask<Job<ClassifierTrainer, crate::Reported<NativeClassifier>>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
@@ -150,7 +150,7 @@ impl NativeClassifier {
 
     /// Reads a checkpoint written by `save`.
     #[napi(ts_return_type = "Promise<NativeClassifier>")]
-    pub fn load(path: String) -> AsyncTask<Job<ClassifierTrainer, NativeClassifier>> {
+    pub fn load(path: String) -> AsyncTask<Job<ClassifierTrainer, crate::Reported<NativeClassifier>>> {
         job(move || ClassifierTrainer::load(&PathBuf::from(path), None), wrap)
     }
 

@@ -197,10 +197,70 @@ pub fn bf16_gemm_speedup() -> f64 {
     beit_core::engine::matmul_bf16::bf16_gemm_speedup()
 }
 
+/// A model's JS object and the native bytes it keeps alive (its f32 weights, gradients and two
+/// AdamW moments), told to V8 when the object is made and taken back when it is collected: the
+/// collector then weighs a dropped model by them. Without it a model's wrapper is a few bytes
+/// of JS heap, and a loop that loaded models kept gigabytes alive until a collection came by
+/// chance.
+pub struct Reported<T> {
+    value: T,
+    bytes: i64,
+}
+
+/// The bytes a model of `parameters` holds: four f32 values a parameter.
+pub(crate) fn held_bytes(parameters: usize) -> i64 {
+    (parameters as i64).saturating_mul(16)
+}
+
+impl<T> Reported<T> {
+    pub(crate) fn new(value: T, bytes: i64) -> Self {
+        Reported { value, bytes }
+    }
+
+    /// The object, its bytes told to V8 (for a synchronous factory).
+    pub(crate) fn told(self, env: &Env) -> T {
+        // Advisory: a failure only leaves the collector without the hint.
+        let _ = env.adjust_external_memory(self.bytes);
+        self.value
+    }
+}
+
+impl<T: ToNapiValue> ToNapiValue for Reported<T> {
+    unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> Result<napi::sys::napi_value> {
+        let mut total = 0i64;
+        // SAFETY: `env` is the live environment napi passes to this conversion.
+        unsafe { napi::sys::napi_adjust_external_memory(env, val.bytes, &mut total) };
+        // SAFETY: as above.
+        unsafe { T::to_napi_value(env, val.value) }
+    }
+}
+
+impl<T: TypeName> TypeName for Reported<T> {
+    fn type_name() -> &'static str {
+        T::type_name()
+    }
+
+    fn value_type() -> ValueType {
+        T::value_type()
+    }
+}
+
 /// The methods every model class has: one trainer shape (`beit_core::Trainer`) behind each,
-/// in `inner: Arc<Shared<Trainer<Kind>>>`.
+/// in `inner: Arc<Shared<Trainer<Kind>>>`, with `held`, the bytes told to V8 (see [`Reported`]).
 macro_rules! trainer_methods {
-    ($class:ident) => {
+    ($class:ident, $trainer:ty) => {
+        fn wrap(trainer: $trainer) -> Result<$crate::Reported<$class>> {
+            let held = $crate::held_bytes(trainer.num_parameters());
+            Ok($crate::Reported::new($class { inner: Shared::new(trainer), held }, held))
+        }
+
+        impl ObjectFinalize for $class {
+            fn finalize(self, env: Env) -> Result<()> {
+                env.adjust_external_memory(-self.held)?;
+                Ok(())
+            }
+        }
+
         #[napi]
         impl $class {
             /// Moves the model (weights, optimizer state, EMA) to "cpu", "cuda" or "cuda:N".

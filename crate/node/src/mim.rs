@@ -12,31 +12,32 @@ use crate::tokenizer::NativeDvae;
 use crate::{guarded, image_size_pair, job, trainer_methods, AdamWOptions, Job, StepDraws};
 
 /// A BEiT model with its MIM head and AdamW state.
-#[napi]
+#[napi(custom_finalize)]
 pub struct NativeBeit {
     inner: Arc<Shared<BeitTrainer>>,
+    held: i64,
 }
 
-fn wrap(trainer: BeitTrainer) -> Result<NativeBeit> {
-    Ok(NativeBeit { inner: Shared::new(trainer) })
-}
-
-trainer_methods!(NativeBeit);
+trainer_methods!(NativeBeit, BeitTrainer);
 
 #[napi]
 impl NativeBeit {
     /// `configJson`: a full model config (camelCase, as `BeitConfig`; JSON, so that a wrong
     /// field is named in the error); `seed` drives the initialisation.
     #[napi(factory)]
-    pub fn create(config_json: String, optimizer: Option<AdamWOptions>, seed: u32) -> Result<Self> {
+    pub fn create(env: Env, config_json: String, optimizer: Option<AdamWOptions>, seed: u32) -> Result<Self> {
         guarded(|| BeitTrainer::new(BeitConfig::from_json(&config_json)?, crate::optimizer(optimizer)?, seed as u64))
             .and_then(wrap)
+            .map(|model| model.told(&env))
     }
 
     /// Reads a checkpoint written by `save`. With `expectedConfigJson`, the file must fit that
     /// config (a mismatch names the tensor and both shapes).
     #[napi(ts_return_type = "Promise<NativeBeit>")]
-    pub fn load(path: String, expected_config_json: Option<String>) -> AsyncTask<Job<BeitTrainer, NativeBeit>> {
+    pub fn load(
+        path: String,
+        expected_config_json: Option<String>,
+    ) -> AsyncTask<Job<BeitTrainer, crate::Reported<NativeBeit>>> {
         job(
             move || {
                 let expected = expected_config_json.as_deref().map(BeitConfig::from_json).transpose()?;
@@ -53,7 +54,7 @@ impl NativeBeit {
         dir: String,
         image_size: Option<Vec<u32>>,
         optimizer: Option<AdamWOptions>,
-    ) -> AsyncTask<Job<BeitTrainer, NativeBeit>> {
+    ) -> AsyncTask<Job<BeitTrainer, crate::Reported<NativeBeit>>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;

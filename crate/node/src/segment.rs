@@ -86,16 +86,13 @@ fn checked(trainer: SegmenterTrainer) -> beit_core::Result<SegmenterTrainer> {
 
 /// A BEiT backbone with UperNet (and the FCN auxiliary head), BatchNorm statistics and AdamW
 /// state.
-#[napi]
+#[napi(custom_finalize)]
 pub struct NativeSegmenter {
     inner: Arc<Shared<SegmenterTrainer>>,
+    held: i64,
 }
 
-fn wrap(trainer: SegmenterTrainer) -> Result<NativeSegmenter> {
-    Ok(NativeSegmenter { inner: Shared::new(trainer) })
-}
-
-trainer_methods!(NativeSegmenter);
+trainer_methods!(NativeSegmenter, SegmenterTrainer);
 
 #[napi]
 impl NativeSegmenter {
@@ -103,6 +100,8 @@ impl NativeSegmenter {
     /// Weights are initialised from `seed`.
     #[napi(factory)]
     pub fn create(
+        env: Env,
+
         config_json: String,
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
@@ -118,6 +117,7 @@ impl NativeSegmenter {
             )
         })
         .and_then(wrap)
+        .map(|model| model.told(&env))
     }
 
     /// The fine-tuning options.
@@ -135,7 +135,7 @@ impl NativeSegmenter {
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
         seed: u32,
-    ) -> AsyncTask<Job<SegmenterTrainer, NativeSegmenter>> {
+    ) -> AsyncTask<Job<SegmenterTrainer, crate::Reported<NativeSegmenter>>> {
         job(
             move || {
                 let config = byte_labels(SegmenterConfig::from_json(&config_json)?)?;
@@ -154,7 +154,7 @@ impl NativeSegmenter {
         image_size: Option<Vec<u32>>,
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
-    ) -> AsyncTask<Job<SegmenterTrainer, NativeSegmenter>> {
+    ) -> AsyncTask<Job<SegmenterTrainer, crate::Reported<NativeSegmenter>>> {
         job(
             move || {
                 let ckpt = beit_core::hf::read(&PathBuf::from(dir), image_size_pair(image_size)?)?;
@@ -174,7 +174,7 @@ impl NativeSegmenter {
 
     /// Reads a checkpoint written by `save`.
     #[napi(ts_return_type = "Promise<NativeSegmenter>")]
-    pub fn load(path: String) -> AsyncTask<Job<SegmenterTrainer, NativeSegmenter>> {
+    pub fn load(path: String) -> AsyncTask<Job<SegmenterTrainer, crate::Reported<NativeSegmenter>>> {
         job(move || checked(SegmenterTrainer::load(&PathBuf::from(path), None)?), wrap)
     }
 

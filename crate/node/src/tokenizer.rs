@@ -98,9 +98,10 @@ pub fn codebook_usage(ids: Int32Array, vocab_size: u32) -> Result<CodebookUsage>
 }
 
 /// The dVAE visual tokenizer with its AdamW (and EMA) state.
-#[napi]
+#[napi(custom_finalize)]
 pub struct NativeDvae {
     inner: Arc<Shared<DvaeTrainer>>,
+    held: i64,
 }
 
 impl NativeDvae {
@@ -110,22 +111,19 @@ impl NativeDvae {
     }
 }
 
-fn wrap(trainer: DvaeTrainer) -> Result<NativeDvae> {
-    Ok(NativeDvae { inner: Shared::new(trainer) })
-}
-
-trainer_methods!(NativeDvae);
+trainer_methods!(NativeDvae, DvaeTrainer);
 
 #[napi]
 impl NativeDvae {
     /// `configJson`: a full `DvaeConfig`.
     #[napi(factory)]
-    pub fn create(config_json: String, training: Option<TrainingOptions>, seed: u32) -> Result<Self> {
+    pub fn create(env: Env, config_json: String, training: Option<TrainingOptions>, seed: u32) -> Result<Self> {
         guarded(|| {
             let config = DvaeConfig::from_json(&config_json)?;
             DvaeTrainer::new(config, training.unwrap_or_default().resolve()?, seed as u64)
         })
         .and_then(wrap)
+        .map(|model| model.told(&env))
     }
 
     /// The training options.
@@ -135,7 +133,7 @@ impl NativeDvae {
     }
 
     #[napi(ts_return_type = "Promise<NativeDvae>")]
-    pub fn load(path: String) -> AsyncTask<Job<DvaeTrainer, NativeDvae>> {
+    pub fn load(path: String) -> AsyncTask<Job<DvaeTrainer, crate::Reported<NativeDvae>>> {
         job(move || DvaeTrainer::load(&PathBuf::from(path), None), wrap)
     }
 
