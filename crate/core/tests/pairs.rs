@@ -11,6 +11,11 @@ use beit_core::images::{
 };
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma};
 
+/// In-memory gray pairs, `indices` picking the batch (and naming its pairs in errors).
+fn gray_pairs<'a>(images: &'a [u8], masks: &'a [u8], height: u32, width: u32, indices: &'a [u32]) -> PairSources<'a> {
+    PairSources::Pixels { images, masks, height, width, channels: 1, indices, numbers: indices }
+}
+
 fn pool() -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
 }
@@ -186,15 +191,7 @@ fn memory_pairs(w: u32, h: u32, count: u32, classes: u32) -> (Vec<u8>, Vec<u8>) 
 
 fn load_memory(w: u32, h: u32, indices: &[u32], augment: PairAugment, view: &ViewSpec) -> PairBatch {
     let (images, mask) = memory_pairs(w, h, 3, 5);
-    let sources = PairSources::Pixels {
-        images: &images,
-        masks: &mask,
-        height: h,
-        width: w,
-        channels: 1,
-        indices,
-        numbers: indices,
-    };
+    let sources = gray_pairs(&images, &mask, h, w, indices);
     load_pairs(&pool(), &sources, &vec![augment; indices.len()], view, &masks(5, false), 1 << 26).unwrap()
 }
 
@@ -229,15 +226,7 @@ fn fit_keeps_the_whole_image_in_a_view_of_the_other_orientation() {
     let images = vec![100u8; (w * h) as usize];
     let mask: Vec<u8> = (0..h).flat_map(|y| (0..w).map(move |_| if y < 16 { 1 } else { 2 })).collect();
     let load = |fit: bool| {
-        let sources = PairSources::Pixels {
-            images: &images,
-            masks: &mask,
-            height: h,
-            width: w,
-            channels: 1,
-            indices: &[0],
-            numbers: &[0],
-        };
+        let sources = gray_pairs(&images, &mask, h, w, &[0]);
         let augment = PairAugment { rescale: Some(Rescale { scale: [16.0, 32.0], ratio: 1.0, fit }), ..plain() };
         let batch = load_pairs(&pool(), &sources, &[augment], &gray_view(16, 32), &masks(3, false), 1 << 26);
         batch.unwrap().masks
@@ -249,15 +238,7 @@ fn fit_keeps_the_whole_image_in_a_view_of_the_other_orientation() {
     assert!((0..16).all(|y| (0..8).all(|x| fitted[y * 32 + x] != 255)), "the image sits top left");
     // Without `fit`, [32, 16] is [long side, short side]: the image keeps its 32 rows, and the
     // 16-row view cuts it.
-    let sources = PairSources::Pixels {
-        images: &images,
-        masks: &mask,
-        height: h,
-        width: w,
-        channels: 1,
-        indices: &[0],
-        numbers: &[0],
-    };
+    let sources = gray_pairs(&images, &mask, h, w, &[0]);
     let augment = PairAugment { rescale: Some(Rescale { scale: [32.0, 16.0], ratio: 1.0, fit: false }), ..plain() };
     let cut = load_pairs(&pool(), &sources, &[augment], &gray_view(16, 32), &masks(3, false), 1 << 26).unwrap().masks;
     assert_eq!((count(&cut, 1), count(&cut, 2)), (128, 128), "the view cuts the middle 16 rows");
@@ -270,15 +251,7 @@ fn crops_skip_windows_one_class_dominates_and_flip_mirrors_both() {
     let images: Vec<u8> = (0..h).flat_map(|_| 0..w as u8).collect();
     let mask: Vec<u8> = (0..h).flat_map(|_| (0..w).map(|x| if x < 8 { 1 } else { 2 })).collect();
     let load = |augment: PairAugment| {
-        let sources = PairSources::Pixels {
-            images: &images,
-            masks: &mask,
-            height: h,
-            width: w,
-            channels: 1,
-            indices: &[0],
-            numbers: &[0],
-        };
+        let sources = gray_pairs(&images, &mask, h, w, &[0]);
         load_pairs(&pool(), &sources, &[augment], &gray_view(4, 8), &masks(3, false), 1 << 26).unwrap()
     };
     let left_of = |b: &PairBatch| (b.pixels[0] * 255.0).round() as u32;
@@ -329,26 +302,10 @@ fn photometric_steps_follow_mmseg() {
 #[test]
 fn bad_requests_are_config_errors() {
     let (images, mask) = memory_pairs(4, 4, 1, 5);
-    let sources = PairSources::Pixels {
-        images: &images,
-        masks: &mask[..15],
-        height: 4,
-        width: 4,
-        channels: 1,
-        indices: &[0],
-        numbers: &[0],
-    };
+    let sources = gray_pairs(&images, &mask[..15], 4, 4, &[0]);
     let err = load_pairs(&pool(), &sources, &[plain()], &gray_view(4, 4), &masks(5, false), 1 << 26).err().unwrap();
     assert!(err.to_string().contains("15 mask bytes"), "{err}");
-    let sources = PairSources::Pixels {
-        images: &images,
-        masks: &mask,
-        height: 4,
-        width: 4,
-        channels: 1,
-        indices: &[0],
-        numbers: &[0],
-    };
+    let sources = gray_pairs(&images, &mask, 4, 4, &[0]);
     let bad_crop = PairAugment { crop: vec![[1.0, 0.0]], ..plain() };
     let err = load_pairs(&pool(), &sources, &[bad_crop], &gray_view(4, 4), &masks(5, false), 1 << 26).err().unwrap();
     assert!(err.to_string().contains("must lie in [0, 1)"), "{err}");
@@ -360,15 +317,7 @@ fn bad_requests_are_config_errors() {
 fn whole_pairs_rescale_the_image_and_keep_the_mask_as_stored() {
     let (w, h) = (20, 10);
     let (images, mask) = memory_pairs(w, h, 2, 5);
-    let sources = PairSources::Pixels {
-        images: &images,
-        masks: &mask,
-        height: h,
-        width: w,
-        channels: 1,
-        indices: &[1],
-        numbers: &[1],
-    };
+    let sources = gray_pairs(&images, &mask, h, w, &[1]);
     // Fit into [long 10, short 5]: half size. The view's own size plays no part.
     let rescale = Some(Rescale { scale: [10.0, 5.0], ratio: 1.0, fit: false });
     let view = ViewSpec { interpolation: Interpolation::Nearest, ..gray_view(1, 1) };
