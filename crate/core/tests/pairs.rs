@@ -217,6 +217,19 @@ fn rescale_resizes_masks_nearest_and_pads_with_the_ignore_index() {
     }
 }
 
+#[test]
+fn a_rescale_past_the_decode_budget_is_a_skip_not_an_allocation() {
+    // 20x15 at scale [4e6, 3e6]: 4e12 pixels asked of a 64 Mi-pixel budget.
+    let (w, h) = (20, 15);
+    let augment = PairAugment { rescale: Some(Rescale { scale: [4e6, 3e6], ratio: 1.0, fit: false }), ..plain() };
+    let batch = load_memory(w, h, &[0, 1], augment, &gray_view(12, 16));
+    assert!(batch.kept.is_empty());
+    let reasons: Vec<&str> = batch.failures.iter().map(|f| f.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2);
+    assert!(reasons[0].starts_with("rescaled to 4000000x3000000"), "{}", reasons[0]);
+    assert!(reasons[0].contains("past the budget of 67.1 MP an image (maxPixels)"), "{}", reasons[0]);
+}
+
 /// A portrait image into a landscape view: `fit` scales it into the box (all of it kept,
 /// padded right), where the long/short rule would leave it as tall as the view is wide.
 #[test]
@@ -311,6 +324,9 @@ fn bad_requests_are_config_errors() {
     assert!(err.to_string().contains("must lie in [0, 1)"), "{err}");
     let err = load_pairs(&pool(), &sources, &[plain()], &gray_view(4, 4), &masks(256, false), 1 << 26).err().unwrap();
     assert!(err.to_string().contains("numLabels must be in [1, 255]"), "{err}");
+    // A view past the decode budget is refused before its buffers are allocated.
+    let err = load_pairs(&pool(), &sources, &[plain()], &gray_view(4, 4), &masks(5, false), 15).err().unwrap();
+    assert!(err.to_string().contains("size 4x4 has more pixels than the decode budget of 15"), "{err}");
 }
 
 #[test]

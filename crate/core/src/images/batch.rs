@@ -58,6 +58,7 @@ pub fn load_views(
     }
     for view in views {
         view.validate()?;
+        view.check_budget(max_pixels)?;
     }
     if augments.len() != sources.len() {
         return Err(Error::Config(format!(

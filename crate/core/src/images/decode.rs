@@ -213,7 +213,7 @@ fn format_name(format: image::ImageFormat) -> String {
     }
 }
 
-fn describe_pixels(n: u64) -> String {
+pub(super) fn describe_pixels(n: u64) -> String {
     if n >= 1_000_000 {
         format!("{:.1} MP", n as f64 / 1e6)
     } else {

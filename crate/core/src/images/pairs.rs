@@ -17,7 +17,7 @@ use rayon::ThreadPool;
 use serde::Deserialize;
 
 use super::batch::Failure;
-use super::decode::{decode, Pixels};
+use super::decode::{decode, describe_pixels, Pixels};
 use super::views::ViewSpec;
 use crate::error::{Error, Result};
 
@@ -268,6 +268,7 @@ pub fn load_pairs(
     max_pixels: u64,
 ) -> Result<PairBatch> {
     view.validate()?;
+    view.check_budget(max_pixels)?;
     masks.validate()?;
     if augments.len() != sources.len() {
         return Err(Error::Config(format!(
@@ -350,8 +351,7 @@ pub fn load_whole_pairs(
             .into_par_iter()
             .map_init(Resizer::new, |resizer, i| {
                 let (image, full, mask) = read_pair(sources, i, rescale, masks, max_pixels)?;
-                let factor = rescale.map_or(1.0, |r| r.factor(full.0, full.1));
-                let (w, h) = (scaled(full.0, factor), scaled(full.1, factor));
+                let (w, h) = rescaled_size(full, rescale, max_pixels)?;
                 let sized = ViewSpec { size: [h, w], ..view.clone() };
                 let image = resize_image(&image, w, h, &sized, resizer)?;
                 let mut pixels = vec![0.0; sized.values_per_image()];
@@ -442,8 +442,7 @@ fn load_pair(
     let (image, full, mask) = read_pair(sources, i, augment.rescale, spec, max_pixels)?;
 
     // Rescale: both to the target size computed from the full-resolution size.
-    let factor = augment.rescale.map_or(1.0, |r| r.factor(full.0, full.1));
-    let (tw, th) = (scaled(full.0, factor), scaled(full.1, factor));
+    let (tw, th) = rescaled_size(full, augment.rescale, max_pixels)?;
     let image = resize_image(&image, tw, th, view, resizer)?;
     let mask = resize_nearest(&mask, tw, th);
 
@@ -467,6 +466,27 @@ fn load_pair(
 
     write_pair(&image, &mask, top, left, crop_h, crop_w, augment, view, out_pixels, out_mask);
     Ok(())
+}
+
+/// The size an image of `full` pixels is rescaled to, refused past the decode budget: a `scale`
+/// far above the images' would ask for more memory than there is, and that aborts the process.
+fn rescaled_size(
+    full: (u32, u32),
+    rescale: Option<Rescale>,
+    max_pixels: u64,
+) -> std::result::Result<(u32, u32), PairError> {
+    let factor = rescale.map_or(1.0, |r| r.factor(full.0, full.1));
+    let (w, h) = (scaled(full.0, factor), scaled(full.1, factor));
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(format!(
+            "rescaled to {w}x{h} ({}), past the budget of {} an image (maxPixels)",
+            describe_pixels(pixels),
+            describe_pixels(max_pixels)
+        )
+        .into());
+    }
+    Ok((w, h))
 }
 
 fn scaled(side: u32, factor: f64) -> u32 {

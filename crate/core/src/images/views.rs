@@ -71,6 +71,19 @@ impl ViewSpec {
         }
         Ok(())
     }
+
+    /// Refuses a view of more pixels than an image may decode to (`max_pixels`): its batch
+    /// buffers are allocated before any image is read, and an allocation past the machine's
+    /// memory aborts the process.
+    pub fn check_budget(&self, max_pixels: u64) -> Result<()> {
+        let [h, w] = self.size;
+        if h as u64 * w as u64 > max_pixels {
+            return Err(Error::Config(format!(
+                "view: size {h}x{w} has more pixels than the decode budget of {max_pixels} an image (maxPixels)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// How the shared crop box is chosen.
