@@ -230,6 +230,17 @@ fn a_rescale_past_the_decode_budget_is_a_skip_not_an_allocation() {
     assert!(reasons[0].contains("past the budget of 67.1 MP an image (maxPixels)"), "{}", reasons[0]);
 }
 
+#[test]
+fn the_rescale_target_is_truncated_to_whole_pixels_as_mmseg() {
+    // [41, 21] x 0.5 is [20, 10] in mmseg (int()), so 20x15 scales by 2/3 to 13x10 (continuous
+    // targets, [20.5, 10.5], would give 0.7 and 14x11).
+    let (w, h) = (20, 15);
+    let augment = PairAugment { rescale: Some(Rescale { scale: [41.0, 21.0], ratio: 0.5, fit: false }), ..plain() };
+    let batch = load_memory(w, h, &[1], augment, &gray_view(12, 16));
+    let padded = |x: u32, y: u32| batch.masks[(y * 16 + x) as usize] == 255;
+    assert!(!padded(12, 9) && padded(13, 9) && padded(12, 10), "a 13x10 image in the 16x12 view");
+}
+
 /// A portrait image into a landscape view: `fit` scales it into the box (all of it kept,
 /// padded right), where the long/short rule would leave it as tall as the view is wide.
 #[test]

@@ -97,9 +97,9 @@ impl MaskSpec {
     }
 }
 
-/// mmseg's `RandomResize` with `keep_ratio`: the image is scaled by
-/// `ratio * min(scale[0] / long side, scale[1] / short side)`, whatever its orientation; with
-/// `fit`, by `ratio * min(scale[0] / height, scale[1] / width)`.
+/// mmseg's `RandomResize` with `keep_ratio`: the target is `scale * ratio`, truncated to whole
+/// pixels as mmseg does, and the image is scaled by `min(target[0] / long side, target[1] / short
+/// side)`, whatever its orientation; with `fit`, by `min(target[0] / height, target[1] / width)`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rescale {
@@ -117,7 +117,8 @@ impl Rescale {
     fn factor(&self, width: u32, height: u32) -> f64 {
         let (first, second) =
             if self.fit { (height as f64, width as f64) } else { (width.max(height) as f64, width.min(height) as f64) };
-        self.ratio * (self.scale[0] / first).min(self.scale[1] / second)
+        let target = self.scale.map(|s| (s * self.ratio).trunc());
+        (target[0] / first).min(target[1] / second)
     }
 }
 
