@@ -411,11 +411,11 @@ export class MetricsLog {
     const log = new MetricsLog(dir, opts.title, opts.panels, opts.refreshEvery ?? 25)
     const path = join(dir, 'metrics.jsonl')
     const { resumeFrom } = opts
-    // An epoch's summary (its train loss, and its evaluation when it has one).
-    const unclosedSummary = (r: Metrics) =>
-      resumeFrom !== undefined && 'trainLoss' in r && typeof r.epoch === 'number' && r.epoch >= resumeFrom.epoch
     const kept: Metrics[] = []
     if (resumeFrom !== undefined && existsSync(path)) {
+      // An epoch's summary (its train loss, and its evaluation when it has one).
+      const unclosedSummary = (r: Metrics) =>
+        'trainLoss' in r && typeof r.epoch === 'number' && r.epoch >= resumeFrom.epoch
       const lines = readFileSync(path, 'utf8').split('\n')
       for (const [i, line] of lines.entries()) {
         if (!line.trim()) continue

@@ -34,6 +34,9 @@ export const MODEL_FLAGS = flagTable({
 /** The model flags that a checkpoint given with --init decides instead. */
 export const SHAPE_FLAGS = ['preset', 'patch-size', 'channels', 'hidden-size', 'layers', 'heads', 'mlp-size'] as const
 
+/** The shape flags of the backbone alone: `--channels` also says how a command reads its data. */
+export const BACKBONE_FLAGS = SHAPE_FLAGS.filter((f) => f !== 'channels')
+
 /**
  * Refuses the flags of `names` given to a command that would not read them (`flag` says why).
  * A flag counts as given when its value is not its default.

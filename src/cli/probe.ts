@@ -8,6 +8,7 @@ import { Beit, pretrainedBackbone } from '../model'
 import { linearProbe, LinearProbeResult, pixelProbe } from '../probe'
 import { Progress, writeAtomic } from '../run'
 import {
+  BACKBONE_FLAGS,
   channelsFlag,
   checkOutFile,
   DATA_HELP,
@@ -57,10 +58,9 @@ export type ProbeValues = CommandValues<typeof FLAGS>
 function refuseUnread(v: ProbeValues): void {
   // Probes read frozen features: no stochastic depth, whatever the backbone.
   refuseFlags(v, FLAGS, 'a probe', 'reads frozen features', ['drop-path'])
-  const backbone = SHAPE_FLAGS.filter((f) => f !== 'channels')
   if (v.pixels) {
     const why = 'probes the raw pixels, no backbone'
-    refuseFlags(v, FLAGS, '--pixels', why, ['init', 'random-like', 'layer', ...backbone])
+    refuseFlags(v, FLAGS, '--pixels', why, ['init', 'random-like', 'layer', ...BACKBONE_FLAGS])
   } else if (v.init !== undefined) {
     const why = 'takes the backbone, its shape included, from the checkpoint'
     refuseFlags(v, FLAGS, '--init', why, ['random-like', 'image-size', ...SHAPE_FLAGS])

@@ -22,6 +22,7 @@ import {
   vocSegmentation,
 } from '../segmentation/data'
 import {
+  BACKBONE_FLAGS,
   channelsFlag,
   DATA_PARALLEL_FLAGS,
   interruptible,
@@ -38,7 +39,6 @@ import {
   RUN_FLAGS,
   runLength,
   scheduleOptions,
-  SHAPE_FLAGS,
 } from './common'
 
 const { 'scale-min': _scaleMin, threads: _threads, ...SEGMENT_RUN_FLAGS } = RUN_FLAGS
@@ -108,13 +108,7 @@ export const segmentCommand = defineCommand({
   run: async (values) => {
     if (values.init !== undefined) {
       const why = "takes the backbone's shape from the checkpoint (the data's size resizes its position tables)"
-      refuseFlags(
-        values,
-        FLAGS,
-        '--init',
-        why,
-        SHAPE_FLAGS.filter((f) => f !== 'channels'),
-      )
+      refuseFlags(values, FLAGS, '--init', why, BACKBONE_FLAGS)
     }
     const job = joinJob(values)
     const v = quietOffMain(values, job)
@@ -214,9 +208,7 @@ async function openSegmentationData(v: SegmentValues): Promise<{
   channels: 1 | 3
   what: string
 }> {
-  const isScenes = v.data === 'sample' || v.data === 'fashion-mnist'
-  const csv = v.data.toLowerCase().endsWith('.csv')
-  if (isScenes) {
+  if (v.data === 'sample' || v.data === 'fashion-mnist') {
     const why = 'builds Fashion-MNIST scenes, whose size, classes and test split are their own'
     refuseFlags(v, FLAGS, `--data ${v.data}`, why, [
       'image-size',
@@ -225,15 +217,6 @@ async function openSegmentationData(v: SegmentValues): Promise<{
       'test-data',
       'reduce-zero-label',
     ])
-  } else {
-    const why = 'reads pairs, not Fashion-MNIST scenes'
-    refuseFlags(v, FLAGS, `--data ${v.data}`, why, ['train-scenes', 'test-scenes', 'scene-height', 'scene-width'])
-    if (!csv) {
-      const folder = 'is a folder, whose test split and label convention are its own'
-      refuseFlags(v, FLAGS, `--data ${v.data}`, folder, ['test-data', 'reduce-zero-label'])
-    }
-  }
-  if (isScenes) {
     if (v.channels !== undefined && v.channels !== 1)
       throw new UsageError(`Fashion-MNIST scenes are gray: --channels must be 1 or left out, got ${v.channels}`)
     const dir = v.data === 'sample' ? embeddedSampleDir() : DEBIAN_FASHION_MNIST_DIR
@@ -249,6 +232,17 @@ async function openSegmentationData(v: SegmentValues): Promise<{
     return { train, test, size, transform, numLabels: train.classNames.length, channels: 1, what: 'scenes' }
   }
   const path = v.data
+  const csv = path.toLowerCase().endsWith('.csv')
+  refuseFlags(v, FLAGS, `--data ${path}`, 'reads pairs, not Fashion-MNIST scenes', [
+    'train-scenes',
+    'test-scenes',
+    'scene-height',
+    'scene-width',
+  ])
+  if (!csv) {
+    const folder = 'is a folder, whose test split and label convention are its own'
+    refuseFlags(v, FLAGS, `--data ${path}`, folder, ['test-data', 'reduce-zero-label'])
+  }
   const channels = channelsFlag(v.channels, 3)
   const reduceZeroLabel = v['reduce-zero-label']
   let train: SegmentationDataset

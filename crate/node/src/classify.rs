@@ -70,7 +70,6 @@ impl NativeClassifier {
     #[napi(factory)]
     pub fn create(
         env: Env,
-
         config_json: String,
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,

@@ -217,7 +217,7 @@ impl<T> Reported<T> {
         Reported { value, bytes }
     }
 
-    /// The object, its bytes told to V8 (for a synchronous factory).
+    /// The object, its bytes told to V8.
     pub(crate) fn told(self, env: &Env) -> T {
         // Advisory: a failure only leaves the collector without the hint.
         let _ = env.adjust_external_memory(self.bytes);
@@ -227,11 +227,9 @@ impl<T> Reported<T> {
 
 impl<T: ToNapiValue> ToNapiValue for Reported<T> {
     unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> Result<napi::sys::napi_value> {
-        let mut total = 0i64;
+        let value = val.told(&Env::from_raw(env));
         // SAFETY: `env` is the live environment napi passes to this conversion.
-        unsafe { napi::sys::napi_adjust_external_memory(env, val.bytes, &mut total) };
-        // SAFETY: as above.
-        unsafe { T::to_napi_value(env, val.value) }
+        unsafe { T::to_napi_value(env, value) }
     }
 }
 

@@ -101,7 +101,6 @@ impl NativeSegmenter {
     #[napi(factory)]
     pub fn create(
         env: Env,
-
         config_json: String,
         optimizer: Option<AdamWOptions>,
         training: Option<TrainingOptions>,
